@@ -1,0 +1,106 @@
+package api
+
+import (
+	"context"
+	"net/http"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/gofiber/fiber/v2/middleware/adaptor"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Check is one dependency readiness looks at.
+type Check struct {
+	Name string
+	Ping func(ctx context.Context) error
+}
+
+// Ops configures the operational routes.
+type Ops struct {
+	Checks   []Check
+	Gatherer prometheus.Gatherer
+	// Details, when set, adds extra sections to /readiness (e.g. the rollup job's last run). A section
+	// may mark itself failing by returning ok=false; that does not make readiness 503 — dependencies do.
+	Details      func(ctx context.Context) map[string]any
+	CheckTimeout time.Duration
+	Version      string
+}
+
+// CheckResult is one dependency's state in /readiness.
+type CheckResult struct {
+	Status    string  `json:"status"` // "up" or "down"
+	LatencyMS float64 `json:"latency_ms"`
+	Error     string  `json:"error,omitempty"`
+}
+
+// Readiness pings every dependency at once and reports each; ready only when all are up.
+func (o Ops) Readiness(ctx context.Context) (bool, map[string]CheckResult) {
+	timeout := o.CheckTimeout
+	if timeout == 0 {
+		timeout = 2 * time.Second
+	}
+	results := make(map[string]CheckResult, len(o.Checks))
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, ch := range o.Checks {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cctx, cancel := context.WithTimeout(ctx, timeout)
+			defer cancel()
+			start := time.Now()
+			err := ch.Ping(cctx)
+			r := CheckResult{Status: "up", LatencyMS: float64(time.Since(start).Microseconds()) / 1000}
+			if err != nil {
+				r.Status, r.Error = "down", err.Error()
+			}
+			mu.Lock()
+			results[ch.Name] = r
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	ready := true
+	for _, r := range results {
+		ready = ready && r.Status == "up"
+	}
+	return ready, results
+}
+
+// Register mounts /healthz (the process is alive), /readiness (dependencies answer; 503 naming the
+// ones that do not) and /metrics (Prometheus).
+func (o Ops) Register(app fiber.Router) {
+	app.Get("/healthz", func(c *fiber.Ctx) error {
+		return c.JSON(fiber.Map{"status": "ok", "version": o.Version})
+	})
+	app.Get("/readiness", func(c *fiber.Ctx) error {
+		ready, checks := o.Readiness(c.UserContext())
+		body := fiber.Map{"status": "ready", "checks": checks}
+		status := http.StatusOK
+		if !ready {
+			status = http.StatusServiceUnavailable
+			var down []string
+			for name, r := range checks {
+				if r.Status != "up" {
+					down = append(down, name)
+				}
+			}
+			body["status"] = "not_ready"
+			slices.Sort(down)
+			body["down"] = down
+		}
+		if o.Details != nil {
+			for k, v := range o.Details(c.UserContext()) {
+				body[k] = v
+			}
+		}
+		return c.Status(status).JSON(body)
+	})
+	if o.Gatherer != nil {
+		app.Get("/metrics", adaptor.HTTPHandler(promhttp.HandlerFor(o.Gatherer, promhttp.HandlerOpts{})))
+	}
+}

@@ -1,0 +1,184 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2"
+
+	"github.com/analyticsd/analyticsd/ingest"
+	"github.com/analyticsd/analyticsd/schema"
+)
+
+// Config is every setting analyticsd reads, all from the environment (see the README's table).
+// Defaults point at the local stack that `deploy/local/stack.sh up` starts.
+type Config struct {
+	Addr            string             // ANALYTICS_ADDR
+	ClickHouseDSN   string             // CLICKHOUSE_DSN; its path names the database (default analytics)
+	ClickHouseDB    string             // derived from CLICKHOUSE_DSN
+	PostgresURL     string             // POSTGRES_URL
+	RedisURL        string             // REDIS_URL
+	RetentionDays   int                // RETENTION_DAYS
+	Enabled         bool               // ANALYTICS_ENABLED
+	MaxExportRows   int                // ANALYTICS_MAX_EXPORT_ROWS
+	QuotasEnabled   bool               // QUOTAS_ENABLED
+	QuotaDefaults   map[string]float64 // QUOTA_DEFAULTS (JSON object metric → limit)
+	ShutdownTimeout time.Duration      // ANALYTICS_SHUTDOWN_TIMEOUT
+	LogLevel        slog.Level         // LOG_LEVEL: debug, info, warn, error
+	LogFormat       string             // LOG_FORMAT: json or text
+	LabelCap        int                // METRICS_LABEL_CAP: distinct tenant/event label values per metric
+
+	Ingest ingest.Config
+	Writer ingest.WriterConfig
+}
+
+const (
+	defaultClickHouseDSN = "clickhouse://default:@127.0.0.1:19000/analytics"
+	defaultPostgresURL   = "postgres://analytics:analytics@127.0.0.1:55432/analytics?sslmode=disable"
+	defaultRedisURL      = "redis://127.0.0.1:16379/0"
+)
+
+// loadConfig reads the environment through getenv and validates it, reporting every problem at once.
+func loadConfig(getenv func(string) string) (Config, error) {
+	var errs []error
+	str := func(name, def string) string {
+		if v := strings.TrimSpace(getenv(name)); v != "" {
+			return v
+		}
+		return def
+	}
+	integer := func(name string, def, min, max int) int {
+		v := str(name, "")
+		if v == "" {
+			return def
+		}
+		n, err := strconv.Atoi(v)
+		if err != nil || n < min || n > max {
+			errs = append(errs, fmt.Errorf("%s=%q: want a whole number from %d to %d", name, v, min, max))
+			return def
+		}
+		return n
+	}
+	boolean := func(name string, def bool) bool {
+		v := str(name, "")
+		if v == "" {
+			return def
+		}
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s=%q: want true or false", name, v))
+			return def
+		}
+		return b
+	}
+	duration := func(name string, def time.Duration) time.Duration {
+		v := str(name, "")
+		if v == "" {
+			return def
+		}
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 {
+			errs = append(errs, fmt.Errorf("%s=%q: want a duration such as 500ms, 10s or 1m", name, v))
+			return def
+		}
+		return d
+	}
+
+	c := Config{
+		Addr:            str("ANALYTICS_ADDR", ":8080"),
+		ClickHouseDSN:   str("CLICKHOUSE_DSN", defaultClickHouseDSN),
+		PostgresURL:     str("POSTGRES_URL", defaultPostgresURL),
+		RedisURL:        str("REDIS_URL", defaultRedisURL),
+		RetentionDays:   integer("RETENTION_DAYS", 90, 1, 3650),
+		Enabled:         boolean("ANALYTICS_ENABLED", true),
+		MaxExportRows:   integer("ANALYTICS_MAX_EXPORT_ROWS", 50000, 1, 100_000_000),
+		QuotasEnabled:   boolean("QUOTAS_ENABLED", true),
+		ShutdownTimeout: duration("ANALYTICS_SHUTDOWN_TIMEOUT", 30*time.Second),
+		LogFormat:       str("LOG_FORMAT", "json"),
+	}
+
+	c.LabelCap = integer("METRICS_LABEL_CAP", 500, 1, 100_000)
+	lim := ingest.DefaultLimits()
+	lim.RetentionDays = c.RetentionDays
+	lim.MaxBodyBytes = int64(integer("INGEST_MAX_BODY_BYTES", int(lim.MaxBodyBytes), 1024, 1<<30))
+	lim.MaxEvents = integer("INGEST_MAX_EVENTS", lim.MaxEvents, 1, 1_000_000)
+	lim.MaxPropsBytes = integer("INGEST_MAX_PROPS_BYTES", lim.MaxPropsBytes, 2, 1<<20)
+	c.Ingest = ingest.Config{Enabled: c.Enabled, Limits: lim, EventMetrics: ingest.DefaultEventMetrics()}
+	if v := str("QUOTA_EVENT_MAP", ""); v != "" {
+		var m map[string]string
+		if err := json.Unmarshal([]byte(v), &m); err != nil {
+			errs = append(errs, fmt.Errorf(`QUOTA_EVENT_MAP: want a JSON object of event to metric, e.g. {"apikey.request":"api_requests_daily"}: %v`, err))
+		}
+		for ev, metric := range m {
+			if !ingest.ValidEventName(ev) || !ingest.ValidMetric(metric) {
+				errs = append(errs, fmt.Errorf("QUOTA_EVENT_MAP: %q → %q: want an event name and a metric name", ev, metric))
+			}
+		}
+		c.Ingest.EventMetrics = m
+	}
+	durability, err := ingest.ParseDurability(str("INGEST_DURABILITY", string(ingest.DurabilityFsync)))
+	if err != nil {
+		errs = append(errs, fmt.Errorf("INGEST_DURABILITY: %v", err))
+	}
+	c.Writer = ingest.WriterConfig{
+		Dir:             str("ANALYTICS_SPOOL_DIR", ".data/spool"),
+		Durability:      durability,
+		BatchRows:       integer("INGEST_BATCH_ROWS", 50_000, 1, 10_000_000),
+		FlushInterval:   duration("INGEST_FLUSH_INTERVAL", time.Second),
+		Flushers:        integer("INGEST_FLUSHERS", 2, 1, 64),
+		MaxBufferedRows: integer("INGEST_MAX_BUFFERED_ROWS", 1_000_000, 1, 1_000_000_000),
+		MaxSpoolBytes:   int64(integer("INGEST_MAX_SPOOL_MB", 8192, 1, 1<<30)) << 20,
+	}
+	if c.Writer.FlushInterval < 10*time.Millisecond {
+		errs = append(errs, fmt.Errorf("INGEST_FLUSH_INTERVAL=%s: want at least 10ms", c.Writer.FlushInterval))
+	}
+
+	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
+		errs = append(errs, fmt.Errorf("ANALYTICS_ADDR=%q: want host:port or :port", c.Addr))
+	}
+	if opts, err := clickhouse.ParseDSN(c.ClickHouseDSN); err != nil {
+		errs = append(errs, fmt.Errorf("CLICKHOUSE_DSN: %v (want clickhouse://user:password@host:9000/database)", err))
+	} else {
+		c.ClickHouseDB = opts.Auth.Database
+		if c.ClickHouseDB == "" || c.ClickHouseDB == "default" {
+			c.ClickHouseDB = "analytics"
+		}
+		if !schema.ValidIdent(c.ClickHouseDB) {
+			errs = append(errs, fmt.Errorf("CLICKHOUSE_DSN: database %q must be letters, digits and underscores", c.ClickHouseDB))
+		}
+	}
+	if u, err := url.Parse(c.PostgresURL); err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
+		errs = append(errs, fmt.Errorf("POSTGRES_URL: want postgres://user:password@host:5432/db"))
+	}
+	if u, err := url.Parse(c.RedisURL); err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") {
+		errs = append(errs, fmt.Errorf("REDIS_URL: want redis://host:6379/0"))
+	}
+	c.QuotaDefaults = map[string]float64{}
+	if v := str("QUOTA_DEFAULTS", ""); v != "" {
+		if err := json.Unmarshal([]byte(v), &c.QuotaDefaults); err != nil {
+			errs = append(errs, fmt.Errorf(`QUOTA_DEFAULTS: want a JSON object of metric to limit, e.g. {"api_requests_daily":50000}: %v`, err))
+		}
+		for m, lim := range c.QuotaDefaults {
+			if lim < 0 {
+				errs = append(errs, fmt.Errorf("QUOTA_DEFAULTS: limit for %q is negative", m))
+			}
+		}
+	}
+	if err := c.LogLevel.UnmarshalText([]byte(str("LOG_LEVEL", "info"))); err != nil {
+		errs = append(errs, fmt.Errorf("LOG_LEVEL=%q: want debug, info, warn or error", getenv("LOG_LEVEL")))
+	}
+	if c.LogFormat != "json" && c.LogFormat != "text" {
+		errs = append(errs, fmt.Errorf("LOG_FORMAT=%q: want json or text", c.LogFormat))
+	}
+	if len(errs) > 0 {
+		return c, fmt.Errorf("invalid configuration:\n%w", errors.Join(errs...))
+	}
+	return c, nil
+}

@@ -1,0 +1,58 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/redis/go-redis/v9"
+)
+
+// openClickHouse opens a native-protocol pool. Its default database stays "default" because the
+// analytics database may not exist yet (migrate creates it); every query names its tables in full.
+// The pool connects lazily, so serve starts (and reports not-ready) while ClickHouse is down.
+func openClickHouse(cfg Config) (driver.Conn, error) {
+	opts, err := clickhouse.ParseDSN(cfg.ClickHouseDSN)
+	if err != nil {
+		return nil, fmt.Errorf("parse CLICKHOUSE_DSN: %w", err)
+	}
+	opts.Auth.Database = "default"
+	if opts.DialTimeout == 0 || opts.DialTimeout > 5*time.Second {
+		opts.DialTimeout = 5 * time.Second
+	}
+	if opts.MaxOpenConns < 16 {
+		opts.MaxOpenConns = 16
+	}
+	conn, err := clickhouse.Open(opts)
+	if err != nil {
+		return nil, fmt.Errorf("open clickhouse: %w", err)
+	}
+	return conn, nil
+}
+
+func openPostgres(ctx context.Context, cfg Config) (*pgxpool.Pool, error) {
+	pc, err := pgxpool.ParseConfig(cfg.PostgresURL)
+	if err != nil {
+		return nil, fmt.Errorf("parse POSTGRES_URL: %w", err)
+	}
+	pc.ConnConfig.ConnectTimeout = 5 * time.Second
+	pool, err := pgxpool.NewWithConfig(ctx, pc)
+	if err != nil {
+		return nil, fmt.Errorf("open postgres: %w", err)
+	}
+	return pool, nil
+}
+
+func openRedis(cfg Config) (*redis.Client, error) {
+	opts, err := redis.ParseURL(cfg.RedisURL)
+	if err != nil {
+		return nil, fmt.Errorf("parse REDIS_URL: %w", err)
+	}
+	opts.DialTimeout = 2 * time.Second
+	opts.ReadTimeout = 2 * time.Second
+	opts.WriteTimeout = 2 * time.Second
+	return redis.NewClient(opts), nil
+}

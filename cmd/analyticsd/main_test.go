@@ -1,0 +1,247 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/internal/testenv"
+)
+
+// stackEnv returns a getenv for run() that points at the test's own ClickHouse database and
+// Postgres schema, and at Redis through redisAddr when set.
+func stackEnv(t *testing.T, e testenv.Env, extra map[string]string) func(string) string {
+	t.Helper()
+	ch, err := url.Parse(testenv.ClickHouseDSN(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch.Path = "/" + e.DB
+	pg, err := url.Parse(testenv.PostgresURL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := pg.Query()
+	q.Set("search_path", e.PGSchema)
+	pg.RawQuery = q.Encode()
+	m := map[string]string{
+		"CLICKHOUSE_DSN": ch.String(),
+		"POSTGRES_URL":   pg.String(),
+		"REDIS_URL":      testenv.RedisURL(t),
+		"LOG_LEVEL":      "warn",
+	}
+	for k, v := range extra {
+		m[k] = v
+	}
+	return func(k string) string { return m[k] }
+}
+
+type result struct {
+	code           int
+	stdout, stderr string
+}
+
+func (r result) lastLine() string {
+	lines := strings.Split(strings.TrimSpace(r.stdout), "\n")
+	return strings.TrimSpace(lines[len(lines)-1])
+}
+
+func runCmd(t *testing.T, getenv func(string) string, args ...string) result {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	code := run(ctx, args, &out, &errOut, getenv)
+	return result{code, out.String(), errOut.String()}
+}
+
+func TestTenantAndKeyCLI(t *testing.T) {
+	e := testenv.Migrated(t)
+	getenv := stackEnv(t, e, nil)
+	ctx := context.Background()
+
+	r := runCmd(t, getenv, "tenant", "create", "--slug", "acme", "--name", "Acme Inc")
+	if r.code != 0 {
+		t.Fatalf("tenant create: exit %d: %s", r.code, r.stderr)
+	}
+	id, err := uuid.Parse(r.lastLine())
+	if err != nil {
+		t.Fatalf("tenant create: last line %q is not a uuid", r.lastLine())
+	}
+	if r := runCmd(t, getenv, "tenant", "create", "--slug", "acme"); r.code == 0 || !strings.Contains(r.stderr, "already exists") {
+		t.Errorf("duplicate tenant: exit %d, stderr %q; want failure saying it exists", r.code, r.stderr)
+	}
+	if r := runCmd(t, getenv, "tenant", "create", "--slug", "acme", "--if-not-exists"); r.code != 0 || r.lastLine() != id.String() {
+		t.Errorf("--if-not-exists: exit %d, last line %q, want %s", r.code, r.lastLine(), id)
+	}
+	if r := runCmd(t, getenv, "tenant", "create", "--slug", "Bad Slug"); r.code == 0 {
+		t.Error("invalid slug accepted")
+	}
+
+	r = runCmd(t, getenv, "apikey", "create", "--tenant", "acme", "--scopes", "events:write,analytics:read", "--name", "ci")
+	if r.code != 0 {
+		t.Fatalf("apikey create: exit %d: %s", r.code, r.stderr)
+	}
+	key := r.lastLine()
+	if !auth.LooksLikeKey(key) {
+		t.Fatalf("apikey create: last line %q is not a key", key)
+	}
+	if r := runCmd(t, getenv, "apikey", "create", "--tenant", "acme", "--scopes", "events:write,root"); r.code != 2 || !strings.Contains(r.stderr, "root") {
+		t.Errorf("unknown scope: exit %d, stderr %q; want exit 2 naming the scope", r.code, r.stderr)
+	}
+
+	// Only a hash is stored: the plaintext appears in no column.
+	var found int
+	if err := e.PG.QueryRow(ctx, "SELECT count(*) FROM api_keys WHERE position($1 in (api_keys::text)) > 0 OR encode(hash, 'escape') = $1", key).Scan(&found); err != nil {
+		t.Fatal(err)
+	}
+	if found != 0 {
+		t.Error("the plaintext key is stored in api_keys")
+	}
+
+	keys := auth.NewKeys(e.PG)
+	rec, err := keys.Verify(ctx, key)
+	if err != nil {
+		t.Fatalf("verify new key: %v", err)
+	}
+	if rec.TenantID != id || !rec.Has(auth.ScopeEventsWrite) || !rec.Has(auth.ScopeAnalyticsRead) || rec.Has(auth.ScopeAnalyticsAdmin) {
+		t.Errorf("verified key: got %+v, want tenant %s with events:write and analytics:read", rec, id)
+	}
+	if _, err := keys.Verify(ctx, key[:len(key)-1]+"A"); !errors.Is(err, auth.ErrInvalidKey) {
+		t.Errorf("tampered key: got %v, want ErrInvalidKey", err)
+	}
+
+	if r := runCmd(t, getenv, "apikey", "list", "--tenant", "acme"); r.code != 0 || !strings.Contains(r.stdout, rec.Prefix) || strings.Contains(r.stdout, key) {
+		t.Errorf("apikey list: exit %d, stdout %q; want the prefix and never the key", r.code, r.stdout)
+	}
+	if r := runCmd(t, getenv, "apikey", "revoke", "--tenant", "acme", "--key", rec.Prefix); r.code != 0 {
+		t.Fatalf("apikey revoke: exit %d: %s", r.code, r.stderr)
+	}
+	if _, err := keys.Verify(ctx, key); !errors.Is(err, auth.ErrRevokedKey) {
+		t.Errorf("revoked key: got %v, want ErrRevokedKey", err)
+	}
+	var audits int
+	if err := e.PG.QueryRow(ctx, "SELECT count(*) FROM audit_log WHERE tenant_id = $1 AND action IN ('apikey.create', 'apikey.revoke')", id).Scan(&audits); err != nil {
+		t.Fatal(err)
+	}
+	if audits != 2 {
+		t.Errorf("audit_log has %d key changes, want 2", audits)
+	}
+}
+
+func TestMigrateCommand(t *testing.T) {
+	e := testenv.Migrated(t)
+	getenv := stackEnv(t, e, nil)
+	r := runCmd(t, getenv, "migrate")
+	if r.code != 0 {
+		t.Fatalf("migrate: exit %d: %s", r.code, r.stderr)
+	}
+	if !strings.Contains(r.stdout, "applied []") {
+		t.Errorf("migrate on a migrated database: %q, want nothing applied", r.stdout)
+	}
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+type readiness struct {
+	Status string                    `json:"status"`
+	Down   []string                  `json:"down"`
+	Checks map[string]map[string]any `json:"checks"`
+}
+
+func getReadiness(t *testing.T, base string) (int, readiness) {
+	t.Helper()
+	resp, err := http.Get(base + "/readiness")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var r readiness
+	if err := json.NewDecoder(resp.Body).Decode(&r); err != nil {
+		t.Fatal(err)
+	}
+	return resp.StatusCode, r
+}
+
+// serve, end to end: healthz, metrics, readiness following a dependency that goes away and comes
+// back (Redis through a proxy the test cuts), and a graceful stop on cancel.
+func TestServeReadiness(t *testing.T) {
+	e := testenv.Migrated(t)
+	ru, err := url.Parse(testenv.RedisURL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := testenv.NewProxy(t, ru.Host)
+	ru.Host = proxy.Addr
+	addr := freeAddr(t)
+	getenv := stackEnv(t, e, map[string]string{"REDIS_URL": ru.String(), "ANALYTICS_ADDR": addr})
+
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan int, 1)
+	var stderr bytes.Buffer
+	go func() { done <- run(ctx, []string{"serve"}, &bytes.Buffer{}, &stderr, getenv) }()
+	base := "http://" + addr
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		resp, err := http.Get(base + "/healthz")
+		if err == nil {
+			resp.Body.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("serve did not answer /healthz: %v; stderr: %s", err, stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	if code, r := getReadiness(t, base); code != 200 || r.Status != "ready" || len(r.Checks) != 3 {
+		t.Fatalf("readiness with everything up: %d %+v, want 200 ready with 3 checks", code, r)
+	}
+	proxy.SetDown(true)
+	if code, r := getReadiness(t, base); code != 503 || len(r.Down) != 1 || r.Down[0] != "redis" || r.Checks["redis"]["error"] == nil {
+		t.Errorf("readiness with redis cut: %d %+v, want 503 naming redis", code, r)
+	}
+	proxy.SetDown(false)
+	if code, r := getReadiness(t, base); code != 200 {
+		t.Errorf("readiness after redis returned: %d %+v, want 200", code, r)
+	}
+
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var body bytes.Buffer
+	_, _ = body.ReadFrom(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(body.String(), "go_goroutines") {
+		t.Errorf("/metrics: %d, want 200 with Go runtime metrics", resp.StatusCode)
+	}
+
+	cancel()
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Errorf("serve exited %d after cancel; stderr: %s", code, stderr.String())
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("serve did not stop within 20s of cancel")
+	}
+}

@@ -1,0 +1,111 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/analyticsd/analyticsd/api"
+	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/ingest"
+	"github.com/analyticsd/analyticsd/quota"
+	"github.com/analyticsd/analyticsd/tenant"
+)
+
+// serve runs the HTTP API until ctx is cancelled (SIGINT/SIGTERM), then shuts down in reverse order:
+// stop accepting requests, finish in-flight ones, then close ClickHouse, Postgres and Redis.
+func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ io.Writer) error {
+	if err := flags("serve", args, func(*flag.FlagSet) {}); err != nil {
+		return err
+	}
+	ch, err := openClickHouse(cfg)
+	if err != nil {
+		return err
+	}
+	pg, err := openPostgres(ctx, cfg)
+	if err != nil {
+		ch.Close()
+		return err
+	}
+	rdb, err := openRedis(cfg)
+	if err != nil {
+		pg.Close()
+		ch.Close()
+		return err
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	app := api.NewApp(api.Config{ReadTimeout: 30 * time.Second, WriteTimeout: 5 * time.Minute, IdleTimeout: 2 * time.Minute}, log)
+	ingestMetrics := ingest.NewMetrics(reg, cfg.LabelCap)
+	writer, err := ingest.NewWriter(cfg.Writer, ch, cfg.ClickHouseDB, ingestMetrics, log.With("component", "ingest"))
+	if err != nil {
+		rdb.Close()
+		pg.Close()
+		ch.Close()
+		return err
+	}
+	writer.Start()
+	counters := quota.NewCounters(rdb, "")
+	var _ ingest.Counter = counters
+	ingestSvc := ingest.NewService(cfg.Ingest, writer, counters, ingestMetrics, log.With("component", "ingest"))
+	authn := auth.NewAuthenticator(auth.NewKeys(pg), tenant.NewStore(pg))
+
+	ops := api.Ops{
+		Version:  version,
+		Gatherer: reg,
+		Checks: []api.Check{
+			{Name: "clickhouse", Ping: ch.Ping},
+			{Name: "postgres", Ping: pg.Ping},
+			{Name: "redis", Ping: func(ctx context.Context) error { return rdb.Ping(ctx).Err() }},
+		},
+	}
+	ops.Details = func(context.Context) map[string]any { return map[string]any{"ingest": writer.Stats()} }
+	ops.Register(app)
+	analytics := app.Group("/api/analytics")
+	ingestSvc.Register(analytics, authn.Require(auth.ScopeEventsWrite))
+
+	ln, err := net.Listen("tcp", cfg.Addr)
+	if err != nil {
+		rdb.Close()
+		pg.Close()
+		ch.Close()
+		return fmt.Errorf("listen on %s: %w", cfg.Addr, err)
+	}
+	log.Info("serving", "addr", ln.Addr().String(), "version", version, "clickhouse_db", cfg.ClickHouseDB)
+	served := make(chan error, 1)
+	go func() { served <- app.Listener(ln) }()
+
+	select {
+	case err = <-served:
+		// The listener failed on its own; still close everything below.
+	case <-ctx.Done():
+	}
+	log.Info("shutting down", "timeout", cfg.ShutdownTimeout)
+	step := func(name string, fn func() error) {
+		start := time.Now()
+		if e := fn(); e != nil {
+			log.Error("shutdown step failed", "step", name, "err", e)
+			err = errors.Join(err, e)
+		}
+		log.Info("shutdown step done", "step", name, "took", time.Since(start))
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	step("http", func() error { return app.ShutdownWithContext(sctx) })
+	step("live counters", func() error { ingestSvc.Close(); return nil })
+	step("ingest flush", func() error { return writer.Close(sctx) })
+	step("clickhouse", ch.Close)
+	step("postgres", func() error { pg.Close(); return nil })
+	step("redis", rdb.Close)
+	return err
+}

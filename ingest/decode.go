@@ -1,0 +1,245 @@
+package ingest
+
+import (
+	"bufio"
+	"bytes"
+	"compress/gzip"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"strings"
+)
+
+// RequestError is a problem with a whole request body: its status is 400, 413 or 415.
+type RequestError struct {
+	Status  int
+	Code    string
+	Message string
+}
+
+func (e *RequestError) Error() string     { return e.Message }
+func (e *RequestError) HTTPStatus() int   { return e.Status }
+func (e *RequestError) ErrorCode() string { return e.Code }
+
+func tooLarge(format string, args ...any) error {
+	return &RequestError{http.StatusRequestEntityTooLarge, "payload_too_large", fmt.Sprintf(format, args...)}
+}
+
+func badBody(format string, args ...any) error {
+	return &RequestError{http.StatusBadRequest, "invalid_body", fmt.Sprintf(format, args...)}
+}
+
+func unsupported(format string, args ...any) error {
+	return &RequestError{http.StatusUnsupportedMediaType, "unsupported_media_type", fmt.Sprintf(format, args...)}
+}
+
+// ItemError is one event that could not be accepted, by its position in the request.
+type ItemError struct {
+	Index int    `json:"index"`
+	Error string `json:"error"`
+}
+
+// Format is how a request body carries events.
+type Format int
+
+const (
+	FormatJSON   Format = iota // one object, an array, or {"events":[...]}
+	FormatNDJSON               // one object per line
+)
+
+// FormatOf maps a Content-Type to a Format; empty means JSON.
+func FormatOf(contentType string) (Format, error) {
+	if strings.TrimSpace(contentType) == "" {
+		return FormatJSON, nil
+	}
+	mt, _, err := mime.ParseMediaType(contentType)
+	if err != nil {
+		return 0, unsupported("Content-Type %q cannot be parsed; send application/json or application/x-ndjson", contentType)
+	}
+	switch mt {
+	case "application/json", "text/json":
+		return FormatJSON, nil
+	case "application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines", "application/jsonlines":
+		return FormatNDJSON, nil
+	}
+	return 0, unsupported("Content-Type %q is not supported; send application/json or application/x-ndjson", mt)
+}
+
+// Decompress returns body as sent, or gunzipped when encoding is gzip, refusing more than max bytes
+// of output: a small gzip bomb gets a 413 after reading max+1 bytes, never an out-of-memory.
+func Decompress(body []byte, encoding string, max int64) ([]byte, error) {
+	switch strings.ToLower(strings.TrimSpace(encoding)) {
+	case "", "identity":
+		if int64(len(body)) > max {
+			return nil, tooLarge("request body is %d bytes; the limit is %d", len(body), max)
+		}
+		return body, nil
+	case "gzip", "x-gzip":
+	default:
+		return nil, unsupported("Content-Encoding %q is not supported; send gzip or no encoding", encoding)
+	}
+	zr, err := gzip.NewReader(bytes.NewReader(body))
+	if err != nil {
+		return nil, badBody("body is not valid gzip: %v", err)
+	}
+	defer zr.Close()
+	var out bytes.Buffer
+	out.Grow(min(int(max), 4*len(body)+512))
+	n, err := out.ReadFrom(io.LimitReader(zr, max+1))
+	if err != nil {
+		return nil, badBody("body is not valid gzip: %v", err)
+	}
+	if n > max {
+		return nil, tooLarge("decompressed body exceeds the limit of %d bytes; send smaller batches", max)
+	}
+	return out.Bytes(), nil
+}
+
+// Decode reads the events of a body. Malformed JSON in a JSON body fails the whole request (the
+// positions after the error are unknowable); an item of the wrong shape, or a bad NDJSON line, is
+// reported by index and the rest are kept.
+func Decode(body []byte, f Format, maxEvents int) ([]Event, []ItemError, error) {
+	var events []Event
+	var bad []ItemError
+	var err error
+	if f == FormatNDJSON {
+		events, bad, err = decodeNDJSON(body, maxEvents)
+	} else {
+		events, bad, err = decodeJSON(body, maxEvents)
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(events)+len(bad) == 0 {
+		return nil, nil, badBody("no events in body; send an event object, an array of them, {\"events\":[...]} or NDJSON")
+	}
+	return events, bad, nil
+}
+
+func tooMany(max int) error {
+	return tooLarge("more than %d events in one request; split the batch", max)
+}
+
+func decodeNDJSON(body []byte, maxEvents int) ([]Event, []ItemError, error) {
+	var events []Event
+	var bad []ItemError
+	sc := bufio.NewScanner(bytes.NewReader(body))
+	sc.Buffer(nil, len(body)+1)
+	idx := 0
+	for sc.Scan() {
+		line := bytes.TrimSpace(sc.Bytes())
+		if len(line) == 0 {
+			continue
+		}
+		if idx >= maxEvents {
+			return nil, nil, tooMany(maxEvents)
+		}
+		var e Event
+		if err := unmarshalEvent(line, &e); err != nil {
+			bad = append(bad, ItemError{idx, err.Error()})
+		} else {
+			e.index = idx
+			events = append(events, e)
+		}
+		idx++
+	}
+	if err := sc.Err(); err != nil {
+		return nil, nil, badBody("read NDJSON body: %v", err)
+	}
+	return events, bad, nil
+}
+
+func unmarshalEvent(b []byte, e *Event) error {
+	if len(b) == 0 || b[0] != '{' {
+		return errors.New("each event must be a JSON object")
+	}
+	if err := json.Unmarshal(b, e); err != nil {
+		return describe(err)
+	}
+	return nil
+}
+
+// describe turns encoding/json errors into messages naming the field.
+func describe(err error) error {
+	var te *json.UnmarshalTypeError
+	if errors.As(err, &te) {
+		if te.Field != "" {
+			return fmt.Errorf("%s must be a %s, not a JSON %s", te.Field, kind(te.Type.Kind().String()), te.Value)
+		}
+		return fmt.Errorf("each event must be a JSON object, not a JSON %s", te.Value)
+	}
+	var se *json.SyntaxError
+	if errors.As(err, &se) {
+		return fmt.Errorf("invalid JSON at byte %d: %v", se.Offset, se)
+	}
+	return fmt.Errorf("invalid event: %v", err)
+}
+
+func kind(k string) string {
+	if k == "struct" || k == "map" {
+		return "JSON object"
+	}
+	return k
+}
+
+type envelope struct {
+	Event
+	Events json.RawMessage `json:"events"`
+}
+
+func decodeJSON(body []byte, maxEvents int) ([]Event, []ItemError, error) {
+	body = bytes.TrimSpace(body)
+	if len(body) == 0 {
+		return nil, nil, nil
+	}
+	switch body[0] {
+	case '[':
+		return decodeArray(body, maxEvents)
+	case '{':
+		var env envelope
+		if err := json.Unmarshal(body, &env); err != nil {
+			var te *json.UnmarshalTypeError
+			if errors.As(err, &te) && te.Field != "events" {
+				return nil, []ItemError{{0, describe(err).Error()}}, nil
+			}
+			if errors.As(err, &te) {
+				return nil, nil, badBody("events must be a JSON array of event objects")
+			}
+			return nil, nil, badBody("body is not valid JSON: %v", err)
+		}
+		if env.Events != nil {
+			ev := bytes.TrimSpace(env.Events)
+			if len(ev) == 0 || ev[0] != '[' {
+				return nil, nil, badBody("events must be a JSON array of event objects")
+			}
+			return decodeArray(ev, maxEvents)
+		}
+		return []Event{env.Event}, nil, nil
+	}
+	return nil, nil, badBody("body must be a JSON object or array (or NDJSON with Content-Type: application/x-ndjson)")
+}
+
+func decodeArray(body []byte, maxEvents int) ([]Event, []ItemError, error) {
+	var raws []json.RawMessage
+	if err := json.Unmarshal(body, &raws); err != nil {
+		return nil, nil, badBody("body is not a valid JSON array: %v", err)
+	}
+	if len(raws) > maxEvents {
+		return nil, nil, tooMany(maxEvents)
+	}
+	events := make([]Event, 0, len(raws))
+	var bad []ItemError
+	for i, raw := range raws {
+		var e Event
+		if err := unmarshalEvent(bytes.TrimSpace(raw), &e); err != nil {
+			bad = append(bad, ItemError{i, err.Error()})
+			continue
+		}
+		e.index = i
+		events = append(events, e)
+	}
+	return events, bad, nil
+}

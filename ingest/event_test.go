@@ -1,0 +1,194 @@
+package ingest
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+func TestValidate(t *testing.T) {
+	now := time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC)
+	tenant := uuid.MustParse("11111111-1111-4111-8111-111111111111")
+	lim := DefaultLimits()
+	raw := func(s string) json.RawMessage { return json.RawMessage(s) }
+	ok := Event{Event: "auth.user.login"}
+	with := func(f func(e *Event)) Event { e := ok; f(&e); return e }
+
+	cases := []struct {
+		name    string
+		in      Event
+		wantErr string // substring; "" means valid
+		check   func(t *testing.T, r Row)
+	}{
+		{"minimal", ok, "", func(t *testing.T, r Row) {
+			if r.Source != "app" || r.Props != "{}" || !r.Ts.Equal(now) || r.ID == uuid.Nil || r.TenantID != tenant {
+				t.Errorf("defaults: got %+v", r)
+			}
+		}},
+		{"missing event", with(func(e *Event) { e.Event = "" }), "event is required", nil},
+		{"uppercase event", with(func(e *Event) { e.Event = "Auth.Login" }), "domain.action", nil},
+		{"one segment", with(func(e *Event) { e.Event = "login" }), "domain.action", nil},
+		{"event too long", with(func(e *Event) { e.Event = "a." + strings.Repeat("b", 127) }), "limit is 128", nil},
+		{"underscore and digits", with(func(e *Event) { e.Event = "apikey.rate_limited2" }), "", nil},
+		{"bad source", with(func(e *Event) { e.Source = "cron" }), `source "cron" is not one of app, api`, nil},
+		{"every source", with(func(e *Event) { e.Source = "agent" }), "", nil},
+		{"bad id", with(func(e *Event) { e.ID = "event-123" }), "must be a UUID", nil},
+		{"given id", with(func(e *Event) { e.ID = "5f0c6d1e-8a1b-4c7e-9d2f-3a4b5c6d7e8f" }), "", func(t *testing.T, r Row) {
+			if r.ID.String() != "5f0c6d1e-8a1b-4c7e-9d2f-3a4b5c6d7e8f" {
+				t.Errorf("id: got %s", r.ID)
+			}
+		}},
+		{"rfc3339 ts", with(func(e *Event) { e.Ts = raw(`"2026-11-27T10:30:00.750+01:00"`) }), "", func(t *testing.T, r Row) {
+			if want := time.Date(2026, 11, 27, 9, 30, 0, 0, time.UTC); !r.Ts.Equal(want) || r.Ts.Location() != time.UTC {
+				t.Errorf("ts: got %v, want %v UTC", r.Ts, want)
+			}
+		}},
+		{"epoch ms ts", with(func(e *Event) { e.Ts = raw(`1795780800000`) }), "", func(t *testing.T, r Row) {
+			if !r.Ts.Equal(time.UnixMilli(1795780800000)) {
+				t.Errorf("ts: got %v", r.Ts)
+			}
+		}},
+		{"epoch seconds by mistake", with(func(e *Event) { e.Ts = raw(`1795780800`) }), "seconds sent by mistake", nil},
+		{"ts garbage", with(func(e *Event) { e.Ts = raw(`"yesterday"`) }), "not RFC3339", nil},
+		{"ts float", with(func(e *Event) { e.Ts = raw(`1795780800000.5`) }), "whole number", nil},
+		{"ts too old", with(func(e *Event) { e.Ts = raw(`"2026-08-01T00:00:00Z"`) }), "older than the 90-day retention window (oldest accepted: 2026-08-29T12:00:00Z)", nil},
+		{"ts too far ahead", with(func(e *Event) { e.Ts = raw(`"2026-11-27T13:30:00Z"`) }), "more than 1h0m0s in the future (newest accepted: 2026-11-27T13:00:00Z)", nil},
+		{"ts just ahead", with(func(e *Event) { e.Ts = raw(`"2026-11-27T12:59:00Z"`) }), "", nil},
+		{"props array", with(func(e *Event) { e.Props = raw(`[1,2]`) }), "props must be a JSON object", nil},
+		{"props string", with(func(e *Event) { e.Props = raw(`"x"`) }), "props must be a JSON object", nil},
+		{"props compacted", with(func(e *Event) { e.Props = raw(`{ "plan" : "pro", "n": [1, 2] }`) }), "", func(t *testing.T, r Row) {
+			if r.Props != `{"plan":"pro","n":[1,2]}` {
+				t.Errorf("props: got %s", r.Props)
+			}
+		}},
+		{"props too big", with(func(e *Event) { e.Props = raw(`{"k":"` + strings.Repeat("x", 8200) + `"}`) }), "the limit is 8192", nil},
+		{"props invalid utf8", with(func(e *Event) { e.Props = raw("{\"k\":\"\xff\"}") }), "invalid UTF-8", nil},
+		{"user_id too long", with(func(e *Event) { e.UserID = strings.Repeat("u", 256) }), "user_id is 256 bytes; the limit is 255", nil},
+		{"request_id too long", with(func(e *Event) { e.RequestID = strings.Repeat("r", 256) }), "request_id is 256 bytes", nil},
+		{"bad ip", with(func(e *Event) { e.IP = "300.1.1.1" }), "not an IPv4 or IPv6 address", nil},
+		{"ipv6", with(func(e *Event) { e.IP = "2001:db8::1" }), "", nil},
+		{"mapped ipv4", with(func(e *Event) { e.IP = "::ffff:192.168.1.1" }), "", func(t *testing.T, r Row) {
+			if r.IP != "192.168.1.1" {
+				t.Errorf("ip: got %s", r.IP)
+			}
+		}},
+		{"foreign tenant_id", with(func(e *Event) { e.TenantID = "22222222-2222-4222-8222-222222222222" }), "tenant always comes from the API key", nil},
+		{"own tenant_id", with(func(e *Event) { e.TenantID = tenant.String() }), "", nil},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			r, err := lim.Validate(&tc.in, tenant, now)
+			if tc.wantErr == "" {
+				if err != nil {
+					t.Fatalf("got error %q, want valid", err)
+				}
+				if tc.check != nil {
+					tc.check(t, r)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("got error %v, want one containing %q", err, tc.wantErr)
+			}
+		})
+	}
+}
+
+func TestDecodeFormats(t *testing.T) {
+	check := func(name, body string, f Format, wantEvents []string, wantBad []int, wantErr string) {
+		t.Helper()
+		events, bad, err := Decode([]byte(body), f, 3)
+		if wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), wantErr) {
+				t.Errorf("%s: got error %v, want %q", name, err, wantErr)
+			}
+			return
+		}
+		if err != nil {
+			t.Errorf("%s: unexpected error %v", name, err)
+			return
+		}
+		var got []string
+		for _, e := range events {
+			got = append(got, e.Event)
+		}
+		var gotBad []int
+		for _, b := range bad {
+			gotBad = append(gotBad, b.Index)
+		}
+		if strings.Join(got, ",") != strings.Join(wantEvents, ",") || len(gotBad) != len(wantBad) {
+			t.Errorf("%s: got events %v bad %v, want %v bad %v", name, got, gotBad, wantEvents, wantBad)
+			return
+		}
+		for i := range gotBad {
+			if gotBad[i] != wantBad[i] {
+				t.Errorf("%s: bad indexes %v, want %v", name, gotBad, wantBad)
+			}
+		}
+	}
+	check("object", `{"event":"a.b"}`, FormatJSON, []string{"a.b"}, nil, "")
+	check("array", `[{"event":"a.b"},{"event":"c.d"}]`, FormatJSON, []string{"a.b", "c.d"}, nil, "")
+	check("envelope", `{"events":[{"event":"a.b"},7,{"event":"c.d"}]}`, FormatJSON, []string{"a.b", "c.d"}, []int{1}, "")
+	check("wrong field type", `[{"event":"a.b","user_id":5},{"event":"c.d"}]`, FormatJSON, []string{"c.d"}, []int{0}, "")
+	check("ndjson", "{\"event\":\"a.b\"}\n\nnot json\n{\"event\":\"c.d\"}\n", FormatNDJSON, []string{"a.b", "c.d"}, []int{1}, "")
+	check("too many", `[{},{},{},{}]`, FormatJSON, nil, nil, "more than 3 events")
+	check("too many ndjson", "{}\n{}\n{}\n{}", FormatNDJSON, nil, nil, "more than 3 events")
+	check("syntax error", `[{"event":"a.b"`, FormatJSON, nil, nil, "not a valid JSON array")
+	check("empty", ` `, FormatJSON, nil, nil, "no events in body")
+	check("empty array", `[]`, FormatJSON, nil, nil, "no events in body")
+	check("scalar", `42`, FormatJSON, nil, nil, "must be a JSON object or array")
+	check("events not array", `{"events":{"event":"a.b"}}`, FormatJSON, nil, nil, "events must be a JSON array")
+}
+
+func TestFormatOf(t *testing.T) {
+	check := func(ct string, want Format, wantErr bool) {
+		t.Helper()
+		got, err := FormatOf(ct)
+		if (err != nil) != wantErr || (!wantErr && got != want) {
+			t.Errorf("FormatOf(%q) = %v, %v; want %v, error %v", ct, got, err, want, wantErr)
+		}
+	}
+	check("", FormatJSON, false)
+	check("application/json; charset=utf-8", FormatJSON, false)
+	check("application/x-ndjson", FormatNDJSON, false)
+	check("text/csv", 0, true)
+}
+
+func TestRecordRoundTrip(t *testing.T) {
+	ts := time.Date(2026, 11, 27, 1, 2, 3, 0, time.UTC)
+	events := []Row{
+		{ID: uuid.New(), TenantID: uuid.New(), Ts: ts, ReceivedAt: ts.Add(time.Second), Event: "a.b", Source: "app", UserID: "u\x00", Props: `{"k":"é"}`, IP: "::1", RequestID: "r"},
+		{ID: uuid.New(), TenantID: uuid.New(), Ts: ts, ReceivedAt: ts, Event: "c.d", Source: "api"},
+	}
+	incs := []Increment{{ID: uuid.New(), TenantID: uuid.New(), Ts: ts, Metric: "builds_daily", N: -3}}
+	buf := encodeRecord(nil, events, incs)
+	buf = encodeRecord(buf, events[:1], nil)
+	full := len(buf)
+	buf = append(buf, encodeRecord(nil, events, nil)[:20]...) // a torn tail
+
+	gotE, gotI, n := decodeRecords(buf, nil, nil)
+	if n != full {
+		t.Errorf("intact bytes: got %d, want %d", n, full)
+	}
+	if len(gotE) != 3 || len(gotI) != 1 {
+		t.Fatalf("got %d events and %d increments, want 3 and 1", len(gotE), len(gotI))
+	}
+	if gotE[0] != events[0] || gotE[1] != events[1] || gotE[2] != events[0] || gotI[0] != incs[0] {
+		t.Errorf("round trip changed rows:\n got %+v %+v\nwant %+v %+v", gotE, gotI, events, incs)
+	}
+	buf[10] ^= 0xff // corrupt the first record's payload: nothing survives
+	if gotE, _, n := decodeRecords(buf, nil, nil); n != 0 || len(gotE) != 0 {
+		t.Errorf("corrupt first record: got %d bytes, %d events; want 0", n, len(gotE))
+	}
+}
+
+func TestCappedLabels(t *testing.T) {
+	c := NewCapped(2)
+	got := []string{c.Value("a"), c.Value("b"), c.Value("c"), c.Value("a")}
+	if strings.Join(got, ",") != "a,b,other,a" {
+		t.Errorf("got %v, want a,b,other,a", got)
+	}
+}

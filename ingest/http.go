@@ -1,0 +1,212 @@
+package ingest
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"regexp"
+	"sort"
+	"strconv"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/api"
+)
+
+// Config shapes the ingest endpoints.
+type Config struct {
+	Enabled      bool              // ANALYTICS_ENABLED: false makes ingest an acknowledged no-op
+	Limits       Limits
+	EventMetrics map[string]string // event → daily quota metric (QUOTA_EVENT_MAP)
+}
+
+// Service is the ingest API: it validates, stores through the Writer and bumps live counters.
+type Service struct {
+	cfg     Config
+	w       *Writer
+	metrics *Metrics
+	counts  *liveCounts
+	log     *slog.Logger
+	now     func() time.Time
+}
+
+// NewService wires the ingest API. counter may be nil (no live counters).
+func NewService(cfg Config, w *Writer, counter Counter, m *Metrics, log *slog.Logger) *Service {
+	if cfg.EventMetrics == nil {
+		cfg.EventMetrics = DefaultEventMetrics()
+	}
+	s := &Service{cfg: cfg, w: w, metrics: m, log: log, now: time.Now}
+	if counter != nil {
+		s.counts = newLiveCounts(counter, m, log)
+		go s.counts.run()
+	}
+	return s
+}
+
+// Close stops the live counter feed after flushing what it holds. Close the Writer separately.
+func (s *Service) Close() { s.counts.close() }
+
+// Register mounts POST /events and POST /usage on r; write is the auth middleware they require.
+func (s *Service) Register(r fiber.Router, write fiber.Handler) {
+	r.Post("/events", write, s.postEvents)
+	r.Post("/usage", write, s.postUsage)
+}
+
+// EventsResult is the body of a 202 (or, with nothing accepted, the details of a 400).
+type EventsResult struct {
+	Accepted int         `json:"accepted"`
+	Rejected []ItemError `json:"rejected"`
+	// Disabled is set when ANALYTICS_ENABLED=false: nothing was stored.
+	Disabled bool   `json:"disabled,omitempty"`
+	Message  string `json:"message,omitempty"`
+}
+
+func (s *Service) postEvents(c *fiber.Ctx) error {
+	p, _ := api.PrincipalOf(c)
+	if !s.cfg.Enabled {
+		return api.Respond(c, http.StatusAccepted, EventsResult{Rejected: []ItemError{}, Disabled: true,
+			Message: "analytics is disabled on this server (ANALYTICS_ENABLED=false); events were not stored"})
+	}
+	format, err := FormatOf(c.Get(fiber.HeaderContentType))
+	if err != nil {
+		return err
+	}
+	body, err := Decompress(c.Body(), c.Get(fiber.HeaderContentEncoding), s.cfg.Limits.MaxBodyBytes)
+	if err != nil {
+		return err
+	}
+	events, rejected, err := Decode(body, format, s.cfg.Limits.MaxEvents)
+	if err != nil {
+		return err
+	}
+	now := s.now()
+	rows := make([]Row, 0, len(events))
+	for i := range events {
+		row, err := s.cfg.Limits.Validate(&events[i], p.TenantID, now)
+		if err != nil {
+			rejected = append(rejected, ItemError{events[i].index, err.Error()})
+			continue
+		}
+		rows = append(rows, row)
+	}
+	sort.Slice(rejected, func(i, j int) bool { return rejected[i].Index < rejected[j].Index })
+	if len(rejected) > 0 {
+		s.metrics.Rejected.WithLabelValues("validation").Add(float64(len(rejected)))
+	}
+	res := EventsResult{Accepted: len(rows), Rejected: rejected}
+	if res.Rejected == nil {
+		res.Rejected = []ItemError{}
+	}
+	if len(rows) == 0 {
+		return &api.Error{Status: http.StatusBadRequest, Code: "invalid_events",
+			Message: fmt.Sprintf("no event was accepted: %d rejected; see details.rejected for each one", len(rejected)), Details: res}
+	}
+	if err := s.store(c.UserContext(), rows, nil); err != nil {
+		return err
+	}
+	s.count(p, rows, nil, now)
+	return api.Respond(c, http.StatusAccepted, res)
+}
+
+// store appends durably, turning a full or closing writer into a 503 with Retry-After.
+func (s *Service) store(ctx context.Context, rows []Row, incs []Increment) error {
+	err := s.w.Append(ctx, rows, incs)
+	var full *FullError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &full):
+		return &api.Error{Status: http.StatusServiceUnavailable, Code: full.ErrorCode(), Message: full.Error(),
+			Header: map[string]string{fiber.HeaderRetryAfter: strconv.Itoa(full.RetryAfterSeconds())}}
+	case errors.Is(err, ErrClosed):
+		return &api.Error{Status: http.StatusServiceUnavailable, Code: "shutting_down",
+			Message: "server is shutting down; retry on another instance", Header: map[string]string{fiber.HeaderRetryAfter: "1"}}
+	}
+	return err
+}
+
+// count updates Prometheus and the live quota counters for what was just stored.
+func (s *Service) count(p api.Principal, rows []Row, incs []Increment, now time.Time) {
+	type es struct{ event, source string }
+	perEvent := map[es]int{}
+	deltas := map[countKey]map[string]int64{}
+	today := now.UTC().Truncate(24 * time.Hour)
+	bump := func(day time.Time, metric string, n int64) {
+		// Live counters cover today and yesterday (late events); older days live in ClickHouse only.
+		if day.Before(today.Add(-24*time.Hour)) || day.After(today) {
+			return
+		}
+		k := countKey{p.TenantID, day}
+		if deltas[k] == nil {
+			deltas[k] = map[string]int64{}
+		}
+		deltas[k][metric] += n
+	}
+	for i := range rows {
+		perEvent[es{rows[i].Event, rows[i].Source}]++
+		if metric, ok := s.cfg.EventMetrics[rows[i].Event]; ok {
+			bump(rows[i].Ts.Truncate(24*time.Hour), metric, 1)
+		}
+	}
+	for _, in := range incs {
+		bump(in.Ts.Truncate(24*time.Hour), in.Metric, in.N)
+	}
+	tenant := s.metrics.tenants.Value(p.Slug)
+	for k, n := range perEvent {
+		s.metrics.Events.WithLabelValues(tenant, s.metrics.events.Value(k.event), k.source).Add(float64(n))
+	}
+	for _, d := range deltas {
+		for metric, n := range d {
+			if n > 0 {
+				s.metrics.Usage.WithLabelValues(tenant, s.metrics.events.Value(metric)).Add(float64(n))
+			}
+		}
+	}
+	s.counts.add(deltas)
+}
+
+// UsageRequest is the guide's increment_usage(metric, n).
+type UsageRequest struct {
+	Metric string          `json:"metric"`
+	N      json.RawMessage `json:"n"`
+}
+
+var metricRe = regexp.MustCompile(`^[a-z][a-z0-9_.-]*$`)
+
+// ValidMetric reports whether m is a well-formed usage metric name (≤128 bytes).
+func ValidMetric(m string) bool { return len(m) <= 128 && metricRe.MatchString(m) }
+
+func (s *Service) postUsage(c *fiber.Ctx) error {
+	p, _ := api.PrincipalOf(c)
+	var req UsageRequest
+	if err := json.Unmarshal(c.Body(), &req); err != nil {
+		return api.BadRequest("invalid_body", `body must be JSON like {"metric":"api_requests_daily","n":1}`)
+	}
+	if !ValidMetric(req.Metric) {
+		return api.BadRequest("invalid_metric", "metric must be lowercase letters, digits, '_', '.' or '-', starting with a letter, at most 128 bytes, e.g. \"api_requests_daily\"")
+	}
+	n := int64(1)
+	if len(req.N) > 0 && string(req.N) != "null" {
+		v, err := strconv.ParseInt(string(req.N), 10, 64)
+		if err != nil || v == 0 || v > 1_000_000_000 || v < -1_000_000_000 {
+			return api.BadRequest("invalid_n", "n must be a non-zero whole number between -1000000000 and 1000000000 (default 1)")
+		}
+		n = v
+	}
+	if !s.cfg.Enabled {
+		return api.Respond(c, http.StatusAccepted, fiber.Map{"metric": req.Metric, "n": n, "accepted": 0, "disabled": true,
+			"message": "analytics is disabled on this server (ANALYTICS_ENABLED=false); usage was not stored"})
+	}
+	now := s.now().UTC()
+	inc := Increment{ID: uuid.New(), TenantID: p.TenantID, Ts: now.Truncate(time.Second), Metric: req.Metric, N: n}
+	if err := s.store(c.UserContext(), nil, []Increment{inc}); err != nil {
+		return err
+	}
+	s.count(p, nil, []Increment{inc}, now)
+	return api.Respond(c, http.StatusAccepted, fiber.Map{"metric": req.Metric, "n": n, "accepted": 1, "id": inc.ID})
+}

@@ -1,0 +1,112 @@
+package ingest
+
+import (
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the ingest path's Prometheus collectors: the guide's event and usage counters, and the
+// writer's internals (buffer, spool, batches, errors).
+type Metrics struct {
+	Events        *prometheus.CounterVec // sbh_analytics_events_total{tenant,event,source}
+	Usage         *prometheus.CounterVec // sbh_usage_count_total{tenant,metric}
+	Rejected      *prometheus.CounterVec // events refused by validation, by reason
+	Refused       *prometheus.CounterVec // requests answered 503, by reason
+	BufferedRows  prometheus.Gauge
+	SpoolBytes    prometheus.Gauge
+	SpoolSegments prometheus.Gauge
+	BatchRows     prometheus.Histogram
+	FlushDuration prometheus.Histogram
+	RowsWritten   prometheus.Counter
+	InsertErrors  prometheus.Counter
+	CounterErrors prometheus.Counter
+
+	tenants, events *Capped
+}
+
+// NewMetrics builds and registers the collectors; reg may be nil (tests). labelCap bounds the distinct
+// tenant and event label values (default 500): later values are counted under "other".
+func NewMetrics(reg prometheus.Registerer, labelCap int) *Metrics {
+	if labelCap <= 0 {
+		labelCap = 500
+	}
+	m := &Metrics{
+		Events: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sbh_analytics_events_total", Help: "Events accepted, by tenant, event and source.",
+		}, []string{"tenant", "event", "source"}),
+		Usage: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sbh_usage_count_total", Help: "Usage counted, by tenant and metric (mapped events and explicit increments).",
+		}, []string{"tenant", "metric"}),
+		Rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sbh_ingest_rejected_events_total", Help: "Events refused by validation.",
+		}, []string{"reason"}),
+		Refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sbh_ingest_unavailable_total", Help: "Ingest requests answered 503, by reason.",
+		}, []string{"reason"}),
+		BufferedRows: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "sbh_ingest_buffer_rows", Help: "Rows held in memory awaiting ClickHouse.",
+		}),
+		SpoolBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "sbh_ingest_spool_bytes", Help: "Bytes in the on-disk spool awaiting ClickHouse.",
+		}),
+		SpoolSegments: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "sbh_ingest_spool_segments", Help: "Spool segments (batches) awaiting ClickHouse.",
+		}),
+		BatchRows: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "sbh_ingest_batch_rows", Help: "Rows per ClickHouse insert.",
+			Buckets: prometheus.ExponentialBuckets(10, 4, 8),
+		}),
+		FlushDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "sbh_ingest_flush_duration_seconds", Help: "Time to insert one batch into ClickHouse.",
+			Buckets: prometheus.ExponentialBuckets(0.005, 2, 12),
+		}),
+		RowsWritten: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sbh_ingest_rows_written_total", Help: "Rows inserted into ClickHouse.",
+		}),
+		InsertErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sbh_ingest_clickhouse_errors_total", Help: "Failed ClickHouse inserts (each is retried).",
+		}),
+		CounterErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sbh_ingest_counter_errors_total", Help: "Failed live quota counter updates (ingest goes on).",
+		}),
+		tenants: NewCapped(labelCap),
+		events:  NewCapped(labelCap),
+	}
+	if reg != nil {
+		reg.MustRegister(m.Events, m.Usage, m.Rejected, m.Refused, m.BufferedRows, m.SpoolBytes, m.SpoolSegments,
+			m.BatchRows, m.FlushDuration, m.RowsWritten, m.InsertErrors, m.CounterErrors)
+	}
+	return m
+}
+
+// Capped keeps at most n distinct label values; once full, new values read as "other". It keeps a
+// tenant flood or a typo storm from turning into unbounded Prometheus series.
+type Capped struct {
+	mu   sync.RWMutex
+	n    int
+	seen map[string]struct{}
+}
+
+// NewCapped returns a Capped admitting n distinct values.
+func NewCapped(n int) *Capped { return &Capped{n: n, seen: map[string]struct{}{}} }
+
+// Value returns v if it is (or can become) one of the admitted values, else "other".
+func (c *Capped) Value(v string) string {
+	c.mu.RLock()
+	_, ok := c.seen[v]
+	c.mu.RUnlock()
+	if ok {
+		return v
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.seen[v]; ok {
+		return v
+	}
+	if len(c.seen) >= c.n {
+		return "other"
+	}
+	c.seen[v] = struct{}{}
+	return v
+}

@@ -1,0 +1,186 @@
+// Package testenv gives integration tests real ClickHouse, Postgres and Redis, isolated per test.
+//
+// It reads CLICKHOUSE_DSN, POSTGRES_URL and REDIS_URL (printed by `deploy/local/stack.sh env`). When a
+// variable is unset or its server unreachable the test is skipped — unless ANALYTICS_REQUIRE_SERVICES=1
+// (set by `make test` and CI), where it fails instead, so a missing service can never turn CI green.
+// Each test gets its own ClickHouse database, Postgres schema and Redis key prefix, removed in t.Cleanup.
+package testenv
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/analyticsd/analyticsd/schema"
+)
+
+// Required reports whether missing services must fail tests rather than skip them.
+func Required() bool { return os.Getenv("ANALYTICS_REQUIRE_SERVICES") == "1" }
+
+func unavailable(t testing.TB, format string, args ...any) {
+	t.Helper()
+	msg := fmt.Sprintf(format, args...)
+	if Required() {
+		t.Fatalf("%s (ANALYTICS_REQUIRE_SERVICES=1: run `make test`, or `eval \"$(deploy/local/stack.sh env)\"` after `deploy/local/stack.sh up`)", msg)
+	}
+	t.Skipf("%s; skipping (set the stack's env to run it)", msg)
+}
+
+func env(t testing.TB, name string) string {
+	t.Helper()
+	v := os.Getenv(name)
+	if v == "" {
+		unavailable(t, "%s is not set", name)
+	}
+	return v
+}
+
+// Name returns a fresh identifier usable as a database, schema or key prefix: "t_" and 16 hex digits.
+func Name() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return "t_" + hex.EncodeToString(b[:])
+}
+
+func ctx(t testing.TB) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return c
+}
+
+// ClickHouseDSN returns CLICKHOUSE_DSN, skipping or failing the test when it is unset.
+func ClickHouseDSN(t testing.TB) string { t.Helper(); return env(t, "CLICKHOUSE_DSN") }
+
+// ClickHouse connects to the test server and creates an empty database for this test only.
+// The connection's default database stays "default"; analyticsd qualifies every table name.
+func ClickHouse(t testing.TB) (driver.Conn, string) {
+	t.Helper()
+	opts, err := clickhouse.ParseDSN(ClickHouseDSN(t))
+	if err != nil {
+		t.Fatalf("parse CLICKHOUSE_DSN: %v", err)
+	}
+	opts.Auth.Database = "default"
+	conn, err := clickhouse.Open(opts)
+	if err == nil {
+		err = conn.Ping(ctx(t))
+	}
+	if err != nil {
+		unavailable(t, "clickhouse unreachable: %v", err)
+	}
+	db := Name()
+	if err := conn.Exec(ctx(t), "CREATE DATABASE "+db); err != nil {
+		t.Fatalf("create clickhouse database %s: %v", db, err)
+	}
+	t.Cleanup(func() {
+		c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := conn.Exec(c, "DROP DATABASE IF EXISTS "+db); err != nil {
+			t.Errorf("drop clickhouse database %s: %v", db, err)
+		}
+		_ = conn.Close()
+	})
+	return conn, db
+}
+
+// PostgresURL returns POSTGRES_URL, skipping or failing the test when it is unset.
+func PostgresURL(t testing.TB) string { t.Helper(); return env(t, "POSTGRES_URL") }
+
+// Postgres creates a schema for this test and returns a pool whose connections use it as search_path,
+// plus the schema's name (to hand to a subprocess, e.g. via PGOPTIONS or the URL's search_path).
+func Postgres(t testing.TB) (*pgxpool.Pool, string) {
+	t.Helper()
+	url := PostgresURL(t)
+	admin, err := pgxpool.New(ctx(t), url)
+	if err == nil {
+		err = admin.Ping(ctx(t))
+	}
+	if err != nil {
+		unavailable(t, "postgres unreachable: %v", err)
+	}
+	name := Name()
+	if _, err := admin.Exec(ctx(t), "CREATE SCHEMA "+name); err != nil {
+		t.Fatalf("create postgres schema %s: %v", name, err)
+	}
+	cfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		t.Fatalf("parse POSTGRES_URL: %v", err)
+	}
+	cfg.ConnConfig.RuntimeParams["search_path"] = name
+	pool, err := pgxpool.NewWithConfig(ctx(t), cfg)
+	if err != nil {
+		t.Fatalf("open postgres pool: %v", err)
+	}
+	t.Cleanup(func() {
+		pool.Close()
+		c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if _, err := admin.Exec(c, "DROP SCHEMA IF EXISTS "+name+" CASCADE"); err != nil {
+			t.Errorf("drop postgres schema %s: %v", name, err)
+		}
+		admin.Close()
+	})
+	return pool, name
+}
+
+// RedisURL returns REDIS_URL, skipping or failing the test when it is unset.
+func RedisURL(t testing.TB) string { t.Helper(); return env(t, "REDIS_URL") }
+
+// Redis returns a client and a key prefix for this test; keys under the prefix are deleted afterwards.
+func Redis(t testing.TB) (*redis.Client, string) {
+	t.Helper()
+	opts, err := redis.ParseURL(RedisURL(t))
+	if err != nil {
+		t.Fatalf("parse REDIS_URL: %v", err)
+	}
+	client := redis.NewClient(opts)
+	if err := client.Ping(ctx(t)).Err(); err != nil {
+		unavailable(t, "redis unreachable: %v", err)
+	}
+	prefix := Name() + ":"
+	t.Cleanup(func() {
+		c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		iter := client.Scan(c, 0, prefix+"*", 1000).Iterator()
+		for iter.Next(c) {
+			client.Del(c, iter.Val())
+		}
+		_ = client.Close()
+	})
+	return client, prefix
+}
+
+// Env is a migrated, isolated set of all three services.
+type Env struct {
+	CH       driver.Conn
+	DB       string // ClickHouse database
+	PG       *pgxpool.Pool
+	PGSchema string
+	Redis    *redis.Client
+	Prefix   string // Redis key prefix
+	Schema   schema.Result
+}
+
+// Migrated returns an Env with every migration applied.
+func Migrated(t testing.TB) Env {
+	t.Helper()
+	var e Env
+	e.CH, e.DB = ClickHouse(t)
+	e.PG, e.PGSchema = Postgres(t)
+	e.Redis, e.Prefix = Redis(t)
+	m := schema.Migrator{CH: e.CH, PG: e.PG, DB: e.DB, RetentionDays: 90}
+	res, err := m.Run(ctx(t))
+	if err != nil {
+		t.Fatalf("migrate test env: %v", err)
+	}
+	e.Schema = res
+	return e
+}

@@ -1,0 +1,217 @@
+package schema
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Migrator applies the ClickHouse and Postgres migrations. Run is idempotent and safe to call from
+// several processes at once: it holds a Postgres advisory lock for its whole duration, applies only
+// versions not yet recorded, and every ClickHouse statement is itself IF NOT EXISTS.
+type Migrator struct {
+	CH            driver.Conn
+	PG            *pgxpool.Pool
+	DB            string // ClickHouse database
+	RetentionDays int
+	Log           *slog.Logger
+}
+
+// Result says what Run found and did.
+type Result struct {
+	Server            Version
+	Features          Features
+	AppliedClickHouse []int
+	AppliedPostgres   []int
+}
+
+// ServerVersion reads the ClickHouse server version from the connection handshake.
+func ServerVersion(ch driver.Conn) (Version, error) {
+	sv, err := ch.ServerVersion()
+	if err != nil {
+		return Version{}, fmt.Errorf("read clickhouse server version: %w", err)
+	}
+	return Version{int(sv.Version.Major), int(sv.Version.Minor), int(sv.Version.Patch)}, nil
+}
+
+// Run applies every pending migration, Postgres first (it also holds the lock), then ClickHouse.
+func (m *Migrator) Run(ctx context.Context) (Result, error) {
+	log := m.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	var res Result
+	v, err := ServerVersion(m.CH)
+	if err != nil {
+		return res, err
+	}
+	res.Server, res.Features = v, FeaturesFor(v)
+	chMigrations, err := ClickHouse(Params{DB: m.DB, RetentionDays: m.RetentionDays, Features: res.Features})
+	if err != nil {
+		return res, err
+	}
+	pgMigrations, err := Postgres()
+	if err != nil {
+		return res, err
+	}
+
+	conn, err := m.PG.Acquire(ctx)
+	if err != nil {
+		return res, fmt.Errorf("migrate: connect to postgres: %w", err)
+	}
+	defer conn.Release()
+	start := time.Now()
+	if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock(hashtext($1))", "analyticsd.migrate."+m.DB); err != nil {
+		return res, fmt.Errorf("migrate: take advisory lock: %w", err)
+	}
+	defer func() {
+		// A fresh context: the lock must be released even when ctx was cancelled.
+		uctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if _, err := conn.Exec(uctx, "SELECT pg_advisory_unlock(hashtext($1))", "analyticsd.migrate."+m.DB); err != nil {
+			// Closing the connection releases the lock too.
+			conn.Conn().Close(uctx)
+		}
+	}()
+	log.Debug("migration lock held", "waited", time.Since(start))
+
+	if res.AppliedPostgres, err = m.postgres(ctx, conn.Conn(), pgMigrations); err != nil {
+		return res, err
+	}
+	if res.AppliedClickHouse, err = m.clickhouse(ctx, chMigrations); err != nil {
+		return res, err
+	}
+	log.Info("migrations applied", "clickhouse_server", v.String(), "ttl", res.Features.TTL,
+		"clickhouse", res.AppliedClickHouse, "postgres", res.AppliedPostgres)
+	return res, nil
+}
+
+func (m *Migrator) postgres(ctx context.Context, conn *pgx.Conn, ms []Migration) ([]int, error) {
+	if _, err := conn.Exec(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
+		version    int PRIMARY KEY,
+		name       text NOT NULL,
+		applied_at timestamptz NOT NULL DEFAULT now())`); err != nil {
+		return nil, fmt.Errorf("migrate postgres: create schema_migrations: %w", err)
+	}
+	done, err := pgApplied(ctx, conn)
+	if err != nil {
+		return nil, err
+	}
+	var applied []int
+	for _, mig := range ms {
+		if done[mig.Version] {
+			continue
+		}
+		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+			for _, stmt := range mig.Statements {
+				if _, err := tx.Exec(ctx, stmt); err != nil {
+					return err
+				}
+			}
+			_, err := tx.Exec(ctx, "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", mig.Version, mig.Name)
+			return err
+		})
+		if err != nil {
+			return applied, fmt.Errorf("migrate postgres %04d_%s: %w", mig.Version, mig.Name, err)
+		}
+		applied = append(applied, mig.Version)
+	}
+	return applied, nil
+}
+
+func pgApplied(ctx context.Context, conn *pgx.Conn) (map[int]bool, error) {
+	rows, err := conn.Query(ctx, "SELECT version FROM schema_migrations")
+	if err != nil {
+		return nil, fmt.Errorf("migrate postgres: read schema_migrations: %w", err)
+	}
+	versions, err := pgx.CollectRows(rows, pgx.RowTo[int32])
+	if err != nil {
+		return nil, fmt.Errorf("migrate postgres: read schema_migrations: %w", err)
+	}
+	done := make(map[int]bool, len(versions))
+	for _, v := range versions {
+		done[int(v)] = true
+	}
+	return done, nil
+}
+
+// clickhouse records applied versions in the ClickHouse database itself, so a database recreated
+// on its own (a new cluster, a restored Postgres) is still brought up to date.
+func (m *Migrator) clickhouse(ctx context.Context, ms []Migration) ([]int, error) {
+	boot := []string{
+		"CREATE DATABASE IF NOT EXISTS " + m.DB,
+		"CREATE TABLE IF NOT EXISTS " + m.DB + ".schema_migrations (version UInt32, name String, applied_at DateTime) " +
+			"ENGINE = MergeTree ORDER BY version",
+	}
+	for _, stmt := range boot {
+		if err := m.CH.Exec(ctx, stmt); err != nil {
+			return nil, fmt.Errorf("migrate clickhouse: %s: %w", firstLine(stmt), err)
+		}
+	}
+	done, err := chApplied(ctx, m.CH, m.DB)
+	if err != nil {
+		return nil, err
+	}
+	var applied []int
+	for _, mig := range ms {
+		if done[mig.Version] {
+			continue
+		}
+		for _, stmt := range mig.Statements {
+			if err := m.CH.Exec(ctx, stmt); err != nil {
+				return applied, fmt.Errorf("migrate clickhouse %04d_%s: %s: %w", mig.Version, mig.Name, firstLine(stmt), err)
+			}
+		}
+		if err := recordClickHouse(ctx, m.CH, m.DB, mig); err != nil {
+			return applied, err
+		}
+		applied = append(applied, mig.Version)
+	}
+	return applied, nil
+}
+
+func chApplied(ctx context.Context, ch driver.Conn, db string) (map[int]bool, error) {
+	rows, err := ch.Query(ctx, "SELECT DISTINCT version FROM "+db+".schema_migrations")
+	if err != nil {
+		return nil, fmt.Errorf("migrate clickhouse: read schema_migrations: %w", err)
+	}
+	defer rows.Close()
+	done := map[int]bool{}
+	for rows.Next() {
+		var v uint32
+		if err := rows.Scan(&v); err != nil {
+			return nil, fmt.Errorf("migrate clickhouse: read schema_migrations: %w", err)
+		}
+		done[int(v)] = true
+	}
+	return done, rows.Err()
+}
+
+func recordClickHouse(ctx context.Context, ch driver.Conn, db string, mig Migration) error {
+	batch, err := ch.PrepareBatch(ctx, "INSERT INTO "+db+".schema_migrations (version, name, applied_at)")
+	if err != nil {
+		return fmt.Errorf("migrate clickhouse: record %04d: %w", mig.Version, err)
+	}
+	if err := batch.Append(uint32(mig.Version), mig.Name, time.Now().UTC()); err != nil {
+		return errors.Join(fmt.Errorf("migrate clickhouse: record %04d: %w", mig.Version, err), batch.Abort())
+	}
+	if err := batch.Send(); err != nil {
+		return fmt.Errorf("migrate clickhouse: record %04d: %w", mig.Version, err)
+	}
+	return nil
+}
+
+func firstLine(s string) string {
+	for i, r := range s {
+		if r == '\n' || r == '(' {
+			return s[:i]
+		}
+	}
+	return s
+}

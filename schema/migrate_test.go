@@ -1,0 +1,180 @@
+package schema_test
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/schema"
+)
+
+type chTable struct {
+	Name         string `ch:"name"`
+	Engine       string `ch:"engine"`
+	PartitionKey string `ch:"partition_key"`
+	SortingKey   string `ch:"sorting_key"`
+}
+
+func TestMigrateCreatesEveryObject(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	env := testenv.Migrated(t)
+
+	var tables []chTable
+	if err := env.CH.Select(ctx, &tables,
+		"SELECT name, engine, partition_key, sorting_key FROM system.tables WHERE database = ? ORDER BY name", env.DB); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]chTable{}
+	for _, tb := range tables {
+		got[tb.Name] = tb
+	}
+	want := []chTable{
+		{"events", "MergeTree", "toYYYYMMDD(ts)", "tenant_id, ts, id"},
+		{"usage_increments", "MergeTree", "toYYYYMMDD(ts)", "tenant_id, ts, id"},
+		{"daily_usage", "SummingMergeTree", "toYYYYMM(date)", "tenant_id, metric, date"},
+		{"daily_usage_events_mv", "MaterializedView", "", ""},
+		{"daily_usage_increments_mv", "MaterializedView", "", ""},
+		{"schema_migrations", "MergeTree", "", "version"},
+	}
+	for _, w := range want {
+		g, ok := got[w.Name]
+		if !ok {
+			t.Errorf("clickhouse %s.%s missing; have %v", env.DB, w.Name, tables)
+			continue
+		}
+		if g != w {
+			t.Errorf("clickhouse %s: got %+v, want %+v", w.Name, g, w)
+		}
+	}
+	if len(got) != len(want) {
+		t.Errorf("got %d clickhouse objects, want %d: %+v", len(got), len(want), tables)
+	}
+
+	rows, err := env.PG.Query(ctx, "SELECT table_name FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1", env.PGSchema)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pgTables []string
+	for rows.Next() {
+		var n string
+		if err := rows.Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		pgTables = append(pgTables, n)
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := strings.Join(pgTables, ","), "analytics_daily_usage,api_keys,audit_log,rollup_runs,schema_migrations,tenants"; got != want {
+		t.Errorf("postgres tables: got %s, want %s", got, want)
+	}
+}
+
+// The materialized views must turn events and increments into daily_usage rows.
+func TestMaterializedViewsFeedDailyUsage(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	env := testenv.Migrated(t)
+	tenant := "6f1c1a52-3b8e-4a43-9a55-0d2f4a0e7c11"
+	day := time.Date(2026, 11, 20, 10, 0, 0, 0, time.UTC)
+
+	b, err := env.CH.PrepareBatch(ctx, "INSERT INTO "+env.DB+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		if err := b.Append(tenant, day.Add(time.Duration(i)*time.Minute), uuid.NewString(), day, "auth.user.login", "app", "u1", "{}", "", ""); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.Send(); err != nil {
+		t.Fatal(err)
+	}
+	b, err = env.CH.PrepareBatch(ctx, "INSERT INTO "+env.DB+".usage_increments (tenant_id, ts, id, metric, n)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Append(tenant, day, "00000000-0000-4000-8000-000000000001", "api_requests_daily", int64(5)); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Append(tenant, day, "00000000-0000-4000-8000-000000000002", "api_requests_daily", int64(2)); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Send(); err != nil {
+		t.Fatal(err)
+	}
+	var got []struct {
+		Metric string `ch:"metric"`
+		Count  int64  `ch:"c"`
+	}
+	if err := env.CH.Select(ctx, &got, "SELECT metric, sum(count) AS c FROM "+env.DB+".daily_usage WHERE tenant_id = ? AND date = toDate(?) GROUP BY metric ORDER BY metric", tenant, day); err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0].Metric != "api_requests_daily" || got[0].Count != 7 || got[1].Metric != "auth.user.login" || got[1].Count != 3 {
+		t.Errorf("daily_usage: got %+v, want api_requests_daily=7, auth.user.login=3", got)
+	}
+}
+
+func TestMigrateTwiceChangesNothing(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	env := testenv.Migrated(t)
+	if len(env.Schema.AppliedClickHouse) == 0 || len(env.Schema.AppliedPostgres) == 0 {
+		t.Fatalf("first run applied nothing: %+v", env.Schema)
+	}
+	m := schema.Migrator{CH: env.CH, PG: env.PG, DB: env.DB, RetentionDays: 90}
+	res, err := m.Run(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.AppliedClickHouse) != 0 || len(res.AppliedPostgres) != 0 {
+		t.Errorf("second run applied %v / %v, want nothing", res.AppliedClickHouse, res.AppliedPostgres)
+	}
+	var n uint64
+	if err := env.CH.QueryRow(ctx, "SELECT count() FROM "+env.DB+".schema_migrations").Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if want := uint64(len(env.Schema.AppliedClickHouse)); n != want {
+		t.Errorf("clickhouse schema_migrations has %d rows, want %d", n, want)
+	}
+}
+
+func TestMigrateConcurrently(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	ch, db := testenv.ClickHouse(t)
+	pg, _ := testenv.Postgres(t)
+	var wg sync.WaitGroup
+	results := make([]schema.Result, 4)
+	errs := make([]error, 4)
+	for i := range results {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			m := schema.Migrator{CH: ch, PG: pg, DB: db, RetentionDays: 90}
+			results[i], errs[i] = m.Run(ctx)
+		}()
+	}
+	wg.Wait()
+	appliedPG, appliedCH := 0, 0
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("run %d: %v", i, err)
+		}
+		appliedPG += len(results[i].AppliedPostgres)
+		appliedCH += len(results[i].AppliedClickHouse)
+	}
+	pgWant, _ := schema.Postgres()
+	if appliedPG != len(pgWant) {
+		t.Errorf("postgres migrations applied %d times in total, want %d (once each)", appliedPG, len(pgWant))
+	}
+	if appliedCH == 0 {
+		t.Error("no run applied the clickhouse migrations")
+	}
+}

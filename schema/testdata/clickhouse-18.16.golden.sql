@@ -1,0 +1,52 @@
+CREATE TABLE IF NOT EXISTS analytics.events
+(
+    tenant_id   UUID,
+    ts          DateTime,
+    id          UUID,
+    received_at DateTime,
+    event       String,
+    source      String,
+    user_id     String,
+    props       String,
+    ip          String,
+    request_id  String
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMMDD(ts)
+ORDER BY (tenant_id, ts, id)
+SETTINGS index_granularity = 8192;
+
+CREATE TABLE IF NOT EXISTS analytics.usage_increments
+(
+    tenant_id UUID,
+    ts        DateTime,
+    id        UUID,
+    metric    String,
+    n         Int64
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMMDD(ts)
+ORDER BY (tenant_id, ts, id)
+SETTINGS index_granularity = 8192;
+
+CREATE TABLE IF NOT EXISTS analytics.daily_usage
+(
+    tenant_id UUID,
+    date      Date,
+    metric    String,
+    count     Int64
+)
+ENGINE = SummingMergeTree(count)
+PARTITION BY toYYYYMM(date)
+ORDER BY (tenant_id, metric, date);
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS analytics.daily_usage_events_mv TO analytics.daily_usage AS
+SELECT tenant_id, toDate(ts) AS date, event AS metric, toInt64(count()) AS count
+FROM analytics.events
+GROUP BY tenant_id, date, metric;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS analytics.daily_usage_increments_mv TO analytics.daily_usage AS
+SELECT tenant_id, toDate(ts) AS date, metric, sum(n) AS count
+FROM analytics.usage_increments
+GROUP BY tenant_id, date, metric;
+

@@ -1,0 +1,126 @@
+// Package tenant owns the tenant registry in Postgres: creating tenants, finding them by slug or id,
+// and their per-tenant quota overrides. It knows nothing of credentials (package auth) or events.
+package tenant
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"regexp"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+var (
+	// ErrNotFound: no tenant has that slug or id.
+	ErrNotFound = errors.New("tenant not found")
+	// ErrExists: the slug is taken.
+	ErrExists = errors.New("tenant slug already exists")
+	// ErrBadSlug: the slug is not lowercase letters, digits and dashes.
+	ErrBadSlug = errors.New("tenant slug must be 1-63 lowercase letters, digits or dashes, starting with a letter or digit")
+)
+
+var slugRe = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+
+// ValidSlug reports whether s is an acceptable tenant slug.
+func ValidSlug(s string) bool { return slugRe.MatchString(s) }
+
+// Tenant is one customer of analyticsd; all of its data is keyed by ID.
+type Tenant struct {
+	ID             uuid.UUID
+	Slug           string
+	Name           string
+	QuotaOverrides map[string]float64
+	CreatedAt      time.Time
+}
+
+// Store reads and writes tenants.
+type Store struct {
+	pg *pgxpool.Pool
+}
+
+// NewStore returns a Store on pg.
+func NewStore(pg *pgxpool.Pool) *Store { return &Store{pg: pg} }
+
+// Create registers a tenant. The name defaults to the slug.
+func (s *Store) Create(ctx context.Context, slug, name string) (Tenant, error) {
+	if !ValidSlug(slug) {
+		return Tenant{}, fmt.Errorf("%w: %q", ErrBadSlug, slug)
+	}
+	if name == "" {
+		name = slug
+	}
+	t := Tenant{ID: uuid.New(), Slug: slug, Name: name, QuotaOverrides: map[string]float64{}}
+	err := s.pg.QueryRow(ctx,
+		"INSERT INTO tenants (id, slug, name) VALUES ($1, $2, $3) RETURNING created_at",
+		t.ID, t.Slug, t.Name).Scan(&t.CreatedAt)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "23505" {
+		return Tenant{}, fmt.Errorf("%w: %q", ErrExists, slug)
+	}
+	if err != nil {
+		return Tenant{}, fmt.Errorf("create tenant %q: %w", slug, err)
+	}
+	return t, nil
+}
+
+const columns = "id, slug, name, quota_overrides, created_at"
+
+func scan(row pgx.Row) (Tenant, error) {
+	var t Tenant
+	var overrides []byte
+	if err := row.Scan(&t.ID, &t.Slug, &t.Name, &overrides, &t.CreatedAt); err != nil {
+		return Tenant{}, err
+	}
+	if err := json.Unmarshal(overrides, &t.QuotaOverrides); err != nil {
+		return Tenant{}, fmt.Errorf("tenant %s: decode quota_overrides: %w", t.Slug, err)
+	}
+	return t, nil
+}
+
+// BySlug finds a tenant by slug.
+func (s *Store) BySlug(ctx context.Context, slug string) (Tenant, error) {
+	t, err := scan(s.pg.QueryRow(ctx, "SELECT "+columns+" FROM tenants WHERE slug = $1", slug))
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Tenant{}, fmt.Errorf("%w: %q", ErrNotFound, slug)
+	}
+	if err != nil {
+		return Tenant{}, fmt.Errorf("find tenant %q: %w", slug, err)
+	}
+	return t, nil
+}
+
+// ByID finds a tenant by id.
+func (s *Store) ByID(ctx context.Context, id uuid.UUID) (Tenant, error) {
+	t, err := scan(s.pg.QueryRow(ctx, "SELECT "+columns+" FROM tenants WHERE id = $1", id))
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Tenant{}, fmt.Errorf("%w: %s", ErrNotFound, id)
+	}
+	if err != nil {
+		return Tenant{}, fmt.Errorf("find tenant %s: %w", id, err)
+	}
+	return t, nil
+}
+
+// List returns every tenant, by slug.
+func (s *Store) List(ctx context.Context) ([]Tenant, error) {
+	rows, err := s.pg.Query(ctx, "SELECT "+columns+" FROM tenants ORDER BY slug")
+	if err != nil {
+		return nil, fmt.Errorf("list tenants: %w", err)
+	}
+	defer rows.Close()
+	var out []Tenant
+	for rows.Next() {
+		t, err := scan(rows)
+		if err != nil {
+			return nil, fmt.Errorf("list tenants: %w", err)
+		}
+		out = append(out, t)
+	}
+	return out, rows.Err()
+}
