@@ -68,6 +68,9 @@ type errorBody struct {
 
 // ErrorHandler renders every error as {"success":false,"error":{"code","message"}}.
 func ErrorHandler(log *slog.Logger) fiber.ErrorHandler {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	return func(c *fiber.Ctx, err error) error {
 		status, body := http.StatusInternalServerError, errorBody{Code: "internal", Message: "internal error; it has been logged"}
 		var apiErr *Error
@@ -87,7 +90,7 @@ func ErrorHandler(log *slog.Logger) fiber.ErrorHandler {
 				body.Message = "request body too large"
 			}
 		}
-		if status >= 500 {
+		if status == http.StatusInternalServerError {
 			log.Error("request failed", "method", c.Method(), "path", c.Path(), "status", status, "err", err)
 		}
 		return c.Status(status).JSON(fiber.Map{"success": false, "error": body})

@@ -20,7 +20,7 @@ import (
 
 // Config shapes the ingest endpoints.
 type Config struct {
-	Enabled      bool              // ANALYTICS_ENABLED: false makes ingest an acknowledged no-op
+	Enabled      bool // ANALYTICS_ENABLED: false makes ingest an acknowledged no-op
 	Limits       Limits
 	EventMetrics map[string]string // event → daily quota metric (QUOTA_EVENT_MAP)
 }
@@ -39,6 +39,9 @@ type Service struct {
 func NewService(cfg Config, w *Writer, counter Counter, m *Metrics, log *slog.Logger) *Service {
 	if cfg.EventMetrics == nil {
 		cfg.EventMetrics = DefaultEventMetrics()
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
 	}
 	s := &Service{cfg: cfg, w: w, metrics: m, log: log, now: time.Now}
 	if counter != nil {
@@ -76,7 +79,8 @@ func (s *Service) postEvents(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	body, err := Decompress(c.Body(), c.Get(fiber.HeaderContentEncoding), s.cfg.Limits.MaxBodyBytes)
+	// The raw body: fiber's c.Body() would gunzip it without any size limit.
+	body, err := Decompress(c.Request().Body(), c.Get(fiber.HeaderContentEncoding), s.cfg.Limits.MaxBodyBytes)
 	if err != nil {
 		return err
 	}
@@ -184,7 +188,7 @@ func ValidMetric(m string) bool { return len(m) <= 128 && metricRe.MatchString(m
 func (s *Service) postUsage(c *fiber.Ctx) error {
 	p, _ := api.PrincipalOf(c)
 	var req UsageRequest
-	if err := json.Unmarshal(c.Body(), &req); err != nil {
+	if err := json.Unmarshal(c.Request().Body(), &req); err != nil {
 		return api.BadRequest("invalid_body", `body must be JSON like {"metric":"api_requests_daily","n":1}`)
 	}
 	if !ValidMetric(req.Metric) {

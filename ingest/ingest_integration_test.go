@@ -1,0 +1,646 @@
+package ingest
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/gofiber/fiber/v2"
+	"github.com/google/uuid"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/analyticsd/analyticsd/api"
+	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/quota"
+	"github.com/analyticsd/analyticsd/tenant"
+)
+
+type harness struct {
+	env      testenv.Env
+	app      *fiber.App
+	w        *Writer
+	svc      *Service
+	counters *quota.Counters
+	a, b     tenant.Tenant
+	keyA     string
+	keyB     string
+	readKeyA string
+	chProxy  *testenv.Proxy
+	rdProxy  *testenv.Proxy
+}
+
+type opts struct {
+	writer  func(*WriterConfig)
+	ingest  func(*Config)
+	proxyCH bool // route the writer's ClickHouse connection through a proxy the test can cut
+	proxyRD bool // same for Redis
+}
+
+func newHarness(t *testing.T, o opts) *harness {
+	t.Helper()
+	h := &harness{env: testenv.Migrated(t)}
+	ctx := context.Background()
+	tenants := tenant.NewStore(h.env.PG)
+	keys := auth.NewKeys(h.env.PG)
+	var err error
+	if h.a, err = tenants.Create(ctx, "acme", ""); err != nil {
+		t.Fatal(err)
+	}
+	if h.b, err = tenants.Create(ctx, "globex", ""); err != nil {
+		t.Fatal(err)
+	}
+	if h.keyA, _, err = keys.Create(ctx, h.a.ID, "w", []auth.Scope{auth.ScopeEventsWrite}); err != nil {
+		t.Fatal(err)
+	}
+	if h.keyB, _, err = keys.Create(ctx, h.b.ID, "w", []auth.Scope{auth.ScopeEventsWrite}); err != nil {
+		t.Fatal(err)
+	}
+	if h.readKeyA, _, err = keys.Create(ctx, h.a.ID, "r", []auth.Scope{auth.ScopeAnalyticsRead}); err != nil {
+		t.Fatal(err)
+	}
+
+	ch := h.env.CH
+	if o.proxyCH {
+		ch = h.proxiedClickHouse(t)
+	}
+	rdb := h.env.Redis
+	if o.proxyRD {
+		u, _ := url.Parse(testenv.RedisURL(t))
+		h.rdProxy = testenv.NewProxy(t, u.Host)
+		rdb = redis.NewClient(&redis.Options{Addr: h.rdProxy.Addr, DialTimeout: 200 * time.Millisecond, ReadTimeout: 200 * time.Millisecond, MaxRetries: -1})
+		t.Cleanup(func() { rdb.Close() })
+	}
+	h.counters = quota.NewCounters(rdb, h.env.Prefix)
+
+	wc := WriterConfig{Dir: t.TempDir(), FlushInterval: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond}
+	if o.writer != nil {
+		o.writer(&wc)
+	}
+	m := NewMetrics(nil, 0)
+	h.w, err = NewWriter(wc, ch, h.env.DB, m, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.w.Start()
+	ic := Config{Enabled: true, Limits: DefaultLimits()}
+	if o.ingest != nil {
+		o.ingest(&ic)
+	}
+	h.svc = NewService(ic, h.w, h.counters, m, nil)
+	h.svc.counts.every = 10 * time.Millisecond
+	t.Cleanup(func() {
+		h.svc.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		h.w.Close(ctx)
+	})
+	h.app = api.NewApp(api.Config{}, nil)
+	authn := auth.NewAuthenticator(keys, tenants)
+	h.svc.Register(h.app.Group("/api/analytics"), authn.Require(auth.ScopeEventsWrite))
+	return h
+}
+
+func (h *harness) proxiedClickHouse(t *testing.T) driver.Conn {
+	t.Helper()
+	opts, err := clickhouse.ParseDSN(testenv.ClickHouseDSN(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.chProxy = testenv.NewProxy(t, opts.Addr[0])
+	opts.Addr = []string{h.chProxy.Addr}
+	opts.Auth.Database = "default"
+	opts.DialTimeout = time.Second
+	conn, err := clickhouse.Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+type resp struct {
+	status int
+	header http.Header
+	body   map[string]any
+	raw    string
+}
+
+func (h *harness) post(t *testing.T, key, path string, body []byte, headers map[string]string) resp {
+	t.Helper()
+	req := httptest.NewRequest(http.MethodPost, path, bytes.NewReader(body))
+	if key != "" {
+		req.Header.Set("Authorization", "Bearer "+key)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	for k, v := range headers {
+		req.Header.Set(k, v)
+	}
+	res, err := h.app.Test(req, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	raw, _ := io.ReadAll(res.Body)
+	r := resp{status: res.StatusCode, header: res.Header, raw: string(raw)}
+	_ = json.Unmarshal(raw, &r.body)
+	return r
+}
+
+func (r resp) accepted() int {
+	d, _ := r.body["data"].(map[string]any)
+	n, _ := d["accepted"].(float64)
+	return int(n)
+}
+
+func events(n int, f func(i int) map[string]any) ([]byte, []string) {
+	var out []map[string]any
+	var ids []string
+	for i := 0; i < n; i++ {
+		id := uuid.NewString()
+		e := map[string]any{"id": id, "event": "auth.user.login", "user_id": fmt.Sprintf("u%d", i), "source": "app", "props": map[string]any{"i": i}}
+		if f != nil {
+			for k, v := range f(i) {
+				e[k] = v
+			}
+		}
+		out = append(out, e)
+		ids = append(ids, id)
+	}
+	b, _ := json.Marshal(out)
+	return b, ids
+}
+
+// countIDs counts stored events among ids for tenant.
+func (h *harness) countIDs(t *testing.T, tenantID uuid.UUID, ids []string) int {
+	t.Helper()
+	rows, err := h.env.CH.Query(context.Background(), "SELECT toString(id) FROM "+h.env.DB+".events WHERE tenant_id = ?", tenantID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	want := map[string]bool{}
+	for _, id := range ids {
+		want[id] = true
+	}
+	n := 0
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			t.Fatal(err)
+		}
+		if want[id] {
+			n++
+		}
+	}
+	return n
+}
+
+// waitStored waits until exactly want of ids are stored for tenant.
+func (h *harness) waitStored(t *testing.T, tenantID uuid.UUID, ids []string, want int) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		got := h.countIDs(t, tenantID, ids)
+		if got == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("stored %d of the events, want %d (writer: %+v)", got, want, h.w.Stats())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func gz(b []byte) []byte {
+	var out bytes.Buffer
+	zw := gzip.NewWriter(&out)
+	zw.Write(b)
+	zw.Close()
+	return out.Bytes()
+}
+
+func TestIngestFormats(t *testing.T) {
+	h := newHarness(t, opts{})
+	one := uuid.NewString()
+	arr, arrIDs := events(3, nil)
+	envIDs := []string{uuid.NewString(), uuid.NewString()}
+	nd1, nd2 := uuid.NewString(), uuid.NewString()
+	gzBody, gzIDs := events(5, nil)
+	cases := []struct {
+		name    string
+		body    []byte
+		headers map[string]string
+		ids     []string
+	}{
+		{"object", []byte(`{"id":"` + one + `","event":"auth.user.registered"}`), nil, []string{one}},
+		{"array", arr, nil, arrIDs},
+		{"envelope", []byte(`{"events":[{"id":"` + envIDs[0] + `","event":"email.sent"},{"id":"` + envIDs[1] + `","event":"email.sent"}]}`), nil, envIDs},
+		{"ndjson", []byte(`{"id":"` + nd1 + `","event":"files.uploaded"}` + "\n" + `{"id":"` + nd2 + `","event":"files.uploaded","ts":` + fmt.Sprint(time.Now().UnixMilli()) + "}\n"),
+			map[string]string{"Content-Type": "application/x-ndjson"}, []string{nd1, nd2}},
+		{"gzip", gz(gzBody), map[string]string{"Content-Encoding": "gzip"}, gzIDs},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			r := h.post(t, h.keyA, "/api/analytics/events", tc.body, tc.headers)
+			if r.status != 202 || r.accepted() != len(tc.ids) {
+				t.Fatalf("got %d %s, want 202 accepting %d", r.status, r.raw, len(tc.ids))
+			}
+			h.waitStored(t, h.a.ID, tc.ids, len(tc.ids))
+		})
+	}
+}
+
+func TestIngestStoresFieldsExactly(t *testing.T) {
+	h := newHarness(t, opts{})
+	id := uuid.NewString()
+	ts := time.Now().UTC().Add(-time.Hour).Truncate(time.Second)
+	body := fmt.Sprintf(`{"id":%q,"event":"payments.checkout.created","user_id":"user-456","source":"payments","ts":%q,
+		"props":{ "email" : "o'brien@example.com", "note": "tab\there \"quoted\" \\ back" },"ip":"192.168.1.1","request_id":"req-789"}`, id, ts.Format(time.RFC3339))
+	if r := h.post(t, h.keyA, "/api/analytics/events", []byte(body), nil); r.status != 202 {
+		t.Fatalf("got %d %s", r.status, r.raw)
+	}
+	h.waitStored(t, h.a.ID, []string{id}, 1)
+	var got struct {
+		Ts                                          time.Time
+		Event, Source, UserID, Props, IP, RequestID string
+	}
+	if err := h.env.CH.QueryRow(context.Background(), "SELECT ts, event, source, user_id, props, ip, request_id FROM "+h.env.DB+".events WHERE id = ?", id).
+		Scan(&got.Ts, &got.Event, &got.Source, &got.UserID, &got.Props, &got.IP, &got.RequestID); err != nil {
+		t.Fatal(err)
+	}
+	want := `{"email":"o'brien@example.com","note":"tab\there \"quoted\" \\ back"}`
+	if !got.Ts.Equal(ts) || got.Event != "payments.checkout.created" || got.Source != "payments" || got.UserID != "user-456" ||
+		got.Props != want || got.IP != "192.168.1.1" || got.RequestID != "req-789" {
+		t.Errorf("stored %+v\nwant ts %v props %s", got, ts, want)
+	}
+}
+
+func TestIngestReportsEachInvalidEvent(t *testing.T) {
+	h := newHarness(t, opts{})
+	body := `[{"event":"auth.user.login"},{"event":"Bad Name"},{"event":"a.b","source":"cron"},{"event":"a.b","props":[1]},7]`
+	r := h.post(t, h.keyA, "/api/analytics/events", []byte(body), nil)
+	if r.status != 202 || r.accepted() != 1 {
+		t.Fatalf("got %d %s, want 202 with 1 accepted", r.status, r.raw)
+	}
+	rej := r.body["data"].(map[string]any)["rejected"].([]any)
+	var idx []int
+	for _, x := range rej {
+		m := x.(map[string]any)
+		idx = append(idx, int(m["index"].(float64)))
+		if m["error"].(string) == "" {
+			t.Errorf("rejection without a message: %v", m)
+		}
+	}
+	if fmt.Sprint(idx) != "[1 2 3 4]" {
+		t.Errorf("rejected indexes %v, want [1 2 3 4]", idx)
+	}
+
+	r = h.post(t, h.keyA, "/api/analytics/events", []byte(`[{"event":"X"},{"source":"app"}]`), nil)
+	if r.status != 400 {
+		t.Fatalf("all invalid: got %d %s, want 400", r.status, r.raw)
+	}
+	e := r.body["error"].(map[string]any)
+	d := e["details"].(map[string]any)
+	if e["code"] != "invalid_events" || d["accepted"].(float64) != 0 || len(d["rejected"].([]any)) != 2 {
+		t.Errorf("400 body: %s", r.raw)
+	}
+}
+
+func TestIngestStatuses(t *testing.T) {
+	h := newHarness(t, opts{ingest: func(c *Config) { c.Limits.MaxEvents = 100; c.Limits.MaxBodyBytes = 64 << 10 }})
+	ok := []byte(`{"event":"a.b"}`)
+	bomb := gz(bytes.Repeat([]byte(" "), 10<<20))
+	many, _ := events(101, nil)
+	big := []byte(`{"event":"a.b","props":{"k":"` + strings.Repeat("x", 70<<10) + `"}}`)
+	cases := []struct {
+		name    string
+		key     string
+		body    []byte
+		headers map[string]string
+		status  int
+		code    string
+	}{
+		{"no credential", "", ok, nil, 401, "unauthorized"},
+		{"unknown key", "ak_000000000000_" + strings.Repeat("A", 43), ok, nil, 401, "unauthorized"},
+		{"not a key", "eyJhbGciOiJub25lIn0.e30.", ok, nil, 401, "unauthorized"},
+		{"read-only key", h.readKeyA, ok, nil, 403, "forbidden"},
+		{"other tenant's slug", h.keyA, ok, map[string]string{"X-Tenant-Slug": "globex"}, 403, "forbidden"},
+		{"own slug", h.keyA, ok, map[string]string{"X-Tenant-Slug": "acme"}, 202, ""},
+		{"csv", h.keyA, ok, map[string]string{"Content-Type": "text/csv"}, 415, "unsupported_media_type"},
+		{"brotli", h.keyA, ok, map[string]string{"Content-Encoding": "br"}, 415, "unsupported_media_type"},
+		{"gzip bomb", h.keyA, bomb, map[string]string{"Content-Encoding": "gzip"}, 413, "payload_too_large"},
+		{"too many events", h.keyA, many, nil, 413, "payload_too_large"},
+		{"too large", h.keyA, big, nil, 413, "payload_too_large"},
+		{"not gzip", h.keyA, ok, map[string]string{"Content-Encoding": "gzip"}, 400, "invalid_body"},
+		{"malformed json", h.keyA, []byte(`[{"event":`), nil, 400, "invalid_body"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			r := h.post(t, tc.key, "/api/analytics/events", tc.body, tc.headers)
+			if r.status != tc.status {
+				t.Fatalf("got %d %s, want %d", r.status, r.raw, tc.status)
+			}
+			if tc.code != "" {
+				e, _ := r.body["error"].(map[string]any)
+				if e == nil || e["code"] != tc.code || e["message"] == "" {
+					t.Errorf("error body %s, want code %s with a message", r.raw, tc.code)
+				}
+			}
+		})
+	}
+}
+
+// A tenant_id in the body never writes into another tenant.
+func TestIngestBodyTenantCannotCrossTenants(t *testing.T) {
+	h := newHarness(t, opts{})
+	id := uuid.NewString()
+	body := fmt.Sprintf(`[{"id":%q,"event":"a.b","tenant_id":%q},{"event":"a.b","tenant_id":%q}]`, id, h.b.ID, h.a.ID)
+	r := h.post(t, h.keyA, "/api/analytics/events", []byte(body), nil)
+	if r.status != 202 || r.accepted() != 1 {
+		t.Fatalf("got %d %s, want 202 accepting only the event naming its own tenant", r.status, r.raw)
+	}
+	if !strings.Contains(r.raw, "tenant always comes from the API key") {
+		t.Errorf("rejection does not explain: %s", r.raw)
+	}
+	h.w.Close(context.Background())
+	var n uint64
+	if err := h.env.CH.QueryRow(context.Background(), "SELECT count() FROM "+h.env.DB+".events WHERE tenant_id = ?", h.b.ID).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if n != 0 {
+		t.Errorf("tenant B has %d events written with A's key", n)
+	}
+	if got := h.countIDs(t, h.a.ID, []string{id}); got != 0 {
+		t.Errorf("the event naming tenant B was stored under A")
+	}
+}
+
+func TestIngestTenThousandInOneRequest(t *testing.T) {
+	h := newHarness(t, opts{})
+	body, ids := events(10_000, nil)
+	r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
+	if r.status != 202 || r.accepted() != 10_000 {
+		t.Fatalf("got %d %.200s", r.status, r.raw)
+	}
+	h.waitStored(t, h.a.ID, ids, 10_000)
+	var total uint64
+	if err := h.env.CH.QueryRow(context.Background(), "SELECT count() FROM "+h.env.DB+".events").Scan(&total); err != nil {
+		t.Fatal(err)
+	}
+	if total != 10_000 {
+		t.Errorf("events table has %d rows, want exactly 10000", total)
+	}
+}
+
+func TestIngestCountersFollowEventMap(t *testing.T) {
+	h := newHarness(t, opts{})
+	body, _ := events(7, func(i int) map[string]any {
+		return map[string]any{"event": []string{"apikey.request", "apikey.request", "apikey.request", "builder.generate.completed", "webhook.delivered", "webhook.failed", "auth.user.login"}[i]}
+	})
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 {
+		t.Fatalf("got %d %s", r.status, r.raw)
+	}
+	if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(`{"metric":"api_requests_daily","n":10}`), nil); r.status != 202 {
+		t.Fatalf("usage: got %d %s", r.status, r.raw)
+	}
+	want := map[string]int64{"api_requests_daily": 13, "builds_daily": 1, "webhooks_daily": 2, "emails_daily": 0}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		got := map[string]int64{}
+		for m := range want {
+			n, _, err := h.counters.Get(context.Background(), h.a.ID, m, time.Now())
+			if err != nil {
+				t.Fatal(err)
+			}
+			got[m] = n
+		}
+		if fmt.Sprint(got) == fmt.Sprint(want) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("live counters %v, want %v", got, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// Tenant B's counters are untouched.
+	if n, ok, _ := h.counters.Get(context.Background(), h.b.ID, "api_requests_daily", time.Now()); ok || n != 0 {
+		t.Errorf("tenant B counter = %d, want none", n)
+	}
+}
+
+func TestUsageIncrementReachesDailyUsage(t *testing.T) {
+	h := newHarness(t, opts{})
+	for _, n := range []string{`{"metric":"api_requests_daily","n":5}`, `{"metric":"api_requests_daily"}`, `{"metric":"api_requests_daily","n":-2}`} {
+		if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(n), nil); r.status != 202 {
+			t.Fatalf("%s: got %d %s", n, r.status, r.raw)
+		}
+	}
+	for _, bad := range []string{`{"metric":"Bad Metric"}`, `{"metric":"x","n":1.5}`, `{"metric":"x","n":0}`, `nope`} {
+		if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(bad), nil); r.status != 400 {
+			t.Errorf("%s: got %d %s, want 400", bad, r.status, r.raw)
+		}
+	}
+	h.w.Close(context.Background())
+	var sum int64
+	if err := h.env.CH.QueryRow(context.Background(), "SELECT sum(count) FROM "+h.env.DB+".daily_usage WHERE tenant_id = ? AND metric = 'api_requests_daily'", h.a.ID).Scan(&sum); err != nil {
+		t.Fatal(err)
+	}
+	if sum != 4 {
+		t.Errorf("daily_usage api_requests_daily = %d, want 4", sum)
+	}
+}
+
+func TestIngestDisabledIsAcknowledgedNoOp(t *testing.T) {
+	h := newHarness(t, opts{ingest: func(c *Config) { c.Enabled = false }})
+	body, ids := events(3, nil)
+	r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
+	if r.status != 202 || !strings.Contains(r.raw, `"disabled":true`) || r.accepted() != 0 {
+		t.Fatalf("got %d %s, want 202 saying analytics is disabled", r.status, r.raw)
+	}
+	h.w.Close(context.Background())
+	if n := h.countIDs(t, h.a.ID, ids); n != 0 {
+		t.Errorf("%d events stored while disabled", n)
+	}
+}
+
+func TestIngestRedisDownStillAccepts(t *testing.T) {
+	h := newHarness(t, opts{proxyRD: true})
+	h.rdProxy.SetDown(true)
+	body, ids := events(20, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
+	r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
+	if r.status != 202 || r.accepted() != 20 {
+		t.Fatalf("with redis down: got %d %s, want 202", r.status, r.raw)
+	}
+	h.waitStored(t, h.a.ID, ids, 20)
+}
+
+// The headline promise: with ClickHouse unreachable, ingest keeps acknowledging, and every
+// acknowledged event lands once ClickHouse is back.
+func TestIngestSurvivesClickHouseOutage(t *testing.T) {
+	h := newHarness(t, opts{proxyCH: true})
+	h.chProxy.SetDown(true)
+	var acked []string
+	for i := 0; i < 20; i++ {
+		body, ids := events(50, nil)
+		r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
+		if r.status != 202 {
+			t.Fatalf("request %d during outage: got %d %s, want 202", i, r.status, r.raw)
+		}
+		acked = append(acked, ids...)
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond) // let several inserts fail and back off
+	if st := h.w.Stats(); st.PendingSegments == 0 || st.LastError == "" {
+		t.Fatalf("writer stats during outage %+v: want pending segments and an error", st)
+	}
+	if n := h.countIDs(t, h.a.ID, acked); n != 0 {
+		t.Fatalf("%d events stored while ClickHouse was cut off", n)
+	}
+	h.chProxy.SetDown(false)
+	h.waitStored(t, h.a.ID, acked, len(acked))
+}
+
+// A full spool refuses with 503 + Retry-After instead of acknowledging what it cannot keep.
+func TestIngestFullSpoolRefuses(t *testing.T) {
+	h := newHarness(t, opts{proxyCH: true, writer: func(c *WriterConfig) { c.MaxSpoolBytes = 64 << 10 }})
+	h.chProxy.SetDown(true)
+	var acked []string
+	refused := 0
+	for i := 0; i < 40 && refused == 0; i++ {
+		body, ids := events(50, nil)
+		r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
+		switch r.status {
+		case 202:
+			acked = append(acked, ids...)
+		case 503:
+			refused++
+			if r.header.Get("Retry-After") == "" {
+				t.Errorf("503 without Retry-After: %s", r.raw)
+			}
+		default:
+			t.Fatalf("got %d %s", r.status, r.raw)
+		}
+	}
+	if refused == 0 || len(acked) == 0 {
+		t.Fatalf("acked %d, refused %d: want some of each with a 64 KiB spool", len(acked), refused)
+	}
+	h.chProxy.SetDown(false)
+	h.waitStored(t, h.a.ID, acked, len(acked))
+}
+
+// Memory mode has no spool: its full buffer is also a 503, never a silent drop.
+func TestIngestMemoryModeFullBufferRefuses(t *testing.T) {
+	h := newHarness(t, opts{proxyCH: true, writer: func(c *WriterConfig) { c.Durability = DurabilityMemory; c.MaxBufferedRows = 100 }})
+	h.chProxy.SetDown(true)
+	body, _ := events(80, nil)
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 {
+		t.Fatalf("first request: got %d %s", r.status, r.raw)
+	}
+	r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
+	if r.status != 503 || r.header.Get("Retry-After") == "" {
+		t.Fatalf("second request over the buffer: got %d %s, want 503 with Retry-After", r.status, r.raw)
+	}
+}
+
+// Segments left by a crash are replayed at start-up, and rows ClickHouse already has (the insert
+// succeeded but the segment was not yet deleted) are not inserted twice.
+func TestSpoolReplayAfterCrashIsExactlyOnce(t *testing.T) {
+	env := testenv.Migrated(t)
+	dir := t.TempDir()
+	tenantID := uuid.New()
+	now := time.Now().UTC().Truncate(time.Second)
+	mk := func(n int) []Row {
+		rows := make([]Row, n)
+		for i := range rows {
+			rows[i] = Row{ID: uuid.New(), TenantID: tenantID, Ts: now, ReceivedAt: now, Event: "a.b", Source: "app", Props: "{}"}
+		}
+		return rows
+	}
+	inserted, notYet, fresh := mk(30), mk(20), mk(10)
+	// The crashed process had inserted the first 30 rows of an in-flight segment.
+	pre, err := NewWriter(WriterConfig{Durability: DurabilityMemory}, env.CH, env.DB, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := pre.insertEvents(inserted); err != nil {
+		t.Fatal(err)
+	}
+	write := func(name string, rows []Row) {
+		if err := os.WriteFile(filepath.Join(dir, name), encodeRecord(nil, rows, nil), 0o640); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("0000000000000007.inflight", append(append([]Row{}, inserted...), notYet...))
+	write("0000000000000008.seg", fresh)
+	// And a torn tail: half a record that was never acknowledged.
+	f, _ := os.OpenFile(filepath.Join(dir, "0000000000000008.seg"), os.O_APPEND|os.O_WRONLY, 0)
+	f.Write(encodeRecord(nil, mk(5), nil)[:40])
+	f.Close()
+
+	w, err := NewWriter(WriterConfig{Dir: dir, FlushInterval: 50 * time.Millisecond}, env.CH, env.DB, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Start()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := w.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var total, distinct uint64
+	if err := env.CH.QueryRow(ctx, "SELECT count(), uniqExact(id) FROM "+env.DB+".events WHERE tenant_id = ?", tenantID).Scan(&total, &distinct); err != nil {
+		t.Fatal(err)
+	}
+	if total != 60 || distinct != 60 {
+		t.Errorf("after replay: %d rows, %d distinct; want 60 and 60", total, distinct)
+	}
+	left, _ := os.ReadDir(dir)
+	if len(left) != 0 {
+		t.Errorf("spool not emptied after replay: %v", left)
+	}
+}
+
+// Graceful shutdown flushes everything still buffered.
+func TestWriterCloseFlushes(t *testing.T) {
+	h := newHarness(t, opts{writer: func(c *WriterConfig) { c.FlushInterval = time.Hour; c.BatchRows = 1_000_000 }})
+	body, ids := events(500, nil)
+	var wg sync.WaitGroup
+	for i := 0; i < 4; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 {
+				t.Errorf("got %d", r.status)
+			}
+		}()
+	}
+	wg.Wait()
+	if n := h.countIDs(t, h.a.ID, ids); n != 0 {
+		t.Fatalf("%d stored before close with a 1h flush interval", n)
+	}
+	if err := h.w.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if n := h.countIDs(t, h.a.ID, ids); n != 2000 {
+		t.Errorf("after close: %d stored, want 2000 (4 requests × 500 ids)", n)
+	}
+	r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
+	if r.status != 503 {
+		t.Errorf("after close: got %d, want 503", r.status)
+	}
+}
