@@ -24,9 +24,14 @@ type Error struct {
 	Details any
 	// Header is set on the response (e.g. Retry-After).
 	Header map[string]string
+	// Cause is logged, never shown to the client.
+	Cause error
 }
 
 func (e *Error) Error() string { return e.Message }
+
+// Unwrap returns the cause.
+func (e *Error) Unwrap() error { return e.Cause }
 
 // HTTPStatus implements StatusError.
 func (e *Error) HTTPStatus() int { return e.Status }
@@ -90,7 +95,7 @@ func ErrorHandler(log *slog.Logger) fiber.ErrorHandler {
 				body.Message = "request body too large"
 			}
 		}
-		if status == http.StatusInternalServerError {
+		if status == http.StatusInternalServerError || (apiErr != nil && apiErr.Cause != nil) {
 			log.Error("request failed", "method", c.Method(), "path", c.Path(), "status", status, "err", err)
 		}
 		return c.Status(status).JSON(fiber.Map{"success": false, "error": body})

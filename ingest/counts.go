@@ -41,9 +41,12 @@ type liveCounts struct {
 	done    chan struct{}
 }
 
-func newLiveCounts(c Counter, m *Metrics, log *slog.Logger) *liveCounts {
+func newLiveCounts(c Counter, m *Metrics, log *slog.Logger, every time.Duration) *liveCounts {
+	if every <= 0 {
+		every = 100 * time.Millisecond
+	}
 	return &liveCounts{counter: c, in: make(chan map[countKey]map[string]int64, 4096), metrics: m, log: log,
-		every: 100 * time.Millisecond, done: make(chan struct{})}
+		every: every, done: make(chan struct{})}
 }
 
 // add queues deltas; when the queue is full (the Counter is stuck) they are dropped and counted:

@@ -184,11 +184,3 @@ func TestRecordRoundTrip(t *testing.T) {
 		t.Errorf("corrupt first record: got %d bytes, %d events; want 0", n, len(gotE))
 	}
 }
-
-func TestCappedLabels(t *testing.T) {
-	c := NewCapped(2)
-	got := []string{c.Value("a"), c.Value("b"), c.Value("c"), c.Value("a")}
-	if strings.Join(got, ",") != "a,b,other,a" {
-		t.Errorf("got %v, want a,b,other,a", got)
-	}
-}

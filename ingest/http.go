@@ -23,6 +23,8 @@ type Config struct {
 	Enabled      bool // ANALYTICS_ENABLED: false makes ingest an acknowledged no-op
 	Limits       Limits
 	EventMetrics map[string]string // event → daily quota metric (QUOTA_EVENT_MAP)
+	// CounterEvery is how often live counter deltas are sent to Redis (default 100 ms).
+	CounterEvery time.Duration
 }
 
 // Service is the ingest API: it validates, stores through the Writer and bumps live counters.
@@ -45,7 +47,7 @@ func NewService(cfg Config, w *Writer, counter Counter, m *Metrics, log *slog.Lo
 	}
 	s := &Service{cfg: cfg, w: w, metrics: m, log: log, now: time.Now}
 	if counter != nil {
-		s.counts = newLiveCounts(counter, m, log)
+		s.counts = newLiveCounts(counter, m, log, cfg.CounterEvery)
 		go s.counts.run()
 	}
 	return s

@@ -97,12 +97,11 @@ func newHarness(t *testing.T, o opts) *harness {
 		t.Fatal(err)
 	}
 	h.w.Start()
-	ic := Config{Enabled: true, Limits: DefaultLimits()}
+	ic := Config{Enabled: true, Limits: DefaultLimits(), CounterEvery: 10 * time.Millisecond}
 	if o.ingest != nil {
 		o.ingest(&ic)
 	}
 	h.svc = NewService(ic, h.w, h.counters, m, nil)
-	h.svc.counts.every = 10 * time.Millisecond
 	t.Cleanup(func() {
 		h.svc.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -555,6 +554,7 @@ func TestIngestMemoryModeFullBufferRefuses(t *testing.T) {
 	if r.status != 503 || r.header.Get("Retry-After") == "" {
 		t.Fatalf("second request over the buffer: got %d %s, want 503 with Retry-After", r.status, r.raw)
 	}
+	h.chProxy.SetDown(false) // let the cleanup's graceful close flush
 }
 
 // Segments left by a crash are replayed at start-up, and rows ClickHouse already has (the insert

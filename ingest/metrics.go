@@ -1,9 +1,9 @@
 package ingest
 
 import (
-	"sync"
-
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/analyticsd/analyticsd/internal/labels"
 )
 
 // Metrics are the ingest path's Prometheus collectors: the guide's event and usage counters, and the
@@ -22,7 +22,7 @@ type Metrics struct {
 	InsertErrors  prometheus.Counter
 	CounterErrors prometheus.Counter
 
-	tenants, events *Capped
+	tenants, events *labels.Capped
 }
 
 // NewMetrics builds and registers the collectors; reg may be nil (tests). labelCap bounds the distinct
@@ -70,43 +70,12 @@ func NewMetrics(reg prometheus.Registerer, labelCap int) *Metrics {
 		CounterErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sbh_ingest_counter_errors_total", Help: "Failed live quota counter updates (ingest goes on).",
 		}),
-		tenants: NewCapped(labelCap),
-		events:  NewCapped(labelCap),
+		tenants: labels.NewCapped(labelCap),
+		events:  labels.NewCapped(labelCap),
 	}
 	if reg != nil {
 		reg.MustRegister(m.Events, m.Usage, m.Rejected, m.Refused, m.BufferedRows, m.SpoolBytes, m.SpoolSegments,
 			m.BatchRows, m.FlushDuration, m.RowsWritten, m.InsertErrors, m.CounterErrors)
 	}
 	return m
-}
-
-// Capped keeps at most n distinct label values; once full, new values read as "other". It keeps a
-// tenant flood or a typo storm from turning into unbounded Prometheus series.
-type Capped struct {
-	mu   sync.RWMutex
-	n    int
-	seen map[string]struct{}
-}
-
-// NewCapped returns a Capped admitting n distinct values.
-func NewCapped(n int) *Capped { return &Capped{n: n, seen: map[string]struct{}{}} }
-
-// Value returns v if it is (or can become) one of the admitted values, else "other".
-func (c *Capped) Value(v string) string {
-	c.mu.RLock()
-	_, ok := c.seen[v]
-	c.mu.RUnlock()
-	if ok {
-		return v
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if _, ok := c.seen[v]; ok {
-		return v
-	}
-	if len(c.seen) >= c.n {
-		return "other"
-	}
-	c.seen[v] = struct{}{}
-	return v
 }

@@ -1,0 +1,256 @@
+package query
+
+import (
+	"bufio"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/analyticsd/analyticsd/api"
+	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/internal/labels"
+)
+
+// DefaultKPIMetrics are the guide's KPI set, returned by /metrics when no metric is asked for.
+var DefaultKPIMetrics = []string{"auth.user.registered", "auth.user.login", "builder.generate.completed", "apikey.request"}
+
+// Config shapes the read endpoints.
+type Config struct {
+	MaxExportRows int // ANALYTICS_MAX_EXPORT_ROWS
+	LabelCap      int
+}
+
+// Service is the read API.
+type Service struct {
+	cfg     Config
+	store   *Store
+	audit   *audit.Log
+	log     *slog.Logger
+	dur     *prometheus.HistogramVec
+	exports *prometheus.CounterVec
+	tenants *labels.Capped
+}
+
+// NewService wires the read API; reg may be nil.
+func NewService(cfg Config, store *Store, auditLog *audit.Log, reg prometheus.Registerer, log *slog.Logger) *Service {
+	if cfg.MaxExportRows <= 0 {
+		cfg.MaxExportRows = 50_000
+	}
+	if cfg.LabelCap <= 0 {
+		cfg.LabelCap = 500
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s := &Service{cfg: cfg, store: store, audit: auditLog, log: log, tenants: labels.NewCapped(cfg.LabelCap),
+		dur: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "sbh_analytics_query_duration_seconds", Help: "Read API query duration, by endpoint.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 15),
+		}, []string{"endpoint"}),
+		exports: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sbh_analytics_export_requests_total", Help: "CSV export requests, by tenant.",
+		}, []string{"tenant"}),
+	}
+	if reg != nil {
+		reg.MustRegister(s.dur, s.exports)
+	}
+	return s
+}
+
+// Register mounts the read endpoints on r; read is the auth middleware they require.
+func (s *Service) Register(r fiber.Router, read fiber.Handler) {
+	r.Get("/events", read, s.timed("events", s.getEvents))
+	r.Get("/usage", read, s.timed("usage", s.getUsage))
+	r.Get("/metrics", read, s.timed("metrics", s.getKPIs))
+	r.Get("/event-names", read, s.timed("event-names", s.getEventNames))
+	r.Get("/export.csv", read, s.timed("export", s.getExport))
+}
+
+func (s *Service) timed(endpoint string, h fiber.Handler) fiber.Handler {
+	obs := s.dur.WithLabelValues(endpoint)
+	return func(c *fiber.Ctx) error {
+		start := time.Now()
+		err := h(c)
+		obs.Observe(time.Since(start).Seconds())
+		return err
+	}
+}
+
+func principal(c *fiber.Ctx) api.Principal {
+	p, _ := api.PrincipalOf(c)
+	return p
+}
+
+// filter reads the shared event filter parameters.
+func (s *Service) filter(c *fiber.Ctx) (EventFilter, error) {
+	f := EventFilter{Tenant: principal(c).TenantID}
+	var err error
+	if f.Range, err = ParseRange(c.Query("from"), c.Query("to"), s.store.now()); err != nil {
+		return f, err
+	}
+	if f.Event = c.Query("event"); f.Event != "" && !ValidName(f.Event) {
+		return f, paramErr("event=%q is not an event name (lowercase domain.action, e.g. auth.user.login)", truncate(f.Event))
+	}
+	if f.Source = c.Query("source"); f.Source != "" && !ValidSource(f.Source) {
+		return f, paramErr("source=%q is not one of %s", truncate(f.Source), strings.Join(Sources, ", "))
+	}
+	if f.UserID = c.Query("user_id"); len(f.UserID) > 255 {
+		return f, paramErr("user_id is longer than 255 bytes")
+	}
+	return f, nil
+}
+
+func (s *Service) getEvents(c *fiber.Ctx) error {
+	f, err := s.filter(c)
+	if err != nil {
+		return err
+	}
+	if f.Limit, err = ParseLimit(c.Query("limit")); err != nil {
+		return err
+	}
+	if f.Cursor, err = ParseCursor(c.Query("cursor")); err != nil {
+		return err
+	}
+	page, err := s.store.Events(c.UserContext(), f)
+	if err != nil {
+		return unavailable(err)
+	}
+	return api.OK(c, page)
+}
+
+// metricsParam reads metric[]=a&metric[]=b and metric=a,b (both may be combined).
+func metricsParam(c *fiber.Ctx, def []string) ([]string, error) {
+	var out []string
+	seen := map[string]bool{}
+	args := c.Context().QueryArgs()
+	for _, key := range []string{"metric[]", "metric"} {
+		for _, v := range args.PeekMulti(key) {
+			for _, m := range strings.Split(string(v), ",") {
+				m = strings.TrimSpace(m)
+				if m == "" || seen[m] {
+					continue
+				}
+				if !ValidName(m) {
+					return nil, paramErr("metric %q is not a metric or event name (lowercase letters, digits, '_', '.', '-')", truncate(m))
+				}
+				seen[m] = true
+				out = append(out, m)
+			}
+		}
+	}
+	if len(out) > 50 {
+		return nil, paramErr("at most 50 metrics per request, got %d", len(out))
+	}
+	if len(out) == 0 {
+		return def, nil
+	}
+	return out, nil
+}
+
+func (s *Service) getUsage(c *fiber.Ctx) error {
+	r, err := ParseRange(c.Query("from"), c.Query("to"), s.store.now())
+	if err != nil {
+		return err
+	}
+	metrics, err := metricsParam(c, nil)
+	if err != nil {
+		return err
+	}
+	if len(metrics) == 0 {
+		return paramErr("name at least one metric: metric[]=auth.user.login&metric[]=api_requests_daily (or metric=a,b)")
+	}
+	fill := false
+	switch c.Query("fill") {
+	case "", "none":
+	case "zero":
+		fill = true
+	default:
+		return paramErr("fill=%q: want zero or none", truncate(c.Query("fill")))
+	}
+	first, last := r.Days()
+	res, err := s.store.Usage(c.UserContext(), principal(c).TenantID, metrics, first, last, fill)
+	if err != nil {
+		return unavailable(err)
+	}
+	if res.Degraded {
+		c.Set("X-Analytics-Degraded", "postgres unavailable; all days from ClickHouse")
+	}
+	return api.OK(c, res.Series)
+}
+
+func (s *Service) getKPIs(c *fiber.Ctx) error {
+	metrics, err := metricsParam(c, DefaultKPIMetrics)
+	if err != nil {
+		return err
+	}
+	kpis, err := s.store.KPIs(c.UserContext(), principal(c).TenantID, metrics)
+	if err != nil {
+		return unavailable(err)
+	}
+	return api.OK(c, kpis)
+}
+
+func (s *Service) getEventNames(c *fiber.Ctx) error {
+	r, err := ParseRange(c.Query("from"), c.Query("to"), s.store.now())
+	if err != nil {
+		return err
+	}
+	names, err := s.store.EventNames(c.UserContext(), principal(c).TenantID, r)
+	if err != nil {
+		return unavailable(err)
+	}
+	return api.OK(c, names)
+}
+
+func (s *Service) getExport(c *fiber.Ctx) error {
+	f, err := s.filter(c)
+	if err != nil {
+		return err
+	}
+	p := principal(c)
+	exp, err := s.store.StartExport(f, s.cfg.MaxExportRows)
+	if err != nil {
+		return unavailable(err)
+	}
+	s.exports.WithLabelValues(s.tenants.Value(p.Slug)).Inc()
+	if s.audit != nil {
+		entry := audit.Entry{TenantID: p.TenantID, Actor: p.Actor, Action: "export.csv", Target: "events",
+			Meta: map[string]any{"from": f.Range.From, "to": f.Range.To, "event": f.Event, "source": f.Source, "user_id": f.UserID, "max_rows": s.cfg.MaxExportRows}}
+		if err := s.audit.Record(c.UserContext(), entry); err != nil {
+			// An export that cannot be audited is refused: the guide promises every download is logged.
+			exp.Close()
+			return unavailable(err)
+		}
+	}
+	name := fmt.Sprintf("analytics-%s-%s-%s.csv", p.Slug, f.Range.From.Format("20060102"), f.Range.To.Add(-time.Second).Format("20060102"))
+	c.Set(fiber.HeaderContentType, "text/csv; charset=utf-8")
+	c.Set(fiber.HeaderContentDisposition, `attachment; filename="`+name+`"`)
+	c.Set("X-Export-Row-Limit", strconv.Itoa(s.cfg.MaxExportRows))
+	c.Set(fiber.HeaderCacheControl, "no-store")
+	log := s.log
+	c.Context().SetBodyStreamWriter(func(w *bufio.Writer) {
+		n, err := exp.Write(w)
+		if err == nil {
+			err = w.Flush()
+		}
+		if err != nil {
+			log.Warn("csv export ended early", "tenant", p.Slug, "rows", n, "err", err)
+		}
+	})
+	return nil
+}
+
+// unavailable turns a storage failure into a 503 the client can retry; parameter errors pass through.
+func unavailable(err error) error {
+	if _, ok := err.(*ParamError); ok {
+		return err
+	}
+	return &api.Error{Status: http.StatusServiceUnavailable, Code: "storage_unavailable",
+		Message: "analytics storage did not answer; retry shortly", Header: map[string]string{fiber.HeaderRetryAfter: "5"}, Cause: err}
+}

@@ -1,0 +1,157 @@
+// Package query owns the read side on ClickHouse (and, for reconciled usage, Postgres): event lists with
+// keyset cursors, usage series, KPIs, event names and the streaming CSV export, plus their HTTP handlers.
+// Every query is tenant-scoped first, binds user values as parameters and carries ClickHouse limits.
+package query
+
+import (
+	"encoding/base64"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// ParamError is a bad query parameter; its message names the parameter and the fix.
+type ParamError struct{ Msg string }
+
+func (e *ParamError) Error() string     { return e.Msg }
+func (e *ParamError) HTTPStatus() int   { return 400 }
+func (e *ParamError) ErrorCode() string { return "invalid_parameter" }
+
+func paramErr(format string, args ...any) error { return &ParamError{fmt.Sprintf(format, args...)} }
+
+// ErrBadCursor: the cursor is neither one we issued nor an RFC3339 time.
+var ErrBadCursor = &ParamError{"cursor is not valid: pass next_cursor from the previous page unchanged, or an RFC3339 time"}
+
+// Range is a half-open UTC time range [From, To).
+type Range struct {
+	From, To time.Time
+}
+
+// Days returns the inclusive UTC dates the range touches.
+func (r Range) Days() (first, last time.Time) {
+	first = r.From.UTC().Truncate(24 * time.Hour)
+	last = r.To.Add(-time.Second).UTC().Truncate(24 * time.Hour)
+	return first, last
+}
+
+// MaxRangeDays caps how much one request may scan.
+const MaxRangeDays = 366
+
+// ParseRange reads from/to: YYYY-MM-DD means whole UTC days (to inclusive), RFC3339 an instant (to
+// exclusive). Defaults: the last 30 days including today.
+func ParseRange(from, to string, now time.Time) (Range, error) {
+	today := now.UTC().Truncate(24 * time.Hour)
+	var r Range
+	var err error
+	if to == "" {
+		r.To = today.Add(24 * time.Hour)
+	} else if r.To, err = parseBound("to", to, true); err != nil {
+		return r, err
+	}
+	if from == "" {
+		r.From = r.To.Add(-30 * 24 * time.Hour)
+		if to == "" {
+			r.From = today.Add(-29 * 24 * time.Hour)
+		}
+	} else if r.From, err = parseBound("from", from, false); err != nil {
+		return r, err
+	}
+	if !r.From.Before(r.To) {
+		return r, paramErr("from (%s) must be before to (%s)", r.From.Format(time.RFC3339), r.To.Format(time.RFC3339))
+	}
+	if r.To.Sub(r.From) > MaxRangeDays*24*time.Hour {
+		return r, paramErr("the range from %s to %s is longer than %d days; narrow it", from, to, MaxRangeDays)
+	}
+	return r, nil
+}
+
+func parseBound(name, v string, end bool) (time.Time, error) {
+	if len(v) == len("2006-01-02") {
+		d, err := time.Parse("2006-01-02", v)
+		if err != nil {
+			return time.Time{}, paramErr("%s=%q is not a date (YYYY-MM-DD) or RFC3339 time", name, truncate(v))
+		}
+		if end {
+			d = d.Add(24 * time.Hour) // whole day, inclusive
+		}
+		return d, nil
+	}
+	t, err := time.Parse(time.RFC3339Nano, v)
+	if err != nil {
+		return time.Time{}, paramErr("%s=%q is not a date (YYYY-MM-DD) or RFC3339 time", name, truncate(v))
+	}
+	if t.Year() < 1970 || t.Year() > 2105 {
+		return time.Time{}, paramErr("%s=%q is outside the years 1970-2105", name, truncate(v))
+	}
+	return t.UTC(), nil
+}
+
+// Cursor is a position in the newest-first event order: events strictly after it come next.
+// A cursor from a bare RFC3339 time has no ID and means "events older than this instant".
+type Cursor struct {
+	Ts time.Time
+	ID uuid.UUID // uuid.Nil for a bare time
+}
+
+// Encode returns the opaque form handed out as next_cursor.
+func (c Cursor) Encode() string {
+	return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(c.Ts.Unix(), 10) + ":" + c.ID.String()))
+}
+
+// ParseCursor reads an opaque cursor or an RFC3339 time.
+func ParseCursor(s string) (Cursor, error) {
+	if s == "" {
+		return Cursor{}, nil
+	}
+	if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
+		// Events strictly older than the instant. Stored times are whole seconds, so an event at
+		// 10:30:00 is older than 10:30:00.5: a fractional cursor rounds up to the next second.
+		ts := t.UTC()
+		if ts.Truncate(time.Second) != ts {
+			ts = ts.Truncate(time.Second).Add(time.Second)
+		}
+		return Cursor{Ts: ts}, nil
+	}
+	raw, err := base64.RawURLEncoding.DecodeString(s)
+	if err != nil || len(raw) > 64 {
+		return Cursor{}, ErrBadCursor
+	}
+	secs, id, ok := strings.Cut(string(raw), ":")
+	if !ok {
+		return Cursor{}, ErrBadCursor
+	}
+	n, err := strconv.ParseInt(secs, 10, 64)
+	if err != nil || n < 0 || n > 4_294_967_295 {
+		return Cursor{}, ErrBadCursor
+	}
+	u, err := uuid.Parse(id)
+	if err != nil || len(id) != 36 {
+		return Cursor{}, ErrBadCursor
+	}
+	return Cursor{Ts: time.Unix(n, 0).UTC(), ID: u}, nil
+}
+
+// IsZero reports an absent cursor (first page).
+func (c Cursor) IsZero() bool { return c.Ts.IsZero() }
+
+// ParseLimit reads limit: 1..1000, default 100.
+func ParseLimit(s string) (int, error) {
+	if s == "" {
+		return 100, nil
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 1 || n > 1000 {
+		return 0, paramErr("limit=%q must be a whole number from 1 to 1000", truncate(s))
+	}
+	return n, nil
+}
+
+func truncate(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "…"
+	}
+	return s
+}

@@ -1,0 +1,35 @@
+package query
+
+import (
+	"context"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Store runs the read queries: events, usage, KPIs and names on ClickHouse; reconciled daily usage on
+// Postgres.
+type Store struct {
+	ch      driver.Conn
+	db      string
+	pg      *pgxpool.Pool
+	maxExec time.Duration
+	now     func() time.Time
+}
+
+// NewStore returns a Store. maxExec bounds every ClickHouse query (max_execution_time; default 30 s).
+func NewStore(ch driver.Conn, db string, pg *pgxpool.Pool, maxExec time.Duration) *Store {
+	if maxExec <= 0 {
+		maxExec = 30 * time.Second
+	}
+	return &Store{ch: ch, db: db, pg: pg, maxExec: maxExec, now: time.Now}
+}
+
+// limits attaches the per-query ClickHouse limits (only integer settings encode on every server).
+func (s *Store) limits(ctx context.Context) context.Context {
+	return clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{
+		"max_execution_time": int(s.maxExec.Seconds()),
+	}))
+}
