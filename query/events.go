@@ -164,4 +164,3 @@ func (s *Store) collectEvents(ctx context.Context, q string, args []any, into *[
 	}
 	return rows.Err()
 }
-
