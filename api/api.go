@@ -149,10 +149,12 @@ func NewApp(cfg Config, log *slog.Logger) *fiber.App {
 		AppName:               "analyticsd",
 		DisableStartupMessage: true,
 		BodyLimit:             cfg.BodyLimit,
-		ReadTimeout:           cfg.ReadTimeout,
-		WriteTimeout:          cfg.WriteTimeout,
-		IdleTimeout:           cfg.IdleTimeout,
-		ErrorHandler:          ErrorHandler(log),
+		// Room for long query strings (many metric[] values); larger request heads are refused.
+		ReadBufferSize: 16 << 10,
+		ReadTimeout:    cfg.ReadTimeout,
+		WriteTimeout:   cfg.WriteTimeout,
+		IdleTimeout:    cfg.IdleTimeout,
+		ErrorHandler:   ErrorHandler(log),
 	})
 	return app
 }

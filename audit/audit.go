@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strings"
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -30,9 +31,12 @@ func New(pg *pgxpool.Pool) *Log { return &Log{pg: pg} }
 
 // Record appends e.
 func (l *Log) Record(ctx context.Context, e Entry) error {
-	meta := e.Meta
-	if meta == nil {
-		meta = map[string]any{}
+	meta := map[string]any{}
+	for k, v := range e.Meta {
+		if s, ok := v.(string); ok {
+			v = clean(s)
+		}
+		meta[clean(k)] = v
 	}
 	b, err := json.Marshal(meta)
 	if err != nil {
@@ -44,8 +48,14 @@ func (l *Log) Record(ctx context.Context, e Entry) error {
 	}
 	if _, err := l.pg.Exec(ctx,
 		"INSERT INTO audit_log (tenant_id, actor, action, target, meta) VALUES ($1, $2, $3, $4, $5)",
-		tenant, e.Actor, e.Action, e.Target, b); err != nil {
+		tenant, clean(e.Actor), clean(e.Action), clean(e.Target), b); err != nil {
 		return fmt.Errorf("audit %s: %w", e.Action, err)
 	}
 	return nil
+}
+
+// clean makes s storable in Postgres text and jsonb, which refuse NUL characters: a hostile filter
+// value must not make an audited action fail.
+func clean(s string) string {
+	return strings.ReplaceAll(strings.ToValidUTF8(s, "\uFFFD"), "\x00", "\uFFFD")
 }

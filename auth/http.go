@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -18,6 +19,7 @@ import (
 // TenantFinder is what the middleware needs of the tenant registry.
 type TenantFinder interface {
 	ByID(ctx context.Context, id uuid.UUID) (tenant.Tenant, error)
+	BySlug(ctx context.Context, slug string) (tenant.Tenant, error)
 }
 
 // Authenticator turns "Authorization: Bearer <token>" (+ optional X-Tenant-Slug) into an
@@ -33,9 +35,17 @@ type Authenticator struct {
 	FreshFor time.Duration
 	StaleFor time.Duration
 	now      func() time.Time
+	jwt      *jwtVerifier
 
-	mu    sync.Mutex
-	cache map[[32]byte]cached
+	mu     sync.Mutex
+	cache  map[[32]byte]cached
+	bySlug map[string]cachedTenant
+}
+
+type cachedTenant struct {
+	t   tenant.Tenant
+	at  time.Time
+	err error
 }
 
 type cached struct {
@@ -45,10 +55,41 @@ type cached struct {
 	err      error // ErrInvalidKey / ErrRevokedKey, cached briefly too
 }
 
-// NewAuthenticator returns an Authenticator over keys and tenants.
-func NewAuthenticator(keys *Keys, tenants TenantFinder) *Authenticator {
-	return &Authenticator{Keys: keys, Tenants: tenants, FreshFor: 5 * time.Second, StaleFor: time.Hour, now: time.Now,
-		cache: map[[32]byte]cached{}}
+// NewAuthenticator returns an Authenticator over keys and tenants, accepting host-app JWTs too
+// when jwtCfg enables them.
+func NewAuthenticator(keys *Keys, tenants TenantFinder, jwtCfg JWTConfig) *Authenticator {
+	a := &Authenticator{Keys: keys, Tenants: tenants, FreshFor: 5 * time.Second, StaleFor: time.Hour, now: time.Now,
+		cache: map[[32]byte]cached{}, bySlug: map[string]cachedTenant{}}
+	if jwtCfg.Enabled() {
+		a.jwt = newJWTVerifier(jwtCfg)
+	}
+	return a
+}
+
+// tenantBySlug resolves a JWT's tenant claim, cached like keys (fresh 5 s, stale up to 1 h while
+// Postgres is unreachable).
+func (a *Authenticator) tenantBySlug(ctx context.Context, slug string) (tenant.Tenant, error) {
+	now := a.now()
+	a.mu.Lock()
+	c, hit := a.bySlug[slug]
+	a.mu.Unlock()
+	if hit && now.Sub(c.at) < a.FreshFor {
+		return c.t, c.err
+	}
+	t, err := a.Tenants.BySlug(ctx, slug)
+	if err != nil && !errors.Is(err, tenant.ErrNotFound) {
+		if hit && c.err == nil && now.Sub(c.at) < a.StaleFor {
+			return c.t, nil
+		}
+		return t, err
+	}
+	a.mu.Lock()
+	if len(a.bySlug) >= maxCached {
+		clear(a.bySlug)
+	}
+	a.bySlug[slug] = cachedTenant{t: t, at: now, err: err}
+	a.mu.Unlock()
+	return t, err
 }
 
 const maxCached = 100_000
@@ -97,33 +138,71 @@ func bearer(h string) (string, bool) {
 }
 
 // Require returns middleware admitting requests whose credential carries scope and, when the
-// X-Tenant-Slug header is sent, belongs to that tenant.
+// X-Tenant-Slug header is sent, belongs to that tenant. An API key needs the scope itself; a JWT's
+// role must grant it (owner/admin: all analytics scopes; member/viewer: none).
 func (a *Authenticator) Require(scope Scope) fiber.Handler {
 	return func(c *fiber.Ctx) error {
 		token, ok := bearer(c.Get(fiber.HeaderAuthorization))
 		if !ok {
-			return api.Unauthorized("missing credential: send Authorization: Bearer <API key>")
+			return api.Unauthorized("missing credential: send Authorization: Bearer <API key or token>")
 		}
-		if !LooksLikeKey(token) {
-			return api.Unauthorized("invalid credential: the bearer token is not an analyticsd API key")
+		var p api.Principal
+		var scopes []Scope
+		var err error
+		if LooksLikeKey(token) || a.jwt == nil {
+			p, scopes, err = a.fromKey(c.UserContext(), token)
+		} else {
+			p, scopes, err = a.fromJWT(c.UserContext(), token)
 		}
-		key, slug, err := a.verify(c.UserContext(), token)
-		switch {
-		case errors.Is(err, ErrInvalidKey):
-			return api.Unauthorized("invalid API key")
-		case errors.Is(err, ErrRevokedKey):
-			return api.Unauthorized("API key has been revoked")
-		case err != nil:
-			return &api.Error{Status: fiber.StatusServiceUnavailable, Code: "auth_unavailable",
-				Message: "cannot verify credentials right now; retry shortly", Header: map[string]string{"Retry-After": "5"}}
+		if err != nil {
+			return err
 		}
-		if want := c.Get("X-Tenant-Slug"); want != "" && want != slug {
+		if want := c.Get("X-Tenant-Slug"); want != "" && want != p.Slug {
 			return api.Forbidden("X-Tenant-Slug does not match the credential's tenant")
 		}
-		if !key.Has(scope) {
+		if !slices.Contains(scopes, scope) {
+			if strings.HasPrefix(p.Actor, "jwt:") {
+				return api.Forbidden("your role has no access to analytics; owner or admin is required")
+			}
 			return api.Forbidden("API key lacks the " + string(scope) + " scope")
 		}
-		api.SetPrincipal(c, api.Principal{TenantID: key.TenantID, Slug: slug, Actor: "apikey:" + key.Prefix})
+		api.SetPrincipal(c, p)
 		return c.Next()
 	}
+}
+
+func unavailable() error {
+	return &api.Error{Status: fiber.StatusServiceUnavailable, Code: "auth_unavailable",
+		Message: "cannot verify credentials right now; retry shortly", Header: map[string]string{"Retry-After": "5"}}
+}
+
+func (a *Authenticator) fromKey(ctx context.Context, token string) (api.Principal, []Scope, error) {
+	if !LooksLikeKey(token) {
+		return api.Principal{}, nil, api.Unauthorized("invalid credential: the bearer token is not an analyticsd API key")
+	}
+	key, slug, err := a.verify(ctx, token)
+	switch {
+	case errors.Is(err, ErrInvalidKey):
+		return api.Principal{}, nil, api.Unauthorized("invalid API key")
+	case errors.Is(err, ErrRevokedKey):
+		return api.Principal{}, nil, api.Unauthorized("API key has been revoked")
+	case err != nil:
+		return api.Principal{}, nil, unavailable()
+	}
+	return api.Principal{TenantID: key.TenantID, Slug: slug, Actor: "apikey:" + key.Prefix}, key.Scopes, nil
+}
+
+func (a *Authenticator) fromJWT(ctx context.Context, token string) (api.Principal, []Scope, error) {
+	claims, err := a.jwt.verify(ctx, token)
+	if err != nil {
+		return api.Principal{}, nil, api.Unauthorized(err.Error())
+	}
+	t, err := a.tenantBySlug(ctx, claims.Tenant)
+	if errors.Is(err, tenant.ErrNotFound) {
+		return api.Principal{}, nil, api.Unauthorized("invalid token: its tenant does not exist")
+	}
+	if err != nil {
+		return api.Principal{}, nil, unavailable()
+	}
+	return api.Principal{TenantID: t.ID, Slug: t.Slug, Actor: "jwt:" + claims.Subject}, claims.scopes(), nil
 }

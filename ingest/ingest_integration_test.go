@@ -109,7 +109,7 @@ func newHarness(t *testing.T, o opts) *harness {
 		h.w.Close(ctx)
 	})
 	h.app = api.NewApp(api.Config{}, nil)
-	authn := auth.NewAuthenticator(keys, tenants)
+	authn := auth.NewAuthenticator(keys, tenants, auth.JWTConfig{})
 	h.svc.Register(h.app.Group("/api/analytics"), authn.Require(auth.ScopeEventsWrite))
 	return h
 }

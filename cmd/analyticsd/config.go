@@ -13,6 +13,7 @@ import (
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 
+	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/schema"
 )
@@ -35,8 +36,10 @@ type Config struct {
 	LogFormat       string             // LOG_FORMAT: json or text
 	LabelCap        int                // METRICS_LABEL_CAP: distinct tenant/event label values per metric
 
-	Ingest ingest.Config
-	Writer ingest.WriterConfig
+	Ingest       ingest.Config
+	Writer       ingest.WriterConfig
+	JWT          auth.JWTConfig
+	QueryTimeout time.Duration // ANALYTICS_QUERY_TIMEOUT: ClickHouse max_execution_time of reads
 }
 
 const (
@@ -138,6 +141,26 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	}
 	if c.Writer.FlushInterval < 10*time.Millisecond {
 		errs = append(errs, fmt.Errorf("INGEST_FLUSH_INTERVAL=%s: want at least 10ms", c.Writer.FlushInterval))
+	}
+
+	c.JWT = auth.JWTConfig{
+		Secret:   []byte(getenv("AUTH_JWT_SECRET")),
+		JWKSURL:  str("AUTH_JWKS_URL", ""),
+		Issuer:   str("AUTH_JWT_ISSUER", ""),
+		Audience: str("AUTH_JWT_AUDIENCE", ""),
+		Leeway:   duration("AUTH_JWT_LEEWAY", 30*time.Second),
+	}
+	if n := len(c.JWT.Secret); n > 0 && n < 32 {
+		errs = append(errs, fmt.Errorf("AUTH_JWT_SECRET is %d bytes; HS256 needs at least 32 random bytes", n))
+	}
+	if c.JWT.JWKSURL != "" {
+		if u, err := url.Parse(c.JWT.JWKSURL); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+			errs = append(errs, fmt.Errorf("AUTH_JWKS_URL=%q: want an http(s) URL of the host app's JWKS", c.JWT.JWKSURL))
+		}
+	}
+	c.QueryTimeout = duration("ANALYTICS_QUERY_TIMEOUT", 30*time.Second)
+	if c.QueryTimeout < time.Second {
+		errs = append(errs, fmt.Errorf("ANALYTICS_QUERY_TIMEOUT=%s: want at least 1s", c.QueryTimeout))
 	}
 
 	if _, _, err := net.SplitHostPort(c.Addr); err != nil {

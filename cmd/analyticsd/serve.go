@@ -14,8 +14,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/analyticsd/analyticsd/api"
+	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/ingest"
+	"github.com/analyticsd/analyticsd/query"
 	"github.com/analyticsd/analyticsd/quota"
 	"github.com/analyticsd/analyticsd/tenant"
 )
@@ -58,7 +60,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	counters := quota.NewCounters(rdb, "")
 	var _ ingest.Counter = counters
 	ingestSvc := ingest.NewService(cfg.Ingest, writer, counters, ingestMetrics, log.With("component", "ingest"))
-	authn := auth.NewAuthenticator(auth.NewKeys(pg), tenant.NewStore(pg))
+	authn := auth.NewAuthenticator(auth.NewKeys(pg), tenant.NewStore(pg), cfg.JWT)
 
 	ops := api.Ops{
 		Version:  version,
@@ -73,6 +75,9 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	ops.Register(app)
 	analytics := app.Group("/api/analytics")
 	ingestSvc.Register(analytics, authn.Require(auth.ScopeEventsWrite))
+	store := query.NewStore(ch, cfg.ClickHouseDB, pg, cfg.QueryTimeout)
+	querySvc := query.NewService(query.Config{MaxExportRows: cfg.MaxExportRows, LabelCap: cfg.LabelCap}, store, audit.New(pg), reg, log.With("component", "query"))
+	querySvc.Register(analytics, authn.Require(auth.ScopeAnalyticsRead))
 
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {

@@ -1,0 +1,166 @@
+package auth
+
+import (
+	"context"
+	"crypto/rsa"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/big"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+)
+
+// JWTConfig configures tokens issued by the host app. HS256 uses Secret; RS256 uses the keys
+// published at JWKSURL. Either or both may be set; a token must use one of the configured algorithms
+// (never "none", never RS/HS confusion).
+type JWTConfig struct {
+	Secret   []byte // AUTH_JWT_SECRET
+	JWKSURL  string // AUTH_JWKS_URL
+	Issuer   string // AUTH_JWT_ISSUER: when set, iss must equal it
+	Audience string // AUTH_JWT_AUDIENCE: when set, aud must contain it
+	Leeway   time.Duration
+}
+
+// Enabled reports whether any JWT verification is configured.
+func (c JWTConfig) Enabled() bool { return len(c.Secret) > 0 || c.JWKSURL != "" }
+
+// Claims are what analyticsd reads from a host-app token.
+type Claims struct {
+	jwt.RegisteredClaims
+	Tenant string `json:"tenant"` // tenant slug
+	Role   string `json:"role"`   // owner, admin, member, viewer
+}
+
+// roleScopes: owner and admin have full analytics access; member and viewer have none (the guide).
+var roleScopes = map[string][]Scope{
+	"owner":  AllScopes,
+	"admin":  AllScopes,
+	"member": nil,
+	"viewer": nil,
+}
+
+type jwtVerifier struct {
+	cfg    JWTConfig
+	parser *jwt.Parser
+	client *http.Client
+
+	mu        sync.Mutex
+	keys      map[string]*rsa.PublicKey
+	fetched   time.Time
+	lastTried time.Time
+}
+
+func newJWTVerifier(cfg JWTConfig) *jwtVerifier {
+	var methods []string
+	if len(cfg.Secret) > 0 {
+		methods = append(methods, "HS256")
+	}
+	if cfg.JWKSURL != "" {
+		methods = append(methods, "RS256")
+	}
+	opts := []jwt.ParserOption{jwt.WithValidMethods(methods), jwt.WithExpirationRequired(), jwt.WithLeeway(cfg.Leeway)}
+	if cfg.Issuer != "" {
+		opts = append(opts, jwt.WithIssuer(cfg.Issuer))
+	}
+	if cfg.Audience != "" {
+		opts = append(opts, jwt.WithAudience(cfg.Audience))
+	}
+	return &jwtVerifier{cfg: cfg, parser: jwt.NewParser(opts...), client: &http.Client{Timeout: 5 * time.Second}}
+}
+
+// ErrInvalidToken: the JWT is malformed, expired, wrongly signed or lacks required claims.
+var ErrInvalidToken = errors.New("invalid token")
+
+func (v *jwtVerifier) verify(ctx context.Context, token string) (*Claims, error) {
+	var claims Claims
+	_, err := v.parser.ParseWithClaims(token, &claims, func(t *jwt.Token) (any, error) {
+		switch t.Method.Alg() {
+		case "HS256":
+			return v.cfg.Secret, nil
+		case "RS256":
+			kid, _ := t.Header["kid"].(string)
+			return v.rsaKey(ctx, kid)
+		}
+		return nil, fmt.Errorf("algorithm %s is not accepted", t.Method.Alg())
+	})
+	if err != nil {
+		if errors.Is(err, jwt.ErrTokenExpired) {
+			return nil, fmt.Errorf("%w: expired", ErrInvalidToken)
+		}
+		return nil, fmt.Errorf("%w: %v", ErrInvalidToken, err)
+	}
+	if claims.Tenant == "" || claims.Subject == "" {
+		return nil, fmt.Errorf("%w: the sub and tenant claims are required", ErrInvalidToken)
+	}
+	return &claims, nil
+}
+
+// rsaKey returns the JWKS key kid, refreshing the set every 10 minutes and on an unknown kid (at
+// most every 30 s, so bogus kids cannot make us hammer the host app).
+func (v *jwtVerifier) rsaKey(ctx context.Context, kid string) (*rsa.PublicKey, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	key, ok := v.keys[kid]
+	stale := time.Since(v.fetched) > 10*time.Minute
+	if (!ok || stale) && time.Since(v.lastTried) > 30*time.Second {
+		v.lastTried = time.Now()
+		keys, err := v.fetch(ctx)
+		if err == nil {
+			v.keys, v.fetched = keys, time.Now()
+			key, ok = keys[kid]
+		} else if !ok {
+			return nil, err
+		}
+	}
+	if !ok {
+		return nil, fmt.Errorf("no JWKS key with kid %q", kid)
+	}
+	return key, nil
+}
+
+func (v *jwtVerifier) fetch(ctx context.Context) (map[string]*rsa.PublicKey, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, v.cfg.JWKSURL, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := v.client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("fetch JWKS: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("fetch JWKS: %s", resp.Status)
+	}
+	var set struct {
+		Keys []struct {
+			Kty, Kid, Use, Alg, N, E string
+		} `json:"keys"`
+	}
+	if err := json.NewDecoder(http.MaxBytesReader(nil, resp.Body, 1<<20)).Decode(&set); err != nil {
+		return nil, fmt.Errorf("decode JWKS: %w", err)
+	}
+	keys := map[string]*rsa.PublicKey{}
+	for _, k := range set.Keys {
+		if k.Kty != "RSA" || (k.Use != "" && k.Use != "sig") || (k.Alg != "" && k.Alg != "RS256") {
+			continue
+		}
+		n, err1 := base64.RawURLEncoding.DecodeString(k.N)
+		e, err2 := base64.RawURLEncoding.DecodeString(k.E)
+		if err1 != nil || err2 != nil || len(e) > 4 {
+			continue
+		}
+		eInt := int(new(big.Int).SetBytes(e).Int64())
+		if eInt < 3 {
+			continue
+		}
+		keys[k.Kid] = &rsa.PublicKey{N: new(big.Int).SetBytes(n), E: eInt}
+	}
+	return keys, nil
+}
+
+func (c *Claims) scopes() []Scope { return roleScopes[c.Role] }

@@ -1,0 +1,96 @@
+package query
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+func TestParseRange(t *testing.T) {
+	now := time.Date(2026, 11, 27, 15, 4, 5, 0, time.UTC)
+	d := func(s string) time.Time { t, _ := time.Parse(time.RFC3339, s); return t }
+	check := func(from, to string, wantFrom, wantTo time.Time, wantErr string) {
+		t.Helper()
+		r, err := ParseRange(from, to, now)
+		if wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), wantErr) {
+				t.Errorf("ParseRange(%q, %q) error = %v, want %q", from, to, err, wantErr)
+			}
+			return
+		}
+		if err != nil || !r.From.Equal(wantFrom) || !r.To.Equal(wantTo) {
+			t.Errorf("ParseRange(%q, %q) = %v..%v, %v; want %v..%v", from, to, r.From, r.To, err, wantFrom, wantTo)
+		}
+	}
+	check("", "", d("2026-10-29T00:00:00Z"), d("2026-11-28T00:00:00Z"), "")
+	check("2024-01-01", "2024-01-31", d("2024-01-01T00:00:00Z"), d("2024-02-01T00:00:00Z"), "")
+	check("2024-01-15T10:30:00+02:00", "2024-01-15T12:00:00Z", d("2024-01-15T08:30:00Z"), d("2024-01-15T12:00:00Z"), "")
+	check("2024-01-31", "2024-01-01", time.Time{}, time.Time{}, "must be before")
+	check("2020-01-01", "2024-01-01", time.Time{}, time.Time{}, "longer than 366 days")
+	check("yesterday", "", time.Time{}, time.Time{}, `from="yesterday" is not a date`)
+	check("", "2024-13-01", time.Time{}, time.Time{}, "to=")
+	check("' OR 1=1 --", "", time.Time{}, time.Time{}, "is not a date")
+}
+
+func TestCursorRoundTrip(t *testing.T) {
+	c := Cursor{Ts: time.Unix(1705314600, 0).UTC(), ID: uuid.MustParse("5f0c6d1e-8a1b-4c7e-9d2f-3a4b5c6d7e8f")}
+	got, err := ParseCursor(c.Encode())
+	if err != nil || got != c {
+		t.Fatalf("round trip: got %+v, %v; want %+v", got, err, c)
+	}
+	bare, err := ParseCursor("2024-01-15T09:30:00Z")
+	if err != nil || !bare.Ts.Equal(time.Date(2024, 1, 15, 9, 30, 0, 0, time.UTC)) || bare.ID != uuid.Nil {
+		t.Errorf("bare RFC3339 cursor: got %+v, %v", bare, err)
+	}
+	frac, _ := ParseCursor("2024-01-15T09:30:00.5Z")
+	if !frac.Ts.Equal(time.Date(2024, 1, 15, 9, 30, 1, 0, time.UTC)) {
+		t.Errorf("fractional cursor: got %v, want rounded up to 09:30:01", frac.Ts)
+	}
+	for _, bad := range []string{"x", "eA", "' OR 1=1", "MTIzOm5vdC1hLXV1aWQ", "LTE6NWYwYzZkMWUtOGExYi00YzdlLTlkMmYtM2E0YjVjNmQ3ZThm"} {
+		if _, err := ParseCursor(bad); err == nil {
+			t.Errorf("ParseCursor(%q) accepted", bad)
+		}
+	}
+}
+
+func TestParseLimit(t *testing.T) {
+	for in, want := range map[string]int{"": 100, "1": 1, "1000": 1000} {
+		if got, err := ParseLimit(in); err != nil || got != want {
+			t.Errorf("ParseLimit(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"0", "1001", "-1", "ten", "1e3"} {
+		if _, err := ParseLimit(bad); err == nil {
+			t.Errorf("ParseLimit(%q) accepted", bad)
+		}
+	}
+}
+
+func TestSafeCell(t *testing.T) {
+	for in, want := range map[string]string{
+		"=HYPERLINK(\"x\")": "'=HYPERLINK(\"x\")", "+1": "'+1", "-2": "'-2", "@SUM(A1)": "'@SUM(A1)",
+		"\tx": "'\tx", "\rx": "'\rx", "user-1": "user-1", "": "", `{"a":1}`: `{"a":1}`,
+	} {
+		if got := SafeCell(in); got != want {
+			t.Errorf("SafeCell(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// The exact SQL: tenant predicate first, every user value bound, no value in the text.
+func TestEventsSQL(t *testing.T) {
+	tenant := uuid.MustParse("11111111-1111-4111-8111-111111111111")
+	lo, hi := time.Unix(100, 0).UTC(), time.Unix(200, 0).UTC()
+	f := EventFilter{Tenant: tenant, Event: "a.b", Source: "app", UserID: "u'1", Cursor: Cursor{Ts: hi, ID: uuid.MustParse("5f0c6d1e-8a1b-4c7e-9d2f-3a4b5c6d7e8f")}}
+	q, args := f.SQL("analytics", lo, hi, 101)
+	want := "SELECT id, ts, event, source, user_id, props, ip, request_id FROM analytics.events WHERE tenant_id = ? AND ts >= ? AND ts < ? " +
+		"AND (ts < ? OR (ts = ? AND id < toUUID(?))) AND event = ? AND source = ? AND user_id = ? ORDER BY ts DESC, id DESC LIMIT 101"
+	if q != want {
+		t.Errorf("SQL:\n got %s\nwant %s", q, want)
+	}
+	if len(args) != 9 || args[0] != tenant || args[8] != "u'1" {
+		t.Errorf("args: %v", args)
+	}
+}

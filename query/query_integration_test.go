@@ -1,0 +1,524 @@
+package query_test
+
+import (
+	"context"
+	"encoding/csv"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/golang-jwt/jwt/v5"
+	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/api"
+	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/query"
+	"github.com/analyticsd/analyticsd/tenant"
+)
+
+var jwtSecret = []byte("0123456789abcdef0123456789abcdef-test-secret")
+
+type harness struct {
+	env  testenv.Env
+	app  *fiber.App
+	a, b tenant.Tenant
+	keys map[string]string // name → plaintext key
+	now  time.Time
+}
+
+func newHarness(t *testing.T, maxExport int) *harness {
+	t.Helper()
+	h := &harness{env: testenv.Migrated(t), keys: map[string]string{}, now: time.Now().UTC()}
+	ctx := context.Background()
+	tenants := tenant.NewStore(h.env.PG)
+	keys := auth.NewKeys(h.env.PG)
+	var err error
+	if h.a, err = tenants.Create(ctx, "acme", ""); err != nil {
+		t.Fatal(err)
+	}
+	if h.b, err = tenants.Create(ctx, "globex", ""); err != nil {
+		t.Fatal(err)
+	}
+	for name, spec := range map[string]struct {
+		t      tenant.Tenant
+		scopes []auth.Scope
+	}{
+		"a-read":  {h.a, []auth.Scope{auth.ScopeAnalyticsRead}},
+		"a-write": {h.a, []auth.Scope{auth.ScopeEventsWrite}},
+		"a-admin": {h.a, []auth.Scope{auth.ScopeAnalyticsAdmin}},
+		"b-read":  {h.b, []auth.Scope{auth.ScopeAnalyticsRead}},
+	} {
+		k, _, err := keys.Create(ctx, spec.t.ID, name, spec.scopes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h.keys[name] = k
+	}
+	store := query.NewStore(h.env.CH, h.env.DB, h.env.PG, 10*time.Second)
+	svc := query.NewService(query.Config{MaxExportRows: maxExport}, store, audit.New(h.env.PG), nil, nil)
+	h.app = api.NewApp(api.Config{}, nil)
+	authn := auth.NewAuthenticator(keys, tenants, auth.JWTConfig{Secret: jwtSecret})
+	svc.Register(h.app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsRead))
+	return h
+}
+
+func (h *harness) jwt(t *testing.T, slug, role string, exp time.Duration) string {
+	t.Helper()
+	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{
+		"sub": "user-1", "tenant": slug, "role": role, "exp": time.Now().Add(exp).Unix(),
+	}).SignedString(jwtSecret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+type ev struct {
+	id                                    uuid.UUID
+	tenant                                uuid.UUID
+	ts                                    time.Time
+	event, source, user, props, ip, reqID string
+}
+
+func (h *harness) insert(t *testing.T, rows []ev) {
+	t.Helper()
+	b, err := h.env.CH.PrepareBatch(context.Background(), "INSERT INTO "+h.env.DB+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rows {
+		if r.props == "" {
+			r.props = "{}"
+		}
+		if r.source == "" {
+			r.source = "app"
+		}
+		if err := b.Append(r.tenant, r.ts, r.id, r.ts, r.event, r.source, r.user, r.props, r.ip, r.reqID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.Send(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+type resp struct {
+	status int
+	header http.Header
+	raw    string
+	body   map[string]any
+}
+
+func (h *harness) get(t *testing.T, token, slug, path string) resp {
+	t.Helper()
+	req := httptest.NewRequest(http.MethodGet, path, nil)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	if slug != "" {
+		req.Header.Set("X-Tenant-Slug", slug)
+	}
+	res, err := h.app.Test(req, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	raw, _ := io.ReadAll(res.Body)
+	r := resp{status: res.StatusCode, header: res.Header, raw: string(raw)}
+	_ = json.Unmarshal(raw, &r.body)
+	return r
+}
+
+func (r resp) data() map[string]any { d, _ := r.body["data"].(map[string]any); return d }
+
+func TestEventsResponseMatchesGuide(t *testing.T) {
+	h := newHarness(t, 100)
+	ts := h.now.Add(-time.Hour).Truncate(time.Second)
+	id := uuid.New()
+	h.insert(t, []ev{{id: id, tenant: h.a.ID, ts: ts, event: "auth.user.login", source: "app", user: "user-456",
+		props: `{"email":"user@example.com"}`, ip: "192.168.1.1", reqID: "req-789"}})
+	r := h.get(t, h.keys["a-read"], "acme", "/api/analytics/events?event=auth.user.login&source=app&limit=100")
+	if r.status != 200 || r.body["success"] != true {
+		t.Fatalf("got %d %s", r.status, r.raw)
+	}
+	want := fmt.Sprintf(`{"events":[{"id":%q,"user_id":"user-456","source":"app","event":"auth.user.login","ts":%q,`+
+		`"props":{"email":"user@example.com"},"ip":"192.168.1.1","request_id":"req-789"}],"has_more":false,"next_cursor":null}`,
+		id.String(), ts.Format(time.RFC3339))
+	got, _ := json.Marshal(r.data())
+	var norm any
+	_ = json.Unmarshal([]byte(want), &norm)
+	wantNorm, _ := json.Marshal(norm)
+	if string(got) != string(wantNorm) {
+		t.Errorf("events body:\n got %s\nwant %s", got, wantNorm)
+	}
+}
+
+func (h *harness) walk(t *testing.T, first string, limit int) []string {
+	t.Helper()
+	var ids []string
+	cursor := first
+	for pages := 0; ; pages++ {
+		if pages > 1000 {
+			t.Fatal("pagination does not end")
+		}
+		path := fmt.Sprintf("/api/analytics/events?limit=%d", limit)
+		if cursor != "" {
+			path += "&cursor=" + url.QueryEscape(cursor)
+		}
+		r := h.get(t, h.keys["a-read"], "", path)
+		if r.status != 200 {
+			t.Fatalf("page %d: %d %s", pages, r.status, r.raw)
+		}
+		d := r.data()
+		evs := d["events"].([]any)
+		for _, e := range evs {
+			ids = append(ids, e.(map[string]any)["id"].(string))
+		}
+		if d["has_more"] != true {
+			if d["next_cursor"] != nil {
+				t.Errorf("last page has a next_cursor")
+			}
+			return ids
+		}
+		if len(evs) != limit {
+			t.Fatalf("page %d has %d events with has_more, want %d", pages, len(evs), limit)
+		}
+		cursor = d["next_cursor"].(string)
+	}
+}
+
+// 5,000 events on 3 timestamps: every one appears exactly once, newest first, whatever the cursor form.
+func TestPaginationExactlyOnce(t *testing.T) {
+	h := newHarness(t, 100)
+	base := h.now.Add(-2 * time.Hour).Truncate(time.Second)
+	stamps := []time.Time{base, base.Add(time.Second), base.Add(-3 * time.Hour)}
+	var rows []ev
+	want := map[string]time.Time{}
+	for i := 0; i < 5000; i++ {
+		e := ev{id: uuid.New(), tenant: h.a.ID, ts: stamps[i%3], event: "a.b"}
+		rows = append(rows, e)
+		want[e.id.String()] = e.ts
+	}
+	// Tenant B's events interleave in time and must never appear.
+	for i := 0; i < 300; i++ {
+		rows = append(rows, ev{id: uuid.New(), tenant: h.b.ID, ts: stamps[i%3], event: "a.b"})
+	}
+	h.insert(t, rows)
+
+	check := func(name string, ids []string, expect map[string]time.Time) {
+		t.Helper()
+		seen := map[string]bool{}
+		var prev time.Time
+		for i, id := range ids {
+			ts, ok := expect[id]
+			if !ok {
+				t.Fatalf("%s: unexpected event %s", name, id)
+			}
+			if seen[id] {
+				t.Fatalf("%s: event %s returned twice", name, id)
+			}
+			seen[id] = true
+			if i > 0 && ts.After(prev) {
+				t.Fatalf("%s: not newest first at %d", name, i)
+			}
+			prev = ts
+		}
+		if len(seen) != len(expect) {
+			t.Fatalf("%s: walked %d events, want %d", name, len(seen), len(expect))
+		}
+	}
+	check("opaque cursors", h.walk(t, "", 137), want)
+	check("RFC3339 start", h.walk(t, base.Add(2*time.Second).Format(time.RFC3339), 1000), want)
+	older := map[string]time.Time{}
+	for id, ts := range want {
+		if ts.Before(base) {
+			older[id] = ts
+		}
+	}
+	check("RFC3339 mid", h.walk(t, base.Format(time.RFC3339), 500), older)
+}
+
+func TestTenantIsolationOnEveryReadPath(t *testing.T) {
+	h := newHarness(t, 1000)
+	ts := h.now.Add(-time.Hour).Truncate(time.Second)
+	var rows []ev
+	aIDs, bIDs := map[string]bool{}, map[string]bool{}
+	for i := 0; i < 20; i++ {
+		a := ev{id: uuid.New(), tenant: h.a.ID, ts: ts, event: "auth.user.login", user: "alice"}
+		b := ev{id: uuid.New(), tenant: h.b.ID, ts: ts, event: "auth.user.login", user: "bob"}
+		if i%2 == 0 {
+			b.event = "secret.b_only"
+		}
+		rows = append(rows, a, b)
+		aIDs[a.id.String()], bIDs[b.id.String()] = true, true
+	}
+	h.insert(t, rows)
+	paths := []string{
+		"/api/analytics/events?limit=1000",
+		"/api/analytics/events?user_id=bob",
+		"/api/analytics/usage?metric[]=auth.user.login&metric[]=secret.b_only",
+		"/api/analytics/metrics?metric=auth.user.login,secret.b_only",
+		"/api/analytics/event-names",
+		"/api/analytics/export.csv",
+		"/api/analytics/export.csv?event=secret.b_only",
+	}
+	creds := []struct {
+		name, token, slug string
+		status            int
+	}{
+		{"A key, no slug", h.keys["a-read"], "", 200},
+		{"A key, A slug", h.keys["a-read"], "acme", 200},
+		{"A key, B slug", h.keys["a-read"], "globex", 403},
+		{"A jwt, B slug", h.jwt(t, "acme", "owner", time.Hour), "globex", 403},
+		{"A jwt", h.jwt(t, "acme", "admin", time.Hour), "acme", 200},
+		{"jwt naming B, A key slug", h.jwt(t, "globex", "owner", time.Hour), "acme", 403},
+	}
+	for _, c := range creds {
+		for _, p := range paths {
+			r := h.get(t, c.token, c.slug, p)
+			if r.status != c.status {
+				t.Errorf("%s %s: got %d %s, want %d", c.name, p, r.status, r.raw, c.status)
+				continue
+			}
+			for id := range bIDs {
+				if strings.Contains(r.raw, id) {
+					t.Errorf("%s %s: shows tenant B's event %s", c.name, p, id)
+				}
+			}
+			if strings.Contains(r.raw, "bob") || strings.Contains(r.raw, "secret.b_only\":{\"today\":1") ||
+				strings.Contains(r.raw, `"secret.b_only","count"`) || strings.Contains(r.raw, `"count":10`) {
+				t.Errorf("%s %s: shows tenant B's data: %.300s", c.name, p, r.raw)
+			}
+		}
+	}
+	// Positive control: A's own data is there.
+	r := h.get(t, h.keys["a-read"], "", "/api/analytics/events?limit=1000")
+	if n := len(r.data()["events"].([]any)); n != 20 {
+		t.Errorf("A sees %d of its 20 events", n)
+	}
+}
+
+func TestRBACMatrix(t *testing.T) {
+	h := newHarness(t, 100)
+	endpoints := []string{"/api/analytics/events", "/api/analytics/usage?metric=a.b", "/api/analytics/metrics", "/api/analytics/event-names", "/api/analytics/export.csv"}
+	bad, _ := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"sub": "u", "tenant": "acme", "role": "owner", "exp": time.Now().Add(time.Hour).Unix()}).SignedString([]byte("another-secret-another-secret-xx"))
+	none, _ := jwt.NewWithClaims(jwt.SigningMethodNone, jwt.MapClaims{"sub": "u", "tenant": "acme", "role": "owner", "exp": time.Now().Add(time.Hour).Unix()}).SignedString(jwt.UnsafeAllowNoneSignatureType)
+	noExp, _ := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"sub": "u", "tenant": "acme", "role": "owner"}).SignedString(jwtSecret)
+	noTenant, _ := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"sub": "u", "role": "owner", "exp": time.Now().Add(time.Hour).Unix()}).SignedString(jwtSecret)
+	cases := []struct {
+		name   string
+		token  string
+		status int
+	}{
+		{"key analytics:read", h.keys["a-read"], 200},
+		{"key events:write only", h.keys["a-write"], 403},
+		{"key analytics:admin only", h.keys["a-admin"], 403},
+		{"jwt owner", h.jwt(t, "acme", "owner", time.Hour), 200},
+		{"jwt admin", h.jwt(t, "acme", "admin", time.Hour), 200},
+		{"jwt member", h.jwt(t, "acme", "member", time.Hour), 403},
+		{"jwt viewer", h.jwt(t, "acme", "viewer", time.Hour), 403},
+		{"jwt unknown role", h.jwt(t, "acme", "superuser", time.Hour), 403},
+		{"jwt expired", h.jwt(t, "acme", "owner", -time.Hour), 401},
+		{"jwt unknown tenant", h.jwt(t, "nope", "owner", time.Hour), 401},
+		{"jwt wrong secret", bad, 401},
+		{"jwt alg none", none, 401},
+		{"jwt without exp", noExp, 401},
+		{"jwt without tenant", noTenant, 401},
+		{"garbage", "not-a-token", 401},
+		{"missing", "", 401},
+	}
+	for _, c := range cases {
+		for _, e := range endpoints {
+			if r := h.get(t, c.token, "", e); r.status != c.status {
+				t.Errorf("%s %s: got %d %s, want %d", c.name, e, r.status, r.raw, c.status)
+			}
+		}
+	}
+}
+
+func TestHostileParametersNeverFail(t *testing.T) {
+	h := newHarness(t, 100)
+	h.insert(t, []ev{{id: uuid.New(), tenant: h.a.ID, ts: h.now.Add(-time.Minute).Truncate(time.Second), event: "a.b"}})
+	hostile := []string{"' OR 1=1 --", `"; DROP TABLE events; --`, "\x00", "%00", "\\", "a.b' OR '1'='1", strings.Repeat("x", 5000),
+		"🙂", "../../etc/passwd", "1e309", "-1", "NaN", "null", "[]", "{}", "a.b\nUNION SELECT", "2024-01-01T00:00:00Z' --"}
+	params := map[string][]string{
+		"/api/analytics/events":      {"from", "to", "event", "source", "user_id", "limit", "cursor"},
+		"/api/analytics/usage":       {"from", "to", "metric[]", "metric", "fill"},
+		"/api/analytics/metrics":     {"metric[]", "metric"},
+		"/api/analytics/event-names": {"from", "to"},
+		"/api/analytics/export.csv":  {"from", "to", "event", "source", "user_id"},
+	}
+	for path, names := range params {
+		for _, name := range names {
+			for _, v := range hostile {
+				q := url.Values{name: {v}}
+				if path == "/api/analytics/usage" && !strings.HasPrefix(name, "metric") {
+					q.Set("metric", "a.b")
+				}
+				r := h.get(t, h.keys["a-read"], "", path+"?"+q.Encode())
+				if r.status >= 500 || (r.status != 200 && r.status != 400) {
+					t.Errorf("%s %s=%q: got %d %.200s, want 400 or 200", path, name, v, r.status, r.raw)
+				}
+				if r.status == 400 {
+					e, _ := r.body["error"].(map[string]any)
+					if e == nil || e["message"] == "" {
+						t.Errorf("%s %s=%q: 400 without a message: %.200s", path, name, v, r.raw)
+					}
+				}
+			}
+		}
+	}
+}
+
+func TestExportCSV(t *testing.T) {
+	h := newHarness(t, 10)
+	ts := h.now.Add(-time.Hour).Truncate(time.Second)
+	var rows []ev
+	for i := 0; i < 25; i++ {
+		rows = append(rows, ev{id: uuid.New(), tenant: h.a.ID, ts: ts.Add(time.Duration(i) * time.Second), event: "auth.user.login",
+			user: "=HYPERLINK(\"http://evil\")", reqID: "+1+2", props: `{"note":"-3"}`, ip: "10.0.0.1"})
+	}
+	rows = append(rows, ev{id: uuid.New(), tenant: h.a.ID, ts: ts, event: "other.thing", user: "@x"})
+	h.insert(t, rows)
+	r := h.get(t, h.keys["a-read"], "acme", "/api/analytics/export.csv?event=auth.user.login")
+	if r.status != 200 {
+		t.Fatalf("got %d %s", r.status, r.raw)
+	}
+	if ct := r.header.Get("Content-Type"); !strings.HasPrefix(ct, "text/csv") {
+		t.Errorf("Content-Type %q", ct)
+	}
+	if cd := r.header.Get("Content-Disposition"); !strings.Contains(cd, `attachment; filename="analytics-acme-`) {
+		t.Errorf("Content-Disposition %q", cd)
+	}
+	if l := r.header.Get("X-Export-Row-Limit"); l != "10" {
+		t.Errorf("X-Export-Row-Limit %q, want 10", l)
+	}
+	recs, err := csv.NewReader(strings.NewReader(r.raw)).ReadAll()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(recs[0], ",") != "id,ts,event,source,user_id,ip,request_id,props" {
+		t.Errorf("header %v", recs[0])
+	}
+	if len(recs) != 11 {
+		t.Fatalf("got %d rows, want the cap of 10 plus the header", len(recs)-1)
+	}
+	for _, rec := range recs[1:] {
+		if rec[2] != "auth.user.login" || rec[4] != `'=HYPERLINK("http://evil")` || rec[6] != "'+1+2" || rec[7] != `{"note":"-3"}` {
+			t.Errorf("row not filtered or not neutralised: %v", rec)
+		}
+	}
+	if recs[1][1] != ts.Add(24*time.Second).Format(time.RFC3339) {
+		t.Errorf("first row ts %s, want the newest", recs[1][1])
+	}
+	var audits int
+	if err := h.env.PG.QueryRow(context.Background(), "SELECT count(*) FROM audit_log WHERE tenant_id = $1 AND action = 'export.csv' AND actor LIKE 'apikey:%'", h.a.ID).Scan(&audits); err != nil {
+		t.Fatal(err)
+	}
+	if audits != 1 {
+		t.Errorf("audit_log has %d export rows, want 1", audits)
+	}
+}
+
+// Reconciled days come from Postgres, newer days from ClickHouse; the series is one continuous line.
+func TestUsageMergesPostgresAndClickHouse(t *testing.T) {
+	h := newHarness(t, 100)
+	today := h.now.Truncate(24 * time.Hour)
+	day := func(n int) time.Time { return today.AddDate(0, 0, -n) }
+	var rows []ev
+	for d := 0; d <= 4; d++ {
+		for i := 0; i <= d; i++ { // d+1 events on day -d
+			rows = append(rows, ev{id: uuid.New(), tenant: h.a.ID, ts: day(d).Add(time.Hour), event: "auth.user.login"})
+		}
+	}
+	h.insert(t, rows)
+	ctx := context.Background()
+	// Days -4 and -3 are reconciled; Postgres holds the billed numbers (here deliberately different
+	// from ClickHouse's, to prove which source answered). Day -2 was never reconciled.
+	for _, d := range []int{4, 3} {
+		if _, err := h.env.PG.Exec(ctx, "INSERT INTO rollup_runs (date, status, finished_at) VALUES ($1, 'ok', now())", day(d)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := h.env.PG.Exec(ctx, `INSERT INTO analytics_daily_usage (tenant_id, date, metric, count, meta) VALUES ($1, $2, 'auth.user.login', 50, '{"source":"rollup"}')`, h.a.ID, day(4)); err != nil {
+		t.Fatal(err)
+	}
+	path := fmt.Sprintf("/api/analytics/usage?from=%s&to=%s&metric[]=auth.user.login", day(6).Format("2006-01-02"), day(0).Format("2006-01-02"))
+	r := h.get(t, h.keys["a-read"], "", path)
+	if r.status != 200 {
+		t.Fatalf("got %d %s", r.status, r.raw)
+	}
+	got := map[string]float64{}
+	for _, p := range r.data()["auth.user.login"].([]any) {
+		m := p.(map[string]any)
+		got[m["date"].(string)] = m["count"].(float64)
+	}
+	want := map[string]float64{day(4).Format("2006-01-02"): 50, day(2).Format("2006-01-02"): 3, day(1).Format("2006-01-02"): 2, day(0).Format("2006-01-02"): 1}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("usage: got %v, want %v (day -3 reconciled with no row is 0 and omitted)", got, want)
+	}
+	r = h.get(t, h.keys["a-read"], "", path+"&fill=zero")
+	points := r.data()["auth.user.login"].([]any)
+	var dates []string
+	for _, p := range points {
+		dates = append(dates, p.(map[string]any)["date"].(string))
+	}
+	if len(points) != 7 || !sort.StringsAreSorted(dates) {
+		t.Errorf("fill=zero: %d points %v, want 7 ascending days", len(points), dates)
+	}
+	if r := h.get(t, h.keys["a-read"], "", "/api/analytics/usage"); r.status != 400 {
+		t.Errorf("usage without metric: got %d, want 400", r.status)
+	}
+}
+
+func TestKPIWindows(t *testing.T) {
+	h := newHarness(t, 100)
+	today := h.now.Truncate(24 * time.Hour)
+	var rows []ev
+	add := func(daysAgo, n int, event string) {
+		for i := 0; i < n; i++ {
+			rows = append(rows, ev{id: uuid.New(), tenant: h.a.ID, ts: today.AddDate(0, 0, -daysAgo).Add(time.Minute), event: event})
+		}
+	}
+	add(0, 3, "auth.user.registered")
+	add(6, 2, "auth.user.registered")  // last day of the week window
+	add(7, 4, "auth.user.registered")  // outside the week
+	add(29, 5, "auth.user.registered") // last day of the month window
+	add(30, 100, "auth.user.registered")
+	add(0, 1, "auth.user.login")
+	h.insert(t, rows)
+	r := h.get(t, h.keys["a-read"], "", "/api/analytics/metrics")
+	if r.status != 200 {
+		t.Fatalf("got %d %s", r.status, r.raw)
+	}
+	got, _ := json.Marshal(r.data())
+	want := `{"apikey.request":{"month":0,"today":0,"week":0},"auth.user.login":{"month":1,"today":1,"week":1},` +
+		`"auth.user.registered":{"month":14,"today":3,"week":5},"builder.generate.completed":{"month":0,"today":0,"week":0}}`
+	if string(got) != want {
+		t.Errorf("KPIs:\n got %s\nwant %s", got, want)
+	}
+	r = h.get(t, h.keys["a-read"], "", "/api/analytics/metrics?metric[]=auth.user.login")
+	if len(r.data()) != 1 {
+		t.Errorf("metric[] filter: %s", r.raw)
+	}
+}
+
+func TestEventNames(t *testing.T) {
+	h := newHarness(t, 100)
+	ts := h.now.Add(-time.Hour).Truncate(time.Second)
+	h.insert(t, []ev{{id: uuid.New(), tenant: h.a.ID, ts: ts, event: "b.x"}, {id: uuid.New(), tenant: h.a.ID, ts: ts, event: "b.x"}, {id: uuid.New(), tenant: h.a.ID, ts: ts, event: "a.y"}})
+	r := h.get(t, h.keys["a-read"], "", "/api/analytics/event-names")
+	if got := r.raw; !strings.Contains(got, `"data":[{"event":"b.x","count":2},{"event":"a.y","count":1}]`) {
+		t.Errorf("event-names: %s", got)
+	}
+}
