@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	_ "embed"
 	"net/http"
 	"slices"
 	"sync"
@@ -103,4 +104,18 @@ func (o Ops) Register(app fiber.Router) {
 	if o.Gatherer != nil {
 		app.Get("/metrics", adaptor.HTTPHandler(promhttp.HandlerFor(o.Gatherer, promhttp.HandlerOpts{})))
 	}
+}
+
+//go:embed openapi.json
+var openapi []byte
+
+// OpenAPI returns the API's OpenAPI 3 document.
+func OpenAPI() []byte { return openapi }
+
+// RegisterOpenAPI serves the document at /api/openapi.json.
+func RegisterOpenAPI(app fiber.Router) {
+	app.Get("/api/openapi.json", func(c *fiber.Ctx) error {
+		c.Set(fiber.HeaderContentType, fiber.MIMEApplicationJSON)
+		return c.Send(openapi)
+	})
 }

@@ -10,6 +10,7 @@ import (
 	"net"
 	"time"
 
+	"github.com/gofiber/fiber/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
@@ -72,12 +73,9 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		},
 	}
 	ops.Details = func(context.Context) map[string]any { return map[string]any{"ingest": writer.Stats()} }
-	ops.Register(app)
-	analytics := app.Group("/api/analytics")
-	ingestSvc.Register(analytics, authn.Require(auth.ScopeEventsWrite))
 	store := query.NewStore(ch, cfg.ClickHouseDB, pg, cfg.QueryTimeout)
 	querySvc := query.NewService(query.Config{MaxExportRows: cfg.MaxExportRows, LabelCap: cfg.LabelCap}, store, audit.New(pg), reg, log.With("component", "query"))
-	querySvc.Register(analytics, authn.Require(auth.ScopeAnalyticsRead))
+	mount(app, ops, authn, ingestSvc, querySvc)
 
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
@@ -113,4 +111,13 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	step("postgres", func() error { pg.Close(); return nil })
 	step("redis", rdb.Close)
 	return err
+}
+
+// mount registers every route; the OpenAPI test walks the same function.
+func mount(app *fiber.App, ops api.Ops, authn *auth.Authenticator, in *ingest.Service, q *query.Service) {
+	ops.Register(app)
+	api.RegisterOpenAPI(app)
+	analytics := app.Group("/api/analytics")
+	in.Register(analytics, authn.Require(auth.ScopeEventsWrite))
+	q.Register(analytics, authn.Require(auth.ScopeAnalyticsRead))
 }

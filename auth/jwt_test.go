@@ -1,0 +1,102 @@
+package auth_test
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"encoding/base64"
+	"encoding/json"
+	"math/big"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/analyticsd/analyticsd/api"
+	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/tenant"
+)
+
+// RS256 via a JWKS, side by side with HS256: each algorithm verifies only with its own key, so an
+// HS256 token "signed" with the RSA public key (the classic confusion attack) is refused.
+func TestJWTWithJWKSAndHS256(t *testing.T) {
+	env := testenv.Migrated(t)
+	if _, err := tenant.NewStore(env.PG).Create(context.Background(), "acme", ""); err != nil {
+		t.Fatal(err)
+	}
+	priv, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	jwks := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		json.NewEncoder(w).Encode(map[string]any{"keys": []map[string]string{{
+			"kty": "RSA", "kid": "k1", "use": "sig", "alg": "RS256",
+			"n": base64.RawURLEncoding.EncodeToString(priv.N.Bytes()),
+			"e": base64.RawURLEncoding.EncodeToString(big.NewInt(int64(priv.E)).Bytes()),
+		}}})
+	}))
+	defer jwks.Close()
+	secret := []byte("0123456789abcdef0123456789abcdef")
+	authn := auth.NewAuthenticator(auth.NewKeys(env.PG), tenant.NewStore(env.PG),
+		auth.JWTConfig{Secret: secret, JWKSURL: jwks.URL, Issuer: "host-app", Audience: "analytics"})
+	app := api.NewApp(api.Config{}, nil)
+	app.Get("/x", authn.Require(auth.ScopeAnalyticsRead), func(c *fiber.Ctx) error {
+		p, _ := api.PrincipalOf(c)
+		return c.SendString(p.Slug + " " + p.Actor)
+	})
+	claims := func(mod func(jwt.MapClaims)) jwt.MapClaims {
+		c := jwt.MapClaims{"sub": "u1", "tenant": "acme", "role": "owner", "iss": "host-app", "aud": "analytics", "exp": time.Now().Add(time.Hour).Unix()}
+		if mod != nil {
+			mod(c)
+		}
+		return c
+	}
+	rs := func(c jwt.MapClaims, kid string) string {
+		tok := jwt.NewWithClaims(jwt.SigningMethodRS256, c)
+		tok.Header["kid"] = kid
+		s, err := tok.SignedString(priv)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	hs := func(c jwt.MapClaims, key []byte) string {
+		s, err := jwt.NewWithClaims(jwt.SigningMethodHS256, c).SignedString(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	pubDER := priv.PublicKey.N.Bytes()
+	cases := []struct {
+		name   string
+		token  string
+		status int
+	}{
+		{"RS256 from JWKS", rs(claims(nil), "k1"), 200},
+		{"HS256 with the secret", hs(claims(nil), secret), 200},
+		{"RS256 unknown kid", rs(claims(nil), "k2"), 401},
+		{"HS256 signed with the RSA key material", hs(claims(nil), pubDER), 401},
+		{"wrong issuer", rs(claims(func(c jwt.MapClaims) { c["iss"] = "evil" }), "k1"), 401},
+		{"wrong audience", rs(claims(func(c jwt.MapClaims) { c["aud"] = "billing" }), "k1"), 401},
+		{"expired", rs(claims(func(c jwt.MapClaims) { c["exp"] = time.Now().Add(-time.Hour).Unix() }), "k1"), 401},
+		{"not yet valid", rs(claims(func(c jwt.MapClaims) { c["nbf"] = time.Now().Add(time.Hour).Unix() }), "k1"), 401},
+		{"viewer", rs(claims(func(c jwt.MapClaims) { c["role"] = "viewer" }), "k1"), 403},
+	}
+	for _, tc := range cases {
+		req := httptest.NewRequest(http.MethodGet, "/x", nil)
+		req.Header.Set("Authorization", "Bearer "+tc.token)
+		res, err := app.Test(req, -1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if res.StatusCode != tc.status {
+			t.Errorf("%s: got %d, want %d", tc.name, res.StatusCode, tc.status)
+		}
+	}
+}
