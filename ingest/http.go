@@ -33,6 +33,7 @@ type Service struct {
 	w       *Writer
 	metrics *Metrics
 	counts  *liveCounts
+	levels  Levels
 	log     *slog.Logger
 	now     func() time.Time
 }
@@ -51,6 +52,41 @@ func NewService(cfg Config, w *Writer, counter Counter, m *Metrics, log *slog.Lo
 		go s.counts.run()
 	}
 	return s
+}
+
+// Levels sets level metrics (e.g. storage_gb: a value that is set, not counted); *quota.Service
+// implements it.
+type Levels interface {
+	IsLevel(metric string) bool
+	SetLevel(ctx context.Context, tenant uuid.UUID, metric string, value float64) error
+}
+
+// UseLevels lets POST /usage set level metrics with {"metric":"storage_gb","value":12.5}.
+func (s *Service) UseLevels(l Levels) { s.levels = l }
+
+// RecordIncrement stores an increment durably without touching the live counters (quota's consume
+// has already counted it). It implements part of quota.Recorder.
+func (s *Service) RecordIncrement(ctx context.Context, tenant uuid.UUID, metric string, n int64) error {
+	now := s.now().UTC()
+	return s.store(ctx, nil, []Increment{{ID: uuid.New(), TenantID: tenant, Ts: now.Truncate(time.Second), Metric: metric, N: n}})
+}
+
+// Emit adds a server-generated event (e.g. quota.exceeded) to the tenant's own stream, durably.
+func (s *Service) Emit(ctx context.Context, tenant uuid.UUID, slug, event string, props map[string]any) error {
+	if !s.cfg.Enabled {
+		return nil
+	}
+	b, err := json.Marshal(props)
+	if err != nil {
+		return err
+	}
+	now := s.now().UTC()
+	row := Row{ID: uuid.New(), TenantID: tenant, Ts: now.Truncate(time.Second), ReceivedAt: now.Truncate(time.Second), Event: event, Source: "job", Props: string(b)}
+	if err := s.store(ctx, []Row{row}, nil); err != nil {
+		return err
+	}
+	s.count(api.Principal{TenantID: tenant, Slug: slug}, []Row{row}, nil, now)
+	return nil
 }
 
 // Close stops the live counter feed after flushing what it holds. Close the Writer separately.
@@ -180,6 +216,8 @@ func (s *Service) count(p api.Principal, rows []Row, incs []Increment, now time.
 type UsageRequest struct {
 	Metric string          `json:"metric"`
 	N      json.RawMessage `json:"n"`
+	// Value sets a level metric (storage_gb) instead of adding to a count.
+	Value json.RawMessage `json:"value"`
 }
 
 var metricRe = regexp.MustCompile(`^[a-z][a-z0-9_.-]*$`)
@@ -195,6 +233,12 @@ func (s *Service) postUsage(c *fiber.Ctx) error {
 	}
 	if !ValidMetric(req.Metric) {
 		return api.BadRequest("invalid_metric", "metric must be lowercase letters, digits, '_', '.' or '-', starting with a letter, at most 128 bytes, e.g. \"api_requests_daily\"")
+	}
+	if len(req.Value) > 0 && string(req.Value) != "null" {
+		return s.setLevel(c, p, req)
+	}
+	if s.levels != nil && s.levels.IsLevel(req.Metric) {
+		return api.BadRequest("invalid_body", req.Metric+` is a level, not a count: send {"metric":"`+req.Metric+`","value":12.5}`)
 	}
 	n := int64(1)
 	if len(req.N) > 0 && string(req.N) != "null" {
@@ -215,4 +259,22 @@ func (s *Service) postUsage(c *fiber.Ctx) error {
 	}
 	s.count(p, nil, []Increment{inc}, now)
 	return api.Respond(c, http.StatusAccepted, fiber.Map{"metric": req.Metric, "n": n, "accepted": 1, "id": inc.ID})
+}
+
+func (s *Service) setLevel(c *fiber.Ctx, p api.Principal, req UsageRequest) error {
+	if s.levels == nil || !s.levels.IsLevel(req.Metric) {
+		return api.BadRequest("invalid_body", req.Metric+` is counted, not a level: send {"metric":"`+req.Metric+`","n":1} (value is for level metrics such as storage_gb)`)
+	}
+	v, err := strconv.ParseFloat(string(req.Value), 64)
+	if err != nil || v < 0 || v > 1e15 || v != v {
+		return api.BadRequest("invalid_value", "value must be a number from 0 to 1e15")
+	}
+	if !s.cfg.Enabled {
+		return api.Respond(c, http.StatusAccepted, fiber.Map{"metric": req.Metric, "value": v, "accepted": 0, "disabled": true})
+	}
+	if err := s.levels.SetLevel(c.UserContext(), p.TenantID, req.Metric, v); err != nil {
+		return &api.Error{Status: http.StatusServiceUnavailable, Code: "storage_unavailable", Message: "could not store the level; retry shortly",
+			Header: map[string]string{fiber.HeaderRetryAfter: "5"}, Cause: err}
+	}
+	return api.Respond(c, http.StatusAccepted, fiber.Map{"metric": req.Metric, "value": v, "accepted": 1})
 }

@@ -101,7 +101,7 @@ func newHarness(t *testing.T, o opts) *harness {
 	if o.ingest != nil {
 		o.ingest(&ic)
 	}
-	h.svc = NewService(ic, h.w, h.counters, m, nil)
+	h.svc = NewService(ic, h.w, counterAdapter{h.counters}, m, nil)
 	t.Cleanup(func() {
 		h.svc.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -130,6 +130,14 @@ func (h *harness) proxiedClickHouse(t *testing.T) driver.Conn {
 	}
 	t.Cleanup(func() { conn.Close() })
 	return conn
+}
+
+// counterAdapter feeds the raw Redis counters (quota's limits and alerts are tested in quota).
+type counterAdapter struct{ c *quota.Counters }
+
+func (a counterAdapter) Add(ctx context.Context, t uuid.UUID, d time.Time, deltas map[string]int64) error {
+	_, err := a.c.Add(ctx, t, d, deltas)
+	return err
 }
 
 type resp struct {

@@ -1,11 +1,12 @@
 // Package quota owns the live per-tenant usage counters in Redis and, on top of them, quota limits:
-// defaults, per-tenant overrides, checks and the atomic consume. ClickHouse stays the source of truth;
-// Redis holds today's running counts for fast answers.
+// defaults, per-tenant overrides, checks, the atomic consume and soft alerts. ClickHouse stays the
+// source of truth; Redis holds today's running counts for fast answers and rebuilds them when lost.
 package quota
 
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/google/uuid"
@@ -15,7 +16,14 @@ import (
 // CounterTTL is how long a daily counter lives: long enough to answer for yesterday after midnight.
 const CounterTTL = 48 * time.Hour
 
-// Counters are the live daily counters in Redis.
+// Counters are the live daily counters in Redis. Per tenant and UTC day there are:
+//
+//	quota:{<tenant>}:<metric>:<yyyymmdd>  the count (INCRBY)
+//	quota:{<tenant>}:born:<yyyymmdd>      unix second of the first live increment since Redis last lost the day
+//	quota:{<tenant>}:seeded:<yyyymmdd>    set once the counters hold what ClickHouse had before "born"
+//
+// The braces are a Redis Cluster hash tag: all of one tenant's keys share a slot, so the scripts
+// below may touch several of them atomically.
 type Counters struct {
 	rdb    redis.UniversalClient
 	prefix string // prepended to every key (tests isolate themselves with it)
@@ -26,34 +34,151 @@ func NewCounters(rdb redis.UniversalClient, prefix string) *Counters {
 	return &Counters{rdb: rdb, prefix: prefix}
 }
 
-// Key is the Redis key of a tenant's metric on a UTC day: quota:{<tenant>}:<metric>:<yyyymmdd>. The
-// braces are a Redis Cluster hash tag, so all of one tenant's counters share a slot.
-func (c *Counters) Key(tenant uuid.UUID, metric string, day time.Time) string {
-	return fmt.Sprintf("%squota:{%s}:%s:%s", c.prefix, tenant, metric, day.UTC().Format("20060102"))
+func day(t time.Time) string { return t.UTC().Format("20060102") }
+
+// Key is the Redis key of a tenant's metric on a UTC day.
+func (c *Counters) Key(tenant uuid.UUID, metric string, d time.Time) string {
+	return fmt.Sprintf("%squota:{%s}:%s:%s", c.prefix, tenant, metric, day(d))
 }
 
-// Add increments the tenant's counters for day by deltas, in one pipeline, and (re)sets their expiry.
-func (c *Counters) Add(ctx context.Context, tenant uuid.UUID, day time.Time, deltas map[string]int64) error {
+func (c *Counters) bornKey(tenant uuid.UUID, d time.Time) string {
+	return fmt.Sprintf("%squota:{%s}:born:%s", c.prefix, tenant, day(d))
+}
+
+func (c *Counters) seededKey(tenant uuid.UUID, d time.Time) string {
+	return fmt.Sprintf("%squota:{%s}:seeded:%s", c.prefix, tenant, day(d))
+}
+
+// Add increments the tenant's counters for a day by deltas in one pipeline, refreshes their expiry,
+// and returns the new values. It marks when live counting began for the day (born), which lets a
+// lost day be rebuilt from ClickHouse without counting anything twice.
+func (c *Counters) Add(ctx context.Context, tenant uuid.UUID, d time.Time, deltas map[string]int64) (map[string]int64, error) {
 	if len(deltas) == 0 {
-		return nil
+		return nil, nil
 	}
+	ttl := CounterTTL
+	cmds := make(map[string]*redis.IntCmd, len(deltas))
 	_, err := c.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		p.SetNX(ctx, c.bornKey(tenant, d), time.Now().Unix(), ttl)
 		for metric, n := range deltas {
-			k := c.Key(tenant, metric, day)
-			p.IncrBy(ctx, k, n)
-			p.Expire(ctx, k, CounterTTL)
+			k := c.Key(tenant, metric, d)
+			cmds[metric] = p.IncrBy(ctx, k, n)
+			p.Expire(ctx, k, ttl)
 		}
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("add usage counters for tenant %s: %w", tenant, err)
+		return nil, fmt.Errorf("add usage counters for tenant %s: %w", tenant, err)
 	}
-	return nil
+	out := make(map[string]int64, len(cmds))
+	for m, cmd := range cmds {
+		out[m] = cmd.Val()
+	}
+	return out, nil
+}
+
+// Read returns the counters of metrics for a day, and whether the day is seeded (its counters can be
+// trusted). An unseeded day must be seeded before its values mean anything.
+func (c *Counters) Read(ctx context.Context, tenant uuid.UUID, d time.Time, metrics []string) (map[string]int64, bool, error) {
+	keys := make([]string, 0, len(metrics)+1)
+	keys = append(keys, c.seededKey(tenant, d))
+	for _, m := range metrics {
+		keys = append(keys, c.Key(tenant, m, d))
+	}
+	vals, err := c.rdb.MGet(ctx, keys...).Result()
+	if err != nil {
+		return nil, false, fmt.Errorf("read usage counters for tenant %s: %w", tenant, err)
+	}
+	out := make(map[string]int64, len(metrics))
+	for i, m := range metrics {
+		if s, ok := vals[i+1].(string); ok {
+			n, _ := strconv.ParseInt(s, 10, 64)
+			out[m] = n
+		}
+	}
+	return out, vals[0] != nil, nil
+}
+
+// Born returns the unix second live counting of the day began, starting it now if it had not.
+func (c *Counters) Born(ctx context.Context, tenant uuid.UUID, d time.Time) (time.Time, error) {
+	k := c.bornKey(tenant, d)
+	if err := c.rdb.SetNX(ctx, k, time.Now().Unix(), CounterTTL).Err(); err != nil {
+		return time.Time{}, fmt.Errorf("mark counting start for tenant %s: %w", tenant, err)
+	}
+	s, err := c.rdb.Get(ctx, k).Int64()
+	if err != nil {
+		return time.Time{}, fmt.Errorf("read counting start for tenant %s: %w", tenant, err)
+	}
+	return time.Unix(s, 0).UTC(), nil
+}
+
+// seedScript adds base counts to the day's counters once: the first caller to find the day unseeded
+// applies them and marks it seeded; any later or concurrent caller changes nothing.
+var seedScript = redis.NewScript(`
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 2, #KEYS do
+  local n = tonumber(ARGV[i])
+  if n ~= 0 then redis.call('INCRBY', KEYS[i], n) end
+  redis.call('EXPIRE', KEYS[i], ARGV[1])
+end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
+return 1
+`)
+
+// Seed applies base (what ClickHouse holds from before "born") to the day's counters, once.
+func (c *Counters) Seed(ctx context.Context, tenant uuid.UUID, d time.Time, base map[string]int64) (bool, error) {
+	keys := []string{c.seededKey(tenant, d)}
+	args := []any{int(CounterTTL.Seconds())}
+	for m, n := range base {
+		keys = append(keys, c.Key(tenant, m, d))
+		args = append(args, n)
+	}
+	applied, err := seedScript.Run(ctx, c.rdb, keys, args...).Int()
+	if err != nil {
+		return false, fmt.Errorf("seed usage counters for tenant %s: %w", tenant, err)
+	}
+	return applied == 1, nil
+}
+
+// consumeScript is the atomic check-and-increment: -1 when the day is not seeded yet, 0 with the
+// current value when n more would pass the limit, 1 with the new value when allowed.
+var consumeScript = redis.NewScript(`
+if redis.call('EXISTS', KEYS[2]) == 0 then return {-1, 0} end
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local n = tonumber(ARGV[1])
+if cur + n > tonumber(ARGV[2]) then return {0, cur} end
+local v = redis.call('INCRBY', KEYS[1], n)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {1, v}
+`)
+
+// Consume adds n to the counter only if the result stays within limit.
+func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string, d time.Time, n, limit int64) (allowed, seeded bool, value int64, err error) {
+	res, err := consumeScript.Run(ctx, c.rdb, []string{c.Key(tenant, metric, d), c.seededKey(tenant, d)}, n, limit, int(CounterTTL.Seconds())).Int64Slice()
+	if err != nil {
+		return false, false, 0, fmt.Errorf("consume %s for tenant %s: %w", metric, tenant, err)
+	}
+	if res[0] == -1 {
+		return false, false, 0, nil
+	}
+	return res[0] == 1, true, res[1], nil
+}
+
+// Undo takes n back (a consume whose durable record failed).
+func (c *Counters) Undo(ctx context.Context, tenant uuid.UUID, metric string, d time.Time, n int64) error {
+	return c.rdb.DecrBy(ctx, c.Key(tenant, metric, d), n).Err()
+}
+
+// MarkOnce sets key (under the tenant's hash tag) if absent and reports whether this call set it.
+// Alerts use it to fire exactly once per tenant, metric, day and threshold across instances.
+func (c *Counters) MarkOnce(ctx context.Context, tenant uuid.UUID, name string, d time.Time) (bool, error) {
+	k := fmt.Sprintf("%squota:{%s}:alert:%s:%s", c.prefix, tenant, name, day(d))
+	return c.rdb.SetNX(ctx, k, 1, CounterTTL).Result()
 }
 
 // Get reads one counter; a missing counter reads as 0 with ok=false.
-func (c *Counters) Get(ctx context.Context, tenant uuid.UUID, metric string, day time.Time) (int64, bool, error) {
-	n, err := c.rdb.Get(ctx, c.Key(tenant, metric, day)).Int64()
+func (c *Counters) Get(ctx context.Context, tenant uuid.UUID, metric string, d time.Time) (int64, bool, error) {
+	n, err := c.rdb.Get(ctx, c.Key(tenant, metric, d)).Int64()
 	if err == redis.Nil {
 		return 0, false, nil
 	}

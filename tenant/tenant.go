@@ -124,3 +124,23 @@ func (s *Store) List(ctx context.Context) ([]Tenant, error) {
 	}
 	return out, rows.Err()
 }
+
+// SetQuota sets (limit non-nil) or removes (nil) the tenant's override of one metric's limit.
+func (s *Store) SetQuota(ctx context.Context, slug, metric string, limit *float64) (Tenant, error) {
+	var q string
+	var args []any
+	if limit == nil {
+		q, args = "UPDATE tenants SET quota_overrides = quota_overrides - $2 WHERE slug = $1 RETURNING "+columns, []any{slug, metric}
+	} else {
+		q, args = "UPDATE tenants SET quota_overrides = quota_overrides || jsonb_build_object($2::text, $3::float8) WHERE slug = $1 RETURNING "+columns,
+			[]any{slug, metric, *limit}
+	}
+	t, err := scan(s.pg.QueryRow(ctx, q, args...))
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Tenant{}, fmt.Errorf("%w: %q", ErrNotFound, slug)
+	}
+	if err != nil {
+		return Tenant{}, fmt.Errorf("set quota %s for tenant %q: %w", metric, slug, err)
+	}
+	return t, nil
+}

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -79,6 +80,38 @@ func tenantCmd(ctx context.Context, cfg Config, _ *slog.Logger, args []string, s
 			return err
 		}
 		fmt.Fprintln(stdout, t.ID)
+		return nil
+	case "set-quota":
+		var slug, metric, limit string
+		var clear bool
+		if err := flags("tenant set-quota", args[1:], func(fs *flag.FlagSet) {
+			fs.StringVar(&slug, "tenant", "", "tenant slug")
+			fs.StringVar(&metric, "metric", "", "quota metric, e.g. api_requests_daily")
+			fs.StringVar(&limit, "limit", "", "the tenant's limit")
+			fs.BoolVar(&clear, "clear", false, "remove the override (back to QUOTA_DEFAULTS / built-in)")
+		}); err != nil {
+			return err
+		}
+		if slug == "" || metric == "" || (limit == "") == !clear {
+			return fmt.Errorf("tenant set-quota: --tenant, --metric and one of --limit N or --clear are required: %w", errUsage)
+		}
+		var lim *float64
+		if !clear {
+			v, err := strconv.ParseFloat(limit, 64)
+			if err != nil || v < 0 || v > 1e15 {
+				return fmt.Errorf("tenant set-quota: --limit %q must be a number from 0 to 1e15: %w", limit, errUsage)
+			}
+			lim = &v
+		}
+		t, err := store.SetQuota(ctx, slug, metric, lim)
+		if err != nil {
+			return err
+		}
+		if err := audit.New(pg).Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "quota.set", Target: metric,
+			Meta: map[string]any{"limit": lim}}); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "tenant %s quota overrides: %v (others from QUOTA_DEFAULTS or built-in; applied within 10 s)\n", t.Slug, t.QuotaOverrides)
 		return nil
 	case "list":
 		if err := flags("tenant list", args[1:], func(*flag.FlagSet) {}); err != nil {

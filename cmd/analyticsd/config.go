@@ -15,6 +15,7 @@ import (
 
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/ingest"
+	"github.com/analyticsd/analyticsd/quota"
 	"github.com/analyticsd/analyticsd/schema"
 )
 
@@ -40,6 +41,7 @@ type Config struct {
 	Writer       ingest.WriterConfig
 	JWT          auth.JWTConfig
 	QueryTimeout time.Duration // ANALYTICS_QUERY_TIMEOUT: ClickHouse max_execution_time of reads
+	Quota        quota.Config
 }
 
 const (
@@ -156,6 +158,31 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	if c.JWT.JWKSURL != "" {
 		if u, err := url.Parse(c.JWT.JWKSURL); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
 			errs = append(errs, fmt.Errorf("AUTH_JWKS_URL=%q: want an http(s) URL of the host app's JWKS", c.JWT.JWKSURL))
+		}
+	}
+	c.Quota = quota.Config{
+		Enabled:      c.QuotasEnabled,
+		FailOpen:     boolean("QUOTA_FAIL_OPEN", true),
+		EventMetrics: c.Ingest.EventMetrics,
+		LabelCap:     c.LabelCap,
+		Webhook: quota.WebhookConfig{
+			URL:    str("QUOTA_ALERT_WEBHOOK_URL", ""),
+			Secret: getenv("QUOTA_ALERT_WEBHOOK_SECRET"),
+		},
+	}
+	if v := str("QUOTA_ALERT_THRESHOLDS", ""); v != "" {
+		for _, part := range strings.Split(v, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(part))
+			if err != nil || n < 1 || n > 1000 {
+				errs = append(errs, fmt.Errorf("QUOTA_ALERT_THRESHOLDS=%q: want percentages such as 80,100", v))
+				break
+			}
+			c.Quota.Thresholds = append(c.Quota.Thresholds, n)
+		}
+	}
+	if u := c.Quota.Webhook.URL; u != "" {
+		if pu, err := url.Parse(u); err != nil || (pu.Scheme != "https" && pu.Scheme != "http") || pu.Host == "" {
+			errs = append(errs, fmt.Errorf("QUOTA_ALERT_WEBHOOK_URL=%q: want an http(s) URL", u))
 		}
 	}
 	c.QueryTimeout = duration("ANALYTICS_QUERY_TIMEOUT", 30*time.Second)

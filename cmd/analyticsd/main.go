@@ -24,6 +24,7 @@ Usage:
   analyticsd migrate                                 create or update the ClickHouse and Postgres schema
   analyticsd tenant create --slug S [--name N] [--if-not-exists]
   analyticsd tenant list
+  analyticsd tenant set-quota --tenant S --metric M (--limit N | --clear)
   analyticsd apikey create --tenant S --scopes events:write,analytics:read[,analytics:admin] [--name N]
   analyticsd apikey list --tenant S
   analyticsd apikey revoke --tenant S --key ID|PREFIX

@@ -58,10 +58,17 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		return err
 	}
 	writer.Start()
-	counters := quota.NewCounters(rdb, "")
-	var _ ingest.Counter = counters
-	ingestSvc := ingest.NewService(cfg.Ingest, writer, counters, ingestMetrics, log.With("component", "ingest"))
-	authn := auth.NewAuthenticator(auth.NewKeys(pg), tenant.NewStore(pg), cfg.JWT)
+	tenants := tenant.NewStore(pg)
+	auditLog := audit.New(pg)
+	quotaSvc := quota.NewService(cfg.Quota, quota.NewCounters(rdb, ""), quota.NewLimits(cfg.QuotaDefaults, tenants, 10*time.Second),
+		ch, cfg.ClickHouseDB, pg, auditLog, reg, log.With("component", "quota"))
+	var _ ingest.Counter = quotaSvc
+	ingestSvc := ingest.NewService(cfg.Ingest, writer, quotaSvc, ingestMetrics, log.With("component", "ingest"))
+	var _ quota.Recorder = ingestSvc
+	var _ ingest.Levels = quotaSvc
+	quotaSvc.SetRecorder(ingestSvc)
+	ingestSvc.UseLevels(quotaSvc)
+	authn := auth.NewAuthenticator(auth.NewKeys(pg), tenants, cfg.JWT)
 
 	ops := api.Ops{
 		Version:  version,
@@ -74,8 +81,8 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	}
 	ops.Details = func(context.Context) map[string]any { return map[string]any{"ingest": writer.Stats()} }
 	store := query.NewStore(ch, cfg.ClickHouseDB, pg, cfg.QueryTimeout)
-	querySvc := query.NewService(query.Config{MaxExportRows: cfg.MaxExportRows, LabelCap: cfg.LabelCap}, store, audit.New(pg), reg, log.With("component", "query"))
-	mount(app, ops, authn, ingestSvc, querySvc)
+	querySvc := query.NewService(query.Config{MaxExportRows: cfg.MaxExportRows, LabelCap: cfg.LabelCap}, store, auditLog, reg, log.With("component", "query"))
+	mount(app, ops, authn, ingestSvc, querySvc, quotaSvc)
 
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
@@ -107,6 +114,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	step("http", func() error { return app.ShutdownWithContext(sctx) })
 	step("live counters", func() error { ingestSvc.Close(); return nil })
 	step("ingest flush", func() error { return writer.Close(sctx) })
+	step("quota webhooks", func() error { quotaSvc.Close(sctx); return nil })
 	step("clickhouse", ch.Close)
 	step("postgres", func() error { pg.Close(); return nil })
 	step("redis", rdb.Close)
@@ -114,10 +122,11 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 }
 
 // mount registers every route; the OpenAPI test walks the same function.
-func mount(app *fiber.App, ops api.Ops, authn *auth.Authenticator, in *ingest.Service, q *query.Service) {
+func mount(app *fiber.App, ops api.Ops, authn *auth.Authenticator, in *ingest.Service, q *query.Service, qs *quota.Service) {
 	ops.Register(app)
 	api.RegisterOpenAPI(app)
 	analytics := app.Group("/api/analytics")
 	in.Register(analytics, authn.Require(auth.ScopeEventsWrite))
 	q.Register(analytics, authn.Require(auth.ScopeAnalyticsRead))
+	qs.Register(analytics, authn.Require(auth.ScopeAnalyticsRead), authn.Require(auth.ScopeEventsWrite))
 }

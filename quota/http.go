@@ -1,0 +1,86 @@
+package quota
+
+import (
+	"errors"
+	"net/http"
+	"strconv"
+
+	"github.com/gofiber/fiber/v2"
+
+	"github.com/analyticsd/analyticsd/api"
+)
+
+// Register mounts GET /quotas, GET /quotas/:metric (read) and POST /quotas/:metric/consume (write).
+func (s *Service) Register(r fiber.Router, read, write fiber.Handler) {
+	r.Get("/quotas", read, s.getAll)
+	r.Get("/quotas/:metric", read, s.getOne)
+	r.Post("/quotas/:metric/consume", write, s.postConsume)
+}
+
+func (s *Service) getAll(c *fiber.Ctx) error {
+	p, _ := api.PrincipalOf(c)
+	states, err := s.States(c.UserContext(), p.TenantID)
+	if err != nil {
+		return s.unavailable(err)
+	}
+	return api.OK(c, states)
+}
+
+func notFound(metric string) error {
+	return &api.Error{Status: http.StatusNotFound, Code: "unknown_quota",
+		Message: "no quota is defined for " + strconv.Quote(metric) + "; GET /api/analytics/quotas lists them"}
+}
+
+func (s *Service) getOne(c *fiber.Ctx) error {
+	p, _ := api.PrincipalOf(c)
+	metric := c.Params("metric")
+	st, err := s.State(c.UserContext(), p.TenantID, metric)
+	if errors.Is(err, ErrUnknownMetric) {
+		return notFound(metric)
+	}
+	if err != nil {
+		return s.unavailable(err)
+	}
+	return api.OK(c, st)
+}
+
+func (s *Service) postConsume(c *fiber.Ctx) error {
+	p, _ := api.PrincipalOf(c)
+	metric := c.Params("metric")
+	n := int64(1)
+	if v := c.Query("n"); v != "" {
+		var err error
+		if n, err = strconv.ParseInt(v, 10, 64); err != nil || n < 1 || n > 1_000_000_000 {
+			return api.BadRequest("invalid_parameter", "n must be a whole number from 1 to 1000000000 (default 1)")
+		}
+	}
+	res, err := s.Consume(c.UserContext(), p.TenantID, metric, n)
+	switch {
+	case errors.Is(err, ErrUnknownMetric):
+		return notFound(metric)
+	case err != nil:
+		var se api.StatusError
+		if errors.As(err, &se) {
+			return err
+		}
+		return s.unavailable(err)
+	case !res.Allowed:
+		return &api.Error{Status: http.StatusTooManyRequests, Code: "quota_exceeded",
+			Message: "quota " + metric + " would be exceeded: " + strconv.FormatFloat(res.Current, 'f', -1, 64) + " of " +
+				strconv.FormatFloat(res.Limit, 'f', -1, 64) + " used today (UTC); it resets at 00:00 UTC",
+			Details: res, Header: map[string]string{fiber.HeaderRetryAfter: strconv.Itoa(s.SecondsToNextDay())}}
+	}
+	if res.Degraded {
+		c.Set("X-Analytics-Degraded", "quota counters unavailable; allowed by QUOTA_FAIL_OPEN")
+	}
+	return api.OK(c, res)
+}
+
+func (s *Service) unavailable(err error) error {
+	var se api.StatusError
+	if errors.As(err, &se) {
+		return err
+	}
+	return &api.Error{Status: http.StatusServiceUnavailable, Code: "quota_unavailable",
+		Message: "quota state is unavailable right now; retry shortly", Header: map[string]string{fiber.HeaderRetryAfter: "5"}, Cause: err}
+}

@@ -1,0 +1,452 @@
+package quota
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/analyticsd/analyticsd/api"
+	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/ingest"
+	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/tenant"
+)
+
+type harness struct {
+	env     testenv.Env
+	tenant  tenant.Tenant
+	tenants *tenant.Store
+	writer  *ingest.Writer
+	ingest  *ingest.Service
+	keyRead string
+	keyW    string
+}
+
+func newHarness(t *testing.T) *harness {
+	t.Helper()
+	h := &harness{env: testenv.Migrated(t)}
+	h.tenants = tenant.NewStore(h.env.PG)
+	var err error
+	if h.tenant, err = h.tenants.Create(context.Background(), "acme", ""); err != nil {
+		t.Fatal(err)
+	}
+	keys := auth.NewKeys(h.env.PG)
+	if h.keyRead, _, err = keys.Create(context.Background(), h.tenant.ID, "r", []auth.Scope{auth.ScopeAnalyticsRead}); err != nil {
+		t.Fatal(err)
+	}
+	if h.keyW, _, err = keys.Create(context.Background(), h.tenant.ID, "w", []auth.Scope{auth.ScopeEventsWrite}); err != nil {
+		t.Fatal(err)
+	}
+	h.writer, err = ingest.NewWriter(ingest.WriterConfig{Dir: t.TempDir(), FlushInterval: 20 * time.Millisecond}, h.env.CH, h.env.DB, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.writer.Start()
+	t.Cleanup(func() { h.writer.Close(context.Background()) })
+	return h
+}
+
+// service builds a quota service (an "instance") sharing the harness's stores; rdb may be a proxy.
+func (h *harness) service(t *testing.T, cfg Config, env map[string]float64, rdb redis.UniversalClient) *Service {
+	t.Helper()
+	if rdb == nil {
+		rdb = h.env.Redis
+	}
+	if cfg.EventMetrics == nil {
+		cfg.EventMetrics = ingest.DefaultEventMetrics()
+	}
+	s := NewService(cfg, NewCounters(rdb, h.env.Prefix), NewLimits(env, h.tenants, time.Millisecond), h.env.CH, h.env.DB, h.env.PG,
+		audit.New(h.env.PG), nil, nil)
+	svc := ingest.NewService(ingest.Config{Enabled: true, Limits: ingest.DefaultLimits(), CounterEvery: 5 * time.Millisecond}, h.writer, s, ingest.NewMetrics(nil, 0), nil)
+	t.Cleanup(svc.Close)
+	s.SetRecorder(svc)
+	svc.UseLevels(s)
+	if h.ingest == nil {
+		h.ingest = svc
+	}
+	return s
+}
+
+func (h *harness) app(s *Service, in *ingest.Service) *fiber.App {
+	app := api.NewApp(api.Config{}, nil)
+	authn := auth.NewAuthenticator(auth.NewKeys(h.env.PG), h.tenants, auth.JWTConfig{})
+	g := app.Group("/api/analytics")
+	s.Register(g, authn.Require(auth.ScopeAnalyticsRead), authn.Require(auth.ScopeEventsWrite))
+	in.Register(g, authn.Require(auth.ScopeEventsWrite))
+	return app
+}
+
+func call(t *testing.T, app *fiber.App, method, path, key, body string) (int, http.Header, map[string]any) {
+	t.Helper()
+	req := httptest.NewRequest(method, path, strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+key)
+	req.Header.Set("Content-Type", "application/json")
+	res, err := app.Test(req, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	raw, _ := io.ReadAll(res.Body)
+	var m map[string]any
+	_ = json.Unmarshal(raw, &m)
+	return res.StatusCode, res.Header, m
+}
+
+func TestConsumeIsAtomic(t *testing.T) {
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, map[string]float64{"builds_daily": 100}, nil)
+	var allowed, refused atomic.Int64
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 64)
+	for i := 0; i < 1000; i++ {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			res, err := s.Consume(context.Background(), h.tenant.ID, "builds_daily", 1)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			if res.Allowed {
+				allowed.Add(1)
+			} else {
+				refused.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if allowed.Load() != 100 || refused.Load() != 900 {
+		t.Errorf("allowed %d, refused %d; want exactly 100 and 900", allowed.Load(), refused.Load())
+	}
+	// Every allowed spend is stored durably too.
+	h.writer.Close(context.Background())
+	var sum int64
+	if err := h.env.CH.QueryRow(context.Background(), "SELECT sum(n) FROM "+h.env.DB+".usage_increments WHERE tenant_id = ? AND metric = 'builds_daily'", h.tenant.ID).Scan(&sum); err != nil {
+		t.Fatal(err)
+	}
+	if sum != 100 {
+		t.Errorf("usage_increments holds %d builds, want 100", sum)
+	}
+}
+
+func TestLimitPrecedence(t *testing.T) {
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, map[string]float64{"builds_daily": 100, "emails_daily": 7}, nil)
+	if _, err := h.tenants.SetQuota(context.Background(), "acme", "builds_daily", ptr(5)); err != nil {
+		t.Fatal(err)
+	}
+	got := s.limits.For(context.Background(), h.tenant.ID)
+	want := map[string]float64{"api_requests_daily": 100000, "builds_daily": 5, "emails_daily": 7, "webhooks_daily": 50000, "storage_gb": 50}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("limits: got %v, want %v (tenant > env > built-in)", got, want)
+	}
+	if _, err := h.tenants.SetQuota(context.Background(), "acme", "builds_daily", nil); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(5 * time.Millisecond)
+	if got := s.limits.For(context.Background(), h.tenant.ID)["builds_daily"]; got != 100 {
+		t.Errorf("after clearing the override: %v, want the env's 100", got)
+	}
+}
+
+func ptr(f float64) *float64 { return &f }
+
+func TestDayRollover(t *testing.T) {
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, map[string]float64{"builds_daily": 2}, nil)
+	clock := time.Date(2031, 3, 4, 23, 59, 58, 0, time.UTC)
+	s.now = func() time.Time { return clock }
+	for i, want := range []bool{true, true, false} {
+		res, err := s.Consume(context.Background(), h.tenant.ID, "builds_daily", 1)
+		if err != nil || res.Allowed != want {
+			t.Fatalf("consume %d before midnight: %+v, %v; want allowed=%v", i, res, err, want)
+		}
+	}
+	if got := s.SecondsToNextDay(); got != 2 {
+		t.Errorf("Retry-After before midnight = %d, want 2", got)
+	}
+	clock = clock.Add(3 * time.Second) // 00:00:01 the next day
+	res, err := s.Consume(context.Background(), h.tenant.ID, "builds_daily", 1)
+	if err != nil || !res.Allowed || res.Current != 1 {
+		t.Errorf("first consume of the new day: %+v, %v; want allowed with current 1", res, err)
+	}
+}
+
+// Thresholds fire once each per tenant, metric and day, even with two instances racing.
+func TestAlertsFireOnceAcrossInstances(t *testing.T) {
+	h := newHarness(t)
+	var hooks []map[string]any
+	var sigOK atomic.Int64
+	var mu sync.Mutex
+	var fails atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		if fails.Add(1) <= 2 { // the first two deliveries fail: retried
+			w.WriteHeader(http.StatusBadGateway)
+			return
+		}
+		sig := r.Header.Get(SignatureHeader)
+		var ts int64
+		fmt.Sscanf(sig, "t=%d,", &ts)
+		if sig == Sign("s3cret", ts, body) {
+			sigOK.Add(1)
+		}
+		var m map[string]any
+		json.Unmarshal(body, &m)
+		mu.Lock()
+		hooks = append(hooks, m)
+		mu.Unlock()
+	}))
+	defer srv.Close()
+	cfg := Config{Enabled: true, Webhook: WebhookConfig{URL: srv.URL, Secret: "s3cret", Backoff: 10 * time.Millisecond}}
+	a := h.service(t, cfg, map[string]float64{"builds_daily": 10}, nil)
+	b := h.service(t, cfg, map[string]float64{"builds_daily": 10}, nil)
+	var wg sync.WaitGroup
+	for i := 0; i < 20; i++ {
+		wg.Add(1)
+		s := a
+		if i%2 == 1 {
+			s = b
+		}
+		go func() { defer wg.Done(); s.Consume(context.Background(), h.tenant.ID, "builds_daily", 1) }()
+	}
+	wg.Wait()
+	a.Close(context.Background())
+	b.Close(context.Background())
+	mu.Lock()
+	defer mu.Unlock()
+	types := map[string]int{}
+	for _, m := range hooks {
+		types[m["type"].(string)]++
+	}
+	if types["quota.warning"] != 1 || types["quota.exceeded"] != 1 || len(hooks) != 2 {
+		t.Errorf("webhooks %v, want one quota.warning and one quota.exceeded", types)
+	}
+	if sigOK.Load() != 2 {
+		t.Errorf("%d webhooks had a valid signature, want 2", sigOK.Load())
+	}
+	var audits int
+	if err := h.env.PG.QueryRow(context.Background(), "SELECT count(*) FROM audit_log WHERE tenant_id = $1 AND action IN ('quota.warning','quota.exceeded')", h.tenant.ID).Scan(&audits); err != nil {
+		t.Fatal(err)
+	}
+	if audits != 2 {
+		t.Errorf("audit_log has %d alerts, want 2", audits)
+	}
+	h.writer.Close(context.Background())
+	var events uint64
+	if err := h.env.CH.QueryRow(context.Background(), "SELECT count() FROM "+h.env.DB+".events WHERE tenant_id = ? AND event IN ('quota.warning','quota.exceeded')", h.tenant.ID).Scan(&events); err != nil {
+		t.Fatal(err)
+	}
+	if events != 2 {
+		t.Errorf("the tenant's stream has %d alert events, want 2", events)
+	}
+}
+
+// Ingest's live counts cross thresholds too (soft quota: ingest itself is never refused).
+func TestIngestCrossingFiresAlert(t *testing.T) {
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, map[string]float64{"api_requests_daily": 5}, nil)
+	app := h.app(s, h.ingest)
+	body := `[` + strings.TrimSuffix(strings.Repeat(`{"event":"apikey.request"},`, 6), ",") + `]`
+	if st, _, m := call(t, app, http.MethodPost, "/api/analytics/events", h.keyW, body); st != 202 {
+		t.Fatalf("ingest: %d %v", st, m)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var n int
+		h.env.PG.QueryRow(context.Background(), "SELECT count(*) FROM audit_log WHERE tenant_id = $1 AND action = 'quota.exceeded'", h.tenant.ID).Scan(&n)
+		if n == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no quota.exceeded alert after ingest passed the limit")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A counter Redis lost is rebuilt from ClickHouse once, and live counting goes on without double counting.
+func TestCountersRebuiltAfterRedisLosesThem(t *testing.T) {
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, nil, nil)
+	app := h.app(s, h.ingest)
+	send := func(n int) {
+		body := `[` + strings.TrimSuffix(strings.Repeat(`{"event":"apikey.request"},`, n), ",") + `]`
+		if st, _, m := call(t, app, http.MethodPost, "/api/analytics/events", h.keyW, body); st != 202 {
+			t.Fatalf("ingest: %d %v", st, m)
+		}
+	}
+	send(7)
+	if _, err := s.Consume(context.Background(), h.tenant.ID, "api_requests_daily", 3); err != nil {
+		t.Fatal(err)
+	}
+	waitCurrent := func(want float64) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			st, err := s.State(context.Background(), h.tenant.ID, "api_requests_daily")
+			if err == nil && st.Current == want && !st.Degraded {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("api_requests_daily = %+v, %v; want %v", st, err, want)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	waitCurrent(10)
+	// Let the spool reach ClickHouse, then lose every key of the tenant, as a Redis restart would.
+	waitStored(t, h, 7)
+	iter := h.env.Redis.Scan(context.Background(), 0, h.env.Prefix+"*", 1000).Iterator()
+	for iter.Next(context.Background()) {
+		h.env.Redis.Del(context.Background(), iter.Val())
+	}
+	// A restart takes a while; born is kept to the second, so counting resumes in a later second.
+	time.Sleep(1100 * time.Millisecond)
+	send(2) // live counting restarts before anyone reads
+	waitStored(t, h, 9)
+	waitCurrent(12)
+	st, _, m := call(t, app, http.MethodGet, "/api/analytics/quotas/api_requests_daily", h.keyRead, "")
+	if st != 200 || m["data"].(map[string]any)["current"].(float64) != 12 {
+		t.Errorf("GET quota after rebuild: %d %v, want current 12", st, m)
+	}
+}
+
+func waitStored(t *testing.T, h *harness, want uint64) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var n uint64
+		h.env.CH.QueryRow(context.Background(), "SELECT count() FROM "+h.env.DB+".events WHERE tenant_id = ?", h.tenant.ID).Scan(&n)
+		if n == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d events in ClickHouse, want %d", n, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestRedisDownDegrades(t *testing.T) {
+	for _, failOpen := range []bool{true, false} {
+		t.Run(fmt.Sprint("fail_open=", failOpen), func(t *testing.T) {
+			h := newHarness(t)
+			u, _ := url.Parse(testenv.RedisURL(t))
+			proxy := testenv.NewProxy(t, u.Host)
+			rdb := redis.NewClient(&redis.Options{Addr: proxy.Addr, DialTimeout: 200 * time.Millisecond, ReadTimeout: 200 * time.Millisecond, MaxRetries: -1})
+			defer rdb.Close()
+			s := h.service(t, Config{Enabled: true, FailOpen: failOpen}, nil, rdb)
+			app := h.app(s, h.ingest)
+			if _, err := s.Consume(context.Background(), h.tenant.ID, "builds_daily", 4); err != nil {
+				t.Fatal(err)
+			}
+			h.writer.Close(context.Background()) // the consume's increment is in ClickHouse now
+			proxy.SetDown(true)
+			st, _, m := call(t, app, http.MethodGet, "/api/analytics/quotas", h.keyRead, "")
+			b := m["data"].(map[string]any)["builds_daily"].(map[string]any)
+			if st != 200 || b["degraded"] != true || b["current"].(float64) != 4 {
+				t.Errorf("GET quotas with redis down: %d %v; want 200, degraded, current 4 from ClickHouse", st, b)
+			}
+			st, _, m = call(t, app, http.MethodPost, "/api/analytics/quotas/builds_daily/consume", h.keyW, "")
+			switch {
+			case failOpen && (st != 503 || !strings.Contains(fmt.Sprint(m), "shutting")) && (st != 200 || m["data"].(map[string]any)["degraded"] != true):
+				// The writer was closed above, so recording may be refused as shutting down; either way never a silent pass.
+				t.Errorf("consume fail-open with redis down: %d %v", st, m)
+			case !failOpen && st != 503:
+				t.Errorf("consume fail-closed with redis down: %d %v, want 503", st, m)
+			}
+			proxy.SetDown(false)
+			if st, _, _ := call(t, app, http.MethodGet, "/api/analytics/quotas/builds_daily", h.keyRead, ""); st != 200 {
+				t.Errorf("after redis returned: %d", st)
+			}
+		})
+	}
+}
+
+// The guide's shape: every metric with exceeded, current, limit; levels are set, not counted.
+func TestQuotasShapeAndLevels(t *testing.T) {
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, nil, nil)
+	app := h.app(s, h.ingest)
+	if st, _, m := call(t, app, http.MethodPost, "/api/analytics/usage", h.keyW, `{"metric":"storage_gb","value":12.5}`); st != 202 {
+		t.Fatalf("set level: %d %v", st, m)
+	}
+	if st, _, _ := call(t, app, http.MethodPost, "/api/analytics/usage", h.keyW, `{"metric":"storage_gb","n":1}`); st != 400 {
+		t.Errorf("counting a level: %d, want 400", st)
+	}
+	if st, _, _ := call(t, app, http.MethodPost, "/api/analytics/usage", h.keyW, `{"metric":"builds_daily","value":3}`); st != 400 {
+		t.Errorf("setting a daily count: %d, want 400", st)
+	}
+	st, _, m := call(t, app, http.MethodGet, "/api/analytics/quotas", h.keyRead, "")
+	if st != 200 || m["success"] != true {
+		t.Fatalf("%d %v", st, m)
+	}
+	got, _ := json.Marshal(m["data"])
+	want := normJSON(`{"api_requests_daily":{"exceeded":false,"current":0,"limit":100000},"builds_daily":{"exceeded":false,"current":0,"limit":200},` +
+		`"emails_daily":{"exceeded":false,"current":0,"limit":5000},"storage_gb":{"exceeded":false,"current":12.5,"limit":50},` +
+		`"webhooks_daily":{"exceeded":false,"current":0,"limit":50000}}`)
+	if string(got) != want {
+		t.Errorf("GET quotas:\n got %s\nwant %s", got, want)
+	}
+	if st, _, _ := call(t, app, http.MethodGet, "/api/analytics/quotas/nope_daily", h.keyRead, ""); st != 404 {
+		t.Errorf("unknown quota: %d, want 404", st)
+	}
+	if st, _, _ := call(t, app, http.MethodPost, "/api/analytics/quotas/builds_daily/consume?n=0", h.keyW, ""); st != 400 {
+		t.Errorf("n=0: %d, want 400", st)
+	}
+	if st, _, _ := call(t, app, http.MethodPost, "/api/analytics/quotas/builds_daily/consume", h.keyRead, ""); st != 403 {
+		t.Errorf("consume with a read-only key: %d, want 403", st)
+	}
+	// 429 with Retry-After once the limit would be passed.
+	if _, err := h.tenants.SetQuota(context.Background(), "acme", "builds_daily", ptr(1)); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(5 * time.Millisecond)
+	if st, _, m := call(t, app, http.MethodPost, "/api/analytics/quotas/builds_daily/consume", h.keyW, ""); st != 200 {
+		t.Fatalf("first consume: %d %v", st, m)
+	}
+	st, hdr, m := call(t, app, http.MethodPost, "/api/analytics/quotas/builds_daily/consume", h.keyW, "")
+	if st != 429 || hdr.Get("Retry-After") == "" || m["error"].(map[string]any)["code"] != "quota_exceeded" {
+		t.Errorf("over the limit: %d %v %v, want 429 quota_exceeded with Retry-After", st, hdr, m)
+	}
+}
+
+func TestQuotasDisabledNeverRefuse(t *testing.T) {
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: false}, map[string]float64{"builds_daily": 1}, nil)
+	for i := 0; i < 3; i++ {
+		res, err := s.Consume(context.Background(), h.tenant.ID, "builds_daily", 1)
+		if err != nil || !res.Allowed || !res.Disabled || res.Exceeded {
+			t.Fatalf("consume %d with quotas disabled: %+v, %v", i, res, err)
+		}
+	}
+	st, err := s.State(context.Background(), h.tenant.ID, "builds_daily")
+	if err != nil || !st.Disabled || st.Exceeded || st.Current != 3 {
+		t.Errorf("state with quotas disabled: %+v, %v; want disabled, not exceeded, current 3", st, err)
+	}
+}
+
+func normJSON(s string) string {
+	var v any
+	if err := json.Unmarshal([]byte(s), &v); err != nil {
+		panic(err)
+	}
+	b, _ := json.Marshal(v)
+	return string(b)
+}

@@ -1,0 +1,454 @@
+package quota
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/internal/labels"
+)
+
+// Config shapes quota behaviour.
+type Config struct {
+	Enabled      bool              // QUOTAS_ENABLED: false reports quotas as disabled and never refuses
+	FailOpen     bool              // QUOTA_FAIL_OPEN: consume with Redis down is allowed (marked degraded)
+	Thresholds   []int             // QUOTA_ALERT_THRESHOLDS, percent (default 80, 100)
+	EventMetrics map[string]string // event → daily metric, the same map ingest counts with
+	Webhook      WebhookConfig
+	LabelCap     int
+}
+
+// Recorder writes usage durably; *ingest.Service implements it. Quota never writes ClickHouse itself.
+type Recorder interface {
+	// RecordIncrement stores an increment_usage durably without touching the live counters.
+	RecordIncrement(ctx context.Context, tenant uuid.UUID, metric string, n int64) error
+	// Emit adds an event to the tenant's own event stream.
+	Emit(ctx context.Context, tenant uuid.UUID, slug, event string, props map[string]any) error
+}
+
+// State is one quota as the guide's check_quota returns it.
+type State struct {
+	Exceeded bool    `json:"exceeded"`
+	Current  float64 `json:"current"`
+	Limit    float64 `json:"limit"`
+	// Degraded: Redis was unreachable and Current was read from ClickHouse.
+	Degraded bool `json:"degraded,omitempty"`
+	// Disabled: QUOTAS_ENABLED=false; nothing is ever refused.
+	Disabled bool `json:"disabled,omitempty"`
+}
+
+func state(current, limit float64) State {
+	return State{Current: current, Limit: limit, Exceeded: current >= limit}
+}
+
+// Service answers "may tenant T spend N more of metric M?" and keeps the live counters.
+type Service struct {
+	cfg      Config
+	counters *Counters
+	limits   *Limits
+	ch       driver.Conn
+	db       string
+	pg       *pgxpool.Pool
+	audit    *audit.Log
+	rec      Recorder
+	log      *slog.Logger
+	now      func() time.Time
+	sources  map[string][]string // daily metric → events counted toward it
+	webhook  *webhook
+	exceeded *prometheus.CounterVec
+	alerts   *prometheus.CounterVec
+	tenants  *labels.Capped
+}
+
+// ErrUnknownMetric: the metric has no quota.
+var ErrUnknownMetric = errors.New("no quota is defined for that metric")
+
+// NewService wires quotas. rec may be set later with SetRecorder (ingest is built after quota).
+func NewService(cfg Config, counters *Counters, limits *Limits, ch driver.Conn, db string, pg *pgxpool.Pool,
+	auditLog *audit.Log, reg prometheus.Registerer, log *slog.Logger) *Service {
+	if len(cfg.Thresholds) == 0 {
+		cfg.Thresholds = []int{80, 100}
+	}
+	if cfg.LabelCap <= 0 {
+		cfg.LabelCap = 500
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s := &Service{cfg: cfg, counters: counters, limits: limits, ch: ch, db: db, pg: pg, audit: auditLog, log: log, now: time.Now,
+		sources: map[string][]string{}, tenants: labels.NewCapped(cfg.LabelCap),
+		exceeded: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sbh_quota_exceeded_total", Help: "Quotas that reached 100% of their limit (once per tenant, metric and day).",
+		}, []string{"tenant", "metric"}),
+		alerts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sbh_quota_alerts_total", Help: "Quota alerts fired, by threshold percent.",
+		}, []string{"threshold"}),
+	}
+	for ev, m := range cfg.EventMetrics {
+		s.sources[m] = append(s.sources[m], ev)
+	}
+	s.webhook = newWebhook(cfg.Webhook, log)
+	if reg != nil {
+		reg.MustRegister(s.exceeded, s.alerts)
+	}
+	return s
+}
+
+// SetRecorder attaches the durable writer (ingest).
+func (s *Service) SetRecorder(r Recorder) { s.rec = r }
+
+// Close waits for webhook deliveries in flight (up to ctx).
+func (s *Service) Close(ctx context.Context) { s.webhook.close(ctx) }
+
+func (s *Service) today() time.Time { return s.now().UTC().Truncate(24 * time.Hour) }
+
+// Add is the live counter feed from ingest (it implements ingest.Counter): it increments the day's
+// counters and fires alerts for thresholds the new values cross.
+func (s *Service) Add(ctx context.Context, tenant uuid.UUID, d time.Time, deltas map[string]int64) error {
+	vals, err := s.counters.Add(ctx, tenant, d, deltas)
+	if err != nil {
+		return err
+	}
+	if !s.cfg.Enabled || !d.Equal(s.today()) {
+		return nil
+	}
+	var limits map[string]float64
+	for m, v := range vals {
+		if deltas[m] <= 0 || !IsDaily(m) {
+			continue
+		}
+		if limits == nil {
+			limits = s.limits.For(ctx, tenant)
+		}
+		if lim, ok := limits[m]; ok {
+			s.checkAlerts(ctx, tenant, m, float64(v-deltas[m]), float64(v), lim)
+		}
+	}
+	return nil
+}
+
+// ensureSeeded rebuilds a day's counters from ClickHouse once (after Redis lost them, or on a day's
+// first use): it counts what ClickHouse received before live counting began ("born") and adds it,
+// so nothing counted live is counted again.
+func (s *Service) ensureSeeded(ctx context.Context, tenant uuid.UUID, d time.Time) error {
+	born, err := s.counters.Born(ctx, tenant, d)
+	if err != nil {
+		return err
+	}
+	base, err := s.counted(ctx, tenant, d, born)
+	if err != nil {
+		return err
+	}
+	applied, err := s.counters.Seed(ctx, tenant, d, base)
+	if err == nil && applied {
+		s.log.Debug("quota counters seeded from clickhouse", "tenant", tenant, "day", day(d), "base", base)
+	}
+	return err
+}
+
+// counted returns, per daily metric, what ClickHouse holds for the tenant's day: mapped events and
+// explicit increments, only those received before `before` (zero time: all).
+func (s *Service) counted(ctx context.Context, tenant uuid.UUID, d, before time.Time) (map[string]int64, error) {
+	if before.IsZero() {
+		before = d.Add(48 * time.Hour)
+	}
+	out := map[string]int64{}
+	events := make([]string, 0, len(s.cfg.EventMetrics))
+	for ev := range s.cfg.EventMetrics {
+		events = append(events, ev)
+	}
+	next := d.Add(24 * time.Hour)
+	rows, err := s.ch.Query(ctx, "SELECT event, count() FROM "+s.db+".events WHERE tenant_id = ? AND ts >= ? AND ts < ? AND received_at < ? AND has(?, event) GROUP BY event",
+		tenant, d, next, before, events)
+	if err != nil {
+		return nil, fmt.Errorf("count mapped events: %w", err)
+	}
+	for rows.Next() {
+		var ev string
+		var n uint64
+		if err := rows.Scan(&ev, &n); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		out[s.cfg.EventMetrics[ev]] += int64(n)
+	}
+	rows.Close()
+	rows, err = s.ch.Query(ctx, "SELECT metric, sum(n) FROM "+s.db+".usage_increments WHERE tenant_id = ? AND ts >= ? AND ts < ? AND ts < ? GROUP BY metric",
+		tenant, d, next, before)
+	if err != nil {
+		return nil, fmt.Errorf("count usage increments: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var m string
+		var n int64
+		if err := rows.Scan(&m, &n); err != nil {
+			return nil, err
+		}
+		out[m] += n
+	}
+	return out, rows.Err()
+}
+
+// States returns every quota of the tenant (the guide's GET quotas).
+func (s *Service) States(ctx context.Context, tenant uuid.UUID) (map[string]State, error) {
+	limits := s.limits.For(ctx, tenant)
+	var daily, levels []string
+	for _, m := range Metrics(limits) {
+		if IsDaily(m) {
+			daily = append(daily, m)
+		} else {
+			levels = append(levels, m)
+		}
+	}
+	out := make(map[string]State, len(limits))
+	cur, degraded, err := s.dailyCurrent(ctx, tenant, daily)
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range daily {
+		st := state(float64(cur[m]), limits[m])
+		st.Degraded = degraded
+		out[m] = st
+	}
+	lv, err := s.levelValues(ctx, tenant)
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range levels {
+		out[m] = state(lv[m], limits[m])
+	}
+	if !s.cfg.Enabled {
+		for m, st := range out {
+			st.Exceeded, st.Disabled = false, true
+			out[m] = st
+		}
+	}
+	return out, nil
+}
+
+// State returns one quota.
+func (s *Service) State(ctx context.Context, tenant uuid.UUID, metric string) (State, error) {
+	all, err := s.States(ctx, tenant)
+	if err != nil {
+		return State{}, err
+	}
+	st, ok := all[metric]
+	if !ok {
+		return State{}, fmt.Errorf("%w: %q", ErrUnknownMetric, metric)
+	}
+	return st, nil
+}
+
+// dailyCurrent reads today's counters, seeding them first if Redis lost them; with Redis down it
+// answers from ClickHouse and says so.
+func (s *Service) dailyCurrent(ctx context.Context, tenant uuid.UUID, metrics []string) (map[string]int64, bool, error) {
+	d := s.today()
+	vals, seeded, err := s.counters.Read(ctx, tenant, d, metrics)
+	if err == nil && !seeded {
+		if err = s.ensureSeeded(ctx, tenant, d); err == nil {
+			vals, _, err = s.counters.Read(ctx, tenant, d, metrics)
+		}
+	}
+	if err == nil {
+		return vals, false, nil
+	}
+	s.log.Warn("quota counters unavailable; answering from clickhouse", "err", err)
+	vals, cerr := s.counted(ctx, tenant, d, time.Time{})
+	if cerr != nil {
+		return nil, true, fmt.Errorf("quota counters: redis: %v; clickhouse: %w", err, cerr)
+	}
+	return vals, true, nil
+}
+
+func (s *Service) levelValues(ctx context.Context, tenant uuid.UUID) (map[string]float64, error) {
+	out := map[string]float64{}
+	rows, err := s.pg.Query(ctx, "SELECT metric, value FROM usage_levels WHERE tenant_id = $1", tenant)
+	if err != nil {
+		return nil, fmt.Errorf("read usage levels: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var m string
+		var v float64
+		if err := rows.Scan(&m, &v); err != nil {
+			return nil, err
+		}
+		out[m] = v
+	}
+	return out, rows.Err()
+}
+
+// IsLevel reports whether metric is a level quota (set, not counted), e.g. storage_gb.
+func (s *Service) IsLevel(metric string) bool {
+	_, ok := s.limits.defaults[metric]
+	return ok && !IsDaily(metric)
+}
+
+// SetLevel records a level metric's current value (POST usage with "value").
+func (s *Service) SetLevel(ctx context.Context, tenant uuid.UUID, metric string, value float64) error {
+	var prev float64
+	err := pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
+		if err := tx.QueryRow(ctx, "SELECT value FROM usage_levels WHERE tenant_id = $1 AND metric = $2 FOR UPDATE", tenant, metric).Scan(&prev); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return err
+		}
+		_, err := tx.Exec(ctx, `INSERT INTO usage_levels (tenant_id, metric, value) VALUES ($1, $2, $3)
+			ON CONFLICT (tenant_id, metric) DO UPDATE SET value = EXCLUDED.value, updated_at = now()`, tenant, metric, value)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("set level %s for tenant %s: %w", metric, tenant, err)
+	}
+	if lim, ok := s.limits.For(ctx, tenant)[metric]; ok && s.cfg.Enabled {
+		s.checkAlerts(ctx, tenant, metric, prev, value, lim)
+	}
+	return nil
+}
+
+// ConsumeResult is the outcome of a consume.
+type ConsumeResult struct {
+	Metric    string  `json:"metric"`
+	Allowed   bool    `json:"allowed"`
+	Current   float64 `json:"current"`
+	Limit     float64 `json:"limit"`
+	Remaining float64 `json:"remaining"`
+	Exceeded  bool    `json:"exceeded"`
+	Degraded  bool    `json:"degraded,omitempty"`
+	Disabled  bool    `json:"disabled,omitempty"`
+}
+
+// Consume atomically checks and spends n of a daily metric: allowed only when the counter stays
+// within the limit. An allowed spend is also stored durably as an increment (so ClickHouse, billing and
+// a rebuilt counter all see it). With Redis down it follows FailOpen.
+func (s *Service) Consume(ctx context.Context, tenant uuid.UUID, metric string, n int64) (ConsumeResult, error) {
+	limits := s.limits.For(ctx, tenant)
+	lim, ok := limits[metric]
+	if !ok {
+		return ConsumeResult{}, fmt.Errorf("%w: %q", ErrUnknownMetric, metric)
+	}
+	if !IsDaily(metric) {
+		return ConsumeResult{}, &ParamError{fmt.Sprintf("%s is a level, not a daily count: set it with POST /api/analytics/usage {\"metric\":%q,\"value\":N}", metric, metric)}
+	}
+	res := ConsumeResult{Metric: metric, Limit: lim}
+	d := s.today()
+	limit := int64(math.Floor(lim))
+	if !s.cfg.Enabled {
+		limit = math.MaxInt64 / 2
+		res.Disabled = true
+	}
+	allowed, seeded, v, err := s.counters.Consume(ctx, tenant, metric, d, n, limit)
+	if err == nil && !seeded {
+		if err = s.ensureSeeded(ctx, tenant, d); err == nil {
+			allowed, _, v, err = s.counters.Consume(ctx, tenant, metric, d, n, limit)
+		}
+	}
+	if err != nil {
+		if !s.cfg.FailOpen {
+			return res, &Unavailable{"quota counters are unavailable and QUOTA_FAIL_OPEN=false; retry shortly"}
+		}
+		s.log.Warn("quota consume with redis unavailable: allowed (QUOTA_FAIL_OPEN)", "tenant", tenant, "metric", metric, "err", err)
+		res.Allowed, res.Degraded = true, true
+		if cur, cerr := s.counted(ctx, tenant, d, time.Time{}); cerr == nil {
+			v = cur[metric] + n
+		}
+	} else {
+		res.Allowed = allowed
+	}
+	if res.Allowed {
+		if err := s.rec.RecordIncrement(ctx, tenant, metric, n); err != nil {
+			if !res.Degraded {
+				if uerr := s.counters.Undo(ctx, tenant, metric, d, n); uerr != nil {
+					s.log.Error("undo consume after a failed record", "tenant", tenant, "metric", metric, "err", uerr)
+				}
+			}
+			return res, err
+		}
+		if s.cfg.Enabled && !res.Degraded {
+			s.checkAlerts(ctx, tenant, metric, float64(v-n), float64(v), lim)
+		}
+	}
+	res.Current = float64(v)
+	res.Remaining = math.Max(0, lim-res.Current)
+	res.Exceeded = s.cfg.Enabled && res.Current >= lim
+	return res, nil
+}
+
+// SecondsToNextDay is the Retry-After of a refused consume: the counter resets at 00:00 UTC.
+func (s *Service) SecondsToNextDay() int {
+	now := s.now().UTC()
+	return int(math.Ceil(now.Truncate(24 * time.Hour).Add(24 * time.Hour).Sub(now).Seconds()))
+}
+
+// ParamError is a bad request to the quota API.
+type ParamError struct{ Msg string }
+
+func (e *ParamError) Error() string     { return e.Msg }
+func (e *ParamError) HTTPStatus() int   { return http.StatusBadRequest }
+func (e *ParamError) ErrorCode() string { return "invalid_parameter" }
+
+// Unavailable is a 503 from the quota API.
+type Unavailable struct{ Msg string }
+
+func (e *Unavailable) Error() string     { return e.Msg }
+func (e *Unavailable) HTTPStatus() int   { return http.StatusServiceUnavailable }
+func (e *Unavailable) ErrorCode() string { return "quota_unavailable" }
+
+// checkAlerts fires each threshold the counter crossed from prev to cur, once per tenant, metric and
+// day across all instances (a Redis SET NX decides which instance fires).
+func (s *Service) checkAlerts(ctx context.Context, tenant uuid.UUID, metric string, prev, cur, limit float64) {
+	if limit <= 0 {
+		return
+	}
+	for _, pct := range s.cfg.Thresholds {
+		bound := limit * float64(pct) / 100
+		if !(prev < bound && cur >= bound) {
+			continue
+		}
+		first, err := s.counters.MarkOnce(ctx, tenant, metric+":"+strconv.Itoa(pct), s.today())
+		if err != nil {
+			s.log.Warn("quota alert not recorded: redis unavailable", "tenant", tenant, "metric", metric, "err", err)
+			continue
+		}
+		if first {
+			s.fire(tenant, metric, pct, cur, limit)
+		}
+	}
+}
+
+func (s *Service) fire(tenant uuid.UUID, metric string, pct int, cur, limit float64) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	slug := s.limits.Slug(ctx, tenant)
+	kind := "quota.warning"
+	if pct >= 100 {
+		kind = "quota.exceeded"
+		s.exceeded.WithLabelValues(s.tenants.Value(slug), metric).Inc()
+	}
+	s.alerts.WithLabelValues(strconv.Itoa(pct)).Inc()
+	props := map[string]any{"metric": metric, "current": cur, "limit": limit, "threshold_percent": pct, "day": s.today().Format("2006-01-02")}
+	if s.rec != nil {
+		if err := s.rec.Emit(ctx, tenant, slug, kind, props); err != nil {
+			s.log.Error("quota alert event not stored", "tenant", slug, "metric", metric, "err", err)
+		}
+	}
+	if s.audit != nil {
+		if err := s.audit.Record(ctx, audit.Entry{TenantID: tenant, Actor: "quota", Action: kind, Target: metric, Meta: props}); err != nil {
+			s.log.Error("quota alert not audited", "tenant", slug, "metric", metric, "err", err)
+		}
+	}
+	s.log.Info("quota alert", "type", kind, "tenant", slug, "metric", metric, "current", cur, "limit", limit)
+	s.webhook.send(alertPayload{Type: kind, TenantID: tenant.String(), Tenant: slug, Metric: metric, Current: cur, Limit: limit,
+		ThresholdPercent: pct, Day: s.today().Format("2006-01-02"), At: s.now().UTC().Format(time.RFC3339)})
+}
