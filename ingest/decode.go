@@ -62,6 +62,9 @@ func FormatOf(contentType string) (Format, error) {
 	switch mt {
 	case "application/json", "text/json":
 		return FormatJSON, nil
+	case "application/x-www-form-urlencoded", "text/plain":
+		// What `curl -d` and bare fetch() send by default: read as JSON (the body says if it is not).
+		return FormatJSON, nil
 	case "application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines", "application/jsonlines":
 		return FormatNDJSON, nil
 	}

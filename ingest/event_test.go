@@ -154,6 +154,7 @@ func TestFormatOf(t *testing.T) {
 	check("", FormatJSON, false)
 	check("application/json; charset=utf-8", FormatJSON, false)
 	check("application/x-ndjson", FormatNDJSON, false)
+	check("application/x-www-form-urlencoded", FormatJSON, false)
 	check("text/csv", 0, true)
 }
 
