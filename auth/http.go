@@ -4,7 +4,9 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"math"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -13,6 +15,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/api"
+	"github.com/analyticsd/analyticsd/ratelimit"
 	"github.com/analyticsd/analyticsd/tenant"
 )
 
@@ -36,6 +39,11 @@ type Authenticator struct {
 	StaleFor time.Duration
 	now      func() time.Time
 	jwt      *jwtVerifier
+	// Limiter, when set, meters every authenticated request per credential; OnLimited is told
+	// (at most once a minute per credential) when one is refused.
+	Limiter   *ratelimit.Limiter
+	OnLimited func(p api.Principal)
+	limitedAt map[string]time.Time
 
 	mu     sync.Mutex
 	cache  map[[32]byte]cached
@@ -59,7 +67,7 @@ type cached struct {
 // when jwtCfg enables them.
 func NewAuthenticator(keys *Keys, tenants TenantFinder, jwtCfg JWTConfig) *Authenticator {
 	a := &Authenticator{Keys: keys, Tenants: tenants, FreshFor: 5 * time.Second, StaleFor: time.Hour, now: time.Now,
-		cache: map[[32]byte]cached{}, bySlug: map[string]cachedTenant{}}
+		cache: map[[32]byte]cached{}, bySlug: map[string]cachedTenant{}, limitedAt: map[string]time.Time{}}
 	if jwtCfg.Enabled() {
 		a.jwt = newJWTVerifier(jwtCfg)
 	}
@@ -166,9 +174,45 @@ func (a *Authenticator) Require(scope Scope) fiber.Handler {
 			}
 			return api.Forbidden("API key lacks the " + string(scope) + " scope")
 		}
+		if err := a.meter(c, p); err != nil {
+			return err
+		}
 		api.SetPrincipal(c, p)
 		return c.Next()
 	}
+}
+
+// meter applies the per-credential rate limit. Redis being unreachable lets the request through:
+// analytics must not fail because its rate limiter did.
+func (a *Authenticator) meter(c *fiber.Ctx, p api.Principal) error {
+	if !a.Limiter.Enabled() {
+		return nil
+	}
+	d, err := a.Limiter.Allow(c.UserContext(), p.Actor)
+	if err != nil {
+		return nil
+	}
+	c.Set("X-RateLimit-Limit", strconv.Itoa(d.Limit))
+	c.Set("X-RateLimit-Remaining", strconv.Itoa(d.Remaining))
+	c.Set("X-RateLimit-Reset", strconv.Itoa(int(math.Ceil(d.Reset.Seconds()))))
+	if d.Allowed {
+		return nil
+	}
+	a.mu.Lock()
+	notify := a.OnLimited != nil && a.now().Sub(a.limitedAt[p.Actor]) >= time.Minute
+	if notify {
+		if len(a.limitedAt) >= maxCached {
+			clear(a.limitedAt)
+		}
+		a.limitedAt[p.Actor] = a.now()
+	}
+	a.mu.Unlock()
+	if notify {
+		go a.OnLimited(p)
+	}
+	return &api.Error{Status: fiber.StatusTooManyRequests, Code: "rate_limited",
+		Message: "too many requests for this credential; slow down and retry after the Retry-After seconds",
+		Header:  map[string]string{fiber.HeaderRetryAfter: strconv.Itoa(max(1, int(math.Ceil(d.Retry.Seconds()))))}}
 }
 
 func unavailable() error {

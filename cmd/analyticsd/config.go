@@ -16,6 +16,7 @@ import (
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/quota"
+	"github.com/analyticsd/analyticsd/ratelimit"
 	"github.com/analyticsd/analyticsd/schema"
 )
 
@@ -42,6 +43,8 @@ type Config struct {
 	JWT          auth.JWTConfig
 	QueryTimeout time.Duration // ANALYTICS_QUERY_TIMEOUT: ClickHouse max_execution_time of reads
 	Quota        quota.Config
+	RateLimit    ratelimit.Config
+	CORSOrigins  []string // CORS_ALLOWED_ORIGINS; empty: no cross-origin access
 }
 
 const (
@@ -184,6 +187,16 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		if pu, err := url.Parse(u); err != nil || (pu.Scheme != "https" && pu.Scheme != "http") || pu.Host == "" {
 			errs = append(errs, fmt.Errorf("QUOTA_ALERT_WEBHOOK_URL=%q: want an http(s) URL", u))
 		}
+	}
+	c.RateLimit = ratelimit.Config{Rate: float64(integer("RATE_LIMIT_RPS", 1000, 0, 1_000_000)), Burst: integer("RATE_LIMIT_BURST", 2000, 1, 10_000_000)}
+	for _, o := range strings.Split(str("CORS_ALLOWED_ORIGINS", ""), ",") {
+		if o = strings.TrimSpace(o); o == "" {
+			continue
+		}
+		if u, err := url.Parse(o); o != "*" && (err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" || u.Path != "") {
+			errs = append(errs, fmt.Errorf("CORS_ALLOWED_ORIGINS: %q is not an origin such as https://app.example.com", o))
+		}
+		c.CORSOrigins = append(c.CORSOrigins, o)
 	}
 	c.QueryTimeout = duration("ANALYTICS_QUERY_TIMEOUT", 30*time.Second)
 	if c.QueryTimeout < time.Second {

@@ -8,9 +8,11 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"strings"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
+	"github.com/gofiber/fiber/v2/middleware/cors"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
@@ -20,6 +22,7 @@ import (
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/query"
 	"github.com/analyticsd/analyticsd/quota"
+	"github.com/analyticsd/analyticsd/ratelimit"
 	"github.com/analyticsd/analyticsd/tenant"
 )
 
@@ -69,6 +72,14 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	quotaSvc.SetRecorder(ingestSvc)
 	ingestSvc.UseLevels(quotaSvc)
 	authn := auth.NewAuthenticator(auth.NewKeys(pg), tenants, cfg.JWT)
+	authn.Limiter = ratelimit.New(cfg.RateLimit, rdb, "")
+	authn.OnLimited = func(p api.Principal) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := ingestSvc.Emit(ctx, p.TenantID, p.Slug, "apikey.rate_limited", map[string]any{"actor": p.Actor}); err != nil {
+			log.Warn("rate-limited event not stored", "tenant", p.Slug, "err", err)
+		}
+	}
 
 	ops := api.Ops{
 		Version:  version,
@@ -82,6 +93,15 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	ops.Details = func(context.Context) map[string]any { return map[string]any{"ingest": writer.Stats()} }
 	store := query.NewStore(ch, cfg.ClickHouseDB, pg, cfg.QueryTimeout)
 	querySvc := query.NewService(query.Config{MaxExportRows: cfg.MaxExportRows, LabelCap: cfg.LabelCap}, store, auditLog, reg, log.With("component", "query"))
+	if len(cfg.CORSOrigins) > 0 {
+		app.Use("/api", cors.New(cors.Config{
+			AllowOrigins:  strings.Join(cfg.CORSOrigins, ","),
+			AllowMethods:  "GET,POST,OPTIONS",
+			AllowHeaders:  "Authorization,X-Tenant-Slug,Content-Type,Content-Encoding",
+			ExposeHeaders: "Retry-After,X-RateLimit-Limit,X-RateLimit-Remaining,X-RateLimit-Reset,X-Export-Row-Limit,Content-Disposition,X-Analytics-Degraded",
+			MaxAge:        600,
+		}))
+	}
 	mount(app, ops, authn, ingestSvc, querySvc, quotaSvc)
 
 	ln, err := net.Listen("tcp", cfg.Addr)

@@ -1,0 +1,160 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/tenant"
+)
+
+// serveInProcess runs `analyticsd serve` inside the test and returns its base URL.
+func serveInProcess(t *testing.T, getenv func(string) string) string {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan int, 1)
+	go func() { done <- run(ctx, []string{"serve"}, &bytes.Buffer{}, &bytes.Buffer{}, getenv) }()
+	t.Cleanup(func() { cancel(); <-done })
+	base := "http://" + getenv("ANALYTICS_ADDR")
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		if resp, err := http.Get(base + "/healthz"); err == nil {
+			resp.Body.Close()
+			return base
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("serve did not start")
+		}
+		time.Sleep(30 * time.Millisecond)
+	}
+}
+
+func do(t *testing.T, method, url, key string, hdr map[string]string) *http.Response {
+	t.Helper()
+	req, _ := http.NewRequest(method, url, nil)
+	if key != "" {
+		req.Header.Set("Authorization", "Bearer "+key)
+	}
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp
+}
+
+func TestRateLimitAndCORS(t *testing.T) {
+	e := testenv.Migrated(t)
+	ctx := context.Background()
+	tn, err := tenant.NewStore(e.PG).Create(ctx, "acme", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _, err := auth.NewKeys(e.PG).Create(ctx, tn.ID, "r", []auth.Scope{auth.ScopeAnalyticsRead})
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := serveInProcess(t, stackEnv(t, e, map[string]string{
+		"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": t.TempDir(), "INGEST_FLUSH_INTERVAL": "50ms",
+		"RATE_LIMIT_RPS": "1", "RATE_LIMIT_BURST": "3", "CORS_ALLOWED_ORIGINS": "https://app.example.com",
+	}))
+	var codes []int
+	var last *http.Response
+	for i := 0; i < 5; i++ {
+		last = do(t, http.MethodGet, base+"/api/analytics/events", key, nil)
+		codes = append(codes, last.StatusCode)
+		if i == 0 && (last.Header.Get("X-RateLimit-Limit") != "3" || last.Header.Get("X-RateLimit-Remaining") != "2") {
+			t.Errorf("first request headers: limit %q remaining %q, want 3 and 2", last.Header.Get("X-RateLimit-Limit"), last.Header.Get("X-RateLimit-Remaining"))
+		}
+	}
+	if got := fmt.Sprint(codes); got != "[200 200 200 429 429]" {
+		t.Errorf("statuses %s, want 200,200,200,429,429 with a burst of 3", got)
+	}
+	if last.Header.Get("Retry-After") == "" || last.Header.Get("X-RateLimit-Remaining") != "0" {
+		t.Errorf("429 headers: %v", last.Header)
+	}
+	// The refusal lands in the tenant's own stream as apikey.rate_limited.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var n uint64
+		if err := e.CH.QueryRow(ctx, "SELECT count() FROM "+e.DB+".events WHERE tenant_id = ? AND event = 'apikey.rate_limited'", tn.ID).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if n == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d apikey.rate_limited events, want 1 (once per credential per minute)", n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	pre := func(origin string) string {
+		r := do(t, http.MethodOptions, base+"/api/analytics/events", "", map[string]string{"Origin": origin, "Access-Control-Request-Method": "GET"})
+		return r.Header.Get("Access-Control-Allow-Origin")
+	}
+	if got := pre("https://app.example.com"); got != "https://app.example.com" {
+		t.Errorf("allowed origin: Access-Control-Allow-Origin %q", got)
+	}
+	if got := pre("https://evil.example"); got != "" {
+		t.Errorf("other origin: Access-Control-Allow-Origin %q, want none", got)
+	}
+}
+
+func TestCORSClosedByDefault(t *testing.T) {
+	e := testenv.Migrated(t)
+	base := serveInProcess(t, stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": t.TempDir()}))
+	r := do(t, http.MethodOptions, base+"/api/analytics/events", "", map[string]string{"Origin": "https://app.example.com", "Access-Control-Request-Method": "GET"})
+	if got := r.Header.Get("Access-Control-Allow-Origin"); got != "" {
+		t.Errorf("Access-Control-Allow-Origin %q without CORS_ALLOWED_ORIGINS, want none", got)
+	}
+}
+
+// A revoked key is refused within seconds by every running instance.
+func TestRevokedKeyRefusedEverywhere(t *testing.T) {
+	e := testenv.Migrated(t)
+	ctx := context.Background()
+	tn, err := tenant.NewStore(e.PG).Create(ctx, "acme", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys := auth.NewKeys(e.PG)
+	key, rec, err := keys.Create(ctx, tn.ID, "r", []auth.Scope{auth.ScopeAnalyticsRead})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bases []string
+	for i := 0; i < 2; i++ {
+		bases = append(bases, serveInProcess(t, stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": t.TempDir()})))
+	}
+	for _, b := range bases {
+		if r := do(t, http.MethodGet, b+"/api/analytics/events", key, nil); r.StatusCode != 200 {
+			t.Fatalf("before revoke: %d", r.StatusCode)
+		}
+	}
+	if _, err := keys.Revoke(ctx, tn.ID, rec.Prefix); err != nil {
+		t.Fatal(err)
+	}
+	revoked := time.Now()
+	for _, b := range bases {
+		for {
+			r := do(t, http.MethodGet, b+"/api/analytics/events", key, nil)
+			if r.StatusCode == 401 {
+				break
+			}
+			if time.Since(revoked) > 7*time.Second {
+				t.Fatalf("%s still accepts the revoked key after %s", b, time.Since(revoked))
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	t.Logf("revoked key refused by both instances %s after revocation", time.Since(revoked).Round(100*time.Millisecond))
+}
