@@ -105,7 +105,10 @@ func (s *Store) billedUsage(ctx context.Context, tenant uuid.UUID, metrics []str
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	reconciled := map[string]bool{}
-	rows, err := s.pg.Query(ctx, "SELECT DISTINCT to_char(date, 'YYYY-MM-DD') FROM rollup_runs WHERE status = 'ok' AND date BETWEEN $1 AND $2", first, last)
+	// A day is reconciled for this tenant when a run covering every tenant (tenant_id NULL) or this
+	// tenant alone finished ok.
+	rows, err := s.pg.Query(ctx, "SELECT DISTINCT to_char(date, 'YYYY-MM-DD') FROM rollup_runs "+
+		"WHERE status = 'ok' AND (tenant_id IS NULL OR tenant_id = $3) AND date BETWEEN $1 AND $2", first, last, tenant)
 	if err != nil {
 		return nil, nil, fmt.Errorf("read rollup_runs: %w", err)
 	}

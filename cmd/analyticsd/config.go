@@ -17,6 +17,7 @@ import (
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/quota"
 	"github.com/analyticsd/analyticsd/ratelimit"
+	"github.com/analyticsd/analyticsd/rollup"
 	"github.com/analyticsd/analyticsd/schema"
 )
 
@@ -44,6 +45,7 @@ type Config struct {
 	QueryTimeout time.Duration // ANALYTICS_QUERY_TIMEOUT: ClickHouse max_execution_time of reads
 	Quota        quota.Config
 	RateLimit    ratelimit.Config
+	Rollup       rollup.ScheduleConfig
 	CORSOrigins  []string // CORS_ALLOWED_ORIGINS; empty: no cross-origin access
 }
 
@@ -197,6 +199,10 @@ func loadConfig(getenv func(string) string) (Config, error) {
 			errs = append(errs, fmt.Errorf("CORS_ALLOWED_ORIGINS: %q is not an origin such as https://app.example.com", o))
 		}
 		c.CORSOrigins = append(c.CORSOrigins, o)
+	}
+	c.Rollup = rollup.ScheduleConfig{At: str("ROLLUP_AT", "00:10"), LookbackDays: integer("ROLLUP_LOOKBACK_DAYS", 3, 1, 90)}
+	if _, err := rollup.ParseClock(c.Rollup.At); err != nil {
+		errs = append(errs, fmt.Errorf("ROLLUP_AT: %v", err))
 	}
 	c.QueryTimeout = duration("ANALYTICS_QUERY_TIMEOUT", 30*time.Second)
 	if c.QueryTimeout < time.Second {

@@ -28,6 +28,7 @@ Usage:
   analyticsd apikey create --tenant S --scopes events:write,analytics:read[,analytics:admin] [--name N]
   analyticsd apikey list --tenant S
   analyticsd apikey revoke --tenant S --key ID|PREFIX
+  analyticsd rollup (--date D | --from D1 --to D2)   reconcile daily usage into Postgres, all tenants
   analyticsd healthcheck                             exit 0 when the local server's /healthz answers
   analyticsd version
 
@@ -68,6 +69,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		"tenant":      tenantCmd,
 		"apikey":      apikeyCmd,
 		"healthcheck": healthcheck,
+		"rollup":      rollupCmd,
 	}
 	cmd, ok := cmds[args[0]]
 	if !ok {

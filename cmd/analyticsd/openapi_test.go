@@ -14,6 +14,7 @@ import (
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/query"
 	"github.com/analyticsd/analyticsd/quota"
+	"github.com/analyticsd/analyticsd/rollup"
 )
 
 // Every registered route is in the OpenAPI document, and everything documented is registered.
@@ -21,7 +22,8 @@ func TestOpenAPIDocumentsEveryRoute(t *testing.T) {
 	app := fiber.New()
 	mount(app, api.Ops{Gatherer: prometheus.NewRegistry()}, auth.NewAuthenticator(nil, nil, auth.JWTConfig{}),
 		ingest.NewService(ingest.Config{}, nil, nil, ingest.NewMetrics(nil, 0), nil), query.NewService(query.Config{}, nil, nil, nil, nil),
-		quota.NewService(quota.Config{}, nil, nil, nil, "", nil, nil, nil, nil))
+		quota.NewService(quota.Config{}, nil, nil, nil, "", nil, nil, nil, nil),
+		rollup.NewReconciler(nil, "", nil, nil, nil, nil, 90, nil))
 	var doc struct {
 		OpenAPI string                    `json:"openapi"`
 		Paths   map[string]map[string]any `json:"paths"`

@@ -23,6 +23,7 @@ import (
 	"github.com/analyticsd/analyticsd/query"
 	"github.com/analyticsd/analyticsd/quota"
 	"github.com/analyticsd/analyticsd/ratelimit"
+	"github.com/analyticsd/analyticsd/rollup"
 	"github.com/analyticsd/analyticsd/tenant"
 )
 
@@ -90,7 +91,20 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 			{Name: "redis", Ping: func(ctx context.Context) error { return rdb.Ping(ctx).Err() }},
 		},
 	}
-	ops.Details = func(context.Context) map[string]any { return map[string]any{"ingest": writer.Stats()} }
+	rollupLog := log.With("component", "rollup")
+	reconciler := rollup.NewReconciler(ch, cfg.ClickHouseDB, pg, auditLog, reg, rollupLog, cfg.RetentionDays, nil)
+	scheduler, err := rollup.NewScheduler(reconciler, cfg.Rollup, rollupLog)
+	if err != nil {
+		writer.Close(context.Background())
+		rdb.Close()
+		pg.Close()
+		ch.Close()
+		return err
+	}
+	sweeper := rollup.NewSweeper(ch, cfg.ClickHouseDB, pg, auditLog, reg, log.With("component", "retention"), cfg.RetentionDays, nil)
+	ops.Details = func(context.Context) map[string]any {
+		return map[string]any{"ingest": writer.Stats(), "rollup": scheduler.Status(), "retention": sweeper.Status()}
+	}
 	store := query.NewStore(ch, cfg.ClickHouseDB, pg, cfg.QueryTimeout)
 	querySvc := query.NewService(query.Config{MaxExportRows: cfg.MaxExportRows, LabelCap: cfg.LabelCap}, store, auditLog, reg, log.With("component", "query"))
 	if len(cfg.CORSOrigins) > 0 {
@@ -102,7 +116,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 			MaxAge:        600,
 		}))
 	}
-	mount(app, ops, authn, ingestSvc, querySvc, quotaSvc)
+	mount(app, ops, authn, ingestSvc, querySvc, quotaSvc, reconciler)
 
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
@@ -114,6 +128,8 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	log.Info("serving", "addr", ln.Addr().String(), "version", version, "clickhouse_db", cfg.ClickHouseDB)
 	served := make(chan error, 1)
 	go func() { served <- app.Listener(ln) }()
+	scheduler.Start(ctx)
+	sweeper.Start(ctx)
 
 	select {
 	case err = <-served:
@@ -132,6 +148,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	step("http", func() error { return app.ShutdownWithContext(sctx) })
+	step("rollup and retention jobs", func() error { scheduler.Stop(); sweeper.Stop(); return nil })
 	step("live counters", func() error { ingestSvc.Close(); return nil })
 	step("ingest flush", func() error { return writer.Close(sctx) })
 	step("quota webhooks", func() error { quotaSvc.Close(sctx); return nil })
@@ -142,11 +159,12 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 }
 
 // mount registers every route; the OpenAPI test walks the same function.
-func mount(app *fiber.App, ops api.Ops, authn *auth.Authenticator, in *ingest.Service, q *query.Service, qs *quota.Service) {
+func mount(app *fiber.App, ops api.Ops, authn *auth.Authenticator, in *ingest.Service, q *query.Service, qs *quota.Service, rc *rollup.Reconciler) {
 	ops.Register(app)
 	api.RegisterOpenAPI(app)
 	analytics := app.Group("/api/analytics")
 	in.Register(analytics, authn.Require(auth.ScopeEventsWrite))
 	q.Register(analytics, authn.Require(auth.ScopeAnalyticsRead))
 	qs.Register(analytics, authn.Require(auth.ScopeAnalyticsRead), authn.Require(auth.ScopeEventsWrite))
+	rc.Register(analytics, authn.Require(auth.ScopeAnalyticsAdmin))
 }

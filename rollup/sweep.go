@@ -1,0 +1,203 @@
+package rollup
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"regexp"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/schema"
+)
+
+// rawTables are the tables retention applies to. daily_usage is kept indefinitely.
+var rawTables = []string{"events", "usage_increments"}
+
+// partitionRe is a toYYYYMMDD(ts) partition id: the only thing the sweeper ever puts into SQL text.
+var partitionRe = regexp.MustCompile(`^[0-9]{8}$`)
+
+// SweepResult says what one sweep did.
+type SweepResult struct {
+	// TTL: the server drops expired parts itself; the sweeper did nothing.
+	TTL bool `json:"ttl,omitempty"`
+	// Skipped: another replica holds the sweeper's lock.
+	Skipped bool `json:"skipped,omitempty"`
+	// Cutoff is the oldest day kept (today - RETENTION_DAYS).
+	Cutoff string `json:"cutoff"`
+	// Dropped lists the dropped partitions (YYYYMMDD) per table.
+	Dropped map[string][]string `json:"dropped"`
+}
+
+// Sweeper enforces RETENTION_DAYS on ClickHouse servers without table TTL (the version gate's
+// Features.TTL): it drops whole daily partitions of events and usage_increments older than the window.
+// A partition whose day is today - RETENTION_DAYS or later stays. Aggregates (daily_usage, Postgres)
+// are never touched. On servers with TTL it does nothing: the tables' TTL does the work.
+type Sweeper struct {
+	ch            driver.Conn
+	db            string
+	pg            *pgxpool.Pool
+	audit         *audit.Log
+	log           *slog.Logger
+	retentionDays int
+	now           func() time.Time
+	m             *sweepMetrics
+	// features reads the server's version gate; tests replace it.
+	features func() (schema.Features, error)
+
+	d       *daily
+	ttlOnce sync.Once
+}
+
+// NewSweeper returns a Sweeper; it does nothing until Sweep or Start. reg may be nil; now defaults to
+// time.Now. The server version is read at each sweep, so a server that is down at start-up is fine.
+func NewSweeper(ch driver.Conn, db string, pg *pgxpool.Pool, auditLog *audit.Log, reg prometheus.Registerer,
+	log *slog.Logger, retentionDays int, now func() time.Time) *Sweeper {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if now == nil {
+		now = time.Now
+	}
+	s := &Sweeper{ch: ch, db: db, pg: pg, audit: auditLog, log: log, retentionDays: retentionDays, now: now, m: newSweepMetrics(reg)}
+	// Whether the tables expire rows themselves is read from their definition, not from the server
+	// version: tables created before an upgrade to a TTL-capable server still have no TTL clause,
+	// and the sweeper must keep enforcing retention for them.
+	s.features = func() (schema.Features, error) {
+		var n uint64
+		err := ch.QueryRow(context.Background(), "SELECT count() FROM system.tables WHERE database = ? AND name = 'events' AND positionCaseInsensitive(create_table_query, ' TTL ') > 0", db).Scan(&n)
+		if err != nil {
+			return schema.Features{}, fmt.Errorf("read the events table definition: %w", err)
+		}
+		return schema.Features{TTL: n > 0}, nil
+	}
+	// Daily shortly after UTC midnight, when the oldest day leaves the window; retried after a failure
+	// from 5 minutes up to 2 hours apart.
+	s.d = newDaily("retention sweep", 5*time.Minute, 5*time.Minute, 2*time.Hour, now, log, func(ctx context.Context, _ time.Time) (string, error) {
+		res, err := s.Sweep(ctx)
+		switch {
+		case err != nil:
+			return "", err
+		case res.TTL:
+			return "idle", nil
+		case res.Skipped:
+			return "skipped", nil
+		}
+		return "ok", nil
+	})
+	return s
+}
+
+// Start sweeps now and then daily at 00:05 UTC, until Stop or ctx ends.
+func (s *Sweeper) Start(ctx context.Context) { s.d.start(ctx) }
+
+// Stop ends the schedule and waits for a sweep in progress to stop.
+func (s *Sweeper) Stop() { s.d.stop() }
+
+// Status reports the last sweep and the next one.
+func (s *Sweeper) Status() Status { return s.d.Status() }
+
+// Cutoff is the oldest UTC day kept: today - RETENTION_DAYS.
+func (s *Sweeper) Cutoff() time.Time { return Day(s.now()).AddDate(0, 0, -s.retentionDays) }
+
+// Sweep drops expired partitions once, under a Postgres advisory lock (a replica that does not get it
+// skips). Each drop is counted; a sweep that dropped anything is audited as "retention.sweep".
+func (s *Sweeper) Sweep(ctx context.Context) (SweepResult, error) {
+	cutoff := s.Cutoff()
+	res := SweepResult{Cutoff: cutoff.Format(dateLayout), Dropped: map[string][]string{}}
+	f, err := s.features()
+	if err != nil {
+		s.m.failed.Inc()
+		return res, fmt.Errorf("retention sweep: %w", err)
+	}
+	if f.TTL {
+		s.ttlOnce.Do(func() {
+			s.log.Info("retention sweeper idle: the server supports TTL, the events tables expire rows themselves",
+				"retention_days", s.retentionDays)
+		})
+		res.TTL = true
+		return res, nil
+	}
+	unlock, ok, err := tryLock(ctx, s.pg, "analyticsd.retention."+s.db)
+	if err != nil {
+		s.m.failed.Inc()
+		return res, fmt.Errorf("retention sweep: %w", err)
+	}
+	if !ok {
+		res.Skipped = true
+		return res, nil
+	}
+	defer unlock()
+	var sweepErr error
+	for _, table := range rawTables {
+		if err := s.sweepTable(ctx, table, cutoff, &res); err != nil {
+			sweepErr = err
+			break
+		}
+	}
+	dropped := 0
+	for _, ps := range res.Dropped {
+		dropped += len(ps)
+	}
+	if dropped > 0 && s.audit != nil {
+		meta := map[string]any{"dropped": res.Dropped, "cutoff": res.Cutoff, "retention_days": s.retentionDays}
+		if sweepErr != nil {
+			meta["error"] = truncate(sweepErr.Error(), 500)
+		}
+		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		if err := s.audit.Record(actx, audit.Entry{Actor: "retention", Action: "retention.sweep", Target: s.db, Meta: meta}); err != nil {
+			s.log.Error("retention sweep: audit", "err", err)
+		}
+		cancel()
+	}
+	if sweepErr != nil {
+		s.m.failed.Inc()
+		return res, sweepErr
+	}
+	s.log.Info("retention sweep done", "cutoff", res.Cutoff, "dropped", dropped)
+	return res, nil
+}
+
+func (s *Sweeper) sweepTable(ctx context.Context, table string, cutoff time.Time, res *SweepResult) error {
+	rows, err := s.ch.Query(ctx, "SELECT DISTINCT partition FROM system.parts WHERE database = ? AND table = ? AND active", s.db, table)
+	if err != nil {
+		return fmt.Errorf("retention sweep: list partitions of %s.%s: %w", s.db, table, err)
+	}
+	var parts []string
+	for rows.Next() {
+		var p string
+		if err := rows.Scan(&p); err != nil {
+			rows.Close()
+			return fmt.Errorf("retention sweep: list partitions of %s.%s: %w", s.db, table, err)
+		}
+		parts = append(parts, p)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("retention sweep: list partitions of %s.%s: %w", s.db, table, err)
+	}
+	sort.Strings(parts)
+	for _, p := range parts {
+		day, err := time.Parse("20060102", p)
+		if !partitionRe.MatchString(p) || err != nil {
+			s.log.Warn("retention sweep: partition is not a YYYYMMDD day; leaving it", "table", table, "partition", p)
+			continue
+		}
+		if !day.Before(cutoff) {
+			continue
+		}
+		if err := s.ch.Exec(ctx, "ALTER TABLE "+s.db+"."+table+" DROP PARTITION "+p); err != nil {
+			return fmt.Errorf("retention sweep: drop partition %s of %s.%s: %w", p, s.db, table, err)
+		}
+		res.Dropped[table] = append(res.Dropped[table], p)
+		s.m.dropped.WithLabelValues(table).Inc()
+		s.log.Info("retention sweep: dropped partition", "table", table, "partition", p)
+	}
+	return nil
+}

@@ -1,0 +1,215 @@
+package rollup
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/schema"
+)
+
+func TestTruthQuery(t *testing.T) {
+	day := time.Date(2026, 3, 9, 0, 0, 0, 0, time.UTC)
+	tenant := uuid.MustParse("6f1c1a52-3b8e-4a43-9a55-0d2f4a0e7c11")
+	check := func(name string, scope Scope, raw bool, wantSQL string, wantArgs []any) {
+		t.Helper()
+		q, args := truthQuery("analytics", day, scope, raw)
+		if q != wantSQL {
+			t.Errorf("%s: got SQL\n%s\nwant\n%s", name, q, wantSQL)
+		}
+		if fmt.Sprint(args) != fmt.Sprint(wantArgs) {
+			t.Errorf("%s: got args %v, want %v", name, args, wantArgs)
+		}
+	}
+	end := day.Add(24 * time.Hour)
+	check("aggregate only", AllTenants(), false,
+		"SELECT tenant_id, metric, sum(count) AS c FROM analytics.daily_usage WHERE date = toDate(?) GROUP BY tenant_id, metric",
+		[]any{"2026-03-09"})
+	check("one tenant with raw", OneTenant(tenant), true,
+		"SELECT tenant_id, metric, sumIf(c, src = 0) AS aggregate, sumIf(c, src = 1) AS raw FROM ("+
+			"SELECT tenant_id, metric, toUInt8(0) AS src, sum(count) AS c FROM analytics.daily_usage WHERE tenant_id = ? AND date = toDate(?) GROUP BY tenant_id, metric "+
+			"UNION ALL SELECT tenant_id, event AS metric, toUInt8(1) AS src, toInt64(count()) AS c FROM analytics.events WHERE tenant_id = ? AND ts >= ? AND ts < ? GROUP BY tenant_id, metric "+
+			"UNION ALL SELECT tenant_id, metric, toUInt8(1) AS src, sum(n) AS c FROM analytics.usage_increments WHERE tenant_id = ? AND ts >= ? AND ts < ? GROUP BY tenant_id, metric"+
+			") GROUP BY tenant_id, metric",
+		[]any{tenant, "2026-03-09", tenant, day, end, tenant, day, end})
+}
+
+func TestDifferences(t *testing.T) {
+	a, b := uuid.New(), uuid.New()
+	agg := map[key]int64{{a, "x"}: 5, {a, "y"}: 2, {b, "z"}: 3}
+	raw := map[key]int64{{a, "x"}: 5, {a, "y"}: 4, {b, "w"}: 1}
+	got := differences(agg, raw)
+	want := map[key]int64{{a, "y"}: 2, {b, "z"}: -3, {b, "w"}: 1}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("got %v, want %v", got, want)
+	}
+}
+
+func TestParseDate(t *testing.T) {
+	now := time.Date(2026, 3, 9, 15, 4, 5, 0, time.UTC)
+	check := func(in, want, wantErr string) {
+		t.Helper()
+		d, err := ParseDate(in, now)
+		switch {
+		case wantErr != "" && (err == nil || !strings.Contains(err.Error(), wantErr)):
+			t.Errorf("ParseDate(%q): got %v, want an error saying %q", in, err, wantErr)
+		case wantErr == "" && err != nil:
+			t.Errorf("ParseDate(%q): got %v, want %s", in, err, want)
+		case wantErr == "" && d.Format(time.RFC3339) != want:
+			t.Errorf("ParseDate(%q): got %s, want %s", in, d.Format(time.RFC3339), want)
+		}
+	}
+	check("2026-03-09", "", "is today (UTC)")
+	check("2026-03-08", "2026-03-08T00:00:00Z", "")
+	check("2025-02-02", "2025-02-02T00:00:00Z", "") // exactly 400 days
+	check("2025-02-01", "", "more than 400 days ago")
+	check("2026-03-10", "", "in the future")
+	check("", "", "date is required")
+	check("2026-02-30", "", "is not a date")
+	check("2026-3-9", "", "is not a date")
+	check("2026-03-09T00:00:00Z", "", "is not a date")
+	check("'; DROP TABLE x", "", "is not a date")
+}
+
+func TestParseClock(t *testing.T) {
+	check := func(in string, want time.Duration, ok bool) {
+		t.Helper()
+		got, err := ParseClock(in)
+		if (err == nil) != ok || got != want {
+			t.Errorf("ParseClock(%q): got %v, %v; want %v, ok=%v", in, got, err, want, ok)
+		}
+	}
+	check("00:10", 10*time.Minute, true)
+	check("23:59", 23*time.Hour+59*time.Minute, true)
+	check("24:00", 0, false)
+	check("0010", 0, false)
+	check("", 0, false)
+}
+
+func TestSlotsAndDates(t *testing.T) {
+	d := newDaily("test", 10*time.Minute, time.Minute, time.Hour, time.Now, slog.New(slog.DiscardHandler), nil)
+	check := func(now, want string) {
+		t.Helper()
+		n, _ := time.Parse(time.RFC3339, now)
+		if got := d.prevSlot(n).Format(time.RFC3339); got != want {
+			t.Errorf("prevSlot(%s): got %s, want %s", now, got, want)
+		}
+	}
+	check("2026-03-09T00:09:59Z", "2026-03-08T00:10:00Z")
+	check("2026-03-09T00:10:00Z", "2026-03-09T00:10:00Z")
+	check("2026-03-09T23:00:00Z", "2026-03-09T00:10:00Z")
+	check("2026-03-09T01:30:00+02:00", "2026-03-08T00:10:00Z") // 23:30 UTC the day before
+
+	s, err := NewScheduler(nil, ScheduleConfig{LookbackDays: 3}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, day := range s.Dates(time.Date(2026, 3, 1, 0, 10, 0, 0, time.UTC)) {
+		got = append(got, day.Format(dateLayout))
+	}
+	if strings.Join(got, " ") != "2026-02-28 2026-02-27 2026-02-26" {
+		t.Errorf("dates: got %v, want yesterday, D-2, D-3", got)
+	}
+	for _, bad := range []ScheduleConfig{{At: "25:00"}, {LookbackDays: -1}, {LookbackDays: 91}} {
+		if _, err := NewScheduler(nil, bad, nil); err == nil {
+			t.Errorf("NewScheduler(%+v): no error", bad)
+		}
+	}
+}
+
+// A failing job is retried with doubling delays and its state shows in Status; once it succeeds the
+// next run is the next daily slot.
+func TestDailyRetriesWithBackoff(t *testing.T) {
+	var mu sync.Mutex
+	var calls []time.Time
+	var statuses []Status
+	var d *daily
+	job := func(ctx context.Context, slot time.Time) (string, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		calls = append(calls, time.Now())
+		statuses = append(statuses, d.Status())
+		if len(calls) <= 3 {
+			return "", errors.New("clickhouse is down")
+		}
+		return "ok", nil
+	}
+	d = newDaily("test", 10*time.Minute, 20*time.Millisecond, 50*time.Millisecond, time.Now, slog.New(slog.DiscardHandler), job)
+	d.start(context.Background())
+	deadline := time.Now().Add(10 * time.Second)
+	for d.Status().LastStatus != "ok" {
+		if time.Now().After(deadline) {
+			t.Fatalf("job never succeeded: %+v", d.Status())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	d.stop()
+	mu.Lock()
+	defer mu.Unlock()
+	if len(calls) != 4 {
+		t.Fatalf("got %d calls, want 4 (3 failures, then success)", len(calls))
+	}
+	for i, least := range []time.Duration{20, 40, 50} { // doubling, capped at 50 ms
+		if gap := calls[i+1].Sub(calls[i]); gap < least*time.Millisecond {
+			t.Errorf("retry %d came after %v, want at least %v ms", i+1, gap, int64(least))
+		}
+	}
+	if st := statuses[3]; st.OK || st.LastStatus != "failed" || st.Failures != 3 || st.LastError != "clickhouse is down" {
+		t.Errorf("status before the 4th attempt: got %+v, want failed 3 times with the error", st)
+	}
+	st := d.Status()
+	if !st.OK || st.Failures != 0 || st.LastError != "" || st.NextRun == nil || !st.NextRun.Equal(d.prevSlot(time.Now()).Add(24*time.Hour)) {
+		t.Errorf("status after success: got %+v, want ok, next run at the next 00:10", st)
+	}
+}
+
+// On a server with TTL the sweeper touches nothing (it has no ClickHouse or Postgres to touch here).
+func TestSweeperIdleWithTTL(t *testing.T) {
+	s := NewSweeper(nil, "analytics", nil, nil, nil, nil, 90, nil)
+	s.features = func() (schema.Features, error) { return schema.Features{TTL: true}, nil }
+	for range 2 {
+		res, err := s.Sweep(context.Background())
+		if err != nil || !res.TTL || len(res.Dropped) != 0 {
+			t.Errorf("sweep with TTL: got %+v, %v; want an idle no-op", res, err)
+		}
+	}
+}
+
+// A run that finds another replica holding the lock looks again after RetryMax, in case that replica
+// died before finishing the slot.
+func TestDailyLooksAgainAfterSkipping(t *testing.T) {
+	var mu sync.Mutex
+	var calls []time.Time
+	job := func(ctx context.Context, slot time.Time) (string, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		calls = append(calls, time.Now())
+		if len(calls) == 1 {
+			return "skipped", nil
+		}
+		return "ok", nil
+	}
+	d := newDaily("test", 10*time.Minute, time.Millisecond, 30*time.Millisecond, time.Now, slog.New(slog.DiscardHandler), job)
+	d.start(context.Background())
+	deadline := time.Now().Add(10 * time.Second)
+	for d.Status().LastStatus != "ok" {
+		if time.Now().After(deadline) {
+			t.Fatalf("job never ran again: %+v", d.Status())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	d.stop()
+	mu.Lock()
+	defer mu.Unlock()
+	if len(calls) != 2 || calls[1].Sub(calls[0]) < 30*time.Millisecond {
+		t.Errorf("got %d calls %v, want a second one 30 ms after the skip", len(calls), calls)
+	}
+}
