@@ -24,6 +24,7 @@ run: build ## start ClickHouse, Postgres and Redis locally, migrate, create the 
 
 test: ## start the local stack, then run every test against the real servers (race detector on)
 	$(STACK) up
+	deploy/local/chromium.sh
 	$(WITHENV) ANALYTICS_REQUIRE_SERVICES=1 go test -race -count=1 -timeout 20m ./...
 
 lint: ## go vet and a gofmt check

@@ -69,6 +69,7 @@ func (s *Service) Register(r fiber.Router, read fiber.Handler) {
 	r.Get("/usage", read, s.timed("usage", s.getUsage))
 	r.Get("/metrics", read, s.timed("metrics", s.getKPIs))
 	r.Get("/event-names", read, s.timed("event-names", s.getEventNames))
+	r.Get("/active-users", read, s.timed("active-users", s.getActiveUsers))
 	r.Get("/export.csv", read, s.timed("export", s.getExport))
 }
 
@@ -206,6 +207,22 @@ func (s *Service) getEventNames(c *fiber.Ctx) error {
 		return unavailable(err)
 	}
 	return api.OK(c, names)
+}
+
+func (s *Service) getActiveUsers(c *fiber.Ctx) error {
+	r, err := ParseRange(c.Query("from"), c.Query("to"), s.store.now())
+	if err != nil {
+		return err
+	}
+	event := c.Query("event", "auth.user.login")
+	if !ValidName(event) {
+		return paramErr("event=%q is not an event name (lowercase domain.action, e.g. auth.user.login)", truncate(event))
+	}
+	au, err := s.store.ActiveUsers(c.UserContext(), principal(c).TenantID, r, event)
+	if err != nil {
+		return unavailable(err)
+	}
+	return api.OK(c, au)
 }
 
 func (s *Service) getExport(c *fiber.Ctx) error {

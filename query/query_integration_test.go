@@ -264,6 +264,7 @@ func TestTenantIsolationOnEveryReadPath(t *testing.T) {
 	}
 	h.insert(t, rows)
 	paths := []string{
+		"/api/analytics/active-users",
 		"/api/analytics/events?limit=1000",
 		"/api/analytics/events?user_id=bob",
 		"/api/analytics/usage?metric[]=auth.user.login&metric[]=secret.b_only",
@@ -352,11 +353,12 @@ func TestHostileParametersNeverFail(t *testing.T) {
 	hostile := []string{"' OR 1=1 --", `"; DROP TABLE events; --`, "\x00", "%00", "\\", "a.b' OR '1'='1", strings.Repeat("x", 5000),
 		"🙂", "../../etc/passwd", "1e309", "-1", "NaN", "null", "[]", "{}", "a.b\nUNION SELECT", "2024-01-01T00:00:00Z' --"}
 	params := map[string][]string{
-		"/api/analytics/events":      {"from", "to", "event", "source", "user_id", "limit", "cursor"},
-		"/api/analytics/usage":       {"from", "to", "metric[]", "metric", "fill"},
-		"/api/analytics/metrics":     {"metric[]", "metric"},
-		"/api/analytics/event-names": {"from", "to"},
-		"/api/analytics/export.csv":  {"from", "to", "event", "source", "user_id"},
+		"/api/analytics/events":       {"from", "to", "event", "source", "user_id", "limit", "cursor"},
+		"/api/analytics/usage":        {"from", "to", "metric[]", "metric", "fill"},
+		"/api/analytics/metrics":      {"metric[]", "metric"},
+		"/api/analytics/event-names":  {"from", "to"},
+		"/api/analytics/active-users": {"from", "to", "event"},
+		"/api/analytics/export.csv":   {"from", "to", "event", "source", "user_id"},
 	}
 	for path, names := range params {
 		for _, name := range names {
@@ -520,5 +522,24 @@ func TestEventNames(t *testing.T) {
 	r := h.get(t, h.keys["a-read"], "", "/api/analytics/event-names")
 	if got := r.raw; !strings.Contains(got, `"data":[{"event":"b.x","count":2},{"event":"a.y","count":1}]`) {
 		t.Errorf("event-names: %s", got)
+	}
+}
+
+func TestActiveUsersCountsDistinctUsers(t *testing.T) {
+	h := newHarness(t, 100)
+	ts := h.now.Add(-time.Hour).Truncate(time.Second)
+	var rows []ev
+	for i, u := range []string{"alice", "bob", "alice", "", "carol", "alice"} {
+		rows = append(rows, ev{id: uuid.New(), tenant: h.a.ID, ts: ts.Add(time.Duration(i) * time.Second), event: "auth.user.login", user: u})
+	}
+	rows = append(rows, ev{id: uuid.New(), tenant: h.a.ID, ts: ts, event: "auth.user.registered", user: "dave"},
+		ev{id: uuid.New(), tenant: h.b.ID, ts: ts, event: "auth.user.login", user: "eve"})
+	h.insert(t, rows)
+	r := h.get(t, h.keys["a-read"], "", "/api/analytics/active-users")
+	if r.status != 200 || r.data()["users"] != 3.0 || r.data()["events"] != 6.0 || r.data()["event"] != "auth.user.login" {
+		t.Errorf("active users: %d %s, want 3 distinct users of 6 logins", r.status, r.raw)
+	}
+	if r := h.get(t, h.keys["a-read"], "", "/api/analytics/active-users?event=auth.user.registered"); r.data()["users"] != 1.0 {
+		t.Errorf("active users of another event: %s", r.raw)
 	}
 }

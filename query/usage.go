@@ -209,3 +209,20 @@ func (s *Store) EventNames(ctx context.Context, tenant uuid.UUID, r Range) ([]Na
 	}
 	return out, rows.Err()
 }
+
+// ActiveUsers counts distinct non-empty user_id of event in r (the dashboard's "active users").
+func (s *Store) ActiveUsers(ctx context.Context, tenant uuid.UUID, r Range, event string) (ActiveUsers, error) {
+	out := ActiveUsers{Event: event}
+	q := "SELECT uniqExactIf(user_id, user_id != ''), count() FROM " + s.db + ".events WHERE tenant_id = ? AND ts >= ? AND ts < ? AND event = ?"
+	if err := s.ch.QueryRow(s.limits(ctx), q, tenant, r.From, r.To, event).Scan(&out.Users, &out.Events); err != nil {
+		return out, fmt.Errorf("query active users: %w", err)
+	}
+	return out, nil
+}
+
+// ActiveUsers is how many distinct users did Event, out of how many such events.
+type ActiveUsers struct {
+	Event  string `json:"event"`
+	Users  uint64 `json:"users"`
+	Events uint64 `json:"events"`
+}

@@ -19,6 +19,7 @@ import (
 	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/dashboards"
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/query"
 	"github.com/analyticsd/analyticsd/quota"
@@ -167,4 +168,5 @@ func mount(app *fiber.App, ops api.Ops, authn *auth.Authenticator, in *ingest.Se
 	q.Register(analytics, authn.Require(auth.ScopeAnalyticsRead))
 	qs.Register(analytics, authn.Require(auth.ScopeAnalyticsRead), authn.Require(auth.ScopeEventsWrite))
 	rc.Register(analytics, authn.Require(auth.ScopeAnalyticsAdmin))
+	dashboards.Register(app)
 }
