@@ -113,31 +113,70 @@ func (c *Counters) Born(ctx context.Context, tenant uuid.UUID, d time.Time) (tim
 }
 
 // seedScript adds base counts to the day's counters once: the first caller to find the day unseeded
-// applies them and marks it seeded; any later or concurrent caller changes nothing.
+// applies them and records each base in the seeded hash; any later or concurrent caller changes
+// nothing. topUpScript later adds what ClickHouse has gained since for the same "before born" window
+// (rows that were still in a spool when the day was seeded), so the counter converges to the truth.
 var seedScript = redis.NewScript(`
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], '_', '1')
 for i = 2, #KEYS do
   local n = tonumber(ARGV[i])
   if n ~= 0 then redis.call('INCRBY', KEYS[i], n) end
   redis.call('EXPIRE', KEYS[i], ARGV[1])
+  redis.call('HSET', KEYS[1], ARGV[#KEYS + i - 1], n)
 end
-redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 `)
 
-// Seed applies base (what ClickHouse holds from before "born") to the day's counters, once.
-func (c *Counters) Seed(ctx context.Context, tenant uuid.UUID, d time.Time, base map[string]int64) (bool, error) {
+var topUpScript = redis.NewScript(`
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local added = 0
+for i = 2, #KEYS do
+  local n = tonumber(ARGV[i])
+  local field = ARGV[#KEYS + i - 1]
+  local old = tonumber(redis.call('HGET', KEYS[1], field) or '0')
+  if n > old then
+    redis.call('INCRBY', KEYS[i], n - old)
+    redis.call('EXPIRE', KEYS[i], ARGV[1])
+    redis.call('HSET', KEYS[1], field, n)
+    added = added + (n - old)
+  end
+end
+return added
+`)
+
+func (c *Counters) baseArgs(tenant uuid.UUID, d time.Time, base map[string]int64) ([]string, []any) {
 	keys := []string{c.seededKey(tenant, d)}
 	args := []any{int(CounterTTL.Seconds())}
+	var names []any
 	for m, n := range base {
 		keys = append(keys, c.Key(tenant, m, d))
 		args = append(args, n)
+		names = append(names, m)
 	}
+	return keys, append(args, names...)
+}
+
+// Seed applies base (what ClickHouse holds from before "born") to the day's counters, once.
+func (c *Counters) Seed(ctx context.Context, tenant uuid.UUID, d time.Time, base map[string]int64) (bool, error) {
+	keys, args := c.baseArgs(tenant, d, base)
 	applied, err := seedScript.Run(ctx, c.rdb, keys, args...).Int()
 	if err != nil {
 		return false, fmt.Errorf("seed usage counters for tenant %s: %w", tenant, err)
 	}
 	return applied == 1, nil
+}
+
+// TopUp raises a seeded day's counters to a newer reading of the same base window, adding only what
+// was not added before (atomic, so concurrent top-ups never add twice). It returns how much it added.
+func (c *Counters) TopUp(ctx context.Context, tenant uuid.UUID, d time.Time, base map[string]int64) (int64, error) {
+	keys, args := c.baseArgs(tenant, d, base)
+	added, err := topUpScript.Run(ctx, c.rdb, keys, args...).Int64()
+	if err != nil {
+		return 0, fmt.Errorf("top up usage counters for tenant %s: %w", tenant, err)
+	}
+	return added, nil
 }
 
 // consumeScript is the atomic check-and-increment: -1 when the day is not seeded yet, 0 with the

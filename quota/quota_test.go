@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/gofiber/fiber/v2"
+	"github.com/google/uuid"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/analyticsd/analyticsd/api"
@@ -74,6 +75,7 @@ func (h *harness) service(t *testing.T, cfg Config, env map[string]float64, rdb 
 	t.Cleanup(svc.Close)
 	s.SetRecorder(svc)
 	svc.UseLevels(s)
+	t.Cleanup(func() { s.Close(context.Background()) })
 	if h.ingest == nil {
 		h.ingest = svc
 	}
@@ -449,4 +451,44 @@ func normJSON(s string) string {
 	}
 	b, _ := json.Marshal(v)
 	return string(b)
+}
+
+// Rows received before counting resumed that reach ClickHouse only after the day was seeded (they
+// were in a spool) are topped up exactly once.
+func TestSeedTopUpCatchesLateRows(t *testing.T) {
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, nil, nil)
+	s.topUps = []time.Duration{300 * time.Millisecond, 600 * time.Millisecond}
+	ctx := context.Background()
+	today := s.today()
+	if _, err := s.counters.Add(ctx, h.tenant.ID, today, map[string]int64{"api_requests_daily": 2}); err != nil {
+		t.Fatal(err)
+	}
+	born, err := s.counters.Born(ctx, h.tenant.ID, today)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := s.State(ctx, h.tenant.ID, "api_requests_daily"); err != nil || st.Current != 2 {
+		t.Fatalf("after seeding: %+v, %v; want 2", st, err)
+	}
+	b, err := h.env.CH.PrepareBatch(ctx, "INSERT INTO "+h.env.DB+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	early := born.Add(-5 * time.Second)
+	if early.Before(today) {
+		early = today
+	}
+	for i := 0; i < 3; i++ {
+		if err := b.Append(h.tenant.ID, early, uuid.New(), early, "apikey.request", "api", "", "{}", "", ""); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.Send(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	if st, _ := s.State(ctx, h.tenant.ID, "api_requests_daily"); st.Current != 5 {
+		t.Errorf("after the top-ups: current %v, want 5 (2 live + 3 late rows, added once)", st.Current)
+	}
 }

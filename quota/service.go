@@ -67,6 +67,10 @@ type Service struct {
 	now      func() time.Time
 	sources  map[string][]string // daily metric → events counted toward it
 	webhook  *webhook
+	quit     chan struct{}
+	// topUps are the delays after seeding at which the before-born window is read again: the ingest
+	// spool normally ships within a second, and within minutes after a ClickHouse hiccup.
+	topUps   []time.Duration
 	exceeded *prometheus.CounterVec
 	alerts   *prometheus.CounterVec
 	tenants  *labels.Capped
@@ -88,7 +92,8 @@ func NewService(cfg Config, counters *Counters, limits *Limits, ch driver.Conn, 
 		log = slog.New(slog.DiscardHandler)
 	}
 	s := &Service{cfg: cfg, counters: counters, limits: limits, ch: ch, db: db, pg: pg, audit: auditLog, log: log, now: time.Now,
-		sources: map[string][]string{}, tenants: labels.NewCapped(cfg.LabelCap),
+		sources: map[string][]string{}, tenants: labels.NewCapped(cfg.LabelCap), quit: make(chan struct{}),
+		topUps: []time.Duration{3 * time.Second, 30 * time.Second, 3 * time.Minute},
 		exceeded: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sbh_quota_exceeded_total", Help: "Quotas that reached 100% of their limit (once per tenant, metric and day).",
 		}, []string{"tenant", "metric"}),
@@ -109,8 +114,15 @@ func NewService(cfg Config, counters *Counters, limits *Limits, ch driver.Conn, 
 // SetRecorder attaches the durable writer (ingest).
 func (s *Service) SetRecorder(r Recorder) { s.rec = r }
 
-// Close waits for webhook deliveries in flight (up to ctx).
-func (s *Service) Close(ctx context.Context) { s.webhook.close(ctx) }
+// Close stops counter top-ups and waits for webhook deliveries in flight (up to ctx).
+func (s *Service) Close(ctx context.Context) {
+	select {
+	case <-s.quit:
+	default:
+		close(s.quit)
+	}
+	s.webhook.close(ctx)
+}
 
 func (s *Service) today() time.Time { return s.now().UTC().Truncate(24 * time.Hour) }
 
@@ -154,8 +166,34 @@ func (s *Service) ensureSeeded(ctx context.Context, tenant uuid.UUID, d time.Tim
 	applied, err := s.counters.Seed(ctx, tenant, d, base)
 	if err == nil && applied {
 		s.log.Debug("quota counters seeded from clickhouse", "tenant", tenant, "day", day(d), "base", base)
+		// Rows received before "born" may still have been in an ingest spool: read the window again
+		// once they have surely landed and add what is new.
+		go s.topUp(tenant, d, born)
 	}
 	return err
+}
+
+func (s *Service) topUp(tenant uuid.UUID, d, born time.Time) {
+	start := time.Now()
+	for _, at := range s.topUps {
+		select {
+		case <-time.After(time.Until(start.Add(at))):
+		case <-s.quit:
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		base, err := s.counted(ctx, tenant, d, born)
+		if err == nil {
+			var added int64
+			if added, err = s.counters.TopUp(ctx, tenant, d, base); err == nil && added > 0 {
+				s.log.Info("quota counters topped up with rows that reached clickhouse after seeding", "tenant", tenant, "day", day(d), "added", added)
+			}
+		}
+		cancel()
+		if err != nil {
+			s.log.Debug("quota counter top-up skipped", "tenant", tenant, "err", err)
+		}
+	}
 }
 
 // counted returns, per daily metric, what ClickHouse holds for the tenant's day: mapped events and
