@@ -8,10 +8,12 @@ import (
 	"github.com/google/uuid"
 )
 
-// Counter receives live usage deltas (metric → n) for a tenant on a UTC day. *quota.Service
-// implements it over Redis. Ingest never waits on it and never fails because of it.
+// Counter receives live usage deltas (metric → n) for a tenant on a UTC day, for rows received in the
+// second `received`. *quota.Service implements it over Redis. Ingest never waits on it and never
+// fails because of it. The received second lets the counter tell rows it must count live from rows
+// its rebuild from ClickHouse already covers.
 type Counter interface {
-	Add(ctx context.Context, tenant uuid.UUID, day time.Time, deltas map[string]int64) error
+	Add(ctx context.Context, tenant uuid.UUID, day, received time.Time, deltas map[string]int64) error
 }
 
 // DefaultEventMetrics maps events to the daily quota metrics they count toward.
@@ -26,8 +28,9 @@ func DefaultEventMetrics() map[string]string {
 }
 
 type countKey struct {
-	tenant uuid.UUID
-	day    time.Time
+	tenant   uuid.UUID
+	day      time.Time
+	received time.Time // the second the rows were received
 }
 
 // liveCounts folds usage deltas over a short window and sends them to the Counter in one call per
@@ -71,7 +74,7 @@ func (l *liveCounts) run() {
 	flush := func() {
 		for k, deltas := range pending {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			err := l.counter.Add(ctx, k.tenant, k.day, deltas)
+			err := l.counter.Add(ctx, k.tenant, k.day, k.received, deltas)
 			cancel()
 			if err != nil {
 				l.metrics.CounterErrors.Inc()

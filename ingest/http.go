@@ -183,7 +183,7 @@ func (s *Service) count(p api.Principal, rows []Row, incs []Increment, now time.
 		if day.Before(today.Add(-24*time.Hour)) || day.After(today) {
 			return
 		}
-		k := countKey{p.TenantID, day}
+		k := countKey{p.TenantID, day, now.UTC().Truncate(time.Second)}
 		if deltas[k] == nil {
 			deltas[k] = map[string]int64{}
 		}

@@ -135,8 +135,8 @@ func (h *harness) proxiedClickHouse(t *testing.T) driver.Conn {
 // counterAdapter feeds the raw Redis counters (quota's limits and alerts are tested in quota).
 type counterAdapter struct{ c *quota.Counters }
 
-func (a counterAdapter) Add(ctx context.Context, t uuid.UUID, d time.Time, deltas map[string]int64) error {
-	_, err := a.c.Add(ctx, t, d, deltas)
+func (a counterAdapter) Add(ctx context.Context, t uuid.UUID, d, received time.Time, deltas map[string]int64) error {
+	_, err := a.c.Add(ctx, t, d, received, deltas)
 	return err
 }
 

@@ -49,30 +49,50 @@ func (c *Counters) seededKey(tenant uuid.UUID, d time.Time) string {
 	return fmt.Sprintf("%squota:{%s}:seeded:%s", c.prefix, tenant, day(d))
 }
 
-// Add increments the tenant's counters for a day by deltas in one pipeline, refreshes their expiry,
-// and returns the new values. It marks when live counting began for the day (born), which lets a
-// lost day be rebuilt from ClickHouse without counting anything twice.
-func (c *Counters) Add(ctx context.Context, tenant uuid.UUID, d time.Time, deltas map[string]int64) (map[string]int64, error) {
+// addScript marks when live counting of the day began (born, set once) and increments the counters,
+// unless the rows were received in a second before born: those are ClickHouse's to report, through
+// the seed and its top-ups. The partition is exact at one-second resolution — every row is counted
+// either live or by the rebuild, never both — so a backlog of deltas queued while Redis was down
+// cannot be counted twice when it comes back. Returns the new values, or nothing when skipped.
+var addScript = redis.NewScript(`
+local born = tonumber(redis.call('GET', KEYS[1]))
+if not born then
+  born = tonumber(ARGV[1])
+  redis.call('SET', KEYS[1], born, 'EX', ARGV[2])
+end
+if tonumber(ARGV[3]) < born then return {} end
+local out = {}
+for i = 2, #KEYS do
+  out[i - 1] = redis.call('INCRBY', KEYS[i], ARGV[i + 2])
+  redis.call('EXPIRE', KEYS[i], ARGV[2])
+end
+return out
+`)
+
+// Add increments the tenant's counters for a day by deltas (rows received in the second `received`)
+// and returns the new values; nil when the rows predate live counting and were left to the rebuild.
+func (c *Counters) Add(ctx context.Context, tenant uuid.UUID, d, received time.Time, deltas map[string]int64) (map[string]int64, error) {
 	if len(deltas) == 0 {
 		return nil, nil
 	}
-	ttl := CounterTTL
-	cmds := make(map[string]*redis.IntCmd, len(deltas))
-	_, err := c.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-		p.SetNX(ctx, c.bornKey(tenant, d), time.Now().Unix(), ttl)
-		for metric, n := range deltas {
-			k := c.Key(tenant, metric, d)
-			cmds[metric] = p.IncrBy(ctx, k, n)
-			p.Expire(ctx, k, ttl)
-		}
-		return nil
-	})
+	keys := []string{c.bornKey(tenant, d)}
+	args := []any{time.Now().Unix(), int(CounterTTL.Seconds()), received.Unix()}
+	metrics := make([]string, 0, len(deltas))
+	for metric, n := range deltas {
+		keys = append(keys, c.Key(tenant, metric, d))
+		args = append(args, n)
+		metrics = append(metrics, metric)
+	}
+	vals, err := addScript.Run(ctx, c.rdb, keys, args...).Int64Slice()
 	if err != nil {
 		return nil, fmt.Errorf("add usage counters for tenant %s: %w", tenant, err)
 	}
-	out := make(map[string]int64, len(cmds))
-	for m, cmd := range cmds {
-		out[m] = cmd.Val()
+	if len(vals) == 0 {
+		return nil, nil
+	}
+	out := make(map[string]int64, len(vals))
+	for i, m := range metrics {
+		out[m] = vals[i]
 	}
 	return out, nil
 }

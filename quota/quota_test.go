@@ -461,7 +461,7 @@ func TestSeedTopUpCatchesLateRows(t *testing.T) {
 	s.topUps = []time.Duration{300 * time.Millisecond, 600 * time.Millisecond}
 	ctx := context.Background()
 	today := s.today()
-	if _, err := s.counters.Add(ctx, h.tenant.ID, today, map[string]int64{"api_requests_daily": 2}); err != nil {
+	if _, err := s.counters.Add(ctx, h.tenant.ID, today, time.Now(), map[string]int64{"api_requests_daily": 2}); err != nil {
 		t.Fatal(err)
 	}
 	born, err := s.counters.Born(ctx, h.tenant.ID, today)
@@ -490,5 +490,25 @@ func TestSeedTopUpCatchesLateRows(t *testing.T) {
 	time.Sleep(time.Second)
 	if st, _ := s.State(ctx, h.tenant.ID, "api_requests_daily"); st.Current != 5 {
 		t.Errorf("after the top-ups: current %v, want 5 (2 live + 3 late rows, added once)", st.Current)
+	}
+}
+
+// Deltas for rows received before live counting (re)began — a backlog queued while Redis was down —
+// are left to the rebuild, so nothing is counted twice.
+func TestStaleDeltasAreNotCountedTwice(t *testing.T) {
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, nil, nil)
+	ctx := context.Background()
+	today := s.today()
+	now := time.Now()
+	if _, err := s.counters.Add(ctx, h.tenant.ID, today, now, map[string]int64{"builds_daily": 1}); err != nil {
+		t.Fatal(err)
+	}
+	vals, err := s.counters.Add(ctx, h.tenant.ID, today, now.Add(-3*time.Second), map[string]int64{"builds_daily": 5})
+	if err != nil || vals != nil {
+		t.Errorf("a delta from before born: %v, %v; want skipped", vals, err)
+	}
+	if n, _, _ := s.counters.Get(ctx, h.tenant.ID, "builds_daily", today); n != 1 {
+		t.Errorf("counter %d, want 1", n)
 	}
 }

@@ -128,8 +128,8 @@ func (s *Service) today() time.Time { return s.now().UTC().Truncate(24 * time.Ho
 
 // Add is the live counter feed from ingest (it implements ingest.Counter): it increments the day's
 // counters and fires alerts for thresholds the new values cross.
-func (s *Service) Add(ctx context.Context, tenant uuid.UUID, d time.Time, deltas map[string]int64) error {
-	vals, err := s.counters.Add(ctx, tenant, d, deltas)
+func (s *Service) Add(ctx context.Context, tenant uuid.UUID, d, received time.Time, deltas map[string]int64) error {
+	vals, err := s.counters.Add(ctx, tenant, d, received, deltas)
 	if err != nil {
 		return err
 	}
