@@ -9,7 +9,10 @@ BIN     := bin/analyticsd
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 GOFLAGS_BUILD := -trimpath -ldflags "-X main.version=$(VERSION)"
 
-.PHONY: help run test build lint fmt up down stack-up stack-down stack-status
+.PHONY: help run test build lint fmt up down stack-up stack-down stack-status chaos fuzz
+
+FUZZTIME ?= 2m
+FUZZ_TARGETS := ingest:FuzzDecode ingest:FuzzValidate query:FuzzParseCursor query:FuzzParseParams
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-14s %s\n", $$1, $$2}'
@@ -26,6 +29,19 @@ test: ## start the local stack, then run every test against the real servers (ra
 	$(STACK) up
 	deploy/local/chromium.sh
 	$(WITHENV) ANALYTICS_REQUIRE_SERVICES=1 go test -race -count=1 -timeout 20m ./...
+
+chaos: ## the full fault suite (ClickHouse, Redis, Postgres outages, kill -9, full spool, slow ClickHouse); stops and starts the local stack
+	$(STACK) up
+	$(WITHENV) ANALYTICS_REQUIRE_SERVICES=1 go test -tags chaos -count=1 -v -timeout 60m ./chaos/ -args -long
+
+fuzz: ## run every fuzz target for FUZZTIME (default 2m) and keep up to 200 inputs it found in testdata/fuzz
+	@set -e; cache=$$(go env GOCACHE)/fuzz/github.com/analyticsd/analyticsd; \
+	for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; fn=$${t##*:}; \
+	  echo "== $$pkg $$fn for $(FUZZTIME)"; \
+	  go test -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) ./$$pkg; \
+	  mkdir -p $$pkg/testdata/fuzz/$$fn; \
+	  for f in $$(ls $$cache/$$pkg/$$fn 2>/dev/null | head -n 200); do cp -n $$cache/$$pkg/$$fn/$$f $$pkg/testdata/fuzz/$$fn/; done; \
+	done
 
 lint: ## go vet and a gofmt check
 	go vet ./...

@@ -46,7 +46,8 @@ type Config struct {
 	Quota        quota.Config
 	RateLimit    ratelimit.Config
 	Rollup       rollup.ScheduleConfig
-	CORSOrigins  []string // CORS_ALLOWED_ORIGINS; empty: no cross-origin access
+	ReadTimeout  time.Duration // ANALYTICS_READ_TIMEOUT: whole request (headers and body) must arrive within it
+	CORSOrigins  []string      // CORS_ALLOWED_ORIGINS; empty: no cross-origin access
 }
 
 const (
@@ -203,6 +204,10 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	c.Rollup = rollup.ScheduleConfig{At: str("ROLLUP_AT", "00:10"), LookbackDays: integer("ROLLUP_LOOKBACK_DAYS", 3, 1, 90)}
 	if _, err := rollup.ParseClock(c.Rollup.At); err != nil {
 		errs = append(errs, fmt.Errorf("ROLLUP_AT: %v", err))
+	}
+	c.ReadTimeout = duration("ANALYTICS_READ_TIMEOUT", 30*time.Second)
+	if c.ReadTimeout < 100*time.Millisecond {
+		errs = append(errs, fmt.Errorf("ANALYTICS_READ_TIMEOUT=%s: want at least 100ms", c.ReadTimeout))
 	}
 	c.QueryTimeout = duration("ANALYTICS_QUERY_TIMEOUT", 30*time.Second)
 	if c.QueryTimeout < time.Second {

@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net/http"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -16,9 +19,28 @@ import (
 // serveInProcess runs `analyticsd serve` inside the test and returns its base URL.
 func serveInProcess(t *testing.T, getenv func(string) string) string {
 	t.Helper()
+	return serveLogging(t, getenv, &syncBuffer{})
+}
+
+// syncBuffer is a bytes.Buffer safe for the server's logger and the test to share.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
+
+// serveLogging is serveInProcess with the server's log written to logs.
+func serveLogging(t *testing.T, getenv func(string) string, logs io.Writer) string {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan int, 1)
-	go func() { done <- run(ctx, []string{"serve"}, &bytes.Buffer{}, &bytes.Buffer{}, getenv) }()
+	go func() { done <- run(ctx, []string{"serve"}, &bytes.Buffer{}, logs, getenv) }()
 	t.Cleanup(func() { cancel(); <-done })
 	base := "http://" + getenv("ANALYTICS_ADDR")
 	deadline := time.Now().Add(15 * time.Second)
@@ -157,4 +179,40 @@ func TestRevokedKeyRefusedEverywhere(t *testing.T) {
 		}
 	}
 	t.Logf("revoked key refused by both instances %s after revocation", time.Since(revoked).Round(100*time.Millisecond))
+}
+
+// Secrets never reach the log: keys, tokens, the JWT secret and the webhook secret, even at debug
+// level and on failures.
+func TestSecretsNeverLogged(t *testing.T) {
+	e := testenv.Migrated(t)
+	ctx := context.Background()
+	tn, err := tenant.NewStore(e.PG).Create(ctx, "acme", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _, err := auth.NewKeys(e.PG).Create(ctx, tn.ID, "r", auth.AllScopes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	jwtSecret, hookSecret := "jwt-secret-0123456789abcdef-0123456789", "hook-secret-abcdef"
+	logs := &syncBuffer{}
+	base := serveLogging(t, stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": t.TempDir(),
+		"LOG_LEVEL": "debug", "AUTH_JWT_SECRET": jwtSecret, "QUOTA_ALERT_WEBHOOK_URL": "http://127.0.0.1:1/hook",
+		"QUOTA_ALERT_WEBHOOK_SECRET": hookSecret, "QUOTA_DEFAULTS": `{"builds_daily":1}`, "ANALYTICS_SHUTDOWN_TIMEOUT": "2s"}), logs)
+	bad := key[:len(key)-3] + "zzz"
+	for _, tok := range []string{key, bad, "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.bad-signature"} {
+		do(t, http.MethodGet, base+"/api/analytics/events", tok, nil)
+		do(t, http.MethodPost, base+"/api/analytics/quotas/builds_daily/consume", tok, nil) // crosses 100%: alert + webhook failure
+	}
+	time.Sleep(300 * time.Millisecond)
+	out := logs.String()
+	if !strings.Contains(out, "serving") {
+		t.Fatalf("no log captured: %q", out)
+	}
+	for name, secret := range map[string]string{"API key": key, "API key secret part": key[16:], "tampered key": bad[16:],
+		"JWT secret": jwtSecret, "webhook secret": hookSecret, "JWT": "bad-signature"} {
+		if strings.Contains(out, secret) {
+			t.Errorf("the log contains the %s", name)
+		}
+	}
 }

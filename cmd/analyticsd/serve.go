@@ -53,7 +53,8 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	app := api.NewApp(api.Config{ReadTimeout: 30 * time.Second, WriteTimeout: 5 * time.Minute, IdleTimeout: 2 * time.Minute}, log)
+	app := api.NewApp(api.Config{BodyLimit: int(cfg.Ingest.Limits.MaxBodyBytes), ReadTimeout: cfg.ReadTimeout,
+		WriteTimeout: 5 * time.Minute, IdleTimeout: 2 * time.Minute}, log)
 	ingestMetrics := ingest.NewMetrics(reg, cfg.LabelCap)
 	writer, err := ingest.NewWriter(cfg.Writer, ch, cfg.ClickHouseDB, ingestMetrics, log.With("component", "ingest"))
 	if err != nil {
