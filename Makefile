@@ -25,10 +25,12 @@ run: build ## start ClickHouse, Postgres and Redis locally, migrate, create the 
 	$(WITHENV) deploy/local/demo.sh $(BIN)
 	$(WITHENV) exec $(BIN) serve
 
-test: ## start the local stack, then run every test against the real servers (race detector on)
+test: ## start the local stack, then every test against the real servers (race detector on), then the short fault suite
 	$(STACK) up
 	deploy/local/chromium.sh
 	$(WITHENV) ANALYTICS_REQUIRE_SERVICES=1 go test -race -count=1 -timeout 20m ./...
+	@echo "== fault suite, short form (stops and starts the local stack's services)"
+	$(WITHENV) ANALYTICS_REQUIRE_SERVICES=1 go test -tags chaos -count=1 -timeout 20m ./chaos/
 
 chaos: ## the full fault suite (ClickHouse, Redis, Postgres outages, kill -9, full spool, slow ClickHouse); stops and starts the local stack
 	$(STACK) up
