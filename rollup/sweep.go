@@ -56,7 +56,7 @@ type Sweeper struct {
 }
 
 // NewSweeper returns a Sweeper; it does nothing until Sweep or Start. reg may be nil; now defaults to
-// time.Now. The server version is read at each sweep, so a server that is down at start-up is fine.
+// time.Now. The events table's definition is read at each sweep, so a server that is down at start-up is fine.
 func NewSweeper(ch driver.Conn, db string, pg *pgxpool.Pool, auditLog *audit.Log, reg prometheus.Registerer,
 	log *slog.Logger, retentionDays int, now func() time.Time) *Sweeper {
 	if log == nil {

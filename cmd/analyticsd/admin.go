@@ -24,16 +24,11 @@ func migrate(ctx context.Context, cfg Config, log *slog.Logger, args []string, s
 	if err := flags("migrate", args, func(*flag.FlagSet) {}); err != nil {
 		return err
 	}
-	ch, err := openClickHouse(cfg)
+	ch, pg, closeStores, err := openStores(ctx, cfg)
 	if err != nil {
 		return err
 	}
-	defer ch.Close()
-	pg, err := openPostgres(ctx, cfg)
-	if err != nil {
-		return err
-	}
-	defer pg.Close()
+	defer closeStores()
 	m := schema.Migrator{CH: ch, PG: pg, DB: cfg.ClickHouseDB, RetentionDays: cfg.RetentionDays, Log: log}
 	res, err := m.Run(ctx)
 	if err != nil {

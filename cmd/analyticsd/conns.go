@@ -56,3 +56,15 @@ func openRedis(cfg Config) (*redis.Client, error) {
 	opts.WriteTimeout = 2 * time.Second
 	return redis.NewClient(opts), nil
 }
+
+// openStores opens ClickHouse and Postgres for the one-shot admin commands; close releases both.
+func openStores(ctx context.Context, cfg Config) (ch driver.Conn, pg *pgxpool.Pool, close func(), err error) {
+	if ch, err = openClickHouse(cfg); err != nil {
+		return nil, nil, nil, err
+	}
+	if pg, err = openPostgres(ctx, cfg); err != nil {
+		ch.Close()
+		return nil, nil, nil, err
+	}
+	return ch, pg, func() { pg.Close(); ch.Close() }, nil
+}

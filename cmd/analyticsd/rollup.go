@@ -32,16 +32,11 @@ func rollupCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string,
 	if err != nil {
 		return fmt.Errorf("rollup: %v: %w", err, errUsage)
 	}
-	ch, err := openClickHouse(cfg)
+	ch, pg, closeStores, err := openStores(ctx, cfg)
 	if err != nil {
 		return err
 	}
-	defer ch.Close()
-	pg, err := openPostgres(ctx, cfg)
-	if err != nil {
-		return err
-	}
-	defer pg.Close()
+	defer closeStores()
 	r := rollup.NewReconciler(ch, cfg.ClickHouseDB, pg, audit.New(pg), nil, log.With("component", "rollup"), cfg.RetentionDays, nil)
 	var failed []string
 	for _, day := range days {
