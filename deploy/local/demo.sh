@@ -20,6 +20,7 @@ cat >&2 <<MSG
   analyticsd demo
   tenant:    demo
   API key:   $(cat "$keyfile")
+  dashboard: http://127.0.0.1:$port/dashboard   (sign in with the key and tenant demo)
   API:       http://127.0.0.1:$port/api/analytics/   (header X-Tenant-Slug: demo)
   readiness: http://127.0.0.1:$port/readiness
 
