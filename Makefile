@@ -9,7 +9,7 @@ BIN     := bin/analyticsd
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 GOFLAGS_BUILD := -trimpath -ldflags "-X main.version=$(VERSION)"
 
-.PHONY: help run test build lint fmt up down stack-up stack-down stack-status chaos fuzz
+.PHONY: help run test build lint fmt up down stack-up stack-down stack-status chaos fuzz bench bench-quick
 
 FUZZTIME ?= 2m
 FUZZ_TARGETS := ingest:FuzzDecode ingest:FuzzValidate query:FuzzParseCursor query:FuzzParseParams
@@ -31,6 +31,16 @@ test: ## start the local stack, then every test against the real servers (race d
 	$(WITHENV) ANALYTICS_REQUIRE_SERVICES=1 go test -race -count=1 -timeout 20m ./...
 	@echo "== fault suite, short form (stops and starts the local stack's services)"
 	$(WITHENV) ANALYTICS_REQUIRE_SERVICES=1 go test -tags chaos -count=1 -timeout 20m ./chaos/
+	@echo "== benchmark harness, quick mode (proves it runs; asserts nothing about speed)"
+	$(WITHENV) go run ./cmd/analytics-bench --quick --out test-output/bench-quick.json
+
+bench: ## the full benchmark: every scenario as a ratio against baselines measured in the same run (see BENCHMARKS.md)
+	$(STACK) up
+	$(WITHENV) go run ./cmd/analytics-bench
+
+bench-quick: ## the benchmark harness in CI mode (~30 s; asserts nothing about speed)
+	$(STACK) up
+	$(WITHENV) go run ./cmd/analytics-bench --quick
 
 chaos: ## the full fault suite (ClickHouse, Redis, Postgres outages, kill -9, full spool, slow ClickHouse); stops and starts the local stack
 	$(STACK) up

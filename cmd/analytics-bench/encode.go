@@ -1,0 +1,109 @@
+package main
+
+import (
+	"time"
+	"unicode/utf8"
+
+	"github.com/google/uuid"
+)
+
+// Encoders for the three wire forms of one event: the REST body analyticsd ingests, the JSONEachRow
+// row clickhouse-client inserts (the ceiling), and (in pg.go) the Postgres COPY row.
+
+const (
+	rfc3339Z = "2006-01-02T15:04:05Z"
+	chTime   = "2006-01-02 15:04:05"
+)
+
+// appendRESTEvent appends e as the guide's event object (props as a JSON object).
+func appendRESTEvent(b []byte, e *Event) []byte {
+	b = append(b, `{"id":"`...)
+	b = appendUUID(b, e.ID)
+	b = append(b, `","event":`...)
+	b = appendJSONString(b, e.Name())
+	b = append(b, `,"user_id":`...)
+	b = appendJSONString(b, e.UserID)
+	b = append(b, `,"source":`...)
+	b = appendJSONString(b, e.Source())
+	b = append(b, `,"ts":"`...)
+	b = time.Unix(e.Ts, 0).UTC().AppendFormat(b, rfc3339Z)
+	b = append(b, `","props":`...)
+	b = append(b, e.Props...)
+	b = append(b, `,"ip":`...)
+	b = appendJSONString(b, e.IP)
+	b = append(b, `,"request_id":`...)
+	b = appendJSONString(b, e.RequestID)
+	return append(b, '}')
+}
+
+// appendRawRow appends e as one JSONEachRow line of analyticsd's events table (props as a string).
+func appendRawRow(b []byte, e *Event, tenant uuid.UUID, receivedAt int64) []byte {
+	b = append(b, `{"tenant_id":"`...)
+	b = appendUUID(b, tenant)
+	b = append(b, `","ts":"`...)
+	b = time.Unix(e.Ts, 0).UTC().AppendFormat(b, chTime)
+	b = append(b, `","id":"`...)
+	b = appendUUID(b, e.ID)
+	b = append(b, `","received_at":"`...)
+	b = time.Unix(receivedAt, 0).UTC().AppendFormat(b, chTime)
+	b = append(b, `","event":`...)
+	b = appendJSONString(b, e.Name())
+	b = append(b, `,"source":`...)
+	b = appendJSONString(b, e.Source())
+	b = append(b, `,"user_id":`...)
+	b = appendJSONString(b, e.UserID)
+	b = append(b, `,"props":`...)
+	b = appendJSONString(b, e.Props)
+	b = append(b, `,"ip":`...)
+	b = appendJSONString(b, e.IP)
+	b = append(b, `,"request_id":`...)
+	b = appendJSONString(b, e.RequestID)
+	return append(b, "}\n"...)
+}
+
+func appendUUID(b []byte, u uuid.UUID) []byte {
+	for i, x := range u {
+		if i == 4 || i == 6 || i == 8 || i == 10 {
+			b = append(b, '-')
+		}
+		b = append(b, hexDigits[x>>4], hexDigits[x&15])
+	}
+	return b
+}
+
+// appendJSONString appends s as a JSON string literal.
+func appendJSONString(b []byte, s string) []byte {
+	b = append(b, '"')
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c >= 0x20 && c != '"' && c != '\\' && c < utf8.RuneSelf {
+			b = append(b, c)
+			i++
+			continue
+		}
+		if c < utf8.RuneSelf {
+			switch c {
+			case '"', '\\':
+				b = append(b, '\\', c)
+			case '\n':
+				b = append(b, '\\', 'n')
+			case '\r':
+				b = append(b, '\\', 'r')
+			case '\t':
+				b = append(b, '\\', 't')
+			default:
+				b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&15])
+			}
+			i++
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			b = append(b, `\ufffd`...)
+		} else {
+			b = append(b, s[i:i+size]...)
+		}
+		i += size
+	}
+	return append(b, '"')
+}

@@ -1,0 +1,144 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// Profiling the real binary. analyticsd serves no pprof endpoint, and the bench may not change it, so
+// with --pprof DIR the bench compiles analyticsd with one extra file passed through `go build
+// -overlay` (the checkout is untouched): when BENCH_PPROF_ADDR is set, it listens there and starts and
+// stops CPU profiles on request. Everything else is the exact binary and wiring that ships.
+const pprofOverlaySource = `package main
+
+import (
+	"net/http"
+	"os"
+	"runtime"
+	"runtime/pprof"
+	"sync"
+)
+
+// Added by cmd/analytics-bench through go build -overlay; never part of the checkout.
+func init() {
+	addr := os.Getenv("BENCH_PPROF_ADDR")
+	if addr == "" {
+		return
+	}
+	var mu sync.Mutex
+	var f *os.File
+	mux := http.NewServeMux()
+	mux.HandleFunc("/cpu/start", func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		var err error
+		if f, err = os.Create(r.URL.Query().Get("file")); err == nil {
+			err = pprof.StartCPUProfile(f)
+		}
+		if err != nil {
+			http.Error(w, err.Error(), 500)
+		}
+	})
+	mux.HandleFunc("/cpu/stop", func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		pprof.StopCPUProfile()
+		if f != nil {
+			f.Close()
+			f = nil
+		}
+	})
+	mux.HandleFunc("/allocs", func(w http.ResponseWriter, r *http.Request) {
+		runtime.GC()
+		out, err := os.Create(r.URL.Query().Get("file"))
+		if err == nil {
+			err = pprof.Lookup("allocs").WriteTo(out, 0)
+			out.Close()
+		}
+		if err != nil {
+			http.Error(w, err.Error(), 500)
+		}
+	})
+	go http.ListenAndServe(addr, mux)
+}
+`
+
+// pprofOverlay writes the overlay file and its JSON map into dir; the result is go build's -overlay.
+func pprofOverlay(root, dir string) (string, error) {
+	src := filepath.Join(dir, "bench_pprof.go")
+	if err := os.WriteFile(src, []byte(pprofOverlaySource), 0o644); err != nil {
+		return "", err
+	}
+	m := map[string]map[string]string{"Replace": {filepath.Join(root, "cmd", "analyticsd", "zz_bench_pprof.go"): src}}
+	b, _ := json.Marshal(m)
+	overlay := filepath.Join(dir, "overlay.json")
+	return overlay, os.WriteFile(overlay, b, 0o644)
+}
+
+// profiler drives the overlay's endpoints; a nil profiler does nothing.
+type profiler struct {
+	addr string
+	dir  string
+}
+
+func (p *profiler) call(ctx context.Context, path, file string) error {
+	if p == nil {
+		return nil
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+p.addr+path+"?file="+url.QueryEscape(file), nil)
+	if err != nil {
+		return err
+	}
+	c := &http.Client{Timeout: time.Minute}
+	resp, err := c.Do(req)
+	if err != nil {
+		return fmt.Errorf("pprof %s: %w", path, err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("pprof %s: status %d", path, resp.StatusCode)
+	}
+	return nil
+}
+
+// cpu profiles fn's duration into DIR/<name>.cpu.pprof and DIR/<name>.allocs.pprof.
+func (p *profiler) cpu(ctx context.Context, s *Scenario, name string, fn func() error) error {
+	if p == nil {
+		return fn()
+	}
+	file := filepath.Join(p.dir, name+".cpu.pprof")
+	if err := p.call(ctx, "/cpu/start", file); err != nil {
+		return err
+	}
+	err := fn()
+	if perr := p.call(context.Background(), "/cpu/stop", ""); perr != nil && err == nil {
+		err = perr
+	}
+	allocs := filepath.Join(p.dir, name+".allocs.pprof")
+	if aerr := p.call(context.Background(), "/allocs", allocs); aerr != nil && err == nil {
+		err = aerr
+	}
+	s.note("profiles: %s, %s (go tool pprof -top %s)", file, allocs, file)
+	return err
+}
+
+func (b *bench) pprofSetup() (*profiler, error) {
+	dir, err := filepath.Abs(b.opt.pprofDir)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	addr, err := freeAddr()
+	if err != nil {
+		return nil, err
+	}
+	return &profiler{addr: addr, dir: dir}, nil
+}

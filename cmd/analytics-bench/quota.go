@@ -1,0 +1,148 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// quotaConsume: POST /quotas/api_requests_daily/consume over --connections keep-alive connections,
+// spread over every tenant's key, against (d) the same number of goroutines running go-redis INCR.
+// Limits are raised so nothing is refused; what is measured is the cost of an atomic check-and-spend.
+func (b *bench) quotaConsume(ctx context.Context, s *Scenario) error {
+	dur := b.opt.loadDuration
+	warm := max(dur/10, 300*time.Millisecond)
+	s.set("connections", float64(b.opt.connections))
+	s.set("seconds", dur.Seconds())
+
+	apiOp := func(w, i int) error {
+		t := b.tenants[(w+i*b.opt.connections)%len(b.tenants)]
+		r, err := b.do(ctx, http.MethodPost, "/api/analytics/quotas/api_requests_daily/consume?n=1", t.Key, nil, "")
+		if err != nil {
+			return err
+		}
+		if r.status != http.StatusOK {
+			return fmt.Errorf("consume: %d %s", r.status, trim(r.body))
+		}
+		return nil
+	}
+	if _, _, err := b.closedLoop(ctx, warm, apiOp); err != nil {
+		return err
+	}
+	var ops int64
+	var lat []time.Duration
+	err := b.pprof.cpu(ctx, s, "quota_consume", func() error {
+		var err error
+		ops, lat, err = b.closedLoop(ctx, dur, apiOp)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	s.set("api_ops_per_s", float64(ops)/dur.Seconds())
+	s.lat("api", Summarize(lat))
+
+	redisOp := func(w, i int) error {
+		t := b.tenants[(w+i*b.opt.connections)%len(b.tenants)]
+		return b.rdb.Incr(ctx, b.name+":incr:"+t.ID.String()).Err()
+	}
+	if _, _, err := b.closedLoop(ctx, warm, redisOp); err != nil {
+		return err
+	}
+	ops, lat, err = b.closedLoop(ctx, dur, redisOp)
+	if err != nil {
+		return err
+	}
+	s.set("d_ops_per_s", float64(ops)/dur.Seconds())
+	s.lat("d", Summarize(lat))
+	s.set("ratio_vs_d", ratio(s.Figures["api_ops_per_s"], s.Figures["d_ops_per_s"]))
+	return nil
+}
+
+// closedLoop runs op from --connections goroutines, back to back, for dur; it returns how many
+// completed and their latencies, or the first error.
+func (b *bench) closedLoop(ctx context.Context, dur time.Duration, op func(worker, i int) error) (int64, []time.Duration, error) {
+	var total atomic.Int64
+	var failed atomic.Pointer[error]
+	lats := make([][]time.Duration, b.opt.connections)
+	end := time.Now().Add(dur)
+	var wg sync.WaitGroup
+	for w := 0; w < b.opt.connections; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; time.Now().Before(end) && failed.Load() == nil && ctx.Err() == nil; i++ {
+				t := time.Now()
+				if err := op(w, i); err != nil {
+					failed.CompareAndSwap(nil, &err)
+					return
+				}
+				lats[w] = append(lats[w], time.Since(t))
+				total.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if e := failed.Load(); e != nil {
+		return 0, nil, *e
+	}
+	var all []time.Duration
+	for _, l := range lats {
+		all = append(all, l...)
+	}
+	return total.Load(), all, ctx.Err()
+}
+
+// storage: bytes per event of ClickHouse's events table (compressed, active parts) against the
+// guide's Postgres table with its indexes and TOAST (pg_total_relation_size), on the same data set.
+func (b *bench) storage(ctx context.Context, s *Scenario) error {
+	b.settle(ctx, b.settleTime())
+	var rows, comp, uncomp uint64
+	var parts uint64
+	q := "SELECT sum(rows), sum(data_compressed_bytes), sum(data_uncompressed_bytes), count() FROM system.parts WHERE database = ? AND table = ? AND active"
+	if err := b.ch.QueryRow(ctx, q, b.name, "events").Scan(&rows, &comp, &uncomp, &parts); err != nil {
+		return fmt.Errorf("clickhouse parts: %w", err)
+	}
+	s.set("ch_rows", float64(rows))
+	s.set("ch_compressed_bytes", float64(comp))
+	s.set("ch_uncompressed_bytes", float64(uncomp))
+	s.set("ch_active_parts", float64(parts))
+	s.set("ch_bytes_per_event", ratio(float64(comp), float64(rows)))
+	// Per column: which ones the bytes go to (what a codec or a type change could win).
+	cols, err := b.ch.Query(ctx, "SELECT name, data_compressed_bytes, data_uncompressed_bytes FROM system.columns WHERE database = ? AND table = 'events'", b.name)
+	if err != nil {
+		return fmt.Errorf("clickhouse columns: %w", err)
+	}
+	for cols.Next() {
+		var name string
+		var c, u uint64
+		if err := cols.Scan(&name, &c, &u); err != nil {
+			cols.Close()
+			return err
+		}
+		s.set("ch_col_"+name+"_bytes_per_event", ratio(float64(c), float64(rows)))
+		s.set("ch_col_"+name+"_compression_ratio", ratio(float64(u), float64(c)))
+	}
+	cols.Close()
+	var rawRows, rawComp, rawUncomp, rawParts uint64
+	if err := b.ch.QueryRow(ctx, q, b.name, "raw_events").Scan(&rawRows, &rawComp, &rawUncomp, &rawParts); err == nil && rawRows > 0 {
+		s.set("ch_raw_events_bytes_per_event", ratio(float64(rawComp), float64(rawRows)))
+	}
+	var total, heap, idx int64
+	var pgRows int64
+	if err := b.pg.QueryRow(ctx, "SELECT pg_total_relation_size('analytics_events'), pg_relation_size('analytics_events'), pg_indexes_size('analytics_events'), (SELECT count(*) FROM analytics_events)").
+		Scan(&total, &heap, &idx, &pgRows); err != nil {
+		return fmt.Errorf("postgres sizes: %w", err)
+	}
+	s.set("pg_rows", float64(pgRows))
+	s.set("pg_total_bytes", float64(total))
+	s.set("pg_heap_bytes", float64(heap))
+	s.set("pg_index_bytes", float64(idx))
+	s.set("pg_bytes_per_event", ratio(float64(total), float64(pgRows)))
+	s.set("b_over_ch", ratio(s.Figures["pg_bytes_per_event"], s.Figures["ch_bytes_per_event"]))
+	s.note("ClickHouse rows include the warm-up, latency and quota probes of the side tenants; bytes/event divides by each store's own row count")
+	return nil
+}
