@@ -7,6 +7,7 @@ import (
 	"io"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/google/uuid"
 )
@@ -27,7 +28,11 @@ func (s *Store) StartExport(f EventFilter, max int) (*Export, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.maxExec+time.Minute)
 	where, args := f.where(f.Range.From, f.Range.To)
 	q := fmt.Sprintf("SELECT %s FROM %s.events WHERE %s ORDER BY ts DESC, id DESC LIMIT %d", eventColumns, s.db, where, max)
-	rows, err := s.ch.Query(s.limits(ctx), q, args...)
+	// Small blocks keep the stream's memory flat: clickhouse-go decodes a whole block at a time, and
+	// the default 65,536 rows of eight string columns is tens of MiB per block.
+	rows, err := s.ch.Query(clickhouse.Context(s.limits(ctx), clickhouse.WithSettings(clickhouse.Settings{
+		"max_execution_time": int(s.maxExec.Seconds()), "max_block_size": 8192,
+	})), q, args...)
 	if err != nil {
 		cancel()
 		return nil, fmt.Errorf("query export: %w", err)
