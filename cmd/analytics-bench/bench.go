@@ -125,7 +125,7 @@ func run(ctx context.Context, o options) int {
 	return 0
 }
 
-func (b *bench) defer_(f func(context.Context)) { b.cleanups = append(b.cleanups, f) }
+func (b *bench) onCleanup(f func(context.Context)) { b.cleanups = append(b.cleanups, f) }
 
 // cleanup undoes setup in reverse order, on success and failure alike.
 func (b *bench) cleanup() {
@@ -163,7 +163,7 @@ func (b *bench) setup(ctx context.Context) error {
 	if b.tmp, err = os.MkdirTemp("", "analytics-bench-"); err != nil {
 		return err
 	}
-	b.defer_(func(context.Context) {
+	b.onCleanup(func(context.Context) {
 		if !b.opt.keep {
 			os.RemoveAll(b.tmp)
 		}
@@ -190,21 +190,21 @@ func (b *bench) setup(ctx context.Context) error {
 	if b.ch, err = clickhouse.Open(chOpts); err != nil {
 		return fmt.Errorf("open clickhouse: %w", err)
 	}
-	b.defer_(func(context.Context) { b.ch.Close() })
+	b.onCleanup(func(context.Context) { b.ch.Close() })
 	if err := b.ch.Ping(ctx); err != nil {
 		return fmt.Errorf("clickhouse: %w", err)
 	}
 	if b.pgAdmin, err = pgxpool.New(ctx, b.stack["POSTGRES_URL"]); err != nil {
 		return fmt.Errorf("open postgres: %w", err)
 	}
-	b.defer_(func(context.Context) { b.pgAdmin.Close() })
+	b.onCleanup(func(context.Context) { b.pgAdmin.Close() })
 	rOpts, err := redis.ParseURL(b.stack["REDIS_URL"])
 	if err != nil {
 		return fmt.Errorf("parse REDIS_URL: %w", err)
 	}
 	rOpts.PoolSize = 32
 	b.rdb = redis.NewClient(rOpts)
-	b.defer_(func(context.Context) { b.rdb.Close() })
+	b.onCleanup(func(context.Context) { b.rdb.Close() })
 	if err := b.rdb.Ping(ctx).Err(); err != nil {
 		return fmt.Errorf("redis: %w", err)
 	}
@@ -236,7 +236,7 @@ func (b *bench) setup(ctx context.Context) error {
 	if b.pgURL, err = withSearchPath(b.stack["POSTGRES_URL"], b.name); err != nil {
 		return err
 	}
-	b.defer_(func(ctx context.Context) {
+	b.onCleanup(func(ctx context.Context) {
 		if b.opt.keep {
 			logf("kept clickhouse database %s", b.name)
 			return
@@ -248,7 +248,7 @@ func (b *bench) setup(ctx context.Context) error {
 	if _, err := b.pgAdmin.Exec(ctx, "CREATE SCHEMA "+b.name); err != nil {
 		return fmt.Errorf("create postgres schema %s: %w", b.name, err)
 	}
-	b.defer_(func(ctx context.Context) {
+	b.onCleanup(func(ctx context.Context) {
 		if b.opt.keep {
 			logf("kept postgres schema %s", b.name)
 			return
@@ -265,8 +265,8 @@ func (b *bench) setup(ctx context.Context) error {
 	if b.pg, err = pgxpool.NewWithConfig(ctx, pgCfg); err != nil {
 		return fmt.Errorf("open postgres bench schema: %w", err)
 	}
-	b.defer_(func(context.Context) { b.pg.Close() })
-	b.defer_(b.cleanRedis)
+	b.onCleanup(func(context.Context) { b.pg.Close() })
+	b.onCleanup(b.cleanRedis)
 
 	// analyticsd: migrate, tenants and keys through its own CLI, then serve.
 	env := b.childEnv(nil)
@@ -322,7 +322,7 @@ func (b *bench) setup(ctx context.Context) error {
 	if b.srv, err = startServer(ctx, b.bin, []string{"serve"}, b.childEnv(b.serverEnv), addr); err != nil {
 		return err
 	}
-	b.defer_(func(context.Context) { b.srv.stop(60 * time.Second) })
+	b.onCleanup(func(context.Context) { b.srv.stop(60 * time.Second) })
 	return nil
 }
 
