@@ -38,7 +38,7 @@ type options struct {
 	iterations     int           // samples per read scenario
 	loadDuration   time.Duration // ack latency, quota
 	freshDuration  time.Duration
-	pgBudget       time.Duration // time cap for each slow Postgres read series
+	slowBudget     time.Duration // time cap of each slow read series (Postgres, single-query ClickHouse)
 	serverEnv      multiFlag
 	pprofDir       string // profile analyticsd (CPU, allocations) per scenario into this directory
 	connections    int
@@ -67,7 +67,7 @@ func main() {
 	fs.IntVar(&o.iterations, "iterations", 200, "samples per read scenario")
 	fs.DurationVar(&o.loadDuration, "load-duration", 10*time.Second, "length of the ack-latency and quota load phases")
 	fs.DurationVar(&o.freshDuration, "fresh-duration", 10*time.Second, "length of the ack-to-queryable probe")
-	fs.DurationVar(&o.pgBudget, "slow-budget", 10*time.Second, "time cap of each slow read series (Postgres, single-query ClickHouse): slow queries get fewer samples")
+	fs.DurationVar(&o.slowBudget, "slow-budget", 10*time.Second, "time cap of each slow read series (Postgres, single-query ClickHouse): slow queries get fewer samples")
 	fs.Var(&o.serverEnv, "server-env", "KEY=VALUE for analyticsd serve (repeatable), e.g. INGEST_DURABILITY=buffered")
 	fs.StringVar(&o.pprofDir, "pprof", "", "build analyticsd with a profiling hook (go build -overlay; the checkout is untouched) and write CPU and allocation profiles of the server per scenario into this directory")
 	fs.IntVar(&o.connections, "connections", 16, "keep-alive connections for REST ingest and quota load")
@@ -88,7 +88,7 @@ func main() {
 		def("iterations", func() { o.iterations = 5 })
 		def("load-duration", func() { o.loadDuration = 2 * time.Second })
 		def("fresh-duration", func() { o.freshDuration = 2 * time.Second })
-		def("slow-budget", func() { o.pgBudget = 2 * time.Second })
+		def("slow-budget", func() { o.slowBudget = 2 * time.Second })
 		def("tenants", func() { o.tenants = 10 })
 	}
 	o.restEvents = min(o.restEvents, o.events)

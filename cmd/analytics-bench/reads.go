@@ -20,7 +20,7 @@ import (
 
 func (b *bench) store() *query.Store { return query.NewStore(b.ch, b.name, b.pg, 30*time.Second) }
 
-func (b *bench) pgBudget() time.Duration { return b.opt.pgBudget }
+func (b *bench) slowBudget() time.Duration { return b.opt.slowBudget }
 
 type apiPage struct {
 	Events []struct {
@@ -160,7 +160,7 @@ func (b *bench) eventsPage(ctx context.Context, s *Scenario) error {
 	s.lat("c_page50", Summarize(cN))
 	single := func(f query.EventFilter) ([]time.Duration, error) {
 		q, args := f.SQL(b.name, r.From, r.To, 101)
-		return timeSeries(ctx, n, 1, b.pgBudget(), func(ctx context.Context) error {
+		return timeSeries(ctx, n, 1, b.slowBudget(), func(ctx context.Context) error {
 			rows, err := b.ch.Query(ctx, q, args...)
 			if err != nil {
 				return err
@@ -200,14 +200,14 @@ func (b *bench) eventsPage(ctx context.Context, s *Scenario) error {
 			break
 		}
 	}
-	b1, err := timeSeries(ctx, n, 1, b.pgBudget(), func(ctx context.Context) error {
+	b1, err := timeSeries(ctx, n, 1, b.slowBudget(), func(ctx context.Context) error {
 		_, _, _, err := b.pgPage(ctx, t.ID, r, time.Time{}, pgtype.UUID{})
 		return err
 	})
 	if err != nil {
 		return err
 	}
-	bN, err := timeSeries(ctx, n, 1, b.pgBudget(), func(ctx context.Context) error {
+	bN, err := timeSeries(ctx, n, 1, b.slowBudget(), func(ctx context.Context) error {
 		_, _, _, err := b.pgPage(ctx, t.ID, r, curTs, curID)
 		return err
 	})
@@ -259,7 +259,7 @@ func (b *bench) kpis(ctx context.Context, s *Scenario) error {
 	q := `SELECT event, count(*) FILTER (WHERE ts >= $2), count(*) FILTER (WHERE ts >= $3), count(*)
 FROM analytics_events WHERE tenant_id = $1 AND event = ANY($4) AND ts >= $5 GROUP BY event`
 	pgKPIs := map[string]query.KPI{}
-	pg, err := timeSeries(ctx, n, 1, b.pgBudget(), func(ctx context.Context) error {
+	pg, err := timeSeries(ctx, n, 1, b.slowBudget(), func(ctx context.Context) error {
 		rows, err := b.pg.Query(ctx, q, t.ID, today, today.AddDate(0, 0, -6), query.DefaultKPIMetrics, today.AddDate(0, 0, -29))
 		if err != nil {
 			return fmt.Errorf("postgres kpis: %w", err)
@@ -326,7 +326,7 @@ func (b *bench) usage90d(ctx context.Context, s *Scenario) error {
 	q := `SELECT event, (ts AT TIME ZONE 'UTC')::date AS day, count(*) FROM analytics_events
 WHERE tenant_id = $1 AND event = ANY($2) AND ts >= $3 AND ts < $4 GROUP BY 1, 2`
 	var pgTotal int64
-	pg, err := timeSeries(ctx, n, 1, b.pgBudget(), func(ctx context.Context) error {
+	pg, err := timeSeries(ctx, n, 1, b.slowBudget(), func(ctx context.Context) error {
 		rows, err := b.pg.Query(ctx, q, t.ID, usageMetrics, first, today.AddDate(0, 0, 1))
 		if err != nil {
 			return fmt.Errorf("postgres usage: %w", err)
