@@ -116,11 +116,22 @@ func (f EventFilter) upper() time.Time {
 // ClickHouse read only the window, and a busy tenant's page is found in the first one.
 func (s *Store) Events(ctx context.Context, f EventFilter) (Page, error) {
 	page := Page{Events: make([]Event, 0, f.Limit)}
-	hi := f.upper()
+	top := f.upper()
+	hi := top
 	want := f.Limit + 1
 	window := time.Hour
+	// The default range ends at tomorrow 00:00 UTC, so windows counted from there would first
+	// search hours in which nothing can exist yet. The first window instead reaches down to an hour
+	// before now (still covering everything above it), and the growing windows go on from there.
+	first := hi
+	if now := s.now(); now.Before(first) {
+		first = now
+	}
 	for hi.After(f.Range.From) && len(page.Events) < want {
 		lo := hi.Add(-window)
+		if hi.Equal(top) {
+			lo = first.Add(-window)
+		}
 		if lo.Before(f.Range.From) {
 			lo = f.Range.From
 		}
