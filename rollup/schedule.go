@@ -279,23 +279,57 @@ func (s *Scheduler) runSlot(ctx context.Context, slot time.Time) (string, error)
 		s.log.Warn("rollup: mark abandoned runs", "err", err)
 	}
 	var errs []error
-	for _, day := range s.Dates(slot) {
-		date := day.Format(dateLayout)
-		var done bool
-		if err := s.r.pg.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM rollup_runs WHERE date = $1::date AND scheduled_for = $2 "+
-			"AND tenant_id IS NULL AND status = 'ok')", date, slot).Scan(&done); err != nil {
-			errs = append(errs, fmt.Errorf("rollup %s: read rollup_runs: %w", date, err))
-			continue
-		}
-		if done {
-			continue
-		}
-		if _, err := s.r.run(ctx, day, AllTenants(), "scheduler", &slot); err != nil {
+	dates := s.Dates(slot)
+	for _, day := range dates {
+		if err := s.runDate(ctx, day, slot); err != nil {
 			errs = append(errs, err)
+		}
+	}
+	// Older dates are billed already; re-run the ones late data has changed since. Ingest accepts
+	// timestamps up to RETENTION_DAYS old, so that is how far back a billed day can change.
+	if s.r.retentionDays > 0 {
+		first := Day(slot).AddDate(0, 0, -s.r.retentionDays)
+		last := dates[len(dates)-1].AddDate(0, 0, -1)
+		drifted, err := s.r.Drifted(ctx, first, last)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("rollup: %w", err))
+		}
+		if len(drifted) > maxDriftedPerSlot {
+			s.log.Warn("rollup: more billed dates changed than one slot re-runs; the rest wait for the next slot",
+				"changed", len(drifted), "rerun", maxDriftedPerSlot)
+			drifted = drifted[len(drifted)-maxDriftedPerSlot:]
+		}
+		if len(drifted) > 0 {
+			s.log.Info("rollup: late data changed billed dates; reconciling them again", "dates", len(drifted),
+				"oldest", drifted[0].Format(dateLayout))
+		}
+		for _, day := range drifted {
+			if err := s.runDate(ctx, day, slot); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
 		return "", err
 	}
 	return "ok", nil
+}
+
+// maxDriftedPerSlot bounds how many changed billed dates one slot reconciles again (newest first), so a
+// flood of late data cannot stretch a run past its timeout.
+const maxDriftedPerSlot = 31
+
+// runDate reconciles day for every tenant unless a replica already did for this slot.
+func (s *Scheduler) runDate(ctx context.Context, day, slot time.Time) error {
+	date := day.Format(dateLayout)
+	var done bool
+	if err := s.r.pg.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM rollup_runs WHERE date = $1::date AND scheduled_for = $2 "+
+		"AND tenant_id IS NULL AND status = 'ok')", date, slot).Scan(&done); err != nil {
+		return fmt.Errorf("rollup %s: read rollup_runs: %w", date, err)
+	}
+	if done {
+		return nil
+	}
+	_, err := s.r.run(ctx, day, AllTenants(), "scheduler", &slot)
+	return err
 }

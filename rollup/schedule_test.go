@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/analyticsd/analyticsd/audit"
@@ -176,5 +177,57 @@ func TestSweeperDropsExpiredPartitions(t *testing.T) {
 	}
 	if len(res.Dropped) != 0 || res.Cutoff != f.daysAgo(90).Format("2006-01-02") {
 		t.Errorf("second sweep: got %+v, want nothing dropped, cutoff 90 days ago", res)
+	}
+}
+
+// Late events for a day the look-back has moved past: the day's billed rows are reconciled again by
+// the next slot, while billed days that did not change, and a tenant Postgres does not know, cause no
+// extra run.
+func TestSchedulerReconcilesBilledDaysThatChanged(t *testing.T) {
+	f := newFixture(t)
+	ctx := ctxT(t)
+	a := f.tenant(t, "acme")
+	stranger := uuid.New() // in ClickHouse only: runs skip it, so it must not look like drift either
+	f.events(t, repeat(2, a, f.daysAgo(10).Add(6*time.Hour), "auth.user.login")...)
+	f.events(t, repeat(1, a, f.daysAgo(12).Add(6*time.Hour), "auth.user.login")...)
+	f.events(t, repeat(4, stranger, f.daysAgo(12).Add(7*time.Hour), "auth.user.login")...)
+	clk := &clock{t: f.today.Add(10*time.Minute + 5*time.Second)}
+	r := f.reconciler(nil, clk.Now)
+	for _, n := range []int{10, 12} {
+		if _, err := r.RunDate(ctx, f.daysAgo(n), rollup.AllTenants(), "cli"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runs := func(n int) int {
+		return f.count(t, "SELECT count(*) FROM rollup_runs WHERE status = 'ok' AND date = $1::date", f.daysAgo(n).Format("2006-01-02"))
+	}
+
+	s, err := rollup.NewScheduler(r, rollup.ScheduleConfig{Now: clk.Now}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.RunOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if runs(10) != 1 || runs(12) != 1 {
+		t.Fatalf("nothing changed, yet D-10 has %d runs and D-12 %d; want 1 each", runs(10), runs(12))
+	}
+
+	f.events(t, repeat(3, a, f.daysAgo(10).Add(20*time.Hour), "auth.user.login")...) // late, for a billed day
+	clk.Set(clk.Now().Add(day))
+	if err := s.RunOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.postgres(t, f.daysAgo(10))[k(a, "auth.user.login")]; got != 5 {
+		t.Errorf("D-10 billed after the late events: got %d, want 5", got)
+	}
+	if runs(10) != 2 || runs(12) != 1 {
+		t.Errorf("after the late events: D-10 has %d runs (want 2), D-12 %d (want 1)", runs(10), runs(12))
+	}
+	if err := s.RunOnce(ctx); err != nil { // the same slot again: nothing left to do
+		t.Fatal(err)
+	}
+	if runs(10) != 2 {
+		t.Errorf("the same slot again: D-10 has %d runs, want still 2", runs(10))
 	}
 }

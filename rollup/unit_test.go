@@ -213,3 +213,31 @@ func TestDailyLooksAgainAfterSkipping(t *testing.T) {
 		t.Errorf("got %d calls %v, want a second one 30 ms after the skip", len(calls), calls)
 	}
 }
+
+func TestDriftedDates(t *testing.T) {
+	a, b, stranger := uuid.New(), uuid.New(), uuid.New()
+	known := map[uuid.UUID]bool{a: true, b: true}
+	billedAll := map[string]bool{"2026-11-01": true, "2026-11-02": true, "2026-11-03": true}
+	billedOne := map[dayTenant]bool{{"2026-11-04", a}: true}
+	billed := map[dayTenant]int64{
+		{"2026-11-01", a}: 5, {"2026-11-02", a}: 5, {"2026-11-03", a}: 1, {"2026-11-04", a}: 2,
+	}
+	live := map[dayTenant]int64{
+		{"2026-11-01", a}:        5, // unchanged
+		{"2026-11-02", a}:        7, // late events
+		{"2026-11-03", a}:        1, // unchanged for a ...
+		{"2026-11-03", b}:        2, // ... but b's first events arrived after the date was billed
+		{"2026-11-04", a}:        2, // billed for a alone, unchanged
+		{"2026-11-04", b}:        9, // never billed for b: served live, not drift
+		{"2026-11-01", stranger}: 4, // unknown to Postgres: runs skip it
+		{"2026-11-05", a}:        1, // never billed
+	}
+	got := driftedDates(billedAll, billedOne, known, billed, live)
+	var s []string
+	for _, d := range got {
+		s = append(s, d.Format(dateLayout))
+	}
+	if want := "2026-11-02 2026-11-03"; strings.Join(s, " ") != want {
+		t.Errorf("drifted: got %v, want %s", s, want)
+	}
+}
