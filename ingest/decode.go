@@ -119,6 +119,9 @@ func Decode(body []byte, f Format, maxEvents int) ([]Event, []ItemError, error) 
 	if len(events)+len(bad) == 0 {
 		return nil, nil, badBody("no events in body; send an event object, an array of them, {\"events\":[...]} or NDJSON")
 	}
+	for i := range events {
+		events[i].decoded = true // every event above came out of encoding/json
+	}
 	return events, bad, nil
 }
 

@@ -2,6 +2,8 @@ package ingest
 
 import (
 	"encoding/json"
+	"math/rand/v2"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -183,5 +185,49 @@ func TestRecordRoundTrip(t *testing.T) {
 	buf[10] ^= 0xff // corrupt the first record's payload: nothing survives
 	if gotE, _, n := decodeRecords(buf, nil, nil); n != 0 || len(gotE) != 0 {
 		t.Errorf("corrupt first record: got %d bytes, %d events; want 0", n, len(gotE))
+	}
+}
+
+// The event-name loop accepts exactly what the documented pattern does.
+func TestValidEventNameMatchesPattern(t *testing.T) {
+	re := regexp.MustCompile(`^[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)+$`)
+	check := func(s string) {
+		if got, want := ValidEventName(s), re.MatchString(s); got != want {
+			t.Fatalf("ValidEventName(%q) = %v, the pattern says %v", s, got, want)
+		}
+	}
+	for _, s := range []string{"", ".", "a", "a.", ".a", "a.b", "a..b", "a.b.", "auth.user.login", "a1.b-c_d",
+		"1a.b", "a.1b", "A.b", "a.B", "a._b", "a-.b", "é.b", "a.b\n", strings.Repeat("a.", 64)[:127]} {
+		check(s)
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	const alphabet = "ab0_-.Z"
+	for range 200_000 {
+		b := make([]byte, rng.IntN(9))
+		for i := range b {
+			b[i] = alphabet[rng.IntN(len(alphabet))]
+		}
+		check(string(b))
+	}
+	if ValidEventName("a." + strings.Repeat("b", 127)) {
+		t.Error("a 129-byte name was accepted")
+	}
+}
+
+// Props known to be well-formed skip json.Compact when already compact; the result is the same either way.
+func TestCompactPropsFastPathAgrees(t *testing.T) {
+	for _, p := range []string{`{}`, `{"a":1}`, `{"a":"x y"}`, `{"a":"q\" z"}`, `{"a":"\\"}`, `{"a":"\\", "b":2}`,
+		`{ "a":1}`, "{\"a\":\n1}", `{"a":[1, 2]}`, `{"a":{"b":"}{ ]["}}`, `{"a":"\u00e9 \t"}`} {
+		slow, errSlow := compactProps(json.RawMessage(p), 8192, false)
+		fast, errFast := compactProps(json.RawMessage(p), 8192, true)
+		if slow != fast || (errSlow == nil) != (errFast == nil) {
+			t.Errorf("%s: compact %q (%v), fast path %q (%v)", p, slow, errSlow, fast, errFast)
+		}
+	}
+	if _, err := compactProps(json.RawMessage(`{"k":"`+strings.Repeat("x", 8200)+`"}`), 8192, true); err == nil {
+		t.Error("fast path: oversized props accepted")
+	}
+	if _, err := compactProps(json.RawMessage("{\"k\":\"\xff\"}"), 8192, true); err == nil {
+		t.Error("fast path: invalid UTF-8 accepted")
 	}
 }
