@@ -585,7 +585,7 @@ func TestSpoolReplayAfterCrashIsExactlyOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := pre.insertEvents(inserted); err != nil {
+	if err := pre.insertEvents([][]Row{inserted}); err != nil {
 		t.Fatal(err)
 	}
 	write := func(name string, rows []Row) {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"slices"
 	"time"
 
 	"github.com/google/uuid"
@@ -42,6 +43,7 @@ func appendTime(b []byte, t time.Time) []byte { return binary.AppendUvarint(b, u
 
 // encodeRecord appends one framed record to dst.
 func encodeRecord(dst []byte, events []Row, incs []Increment) []byte {
+	dst = slices.Grow(dst, recordSize(events, incs)) // one allocation, not a doubling series
 	start := len(dst)
 	dst = append(dst, make([]byte, recordHeader)...)
 	dst = binary.AppendUvarint(dst, uint64(len(events)))
@@ -71,6 +73,20 @@ func encodeRecord(dst []byte, events []Row, incs []Increment) []byte {
 	binary.LittleEndian.PutUint32(dst[start:], uint32(len(payload)))
 	binary.LittleEndian.PutUint32(dst[start+4:], crc32.Checksum(payload, castagnoli))
 	return dst
+}
+
+// recordSize bounds the encoded size of a record: every varint counted at its maximum length.
+func recordSize(events []Row, incs []Increment) int {
+	const v = binary.MaxVarintLen64
+	n := recordHeader + 2*v
+	for i := range events {
+		r := &events[i]
+		n += 32 + 2*v + 6*v + len(r.Event) + len(r.Source) + len(r.UserID) + len(r.Props) + len(r.IP) + len(r.RequestID)
+	}
+	for i := range incs {
+		n += 32 + v + v + len(incs[i].Metric) + v
+	}
+	return n
 }
 
 type decoder struct {

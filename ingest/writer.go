@@ -117,7 +117,7 @@ type segment struct {
 	size   int64
 	opened time.Time
 
-	events   []Row
+	events   [][]Row // each request's rows as it sent them: never copied into one growing slice
 	incs     []Increment
 	nEvents  int
 	nIncs    int
@@ -354,9 +354,12 @@ func (w *Writer) writeGroup(group []appendReq, rows int, size int64) error {
 	}
 	s := w.active
 	if !memory {
-		buf := make([]byte, 0, size)
-		for _, r := range group {
-			buf = append(buf, r.rec...)
+		buf := group[0].rec
+		if len(group) > 1 {
+			buf = make([]byte, 0, size)
+			for _, r := range group {
+				buf = append(buf, r.rec...)
+			}
 		}
 		if err := w.writeFile(s, buf); err != nil {
 			w.metrics.Refused.WithLabelValues("spool_error").Inc()
@@ -372,7 +375,9 @@ func (w *Writer) writeGroup(group []appendReq, rows int, size int64) error {
 		s.nEvents += len(r.events)
 		s.nIncs += len(r.incs)
 		if !s.spilled && (memory || w.buffered+len(r.events)+len(r.incs) <= w.cfg.MaxBufferedRows) {
-			s.events = append(s.events, r.events...)
+			if len(r.events) > 0 {
+				s.events = append(s.events, r.events)
+			}
 			s.incs = append(s.incs, r.incs...)
 			s.inMemory += len(r.events) + len(r.incs)
 			w.buffered += len(r.events) + len(r.incs)
@@ -585,7 +590,11 @@ func (w *Writer) ship(s *segment) error {
 	}
 	s.attempted = true
 	start := time.Now()
-	if !s.eventsDone && len(events) > 0 {
+	nEvents := 0
+	for _, c := range events {
+		nEvents += len(c)
+	}
+	if !s.eventsDone && nEvents > 0 {
 		if err := w.insertEvents(events); err != nil {
 			return err
 		}
@@ -597,8 +606,8 @@ func (w *Writer) ship(s *segment) error {
 		}
 	}
 	w.metrics.FlushDuration.Observe(time.Since(start).Seconds())
-	w.metrics.BatchRows.Observe(float64(len(events) + len(incs)))
-	w.metrics.RowsWritten.Add(float64(len(events) + len(incs)))
+	w.metrics.BatchRows.Observe(float64(nEvents + len(incs)))
+	w.metrics.RowsWritten.Add(float64(nEvents + len(incs)))
 
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -612,7 +621,7 @@ func (w *Writer) ship(s *segment) error {
 	return nil
 }
 
-func (w *Writer) readSegment(s *segment) ([]Row, []Increment, error) {
+func (w *Writer) readSegment(s *segment) ([][]Row, []Increment, error) {
 	data, err := os.ReadFile(s.path)
 	if err != nil {
 		return nil, nil, fmt.Errorf("read spool segment %s: %w", s.path, err)
@@ -622,15 +631,16 @@ func (w *Writer) readSegment(s *segment) ([]Row, []Increment, error) {
 		w.log.Warn("spool segment has a torn tail (an unacknowledged write cut short); ignoring it",
 			"segment", s.path, "intact_bytes", n, "size", len(data))
 	}
-	return events, incs, nil
+	return [][]Row{events}, incs, nil
 }
 
 // withoutInserted drops the rows of s that ClickHouse already has, so a retried or replayed segment
 // adds each row once. Rows of a segment share a short received_at window, which bounds the lookup.
-func (w *Writer) withoutInserted(s *segment, events []Row, incs []Increment) ([]Row, []Increment, error) {
+func (w *Writer) withoutInserted(s *segment, chunks [][]Row, incs []Increment) ([][]Row, []Increment, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), w.cfg.InsertTimeout)
 	defer cancel()
 	have := map[uuid.UUID]struct{}{}
+	events := slices.Concat(chunks...) // a fresh slice: the filtering below must not touch the segment's rows
 	if len(events) > 0 && !s.eventsDone {
 		lo, hi, rlo, rhi := events[0].Ts, events[0].Ts, events[0].ReceivedAt, events[0].ReceivedAt
 		for _, r := range events {
@@ -651,14 +661,14 @@ func (w *Writer) withoutInserted(s *segment, events []Row, incs []Increment) ([]
 		}
 	}
 	if len(have) == 0 {
-		return events, incs, nil
+		return chunks, incs, nil
 	}
 	before := len(events) + len(incs)
-	events = slices.DeleteFunc(slices.Clone(events), func(r Row) bool { _, ok := have[r.ID]; return ok })
+	events = slices.DeleteFunc(events, func(r Row) bool { _, ok := have[r.ID]; return ok })
 	incs = slices.DeleteFunc(slices.Clone(incs), func(r Increment) bool { _, ok := have[r.ID]; return ok })
 	w.log.Info("spool segment was partly or wholly inserted before; skipping rows ClickHouse has",
 		"segment", s.seq, "skipped", before-len(events)-len(incs), "remaining", len(events)+len(incs))
-	return events, incs, nil
+	return [][]Row{events}, incs, nil
 }
 
 func (w *Writer) collectIDs(ctx context.Context, into map[uuid.UUID]struct{}, query string, args ...any) error {
@@ -691,30 +701,61 @@ func maxTime(a, b time.Time) time.Time {
 	return a
 }
 
-func (w *Writer) insertEvents(rows []Row) error {
+// insertBlockRows is how many rows go into each block of one INSERT. The server squashes the blocks
+// of an INSERT back into large ones before writing parts (min_insert_block_size_rows), so the parts
+// are the same as with one big block, while the client encodes every block into the same, already
+// grown column buffers. One block per segment meant growing ~15 MB of fresh buffers per insert, and
+// on this VM the page faults of that made runtime.growslice 42% of ingest CPU (BENCHMARKS.md).
+const insertBlockRows = 8192
+
+// insertEvents inserts the rows of chunks, in order, as one INSERT.
+func (w *Writer) insertEvents(chunks [][]Row) error {
 	ctx, cancel := context.WithTimeout(context.Background(), w.cfg.InsertTimeout)
 	defer cancel()
 	batch, err := w.ch.PrepareBatch(ctx, "INSERT INTO "+w.db+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
 	if err != nil {
 		return fmt.Errorf("insert into %s.events: prepare: %w", w.db, err)
 	}
-	n := len(rows)
-	tenant, id := make([]uuid.UUID, n), make([]uuid.UUID, n)
-	ts, recv := make([]time.Time, n), make([]time.Time, n)
-	event, source, user, props, ip, req := make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
-	for i := range rows {
-		r := &rows[i]
-		tenant[i], ts[i], id[i], recv[i] = r.TenantID, r.Ts, r.ID, r.ReceivedAt
-		event[i], source[i], user[i], props[i], ip[i], req[i] = r.Event, r.Source, r.UserID, r.Props, r.IP, r.RequestID
+	total := 0
+	for _, c := range chunks {
+		total += len(c)
 	}
-	for i, col := range []any{tenant, ts, id, recv, event, source, user, props, ip, req} {
-		if err := batch.Column(i).Append(col); err != nil {
+	n := min(total, insertBlockRows)
+	tenant, id := make([]uuid.UUID, 0, n), make([]uuid.UUID, 0, n)
+	ts, recv := make([]time.Time, 0, n), make([]time.Time, 0, n)
+	event, source, user, props, ip, req := make([]string, 0, n), make([]string, 0, n), make([]string, 0, n), make([]string, 0, n), make([]string, 0, n), make([]string, 0, n)
+	send := func() error {
+		for i, col := range []any{tenant, ts, id, recv, event, source, user, props, ip, req} {
+			if err := batch.Column(i).Append(col); err != nil {
+				return fmt.Errorf("column %d: %w", i, err)
+			}
+		}
+		tenant, id, ts, recv = tenant[:0], id[:0], ts[:0], recv[:0]
+		event, source, user, props, ip, req = event[:0], source[:0], user[:0], props[:0], ip[:0], req[:0]
+		return batch.Flush()
+	}
+	for _, c := range chunks {
+		for i := range c {
+			r := &c[i]
+			tenant, ts, id, recv = append(tenant, r.TenantID), append(ts, r.Ts), append(id, r.ID), append(recv, r.ReceivedAt)
+			event, source, user = append(event, r.Event), append(source, r.Source), append(user, r.UserID)
+			props, ip, req = append(props, r.Props), append(ip, r.IP), append(req, r.RequestID)
+			if len(tenant) == insertBlockRows {
+				if err := send(); err != nil {
+					_ = batch.Abort()
+					return fmt.Errorf("insert %d rows into %s.events: %w", total, w.db, err)
+				}
+			}
+		}
+	}
+	if len(tenant) > 0 {
+		if err := send(); err != nil {
 			_ = batch.Abort()
-			return fmt.Errorf("insert into %s.events: column %d: %w", w.db, i, err)
+			return fmt.Errorf("insert %d rows into %s.events: %w", total, w.db, err)
 		}
 	}
 	if err := batch.Send(); err != nil {
-		return fmt.Errorf("insert %d rows into %s.events: %w", n, w.db, err)
+		return fmt.Errorf("insert %d rows into %s.events: %w", total, w.db, err)
 	}
 	return nil
 }
