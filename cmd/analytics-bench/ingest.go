@@ -201,6 +201,17 @@ func (b *bench) settle(ctx context.Context, max time.Duration) {
 	}
 }
 
+// quiet lets ClickHouse finish merging what the previous scenario wrote before a latency scenario
+// starts, so the figures are this scenario's own and not the tail of the last one's merges (a 1M-event
+// REST round over 31 daily partitions leaves ~30 s of merging behind it).
+func (b *bench) quiet(ctx context.Context, s *Scenario) {
+	t := time.Now()
+	b.settle(ctx, b.settleTime())
+	s.set("settled_seconds", time.Since(t).Seconds())
+	load, _ := loadAvg()
+	s.note("started after %.1fs without ClickHouse merges; load average then: %s", time.Since(t).Seconds(), load)
+}
+
 func (b *bench) settleTime() time.Duration {
 	if b.opt.quick {
 		return 500 * time.Millisecond
@@ -498,6 +509,7 @@ func (b *bench) restRound(ctx context.Context, s *Scenario, batches []batch, n i
 // ackLatency: open-loop load at half the sustained REST rate; each request's latency counts from
 // when it was due, so a server that falls behind shows it (no coordinated omission).
 func (b *bench) ackLatency(ctx context.Context, s *Scenario) error {
+	b.quiet(ctx, s)
 	rate := b.maxRate / 2
 	if rate == 0 {
 		rate = 10_000
@@ -565,6 +577,7 @@ func (b *bench) ackLatency(ctx context.Context, s *Scenario) error {
 // freshness: single events at a moderate rate; each one's time from its 202 until a ClickHouse query
 // by its id finds it.
 func (b *bench) freshness(ctx context.Context, s *Scenario) error {
+	b.quiet(ctx, s)
 	const rate = 20 // events/s
 	n := max(int(b.opt.freshDuration.Seconds()*rate), 10)
 	s.set("probes", float64(n))

@@ -13,6 +13,7 @@ import (
 // spread over every tenant's key, against (d) the same number of goroutines running go-redis INCR.
 // Limits are raised so nothing is refused; what is measured is the cost of an atomic check-and-spend.
 func (b *bench) quotaConsume(ctx context.Context, s *Scenario) error {
+	b.quiet(ctx, s)
 	dur := b.opt.loadDuration
 	warm := max(dur/10, 300*time.Millisecond)
 	s.set("connections", float64(b.opt.connections))
