@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 )
 
 // dayTenant is one tenant's usage on one date.
@@ -30,70 +31,62 @@ func (r *Reconciler) Drifted(ctx context.Context, first, last time.Time) ([]time
 		return nil, nil
 	}
 	// Which (date, tenant) pairs are billed: a run for every tenant covers the whole date.
-	billedAll := map[string]bool{}
-	billedOne := map[dayTenant]bool{}
+	type run struct {
+		Date   string
+		Tenant *uuid.UUID
+	}
 	rows, err := r.pg.Query(ctx, "SELECT DISTINCT to_char(date, 'YYYY-MM-DD'), tenant_id FROM rollup_runs "+
 		"WHERE status = 'ok' AND date BETWEEN $1::date AND $2::date", from, to)
 	if err != nil {
 		return nil, fmt.Errorf("drift check: read rollup_runs: %w", err)
 	}
-	for rows.Next() {
-		var d string
-		var t *uuid.UUID
-		if err := rows.Scan(&d, &t); err != nil {
-			rows.Close()
-			return nil, fmt.Errorf("drift check: read rollup_runs: %w", err)
-		}
-		if t == nil {
-			billedAll[d] = true
-		} else {
-			billedOne[dayTenant{d, *t}] = true
-		}
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
+	runs, err := pgx.CollectRows(rows, pgx.RowToStructByPos[run])
+	if err != nil {
 		return nil, fmt.Errorf("drift check: read rollup_runs: %w", err)
 	}
-	if len(billedAll) == 0 && len(billedOne) == 0 {
+	if len(runs) == 0 {
 		return nil, nil
 	}
+	billedAll := map[string]bool{}
+	billedOne := map[dayTenant]bool{}
+	for _, x := range runs {
+		if x.Tenant == nil {
+			billedAll[x.Date] = true
+		} else {
+			billedOne[dayTenant{x.Date, *x.Tenant}] = true
+		}
+	}
 
-	billed := map[dayTenant]int64{}
+	type total struct {
+		Date   string
+		Tenant uuid.UUID
+		Count  int64
+	}
 	rows, err = r.pg.Query(ctx, "SELECT to_char(u.date, 'YYYY-MM-DD'), u.tenant_id, sum(u.count)::bigint "+
 		"FROM analytics_daily_usage u WHERE u.date BETWEEN $1::date AND $2::date GROUP BY u.date, u.tenant_id", from, to)
 	if err != nil {
 		return nil, fmt.Errorf("drift check: read analytics_daily_usage: %w", err)
 	}
-	for rows.Next() {
-		var k dayTenant
-		var n int64
-		if err := rows.Scan(&k.date, &k.tenant, &n); err != nil {
-			rows.Close()
-			return nil, fmt.Errorf("drift check: read analytics_daily_usage: %w", err)
-		}
-		billed[k] = n
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
+	totals, err := pgx.CollectRows(rows, pgx.RowToStructByPos[total])
+	if err != nil {
 		return nil, fmt.Errorf("drift check: read analytics_daily_usage: %w", err)
 	}
+	billed := make(map[dayTenant]int64, len(totals))
+	for _, t := range totals {
+		billed[dayTenant{t.Date, t.Tenant}] = t.Count
+	}
 
-	known := map[uuid.UUID]bool{}
 	rows, err = r.pg.Query(ctx, "SELECT id FROM tenants")
 	if err != nil {
 		return nil, fmt.Errorf("drift check: read tenants: %w", err)
 	}
-	for rows.Next() {
-		var id uuid.UUID
-		if err := rows.Scan(&id); err != nil {
-			rows.Close()
-			return nil, fmt.Errorf("drift check: read tenants: %w", err)
-		}
-		known[id] = true
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
+	if err != nil {
 		return nil, fmt.Errorf("drift check: read tenants: %w", err)
+	}
+	known := make(map[uuid.UUID]bool, len(ids))
+	for _, id := range ids {
+		known[id] = true
 	}
 
 	live := map[dayTenant]int64{}
