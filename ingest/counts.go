@@ -3,6 +3,7 @@ package ingest
 import (
 	"context"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -12,8 +13,15 @@ import (
 // second `received`. *quota.Service implements it over Redis. Ingest never waits on it and never
 // fails because of it. The received second lets the counter tell rows it must count live from rows
 // its rebuild from ClickHouse already covers.
+//
+// A delta that cannot be delivered (Redis down, a timeout, a full queue) is not retried — a retry
+// after an ambiguous failure could count it twice. Instead the tenant's counters for that day are
+// Forgotten as soon as Redis answers again, so the day is rebuilt from ClickHouse, which has every row.
 type Counter interface {
 	Add(ctx context.Context, tenant uuid.UUID, day, received time.Time, deltas map[string]int64) error
+	// Forget drops a tenant's live counters for a day (at least those of metrics), so that the next
+	// use rebuilds them from ClickHouse.
+	Forget(ctx context.Context, tenant uuid.UUID, day time.Time, metrics []string) error
 }
 
 // DefaultEventMetrics maps events to the daily quota metrics they count toward.
@@ -38,6 +46,9 @@ type countKey struct {
 type liveCounts struct {
 	counter Counter
 	in      chan map[countKey]map[string]int64
+
+	mu      sync.Mutex
+	missed  map[tenantDay]map[string]bool // counters that missed a delta: Forget them, then they rebuild
 	metrics *Metrics
 	log     *slog.Logger
 	every   time.Duration
@@ -54,6 +65,11 @@ func newLiveCounts(c Counter, m *Metrics, log *slog.Logger, every time.Duration)
 
 // add queues deltas; when the queue is full (the Counter is stuck) they are dropped and counted:
 // live counters are rebuilt from ClickHouse, the source of truth.
+type tenantDay struct {
+	tenant uuid.UUID
+	day    time.Time
+}
+
 func (l *liveCounts) add(d map[countKey]map[string]int64) {
 	if l == nil || len(d) == 0 {
 		return
@@ -62,6 +78,56 @@ func (l *liveCounts) add(d map[countKey]map[string]int64) {
 	case l.in <- d:
 	default:
 		l.metrics.CounterErrors.Inc()
+		for k, deltas := range d {
+			l.miss(tenantDay{k.tenant, k.day}, deltas)
+		}
+	}
+}
+
+// miss records that the counters of a tenant and day did not get deltas of these metrics.
+func (l *liveCounts) miss(td tenantDay, deltas map[string]int64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.missed == nil {
+		l.missed = map[tenantDay]map[string]bool{}
+	}
+	if l.missed[td] == nil {
+		l.missed[td] = map[string]bool{}
+	}
+	for m := range deltas {
+		l.missed[td][m] = true
+	}
+}
+
+// forgetMissed asks the Counter to drop every tenant-day that missed a delta. At the first failure
+// (Redis is most likely still away) it stops and keeps the rest listed for the next round.
+func (l *liveCounts) forgetMissed() {
+	l.mu.Lock()
+	missed := l.missed
+	l.missed = nil
+	l.mu.Unlock()
+	failed := false
+	for td, set := range missed {
+		metrics := make([]string, 0, len(set))
+		for m := range set {
+			metrics = append(metrics, m)
+		}
+		if !failed {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			err := l.counter.Forget(ctx, td.tenant, td.day, metrics)
+			cancel()
+			if err == nil {
+				l.log.Info("live quota counters missed an update; dropped them to be rebuilt from ClickHouse",
+					"tenant", td.tenant, "day", td.day.Format("2006-01-02"))
+				continue
+			}
+			failed = true
+		}
+		deltas := make(map[string]int64, len(metrics))
+		for _, m := range metrics {
+			deltas[m] = 0
+		}
+		l.miss(td, deltas)
 	}
 }
 
@@ -72,12 +138,14 @@ func (l *liveCounts) run() {
 	defer tick.Stop()
 	var lastLog time.Time
 	flush := func() {
+		l.forgetMissed()
 		for k, deltas := range pending {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 			err := l.counter.Add(ctx, k.tenant, k.day, k.received, deltas)
 			cancel()
 			if err != nil {
 				l.metrics.CounterErrors.Inc()
+				l.miss(tenantDay{k.tenant, k.day}, deltas)
 				if time.Since(lastLog) > 10*time.Second {
 					lastLog = time.Now()
 					l.log.Warn("live quota counters not updated; ingest continues and counters self-heal from ClickHouse", "err", err)

@@ -140,6 +140,10 @@ func (a counterAdapter) Add(ctx context.Context, t uuid.UUID, d, received time.T
 	return err
 }
 
+func (a counterAdapter) Forget(ctx context.Context, t uuid.UUID, d time.Time, metrics []string) error {
+	return a.c.Forget(ctx, t, d, metrics)
+}
+
 type resp struct {
 	status int
 	header http.Header

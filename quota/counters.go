@@ -5,6 +5,7 @@ package quota
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"time"
@@ -97,6 +98,29 @@ func (c *Counters) Add(ctx context.Context, tenant uuid.UUID, d, received time.T
 	return out, nil
 }
 
+// forgetScript deletes the seeded mark and the counters (KEYS[2..]) and moves "born" (KEYS[1]) to the
+// second after now: everything received up to now — also rows whose live increment was lost in this
+// very second — is then the rebuild's to count, and only later rows are counted live.
+var forgetScript = redis.NewScript(`
+redis.call('DEL', unpack(KEYS, 2))
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+`)
+
+// Forget drops a tenant's counters of metrics for a day: the next use of the day seeds it again from
+// ClickHouse, so each row is again counted exactly once even though some live increments never
+// arrived.
+func (c *Counters) Forget(ctx context.Context, tenant uuid.UUID, d time.Time, metrics []string) error {
+	keys := []string{c.bornKey(tenant, d), c.seededKey(tenant, d)}
+	for _, m := range metrics {
+		keys = append(keys, c.Key(tenant, m, d))
+	}
+	if err := forgetScript.Run(ctx, c.rdb, keys, time.Now().Unix()+1, int(CounterTTL.Seconds())).Err(); err != nil {
+		return fmt.Errorf("drop usage counters for tenant %s: %w", tenant, err)
+	}
+	return nil
+}
+
 // Read returns the counters of metrics for a day, and whether the day is seeded (its counters can be
 // trusted). An unseeded day must be seeded before its values mean anything.
 func (c *Counters) Read(ctx context.Context, tenant uuid.UUID, d time.Time, metrics []string) (map[string]int64, bool, error) {
@@ -135,26 +159,32 @@ func (c *Counters) Born(ctx context.Context, tenant uuid.UUID, d time.Time) (tim
 // seedScript adds base counts to the day's counters once: the first caller to find the day unseeded
 // applies them and records each base in the seeded hash; any later or concurrent caller changes
 // nothing. topUpScript later adds what ClickHouse has gained since for the same "before born" window
-// (rows that were still in a spool when the day was seeded), so the counter converges to the truth.
+// (rows that were still in an ingest spool when the day was seeded), so the counter converges to the
+// truth. Both apply a base only while "born" is still the second it was counted against: after a
+// Forget moved it, a base read before is stale and is refused (-1), so the caller counts again.
+//
+// KEYS: seeded, born, counters...; ARGV: ttl, born, counts..., metric names...
 var seedScript = redis.NewScript(`
+if tonumber(redis.call('GET', KEYS[2])) ~= tonumber(ARGV[2]) then return -1 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], '_', '1')
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   local n = tonumber(ARGV[i])
   if n ~= 0 then redis.call('INCRBY', KEYS[i], n) end
   redis.call('EXPIRE', KEYS[i], ARGV[1])
-  redis.call('HSET', KEYS[1], ARGV[#KEYS + i - 1], n)
+  redis.call('HSET', KEYS[1], ARGV[#KEYS + i - 2], n)
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 `)
 
 var topUpScript = redis.NewScript(`
+if tonumber(redis.call('GET', KEYS[2])) ~= tonumber(ARGV[2]) then return -1 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local added = 0
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   local n = tonumber(ARGV[i])
-  local field = ARGV[#KEYS + i - 1]
+  local field = ARGV[#KEYS + i - 2]
   local old = tonumber(redis.call('HGET', KEYS[1], field) or '0')
   if n > old then
     redis.call('INCRBY', KEYS[i], n - old)
@@ -166,9 +196,12 @@ end
 return added
 `)
 
-func (c *Counters) baseArgs(tenant uuid.UUID, d time.Time, base map[string]int64) ([]string, []any) {
-	keys := []string{c.seededKey(tenant, d)}
-	args := []any{int(CounterTTL.Seconds())}
+// ErrStaleBase: the counters were dropped and live counting restarted after the base was read.
+var ErrStaleBase = errors.New("quota counters were reset while their base was read; read it again")
+
+func (c *Counters) baseArgs(tenant uuid.UUID, d, born time.Time, base map[string]int64) ([]string, []any) {
+	keys := []string{c.seededKey(tenant, d), c.bornKey(tenant, d)}
+	args := []any{int(CounterTTL.Seconds()), born.Unix()}
 	var names []any
 	for m, n := range base {
 		keys = append(keys, c.Key(tenant, m, d))
@@ -178,23 +211,31 @@ func (c *Counters) baseArgs(tenant uuid.UUID, d time.Time, base map[string]int64
 	return keys, append(args, names...)
 }
 
-// Seed applies base (what ClickHouse holds from before "born") to the day's counters, once.
-func (c *Counters) Seed(ctx context.Context, tenant uuid.UUID, d time.Time, base map[string]int64) (bool, error) {
-	keys, args := c.baseArgs(tenant, d, base)
+// Seed applies base (what ClickHouse holds from before born) to the day's counters, once. It returns
+// ErrStaleBase when born is no longer the day's "born".
+func (c *Counters) Seed(ctx context.Context, tenant uuid.UUID, d, born time.Time, base map[string]int64) (bool, error) {
+	keys, args := c.baseArgs(tenant, d, born, base)
 	applied, err := seedScript.Run(ctx, c.rdb, keys, args...).Int()
 	if err != nil {
 		return false, fmt.Errorf("seed usage counters for tenant %s: %w", tenant, err)
+	}
+	if applied == -1 {
+		return false, ErrStaleBase
 	}
 	return applied == 1, nil
 }
 
 // TopUp raises a seeded day's counters to a newer reading of the same base window, adding only what
-// was not added before (atomic, so concurrent top-ups never add twice). It returns how much it added.
-func (c *Counters) TopUp(ctx context.Context, tenant uuid.UUID, d time.Time, base map[string]int64) (int64, error) {
-	keys, args := c.baseArgs(tenant, d, base)
+// was not added before (atomic, so concurrent top-ups never add twice). It returns how much it added,
+// or ErrStaleBase when born is no longer the day's "born".
+func (c *Counters) TopUp(ctx context.Context, tenant uuid.UUID, d, born time.Time, base map[string]int64) (int64, error) {
+	keys, args := c.baseArgs(tenant, d, born, base)
 	added, err := topUpScript.Run(ctx, c.rdb, keys, args...).Int64()
 	if err != nil {
 		return 0, fmt.Errorf("top up usage counters for tenant %s: %w", tenant, err)
+	}
+	if added == -1 {
+		return 0, ErrStaleBase
 	}
 	return added, nil
 }

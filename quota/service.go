@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math"
 	"net/http"
+	"slices"
 	"strconv"
 	"time"
 
@@ -151,26 +153,49 @@ func (s *Service) Add(ctx context.Context, tenant uuid.UUID, d, received time.Ti
 	return nil
 }
 
+// Forget drops the tenant's live counters for a day after ingest could not deliver a delta to them:
+// metrics, every metric with a limit and every metric events count toward, so the day is rebuilt
+// from ClickHouse on its next use.
+func (s *Service) Forget(ctx context.Context, tenant uuid.UUID, d time.Time, metrics []string) error {
+	all := map[string]bool{}
+	for _, m := range metrics {
+		all[m] = true
+	}
+	for m := range s.limits.For(ctx, tenant) {
+		all[m] = true
+	}
+	for m := range s.sources {
+		all[m] = true
+	}
+	return s.counters.Forget(ctx, tenant, d, slices.Collect(maps.Keys(all)))
+}
+
 // ensureSeeded rebuilds a day's counters from ClickHouse once (after Redis lost them, or on a day's
 // first use): it counts what ClickHouse received before live counting began ("born") and adds it,
 // so nothing counted live is counted again.
 func (s *Service) ensureSeeded(ctx context.Context, tenant uuid.UUID, d time.Time) error {
-	born, err := s.counters.Born(ctx, tenant, d)
-	if err != nil {
+	// A Forget between reading "born" and applying the base makes the base stale; count again.
+	for attempt := 0; ; attempt++ {
+		born, err := s.counters.Born(ctx, tenant, d)
+		if err != nil {
+			return err
+		}
+		base, err := s.counted(ctx, tenant, d, born)
+		if err != nil {
+			return err
+		}
+		applied, err := s.counters.Seed(ctx, tenant, d, born, base)
+		if errors.Is(err, ErrStaleBase) && attempt < 3 {
+			continue
+		}
+		if err == nil && applied {
+			s.log.Debug("quota counters seeded from clickhouse", "tenant", tenant, "day", day(d), "base", base)
+			// Rows received before "born" may still have been in an ingest spool: read the window again
+			// once they have surely landed and add what is new.
+			go s.topUp(tenant, d, born)
+		}
 		return err
 	}
-	base, err := s.counted(ctx, tenant, d, born)
-	if err != nil {
-		return err
-	}
-	applied, err := s.counters.Seed(ctx, tenant, d, base)
-	if err == nil && applied {
-		s.log.Debug("quota counters seeded from clickhouse", "tenant", tenant, "day", day(d), "base", base)
-		// Rows received before "born" may still have been in an ingest spool: read the window again
-		// once they have surely landed and add what is new.
-		go s.topUp(tenant, d, born)
-	}
-	return err
 }
 
 func (s *Service) topUp(tenant uuid.UUID, d, born time.Time) {
@@ -185,7 +210,10 @@ func (s *Service) topUp(tenant uuid.UUID, d, born time.Time) {
 		base, err := s.counted(ctx, tenant, d, born)
 		if err == nil {
 			var added int64
-			if added, err = s.counters.TopUp(ctx, tenant, d, base); err == nil && added > 0 {
+			if added, err = s.counters.TopUp(ctx, tenant, d, born, base); errors.Is(err, ErrStaleBase) {
+				cancel()
+				return // the counters were reset since; the seed that follows has top-ups of its own
+			} else if err == nil && added > 0 {
 				s.log.Info("quota counters topped up with rows that reached clickhouse after seeding", "tenant", tenant, "day", day(d), "added", added)
 			}
 		}
