@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -201,12 +202,16 @@ func (b *bench) settle(ctx context.Context, max time.Duration) {
 	}
 }
 
-// quiet lets ClickHouse finish merging what the previous scenario wrote before a latency scenario
-// starts, so the figures are this scenario's own and not the tail of the last one's merges (a 1M-event
-// REST round over 31 daily partitions leaves ~30 s of merging behind it).
+// quiet lets the machine finish what the previous scenario left behind before a latency scenario
+// starts, so the figures are this scenario's own: ClickHouse's merges (a 1M-event REST round over 31
+// daily partitions leaves ~30 s of them), then the kernel's write-back of everything written so far
+// (sync): the Postgres baselines leave hundreds of MB dirty, and writing them back mid-scenario stalls
+// the spool's fsyncs. (At 1M REST events, ack p99 was 63–107 ms in three runs without the sync and
+// 30–82 ms in three with it: it removes one source of noise, not all of it.)
 func (b *bench) quiet(ctx context.Context, s *Scenario) {
 	t := time.Now()
 	b.settle(ctx, b.settleTime())
+	syscall.Sync()
 	s.set("settled_seconds", time.Since(t).Seconds())
 	load, _ := loadAvg()
 	s.note("started after %.1fs without ClickHouse merges; load average then: %s", time.Since(t).Seconds(), load)
