@@ -63,13 +63,13 @@ func newLiveCounts(c Counter, m *Metrics, log *slog.Logger, every time.Duration)
 		every: every, done: make(chan struct{})}
 }
 
-// add queues deltas; when the queue is full (the Counter is stuck) they are dropped and counted:
-// live counters are rebuilt from ClickHouse, the source of truth.
 type tenantDay struct {
 	tenant uuid.UUID
 	day    time.Time
 }
 
+// add queues deltas; when the queue is full (the Counter is stuck) they are dropped, counted as
+// errors and their tenant-days marked missed, so those counters are rebuilt from ClickHouse.
 func (l *liveCounts) add(d map[countKey]map[string]int64) {
 	if l == nil || len(d) == 0 {
 		return
