@@ -77,22 +77,10 @@ func (b *bench) prepareIngest(ctx context.Context) error {
 			b.batches = append(b.batches, batch{tenant: t, idx: idx})
 		}
 	}
-	var wg sync.WaitGroup
-	next := atomic.Int64{}
-	for w := 0; w < runtime.NumCPU(); w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				k := int(next.Add(1) - 1)
-				if k >= len(b.batches) {
-					return
-				}
-				b.batches[k].body = encodeBatch(b.ingest, b.batches[k].idx)
-			}
-		}()
-	}
-	wg.Wait()
+	_ = parallel(runtime.NumCPU(), len(b.batches), func(_, k int) error {
+		b.batches[k].body = encodeBatch(b.ingest, b.batches[k].idx)
+		return nil
+	})
 	heavy := 0
 	for i := range b.ingest {
 		if b.ingest[i].Tenant == 0 {
@@ -463,33 +451,19 @@ func (b *bench) restRound(ctx context.Context, s *Scenario, batches []batch, n i
 		prof = b.pprof // the first round is profiled
 	}
 	err = prof.cpu(ctx, s, "rest_ingest", func() error {
-		next := atomic.Int64{}
-		var failed atomic.Pointer[error]
-		var wg sync.WaitGroup
 		start := time.Now()
-		for w := 0; w < b.opt.connections; w++ {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for {
-					k := int(next.Add(1) - 1)
-					if k >= len(batches) || failed.Load() != nil {
-						return
-					}
-					bt := &batches[k]
-					t := time.Now()
-					if err := b.postBatch(ctx, b.tenants[bt.tenant].Key, bt.body, len(bt.idx)); err != nil {
-						failed.CompareAndSwap(nil, &err)
-						return
-					}
-					rec.Add(time.Since(t))
-				}
-			}()
-		}
-		wg.Wait()
+		err := parallel(b.opt.connections, len(batches), func(_, k int) error {
+			bt := &batches[k]
+			t := time.Now()
+			if err := b.postBatch(ctx, b.tenants[bt.tenant].Key, bt.body, len(bt.idx)); err != nil {
+				return err
+			}
+			rec.Add(time.Since(t))
+			return nil
+		})
 		acked = time.Since(start)
-		if e := failed.Load(); e != nil {
-			return *e
+		if err != nil {
+			return err
 		}
 		want := before + uint64(n)
 		for {

@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -118,35 +116,20 @@ func (b *bench) pgInsert(ctx context.Context, table string, m int) (time.Duratio
 			sqls[len(idx)] = stmt(len(idx))
 		}
 	}
-	var next atomic.Int64
-	var failed atomic.Pointer[error]
-	var wg sync.WaitGroup
+	args := make([][]any, b.opt.connections) // one argument buffer per connection, reused
 	start := time.Now()
-	for w := 0; w < b.opt.connections; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			args := make([]any, 0, b.opt.batch*len(pgColumns))
-			for {
-				k := int(next.Add(1) - 1)
-				if k >= len(todo) || failed.Load() != nil {
-					return
-				}
-				args = args[:0]
-				for _, i := range todo[k] {
-					args = append(args, b.pgRow(&b.ingest[i])...)
-				}
-				if _, err := b.pg.Exec(ctx, sqls[len(todo[k])], args...); err != nil {
-					err = fmt.Errorf("insert into %s: %w", table, err)
-					failed.CompareAndSwap(nil, &err)
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	if e := failed.Load(); e != nil {
-		return 0, *e
+	err := parallel(b.opt.connections, len(todo), func(w, k int) error {
+		args[w] = args[w][:0]
+		for _, i := range todo[k] {
+			args[w] = append(args[w], b.pgRow(&b.ingest[i])...)
+		}
+		if _, err := b.pg.Exec(ctx, sqls[len(todo[k])], args[w]...); err != nil {
+			return fmt.Errorf("insert into %s: %w", table, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, err
 	}
 	return time.Since(start), nil
 }

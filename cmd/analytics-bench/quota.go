@@ -63,6 +63,35 @@ func (b *bench) quotaConsume(ctx context.Context, s *Scenario) error {
 	return nil
 }
 
+// parallel runs fn for every k in [0, n) on `workers` goroutines, each taking the next k as it
+// finishes the last; after the first error no new k starts, and that error is returned.
+func parallel(workers, n int, fn func(worker, k int) error) error {
+	var next atomic.Int64
+	var failed atomic.Pointer[error]
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for failed.Load() == nil {
+				k := int(next.Add(1) - 1)
+				if k >= n {
+					return
+				}
+				if err := fn(w, k); err != nil {
+					failed.CompareAndSwap(nil, &err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if e := failed.Load(); e != nil {
+		return *e
+	}
+	return nil
+}
+
 // closedLoop runs op from --connections goroutines, back to back, for dur; it returns how many
 // completed and their latencies, or the first error.
 func (b *bench) closedLoop(ctx context.Context, dur time.Duration, op func(worker, i int) error) (int64, []time.Duration, error) {

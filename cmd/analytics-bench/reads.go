@@ -228,32 +228,41 @@ func (b *bench) eventsPage(ctx context.Context, s *Scenario) error {
 	return nil
 }
 
-// kpis: GET /metrics (the guide's KPI set: today, 7 days, 30 days) against query.Store.KPIs and
-// against counting the guide's table, which is how that design answers it.
-func (b *bench) kpis(ctx context.Context, s *Scenario) error {
-	t := b.tenants[0]
-	n := b.opt.iterations
-	var apiKPIs map[string]query.KPI
-	api, err := timeSeries(ctx, n, b.warm(), 0, func(ctx context.Context) error {
-		body, err := b.get(ctx, "/api/analytics/metrics", t.Key)
+// apiAndDirect times the same read --iterations times through the API (series "api": GET path with
+// key, each answer decoded into into) and straight through query.Store (series "c").
+func (b *bench) apiAndDirect(ctx context.Context, s *Scenario, path, key string, into any, direct func(context.Context, *query.Store) error) error {
+	api, err := timeSeries(ctx, b.opt.iterations, b.warm(), 0, func(ctx context.Context) error {
+		body, err := b.get(ctx, path, key)
 		if err != nil {
 			return err
 		}
-		return decodeData(body, &apiKPIs)
+		return decodeData(body, into)
 	})
 	if err != nil {
 		return err
 	}
 	s.lat("api", Summarize(api))
 	st := b.store()
-	c, err := timeSeries(ctx, n, b.warm(), 0, func(ctx context.Context) error {
-		_, err := st.KPIs(ctx, t.ID, query.DefaultKPIMetrics)
-		return err
-	})
+	c, err := timeSeries(ctx, b.opt.iterations, b.warm(), 0, func(ctx context.Context) error { return direct(ctx, st) })
 	if err != nil {
 		return err
 	}
 	s.lat("c", Summarize(c))
+	return nil
+}
+
+// kpis: GET /metrics (the guide's KPI set: today, 7 days, 30 days) against query.Store.KPIs and
+// against counting the guide's table, which is how that design answers it.
+func (b *bench) kpis(ctx context.Context, s *Scenario) error {
+	t := b.tenants[0]
+	n := b.opt.iterations
+	var apiKPIs map[string]query.KPI
+	if err := b.apiAndDirect(ctx, s, "/api/analytics/metrics", t.Key, &apiKPIs, func(ctx context.Context, st *query.Store) error {
+		_, err := st.KPIs(ctx, t.ID, query.DefaultKPIMetrics)
+		return err
+	}); err != nil {
+		return err
+	}
 
 	today := time.Now().UTC().Truncate(24 * time.Hour)
 	q := `SELECT event, count(*) FILTER (WHERE ts >= $2), count(*) FILTER (WHERE ts >= $3), count(*)
@@ -303,26 +312,12 @@ func (b *bench) usage90d(ctx context.Context, s *Scenario) error {
 		path += "&metric[]=" + m
 	}
 	var apiRes map[string][]query.Point
-	api, err := timeSeries(ctx, n, b.warm(), 0, func(ctx context.Context) error {
-		body, err := b.get(ctx, path, t.Key)
-		if err != nil {
-			return err
-		}
-		return decodeData(body, &apiRes)
-	})
-	if err != nil {
-		return err
-	}
-	s.lat("api", Summarize(api))
-	st := b.store()
-	c, err := timeSeries(ctx, n, b.warm(), 0, func(ctx context.Context) error {
+	if err := b.apiAndDirect(ctx, s, path, t.Key, &apiRes, func(ctx context.Context, st *query.Store) error {
 		_, err := st.Usage(ctx, t.ID, usageMetrics, first, today, false)
 		return err
-	})
-	if err != nil {
+	}); err != nil {
 		return err
 	}
-	s.lat("c", Summarize(c))
 	q := `SELECT event, (ts AT TIME ZONE 'UTC')::date AS day, count(*) FROM analytics_events
 WHERE tenant_id = $1 AND event = ANY($2) AND ts >= $3 AND ts < $4 GROUP BY 1, 2`
 	var pgTotal int64
