@@ -113,20 +113,9 @@ func (b *bench) eventsPage(ctx context.Context, s *Scenario) error {
 			return err
 		})
 	}
-	var lat1, latN []time.Duration
-	err := b.pprof.cpu(ctx, s, "events_page", func() error {
-		var err error
-		if lat1, err = apiSeries(""); err != nil {
-			return err
-		}
-		latN, err = apiSeries(deep)
-		return err
-	})
-	if err != nil {
+	if err := b.pprof.cpu(ctx, s, "events_page", func() error { return pagePair(s, "api", "", deep, apiSeries) }); err != nil {
 		return err
 	}
-	s.lat("api_page1", Summarize(lat1))
-	s.lat("api_page50", Summarize(latN))
 
 	// (c): analyticsd's query.Store straight on ClickHouse, and one plain query per page.
 	st := b.store()
@@ -148,16 +137,9 @@ func (b *bench) eventsPage(ctx context.Context, s *Scenario) error {
 			return err
 		})
 	}
-	c1, err := cSeries(f1)
-	if err != nil {
+	if err := pagePair(s, "c", f1, fN, cSeries); err != nil {
 		return err
 	}
-	cN, err := cSeries(fN)
-	if err != nil {
-		return err
-	}
-	s.lat("c_page1", Summarize(c1))
-	s.lat("c_page50", Summarize(cN))
 	single := func(f query.EventFilter) ([]time.Duration, error) {
 		q, args := f.SQL(b.name, r.From, r.To, 101)
 		return timeSeries(ctx, n, 1, b.slowBudget(), func(ctx context.Context) error {
@@ -177,16 +159,9 @@ func (b *bench) eventsPage(ctx context.Context, s *Scenario) error {
 			return rows.Err()
 		})
 	}
-	s1, err := single(f1)
-	if err != nil {
+	if err := pagePair(s, "c_single_query", f1, fN, single); err != nil {
 		return err
 	}
-	sN, err := single(fN)
-	if err != nil {
-		return err
-	}
-	s.lat("c_single_query_page1", Summarize(s1))
-	s.lat("c_single_query_page50", Summarize(sN))
 
 	// (b): the same pages on Postgres.
 	var curTs time.Time
@@ -200,22 +175,19 @@ func (b *bench) eventsPage(ctx context.Context, s *Scenario) error {
 			break
 		}
 	}
-	b1, err := timeSeries(ctx, n, 1, b.slowBudget(), func(ctx context.Context) error {
-		_, _, _, err := b.pgPage(ctx, t.ID, r, time.Time{}, pgtype.UUID{})
-		return err
-	})
-	if err != nil {
+	type pgCursor struct {
+		ts time.Time
+		id pgtype.UUID
+	}
+	pgSeries := func(c pgCursor) ([]time.Duration, error) {
+		return timeSeries(ctx, n, 1, b.slowBudget(), func(ctx context.Context) error {
+			_, _, _, err := b.pgPage(ctx, t.ID, r, c.ts, c.id)
+			return err
+		})
+	}
+	if err := pagePair(s, "b", pgCursor{}, pgCursor{curTs, curID}, pgSeries); err != nil {
 		return err
 	}
-	bN, err := timeSeries(ctx, n, 1, b.slowBudget(), func(ctx context.Context) error {
-		_, _, _, err := b.pgPage(ctx, t.ID, r, curTs, curID)
-		return err
-	})
-	if err != nil {
-		return err
-	}
-	s.lat("b_page1", Summarize(b1))
-	s.lat("b_page50", Summarize(bN))
 
 	p50 := func(k string) float64 { return s.Latency[k].P50 }
 	s.set("page50_over_page1", ratio(p50("api_page50"), p50("api_page1")))
@@ -225,6 +197,21 @@ func (b *bench) eventsPage(ctx context.Context, s *Scenario) error {
 	s.set("api_over_c_single_page50", ratio(p50("api_page50"), p50("c_single_query_page50")))
 	s.set("b_over_api_page1", ratio(p50("b_page1"), p50("api_page1")))
 	s.set("b_over_api_page50", ratio(p50("b_page50"), p50("api_page50")))
+	return nil
+}
+
+// pagePair records run(page1) and run(pageN) as the series <name>_page1 and <name>_page50.
+func pagePair[T any](s *Scenario, name string, page1, pageN T, run func(T) ([]time.Duration, error)) error {
+	l1, err := run(page1)
+	if err != nil {
+		return err
+	}
+	lN, err := run(pageN)
+	if err != nil {
+		return err
+	}
+	s.lat(name+"_page1", Summarize(l1))
+	s.lat(name+"_page50", Summarize(lN))
 	return nil
 }
 
