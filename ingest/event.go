@@ -23,7 +23,8 @@ var Sources = []string{"app", "api", "webhook", "job", "payments", "files", "bui
 // DefaultSource is used when an event names none (the guide's own track() examples use "app").
 const DefaultSource = "app"
 
-// Event is one event as a client sends it. Ts and Props stay raw so their form can be checked.
+// Event is one event as a client sends it. Ts and Props stay raw so their form can be checked; after
+// Decode they may point into the body they came from, so validate events before that buffer is reused.
 type Event struct {
 	ID        string          `json:"id"`
 	Event     string          `json:"event"`
@@ -37,7 +38,7 @@ type Event struct {
 	TenantID string `json:"tenant_id"`
 
 	index int // position in the request, for error reports
-	// decoded: Decode produced this event with encoding/json, which had already checked that Props is
+	// decoded: Decode produced this event with a JSON decoder that had already checked that Props is
 	// well-formed JSON, so Validate need not parse it again.
 	decoded bool
 }
