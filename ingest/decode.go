@@ -132,9 +132,48 @@ func Decode(body []byte, f Format, maxEvents int) ([]Event, []ItemError, error) 
 // 3.5× faster than encoding/json on event batches. false means "ask encoding/json": it alone decides
 // what is wrong with a body and says so. Ts and Props are left pointing into b rather than copied:
 // Validate copies what it keeps, and events do not outlive the request.
+//
+// That decoder recurses without a depth limit, so a body nested deeper than encoding/json allows
+// (which would exhaust the goroutine's stack and kill the process) is left to encoding/json.
 func decodeFast(b []byte, v any) bool {
+	if !shallow(b) {
+		return false
+	}
 	rest, err := fastjson.Parse(b, v, fastjson.DontCopyRawMessage)
 	return err == nil && len(rest) == 0
+}
+
+// maxDepth is encoding/json's nesting limit.
+const maxDepth = 10000
+
+// shallow reports whether JSON text b nests at most maxDepth deep. Counting brackets (vectorised) is
+// enough for nearly every body; only one with more than maxDepth of them is walked.
+func shallow(b []byte) bool {
+	if bytes.Count(b, []byte{'{'})+bytes.Count(b, []byte{'['}) <= maxDepth {
+		return true
+	}
+	depth, in, esc := 0, false, false
+	for _, c := range b {
+		switch {
+		case esc:
+			esc = false
+		case in:
+			if c == '\\' {
+				esc = true
+			} else if c == '"' {
+				in = false
+			}
+		case c == '"':
+			in = true
+		case c == '{' || c == '[':
+			if depth++; depth > maxDepth {
+				return false
+			}
+		case c == '}' || c == ']':
+			depth--
+		}
+	}
+	return true
 }
 
 func tooMany(max int) error {

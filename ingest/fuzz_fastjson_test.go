@@ -3,6 +3,7 @@ package ingest
 import (
 	"encoding/json"
 	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -47,5 +48,32 @@ func same(t *testing.T, body []byte, fresh func() any) {
 	}
 	if !reflect.DeepEqual(fast, std) {
 		t.Fatalf("decoders disagree on %q:\nfast %+v\nstd  %+v", body, fast, std)
+	}
+}
+
+func TestShallow(t *testing.T) {
+	deep := func(n int) []byte {
+		return []byte(`[{"event":"a.b","props":{"x":` + strings.Repeat("[", n) + strings.Repeat("]", n) + `}}]`)
+	}
+	wide := []byte(`[` + strings.Repeat(`{"props":{"a":[1]}},`, 20000) + `{}]`) // 60k brackets, depth 4
+	quoted := []byte(`["` + strings.Repeat("[", 3*maxDepth) + `\"[{"]`)         // brackets inside a string
+	for _, tc := range []struct {
+		name string
+		b    []byte
+		want bool
+	}{
+		{"at the limit", deep(maxDepth - 3), true},
+		{"past the limit", deep(maxDepth - 2), false},
+		{"wide", wide, true},
+		{"brackets in strings", quoted, true},
+	} {
+		if got := shallow(tc.b); got != tc.want {
+			t.Errorf("%s: shallow = %v, want %v", tc.name, got, tc.want)
+		}
+		if !tc.want {
+			if _, _, err := Decode(tc.b, FormatJSON, 10); err == nil || !strings.Contains(err.Error(), "depth") {
+				t.Errorf("%s: Decode error %v, want encoding/json's depth error", tc.name, err)
+			}
+		}
 	}
 }
