@@ -12,6 +12,8 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/analyticsd/analyticsd/ratelimit"
 )
 
 // CounterTTL is how long a daily counter lives: long enough to answer for yesterday after midnight.
@@ -240,25 +242,57 @@ func (c *Counters) TopUp(ctx context.Context, tenant uuid.UUID, d, born time.Tim
 	return added, nil
 }
 
-// consumeScript is the atomic check-and-increment: -1 when the day is not seeded yet, 0 with the
-// current value when n more would pass the limit, 1 with the new value when allowed.
-var consumeScript = redis.NewScript(`
-if redis.call('EXISTS', KEYS[2]) == 0 then return {-1, 0} end
+// consumeScript is the atomic check-and-increment. With a third key it first takes the request's
+// rate-limit token from that bucket (ratelimit's take(), ARGV[4] rate, ARGV[5] burst) and stops at -2
+// when refused. Then: -1 when the day is not seeded yet, 0 with the current value when n more would
+// pass the limit, 1 with the new value when allowed. The last two elements are take()'s outcome.
+var consumeScript = redis.NewScript(ratelimit.TakeLua + `
+local taken, left = 1, 0
+if #KEYS >= 3 then
+  taken, left = take(KEYS[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
+  if taken == 0 then return {-2, 0, taken, left} end
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {-1, 0, taken, left} end
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local n = tonumber(ARGV[1])
-if cur + n > tonumber(ARGV[2]) then return {0, cur} end
+if cur + n > tonumber(ARGV[2]) then return {0, cur, taken, left} end
 local v = redis.call('INCRBY', KEYS[1], n)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-return {1, v}
+return {1, v, taken, left}
 `)
 
-// Consume adds n to the counter only if the result stays within limit.
-func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string, d time.Time, n, limit int64) (allowed, seeded bool, value int64, err error) {
-	res, err := consumeScript.Run(ctx, c.rdb, []string{c.Key(tenant, metric, d), c.seededKey(tenant, d)}, n, limit, int(CounterTTL.Seconds())).Int64Slice()
+// Gate is a rate-limit bucket (see api.Meter) that a consume takes the request's token from in the
+// same script, saving the separate round trip. Ran reports that the script took it; Allowed and
+// MilliTokens are then take()'s outcome. A refused token consumes nothing.
+type Gate struct {
+	Key         string
+	Rate        float64
+	Burst       int
+	Ran         bool
+	Allowed     bool
+	MilliTokens int64
+}
+
+// Consume adds n to the counter only if the result stays within limit. With a gate, it first takes
+// the rate-limit token; when that is refused (gate.Allowed false) nothing else happens.
+func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string, d time.Time, n, limit int64, gate *Gate) (allowed, seeded bool, value int64, err error) {
+	keys := []string{c.Key(tenant, metric, d), c.seededKey(tenant, d)}
+	args := []any{n, limit, int(CounterTTL.Seconds())}
+	if gate != nil {
+		keys = append(keys, gate.Key)
+		args = append(args, gate.Rate, gate.Burst)
+	}
+	res, err := consumeScript.Run(ctx, c.rdb, keys, args...).Int64Slice()
 	if err != nil {
 		return false, false, 0, fmt.Errorf("consume %s for tenant %s: %w", metric, tenant, err)
 	}
-	if res[0] == -1 {
+	if gate != nil {
+		gate.Ran, gate.Allowed, gate.MilliTokens = true, res[2] == 1, res[3]
+	}
+	switch res[0] {
+	case -2:
+		return false, true, 0, nil
+	case -1:
 		return false, false, 0, nil
 	}
 	return res[0] == 1, true, res[1], nil

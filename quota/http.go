@@ -10,7 +10,8 @@ import (
 	"github.com/analyticsd/analyticsd/api"
 )
 
-// Register mounts GET /quotas, GET /quotas/:metric (read) and POST /quotas/:metric/consume (write).
+// Register mounts GET /quotas, GET /quotas/:metric (read) and POST /quotas/:metric/consume (write,
+// which may leave the rate-limit check to the consume script: see api.Meter).
 func (s *Service) Register(r fiber.Router, read, write fiber.Handler) {
 	r.Get("/quotas", read, s.getAll)
 	r.Get("/quotas/:metric", read, s.getOne)
@@ -54,7 +55,20 @@ func (s *Service) postConsume(c *fiber.Ctx) error {
 			return api.BadRequest("invalid_parameter", "n must be a whole number from 1 to 1000000000 (default 1)")
 		}
 	}
-	res, err := s.Consume(c.UserContext(), p.TenantID, metric, n)
+	// The rate-limit token, when the route left it to us (auth.RequireDeferred), is taken by the
+	// consume script itself: one Redis round trip instead of two.
+	m := api.MeterOf(c)
+	var gate *Gate
+	if m != nil {
+		gate = &Gate{}
+		gate.Key, gate.Rate, gate.Burst = m.Bucket()
+	}
+	res, err := s.ConsumeGated(c.UserContext(), p.TenantID, metric, n, gate)
+	if gate != nil && gate.Ran {
+		if err := m.Apply(c, gate.Allowed, gate.MilliTokens); err != nil {
+			return err
+		}
+	}
 	switch {
 	case errors.Is(err, ErrUnknownMetric):
 		return notFound(metric)

@@ -23,6 +23,7 @@ import (
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/ratelimit"
 	"github.com/analyticsd/analyticsd/tenant"
 )
 
@@ -559,5 +560,46 @@ func TestStaleDeltasAreNotCountedTwice(t *testing.T) {
 	}
 	if n, _, _ := s.counters.Get(ctx, h.tenant.ID, "builds_daily", today); n != 1 {
 		t.Errorf("counter %d, want 1", n)
+	}
+}
+
+// With the route's rate limit left to it (auth.RequireDeferred), consume takes the request's token in
+// its own script: the same bucket the middleware meters other routes from, one token per request even
+// when the first consume of a day has to seed the counters and run again, and a refused token
+// consumes nothing.
+func TestConsumeTakesTheRateLimitTokenInItsScript(t *testing.T) {
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, map[string]float64{"builds_daily": 100}, nil)
+	app := api.NewApp(api.Config{}, nil)
+	authn := auth.NewAuthenticator(auth.NewKeys(h.env.PG), h.tenants, auth.JWTConfig{})
+	authn.Limiter = ratelimit.New(ratelimit.Config{Rate: 0.01, Burst: 3}, h.env.Redis, h.env.Prefix)
+	g := app.Group("/api/analytics")
+	s.Register(g, authn.Require(auth.ScopeEventsWrite), authn.RequireDeferred(auth.ScopeEventsWrite))
+
+	var codes []string
+	for i := 0; i < 5; i++ {
+		st, hdr, m := call(t, app, http.MethodPost, "/api/analytics/quotas/builds_daily/consume", h.keyW, "")
+		code := fmt.Sprint(st)
+		if st != 200 {
+			code += ":" + fmt.Sprint(m["error"].(map[string]any)["code"])
+		}
+		codes = append(codes, code)
+		if want := fmt.Sprint(max(0, 2-i)); hdr.Get("X-RateLimit-Remaining") != want || hdr.Get("X-RateLimit-Limit") != "3" {
+			t.Errorf("consume %d: X-RateLimit-Limit %q, -Remaining %q; want 3 and %s", i, hdr.Get("X-RateLimit-Limit"), hdr.Get("X-RateLimit-Remaining"), want)
+		}
+		if st == 429 && hdr.Get("Retry-After") == "" {
+			t.Errorf("consume %d: refused without Retry-After", i)
+		}
+	}
+	if got := strings.Join(codes, " "); got != "200 200 200 429:rate_limited 429:rate_limited" {
+		t.Errorf("statuses %s; want three allowed, then rate_limited (burst 3, one token per request)", got)
+	}
+	st, err := s.State(context.Background(), h.tenant.ID, "builds_daily")
+	if err != nil || st.Current != 3 {
+		t.Errorf("builds_daily after 3 allowed and 2 rate-limited consumes: %+v, %v; want current 3", st, err)
+	}
+	// The middleware meters GET from the same bucket, which is empty now.
+	if code, _, _ := call(t, app, http.MethodGet, "/api/analytics/quotas", h.keyW, ""); code != 429 {
+		t.Errorf("GET /quotas after the bucket emptied: %d, want 429 (one bucket per credential)", code)
 	}
 }

@@ -399,6 +399,13 @@ type ConsumeResult struct {
 // within the limit. An allowed spend is also stored durably as an increment (so ClickHouse, billing and
 // a rebuilt counter all see it). With Redis down it follows FailOpen.
 func (s *Service) Consume(ctx context.Context, tenant uuid.UUID, metric string, n int64) (ConsumeResult, error) {
+	return s.ConsumeGated(ctx, tenant, metric, n, nil)
+}
+
+// ConsumeGated is Consume that first takes the request's rate-limit token from gate, in the same
+// Redis script. When gate ran and refused, nothing was consumed and the result is meaningless: the
+// caller answers from the gate.
+func (s *Service) ConsumeGated(ctx context.Context, tenant uuid.UUID, metric string, n int64, gate *Gate) (ConsumeResult, error) {
 	limits := s.limits.For(ctx, tenant)
 	lim, ok := limits[metric]
 	if !ok {
@@ -414,10 +421,14 @@ func (s *Service) Consume(ctx context.Context, tenant uuid.UUID, metric string, 
 		limit = math.MaxInt64 / 2
 		res.Disabled = true
 	}
-	allowed, seeded, v, err := s.counters.Consume(ctx, tenant, metric, d, n, limit)
+	allowed, seeded, v, err := s.counters.Consume(ctx, tenant, metric, d, n, limit, gate)
+	if err == nil && gate != nil && gate.Ran && !gate.Allowed {
+		return res, nil
+	}
 	if err == nil && !seeded {
 		if err = s.ensureSeeded(ctx, tenant, d); err == nil {
-			allowed, _, v, err = s.counters.Consume(ctx, tenant, metric, d, n, limit)
+			// The gate's token was taken by the first run.
+			allowed, _, v, err = s.counters.Consume(ctx, tenant, metric, d, n, limit, nil)
 		}
 	}
 	if err != nil {

@@ -19,7 +19,7 @@ func TestTokenBucketSharedAcrossInstances(t *testing.T) {
 		if i%2 == 1 {
 			l = b
 		}
-		d, err := l.Allow(ctx, "apikey:x")
+		d, err := l.Allow(ctx, "t1", "apikey:x")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -36,17 +36,17 @@ func TestTokenBucketSharedAcrossInstances(t *testing.T) {
 	time.Sleep(1100 * time.Millisecond)
 	allowed = 0
 	for i := 0; i < 5; i++ {
-		if d, _ := a.Allow(ctx, "apikey:x"); d.Allowed {
+		if d, _ := a.Allow(ctx, "t1", "apikey:x"); d.Allowed {
 			allowed++
 		}
 	}
 	if allowed != 2 {
 		t.Errorf("after 1.1s at 2/s: allowed %d, want 2", allowed)
 	}
-	if d, _ := a.Allow(ctx, "apikey:other"); !d.Allowed || d.Remaining != 4 {
+	if d, _ := a.Allow(ctx, "t1", "apikey:other"); !d.Allowed || d.Remaining != 4 {
 		t.Errorf("another credential has its own bucket: %+v", d)
 	}
-	if d, _ := New(Config{}, rdb, prefix).Allow(ctx, "apikey:x"); !d.Allowed {
+	if d, _ := New(Config{}, rdb, prefix).Allow(ctx, "t1", "apikey:x"); !d.Allowed {
 		t.Error("a disabled limiter refused")
 	}
 }

@@ -167,7 +167,7 @@ func mount(app *fiber.App, ops api.Ops, authn *auth.Authenticator, in *ingest.Se
 	analytics := app.Group("/api/analytics")
 	in.Register(analytics, authn.Require(auth.ScopeEventsWrite))
 	q.Register(analytics, authn.Require(auth.ScopeAnalyticsRead))
-	qs.Register(analytics, authn.Require(auth.ScopeAnalyticsRead), authn.Require(auth.ScopeEventsWrite))
+	qs.Register(analytics, authn.Require(auth.ScopeAnalyticsRead), authn.RequireDeferred(auth.ScopeEventsWrite))
 	rc.Register(analytics, authn.Require(auth.ScopeAnalyticsAdmin))
 	dashboards.Register(app)
 }
