@@ -152,7 +152,9 @@ func (a *Authenticator) Require(scope Scope) fiber.Handler { return a.require(sc
 
 // RequireDeferred is Require for a handler that takes the request's rate-limit token inside its own
 // Redis script (one round trip instead of two): the request is authenticated and authorised here, and
-// the handler finds the check it must make in api.MeterOf and reports its outcome with Apply.
+// the handler finds the check it must make in api.MeterOf and reports its outcome with Apply. A
+// request that fails before the handler applied a token is metered here afterwards, so an error can
+// still become a 429 — never a success, which the handler may already have acted on.
 func (a *Authenticator) RequireDeferred(scope Scope) fiber.Handler { return a.require(scope, true) }
 
 func (a *Authenticator) require(scope Scope, deferred bool) fiber.Handler {
@@ -181,16 +183,26 @@ func (a *Authenticator) require(scope Scope, deferred bool) fiber.Handler {
 			}
 			return api.Forbidden("API key lacks the " + string(scope) + " scope")
 		}
+		api.SetPrincipal(c, p)
 		switch {
 		case !a.Limiter.Enabled():
+			return c.Next()
 		case deferred:
-			api.SetMeter(c, &meter{a: a, p: p})
-		default:
-			if err := a.meter(c, p); err != nil {
-				return err
+			m := &deferredMeter{a: a, p: p}
+			api.SetMeter(c, m)
+			err := c.Next()
+			if err != nil && !m.applied {
+				// The handler stopped before its script took the token (a bad request, Redis
+				// unreachable): meter the request the usual way, so those are rate-limited too.
+				if lerr := a.meter(c, p); lerr != nil {
+					return lerr
+				}
 			}
+			return err
 		}
-		api.SetPrincipal(c, p)
+		if err := a.meter(c, p); err != nil {
+			return err
+		}
 		return c.Next()
 	}
 }
@@ -231,18 +243,20 @@ func (a *Authenticator) limit(c *fiber.Ctx, p api.Principal, d ratelimit.Decisio
 		Header:  map[string]string{fiber.HeaderRetryAfter: strconv.Itoa(max(1, int(math.Ceil(d.Retry.Seconds()))))}}
 }
 
-// meter is a deferred check (RequireDeferred): the handler's script takes the token.
-type meter struct {
-	a *Authenticator
-	p api.Principal
+// deferredMeter is RequireDeferred's api.Meter: the handler's script takes the token.
+type deferredMeter struct {
+	a       *Authenticator
+	p       api.Principal
+	applied bool
 }
 
-func (m *meter) Bucket() (string, float64, int) {
+func (m *deferredMeter) Bucket() (string, float64, int) {
 	l := m.a.Limiter
 	return l.Key(m.p.TenantID.String(), m.p.Actor), l.Rate(), l.Burst()
 }
 
-func (m *meter) Apply(c *fiber.Ctx, allowed bool, milliTokens int64) error {
+func (m *deferredMeter) Apply(c *fiber.Ctx, allowed bool, milliTokens int64) error {
+	m.applied = true
 	return m.a.limit(c, m.p, m.a.Limiter.Decide(allowed, milliTokens))
 }
 

@@ -598,8 +598,12 @@ func TestConsumeTakesTheRateLimitTokenInItsScript(t *testing.T) {
 	if err != nil || st.Current != 3 {
 		t.Errorf("builds_daily after 3 allowed and 2 rate-limited consumes: %+v, %v; want current 3", st, err)
 	}
-	// The middleware meters GET from the same bucket, which is empty now.
+	// The middleware meters GET from the same bucket, which is empty now; and a consume that fails
+	// before its script runs (here a bad n) is metered too.
 	if code, _, _ := call(t, app, http.MethodGet, "/api/analytics/quotas", h.keyW, ""); code != 429 {
 		t.Errorf("GET /quotas after the bucket emptied: %d, want 429 (one bucket per credential)", code)
+	}
+	if code, _, m := call(t, app, http.MethodPost, "/api/analytics/quotas/builds_daily/consume?n=0", h.keyW, ""); code != 429 {
+		t.Errorf("bad consume after the bucket emptied: %d %v, want 429", code, m)
 	}
 }
