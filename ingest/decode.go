@@ -1,7 +1,6 @@
 package ingest
 
 import (
-	"bufio"
 	"bytes"
 	"compress/gzip"
 	"encoding/json"
@@ -181,13 +180,19 @@ func tooMany(max int) error {
 }
 
 func decodeNDJSON(body []byte, maxEvents int) ([]Event, []ItemError, error) {
+	// Lines are cut from body itself, not read through a line buffer: decoded events may point into
+	// their line, so it must stay as it is until they are validated.
 	var events []Event
 	var bad []ItemError
-	sc := bufio.NewScanner(bytes.NewReader(body))
-	sc.Buffer(nil, len(body)+1)
 	idx := 0
-	for sc.Scan() {
-		line := bytes.TrimSpace(sc.Bytes())
+	for len(body) > 0 {
+		line := body
+		if i := bytes.IndexByte(body, '\n'); i >= 0 {
+			line, body = body[:i], body[i+1:]
+		} else {
+			body = nil
+		}
+		line = bytes.TrimSpace(line)
 		if len(line) == 0 {
 			continue
 		}
@@ -202,9 +207,6 @@ func decodeNDJSON(body []byte, maxEvents int) ([]Event, []ItemError, error) {
 			events = append(events, e)
 		}
 		idx++
-	}
-	if err := sc.Err(); err != nil {
-		return nil, nil, badBody("read NDJSON body: %v", err)
 	}
 	return events, bad, nil
 }

@@ -2,6 +2,7 @@ package ingest
 
 import (
 	"encoding/json"
+	"fmt"
 	"math/rand/v2"
 	"regexp"
 	"strings"
@@ -229,5 +230,44 @@ func TestCompactPropsFastPathAgrees(t *testing.T) {
 	}
 	if _, err := compactProps(json.RawMessage("{\"k\":\"\xff\"}"), 8192, true); err == nil {
 		t.Error("fast path: invalid UTF-8 accepted")
+	}
+}
+
+// Every format's events keep their own ts and props up to Validate, however large the body: the
+// decoder may leave them pointing into the body, never into a buffer that is reused for later lines.
+func TestDecodedEventsKeepTheirOwnBytes(t *testing.T) {
+	const n = 3000 // ~300 KB: past any line reader's first buffer
+	var arr, nd strings.Builder
+	arr.WriteString("[")
+	for i := 0; i < n; i++ {
+		line := fmt.Sprintf(`{"event":"a.b","ts":%d,"props":{"i":%d,"pad":"%s"}}`, 1795780800000+i*1000, i, strings.Repeat("x", i%97))
+		if i > 0 {
+			arr.WriteString(",")
+		}
+		arr.WriteString(line)
+		nd.WriteString(line + "\r\n")
+	}
+	arr.WriteString("]")
+	now := time.UnixMilli(1795780800000 + n*1000)
+	lim := DefaultLimits()
+	for _, tc := range []struct {
+		name string
+		body string
+		f    Format
+	}{{"array", arr.String(), FormatJSON}, {"envelope", `{"events":` + arr.String() + `}`, FormatJSON}, {"ndjson", nd.String(), FormatNDJSON}} {
+		events, bad, err := Decode([]byte(tc.body), tc.f, 10_000)
+		if err != nil || len(bad) != 0 || len(events) != n {
+			t.Fatalf("%s: %d events, %v, %v", tc.name, len(events), bad, err)
+		}
+		for i := range events {
+			r, err := lim.Validate(&events[i], uuid.New(), now)
+			if err != nil {
+				t.Fatalf("%s: event %d: %v", tc.name, i, err)
+			}
+			want := fmt.Sprintf(`{"i":%d,"pad":"%s"}`, i, strings.Repeat("x", i%97))
+			if r.Props != want || r.Ts.UnixMilli() != 1795780800000+int64(i)*1000 {
+				t.Fatalf("%s: event %d came back with ts %v props %.60s; want its own", tc.name, i, r.Ts, r.Props)
+			}
+		}
 	}
 }
