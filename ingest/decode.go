@@ -151,28 +151,8 @@ func shallow(b []byte) bool {
 	if bytes.Count(b, []byte{'{'})+bytes.Count(b, []byte{'['}) <= maxDepth {
 		return true
 	}
-	depth, in, esc := 0, false, false
-	for _, c := range b {
-		switch {
-		case esc:
-			esc = false
-		case in:
-			if c == '\\' {
-				esc = true
-			} else if c == '"' {
-				in = false
-			}
-		case c == '"':
-			in = true
-		case c == '{' || c == '[':
-			if depth++; depth > maxDepth {
-				return false
-			}
-		case c == '}' || c == ']':
-			depth--
-		}
-	}
-	return true
+	_, tooDeep := structure(b, maxDepth)
+	return !tooDeep
 }
 
 func tooMany(max int) error {

@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"math"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -264,7 +265,14 @@ func compactProps(raw json.RawMessage, max int, wellFormed bool) (string, error)
 
 // compact reports whether well-formed JSON has no whitespace outside its strings.
 func compact(b []byte) bool {
-	in, esc := false, false
+	spaced, _ := structure(b, math.MaxInt)
+	return !spaced
+}
+
+// structure walks JSON text outside its strings: spaced reports whitespace there, and tooDeep that
+// arrays and objects nest more than limit deep (the walk stops at that point).
+func structure(b []byte, limit int) (spaced, tooDeep bool) {
+	depth, in, esc := 0, false, false
 	for _, c := range b {
 		switch {
 		case esc:
@@ -277,11 +285,17 @@ func compact(b []byte) bool {
 			}
 		case c == '"':
 			in = true
+		case c == '{' || c == '[':
+			if depth++; depth > limit {
+				return spaced, true
+			}
+		case c == '}' || c == ']':
+			depth--
 		case c == ' ', c == '\t', c == '\n', c == '\r':
-			return false
+			spaced = true
 		}
 	}
-	return true
+	return spaced, false
 }
 
 func truncate(s string) string {
