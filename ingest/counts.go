@@ -79,13 +79,14 @@ func (l *liveCounts) add(d map[countKey]map[string]int64) {
 	default:
 		l.metrics.CounterErrors.Inc()
 		for k, deltas := range d {
-			l.miss(tenantDay{k.tenant, k.day}, deltas)
+			miss(l, tenantDay{k.tenant, k.day}, deltas)
 		}
 	}
 }
 
-// miss records that the counters of a tenant and day did not get deltas of these metrics.
-func (l *liveCounts) miss(td tenantDay, deltas map[string]int64) {
+// miss records that the counters of a tenant and day did not get deltas of these metrics (the keys
+// of metrics: a delta map, or a set put back after a failed Forget).
+func miss[V any](l *liveCounts, td tenantDay, metrics map[string]V) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.missed == nil {
@@ -94,7 +95,7 @@ func (l *liveCounts) miss(td tenantDay, deltas map[string]int64) {
 	if l.missed[td] == nil {
 		l.missed[td] = map[string]bool{}
 	}
-	for m := range deltas {
+	for m := range metrics {
 		l.missed[td][m] = true
 	}
 }
@@ -123,11 +124,7 @@ func (l *liveCounts) forgetMissed() {
 			}
 			failed = true
 		}
-		deltas := make(map[string]int64, len(metrics))
-		for _, m := range metrics {
-			deltas[m] = 0
-		}
-		l.miss(td, deltas)
+		miss(l, td, set)
 	}
 }
 
@@ -145,7 +142,7 @@ func (l *liveCounts) run() {
 			cancel()
 			if err != nil {
 				l.metrics.CounterErrors.Inc()
-				l.miss(tenantDay{k.tenant, k.day}, deltas)
+				miss(l, tenantDay{k.tenant, k.day}, deltas)
 				if time.Since(lastLog) > 10*time.Second {
 					lastLog = time.Now()
 					l.log.Warn("live quota counters not updated; ingest continues and counters self-heal from ClickHouse", "err", err)

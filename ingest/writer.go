@@ -724,15 +724,25 @@ func (w *Writer) insertEvents(chunks [][]Row) error {
 	tenant, id := make([]uuid.UUID, 0, n), make([]uuid.UUID, 0, n)
 	ts, recv := make([]time.Time, 0, n), make([]time.Time, 0, n)
 	event, source, user, props, ip, req := make([]string, 0, n), make([]string, 0, n), make([]string, 0, n), make([]string, 0, n), make([]string, 0, n), make([]string, 0, n)
+	// send hands the block to the batch; on failure the INSERT is aborted.
 	send := func() error {
+		var err error
 		for i, col := range []any{tenant, ts, id, recv, event, source, user, props, ip, req} {
-			if err := batch.Column(i).Append(col); err != nil {
-				return fmt.Errorf("column %d: %w", i, err)
+			if err = batch.Column(i).Append(col); err != nil {
+				err = fmt.Errorf("column %d: %w", i, err)
+				break
 			}
+		}
+		if err == nil {
+			err = batch.Flush()
+		}
+		if err != nil {
+			_ = batch.Abort()
+			return fmt.Errorf("insert %d rows into %s.events: %w", total, w.db, err)
 		}
 		tenant, id, ts, recv = tenant[:0], id[:0], ts[:0], recv[:0]
 		event, source, user, props, ip, req = event[:0], source[:0], user[:0], props[:0], ip[:0], req[:0]
-		return batch.Flush()
+		return nil
 	}
 	for _, c := range chunks {
 		for i := range c {
@@ -742,16 +752,14 @@ func (w *Writer) insertEvents(chunks [][]Row) error {
 			props, ip, req = append(props, r.Props), append(ip, r.IP), append(req, r.RequestID)
 			if len(tenant) == insertBlockRows {
 				if err := send(); err != nil {
-					_ = batch.Abort()
-					return fmt.Errorf("insert %d rows into %s.events: %w", total, w.db, err)
+					return err
 				}
 			}
 		}
 	}
 	if len(tenant) > 0 {
 		if err := send(); err != nil {
-			_ = batch.Abort()
-			return fmt.Errorf("insert %d rows into %s.events: %w", total, w.db, err)
+			return err
 		}
 	}
 	if err := batch.Send(); err != nil {
