@@ -8,8 +8,6 @@ type reconcileMetrics struct {
 	runs     *prometheus.CounterVec // sbh_analytics_rollup_runs_total{status}
 	duration prometheus.Histogram   // sbh_analytics_rollup_duration_seconds
 	repairs  prometheus.Counter     // sbh_analytics_rollup_repairs_total
-	// sbh_analytics_rollup_compactions_total{status}
-	compactions *prometheus.CounterVec
 }
 
 func newReconcileMetrics(reg prometheus.Registerer) *reconcileMetrics {
@@ -25,18 +23,12 @@ func newReconcileMetrics(reg prometheus.Registerer) *reconcileMetrics {
 			Name: "sbh_analytics_rollup_repairs_total",
 			Help: "ClickHouse daily_usage rows (tenant, date, metric) found to differ from the raw events and corrected.",
 		}),
-		compactions: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "sbh_analytics_rollup_compactions_total",
-			Help: "Closed days whose events the rollup merged into one part (OPTIMIZE ... FINAL), by status: ok or failed.",
-		}, []string{"status"}),
 	}
 	// Both statuses exist from the start, so rate() and alerts see a zero rather than no series.
 	m.runs.WithLabelValues("ok")
 	m.runs.WithLabelValues("failed")
-	m.compactions.WithLabelValues("ok")
-	m.compactions.WithLabelValues("failed")
 	if reg != nil {
-		reg.MustRegister(m.runs, m.duration, m.repairs, m.compactions)
+		reg.MustRegister(m.runs, m.duration, m.repairs)
 	}
 	return m
 }

@@ -74,10 +74,8 @@ type Result struct {
 	// RawChecked: the aggregate was verified against raw events and increments (the day is in retention).
 	RawChecked bool `json:"raw_checked"`
 	// SkippedTenants counts tenant ids ClickHouse has for the date but Postgres does not know.
-	SkippedTenants int `json:"skipped_tenants,omitempty"`
-	// Compacted: after reconciling, the run merged the day's events into one part (see compact).
-	Compacted  bool  `json:"compacted,omitempty"`
-	DurationMS int64 `json:"duration_ms"`
+	SkippedTenants int   `json:"skipped_tenants,omitempty"`
+	DurationMS     int64 `json:"duration_ms"`
 }
 
 // Reconciler makes Postgres analytics_daily_usage equal ClickHouse's truth for a date.
@@ -163,9 +161,6 @@ func (r *Reconciler) run(ctx context.Context, day time.Time, scope Scope, trigge
 	}
 	r.m.runs.WithLabelValues(status).Inc()
 	r.record(ctx, log, scope, trigger, runID, status, res, tr, err)
-	if err == nil && scope.All() {
-		res.Compacted = r.compact(ctx, log, day)
-	}
 	return res, err
 }
 

@@ -35,7 +35,7 @@ func TestMigrateCreatesEveryObject(t *testing.T) {
 		got[tb.Name] = tb
 	}
 	want := []chTable{
-		{"events", "MergeTree", "toYYYYMMDD(ts)", "tenant_id, toStartOfHour(ts, 'UTC'), event, ts, id"},
+		{"events", "MergeTree", "toYYYYMMDD(ts)", "tenant_id, ts, id"},
 		{"usage_increments", "MergeTree", "toYYYYMMDD(ts)", "tenant_id, ts, id"},
 		{"daily_usage", "SummingMergeTree", "toYYYYMM(date)", "tenant_id, metric, date"},
 		{"daily_usage_events_mv", "MaterializedView", "", ""},

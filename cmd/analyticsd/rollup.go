@@ -53,9 +53,6 @@ func rollupCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string,
 		if !res.RawChecked {
 			check = "outside retention, aggregate only"
 		}
-		if res.Compacted {
-			check += ", events compacted"
-		}
 		fmt.Fprintf(stdout, "%s tenants=%d metrics=%d rows=%d changed=%d repaired=%d skipped_tenants=%d %s in %s\n",
 			res.Date, res.Tenants, res.Metrics, res.Rows, res.Changed, res.Repaired, res.SkippedTenants, check,
 			(time.Duration(res.DurationMS) * time.Millisecond).String())

@@ -13,7 +13,7 @@ CREATE TABLE IF NOT EXISTS analytics.events
 )
 ENGINE = MergeTree
 PARTITION BY toYYYYMMDD(ts)
-ORDER BY (tenant_id, toStartOfHour(ts, 'UTC'), event, ts, id)
+ORDER BY (tenant_id, ts, id)
 SETTINGS index_granularity = 8192;
 
 CREATE TABLE IF NOT EXISTS analytics.usage_increments

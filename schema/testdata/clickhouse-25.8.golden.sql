@@ -13,7 +13,7 @@ CREATE TABLE IF NOT EXISTS analytics.events
 )
 ENGINE = MergeTree
 PARTITION BY toYYYYMMDD(ts)
-ORDER BY (tenant_id, toStartOfHour(ts, 'UTC'), event, ts, id)
+ORDER BY (tenant_id, ts, id)
 TTL ts + INTERVAL 90 DAY
 SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1;
 
