@@ -70,6 +70,7 @@ STOP_GRACE=20
 
 log() { printf '%s\n' "$*" >&2; }
 die() { printf 'stack.sh: %s\n' "$*" >&2; exit 1; }
+warn() { printf 'stack.sh: warning: %s\n' "$*" >&2; }
 
 is_root() { [ "$(id -u)" -eq 0 ]; }
 
@@ -341,6 +342,15 @@ start_clickhouse() {
     if [ -n "$ports" ] && [ "$ports" != "$CLICKHOUSE_PORT $CLICKHOUSE_HTTP_PORT" ]; then
       die "clickhouse: already running (pid $pid) on ports '$ports', not $CLICKHOUSE_PORT $CLICKHOUSE_HTTP_PORT; run 'stack.sh stop-service clickhouse' first"
     fi
+    # The server reads its config once: a template edited (or restored) since it started is not in
+    # effect, and measurements taken now would silently be the old config's.
+    local f stale=""
+    for f in config.xml users.xml; do
+      render "$TEMPLATE_DIR/$f.tmpl" "$RUN_DIR/$f.rendered"
+      cmp -s "$RUN_DIR/$f.rendered" "$CH_DIR/$f" || stale="$stale $f"
+      rm -f "$RUN_DIR/$f.rendered"
+    done
+    [ -z "$stale" ] || warn "clickhouse: running (pid $pid) with an older$stale than deploy/local/clickhouse/ renders; 'stack.sh stop-service clickhouse && stack.sh start-service clickhouse' applies it"
   else
     rm -f "$CH_PIDFILE" "$CH_PORTFILE"
     ensure_port_free clickhouse "$CLICKHOUSE_PORT" CLICKHOUSE_PORT
