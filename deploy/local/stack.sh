@@ -350,7 +350,7 @@ start_clickhouse() {
       cmp -s "$RUN_DIR/$f.rendered" "$CH_DIR/$f" || stale="$stale $f"
       rm -f "$RUN_DIR/$f.rendered"
     done
-    [ -z "$stale" ] || warn "clickhouse: running (pid $pid) with an older$stale than deploy/local/clickhouse/ renders; 'stack.sh stop-service clickhouse && stack.sh start-service clickhouse' applies it"
+    [ -z "$stale" ] || warn "clickhouse: running (pid $pid) with a different$stale than deploy/local/clickhouse/ renders now; 'stack.sh stop-service clickhouse && stack.sh start-service clickhouse' applies it"
   else
     rm -f "$CH_PIDFILE" "$CH_PORTFILE"
     ensure_port_free clickhouse "$CLICKHOUSE_PORT" CLICKHOUSE_PORT
