@@ -615,7 +615,7 @@ type grafanaSeed struct {
 	a, b       uuid.UUID
 	events     int // all events, both tenants
 	aBuilderOB int // tenant a, builder.generate.completed from builder by user o'brien
-	aAPIToday  int // tenant a, apikey.request today (+ increments below feed api_requests_daily)
+	aAPIToday  int // tenant a, apikey.request on today's UTC date (+ increments below feed api_requests_daily)
 	aIncrToday int64
 }
 
@@ -628,11 +628,17 @@ func seedGrafana(t *testing.T, env testenv.Env) grafanaSeed {
 	if err != nil {
 		t.Fatal(err)
 	}
+	today := now.Truncate(24 * time.Hour)
 	add := func(tn uuid.UUID, ts time.Time, event, source, user string) {
 		if err := b.Append(tn, ts, uuid.New(), ts, event, source, user, `{"k":1}`, "198.51.100.1", "req"); err != nil {
 			t.Fatal(err)
 		}
 		s.events++
+		// Whatever lands on today's UTC date counts toward today's quota, whichever loop added it:
+		// the 8-hourly mix below puts one apikey.request on today after 16:00 UTC.
+		if tn == s.a && event == "apikey.request" && !ts.Before(today) {
+			s.aAPIToday++
+		}
 	}
 	mix := [][2]string{{"auth.user.login", "app"}, {"auth.user.registered", "app"}, {"apikey.request", "api"},
 		{"builder.generate.completed", "builder"}, {"email.sent", "job"}, {"webhook.delivered", "webhook"}}
@@ -650,7 +656,6 @@ func seedGrafana(t *testing.T, env testenv.Env) grafanaSeed {
 	}
 	for i := 0; i < 3; i++ {
 		add(s.a, now, "apikey.request", "api", "user-1")
-		s.aAPIToday++
 	}
 	if err := b.Send(); err != nil {
 		t.Fatal(err)
