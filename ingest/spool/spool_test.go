@@ -1,0 +1,323 @@
+package spool
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func open(t *testing.T, dir string, mod func(*Options)) *Spool {
+	t.Helper()
+	o := Options{Dir: dir, Sync: true, Format: 2, Owner: "test"}
+	if mod != nil {
+		mod(&o)
+	}
+	s, err := Open(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func frame(payloads ...string) []byte {
+	var b []byte
+	for _, p := range payloads {
+		var start int
+		b, start = FrameStart(b)
+		b = FrameEnd(append(b, p...), start)
+	}
+	return b
+}
+
+func records(t *testing.T, g *Segment) ([]string, bool) {
+	t.Helper()
+	r, err := g.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	var out []string
+	for r.Next() {
+		out = append(out, string(r.Record()))
+	}
+	if r.Err() != nil {
+		t.Fatal(r.Err())
+	}
+	return out, r.Torn()
+}
+
+func TestSecondOpenOfADirectoryIsRefused(t *testing.T) {
+	dir := t.TempDir()
+	first := open(t, dir, nil)
+	_, err := Open(Options{Dir: dir, Format: 2})
+	if !errors.Is(err, ErrLocked) {
+		t.Fatalf("second Open: got %v, want ErrLocked", err)
+	}
+	if msg := err.Error(); !strings.Contains(msg, dir) || !strings.Contains(msg, fmt.Sprintf("pid %d", os.Getpid())) {
+		t.Errorf("error should name the directory and the holder: %s", msg)
+	}
+	if h, held, err := ReadHolder(dir); err != nil || !held || h.PID != os.Getpid() || h.Owner != "test" {
+		t.Errorf("ReadHolder: %+v held=%v err=%v", h, held, err)
+	}
+	first.Close()
+	if _, held, _ := ReadHolder(dir); held {
+		t.Error("ReadHolder: still held after Close")
+	}
+	again, err := Open(Options{Dir: dir, Format: 2})
+	if err != nil {
+		t.Fatalf("Open after the holder closed: %v", err)
+	}
+	again.Close()
+}
+
+// A file that already has the next segment's name (left by another process) costs one failed Create,
+// not every Create from then on.
+func TestCreateMovesPastAStrayFile(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, dir, nil)
+	if err := os.WriteFile(filepath.Join(dir, "0000000000000001.seg"), nil, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Create(); err == nil {
+		t.Fatal("Create over an existing file succeeded")
+	}
+	g, err := s.Create()
+	if err != nil {
+		t.Fatalf("the next Create: %v", err)
+	}
+	if g.Seq != 2 {
+		t.Errorf("got segment %d, want 2", g.Seq)
+	}
+}
+
+func TestAppendThenReplayAfterReopen(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, dir, nil)
+	a, _ := s.Create()
+	if err := a.Append(frame("one", "two")); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Append(frame("three")); err != nil {
+		t.Fatal(err)
+	}
+	a.Seal()
+	if err := a.MarkInflight(); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := s.Create()
+	b.Append(frame("four"))
+	b.Seal()
+	want := a.Size() + b.Size()
+	if s.Bytes() != want {
+		t.Errorf("Bytes %d, want %d", s.Bytes(), want)
+	}
+	s.Close()
+
+	s2 := open(t, dir, nil)
+	got := s2.Recovered()
+	if len(got) != 2 || got[0].Seq != a.Seq || got[1].Seq != b.Seq {
+		t.Fatalf("recovered %v, want segments %d and %d", got, a.Seq, b.Seq)
+	}
+	if !got[0].Inflight || got[1].Inflight || got[0].UID != a.UID || got[0].Format != 2 || !got[0].Recovered {
+		t.Errorf("recovered state: %+v / %+v", got[0], got[1])
+	}
+	if recs, torn := records(t, got[0]); torn || strings.Join(recs, ",") != "one,two,three" {
+		t.Errorf("segment a: %v torn=%v", recs, torn)
+	}
+	if s2.Bytes() != want {
+		t.Errorf("Bytes after reopen %d, want %d", s2.Bytes(), want)
+	}
+	if c, _ := s2.Create(); c.Seq != b.Seq+1 {
+		t.Errorf("next segment %d, want %d", c.Seq, b.Seq+1)
+	}
+}
+
+// A record cut short, or with a bad checksum, ends the segment: it was never acknowledged.
+func TestTornAndCorruptTailsAreIgnored(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		tail func(full []byte) []byte
+	}{
+		{"cut in the header", func(f []byte) []byte { return f[:5] }},
+		{"cut in the payload", func(f []byte) []byte { return f[:len(f)-2] }},
+		{"bad checksum", func(f []byte) []byte { c := bytes.Clone(f); c[len(c)-1] ^= 0xff; return c }},
+		{"absurd length", func(f []byte) []byte {
+			c := bytes.Clone(f)
+			binary.LittleEndian.PutUint32(c, 1<<31)
+			return c
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			s := open(t, dir, nil)
+			g, _ := s.Create()
+			g.Append(frame("kept"))
+			f, _ := os.OpenFile(g.Path(), os.O_APPEND|os.O_WRONLY, 0)
+			f.Write(tc.tail(frame("lost-record")))
+			f.Write(frame("after"))
+			f.Close()
+			recs, torn := records(t, g)
+			if !torn || len(recs) != 1 || recs[0] != "kept" {
+				t.Errorf("got %v torn=%v, want [kept] torn", recs, torn)
+			}
+		})
+	}
+}
+
+// A failed append is cut back: nothing of it can be replayed.
+func TestFailedAppendLeavesNoPartialRecord(t *testing.T) {
+	s := open(t, t.TempDir(), nil)
+	g, _ := s.Create()
+	g.Append(frame("kept"))
+	size := g.Size()
+	g.f.Close() // the next write fails
+	if err := g.Append(frame("refused")); err == nil {
+		t.Fatal("append to a closed file succeeded")
+	}
+	if g.Size() != size || s.Bytes() != size {
+		t.Errorf("size %d / bytes %d after a failed append, want %d", g.Size(), s.Bytes(), size)
+	}
+	g.f = nil
+	if recs, _ := records(t, g); len(recs) != 1 {
+		t.Errorf("records %v", recs)
+	}
+}
+
+// The *.seg → *.inflight rename must reach the disk before the insert starts: the directory is
+// fsync'd after the rename (a power loss must not bring back the .seg name after ClickHouse committed).
+func TestMarkInflightSyncsTheDirectoryAfterRenaming(t *testing.T) {
+	dir := t.TempDir()
+	var synced []string
+	s := open(t, dir, func(o *Options) {
+		o.syncDir = func(d string) error {
+			names, _ := filepath.Glob(filepath.Join(d, "*.inflight"))
+			synced = append(synced, fmt.Sprintf("%s:%d", d, len(names)))
+			return nil
+		}
+	})
+	g, _ := s.Create()
+	g.Append(frame("x"))
+	g.Seal()
+	synced = nil
+	if err := g.MarkInflight(); err != nil {
+		t.Fatal(err)
+	}
+	if len(synced) != 1 || synced[0] != dir+":1" {
+		t.Errorf("directory syncs during MarkInflight: %v, want one of %s after the rename", synced, dir)
+	}
+}
+
+// A shipped segment whose file cannot be removed stays counted (it is still on disk) and is removed
+// at the next chance; it never leaks out of the accounting, so the spool does not look full forever.
+func TestFailedRemovalIsRetried(t *testing.T) {
+	dir := t.TempDir()
+	fail := true
+	s := open(t, dir, func(o *Options) {
+		o.remove = func(p string) error {
+			if fail {
+				return errors.New("injected: EIO")
+			}
+			return os.Remove(p)
+		}
+	})
+	a, _ := s.Create()
+	a.Append(frame("a"))
+	a.Seal()
+	b, _ := s.Create()
+	b.Append(frame("b"))
+	b.Seal()
+	if err := s.Remove(a); err == nil {
+		t.Fatal("Remove succeeded with removal failing")
+	}
+	if s.Bytes() != a.Size()+b.Size() || s.PendingRemovals() != 1 {
+		t.Errorf("after a failed removal: bytes %d (want %d), pending %d", s.Bytes(), a.Size()+b.Size(), s.PendingRemovals())
+	}
+	fail = false
+	if err := s.Remove(b); err != nil {
+		t.Fatal(err)
+	}
+	if s.Bytes() != 0 || s.PendingRemovals() != 0 {
+		t.Errorf("after removal works again: bytes %d, pending %d; want 0, 0", s.Bytes(), s.PendingRemovals())
+	}
+	if left, _ := filepath.Glob(filepath.Join(dir, "*.seg")); len(left) != 0 {
+		t.Errorf("files left: %v", left)
+	}
+}
+
+// Segments of the first release have no header; they are still replayed.
+func TestLegacySegmentsAreRead(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "0000000000000003.inflight"), frame("old1", "old2"), 0o640)
+	s := open(t, dir, nil)
+	g := s.Recovered()
+	if len(g) != 1 || g[0].Format != FormatLegacy || !g[0].Inflight {
+		t.Fatalf("recovered %+v", g)
+	}
+	if recs, torn := records(t, g[0]); torn || strings.Join(recs, ",") != "old1,old2" {
+		t.Errorf("legacy records %v torn=%v", recs, torn)
+	}
+}
+
+// A segment created just before a crash, with its header not yet complete, holds nothing.
+func TestHalfWrittenHeaderHoldsNoRecord(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "0000000000000009.seg"), []byte(magic+"\x02"), 0o640)
+	s := open(t, dir, nil)
+	g := s.Recovered()
+	if len(g) != 1 || !g[0].Empty() {
+		t.Fatalf("recovered %+v, want one empty segment", g)
+	}
+	if recs, _ := records(t, g[0]); len(recs) != 0 {
+		t.Errorf("records %v", recs)
+	}
+}
+
+func TestQuarantineKeepsRowsUntilRequeued(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, dir, nil)
+	info, err := s.Quarantine(QuarantineInfo{Segment: "abc", Reason: "rejected by clickhouse", Error: "code: 252", Events: 2, Tenants: []string{"t1"}},
+		[][]byte{[]byte("row-a"), []byte("row-b")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if files, rows := s.QuarantineStats(); files != 1 || rows != 2 {
+		t.Errorf("stats: %d files, %d rows; want 1, 2", files, rows)
+	}
+	list, err := ListQuarantine(dir)
+	if err != nil || len(list) != 1 || list[0].Name != info.Name || list[0].Error != "code: 252" || list[0].Events != 2 {
+		t.Fatalf("list: %+v %v", list, err)
+	}
+	r, got, err := OpenQuarantine(dir, info.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Reason != "rejected by clickhouse" {
+		t.Errorf("info %+v", got)
+	}
+	var recs []string
+	for r.Next() {
+		recs = append(recs, string(r.Record()))
+	}
+	if strings.Join(recs, ",") != "row-a,row-b" {
+		t.Errorf("records %v", recs)
+	}
+	if _, _, err := OpenQuarantine(dir, info.Name); !errors.Is(err, ErrLocked) {
+		t.Errorf("a second requeue of the same file: got %v, want ErrLocked", err)
+	}
+	r.Close()
+	if _, _, err := OpenQuarantine(dir, "../LOCK"); err == nil {
+		t.Error("a path outside the quarantine was accepted")
+	}
+	if err := RemoveQuarantine(dir, info.Name); err != nil {
+		t.Fatal(err)
+	}
+	if files, rows := s.QuarantineStats(); files != 0 || rows != 0 {
+		t.Errorf("stats after removal: %d files, %d rows", files, rows)
+	}
+}
