@@ -148,7 +148,9 @@ func startDashServer(t *testing.T) *dashServer {
 // only needs the live counters.
 type discardRecorder struct{}
 
-func (discardRecorder) RecordIncrement(context.Context, uuid.UUID, string, int64) error { return nil }
+func (discardRecorder) RecordIncrement(context.Context, uuid.UUID, string, int64, string) error {
+	return nil
+}
 func (discardRecorder) Emit(context.Context, uuid.UUID, string, string, map[string]any) error {
 	return nil
 }

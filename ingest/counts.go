@@ -47,8 +47,12 @@ type liveCounts struct {
 	counter Counter
 	in      chan map[countKey]map[string]int64
 
-	mu      sync.Mutex
-	missed  map[tenantDay]map[string]bool // counters that missed a delta: Forget them, then they rebuild
+	mu     sync.Mutex
+	missed map[tenantDay]map[string]bool // counters that missed a delta: Forget them, then they rebuild
+	// closing orders add against close: an add that comes after close (a server-made event stored
+	// during shutdown) is recorded as missed instead of being sent on the closed channel.
+	closing sync.RWMutex
+	closed  bool
 	metrics *Metrics
 	log     *slog.Logger
 	every   time.Duration
@@ -72,6 +76,14 @@ type tenantDay struct {
 // errors and their tenant-days marked missed, so those counters are rebuilt from ClickHouse.
 func (l *liveCounts) add(d map[countKey]map[string]int64) {
 	if l == nil || len(d) == 0 {
+		return
+	}
+	l.closing.RLock()
+	defer l.closing.RUnlock()
+	if l.closed {
+		for k, deltas := range d {
+			miss(l, tenantDay{k.tenant, k.day}, deltas)
+		}
 		return
 	}
 	select {
@@ -178,6 +190,11 @@ func (l *liveCounts) close() {
 	if l == nil {
 		return
 	}
-	close(l.in)
+	l.closing.Lock()
+	if !l.closed {
+		l.closed = true
+		close(l.in)
+	}
+	l.closing.Unlock()
 	<-l.done
 }

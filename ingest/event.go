@@ -151,11 +151,16 @@ func (l Limits) Validate(e *Event, tenant uuid.UUID, now time.Time) (Row, error)
 	}
 
 	if e.ID == "" {
-		r.ID = uuid.New()
+		r.ID = newID()
 	} else {
 		id, err := uuid.Parse(e.ID)
 		if err != nil || len(e.ID) != 36 {
 			return r, fmt.Errorf("id %q must be a UUID such as 5f0c6d1e-8a1b-4c7e-9d2f-3a4b5c6d7e8f, or omitted", truncate(e.ID))
+		}
+		if id == uuid.Nil {
+			// Every client that forgets to fill its ids in would collide on it: the second event
+			// would be taken for a duplicate of the first and dropped.
+			return r, fmt.Errorf("id must not be the nil UUID 00000000-0000-0000-0000-000000000000; send a unique UUID per event (v4 or v7), or omit it and one is made")
 		}
 		r.ID = id
 	}

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/ingest/spool"
 )
 
 func TestValidate(t *testing.T) {
@@ -39,6 +41,12 @@ func TestValidate(t *testing.T) {
 		{"bad source", with(func(e *Event) { e.Source = "cron" }), `source "cron" is not one of app, api`, nil},
 		{"every source", with(func(e *Event) { e.Source = "agent" }), "", nil},
 		{"bad id", with(func(e *Event) { e.ID = "event-123" }), "must be a UUID", nil},
+		{"nil id", with(func(e *Event) { e.ID = "00000000-0000-0000-0000-000000000000" }), "must not be the nil UUID", nil},
+		{"generated ids are time-ordered (v7)", ok, "", func(t *testing.T, r Row) {
+			if r.ID.Version() != 7 {
+				t.Errorf("generated id %s is version %d, want 7", r.ID, r.ID.Version())
+			}
+		}},
 		{"given id", with(func(e *Event) { e.ID = "5f0c6d1e-8a1b-4c7e-9d2f-3a4b5c6d7e8f" }), "", func(t *testing.T, r Row) {
 			if r.ID.String() != "5f0c6d1e-8a1b-4c7e-9d2f-3a4b5c6d7e8f" {
 				t.Errorf("id: got %s", r.ID)
@@ -168,24 +176,23 @@ func TestRecordRoundTrip(t *testing.T) {
 		{ID: uuid.New(), TenantID: uuid.New(), Ts: ts, ReceivedAt: ts, Event: "c.d", Source: "api"},
 	}
 	incs := []Increment{{ID: uuid.New(), TenantID: uuid.New(), Ts: ts, Metric: "builds_daily", N: -3}}
-	buf := encodeRecord(nil, events, incs)
-	buf = encodeRecord(buf, events[:1], nil)
-	full := len(buf)
-	buf = append(buf, encodeRecord(nil, events, nil)[:20]...) // a torn tail
-
-	gotE, gotI, n := decodeRecords(buf, nil, nil)
-	if n != full {
-		t.Errorf("intact bytes: got %d, want %d", n, full)
+	rec := appendRecord(nil, 42, events, incs)[spool.FrameOverhead:]
+	wid, gotE, gotI, err := decodeRecord(rec, recordFormat, nil, nil)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if len(gotE) != 3 || len(gotI) != 1 {
-		t.Fatalf("got %d events and %d increments, want 3 and 1", len(gotE), len(gotI))
+	if wid != 42 || len(gotE) != 2 || len(gotI) != 1 || gotE[0] != events[0] || gotE[1] != events[1] || gotI[0] != incs[0] {
+		t.Errorf("round trip changed rows:\n got %d %+v %+v\nwant 42 %+v %+v", wid, gotE, gotI, events, incs)
 	}
-	if gotE[0] != events[0] || gotE[1] != events[1] || gotE[2] != events[0] || gotI[0] != incs[0] {
-		t.Errorf("round trip changed rows:\n got %+v %+v\nwant %+v %+v", gotE, gotI, events, incs)
+	// The first release's records are the same without the batch id.
+	if wid, gotE, _, err := decodeRecord(rec[8:], spool.FormatLegacy, nil, nil); err != nil || wid != 0 || len(gotE) != 2 || gotE[1] != events[1] {
+		t.Errorf("legacy record: wid %d, %d events, err %v", wid, len(gotE), err)
 	}
-	buf[10] ^= 0xff // corrupt the first record's payload: nothing survives
-	if gotE, _, n := decodeRecords(buf, nil, nil); n != 0 || len(gotE) != 0 {
-		t.Errorf("corrupt first record: got %d bytes, %d events; want 0", n, len(gotE))
+	if _, _, _, err := decodeRecord(rec[:len(rec)-1], recordFormat, nil, nil); err == nil {
+		t.Error("a record cut short decoded without error")
+	}
+	if _, _, _, err := decodeRecord(rec, 9, nil, nil); err == nil {
+		t.Error("an unknown record format decoded without error")
 	}
 }
 

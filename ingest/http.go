@@ -8,8 +8,10 @@ import (
 	"log/slog"
 	"net/http"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -50,6 +52,13 @@ func NewService(cfg Config, w *Writer, counter Counter, m *Metrics, log *slog.Lo
 	if counter != nil {
 		s.counts = newLiveCounts(counter, m, log, cfg.CounterEvery)
 		go s.counts.run()
+		if w != nil {
+			// Rows counted live when accepted but found at ship time to be duplicates, or quarantined:
+			// their tenant-day's counters are rebuilt from ClickHouse.
+			w.sh.uncounted = func(tenant uuid.UUID, d time.Time) {
+				miss(s.counts, tenantDay{tenant, d}, map[string]bool{})
+			}
+		}
 	}
 	return s
 }
@@ -65,10 +74,16 @@ type Levels interface {
 func (s *Service) UseLevels(l Levels) { s.levels = l }
 
 // RecordIncrement stores an increment durably without touching the live counters (quota's consume
-// has already counted it). It implements part of quota.Recorder.
-func (s *Service) RecordIncrement(ctx context.Context, tenant uuid.UUID, metric string, n int64) error {
+// has already counted it). With an idempotency key the increment's id is derived from it, so a
+// retried consume stores its spend once. It implements part of quota.Recorder.
+func (s *Service) RecordIncrement(ctx context.Context, tenant uuid.UUID, metric string, n int64, idempotencyKey string) error {
 	now := s.now().UTC()
-	return s.store(ctx, nil, []Increment{{ID: uuid.New(), TenantID: tenant, Ts: now.Truncate(time.Second), Metric: metric, N: n}})
+	id := newID()
+	if idempotencyKey != "" {
+		id = derivedID(tenant, "consume", idempotencyKey, 0)
+	}
+	_, err := s.store(ctx, newBatch(nil, []Increment{{ID: id, TenantID: tenant, Ts: now.Truncate(time.Second), Metric: metric, N: n}}))
+	return err
 }
 
 // Emit adds a server-generated event (e.g. quota.exceeded) to the tenant's own stream, durably.
@@ -81,31 +96,47 @@ func (s *Service) Emit(ctx context.Context, tenant uuid.UUID, slug, event string
 		return err
 	}
 	now := s.now().UTC()
-	row := Row{ID: uuid.New(), TenantID: tenant, Ts: now.Truncate(time.Second), ReceivedAt: now.Truncate(time.Second), Event: event, Source: "job", Props: string(b)}
-	if err := s.store(ctx, []Row{row}, nil); err != nil {
+	row := Row{ID: newID(), TenantID: tenant, Ts: now.Truncate(time.Second), ReceivedAt: now.Truncate(time.Second), Event: event, Source: "job", Props: string(b)}
+	bt := newBatch([]Row{row}, nil)
+	if _, err := s.store(ctx, bt); err != nil {
 		return err
 	}
-	s.count(api.Principal{TenantID: tenant, Slug: slug}, []Row{row}, nil, now)
+	s.count(api.Principal{TenantID: tenant, Slug: slug}, bt, now)
 	return nil
 }
 
 // Close stops the live counter feed after flushing what it holds. Close the Writer separately.
 func (s *Service) Close() { s.counts.close() }
 
-// Register mounts POST /events and POST /usage on r; write is the auth middleware they require.
-func (s *Service) Register(r fiber.Router, write fiber.Handler) {
-	r.Post("/events", write, s.postEvents)
-	r.Post("/usage", write, s.postUsage)
+// Register mounts POST /events and POST /usage on r behind mw (authentication first, then e.g. the
+// Idempotency-Key middleware).
+func (s *Service) Register(r fiber.Router, mw ...fiber.Handler) {
+	r.Post("/events", append(mw, s.postEvents)...)
+	r.Post("/usage", append(mw, s.postUsage)...)
 }
 
 // EventsResult is the body of a 202 (or, with nothing accepted, the details of a 400).
 type EventsResult struct {
+	// Accepted counts the events stored by this request.
 	Accepted int         `json:"accepted"`
 	Rejected []ItemError `json:"rejected"`
+	// Duplicates are events acknowledged without being stored again: their id was already taken, by
+	// an earlier request of the tenant (within the dedup window) or earlier in this one.
+	Duplicates []Duplicate `json:"duplicates"`
 	// Disabled is set when ANALYTICS_ENABLED=false: nothing was stored.
 	Disabled bool   `json:"disabled,omitempty"`
 	Message  string `json:"message,omitempty"`
 }
+
+// Duplicate is one event of a request that was already stored.
+type Duplicate struct {
+	Index int       `json:"index"`
+	ID    uuid.UUID `json:"id"`
+}
+
+// idempotencyKey reads the Idempotency-Key header, copied: fiber's strings point into a buffer the
+// next request reuses, and the key outlives the handler in derived ids.
+func idempotencyKey(c *fiber.Ctx) string { return strings.Clone(c.Get("Idempotency-Key")) }
 
 func (s *Service) postEvents(c *fiber.Ctx) error {
 	p, _ := api.PrincipalOf(c)
@@ -127,53 +158,147 @@ func (s *Service) postEvents(c *fiber.Ctx) error {
 		return err
 	}
 	now := s.now()
+	key := idempotencyKey(c)
 	rows := make([]Row, 0, len(events))
+	index := make([]int, 0, len(events)) // each row's position in the request
+	var dups []Duplicate
+	first := make(map[uuid.UUID]bool, len(events))
 	for i := range events {
 		row, err := s.cfg.Limits.Validate(&events[i], p.TenantID, now)
 		if err != nil {
 			rejected = append(rejected, ItemError{events[i].index, err.Error()})
 			continue
 		}
+		if events[i].ID == "" && key != "" {
+			// A retry of this request (same key, same body) gets the same ids, so its events are
+			// recognised as duplicates even when the key's stored response is gone.
+			row.ID = derivedID(p.TenantID, "event", key, events[i].index)
+		}
+		if first[row.ID] {
+			dups = append(dups, Duplicate{events[i].index, row.ID})
+			continue
+		}
+		first[row.ID] = true
 		rows = append(rows, row)
+		index = append(index, events[i].index)
 	}
 	sort.Slice(rejected, func(i, j int) bool { return rejected[i].Index < rejected[j].Index })
 	if len(rejected) > 0 {
 		s.metrics.Rejected.WithLabelValues("validation").Add(float64(len(rejected)))
 	}
-	res := EventsResult{Accepted: len(rows), Rejected: rejected}
+	res := EventsResult{Rejected: rejected}
 	if res.Rejected == nil {
 		res.Rejected = []ItemError{}
 	}
 	if len(rows) == 0 {
+		res.Duplicates = []Duplicate{}
 		return &api.Error{Status: http.StatusBadRequest, Code: "invalid_events",
 			Message: fmt.Sprintf("no event was accepted: %d rejected; see details.rejected for each one", len(rejected)), Details: res}
 	}
-	if err := s.store(c.UserContext(), rows, nil); err != nil {
+	b := newBatch(rows, nil)
+	checked, err := s.store(c.UserContext(), b)
+	if err != nil {
 		return err
 	}
-	s.count(p, rows, nil, now)
+	if !checked {
+		c.Set("X-Analytics-Degraded", "duplicates not checked at request time (redis unavailable); they are dropped before storage")
+	}
+	res.Accepted = len(rows)
+	evDup, _, _, _ := b.claim.get()
+	for i, d := range evDup {
+		if d {
+			dups = append(dups, Duplicate{index[i], rows[i].ID})
+			res.Accepted--
+		}
+	}
+	sort.Slice(dups, func(i, j int) bool { return dups[i].Index < dups[j].Index })
+	res.Duplicates = dups
+	if res.Duplicates == nil {
+		res.Duplicates = []Duplicate{}
+	}
+	if len(dups) > 0 {
+		s.metrics.Duplicates.WithLabelValues("request").Add(float64(len(dups)))
+	}
+	s.count(p, b, now)
 	return api.Respond(c, http.StatusAccepted, res)
 }
 
-// store appends durably, turning a full or closing writer into a 503 with Retry-After.
-func (s *Service) store(ctx context.Context, rows []Row, incs []Increment) error {
-	err := s.w.Append(ctx, rows, incs)
+// store appends a batch durably, turning a full or closing writer into a 503 with Retry-After, then
+// claims its ids. It reports whether the claims were checked: false when Redis could not answer (the
+// rows are then checked when shipped) or when the writer keeps nothing durable to claim against.
+func (s *Service) store(ctx context.Context, b *batch) (bool, error) {
+	err := s.w.Append(ctx, b)
 	var full *FullError
 	switch {
 	case err == nil:
-		return nil
 	case errors.As(err, &full):
-		return &api.Error{Status: http.StatusServiceUnavailable, Code: full.ErrorCode(), Message: full.Error(),
+		return false, &api.Error{Status: http.StatusServiceUnavailable, Code: full.ErrorCode(), Message: full.Error(),
 			Header: map[string]string{fiber.HeaderRetryAfter: strconv.Itoa(full.RetryAfterSeconds())}}
 	case errors.Is(err, ErrClosed):
-		return &api.Error{Status: http.StatusServiceUnavailable, Code: "shutting_down",
+		return false, &api.Error{Status: http.StatusServiceUnavailable, Code: "shutting_down",
 			Message: "server is shutting down; retry on another instance", Header: map[string]string{fiber.HeaderRetryAfter: "1"}}
+	default:
+		return false, err
 	}
-	return err
+	claims := s.w.sh.claims
+	if claims == nil {
+		return true, nil
+	}
+	if !s.w.Durable() {
+		// A claim must never outlive a row that was not kept: in memory mode ids are claimed when
+		// shipped, not here.
+		return false, nil
+	}
+	// The rows are durable: only now may their ids be claimed. (A claim made before, by a request
+	// that then failed, would turn the client's retry into a loss.)
+	evDup, incDup, epoch, err := s.claim(ctx, claims, b)
+	if err != nil {
+		s.metrics.ClaimErrors.Inc()
+		s.log.Warn("event ids not claimed at request time; they are checked when shipped", "err", err)
+		return false, nil
+	}
+	b.claim.settle(evDup, incDup, epoch)
+	return true, nil
 }
 
-// count updates Prometheus and the live quota counters for what was just stored.
-func (s *Service) count(p api.Principal, rows []Row, incs []Increment, now time.Time) {
+// claim claims a batch's ids, events and increments apart (a batch belongs to one tenant).
+func (s *Service) claim(ctx context.Context, claims Claims, b *batch) (evDup, incDup []bool, epoch time.Time, err error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	if len(b.events) > 0 {
+		ids := make([]uuid.UUID, len(b.events))
+		for i := range b.events {
+			ids[i] = b.events[i].ID
+		}
+		if evDup, epoch, err = claims.Claim(ctx, b.events[0].TenantID, KindEvent, b.wid, ids); err != nil {
+			return nil, nil, epoch, err
+		}
+	}
+	if len(b.incs) > 0 {
+		ids := make([]uuid.UUID, len(b.incs))
+		for i := range b.incs {
+			ids[i] = b.incs[i].ID
+		}
+		if incDup, epoch, err = claims.Claim(ctx, b.incs[0].TenantID, KindIncrement, b.wid, ids); err != nil {
+			return nil, nil, epoch, err
+		}
+	}
+	return evDup, incDup, epoch, nil
+}
+
+// count updates Prometheus and the live quota counters for the rows of b that are new: duplicates
+// found by the claim are not counted again.
+func (s *Service) count(p api.Principal, b *batch, now time.Time) {
+	evDup, incDup, _, settled := b.claim.get()
+	if !settled {
+		// Counted without knowing which rows are duplicates: if shipping finds some, the tenant-day's
+		// counters are rebuilt from ClickHouse.
+		b.claim.countedUnsettled()
+	}
+	rows, incs := b.events, b.incs
+	if settled {
+		rows, incs = keep(rows, evDup), keep(incs, incDup)
+	}
 	type es struct{ event, source string }
 	perEvent := map[es]int{}
 	deltas := map[countKey]map[string]int64{}
@@ -253,12 +378,58 @@ func (s *Service) postUsage(c *fiber.Ctx) error {
 			"message": "analytics is disabled on this server (ANALYTICS_ENABLED=false); usage was not stored"})
 	}
 	now := s.now().UTC()
-	inc := Increment{ID: uuid.New(), TenantID: p.TenantID, Ts: now.Truncate(time.Second), Metric: req.Metric, N: n}
-	if err := s.store(c.UserContext(), nil, []Increment{inc}); err != nil {
+	id := newID()
+	if key := idempotencyKey(c); key != "" {
+		id = derivedID(p.TenantID, "usage", key, 0)
+	}
+	inc := Increment{ID: id, TenantID: p.TenantID, Ts: now.Truncate(time.Second), Metric: req.Metric, N: n}
+	b := newBatch(nil, []Increment{inc})
+	checked, err := s.store(c.UserContext(), b)
+	if err != nil {
 		return err
 	}
-	s.count(p, nil, []Increment{inc}, now)
-	return api.Respond(c, http.StatusAccepted, fiber.Map{"metric": req.Metric, "n": n, "accepted": 1, "id": inc.ID})
+	if !checked {
+		c.Set("X-Analytics-Degraded", "duplicates not checked at request time (redis unavailable); they are dropped before storage")
+	}
+	s.count(p, b, now)
+	accepted, duplicate := 1, false
+	if _, incDup, _, ok := b.claim.get(); ok && incDup[0] {
+		accepted, duplicate = 0, true
+	}
+	return api.Respond(c, http.StatusAccepted, fiber.Map{"metric": req.Metric, "n": n, "accepted": accepted, "duplicate": duplicate, "id": inc.ID})
+}
+
+// keep returns the elements of xs whose dup flag is false.
+func keep[T any](xs []T, dup []bool) []T {
+	if !slices.Contains(dup, true) {
+		return xs
+	}
+	out := make([]T, 0, len(xs))
+	for i := range xs {
+		if !dup[i] {
+			out = append(out, xs[i])
+		}
+	}
+	return out
+}
+
+// idNamespace is the UUID namespace of ids derived from idempotency keys.
+var idNamespace = uuid.MustParse("6f1c2d3e-4a5b-4c6d-8e7f-a0b1c2d3e4f5")
+
+// derivedID is the id of the index-th row of a request sent with an Idempotency-Key: a name-based
+// (SHA-1, version 5) UUID of the tenant, the endpoint, the key and the position, so a retry of the
+// request yields the same ids and its rows are recognised as duplicates.
+func derivedID(tenant uuid.UUID, scope, key string, index int) uuid.UUID {
+	return uuid.NewSHA1(idNamespace, []byte(tenant.String()+"\x00"+scope+"\x00"+key+"\x00"+strconv.Itoa(index)))
+}
+
+// newID is the id of a row that came without one: a time-ordered UUID (version 7).
+func newID() uuid.UUID {
+	id, err := uuid.NewV7()
+	if err != nil {
+		return uuid.New()
+	}
+	return id
 }
 
 func (s *Service) setLevel(c *fiber.Ctx, p api.Principal, req UsageRequest) error {

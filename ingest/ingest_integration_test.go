@@ -25,23 +25,35 @@ import (
 
 	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/dedup"
+	"github.com/analyticsd/analyticsd/ingest/spool"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 	"github.com/analyticsd/analyticsd/quota"
 	"github.com/analyticsd/analyticsd/tenant"
 )
 
+// harness is the shared stores, two tenants with keys, and the first analyticsd instance (more with
+// newInstance: each has its own spool, and its own proxies the test can cut).
 type harness struct {
 	env      testenv.Env
-	app      *fiber.App
-	w        *Writer
-	svc      *Service
-	counters *quota.Counters
 	a, b     tenant.Tenant
 	keyA     string
 	keyB     string
 	readKeyA string
+	keys     *auth.Keys
+	tenants  *tenant.Store
+	*instance
+}
+
+type instance struct {
+	app      *fiber.App
+	w        *Writer
+	svc      *Service
+	counters *quota.Counters
 	chProxy  *testenv.Proxy
 	rdProxy  *testenv.Proxy
+	dedup    *dedup.Store
+	metrics  *Metrics
 }
 
 type opts struct {
@@ -49,6 +61,9 @@ type opts struct {
 	ingest  func(*Config)
 	proxyCH bool // route the writer's ClickHouse connection through a proxy the test can cut
 	proxyRD bool // same for Redis
+	noDedup bool // no claims, no Idempotency-Key middleware
+	// ch wraps the writer's ClickHouse connection (to script failures).
+	ch func(driver.Conn) driver.Conn
 }
 
 func newHarness(t *testing.T, o opts) *harness {
@@ -57,6 +72,7 @@ func newHarness(t *testing.T, o opts) *harness {
 	ctx := context.Background()
 	tenants := tenant.NewStore(h.env.PG)
 	keys := auth.NewKeys(h.env.PG)
+	h.keys, h.tenants = keys, tenants
 	var err error
 	if h.a, err = tenants.Create(ctx, "acme", ""); err != nil {
 		t.Fatal(err)
@@ -74,54 +90,73 @@ func newHarness(t *testing.T, o opts) *harness {
 		t.Fatal(err)
 	}
 
+	h.instance = h.newInstance(t, o)
+	return h
+}
+
+// newInstance starts another analyticsd ingest instance on the harness's stores.
+func (h *harness) newInstance(t *testing.T, o opts) *instance {
+	t.Helper()
+	in := &instance{}
 	ch := h.env.CH
 	if o.proxyCH {
-		ch = h.proxiedClickHouse(t)
+		ch, in.chProxy = proxiedClickHouse(t)
 	}
 	rdb := h.env.Redis
 	if o.proxyRD {
 		u, _ := url.Parse(testenv.RedisURL(t))
-		h.rdProxy = testenv.NewProxy(t, u.Host)
-		rdb = redis.NewClient(&redis.Options{Addr: h.rdProxy.Addr, DialTimeout: 200 * time.Millisecond, ReadTimeout: 200 * time.Millisecond, MaxRetries: -1})
+		in.rdProxy = testenv.NewProxy(t, u.Host)
+		rdb = redis.NewClient(&redis.Options{Addr: in.rdProxy.Addr, DialTimeout: 200 * time.Millisecond, ReadTimeout: 200 * time.Millisecond, MaxRetries: -1})
 		t.Cleanup(func() { rdb.Close() })
 	}
-	h.counters = quota.NewCounters(rdb, h.env.Prefix)
+	in.counters = quota.NewCounters(rdb, h.env.Prefix)
+	var claims Claims
+	var mw []fiber.Handler
+	if !o.noDedup {
+		in.dedup = dedup.NewStore(rdb, h.env.Prefix, 24*time.Hour)
+		claims = in.dedup
+		mw = append(mw, in.dedup.Idempotency(nil))
+	}
+	if o.ch != nil {
+		ch = o.ch(ch)
+	}
 
 	wc := WriterConfig{Dir: t.TempDir(), FlushInterval: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond}
 	if o.writer != nil {
 		o.writer(&wc)
 	}
-	m := NewMetrics(nil, 0)
-	h.w, err = NewWriter(wc, ch, h.env.DB, m, nil)
+	in.metrics = NewMetrics(nil, 0)
+	var err error
+	in.w, err = NewWriter(wc, ch, h.env.DB, claims, in.metrics, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	h.w.Start()
+	in.w.Start()
 	ic := Config{Enabled: true, Limits: DefaultLimits(), CounterEvery: 10 * time.Millisecond}
 	if o.ingest != nil {
 		o.ingest(&ic)
 	}
-	h.svc = NewService(ic, h.w, counterAdapter{h.counters}, m, nil)
+	in.svc = NewService(ic, in.w, counterAdapter{in.counters}, in.metrics, nil)
 	t.Cleanup(func() {
-		h.svc.Close()
+		in.svc.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		h.w.Close(ctx)
+		in.w.Close(ctx)
 	})
-	h.app = api.NewApp(api.Config{}, nil)
-	authn := auth.NewAuthenticator(keys, tenants, auth.JWTConfig{})
-	h.svc.Register(h.app.Group("/api/analytics"), authn.Require(auth.ScopeEventsWrite))
-	return h
+	in.app = api.NewApp(api.Config{}, nil)
+	authn := auth.NewAuthenticator(h.keys, h.tenants, auth.JWTConfig{})
+	in.svc.Register(in.app.Group("/api/analytics"), append([]fiber.Handler{authn.Require(auth.ScopeEventsWrite)}, mw...)...)
+	return in
 }
 
-func (h *harness) proxiedClickHouse(t *testing.T) driver.Conn {
+func proxiedClickHouse(t *testing.T) (driver.Conn, *testenv.Proxy) {
 	t.Helper()
 	opts, err := clickhouse.ParseDSN(testenv.ClickHouseDSN(t))
 	if err != nil {
 		t.Fatal(err)
 	}
-	h.chProxy = testenv.NewProxy(t, opts.Addr[0])
-	opts.Addr = []string{h.chProxy.Addr}
+	proxy := testenv.NewProxy(t, opts.Addr[0])
+	opts.Addr = []string{proxy.Addr}
 	opts.Auth.Database = "default"
 	opts.DialTimeout = time.Second
 	conn, err := clickhouse.Open(opts)
@@ -129,7 +164,7 @@ func (h *harness) proxiedClickHouse(t *testing.T) driver.Conn {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return conn
+	return conn, proxy
 }
 
 // counterAdapter feeds the raw Redis counters (quota's limits and alerts are tested in quota).
@@ -151,7 +186,7 @@ type resp struct {
 	raw    string
 }
 
-func (h *harness) post(t *testing.T, key, path string, body []byte, headers map[string]string) resp {
+func (h *instance) post(t *testing.T, key, path string, body []byte, headers map[string]string) resp {
 	t.Helper()
 	req := httptest.NewRequest(http.MethodPost, path, bytes.NewReader(body))
 	if key != "" {
@@ -489,15 +524,33 @@ func TestIngestDisabledIsAcknowledgedNoOp(t *testing.T) {
 	}
 }
 
+// With Redis unreachable ingest still acknowledges (saying duplicates were not checked), the rows
+// wait in the spool — their ids cannot be proven new — and are stored exactly once when Redis answers,
+// a retry sent during the outage included.
 func TestIngestRedisDownStillAccepts(t *testing.T) {
 	h := newHarness(t, opts{proxyRD: true})
 	h.rdProxy.SetDown(true)
 	body, ids := events(20, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
-	r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
-	if r.status != 202 || r.accepted() != 20 {
-		t.Fatalf("with redis down: got %d %s, want 202", r.status, r.raw)
+	for try := 0; try < 2; try++ {
+		r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
+		if r.status != 202 || r.accepted() != 20 || r.header.Get("X-Analytics-Degraded") == "" {
+			t.Fatalf("with redis down: got %d %s (degraded %q), want 202 accepting 20, marked degraded", r.status, r.raw, r.header.Get("X-Analytics-Degraded"))
+		}
 	}
+	time.Sleep(300 * time.Millisecond)
+	if n := h.countIDs(t, h.a.ID, ids); n != 0 {
+		t.Fatalf("%d rows shipped while their ids could not be verified", n)
+	}
+	h.rdProxy.SetDown(false)
 	h.waitStored(t, h.a.ID, ids, 20)
+	h.w.Close(context.Background())
+	var total uint64
+	if err := h.env.CH.QueryRow(context.Background(), "SELECT count() FROM "+h.env.DB+".events WHERE tenant_id = ?", h.a.ID).Scan(&total); err != nil {
+		t.Fatal(err)
+	}
+	if total != 20 {
+		t.Errorf("%d rows stored for 20 ids sent twice, want 20", total)
+	}
 }
 
 // The headline promise: with ClickHouse unreachable, ingest keeps acknowledging, and every
@@ -570,7 +623,8 @@ func TestIngestMemoryModeFullBufferRefuses(t *testing.T) {
 }
 
 // Segments left by a crash are replayed at start-up, and rows ClickHouse already has (the insert
-// succeeded but the segment was not yet deleted) are not inserted twice.
+// succeeded but the segment was not yet deleted) are not inserted twice. The segments here are in the
+// first release's format, as an upgrade finds them.
 func TestSpoolReplayAfterCrashIsExactlyOnce(t *testing.T) {
 	env := testenv.Migrated(t)
 	dir := t.TempDir()
@@ -585,15 +639,9 @@ func TestSpoolReplayAfterCrashIsExactlyOnce(t *testing.T) {
 	}
 	inserted, notYet, fresh := mk(30), mk(20), mk(10)
 	// The crashed process had inserted the first 30 rows of an in-flight segment.
-	pre, err := NewWriter(WriterConfig{Durability: DurabilityMemory}, env.CH, env.DB, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := pre.insertEvents([][]Row{inserted}); err != nil {
-		t.Fatal(err)
-	}
+	insertRows(t, env.CH, env.DB, inserted)
 	write := func(name string, rows []Row) {
-		if err := os.WriteFile(filepath.Join(dir, name), encodeRecord(nil, rows, nil), 0o640); err != nil {
+		if err := os.WriteFile(filepath.Join(dir, name), legacyRecord(rows), 0o640); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -601,10 +649,10 @@ func TestSpoolReplayAfterCrashIsExactlyOnce(t *testing.T) {
 	write("0000000000000008.seg", fresh)
 	// And a torn tail: half a record that was never acknowledged.
 	f, _ := os.OpenFile(filepath.Join(dir, "0000000000000008.seg"), os.O_APPEND|os.O_WRONLY, 0)
-	f.Write(encodeRecord(nil, mk(5), nil)[:40])
+	f.Write(legacyRecord(mk(5))[:40])
 	f.Close()
 
-	w, err := NewWriter(WriterConfig{Dir: dir, FlushInterval: 50 * time.Millisecond}, env.CH, env.DB, nil, nil)
+	w, err := NewWriter(WriterConfig{Dir: dir, FlushInterval: 50 * time.Millisecond}, env.CH, env.DB, dedup.NewStore(env.Redis, env.Prefix, time.Hour), nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -621,18 +669,44 @@ func TestSpoolReplayAfterCrashIsExactlyOnce(t *testing.T) {
 	if total != 60 || distinct != 60 {
 		t.Errorf("after replay: %d rows, %d distinct; want 60 and 60", total, distinct)
 	}
-	left, _ := os.ReadDir(dir)
+	left, _ := filepath.Glob(filepath.Join(dir, "*.*"))
 	if len(left) != 0 {
 		t.Errorf("spool not emptied after replay: %v", left)
+	}
+}
+
+// legacyRecord frames rows as the first release wrote them (no batch id).
+func legacyRecord(rows []Row) []byte {
+	rec := appendRecord(nil, 0, rows, nil)[spool.FrameOverhead+8:]
+	b, start := spool.FrameStart(nil)
+	return spool.FrameEnd(append(b, rec...), start)
+}
+
+// insertRows writes rows straight into ClickHouse, as an earlier process's insert did.
+func insertRows(t *testing.T, ch driver.Conn, db string, rows []Row) {
+	t.Helper()
+	b, err := ch.PrepareBatch(context.Background(), "INSERT INTO "+db+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rows {
+		if err := b.Append(r.TenantID, r.Ts, r.ID, r.ReceivedAt, r.Event, r.Source, r.UserID, r.Props, r.IP, r.RequestID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.Send(); err != nil {
+		t.Fatal(err)
 	}
 }
 
 // Graceful shutdown flushes everything still buffered.
 func TestWriterCloseFlushes(t *testing.T) {
 	h := newHarness(t, opts{writer: func(c *WriterConfig) { c.FlushInterval = time.Hour; c.BatchRows = 1_000_000 }})
-	body, ids := events(500, nil)
 	var wg sync.WaitGroup
+	var ids []string
 	for i := 0; i < 4; i++ {
+		body, batch := events(500, nil)
+		ids = append(ids, batch...)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -651,6 +725,7 @@ func TestWriterCloseFlushes(t *testing.T) {
 	if n := h.countIDs(t, h.a.ID, ids); n != 2000 {
 		t.Errorf("after close: %d stored, want 2000 (4 requests × 500 ids)", n)
 	}
+	body, _ := events(1, nil)
 	r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
 	if r.status != 503 {
 		t.Errorf("after close: got %d, want 503", r.status)

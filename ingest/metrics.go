@@ -1,6 +1,8 @@
 package ingest
 
 import (
+	"sync/atomic"
+
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/analyticsd/analyticsd/internal/labels"
@@ -21,8 +23,14 @@ type Metrics struct {
 	RowsWritten   prometheus.Counter
 	InsertErrors  prometheus.Counter
 	CounterErrors prometheus.Counter
+	Duplicates    *prometheus.CounterVec // duplicates not stored, by where they were found
+	CheckedRows   prometheus.Counter
+	Quarantined   prometheus.Counter
+	ClaimErrors   prometheus.Counter
 
 	tenants, events *labels.Capped
+	// quarantine reads the quarantine at scrape time (set by the writer that owns the spool).
+	quarantine atomic.Pointer[func() (files, rows int)]
 }
 
 // NewMetrics builds and registers the collectors; reg may be nil (tests). labelCap bounds the distinct
@@ -70,12 +78,41 @@ func NewMetrics(reg prometheus.Registerer, labelCap int) *Metrics {
 		CounterErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sbh_ingest_counter_errors_total", Help: "Failed live quota counter updates (ingest goes on).",
 		}),
+		Duplicates: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sbh_ingest_duplicates_total",
+			Help: "Events and increments acknowledged but not stored again because their id was already taken: found at request time (request), when shipping (ship), or in ClickHouse itself (clickhouse).",
+		}, []string{"stage"}),
+		CheckedRows: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sbh_ingest_checked_rows_total", Help: "Rows looked up in ClickHouse before insert (retried or replayed segments, unprovable claims).",
+		}),
+		Quarantined: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sbh_ingest_quarantined_rows_total", Help: "Rows moved to the spool's quarantine because ClickHouse kept refusing them.",
+		}),
+		ClaimErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sbh_ingest_claim_errors_total", Help: "Requests whose ids could not be claimed at once (Redis unavailable); they are checked when shipped.",
+		}),
 		tenants: labels.NewCapped(labelCap),
 		events:  labels.NewCapped(labelCap),
 	}
+	quarantined := func(rows bool) func() float64 {
+		return func() float64 {
+			f := m.quarantine.Load()
+			if f == nil {
+				return 0
+			}
+			files, n := (*f)()
+			if rows {
+				return float64(n)
+			}
+			return float64(files)
+		}
+	}
 	if reg != nil {
 		reg.MustRegister(m.Events, m.Usage, m.Rejected, m.Refused, m.BufferedRows, m.SpoolBytes, m.SpoolSegments,
-			m.BatchRows, m.FlushDuration, m.RowsWritten, m.InsertErrors, m.CounterErrors)
+			m.BatchRows, m.FlushDuration, m.RowsWritten, m.InsertErrors, m.CounterErrors, m.Duplicates, m.CheckedRows,
+			m.Quarantined, m.ClaimErrors,
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sbh_ingest_quarantine_rows", Help: "Rows in the spool's quarantine, waiting for `analyticsd spool requeue`."}, quarantined(true)),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sbh_ingest_quarantine_files", Help: "Files in the spool's quarantine."}, quarantined(false)))
 	}
 	return m
 }

@@ -4,11 +4,12 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"slices"
 	"time"
 
 	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/ingest/spool"
 )
 
 // Increment is one explicit increment_usage call: add N to Metric for the tenant on Ts's UTC day.
@@ -20,17 +21,17 @@ type Increment struct {
 	N        int64
 }
 
-// A spool record holds the rows of one accepted request:
+// A spool record holds the rows of one accepted request (one batch); package spool frames it with
+// its length and a CRC-32C, so a record cut short by a crash is detected on replay. Its payload, in
+// record format 2:
 //
-//	u32 payload length | u32 CRC-32C of payload | payload
-//	payload: uvarint event count, events..., uvarint increment count, increments...
+//	u64 batch id (little endian) | uvarint event count, events... | uvarint increment count, increments...
 //	event: 16 id, 16 tenant, uvarint ts, uvarint received_at, 6 × (uvarint len, bytes)
 //	increment: 16 id, 16 tenant, uvarint ts, (uvarint len, metric), varint n
 //
-// The CRC makes a torn tail — a write cut short by a crash, never acknowledged — detectable on replay.
-const recordHeader = 8
-
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+// Format 1, written by the first release, is the same without the batch id. The batch id names the
+// request that claimed its rows' ids (see Claims); replay needs it to tell its own claims from others'.
+const recordFormat byte = 2
 
 var errCorrupt = errors.New("corrupt spool record")
 
@@ -41,11 +42,11 @@ func appendString(b []byte, s string) []byte {
 
 func appendTime(b []byte, t time.Time) []byte { return binary.AppendUvarint(b, uint64(t.Unix())) }
 
-// encodeRecord appends one framed record to dst.
-func encodeRecord(dst []byte, events []Row, incs []Increment) []byte {
+// appendRecord appends one framed record (format 2) to dst.
+func appendRecord(dst []byte, wid uint64, events []Row, incs []Increment) []byte {
 	dst = slices.Grow(dst, recordSize(events, incs)) // one allocation, not a doubling series
-	start := len(dst)
-	dst = append(dst, make([]byte, recordHeader)...)
+	dst, start := spool.FrameStart(dst)
+	dst = binary.LittleEndian.AppendUint64(dst, wid)
 	dst = binary.AppendUvarint(dst, uint64(len(events)))
 	for i := range events {
 		r := &events[i]
@@ -69,16 +70,13 @@ func encodeRecord(dst []byte, events []Row, incs []Increment) []byte {
 		dst = appendString(dst, in.Metric)
 		dst = binary.AppendVarint(dst, in.N)
 	}
-	payload := dst[start+recordHeader:]
-	binary.LittleEndian.PutUint32(dst[start:], uint32(len(payload)))
-	binary.LittleEndian.PutUint32(dst[start+4:], crc32.Checksum(payload, castagnoli))
-	return dst
+	return spool.FrameEnd(dst, start)
 }
 
-// recordSize bounds the encoded size of a record: every varint counted at its maximum length.
+// recordSize bounds the encoded size of a framed record: every varint counted at its maximum length.
 func recordSize(events []Row, incs []Increment) int {
 	const v = binary.MaxVarintLen64
-	n := recordHeader + 2*v
+	n := spool.FrameOverhead + 8 + 2*v
 	for i := range events {
 		r := &events[i]
 		n += 32 + 2*v + 6*v + len(r.Event) + len(r.Source) + len(r.UserID) + len(r.Props) + len(r.IP) + len(r.RequestID)
@@ -143,35 +141,24 @@ func (d *decoder) string() string {
 	return s
 }
 
-// decodeRecords reads every intact record of a segment file's contents, appending to events and incs.
-// It stops at the first torn or corrupt record and reports how many bytes were intact.
-func decodeRecords(data []byte, events []Row, incs []Increment) ([]Row, []Increment, int) {
-	off := 0
-	for len(data)-off >= recordHeader {
-		n := int(binary.LittleEndian.Uint32(data[off:]))
-		sum := binary.LittleEndian.Uint32(data[off+4:])
-		if n > len(data)-off-recordHeader {
-			break
+// decodeRecord reads one record's payload in the given format, appending its rows to events and
+// incs. Format 1 records have no batch id (0 is returned).
+func decodeRecord(p []byte, format byte, events []Row, incs []Increment) (uint64, []Row, []Increment, error) {
+	var wid uint64
+	switch format {
+	case spool.FormatLegacy:
+	case recordFormat:
+		if len(p) < 8 {
+			return 0, events, incs, errCorrupt
 		}
-		payload := data[off+recordHeader : off+recordHeader+n]
-		if crc32.Checksum(payload, castagnoli) != sum {
-			break
-		}
-		ev, in, err := decodePayload(payload, events, incs)
-		if err != nil {
-			break
-		}
-		events, incs = ev, in
-		off += recordHeader + n
+		wid, p = binary.LittleEndian.Uint64(p), p[8:]
+	default:
+		return 0, events, incs, fmt.Errorf("%w: unknown record format %d", errCorrupt, format)
 	}
-	return events, incs, off
-}
-
-func decodePayload(p []byte, events []Row, incs []Increment) ([]Row, []Increment, error) {
 	d := &decoder{b: p}
 	n := d.uvarint()
 	if n > uint64(len(p)) {
-		return events, incs, errCorrupt
+		return 0, events, incs, errCorrupt
 	}
 	base := len(events)
 	for i := uint64(0); i < n && d.err == nil; i++ {
@@ -182,14 +169,14 @@ func decodePayload(p []byte, events []Row, incs []Increment) ([]Row, []Increment
 	}
 	m := d.uvarint()
 	if m > uint64(len(p)) {
-		return events[:base], incs, errCorrupt
+		return 0, events[:base], incs, errCorrupt
 	}
 	ibase := len(incs)
 	for i := uint64(0); i < m && d.err == nil; i++ {
 		incs = append(incs, Increment{ID: d.uuid(), TenantID: d.uuid(), Ts: d.time(), Metric: d.string(), N: d.varint()})
 	}
 	if d.err != nil || len(d.b) != 0 {
-		return events[:base], incs[:ibase], fmt.Errorf("%w: %d trailing bytes", errCorrupt, len(d.b))
+		return 0, events[:base], incs[:ibase], fmt.Errorf("%w: %d trailing bytes", errCorrupt, len(d.b))
 	}
-	return events, incs, nil
+	return wid, events, incs, nil
 }

@@ -6,18 +6,16 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"os"
-	"path/filepath"
 	"slices"
-	"sort"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/ingest/spool"
 )
 
 // Durability says when an accepted request is acknowledged.
@@ -55,32 +53,61 @@ type WriterConfig struct {
 	MaxSpoolBytes   int64         // spool size at which ingest answers 503 (default 8 GiB)
 	InsertTimeout   time.Duration // one ClickHouse insert (default 60 s)
 	RetryMax        time.Duration // longest wait between insert retries (default 30 s)
+	// QuarantineAfter is how many times rows ClickHouse refuses are tried before they are moved to the
+	// quarantine, provided other inserts succeed meanwhile (default 3).
+	QuarantineAfter int
+	// Owner describes this process in the spool's lock file.
+	Owner string
+	// RetentionDays is the raw tables' retention: a row that must be checked in ClickHouse but whose
+	// day has left the window cannot be (its partition may be gone), so it is quarantined rather than
+	// inserted a second time. 0: no such guard (tests of other things).
+	RetentionDays int
+}
+
+// DefaultWriterConfig returns the documented defaults (fields left zero in a WriterConfig take them).
+func DefaultWriterConfig() WriterConfig {
+	return WriterConfig{
+		Dir:             ".data/spool",
+		Durability:      DurabilityFsync,
+		BatchRows:       50_000,
+		FlushInterval:   time.Second,
+		Flushers:        2,
+		MaxBufferedRows: 1_000_000,
+		MaxSpoolBytes:   8 << 30,
+		InsertTimeout:   60 * time.Second,
+		RetryMax:        30 * time.Second,
+		QuarantineAfter: 3,
+	}
 }
 
 func (c *WriterConfig) defaults() {
+	d := DefaultWriterConfig()
 	if c.Durability == "" {
-		c.Durability = DurabilityFsync
+		c.Durability = d.Durability
 	}
 	if c.BatchRows <= 0 {
-		c.BatchRows = 50_000
+		c.BatchRows = d.BatchRows
 	}
 	if c.FlushInterval <= 0 {
-		c.FlushInterval = time.Second
+		c.FlushInterval = d.FlushInterval
 	}
 	if c.Flushers <= 0 {
-		c.Flushers = 2
+		c.Flushers = d.Flushers
 	}
 	if c.MaxBufferedRows <= 0 {
-		c.MaxBufferedRows = 1_000_000
+		c.MaxBufferedRows = d.MaxBufferedRows
 	}
 	if c.MaxSpoolBytes <= 0 {
-		c.MaxSpoolBytes = 8 << 30
+		c.MaxSpoolBytes = d.MaxSpoolBytes
 	}
 	if c.InsertTimeout <= 0 {
-		c.InsertTimeout = 60 * time.Second
+		c.InsertTimeout = d.InsertTimeout
 	}
 	if c.RetryMax <= 0 {
-		c.RetryMax = 30 * time.Second
+		c.RetryMax = d.RetryMax
+	}
+	if c.QuarantineAfter <= 0 {
+		c.QuarantineAfter = d.QuarantineAfter
 	}
 }
 
@@ -108,43 +135,44 @@ func (e *FullError) RetryAfterSeconds() int {
 	return max(s, 1)
 }
 
-// segment is a unit of the spool and of shipping: the rows of consecutive requests, one file on disk
-// (none in memory mode), inserted into ClickHouse as one batch and deleted once inserted.
+// segment is a unit of the spool and of shipping: the batches of consecutive requests, one spool
+// file (none in memory mode), deleted once every row is in ClickHouse (or in quarantine).
 type segment struct {
+	file   *spool.Segment // nil in memory mode
 	seq    uint64
-	path   string // "" in memory mode
-	f      *os.File
-	size   int64
+	id     string // names the segment's inserts (query ids), so a late one can be found and waited for
 	opened time.Time
 
-	events   [][]Row // each request's rows as it sent them: never copied into one growing slice
-	incs     []Increment
+	batches  []*batch               // in memory, in request order; nil once spilled
+	claims   map[uint64]*claimState // every batch's claim, by batch id, kept when rows spill
 	nEvents  int
 	nIncs    int
-	spilled  bool // rows not kept in memory: read back from the file to ship
+	spilled  bool // rows not kept in memory: streamed back from the file to ship
 	inMemory int  // rows counted against MaxBufferedRows
 
-	// attempted: an insert of this segment may have reached ClickHouse (it failed ambiguously, or the
-	// process died mid-insert); the next attempt first drops rows ClickHouse already has.
+	// attempted: an insert of this segment may have reached ClickHouse (it failed, or the process
+	// died mid-insert), so the next attempt asks ClickHouse which rows it already has.
 	attempted  bool
-	eventsDone bool
-	claimed    bool // a flusher is shipping it
+	chunksDone int                // leading chunks fully shipped by this process
+	bad        map[rowKey]*badRow // rows ClickHouse refused, with their history
+	notBefore  time.Time          // parked after a refusal: shipped again no earlier than this
+	refusals   int                // consecutive refused attempts (for the parking backoff)
+	claimed    bool               // a flusher is shipping it
 }
 
 type appendReq struct {
-	events []Row
-	incs   []Increment
-	rec    []byte
-	done   chan error
+	b    *batch
+	rec  []byte
+	done chan error
 }
 
 // Writer accepts validated rows durably and ships them to ClickHouse in large batches.
 type Writer struct {
 	cfg     WriterConfig
-	ch      driver.Conn
-	db      string
 	log     *slog.Logger
 	metrics *Metrics
+	sp      *spool.Spool // nil in memory mode
+	sh      *shipper
 
 	appends chan appendReq
 	quit    chan struct{}
@@ -155,12 +183,11 @@ type Writer struct {
 	wg     sync.WaitGroup
 
 	mu            sync.Mutex
-	cond          *sync.Cond
+	changed       chan struct{} // closed (and replaced) whenever flushers may find new work
 	active        *segment
 	sealed        []*segment // oldest first; shipped by the flushers
-	nextSeq       uint64
-	spoolBytes    int64
-	buffered      int // rows in memory across unshipped segments
+	nextSeq       uint64     // memory mode only (the spool numbers its files)
+	buffered      int        // rows in memory across unshipped segments
 	draining      bool
 	committerDone bool
 	drainDone     chan struct{} // closed when Close's deadline passes
@@ -169,9 +196,10 @@ type Writer struct {
 	errLogged     time.Time
 }
 
-// NewWriter opens (creating if needed) the spool in cfg.Dir and picks up every segment a previous
-// process left there, to be shipped first. Call Start to begin, Close to stop.
-func NewWriter(cfg WriterConfig, ch driver.Conn, db string, m *Metrics, log *slog.Logger) (*Writer, error) {
+// NewWriter opens (creating if needed) and locks the spool in cfg.Dir and picks up every segment a
+// previous process left there, to be shipped first. claims may be nil (no deduplication). Call Start
+// to begin, Close to stop.
+func NewWriter(cfg WriterConfig, ch driver.Conn, db string, claims Claims, m *Metrics, log *slog.Logger) (*Writer, error) {
 	cfg.defaults()
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -179,60 +207,27 @@ func NewWriter(cfg WriterConfig, ch driver.Conn, db string, m *Metrics, log *slo
 	if m == nil {
 		m = NewMetrics(nil, 0)
 	}
-	w := &Writer{cfg: cfg, ch: ch, db: db, log: log, metrics: m, appends: make(chan appendReq, 256), quit: make(chan struct{}), nextSeq: 1}
-	w.cond = sync.NewCond(&w.mu)
+	w := &Writer{cfg: cfg, log: log, metrics: m, appends: make(chan appendReq, 256), quit: make(chan struct{}),
+		changed: make(chan struct{}), nextSeq: 1}
+	w.sh = newShipper(ch, db, claims, cfg, m, log)
 	if cfg.Durability != DurabilityMemory {
-		if err := os.MkdirAll(cfg.Dir, 0o750); err != nil {
-			return nil, fmt.Errorf("create spool dir %s: %w", cfg.Dir, err)
-		}
-		if err := w.recover(); err != nil {
+		sp, err := spool.Open(spool.Options{Dir: cfg.Dir, Sync: cfg.Durability == DurabilityFsync, Format: recordFormat, Owner: cfg.Owner, Log: log})
+		if err != nil {
 			return nil, err
+		}
+		w.sp = sp
+		w.sh.quarantine = sp.Quarantine
+		stats := sp.QuarantineStats
+		m.quarantine.Store(&stats)
+		for _, f := range sp.Recovered() {
+			w.sealed = append(w.sealed, &segment{file: f, seq: f.Seq, id: f.ID(), spilled: true, attempted: f.Inflight, claims: map[uint64]*claimState{}})
+		}
+		if n := len(w.sealed); n > 0 {
+			w.log.Info("spool has segments from a previous run; replaying them first", "segments", n, "bytes", sp.Bytes())
 		}
 	}
 	w.updateGauges()
 	return w, nil
-}
-
-const (
-	segExt      = ".seg"
-	inflightExt = ".inflight"
-)
-
-func (w *Writer) segPath(seq uint64, ext string) string {
-	return filepath.Join(w.cfg.Dir, fmt.Sprintf("%016d%s", seq, ext))
-}
-
-// recover lists the spool's leftovers: every segment file is a sealed, unshipped batch. Its rows are
-// read back from disk when its turn comes; a torn tail (a write cut short, never acknowledged) is ignored.
-func (w *Writer) recover() error {
-	entries, err := os.ReadDir(w.cfg.Dir)
-	if err != nil {
-		return fmt.Errorf("read spool dir %s: %w", w.cfg.Dir, err)
-	}
-	for _, e := range entries {
-		name := e.Name()
-		ext := filepath.Ext(name)
-		if ext != segExt && ext != inflightExt {
-			continue
-		}
-		seq, err := strconv.ParseUint(strings.TrimSuffix(name, ext), 10, 64)
-		if err != nil {
-			continue
-		}
-		info, err := e.Info()
-		if err != nil {
-			return fmt.Errorf("stat spool segment %s: %w", name, err)
-		}
-		s := &segment{seq: seq, path: filepath.Join(w.cfg.Dir, name), size: info.Size(), spilled: true, attempted: ext == inflightExt}
-		w.sealed = append(w.sealed, s)
-		w.spoolBytes += s.size
-		w.nextSeq = max(w.nextSeq, seq+1)
-	}
-	sort.Slice(w.sealed, func(i, j int) bool { return w.sealed[i].seq < w.sealed[j].seq })
-	if len(w.sealed) > 0 {
-		w.log.Info("spool has segments from a previous run; replaying them first", "segments", len(w.sealed), "bytes", w.spoolBytes)
-	}
-	return nil
 }
 
 // Start launches the spool committer and the flushers.
@@ -241,20 +236,20 @@ func (w *Writer) Start() {
 	go w.commitLoop()
 	for i := 0; i < w.cfg.Flushers; i++ {
 		w.wg.Add(1)
-		go w.flushLoop(i)
+		go w.flushLoop()
 	}
 }
 
-// Append stores rows durably (per the configured Durability) and returns once they are safe to
+// Append stores a batch durably (per the configured Durability) and returns once it is safe to
 // acknowledge. It returns a *FullError (wrapping ErrFull) when there is no room, and ErrClosed
 // during shutdown; in both cases nothing was stored.
-func (w *Writer) Append(ctx context.Context, events []Row, incs []Increment) error {
-	if len(events) == 0 && len(incs) == 0 {
+func (w *Writer) Append(ctx context.Context, b *batch) error {
+	if len(b.events) == 0 && len(b.incs) == 0 {
 		return nil
 	}
-	req := appendReq{events: events, incs: incs, done: make(chan error, 1)}
-	if w.cfg.Durability != DurabilityMemory {
-		req.rec = encodeRecord(nil, events, incs)
+	req := appendReq{b: b, done: make(chan error, 1)}
+	if w.sp != nil {
+		req.rec = appendRecord(nil, b.wid, b.events, b.incs)
 	}
 	w.gate.RLock()
 	if w.closed {
@@ -272,6 +267,10 @@ func (w *Writer) Append(ctx context.Context, events []Row, incs []Increment) err
 	// and "stored" the same thing.
 	return <-req.done
 }
+
+// Durable reports whether Append's success means the rows survive a crash of this process (the
+// spool), which is what makes it safe to claim their ids.
+func (w *Writer) Durable() bool { return w.sp != nil }
 
 func (w *Writer) commitLoop() {
 	defer w.wg.Done()
@@ -312,7 +311,7 @@ func (w *Writer) commitLoop() {
 			w.mu.Lock()
 			w.sealLocked()
 			w.committerDone = true
-			w.cond.Broadcast()
+			w.signalLocked()
 			w.mu.Unlock()
 			return
 		}
@@ -325,7 +324,7 @@ func (w *Writer) commit(group []appendReq) {
 	rows := 0
 	var bytes int64
 	for _, r := range group {
-		rows += len(r.events) + len(r.incs)
+		rows += len(r.b.events) + len(r.b.incs)
 		bytes += int64(len(r.rec))
 	}
 	err := w.writeGroup(group, rows, bytes)
@@ -337,19 +336,20 @@ func (w *Writer) commit(group []appendReq) {
 func (w *Writer) writeGroup(group []appendReq, rows int, size int64) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	memory := w.cfg.Durability == DurabilityMemory
+	memory := w.sp == nil
 	if memory && w.buffered+rows > w.cfg.MaxBufferedRows {
 		w.metrics.Refused.WithLabelValues("buffer_full").Inc()
 		return &FullError{Reason: "in-memory buffer full while ClickHouse catches up", RetryAfter: w.retryAfter()}
 	}
-	if !memory && w.spoolBytes+size > w.cfg.MaxSpoolBytes {
+	if !memory && w.sp.Bytes()+size > w.cfg.MaxSpoolBytes {
 		w.metrics.Refused.WithLabelValues("spool_full").Inc()
 		return &FullError{Reason: "spool full while ClickHouse catches up", RetryAfter: w.retryAfter()}
 	}
 	if w.active == nil {
 		if err := w.openSegmentLocked(); err != nil {
 			w.metrics.Refused.WithLabelValues("spool_error").Inc()
-			return &FullError{Reason: "spool unavailable: " + err.Error(), RetryAfter: 5 * time.Second}
+			w.log.Error("cannot open a spool segment; refusing requests", "err", err)
+			return &FullError{Reason: "spool unavailable", RetryAfter: 5 * time.Second}
 		}
 	}
 	s := w.active
@@ -361,7 +361,7 @@ func (w *Writer) writeGroup(group []appendReq, rows int, size int64) error {
 				buf = append(buf, r.rec...)
 			}
 		}
-		if err := w.writeFile(s, buf); err != nil {
+		if err := s.file.Append(buf); err != nil {
 			w.metrics.Refused.WithLabelValues("spool_error").Inc()
 			reason := "spool write failed"
 			if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
@@ -372,20 +372,19 @@ func (w *Writer) writeGroup(group []appendReq, rows int, size int64) error {
 		}
 	}
 	for _, r := range group {
-		s.nEvents += len(r.events)
-		s.nIncs += len(r.incs)
-		if !s.spilled && (memory || w.buffered+len(r.events)+len(r.incs) <= w.cfg.MaxBufferedRows) {
-			if len(r.events) > 0 {
-				s.events = append(s.events, r.events)
-			}
-			s.incs = append(s.incs, r.incs...)
-			s.inMemory += len(r.events) + len(r.incs)
-			w.buffered += len(r.events) + len(r.incs)
+		n := len(r.b.events) + len(r.b.incs)
+		s.nEvents += len(r.b.events)
+		s.nIncs += len(r.b.incs)
+		s.claims[r.b.wid] = r.b.claim
+		if !s.spilled && (memory || w.buffered+n <= w.cfg.MaxBufferedRows) {
+			s.batches = append(s.batches, r.b)
+			s.inMemory += n
+			w.buffered += n
 		} else if !s.spilled {
 			// Past the memory budget: keep this segment on disk only, to be read back when shipped.
 			s.spilled = true
 			w.buffered -= s.inMemory
-			s.events, s.incs, s.inMemory = nil, nil, 0
+			s.batches, s.inMemory = nil, 0
 		}
 	}
 	if s.nEvents+s.nIncs >= w.cfg.BatchRows {
@@ -395,53 +394,21 @@ func (w *Writer) writeGroup(group []appendReq, rows int, size int64) error {
 	return nil
 }
 
-func (w *Writer) writeFile(s *segment, buf []byte) error {
-	n, err := s.f.Write(buf)
-	if err == nil && w.cfg.Durability == DurabilityFsync {
-		err = s.f.Sync()
-	}
-	if err != nil {
-		// Cut the file back so a partial write can never be replayed as if acknowledged.
-		if terr := s.f.Truncate(s.size); terr != nil {
-			err = errors.Join(err, terr)
-		}
-		_, _ = s.f.Seek(s.size, 0)
-		return err
-	}
-	s.size += int64(n)
-	w.spoolBytes += int64(n)
-	return nil
-}
-
 func (w *Writer) openSegmentLocked() error {
-	s := &segment{seq: w.nextSeq, opened: time.Now()}
-	if w.cfg.Durability != DurabilityMemory {
-		s.path = w.segPath(s.seq, segExt)
-		f, err := os.OpenFile(s.path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o640)
+	s := &segment{opened: time.Now(), claims: map[uint64]*claimState{}}
+	if w.sp != nil {
+		f, err := w.sp.Create()
 		if err != nil {
 			return err
 		}
-		if w.cfg.Durability == DurabilityFsync {
-			if err := syncDir(w.cfg.Dir); err != nil {
-				f.Close()
-				os.Remove(s.path)
-				return err
-			}
-		}
-		s.f = f
+		s.file, s.seq, s.id = f, f.Seq, f.ID()
+	} else {
+		s.seq = w.nextSeq
+		w.nextSeq++
+		s.id = fmt.Sprintf("mem%016x", newBatchID())
 	}
-	w.nextSeq++
 	w.active = s
 	return nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 func (w *Writer) sealLocked() {
@@ -450,50 +417,96 @@ func (w *Writer) sealLocked() {
 		return
 	}
 	w.active = nil
-	if s.f != nil {
-		if err := s.f.Close(); err != nil {
+	if s.file != nil {
+		if err := s.file.Seal(); err != nil {
 			w.log.Error("close spool segment", "segment", s.seq, "err", err)
 		}
-		s.f = nil
 	}
 	if s.nEvents+s.nIncs == 0 {
-		w.removeFile(s)
+		w.removeLocked(s)
 		return
 	}
 	w.sealed = append(w.sealed, s)
-	w.cond.Broadcast()
+	w.signalLocked()
 }
 
-func (w *Writer) removeFile(s *segment) {
-	if s.path == "" {
-		return
-	}
-	if err := os.Remove(s.path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		w.log.Error("remove shipped spool segment", "path", s.path, "err", err)
-		return
-	}
-	w.spoolBytes -= s.size
+// signalLocked wakes every flusher waiting for work.
+func (w *Writer) signalLocked() {
+	close(w.changed)
+	w.changed = make(chan struct{})
 }
 
-// next hands a flusher the oldest sealed segment nobody is shipping, waiting for one.
+func (w *Writer) removeLocked(s *segment) {
+	if s.file == nil {
+		return
+	}
+	if err := w.sp.Remove(s.file); err != nil {
+		w.log.Error("shipped spool segment not removed yet; retried at the next removal", "err", err)
+	}
+}
+
+// next hands a flusher the oldest sealed segment nobody is shipping and that is not parked, waiting
+// for one. It returns nil when the writer is closing and nothing is left to ship.
 func (w *Writer) next() *segment {
-	w.mu.Lock()
-	defer w.mu.Unlock()
 	for {
+		w.mu.Lock()
+		var wake time.Time
 		for _, s := range w.sealed {
-			if !s.claimed {
-				s.claimed = true
-				return s
+			if s.claimed {
+				continue
 			}
+			if s.notBefore.After(time.Now()) {
+				if wake.IsZero() || s.notBefore.Before(wake) {
+					wake = s.notBefore
+				}
+				continue
+			}
+			s.claimed = true
+			w.mu.Unlock()
+			return s
 		}
-		if w.draining && w.committerDone {
+		if w.draining && w.committerDone && w.allClaimedLocked() {
+			w.mu.Unlock()
 			return nil
 		}
-		w.cond.Wait()
+		changed, drain := w.changed, w.drainDone
+		w.mu.Unlock()
+		if !w.wait(changed, drain, wake) {
+			return nil
+		}
 	}
 }
 
-func (w *Writer) flushLoop(id int) {
+// wait blocks until changed is closed or wake (when set) comes; false when the drain deadline passed.
+func (w *Writer) wait(changed, drain <-chan struct{}, wake time.Time) bool {
+	var timer <-chan time.Time
+	if !wake.IsZero() {
+		t := time.NewTimer(time.Until(wake))
+		defer t.Stop()
+		timer = t.C
+	}
+	select {
+	case <-changed:
+	case <-timer:
+	case <-drain:
+		return false
+	}
+	return true
+}
+
+func (w *Writer) allClaimedLocked() bool {
+	for _, s := range w.sealed {
+		if !s.claimed {
+			return false
+		}
+	}
+	return true
+}
+
+// errRefused: some of a segment's rows were refused by ClickHouse and are not yet quarantined.
+var errRefused = errors.New("clickhouse refused some rows")
+
+func (w *Writer) flushLoop() {
 	defer w.wg.Done()
 	backoff := 100 * time.Millisecond
 	for {
@@ -508,15 +521,21 @@ func (w *Writer) flushLoop(id int) {
 				break
 			}
 			w.noteError(err)
-			w.mu.Lock()
-			draining := w.draining
-			w.mu.Unlock()
-			if draining && w.drainExpired() {
+			if w.drainExpired() {
 				// Shutdown deadline: the segment stays in the spool for the next start.
-				w.mu.Lock()
-				s.claimed = false
-				w.mu.Unlock()
+				w.release(s)
 				return
+			}
+			if errors.Is(err, errRefused) {
+				// Rows ClickHouse refuses must not hold up the segments behind them: park this one and
+				// take the next; it is retried after a growing pause.
+				w.mu.Lock()
+				s.refusals++
+				s.notBefore = time.Now().Add(min(100*time.Millisecond<<min(s.refusals, 10), w.cfg.RetryMax))
+				s.claimed = false
+				w.signalLocked()
+				w.mu.Unlock()
+				break
 			}
 			select {
 			case <-time.After(backoff):
@@ -525,6 +544,12 @@ func (w *Writer) flushLoop(id int) {
 			backoff = min(backoff*2, w.cfg.RetryMax)
 		}
 	}
+}
+
+func (w *Writer) release(s *segment) {
+	w.mu.Lock()
+	s.claimed = false
+	w.mu.Unlock()
 }
 
 // drainDeadline is closed once a shutdown's deadline has passed (nil, never ready, before shutdown).
@@ -544,16 +569,25 @@ func (w *Writer) drainExpired() bool {
 }
 
 func (w *Writer) noteError(err error) {
-	w.metrics.InsertErrors.Inc()
+	if !errors.Is(err, errRefused) {
+		w.metrics.InsertErrors.Inc()
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.lastErr, w.lastErrAt = err, time.Now()
 	// Throttled: one line per 10 s however many batches fail.
 	if time.Since(w.errLogged) >= 10*time.Second {
 		w.errLogged = time.Now()
-		w.log.Error("clickhouse insert failed; the batch stays in the spool and is retried", "err", err,
-			"pending_segments", len(w.sealed), "spool_bytes", w.spoolBytes)
+		w.log.Error("clickhouse insert failed; the rows stay in the spool and are retried", "err", err,
+			"pending_segments", len(w.sealed), "spool_bytes", w.spoolBytes())
 	}
+}
+
+func (w *Writer) spoolBytes() int64 {
+	if w.sp == nil {
+		return 0
+	}
+	return w.sp.Bytes()
 }
 
 // retryAfter estimates how long a refused client should wait: longer while inserts are failing.
@@ -564,230 +598,110 @@ func (w *Writer) retryAfter() time.Duration {
 	return 2 * time.Second
 }
 
-// ship inserts one segment's rows and, on success, deletes it.
+// ship inserts one segment's rows and, once every row is in ClickHouse or in quarantine, deletes it.
 func (w *Writer) ship(s *segment) error {
-	events, incs := s.events, s.incs
-	if s.spilled {
-		var err error
-		if events, incs, err = w.readSegment(s); err != nil {
-			return err
-		}
-	}
-	if s.path != "" && !s.attempted {
+	if s.file != nil && !s.file.Inflight {
 		// Mark the segment in flight on disk: if we die mid-insert, the next start checks ClickHouse
 		// for its rows before inserting them again.
-		inflight := w.segPath(s.seq, inflightExt)
-		if err := os.Rename(s.path, inflight); err != nil {
-			return fmt.Errorf("mark spool segment %d in flight: %w", s.seq, err)
-		}
-		s.path = inflight
-	}
-	if s.attempted {
-		var err error
-		if events, incs, err = w.withoutInserted(s, events, incs); err != nil {
+		if err := s.file.MarkInflight(); err != nil {
 			return err
 		}
 	}
+	attempted := s.attempted
 	s.attempted = true
 	start := time.Now()
-	nEvents := 0
-	for _, c := range events {
-		nEvents += len(c)
-	}
-	if !s.eventsDone && nEvents > 0 {
-		if err := w.insertEvents(events); err != nil {
+	rows := 0
+	err := w.chunks(s, func(i int, bs []*batch) error {
+		if i < s.chunksDone {
+			return nil
+		}
+		n, err := w.sh.shipChunk(s, bs, attempted)
+		rows += n
+		if err != nil {
 			return err
 		}
-	}
-	s.eventsDone = true
-	if len(incs) > 0 {
-		if err := w.insertIncrements(incs); err != nil {
-			return err
-		}
+		s.chunksDone = i + 1
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	w.metrics.FlushDuration.Observe(time.Since(start).Seconds())
-	w.metrics.BatchRows.Observe(float64(nEvents + len(incs)))
-	w.metrics.RowsWritten.Add(float64(nEvents + len(incs)))
+	w.metrics.BatchRows.Observe(float64(rows))
 
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	w.removeFile(s)
+	w.removeLocked(s)
 	w.sealed = slices.DeleteFunc(w.sealed, func(x *segment) bool { return x == s })
 	w.buffered -= s.inMemory
-	s.events, s.incs, s.inMemory = nil, nil, 0
+	s.batches, s.inMemory = nil, 0
 	w.lastErr = nil
 	w.updateGaugesLocked()
-	w.cond.Broadcast()
+	w.signalLocked()
 	return nil
 }
 
-func (w *Writer) readSegment(s *segment) ([][]Row, []Increment, error) {
-	data, err := os.ReadFile(s.path)
-	if err != nil {
-		return nil, nil, fmt.Errorf("read spool segment %s: %w", s.path, err)
+// Rows are shipped in chunks of at most chunkRows rows or about chunkBytes of row data, so a segment
+// read back from disk never has to fit in memory whole (50,000 rows of 9 KiB props would be 450 MB).
+// Variables, so tests can make chunks small.
+var (
+	chunkRows  = 50_000
+	chunkBytes = 32 << 20
+)
+
+// chunks calls fn with the segment's batches, from memory, or streamed from its file in chunks.
+func (w *Writer) chunks(s *segment, fn func(i int, bs []*batch) error) error {
+	if !s.spilled {
+		return fn(0, s.batches)
 	}
-	events, incs, n := decodeRecords(data, make([]Row, 0, s.nEvents), make([]Increment, 0, s.nIncs))
-	if n != len(data) {
+	r, err := s.file.Open()
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	if err := readChunks(r, s.file.Format, s.claims, fn); err != nil {
+		return fmt.Errorf("spool segment %d: %w", s.seq, err)
+	}
+	if r.Torn() {
 		w.log.Warn("spool segment has a torn tail (an unacknowledged write cut short); ignoring it",
-			"segment", s.path, "intact_bytes", n, "size", len(data))
+			"segment", s.file.Path(), "intact_bytes", r.Intact())
 	}
-	return [][]Row{events}, incs, nil
+	return nil
 }
 
-// withoutInserted drops the rows of s that ClickHouse already has, so a retried or replayed segment
-// adds each row once. Rows of a segment share a short received_at window, which bounds the lookup.
-func (w *Writer) withoutInserted(s *segment, chunks [][]Row, incs []Increment) ([][]Row, []Increment, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), w.cfg.InsertTimeout)
-	defer cancel()
-	have := map[uuid.UUID]struct{}{}
-	events := slices.Concat(chunks...) // a fresh slice: the filtering below must not touch the segment's rows
-	if len(events) > 0 && !s.eventsDone {
-		lo, hi, rlo, rhi := events[0].Ts, events[0].Ts, events[0].ReceivedAt, events[0].ReceivedAt
-		for _, r := range events {
-			lo, hi = minTime(lo, r.Ts), maxTime(hi, r.Ts)
-			rlo, rhi = minTime(rlo, r.ReceivedAt), maxTime(rhi, r.ReceivedAt)
-		}
-		if err := w.collectIDs(ctx, have, "SELECT id FROM "+w.db+".events WHERE ts >= ? AND ts <= ? AND received_at >= ? AND received_at <= ?", lo, hi, rlo, rhi); err != nil {
-			return nil, nil, err
-		}
-	}
-	if len(incs) > 0 {
-		lo, hi := incs[0].Ts, incs[0].Ts
-		for _, r := range incs {
-			lo, hi = minTime(lo, r.Ts), maxTime(hi, r.Ts)
-		}
-		if err := w.collectIDs(ctx, have, "SELECT id FROM "+w.db+".usage_increments WHERE ts >= ? AND ts <= ?", lo, hi); err != nil {
-			return nil, nil, err
-		}
-	}
-	if len(have) == 0 {
-		return chunks, incs, nil
-	}
-	before := len(events) + len(incs)
-	events = slices.DeleteFunc(events, func(r Row) bool { _, ok := have[r.ID]; return ok })
-	incs = slices.DeleteFunc(slices.Clone(incs), func(r Increment) bool { _, ok := have[r.ID]; return ok })
-	w.log.Info("spool segment was partly or wholly inserted before; skipping rows ClickHouse has",
-		"segment", s.seq, "skipped", before-len(events)-len(incs), "remaining", len(events)+len(incs))
-	return [][]Row{events}, incs, nil
-}
-
-func (w *Writer) collectIDs(ctx context.Context, into map[uuid.UUID]struct{}, query string, args ...any) error {
-	rows, err := w.ch.Query(ctx, query, args...)
-	if err != nil {
-		return fmt.Errorf("check which spooled rows clickhouse has: %w", err)
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var id uuid.UUID
-		if err := rows.Scan(&id); err != nil {
-			return fmt.Errorf("check which spooled rows clickhouse has: %w", err)
-		}
-		into[id] = struct{}{}
-	}
-	return rows.Err()
-}
-
-func minTime(a, b time.Time) time.Time {
-	if b.Before(a) {
-		return b
-	}
-	return a
-}
-
-func maxTime(a, b time.Time) time.Time {
-	if b.After(a) {
-		return b
-	}
-	return a
-}
-
-// insertBlockRows is how many rows go into each block of one INSERT. The server squashes the blocks
-// of an INSERT back into large ones before writing parts (min_insert_block_size_rows), so the parts
-// are the same as with one big block, while the client encodes every block into the same, already
-// grown column buffers. One block per segment meant growing ~15 MB of fresh buffers per insert, and
-// on this VM the page faults of that made runtime.growslice 42% of ingest CPU (BENCHMARKS.md).
-const insertBlockRows = 8192
-
-// insertEvents inserts the rows of chunks, in order, as one INSERT.
-func (w *Writer) insertEvents(chunks [][]Row) error {
-	ctx, cancel := context.WithTimeout(context.Background(), w.cfg.InsertTimeout)
-	defer cancel()
-	batch, err := w.ch.PrepareBatch(ctx, "INSERT INTO "+w.db+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
-	if err != nil {
-		return fmt.Errorf("insert into %s.events: prepare: %w", w.db, err)
-	}
-	total := 0
-	for _, c := range chunks {
-		total += len(c)
-	}
-	n := min(total, insertBlockRows)
-	tenant, id := make([]uuid.UUID, 0, n), make([]uuid.UUID, 0, n)
-	ts, recv := make([]time.Time, 0, n), make([]time.Time, 0, n)
-	event, source, user, props, ip, req := make([]string, 0, n), make([]string, 0, n), make([]string, 0, n), make([]string, 0, n), make([]string, 0, n), make([]string, 0, n)
-	// send hands the block to the batch; on failure the INSERT is aborted.
-	send := func() error {
-		var err error
-		for i, col := range []any{tenant, ts, id, recv, event, source, user, props, ip, req} {
-			if err = batch.Column(i).Append(col); err != nil {
-				err = fmt.Errorf("column %d: %w", i, err)
-				break
-			}
-		}
-		if err == nil {
-			err = batch.Flush()
-		}
+// readChunks decodes r's records into batches and calls fn with them a chunk at a time. claims are
+// the request-time claims of the batches, by batch id (none for a segment left by another process).
+func readChunks(r *spool.Reader, format byte, claims map[uint64]*claimState, fn func(i int, bs []*batch) error) error {
+	var bs []*batch
+	i, rows, size := 0, 0, 0
+	for r.Next() {
+		rec := r.Record()
+		wid, events, incs, err := decodeRecord(rec, format, nil, nil)
 		if err != nil {
-			_ = batch.Abort()
-			return fmt.Errorf("insert %d rows into %s.events: %w", total, w.db, err)
-		}
-		tenant, id, ts, recv = tenant[:0], id[:0], ts[:0], recv[:0]
-		event, source, user, props, ip, req = event[:0], source[:0], user[:0], props[:0], ip[:0], req[:0]
-		return nil
-	}
-	for _, c := range chunks {
-		for i := range c {
-			r := &c[i]
-			tenant, ts, id, recv = append(tenant, r.TenantID), append(ts, r.Ts), append(id, r.ID), append(recv, r.ReceivedAt)
-			event, source, user = append(event, r.Event), append(source, r.Source), append(user, r.UserID)
-			props, ip, req = append(props, r.Props), append(ip, r.IP), append(req, r.RequestID)
-			if len(tenant) == insertBlockRows {
-				if err := send(); err != nil {
-					return err
-				}
-			}
-		}
-	}
-	if len(tenant) > 0 {
-		if err := send(); err != nil {
+			// The CRC matched, so this is not a torn write: a record this release cannot read.
 			return err
 		}
-	}
-	if err := batch.Send(); err != nil {
-		return fmt.Errorf("insert %d rows into %s.events: %w", total, w.db, err)
-	}
-	return nil
-}
-
-func (w *Writer) insertIncrements(rows []Increment) error {
-	ctx, cancel := context.WithTimeout(context.Background(), w.cfg.InsertTimeout)
-	defer cancel()
-	batch, err := w.ch.PrepareBatch(ctx, "INSERT INTO "+w.db+".usage_increments (tenant_id, ts, id, metric, n)")
-	if err != nil {
-		return fmt.Errorf("insert into %s.usage_increments: prepare: %w", w.db, err)
-	}
-	n := len(rows)
-	tenant, ts, id, metric, amount := make([]uuid.UUID, n), make([]time.Time, n), make([]uuid.UUID, n), make([]string, n), make([]int64, n)
-	for i, r := range rows {
-		tenant[i], ts[i], id[i], metric[i], amount[i] = r.TenantID, r.Ts, r.ID, r.Metric, r.N
-	}
-	for i, col := range []any{tenant, ts, id, metric, amount} {
-		if err := batch.Column(i).Append(col); err != nil {
-			_ = batch.Abort()
-			return fmt.Errorf("insert into %s.usage_increments: column %d: %w", w.db, i, err)
+		b := &batch{wid: wid, events: events, incs: incs, claim: claims[wid]}
+		if format == spool.FormatLegacy {
+			// No batch id (and so no claim) was kept with these rows: give them one, and let
+			// ClickHouse say which it has.
+			b.wid, b.checkAll = newBatchID(), true
+		}
+		bs = append(bs, b)
+		rows += len(events) + len(incs)
+		size += len(rec)
+		if rows >= chunkRows || size >= chunkBytes {
+			if err := fn(i, bs); err != nil {
+				return err
+			}
+			i, bs, rows, size = i+1, nil, 0, 0
 		}
 	}
-	if err := batch.Send(); err != nil {
-		return fmt.Errorf("insert %d rows into %s.usage_increments: %w", n, w.db, err)
+	if err := r.Err(); err != nil {
+		return fmt.Errorf("read: %w", err)
+	}
+	if len(bs) > 0 {
+		return fn(i, bs)
 	}
 	return nil
 }
@@ -799,18 +713,25 @@ type Stats struct {
 	SpoolBytes      int64  `json:"spool_bytes"`
 	Durability      string `json:"durability"`
 	LastError       string `json:"last_error,omitempty"`
+	// QuarantinedFiles and QuarantinedRows are rows ClickHouse kept refusing, set aside in the spool's
+	// quarantine for an operator (`analyticsd spool status`, `analyticsd spool requeue`).
+	QuarantinedFiles int `json:"quarantined_files"`
+	QuarantinedRows  int `json:"quarantined_rows"`
 }
 
 // Stats reports the writer's backlog.
 func (w *Writer) Stats() Stats {
 	w.mu.Lock()
-	defer w.mu.Unlock()
-	st := Stats{PendingSegments: len(w.sealed), BufferedRows: w.buffered, SpoolBytes: w.spoolBytes, Durability: string(w.cfg.Durability)}
+	st := Stats{PendingSegments: len(w.sealed), BufferedRows: w.buffered, SpoolBytes: w.spoolBytes(), Durability: string(w.cfg.Durability)}
 	if w.active != nil {
 		st.PendingSegments++
 	}
 	if w.lastErr != nil {
 		st.LastError = w.lastErr.Error()
+	}
+	w.mu.Unlock()
+	if w.sp != nil {
+		st.QuarantinedFiles, st.QuarantinedRows = w.sp.QuarantineStats()
 	}
 	return st
 }
@@ -823,7 +744,7 @@ func (w *Writer) updateGauges() {
 
 func (w *Writer) updateGaugesLocked() {
 	w.metrics.BufferedRows.Set(float64(w.buffered))
-	w.metrics.SpoolBytes.Set(float64(w.spoolBytes))
+	w.metrics.SpoolBytes.Set(float64(w.spoolBytes()))
 	n := len(w.sealed)
 	if w.active != nil {
 		n++
@@ -833,7 +754,7 @@ func (w *Writer) updateGaugesLocked() {
 
 // Close stops accepting, seals the open segment and ships everything pending until ctx ends. What
 // could not be shipped by then stays in the spool and is replayed at the next start (in memory mode
-// it is lost, and Close says how much).
+// it is lost, and Close says how much). The spool's lock is released last.
 func (w *Writer) Close(ctx context.Context) error {
 	w.gate.Lock()
 	if w.closed {
@@ -846,7 +767,7 @@ func (w *Writer) Close(ctx context.Context) error {
 	w.mu.Lock()
 	w.draining = true
 	w.drainDone = done
-	w.cond.Broadcast()
+	w.signalLocked()
 	w.mu.Unlock()
 	close(w.quit)
 	finished := make(chan struct{})
@@ -858,11 +779,30 @@ func (w *Writer) Close(ctx context.Context) error {
 		<-finished
 	}
 	st := w.Stats()
+	if w.sp != nil {
+		defer w.sp.Close()
+	}
 	if st.PendingSegments > 0 {
-		if w.cfg.Durability == DurabilityMemory {
+		if w.sp == nil {
 			return fmt.Errorf("shutdown: %d buffered rows were not written to ClickHouse and are lost (memory durability)", st.BufferedRows)
 		}
 		w.log.Warn("shutdown: segments left in the spool; they are replayed at the next start", "segments", st.PendingSegments, "bytes", st.SpoolBytes)
 	}
 	return nil
+}
+
+// rowKey names a row across retries: its kind and id (ids are unique per kind within a segment's
+// shipped rows, duplicates having been dropped before).
+type rowKey struct {
+	kind   Kind
+	tenant uuid.UUID
+	id     uuid.UUID
+}
+
+// badRow is the history of a row ClickHouse refused.
+type badRow struct {
+	attempts   int
+	firstFail  time.Time
+	sawSuccess bool // another insert succeeded between its first refusal and a later one
+	err        string
 }

@@ -5,6 +5,8 @@ package quota
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"strconv"
@@ -242,15 +244,27 @@ func (c *Counters) TopUp(ctx context.Context, tenant uuid.UUID, d, born time.Tim
 	return added, nil
 }
 
-// consumeScript is the atomic check-and-increment. With a third key it first takes the request's
-// rate-limit token from that bucket (ratelimit's take(), ARGV[4] rate, ARGV[5] burst) and stops at -2
-// when refused. Then: -1 when the day is not seeded yet, 0 with the current value when n more would
-// pass the limit, 1 with the new value when allowed. The last two elements are take()'s outcome.
+// consumeScript is the atomic check-and-increment.
+//
+//	KEYS: counter, seeded, rate-limit bucket (the counter again when there is none), idempotency
+//	      marker (the counter again when there is none)
+//	ARGV: n, limit, ttl, gated (1/0), rate, burst, marked (1/0), marker ttl
+//
+// With a bucket it first takes the request's rate-limit token (ratelimit's take()) and stops at -2
+// when refused. With a marker — a consume sent with an Idempotency-Key — a marker already set means
+// this consume was allowed before: 2 with the value it left, and nothing spent again; an allowed
+// consume sets the marker in the same step as the spend, so a retry after a crash can never spend
+// twice. Then: -1 when the day is not seeded yet, 0 with the current value when n more would pass
+// the limit, 1 with the new value when allowed. The last two elements are take()'s outcome.
 var consumeScript = redis.NewScript(ratelimit.TakeLua + `
 local taken, left = 1, 0
-if #KEYS >= 3 then
-  taken, left = take(KEYS[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
+if ARGV[4] == '1' then
+  taken, left = take(KEYS[3], tonumber(ARGV[5]), tonumber(ARGV[6]))
   if taken == 0 then return {-2, 0, taken, left} end
+end
+if ARGV[7] == '1' then
+  local prev = redis.call('GET', KEYS[4])
+  if prev then return {2, tonumber(prev), taken, left} end
 end
 if redis.call('EXISTS', KEYS[2]) == 0 then return {-1, 0, taken, left} end
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -258,6 +272,7 @@ local n = tonumber(ARGV[1])
 if cur + n > tonumber(ARGV[2]) then return {0, cur, taken, left} end
 local v = redis.call('INCRBY', KEYS[1], n)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+if ARGV[7] == '1' then redis.call('SET', KEYS[4], v, 'EX', ARGV[8]) end
 return {1, v, taken, left}
 `)
 
@@ -273,34 +288,73 @@ type Gate struct {
 	MilliTokens int64
 }
 
+// Marker is the once-only record of an idempotent consume: its key, and how long it is kept.
+type Marker struct {
+	Key string
+	TTL time.Duration
+}
+
+// ConsumeOutcome is what one run of the consume script decided.
+type ConsumeOutcome struct {
+	Allowed  bool
+	Seeded   bool  // false: the day's counters must be seeded first, nothing was decided
+	Replayed bool  // the marker was set: an earlier run allowed this consume; nothing was spent now
+	Value    int64 // the counter after the consume (or as it stands, when refused)
+}
+
 // Consume adds n to the counter only if the result stays within limit. With a gate, it first takes
-// the rate-limit token; when that is refused (gate.Allowed false) nothing else happens.
-func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string, d time.Time, n, limit int64, gate *Gate) (allowed, seeded bool, value int64, err error) {
-	keys := []string{c.Key(tenant, metric, d), c.seededKey(tenant, d)}
-	args := []any{n, limit, int(CounterTTL.Seconds())}
+// the rate-limit token; when that is refused (gate.Allowed false) nothing else happens. With a
+// marker, a consume already allowed under it is reported as Replayed instead of spending again.
+func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string, d time.Time, n, limit int64, gate *Gate, marker *Marker) (ConsumeOutcome, error) {
+	counter := c.Key(tenant, metric, d)
+	keys := []string{counter, c.seededKey(tenant, d), counter, counter}
+	args := []any{n, limit, int(CounterTTL.Seconds()), 0, 0, 0, 0, 0}
 	if gate != nil {
-		keys = append(keys, gate.Key)
-		args = append(args, gate.Rate, gate.Burst)
+		keys[2] = gate.Key
+		args[3], args[4], args[5] = 1, gate.Rate, gate.Burst
+	}
+	if marker != nil {
+		keys[3] = marker.Key
+		args[6], args[7] = 1, max(int(marker.TTL.Seconds()), 1)
 	}
 	res, err := consumeScript.Run(ctx, c.rdb, keys, args...).Int64Slice()
 	if err != nil {
-		return false, false, 0, fmt.Errorf("consume %s for tenant %s: %w", metric, tenant, err)
+		return ConsumeOutcome{}, fmt.Errorf("consume %s for tenant %s: %w", metric, tenant, err)
 	}
 	if gate != nil {
 		gate.Ran, gate.Allowed, gate.MilliTokens = true, res[2] == 1, res[3]
 	}
 	switch res[0] {
 	case -2:
-		return false, true, 0, nil
+		return ConsumeOutcome{Seeded: true}, nil
 	case -1:
-		return false, false, 0, nil
+		return ConsumeOutcome{}, nil
+	case 2:
+		return ConsumeOutcome{Allowed: true, Seeded: true, Replayed: true, Value: res[1]}, nil
 	}
-	return res[0] == 1, true, res[1], nil
+	return ConsumeOutcome{Allowed: res[0] == 1, Seeded: true, Value: res[1]}, nil
 }
 
-// Undo takes n back (a consume whose durable record failed).
-func (c *Counters) Undo(ctx context.Context, tenant uuid.UUID, metric string, d time.Time, n int64) error {
-	return c.rdb.DecrBy(ctx, c.Key(tenant, metric, d), n).Err()
+// MarkerKey is the key of an idempotent consume's marker, under the tenant's hash tag.
+func (c *Counters) MarkerKey(tenant uuid.UUID, metric, idempotencyKey string) string {
+	sum := sha256.Sum256([]byte(metric + "\x00" + idempotencyKey))
+	return fmt.Sprintf("%squota:{%s}:consumed:%s", c.prefix, tenant, hex.EncodeToString(sum[:]))
+}
+
+var undoScript = redis.NewScript(`
+redis.call('DECRBY', KEYS[1], ARGV[1])
+if #KEYS > 1 then redis.call('DEL', KEYS[2]) end
+return 1
+`)
+
+// Undo takes n back (a consume whose durable record failed), with its marker if it had one: a retry
+// must then spend again rather than be told it was allowed.
+func (c *Counters) Undo(ctx context.Context, tenant uuid.UUID, metric string, d time.Time, n int64, marker *Marker) error {
+	keys := []string{c.Key(tenant, metric, d)}
+	if marker != nil {
+		keys = append(keys, marker.Key)
+	}
+	return undoScript.Run(ctx, c.rdb, keys, n).Err()
 }
 
 // MarkOnce sets key (under the tenant's hash tag) if absent and reports whether this call set it.

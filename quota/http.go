@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
+	"strings"
 
 	"github.com/gofiber/fiber/v2"
 
@@ -11,11 +12,12 @@ import (
 )
 
 // Register mounts GET /quotas, GET /quotas/:metric (read) and POST /quotas/:metric/consume (write,
-// which may leave the rate-limit check to the consume script: see api.Meter).
-func (s *Service) Register(r fiber.Router, read, write fiber.Handler) {
+// which may leave the rate-limit check to the consume script: see api.Meter), each consume behind
+// writeMW (e.g. the Idempotency-Key middleware) after write.
+func (s *Service) Register(r fiber.Router, read, write fiber.Handler, writeMW ...fiber.Handler) {
 	r.Get("/quotas", read, s.getAll)
 	r.Get("/quotas/:metric", read, s.getOne)
-	r.Post("/quotas/:metric/consume", write, s.postConsume)
+	r.Post("/quotas/:metric/consume", append([]fiber.Handler{write}, append(writeMW, s.postConsume)...)...)
 }
 
 func (s *Service) getAll(c *fiber.Ctx) error {
@@ -63,7 +65,9 @@ func (s *Service) postConsume(c *fiber.Ctx) error {
 		gate = &Gate{}
 		gate.Key, gate.Rate, gate.Burst = m.Bucket()
 	}
-	res, err := s.ConsumeGated(c.UserContext(), p.TenantID, metric, n, gate)
+	// Copied: fiber's header strings point into a buffer the next request reuses.
+	key := strings.Clone(c.Get("Idempotency-Key"))
+	res, err := s.ConsumeWith(c.UserContext(), p.TenantID, metric, n, ConsumeOptions{Gate: gate, IdempotencyKey: key})
 	if gate != nil && gate.Ran {
 		if err := m.Apply(c, gate.Allowed, gate.MilliTokens); err != nil {
 			return err

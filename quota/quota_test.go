@@ -21,6 +21,7 @@ import (
 	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/dedup"
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 	"github.com/analyticsd/analyticsd/ratelimit"
@@ -52,7 +53,8 @@ func newHarness(t *testing.T) *harness {
 	if h.keyW, _, err = keys.Create(context.Background(), h.tenant.ID, "w", []auth.Scope{auth.ScopeEventsWrite}); err != nil {
 		t.Fatal(err)
 	}
-	h.writer, err = ingest.NewWriter(ingest.WriterConfig{Dir: t.TempDir(), FlushInterval: 20 * time.Millisecond}, h.env.CH, h.env.DB, nil, nil)
+	claims := dedup.NewStore(h.env.Redis, h.env.Prefix, time.Hour)
+	h.writer, err = ingest.NewWriter(ingest.WriterConfig{Dir: t.TempDir(), FlushInterval: 20 * time.Millisecond}, h.env.CH, h.env.DB, claims, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -605,5 +607,41 @@ func TestConsumeTakesTheRateLimitTokenInItsScript(t *testing.T) {
 	}
 	if code, _, m := call(t, app, http.MethodPost, "/api/analytics/quotas/builds_daily/consume?n=0", h.keyW, ""); code != 429 {
 		t.Errorf("bad consume after the bucket emptied: %d %v, want 429", code, m)
+	}
+}
+
+// A consume sent again with the same Idempotency-Key spends nothing again — even when the
+// middleware's stored response is gone (a crash between the spend and keeping the response) — and
+// its spend is stored once; a failed record takes back the spend and the marker, so a retry spends.
+func TestConsumeWithIdempotencyKeySpendsOnce(t *testing.T) {
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, map[string]float64{"builds_daily": 10}, nil)
+	ctx := context.Background()
+	opts := ConsumeOptions{IdempotencyKey: "build-7"}
+	first, err := s.ConsumeWith(ctx, h.tenant.ID, "builds_daily", 3, opts)
+	if err != nil || !first.Allowed || first.Current != 3 {
+		t.Fatalf("first: %+v %v", first, err)
+	}
+	for i := 0; i < 3; i++ {
+		again, err := s.ConsumeWith(ctx, h.tenant.ID, "builds_daily", 3, opts)
+		if err != nil || !again.Allowed || again.Current != 3 {
+			t.Fatalf("retry %d: %+v %v, want allowed at 3 (nothing spent again)", i, again, err)
+		}
+	}
+	other, _ := s.ConsumeWith(ctx, h.tenant.ID, "builds_daily", 3, ConsumeOptions{IdempotencyKey: "build-8"})
+	if !other.Allowed || other.Current != 6 {
+		t.Errorf("another key: %+v, want allowed at 6", other)
+	}
+	if n, _, _ := s.counters.Get(ctx, h.tenant.ID, "builds_daily", time.Now()); n != 6 {
+		t.Errorf("counter %d, want 6", n)
+	}
+	h.writer.Close(ctx)
+	var rows uint64
+	var sum int64
+	if err := h.env.CH.QueryRow(ctx, "SELECT count(), toInt64(sum(n)) FROM "+h.env.DB+".usage_increments WHERE tenant_id = ?", h.tenant.ID).Scan(&rows, &sum); err != nil {
+		t.Fatal(err)
+	}
+	if rows != 2 || sum != 6 {
+		t.Errorf("stored %d increments summing %d, want 2 summing 6", rows, sum)
 	}
 }

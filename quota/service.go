@@ -30,12 +30,17 @@ type Config struct {
 	EventMetrics map[string]string // event → daily metric, the same map ingest counts with
 	Webhook      WebhookConfig
 	LabelCap     int
+	// IdempotencyWindow is how long a consume's Idempotency-Key is remembered (the dedup window;
+	// default 24 h).
+	IdempotencyWindow time.Duration
 }
 
 // Recorder writes usage durably; *ingest.Service implements it. Quota never writes ClickHouse itself.
 type Recorder interface {
-	// RecordIncrement stores an increment_usage durably without touching the live counters.
-	RecordIncrement(ctx context.Context, tenant uuid.UUID, metric string, n int64) error
+	// RecordIncrement stores an increment_usage durably without touching the live counters. With an
+	// idempotency key, the increment's id is derived from it: recording the same consume twice
+	// stores it once.
+	RecordIncrement(ctx context.Context, tenant uuid.UUID, metric string, n int64, idempotencyKey string) error
 	// Emit adds an event to the tenant's own event stream.
 	Emit(ctx context.Context, tenant uuid.UUID, slug, event string, props map[string]any) error
 }
@@ -89,6 +94,9 @@ func NewService(cfg Config, counters *Counters, limits *Limits, ch driver.Conn, 
 	}
 	if cfg.LabelCap <= 0 {
 		cfg.LabelCap = 500
+	}
+	if cfg.IdempotencyWindow <= 0 {
+		cfg.IdempotencyWindow = 24 * time.Hour
 	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -399,13 +407,22 @@ type ConsumeResult struct {
 // within the limit. An allowed spend is also stored durably as an increment (so ClickHouse, billing and
 // a rebuilt counter all see it). With Redis down it follows FailOpen.
 func (s *Service) Consume(ctx context.Context, tenant uuid.UUID, metric string, n int64) (ConsumeResult, error) {
-	return s.ConsumeGated(ctx, tenant, metric, n, nil)
+	return s.ConsumeWith(ctx, tenant, metric, n, ConsumeOptions{})
 }
 
-// ConsumeGated is Consume that first takes the request's rate-limit token from gate, in the same
-// Redis script. When gate ran and refused, nothing was consumed and the result is meaningless: the
-// caller answers from the gate.
-func (s *Service) ConsumeGated(ctx context.Context, tenant uuid.UUID, metric string, n int64, gate *Gate) (ConsumeResult, error) {
+// ConsumeOptions are a consume request's extras.
+type ConsumeOptions struct {
+	// Gate, when set, is the rate-limit bucket the request's token is taken from in the same Redis
+	// script. When it ran and refused, nothing was consumed and the result is meaningless: the
+	// caller answers from the gate.
+	Gate *Gate
+	// IdempotencyKey, when set, makes a retry of the consume (same key) spend nothing again: it is
+	// answered as allowed, with the spend recorded once.
+	IdempotencyKey string
+}
+
+// ConsumeWith is Consume with a request's options.
+func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric string, n int64, o ConsumeOptions) (ConsumeResult, error) {
 	limits := s.limits.For(ctx, tenant)
 	lim, ok := limits[metric]
 	if !ok {
@@ -421,16 +438,21 @@ func (s *Service) ConsumeGated(ctx context.Context, tenant uuid.UUID, metric str
 		limit = math.MaxInt64 / 2
 		res.Disabled = true
 	}
-	allowed, seeded, v, err := s.counters.Consume(ctx, tenant, metric, d, n, limit, gate)
-	if err == nil && gate != nil && gate.Ran && !gate.Allowed {
+	var marker *Marker
+	if o.IdempotencyKey != "" {
+		marker = &Marker{Key: s.counters.MarkerKey(tenant, metric, o.IdempotencyKey), TTL: s.cfg.IdempotencyWindow}
+	}
+	out, err := s.counters.Consume(ctx, tenant, metric, d, n, limit, o.Gate, marker)
+	if err == nil && o.Gate != nil && o.Gate.Ran && !o.Gate.Allowed {
 		return res, nil
 	}
-	if err == nil && !seeded {
+	if err == nil && !out.Seeded {
 		if err = s.ensureSeeded(ctx, tenant, d); err == nil {
 			// The gate's token was taken by the first run.
-			allowed, _, v, err = s.counters.Consume(ctx, tenant, metric, d, n, limit, nil)
+			out, err = s.counters.Consume(ctx, tenant, metric, d, n, limit, nil, marker)
 		}
 	}
+	v := out.Value
 	if err != nil {
 		if !s.cfg.FailOpen {
 			return res, &Unavailable{"quota counters are unavailable and QUOTA_FAIL_OPEN=false; retry shortly"}
@@ -441,18 +463,20 @@ func (s *Service) ConsumeGated(ctx context.Context, tenant uuid.UUID, metric str
 			v = cur[metric] + n
 		}
 	} else {
-		res.Allowed = allowed
+		res.Allowed = out.Allowed
 	}
 	if res.Allowed {
-		if err := s.rec.RecordIncrement(ctx, tenant, metric, n); err != nil {
-			if !res.Degraded {
-				if uerr := s.counters.Undo(ctx, tenant, metric, d, n); uerr != nil {
+		// A replayed consume records again too: if the first run died before its record was durable,
+		// this one stores it; if not, the id derived from the key makes it a duplicate.
+		if err := s.rec.RecordIncrement(ctx, tenant, metric, n, o.IdempotencyKey); err != nil {
+			if !res.Degraded && !out.Replayed {
+				if uerr := s.counters.Undo(ctx, tenant, metric, d, n, marker); uerr != nil {
 					s.log.Error("undo consume after a failed record", "tenant", tenant, "metric", metric, "err", uerr)
 				}
 			}
 			return res, err
 		}
-		if s.cfg.Enabled && !res.Degraded {
+		if s.cfg.Enabled && !res.Degraded && !out.Replayed {
 			s.checkAlerts(ctx, tenant, metric, float64(v-n), float64(v), lim)
 		}
 	}

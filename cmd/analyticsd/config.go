@@ -41,6 +41,7 @@ type Config struct {
 
 	Ingest       ingest.Config
 	Writer       ingest.WriterConfig
+	DedupWindow  time.Duration // INGEST_DEDUP_WINDOW: how long event ids and Idempotency-Keys are remembered; 0 turns deduplication off
 	JWT          auth.JWTConfig
 	QueryTimeout time.Duration // ANALYTICS_QUERY_TIMEOUT: ClickHouse max_execution_time of reads
 	Quota        quota.Config
@@ -146,9 +147,14 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		Flushers:        integer("INGEST_FLUSHERS", 2, 1, 64),
 		MaxBufferedRows: integer("INGEST_MAX_BUFFERED_ROWS", 1_000_000, 1, 1_000_000_000),
 		MaxSpoolBytes:   int64(integer("INGEST_MAX_SPOOL_MB", 8192, 1, 1<<30)) << 20,
+		RetentionDays:   c.RetentionDays,
 	}
 	if c.Writer.FlushInterval < 10*time.Millisecond {
 		errs = append(errs, fmt.Errorf("INGEST_FLUSH_INTERVAL=%s: want at least 10ms", c.Writer.FlushInterval))
+	}
+	c.DedupWindow = duration("INGEST_DEDUP_WINDOW", 24*time.Hour)
+	if c.DedupWindow != 0 && (c.DedupWindow < time.Minute || c.DedupWindow > 30*24*time.Hour) {
+		errs = append(errs, fmt.Errorf("INGEST_DEDUP_WINDOW=%s: want 0 (off) or a duration from 1m to 720h", c.DedupWindow))
 	}
 
 	c.JWT = auth.JWTConfig{
@@ -167,10 +173,11 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		}
 	}
 	c.Quota = quota.Config{
-		Enabled:      c.QuotasEnabled,
-		FailOpen:     boolean("QUOTA_FAIL_OPEN", true),
-		EventMetrics: c.Ingest.EventMetrics,
-		LabelCap:     c.LabelCap,
+		Enabled:           c.QuotasEnabled,
+		FailOpen:          boolean("QUOTA_FAIL_OPEN", true),
+		EventMetrics:      c.Ingest.EventMetrics,
+		LabelCap:          c.LabelCap,
+		IdempotencyWindow: c.DedupWindow,
 		Webhook: quota.WebhookConfig{
 			URL:    str("QUOTA_ALERT_WEBHOOK_URL", ""),
 			Secret: getenv("QUOTA_ALERT_WEBHOOK_SECRET"),

@@ -20,6 +20,7 @@ import (
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/dashboards"
+	"github.com/analyticsd/analyticsd/dedup"
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/query"
 	"github.com/analyticsd/analyticsd/quota"
@@ -56,7 +57,19 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	app := api.NewApp(api.Config{BodyLimit: int(cfg.Ingest.Limits.MaxBodyBytes), ReadTimeout: cfg.ReadTimeout,
 		WriteTimeout: 5 * time.Minute, IdleTimeout: 2 * time.Minute}, log)
 	ingestMetrics := ingest.NewMetrics(reg, cfg.LabelCap)
-	writer, err := ingest.NewWriter(cfg.Writer, ch, cfg.ClickHouseDB, ingestMetrics, log.With("component", "ingest"))
+	var claims ingest.Claims
+	var idempotency []fiber.Handler
+	if cfg.DedupWindow > 0 {
+		store := dedup.NewStore(rdb, "", cfg.DedupWindow)
+		var _ ingest.Claims = store
+		claims = store
+		idempotency = append(idempotency, store.Idempotency(log.With("component", "idempotency")))
+		if risk := store.EvictionRisk(ctx); risk != "" {
+			log.Warn(risk)
+		}
+	}
+	cfg.Writer.Owner = "analyticsd serve on " + cfg.Addr
+	writer, err := ingest.NewWriter(cfg.Writer, ch, cfg.ClickHouseDB, claims, ingestMetrics, log.With("component", "ingest"))
 	if err != nil {
 		rdb.Close()
 		pg.Close()
@@ -118,7 +131,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 			MaxAge:        600,
 		}))
 	}
-	mount(app, ops, authn, ingestSvc, querySvc, quotaSvc, reconciler)
+	mount(app, ops, authn, ingestSvc, querySvc, quotaSvc, reconciler, idempotency...)
 
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
@@ -160,14 +173,15 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	return err
 }
 
-// mount registers every route; the OpenAPI test walks the same function.
-func mount(app *fiber.App, ops api.Ops, authn *auth.Authenticator, in *ingest.Service, q *query.Service, qs *quota.Service, rc *rollup.Reconciler) {
+// mount registers every route; the OpenAPI test walks the same function. writeMW runs after
+// authentication on every write (the Idempotency-Key middleware).
+func mount(app *fiber.App, ops api.Ops, authn *auth.Authenticator, in *ingest.Service, q *query.Service, qs *quota.Service, rc *rollup.Reconciler, writeMW ...fiber.Handler) {
 	ops.Register(app)
 	api.RegisterOpenAPI(app)
 	analytics := app.Group("/api/analytics")
-	in.Register(analytics, authn.Require(auth.ScopeEventsWrite))
+	in.Register(analytics, append([]fiber.Handler{authn.Require(auth.ScopeEventsWrite)}, writeMW...)...)
 	q.Register(analytics, authn.Require(auth.ScopeAnalyticsRead))
-	qs.Register(analytics, authn.Require(auth.ScopeAnalyticsRead), authn.RequireDeferred(auth.ScopeEventsWrite))
+	qs.Register(analytics, authn.Require(auth.ScopeAnalyticsRead), authn.RequireDeferred(auth.ScopeEventsWrite), writeMW...)
 	rc.Register(analytics, authn.Require(auth.ScopeAnalyticsAdmin))
 	dashboards.Register(app)
 }

@@ -1,0 +1,194 @@
+package dedup
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/google/uuid"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/analyticsd/analyticsd/api"
+	"github.com/analyticsd/analyticsd/internal/testenv"
+)
+
+type redisEnv struct {
+	Redis  *redis.Client
+	Prefix string
+}
+
+func newStore(t *testing.T) (*Store, redisEnv) {
+	t.Helper()
+	rdb, prefix := testenv.Redis(t)
+	return NewStore(rdb, prefix, time.Hour), redisEnv{rdb, prefix}
+}
+
+func TestClaimOwnsAnIDOncePerTenantAndKind(t *testing.T) {
+	s, _ := newStore(t)
+	ctx := context.Background()
+	a, b := uuid.New(), uuid.New()
+	ids := []uuid.UUID{uuid.New(), uuid.New()}
+	dup, epoch, err := s.Claim(ctx, a, 'e', 1, ids)
+	if err != nil || dup[0] || dup[1] || epoch.IsZero() {
+		t.Fatalf("first claim: %v %v %v", dup, epoch, err)
+	}
+	// The same batch claiming again (a retried script) still holds its ids.
+	if dup, _, _ := s.Claim(ctx, a, 'e', 1, ids); dup[0] || dup[1] {
+		t.Errorf("same batch again: %v, want its own ids held", dup)
+	}
+	if dup, _, _ := s.Claim(ctx, a, 'e', 2, []uuid.UUID{ids[1], uuid.New()}); !dup[0] || dup[1] {
+		t.Errorf("another batch: %v, want [true false]", dup)
+	}
+	// Ids are per tenant and per kind.
+	if dup, _, _ := s.Claim(ctx, b, 'e', 3, ids); dup[0] || dup[1] {
+		t.Errorf("tenant B, same ids: %v, want new", dup)
+	}
+	if dup, _, _ := s.Claim(ctx, a, 'i', 4, ids); dup[0] || dup[1] {
+		t.Errorf("increments, same ids: %v, want new", dup)
+	}
+}
+
+func TestVerifyKeepsOwnersAndReclaimsLostClaims(t *testing.T) {
+	s, env := newStore(t)
+	ctx := context.Background()
+	tn := uuid.New()
+	mine, theirs, lost := uuid.New(), uuid.New(), uuid.New()
+	_, epoch, _ := s.Claim(ctx, tn, 'e', 10, []uuid.UUID{mine})
+	s.Claim(ctx, tn, 'e', 20, []uuid.UUID{theirs})
+	held, reclaimed, e2, err := s.Verify(ctx, tn, 'e', []uuid.UUID{mine, theirs, lost}, []uint64{10, 10, 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !held[0] || reclaimed[0] || held[1] || !held[2] || !reclaimed[2] || !e2.Equal(epoch) {
+		t.Errorf("verify: held %v reclaimed %v epoch %v (claim epoch %v)", held, reclaimed, e2, epoch)
+	}
+	// A reclaimed id now belongs to its batch: another batch is a duplicate of it.
+	if dup, _, _ := s.Claim(ctx, tn, 'e', 30, []uuid.UUID{lost}); !dup[0] {
+		t.Error("an id reclaimed at ship time was claimed again by another batch")
+	}
+	// Redis losing everything shows as a new epoch.
+	keys, _ := env.Redis.Keys(ctx, env.Prefix+"*").Result()
+	env.Redis.Del(ctx, keys...)
+	s.now = func() time.Time { return time.Now().Add(time.Minute) }
+	epochs, err := s.Epochs(ctx, []uuid.UUID{tn, uuid.New()})
+	if err != nil || len(epochs) != 0 {
+		t.Fatalf("epochs after the loss: %v %v, want none", epochs, err)
+	}
+	_, e3, _ := s.Claim(ctx, tn, 'e', 40, []uuid.UUID{uuid.New()})
+	if !e3.After(epoch) {
+		t.Errorf("epoch after the loss %v, want after %v", e3, epoch)
+	}
+	if epochs, _ := s.Epochs(ctx, []uuid.UUID{tn}); !epochs[tn].Equal(e3) {
+		t.Errorf("Epochs %v, want %v", epochs[tn], e3)
+	}
+}
+
+// app mounts the middleware behind a stand-in for authentication, in front of a handler the test
+// controls.
+func app(t *testing.T, s *Store, tenant uuid.UUID, handler fiber.Handler) *fiber.App {
+	t.Helper()
+	a := api.NewApp(api.Config{}, nil)
+	auth := func(c *fiber.Ctx) error { api.SetPrincipal(c, api.Principal{TenantID: tenant}); return c.Next() }
+	a.Post("/write", auth, s.Idempotency(nil), handler)
+	return a
+}
+
+func do(t *testing.T, a *fiber.App, body, key string) (int, string, http.Header) {
+	t.Helper()
+	req := httptest.NewRequest(http.MethodPost, "/write", strings.NewReader(body))
+	if key != "" {
+		req.Header.Set(IdempotencyHeader, key)
+	}
+	res, err := a.Test(req, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	b, _ := io.ReadAll(res.Body)
+	return res.StatusCode, string(b), res.Header
+}
+
+func TestIdempotencyReplaysTheFirstResponse(t *testing.T) {
+	s, _ := newStore(t)
+	var runs atomic.Int32
+	a := app(t, s, uuid.New(), func(c *fiber.Ctx) error {
+		n := runs.Add(1)
+		return c.Status(202).JSON(fiber.Map{"run": n})
+	})
+	st, body, _ := do(t, a, `{"x":1}`, "k1")
+	st2, body2, h2 := do(t, a, `{"x":1}`, "k1")
+	if st != 202 || st2 != 202 || body2 != body || h2.Get("Idempotent-Replayed") != "true" || runs.Load() != 1 {
+		t.Fatalf("first %d %s, retry %d %s (replayed %q), handler ran %d times; want one run, replayed", st, body, st2, body2, h2.Get("Idempotent-Replayed"), runs.Load())
+	}
+	if st, body, _ := do(t, a, `{"x":2}`, "k1"); st != 422 || !strings.Contains(body, "idempotency_key_reused") {
+		t.Errorf("same key, other body: %d %s", st, body)
+	}
+	if st, _, _ := do(t, a, `{"x":1}`, ""); st != 202 || runs.Load() != 2 {
+		t.Errorf("no key: %d, runs %d; want it to run", st, runs.Load())
+	}
+	if st, body, _ := do(t, a, `{"x":1}`, strings.Repeat("k", 256)); st != 400 || !strings.Contains(body, "invalid_idempotency_key") {
+		t.Errorf("a 256-byte key: %d %s", st, body)
+	}
+}
+
+func TestIdempotencyWhileRunningAndAfterFailures(t *testing.T) {
+	s, _ := newStore(t)
+	release := make(chan struct{})
+	started := make(chan struct{}, 1)
+	var fail atomic.Bool
+	var runs atomic.Int32
+	a := app(t, s, uuid.New(), func(c *fiber.Ctx) error {
+		runs.Add(1)
+		if fail.Load() {
+			return &api.Error{Status: 503, Code: "unavailable", Message: "down"}
+		}
+		started <- struct{}{}
+		<-release
+		return c.Status(202).SendString("done")
+	})
+	result := make(chan int)
+	go func() { st, _, _ := do(t, a, "b", "k"); result <- st }()
+	<-started
+	if st, body, h := do(t, a, "b", "k"); st != 409 || h.Get("Retry-After") == "" {
+		t.Errorf("while the first runs: %d %s, want 409 with Retry-After", st, body)
+	}
+	close(release)
+	if st := <-result; st != 202 {
+		t.Fatalf("first: %d", st)
+	}
+
+	// A 5xx is not kept: the retry runs again.
+	fail.Store(true)
+	if st, _, _ := do(t, a, "c", "k2"); st != 503 {
+		t.Fatalf("failing run: %d", st)
+	}
+	fail.Store(false)
+	go func() { <-started }()
+	release = make(chan struct{})
+	close(release)
+	if st, body, h := do(t, a, "c", "k2"); st != 202 || h.Get("Idempotent-Replayed") != "" {
+		t.Errorf("retry after a 503: %d %s replayed=%q, want a fresh run", st, body, h.Get("Idempotent-Replayed"))
+	}
+}
+
+// With Redis unreachable the request runs, unchecked, and says so.
+func TestIdempotencyWithRedisDownRunsTheRequest(t *testing.T) {
+	_, prefix := testenv.Redis(t)
+	u, _ := url.Parse(testenv.RedisURL(t))
+	proxy := testenv.NewProxy(t, u.Host)
+	rdb := redis.NewClient(&redis.Options{Addr: proxy.Addr, DialTimeout: 200 * time.Millisecond, ReadTimeout: 200 * time.Millisecond, MaxRetries: -1})
+	t.Cleanup(func() { rdb.Close() })
+	s := NewStore(rdb, prefix, time.Hour)
+	proxy.SetDown(true)
+	a := app(t, s, uuid.New(), func(c *fiber.Ctx) error { return c.Status(202).SendString("ok") })
+	if st, _, h := do(t, a, "b", "k"); st != 202 || h.Get("X-Analytics-Degraded") == "" {
+		t.Errorf("redis down: %d degraded=%q", st, h.Get("X-Analytics-Degraded"))
+	}
+}

@@ -1,0 +1,170 @@
+package dedup
+
+import (
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/analyticsd/analyticsd/api"
+)
+
+// IdempotencyHeader is the request header that makes a write happen once.
+const IdempotencyHeader = "Idempotency-Key"
+
+// PendingTTL bounds how long a request with an Idempotency-Key may run before a retry with the same
+// key runs it again. The writes behind it are idempotent by themselves (ids derived from the key),
+// so a second run after this changes nothing either; it only loses the stored response.
+const PendingTTL = time.Minute
+
+// record is what Redis keeps for a key: the request's fingerprint and, once done, its response.
+type record struct {
+	State       string `json:"s"` // "pending" or "done"
+	Fingerprint string `json:"fp"`
+	Token       string `json:"t,omitempty"` // tells this request's pending record from a later one
+	Status      int    `json:"st,omitempty"`
+	ContentType string `json:"ct,omitempty"`
+	Body        string `json:"b,omitempty"`
+}
+
+var beginScript = redis.NewScript(`
+local v = redis.call('GET', KEYS[1])
+if v then return v end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return ''
+`)
+
+// finishScript replaces this request's pending record (ARGV[1]) with the response (ARGV[2]), or
+// deletes it when ARGV[2] is empty; a record it does not own is left alone.
+var finishScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+end
+return 1
+`)
+
+// Idempotency returns middleware, mounted after authentication, that makes a request sent with an
+// Idempotency-Key header take effect once per tenant and key within the window: a retry with the same
+// key and the same request (method, path, query, content headers and body) gets the first response
+// back, marked Idempotent-Replayed: true, and changes nothing; the same key with a different request
+// is refused with 422; a retry while the first is still running gets 409 and Retry-After. Responses
+// worth replaying are kept — 2xx, and 4xx other than 408, 409, 425 and 429 — while a 5xx or a 429
+// frees the key, so that the retry runs. With Redis unavailable the request runs unchecked (marked
+// X-Analytics-Degraded); the ids derived from the key still keep its rows from being stored twice.
+func (s *Store) Idempotency(log *slog.Logger) fiber.Handler {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return func(c *fiber.Ctx) error {
+		raw := c.Get(IdempotencyHeader)
+		if raw == "" {
+			return c.Next()
+		}
+		if !validKey(raw) {
+			return api.BadRequest("invalid_idempotency_key", "Idempotency-Key must be 1 to 255 printable ASCII characters; a UUID per logical request is a good choice")
+		}
+		p, ok := api.PrincipalOf(c)
+		if !ok {
+			return c.Next()
+		}
+		rkey := s.prefix + "idem:{" + p.TenantID.String() + "}:" + hashHex(c.Route().Path, "\x00", raw)
+		fp := fingerprint(c)
+		tok := make([]byte, 8)
+		_, _ = rand.Read(tok)
+		pending, _ := json.Marshal(record{State: "pending", Fingerprint: fp, Token: hex.EncodeToString(tok)})
+		ctx := c.UserContext()
+		prev, err := beginScript.Run(ctx, s.rdb, []string{rkey}, string(pending), int(PendingTTL.Seconds())).Text()
+		if err != nil {
+			log.Warn("idempotency key not checked: redis unavailable", "err", err)
+			c.Set("X-Analytics-Degraded", "Idempotency-Key not checked (redis unavailable); derived ids still keep events from being stored twice")
+			return c.Next()
+		}
+		if prev != "" {
+			var r record
+			if json.Unmarshal([]byte(prev), &r) != nil {
+				return c.Next()
+			}
+			switch {
+			case r.Fingerprint != fp:
+				return &api.Error{Status: http.StatusUnprocessableEntity, Code: "idempotency_key_reused",
+					Message: "this Idempotency-Key was used with a different request (method, path, query or body) in the last " + s.window.String() + "; send a new key for a new request"}
+			case r.State != "done":
+				return &api.Error{Status: http.StatusConflict, Code: "idempotency_key_in_use",
+					Message: "a request with this Idempotency-Key is still being processed; retry shortly",
+					Header:  map[string]string{fiber.HeaderRetryAfter: "1"}}
+			}
+			c.Set("Idempotent-Replayed", "true")
+			if r.ContentType != "" {
+				c.Set(fiber.HeaderContentType, r.ContentType)
+			}
+			return c.Status(r.Status).SendString(r.Body)
+		}
+
+		if err := c.Next(); err != nil {
+			// Render the error now, so that the response can be kept like any other.
+			if herr := c.App().Config().ErrorHandler(c, err); herr != nil {
+				return herr
+			}
+		}
+		status := c.Response().StatusCode()
+		done := ""
+		if replayable(status) {
+			b, _ := json.Marshal(record{State: "done", Fingerprint: fp, Status: status,
+				ContentType: string(c.Response().Header.ContentType()), Body: string(c.Response().Body())})
+			done = string(b)
+		}
+		if err := finishScript.Run(ctx, s.rdb, []string{rkey}, string(pending), done, s.windowSeconds()).Err(); err != nil {
+			log.Warn("idempotent response not kept: redis unavailable", "err", err)
+		}
+		return nil
+	}
+}
+
+func replayable(status int) bool {
+	switch status {
+	case http.StatusRequestTimeout, http.StatusConflict, http.StatusTooEarly, http.StatusTooManyRequests:
+		return false
+	}
+	return status >= 200 && status < 500
+}
+
+func validKey(k string) bool {
+	if len(k) > 255 {
+		return false
+	}
+	for i := 0; i < len(k); i++ {
+		if k[i] < 0x20 || k[i] > 0x7e {
+			return false
+		}
+	}
+	return true
+}
+
+// fingerprint identifies a request for its key: what a retry must send again byte for byte.
+func fingerprint(c *fiber.Ctx) string {
+	h := sha256.New()
+	for _, part := range [][]byte{[]byte(c.Method()), []byte(c.Path()), c.Request().URI().QueryString(),
+		c.Request().Header.ContentType(), c.Request().Header.Peek(fiber.HeaderContentEncoding), c.Request().Body()} {
+		h.Write([]byte(strconv.Itoa(len(part)) + ":"))
+		h.Write(part)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+func hashHex(parts ...string) string {
+	h := sha256.New()
+	for _, p := range parts {
+		h.Write([]byte(p))
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}

@@ -1,0 +1,117 @@
+package ingest
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// Kind is an id space: event ids and increment ids are claimed apart and never collide. (A plain
+// byte, so that a Claims implementation needs nothing from this package.)
+type Kind = byte
+
+const (
+	KindEvent     Kind = 'e'
+	KindIncrement Kind = 'i'
+)
+
+// Claims remembers, for every tenant and across instances, which event and increment ids were taken
+// within the dedup window, and by which batch (one accepted request, named by a random batch id kept
+// with its rows in the spool). The first batch to claim an id owns it; every other copy is a duplicate.
+// *dedup.Store implements it over Redis.
+//
+// A tenant's epoch is when its claim history began (the first claim, or the first after Redis lost
+// its data). A claim proves an id new only if the history covers the whole window before the row
+// arrived: epoch <= received - Window. Rows claimed before that are checked in ClickHouse at ship time.
+type Claims interface {
+	Window() time.Duration
+	// Claim records, once a batch is durable, that it holds ids. dup[i] reports that another batch
+	// held ids[i] already.
+	Claim(ctx context.Context, tenant uuid.UUID, kind Kind, wid uint64, ids []uuid.UUID) (dup []bool, epoch time.Time, err error)
+	// Verify answers at ship time whether batch wids[i] holds ids[i] (held), claiming it for wids[i]
+	// when nobody does — then reclaimed[i] is set too: the claim expired or was lost, so ClickHouse
+	// may have the row already. A row not held is a duplicate.
+	Verify(ctx context.Context, tenant uuid.UUID, kind Kind, ids []uuid.UUID, wids []uint64) (held, reclaimed []bool, epoch time.Time, err error)
+	// Epochs returns the tenants' current epochs (absent: none yet).
+	Epochs(ctx context.Context, tenants []uuid.UUID) (map[uuid.UUID]time.Time, error)
+}
+
+// trusted reports whether a claim made under epoch proves a row received at received new.
+func trusted(epoch, received time.Time, window time.Duration) bool {
+	return !epoch.After(received.Add(-window))
+}
+
+// batch is the rows of one accepted request (or one server-made event or increment) on their way to
+// ClickHouse: the unit of a spool record and of claims.
+type batch struct {
+	wid    uint64
+	events []Row
+	incs   []Increment
+	// checkAll: ClickHouse is asked for every row before it is inserted (requeued or legacy rows,
+	// whose history is unknown).
+	checkAll bool
+	claim    *claimState
+}
+
+func newBatch(events []Row, incs []Increment) *batch {
+	return &batch{wid: newBatchID(), events: events, incs: incs, claim: &claimState{}}
+}
+
+func newBatchID() uint64 {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return binary.LittleEndian.Uint64(b[:]) | 1 // never 0, which marks "no batch id" (legacy records)
+}
+
+// claimState is what the request-time Claim found for a batch. It outlives the batch's rows when a
+// segment spills to disk, so shipping can still use it (looked up by batch id).
+type claimState struct {
+	mu      sync.Mutex
+	settled bool
+	evDup   []bool
+	incDup  []bool
+	epoch   time.Time
+	// countedAll: the live counters counted every row without a verdict (Redis could not answer the
+	// claim, or nothing is claimed at request time), so a duplicate found later was counted too.
+	countedAll bool
+}
+
+func (c *claimState) countedUnsettled() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.countedAll = true
+}
+
+func (c *claimState) settle(evDup, incDup []bool, epoch time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.settled, c.evDup, c.incDup, c.epoch = true, evDup, incDup, epoch
+}
+
+// counted reports whether the live counters counted row i of a kind.
+func (c *claimState) counted(k int, i int) bool {
+	if c == nil {
+		return false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	dup := c.evDup
+	if k == 1 {
+		dup = c.incDup
+	}
+	return c.countedAll || (c.settled && i < len(dup) && !dup[i])
+}
+
+// get returns the settled state, or ok=false when the request-time claim did not (yet) succeed.
+func (c *claimState) get() (evDup, incDup []bool, epoch time.Time, ok bool) {
+	if c == nil {
+		return nil, nil, time.Time{}, false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.evDup, c.incDup, c.epoch, c.settled
+}

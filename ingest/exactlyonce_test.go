@@ -1,0 +1,423 @@
+package ingest
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/ingest/spool"
+	"github.com/analyticsd/analyticsd/internal/testenv"
+)
+
+// The regression tests of issue 15 ("exactly once"): each says which finding it covers. Every one
+// fails on the writer before the spool/claims rework.
+
+func (h *harness) count(t *testing.T, table string, tenant uuid.UUID) (rows, distinct uint64) {
+	t.Helper()
+	if err := h.env.CH.QueryRow(context.Background(), "SELECT count(), uniqExact(id) FROM "+h.env.DB+"."+table+" WHERE tenant_id = ?", tenant).Scan(&rows, &distinct); err != nil {
+		t.Fatal(err)
+	}
+	return rows, distinct
+}
+
+func (h *harness) dailyUsage(t *testing.T, tenant uuid.UUID, metric string) int64 {
+	t.Helper()
+	var n int64
+	if err := h.env.CH.QueryRow(context.Background(), "SELECT toInt64(sum(count)) FROM "+h.env.DB+".daily_usage WHERE tenant_id = ? AND metric = ?", tenant, metric).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func duplicates(r resp) []map[string]any {
+	d, _ := r.body["data"].(map[string]any)
+	var out []map[string]any
+	list, _ := d["duplicates"].([]any)
+	for _, x := range list {
+		out = append(out, x.(map[string]any))
+	}
+	return out
+}
+
+// Finding 4: the same 100-event batch with fixed ids posted 3 times is stored once, counted once —
+// in events, daily_usage and the live counter — and the retries say which events were duplicates.
+func TestRetriedBatchIsStoredAndCountedOnce(t *testing.T) {
+	h := newHarness(t, opts{})
+	body, ids := events(100, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
+	for try := 0; try < 3; try++ {
+		r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
+		wantAccepted, wantDups := 100, 0
+		if try > 0 {
+			wantAccepted, wantDups = 0, 100
+		}
+		dups := duplicates(r)
+		if r.status != 202 || r.accepted() != wantAccepted || len(dups) != wantDups {
+			t.Fatalf("try %d: got %d accepted=%d duplicates=%d, want 202 %d %d: %s", try, r.status, r.accepted(), len(dups), wantAccepted, wantDups, r.raw)
+		}
+		for i, d := range dups {
+			if int(d["index"].(float64)) != i || d["id"] != ids[i] {
+				t.Fatalf("try %d: duplicate %d is %v, want index %d id %s", try, i, d, i, ids[i])
+			}
+		}
+	}
+	h.waitStored(t, h.a.ID, ids, 100)
+	h.w.Close(context.Background())
+	if rows, distinct := h.count(t, "events", h.a.ID); rows != 100 || distinct != 100 {
+		t.Errorf("events: %d rows, %d distinct; want 100, 100", rows, distinct)
+	}
+	if n := h.dailyUsage(t, h.a.ID, "apikey.request"); n != 100 {
+		t.Errorf("daily_usage apikey.request = %d, want 100", n)
+	}
+	waitFor(t, "the live counter", func() bool {
+		n, _, _ := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", time.Now())
+		return n == 100
+	})
+	time.Sleep(100 * time.Millisecond) // a late overcount would show now
+	if n, _, _ := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", time.Now()); n != 100 {
+		t.Errorf("live counter api_requests_daily = %d, want 100", n)
+	}
+}
+
+// Within one request, an id sent twice is one event: the second is reported as a duplicate.
+func TestSameIDTwiceInOneRequest(t *testing.T) {
+	h := newHarness(t, opts{})
+	id := uuid.NewString()
+	body := fmt.Sprintf(`[{"id":%q,"event":"a.b"},{"id":%q,"event":"a.b"},{"event":"a.b"}]`, id, id)
+	r := h.post(t, h.keyA, "/api/analytics/events", []byte(body), nil)
+	if dups := duplicates(r); r.status != 202 || r.accepted() != 2 || len(dups) != 1 || dups[0]["index"].(float64) != 1 {
+		t.Fatalf("got %d %s; want 2 accepted and index 1 a duplicate", r.status, r.raw)
+	}
+	h.w.Close(context.Background())
+	if rows, _ := h.count(t, "events", h.a.ID); rows != 2 {
+		t.Errorf("%d rows, want 2", rows)
+	}
+}
+
+// Finding 1: tenants A and B send the same event ids through two instances while ClickHouse is
+// unreachable; when it returns, both tenants' events are stored — ids are per tenant, and the replay
+// check asks ClickHouse about one tenant at a time.
+func TestSameIDsInTwoTenantsAreBothStored(t *testing.T) {
+	h := newHarness(t, opts{proxyCH: true})
+	other := h.newInstance(t, opts{proxyCH: true})
+	h.chProxy.SetDown(true)
+	other.chProxy.SetDown(true)
+	body, ids := events(20, nil)
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 || r.accepted() != 20 {
+		t.Fatalf("tenant A: %d %s", r.status, r.raw)
+	}
+	if r := other.post(t, h.keyB, "/api/analytics/events", body, nil); r.status != 202 || r.accepted() != 20 {
+		t.Fatalf("tenant B: %d %s", r.status, r.raw)
+	}
+	time.Sleep(400 * time.Millisecond) // both instances try, fail, and mark their segments in flight
+	other.chProxy.SetDown(false)       // B's rows land first...
+	h.waitStored(t, h.b.ID, ids, 20)
+	h.chProxy.SetDown(false) // ...then A's segment is replayed with its check
+	h.waitStored(t, h.a.ID, ids, 20)
+}
+
+// Finding 3: one request with events on 150 days (more than the server's 100 partitions per insert
+// block) is shipped day by day instead of being refused forever, and the segment behind it ships too.
+func TestOneInsertNeverSpansTwoDays(t *testing.T) {
+	fc := &faultConn{}
+	h := newHarness(t, opts{
+		ingest: func(c *Config) { c.Limits.RetentionDays = 200 },
+		ch:     func(c driver.Conn) driver.Conn { fc.Conn = c; return fc },
+	})
+	now := time.Now().UTC()
+	body, ids := events(150, func(i int) map[string]any {
+		return map[string]any{"ts": now.AddDate(0, 0, -i).Format(time.RFC3339)}
+	})
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 || r.accepted() != 150 {
+		t.Fatalf("got %d %s", r.status, r.raw)
+	}
+	later, laterIDs := events(5, nil)
+	h.post(t, h.keyB, "/api/analytics/events", later, nil)
+	h.waitStored(t, h.a.ID, ids, 150)
+	h.waitStored(t, h.b.ID, laterIDs, 5)
+	if n := len(fc.committed()); n < 150 {
+		t.Errorf("%d inserts for 150 days: an insert spanned several days", n)
+	}
+}
+
+// poison adds a column whose default throws for event "poison.pill": the server refuses any insert
+// holding such a row (code 395), as it would refuse rows it can never take.
+func poison(t *testing.T, env testenv.Env) (cure func()) {
+	t.Helper()
+	ctx := context.Background()
+	if err := env.CH.Exec(ctx, "ALTER TABLE "+env.DB+".events ADD COLUMN poison UInt8 DEFAULT throwIf(event = 'poison.pill')"); err != nil {
+		t.Fatal(err)
+	}
+	return func() {
+		if err := env.CH.Exec(ctx, "ALTER TABLE "+env.DB+".events DROP COLUMN poison"); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// Finding 3: rows ClickHouse refuses for good do not block the rows next to them or the segments
+// behind them; they are moved to the quarantine (counted, kept) once other inserts succeed, and can
+// be requeued once the cause is fixed.
+func TestRefusedRowsGoToQuarantineAndOthersShip(t *testing.T) {
+	h := newHarness(t, opts{})
+	cure := poison(t, h.env)
+	body, ids := events(100, func(i int) map[string]any {
+		if i == 37 {
+			return map[string]any{"event": "poison.pill"}
+		}
+		return nil
+	})
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 || r.accepted() != 100 {
+		t.Fatalf("got %d %s", r.status, r.raw)
+	}
+	good := slices.Delete(slices.Clone(ids), 37, 38)
+	h.waitStored(t, h.a.ID, good, 99)
+	later, laterIDs := events(10, nil)
+	h.post(t, h.keyB, "/api/analytics/events", later, nil)
+	h.waitStored(t, h.b.ID, laterIDs, 10)
+	waitFor(t, "the refused row in quarantine", func() bool { return h.w.Stats().QuarantinedRows == 1 })
+	waitFor(t, "an empty spool", func() bool { st := h.w.Stats(); return st.PendingSegments == 0 })
+	list, err := spool.ListQuarantine(h.w.cfg.Dir)
+	if err != nil || len(list) != 1 || list[0].Events != 1 || list[0].Tenants[0] != h.a.ID.String() || list[0].Error == "" {
+		t.Fatalf("quarantine: %+v %v", list, err)
+	}
+	h.w.Close(context.Background())
+
+	cure()
+	res, err := Requeue(context.Background(), h.w.cfg.Dir, list[0].Name, h.env.CH, h.env.DB, h.dedup, RequeueOptions{})
+	if err != nil || res.Inserted != 1 {
+		t.Fatalf("requeue: %+v %v", res, err)
+	}
+	h.waitStored(t, h.a.ID, ids, 100)
+	if left, _ := spool.ListQuarantine(h.w.cfg.Dir); len(left) != 0 {
+		t.Errorf("quarantine after requeue: %+v", left)
+	}
+	if rows, distinct := h.count(t, "events", h.a.ID); rows != 100 || distinct != 100 {
+		t.Errorf("events: %d rows, %d distinct; want 100, 100", rows, distinct)
+	}
+}
+
+// A server refusing every insert (a broken schema change, say) is not a refusal of particular rows:
+// with no insert succeeding nothing is quarantined, and everything lands once the cause is fixed.
+func TestRefusingEverythingQuarantinesNothing(t *testing.T) {
+	h := newHarness(t, opts{writer: func(c *WriterConfig) { c.QuarantineAfter = 1 }})
+	if err := h.env.CH.Exec(context.Background(), "ALTER TABLE "+h.env.DB+".events ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')"); err != nil {
+		t.Fatal(err)
+	}
+	body, ids := events(30, nil)
+	h.post(t, h.keyA, "/api/analytics/events", body, nil)
+	time.Sleep(1500 * time.Millisecond)
+	if st := h.w.Stats(); st.QuarantinedRows != 0 || st.LastError == "" {
+		t.Fatalf("with every insert refused: %+v; want nothing quarantined, the error shown", st)
+	}
+	if err := h.env.CH.Exec(context.Background(), "ALTER TABLE "+h.env.DB+".events DROP COLUMN poison"); err != nil {
+		t.Fatal(err)
+	}
+	h.waitStored(t, h.a.ID, ids, 30)
+}
+
+// An outage is not a refusal: with every insert failing, nothing is quarantined.
+func TestOutageQuarantinesNothing(t *testing.T) {
+	h := newHarness(t, opts{proxyCH: true, writer: func(c *WriterConfig) { c.QuarantineAfter = 1 }})
+	h.chProxy.SetDown(true)
+	body, ids := events(30, nil)
+	h.post(t, h.keyA, "/api/analytics/events", body, nil)
+	time.Sleep(time.Second)
+	if st := h.w.Stats(); st.QuarantinedRows != 0 {
+		t.Fatalf("quarantined %d rows during an outage", st.QuarantinedRows)
+	}
+	h.chProxy.SetDown(false)
+	h.waitStored(t, h.a.ID, ids, 30)
+}
+
+// Finding 6: an insert the client gave up on (a timeout) may still commit on the server. The retry
+// waits for it to finish before asking ClickHouse which rows it has, so it inserts nothing twice.
+func TestLateCommitOfATimedOutInsertIsNotInsertedTwice(t *testing.T) {
+	fc := &faultConn{late: 1, delay: 700 * time.Millisecond}
+	h := newHarness(t, opts{ch: func(c driver.Conn) driver.Conn { fc.Conn = c; return fc }})
+	body, ids := events(40, nil)
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 {
+		t.Fatalf("got %d %s", r.status, r.raw)
+	}
+	h.waitStored(t, h.a.ID, ids, 40)
+	time.Sleep(time.Second)
+	h.w.Close(context.Background())
+	if rows, distinct := h.count(t, "events", h.a.ID); rows != 40 || distinct != 40 {
+		t.Errorf("events: %d rows, %d distinct; want 40, 40", rows, distinct)
+	}
+}
+
+// writeSegment leaves a spool segment as a crashed process would, with rows in the current format.
+func writeSegment(t *testing.T, dir, name string, wid uint64, rows []Row, incs []Increment) {
+	t.Helper()
+	b := append([]byte("ADSPOOL\x02"), make([]byte, 16)...)
+	b[10] = 1 // a non-zero segment id
+	b = appendRecord(b, wid, rows, incs)
+	if err := os.WriteFile(filepath.Join(dir, name), b, 0o640); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Finding 6: a segment whose insert was under way when the process died, replayed after the day of
+// some of its rows left the retention window. ClickHouse may have stored those rows and dropped the
+// day since, so they cannot be checked: they go to the quarantine instead of being counted twice in
+// daily_usage. Rows of days still inside retention are checked and stored once.
+func TestReplayNeverReinsertsIntoAnExpiredDay(t *testing.T) {
+	env := testenv.Migrated(t)
+	dir := t.TempDir()
+	tenantID := uuid.New()
+	now := time.Now().UTC().Truncate(time.Second)
+	old := now.AddDate(0, 0, -5)
+	mk := func(ts time.Time, n int) []Row {
+		rows := make([]Row, n)
+		for i := range rows {
+			rows[i] = Row{ID: uuid.New(), TenantID: tenantID, Ts: ts, ReceivedAt: now, Event: "a.b", Source: "app", Props: "{}"}
+		}
+		return rows
+	}
+	expired, recent := mk(old, 7), mk(now, 5)
+	writeSegment(t, dir, "0000000000000003.inflight", 99, append(slices.Clone(expired), recent...), nil)
+	w, err := NewWriter(WriterConfig{Dir: dir, FlushInterval: 50 * time.Millisecond, RetentionDays: 3}, env.CH, env.DB, nil, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Start()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	waitFor(t, "the replay", func() bool { return w.Stats().PendingSegments == 0 })
+	st := w.Stats()
+	w.Close(ctx)
+	var stored uint64
+	env.CH.QueryRow(ctx, "SELECT count() FROM "+env.DB+".events WHERE tenant_id = ?", tenantID).Scan(&stored)
+	if stored != 5 || st.QuarantinedRows != 7 {
+		t.Errorf("stored %d, quarantined %d; want the 5 recent rows stored and the 7 of the expired day quarantined", stored, st.QuarantinedRows)
+	}
+}
+
+// Finding 7: a segment read back from disk is shipped in chunks, never held whole in memory; each
+// insert holds at most a chunk.
+func TestSpilledSegmentShipsInChunks(t *testing.T) {
+	defer func(r, b int) { chunkRows, chunkBytes = r, b }(chunkRows, chunkBytes)
+	chunkRows = 50
+	fc := &faultConn{}
+	h := newHarness(t, opts{
+		ch: func(c driver.Conn) driver.Conn { fc.Conn = c; return fc },
+		writer: func(c *WriterConfig) {
+			c.MaxBufferedRows = 10
+			c.FlushInterval = 300 * time.Millisecond
+			c.BatchRows = 10_000
+		},
+	})
+	var ids []string
+	for i := 0; i < 3; i++ {
+		body, b := events(100, nil)
+		ids = append(ids, b...)
+		h.post(t, h.keyA, "/api/analytics/events", body, nil)
+	}
+	h.waitStored(t, h.a.ID, ids, 300)
+	for _, n := range fc.committed() {
+		if n > 100 {
+			t.Errorf("an insert of %d rows: the spilled segment was not streamed in chunks of about %d", n, chunkRows)
+		}
+	}
+}
+
+// Finding 10: a server-made event stored after the live counter feed closed (shutdown) used to send
+// on a closed channel and panic.
+func TestEmitAfterCloseDoesNotPanic(t *testing.T) {
+	h := newHarness(t, opts{})
+	h.svc.Close()
+	// An event the live counters count (apikey.request → api_requests_daily), so it reaches the feed.
+	if err := h.svc.Emit(context.Background(), h.a.ID, "acme", "apikey.request", map[string]any{"path": "/x"}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// An Idempotency-Key makes a retried request return its first response and change nothing; with the
+// same key and another body it is refused; and even when the stored response is lost, ids derived
+// from the key keep the retry's events from being stored twice.
+func TestIdempotencyKeyOnEvents(t *testing.T) {
+	h := newHarness(t, opts{})
+	body := []byte(`[{"event":"a.b"},{"event":"c.d"},{"event":"e.f"}]`)
+	key := map[string]string{"Idempotency-Key": "order-42"}
+	first := h.post(t, h.keyA, "/api/analytics/events", body, key)
+	if first.status != 202 || first.accepted() != 3 {
+		t.Fatalf("first: %d %s", first.status, first.raw)
+	}
+	again := h.post(t, h.keyA, "/api/analytics/events", body, key)
+	if again.status != 202 || again.raw != first.raw || again.header.Get("Idempotent-Replayed") != "true" {
+		t.Fatalf("retry: %d %s (replayed %q), want the first response replayed", again.status, again.raw, again.header.Get("Idempotent-Replayed"))
+	}
+	if r := h.post(t, h.keyA, "/api/analytics/events", []byte(`[{"event":"x.y"}]`), key); r.status != 422 {
+		t.Errorf("same key, other body: got %d %s, want 422", r.status, r.raw)
+	}
+	// Another tenant's identical key is its own.
+	if r := h.post(t, h.keyB, "/api/analytics/events", body, key); r.status != 202 || r.accepted() != 3 {
+		t.Errorf("tenant B with the same key: %d %s", r.status, r.raw)
+	}
+	// Lose the stored response (Redis flushed its idempotency records): the retry runs again, and its
+	// derived ids make every event a duplicate.
+	keys, _ := h.env.Redis.Keys(context.Background(), h.env.Prefix+"idem:*").Result()
+	h.env.Redis.Del(context.Background(), keys...)
+	lost := h.post(t, h.keyA, "/api/analytics/events", body, key)
+	if lost.status != 202 || lost.accepted() != 0 || len(duplicates(lost)) != 3 {
+		t.Fatalf("retry after the record was lost: %d %s, want 3 duplicates", lost.status, lost.raw)
+	}
+	h.w.Close(context.Background())
+	if rows, _ := h.count(t, "events", h.a.ID); rows != 3 {
+		t.Errorf("tenant A: %d rows stored, want 3", rows)
+	}
+}
+
+func TestIdempotencyKeyOnUsage(t *testing.T) {
+	h := newHarness(t, opts{})
+	key := map[string]string{"Idempotency-Key": "2c3e0b0e-usage"}
+	body := []byte(`{"metric":"api_requests_daily","n":7}`)
+	for i := 0; i < 3; i++ {
+		if r := h.post(t, h.keyA, "/api/analytics/usage", body, key); r.status != 202 {
+			t.Fatalf("try %d: %d %s", i, r.status, r.raw)
+		}
+	}
+	keys, _ := h.env.Redis.Keys(context.Background(), h.env.Prefix+"idem:*").Result()
+	h.env.Redis.Del(context.Background(), keys...)
+	r := h.post(t, h.keyA, "/api/analytics/usage", body, key)
+	var data struct {
+		Data struct {
+			Accepted  int  `json:"accepted"`
+			Duplicate bool `json:"duplicate"`
+		} `json:"data"`
+	}
+	json.Unmarshal([]byte(r.raw), &data)
+	if r.status != 202 || data.Data.Accepted != 0 || !data.Data.Duplicate {
+		t.Errorf("retry after the record was lost: %d %s, want a duplicate", r.status, r.raw)
+	}
+	h.w.Close(context.Background())
+	if rows, _ := h.count(t, "usage_increments", h.a.ID); rows != 1 {
+		t.Errorf("%d increments stored, want 1", rows)
+	}
+	if n := h.dailyUsage(t, h.a.ID, "api_requests_daily"); n != 7 {
+		t.Errorf("daily_usage = %d, want 7", n)
+	}
+	waitFor(t, "the live counter", func() bool {
+		n, _, _ := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", time.Now())
+		return n == 7
+	})
+}

@@ -1,0 +1,105 @@
+package ingest
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+)
+
+// faultConn wraps a real ClickHouse connection and scripts what a real server cannot be made to do on
+// demand: an insert whose client gives up (a timeout) while the server commits it later. It also
+// records the rows of every insert that reached the server.
+type faultConn struct {
+	driver.Conn
+	mu      sync.Mutex
+	late    int           // the next `late` inserts time out on the client and commit after delay
+	delay   time.Duration //
+	running int           // late inserts not committed yet: system.processes reports them
+	sizes   []int         // rows of each committed insert, in order
+}
+
+func (f *faultConn) PrepareBatch(ctx context.Context, query string, opts ...driver.PrepareBatchOption) (driver.Batch, error) {
+	f.mu.Lock()
+	late := f.late > 0 && strings.HasPrefix(query, "INSERT")
+	if late {
+		f.late--
+		// The server does not stop when the client gives up: the insert outlives its context.
+		ctx = context.WithoutCancel(ctx)
+	}
+	f.mu.Unlock()
+	b, err := f.Conn.PrepareBatch(ctx, query, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return &faultBatch{Batch: b, f: f, late: late}, nil
+}
+
+type faultBatch struct {
+	driver.Batch
+	f    *faultConn
+	late bool
+	rows int
+}
+
+func (b *faultBatch) Flush() error {
+	b.rows += b.Batch.Rows()
+	return b.Batch.Flush()
+}
+
+func (b *faultBatch) Send() error {
+	rows := b.rows + b.Batch.Rows()
+	if !b.late {
+		err := b.Batch.Send()
+		if err == nil {
+			b.f.mu.Lock()
+			b.f.sizes = append(b.f.sizes, rows)
+			b.f.mu.Unlock()
+		}
+		return err
+	}
+	b.f.mu.Lock()
+	b.f.running++
+	delay := b.f.delay
+	b.f.mu.Unlock()
+	go func() {
+		time.Sleep(delay)
+		err := b.Batch.Send()
+		b.f.mu.Lock()
+		b.f.running--
+		if err == nil {
+			b.f.sizes = append(b.f.sizes, rows)
+		}
+		b.f.mu.Unlock()
+	}()
+	return fmt.Errorf("insert: %w (scripted: the server commits later)", context.DeadlineExceeded)
+}
+
+func (f *faultConn) QueryRow(ctx context.Context, query string, args ...any) driver.Row {
+	f.mu.Lock()
+	running := f.running
+	f.mu.Unlock()
+	if running > 0 && strings.Contains(query, "system.processes") {
+		return countRow(running)
+	}
+	return f.Conn.QueryRow(ctx, query, args...)
+}
+
+func (f *faultConn) committed() []int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]int(nil), f.sizes...)
+}
+
+// countRow is a one-column row holding a count.
+type countRow uint64
+
+func (r countRow) Err() error { return nil }
+func (r countRow) Scan(dest ...any) error {
+	*(dest[0].(*uint64)) = uint64(r)
+	return nil
+}
+func (r countRow) ScanStruct(any) error { return fmt.Errorf("not supported") }

@@ -1,0 +1,99 @@
+package ingest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+
+	"github.com/analyticsd/analyticsd/ingest/spool"
+)
+
+// RequeueResult says what a requeue of one quarantine file did.
+type RequeueResult struct {
+	File     string `json:"file"`
+	Rows     int    `json:"rows"`
+	Inserted int    `json:"inserted"`
+}
+
+// RequeueOptions shape a requeue.
+type RequeueOptions struct {
+	// RetentionDays guards expired days as shipping does: rows of a day that left the window are not
+	// inserted (they may have been stored before). 0 inserts them anyway: an operator's decision,
+	// for rows known never to have reached ClickHouse.
+	RetentionDays int
+	Log           *slog.Logger
+}
+
+// Requeue ships the rows of one quarantine file of the spool in spoolDir to ClickHouse, the way the
+// writer ships a replayed segment (claims verified, every row checked in ClickHouse first), and
+// deletes the file once all of them are stored or found to be duplicates. Rows still refused keep the
+// file. It can run while a server owns the spool: it locks only the file.
+func Requeue(ctx context.Context, spoolDir, name string, ch driver.Conn, db string, claims Claims, o RequeueOptions) (RequeueResult, error) {
+	res := RequeueResult{File: name}
+	r, info, err := spool.OpenQuarantine(spoolDir, name)
+	if err != nil {
+		return res, err
+	}
+	defer r.Close()
+	res.Rows = info.Rows()
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	sh := newShipper(ch, db, claims, WriterConfig{InsertTimeout: time.Minute, QuarantineAfter: 1, RetentionDays: o.RetentionDays}, NewMetrics(nil, 0), o.Log)
+	s := &segment{id: "requeue" + info.Segment, claims: map[uint64]*claimState{}}
+	err = readChunks(r, info.Format, s.claims, func(_ int, bs []*batch) error {
+		for _, b := range bs {
+			b.checkAll = true // the rows' history is unknown: an earlier attempt may have stored some
+		}
+		n, err := sh.shipChunk(s, bs, true)
+		res.Inserted += n
+		return err
+	})
+	if errors.Is(err, errRefused) {
+		return res, fmt.Errorf("requeue %s: clickhouse still refuses some rows (or their day left retention); the file is kept: %v", name, firstRefusal(s))
+	}
+	if err != nil {
+		return res, fmt.Errorf("requeue %s: %w; the file is kept, run requeue again", name, err)
+	}
+	if err := ctx.Err(); err != nil {
+		return res, err
+	}
+	if err := spool.RemoveQuarantine(spoolDir, name); err != nil {
+		return res, err
+	}
+	return res, nil
+}
+
+func firstRefusal(s *segment) string {
+	for _, b := range s.bad {
+		return b.err
+	}
+	return "rows of a day outside the retention window (use --include-expired if they never reached ClickHouse)"
+}
+
+// DrainResult says what a drain of a spool directory did.
+type DrainResult struct {
+	Stats
+	Drained bool `json:"drained"`
+}
+
+// Drain ships every segment of a spool directory no server owns any more (a retired instance's) and
+// returns when the spool is empty or ctx ends. It takes the directory's lock, so it refuses a spool
+// a running server holds.
+func Drain(ctx context.Context, cfg WriterConfig, ch driver.Conn, db string, claims Claims, log *slog.Logger) (DrainResult, error) {
+	if cfg.Durability == DurabilityMemory {
+		cfg.Durability = DurabilityFsync
+	}
+	w, err := NewWriter(cfg, ch, db, claims, nil, log)
+	if err != nil {
+		return DrainResult{}, err
+	}
+	w.Start()
+	err = w.Close(ctx)
+	st := w.Stats()
+	return DrainResult{Stats: st, Drained: st.PendingSegments == 0}, err
+}
