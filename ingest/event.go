@@ -16,6 +16,8 @@ import (
 	"unicode/utf8"
 
 	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/retention"
 )
 
 // Sources are the event sources the guide defines.
@@ -169,7 +171,7 @@ func (l Limits) Validate(e *Event, tenant uuid.UUID, now time.Time) (Row, error)
 	if err != nil {
 		return r, err
 	}
-	if oldest := now.Add(-time.Duration(l.RetentionDays) * 24 * time.Hour); ts.Before(oldest) {
+	if oldest := (retention.Window{Days: l.RetentionDays}).OldestAccepted(now); ts.Before(oldest) {
 		return r, fmt.Errorf("ts %s is older than the %d-day retention window (oldest accepted: %s)",
 			ts.Format(time.RFC3339), l.RetentionDays, oldest.UTC().Truncate(time.Second).Format(time.RFC3339))
 	}

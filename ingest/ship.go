@@ -14,6 +14,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/ingest/spool"
+	"github.com/analyticsd/analyticsd/retention"
 )
 
 // shipper moves a segment's rows into ClickHouse exactly once. For each chunk of rows it
@@ -452,7 +453,7 @@ func (sh *shipper) handleRefused(s *segment, kind Kind, bad []refusal) (bool, er
 // expired reports whether day d is older than the retention window (today - RetentionDays), where
 // the sweeper or the table's TTL may have dropped its partition.
 func (sh *shipper) expired(d time.Time) bool {
-	return sh.cfg.RetentionDays > 0 && d.Before(day(time.Now()).AddDate(0, 0, -sh.cfg.RetentionDays))
+	return sh.cfg.RetentionDays > 0 && (retention.Window{Days: sh.cfg.RetentionDays}).Expired(d, time.Now())
 }
 
 // quarantineRows writes its (one kind) to the quarantine, durably, before they leave the segment.

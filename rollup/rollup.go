@@ -26,6 +26,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/retention"
 )
 
 const dateLayout = "2006-01-02"
@@ -86,6 +87,7 @@ type Reconciler struct {
 	audit         *audit.Log
 	log           *slog.Logger
 	retentionDays int
+	floor         *retention.Floor
 	now           func() time.Time
 	m             *reconcileMetrics
 
@@ -109,7 +111,7 @@ func NewReconciler(ch driver.Conn, db string, pg *pgxpool.Pool, auditLog *audit.
 		now = time.Now
 	}
 	return &Reconciler{ch: ch, db: db, pg: pg, audit: auditLog, log: log, retentionDays: retentionDays, now: now,
-		m: newReconcileMetrics(reg), SettleDelay: 2 * time.Second, QueryTimeout: 60 * time.Second}
+		floor: retention.NewFloor(pg, db), m: newReconcileMetrics(reg), SettleDelay: 2 * time.Second, QueryTimeout: 60 * time.Second}
 }
 
 // RunDate reconciles date's UTC day for scope. trigger names who asked, for rollup_runs and the audit
@@ -248,17 +250,30 @@ func (r *Reconciler) reconcile(ctx context.Context, log *slog.Logger, day time.T
 	return tr, nil
 }
 
-// rawCheckable reports whether day's raw events and increments are all still stored. The day exactly
-// RETENTION_DAYS old is not: a table TTL drops its parts over the course of today.
-func (r *Reconciler) rawCheckable(day time.Time) bool {
-	return day.After(Day(r.now()).AddDate(0, 0, -r.retentionDays))
+// rawCheckable reports whether day's raw events and increments are all still stored: the day is on or
+// after the retention floor (days before it lost rows to an earlier, shorter window) and after the
+// cutoff (the day exactly RETENTION_DAYS old is not: a table TTL drops its parts over the course of
+// today). A day that is not is never repaired from what is left of its raw data.
+func (r *Reconciler) rawCheckable(ctx context.Context, day time.Time) (bool, error) {
+	var floor time.Time
+	if r.floor != nil {
+		var err error
+		if floor, err = r.floor.Get(ctx); err != nil {
+			return false, err
+		}
+	}
+	w := retention.Window{Days: r.retentionDays}
+	return !day.Before(w.CompleteFrom(floor, r.now())), nil
 }
 
 // truth reads day's counts. Inside retention the aggregate is compared with the raw data; a difference
 // that persists across two reads SettleDelay apart is repaired in daily_usage by inserting the
 // difference (SummingMergeTree adds it up), and the raw counts are the truth either way.
 func (r *Reconciler) truth(ctx context.Context, log *slog.Logger, day time.Time, scope Scope) (truth, error) {
-	raw := r.rawCheckable(day)
+	raw, err := r.rawCheckable(ctx, day)
+	if err != nil {
+		return truth{}, fmt.Errorf("rollup %s: %w", day.Format(dateLayout), err)
+	}
 	agg, rawCounts, err := r.read(ctx, day, scope, raw)
 	if err != nil {
 		return truth{}, err

@@ -10,6 +10,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/analyticsd/analyticsd/retention"
 	"github.com/analyticsd/analyticsd/rollup"
 )
 
@@ -229,5 +230,31 @@ func TestFailedRunIsRecorded(t *testing.T) {
 	}
 	if got := metricValue(t, reg, "sbh_analytics_rollup_runs_total", map[string]string{"status": "failed"}); got != 1 {
 		t.Errorf("rollup_runs_total{failed}: got %v, want 1", got)
+	}
+}
+
+// Finding 8: after RETENTION_DAYS was raised, the days the old window had already dropped are inside
+// the new one but their raw data is gone: the retention floor keeps the rollup from "repairing"
+// their aggregate to what is left.
+func TestDayBeforeTheRetentionFloorIsNotRepaired(t *testing.T) {
+	f := newFixture(t)
+	a := f.tenant(t, "acme")
+	dropped := f.daysAgo(40) // inside the 90-day window, before the floor
+	f.aggregateRow(t, a, dropped, "auth.user.login", 8)
+	if err := retention.NewFloor(f.env.PG, f.env.DB).Raise(ctxT(t), f.daysAgo(30)); err != nil {
+		t.Fatal(err)
+	}
+	res, err := f.reconciler(nil, nil).RunDate(ctxT(t), dropped, rollup.AllTenants(), "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.RawChecked || res.Repaired != 0 {
+		t.Errorf("result: got %+v, want raw not checked, nothing repaired", res)
+	}
+	if got, want := f.postgres(t, dropped), (counts{k(a, "auth.user.login"): 8}); got.String() != want.String() {
+		t.Errorf("postgres: got %v, want %v", got, want)
+	}
+	if got := f.aggregate(t, dropped); got[k(a, "auth.user.login")] != 8 {
+		t.Errorf("daily_usage: got %v, want the aggregate left at 8", got)
 	}
 }

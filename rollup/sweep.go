@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/retention"
 	"github.com/analyticsd/analyticsd/schema"
 )
 
@@ -50,6 +51,8 @@ type Sweeper struct {
 	m             *sweepMetrics
 	// features reads the server's version gate; tests replace it.
 	features func() (schema.Features, error)
+	// raiseFloor records the first day whose raw data is complete (retention.Floor); tests replace it.
+	raiseFloor func(ctx context.Context, d time.Time) error
 
 	d       *daily
 	ttlOnce sync.Once
@@ -65,7 +68,8 @@ func NewSweeper(ch driver.Conn, db string, pg *pgxpool.Pool, auditLog *audit.Log
 	if now == nil {
 		now = time.Now
 	}
-	s := &Sweeper{ch: ch, db: db, pg: pg, audit: auditLog, log: log, retentionDays: retentionDays, now: now, m: newSweepMetrics(reg)}
+	s := &Sweeper{ch: ch, db: db, pg: pg, audit: auditLog, log: log, retentionDays: retentionDays, now: now, m: newSweepMetrics(reg),
+		raiseFloor: retention.NewFloor(pg, db).Raise}
 	// Whether the tables expire rows themselves is read from their definition, not from the server
 	// version: tables created before an upgrade to a TTL-capable server still have no TTL clause,
 	// and the sweeper must keep enforcing retention for them.
@@ -104,7 +108,9 @@ func (s *Sweeper) Stop() { s.d.stop() }
 func (s *Sweeper) Status() Status { return s.d.Status() }
 
 // Cutoff is the oldest UTC day kept: today - RETENTION_DAYS.
-func (s *Sweeper) Cutoff() time.Time { return Day(s.now()).AddDate(0, 0, -s.retentionDays) }
+func (s *Sweeper) Cutoff() time.Time { return s.window().Cutoff(s.now()) }
+
+func (s *Sweeper) window() retention.Window { return retention.Window{Days: s.retentionDays} }
 
 // Sweep drops expired partitions once, under a Postgres advisory lock (a replica that does not get it
 // skips). Each drop is counted; a sweep that dropped anything is audited as "retention.sweep".
@@ -113,6 +119,12 @@ func (s *Sweeper) Sweep(ctx context.Context) (SweepResult, error) {
 	res := SweepResult{Cutoff: cutoff.Format(dateLayout), Dropped: map[string][]string{}}
 	f, err := s.features()
 	if err != nil {
+		s.m.failed.Inc()
+		return res, fmt.Errorf("retention sweep: %w", err)
+	}
+	// Whatever drops the days before the cutoff — this sweep, or the tables' TTL — the raw data of
+	// those days is incomplete from now on: say so before dropping anything.
+	if err := s.raiseFloor(ctx, s.window().CompleteFrom(time.Time{}, s.now())); err != nil {
 		s.m.failed.Inc()
 		return res, fmt.Errorf("retention sweep: %w", err)
 	}

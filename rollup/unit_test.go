@@ -171,15 +171,23 @@ func TestDailyRetriesWithBackoff(t *testing.T) {
 	}
 }
 
-// On a server with TTL the sweeper touches nothing (it has no ClickHouse or Postgres to touch here).
+// On a server with TTL the sweeper drops nothing (it has no ClickHouse to touch here), but still
+// records that the days before the cutoff are incomplete: the table's TTL drops them.
 func TestSweeperIdleWithTTL(t *testing.T) {
-	s := NewSweeper(nil, "analytics", nil, nil, nil, nil, 90, nil)
+	now := time.Date(2026, 11, 29, 0, 5, 0, 0, time.UTC)
+	s := NewSweeper(nil, "analytics", nil, nil, nil, nil, 90, func() time.Time { return now })
 	s.features = func() (schema.Features, error) { return schema.Features{TTL: true}, nil }
+	var floors []time.Time
+	s.raiseFloor = func(_ context.Context, d time.Time) error { floors = append(floors, d); return nil }
 	for range 2 {
 		res, err := s.Sweep(context.Background())
 		if err != nil || !res.TTL || len(res.Dropped) != 0 {
 			t.Errorf("sweep with TTL: got %+v, %v; want an idle no-op", res, err)
 		}
+	}
+	want := time.Date(2026, 9, 1, 0, 0, 0, 0, time.UTC) // the day after today - 90
+	if len(floors) != 2 || !floors[0].Equal(want) {
+		t.Errorf("retention floor raised to %v, want %v at each sweep", floors, want)
 	}
 }
 

@@ -10,6 +10,8 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/analyticsd/analyticsd/retention"
 )
 
 // Migrator applies the ClickHouse and Postgres migrations. Run is idempotent and safe to call from
@@ -29,6 +31,8 @@ type Result struct {
 	Features          Features
 	AppliedClickHouse []int
 	AppliedPostgres   []int
+	// Retention is set when Run changed the tables' TTL to RETENTION_DAYS: "90 -> 120 days".
+	Retention string
 }
 
 // ServerVersion reads the ClickHouse server version from the connection handshake.
@@ -49,6 +53,9 @@ func (m *Migrator) Run(ctx context.Context) (Result, error) {
 	var res Result
 	v, err := ServerVersion(m.CH)
 	if err != nil {
+		return res, err
+	}
+	if err := CheckTimeZone(ctx, m.CH); err != nil {
 		return res, err
 	}
 	res.Server, res.Features = v, FeaturesFor(v)
@@ -87,9 +94,50 @@ func (m *Migrator) Run(ctx context.Context) (Result, error) {
 	if res.AppliedClickHouse, err = m.clickhouse(ctx, chMigrations); err != nil {
 		return res, err
 	}
+	if res.Features.TTL {
+		if res.Retention, err = m.applyRetention(ctx); err != nil {
+			return res, err
+		}
+	}
 	log.Info("migrations applied", "clickhouse_server", v.String(), "ttl", res.Features.TTL,
-		"clickhouse", res.AppliedClickHouse, "postgres", res.AppliedPostgres)
+		"clickhouse", res.AppliedClickHouse, "postgres", res.AppliedPostgres, "retention", res.Retention)
 	return res, nil
+}
+
+// rawTables are the tables RETENTION_DAYS applies to; daily_usage is kept forever.
+var rawTables = []string{"events", "usage_increments"}
+
+// applyRetention brings the raw tables' TTL to RETENTION_DAYS (tables with a TTL clause; a table
+// created on a server without TTL keeps being swept). Raising the window first records the first
+// day the old one kept as the retention floor: days before it are already gone, and the rollup must
+// not take what is left of them for their raw data.
+func (m *Migrator) applyRetention(ctx context.Context) (string, error) {
+	changed := ""
+	for _, table := range rawTables {
+		days, ok, err := retention.TableTTL(ctx, m.CH, m.DB, table)
+		if err != nil {
+			return changed, fmt.Errorf("migrate clickhouse: %w", err)
+		}
+		if !ok || days == m.RetentionDays {
+			continue
+		}
+		if m.RetentionDays > days {
+			old := retention.Window{Days: days, TTL: true}
+			if err := retention.NewFloor(m.PG, m.DB).Raise(ctx, old.CompleteFrom(time.Time{}, time.Now())); err != nil {
+				return changed, fmt.Errorf("migrate: %w", err)
+			}
+		}
+		if err := m.CH.Exec(ctx, ModifyTTL(m.DB, table, m.RetentionDays)); err != nil {
+			return changed, fmt.Errorf("migrate clickhouse: apply RETENTION_DAYS=%d to %s.%s: %w", m.RetentionDays, m.DB, table, err)
+		}
+		changed = fmt.Sprintf("%d -> %d days", days, m.RetentionDays)
+	}
+	return changed, nil
+}
+
+// ModifyTTL is the statement that sets a raw table's retention.
+func ModifyTTL(db, table string, days int) string {
+	return fmt.Sprintf("ALTER TABLE %s.%s MODIFY TTL ts + INTERVAL %d DAY", db, table, days)
 }
 
 func (m *Migrator) postgres(ctx context.Context, conn *pgx.Conn, ms []Migration) ([]int, error) {

@@ -71,7 +71,7 @@ func TestMigrateCreatesEveryObject(t *testing.T) {
 	if err := rows.Err(); err != nil {
 		t.Fatal(err)
 	}
-	if got, want := strings.Join(pgTables, ","), "analytics_daily_usage,api_keys,audit_log,rollup_runs,schema_migrations,tenants,usage_levels"; got != want {
+	if got, want := strings.Join(pgTables, ","), "analytics_daily_usage,api_keys,audit_log,retention_floor,rollup_runs,schema_migrations,tenants,usage_levels"; got != want {
 		t.Errorf("postgres tables: got %s, want %s", got, want)
 	}
 }

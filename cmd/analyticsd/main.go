@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	_ "time/tzdata" // zone names (the ClickHouse time-zone check) in images without /usr/share/zoneinfo
 )
 
 // version is set at build time with -ldflags "-X main.version=...".

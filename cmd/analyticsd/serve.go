@@ -11,8 +11,10 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/gofiber/fiber/v2"
 	"github.com/gofiber/fiber/v2/middleware/cors"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
@@ -25,7 +27,9 @@ import (
 	"github.com/analyticsd/analyticsd/query"
 	"github.com/analyticsd/analyticsd/quota"
 	"github.com/analyticsd/analyticsd/ratelimit"
+	"github.com/analyticsd/analyticsd/retention"
 	"github.com/analyticsd/analyticsd/rollup"
+	"github.com/analyticsd/analyticsd/schema"
 	"github.com/analyticsd/analyticsd/tenant"
 )
 
@@ -46,6 +50,13 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	}
 	rdb, err := openRedis(cfg)
 	if err != nil {
+		pg.Close()
+		ch.Close()
+		return err
+	}
+
+	if err := checkClickHouse(ctx, &cfg, ch, pg, log); err != nil {
+		rdb.Close()
 		pg.Close()
 		ch.Close()
 		return err
@@ -171,6 +182,31 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	step("postgres", func() error { pg.Close(); return nil })
 	step("redis", rdb.Close)
 	return err
+}
+
+// checkClickHouse refuses a ClickHouse server analyticsd would corrupt data on — one not in UTC, or
+// whose tables expire rows after another window than RETENTION_DAYS (migrate applies it) — and sets
+// the retention every package uses to the window in force. A server unreachable at start-up is not
+// a reason to stay down (ingest keeps spooling): the checks are skipped with a warning.
+func checkClickHouse(ctx context.Context, cfg *Config, ch driver.Conn, pg *pgxpool.Pool, log *slog.Logger) error {
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := ch.Ping(pctx); err != nil {
+		log.Warn("clickhouse unreachable at start-up: its time zone and retention are not checked; RETENTION_DAYS is used as is", "err", err)
+		return nil
+	}
+	if err := schema.CheckTimeZone(pctx, ch); err != nil {
+		return err
+	}
+	w, err := retention.Effective(pctx, ch, cfg.ClickHouseDB, cfg.RetentionDays)
+	if err != nil {
+		return err
+	}
+	cfg.RetentionDays, cfg.Ingest.Limits.RetentionDays, cfg.Writer.RetentionDays = w.Days, w.Days, w.Days
+	if err := retention.NewFloor(pg, cfg.ClickHouseDB).Raise(pctx, w.CompleteFrom(time.Time{}, time.Now())); err != nil {
+		log.Warn("retention floor not recorded at start-up", "err", err)
+	}
+	return nil
 }
 
 // mount registers every route; the OpenAPI test walks the same function. writeMW runs after
