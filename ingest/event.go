@@ -305,8 +305,11 @@ func structure(b []byte, limit int) (spaced, tooDeep bool) {
 	return spaced, false
 }
 
-func truncate(s string) string {
-	const max = 64
+// truncate shortens user input quoted back in an error message.
+func truncate(s string) string { return truncateTo(s, 64) }
+
+// truncateTo cuts s to at most max bytes (on a rune boundary), marking the cut.
+func truncateTo(s string, max int) string {
 	if len(s) <= max {
 		return s
 	}

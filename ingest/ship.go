@@ -477,7 +477,7 @@ func (sh *shipper) quarantineRows(s *segment, kind Kind, its []item, reason stri
 	}
 	info := spool.QuarantineInfo{Segment: s.id, Reason: reason}
 	if cause != nil {
-		info.Error = truncate(cause.Error())
+		info.Error = truncateTo(cause.Error(), 1000)
 	}
 	if h := s.bad[its[0].key(kind)]; h != nil {
 		info.Attempts = h.attempts

@@ -38,6 +38,9 @@ func migrate(ctx context.Context, cfg Config, log *slog.Logger, args []string, s
 	if !res.Features.TTL {
 		retention = "the retention sweeper (server has no TTL)"
 	}
+	if res.Retention != "" {
+		retention += " (changed " + res.Retention + ")"
+	}
 	fmt.Fprintf(stdout, "clickhouse %s: database %s, applied %v; postgres applied %v; retention %d days by %s\n",
 		res.Server, cfg.ClickHouseDB, res.AppliedClickHouse, res.AppliedPostgres, cfg.RetentionDays, retention)
 	return nil

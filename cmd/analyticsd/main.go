@@ -30,6 +30,11 @@ Usage:
   analyticsd apikey list --tenant S
   analyticsd apikey revoke --tenant S --key ID|PREFIX
   analyticsd rollup (--date D | --from D1 --to D2)   reconcile daily usage into Postgres, all tenants
+  analyticsd spool status [--dir D] [--json]         what waits in a spool, and its quarantine
+  analyticsd spool inspect [--dir D] [--segment N] [--rows] [--json]
+  analyticsd spool drain [--dir D] [--timeout 10m]   ship a retired instance's spool (no server may hold it)
+  analyticsd spool requeue [--dir D] (--all | --file NAME) [--include-expired]
+                                                     ship quarantined rows again once the cause is fixed
   analyticsd healthcheck                             exit 0 when the local server's /healthz answers
   analyticsd version
 
@@ -71,6 +76,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		"apikey":      apikeyCmd,
 		"healthcheck": healthcheck,
 		"rollup":      rollupCmd,
+		"spool":       spoolCmd,
 	}
 	cmd, ok := cmds[args[0]]
 	if !ok {

@@ -129,7 +129,14 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	}
 	sweeper := rollup.NewSweeper(ch, cfg.ClickHouseDB, pg, auditLog, reg, log.With("component", "retention"), cfg.RetentionDays, nil)
 	ops.Details = func(context.Context) map[string]any {
-		return map[string]any{"ingest": writer.Stats(), "rollup": scheduler.Status(), "retention": sweeper.Status()}
+		st := writer.Stats()
+		d := map[string]any{"ingest": st, "rollup": scheduler.Status(), "retention": sweeper.Status()}
+		if st.QuarantinedRows > 0 {
+			// A warning, not a failure: the instance ingests and ships; these rows wait for an operator.
+			d["warnings"] = []string{fmt.Sprintf("%d rows (%d files) in the spool's quarantine: ClickHouse kept refusing them; see `analyticsd spool status`, then `analyticsd spool requeue --all` once fixed",
+				st.QuarantinedRows, st.QuarantinedFiles)}
+		}
+		return d
 	}
 	store := query.NewStore(ch, cfg.ClickHouseDB, pg, cfg.QueryTimeout)
 	querySvc := query.NewService(query.Config{MaxExportRows: cfg.MaxExportRows, LabelCap: cfg.LabelCap}, store, auditLog, reg, log.With("component", "query"))

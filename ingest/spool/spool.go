@@ -227,3 +227,13 @@ func syncDir(dir string) error {
 	defer d.Close()
 	return d.Sync()
 }
+
+// List returns the segments in dir, oldest first, for reading only: it takes no lock, so it can look
+// at a spool a running server owns (the newest segment may still be growing).
+func List(dir string) ([]*Segment, error) {
+	s := &Spool{opts: Options{Dir: dir}}
+	if err := s.scan(); err != nil {
+		return nil, err
+	}
+	return s.recovered, nil
+}

@@ -1,0 +1,249 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+
+	"github.com/analyticsd/analyticsd/dedup"
+	"github.com/analyticsd/analyticsd/ingest"
+	"github.com/analyticsd/analyticsd/ingest/spool"
+)
+
+// spoolCmd lets an operator see what waits in a spool and ship what a server cannot: a retired
+// instance's spool (drain) and rows fixed after being quarantined (requeue).
+func spoolCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, stdout io.Writer) error {
+	if len(args) == 0 {
+		return fmt.Errorf("spool: want status, inspect, drain or requeue: %w", errUsage)
+	}
+	dir := cfg.Writer.Dir
+	asJSON := false
+	dirFlag := func(fs *flag.FlagSet) {
+		fs.StringVar(&dir, "dir", dir, "spool directory (default ANALYTICS_SPOOL_DIR)")
+		fs.BoolVar(&asJSON, "json", false, "print JSON")
+	}
+	switch args[0] {
+	case "status":
+		if err := flags("spool status", args[1:], dirFlag); err != nil {
+			return err
+		}
+		rep, err := ingest.InspectSpool(dir, nil, nil)
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			return json.NewEncoder(stdout).Encode(rep)
+		}
+		printStatus(stdout, rep)
+		return nil
+	case "inspect":
+		only := map[uint64]bool{}
+		rows := false
+		if err := flags("spool inspect", args[1:], func(fs *flag.FlagSet) {
+			dirFlag(fs)
+			fs.BoolVar(&rows, "rows", false, "print the rows themselves, one JSON object per line")
+			fs.Func("segment", "only this segment (its seq; repeatable)", func(s string) error {
+				n, err := strconv.ParseUint(s, 10, 64)
+				only[n] = true
+				return err
+			})
+		}); err != nil {
+			return err
+		}
+		var visit ingest.RowVisitor
+		enc := json.NewEncoder(stdout)
+		if rows {
+			visit = func(seq uint64, ev *ingest.Row, inc *ingest.Increment) {
+				if ev != nil {
+					enc.Encode(map[string]any{"segment": seq, "kind": "event", "tenant_id": ev.TenantID, "id": ev.ID, "ts": ev.Ts,
+						"received_at": ev.ReceivedAt, "event": ev.Event, "source": ev.Source, "user_id": ev.UserID,
+						"props": json.RawMessage(ev.Props), "ip": ev.IP, "request_id": ev.RequestID})
+					return
+				}
+				enc.Encode(map[string]any{"segment": seq, "kind": "increment", "tenant_id": inc.TenantID, "id": inc.ID, "ts": inc.Ts,
+					"metric": inc.Metric, "n": inc.N})
+			}
+		}
+		rep, err := ingest.InspectSpool(dir, only, visit)
+		if err != nil || rows {
+			return err
+		}
+		if asJSON {
+			return enc.Encode(rep)
+		}
+		printSegments(stdout, rep, only)
+		return nil
+	case "drain":
+		timeout := 10 * time.Minute
+		if err := flags("spool drain", args[1:], func(fs *flag.FlagSet) {
+			dirFlag(fs)
+			fs.DurationVar(&timeout, "timeout", timeout, "give up after this long (what is left stays in the spool)")
+		}); err != nil {
+			return err
+		}
+		return withShipping(ctx, cfg, func(ship shipping) error {
+			wc := cfg.Writer
+			wc.Dir, wc.Owner = dir, "analyticsd spool drain"
+			dctx, cancel := context.WithTimeout(ctx, timeout)
+			defer cancel()
+			res, err := ingest.Drain(dctx, wc, ship.ch, cfg.ClickHouseDB, ship.claims, log)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return json.NewEncoder(stdout).Encode(res)
+			}
+			if !res.Drained {
+				return fmt.Errorf("spool %s not drained within %s: %d segments (%d bytes) left; last error: %s",
+					dir, timeout, res.PendingSegments, res.SpoolBytes, res.LastError)
+			}
+			fmt.Fprintf(stdout, "spool %s drained: every segment is in clickhouse; quarantine: %d files, %d rows\n",
+				dir, res.QuarantinedFiles, res.QuarantinedRows)
+			return nil
+		})
+	case "requeue":
+		var files []string
+		all, includeExpired := false, false
+		if err := flags("spool requeue", args[1:], func(fs *flag.FlagSet) {
+			dirFlag(fs)
+			fs.BoolVar(&all, "all", false, "every quarantine file")
+			fs.Func("file", "a quarantine file, as `spool status` lists it (repeatable)", func(s string) error {
+				files = append(files, s)
+				return nil
+			})
+			fs.BoolVar(&includeExpired, "include-expired", false,
+				"insert rows whose day left the retention window too (only for rows known never to have reached clickhouse)")
+		}); err != nil {
+			return err
+		}
+		if all == (len(files) > 0) {
+			return fmt.Errorf("spool requeue: give --all or --file NAME: %w", errUsage)
+		}
+		if all {
+			list, err := spool.ListQuarantine(dir)
+			if err != nil {
+				return err
+			}
+			for _, q := range list {
+				files = append(files, q.Name)
+			}
+		}
+		return withShipping(ctx, cfg, func(ship shipping) error {
+			o := ingest.RequeueOptions{RetentionDays: cfg.RetentionDays, Log: log}
+			if includeExpired {
+				o.RetentionDays = 0
+			}
+			var errs []error
+			for _, name := range files {
+				res, err := ingest.Requeue(ctx, dir, name, ship.ch, cfg.ClickHouseDB, ship.claims, o)
+				if err != nil {
+					errs = append(errs, err)
+					continue
+				}
+				fmt.Fprintf(stdout, "%s: %d rows, %d inserted, the rest were already stored; file removed\n", res.File, res.Rows, res.Inserted)
+			}
+			if len(files) == 0 {
+				fmt.Fprintln(stdout, "the quarantine is empty")
+			}
+			return errors.Join(errs...)
+		})
+	}
+	return fmt.Errorf("spool: unknown subcommand %q: %w", args[0], errUsage)
+}
+
+type shipping struct {
+	ch     driver.Conn
+	claims ingest.Claims
+}
+
+// withShipping opens what shipping rows needs — ClickHouse, and Redis for the claims, as serve has
+// them — and closes it afterwards.
+func withShipping(ctx context.Context, cfg Config, fn func(shipping) error) error {
+	ch, err := openClickHouse(cfg)
+	if err != nil {
+		return err
+	}
+	defer ch.Close()
+	var claims ingest.Claims
+	if cfg.DedupWindow > 0 {
+		rdb, err := openRedis(cfg)
+		if err != nil {
+			return err
+		}
+		defer rdb.Close()
+		if err := rdb.Ping(ctx).Err(); err != nil {
+			return fmt.Errorf("redis (needed to verify event ids before shipping; INGEST_DEDUP_WINDOW=0 ships without): %w", err)
+		}
+		claims = dedup.NewStore(rdb, "", cfg.DedupWindow)
+	}
+	return fn(shipping{ch: ch, claims: claims})
+}
+
+func printStatus(w io.Writer, rep ingest.SpoolReport) {
+	holder := "no process holds it"
+	if rep.Holder != nil {
+		holder = "held by " + rep.Holder.String()
+	}
+	fmt.Fprintf(w, "spool %s: %s\n", rep.Dir, holder)
+	inflight := 0
+	var oldest time.Time
+	for _, s := range rep.Segments {
+		if s.State == "in_flight" {
+			inflight++
+		}
+		if !s.Received.IsZero() && (oldest.IsZero() || s.Received.Before(oldest)) {
+			oldest = s.Received
+		}
+	}
+	fmt.Fprintf(w, "waiting: %d segments (%d in flight), %d bytes, %d events, %d increments", len(rep.Segments), inflight, rep.Bytes, rep.Events, rep.Increments)
+	if !oldest.IsZero() {
+		fmt.Fprintf(w, "; oldest accepted %s (%s ago)", oldest.Format(time.RFC3339), time.Since(oldest).Round(time.Second))
+	}
+	fmt.Fprintln(w)
+	rows := 0
+	for _, q := range rep.Quarantine {
+		rows += q.Rows()
+	}
+	fmt.Fprintf(w, "quarantine: %d files, %d rows\n", len(rep.Quarantine), rows)
+	for _, q := range rep.Quarantine {
+		fmt.Fprintf(w, "  %s  %d events, %d increments, tenants %s\n    %s: %s\n", q.Name, q.Events, q.Increments,
+			strings.Join(q.Tenants, ","), q.Reason, q.Error)
+	}
+	if len(rep.Quarantine) > 0 {
+		fmt.Fprintln(w, "fix the cause, then: analyticsd spool requeue --all")
+	}
+}
+
+func printSegments(w io.Writer, rep ingest.SpoolReport, only map[uint64]bool) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SEQ\tSTATE\tBYTES\tRECORDS\tEVENTS\tINCREMENTS\tTENANTS\tFIRST TS\tLAST TS\tNOTE")
+	for _, s := range rep.Segments {
+		if len(only) > 0 && !only[s.Seq] {
+			continue
+		}
+		note := s.Error
+		if s.TornTail {
+			note = strings.TrimSpace(note + " torn tail (an unacknowledged write, ignored)")
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%d\t%d\t%d\t%d\t%d\t%s\t%s\t%s\n", s.Seq, s.State, s.Bytes, s.Records, s.Events, s.Increments, s.Tenants,
+			fmtTime(s.FirstTs), fmtTime(s.LastTs), note)
+	}
+	tw.Flush()
+}
+
+func fmtTime(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.UTC().Format(time.RFC3339)
+}

@@ -1,0 +1,208 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/tenant"
+)
+
+var serveVars = []string{"CLICKHOUSE_DSN", "POSTGRES_URL", "REDIS_URL", "LOG_LEVEL", "ANALYTICS_ADDR", "ANALYTICS_SPOOL_DIR",
+	"INGEST_FLUSH_INTERVAL", "RATE_LIMIT_RPS"}
+
+func writeKey(t *testing.T, e testenv.Env, slug string) (uuid.UUID, string) {
+	t.Helper()
+	ctx := context.Background()
+	tn, err := tenant.NewStore(e.PG).Create(ctx, slug, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _, err := auth.NewKeys(e.PG).Create(ctx, tn.ID, "w", []auth.Scope{auth.ScopeEventsWrite})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tn.ID, key
+}
+
+func postEvents(t *testing.T, base, key, body string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodPost, base+"/api/analytics/events", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+key)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var b bytes.Buffer
+	b.ReadFrom(resp.Body)
+	return resp.StatusCode, b.String()
+}
+
+func countEvents(t *testing.T, e testenv.Env, tenantID uuid.UUID) uint64 {
+	t.Helper()
+	var n uint64
+	if err := e.CH.QueryRow(context.Background(), "SELECT count() FROM "+e.DB+".events WHERE tenant_id = ?", tenantID).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// Finding 2: two servers on one spool directory took over each other's segments. The second now
+// refuses to start, naming the directory and the process holding it.
+func TestSecondServeOnOneSpoolIsRefused(t *testing.T) {
+	e := testenv.Migrated(t)
+	dir := t.TempDir()
+	getenv := stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": dir})
+	first := startServer(t, getenv, serveVars)
+
+	second := stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": dir})
+	cmd := exec.Command(binary(t), "serve")
+	for _, n := range serveVars {
+		cmd.Env = append(cmd.Env, n+"="+second(n))
+	}
+	done := make(chan struct{})
+	var out []byte
+	var err error
+	go func() { out, err = cmd.CombinedOutput(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("a second serve on the same spool is still running after 20 s")
+	}
+	msg := string(out)
+	if err == nil || !strings.Contains(msg, dir) || !strings.Contains(msg, fmt.Sprintf("pid %d", first.cmd.Process.Pid)) {
+		t.Fatalf("second serve: %v\n%s\nwant a refusal naming %s and pid %d", err, msg, dir, first.cmd.Process.Pid)
+	}
+	// The first one is unharmed.
+	if resp, err := http.Get(first.base + "/healthz"); err != nil || resp.StatusCode != 200 {
+		t.Errorf("first server after the refusal: %v", err)
+	}
+}
+
+// An operator sees what waits in a spool, and ships a retired instance's spool with drain: here the
+// instance died (kill -9) while ClickHouse was unreachable to it.
+func TestSpoolStatusAndDrain(t *testing.T) {
+	e := testenv.Migrated(t)
+	tn, key := writeKey(t, e, "retired")
+	dir := t.TempDir()
+	// ClickHouse at an address nobody listens on: nothing the server accepts can ship.
+	dead := stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": dir,
+		"CLICKHOUSE_DSN": "clickhouse://default:@" + freeAddr(t) + "/" + e.DB})
+	p := startServer(t, dead, serveVars)
+	for i := 0; i < 3; i++ {
+		if st, body := postEvents(t, p.base, key, `[{"event":"a.b"},{"event":"c.d"}]`); st != 202 {
+			t.Fatalf("post: %d %s", st, body)
+		}
+	}
+	time.Sleep(300 * time.Millisecond)
+	live := runCmd(t, dead, "spool", "status", "--dir", dir)
+	if live.code != 0 || !strings.Contains(live.stdout, "held by pid") || !strings.Contains(live.stdout, "6 events") {
+		t.Errorf("status of a running server's spool: %d\n%s%s", live.code, live.stdout, live.stderr)
+	}
+	if r := runCmd(t, dead, "spool", "drain", "--dir", dir); r.code == 0 || !strings.Contains(r.stderr, "in use by") {
+		t.Errorf("drain while a server holds the spool: %d %s, want a refusal", r.code, r.stderr)
+	}
+	p.cmd.Process.Kill()
+	p.cmd.Wait()
+
+	getenv := stackEnv(t, e, nil)
+	ins := runCmd(t, getenv, "spool", "inspect", "--dir", dir, "--json")
+	var rep struct {
+		Segments []struct {
+			Events int `json:"events"`
+		} `json:"segments"`
+	}
+	if err := json.Unmarshal([]byte(ins.stdout), &rep); err != nil || len(rep.Segments) == 0 {
+		t.Fatalf("inspect: %v %s %s", err, ins.stdout, ins.stderr)
+	}
+	rows := runCmd(t, getenv, "spool", "inspect", "--dir", dir, "--rows")
+	if n := strings.Count(rows.stdout, `"kind":"event"`); n != 6 {
+		t.Errorf("inspect --rows printed %d events, want 6:\n%s", n, rows.stdout)
+	}
+	if r := runCmd(t, getenv, "spool", "drain", "--dir", dir); r.code != 0 || !strings.Contains(r.stdout, "drained") {
+		t.Fatalf("drain: %d %s %s", r.code, r.stdout, r.stderr)
+	}
+	if n := countEvents(t, e, tn); n != 6 {
+		t.Errorf("after drain: %d events stored, want 6", n)
+	}
+	if left, _ := os.ReadDir(dir); len(left) > 2 { // LOCK, and the quarantine dir if any
+		t.Errorf("spool after drain: %v", left)
+	}
+}
+
+// Rows ClickHouse refuses for good go to the quarantine while the rest ships; /readiness warns (and
+// stays 200), `spool status` lists them, and `spool requeue --all` ships them once fixed — while the
+// server keeps running.
+func TestQuarantineSeenAndRequeued(t *testing.T) {
+	e := testenv.Migrated(t)
+	tn, key := writeKey(t, e, "poisoned")
+	ctx := context.Background()
+	if err := e.CH.Exec(ctx, "ALTER TABLE "+e.DB+".events ADD COLUMN poison UInt8 DEFAULT throwIf(event = 'poison.pill')"); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	getenv := stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": dir, "INGEST_FLUSH_INTERVAL": "100ms"})
+	p := startServer(t, getenv, serveVars)
+	if st, body := postEvents(t, p.base, key, `[{"event":"a.b"},{"event":"poison.pill"},{"event":"c.d"}]`); st != 202 {
+		t.Fatalf("post: %d %s", st, body)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	var warnings []string
+	for {
+		resp, err := http.Get(p.base + "/readiness")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var r struct {
+			Warnings []string `json:"warnings"`
+		}
+		json.NewDecoder(resp.Body).Decode(&r)
+		resp.Body.Close()
+		if len(r.Warnings) > 0 {
+			if resp.StatusCode != 200 {
+				t.Errorf("readiness with rows in quarantine: %d, want 200 (a warning, not a failure)", resp.StatusCode)
+			}
+			warnings = r.Warnings
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no quarantine warning in /readiness after 30 s; stderr:\n%s", p.stderr)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !strings.Contains(warnings[0], "1 rows") || countEvents(t, e, tn) != 2 {
+		t.Errorf("warnings %v, %d stored; want 1 row quarantined and the 2 others stored", warnings, countEvents(t, e, tn))
+	}
+	st := runCmd(t, getenv, "spool", "status", "--dir", dir)
+	if !strings.Contains(st.stdout, "quarantine: 1 files, 1 rows") || !strings.Contains(st.stdout, "throwIf") {
+		t.Errorf("status:\n%s%s", st.stdout, st.stderr)
+	}
+	if r := runCmd(t, getenv, "spool", "requeue", "--dir", dir, "--all"); r.code == 0 {
+		t.Errorf("requeue before the fix: exit 0\n%s", r.stdout)
+	}
+	if err := e.CH.Exec(ctx, "ALTER TABLE "+e.DB+".events DROP COLUMN poison"); err != nil {
+		t.Fatal(err)
+	}
+	if r := runCmd(t, getenv, "spool", "requeue", "--dir", dir, "--all"); r.code != 0 || !strings.Contains(r.stdout, "1 inserted") {
+		t.Fatalf("requeue: %d %s %s", r.code, r.stdout, r.stderr)
+	}
+	if n := countEvents(t, e, tn); n != 3 {
+		t.Errorf("after requeue: %d stored, want 3", n)
+	}
+	if st := runCmd(t, getenv, "spool", "status", "--dir", dir); !strings.Contains(st.stdout, "quarantine: 0 files, 0 rows") {
+		t.Errorf("status after requeue:\n%s", st.stdout)
+	}
+}
