@@ -26,15 +26,43 @@ import (
 
 // Store is the claims and idempotency registry in Redis.
 type Store struct {
-	rdb    redis.UniversalClient
-	prefix string // prepended to every key (tests isolate themselves with it)
-	window time.Duration
-	now    func() time.Time
+	rdb      redis.UniversalClient
+	prefix   string // prepended to every key (tests isolate themselves with it)
+	window   time.Duration
+	now      func() time.Time
+	counting *Counting
+	claim    *redis.Script
 }
 
-// NewStore returns a Store keeping ids and idempotent responses for window.
-func NewStore(rdb redis.UniversalClient, prefix string, window time.Duration) *Store {
-	return &Store{rdb: rdb, prefix: prefix, window: window, now: time.Now}
+// Counting is the live usage counters a claim adds to, in the same atomic step (quota's): a row is
+// counted exactly when its id is claimed, so no crash, retry or timeout can count it twice or skip it.
+type Counting struct {
+	Keys interface {
+		Key(tenant uuid.UUID, metric string, day time.Time) string
+		BornKey(tenant uuid.UUID, day time.Time) string
+	}
+	// Lua defines born(key, now, ttl) and count(key, n, ttl) (quota.CountLua).
+	Lua string
+	// TTL is how long a counter is kept.
+	TTL time.Duration
+}
+
+// Unit says what row i of a claim adds to the live counters when its id turns out new: a metric
+// ("" for nothing), an amount, the UTC day it counts on, and when the row was received (rows received
+// before the day's counting began are the counters' rebuild's to count, not the claim's).
+type Unit = func(i int) (metric string, n int64, day, received time.Time)
+
+// Counted is told what a claim added to a counter: by how much, and the value after (for alerts).
+type Counted = func(day time.Time, metric string, by, value int64)
+
+// NewStore returns a Store keeping ids and idempotent responses for window. counting may be nil
+// (claims count nothing).
+func NewStore(rdb redis.UniversalClient, prefix string, window time.Duration, counting *Counting) *Store {
+	lua := ""
+	if counting != nil {
+		lua = counting.Lua
+	}
+	return &Store{rdb: rdb, prefix: prefix, window: window, now: time.Now, counting: counting, claim: redis.NewScript(lua + claimLua)}
 }
 
 // Window is how long an id or an Idempotency-Key is remembered.
@@ -49,91 +77,142 @@ func (s *Store) idKey(tenant uuid.UUID, kind byte, id uuid.UUID) string {
 	return fmt.Sprintf("%sdedup:{%s}:%c:%s", s.prefix, tenant, kind, id)
 }
 
-// claimScript claims KEYS[2..] for batch ARGV[1] (SET NX with the window as expiry) and reports per
-// id 1 when the batch holds it (new, or already its own) and 0 when another batch does. The first
-// element is the tenant's epoch (KEYS[1]), started at ARGV[3] when missing.
-var claimScript = redis.NewScript(`
-local epoch = redis.call('GET', KEYS[1])
-if not epoch then
-  epoch = ARGV[3]
-  redis.call('SET', KEYS[1], epoch)
-end
-local out = {tonumber(epoch)}
-for i = 2, #KEYS do
-  if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'EX', ARGV[2]) then
-    out[i] = 1
-  elseif redis.call('GET', KEYS[i]) == ARGV[1] then
-    out[i] = 1
-  else
-    out[i] = 0
-  end
-end
-return out
-`)
-
-// Claim records, for a batch whose rows are durable, that batch wid holds ids of a kind; dup[i]
-// reports that another batch held ids[i] already. The epoch is when the tenant's claims began.
-func (s *Store) Claim(ctx context.Context, tenant uuid.UUID, kind byte, wid uint64, ids []uuid.UUID) ([]bool, time.Time, error) {
-	keys := make([]string, 0, len(ids)+1)
-	keys = append(keys, s.epochKey(tenant))
-	for _, id := range ids {
-		keys = append(keys, s.idKey(tenant, kind, id))
-	}
-	res, err := claimScript.Run(ctx, s.rdb, keys, strconv.FormatUint(wid, 10), s.windowSeconds(), s.now().Unix()).Int64Slice()
-	if err != nil {
-		return nil, time.Time{}, fmt.Errorf("claim %d ids for tenant %s: %w", len(ids), tenant, err)
-	}
-	dup := make([]bool, len(ids))
-	for i := range ids {
-		dup[i] = res[i+1] == 0
-	}
-	return dup, time.Unix(res[0], 0).UTC(), nil
-}
-
-// verifyScript answers per id (KEYS[2..]) whether batch ARGV[2+i] holds it: 1 yes, 0 another batch
-// does, 2 nobody did and it now does (the claim expired or was lost). The first element is the epoch.
-var verifyScript = redis.NewScript(`
+// claimLua claims ids (KEYS[2..n+1]), each for its batch, with SET NX and the window as expiry, and
+// counts the rows it claims now. State per id: 2 claimed now, 1 its batch held it already, 0 another
+// batch holds it. The first element is the tenant's epoch (KEYS[1]), started now when missing; after
+// the states come (counter, added, value) triples.
+//
+//	ARGV: window, now, n, counter ttl, min received; then per id: batch id, counter's KEYS index (0:
+//	      none), amount, received, born key's KEYS index
+var claimLua = `
+local n = tonumber(ARGV[3])
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   epoch = ARGV[2]
   redis.call('SET', KEYS[1], epoch)
 end
 local out = {tonumber(epoch)}
-for i = 2, #KEYS do
-  local w = ARGV[i + 1]
-  local v = redis.call('GET', KEYS[i])
-  if v == w then
-    out[i] = 1
-  elseif not v then
-    redis.call('SET', KEYS[i], w, 'EX', ARGV[1])
-    out[i] = 2
-  else
-    out[i] = 0
+local sums, order = {}, {}
+local minrecv = tonumber(ARGV[5])
+for i = 1, n do
+  local a = 5 + (i - 1) * 5
+  local w = ARGV[a + 1]
+  local state = 0
+  if redis.call('SET', KEYS[i + 1], w, 'NX', 'EX', ARGV[1]) then
+    state = 2
+  elseif redis.call('GET', KEYS[i + 1]) == w then
+    state = 1
+  end
+  out[i + 1] = state
+  local c = tonumber(ARGV[a + 2])
+  if state == 2 and c > 0 then
+    local recv = tonumber(ARGV[a + 4])
+    if recv >= minrecv and recv >= born(KEYS[tonumber(ARGV[a + 5])], ARGV[2], ARGV[4]) then
+      if not sums[c] then
+        sums[c] = 0
+        order[#order + 1] = c
+      end
+      sums[c] = sums[c] + tonumber(ARGV[a + 3])
+    end
   end
 end
+for _, c in ipairs(order) do
+  out[#out + 1] = c
+  out[#out + 1] = sums[c]
+  out[#out + 1] = count(KEYS[c], sums[c], ARGV[4])
+end
 return out
-`)
+`
+
+// run claims ids (batch wids[i] for ids[i]) and counts the newly claimed rows received at or after
+// minReceived, returning each id's state and the tenant's epoch.
+func (s *Store) run(ctx context.Context, tenant uuid.UUID, kind byte, ids []uuid.UUID, wids []uint64, minReceived time.Time, unit Unit, counted Counted) ([]int64, time.Time, error) {
+	n := len(ids)
+	keys := make([]string, 0, n+4)
+	keys = append(keys, s.epochKey(tenant))
+	for _, id := range ids {
+		keys = append(keys, s.idKey(tenant, kind, id))
+	}
+	ttl := int64(1)
+	if s.counting != nil {
+		ttl = max(int64(s.counting.TTL/time.Second), 1)
+	}
+	args := make([]any, 0, 5+5*n)
+	args = append(args, s.windowSeconds(), s.now().Unix(), n, ttl, minReceived.Unix())
+	type counter struct {
+		day    time.Time
+		metric string
+	}
+	index := map[string]int{} // extra key -> its KEYS index (1-based)
+	named := map[int]counter{}
+	keyIndex := func(k string) int {
+		if i, ok := index[k]; ok {
+			return i
+		}
+		keys = append(keys, k)
+		index[k] = len(keys)
+		return len(keys)
+	}
+	for i := range ids {
+		var metric string
+		var amount int64
+		var d, received time.Time
+		if unit != nil && s.counting != nil {
+			metric, amount, d, received = unit(i)
+		}
+		c, b := 0, 0
+		if metric != "" {
+			b = keyIndex(s.counting.Keys.BornKey(tenant, d))
+			c = keyIndex(s.counting.Keys.Key(tenant, metric, d))
+			named[c] = counter{d, metric}
+		}
+		args = append(args, strconv.FormatUint(wids[i], 10), c, amount, received.Unix(), b)
+	}
+	res, err := s.claim.Run(ctx, s.rdb, keys, args...).Int64Slice()
+	if err != nil {
+		return nil, time.Time{}, err
+	}
+	if counted != nil {
+		for j := n + 1; j+2 < len(res); j += 3 {
+			c := named[int(res[j])]
+			counted(c.day, c.metric, res[j+1], res[j+2])
+		}
+	}
+	return res[1 : n+1], time.Unix(res[0], 0).UTC(), nil
+}
+
+// Claim records, for a batch whose rows are durable, that batch wid holds ids of a kind; dup[i]
+// reports that another batch held ids[i] already. Rows claimed now are counted in the same step
+// (unit). The epoch is when the tenant's claims began.
+func (s *Store) Claim(ctx context.Context, tenant uuid.UUID, kind byte, wid uint64, ids []uuid.UUID, unit Unit, counted Counted) ([]bool, time.Time, error) {
+	wids := make([]uint64, len(ids))
+	for i := range wids {
+		wids[i] = wid
+	}
+	states, epoch, err := s.run(ctx, tenant, kind, ids, wids, time.Time{}, unit, counted)
+	if err != nil {
+		return nil, time.Time{}, fmt.Errorf("claim %d ids for tenant %s: %w", len(ids), tenant, err)
+	}
+	dup := make([]bool, len(ids))
+	for i, st := range states {
+		dup[i] = st == 0
+	}
+	return dup, epoch, nil
+}
 
 // Verify answers, when rows are shipped, whether batch wids[i] holds ids[i], claiming the ids nobody
-// holds for their batch (reclaimed).
-func (s *Store) Verify(ctx context.Context, tenant uuid.UUID, kind byte, ids []uuid.UUID, wids []uint64) (held, reclaimed []bool, epoch time.Time, err error) {
-	keys := make([]string, 0, len(ids)+1)
-	keys = append(keys, s.epochKey(tenant))
-	args := make([]any, 0, len(ids)+2)
-	args = append(args, s.windowSeconds(), s.now().Unix())
-	for i, id := range ids {
-		keys = append(keys, s.idKey(tenant, kind, id))
-		args = append(args, strconv.FormatUint(wids[i], 10))
-	}
-	res, err := verifyScript.Run(ctx, s.rdb, keys, args...).Int64Slice()
+// holds for their batch (reclaimed) and counting those: unless received more than a window ago, when
+// the claim may have expired after the row was counted (the caller rebuilds their counters instead).
+func (s *Store) Verify(ctx context.Context, tenant uuid.UUID, kind byte, ids []uuid.UUID, wids []uint64, unit Unit, counted Counted) (held, reclaimed []bool, epoch time.Time, err error) {
+	states, epoch, err := s.run(ctx, tenant, kind, ids, wids, s.now().Add(-s.window), unit, counted)
 	if err != nil {
 		return nil, nil, time.Time{}, fmt.Errorf("verify %d claims for tenant %s: %w", len(ids), tenant, err)
 	}
 	held, reclaimed = make([]bool, len(ids)), make([]bool, len(ids))
-	for i := range ids {
-		held[i], reclaimed[i] = res[i+1] != 0, res[i+1] == 2
+	for i, st := range states {
+		held[i], reclaimed[i] = st != 0, st == 2
 	}
-	return held, reclaimed, time.Unix(res[0], 0).UTC(), nil
+	return held, reclaimed, epoch, nil
 }
 
 // Epochs returns the tenants' epochs; a tenant without one is absent (the zero time never equals an

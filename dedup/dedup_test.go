@@ -2,6 +2,7 @@ package dedup
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/quota"
 )
 
 type redisEnv struct {
@@ -27,7 +29,7 @@ type redisEnv struct {
 func newStore(t *testing.T) (*Store, redisEnv) {
 	t.Helper()
 	rdb, prefix := testenv.Redis(t)
-	return NewStore(rdb, prefix, time.Hour), redisEnv{rdb, prefix}
+	return NewStore(rdb, prefix, time.Hour, nil), redisEnv{rdb, prefix}
 }
 
 func TestClaimOwnsAnIDOncePerTenantAndKind(t *testing.T) {
@@ -35,22 +37,22 @@ func TestClaimOwnsAnIDOncePerTenantAndKind(t *testing.T) {
 	ctx := context.Background()
 	a, b := uuid.New(), uuid.New()
 	ids := []uuid.UUID{uuid.New(), uuid.New()}
-	dup, epoch, err := s.Claim(ctx, a, 'e', 1, ids)
+	dup, epoch, err := s.Claim(ctx, a, 'e', 1, ids, nil, nil)
 	if err != nil || dup[0] || dup[1] || epoch.IsZero() {
 		t.Fatalf("first claim: %v %v %v", dup, epoch, err)
 	}
 	// The same batch claiming again (a retried script) still holds its ids.
-	if dup, _, _ := s.Claim(ctx, a, 'e', 1, ids); dup[0] || dup[1] {
+	if dup, _, _ := s.Claim(ctx, a, 'e', 1, ids, nil, nil); dup[0] || dup[1] {
 		t.Errorf("same batch again: %v, want its own ids held", dup)
 	}
-	if dup, _, _ := s.Claim(ctx, a, 'e', 2, []uuid.UUID{ids[1], uuid.New()}); !dup[0] || dup[1] {
+	if dup, _, _ := s.Claim(ctx, a, 'e', 2, []uuid.UUID{ids[1], uuid.New()}, nil, nil); !dup[0] || dup[1] {
 		t.Errorf("another batch: %v, want [true false]", dup)
 	}
 	// Ids are per tenant and per kind.
-	if dup, _, _ := s.Claim(ctx, b, 'e', 3, ids); dup[0] || dup[1] {
+	if dup, _, _ := s.Claim(ctx, b, 'e', 3, ids, nil, nil); dup[0] || dup[1] {
 		t.Errorf("tenant B, same ids: %v, want new", dup)
 	}
-	if dup, _, _ := s.Claim(ctx, a, 'i', 4, ids); dup[0] || dup[1] {
+	if dup, _, _ := s.Claim(ctx, a, 'i', 4, ids, nil, nil); dup[0] || dup[1] {
 		t.Errorf("increments, same ids: %v, want new", dup)
 	}
 }
@@ -60,9 +62,9 @@ func TestVerifyKeepsOwnersAndReclaimsLostClaims(t *testing.T) {
 	ctx := context.Background()
 	tn := uuid.New()
 	mine, theirs, lost := uuid.New(), uuid.New(), uuid.New()
-	_, epoch, _ := s.Claim(ctx, tn, 'e', 10, []uuid.UUID{mine})
-	s.Claim(ctx, tn, 'e', 20, []uuid.UUID{theirs})
-	held, reclaimed, e2, err := s.Verify(ctx, tn, 'e', []uuid.UUID{mine, theirs, lost}, []uint64{10, 10, 10})
+	_, epoch, _ := s.Claim(ctx, tn, 'e', 10, []uuid.UUID{mine}, nil, nil)
+	s.Claim(ctx, tn, 'e', 20, []uuid.UUID{theirs}, nil, nil)
+	held, reclaimed, e2, err := s.Verify(ctx, tn, 'e', []uuid.UUID{mine, theirs, lost}, []uint64{10, 10, 10}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,7 +72,7 @@ func TestVerifyKeepsOwnersAndReclaimsLostClaims(t *testing.T) {
 		t.Errorf("verify: held %v reclaimed %v epoch %v (claim epoch %v)", held, reclaimed, e2, epoch)
 	}
 	// A reclaimed id now belongs to its batch: another batch is a duplicate of it.
-	if dup, _, _ := s.Claim(ctx, tn, 'e', 30, []uuid.UUID{lost}); !dup[0] {
+	if dup, _, _ := s.Claim(ctx, tn, 'e', 30, []uuid.UUID{lost}, nil, nil); !dup[0] {
 		t.Error("an id reclaimed at ship time was claimed again by another batch")
 	}
 	// Redis losing everything shows as a new epoch.
@@ -81,7 +83,7 @@ func TestVerifyKeepsOwnersAndReclaimsLostClaims(t *testing.T) {
 	if err != nil || len(epochs) != 0 {
 		t.Fatalf("epochs after the loss: %v %v, want none", epochs, err)
 	}
-	_, e3, _ := s.Claim(ctx, tn, 'e', 40, []uuid.UUID{uuid.New()})
+	_, e3, _ := s.Claim(ctx, tn, 'e', 40, []uuid.UUID{uuid.New()}, nil, nil)
 	if !e3.After(epoch) {
 		t.Errorf("epoch after the loss %v, want after %v", e3, epoch)
 	}
@@ -185,10 +187,68 @@ func TestIdempotencyWithRedisDownRunsTheRequest(t *testing.T) {
 	proxy := testenv.NewProxy(t, u.Host)
 	rdb := redis.NewClient(&redis.Options{Addr: proxy.Addr, DialTimeout: 200 * time.Millisecond, ReadTimeout: 200 * time.Millisecond, MaxRetries: -1})
 	t.Cleanup(func() { rdb.Close() })
-	s := NewStore(rdb, prefix, time.Hour)
+	s := NewStore(rdb, prefix, time.Hour, nil)
 	proxy.SetDown(true)
 	a := app(t, s, uuid.New(), func(c *fiber.Ctx) error { return c.Status(202).SendString("ok") })
 	if st, _, h := do(t, a, "b", "k"); st != 202 || h.Get("X-Analytics-Degraded") == "" {
 		t.Errorf("redis down: %d degraded=%q", st, h.Get("X-Analytics-Degraded"))
+	}
+}
+
+// A row is counted in the step that claims its id: once, whoever claims it (the request, or shipping
+// after the request could not), and never when another batch holds the id. A row received before
+// the day's counting began (Redis lost it) or more than a window ago is left to the counters'
+// rebuild.
+func TestClaimCountsWhatItClaims(t *testing.T) {
+	rdb, prefix := testenv.Redis(t)
+	counters := quota.NewCounters(rdb, prefix)
+	s := NewStore(rdb, prefix, time.Hour, &Counting{Keys: counters, Lua: quota.CountLua, TTL: quota.CounterTTL})
+	ctx := context.Background()
+	tn := uuid.New()
+	now := time.Now().UTC().Truncate(time.Second)
+	today := now.Truncate(24 * time.Hour)
+	ids := []uuid.UUID{uuid.New(), uuid.New(), uuid.New()}
+	unit := func(received time.Time) Unit {
+		return func(i int) (string, int64, time.Time, time.Time) {
+			if i == 2 {
+				return "", 0, time.Time{}, time.Time{} // not a counted event
+			}
+			return "builds_daily", 5, today, received
+		}
+	}
+	var heard []string
+	counted := func(d time.Time, metric string, by, value int64) {
+		heard = append(heard, fmt.Sprintf("%s %s +%d=%d", d.Format("2006-01-02"), metric, by, value))
+	}
+	get := func() int64 {
+		n, _, _ := counters.Get(ctx, tn, "builds_daily", today)
+		return n
+	}
+	if _, _, err := s.Claim(ctx, tn, 'e', 1, ids, unit(now), counted); err != nil {
+		t.Fatal(err)
+	}
+	if get() != 10 || len(heard) != 1 || heard[0] != today.Format("2006-01-02")+" builds_daily +10=10" {
+		t.Fatalf("after the first claim: counter %d, heard %v; want 10", get(), heard)
+	}
+	// The same ids again — another request, the same request's script retried, a ship-time verify.
+	s.Claim(ctx, tn, 'e', 2, ids, unit(now), counted)
+	s.Claim(ctx, tn, 'e', 1, ids, unit(now), counted)
+	s.Verify(ctx, tn, 'e', ids, []uint64{1, 1, 1}, unit(now), counted)
+	if get() != 10 {
+		t.Errorf("after repeats: counter %d, want 10", get())
+	}
+	// Shipping claims an id whose request-time claim never happened: it counts it.
+	late := []uuid.UUID{uuid.New()}
+	s.Verify(ctx, tn, 'e', late, []uint64{7}, unit(now), counted)
+	if get() != 15 {
+		t.Errorf("after a ship-time claim: counter %d, want 15", get())
+	}
+	// ...but not a row received more than a window ago (its claim may have expired after counting).
+	s.Verify(ctx, tn, 'e', []uuid.UUID{uuid.New()}, []uint64{8}, unit(now.Add(-2*time.Hour)), counted)
+	// ...nor one received before the day's counting began.
+	rdb.Set(ctx, counters.BornKey(tn, today), now.Add(time.Minute).Unix(), time.Hour)
+	s.Claim(ctx, tn, 'e', 9, []uuid.UUID{uuid.New()}, unit(now), counted)
+	if get() != 15 {
+		t.Errorf("rows left to the rebuild were counted: counter %d, want 15", get())
 	}
 }

@@ -22,23 +22,33 @@ const (
 // Claims remembers, for every tenant and across instances, which event and increment ids were taken
 // within the dedup window, and by which batch (one accepted request, named by a random batch id kept
 // with its rows in the spool). The first batch to claim an id owns it; every other copy is a duplicate.
-// *dedup.Store implements it over Redis.
+// A row is added to the live usage counters in the same atomic step that claims its id, so it is
+// counted exactly when it is claimed: once. *dedup.Store implements it over Redis.
 //
 // A tenant's epoch is when its claim history began (the first claim, or the first after Redis lost
 // its data). A claim proves an id new only if the history covers the whole window before the row
 // arrived: epoch <= received - Window. Rows claimed before that are checked in ClickHouse at ship time.
 type Claims interface {
 	Window() time.Duration
-	// Claim records, once a batch is durable, that it holds ids. dup[i] reports that another batch
-	// held ids[i] already.
-	Claim(ctx context.Context, tenant uuid.UUID, kind Kind, wid uint64, ids []uuid.UUID) (dup []bool, epoch time.Time, err error)
+	// Claim records, once a batch is durable, that it holds ids, counting the rows it claims.
+	// dup[i] reports that another batch held ids[i] already.
+	Claim(ctx context.Context, tenant uuid.UUID, kind Kind, wid uint64, ids []uuid.UUID, unit Unit, counted Counted) (dup []bool, epoch time.Time, err error)
 	// Verify answers at ship time whether batch wids[i] holds ids[i] (held), claiming it for wids[i]
 	// when nobody does — then reclaimed[i] is set too: the claim expired or was lost, so ClickHouse
-	// may have the row already. A row not held is a duplicate.
-	Verify(ctx context.Context, tenant uuid.UUID, kind Kind, ids []uuid.UUID, wids []uint64) (held, reclaimed []bool, epoch time.Time, err error)
+	// may have the row already. A row not held is a duplicate. Rows claimed now are counted, unless
+	// received more than a window ago (their claim may have expired after they were counted).
+	Verify(ctx context.Context, tenant uuid.UUID, kind Kind, ids []uuid.UUID, wids []uint64, unit Unit, counted Counted) (held, reclaimed []bool, epoch time.Time, err error)
 	// Epochs returns the tenants' current epochs (absent: none yet).
 	Epochs(ctx context.Context, tenants []uuid.UUID) (map[uuid.UUID]time.Time, error)
 }
+
+// Unit says what row i of a claim adds to the live counters when its id turns out new: a metric
+// ("" for nothing), an amount, the UTC day it counts on, and when the row was received. (An alias of
+// a plain func type, so a Claims implementation needs nothing from this package.)
+type Unit = func(i int) (metric string, n int64, day, received time.Time)
+
+// Counted is told what a claim added to a live counter: by how much, and its value after.
+type Counted = func(day time.Time, metric string, by, value int64)
 
 // trusted reports whether a claim made under epoch proves a row received at received new.
 func trusted(epoch, received time.Time, window time.Duration) bool {
@@ -54,7 +64,10 @@ type batch struct {
 	// checkAll: ClickHouse is asked for every row before it is inserted (requeued or legacy rows,
 	// whose history is unknown).
 	checkAll bool
-	claim    *claimState
+	// uncounted: the live counters must not count these rows when they are claimed (a consume's
+	// increment, which the consume itself counted).
+	uncounted bool
+	claim     *claimState
 }
 
 func newBatch(events []Row, incs []Increment) *batch {
@@ -75,35 +88,12 @@ type claimState struct {
 	evDup   []bool
 	incDup  []bool
 	epoch   time.Time
-	// countedAll: the live counters counted every row without a verdict (Redis could not answer the
-	// claim, or nothing is claimed at request time), so a duplicate found later was counted too.
-	countedAll bool
-}
-
-func (c *claimState) countedUnsettled() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.countedAll = true
 }
 
 func (c *claimState) settle(evDup, incDup []bool, epoch time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.settled, c.evDup, c.incDup, c.epoch = true, evDup, incDup, epoch
-}
-
-// counted reports whether the live counters counted row i of a kind.
-func (c *claimState) counted(k int, i int) bool {
-	if c == nil {
-		return false
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	dup := c.evDup
-	if k == 1 {
-		dup = c.incDup
-	}
-	return c.countedAll || (c.settled && i < len(dup) && !dup[i])
 }
 
 // get returns the settled state, or ok=false when the request-time claim did not (yet) succeed.

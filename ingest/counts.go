@@ -17,11 +17,16 @@ import (
 // A delta that cannot be delivered (Redis down, a timeout, a full queue) is not retried — a retry
 // after an ambiguous failure could count it twice. Instead the tenant's counters for that day are
 // Forgotten as soon as Redis answers again, so the day is rebuilt from ClickHouse, which has every row.
+//
+// With Claims (deduplication on), rows are counted by the claim that proves them new, in the same
+// Redis step, and Add is not used; Counted then hears what was added, for alerts.
 type Counter interface {
 	Add(ctx context.Context, tenant uuid.UUID, day, received time.Time, deltas map[string]int64) error
 	// Forget drops a tenant's live counters for a day (at least those of metrics), so that the next
 	// use rebuilds them from ClickHouse.
 	Forget(ctx context.Context, tenant uuid.UUID, day time.Time, metrics []string) error
+	// Counted is told that a claim added by to a tenant's counter of metric for day, which is now value.
+	Counted(ctx context.Context, tenant uuid.UUID, day time.Time, metric string, by, value int64)
 }
 
 // DefaultEventMetrics maps events to the daily quota metrics they count toward.

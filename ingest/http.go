@@ -58,6 +58,14 @@ func NewService(cfg Config, w *Writer, counter Counter, m *Metrics, log *slog.Lo
 			w.sh.uncounted = func(tenant uuid.UUID, d time.Time) {
 				miss(s.counts, tenantDay{tenant, d}, map[string]bool{})
 			}
+			// With claims, a row is counted by the claim that proves it new (at request time, or when
+			// shipped if that claim could not be made).
+			w.sh.eventMetrics = cfg.EventMetrics
+			w.sh.counted = func(tenant uuid.UUID, d time.Time, metric string, by, value int64) {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				counter.Counted(ctx, tenant, d, metric, by, value)
+			}
 		}
 	}
 	return s
@@ -73,16 +81,19 @@ type Levels interface {
 // UseLevels lets POST /usage set level metrics with {"metric":"storage_gb","value":12.5}.
 func (s *Service) UseLevels(l Levels) { s.levels = l }
 
-// RecordIncrement stores an increment durably without touching the live counters (quota's consume
-// has already counted it). With an idempotency key the increment's id is derived from it, so a
-// retried consume stores its spend once. It implements part of quota.Recorder.
-func (s *Service) RecordIncrement(ctx context.Context, tenant uuid.UUID, metric string, n int64, idempotencyKey string) error {
+// RecordIncrement stores an increment durably. counted says the live counters have it already
+// (quota's consume counted it in its own script); otherwise its claim counts it. With an idempotency
+// key the increment's id is derived from it, so a retried consume stores its spend once. It
+// implements part of quota.Recorder.
+func (s *Service) RecordIncrement(ctx context.Context, tenant uuid.UUID, metric string, n int64, idempotencyKey string, counted bool) error {
 	now := s.now().UTC()
 	id := newID()
 	if idempotencyKey != "" {
 		id = derivedID(tenant, "consume", idempotencyKey, 0)
 	}
-	_, err := s.store(ctx, newBatch(nil, []Increment{{ID: id, TenantID: tenant, Ts: now.Truncate(time.Second), Metric: metric, N: n}}))
+	b := newBatch(nil, []Increment{{ID: id, TenantID: tenant, Ts: now.Truncate(time.Second), Metric: metric, N: n}})
+	b.uncounted = counted
+	_, err := s.store(ctx, b)
 	return err
 }
 
@@ -261,16 +272,20 @@ func (s *Service) store(ctx context.Context, b *batch) (bool, error) {
 	return true, nil
 }
 
-// claim claims a batch's ids, events and increments apart (a batch belongs to one tenant).
+// claim claims a batch's ids, events and increments apart (a batch belongs to one tenant), counting
+// the rows that are new in the same step.
 func (s *Service) claim(ctx context.Context, claims Claims, b *batch) (evDup, incDup []bool, epoch time.Time, err error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 	defer cancel()
+	now := s.now()
 	if len(b.events) > 0 {
 		ids := make([]uuid.UUID, len(b.events))
 		for i := range b.events {
 			ids[i] = b.events[i].ID
 		}
-		if evDup, epoch, err = claims.Claim(ctx, b.events[0].TenantID, KindEvent, b.wid, ids); err != nil {
+		tenant := b.events[0].TenantID
+		unit := func(i int) (string, int64, time.Time, time.Time) { return s.w.sh.unit(KindEvent, b, i, now) }
+		if evDup, epoch, err = claims.Claim(ctx, tenant, KindEvent, b.wid, ids, unit, s.w.sh.countedFor(tenant)); err != nil {
 			return nil, nil, epoch, err
 		}
 	}
@@ -279,26 +294,25 @@ func (s *Service) claim(ctx context.Context, claims Claims, b *batch) (evDup, in
 		for i := range b.incs {
 			ids[i] = b.incs[i].ID
 		}
-		if incDup, epoch, err = claims.Claim(ctx, b.incs[0].TenantID, KindIncrement, b.wid, ids); err != nil {
+		tenant := b.incs[0].TenantID
+		unit := func(i int) (string, int64, time.Time, time.Time) { return s.w.sh.unit(KindIncrement, b, i, now) }
+		if incDup, epoch, err = claims.Claim(ctx, tenant, KindIncrement, b.wid, ids, unit, s.w.sh.countedFor(tenant)); err != nil {
 			return nil, nil, epoch, err
 		}
 	}
 	return evDup, incDup, epoch, nil
 }
 
-// count updates Prometheus and the live quota counters for the rows of b that are new: duplicates
-// found by the claim are not counted again.
+// count updates Prometheus for the rows of b that are new (duplicates found by the claim are not
+// counted again) and, without claims, feeds the live quota counters; with claims the claim that
+// proved the rows new has counted them already (or will, when they ship).
 func (s *Service) count(p api.Principal, b *batch, now time.Time) {
 	evDup, incDup, _, settled := b.claim.get()
-	if !settled {
-		// Counted without knowing which rows are duplicates: if shipping finds some, the tenant-day's
-		// counters are rebuilt from ClickHouse.
-		b.claim.countedUnsettled()
-	}
 	rows, incs := b.events, b.incs
 	if settled {
 		rows, incs = keep(rows, evDup), keep(incs, incDup)
 	}
+	live := s.w == nil || s.w.sh.claims == nil
 	type es struct{ event, source string }
 	perEvent := map[es]int{}
 	deltas := map[countKey]map[string]int64{}
@@ -334,7 +348,9 @@ func (s *Service) count(p api.Principal, b *batch, now time.Time) {
 			}
 		}
 	}
-	s.counts.add(deltas)
+	if live {
+		s.counts.add(deltas)
+	}
 }
 
 // UsageRequest is the guide's increment_usage(metric, n).

@@ -113,7 +113,7 @@ func (h *harness) newInstance(t *testing.T, o opts) *instance {
 	var claims Claims
 	var mw []fiber.Handler
 	if !o.noDedup {
-		in.dedup = dedup.NewStore(rdb, h.env.Prefix, 24*time.Hour)
+		in.dedup = dedup.NewStore(rdb, h.env.Prefix, 24*time.Hour, &dedup.Counting{Keys: in.counters, Lua: quota.CountLua, TTL: quota.CounterTTL})
 		claims = in.dedup
 		mw = append(mw, in.dedup.Idempotency(nil))
 	}
@@ -178,6 +178,8 @@ func (a counterAdapter) Add(ctx context.Context, t uuid.UUID, d, received time.T
 func (a counterAdapter) Forget(ctx context.Context, t uuid.UUID, d time.Time, metrics []string) error {
 	return a.c.Forget(ctx, t, d, metrics)
 }
+
+func (counterAdapter) Counted(context.Context, uuid.UUID, time.Time, string, int64, int64) {}
 
 type resp struct {
 	status int
@@ -652,7 +654,7 @@ func TestSpoolReplayAfterCrashIsExactlyOnce(t *testing.T) {
 	f.Write(legacyRecord(mk(5))[:40])
 	f.Close()
 
-	w, err := NewWriter(WriterConfig{Dir: dir, FlushInterval: 50 * time.Millisecond}, env.CH, env.DB, dedup.NewStore(env.Redis, env.Prefix, time.Hour), nil, nil)
+	w, err := NewWriter(WriterConfig{Dir: dir, FlushInterval: 50 * time.Millisecond}, env.CH, env.DB, dedup.NewStore(env.Redis, env.Prefix, time.Hour, nil), nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -42,6 +42,10 @@ type shipper struct {
 	// uncounted is told of tenant-days whose live counters counted a row that was not stored after
 	// all (a duplicate found at ship time, or quarantined): their counters are rebuilt.
 	uncounted func(tenant uuid.UUID, day time.Time)
+	// eventMetrics maps events to the daily metrics the live counters count them toward, and counted
+	// is told what a claim added (alerts); both set by the Service (nil: claims count nothing).
+	eventMetrics map[string]string
+	counted      func(tenant uuid.UUID, day time.Time, metric string, by, value int64)
 
 	lastSuccess atomic.Int64 // unix nanoseconds of the last successful insert
 	queries     atomic.Uint64
@@ -234,13 +238,15 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 						dups++
 						continue
 					}
-					it.counted = b.claim.counted(k, i)
+					it.counted = true // by the request-time claim
 					it.unsure = !trusted(epoch, it.received(kind), window)
 					it.check = attempted || b.checkAll || it.unsure
 					out[k] = append(out[k], it)
 					continue
 				}
-				it.counted = b.claim.counted(k, i)
+				// Counted if a request-time claim counted it before Redis lost the claims; unknown, so
+				// a duplicate found now rebuilds the counters (see the Dup case below).
+				it.counted = settled && i < len(dup) && !dup[i]
 				verify[group{t, kind}] = append(verify[group{t, kind}], it)
 			}
 		}
@@ -254,7 +260,9 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 			for i, it := range part {
 				ids[i], wids[i] = it.key(g.kind).id, it.b.wid
 			}
-			held, reclaimed, epoch, err := sh.claims.Verify(ctx, g.tenant, g.kind, ids, wids)
+			now := time.Now()
+			unit := func(i int) (string, int64, time.Time, time.Time) { return sh.unit(g.kind, part[i].b, part[i].i, now) }
+			held, reclaimed, epoch, err := sh.claims.Verify(ctx, g.tenant, g.kind, ids, wids, unit, sh.countedFor(g.tenant))
 			if err != nil {
 				return out, fmt.Errorf("verify claims before shipping: %w", err)
 			}
@@ -272,6 +280,12 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 					continue
 				case reclaimed[i]:
 					it.unsure, it.check = true, true
+					// Counted now, by Verify — unless received more than a window ago: then it may have
+					// been counted when first claimed, and its counters are rebuilt instead.
+					it.counted = now.Sub(it.received(g.kind)) < window
+					if !it.counted {
+						sh.uncount(it.tenant(g.kind), it.ts(g.kind))
+					}
 				default:
 					it.unsure = !trusted(epoch, it.received(g.kind), window)
 					it.check = attempted || it.b.checkAll || it.unsure
@@ -284,6 +298,37 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 		sh.metrics.Duplicates.WithLabelValues("ship").Add(float64(dups))
 	}
 	return out, nil
+}
+
+// unit is what row i of b (of a kind) adds to the live counters when claimed at now: its metric, the
+// amount, its UTC day, when it was received. Only today and yesterday have live counters.
+func (sh *shipper) unit(kind Kind, b *batch, i int, now time.Time) (string, int64, time.Time, time.Time) {
+	if sh.eventMetrics == nil || b.uncounted {
+		return "", 0, time.Time{}, time.Time{}
+	}
+	var metric string
+	var n int64
+	var ts, received time.Time
+	if kind == KindEvent {
+		r := &b.events[i]
+		metric, n, ts, received = sh.eventMetrics[r.Event], 1, r.Ts, r.ReceivedAt
+	} else {
+		in := &b.incs[i]
+		metric, n, ts, received = in.Metric, in.N, in.Ts, in.Ts
+	}
+	d, today := day(ts), day(now)
+	if metric == "" || d.After(today) || d.Before(today.AddDate(0, 0, -1)) {
+		return "", 0, time.Time{}, time.Time{}
+	}
+	return metric, n, d, received
+}
+
+// countedFor passes what a claim of tenant's rows added to the live counters on to the Service.
+func (sh *shipper) countedFor(tenant uuid.UUID) Counted {
+	if sh.counted == nil {
+		return nil
+	}
+	return func(d time.Time, metric string, by, value int64) { sh.counted(tenant, d, metric, by, value) }
 }
 
 func (sh *shipper) uncount(tenant uuid.UUID, ts time.Time) {

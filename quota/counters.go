@@ -54,25 +54,46 @@ func (c *Counters) seededKey(tenant uuid.UUID, d time.Time) string {
 	return fmt.Sprintf("%squota:{%s}:seeded:%s", c.prefix, tenant, day(d))
 }
 
-// addScript marks when live counting of the day began (born, set once) and increments the counters,
-// unless the rows were received in a second before born: those are ClickHouse's to report, through
-// the seed and its top-ups. The partition is exact at one-second resolution — every row is counted
-// either live or by the rebuild, never both — so a backlog of deltas queued while Redis was down
-// cannot be counted twice when it comes back. Returns the new values, or nothing when skipped.
-var addScript = redis.NewScript(`
-local born = tonumber(redis.call('GET', KEYS[1]))
-if not born then
-  born = tonumber(ARGV[1])
-  redis.call('SET', KEYS[1], born, 'EX', ARGV[2])
+// CountLua is the counting step other scripts compose with (dedup's claim script counts a row in the
+// same atomic step that claims its id, so a row is counted exactly when it is claimed). It defines:
+//
+//	born(key, now, ttl)  the unix second live counting of a tenant's day began, starting it at now
+//	                     when it had not: rows received before it are the rebuild's to count (Seed)
+//	count(key, n, ttl)   adds n to a counter, keeps it ttl seconds, returns the new value
+//
+// The partition at born is exact at one-second resolution: every row is counted either live (received
+// at or after born) or by the rebuild from ClickHouse, never both, so a backlog of increments that
+// could not be applied while Redis was down cannot be counted twice when it comes back.
+const CountLua = `
+local function born(key, now, ttl)
+  local b = tonumber(redis.call('GET', key))
+  if not b then
+    b = tonumber(now)
+    redis.call('SET', key, b, 'EX', ttl)
+  end
+  return b
 end
-if tonumber(ARGV[3]) < born then return {} end
+local function count(key, n, ttl)
+  local v = redis.call('INCRBY', key, n)
+  redis.call('EXPIRE', key, ttl)
+  return v
+end
+`
+
+// addScript increments the counters (KEYS[2..]) by ARGV[4..] for rows received in the second
+// ARGV[3], unless that is before the day's born (KEYS[1]). Returns the new values, or nothing when
+// skipped.
+var addScript = redis.NewScript(CountLua + `
+if tonumber(ARGV[3]) < born(KEYS[1], ARGV[1], ARGV[2]) then return {} end
 local out = {}
 for i = 2, #KEYS do
-  out[i - 1] = redis.call('INCRBY', KEYS[i], ARGV[i + 2])
-  redis.call('EXPIRE', KEYS[i], ARGV[2])
+  out[i - 1] = count(KEYS[i], ARGV[i + 2], ARGV[2])
 end
 return out
 `)
+
+// BornKey is the key holding when live counting of a tenant's day began (see CountLua).
+func (c *Counters) BornKey(tenant uuid.UUID, d time.Time) string { return c.bornKey(tenant, d) }
 
 // Add increments the tenant's counters for a day by deltas (rows received in the second `received`)
 // and returns the new values; nil when the rows predate live counting and were left to the rebuild.

@@ -53,7 +53,7 @@ func newHarness(t *testing.T) *harness {
 	if h.keyW, _, err = keys.Create(context.Background(), h.tenant.ID, "w", []auth.Scope{auth.ScopeEventsWrite}); err != nil {
 		t.Fatal(err)
 	}
-	claims := dedup.NewStore(h.env.Redis, h.env.Prefix, time.Hour)
+	claims := dedup.NewStore(h.env.Redis, h.env.Prefix, time.Hour, &dedup.Counting{Keys: NewCounters(h.env.Redis, h.env.Prefix), Lua: CountLua, TTL: CounterTTL})
 	h.writer, err = ingest.NewWriter(ingest.WriterConfig{Dir: t.TempDir(), FlushInterval: 20 * time.Millisecond}, h.env.CH, h.env.DB, claims, nil, nil)
 	if err != nil {
 		t.Fatal(err)

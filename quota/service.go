@@ -40,7 +40,8 @@ type Recorder interface {
 	// RecordIncrement stores an increment_usage durably without touching the live counters. With an
 	// idempotency key, the increment's id is derived from it: recording the same consume twice
 	// stores it once.
-	RecordIncrement(ctx context.Context, tenant uuid.UUID, metric string, n int64, idempotencyKey string) error
+	// counted says the live counters have it already.
+	RecordIncrement(ctx context.Context, tenant uuid.UUID, metric string, n int64, idempotencyKey string, counted bool) error
 	// Emit adds an event to the tenant's own event stream.
 	Emit(ctx context.Context, tenant uuid.UUID, slug, event string, props map[string]any) error
 }
@@ -159,6 +160,17 @@ func (s *Service) Add(ctx context.Context, tenant uuid.UUID, d, received time.Ti
 		}
 	}
 	return nil
+}
+
+// Counted hears that an ingest claim added by to a counter, now at value: it fires the alerts the
+// counter crossed (it implements ingest.Counter).
+func (s *Service) Counted(ctx context.Context, tenant uuid.UUID, d time.Time, metric string, by, value int64) {
+	if !s.cfg.Enabled || by <= 0 || !d.Equal(s.today()) || !IsDaily(metric) {
+		return
+	}
+	if lim, ok := s.limits.For(ctx, tenant)[metric]; ok {
+		s.checkAlerts(ctx, tenant, metric, float64(value-by), float64(value), lim)
+	}
 }
 
 // Forget drops the tenant's live counters for a day after ingest could not deliver a delta to them:
@@ -468,7 +480,8 @@ func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric stri
 	if res.Allowed {
 		// A replayed consume records again too: if the first run died before its record was durable,
 		// this one stores it; if not, the id derived from the key makes it a duplicate.
-		if err := s.rec.RecordIncrement(ctx, tenant, metric, n, o.IdempotencyKey); err != nil {
+		// A degraded consume (Redis unreachable) counted nothing: the increment's claim counts it.
+		if err := s.rec.RecordIncrement(ctx, tenant, metric, n, o.IdempotencyKey, !res.Degraded); err != nil {
 			if !res.Degraded && !out.Replayed {
 				if uerr := s.counters.Undo(ctx, tenant, metric, d, n, marker); uerr != nil {
 					s.log.Error("undo consume after a failed record", "tenant", tenant, "metric", metric, "err", uerr)

@@ -68,10 +68,11 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	app := api.NewApp(api.Config{BodyLimit: int(cfg.Ingest.Limits.MaxBodyBytes), ReadTimeout: cfg.ReadTimeout,
 		WriteTimeout: 5 * time.Minute, IdleTimeout: 2 * time.Minute}, log)
 	ingestMetrics := ingest.NewMetrics(reg, cfg.LabelCap)
+	counters := quota.NewCounters(rdb, "")
 	var claims ingest.Claims
 	var idempotency []fiber.Handler
 	if cfg.DedupWindow > 0 {
-		store := dedup.NewStore(rdb, "", cfg.DedupWindow)
+		store := dedup.NewStore(rdb, "", cfg.DedupWindow, counting(counters))
 		var _ ingest.Claims = store
 		claims = store
 		idempotency = append(idempotency, store.Idempotency(log.With("component", "idempotency")))
@@ -90,7 +91,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	writer.Start()
 	tenants := tenant.NewStore(pg)
 	auditLog := audit.New(pg)
-	quotaSvc := quota.NewService(cfg.Quota, quota.NewCounters(rdb, ""), quota.NewLimits(cfg.QuotaDefaults, tenants, 10*time.Second),
+	quotaSvc := quota.NewService(cfg.Quota, counters, quota.NewLimits(cfg.QuotaDefaults, tenants, 10*time.Second),
 		ch, cfg.ClickHouseDB, pg, auditLog, reg, log.With("component", "quota"))
 	var _ ingest.Counter = quotaSvc
 	ingestSvc := ingest.NewService(cfg.Ingest, writer, quotaSvc, ingestMetrics, log.With("component", "ingest"))
@@ -189,6 +190,12 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	step("postgres", func() error { pg.Close(); return nil })
 	step("redis", rdb.Close)
 	return err
+}
+
+// counting is how dedup's claims count the rows they prove new: in quota's live counters, with
+// quota's counting step, in the same Redis script as the claim.
+func counting(c *quota.Counters) *dedup.Counting {
+	return &dedup.Counting{Keys: c, Lua: quota.CountLua, TTL: quota.CounterTTL}
 }
 
 // checkClickHouse refuses a ClickHouse server analyticsd would corrupt data on — one not in UTC, or
