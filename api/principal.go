@@ -33,6 +33,9 @@ type Meter interface {
 	// Apply reports take()'s outcome: it sets the rate-limit headers and, when the token was
 	// refused, returns the 429 to answer with.
 	Apply(c *fiber.Ctx, allowed bool, milliTokens int64) error
+	// TakeNow takes the token the usual way, for a request answered without the handler (an
+	// Idempotency-Key replay): it returns the 429 when refused.
+	TakeNow(c *fiber.Ctx) error
 }
 
 const meterKey = "analyticsd.meter"

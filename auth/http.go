@@ -260,6 +260,11 @@ func (m *deferredMeter) Apply(c *fiber.Ctx, allowed bool, milliTokens int64) err
 	return m.a.limit(c, m.p, m.a.Limiter.Decide(allowed, milliTokens))
 }
 
+func (m *deferredMeter) TakeNow(c *fiber.Ctx) error {
+	m.applied = true
+	return m.a.meter(c, m.p)
+}
+
 func unavailable() error {
 	return &api.Error{Status: fiber.StatusServiceUnavailable, Code: "auth_unavailable",
 		Message: "cannot verify credentials right now; retry shortly", Header: map[string]string{"Retry-After": "5"}}

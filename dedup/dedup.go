@@ -18,6 +18,8 @@ import (
 	"context"
 	"fmt"
 	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -32,6 +34,11 @@ type Store struct {
 	now      func() time.Time
 	counting *Counting
 	claim    *redis.Script
+
+	mu       sync.Mutex
+	floor    time.Time // the latest Redis restart noticed (see restartFloor)
+	floorAt  time.Time // when it was last looked at
+	runIDsFn func(ctx context.Context) (map[string]string, error)
 }
 
 // Counting is the live usage counters a claim adds to, in the same atomic step (quota's): a row is
@@ -62,7 +69,9 @@ func NewStore(rdb redis.UniversalClient, prefix string, window time.Duration, co
 	if counting != nil {
 		lua = counting.Lua
 	}
-	return &Store{rdb: rdb, prefix: prefix, window: window, now: time.Now, counting: counting, claim: redis.NewScript(lua + claimLua)}
+	s := &Store{rdb: rdb, prefix: prefix, window: window, now: time.Now, counting: counting, claim: redis.NewScript(lua + claimLua)}
+	s.runIDsFn = s.runIDs
+	return s
 }
 
 // Window is how long an id or an Idempotency-Key is remembered.
@@ -193,6 +202,9 @@ func (s *Store) Claim(ctx context.Context, tenant uuid.UUID, kind byte, wid uint
 	if err != nil {
 		return nil, time.Time{}, fmt.Errorf("claim %d ids for tenant %s: %w", len(ids), tenant, err)
 	}
+	if epoch, err = s.withFloor(ctx, epoch, time.Second); err != nil {
+		return nil, time.Time{}, err
+	}
 	dup := make([]bool, len(ids))
 	for i, st := range states {
 		dup[i] = st == 0
@@ -207,6 +219,9 @@ func (s *Store) Verify(ctx context.Context, tenant uuid.UUID, kind byte, ids []u
 	states, epoch, err := s.run(ctx, tenant, kind, ids, wids, s.now().Add(-s.window), unit, counted)
 	if err != nil {
 		return nil, nil, time.Time{}, fmt.Errorf("verify %d claims for tenant %s: %w", len(ids), tenant, err)
+	}
+	if epoch, err = s.withFloor(ctx, epoch, 0); err != nil {
+		return nil, nil, time.Time{}, err
 	}
 	held, reclaimed = make([]bool, len(ids)), make([]bool, len(ids))
 	for i, st := range states {
@@ -233,12 +248,116 @@ func (s *Store) Epochs(ctx context.Context, tenants []uuid.UUID) (map[uuid.UUID]
 		n, err := cmds[i].Int64()
 		switch {
 		case err == nil:
-			out[t] = time.Unix(n, 0).UTC()
+			if out[t], err = s.withFloor(ctx, time.Unix(n, 0).UTC(), 0); err != nil {
+				return nil, err
+			}
 		case err != redis.Nil:
 			return nil, fmt.Errorf("read claim epochs: %w", err)
 		}
 	}
 	return out, nil
+}
+
+// withFloor raises a tenant's epoch to the latest Redis restart noticed, looking again when the last
+// look is older than maxAge (0: always — shipping does, so a restart is noticed before rows ship).
+func (s *Store) withFloor(ctx context.Context, epoch time.Time, maxAge time.Duration) (time.Time, error) {
+	floor, err := s.restartFloor(ctx, maxAge)
+	if err != nil {
+		return time.Time{}, err
+	}
+	if floor.After(epoch) {
+		return floor, nil
+	}
+	return epoch, nil
+}
+
+// restartScript records the run ids of the Redis servers (KEYS[1], a hash: server -> run id) and
+// returns the floor (KEYS[2]): the latest time a server known before was seen with another run id.
+// A server that restarted or failed over may be back with fewer keys than it had (an RDB snapshot, a
+// replica behind its master) while old epochs survived, so claims made before then prove nothing.
+// A hash seen for the first time — first use, or Redis lost everything, which epochs show anyway —
+// raises nothing. A master never seen before in a cluster that had masters raises it too (a
+// failover moves a shard to another address).
+var restartScript = redis.NewScript(`
+local floor = tonumber(redis.call('GET', KEYS[2]) or '0')
+local known = redis.call('EXISTS', KEYS[1]) == 1
+for i = 2, #ARGV, 2 do
+  local prev = redis.call('HGET', KEYS[1], ARGV[i])
+  if prev ~= ARGV[i + 1] then
+    if known then floor = math.max(floor, tonumber(ARGV[1])) end
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+if floor > 0 then redis.call('SET', KEYS[2], floor) end
+return floor
+`)
+
+func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Time, error) {
+	s.mu.Lock()
+	if maxAge > 0 && s.now().Sub(s.floorAt) < maxAge {
+		defer s.mu.Unlock()
+		return s.floor, nil
+	}
+	read := s.runIDsFn
+	s.mu.Unlock()
+	ids, err := read(ctx)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("read redis run ids: %w", err)
+	}
+	args := []any{s.now().Unix()}
+	for server, id := range ids {
+		args = append(args, server, id)
+	}
+	n, err := restartScript.Run(ctx, s.rdb, []string{s.prefix + "dedup:{restarts}", s.prefix + "dedup:{restarts}:floor"}, args...).Int64()
+	if err != nil {
+		return time.Time{}, fmt.Errorf("record redis run ids: %w", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n > 0 {
+		s.floor = time.Unix(n, 0).UTC()
+	}
+	s.floorAt = s.now()
+	return s.floor, nil
+}
+
+// SetRunIDs replaces how the Redis servers' run ids are read (tests: a restart on demand).
+func (s *Store) SetRunIDs(f func(ctx context.Context) (map[string]string, error)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.runIDsFn = f
+}
+
+// runIDs reads the run id of every Redis server holding claims (each master of a cluster).
+func (s *Store) runIDs(ctx context.Context) (map[string]string, error) {
+	ids := map[string]string{}
+	if c, ok := s.rdb.(*redis.ClusterClient); ok {
+		var mu sync.Mutex
+		err := c.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error {
+			id, err := runID(ctx, m)
+			mu.Lock()
+			ids["master "+m.Options().Addr] = id
+			mu.Unlock()
+			return err
+		})
+		return ids, err
+	}
+	id, err := runID(ctx, s.rdb)
+	ids["server"] = id
+	return ids, err
+}
+
+func runID(ctx context.Context, c redis.Cmdable) (string, error) {
+	info, err := c.Info(ctx, "server").Result()
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(info, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "run_id:"); ok {
+			return v, nil
+		}
+	}
+	return "", fmt.Errorf("no run_id in INFO server")
 }
 
 func (s *Store) windowSeconds() int64 { return max(int64(s.window/time.Second), 1) }

@@ -94,6 +94,12 @@ func (s *Store) Idempotency(log *slog.Logger) fiber.Handler {
 			if json.Unmarshal([]byte(prev), &r) != nil {
 				return c.Next()
 			}
+			// Answered without the handler: a deferred rate-limit token (consume) is taken here.
+			if m := api.MeterOf(c); m != nil {
+				if err := m.TakeNow(c); err != nil {
+					return err
+				}
+			}
 			switch {
 			case r.Fingerprint != fp:
 				return &api.Error{Status: http.StatusUnprocessableEntity, Code: "idempotency_key_reused",
@@ -110,10 +116,13 @@ func (s *Store) Idempotency(log *slog.Logger) fiber.Handler {
 			return c.Status(r.Status).SendString(r.Body)
 		}
 
-		if err := c.Next(); err != nil {
-			// Render the error now, so that the response can be kept like any other.
-			if herr := c.App().Config().ErrorHandler(c, err); herr != nil {
-				return herr
+		herr := c.Next()
+		if herr != nil {
+			// Render the error now, so that the response can be kept like any other; it is still
+			// returned below, so that the middleware before this one sees it (a deferred rate limit
+			// meters failed requests).
+			if rerr := c.App().Config().ErrorHandler(c, herr); rerr != nil {
+				return rerr
 			}
 		}
 		status := c.Response().StatusCode()
@@ -126,7 +135,7 @@ func (s *Store) Idempotency(log *slog.Logger) fiber.Handler {
 		if err := finishScript.Run(ctx, s.rdb, []string{rkey}, string(pending), done, s.windowSeconds()).Err(); err != nil {
 			log.Warn("idempotent response not kept: redis unavailable", "err", err)
 		}
-		return nil
+		return herr
 	}
 }
 

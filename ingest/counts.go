@@ -84,26 +84,45 @@ func (l *liveCounts) add(d map[countKey]map[string]int64) {
 		return
 	}
 	l.closing.RLock()
-	defer l.closing.RUnlock()
-	if l.closed {
-		for k, deltas := range d {
-			miss(l, tenantDay{k.tenant, k.day}, deltas)
+	closed, sent := l.closed, false
+	if !closed {
+		select {
+		case l.in <- d:
+			sent = true
+		default:
 		}
+	}
+	l.closing.RUnlock()
+	if sent {
 		return
 	}
-	select {
-	case l.in <- d:
-	default:
+	if !closed {
 		l.metrics.CounterErrors.Inc()
-		for k, deltas := range d {
-			miss(l, tenantDay{k.tenant, k.day}, deltas)
-		}
+	}
+	for k, deltas := range d {
+		miss(l, tenantDay{k.tenant, k.day}, deltas)
 	}
 }
 
 // miss records that the counters of a tenant and day did not get deltas of these metrics (the keys
-// of metrics: a delta map, or a set put back after a failed Forget).
+// of metrics: a delta map, or a set put back after a failed Forget). After close, when nobody would
+// forget them later (a duplicate found by the shutdown's last flush), they are forgotten at once.
 func miss[V any](l *liveCounts, td tenantDay, metrics map[string]V) {
+	l.closing.RLock()
+	closed := l.closed
+	l.closing.RUnlock()
+	if closed {
+		set := make([]string, 0, len(metrics))
+		for m := range metrics {
+			set = append(set, m)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		if err := l.counter.Forget(ctx, td.tenant, td.day, set); err != nil {
+			l.log.Warn("live quota counters not reset during shutdown; they are rebuilt when next reset", "tenant", td.tenant, "err", err)
+		}
+		return
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.missed == nil {

@@ -55,8 +55,12 @@ func NewService(cfg Config, w *Writer, counter Counter, m *Metrics, log *slog.Lo
 		if w != nil {
 			// Rows counted live when accepted but found at ship time to be duplicates, or quarantined:
 			// their tenant-day's counters are rebuilt from ClickHouse.
-			w.sh.uncounted = func(tenant uuid.UUID, d time.Time) {
-				miss(s.counts, tenantDay{tenant, d}, map[string]bool{})
+			w.sh.uncounted = func(tenant uuid.UUID, d time.Time, metric string) {
+				set := map[string]bool{}
+				if metric != "" {
+					set[metric] = true
+				}
+				miss(s.counts, tenantDay{tenant, d}, set)
 			}
 			// With claims, a row is counted by the claim that proves it new (at request time, or when
 			// shipped if that claim could not be made).
@@ -89,7 +93,8 @@ func (s *Service) RecordIncrement(ctx context.Context, tenant uuid.UUID, metric 
 	now := s.now().UTC()
 	id := newID()
 	if idempotencyKey != "" {
-		id = derivedID(tenant, "consume", idempotencyKey, 0)
+		// The metric is part of the name: the same key on another metric's consume is another spend.
+		id = derivedID(tenant, "consume\x00"+metric, idempotencyKey, 0)
 	}
 	b := newBatch(nil, []Increment{{ID: id, TenantID: tenant, Ts: now.Truncate(time.Second), Metric: metric, N: n}})
 	b.uncounted = counted

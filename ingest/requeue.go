@@ -50,7 +50,12 @@ func Requeue(ctx context.Context, spoolDir, name string, ch driver.Conn, db stri
 	sh := newShipper(ch, db, claims, WriterConfig{InsertTimeout: time.Minute, QuarantineAfter: 1, RetentionDays: o.RetentionDays}, NewMetrics(nil, 0), o.Log)
 	s := &segment{id: "requeue" + info.Segment, claims: map[uint64]*claimState{}}
 	days := map[tenantDay]bool{}
-	err = readChunks(r, info.Format, s.claims, func(_ int, bs []*batch) error {
+	spoolID, err := spool.ReadID(spoolDir)
+	if err != nil {
+		return res, err
+	}
+	cr := chunkReader{format: info.Format, claims: s.claims, spool: spoolID}
+	err = cr.read(r, func(_ int, bs []*batch) error {
 		for _, b := range bs {
 			b.checkAll = true // the rows' history is unknown: an earlier attempt may have stored some
 			b.uncounted = true

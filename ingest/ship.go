@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"slices"
 	"sort"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -41,14 +42,27 @@ type shipper struct {
 	quarantine func(spool.QuarantineInfo, [][]byte) (spool.QuarantineInfo, error)
 	// uncounted is told of tenant-days whose live counters counted a row that was not stored after
 	// all (a duplicate found at ship time, or quarantined): their counters are rebuilt.
-	uncounted func(tenant uuid.UUID, day time.Time)
+	uncounted func(tenant uuid.UUID, day time.Time, metric string)
 	// eventMetrics maps events to the daily metrics the live counters count them toward, and counted
 	// is told what a claim added (alerts); both set by the Service (nil: claims count nothing).
 	eventMetrics map[string]string
 	counted      func(tenant uuid.UUID, day time.Time, metric string, by, value int64)
 
-	lastSuccess atomic.Int64 // unix nanoseconds of the last successful insert
+	// lastSuccess is, per table (kind), when an insert last succeeded (unix nanoseconds): the
+	// evidence that ClickHouse takes that table's rows and refuses only particular ones.
+	lastSuccess [2]atomic.Int64
 	queries     atomic.Uint64
+
+	// history caches, per tenant and kind, whether ClickHouse holds rows received in the window
+	// before the tenant's claim epoch (see complete).
+	historyMu sync.Mutex
+	history   map[historyKey]bool
+}
+
+type historyKey struct {
+	tenant uuid.UUID
+	kind   Kind
+	epoch  time.Time
 }
 
 func newShipper(ch driver.Conn, db string, claims Claims, cfg WriterConfig, m *Metrics, log *slog.Logger) *shipper {
@@ -57,11 +71,13 @@ func newShipper(ch driver.Conn, db string, claims Claims, cfg WriterConfig, m *M
 
 // item is one row on its way to ClickHouse.
 type item struct {
-	b       *batch
-	i       int  // index in b.events or b.incs
-	check   bool // ask ClickHouse first: it may have the row already
-	unsure  bool // checked because its claim could not prove it new (not merely because of a retry)
-	counted bool // the live counters counted it when it was accepted
+	b            *batch
+	i            int  // index in b.events or b.incs
+	check        bool // ask ClickHouse first: it may have the row already
+	unsure       bool // checked because its claim could not prove it new (not merely because of a retry)
+	reclaimedNow bool // its claim was missing and was made when shipping
+	counted      bool // the live counters counted it when it was accepted
+	epoch        time.Time
 }
 
 func (it item) event() *Row           { return &it.b.events[it.i] }
@@ -105,6 +121,12 @@ func (sh *shipper) shipChunk(s *segment, bs []*batch, attempted bool) (int, erro
 	if err != nil {
 		return 0, err
 	}
+	if len(s.quarantined) > 0 {
+		// Rows this process already moved to the quarantine stay there when the segment is retried.
+		for k, kind := range kinds {
+			items[k] = slices.DeleteFunc(items[k], func(it item) bool { return s.quarantined[it.key(kind)] })
+		}
+	}
 	inserted := 0
 	waited := !attempted
 	refused := false
@@ -132,8 +154,12 @@ func (sh *shipper) shipChunk(s *segment, bs []*batch, attempted bool) (int, erro
 					}
 					return it.check
 				})
-				if err := sh.quarantineRows(s, kind, unsure, "may already have been stored before its day left the "+
-					fmt.Sprint(sh.cfg.RetentionDays)+"-day retention window, where ClickHouse can no longer be asked", nil); err != nil {
+				err := sh.quarantineRows(s, kind, unsure, "may already have been stored before its day left the "+
+					fmt.Sprint(sh.cfg.RetentionDays)+"-day retention window, where ClickHouse can no longer be asked", nil)
+				switch {
+				case errors.Is(err, errRefused):
+					refused = true // no quarantine here (memory mode): kept for a retry; the other days go on
+				case err != nil:
 					return inserted, err
 				}
 			}
@@ -150,7 +176,8 @@ func (sh *shipper) shipChunk(s *segment, bs []*batch, attempted bool) (int, erro
 					return inserted, err
 				}
 			}
-			n, bad, err := sh.insertIsolating(ctx, s, kind, its)
+			budget := isolationBudget
+			n, bad, err := sh.insertIsolating(ctx, s, kind, its, &budget)
 			inserted += n
 			if err != nil {
 				return inserted, err
@@ -239,14 +266,16 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 						continue
 					}
 					it.counted = true // by the request-time claim
+					it.epoch = epoch
 					it.unsure = !trusted(epoch, it.received(kind), window)
 					it.check = attempted || b.checkAll || it.unsure
 					out[k] = append(out[k], it)
 					continue
 				}
-				// Counted if a request-time claim counted it before Redis lost the claims; unknown, so
-				// a duplicate found now rebuilds the counters (see the Dup case below).
-				it.counted = settled && i < len(dup) && !dup[i]
+				// Whether a claim counted it is unknown here (a segment left by a crashed process, a
+				// claim whose answer was lost): take it as counted, so that if it turns out not to be
+				// stored after all its counters are rebuilt — a rebuild is always safe, an overcount not.
+				it.counted = !settled || (i < len(dup) && !dup[i])
 				verify[group{t, kind}] = append(verify[group{t, kind}], it)
 			}
 		}
@@ -275,18 +304,19 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 				case !held[i]:
 					dups++
 					if it.counted {
-						sh.uncount(it.tenant(g.kind), it.ts(g.kind))
+						sh.uncount(g.kind, it)
 					}
 					continue
 				case reclaimed[i]:
-					it.unsure, it.check = true, true
+					it.unsure, it.check, it.reclaimedNow = true, true, true
 					// Counted now, by Verify — unless received more than a window ago: then it may have
 					// been counted when first claimed, and its counters are rebuilt instead.
 					it.counted = now.Sub(it.received(g.kind)) < window
 					if !it.counted {
-						sh.uncount(it.tenant(g.kind), it.ts(g.kind))
+						sh.uncount(g.kind, it)
 					}
 				default:
+					it.epoch = epoch
 					it.unsure = !trusted(epoch, it.received(g.kind), window)
 					it.check = attempted || it.b.checkAll || it.unsure
 				}
@@ -297,7 +327,56 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 	if dups > 0 {
 		sh.metrics.Duplicates.WithLabelValues("ship").Add(float64(dups))
 	}
+	// A claim history younger than the window proves nothing only if ClickHouse holds rows of the
+	// tenant that were received before it began (within the window): rows whose claims Redis may
+	// have lost. A tenant new to analyticsd, or idle for a window, has none, and its claims stand.
+	for k, kind := range kinds {
+		for i := range out[k] {
+			it := &out[k][i]
+			if !it.unsure || it.reclaimedNow {
+				continue
+			}
+			complete, err := sh.complete(ctx, kind, it.tenant(kind), it.epoch)
+			if err != nil {
+				return out, err
+			}
+			if complete {
+				it.unsure = false
+				it.check = attempted || it.b.checkAll
+			}
+		}
+	}
 	return out, nil
+}
+
+// complete reports whether a tenant's claim history that began at epoch covers everything
+// ClickHouse holds of it: no row of the kind was received in the window up to epoch. Asked once per
+// tenant, kind and epoch.
+func (sh *shipper) complete(ctx context.Context, kind Kind, tenant uuid.UUID, epoch time.Time) (bool, error) {
+	k := historyKey{tenant, kind, epoch}
+	sh.historyMu.Lock()
+	v, ok := sh.history[k]
+	sh.historyMu.Unlock()
+	if ok {
+		return v, nil
+	}
+	// Inclusive of the epoch's own second: epochs are whole seconds, and a row received in that
+	// second may have been claimed before Redis lost its claims.
+	q := "SELECT count() FROM " + sh.db + ".events WHERE tenant_id = ? AND received_at >= ? AND received_at <= ?"
+	if kind == KindIncrement {
+		q = "SELECT count() FROM " + sh.db + ".usage_increments WHERE tenant_id = ? AND ts >= ? AND ts <= ?"
+	}
+	var n uint64
+	if err := sh.ch.QueryRow(ctx, q, tenant, epoch.Add(-sh.claims.Window()), epoch).Scan(&n); err != nil {
+		return false, fmt.Errorf("check what clickhouse holds from before tenant %s's claims: %w", tenant, err)
+	}
+	sh.historyMu.Lock()
+	defer sh.historyMu.Unlock()
+	if sh.history == nil || len(sh.history) > 100_000 {
+		sh.history = map[historyKey]bool{}
+	}
+	sh.history[k] = n == 0
+	return n == 0, nil
 }
 
 // unit is what row i of b (of a kind) adds to the live counters when claimed at now: its metric, the
@@ -331,10 +410,18 @@ func (sh *shipper) countedFor(tenant uuid.UUID) Counted {
 	return func(d time.Time, metric string, by, value int64) { sh.counted(tenant, d, metric, by, value) }
 }
 
-func (sh *shipper) uncount(tenant uuid.UUID, ts time.Time) {
-	if sh.uncounted != nil {
-		sh.uncounted(tenant, day(ts))
+// uncount has the live counters of its row's tenant-day rebuilt: they counted it, but it is not stored.
+func (sh *shipper) uncount(kind Kind, it item) {
+	if sh.uncounted == nil {
+		return
 	}
+	metric := ""
+	if kind == KindEvent {
+		metric = sh.eventMetrics[it.event().Event]
+	} else {
+		metric = it.increment().Metric
+	}
+	sh.uncounted(it.tenant(kind), day(it.ts(kind)), metric)
 }
 
 // withoutStored drops the rows of its (one kind, one day) that need a check and ClickHouse already has.
@@ -353,10 +440,11 @@ func (sh *shipper) withoutStored(ctx context.Context, kind Kind, its []item) ([]
 			part := idx[:n]
 			idx = idx[n:]
 			ids := make([]uuid.UUID, n)
-			lo, hi := its[part[0]].ts(kind), its[part[0]].ts(kind)
+			lo, hi := sh.searchRange(kind, its[part[0]])
 			for j, i := range part {
 				ids[j] = its[i].key(kind).id
-				lo, hi = minTime(lo, its[i].ts(kind)), maxTime(hi, its[i].ts(kind))
+				l, h := sh.searchRange(kind, its[i])
+				lo, hi = minTime(lo, l), maxTime(hi, h)
 			}
 			have, err := sh.stored(ctx, kind, tenant, lo, hi, ids)
 			if err != nil {
@@ -368,7 +456,7 @@ func (sh *shipper) withoutStored(ctx context.Context, kind Kind, its []item) ([]
 					drop[i] = true
 					if its[i].counted && its[i].unsure {
 						// Counted live as new, but an earlier copy was stored (and counted) before.
-						sh.uncount(tenant, its[i].ts(kind))
+						sh.uncount(kind, its[i])
 					}
 				}
 			}
@@ -387,24 +475,74 @@ func (sh *shipper) withoutStored(ctx context.Context, kind Kind, its []item) ([]
 	return out, nil
 }
 
+// isolationBudget is how many inserts one attempt at a chunk may spend finding the rows ClickHouse
+// refuses. Halving finds one bad row among 50,000 in ~32 inserts; a chunk refused whole would take
+// two inserts per row (minutes, for a large one, blocking its flusher). Parts still refused when the
+// budget is spent wait for the next attempt — the rows shipped meanwhile are found stored then.
+const isolationBudget = 64
+
+// errNotTried: a part left for the next attempt once the isolation budget was spent.
+var errNotTried = errors.New("not tried yet: this attempt's isolation budget is spent")
+
+// kindIndex is a kind's index in per-table arrays (events 0, increments 1).
+func kindIndex(kind Kind) int {
+	if kind == KindIncrement {
+		return 1
+	}
+	return 0
+}
+
+// searchRange is where in time ClickHouse may hold an earlier copy of it. A copy from an earlier
+// attempt at this very row has its ts. A copy sent earlier by the client has the same ts when the
+// client set it, or else its own arrival time — within the window before this one arrived — which is
+// where a row that cannot be proven new is looked for too. (Increments are always stamped on arrival.)
+func (sh *shipper) searchRange(kind Kind, it item) (lo, hi time.Time) {
+	ts := it.ts(kind)
+	if !it.unsure || sh.claims == nil {
+		return ts, ts
+	}
+	received := it.received(kind)
+	return minTime(ts, received.Add(-sh.claims.Window())), maxTime(ts, received)
+}
+
 // insertIsolating inserts its (one kind, one day). When ClickHouse refuses the insert outright it
 // splits it — by tenant, then in halves — and inserts the parts, returning the rows it still refuses
-// one by one. A failure that is not a refusal (the network, a timeout, the server's state) aborts
-// with that error: the chunk is retried whole.
-func (sh *shipper) insertIsolating(ctx context.Context, s *segment, kind Kind, its []item) (int, []refusal, error) {
+// (isolated one by one, or whole parts once the budget is spent). A failure that is not a refusal
+// (the network, a timeout, the server's state) aborts with that error: the chunk is retried whole.
+func (sh *shipper) insertIsolating(ctx context.Context, s *segment, kind Kind, its []item, budget *int) (int, []refusal, error) {
 	if len(its) == 0 {
 		return 0, nil, nil
 	}
+	now := time.Now()
+	ok := &sh.lastSuccess[kindIndex(kind)]
+	unresolved := func(err error) []refusal {
+		out := make([]refusal, len(its))
+		for i, it := range its {
+			out[i] = refusal{it: it, err: err, at: now, okBefore: ok.Load()}
+		}
+		return out
+	}
+	if *budget <= 0 {
+		return 0, unresolved(errNotTried), nil
+	}
+	*budget--
 	err := sh.insert(ctx, s, kind, its)
 	if err == nil {
-		sh.lastSuccess.Store(time.Now().UnixNano())
+		ok.Store(time.Now().UnixNano())
 		return len(its), nil, nil
+	}
+	if ctx.Err() != nil && len(its) > 1 {
+		// The attempt's time ran out while isolating: what is left waits for the next attempt,
+		// parked, instead of holding a flusher.
+		return 0, unresolved(err), nil
 	}
 	if !refusedRows(err) {
 		return 0, nil, err
 	}
 	if len(its) == 1 {
-		return 0, []refusal{{it: its[0], err: err, at: time.Now(), okBefore: sh.lastSuccess.Load()}}, nil
+		r := unresolved(err)
+		r[0].isolated = true
+		return 0, r, nil
 	}
 	// A refused insert may still have written some rows (a materialized view failing after the table
 	// took the block): never insert what is already there.
@@ -430,7 +568,7 @@ func (sh *shipper) insertIsolating(ctx context.Context, s *segment, kind Kind, i
 	total := 0
 	var bad []refusal
 	for _, p := range parts {
-		n, b, err := sh.insertIsolating(ctx, s, kind, p)
+		n, b, err := sh.insertIsolating(ctx, s, kind, p, budget)
 		total += n
 		bad = append(bad, b...)
 		if err != nil {
@@ -440,12 +578,14 @@ func (sh *shipper) insertIsolating(ctx context.Context, s *segment, kind Kind, i
 	return total, bad, nil
 }
 
-// refusal is a row ClickHouse refused on its own: when, and the last successful insert before that.
+// refusal is a row ClickHouse refused: when, the last successful insert into its table before that,
+// and whether it was refused on its own (isolated) or within a part not yet split up.
 type refusal struct {
 	it       item
 	err      error
 	at       time.Time
-	okBefore int64 // lastSuccess when the row was refused (unix nanoseconds)
+	okBefore int64 // lastSuccess of the row's table when it was refused (unix nanoseconds)
+	isolated bool
 }
 
 // handleRefused records each refused row's history and quarantines the rows refused
@@ -460,6 +600,10 @@ func (sh *shipper) handleRefused(s *segment, kind Kind, bad []refusal) (bool, er
 	var quarantine []refusal
 	left := false
 	for _, r := range bad {
+		if !r.isolated {
+			left = true // inside a part not yet split up: no verdict on this row yet
+			continue
+		}
 		k := r.it.key(kind)
 		h := s.bad[k]
 		if h == nil {
@@ -551,10 +695,14 @@ func (sh *shipper) quarantineRows(s *segment, kind Kind, its []item, reason stri
 	if err != nil {
 		return fmt.Errorf("quarantine rows: %w", err)
 	}
+	if s.quarantined == nil {
+		s.quarantined = map[rowKey]bool{}
+	}
 	for _, it := range its {
 		delete(s.bad, it.key(kind))
+		s.quarantined[it.key(kind)] = true
 		if it.counted {
-			sh.uncount(it.tenant(kind), it.ts(kind))
+			sh.uncount(kind, it)
 		}
 	}
 	sh.metrics.Quarantined.Add(float64(len(its)))

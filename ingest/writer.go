@@ -2,8 +2,10 @@ package ingest
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
 	"net/http"
 	"slices"
@@ -152,12 +154,14 @@ type segment struct {
 
 	// attempted: an insert of this segment may have reached ClickHouse (it failed, or the process
 	// died mid-insert), so the next attempt asks ClickHouse which rows it already has.
-	attempted  bool
-	chunksDone int                // leading chunks fully shipped by this process
-	bad        map[rowKey]*badRow // rows ClickHouse refused, with their history
-	notBefore  time.Time          // parked after a refusal: shipped again no earlier than this
-	refusals   int                // consecutive refused attempts (for the parking backoff)
-	claimed    bool               // a flusher is shipping it
+	attempted   bool
+	chunksDone  int                // leading chunks fully shipped by this process
+	bad         map[rowKey]*badRow // rows ClickHouse refused, with their history
+	unreadable  map[int]bool       // records (by ordinal) already moved to the quarantine
+	quarantined map[rowKey]bool    // rows already moved to the quarantine
+	notBefore   time.Time          // parked after a refusal: shipped again no earlier than this
+	refusals    int                // consecutive refused attempts (for the parking backoff)
+	claimed     bool               // a flusher is shipping it
 }
 
 type appendReq struct {
@@ -659,7 +663,25 @@ func (w *Writer) chunks(s *segment, fn func(i int, bs []*batch) error) error {
 		return err
 	}
 	defer r.Close()
-	if err := readChunks(r, s.file.Format, s.claims, fn); err != nil {
+	cr := chunkReader{format: s.file.Format, claims: s.claims, spool: w.sp.ID(), seq: s.seq, onBad: func(ordinal int, rec []byte, err error) error {
+		// The CRC matched, so this is not a torn write but a record this release cannot read: it
+		// must not hold up the records around it, nor be dropped. Set it aside, once.
+		if s.unreadable[ordinal] {
+			return nil
+		}
+		info, qerr := w.sp.Quarantine(spool.QuarantineInfo{Segment: s.id, Reason: "a spool record this release cannot read",
+			Error: err.Error(), Format: s.file.Format}, [][]byte{rec})
+		if qerr != nil {
+			return fmt.Errorf("quarantine an unreadable record of spool segment %d: %w", s.seq, qerr)
+		}
+		if s.unreadable == nil {
+			s.unreadable = map[int]bool{}
+		}
+		s.unreadable[ordinal] = true
+		w.log.Error("unreadable spool record moved to the quarantine", "segment", s.seq, "record", ordinal, "file", info.Name, "err", err)
+		return nil
+	}}
+	if err := cr.read(r, fn); err != nil {
 		return fmt.Errorf("spool segment %d: %w", s.seq, err)
 	}
 	if r.Torn() {
@@ -669,23 +691,40 @@ func (w *Writer) chunks(s *segment, fn func(i int, bs []*batch) error) error {
 	return nil
 }
 
-// readChunks decodes r's records into batches and calls fn with them a chunk at a time. claims are
-// the request-time claims of the batches, by batch id (none for a segment left by another process).
-func readChunks(r *spool.Reader, format byte, claims map[uint64]*claimState, fn func(i int, bs []*batch) error) error {
+// chunkReader decodes a spool file's records into batches, a chunk at a time.
+type chunkReader struct {
+	format byte
+	// claims are the request-time claims of the batches, by batch id (none for a segment left by
+	// another process).
+	claims map[uint64]*claimState
+	// spool and seq name the file, for the batch ids of first-release records, which have none.
+	spool [16]byte
+	seq   uint64
+	// onBad is told of a record that cannot be decoded; reading goes on unless it returns an error.
+	onBad func(ordinal int, rec []byte, err error) error
+}
+
+func (cr chunkReader) read(r *spool.Reader, fn func(i int, bs []*batch) error) error {
 	var bs []*batch
 	i, rows, size := 0, 0, 0
-	for r.Next() {
+	for ordinal := 0; r.Next(); ordinal++ {
 		rec := r.Record()
-		wid, events, incs, err := decodeRecord(rec, format, nil, nil)
+		wid, events, incs, err := decodeRecord(rec, cr.format, nil, nil)
 		if err != nil {
-			// The CRC matched, so this is not a torn write: a record this release cannot read.
-			return err
+			if cr.onBad == nil {
+				return err
+			}
+			if err := cr.onBad(ordinal, rec, err); err != nil {
+				return err
+			}
+			continue
 		}
-		b := &batch{wid: wid, events: events, incs: incs, claim: claims[wid]}
-		if format == spool.FormatLegacy {
-			// No batch id (and so no claim) was kept with these rows: give them one, and let
-			// ClickHouse say which it has.
-			b.wid, b.checkAll = newBatchID(), true
+		b := &batch{wid: wid, events: events, incs: incs, claim: cr.claims[wid]}
+		if cr.format == spool.FormatLegacy {
+			// No batch id (and so no claim) was kept with these rows. Name the record by where it
+			// is — the spool's identity, the file, its place in it — so that every read, here or
+			// after a restart, claims its ids for the same batch; and let ClickHouse say which it has.
+			b.wid, b.checkAll = legacyBatchID(cr.spool, cr.seq, ordinal), true
 		}
 		bs = append(bs, b)
 		rows += len(events) + len(incs)
@@ -704,6 +743,15 @@ func readChunks(r *spool.Reader, format byte, claims map[uint64]*claimState, fn 
 		return fn(i, bs)
 	}
 	return nil
+}
+
+// legacyBatchID is the batch id of the ordinal-th record of first-release segment seq of a spool.
+func legacyBatchID(spoolID [16]byte, seq uint64, ordinal int) uint64 {
+	h := fnv.New64a()
+	h.Write(spoolID[:])
+	binary.Write(h, binary.LittleEndian, seq)
+	binary.Write(h, binary.LittleEndian, int64(ordinal))
+	return h.Sum64() | 1
 }
 
 // Stats is a snapshot of the writer, for readiness and tests.

@@ -36,7 +36,7 @@ func notFound(metric string) error {
 
 func (s *Service) getOne(c *fiber.Ctx) error {
 	p, _ := api.PrincipalOf(c)
-	metric := c.Params("metric")
+	metric := strings.Clone(c.Params("metric")) // fiber's strings point into a buffer the next request reuses
 	st, err := s.State(c.UserContext(), p.TenantID, metric)
 	if errors.Is(err, ErrUnknownMetric) {
 		return notFound(metric)
@@ -49,7 +49,9 @@ func (s *Service) getOne(c *fiber.Ctx) error {
 
 func (s *Service) postConsume(c *fiber.Ctx) error {
 	p, _ := api.PrincipalOf(c)
-	metric := c.Params("metric")
+	// Copied: the metric outlives the handler in the stored increment, alerts and metric labels, and
+	// fiber's strings point into a buffer the next request reuses.
+	metric := strings.Clone(c.Params("metric"))
 	n := int64(1)
 	if v := c.Query("n"); v != "" {
 		var err error

@@ -615,7 +615,7 @@ func TestConsumeTakesTheRateLimitTokenInItsScript(t *testing.T) {
 // its spend is stored once; a failed record takes back the spend and the marker, so a retry spends.
 func TestConsumeWithIdempotencyKeySpendsOnce(t *testing.T) {
 	h := newHarness(t)
-	s := h.service(t, Config{Enabled: true}, map[string]float64{"builds_daily": 10}, nil)
+	s := h.service(t, Config{Enabled: true, IdempotencyWindow: time.Hour}, map[string]float64{"builds_daily": 10, "emails_daily": 10}, nil)
 	ctx := context.Background()
 	opts := ConsumeOptions{IdempotencyKey: "build-7"}
 	first, err := s.ConsumeWith(ctx, h.tenant.ID, "builds_daily", 3, opts)
@@ -643,5 +643,96 @@ func TestConsumeWithIdempotencyKeySpendsOnce(t *testing.T) {
 	}
 	if rows != 2 || sum != 6 {
 		t.Errorf("stored %d increments summing %d, want 2 summing 6", rows, sum)
+	}
+}
+
+// The same Idempotency-Key on two metrics' consumes is two spends, both stored.
+func TestConsumeSameKeyOnTwoMetricsStoresBoth(t *testing.T) {
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true, IdempotencyWindow: time.Hour}, map[string]float64{"builds_daily": 10, "emails_daily": 10}, nil)
+	ctx := context.Background()
+	if r, err := s.ConsumeWith(ctx, h.tenant.ID, "builds_daily", 3, ConsumeOptions{IdempotencyKey: "k"}); err != nil || !r.Allowed {
+		t.Fatalf("builds: %+v %v", r, err)
+	}
+	if r, err := s.ConsumeWith(ctx, h.tenant.ID, "emails_daily", 2, ConsumeOptions{IdempotencyKey: "k"}); err != nil || !r.Allowed {
+		t.Fatalf("emails: %+v %v", r, err)
+	}
+	h.writer.Close(ctx)
+	if got := h.storedIncrements(t); got["builds_daily"] != 3 || got["emails_daily"] != 2 {
+		t.Errorf("stored %v, want builds_daily 3 and emails_daily 2", got)
+	}
+}
+
+func (h *harness) storedIncrements(t *testing.T) map[string]int64 {
+	t.Helper()
+	rows, err := h.env.CH.Query(context.Background(), "SELECT metric, toInt64(sum(n)) FROM "+h.env.DB+".usage_increments WHERE tenant_id = ? GROUP BY metric", h.tenant.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	got := map[string]int64{}
+	for rows.Next() {
+		var m string
+		var n int64
+		rows.Scan(&m, &n)
+		got[m] = n
+	}
+	return got
+}
+
+// consume kept c.Params("metric") — a view into fiber's pooled request buffer — in the increment
+// that waits in memory until shipped; the next request overwrote it, and the spend was stored (and
+// billed) under another request's bytes.
+func TestConsumeMetricIsNotBorrowedFromTheRequest(t *testing.T) {
+	h := newHarness(t)
+	w, err := ingest.NewWriter(ingest.WriterConfig{Dir: t.TempDir(), FlushInterval: time.Hour, BatchRows: 1_000_000}, h.env.CH, h.env.DB, nil, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Start()
+	s := NewService(Config{Enabled: true, EventMetrics: ingest.DefaultEventMetrics()}, NewCounters(h.env.Redis, h.env.Prefix),
+		NewLimits(map[string]float64{"builds_daily": 1000}, h.tenants, time.Millisecond), h.env.CH, h.env.DB, h.env.PG, audit.New(h.env.PG), nil, nil)
+	svc := ingest.NewService(ingest.Config{Enabled: true, Limits: ingest.DefaultLimits()}, w, s, ingest.NewMetrics(nil, 0), nil)
+	s.SetRecorder(svc)
+	defer svc.Close()
+	defer s.Close(context.Background())
+	app := h.app(s, svc)
+	for i := 0; i < 20; i++ {
+		if code, _, m := call(t, app, "POST", "/api/analytics/quotas/builds_daily/consume", h.keyW, ""); code != 200 {
+			t.Fatalf("consume: %d %v", code, m)
+		}
+		call(t, app, "GET", "/api/analytics/quotas/zzzzzz_zzzzz?x=1", h.keyRead, "") // reuses the request buffer
+	}
+	w.Close(context.Background())
+	if got := h.storedIncrements(t); len(got) != 1 || got["builds_daily"] != 20 {
+		t.Errorf("stored increments by metric: %v, want builds_daily 20", got)
+	}
+}
+
+// With deduplication off (no claims), an Idempotency-Key on consume is ignored rather than half
+// honoured: a "replayed" consume used to store its increment again, relying on claims that did not exist.
+func TestConsumeKeyIgnoredWithoutDeduplication(t *testing.T) {
+	h := newHarness(t)
+	w, err := ingest.NewWriter(ingest.WriterConfig{Dir: t.TempDir(), FlushInterval: 20 * time.Millisecond}, h.env.CH, h.env.DB, nil, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Start()
+	s := NewService(Config{Enabled: true, EventMetrics: ingest.DefaultEventMetrics()}, NewCounters(h.env.Redis, h.env.Prefix),
+		NewLimits(map[string]float64{"builds_daily": 100}, h.tenants, time.Millisecond), h.env.CH, h.env.DB, h.env.PG, audit.New(h.env.PG), nil, nil)
+	svc := ingest.NewService(ingest.Config{Enabled: true, Limits: ingest.DefaultLimits()}, w, s, ingest.NewMetrics(nil, 0), nil)
+	s.SetRecorder(svc)
+	defer svc.Close()
+	defer s.Close(context.Background())
+	ctx := context.Background()
+	for i := 0; i < 3; i++ {
+		if _, err := s.ConsumeWith(ctx, h.tenant.ID, "builds_daily", 3, ConsumeOptions{IdempotencyKey: "build-7"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w.Close(ctx)
+	live, _, _ := s.counters.Get(ctx, h.tenant.ID, "builds_daily", time.Now())
+	if got := h.storedIncrements(t); got["builds_daily"] != live {
+		t.Errorf("live counter %d, stored %v: they must agree", live, got)
 	}
 }

@@ -30,8 +30,9 @@ type Config struct {
 	EventMetrics map[string]string // event → daily metric, the same map ingest counts with
 	Webhook      WebhookConfig
 	LabelCap     int
-	// IdempotencyWindow is how long a consume's Idempotency-Key is remembered (the dedup window;
-	// default 24 h).
+	// IdempotencyWindow is how long a consume's Idempotency-Key is remembered: the dedup window.
+	// 0 (deduplication off) ignores the key: without claims, a replayed consume's increment would be
+	// stored again.
 	IdempotencyWindow time.Duration
 }
 
@@ -95,9 +96,6 @@ func NewService(cfg Config, counters *Counters, limits *Limits, ch driver.Conn, 
 	}
 	if cfg.LabelCap <= 0 {
 		cfg.LabelCap = 500
-	}
-	if cfg.IdempotencyWindow <= 0 {
-		cfg.IdempotencyWindow = 24 * time.Hour
 	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -451,7 +449,7 @@ func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric stri
 		res.Disabled = true
 	}
 	var marker *Marker
-	if o.IdempotencyKey != "" {
+	if o.IdempotencyKey != "" && s.cfg.IdempotencyWindow > 0 {
 		marker = &Marker{Key: s.counters.MarkerKey(tenant, metric, o.IdempotencyKey), TTL: s.cfg.IdempotencyWindow}
 	}
 	out, err := s.counters.Consume(ctx, tenant, metric, d, n, limit, o.Gate, marker)
@@ -481,7 +479,11 @@ func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric stri
 		// A replayed consume records again too: if the first run died before its record was durable,
 		// this one stores it; if not, the id derived from the key makes it a duplicate.
 		// A degraded consume (Redis unreachable) counted nothing: the increment's claim counts it.
-		if err := s.rec.RecordIncrement(ctx, tenant, metric, n, o.IdempotencyKey, !res.Degraded); err != nil {
+		key := ""
+		if marker != nil {
+			key = o.IdempotencyKey
+		}
+		if err := s.rec.RecordIncrement(ctx, tenant, metric, n, key, !res.Degraded); err != nil {
 			if !res.Degraded && !out.Replayed {
 				if uerr := s.counters.Undo(ctx, tenant, metric, d, n, marker); uerr != nil {
 					s.log.Error("undo consume after a failed record", "tenant", tenant, "metric", metric, "err", uerr)

@@ -216,3 +216,29 @@ func TestSecretsNeverLogged(t *testing.T) {
 		}
 	}
 }
+
+// Replays of an idempotent consume, and consumes the Idempotency-Key middleware answers with an error,
+// spend rate-limit tokens like any request: the consume route defers its token to its Redis script,
+// which a replay never reaches.
+func TestIdempotentConsumeReplaysAreRateLimited(t *testing.T) {
+	e := testenv.Migrated(t)
+	ctx := context.Background()
+	tn, err := tenant.NewStore(e.PG).Create(ctx, "acme", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _, err := auth.NewKeys(e.PG).Create(ctx, tn.ID, "w", []auth.Scope{auth.ScopeEventsWrite})
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := serveInProcess(t, stackEnv(t, e, map[string]string{
+		"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": t.TempDir(), "RATE_LIMIT_RPS": "1", "RATE_LIMIT_BURST": "3",
+	}))
+	var codes []int
+	for i := 0; i < 5; i++ {
+		codes = append(codes, do(t, http.MethodPost, base+"/api/analytics/quotas/builds_daily/consume", key, map[string]string{"Idempotency-Key": "k"}).StatusCode)
+	}
+	if got := fmt.Sprint(codes); got != "[200 200 200 429 429]" {
+		t.Errorf("statuses %s, want 200,200,200,429,429 with a burst of 3 (one consume, two replays)", got)
+	}
+}

@@ -183,8 +183,10 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	defer cancel()
 	step("http", func() error { return app.ShutdownWithContext(sctx) })
 	step("rollup and retention jobs", func() error { scheduler.Stop(); sweeper.Stop(); return nil })
-	step("live counters", func() error { ingestSvc.Close(); return nil })
+	// The flush first: shipping may find a row counted live that is a duplicate after all, and the
+	// live counter feed must still be there to have its counters rebuilt.
 	step("ingest flush", func() error { return writer.Close(sctx) })
+	step("live counters", func() error { ingestSvc.Close(); return nil })
 	step("quota webhooks", func() error { quotaSvc.Close(sctx); return nil })
 	step("clickhouse", ch.Close)
 	step("postgres", func() error { pg.Close(); return nil })

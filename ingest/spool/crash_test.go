@@ -34,7 +34,9 @@ func TestKillDuringAppendsLosesNothingAcknowledged(t *testing.T) {
 			t.Fatal(err)
 		}
 		sc := bufio.NewScanner(out)
-		deadline := time.After(time.Duration(50+rand.IntN(200)) * time.Millisecond)
+		// The kill comes a random moment after the child's first acknowledgement (not after its
+		// start, which a loaded machine can make slower than any fixed delay).
+		var deadline <-chan time.Time
 		lines := make(chan string)
 		go func() {
 			for sc.Scan() {
@@ -42,6 +44,7 @@ func TestKillDuringAppendsLosesNothingAcknowledged(t *testing.T) {
 			}
 			close(lines)
 		}()
+		killed := false
 	read:
 		for {
 			select {
@@ -51,10 +54,13 @@ func TestKillDuringAppendsLosesNothingAcknowledged(t *testing.T) {
 				}
 				if rec, found := strings.CutPrefix(l, "ack "); found {
 					acked = append(acked, rec)
+					if deadline == nil && !killed {
+						deadline = time.After(time.Duration(20+rand.IntN(150)) * time.Millisecond)
+					}
 				}
 			case <-deadline:
 				cmd.Process.Signal(syscall.SIGKILL)
-				deadline = nil
+				deadline, killed = nil, true
 			}
 		}
 		cmd.Wait()

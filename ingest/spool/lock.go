@@ -58,7 +58,14 @@ func lockDir(dir, owner string) (*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open spool lock in %s: %w", dir, err)
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+	// A few tries: `analyticsd spool status` holds a shared lock for a moment to see whether a
+	// server runs, and a server starting in that moment must not take it for another server.
+	err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+	for try := 0; try < 5 && errors.Is(err, syscall.EWOULDBLOCK); try++ {
+		time.Sleep(20 * time.Millisecond)
+		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+	}
+	if err != nil {
 		defer f.Close()
 		if errors.Is(err, syscall.EWOULDBLOCK) {
 			b, _ := io.ReadAll(io.LimitReader(f, 4096))

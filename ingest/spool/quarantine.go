@@ -46,7 +46,9 @@ func (s *Spool) Quarantine(info QuarantineInfo, records [][]byte) (QuarantineInf
 		return info, fmt.Errorf("create quarantine dir: %w", err)
 	}
 	info.At = time.Now().UTC()
-	info.Format = s.opts.Format
+	if info.Format == 0 {
+		info.Format = s.opts.Format
+	}
 	info.Name = fmt.Sprintf("%s-%s.seg", info.At.Format("20060102T150405.000000000Z"), strings.ReplaceAll(info.Segment, "-", ""))
 	meta, err := json.Marshal(info)
 	if err != nil {

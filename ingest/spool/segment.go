@@ -121,17 +121,21 @@ func (g *Segment) MarkInflight() error {
 		return nil
 	}
 	to := g.sp.segPath(g.Seq, inflightExt)
-	if err := os.Rename(g.path, to); err != nil {
-		return fmt.Errorf("mark spool segment %d in flight: %w", g.Seq, err)
+	if g.path != to {
+		if err := os.Rename(g.path, to); err != nil {
+			return fmt.Errorf("mark spool segment %d in flight: %w", g.Seq, err)
+		}
+		g.path = to
 	}
-	g.path, g.Inflight = to, true
 	if g.sp.opts.Sync {
 		// Without this a power loss could bring back the *.seg name after ClickHouse committed the
-		// insert, and the replay would then skip the check.
+		// insert, and the replay would then skip the check. Until it succeeds the segment is not in
+		// flight: the next call syncs again before any insert.
 		if err := g.sp.opts.syncDir(g.sp.opts.Dir); err != nil {
 			return fmt.Errorf("mark spool segment %d in flight: sync dir: %w", g.Seq, err)
 		}
 	}
+	g.Inflight = true
 	return nil
 }
 
@@ -210,7 +214,9 @@ func (r *Reader) Next() bool {
 	}
 	n := int64(binary.LittleEndian.Uint32(r.hdr[:]))
 	sum := binary.LittleEndian.Uint32(r.hdr[4:])
-	if n > r.left-frameHeader {
+	if n == 0 || n > r.left-frameHeader {
+		// No record is empty: eight zero bytes — a tail the file system extended but never wrote,
+		// after a crash — would otherwise pass as a frame (the CRC-32C of nothing is 0).
 		r.torn = true
 		return false
 	}

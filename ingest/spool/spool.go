@@ -24,6 +24,7 @@ package spool
 
 import (
 	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -74,6 +75,7 @@ type Spool struct {
 
 	bytes      atomic.Int64
 	quarantine quarantineCache
+	id         [16]byte
 }
 
 // Open locks dir (creating it if needed) and lists the segments a previous process left there, to be
@@ -99,12 +101,45 @@ func Open(o Options) (*Spool, error) {
 		return nil, err
 	}
 	s := &Spool{opts: o, lock: lock, nextSeq: 1}
+	if err := s.readID(true); err != nil {
+		lock.Close()
+		return nil, err
+	}
 	if err := s.scan(); err != nil {
 		lock.Close()
 		return nil, err
 	}
 	return s, nil
 }
+
+const idName = "ID"
+
+// readID reads the spool's identity, 16 random bytes kept in dir/ID and made on first use (create):
+// what tells this spool's records from another's wherever it is replayed.
+func (s *Spool) readID(create bool) error {
+	path := filepath.Join(s.opts.Dir, idName)
+	b, err := os.ReadFile(path)
+	if err == nil && len(b) == 32 {
+		_, err = hex.Decode(s.id[:], b)
+		return err
+	}
+	if !create || (err != nil && !errors.Is(err, os.ErrNotExist)) {
+		if err == nil {
+			err = fmt.Errorf("%d bytes, want 32 hex digits", len(b))
+		}
+		return fmt.Errorf("read spool id %s: %w", path, err)
+	}
+	if _, err := rand.Read(s.id[:]); err != nil {
+		return err
+	}
+	if err := writeDurably(path, []byte(hex.EncodeToString(s.id[:]))); err != nil {
+		return fmt.Errorf("write spool id %s: %w", path, err)
+	}
+	return s.opts.syncDir(s.opts.Dir)
+}
+
+// ID is the spool's identity (see readID).
+func (s *Spool) ID() [16]byte { return s.id }
 
 // scan lists the segment files left in the directory: every one is sealed and unshipped.
 func (s *Spool) scan() error {
@@ -236,4 +271,13 @@ func List(dir string) ([]*Segment, error) {
 		return nil, err
 	}
 	return s.recovered, nil
+}
+
+// ReadID reads the identity of the spool in dir without locking it (zero when it has none yet).
+func ReadID(dir string) ([16]byte, error) {
+	s := &Spool{opts: Options{Dir: dir}}
+	if err := s.readID(false); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return s.id, err
+	}
+	return s.id, nil
 }

@@ -147,6 +147,7 @@ func TestTornAndCorruptTailsAreIgnored(t *testing.T) {
 		{"cut in the header", func(f []byte) []byte { return f[:5] }},
 		{"cut in the payload", func(f []byte) []byte { return f[:len(f)-2] }},
 		{"bad checksum", func(f []byte) []byte { c := bytes.Clone(f); c[len(c)-1] ^= 0xff; return c }},
+		{"zero-filled (extended, never written)", func([]byte) []byte { return make([]byte, 4096) }},
 		{"absurd length", func(f []byte) []byte {
 			c := bytes.Clone(f)
 			binary.LittleEndian.PutUint32(c, 1<<31)
@@ -319,5 +320,50 @@ func TestQuarantineKeepsRowsUntilRequeued(t *testing.T) {
 	}
 	if files, rows := s.QuarantineStats(); files != 0 || rows != 0 {
 		t.Errorf("stats after removal: %d files, %d rows", files, rows)
+	}
+}
+
+// A spool keeps its identity across reopening (it names its records wherever they are replayed).
+func TestSpoolIDPersists(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, dir, nil)
+	id := s.ID()
+	s.Close()
+	if id == ([16]byte{}) {
+		t.Fatal("zero spool id")
+	}
+	if again := open(t, dir, nil); again.ID() != id {
+		t.Errorf("id changed across reopen: %x then %x", id, again.ID())
+	}
+	if read, err := ReadID(dir); err != nil || read != id {
+		t.Errorf("ReadID: %x %v", read, err)
+	}
+	if other := open(t, t.TempDir(), nil); other.ID() == id {
+		t.Error("two spools share an id")
+	}
+}
+
+// A directory fsync that fails after the rename leaves the segment not in flight; the next call
+// syncs again and only then marks it, so no insert starts before the rename is durable.
+func TestMarkInflightRetriesAFailedDirectorySync(t *testing.T) {
+	fail := false
+	s := open(t, t.TempDir(), func(o *Options) {
+		o.syncDir = func(string) error {
+			if fail {
+				return errors.New("injected: EIO")
+			}
+			return nil
+		}
+	})
+	g, _ := s.Create()
+	g.Append(frame("x"))
+	g.Seal()
+	fail = true
+	if err := g.MarkInflight(); err == nil || g.Inflight {
+		t.Fatalf("with the sync failing: err %v, in flight %v; want an error and not in flight", err, g.Inflight)
+	}
+	fail = false
+	if err := g.MarkInflight(); err != nil || !g.Inflight || filepath.Ext(g.Path()) != inflightExt {
+		t.Errorf("retry: err %v, in flight %v, path %s", err, g.Inflight, g.Path())
 	}
 }

@@ -1,0 +1,279 @@
+package ingest
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/dedup"
+	"github.com/analyticsd/analyticsd/ingest/spool"
+	"github.com/analyticsd/analyticsd/internal/testenv"
+)
+
+// Regression tests for what an adversarial review of the exactly-once change found: each failed on
+// the change before its fix.
+
+// dropClaims makes Redis forget a tenant's claims (and every Idempotency-Key), as a restart without
+// persistence or an RDB restore would; keepEpoch keeps the epoch, as a partial rollback does.
+func (h *harness) dropClaims(t *testing.T, tenant uuid.UUID, keepEpoch bool) {
+	t.Helper()
+	ctx := context.Background()
+	epoch := h.env.Prefix + "dedup:{" + tenant.String() + "}:epoch"
+	keys, _ := h.env.Redis.Keys(ctx, h.env.Prefix+"dedup:{"+tenant.String()+"}:*").Result()
+	idem, _ := h.env.Redis.Keys(ctx, h.env.Prefix+"idem:*").Result()
+	for _, k := range append(keys, idem...) {
+		if keepEpoch && k == epoch {
+			continue
+		}
+		h.env.Redis.Del(ctx, k)
+	}
+}
+
+// A retry after Redis lost the claims, of an event whose ts the server set (so the copies' ts
+// differ): the ClickHouse check looks where the earlier copy can be — its own arrival time within the
+// window — not only at the retry's ts. Sent once with a fixed id, once under an Idempotency-Key.
+func TestRetryAfterRedisLostTheClaimsIsStoredOnce(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		body string
+		hdr  map[string]string
+	}{
+		{"fixed id", fmt.Sprintf(`[{"id":%q,"event":"apikey.request"}]`, uuid.NewString()), nil},
+		{"idempotency key", `[{"event":"apikey.request"}]`, map[string]string{"Idempotency-Key": "k-1"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, opts{})
+			if r := h.post(t, h.keyA, "/api/analytics/events", []byte(tc.body), tc.hdr); r.status != 202 || r.accepted() != 1 {
+				t.Fatalf("first: %d %s", r.status, r.raw)
+			}
+			waitFor(t, "the first copy stored", func() bool { n, _ := h.count(t, "events", h.a.ID); return n == 1 })
+			time.Sleep(1100 * time.Millisecond) // the retry gets another ts
+			h.dropClaims(t, h.a.ID, false)
+			h.post(t, h.keyA, "/api/analytics/events", []byte(tc.body), tc.hdr)
+			h.w.Close(context.Background())
+			if rows, _ := h.count(t, "events", h.a.ID); rows != 1 {
+				t.Errorf("stored %d times, want once", rows)
+			}
+			if n := h.dailyUsage(t, h.a.ID, "apikey.request"); n != 1 {
+				t.Errorf("daily_usage %d, want 1", n)
+			}
+		})
+	}
+}
+
+// A Redis restart that brings back an old snapshot keeps the tenants' epochs but not the newest
+// claims. The changed run id is noticed, and until the claim history covers a window again, rows are
+// checked in ClickHouse: the retry is stored once.
+func TestRedisRollbackIsNoticed(t *testing.T) {
+	h := newHarness(t, opts{})
+	ctx := context.Background()
+	var runID atomic.Value
+	runID.Store("before")
+	h.dedup.SetRunIDs(func(context.Context) (map[string]string, error) {
+		return map[string]string{"server": runID.Load().(string)}, nil
+	})
+	// The tenant has been ingesting for two days: its claim history is older than the window.
+	h.env.Redis.Set(ctx, h.env.Prefix+"dedup:{"+h.a.ID.String()+"}:epoch", time.Now().Add(-48*time.Hour).Unix(), 0)
+	body, ids := events(5, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 || r.accepted() != 5 {
+		t.Fatalf("first: %d %s", r.status, r.raw)
+	}
+	h.waitStored(t, h.a.ID, ids, 5)
+	h.dropClaims(t, h.a.ID, true)
+	runID.Store("after") // the server restarted from its snapshot
+	h.post(t, h.keyA, "/api/analytics/events", body, nil)
+	h.w.Close(ctx)
+	if rows, _ := h.count(t, "events", h.a.ID); rows != 5 {
+		t.Errorf("stored %d rows for 5 ids, want 5", rows)
+	}
+}
+
+// A first-release segment whose replay fails once (ClickHouse unreachable) is read again later; its
+// records must claim their ids for the same batch both times, or the second read finds every id
+// taken by the first and drops them all.
+func TestLegacySegmentRetriedAfterAFailureShipsEveryRow(t *testing.T) {
+	env := testenv.Migrated(t)
+	dir := t.TempDir()
+	tenantID := uuid.New()
+	now := time.Now().UTC().Truncate(time.Second)
+	rows := make([]Row, 20)
+	for i := range rows {
+		rows[i] = Row{ID: uuid.New(), TenantID: tenantID, Ts: now, ReceivedAt: now, Event: "a.b", Source: "app", Props: "{}"}
+	}
+	if err := os.WriteFile(filepath.Join(dir, "0000000000000008.seg"), legacyRecord(rows), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	ch, proxy := proxiedClickHouse(t)
+	proxy.SetDown(true)
+	w, err := NewWriter(WriterConfig{Dir: dir, FlushInterval: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond}, ch, env.DB,
+		dedup.NewStore(env.Redis, env.Prefix, time.Hour, nil), nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Start()
+	time.Sleep(800 * time.Millisecond)
+	proxy.SetDown(false)
+	waitFor(t, "the spool to empty", func() bool { return w.Stats().PendingSegments == 0 })
+	w.Close(context.Background())
+	var n uint64
+	env.CH.QueryRow(context.Background(), "SELECT count() FROM "+env.DB+".events WHERE tenant_id = ?", tenantID).Scan(&n)
+	if n != 20 {
+		t.Errorf("stored %d of the legacy segment's 20 rows", n)
+	}
+}
+
+// A duplicate found by the shutdown's last flush, after the live counter feed closed (the order
+// serve used): it was counted when accepted — its claim looked new after Redis lost the first copy's
+// — and its counters must still be reset so they rebuild, not keep the overcount.
+func TestDuplicateFoundAfterTheFeedClosedIsUncounted(t *testing.T) {
+	h := newHarness(t, opts{})
+	body := []byte(fmt.Sprintf(`[{"id":%q,"event":"apikey.request"}]`, uuid.NewString()))
+	h.post(t, h.keyA, "/api/analytics/events", body, nil)
+	waitFor(t, "the first copy stored", func() bool { n, _ := h.count(t, "events", h.a.ID); return n == 1 })
+	time.Sleep(1100 * time.Millisecond)
+	h.dropClaims(t, h.a.ID, false)
+	h.svc.Close() // the live counter feed closes ...
+	h.post(t, h.keyA, "/api/analytics/events", body, nil)
+	if n, _, _ := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", time.Now()); n != 2 {
+		t.Fatalf("live counter %d before shipping; the setup wants the retry counted as new (2)", n)
+	}
+	h.w.Close(context.Background()) // ... before the last flush finds the retry stored already
+	if rows, _ := h.count(t, "events", h.a.ID); rows != 1 {
+		t.Fatalf("stored %d rows", rows)
+	}
+	if n, ok, _ := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", time.Now()); ok && n != 1 {
+		t.Errorf("live counter still %d for 1 stored row: the duplicate's count was never taken back", n)
+	}
+}
+
+// A schema change that makes ClickHouse refuse every event insert, while increments keep landing:
+// the increments' success is no evidence about the events table, so no event is quarantined.
+func TestEventsRefusedWhileIncrementsLandQuarantinesNoEvent(t *testing.T) {
+	h := newHarness(t, opts{})
+	if err := h.env.CH.Exec(context.Background(), "ALTER TABLE "+h.env.DB+".events ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')"); err != nil {
+		t.Fatal(err)
+	}
+	body, _ := events(30, nil)
+	h.post(t, h.keyA, "/api/analytics/events", body, nil)
+	deadline := time.Now().Add(3 * time.Second)
+	for time.Now().Before(deadline) {
+		h.post(t, h.keyB, "/api/analytics/usage", []byte(`{"metric":"api_requests_daily","n":1}`), nil)
+		time.Sleep(100 * time.Millisecond)
+	}
+	if st := h.w.Stats(); st.QuarantinedRows > 0 {
+		t.Errorf("%d events quarantined while ClickHouse refused every event insert", st.QuarantinedRows)
+	}
+}
+
+// countingConn counts the inserts and queries that reach ClickHouse.
+type countingConn struct {
+	driver.Conn
+	inserts, queries atomic.Int64
+}
+
+func (c *countingConn) PrepareBatch(ctx context.Context, q string, o ...driver.PrepareBatchOption) (driver.Batch, error) {
+	if strings.HasPrefix(q, "INSERT") {
+		c.inserts.Add(1)
+	}
+	return c.Conn.PrepareBatch(ctx, q, o...)
+}
+
+func (c *countingConn) Query(ctx context.Context, q string, args ...any) (driver.Rows, error) {
+	c.queries.Add(1)
+	return c.Conn.Query(ctx, q, args...)
+}
+
+// One attempt at a chunk ClickHouse refuses whole costs a bounded number of inserts and ends parked:
+// isolating 2,000 refused rows one by one took 4,000 inserts and 18 s, and a 50,000-row chunk would
+// have held a flusher for minutes.
+func TestIsolatingRefusedRowsIsBounded(t *testing.T) {
+	env := testenv.Migrated(t)
+	if err := env.CH.Exec(context.Background(), "ALTER TABLE "+env.DB+".events ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')"); err != nil {
+		t.Fatal(err)
+	}
+	fc := &countingConn{Conn: env.CH}
+	sh := newShipper(fc, env.DB, nil, WriterConfig{InsertTimeout: time.Minute, QuarantineAfter: 3}, NewMetrics(nil, 0), slog.New(slog.DiscardHandler))
+	tenantID := uuid.New()
+	now := time.Now().UTC().Truncate(time.Second)
+	rows := make([]Row, 2000)
+	for i := range rows {
+		rows[i] = Row{ID: uuid.New(), TenantID: tenantID, Ts: now, ReceivedAt: now, Event: "a.b", Source: "app", Props: "{}"}
+	}
+	_, err := sh.shipChunk(&segment{id: "bounded"}, []*batch{{wid: 1, events: rows}}, false)
+	if err != errRefused || fc.inserts.Load() > isolationBudget+1 {
+		t.Errorf("got %v after %d inserts, want errRefused (parked) within %d", err, fc.inserts.Load(), isolationBudget+1)
+	}
+}
+
+// A segment whose tail is zeros (the file system extended it, a crash came before its blocks were
+// written): eight zero bytes are a frame of length 0 whose CRC-32C is 0. The zeros are a torn tail;
+// the acknowledged rows in front of them ship.
+func TestZeroFilledTailDoesNotStallASegment(t *testing.T) {
+	env := testenv.Migrated(t)
+	dir := t.TempDir()
+	tenantID := uuid.New()
+	now := time.Now().UTC().Truncate(time.Second)
+	rows := make([]Row, 5)
+	for i := range rows {
+		rows[i] = Row{ID: uuid.New(), TenantID: tenantID, Ts: now, ReceivedAt: now, Event: "a.b", Source: "app", Props: "{}"}
+	}
+	name := "0000000000000004.inflight"
+	writeSegment(t, dir, name, 77, rows, nil)
+	f, _ := os.OpenFile(filepath.Join(dir, name), os.O_APPEND|os.O_WRONLY, 0)
+	f.Write(make([]byte, 4096))
+	f.Close()
+	w, err := NewWriter(WriterConfig{Dir: dir, FlushInterval: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond}, env.CH, env.DB, nil, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Start()
+	waitFor(t, "the segment shipped", func() bool { return w.Stats().PendingSegments == 0 })
+	st := w.Stats()
+	w.Close(context.Background())
+	var n uint64
+	env.CH.QueryRow(context.Background(), "SELECT count() FROM "+env.DB+".events WHERE tenant_id = ?", tenantID).Scan(&n)
+	if n != 5 || st.QuarantinedFiles != 0 {
+		t.Errorf("stored %d of the 5 rows in front of a zero tail, %d quarantine files; want 5 and none (zeros are a torn tail, not a record)", n, st.QuarantinedFiles)
+	}
+}
+
+// A record whose checksum holds but which this release cannot decode is set aside in the
+// quarantine; the records after it ship.
+func TestUnreadableRecordIsQuarantinedAndTheRestShips(t *testing.T) {
+	env := testenv.Migrated(t)
+	dir := t.TempDir()
+	tenantID := uuid.New()
+	now := time.Now().UTC().Truncate(time.Second)
+	row := func() Row {
+		return Row{ID: uuid.New(), TenantID: tenantID, Ts: now, ReceivedAt: now, Event: "a.b", Source: "app", Props: "{}"}
+	}
+	name := "0000000000000005.seg"
+	writeSegment(t, dir, name, 3, []Row{row()}, nil)
+	f, _ := os.OpenFile(filepath.Join(dir, name), os.O_APPEND|os.O_WRONLY, 0)
+	bad, start := spool.FrameStart(nil)
+	f.Write(spool.FrameEnd(append(bad, "not a record"...), start))
+	f.Write(appendRecord(nil, 4, []Row{row(), row()}, nil))
+	f.Close()
+	w, err := NewWriter(WriterConfig{Dir: dir, FlushInterval: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond}, env.CH, env.DB, nil, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Start()
+	waitFor(t, "the segment shipped", func() bool { return w.Stats().PendingSegments == 0 })
+	st := w.Stats()
+	w.Close(context.Background())
+	var n uint64
+	env.CH.QueryRow(context.Background(), "SELECT count() FROM "+env.DB+".events WHERE tenant_id = ?", tenantID).Scan(&n)
+	if n != 3 || st.QuarantinedFiles != 1 {
+		t.Errorf("stored %d of 3 rows, %d quarantine files; want 3 and the unreadable record in 1", n, st.QuarantinedFiles)
+	}
+}
