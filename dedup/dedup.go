@@ -9,15 +9,21 @@
 //
 //	dedup:{T}:epoch        unix second the tenant's claim history began (set on first use; Redis
 //	                       losing its data shows as a newer epoch)
-//	dedup:{T}:e:<id>       the batch id holding event id <id>, expiring after the window
-//	dedup:{T}:i:<id>       the same for increment ids
+//	dedup:{T}:e:<bucket>   a hash: event id (16 bytes) -> the batch id holding it (8 bytes), for the
+//	                       ids first claimed in that window-long time bucket; kept two windows
+//	dedup:{T}:i:<bucket>   the same for increment ids
 //	idem:{T}:<sha256>      an Idempotency-Key's request fingerprint and first response
+//
+// A claim is looked up in the current bucket and the one before, so an id is remembered for at least
+// one window and at most two. Fields of a few hashes, rather than a key per id with its own expiry,
+// cost Redis about 2.1 µs of CPU and 93 bytes per id instead of 4.5–5 µs and ~120 bytes
+// (BenchmarkClaim500 and BenchmarkLuaVariants, this package).
 package dedup
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -81,18 +87,24 @@ func (s *Store) epochKey(tenant uuid.UUID) string {
 	return fmt.Sprintf("%sdedup:{%s}:epoch", s.prefix, tenant)
 }
 
-// idKey is the claim of an id of a kind ('e' events, 'i' increments).
-func (s *Store) idKey(tenant uuid.UUID, kind byte, id uuid.UUID) string {
-	return fmt.Sprintf("%sdedup:{%s}:%c:%s", s.prefix, tenant, kind, id)
+// bucketKey is the hash holding the claims of a kind ('e' events, 'i' increments) first made in a
+// window-long time bucket.
+func (s *Store) bucketKey(tenant uuid.UUID, kind byte, bucket int64) string {
+	return fmt.Sprintf("%sdedup:{%s}:%c:%d", s.prefix, tenant, kind, bucket)
 }
 
-// claimLua claims ids (KEYS[2..n+1]), each for its batch, with SET NX and the window as expiry, and
-// counts the rows it claims now. State per id: 2 claimed now, 1 its batch held it already, 0 another
-// batch holds it. The first element is the tenant's epoch (KEYS[1]), started now when missing; after
-// the states come (counter, added, value) triples.
+// claimLua claims ids, each for its batch: an id held in the previous or current bucket (KEYS[3],
+// KEYS[2]) keeps its holder; an id held by neither is claimed in the current bucket (HSETNX), which
+// is kept two windows. It counts the rows it claims now. State per id: 2 claimed now, 1 its batch
+// held it already, 0 another batch holds it. The first element is the tenant's epoch (KEYS[1]),
+// started now when missing; after the states come (counter, added, value) triples.
 //
-//	ARGV: window, now, n, counter ttl, min received; then per id: batch id, counter's KEYS index (0:
-//	      none), amount, received, born key's KEYS index
+//	ARGV: window, now, n, counter ttl, min received, bucket ttl, the ids (16 bytes each), the batch
+//	      ids (8 bytes each, or 8 bytes for all), then per row that counts: its position (from 0), its
+//	      counter's KEYS index, amount, received, its born key's KEYS index
+//
+// The ids travel packed: one argument rather than six per id halved what building and sending a
+// 500-id claim cost analyticsd.
 var claimLua = `
 local n = tonumber(ARGV[3])
 local epoch = redis.call('GET', KEYS[1])
@@ -101,28 +113,36 @@ if not epoch then
   redis.call('SET', KEYS[1], epoch)
 end
 local out = {tonumber(epoch)}
-local sums, order = {}, {}
-local minrecv = tonumber(ARGV[5])
+local ids, wids = ARGV[7], ARGV[8]
+local shared = #wids == 8
+local prev = redis.call('EXISTS', KEYS[3]) == 1
 for i = 1, n do
-  local a = 5 + (i - 1) * 5
-  local w = ARGV[a + 1]
+  local id = string.sub(ids, 16 * i - 15, 16 * i)
+  local w = wids
+  if not shared then w = string.sub(wids, 8 * i - 7, 8 * i) end
+  local v = false
+  if prev then v = redis.call('HGET', KEYS[3], id) end
   local state = 0
-  if redis.call('SET', KEYS[i + 1], w, 'NX', 'EX', ARGV[1]) then
+  if v then
+    if v == w then state = 1 end
+  elseif redis.call('HSETNX', KEYS[2], id, w) == 1 then
     state = 2
-  elseif redis.call('GET', KEYS[i + 1]) == w then
+  elseif redis.call('HGET', KEYS[2], id) == w then
     state = 1
   end
   out[i + 1] = state
-  local c = tonumber(ARGV[a + 2])
-  if state == 2 and c > 0 then
-    local recv = tonumber(ARGV[a + 4])
-    if recv >= minrecv and recv >= born(KEYS[tonumber(ARGV[a + 5])], ARGV[2], ARGV[4]) then
-      if not sums[c] then
-        sums[c] = 0
-        order[#order + 1] = c
-      end
-      sums[c] = sums[c] + tonumber(ARGV[a + 3])
+end
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+local sums, order = {}, {}
+local minrecv = tonumber(ARGV[5])
+for a = 9, #ARGV, 5 do
+  local i, c, recv = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 3])
+  if out[i + 2] == 2 and recv >= minrecv and recv >= born(KEYS[tonumber(ARGV[a + 4])], ARGV[2], ARGV[4]) then
+    if not sums[c] then
+      sums[c] = 0
+      order[#order + 1] = c
     end
+    sums[c] = sums[c] + tonumber(ARGV[a + 2])
   end
 end
 for _, c in ipairs(order) do
@@ -137,17 +157,31 @@ return out
 // minReceived, returning each id's state and the tenant's epoch.
 func (s *Store) run(ctx context.Context, tenant uuid.UUID, kind byte, ids []uuid.UUID, wids []uint64, minReceived time.Time, unit Unit, counted Counted) ([]int64, time.Time, error) {
 	n := len(ids)
-	keys := make([]string, 0, n+4)
-	keys = append(keys, s.epochKey(tenant))
-	for _, id := range ids {
-		keys = append(keys, s.idKey(tenant, kind, id))
-	}
+	now := s.now()
+	bucket := now.Unix() / s.windowSeconds()
+	keys := []string{s.epochKey(tenant), s.bucketKey(tenant, kind, bucket), s.bucketKey(tenant, kind, bucket-1)}
 	ttl := int64(1)
 	if s.counting != nil {
 		ttl = max(int64(s.counting.TTL/time.Second), 1)
 	}
-	args := make([]any, 0, 5+5*n)
-	args = append(args, s.windowSeconds(), s.now().Unix(), n, ttl, minReceived.Unix())
+	packedIDs := make([]byte, 0, 16*n)
+	for i := range ids {
+		packedIDs = append(packedIDs, ids[i][:]...)
+	}
+	shared := true
+	for _, w := range wids {
+		shared = shared && w == wids[0]
+	}
+	var packedWids []byte
+	if shared {
+		packedWids = binary.LittleEndian.AppendUint64(nil, wids[0])
+	} else {
+		packedWids = make([]byte, 0, 8*n)
+		for _, w := range wids {
+			packedWids = binary.LittleEndian.AppendUint64(packedWids, w)
+		}
+	}
+	args := []any{s.windowSeconds(), now.Unix(), n, ttl, minReceived.Unix(), 2*s.windowSeconds() + 3600, packedIDs, packedWids}
 	type counter struct {
 		day    time.Time
 		metric string
@@ -162,20 +196,17 @@ func (s *Store) run(ctx context.Context, tenant uuid.UUID, kind byte, ids []uuid
 		index[k] = len(keys)
 		return len(keys)
 	}
-	for i := range ids {
-		var metric string
-		var amount int64
-		var d, received time.Time
-		if unit != nil && s.counting != nil {
-			metric, amount, d, received = unit(i)
-		}
-		c, b := 0, 0
-		if metric != "" {
-			b = keyIndex(s.counting.Keys.BornKey(tenant, d))
-			c = keyIndex(s.counting.Keys.Key(tenant, metric, d))
+	if unit != nil && s.counting != nil {
+		for i := range ids {
+			metric, amount, d, received := unit(i)
+			if metric == "" {
+				continue
+			}
+			b := keyIndex(s.counting.Keys.BornKey(tenant, d))
+			c := keyIndex(s.counting.Keys.Key(tenant, metric, d))
 			named[c] = counter{d, metric}
+			args = append(args, i, c, amount, received.Unix(), b)
 		}
-		args = append(args, strconv.FormatUint(wids[i], 10), c, amount, received.Unix(), b)
 	}
 	res, err := s.claim.Run(ctx, s.rdb, keys, args...).Int64Slice()
 	if err != nil {

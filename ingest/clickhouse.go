@@ -148,11 +148,13 @@ func (sh *shipper) stored(ctx context.Context, kind Kind, tenant uuid.UUID, lo, 
 	return have, nil
 }
 
-// awaitAttempts returns once no insert of segment id is running on the server, stopping any that is:
-// an insert whose client gave up (a timeout) runs on and may commit later, and a check made before
-// it finishes would miss its rows.
+// awaitAttempts returns once no insert of segment id is running on the server, stopping any that
+// goes on: an insert whose client gave up (a timeout) runs on and may commit later, and a check made
+// before it finishes would miss its rows. A just-refused insert can stay listed for a moment after
+// its exception, so the first second only waits.
 func (sh *shipper) awaitAttempts(ctx context.Context, id string) error {
 	pattern := "ingest-" + strings.NewReplacer("%", "", "_", "").Replace(id) + "-%"
+	start := time.Now()
 	for {
 		var n uint64
 		if err := sh.ch.QueryRow(ctx, "SELECT count() FROM system.processes WHERE query_id LIKE ?", pattern).Scan(&n); err != nil {
@@ -161,21 +163,17 @@ func (sh *shipper) awaitAttempts(ctx context.Context, id string) error {
 		if n == 0 {
 			return nil
 		}
-		sh.log.Info("an earlier insert of this spool segment is still running on clickhouse; stopping it before checking which rows it stored", "segment", id)
-		rows, err := sh.ch.Query(ctx, "KILL QUERY WHERE query_id LIKE ? SYNC", pattern)
-		if err == nil {
-			for rows.Next() {
+		if time.Since(start) > time.Second {
+			sh.log.Info("an earlier insert of this spool segment is still running on clickhouse; stopping it before checking which rows it stored", "segment", id)
+			// Exec: 18.16 answers KILL QUERY in a form the driver's Query reads as EOF.
+			if err := sh.ch.Exec(ctx, "KILL QUERY WHERE query_id LIKE ? SYNC", pattern); err != nil {
+				return fmt.Errorf("stop an earlier insert of spool segment %s: %w", id, err)
 			}
-			err = rows.Err()
-			rows.Close()
-		}
-		if err != nil {
-			return fmt.Errorf("stop an earlier insert of spool segment %s: %w", id, err)
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(100 * time.Millisecond):
+		case <-time.After(50 * time.Millisecond):
 		}
 	}
 }

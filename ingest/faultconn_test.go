@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 )
 
@@ -20,6 +21,9 @@ type faultConn struct {
 	delay   time.Duration //
 	running int           // late inserts not committed yet: system.processes reports them
 	sizes   []int         // rows of each committed insert, in order
+	// maxPartitions, when set, refuses an insert whose rows span more UTC days, as ClickHouse 19+
+	// does past max_partitions_per_insert_block (code 252); 18.16 has no such limit.
+	maxPartitions int
 }
 
 func (f *faultConn) PrepareBatch(ctx context.Context, query string, opts ...driver.PrepareBatchOption) (driver.Batch, error) {
@@ -35,7 +39,7 @@ func (f *faultConn) PrepareBatch(ctx context.Context, query string, opts ...driv
 	if err != nil {
 		return nil, err
 	}
-	return &faultBatch{Batch: b, f: f, late: late}, nil
+	return &faultBatch{Batch: b, f: f, late: late, days: map[time.Time]bool{}}, nil
 }
 
 type faultBatch struct {
@@ -43,14 +47,55 @@ type faultBatch struct {
 	f    *faultConn
 	late bool
 	rows int
+	days map[time.Time]bool // UTC days of the rows appended (the ts column, second of every insert)
+}
+
+func (b *faultBatch) Column(i int) driver.BatchColumn {
+	c := b.Batch.Column(i)
+	if i != 1 {
+		return c
+	}
+	return dayColumn{c, b.days}
+}
+
+// dayColumn notes the days of a ts column's values.
+type dayColumn struct {
+	driver.BatchColumn
+	days map[time.Time]bool
+}
+
+func (c dayColumn) Append(v any) error {
+	if ts, ok := v.([]time.Time); ok {
+		for _, t := range ts {
+			c.days[t.UTC().Truncate(24*time.Hour)] = true
+		}
+	}
+	return c.BatchColumn.Append(v)
+}
+
+// refuse is the scripted server refusal, made before any of the batch's data leaves, as the server
+// refuses before committing anything.
+func (b *faultBatch) refuse() error {
+	if max := b.f.maxPartitions; max > 0 && len(b.days) > max {
+		_ = b.Batch.Abort()
+		return &clickhouse.Exception{Code: 252, Name: "DB::Exception", Message: fmt.Sprintf(
+			"Too many partitions for single INSERT block (more than %d). The limit is controlled by 'max_partitions_per_insert_block' setting.", max)}
+	}
+	return nil
 }
 
 func (b *faultBatch) Flush() error {
+	if err := b.refuse(); err != nil {
+		return err
+	}
 	b.rows += b.Batch.Rows()
 	return b.Batch.Flush()
 }
 
 func (b *faultBatch) Send() error {
+	if err := b.refuse(); err != nil {
+		return err
+	}
 	rows := b.rows + b.Batch.Rows()
 	if !b.late {
 		err := b.Batch.Send()

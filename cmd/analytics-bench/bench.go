@@ -380,13 +380,16 @@ func (b *bench) createTenants(ctx context.Context, env []string) error {
 	return nil
 }
 
-// cleanRedis deletes the keys this run left: analyticsd's quota counters of the bench tenants and
-// the direct INCR baseline's keys. (Rate-limit buckets expire by themselves within seconds.)
+// cleanRedis deletes the keys this run left: analyticsd's quota counters, event-id claims and
+// Idempotency-Keys of the bench tenants (a 1M-event run claims 1M ids, ~120 MB kept for the dedup
+// window otherwise), and the direct INCR baseline's keys. (Rate-limit buckets expire by themselves
+// within seconds.)
 func (b *bench) cleanRedis(ctx context.Context) {
 	patterns := []string{b.name + ":*"}
 	for _, t := range append(append([]tenantInfo{}, b.tenants...), b.probe, b.fresh) {
 		if t.ID != uuid.Nil {
-			patterns = append(patterns, "quota:{"+t.ID.String()+"}*")
+			id := t.ID.String()
+			patterns = append(patterns, "quota:{"+id+"}*", "dedup:{"+id+"}*", "idem:{"+id+"}*")
 		}
 	}
 	n := 0
@@ -396,9 +399,11 @@ func (b *bench) cleanRedis(ctx context.Context) {
 		for iter.Next(ctx) {
 			keys = append(keys, iter.Val())
 		}
-		if len(keys) > 0 {
-			n += len(keys)
-			_ = b.rdb.Del(ctx, keys...).Err()
+		n += len(keys)
+		for len(keys) > 0 {
+			k := min(len(keys), 10_000)
+			_ = b.rdb.Del(ctx, keys[:k]...).Err()
+			keys = keys[k:]
 		}
 	}
 	if n > 0 {
