@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -44,6 +45,7 @@ type bench struct {
 	chClient  []string          // clickhouse-client connection flags
 	bin       string            // analyticsd
 	chPID     int               // clickhouse-server, for CPU accounting (0 when not found)
+	redisPID  int               // redis-server, likewise: ingest claims event ids there
 	serverEnv map[string]string
 
 	ch      driver.Conn
@@ -216,6 +218,11 @@ func (b *bench) setup(ctx context.Context) error {
 	}
 	if b.chPID == 0 {
 		logf("clickhouse-server's process not found; CPU-per-event figures will leave out the server")
+	}
+	if _, port, err := net.SplitHostPort(rOpts.Addr); err == nil {
+		if p, err := strconv.Atoi(port); err == nil {
+			b.redisPID = listeningPID(p)
+		}
 	}
 
 	// Two runs started in the same second (CI) must not share a database: take the next free name.

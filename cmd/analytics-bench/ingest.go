@@ -297,7 +297,7 @@ func (b *bench) restIngest(ctx context.Context, s *Scenario) error {
 	}
 
 	var aTime, aCPU, aServer, restTime, ackTime, bTime, bCPU time.Duration
-	var restAnalyticsd, restServer time.Duration
+	var restAnalyticsd, restServer, restRedis time.Duration
 	var rec Recorder
 	for r := 0; r < rounds; r++ {
 		batches := b.batches[r*len(b.batches)/rounds : (r+1)*len(b.batches)/rounds]
@@ -343,8 +343,11 @@ func (b *bench) restIngest(ctx context.Context, s *Scenario) error {
 			return err
 		}
 		restTime, ackTime = restTime+stored, ackTime+acked
-		if len(used) == 2 {
+		if len(used) >= 2 {
 			restAnalyticsd, restServer = restAnalyticsd+used[0], restServer+used[1]
+		}
+		if len(used) == 3 {
+			restRedis += used[2]
 		}
 		s.set(fmt.Sprintf("round%d_events_per_s", r+1), float64(nr)/stored.Seconds())
 		s.set(fmt.Sprintf("round%d_ratio_vs_a", r+1), ratio(s.Figures[fmt.Sprintf("round%d_events_per_s", r+1)], s.Figures[fmt.Sprintf("round%d_a_events_per_s", r+1)]))
@@ -374,7 +377,8 @@ func (b *bench) restIngest(ctx context.Context, s *Scenario) error {
 	if restAnalyticsd > 0 {
 		s.set("rest_analyticsd_cpu_us_per_event", usPer(restAnalyticsd, n))
 		s.set("rest_server_cpu_us_per_event", usPer(restServer, n))
-		s.set("rest_cpu_us_per_event", usPer(restAnalyticsd+restServer, n))
+		s.set("rest_cpu_us_per_event", usPer(restAnalyticsd+restServer+restRedis, n))
+		s.set("rest_redis_cpu_us_per_event", usPer(restRedis, n))
 	}
 	s.lat("request", Summarize(rec.Samples()))
 	b.maxRate = float64(n) / restTime.Seconds()
@@ -445,7 +449,7 @@ func (b *bench) restRound(ctx context.Context, s *Scenario, batches []batch, n i
 	if err != nil {
 		return 0, 0, nil, err
 	}
-	m := meterCPU(b.srv.pid(), b.chPID)
+	m := meterCPU(b.srv.pid(), b.chPID, b.redisPID)
 	var prof *profiler
 	if round == 0 {
 		prof = b.pprof // the first round is profiled
