@@ -70,6 +70,22 @@ type batch struct {
 	claim     *claimState
 }
 
+// ids returns the tenant and the ids of the batch's rows of a kind.
+func (b *batch) ids(kind Kind) (uuid.UUID, []uuid.UUID) {
+	var tenant uuid.UUID
+	var ids []uuid.UUID
+	if kind == KindEvent {
+		for i := range b.events {
+			tenant, ids = b.events[i].TenantID, append(ids, b.events[i].ID)
+		}
+	} else {
+		for i := range b.incs {
+			tenant, ids = b.incs[i].TenantID, append(ids, b.incs[i].ID)
+		}
+	}
+	return tenant, ids
+}
+
 func newBatch(events []Row, incs []Increment) *batch {
 	return &batch{wid: newBatchID(), events: events, incs: incs, claim: &claimState{}}
 }

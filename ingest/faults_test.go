@@ -231,16 +231,7 @@ func TestZeroFilledTailDoesNotStallASegment(t *testing.T) {
 	f, _ := os.OpenFile(filepath.Join(dir, name), os.O_APPEND|os.O_WRONLY, 0)
 	f.Write(make([]byte, 4096))
 	f.Close()
-	w, err := NewWriter(WriterConfig{Dir: dir, FlushInterval: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond}, env.CH, env.DB, nil, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.Start()
-	waitFor(t, "the segment shipped", func() bool { return w.Stats().PendingSegments == 0 })
-	st := w.Stats()
-	w.Close(context.Background())
-	var n uint64
-	env.CH.QueryRow(context.Background(), "SELECT count() FROM "+env.DB+".events WHERE tenant_id = ?", tenantID).Scan(&n)
+	n, st := shipSpool(t, env, dir, tenantID)
 	if n != 5 || st.QuarantinedFiles != 0 {
 		t.Errorf("stored %d of the 5 rows in front of a zero tail, %d quarantine files; want 5 and none (zeros are a torn tail, not a record)", n, st.QuarantinedFiles)
 	}
@@ -263,6 +254,16 @@ func TestUnreadableRecordIsQuarantinedAndTheRestShips(t *testing.T) {
 	f.Write(spool.FrameEnd(append(bad, "not a record"...), start))
 	f.Write(appendRecord(nil, 4, []Row{row(), row()}, nil))
 	f.Close()
+	n, st := shipSpool(t, env, dir, tenantID)
+	if n != 3 || st.QuarantinedFiles != 1 {
+		t.Errorf("stored %d of 3 rows, %d quarantine files; want 3 and the unreadable record in 1", n, st.QuarantinedFiles)
+	}
+}
+
+// shipSpool starts a writer on dir, waits until it has shipped every segment there, and returns how
+// many of tenantID's events ClickHouse holds and the writer's last stats.
+func shipSpool(t *testing.T, env testenv.Env, dir string, tenantID uuid.UUID) (uint64, Stats) {
+	t.Helper()
 	w, err := NewWriter(WriterConfig{Dir: dir, FlushInterval: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond}, env.CH, env.DB, nil, nil, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -272,8 +273,8 @@ func TestUnreadableRecordIsQuarantinedAndTheRestShips(t *testing.T) {
 	st := w.Stats()
 	w.Close(context.Background())
 	var n uint64
-	env.CH.QueryRow(context.Background(), "SELECT count() FROM "+env.DB+".events WHERE tenant_id = ?", tenantID).Scan(&n)
-	if n != 3 || st.QuarantinedFiles != 1 {
-		t.Errorf("stored %d of 3 rows, %d quarantine files; want 3 and the unreadable record in 1", n, st.QuarantinedFiles)
+	if err := env.CH.QueryRow(context.Background(), "SELECT count() FROM "+env.DB+".events WHERE tenant_id = ?", tenantID).Scan(&n); err != nil {
+		t.Fatal(err)
 	}
+	return n, st
 }

@@ -283,29 +283,18 @@ func (s *Service) claim(ctx context.Context, claims Claims, b *batch) (evDup, in
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 	defer cancel()
 	now := s.now()
-	if len(b.events) > 0 {
-		ids := make([]uuid.UUID, len(b.events))
-		for i := range b.events {
-			ids[i] = b.events[i].ID
+	var dup [2][]bool
+	for k, kind := range [2]Kind{KindEvent, KindIncrement} {
+		tenant, ids := b.ids(kind)
+		if len(ids) == 0 {
+			continue
 		}
-		tenant := b.events[0].TenantID
-		unit := func(i int) (string, int64, time.Time, time.Time) { return s.w.sh.unit(KindEvent, b, i, now) }
-		if evDup, epoch, err = claims.Claim(ctx, tenant, KindEvent, b.wid, ids, unit, s.w.sh.countedFor(tenant)); err != nil {
+		unit := func(i int) (string, int64, time.Time, time.Time) { return s.w.sh.unit(kind, b, i, now) }
+		if dup[k], epoch, err = claims.Claim(ctx, tenant, kind, b.wid, ids, unit, s.w.sh.countedFor(tenant)); err != nil {
 			return nil, nil, epoch, err
 		}
 	}
-	if len(b.incs) > 0 {
-		ids := make([]uuid.UUID, len(b.incs))
-		for i := range b.incs {
-			ids[i] = b.incs[i].ID
-		}
-		tenant := b.incs[0].TenantID
-		unit := func(i int) (string, int64, time.Time, time.Time) { return s.w.sh.unit(KindIncrement, b, i, now) }
-		if incDup, epoch, err = claims.Claim(ctx, tenant, KindIncrement, b.wid, ids, unit, s.w.sh.countedFor(tenant)); err != nil {
-			return nil, nil, epoch, err
-		}
-	}
-	return evDup, incDup, epoch, nil
+	return dup[0], dup[1], epoch, nil
 }
 
 // count updates Prometheus for the rows of b that are new (duplicates found by the claim are not

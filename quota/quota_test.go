@@ -663,6 +663,25 @@ func TestConsumeSameKeyOnTwoMetricsStoresBoth(t *testing.T) {
 	}
 }
 
+// recording is a quota service whose increments are stored through an ingest service without
+// deduplication (no claims), writing to its own spool with cfg; builds_daily allows buildsDaily.
+func (h *harness) recording(t *testing.T, cfg ingest.WriterConfig, buildsDaily float64) (*Service, *ingest.Service, *ingest.Writer) {
+	t.Helper()
+	cfg.Dir = t.TempDir()
+	w, err := ingest.NewWriter(cfg, h.env.CH, h.env.DB, nil, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Start()
+	s := NewService(Config{Enabled: true, EventMetrics: ingest.DefaultEventMetrics()}, NewCounters(h.env.Redis, h.env.Prefix),
+		NewLimits(map[string]float64{"builds_daily": buildsDaily}, h.tenants, time.Millisecond), h.env.CH, h.env.DB, h.env.PG, audit.New(h.env.PG), nil, nil)
+	svc := ingest.NewService(ingest.Config{Enabled: true, Limits: ingest.DefaultLimits()}, w, s, ingest.NewMetrics(nil, 0), nil)
+	s.SetRecorder(svc)
+	t.Cleanup(func() { svc.Close() })
+	t.Cleanup(func() { s.Close(context.Background()) })
+	return s, svc, w
+}
+
 func (h *harness) storedIncrements(t *testing.T) map[string]int64 {
 	t.Helper()
 	rows, err := h.env.CH.Query(context.Background(), "SELECT metric, toInt64(sum(n)) FROM "+h.env.DB+".usage_increments WHERE tenant_id = ? GROUP BY metric", h.tenant.ID)
@@ -685,17 +704,7 @@ func (h *harness) storedIncrements(t *testing.T) map[string]int64 {
 // billed) under another request's bytes.
 func TestConsumeMetricIsNotBorrowedFromTheRequest(t *testing.T) {
 	h := newHarness(t)
-	w, err := ingest.NewWriter(ingest.WriterConfig{Dir: t.TempDir(), FlushInterval: time.Hour, BatchRows: 1_000_000}, h.env.CH, h.env.DB, nil, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.Start()
-	s := NewService(Config{Enabled: true, EventMetrics: ingest.DefaultEventMetrics()}, NewCounters(h.env.Redis, h.env.Prefix),
-		NewLimits(map[string]float64{"builds_daily": 1000}, h.tenants, time.Millisecond), h.env.CH, h.env.DB, h.env.PG, audit.New(h.env.PG), nil, nil)
-	svc := ingest.NewService(ingest.Config{Enabled: true, Limits: ingest.DefaultLimits()}, w, s, ingest.NewMetrics(nil, 0), nil)
-	s.SetRecorder(svc)
-	defer svc.Close()
-	defer s.Close(context.Background())
+	s, svc, w := h.recording(t, ingest.WriterConfig{FlushInterval: time.Hour, BatchRows: 1_000_000}, 1000)
 	app := h.app(s, svc)
 	for i := 0; i < 20; i++ {
 		if code, _, m := call(t, app, "POST", "/api/analytics/quotas/builds_daily/consume", h.keyW, ""); code != 200 {
@@ -713,17 +722,7 @@ func TestConsumeMetricIsNotBorrowedFromTheRequest(t *testing.T) {
 // honoured: a "replayed" consume used to store its increment again, relying on claims that did not exist.
 func TestConsumeKeyIgnoredWithoutDeduplication(t *testing.T) {
 	h := newHarness(t)
-	w, err := ingest.NewWriter(ingest.WriterConfig{Dir: t.TempDir(), FlushInterval: 20 * time.Millisecond}, h.env.CH, h.env.DB, nil, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.Start()
-	s := NewService(Config{Enabled: true, EventMetrics: ingest.DefaultEventMetrics()}, NewCounters(h.env.Redis, h.env.Prefix),
-		NewLimits(map[string]float64{"builds_daily": 100}, h.tenants, time.Millisecond), h.env.CH, h.env.DB, h.env.PG, audit.New(h.env.PG), nil, nil)
-	svc := ingest.NewService(ingest.Config{Enabled: true, Limits: ingest.DefaultLimits()}, w, s, ingest.NewMetrics(nil, 0), nil)
-	s.SetRecorder(svc)
-	defer svc.Close()
-	defer s.Close(context.Background())
+	s, _, w := h.recording(t, ingest.WriterConfig{FlushInterval: 20 * time.Millisecond}, 100)
 	ctx := context.Background()
 	for i := 0; i < 3; i++ {
 		if _, err := s.ConsumeWith(ctx, h.tenant.ID, "builds_daily", 3, ConsumeOptions{IdempotencyKey: "build-7"}); err != nil {
