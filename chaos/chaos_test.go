@@ -115,6 +115,7 @@ func newSystem(t *testing.T, bin string, extra map[string]string) *system {
 func (s *system) start() {
 	s.t.Helper()
 	s.cmd = exec.Command(s.bin, "serve")
+	dieWithTest(s.cmd)
 	for k, v := range s.vars {
 		s.cmd.Env = append(s.cmd.Env, k+"="+v)
 	}
@@ -135,6 +136,12 @@ func (s *system) start() {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// dieWithTest has the kernel kill cmd when the test binary dies: a test that times out or panics
+// must not leave a server behind holding ports and writing to a test database.
+func dieWithTest(cmd *exec.Cmd) {
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 }
 
 func (s *system) kill9() {

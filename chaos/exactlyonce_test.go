@@ -42,6 +42,7 @@ func (s *system) sibling(t *testing.T) *system {
 // command runs an analyticsd subcommand with the system's environment.
 func (s *system) command(args ...string) *exec.Cmd {
 	cmd := exec.Command(s.bin, args...)
+	dieWithTest(cmd)
 	for k, v := range s.vars {
 		cmd.Env = append(cmd.Env, k+"="+v)
 	}
@@ -286,7 +287,11 @@ func TestSharedSpoolRefused(t *testing.T) {
 	}
 	bin := build(t)
 	a := newSystem(t, bin, nil)
-	cmd := exec.Command(a.bin, "serve")
+	// A binary without the lock would serve forever: give it 30 s to refuse.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, a.bin, "serve")
+	dieWithTest(cmd)
 	for k, v := range a.vars {
 		if k == "ANALYTICS_ADDR" {
 			v = freeAddr(t)

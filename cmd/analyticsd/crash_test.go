@@ -58,6 +58,8 @@ type proc struct {
 func startServer(t *testing.T, getenv func(string) string, names []string) *proc {
 	t.Helper()
 	cmd := exec.Command(binary(t), "serve")
+	// Killed by the kernel if the test binary dies first (a timeout, a panic): no server outlives it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	for _, n := range names {
 		cmd.Env = append(cmd.Env, n+"="+getenv(n))
 	}

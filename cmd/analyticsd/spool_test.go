@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -69,6 +70,7 @@ func TestSecondServeOnOneSpoolIsRefused(t *testing.T) {
 
 	second := stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": dir})
 	cmd := exec.Command(binary(t), "serve")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	for _, n := range serveVars {
 		cmd.Env = append(cmd.Env, n+"="+second(n))
 	}
