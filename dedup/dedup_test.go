@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -90,6 +91,109 @@ func TestVerifyKeepsOwnersAndReclaimsLostClaims(t *testing.T) {
 	if epochs, _ := s.Epochs(ctx, []uuid.UUID{tn}); !epochs[tn].Equal(e3) {
 		t.Errorf("Epochs %v, want %v", epochs[tn], e3)
 	}
+}
+
+// Claims against a model of what they promise: an id is held by the first batch that claimed it
+// within the current or the previous window-long bucket, and a row counts when its id is claimed
+// now, unless it was received before its day's live counting began (started by the first row that
+// counts). Random calls of up to 2,500 ids (more than one of the script's 1,000-id slices), drawn
+// from a small pool so ids repeat within a call, across calls and across buckets, each id with its
+// own batch or all with one; rows of two metrics on two days, some received before counting began.
+func TestClaimsMatchTheModel(t *testing.T) {
+	rdb, prefix := testenv.Redis(t)
+	counters := quota.NewCounters(rdb, prefix)
+	s := NewStore(rdb, prefix, time.Hour, &Counting{Keys: counters, Lua: quota.CountLua, TTL: quota.CounterTTL})
+	ctx := context.Background()
+	tn := uuid.New()
+	start := time.Now().Truncate(time.Hour)
+	clock := start
+	s.now = func() time.Time { return clock }
+	type claim struct {
+		wid    uint64
+		bucket int64
+	}
+	model := map[uuid.UUID]claim{}
+	pool := make([]uuid.UUID, 3000)
+	for i := range pool {
+		pool[i] = uuid.New()
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	metrics := []string{"builds_daily", "emails_daily"}
+	today := start.UTC().Truncate(24 * time.Hour)
+	days := []time.Time{today, today.AddDate(0, 0, -1)}
+	born, counts := map[time.Time]time.Time{}, map[string]int64{}
+	for call := 0; call < 60; call++ {
+		if rng.IntN(8) == 0 {
+			clock = clock.Add(time.Duration(rng.IntN(90)) * time.Minute)
+		}
+		bucket := clock.Unix() / 3600
+		n := 1 + rng.IntN(2500)
+		ids, wids := make([]uuid.UUID, n), make([]uint64, n)
+		shared := rng.IntN(2) == 0
+		for i := range ids {
+			ids[i] = pool[rng.IntN(len(pool))]
+			wids[i] = uint64(call*10 + 1)
+			if !shared {
+				wids[i] += uint64(rng.IntN(3))
+			}
+		}
+		units := make([]row, n)
+		for i := range units {
+			if rng.IntN(3) > 0 {
+				units[i] = row{metrics[rng.IntN(2)], int64(1 + rng.IntN(3)), days[rng.IntN(2)], clock.Add(-time.Duration(rng.IntN(3)) * time.Second)}
+			}
+		}
+		want := make([]int64, n)
+		for i, id := range ids {
+			c, ok := model[id]
+			switch {
+			case ok && (c.bucket == bucket || c.bucket == bucket-1) && c.wid == wids[i]:
+				want[i] = 1
+			case ok && (c.bucket == bucket || c.bucket == bucket-1):
+				want[i] = 0
+			default:
+				model[id] = claim{wids[i], bucket}
+				want[i] = 2
+				if u := units[i]; u.metric != "" {
+					if _, ok := born[u.day]; !ok {
+						born[u.day] = clock
+					}
+					if !u.received.Before(born[u.day]) {
+						counts[u.metric+u.day.String()] += u.n
+					}
+				}
+			}
+		}
+		unit := func(i int) (string, int64, time.Time, time.Time) {
+			u := units[i]
+			return u.metric, u.n, u.day, u.received
+		}
+		got, _, err := s.run(ctx, tn, 'e', ids, wids, time.Time{}, unit, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range want {
+			if got[i] != want[i] {
+				t.Fatalf("call %d (%d ids, %s into the test): id %d (%s, batch %d) state %d, want %d",
+					call, n, clock.Sub(start), i, ids[i], wids[i], got[i], want[i])
+			}
+		}
+		for _, m := range metrics {
+			for _, d := range days {
+				if v, _, _ := counters.Get(ctx, tn, m, d); v != counts[m+d.String()] {
+					t.Fatalf("call %d: counter %s on %s is %d, want %d", call, m, d.Format(time.DateOnly), v, counts[m+d.String()])
+				}
+			}
+		}
+	}
+}
+
+// row is what a claimed row adds to the live counters in TestClaimsMatchTheModel.
+type row struct {
+	metric   string
+	n        int64
+	day      time.Time
+	received time.Time
 }
 
 // app mounts the middleware behind a stand-in for authentication, in front of a handler the test
