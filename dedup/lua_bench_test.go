@@ -67,3 +67,38 @@ return out`)
 		})
 	}
 }
+
+// BenchmarkBulkInsert prices the insert alone, per id of a 500-id call into one growing key: HSET of
+// id → 8-byte batch id (what claims store) against SADD of the id (a set holds no value).
+func BenchmarkBulkInsert(b *testing.B) {
+	rdb, prefix := testenv.Redis(b)
+	for _, v := range []struct{ name, src string }{
+		{"hset-500", `redis.call('HSET', KEYS[1], unpack(ARGV)) return 1`},
+		{"sadd-500", `redis.call('SADD', KEYS[1], unpack(ARGV)) return 1`},
+		{"smismember+sadd-500", `redis.call('SMISMEMBER', KEYS[1], unpack(ARGV)) redis.call('SADD', KEYS[1], unpack(ARGV)) return 1`},
+		{"hmget+hset-500", `local f = {} for i = 1, #ARGV, 2 do f[#f + 1] = ARGV[i] end redis.call('HMGET', KEYS[1], unpack(f)) redis.call('HSET', KEYS[1], unpack(ARGV)) return 1`},
+	} {
+		b.Run(v.name, func(b *testing.B) {
+			sc := redis.NewScript(v.src)
+			key := prefix + "bulk{t}:" + uuid.NewString()
+			hash := v.name[0] == 'h'
+			cpu := redisCPU(b, rdb)
+			for n := 0; n < b.N; n++ {
+				args := make([]any, 0, 1000)
+				for i := 0; i < 500; i++ {
+					id := uuid.New()
+					args = append(args, string(id[:]))
+					if hash {
+						args = append(args, "12345678")
+					}
+				}
+				if err := sc.Run(context.Background(), rdb, []string{key}, args...).Err(); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric((redisCPU(b, rdb)-cpu)*1e6/float64(b.N*500), "redis-µs/id")
+			b.ReportMetric(float64(rdb.MemoryUsage(context.Background(), key, 0).Val())/float64(b.N*500), "bytes/id")
+			rdb.Unlink(context.Background(), key)
+		})
+	}
+}
