@@ -155,6 +155,13 @@ func NewApp(cfg Config, log *slog.Logger) *fiber.App {
 		WriteTimeout:   cfg.WriteTimeout,
 		IdleTimeout:    cfg.IdleTimeout,
 		ErrorHandler:   ErrorHandler(log),
+		// Every string and byte slice a handler reads from the request (Params, Query, Get, Cookies,
+		// Body, ...) is a copy: by default they are views into a buffer the next request on the
+		// connection overwrites, and a value kept past the handler (a usage increment's metric, an
+		// alert, a metric label) was once silently rewritten that way. Copying them all costs a few
+		// small allocations per request; ingest reads its large body through fasthttp's
+		// Request().Body() and copies only what it keeps (TestRequestStringsOutliveTheRequest).
+		Immutable: true,
 	})
 	return app
 }

@@ -11,7 +11,6 @@ import (
 	"slices"
 	"sort"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -150,9 +149,8 @@ type Duplicate struct {
 	ID    uuid.UUID `json:"id"`
 }
 
-// idempotencyKey reads the Idempotency-Key header, copied: fiber's strings point into a buffer the
-// next request reuses, and the key outlives the handler in derived ids.
-func idempotencyKey(c *fiber.Ctx) string { return strings.Clone(c.Get("Idempotency-Key")) }
+// idempotencyKey reads the Idempotency-Key header (a copy: api.NewApp's app lends no strings).
+func idempotencyKey(c *fiber.Ctx) string { return c.Get("Idempotency-Key") }
 
 func (s *Service) postEvents(c *fiber.Ctx) error {
 	p, _ := api.PrincipalOf(c)

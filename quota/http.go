@@ -4,7 +4,6 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
-	"strings"
 
 	"github.com/gofiber/fiber/v2"
 
@@ -36,7 +35,7 @@ func notFound(metric string) error {
 
 func (s *Service) getOne(c *fiber.Ctx) error {
 	p, _ := api.PrincipalOf(c)
-	metric := strings.Clone(c.Params("metric")) // fiber's strings point into a buffer the next request reuses
+	metric := c.Params("metric") // a copy: api.NewApp's app hands out no borrowed strings
 	st, err := s.State(c.UserContext(), p.TenantID, metric)
 	if errors.Is(err, ErrUnknownMetric) {
 		return notFound(metric)
@@ -49,9 +48,7 @@ func (s *Service) getOne(c *fiber.Ctx) error {
 
 func (s *Service) postConsume(c *fiber.Ctx) error {
 	p, _ := api.PrincipalOf(c)
-	// Copied: the metric outlives the handler in the stored increment, alerts and metric labels, and
-	// fiber's strings point into a buffer the next request reuses.
-	metric := strings.Clone(c.Params("metric"))
+	metric := c.Params("metric") // outlives the handler (increment, alerts, labels): a copy, see api.NewApp
 	n := int64(1)
 	if v := c.Query("n"); v != "" {
 		var err error
@@ -67,8 +64,7 @@ func (s *Service) postConsume(c *fiber.Ctx) error {
 		gate = &Gate{}
 		gate.Key, gate.Rate, gate.Burst = m.Bucket()
 	}
-	// Copied: fiber's header strings point into a buffer the next request reuses.
-	key := strings.Clone(c.Get("Idempotency-Key"))
+	key := c.Get("Idempotency-Key")
 	res, err := s.ConsumeWith(c.UserContext(), p.TenantID, metric, n, ConsumeOptions{Gate: gate, IdempotencyKey: key})
 	if gate != nil && gate.Ran {
 		if err := m.Apply(c, gate.Allowed, gate.MilliTokens); err != nil {

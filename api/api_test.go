@@ -1,0 +1,53 @@
+package api
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"net/http"
+	"testing"
+
+	"github.com/gofiber/fiber/v2"
+)
+
+// Strings a handler reads from the request must stay what they were after the handler returns: a
+// metric name kept in a queued usage increment, an alert or a metric label outlives the request,
+// and by default fiber hands out views into a buffer the next request overwrites (a consume once
+// booked its spend under "amesooks_daily"). NewApp makes every such read a copy, so no handler has
+// to remember to.
+func TestRequestStringsOutliveTheRequest(t *testing.T) {
+	app := NewApp(Config{}, nil)
+	type kept struct{ param, query, header, cookie, body string }
+	var got []kept
+	var bodies [][]byte
+	app.Post("/q/:metric", func(c *fiber.Ctx) error {
+		got = append(got, kept{c.Params("metric"), c.Query("n"), c.Get("X-Key"), c.Cookies("k"), string(c.Body())})
+		bodies = append(bodies, c.Body())
+		return c.SendStatus(http.StatusNoContent)
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go app.Listener(ln)
+	t.Cleanup(func() { app.Shutdown() })
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1}}
+	send := func(metric, n, key, body string) {
+		req, _ := http.NewRequest(http.MethodPost, "http://"+ln.Addr().String()+"/q/"+metric+"?n="+n, bytes.NewReader([]byte(body)))
+		req.Header.Set("X-Key", key)
+		req.Header.Set("Cookie", "k="+key)
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	// The same keep-alive connection, so the second request lands in the first one's buffers.
+	send("webhooks_daily", "1234", "first-key", `{"a":"first body"}`)
+	send("zzzzzzzzzzzzzz", "9999", "other-key", `{"b":"other body"}`)
+	want := kept{"webhooks_daily", "1234", "first-key", "first-key", `{"a":"first body"}`}
+	if len(got) != 2 || got[0] != want || string(bodies[0]) != want.body {
+		t.Fatalf("after the next request the first one's strings read %+v (body %q), want %+v", got[0], bodies[0], want)
+	}
+}

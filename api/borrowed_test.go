@@ -1,0 +1,62 @@
+package api
+
+import (
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+)
+
+// rawRequest matches reads that go around fiber to fasthttp's request, where Immutable does not
+// reach: what they return is a view into a pooled buffer.
+var rawRequest = regexp.MustCompile(`\.Request\(\)\.|\.Context\(\)\.(QueryArgs|PostArgs|Request|URI)|\.Peek(Multi|Bytes)?\(`)
+
+// rawAllowed lists every such read, each checked to keep nothing past its handler: the ingest body
+// is decoded into fresh values (the decoder copies strings, Validate copies ts and props), the
+// idempotency middleware hashes the request, metric[] values are converted with string(...).
+var rawAllowed = map[string]int{
+	"ingest/http.go":       2,
+	"dedup/idempotency.go": 2,
+	"query/http.go":        2,
+}
+
+// No new code reads the raw request without being looked at: a borrowed value kept past its
+// handler is silently rewritten by the next request (see TestRequestStringsOutliveTheRequest).
+func TestNoNewRawRequestReads(t *testing.T) {
+	found := map[string]int{}
+	err := filepath.WalkDir("..", func(path string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() && (d.Name() == "node_modules" || strings.HasPrefix(d.Name(), ".")) && path != ".." {
+			return filepath.SkipDir
+		}
+		if d.IsDir() || !strings.HasSuffix(path, ".go") || strings.HasSuffix(path, "_test.go") {
+			return nil
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if rawRequest.MatchString(line) && !strings.HasPrefix(strings.TrimSpace(line), "//") {
+				found[filepath.ToSlash(strings.TrimPrefix(path, "../"))]++
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for f, n := range found {
+		if n != rawAllowed[f] {
+			t.Errorf("%s reads fasthttp's request directly %d times (%d reviewed): check that nothing it reads outlives the handler, copy what does, then update rawAllowed", f, n, rawAllowed[f])
+		}
+	}
+	for f, n := range rawAllowed {
+		if found[f] == 0 {
+			t.Errorf("%s no longer reads the raw request (%d expected): drop it from rawAllowed", f, n)
+		}
+	}
+}
