@@ -353,10 +353,16 @@ type UsageRequest struct {
 	Value json.RawMessage `json:"value"`
 }
 
-var metricRe = regexp.MustCompile(`^[a-z][a-z0-9_.-]*$`)
+var metricRe = regexp.MustCompile(`^[a-z][a-z0-9_-]*$`)
 
-// ValidMetric reports whether m is a well-formed usage metric name (≤128 bytes).
+// ValidMetric reports whether m is a well-formed usage metric name (≤128 bytes): lowercase letters,
+// digits, '_' and '-', starting with a letter, and no '.'. Metric names and event names are two
+// namespaces that cannot meet — an event name always has a '.' (ValidEventName) — so an increment
+// can never be counted as an event, nor an event as an increment, in daily_usage, /usage or the KPIs.
 func ValidMetric(m string) bool { return len(m) <= 128 && metricRe.MatchString(m) }
+
+// MetricRule says what ValidMetric wants, for error messages.
+const MetricRule = "a usage metric is lowercase letters, digits, '_' or '-', starting with a letter, at most 128 bytes, and has no '.' (dotted names are event names), e.g. \"api_requests_daily\""
 
 func (s *Service) postUsage(c *fiber.Ctx) error {
 	p, _ := api.PrincipalOf(c)
@@ -364,8 +370,11 @@ func (s *Service) postUsage(c *fiber.Ctx) error {
 	if err := json.Unmarshal(c.Request().Body(), &req); err != nil {
 		return api.BadRequest("invalid_body", `body must be JSON like {"metric":"api_requests_daily","n":1}`)
 	}
+	if ValidEventName(req.Metric) {
+		return api.BadRequest("invalid_metric", strconv.Quote(req.Metric)+" is an event name: events are counted from POST /api/analytics/events, and "+MetricRule)
+	}
 	if !ValidMetric(req.Metric) {
-		return api.BadRequest("invalid_metric", "metric must be lowercase letters, digits, '_', '.' or '-', starting with a letter, at most 128 bytes, e.g. \"api_requests_daily\"")
+		return api.BadRequest("invalid_metric", "metric: "+MetricRule)
 	}
 	if len(req.Value) > 0 && string(req.Value) != "null" {
 		return s.setLevel(c, p, req)
@@ -376,8 +385,10 @@ func (s *Service) postUsage(c *fiber.Ctx) error {
 	n := int64(1)
 	if len(req.N) > 0 && string(req.N) != "null" {
 		v, err := strconv.ParseInt(string(req.N), 10, 64)
-		if err != nil || v == 0 || v > 1_000_000_000 || v < -1_000_000_000 {
-			return api.BadRequest("invalid_n", "n must be a non-zero whole number between -1000000000 and 1000000000 (default 1)")
+		if err != nil || v < 1 || v > 1_000_000_000 {
+			// No negative n: usage is what tenants are billed on, and a write key must not be able
+			// to erase its own.
+			return api.BadRequest("invalid_n", "n must be a whole number from 1 to 1000000000 (default 1); usage cannot be taken back")
 		}
 		n = v
 	}

@@ -68,23 +68,25 @@ func ParseRange(from, to string, now time.Time) (Range, error) {
 	return r, nil
 }
 
+// parseBound reads one end of a range. Dates and times alike must fall in the years 1970-2105, what
+// ClickHouse's DateTime holds: beyond it a query fails in storage (once a 503 that clients retried
+// forever) or, for usage filled with zeros, invents days no event can have.
 func parseBound(name, v string, end bool) (time.Time, error) {
+	var t time.Time
+	var err error
 	if len(v) == len("2006-01-02") {
-		d, err := time.Parse("2006-01-02", v)
-		if err != nil {
-			return time.Time{}, paramErr("%s=%q is not a date (YYYY-MM-DD) or RFC3339 time", name, truncate(v))
-		}
-		if end {
-			d = d.Add(24 * time.Hour) // whole day, inclusive
-		}
-		return d, nil
+		t, err = time.Parse("2006-01-02", v)
+	} else {
+		t, err = time.Parse(time.RFC3339Nano, v)
 	}
-	t, err := time.Parse(time.RFC3339Nano, v)
 	if err != nil {
 		return time.Time{}, paramErr("%s=%q is not a date (YYYY-MM-DD) or RFC3339 time", name, truncate(v))
 	}
 	if t.Year() < 1970 || t.Year() > 2105 {
 		return time.Time{}, paramErr("%s=%q is outside the years 1970-2105", name, truncate(v))
+	}
+	if len(v) == len("2006-01-02") && end {
+		t = t.Add(24 * time.Hour) // whole day, inclusive
 	}
 	return t.UTC(), nil
 }
@@ -110,6 +112,9 @@ func ParseCursor(s string) (Cursor, error) {
 		// Events strictly older than the instant. Stored times are whole seconds, so an event at
 		// 10:30:00 is older than 10:30:00.5: a fractional cursor rounds up to the next second.
 		ts := t.UTC()
+		if ts.Year() < 1970 || ts.Year() > 2105 {
+			return Cursor{}, paramErr("cursor=%q is outside the years 1970-2105", truncate(s))
+		}
 		if ts.Truncate(time.Second) != ts {
 			ts = ts.Truncate(time.Second).Add(time.Second)
 		}

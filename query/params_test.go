@@ -32,6 +32,11 @@ func TestParseRange(t *testing.T) {
 	check("yesterday", "", time.Time{}, time.Time{}, `from="yesterday" is not a date`)
 	check("", "2024-13-01", time.Time{}, time.Time{}, "to=")
 	check("' OR 1=1 --", "", time.Time{}, time.Time{}, "is not a date")
+	// Plain dates are held to ClickHouse's years like RFC3339 times (they once reached storage: 503).
+	check("9999-12-01", "9999-12-31", time.Time{}, time.Time{}, "outside the years 1970-2105")
+	check("0001-01-01", "0001-01-05", time.Time{}, time.Time{}, "outside the years 1970-2105")
+	check("2105-12-01", "2105-12-31", d("2105-12-01T00:00:00Z"), d("2106-01-01T00:00:00Z"), "")
+	check("1969-12-31T23:00:00Z", "", time.Time{}, time.Time{}, "outside the years")
 }
 
 func TestCursorRoundTrip(t *testing.T) {
@@ -48,7 +53,7 @@ func TestCursorRoundTrip(t *testing.T) {
 	if !frac.Ts.Equal(time.Date(2024, 1, 15, 9, 30, 1, 0, time.UTC)) {
 		t.Errorf("fractional cursor: got %v, want rounded up to 09:30:01", frac.Ts)
 	}
-	for _, bad := range []string{"x", "eA", "' OR 1=1", "MTIzOm5vdC1hLXV1aWQ", "LTE6NWYwYzZkMWUtOGExYi00YzdlLTlkMmYtM2E0YjVjNmQ3ZThm"} {
+	for _, bad := range []string{"9999-12-31T00:00:00Z", "0001-01-01T00:00:00Z", "x", "eA", "' OR 1=1", "MTIzOm5vdC1hLXV1aWQ", "LTE6NWYwYzZkMWUtOGExYi00YzdlLTlkMmYtM2E0YjVjNmQ3ZThm"} {
 		if _, err := ParseCursor(bad); err == nil {
 			t.Errorf("ParseCursor(%q) accepted", bad)
 		}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/schema"
 	"github.com/analyticsd/analyticsd/tenant"
@@ -92,6 +93,9 @@ func tenantCmd(ctx context.Context, cfg Config, _ *slog.Logger, args []string, s
 		}
 		if slug == "" || metric == "" || (limit == "") == !clear {
 			return fmt.Errorf("tenant set-quota: --tenant, --metric and one of --limit N or --clear are required: %w", errUsage)
+		}
+		if !ingest.ValidMetric(metric) {
+			return fmt.Errorf("tenant set-quota: --metric %q: %s: %w", metric, ingest.MetricRule, errUsage)
 		}
 		var lim *float64
 		if !clear {

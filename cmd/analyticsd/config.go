@@ -130,7 +130,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		}
 		for ev, metric := range m {
 			if !ingest.ValidEventName(ev) || !ingest.ValidMetric(metric) {
-				errs = append(errs, fmt.Errorf("QUOTA_EVENT_MAP: %q → %q: want an event name and a metric name", ev, metric))
+				errs = append(errs, fmt.Errorf("QUOTA_EVENT_MAP: %q → %q: want an event name (with a '.') and a metric name (%s)", ev, metric, ingest.MetricRule))
 			}
 		}
 		c.Ingest.EventMetrics = m
@@ -249,6 +249,9 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		for m, lim := range c.QuotaDefaults {
 			if lim < 0 {
 				errs = append(errs, fmt.Errorf("QUOTA_DEFAULTS: limit for %q is negative", m))
+			}
+			if !ingest.ValidMetric(m) {
+				errs = append(errs, fmt.Errorf("QUOTA_DEFAULTS: %q: %s", m, ingest.MetricRule))
 			}
 		}
 	}

@@ -69,3 +69,17 @@ func TestConfigListsEveryProblem(t *testing.T) {
 		}
 	}
 }
+
+// Quota metrics follow the usage-metric rule: a dotted name is an event's, and a quota or an event
+// mapping under one would mix the two namespaces.
+func TestQuotaMetricsMustNotBeEventNames(t *testing.T) {
+	for name, v := range map[string]string{
+		"QUOTA_DEFAULTS":  `{"auth.user.login":100}`,
+		"QUOTA_EVENT_MAP": `{"apikey.request":"api.requests"}`,
+	} {
+		_, err := loadConfig(envOf(map[string]string{name: v}))
+		if err == nil || !strings.Contains(err.Error(), name) || !strings.Contains(err.Error(), "no '.'") {
+			t.Errorf("%s=%s: got %v, want it refused naming the rule", name, v, err)
+		}
+	}
+}

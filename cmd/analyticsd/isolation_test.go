@@ -94,7 +94,7 @@ func TestRandomCredentialMixesNeverCrossTenants(t *testing.T) {
 			foreignClaim = claimed != c.tenant
 			body = strings.NewReader(fmt.Sprintf(`{"event":"prop.write","user_id":"from-%s","tenant_id":%q}`, c.tenant, ids[claimed]))
 		} else if ep.method == "POST" && strings.HasSuffix(ep.path, "/usage") {
-			body = strings.NewReader(`{"metric":"prop.write","n":1}`)
+			body = strings.NewReader(`{"metric":"prop_write","n":1}`)
 		}
 		req, _ := http.NewRequest(ep.method, base+ep.path, body)
 		req.Header.Set("Content-Type", "application/json")
