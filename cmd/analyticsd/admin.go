@@ -15,8 +15,8 @@ import (
 	"time"
 
 	"github.com/analyticsd/analyticsd/audit"
-	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/schema"
 	"github.com/analyticsd/analyticsd/tenant"
 )
