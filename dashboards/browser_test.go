@@ -148,7 +148,7 @@ func startDashServer(t *testing.T) *dashServer {
 // only needs the live counters.
 type discardRecorder struct{}
 
-func (discardRecorder) RecordIncrement(context.Context, uuid.UUID, string, int64, string, bool) error {
+func (discardRecorder) RecordIncrement(context.Context, uuid.UUID, string, int64, time.Time, string, bool) error {
 	return nil
 }
 func (discardRecorder) Emit(context.Context, uuid.UUID, string, string, map[string]any) error {

@@ -55,17 +55,18 @@ type Store struct {
 type Counting struct {
 	Keys interface {
 		Key(tenant uuid.UUID, metric string, day time.Time) string
-		BornKey(tenant uuid.UUID, day time.Time) string
+		LiveKey(tenant uuid.UUID, metric string, day time.Time) string
+		BaseKey(tenant uuid.UUID, metric string, day time.Time) string
 	}
-	// Lua defines born(key, now, ttl) and count(key, n, ttl) (quota.CountLua).
+	// Lua defines count(counter, live, base, minute, n, ttl) (quota.CountLua).
 	Lua string
 	// TTL is how long a counter is kept.
 	TTL time.Duration
 }
 
 // Unit says what row i of a claim adds to the live counters when its id turns out new: a metric
-// ("" for nothing), an amount, the UTC day it counts on, and when the row was received (rows received
-// before the day's counting began are the counters' rebuild's to count, not the claim's).
+// ("" for nothing), an amount, the UTC day it counts on, and when the row was received (the live
+// counters count per received minute, the time ClickHouse stores with the row).
 type Unit = func(i int) (metric string, n int64, day, received time.Time)
 
 // Counted is told what a claim added to a counter: by how much, and the value after (for alerts).
@@ -105,7 +106,7 @@ func (s *Store) bucketKey(tenant uuid.UUID, kind byte, bucket int64) string {
 //	ARGV: window, now, n, counter ttl, min received, bucket ttl, the ids (16 bytes each), the batch
 //	      ids (8 bytes each, or 8 bytes for all), the rows that count (6 bytes each: position from 0,
 //	      uint32, and group from 1, uint16, little-endian), then per group: its counter's KEYS
-//	      index, amount, received, its born key's KEYS index
+//	      index, amount, received (unix second), its live and base hashes' KEYS indexes
 //
 // Ids and counted rows travel packed — a request's rows fall into a few groups (a metric and day
 // each) — so a claim is a dozen arguments, not six per id: that halved what building and sending a
@@ -150,40 +151,38 @@ for first = 1, n, 1000 do
 end
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 local minrecv = tonumber(ARGV[5])
-local groups = {}
-local function counts(g)
-  local v = groups[g]
-  if v == nil then
-    local a = 6 + 4 * g
-    local recv = tonumber(ARGV[a + 2])
-    v = false
-    if recv >= minrecv and recv >= born(KEYS[tonumber(ARGV[a + 3])], ARGV[2], ARGV[4]) then
-      v = {tonumber(ARGV[a]), tonumber(ARGV[a + 1])}
-    end
-    groups[g] = v
-  end
-  return v
-end
 local sums, order = {}, {}
 local rows = ARGV[9]
 for p = 1, #rows, 6 do
   local b1, b2, b3, b4, g1, g2 = string.byte(rows, p, p + 5)
   if out[b1 + 256 * (b2 + 256 * (b3 + 256 * b4)) + 2] == 2 then
-    local g = counts(g1 + 256 * g2)
-    if g then
-      local c = g[1]
-      if not sums[c] then
-        sums[c] = 0
-        order[#order + 1] = c
-      end
-      sums[c] = sums[c] + g[2]
+    local g = g1 + 256 * g2
+    if not sums[g] then
+      sums[g] = 0
+      order[#order + 1] = g
     end
+    sums[g] = sums[g] + tonumber(ARGV[6 + 5 * g])
   end
 end
-for _, c in ipairs(order) do
+local byCounter, counters = {}, {}
+for _, g in ipairs(order) do
+  local a = 5 + 5 * g -- group g's arguments: counter, amount, received, live, base
+  local recv = tonumber(ARGV[a + 2])
+  if recv >= minrecv then
+    local c = tonumber(ARGV[a])
+    local by, v = count(KEYS[c], KEYS[tonumber(ARGV[a + 3])], KEYS[tonumber(ARGV[a + 4])], math.floor(recv / 60), sums[g], ARGV[4])
+    if not byCounter[c] then
+      byCounter[c] = {0, 0}
+      counters[#counters + 1] = c
+    end
+    byCounter[c][1] = byCounter[c][1] + by
+    byCounter[c][2] = v
+  end
+end
+for _, c in ipairs(counters) do
   out[#out + 1] = c
-  out[#out + 1] = sums[c]
-  out[#out + 1] = count(KEYS[c], sums[c], ARGV[4])
+  out[#out + 1] = byCounter[c][1]
+  out[#out + 1] = byCounter[c][2]
 end
 return out
 `
@@ -251,12 +250,13 @@ func (s *Store) run(ctx context.Context, tenant uuid.UUID, kind byte, ids []uuid
 				if len(groups) == 1<<16-1 {
 					return nil, time.Time{}, fmt.Errorf("claim: more than %d counter groups in one call", 1<<16-1)
 				}
-				b := keyIndex(s.counting.Keys.BornKey(tenant, d))
 				c := keyIndex(s.counting.Keys.Key(tenant, metric, d))
+				l := keyIndex(s.counting.Keys.LiveKey(tenant, metric, d))
+				b := keyIndex(s.counting.Keys.BaseKey(tenant, metric, d))
 				named[c] = counter{d, metric}
 				g = len(groups) + 1
 				groups[k] = g
-				groupArgs = append(groupArgs, c, amount, received.Unix(), b)
+				groupArgs = append(groupArgs, c, amount, received.Unix(), l, b)
 			}
 			rows = binary.LittleEndian.AppendUint32(rows, uint32(i))
 			rows = binary.LittleEndian.AppendUint16(rows, uint16(g))

@@ -133,7 +133,7 @@ func TestLegacySegmentRetriedAfterAFailureShipsEveryRow(t *testing.T) {
 
 // A duplicate found by the shutdown's last flush, after the live counter feed closed (the order
 // serve used): it was counted when accepted — its claim looked new after Redis lost the first copy's
-// — and its counters must still be reset so they rebuild, not keep the overcount.
+// — and its live count must still be taken back, not kept as an overcount.
 func TestDuplicateFoundAfterTheFeedClosedIsUncounted(t *testing.T) {
 	h := newHarness(t, opts{})
 	body := []byte(fmt.Sprintf(`[{"id":%q,"event":"apikey.request"}]`, uuid.NewString()))

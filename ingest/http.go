@@ -53,13 +53,9 @@ func NewService(cfg Config, w *Writer, counter Counter, m *Metrics, log *slog.Lo
 		go s.counts.run()
 		if w != nil {
 			// Rows counted live when accepted but found at ship time to be duplicates, or quarantined:
-			// their tenant-day's counters are rebuilt from ClickHouse.
-			w.sh.uncounted = func(tenant uuid.UUID, d time.Time, metric string) {
-				set := map[string]bool{}
-				if metric != "" {
-					set[metric] = true
-				}
-				miss(s.counts, tenantDay{tenant, d}, set)
+			// their live counts are taken back.
+			w.sh.uncounted = func(tenant uuid.UUID, d, received time.Time, metric string, n int64) {
+				s.counts.add(map[countKey]map[string]int64{{tenant, d, received}: {metric: -n}})
 			}
 			// With claims, a row is counted by the claim that proves it new (at request time, or when
 			// shipped if that claim could not be made).
@@ -88,14 +84,13 @@ func (s *Service) UseLevels(l Levels) { s.levels = l }
 // (quota's consume counted it in its own script); otherwise its claim counts it. With an idempotency
 // key the increment's id is derived from it, so a retried consume stores its spend once. It
 // implements part of quota.Recorder.
-func (s *Service) RecordIncrement(ctx context.Context, tenant uuid.UUID, metric string, n int64, idempotencyKey string, counted bool) error {
-	now := s.now().UTC()
+func (s *Service) RecordIncrement(ctx context.Context, tenant uuid.UUID, metric string, n int64, at time.Time, idempotencyKey string, counted bool) error {
 	id := newID()
 	if idempotencyKey != "" {
 		// The metric is part of the name: the same key on another metric's consume is another spend.
 		id = derivedID(tenant, "consume\x00"+metric, idempotencyKey, 0)
 	}
-	b := newBatch(nil, []Increment{{ID: id, TenantID: tenant, Ts: now.Truncate(time.Second), Metric: metric, N: n}})
+	b := newBatch(nil, []Increment{{ID: id, TenantID: tenant, Ts: at.UTC().Truncate(time.Second), Metric: metric, N: n}})
 	b.uncounted = counted
 	_, err := s.store(ctx, b)
 	return err

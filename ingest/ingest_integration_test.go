@@ -175,10 +175,6 @@ func (a counterAdapter) Add(ctx context.Context, t uuid.UUID, d, received time.T
 	return err
 }
 
-func (a counterAdapter) Forget(ctx context.Context, t uuid.UUID, d time.Time, metrics []string) error {
-	return a.c.Forget(ctx, t, d, metrics)
-}
-
 func (counterAdapter) Counted(context.Context, uuid.UUID, time.Time, string, int64, int64) {}
 
 type resp struct {

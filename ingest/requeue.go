@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
-	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/ingest/spool"
 )
@@ -27,9 +26,6 @@ type RequeueOptions struct {
 	// for rows known never to have reached ClickHouse.
 	RetentionDays int
 	Log           *slog.Logger
-	// Recount is told the tenant-days the requeued rows landed on: rows were taken out of the live
-	// counters when quarantined, so those counters must be rebuilt.
-	Recount func(tenant uuid.UUID, day time.Time)
 }
 
 // Requeue ships the rows of one quarantine file of the spool in spoolDir to ClickHouse, the way the
@@ -49,7 +45,6 @@ func Requeue(ctx context.Context, spoolDir, name string, ch driver.Conn, db stri
 	}
 	sh := newShipper(ch, db, claims, WriterConfig{InsertTimeout: time.Minute, QuarantineAfter: 1, RetentionDays: o.RetentionDays}, NewMetrics(nil, 0), o.Log)
 	s := &segment{id: "requeue" + info.Segment, claims: map[uint64]*claimState{}}
-	days := map[tenantDay]bool{}
 	spoolID, err := spool.ReadID(spoolDir)
 	if err != nil {
 		return res, err
@@ -58,13 +53,9 @@ func Requeue(ctx context.Context, spoolDir, name string, ch driver.Conn, db stri
 	err = cr.read(r, func(_ int, bs []*batch) error {
 		for _, b := range bs {
 			b.checkAll = true // the rows' history is unknown: an earlier attempt may have stored some
+			// Taken out of the live counters when quarantined; counted again by the counters'
+			// reconciliation with ClickHouse once stored.
 			b.uncounted = true
-			for _, r := range b.events {
-				days[tenantDay{r.TenantID, day(r.Ts)}] = true
-			}
-			for _, in := range b.incs {
-				days[tenantDay{in.TenantID, day(in.Ts)}] = true
-			}
 		}
 		n, err := sh.shipChunk(s, bs, true)
 		res.Inserted += n
@@ -78,11 +69,6 @@ func Requeue(ctx context.Context, spoolDir, name string, ch driver.Conn, db stri
 	}
 	if err := ctx.Err(); err != nil {
 		return res, err
-	}
-	if o.Recount != nil && res.Inserted > 0 {
-		for td := range days {
-			o.Recount(td.tenant, td.day)
-		}
 	}
 	if err := spool.RemoveQuarantine(spoolDir, name); err != nil {
 		return res, err

@@ -40,9 +40,9 @@ type shipper struct {
 	log     *slog.Logger
 	// quarantine is the spool's (nil in memory mode: refused rows are then retried forever).
 	quarantine func(spool.QuarantineInfo, [][]byte) (spool.QuarantineInfo, error)
-	// uncounted is told of tenant-days whose live counters counted a row that was not stored after
-	// all (a duplicate found at ship time, or quarantined): their counters are rebuilt.
-	uncounted func(tenant uuid.UUID, day time.Time, metric string)
+	// uncounted is told of rows the live counters counted that were not stored after all (a
+	// duplicate found at ship time, or quarantined): their counts are taken back.
+	uncounted func(tenant uuid.UUID, day, received time.Time, metric string, n int64)
 	// eventMetrics maps events to the daily metrics the live counters count them toward, and counted
 	// is told what a claim added (alerts); both set by the Service (nil: claims count nothing).
 	eventMetrics map[string]string
@@ -403,18 +403,21 @@ func (sh *shipper) countedFor(tenant uuid.UUID) Counted {
 	return func(d time.Time, metric string, by, value int64) { sh.counted(tenant, d, metric, by, value) }
 }
 
-// uncount has the live counters of its row's tenant-day rebuilt: they counted it, but it is not stored.
+// uncount takes a row's live count back: the counters counted it, but it is not stored.
 func (sh *shipper) uncount(kind Kind, it item) {
 	if sh.uncounted == nil {
 		return
 	}
-	metric := ""
+	metric, n := "", int64(1)
 	if kind == KindEvent {
 		metric = sh.eventMetrics[it.event().Event]
 	} else {
-		metric = it.increment().Metric
+		metric, n = it.increment().Metric, it.increment().N
 	}
-	sh.uncounted(it.tenant(kind), day(it.ts(kind)), metric)
+	if metric == "" {
+		return
+	}
+	sh.uncounted(it.tenant(kind), day(it.ts(kind)), it.received(kind), metric, n)
 }
 
 // withoutStored drops the rows of its (one kind, one day) that need a check and ClickHouse already has.

@@ -1,13 +1,13 @@
 // Package quota owns the live per-tenant usage counters in Redis and, on top of them, quota limits:
 // defaults, per-tenant overrides, checks, the atomic consume and soft alerts. ClickHouse stays the
-// source of truth; Redis holds today's running counts for fast answers and rebuilds them when lost.
+// source of truth: Redis holds each day's running counts for fast answers, and a periodic
+// reconciliation with ClickHouse brings them back to the truth after any fault (reconcile.go).
 package quota
 
 import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"strconv"
 	"time"
@@ -21,11 +21,27 @@ import (
 // CounterTTL is how long a daily counter lives: long enough to answer for yesterday after midnight.
 const CounterTTL = 48 * time.Hour
 
-// Counters are the live daily counters in Redis. Per tenant and UTC day there are:
+// Counters are the live daily counters in Redis. Per tenant, metric and UTC day there are:
 //
-//	quota:{<tenant>}:<metric>:<yyyymmdd>  the count (INCRBY)
-//	quota:{<tenant>}:born:<yyyymmdd>      unix second of the first live increment since Redis last lost the day
-//	quota:{<tenant>}:seeded:<yyyymmdd>    set once the counters hold what ClickHouse had before "born"
+//	quota:{<tenant>}:<metric>:<yyyymmdd>       the count: the sum over minutes of max(live, clickhouse)
+//	quota:{<tenant>}:<metric>:<yyyymmdd>:live  a hash: minute (unix seconds / 60) the rows were
+//	                                           received in -> what was counted live for them
+//	quota:{<tenant>}:<metric>:<yyyymmdd>:ch    a hash: minute -> what ClickHouse held of those rows
+//	                                           at the last reconciliation
+//
+// and per tenant and day quota:{<tenant>}:reconciled:<yyyymmdd>, the unix second of the day's last
+// reconciliation: without it the counters are not to be trusted (Redis lost them) until one runs.
+//
+// Why a maximum per minute: a row is counted live once, when its id is claimed (or consumed), and
+// ClickHouse stores it once, with the same received time. So for every minute both the live count
+// and ClickHouse's count are at most the truth, and once the minute's rows have all landed
+// ClickHouse's count is the truth. The maximum of the two is therefore never more than the truth,
+// is the truth in real time when nothing failed (live), and becomes the truth once the rows land
+// whatever failed (a live count lost to a crash, a Redis flush or failover, a consume allowed while
+// Redis was away, a counter fed by an instance whose clock is off: the received time is the one
+// stored with the row). A live count that must be taken back (a row counted but then found to be a
+// duplicate, a consume whose record failed) is subtracted; if even that is lost, minutes older than
+// SettleAfter are clamped to ClickHouse's count at reconciliation.
 //
 // The braces are a Redis Cluster hash tag: all of one tenant's keys share a slot, so the scripts
 // below may touch several of them atomically.
@@ -34,6 +50,10 @@ type Counters struct {
 	prefix string // prepended to every key (tests isolate themselves with it)
 }
 
+// SettleAfter is how long after a minute a live count above ClickHouse's is believed to be rows still
+// on their way; after it, reconciliation takes ClickHouse's count for the minute.
+const SettleAfter = 10 * time.Minute
+
 // NewCounters returns Counters on rdb; prefix is usually "".
 func NewCounters(rdb redis.UniversalClient, prefix string) *Counters {
 	return &Counters{rdb: rdb, prefix: prefix}
@@ -41,71 +61,80 @@ func NewCounters(rdb redis.UniversalClient, prefix string) *Counters {
 
 func day(t time.Time) string { return t.UTC().Format("20060102") }
 
+// minute is the counters' time bucket of a received time.
+func minute(t time.Time) int64 { return t.Unix() / 60 }
+
 // Key is the Redis key of a tenant's metric on a UTC day.
 func (c *Counters) Key(tenant uuid.UUID, metric string, d time.Time) string {
 	return fmt.Sprintf("%squota:{%s}:%s:%s", c.prefix, tenant, metric, day(d))
 }
 
-func (c *Counters) bornKey(tenant uuid.UUID, d time.Time) string {
-	return fmt.Sprintf("%squota:{%s}:born:%s", c.prefix, tenant, day(d))
+// LiveKey is the hash of what was counted live per received minute (see Counters).
+func (c *Counters) LiveKey(tenant uuid.UUID, metric string, d time.Time) string {
+	return c.Key(tenant, metric, d) + ":live"
 }
 
-func (c *Counters) seededKey(tenant uuid.UUID, d time.Time) string {
-	return fmt.Sprintf("%squota:{%s}:seeded:%s", c.prefix, tenant, day(d))
+// BaseKey is the hash of ClickHouse's count per received minute (see Counters).
+func (c *Counters) BaseKey(tenant uuid.UUID, metric string, d time.Time) string {
+	return c.Key(tenant, metric, d) + ":ch"
+}
+
+func (c *Counters) reconciledKey(tenant uuid.UUID, d time.Time) string {
+	return fmt.Sprintf("%squota:{%s}:reconciled:%s", c.prefix, tenant, day(d))
 }
 
 // CountLua is the counting step other scripts compose with (dedup's claim script counts a row in the
-// same atomic step that claims its id, so a row is counted exactly when it is claimed). It defines:
+// same atomic step that claims its id, so a row is counted exactly when it is claimed). It defines
 //
-//	born(key, now, ttl)  the unix second live counting of a tenant's day began, starting it at now
-//	                     when it had not: rows received before it are the rebuild's to count (Seed)
-//	count(key, n, ttl)   adds n to a counter, keeps it ttl seconds, returns the new value
-//
-// The partition at born is exact at one-second resolution: every row is counted either live (received
-// at or after born) or by the rebuild from ClickHouse, never both, so a backlog of increments that
-// could not be applied while Redis was down cannot be counted twice when it comes back.
+//	count(counter, live, base, minute, n, ttl)  adds n (negative: takes back) to the live count of
+//	                                            the minute, never below 0, moves the counter by what
+//	                                            that changes max(live, base) for the minute, and
+//	                                            returns the change and the counter's new value
 const CountLua = `
-local function born(key, now, ttl)
-  local b = tonumber(redis.call('GET', key))
-  if not b then
-    b = tonumber(now)
-    redis.call('SET', key, b, 'EX', ttl)
+local function count(counter, live, base, minute, n, ttl)
+  local l = tonumber(redis.call('HGET', live, minute) or '0')
+  local b = tonumber(redis.call('HGET', base, minute) or '0')
+  local nl = math.max(l + n, 0)
+  redis.call('HSET', live, minute, nl)
+  redis.call('EXPIRE', live, ttl)
+  local by = math.max(nl, b) - math.max(l, b)
+  local v
+  if by ~= 0 then
+    v = redis.call('INCRBY', counter, by)
+  else
+    v = tonumber(redis.call('GET', counter) or '0')
   end
-  return b
-end
-local function count(key, n, ttl)
-  local v = redis.call('INCRBY', key, n)
-  redis.call('EXPIRE', key, ttl)
-  return v
+  redis.call('EXPIRE', counter, ttl)
+  return by, v
 end
 `
 
-// addScript increments the counters (KEYS[2..]) by ARGV[4..] for rows received in the second
-// ARGV[3], unless that is before the day's born (KEYS[1]). Returns the new values, or nothing when
-// skipped.
+// addScript counts rows live: KEYS are (counter, live, base) triples, ARGV the ttl, the received
+// minute and one amount per triple. Returns each counter's change and new value.
 var addScript = redis.NewScript(CountLua + `
-if tonumber(ARGV[3]) < born(KEYS[1], ARGV[1], ARGV[2]) then return {} end
 local out = {}
-for i = 2, #KEYS do
-  out[i - 1] = count(KEYS[i], ARGV[i + 2], ARGV[2])
+for i = 1, #KEYS, 3 do
+  local by, v = count(KEYS[i], KEYS[i + 1], KEYS[i + 2], ARGV[2], tonumber(ARGV[3 + (i - 1) / 3]), ARGV[1])
+  out[#out + 1] = by
+  out[#out + 1] = v
 end
 return out
 `)
 
-// BornKey is the key holding when live counting of a tenant's day began (see CountLua).
-func (c *Counters) BornKey(tenant uuid.UUID, d time.Time) string { return c.bornKey(tenant, d) }
+// Change is what counting did to one counter: by how much it moved, and its value after.
+type Change struct{ By, Value int64 }
 
-// Add increments the tenant's counters for a day by deltas (rows received in the second `received`)
-// and returns the new values; nil when the rows predate live counting and were left to the rebuild.
-func (c *Counters) Add(ctx context.Context, tenant uuid.UUID, d, received time.Time, deltas map[string]int64) (map[string]int64, error) {
+// Add counts deltas (metric -> n; negative takes a live count back) for rows of a tenant's day that
+// were received at `received`, and returns what each counter did.
+func (c *Counters) Add(ctx context.Context, tenant uuid.UUID, d, received time.Time, deltas map[string]int64) (map[string]Change, error) {
 	if len(deltas) == 0 {
 		return nil, nil
 	}
-	keys := []string{c.bornKey(tenant, d)}
-	args := []any{time.Now().Unix(), int(CounterTTL.Seconds()), received.Unix()}
+	keys := make([]string, 0, 3*len(deltas))
+	args := []any{int(CounterTTL.Seconds()), minute(received)}
 	metrics := make([]string, 0, len(deltas))
 	for metric, n := range deltas {
-		keys = append(keys, c.Key(tenant, metric, d))
+		keys = append(keys, c.Key(tenant, metric, d), c.LiveKey(tenant, metric, d), c.BaseKey(tenant, metric, d))
 		args = append(args, n)
 		metrics = append(metrics, metric)
 	}
@@ -113,50 +142,89 @@ func (c *Counters) Add(ctx context.Context, tenant uuid.UUID, d, received time.T
 	if err != nil {
 		return nil, fmt.Errorf("add usage counters for tenant %s: %w", tenant, err)
 	}
-	if len(vals) == 0 {
-		return nil, nil
-	}
-	out := make(map[string]int64, len(vals))
+	out := make(map[string]Change, len(metrics))
 	for i, m := range metrics {
-		out[m] = vals[i]
+		out[m] = Change{By: vals[2*i], Value: vals[2*i+1]}
 	}
 	return out, nil
 }
 
-// forgetScript deletes the seeded mark and the counters (KEYS[2..]) and moves "born" (KEYS[1]) to the
-// second after now: everything received up to now — also rows whose live increment was lost in this
-// very second — is then the rebuild's to count, and only later rows are counted live.
-var forgetScript = redis.NewScript(`
-redis.call('DEL', unpack(KEYS, 2))
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return 1
+// reconcileScript raises a counter's ClickHouse counts (KEYS[3]) to a new reading — a count never
+// goes down, so a reading older than one already applied changes nothing — clamps live counts of
+// minutes before ARGV[2] to ClickHouse's, and sets the counter (KEYS[1]) to the sum over minutes of
+// max(live, clickhouse) computed afresh, which also repairs a counter that lost writes.
+//
+//	KEYS: counter, live, base; ARGV: ttl, settle minute, then minute, count pairs
+//
+// Returns the counter before and after.
+var reconcileScript = redis.NewScript(`
+for i = 3, #ARGV, 2 do
+  local v = tonumber(ARGV[i + 1])
+  if v > tonumber(redis.call('HGET', KEYS[3], ARGV[i]) or '0') then redis.call('HSET', KEYS[3], ARGV[i], v) end
+end
+local base = {}
+local raw = redis.call('HGETALL', KEYS[3])
+for i = 1, #raw, 2 do base[raw[i]] = tonumber(raw[i + 1]) end
+local settle = tonumber(ARGV[2])
+local total, seen = 0, {}
+raw = redis.call('HGETALL', KEYS[2])
+for i = 1, #raw, 2 do
+  local m, l = raw[i], tonumber(raw[i + 1])
+  local b = base[m] or 0
+  if l > b and tonumber(m) < settle then
+    redis.call('HSET', KEYS[2], m, b)
+    l = b
+  end
+  total = total + math.max(l, b)
+  seen[m] = true
+end
+for m, b in pairs(base) do
+  if not seen[m] then total = total + b end
+end
+local before = tonumber(redis.call('GET', KEYS[1]) or '0')
+redis.call('SET', KEYS[1], total, 'EX', ARGV[1])
+for i = 2, 3 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+end
+return {before, total}
 `)
 
-// Forget drops a tenant's counters of metrics for a day: the next use of the day seeds it again from
-// ClickHouse, so each row is again counted exactly once even though some live increments never
-// arrived.
-func (c *Counters) Forget(ctx context.Context, tenant uuid.UUID, d time.Time, metrics []string) error {
-	keys := []string{c.bornKey(tenant, d), c.seededKey(tenant, d)}
-	for _, m := range metrics {
-		keys = append(keys, c.Key(tenant, m, d))
+// Reconcile applies ClickHouse's counts per received minute (base: unix minute -> count) to a
+// tenant's counter of metric for a day and recomputes it; live counts of minutes before settle are
+// clamped to ClickHouse's. It returns the counter before and after.
+func (c *Counters) Reconcile(ctx context.Context, tenant uuid.UUID, metric string, d, settle time.Time, base map[int64]int64) (before, after int64, err error) {
+	args := make([]any, 0, 2+2*len(base))
+	args = append(args, int(CounterTTL.Seconds()), minute(settle))
+	for m, n := range base {
+		args = append(args, m, n)
 	}
-	if err := forgetScript.Run(ctx, c.rdb, keys, time.Now().Unix()+1, int(CounterTTL.Seconds())).Err(); err != nil {
-		return fmt.Errorf("drop usage counters for tenant %s: %w", tenant, err)
+	keys := []string{c.Key(tenant, metric, d), c.LiveKey(tenant, metric, d), c.BaseKey(tenant, metric, d)}
+	vals, err := reconcileScript.Run(ctx, c.rdb, keys, args...).Int64Slice()
+	if err != nil {
+		return 0, 0, fmt.Errorf("reconcile usage counter %s for tenant %s: %w", metric, tenant, err)
+	}
+	return vals[0], vals[1], nil
+}
+
+// MarkReconciled records that a tenant's counters for a day were reconciled at `at`.
+func (c *Counters) MarkReconciled(ctx context.Context, tenant uuid.UUID, d, at time.Time) error {
+	if err := c.rdb.Set(ctx, c.reconciledKey(tenant, d), at.Unix(), CounterTTL).Err(); err != nil {
+		return fmt.Errorf("mark usage counters of tenant %s reconciled: %w", tenant, err)
 	}
 	return nil
 }
 
-// Read returns the counters of metrics for a day, and whether the day is seeded (its counters can be
-// trusted). An unseeded day must be seeded before its values mean anything.
-func (c *Counters) Read(ctx context.Context, tenant uuid.UUID, d time.Time, metrics []string) (map[string]int64, bool, error) {
+// Read returns the counters of metrics for a day and when the day was last reconciled (zero: never,
+// or Redis lost it — the values are then not to be trusted until a reconciliation).
+func (c *Counters) Read(ctx context.Context, tenant uuid.UUID, d time.Time, metrics []string) (map[string]int64, time.Time, error) {
 	keys := make([]string, 0, len(metrics)+1)
-	keys = append(keys, c.seededKey(tenant, d))
+	keys = append(keys, c.reconciledKey(tenant, d))
 	for _, m := range metrics {
 		keys = append(keys, c.Key(tenant, m, d))
 	}
 	vals, err := c.rdb.MGet(ctx, keys...).Result()
 	if err != nil {
-		return nil, false, fmt.Errorf("read usage counters for tenant %s: %w", tenant, err)
+		return nil, time.Time{}, fmt.Errorf("read usage counters for tenant %s: %w", tenant, err)
 	}
 	out := make(map[string]int64, len(metrics))
 	for i, m := range metrics {
@@ -165,135 +233,44 @@ func (c *Counters) Read(ctx context.Context, tenant uuid.UUID, d time.Time, metr
 			out[m] = n
 		}
 	}
-	return out, vals[0] != nil, nil
-}
-
-// Born returns the unix second live counting of the day began, starting it now if it had not.
-func (c *Counters) Born(ctx context.Context, tenant uuid.UUID, d time.Time) (time.Time, error) {
-	k := c.bornKey(tenant, d)
-	if err := c.rdb.SetNX(ctx, k, time.Now().Unix(), CounterTTL).Err(); err != nil {
-		return time.Time{}, fmt.Errorf("mark counting start for tenant %s: %w", tenant, err)
+	var at time.Time
+	if s, ok := vals[0].(string); ok {
+		if n, err := strconv.ParseInt(s, 10, 64); err == nil {
+			at = time.Unix(n, 0).UTC()
+		}
 	}
-	s, err := c.rdb.Get(ctx, k).Int64()
-	if err != nil {
-		return time.Time{}, fmt.Errorf("read counting start for tenant %s: %w", tenant, err)
-	}
-	return time.Unix(s, 0).UTC(), nil
-}
-
-// seedScript adds base counts to the day's counters once: the first caller to find the day unseeded
-// applies them and records each base in the seeded hash; any later or concurrent caller changes
-// nothing. topUpScript later adds what ClickHouse has gained since for the same "before born" window
-// (rows that were still in an ingest spool when the day was seeded), so the counter converges to the
-// truth. Both apply a base only while "born" is still the second it was counted against: after a
-// Forget moved it, a base read before is stale and is refused (-1), so the caller counts again.
-//
-// KEYS: seeded, born, counters...; ARGV: ttl, born, counts..., metric names...
-var seedScript = redis.NewScript(`
-if tonumber(redis.call('GET', KEYS[2])) ~= tonumber(ARGV[2]) then return -1 end
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], '_', '1')
-for i = 3, #KEYS do
-  local n = tonumber(ARGV[i])
-  if n ~= 0 then redis.call('INCRBY', KEYS[i], n) end
-  redis.call('EXPIRE', KEYS[i], ARGV[1])
-  redis.call('HSET', KEYS[1], ARGV[#KEYS + i - 2], n)
-end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return 1
-`)
-
-var topUpScript = redis.NewScript(`
-if tonumber(redis.call('GET', KEYS[2])) ~= tonumber(ARGV[2]) then return -1 end
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local added = 0
-for i = 3, #KEYS do
-  local n = tonumber(ARGV[i])
-  local field = ARGV[#KEYS + i - 2]
-  local old = tonumber(redis.call('HGET', KEYS[1], field) or '0')
-  if n > old then
-    redis.call('INCRBY', KEYS[i], n - old)
-    redis.call('EXPIRE', KEYS[i], ARGV[1])
-    redis.call('HSET', KEYS[1], field, n)
-    added = added + (n - old)
-  end
-end
-return added
-`)
-
-// ErrStaleBase: the counters were dropped and live counting restarted after the base was read.
-var ErrStaleBase = errors.New("quota counters were reset while their base was read; read it again")
-
-func (c *Counters) baseArgs(tenant uuid.UUID, d, born time.Time, base map[string]int64) ([]string, []any) {
-	keys := []string{c.seededKey(tenant, d), c.bornKey(tenant, d)}
-	args := []any{int(CounterTTL.Seconds()), born.Unix()}
-	var names []any
-	for m, n := range base {
-		keys = append(keys, c.Key(tenant, m, d))
-		args = append(args, n)
-		names = append(names, m)
-	}
-	return keys, append(args, names...)
-}
-
-// Seed applies base (what ClickHouse holds from before born) to the day's counters, once. It returns
-// ErrStaleBase when born is no longer the day's "born".
-func (c *Counters) Seed(ctx context.Context, tenant uuid.UUID, d, born time.Time, base map[string]int64) (bool, error) {
-	keys, args := c.baseArgs(tenant, d, born, base)
-	applied, err := seedScript.Run(ctx, c.rdb, keys, args...).Int()
-	if err != nil {
-		return false, fmt.Errorf("seed usage counters for tenant %s: %w", tenant, err)
-	}
-	if applied == -1 {
-		return false, ErrStaleBase
-	}
-	return applied == 1, nil
-}
-
-// TopUp raises a seeded day's counters to a newer reading of the same base window, adding only what
-// was not added before (atomic, so concurrent top-ups never add twice). It returns how much it added,
-// or ErrStaleBase when born is no longer the day's "born".
-func (c *Counters) TopUp(ctx context.Context, tenant uuid.UUID, d, born time.Time, base map[string]int64) (int64, error) {
-	keys, args := c.baseArgs(tenant, d, born, base)
-	added, err := topUpScript.Run(ctx, c.rdb, keys, args...).Int64()
-	if err != nil {
-		return 0, fmt.Errorf("top up usage counters for tenant %s: %w", tenant, err)
-	}
-	if added == -1 {
-		return 0, ErrStaleBase
-	}
-	return added, nil
+	return out, at, nil
 }
 
 // consumeScript is the atomic check-and-increment.
 //
-//	KEYS: counter, seeded, rate-limit bucket (the counter again when there is none), idempotency
-//	      marker (the counter again when there is none)
-//	ARGV: n, limit, ttl, gated (1/0), rate, burst, marked (1/0), marker ttl
+//	KEYS: counter, live, base, reconciled, rate-limit bucket (the counter again when there is
+//	      none), idempotency marker (the counter again when there is none)
+//	ARGV: n, limit, ttl, gated (1/0), rate, burst, marked (1/0), marker ttl, minute
 //
 // With a bucket it first takes the request's rate-limit token (ratelimit's take()) and stops at -2
 // when refused. With a marker — a consume sent with an Idempotency-Key — a marker already set means
 // this consume was allowed before: 2 with the value it left, and nothing spent again; an allowed
 // consume sets the marker in the same step as the spend, so a retry after a crash can never spend
-// twice. Then: -1 when the day is not seeded yet, 0 with the current value when n more would pass
-// the limit, 1 with the new value when allowed. The last two elements are take()'s outcome.
-var consumeScript = redis.NewScript(ratelimit.TakeLua + `
+// twice. Then: -1 when the day was never reconciled (Redis lost it), 0 with the current value when n
+// more would pass the limit, 1 with the new value when allowed (counted live in its minute). The
+// last two elements are take()'s outcome.
+var consumeScript = redis.NewScript(ratelimit.TakeLua + CountLua + `
 local taken, left = 1, 0
 if ARGV[4] == '1' then
-  taken, left = take(KEYS[3], tonumber(ARGV[5]), tonumber(ARGV[6]))
+  taken, left = take(KEYS[5], tonumber(ARGV[5]), tonumber(ARGV[6]))
   if taken == 0 then return {-2, 0, taken, left} end
 end
 if ARGV[7] == '1' then
-  local prev = redis.call('GET', KEYS[4])
+  local prev = redis.call('GET', KEYS[6])
   if prev then return {2, tonumber(prev), taken, left} end
 end
-if redis.call('EXISTS', KEYS[2]) == 0 then return {-1, 0, taken, left} end
+if redis.call('EXISTS', KEYS[4]) == 0 then return {-1, 0, taken, left} end
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local n = tonumber(ARGV[1])
 if cur + n > tonumber(ARGV[2]) then return {0, cur, taken, left} end
-local v = redis.call('INCRBY', KEYS[1], n)
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-if ARGV[7] == '1' then redis.call('SET', KEYS[4], v, 'EX', ARGV[8]) end
+local _, v = count(KEYS[1], KEYS[2], KEYS[3], ARGV[9], n, ARGV[3])
+if ARGV[7] == '1' then redis.call('SET', KEYS[6], v, 'EX', ARGV[8]) end
 return {1, v, taken, left}
 `)
 
@@ -317,25 +294,26 @@ type Marker struct {
 
 // ConsumeOutcome is what one run of the consume script decided.
 type ConsumeOutcome struct {
-	Allowed  bool
-	Seeded   bool  // false: the day's counters must be seeded first, nothing was decided
-	Replayed bool  // the marker was set: an earlier run allowed this consume; nothing was spent now
-	Value    int64 // the counter after the consume (or as it stands, when refused)
+	Allowed    bool
+	Reconciled bool  // false: the day's counters must be reconciled first, nothing was decided
+	Replayed   bool  // the marker was set: an earlier run allowed this consume; nothing was spent now
+	Value      int64 // the counter after the consume (or as it stands, when refused)
 }
 
-// Consume adds n to the counter only if the result stays within limit. With a gate, it first takes
+// Consume adds n to the counter of the day of `at` — counted live in at's minute, the received time
+// its increment is stored with — only if the result stays within limit. With a gate, it first takes
 // the rate-limit token; when that is refused (gate.Allowed false) nothing else happens. With a
 // marker, a consume already allowed under it is reported as Replayed instead of spending again.
-func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string, d time.Time, n, limit int64, gate *Gate, marker *Marker) (ConsumeOutcome, error) {
-	counter := c.Key(tenant, metric, d)
-	keys := []string{counter, c.seededKey(tenant, d), counter, counter}
-	args := []any{n, limit, int(CounterTTL.Seconds()), 0, 0, 0, 0, 0}
+func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string, at time.Time, n, limit int64, gate *Gate, marker *Marker) (ConsumeOutcome, error) {
+	counter := c.Key(tenant, metric, at)
+	keys := []string{counter, c.LiveKey(tenant, metric, at), c.BaseKey(tenant, metric, at), c.reconciledKey(tenant, at), counter, counter}
+	args := []any{n, limit, int(CounterTTL.Seconds()), 0, 0, 0, 0, 0, minute(at)}
 	if gate != nil {
-		keys[2] = gate.Key
+		keys[4] = gate.Key
 		args[3], args[4], args[5] = 1, gate.Rate, gate.Burst
 	}
 	if marker != nil {
-		keys[3] = marker.Key
+		keys[5] = marker.Key
 		args[6], args[7] = 1, max(int(marker.TTL.Seconds()), 1)
 	}
 	res, err := consumeScript.Run(ctx, c.rdb, keys, args...).Int64Slice()
@@ -347,13 +325,13 @@ func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string,
 	}
 	switch res[0] {
 	case -2:
-		return ConsumeOutcome{Seeded: true}, nil
+		return ConsumeOutcome{Reconciled: true}, nil
 	case -1:
 		return ConsumeOutcome{}, nil
 	case 2:
-		return ConsumeOutcome{Allowed: true, Seeded: true, Replayed: true, Value: res[1]}, nil
+		return ConsumeOutcome{Allowed: true, Reconciled: true, Replayed: true, Value: res[1]}, nil
 	}
-	return ConsumeOutcome{Allowed: res[0] == 1, Seeded: true, Value: res[1]}, nil
+	return ConsumeOutcome{Allowed: res[0] == 1, Reconciled: true, Value: res[1]}, nil
 }
 
 // MarkerKey is the key of an idempotent consume's marker, under the tenant's hash tag.
@@ -362,20 +340,21 @@ func (c *Counters) MarkerKey(tenant uuid.UUID, metric, idempotencyKey string) st
 	return fmt.Sprintf("%squota:{%s}:consumed:%s", c.prefix, tenant, hex.EncodeToString(sum[:]))
 }
 
-var undoScript = redis.NewScript(`
-redis.call('DECRBY', KEYS[1], ARGV[1])
-if #KEYS > 1 then redis.call('DEL', KEYS[2]) end
+var undoScript = redis.NewScript(CountLua + `
+count(KEYS[1], KEYS[2], KEYS[3], ARGV[2], -tonumber(ARGV[1]), ARGV[3])
+if #KEYS > 3 then redis.call('DEL', KEYS[4]) end
 return 1
 `)
 
-// Undo takes n back (a consume whose durable record failed), with its marker if it had one: a retry
-// must then spend again rather than be told it was allowed.
-func (c *Counters) Undo(ctx context.Context, tenant uuid.UUID, metric string, d time.Time, n int64, marker *Marker) error {
-	keys := []string{c.Key(tenant, metric, d)}
+// Undo takes back a consume of n at `at` whose durable record failed, with its marker if it had
+// one: a retry must then spend again rather than be told it was allowed. Like every take-back it
+// never takes the minute's live count below zero, and keeps the keys' expiry.
+func (c *Counters) Undo(ctx context.Context, tenant uuid.UUID, metric string, at time.Time, n int64, marker *Marker) error {
+	keys := []string{c.Key(tenant, metric, at), c.LiveKey(tenant, metric, at), c.BaseKey(tenant, metric, at)}
 	if marker != nil {
 		keys = append(keys, marker.Key)
 	}
-	return undoScript.Run(ctx, c.rdb, keys, n).Err()
+	return undoScript.Run(ctx, c.rdb, keys, n, minute(at), int(CounterTTL.Seconds())).Err()
 }
 
 // MarkOnce sets key (under the tenant's hash tag) if absent and reports whether this call set it.

@@ -321,8 +321,6 @@ func TestCountersRebuiltAfterRedisLosesThem(t *testing.T) {
 	for iter.Next(context.Background()) {
 		h.env.Redis.Del(context.Background(), iter.Val())
 	}
-	// A restart takes a while; born is kept to the second, so counting resumes in a later second.
-	time.Sleep(1100 * time.Millisecond)
 	send(2) // live counting restarts before anyone reads
 	waitStored(t, h, 9)
 	waitCurrent(12)
@@ -505,63 +503,157 @@ func normJSON(s string) string {
 	return string(b)
 }
 
-// Rows received before counting resumed that reach ClickHouse only after the day was seeded (they
-// were in a spool) are topped up exactly once.
-func TestSeedTopUpCatchesLateRows(t *testing.T) {
-	h := newHarness(t)
-	s := h.service(t, Config{Enabled: true}, nil, nil)
-	s.topUps = []time.Duration{300 * time.Millisecond, 600 * time.Millisecond}
-	ctx := context.Background()
-	today := s.today()
-	if _, err := s.counters.Add(ctx, h.tenant.ID, today, time.Now(), map[string]int64{"api_requests_daily": 2}); err != nil {
-		t.Fatal(err)
-	}
-	born, err := s.counters.Born(ctx, h.tenant.ID, today)
+// insertEvents stores n apikey.request events of the harness's tenant received at `received`
+// straight into ClickHouse, as a spool shipping them would.
+func insertEvents(t *testing.T, h *harness, received time.Time, n int) {
+	t.Helper()
+	b, err := h.env.CH.PrepareBatch(context.Background(), "INSERT INTO "+h.env.DB+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st, err := s.State(ctx, h.tenant.ID, "api_requests_daily"); err != nil || st.Current != 2 {
-		t.Fatalf("after seeding: %+v, %v; want 2", st, err)
-	}
-	b, err := h.env.CH.PrepareBatch(ctx, "INSERT INTO "+h.env.DB+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
-	if err != nil {
-		t.Fatal(err)
-	}
-	early := born.Add(-5 * time.Second)
-	if early.Before(today) {
-		early = today
-	}
-	for i := 0; i < 3; i++ {
-		if err := b.Append(h.tenant.ID, early, uuid.New(), early, "apikey.request", "api", "", "{}", "", ""); err != nil {
+	for i := 0; i < n; i++ {
+		if err := b.Append(h.tenant.ID, received, uuid.New(), received, "apikey.request", "api", "", "{}", "", ""); err != nil {
 			t.Fatal(err)
 		}
 	}
 	if err := b.Send(); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(time.Second)
-	if st, _ := s.State(ctx, h.tenant.ID, "api_requests_daily"); st.Current != 5 {
-		t.Errorf("after the top-ups: current %v, want 5 (2 live + 3 late rows, added once)", st.Current)
-	}
 }
 
-// Deltas for rows received before live counting (re)began — a backlog queued while Redis was down —
-// are left to the rebuild, so nothing is counted twice.
-func TestStaleDeltasAreNotCountedTwice(t *testing.T) {
+// A row counted live and stored counts once; a row stored but never counted live (its count lost
+// with a crash or a Redis flush) is added by reconciliation; reconciling again changes nothing.
+func TestReconciliationCountsEachRowOnce(t *testing.T) {
 	h := newHarness(t)
 	s := h.service(t, Config{Enabled: true}, nil, nil)
 	ctx := context.Background()
-	today := s.today()
-	now := time.Now()
-	if _, err := s.counters.Add(ctx, h.tenant.ID, today, now, map[string]int64{"builds_daily": 1}); err != nil {
+	now := time.Now().UTC().Truncate(time.Second)
+	today := now.Truncate(24 * time.Hour)
+	early := now.Add(-2 * time.Minute)
+	if early.Before(today) {
+		early = today
+	}
+	current := func() float64 {
+		t.Helper()
+		st, err := s.State(ctx, h.tenant.ID, "api_requests_daily")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.Current
+	}
+	if _, err := s.counters.Add(ctx, h.tenant.ID, today, now, map[string]int64{"api_requests_daily": 2}); err != nil {
 		t.Fatal(err)
 	}
-	vals, err := s.counters.Add(ctx, h.tenant.ID, today, now.Add(-3*time.Second), map[string]int64{"builds_daily": 5})
-	if err != nil || vals != nil {
-		t.Errorf("a delta from before born: %v, %v; want skipped", vals, err)
+	insertEvents(t, h, now, 2)   // the two rows counted live
+	insertEvents(t, h, early, 3) // three rows whose live count was lost
+	if got := current(); got != 5 {
+		t.Fatalf("first read (reconciles the day): %v, want 5", got)
 	}
-	if n, _, _ := s.counters.Get(ctx, h.tenant.ID, "builds_daily", today); n != 1 {
-		t.Errorf("counter %d, want 1", n)
+	for i := 0; i < 2; i++ {
+		st, err := s.ReconcileOnce(ctx)
+		if err != nil || !st.Ran {
+			t.Fatalf("reconcile: %+v, %v", st, err)
+		}
+		if got := current(); got != 5 {
+			t.Fatalf("after reconciliation %d: %v, want 5", i+1, got)
+		}
+	}
+	// Counted live, then stored: still once.
+	if _, err := s.counters.Add(ctx, h.tenant.ID, today, now, map[string]int64{"api_requests_daily": 1}); err != nil {
+		t.Fatal(err)
+	}
+	if got := current(); got != 6 {
+		t.Fatalf("after one more live count: %v, want 6", got)
+	}
+	insertEvents(t, h, now, 1)
+	if _, err := s.ReconcileOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := current(); got != 6 {
+		t.Errorf("after the row was stored and reconciled: %v, want 6", got)
+	}
+}
+
+// A live count that was never taken back (a row counted, then not stored, the take-back lost) stays
+// only until it is SettleAfter old; then reconciliation holds the minute to ClickHouse's count. A
+// take-back never goes below zero.
+func TestStaleLiveCountSettles(t *testing.T) {
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, nil, nil)
+	ctx := context.Background()
+	now := time.Now().UTC()
+	today := now.Truncate(24 * time.Hour)
+	old := now.Add(-SettleAfter - 2*time.Minute)
+	if old.Before(today) {
+		t.Skip("too close to midnight UTC for a minute SettleAfter ago to be today")
+	}
+	s.counters.Add(ctx, h.tenant.ID, today, old, map[string]int64{"builds_daily": 4})
+	s.counters.Add(ctx, h.tenant.ID, today, now, map[string]int64{"builds_daily": 1})
+	if err := s.counters.Undo(ctx, h.tenant.ID, "builds_daily", now, 3, nil); err != nil {
+		t.Fatal(err)
+	}
+	if n, _, _ := s.counters.Get(ctx, h.tenant.ID, "builds_daily", today); n != 4 {
+		t.Fatalf("after taking back 3 of a minute's 1: %d, want 4 (the minute at 0, not -2)", n)
+	}
+	if ttl := h.env.Redis.TTL(ctx, s.counters.Key(h.tenant.ID, "builds_daily", today)).Val(); ttl <= 0 {
+		t.Errorf("counter TTL %v after a take-back, want one", ttl)
+	}
+	s.counters.Add(ctx, h.tenant.ID, today, now, map[string]int64{"builds_daily": 1})
+	if _, err := s.ReconcileOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	st, err := s.State(ctx, h.tenant.ID, "builds_daily")
+	if err != nil || st.Current != 1 || st.Provisional {
+		t.Errorf("after reconciliation: %+v, %v; want 1 (the old minute settled to ClickHouse's 0, the recent one kept)", st, err)
+	}
+}
+
+// Two instances whose clocks differ by 4 s consume, and Redis loses the day's counters half-way:
+// once reconciled every spend is counted once, because a spend's live count and its stored
+// increment carry the same instant. (The code before counted 10 of the 20: the rebuild split rows
+// at a "born" second read from one instance's clock.)
+func TestSkewedInstanceClocksCountOnce(t *testing.T) {
+	h := newHarness(t)
+	a := h.service(t, Config{Enabled: true}, map[string]float64{"builds_daily": 1000}, nil)
+	b := h.service(t, Config{Enabled: true}, map[string]float64{"builds_daily": 1000}, nil)
+	a.now = func() time.Time { return time.Now().Add(2 * time.Second) }
+	b.now = func() time.Time { return time.Now().Add(-2 * time.Second) }
+	ctx := context.Background()
+	for i := 0; i < 20; i++ {
+		s := a
+		if i%2 == 1 {
+			s = b
+		}
+		if i == 10 {
+			iter := h.env.Redis.Scan(ctx, 0, h.env.Prefix+"quota:*", 1000).Iterator()
+			for iter.Next(ctx) {
+				h.env.Redis.Del(ctx, iter.Val())
+			}
+		}
+		if res, err := s.Consume(ctx, h.tenant.ID, "builds_daily", 1); err != nil || !res.Allowed {
+			t.Fatalf("consume %d: %+v, %v", i, res, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var n int64
+		h.env.CH.QueryRow(ctx, "SELECT toInt64(sum(n)) FROM "+h.env.DB+".usage_increments WHERE tenant_id = ?", h.tenant.ID).Scan(&n)
+		if n == 20 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d stored, want 20", n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if _, err := a.ReconcileOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []*Service{a, b} {
+		if st, err := s.State(ctx, h.tenant.ID, "builds_daily"); err != nil || st.Current != 20 {
+			t.Errorf("after reconciliation: %+v, %v; want 20", st, err)
+		}
 	}
 }
 

@@ -5,10 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"math"
 	"net/http"
-	"slices"
 	"strconv"
 	"time"
 
@@ -34,15 +32,18 @@ type Config struct {
 	// 0 (deduplication off) ignores the key: without claims, a replayed consume's increment would be
 	// stored again.
 	IdempotencyWindow time.Duration
+	// ReconcileEvery is how often the live counters are reconciled with ClickHouse
+	// (QUOTA_RECONCILE_INTERVAL, default 30 s); a count is marked provisional after two intervals
+	// without one.
+	ReconcileEvery time.Duration
 }
 
 // Recorder writes usage durably; *ingest.Service implements it. Quota never writes ClickHouse itself.
 type Recorder interface {
-	// RecordIncrement stores an increment_usage durably without touching the live counters. With an
-	// idempotency key, the increment's id is derived from it: recording the same consume twice
-	// stores it once.
-	// counted says the live counters have it already.
-	RecordIncrement(ctx context.Context, tenant uuid.UUID, metric string, n int64, idempotencyKey string, counted bool) error
+	// RecordIncrement stores an increment_usage received at `at` durably without touching the live
+	// counters. With an idempotency key, the increment's id is derived from it: recording the same
+	// consume twice stores it once. counted says the live counters have it already.
+	RecordIncrement(ctx context.Context, tenant uuid.UUID, metric string, n int64, at time.Time, idempotencyKey string, counted bool) error
 	// Emit adds an event to the tenant's own event stream.
 	Emit(ctx context.Context, tenant uuid.UUID, slug, event string, props map[string]any) error
 }
@@ -56,6 +57,9 @@ type State struct {
 	Degraded bool `json:"degraded,omitempty"`
 	// Disabled: QUOTAS_ENABLED=false; nothing is ever refused.
 	Disabled bool `json:"disabled,omitempty"`
+	// Provisional: the day's counters have not been reconciled with ClickHouse within the bound
+	// (two reconciliation intervals): after a fault Current may be below the truth until they are.
+	Provisional bool `json:"provisional,omitempty"`
 }
 
 func state(current, limit float64) State {
@@ -76,13 +80,12 @@ type Service struct {
 	now      func() time.Time
 	sources  map[string][]string // daily metric → events counted toward it
 	webhook  *webhook
-	quit     chan struct{}
-	// topUps are the delays after seeding at which the before-born window is read again: the ingest
-	// spool normally ships within a second, and within minutes after a ClickHouse hiccup.
-	topUps   []time.Duration
 	exceeded *prometheus.CounterVec
 	alerts   *prometheus.CounterVec
 	tenants  *labels.Capped
+	// reconcileSeconds and reconcileChanged measure the periodic reconciliation (RunReconciler).
+	reconcileSeconds prometheus.Histogram
+	reconcileChanged prometheus.Counter
 }
 
 // ErrUnknownMetric: the metric has no quota.
@@ -97,25 +100,34 @@ func NewService(cfg Config, counters *Counters, limits *Limits, ch driver.Conn, 
 	if cfg.LabelCap <= 0 {
 		cfg.LabelCap = 500
 	}
+	if cfg.ReconcileEvery <= 0 {
+		cfg.ReconcileEvery = 30 * time.Second
+	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	s := &Service{cfg: cfg, counters: counters, limits: limits, ch: ch, db: db, pg: pg, audit: auditLog, log: log, now: time.Now,
-		sources: map[string][]string{}, tenants: labels.NewCapped(cfg.LabelCap), quit: make(chan struct{}),
-		topUps: []time.Duration{3 * time.Second, 30 * time.Second, 3 * time.Minute},
+		sources: map[string][]string{}, tenants: labels.NewCapped(cfg.LabelCap),
 		exceeded: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sbh_quota_exceeded_total", Help: "Quotas that reached 100% of their limit (once per tenant, metric and day).",
 		}, []string{"tenant", "metric"}),
 		alerts: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sbh_quota_alerts_total", Help: "Quota alerts fired, by threshold percent.",
 		}, []string{"threshold"}),
+		reconcileSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "sbh_quota_reconcile_seconds", Help: "Time of one reconciliation round of the live counters with ClickHouse.",
+			Buckets: prometheus.ExponentialBuckets(0.005, 2, 12),
+		}),
+		reconcileChanged: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sbh_quota_reconcile_changed_total", Help: "Live counters a reconciliation round changed (rows that reached ClickHouse without being counted live, or live counts taken back).",
+		}),
 	}
 	for ev, m := range cfg.EventMetrics {
 		s.sources[m] = append(s.sources[m], ev)
 	}
 	s.webhook = newWebhook(cfg.Webhook, log)
 	if reg != nil {
-		reg.MustRegister(s.exceeded, s.alerts)
+		reg.MustRegister(s.exceeded, s.alerts, s.reconcileSeconds, s.reconcileChanged)
 	}
 	return s
 }
@@ -123,44 +135,28 @@ func NewService(cfg Config, counters *Counters, limits *Limits, ch driver.Conn, 
 // SetRecorder attaches the durable writer (ingest).
 func (s *Service) SetRecorder(r Recorder) { s.rec = r }
 
-// Close stops counter top-ups and waits for webhook deliveries in flight (up to ctx).
+// Close waits for webhook deliveries in flight (up to ctx). Stop RunReconciler with its context.
 func (s *Service) Close(ctx context.Context) {
-	select {
-	case <-s.quit:
-	default:
-		close(s.quit)
-	}
 	s.webhook.close(ctx)
 }
 
 func (s *Service) today() time.Time { return s.now().UTC().Truncate(24 * time.Hour) }
 
-// Add is the live counter feed from ingest (it implements ingest.Counter): it increments the day's
-// counters and fires alerts for thresholds the new values cross.
+// Add is the live counter feed from ingest (it implements ingest.Counter): it counts rows received
+// at `received` on the day's counters (negative deltas take counts back) and fires alerts for
+// thresholds the new values cross.
 func (s *Service) Add(ctx context.Context, tenant uuid.UUID, d, received time.Time, deltas map[string]int64) error {
-	vals, err := s.counters.Add(ctx, tenant, d, received, deltas)
+	changes, err := s.counters.Add(ctx, tenant, d, received, deltas)
 	if err != nil {
 		return err
 	}
-	if !s.cfg.Enabled || !d.Equal(s.today()) {
-		return nil
-	}
-	var limits map[string]float64
-	for m, v := range vals {
-		if deltas[m] <= 0 || !IsDaily(m) {
-			continue
-		}
-		if limits == nil {
-			limits = s.limits.For(ctx, tenant)
-		}
-		if lim, ok := limits[m]; ok {
-			s.checkAlerts(ctx, tenant, m, float64(v-deltas[m]), float64(v), lim)
-		}
+	for m, c := range changes {
+		s.Counted(ctx, tenant, d, m, c.By, c.Value)
 	}
 	return nil
 }
 
-// Counted hears that an ingest claim added by to a counter, now at value: it fires the alerts the
+// Counted hears that counting added by to a counter, now at value: it fires the alerts the
 // counter crossed (it implements ingest.Counter).
 func (s *Service) Counted(ctx context.Context, tenant uuid.UUID, d time.Time, metric string, by, value int64) {
 	if !s.cfg.Enabled || by <= 0 || !d.Equal(s.today()) || !IsDaily(metric) {
@@ -171,119 +167,20 @@ func (s *Service) Counted(ctx context.Context, tenant uuid.UUID, d time.Time, me
 	}
 }
 
-// Forget drops the tenant's live counters for a day after ingest could not deliver a delta to them:
-// metrics, every metric with a limit and every metric events count toward, so the day is rebuilt
-// from ClickHouse on its next use.
-func (s *Service) Forget(ctx context.Context, tenant uuid.UUID, d time.Time, metrics []string) error {
-	all := map[string]bool{}
-	for _, m := range metrics {
-		all[m] = true
-	}
-	for m := range s.limits.For(ctx, tenant) {
-		all[m] = true
-	}
-	for m := range s.sources {
-		all[m] = true
-	}
-	return s.counters.Forget(ctx, tenant, d, slices.Collect(maps.Keys(all)))
-}
-
-// ensureSeeded rebuilds a day's counters from ClickHouse once (after Redis lost them, or on a day's
-// first use): it counts what ClickHouse received before live counting began ("born") and adds it,
-// so nothing counted live is counted again.
-func (s *Service) ensureSeeded(ctx context.Context, tenant uuid.UUID, d time.Time) error {
-	// A Forget between reading "born" and applying the base makes the base stale; count again.
-	for attempt := 0; ; attempt++ {
-		born, err := s.counters.Born(ctx, tenant, d)
-		if err != nil {
-			return err
-		}
-		base, err := s.counted(ctx, tenant, d, born)
-		if err != nil {
-			return err
-		}
-		applied, err := s.counters.Seed(ctx, tenant, d, born, base)
-		if errors.Is(err, ErrStaleBase) && attempt < 3 {
-			continue
-		}
-		if err == nil && applied {
-			s.log.Debug("quota counters seeded from clickhouse", "tenant", tenant, "day", day(d), "base", base)
-			// Rows received before "born" may still have been in an ingest spool: read the window again
-			// once they have surely landed and add what is new.
-			go s.topUp(tenant, d, born)
-		}
-		return err
-	}
-}
-
-func (s *Service) topUp(tenant uuid.UUID, d, born time.Time) {
-	start := time.Now()
-	for _, at := range s.topUps {
-		select {
-		case <-time.After(time.Until(start.Add(at))):
-		case <-s.quit:
-			return
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		base, err := s.counted(ctx, tenant, d, born)
-		if err == nil {
-			var added int64
-			if added, err = s.counters.TopUp(ctx, tenant, d, born, base); errors.Is(err, ErrStaleBase) {
-				cancel()
-				return // the counters were reset since; the seed that follows has top-ups of its own
-			} else if err == nil && added > 0 {
-				s.log.Info("quota counters topped up with rows that reached clickhouse after seeding", "tenant", tenant, "day", day(d), "added", added)
-			}
-		}
-		cancel()
-		if err != nil {
-			s.log.Debug("quota counter top-up skipped", "tenant", tenant, "err", err)
-		}
-	}
-}
-
 // counted returns, per daily metric, what ClickHouse holds for the tenant's day: mapped events and
-// explicit increments, only those received before `before` (zero time: all).
-func (s *Service) counted(ctx context.Context, tenant uuid.UUID, d, before time.Time) (map[string]int64, error) {
-	if before.IsZero() {
-		before = d.Add(48 * time.Hour)
+// explicit increments (the answer while Redis is away).
+func (s *Service) counted(ctx context.Context, tenant uuid.UUID, d time.Time) (map[string]int64, error) {
+	counts, err := s.clickhouseCounts(ctx, tenant, d)
+	if err != nil {
+		return nil, err
 	}
 	out := map[string]int64{}
-	events := make([]string, 0, len(s.cfg.EventMetrics))
-	for ev := range s.cfg.EventMetrics {
-		events = append(events, ev)
-	}
-	next := d.Add(24 * time.Hour)
-	rows, err := s.ch.Query(ctx, "SELECT event, count() FROM "+s.db+".events WHERE tenant_id = ? AND ts >= ? AND ts < ? AND received_at < ? AND has(?, event) GROUP BY event",
-		tenant, d, next, before, events)
-	if err != nil {
-		return nil, fmt.Errorf("count mapped events: %w", err)
-	}
-	for rows.Next() {
-		var ev string
-		var n uint64
-		if err := rows.Scan(&ev, &n); err != nil {
-			rows.Close()
-			return nil, err
+	for metric, minutes := range counts[tenant] {
+		for _, n := range minutes {
+			out[metric] += n
 		}
-		out[s.cfg.EventMetrics[ev]] += int64(n)
 	}
-	rows.Close()
-	rows, err = s.ch.Query(ctx, "SELECT metric, sum(n) FROM "+s.db+".usage_increments WHERE tenant_id = ? AND ts >= ? AND ts < ? AND ts < ? GROUP BY metric",
-		tenant, d, next, before)
-	if err != nil {
-		return nil, fmt.Errorf("count usage increments: %w", err)
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var m string
-		var n int64
-		if err := rows.Scan(&m, &n); err != nil {
-			return nil, err
-		}
-		out[m] += n
-	}
-	return out, rows.Err()
+	return out, nil
 }
 
 // States returns every quota of the tenant (the guide's GET quotas).
@@ -298,13 +195,13 @@ func (s *Service) States(ctx context.Context, tenant uuid.UUID) (map[string]Stat
 		}
 	}
 	out := make(map[string]State, len(limits))
-	cur, degraded, err := s.dailyCurrent(ctx, tenant, daily)
+	cur, degraded, provisional, err := s.dailyCurrent(ctx, tenant, daily)
 	if err != nil {
 		return nil, err
 	}
 	for _, m := range daily {
 		st := state(float64(cur[m]), limits[m])
-		st.Degraded = degraded
+		st.Degraded, st.Provisional = degraded, provisional
 		out[m] = st
 	}
 	lv, err := s.levelValues(ctx, tenant)
@@ -336,25 +233,33 @@ func (s *Service) State(ctx context.Context, tenant uuid.UUID, metric string) (S
 	return st, nil
 }
 
-// dailyCurrent reads today's counters, seeding them first if Redis lost them; with Redis down it
-// answers from ClickHouse and says so.
-func (s *Service) dailyCurrent(ctx context.Context, tenant uuid.UUID, metrics []string) (map[string]int64, bool, error) {
+// dailyCurrent reads today's counters, reconciling them first if Redis lost them; with Redis down
+// it answers from ClickHouse and says so (degraded). provisional: the day was last reconciled longer
+// ago than the bound (ClickHouse unreachable, or no reconciler running).
+func (s *Service) dailyCurrent(ctx context.Context, tenant uuid.UUID, metrics []string) (vals map[string]int64, degraded, provisional bool, err error) {
 	d := s.today()
-	vals, seeded, err := s.counters.Read(ctx, tenant, d, metrics)
-	if err == nil && !seeded {
-		if err = s.ensureSeeded(ctx, tenant, d); err == nil {
-			vals, _, err = s.counters.Read(ctx, tenant, d, metrics)
+	var at time.Time
+	vals, at, err = s.counters.Read(ctx, tenant, d, metrics)
+	if err == nil && at.IsZero() {
+		if err = s.reconcileTenant(ctx, tenant, d); err == nil {
+			vals, at, err = s.counters.Read(ctx, tenant, d, metrics)
 		}
 	}
 	if err == nil {
-		return vals, false, nil
+		return vals, false, s.now().Sub(at) > s.provisionalAfter(), nil
 	}
 	s.log.Warn("quota counters unavailable; answering from clickhouse", "err", err)
-	vals, cerr := s.counted(ctx, tenant, d, time.Time{})
+	vals, cerr := s.counted(ctx, tenant, d)
 	if cerr != nil {
-		return nil, true, fmt.Errorf("quota counters: redis: %v; clickhouse: %w", err, cerr)
+		return nil, true, true, fmt.Errorf("quota counters: redis: %v; clickhouse: %w", err, cerr)
 	}
-	return vals, true, nil
+	return vals, true, false, nil
+}
+
+// provisionalAfter is how old a day's last reconciliation may be before its counts are marked
+// provisional: two rounds, and a little for a slow one.
+func (s *Service) provisionalAfter() time.Duration {
+	return 2*s.cfg.ReconcileEvery + 5*time.Second
 }
 
 func (s *Service) levelValues(ctx context.Context, tenant uuid.UUID) (map[string]float64, error) {
@@ -442,7 +347,10 @@ func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric stri
 		return ConsumeResult{}, &ParamError{fmt.Sprintf("%s is a level, not a daily count: set it with POST /api/analytics/usage {\"metric\":%q,\"value\":N}", metric, metric)}
 	}
 	res := ConsumeResult{Metric: metric, Limit: lim}
-	d := s.today()
+	// One instant for the spend: its live count, its day and the increment's stored ts all follow
+	// it, so a consume at 23:59:59.9 counts on the same day everywhere.
+	at := s.now().UTC().Truncate(time.Second)
+	d := at.Truncate(24 * time.Hour)
 	limit := int64(math.Floor(lim))
 	if !s.cfg.Enabled {
 		limit = math.MaxInt64 / 2
@@ -452,14 +360,14 @@ func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric stri
 	if o.IdempotencyKey != "" && s.cfg.IdempotencyWindow > 0 {
 		marker = &Marker{Key: s.counters.MarkerKey(tenant, metric, o.IdempotencyKey), TTL: s.cfg.IdempotencyWindow}
 	}
-	out, err := s.counters.Consume(ctx, tenant, metric, d, n, limit, o.Gate, marker)
+	out, err := s.counters.Consume(ctx, tenant, metric, at, n, limit, o.Gate, marker)
 	if err == nil && o.Gate != nil && o.Gate.Ran && !o.Gate.Allowed {
 		return res, nil
 	}
-	if err == nil && !out.Seeded {
-		if err = s.ensureSeeded(ctx, tenant, d); err == nil {
+	if err == nil && !out.Reconciled {
+		if err = s.reconcileTenant(ctx, tenant, d); err == nil {
 			// The gate's token was taken by the first run.
-			out, err = s.counters.Consume(ctx, tenant, metric, d, n, limit, nil, marker)
+			out, err = s.counters.Consume(ctx, tenant, metric, at, n, limit, nil, marker)
 		}
 	}
 	v := out.Value
@@ -469,7 +377,7 @@ func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric stri
 		}
 		s.log.Warn("quota consume with redis unavailable: allowed (QUOTA_FAIL_OPEN)", "tenant", tenant, "metric", metric, "err", err)
 		res.Allowed, res.Degraded = true, true
-		if cur, cerr := s.counted(ctx, tenant, d, time.Time{}); cerr == nil {
+		if cur, cerr := s.counted(ctx, tenant, d); cerr == nil {
 			v = cur[metric] + n
 		}
 	} else {
@@ -483,9 +391,9 @@ func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric stri
 		if marker != nil {
 			key = o.IdempotencyKey
 		}
-		if err := s.rec.RecordIncrement(ctx, tenant, metric, n, key, !res.Degraded); err != nil {
+		if err := s.rec.RecordIncrement(ctx, tenant, metric, n, at, key, !res.Degraded); err != nil {
 			if !res.Degraded && !out.Replayed {
-				if uerr := s.counters.Undo(ctx, tenant, metric, d, n, marker); uerr != nil {
+				if uerr := s.counters.Undo(ctx, tenant, metric, at, n, marker); uerr != nil {
 					s.log.Error("undo consume after a failed record", "tenant", tenant, "metric", metric, "err", uerr)
 				}
 			}

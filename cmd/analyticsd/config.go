@@ -178,10 +178,14 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		EventMetrics:      c.Ingest.EventMetrics,
 		LabelCap:          c.LabelCap,
 		IdempotencyWindow: c.DedupWindow,
+		ReconcileEvery:    duration("QUOTA_RECONCILE_INTERVAL", 30*time.Second),
 		Webhook: quota.WebhookConfig{
 			URL:    str("QUOTA_ALERT_WEBHOOK_URL", ""),
 			Secret: getenv("QUOTA_ALERT_WEBHOOK_SECRET"),
 		},
+	}
+	if e := c.Quota.ReconcileEvery; e < time.Second || e > 10*time.Minute {
+		errs = append(errs, fmt.Errorf("QUOTA_RECONCILE_INTERVAL=%s: want 1s to 10m", e))
 	}
 	if v := str("QUOTA_ALERT_THRESHOLDS", ""); v != "" {
 		for _, part := range strings.Split(v, ",") {

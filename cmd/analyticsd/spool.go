@@ -8,16 +8,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"maps"
-	"os"
-	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
-	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/dedup"
 	"github.com/analyticsd/analyticsd/ingest"
@@ -144,7 +140,7 @@ func spoolCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 			}
 		}
 		return withShipping(ctx, cfg, func(ship shipping) error {
-			o := ingest.RequeueOptions{RetentionDays: cfg.RetentionDays, Log: log, Recount: ship.recount}
+			o := ingest.RequeueOptions{RetentionDays: cfg.RetentionDays, Log: log}
 			if includeExpired {
 				o.RetentionDays = 0
 			}
@@ -167,9 +163,8 @@ func spoolCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 }
 
 type shipping struct {
-	ch      driver.Conn
-	claims  ingest.Claims
-	recount func(tenant uuid.UUID, day time.Time)
+	ch     driver.Conn
+	claims ingest.Claims
 }
 
 // withShipping opens what shipping rows needs — ClickHouse, and Redis for the claims, as serve has
@@ -190,26 +185,7 @@ func withShipping(ctx context.Context, cfg Config, fn func(shipping) error) erro
 		if err := rdb.Ping(ctx).Err(); err != nil {
 			return fmt.Errorf("redis (needed to verify event ids before shipping; INGEST_DEDUP_WINDOW=0 ships without): %w", err)
 		}
-		counters := quota.NewCounters(rdb, "")
-		claims = dedup.NewStore(rdb, "", cfg.DedupWindow, counting(counters))
-		// Rows requeued after being quarantined were taken out of the live counters then: rebuild
-		// the counters of the days they land on.
-		metrics := map[string]bool{}
-		for _, m := range cfg.Ingest.EventMetrics {
-			metrics[m] = true
-		}
-		for m := range quota.BuiltinLimits() {
-			metrics[m] = true
-		}
-		for m := range cfg.QuotaDefaults {
-			metrics[m] = true
-		}
-		list := slices.Collect(maps.Keys(metrics))
-		return fn(shipping{ch: ch, claims: claims, recount: func(tenant uuid.UUID, day time.Time) {
-			if err := counters.Forget(ctx, tenant, day, list); err != nil {
-				fmt.Fprintf(os.Stderr, "live counters of tenant %s on %s not reset (they rebuild at the next reset): %v\n", tenant, day.Format("2006-01-02"), err)
-			}
-		}})
+		claims = dedup.NewStore(rdb, "", cfg.DedupWindow, counting(quota.NewCounters(rdb, "")))
 	}
 	return fn(shipping{ch: ch, claims: claims})
 }

@@ -1,0 +1,214 @@
+package quota
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// minuteCounts is what ClickHouse holds for one day: tenant -> metric -> received minute -> count.
+type minuteCounts map[uuid.UUID]map[string]map[int64]int64
+
+func (m minuteCounts) add(tenant uuid.UUID, metric string, min int64, n int64) {
+	if m[tenant] == nil {
+		m[tenant] = map[string]map[int64]int64{}
+	}
+	if m[tenant][metric] == nil {
+		m[tenant][metric] = map[int64]int64{}
+	}
+	m[tenant][metric][min] += n
+}
+
+// clickhouseCounts reads, per tenant, daily metric and received minute, what ClickHouse holds for
+// day d: mapped events by their received_at, increments by their ts (which is when they were
+// received). tenant uuid.Nil reads every tenant. Two GROUP BY queries over the day's partition.
+func (s *Service) clickhouseCounts(ctx context.Context, tenant uuid.UUID, d time.Time) (minuteCounts, error) {
+	out := minuteCounts{}
+	events := make([]string, 0, len(s.cfg.EventMetrics))
+	for ev := range s.cfg.EventMetrics {
+		events = append(events, ev)
+	}
+	where, args := "ts >= ? AND ts < ?", []any{d, d.Add(24 * time.Hour)}
+	if tenant != uuid.Nil {
+		where, args = "tenant_id = ? AND "+where, append([]any{tenant}, args...)
+	}
+	if len(events) > 0 {
+		rows, err := s.ch.Query(ctx, "SELECT tenant_id, event, intDiv(toUInt32(received_at), 60) AS m, count() FROM "+s.db+
+			".events WHERE "+where+" AND has(?, event) GROUP BY tenant_id, event, m", append(args, events)...)
+		if err != nil {
+			return nil, fmt.Errorf("count mapped events per minute: %w", err)
+		}
+		for rows.Next() {
+			var t uuid.UUID
+			var ev string
+			var m uint32
+			var n uint64
+			if err := rows.Scan(&t, &ev, &m, &n); err != nil {
+				rows.Close()
+				return nil, err
+			}
+			out.add(t, s.cfg.EventMetrics[ev], int64(m), int64(n))
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return nil, err
+		}
+	}
+	rows, err := s.ch.Query(ctx, "SELECT tenant_id, metric, intDiv(toUInt32(ts), 60) AS m, sum(n) FROM "+s.db+
+		".usage_increments WHERE "+where+" GROUP BY tenant_id, metric, m", args...)
+	if err != nil {
+		return nil, fmt.Errorf("count usage increments per minute: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var t uuid.UUID
+		var metric string
+		var m uint32
+		var n int64
+		if err := rows.Scan(&t, &metric, &m, &n); err != nil {
+			return nil, err
+		}
+		out.add(t, metric, int64(m), n)
+	}
+	return out, rows.Err()
+}
+
+// reconcileTenant brings one tenant's counters for day d to ClickHouse's counts, every minute of
+// every metric, and marks the day reconciled: what a read or consume does when Redis lost the day.
+func (s *Service) reconcileTenant(ctx context.Context, tenant uuid.UUID, d time.Time) error {
+	counts, err := s.clickhouseCounts(ctx, tenant, d)
+	if err != nil {
+		return err
+	}
+	now := s.now()
+	metrics := counts[tenant]
+	if metrics == nil {
+		metrics = map[string]map[int64]int64{}
+	}
+	for m := range s.limits.For(ctx, tenant) {
+		if _, ok := metrics[m]; !ok && IsDaily(m) {
+			metrics[m] = nil // recomputed from its live counts alone
+		}
+	}
+	for metric, base := range metrics {
+		if _, _, err := s.counters.Reconcile(ctx, tenant, metric, d, now.Add(-SettleAfter), base); err != nil {
+			return err
+		}
+	}
+	return s.counters.MarkReconciled(ctx, tenant, d, now)
+}
+
+// reconciler runs the periodic reconciliation: every interval one instance (whichever takes the
+// lock) reads ClickHouse's counts per tenant, metric and received minute for today and yesterday,
+// and applies them. It remembers what it sent and sends only minutes that changed, except for a
+// tenant-day Redis no longer marks reconciled and on every tenth round, when it sends everything
+// (a Redis failover can lose any key).
+type reconciler struct {
+	s     *Service
+	every time.Duration
+	sent  map[sentKey]int64
+	round int
+}
+
+type sentKey struct {
+	tenant uuid.UUID
+	metric string
+	day    int64
+	minute int64
+}
+
+// ReconcileStats is what one round did.
+type ReconcileStats struct {
+	Ran      bool // false: another instance holds this round
+	Counters int  // counters recomputed
+	Minutes  int  // minute counts sent to Redis
+	Changed  int  // counters whose value the round changed
+}
+
+// RunReconciler reconciles the live counters with ClickHouse every `every` until ctx ends.
+func (s *Service) RunReconciler(ctx context.Context, every time.Duration) {
+	r := &reconciler{s: s, every: every, sent: map[sentKey]int64{}}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		start := time.Now()
+		st, err := r.run(ctx)
+		s.reconcileSeconds.Observe(time.Since(start).Seconds())
+		if err != nil {
+			s.log.Warn("quota counters not reconciled with clickhouse this round", "err", err)
+			continue
+		}
+		if st.Changed > 0 {
+			s.reconcileChanged.Add(float64(st.Changed))
+			s.log.Info("quota counters reconciled with clickhouse", "counters", st.Counters, "changed", st.Changed, "minutes", st.Minutes)
+		}
+	}
+}
+
+// ReconcileOnce runs one full round now, whether or not another instance is running one (rounds
+// are idempotent: the lock only saves work).
+func (s *Service) ReconcileOnce(ctx context.Context) (ReconcileStats, error) {
+	r := &reconciler{s: s, sent: map[sentKey]int64{}}
+	return r.run(ctx)
+}
+
+func (r *reconciler) run(ctx context.Context) (ReconcileStats, error) {
+	var st ReconcileStats
+	if r.every > 0 {
+		ok, err := r.s.counters.rdb.SetNX(ctx, r.s.counters.prefix+"quota:reconcile:lock", 1, max(r.every-100*time.Millisecond, 100*time.Millisecond)).Result()
+		if err != nil || !ok {
+			return st, err
+		}
+	}
+	st.Ran = true
+	r.round++
+	full := r.round%10 == 1
+	if full {
+		clear(r.sent)
+	}
+	now := r.s.now()
+	today := now.UTC().Truncate(24 * time.Hour)
+	for _, d := range []time.Time{today.Add(-24 * time.Hour), today} {
+		counts, err := r.s.clickhouseCounts(ctx, uuid.Nil, d)
+		if err != nil {
+			return st, err
+		}
+		for tenant, metrics := range counts {
+			_, at, err := r.s.counters.Read(ctx, tenant, d, nil)
+			if err != nil {
+				return st, err
+			}
+			all := full || at.IsZero()
+			for metric, base := range metrics {
+				send := map[int64]int64{}
+				for m, n := range base {
+					k := sentKey{tenant, metric, d.Unix(), m}
+					if all || r.sent[k] != n {
+						send[m] = n
+						r.sent[k] = n
+					}
+				}
+				before, after, err := r.s.counters.Reconcile(ctx, tenant, metric, d, now.Add(-SettleAfter), send)
+				if err != nil {
+					return st, err
+				}
+				st.Counters++
+				st.Minutes += len(send)
+				if before != after {
+					st.Changed++
+				}
+			}
+			if err := r.s.counters.MarkReconciled(ctx, tenant, d, now); err != nil {
+				return st, err
+			}
+		}
+	}
+	return st, nil
+}
