@@ -433,6 +433,8 @@ func TestExportCSV(t *testing.T) {
 }
 
 // Reconciled days come from Postgres, newer days from ClickHouse; the series is one continuous line.
+// A reconciled day ClickHouse has counted more of since (late events not billed yet) shows the fresh
+// count, saying so; every point says where its number came from.
 func TestUsageMergesPostgresAndClickHouse(t *testing.T) {
 	h := newHarness(t, 100)
 	today := h.now.Truncate(24 * time.Hour)
@@ -460,14 +462,21 @@ func TestUsageMergesPostgresAndClickHouse(t *testing.T) {
 	if r.status != 200 {
 		t.Fatalf("got %d %s", r.status, r.raw)
 	}
-	got := map[string]float64{}
+	got := map[string]string{}
 	for _, p := range r.data()["auth.user.login"].([]any) {
 		m := p.(map[string]any)
-		got[m["date"].(string)] = m["count"].(float64)
+		meta, _ := json.Marshal(m["meta"])
+		got[m["date"].(string)] = fmt.Sprintf("%v %s", m["count"], meta)
 	}
-	want := map[string]float64{day(4).Format("2006-01-02"): 50, day(2).Format("2006-01-02"): 3, day(1).Format("2006-01-02"): 2, day(0).Format("2006-01-02"): 1}
+	want := map[string]string{
+		day(4).Format("2006-01-02"): `50 {"source":"billed"}`,
+		day(3).Format("2006-01-02"): `4 {"billed":0,"source":"clickhouse"}`, // billed with no row; 4 arrived since
+		day(2).Format("2006-01-02"): `3 {"source":"clickhouse"}`,
+		day(1).Format("2006-01-02"): `2 {"source":"clickhouse"}`,
+		day(0).Format("2006-01-02"): `1 {"source":"clickhouse"}`,
+	}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
-		t.Errorf("usage: got %v, want %v (day -3 reconciled with no row is 0 and omitted)", got, want)
+		t.Errorf("usage:\n got %v\nwant %v", got, want)
 	}
 	r = h.get(t, h.keys["a-read"], "", path+"&fill=zero")
 	points := r.data()["auth.user.login"].([]any)

@@ -26,12 +26,16 @@ type UsageResult struct {
 var (
 	metaLive     = json.RawMessage(`{"source":"clickhouse"}`)
 	metaDegraded = json.RawMessage(`{"source":"clickhouse","degraded":true}`)
-	metaEmpty    = json.RawMessage(`{}`)
+	metaBilled   = json.RawMessage(`{"source":"billed"}`)
 )
 
 // Usage returns per-day counts of metrics for tenant over days [first, last]. Days the rollup has
 // reconciled (a successful rollup_runs row) come from Postgres analytics_daily_usage, the billed
-// record; newer days from ClickHouse daily_usage. fill adds zero points for days without any.
+// record, with meta.source "billed" — unless ClickHouse has counted more since (late events the
+// rollup has not reconciled again yet, which it does within ROLLUP_DRIFT_INTERVAL): then the fresh
+// count is shown, with meta.source "clickhouse" and the billed count as meta.billed. (Late events
+// only add; a ClickHouse count below the billed one is an aggregate the rollup repairs.) Newer days come
+// from ClickHouse daily_usage (meta.source "clickhouse"). fill adds zero points for days without any.
 func (s *Store) Usage(ctx context.Context, tenant uuid.UUID, metrics []string, first, last time.Time, fill bool) (UsageResult, error) {
 	res := UsageResult{Series: map[string][]Point{}}
 	live, err := s.liveUsage(ctx, tenant, metrics, first, last)
@@ -48,11 +52,13 @@ func (s *Store) Usage(ctx context.Context, tenant uuid.UUID, metrics []string, f
 		for d := first; !d.After(last); d = d.Add(24 * time.Hour) {
 			key := d.Format("2006-01-02")
 			p := Point{Date: key}
-			if reconciled[key] {
-				b, ok := billed[m][key]
-				p.Count, p.Meta = b.count, b.meta
-				if !ok {
-					p.Meta = metaEmpty
+			if b, ok := billed[m][key]; reconciled[key] && live[m][key] > b.count {
+				p.Count = live[m][key]
+				p.Meta = json.RawMessage(fmt.Sprintf(`{"source":"clickhouse","billed":%d}`, b.count))
+			} else if reconciled[key] {
+				p.Count, p.Meta = b.count, metaBilled
+				if ok {
+					p.Meta = withSource(b.meta, "billed")
 				}
 			} else {
 				p.Count = live[m][key]
@@ -68,6 +74,21 @@ func (s *Store) Usage(ctx context.Context, tenant uuid.UUID, metrics []string, f
 		res.Series[m] = points
 	}
 	return res, nil
+}
+
+// withSource returns a billed row's meta (what the rollup recorded: run, time, repairs) with its
+// "source" set to src.
+func withSource(meta json.RawMessage, src string) json.RawMessage {
+	var m map[string]any
+	if json.Unmarshal(meta, &m) != nil || m == nil {
+		m = map[string]any{}
+	}
+	m["source"] = src
+	b, err := json.Marshal(m)
+	if err != nil {
+		return metaBilled
+	}
+	return b
 }
 
 func (s *Store) liveUsage(ctx context.Context, tenant uuid.UUID, metrics []string, first, last time.Time) (map[string]map[string]int64, error) {

@@ -185,6 +185,10 @@ type ScheduleConfig struct {
 	RetryMin, RetryMax time.Duration
 	// RunTimeout bounds one scheduled run, all its dates together (default 30 min).
 	RunTimeout time.Duration
+	// DriftEvery is how often, between daily runs, billed dates are compared with ClickHouse and the
+	// ones late events changed are reconciled again (ROLLUP_DRIFT_INTERVAL; default 5 min; negative:
+	// only at the daily run).
+	DriftEvery time.Duration
 	// Now is the clock (default time.Now).
 	Now func() time.Time
 }
@@ -197,6 +201,9 @@ type Scheduler struct {
 	cfg ScheduleConfig
 	d   *daily
 	log *slog.Logger
+
+	driftCancel context.CancelFunc
+	driftDone   chan struct{}
 }
 
 // NewScheduler returns a Scheduler running r; it does nothing until Start.
@@ -223,6 +230,9 @@ func NewScheduler(r *Reconciler, cfg ScheduleConfig, log *slog.Logger) (*Schedul
 	if cfg.RunTimeout <= 0 {
 		cfg.RunTimeout = 30 * time.Minute
 	}
+	if cfg.DriftEvery == 0 {
+		cfg.DriftEvery = 5 * time.Minute
+	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -235,10 +245,90 @@ func NewScheduler(r *Reconciler, cfg ScheduleConfig, log *slog.Logger) (*Schedul
 }
 
 // Start runs the schedule in the background until Stop or ctx ends. The latest slot runs at once.
-func (s *Scheduler) Start(ctx context.Context) { s.d.start(ctx) }
+// Between slots, every DriftEvery, billed dates that late events changed are reconciled again.
+func (s *Scheduler) Start(ctx context.Context) {
+	s.d.start(ctx)
+	if s.cfg.DriftEvery <= 0 || s.r.retentionDays <= 0 {
+		return
+	}
+	dctx, cancel := context.WithCancel(ctx)
+	s.driftCancel, s.driftDone = cancel, make(chan struct{})
+	go func() {
+		defer close(s.driftDone)
+		t := time.NewTicker(s.cfg.DriftEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-dctx.Done():
+				return
+			case <-t.C:
+			}
+			if n, err := s.RerunDrifted(dctx); err != nil {
+				s.log.Warn("rollup: drift check failed; it runs again", "err", err)
+			} else if n > 0 {
+				s.log.Info("rollup: billed dates changed by late events reconciled again", "dates", n)
+			}
+		}
+	}()
+}
 
 // Stop ends the schedule, cancelling a run in progress, and waits for it.
-func (s *Scheduler) Stop() { s.d.stop() }
+func (s *Scheduler) Stop() {
+	s.d.stop()
+	if s.driftCancel != nil {
+		s.driftCancel()
+		<-s.driftDone
+	}
+}
+
+// RerunDrifted reconciles again every billed date up to yesterday that ClickHouse's counts no
+// longer match (late events), under the schedule's lock, and returns how many it ran. Another
+// replica holding the lock makes it a no-op.
+func (s *Scheduler) RerunDrifted(ctx context.Context) (int, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.RunTimeout)
+	defer cancel()
+	unlock, ok, err := tryLock(ctx, s.r.pg, "analyticsd.rollup.scheduler."+s.r.db)
+	if err != nil || !ok {
+		return 0, err
+	}
+	defer unlock()
+	today := Day(s.cfg.Now())
+	return s.rerunDrifted(ctx, today.AddDate(0, 0, -s.r.retentionDays), today.AddDate(0, 0, -1), nil, "drift")
+}
+
+// rerunDrifted reconciles again the billed dates in [first, last] that changed, newest first, at
+// most maxDriftedPerSlot of them.
+func (s *Scheduler) rerunDrifted(ctx context.Context, first, last time.Time, slot *time.Time, trigger string) (int, error) {
+	if last.Before(first) {
+		return 0, nil
+	}
+	drifted, err := s.r.Drifted(ctx, first, last)
+	if err != nil {
+		return 0, fmt.Errorf("rollup: %w", err)
+	}
+	if len(drifted) > maxDriftedPerSlot {
+		s.log.Warn("rollup: more billed dates changed than one run re-runs; the rest wait for the next",
+			"changed", len(drifted), "rerun", maxDriftedPerSlot)
+		drifted = drifted[len(drifted)-maxDriftedPerSlot:]
+	}
+	if len(drifted) > 0 {
+		s.log.Info("rollup: late data changed billed dates; reconciling them again", "dates", len(drifted),
+			"oldest", drifted[0].Format(dateLayout))
+	}
+	var errs []error
+	for _, day := range drifted {
+		var err error
+		if slot != nil {
+			err = s.runDate(ctx, day, *slot)
+		} else {
+			_, err = s.r.run(ctx, day, AllTenants(), trigger, nil)
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return len(drifted), errors.Join(errs...)
+}
 
 // Status reports the last run and the next one.
 func (s *Scheduler) Status() Status { return s.d.Status() }
@@ -290,29 +380,19 @@ func (s *Scheduler) runSlot(ctx context.Context, slot time.Time) (string, error)
 	if s.r.retentionDays > 0 {
 		first := Day(slot).AddDate(0, 0, -s.r.retentionDays)
 		last := dates[len(dates)-1].AddDate(0, 0, -1)
-		drifted, err := s.r.Drifted(ctx, first, last)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("rollup: %w", err))
-		}
-		if len(drifted) > maxDriftedPerSlot {
-			s.log.Warn("rollup: more billed dates changed than one slot re-runs; the rest wait for the next slot",
-				"changed", len(drifted), "rerun", maxDriftedPerSlot)
-			drifted = drifted[len(drifted)-maxDriftedPerSlot:]
-		}
-		if len(drifted) > 0 {
-			s.log.Info("rollup: late data changed billed dates; reconciling them again", "dates", len(drifted),
-				"oldest", drifted[0].Format(dateLayout))
-		}
-		for _, day := range drifted {
-			if err := s.runDate(ctx, day, slot); err != nil {
-				errs = append(errs, err)
-			}
+		if _, err := s.rerunDriftedAt(ctx, first, last, slot); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
 		return "", err
 	}
 	return "ok", nil
+}
+
+// rerunDriftedAt is the slot's drift pass: a date already reconciled again for this slot is skipped.
+func (s *Scheduler) rerunDriftedAt(ctx context.Context, first, last, slot time.Time) (int, error) {
+	return s.rerunDrifted(ctx, first, last, &slot, "scheduler")
 }
 
 // maxDriftedPerSlot bounds how many changed billed dates one slot reconciles again (newest first), so a

@@ -231,3 +231,38 @@ func TestSchedulerReconcilesBilledDaysThatChanged(t *testing.T) {
 		t.Errorf("the same slot again: D-10 has %d runs, want still 2", runs(10))
 	}
 }
+
+// Late events for a date the rollup already billed — inside the look-back too, which the nightly
+// drift pass leaves to the next night — are billed again within ROLLUP_DRIFT_INTERVAL, not at the
+// next 00:10 (the code before waited for the next slot: /usage showed the stale billed count all day).
+func TestLateEventsForBilledDatesAreBilledWithinTheDriftInterval(t *testing.T) {
+	f := newFixture(t)
+	ctx := ctxT(t)
+	a := f.tenant(t, "acme")
+	f.events(t, repeat(2, a, f.daysAgo(1).Add(6*time.Hour), "auth.user.login")...)
+	clk := &clock{t: f.today.Add(10*time.Minute + 5*time.Second)}
+	r := f.reconciler(nil, clk.Now)
+	s, err := rollup.NewScheduler(r, rollup.ScheduleConfig{Now: clk.Now, DriftEvery: 100 * time.Millisecond}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.RunOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.postgres(t, f.daysAgo(1))[k(a, "auth.user.login")]; got != 2 {
+		t.Fatalf("D-1 billed: %d, want 2", got)
+	}
+	f.events(t, repeat(3, a, f.daysAgo(1).Add(20*time.Hour), "auth.user.login")...) // late
+	s.Start(ctx)
+	defer s.Stop()
+	deadline := time.Now().Add(10 * time.Second)
+	for f.postgres(t, f.daysAgo(1))[k(a, "auth.user.login")] != 5 {
+		if time.Now().After(deadline) {
+			t.Fatalf("D-1 still billed %d ten seconds after the late events, want 5", f.postgres(t, f.daysAgo(1))[k(a, "auth.user.login")])
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if n := f.count(t, "SELECT count(*) FROM rollup_runs WHERE status = 'ok' AND trigger = 'drift' AND date = $1::date", f.daysAgo(1).Format("2006-01-02")); n != 1 {
+		t.Errorf("%d drift runs for D-1, want 1 (nothing changed after it)", n)
+	}
+}

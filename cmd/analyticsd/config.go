@@ -212,7 +212,11 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		}
 		c.CORSOrigins = append(c.CORSOrigins, o)
 	}
-	c.Rollup = rollup.ScheduleConfig{At: str("ROLLUP_AT", "00:10"), LookbackDays: integer("ROLLUP_LOOKBACK_DAYS", 3, 1, 90)}
+	c.Rollup = rollup.ScheduleConfig{At: str("ROLLUP_AT", "00:10"), LookbackDays: integer("ROLLUP_LOOKBACK_DAYS", 3, 1, 90),
+		DriftEvery: duration("ROLLUP_DRIFT_INTERVAL", 5*time.Minute)}
+	if d := c.Rollup.DriftEvery; d != 0 && (d < 10*time.Second || d > 24*time.Hour) {
+		errs = append(errs, fmt.Errorf("ROLLUP_DRIFT_INTERVAL=%s: want 10s to 24h", d))
+	}
 	if _, err := rollup.ParseClock(c.Rollup.At); err != nil {
 		errs = append(errs, fmt.Errorf("ROLLUP_AT: %v", err))
 	}
