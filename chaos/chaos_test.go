@@ -58,10 +58,12 @@ type system struct {
 	client *http.Client
 }
 
-func build(t *testing.T) string {
+// build compiles analyticsd for the test, with extra build tags (testclock: a clock that
+// ANALYTICS_TEST_CLOCK_OFFSET shifts).
+func build(t *testing.T, tags ...string) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "analyticsd")
-	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/analyticsd").CombinedOutput(); err != nil {
+	if out, err := exec.Command("go", "build", "-tags", strings.Join(tags, ","), "-o", bin, "../cmd/analyticsd").CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
 	return bin

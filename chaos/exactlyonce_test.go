@@ -21,12 +21,18 @@ import (
 	"github.com/analyticsd/analyticsd/internal/testenv"
 )
 
-// sibling starts another analyticsd on the same stores, tenant and key: its own address and spool.
-func (s *system) sibling(t *testing.T) *system {
+// sibling starts another analyticsd on the same stores, tenant and key: its own address and spool,
+// and extra settings of its own.
+func (s *system) sibling(t *testing.T, extra ...map[string]string) *system {
 	t.Helper()
 	c := &system{t: t, env: s.env, bin: s.bin, key: s.key, tenant: s.tenant, client: s.client, vars: map[string]string{}}
 	for k, v := range s.vars {
 		c.vars[k] = v
+	}
+	for _, e := range extra {
+		for k, v := range e {
+			c.vars[k] = v
+		}
 	}
 	c.vars["ANALYTICS_ADDR"], c.vars["ANALYTICS_SPOOL_DIR"] = freeAddr(t), t.TempDir()
 	c.start()

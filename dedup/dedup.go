@@ -33,6 +33,8 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/analyticsd/analyticsd/internal/clock"
 )
 
 // Store is the claims and idempotency registry in Redis.
@@ -79,7 +81,7 @@ func NewStore(rdb redis.UniversalClient, prefix string, window time.Duration, co
 	if counting != nil {
 		lua = counting.Lua
 	}
-	s := &Store{rdb: rdb, prefix: prefix, window: window, now: time.Now, counting: counting, claim: redis.NewScript(lua + claimLua)}
+	s := &Store{rdb: rdb, prefix: prefix, window: window, now: clock.Now, counting: counting, claim: redis.NewScript(lua + claimLua)}
 	s.runIDsFn = s.runIDs
 	return s
 }

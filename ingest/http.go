@@ -17,6 +17,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/api"
+	"github.com/analyticsd/analyticsd/internal/clock"
 )
 
 // Config shapes the ingest endpoints.
@@ -47,7 +48,7 @@ func NewService(cfg Config, w *Writer, counter Counter, m *Metrics, log *slog.Lo
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Service{cfg: cfg, w: w, metrics: m, log: log, now: time.Now}
+	s := &Service{cfg: cfg, w: w, metrics: m, log: log, now: clock.Now}
 	if counter != nil {
 		s.counts = newLiveCounts(counter, m, log, cfg.CounterEvery)
 		go s.counts.run()

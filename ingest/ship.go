@@ -15,6 +15,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/ingest/spool"
+	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/retention"
 )
 
@@ -281,7 +282,7 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 			for i, it := range part {
 				ids[i], wids[i] = it.key(g.kind).id, it.b.wid
 			}
-			now := time.Now()
+			now := clock.Now()
 			unit := func(i int) (string, int64, time.Time, time.Time) { return sh.unit(g.kind, part[i].b, part[i].i, now) }
 			held, reclaimed, epoch, err := sh.claims.Verify(ctx, g.tenant, g.kind, ids, wids, unit, sh.countedFor(g.tenant))
 			if err != nil {
@@ -775,7 +776,7 @@ func (sh *shipper) handleRefused(s *segment, kind Kind, bad []refusal) (bool, er
 // expired reports whether day d is older than the retention window (today - RetentionDays), where
 // the sweeper or the table's TTL may have dropped its partition.
 func (sh *shipper) expired(d time.Time) bool {
-	return sh.cfg.RetentionDays > 0 && (retention.Window{Days: sh.cfg.RetentionDays}).Expired(d, time.Now())
+	return sh.cfg.RetentionDays > 0 && (retention.Window{Days: sh.cfg.RetentionDays}).Expired(d, clock.Now())
 }
 
 // quarantineRows writes its (one kind) to the quarantine, durably, before they leave the segment.

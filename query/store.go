@@ -7,6 +7,8 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/analyticsd/analyticsd/internal/clock"
 )
 
 // Store runs the read queries: events, usage, KPIs and names on ClickHouse; reconciled daily usage on
@@ -24,7 +26,7 @@ func NewStore(ch driver.Conn, db string, pg *pgxpool.Pool, maxExec time.Duration
 	if maxExec <= 0 {
 		maxExec = 30 * time.Second
 	}
-	return &Store{ch: ch, db: db, pg: pg, maxExec: maxExec, now: time.Now}
+	return &Store{ch: ch, db: db, pg: pg, maxExec: maxExec, now: clock.Now}
 }
 
 // limits attaches the per-query ClickHouse limits (only integer settings encode on every server).

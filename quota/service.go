@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/internal/labels"
 )
 
@@ -106,7 +107,7 @@ func NewService(cfg Config, counters *Counters, limits *Limits, ch driver.Conn, 
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Service{cfg: cfg, counters: counters, limits: limits, ch: ch, db: db, pg: pg, audit: auditLog, log: log, now: time.Now,
+	s := &Service{cfg: cfg, counters: counters, limits: limits, ch: ch, db: db, pg: pg, audit: auditLog, log: log, now: clock.Now,
 		sources: map[string][]string{}, tenants: labels.NewCapped(cfg.LabelCap),
 		exceeded: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sbh_quota_exceeded_total", Help: "Quotas that reached 100% of their limit (once per tenant, metric and day).",

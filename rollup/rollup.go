@@ -26,6 +26,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/retention"
 )
 
@@ -108,7 +109,7 @@ func NewReconciler(ch driver.Conn, db string, pg *pgxpool.Pool, auditLog *audit.
 		log = slog.New(slog.DiscardHandler)
 	}
 	if now == nil {
-		now = time.Now
+		now = clock.Now
 	}
 	return &Reconciler{ch: ch, db: db, pg: pg, audit: auditLog, log: log, retentionDays: retentionDays, now: now,
 		floor: retention.NewFloor(pg, db), m: newReconcileMetrics(reg), SettleDelay: 2 * time.Second, QueryTimeout: 60 * time.Second}

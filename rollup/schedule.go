@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"sync"
 	"time"
+
+	"github.com/analyticsd/analyticsd/internal/clock"
 )
 
 // ParseClock reads a UTC time of day "HH:MM" (e.g. ROLLUP_AT=00:10) as the offset from midnight.
@@ -234,7 +236,7 @@ func NewScheduler(r *Reconciler, cfg ScheduleConfig, log *slog.Logger) (*Schedul
 		cfg.DriftEvery = 5 * time.Minute
 	}
 	if cfg.Now == nil {
-		cfg.Now = time.Now
+		cfg.Now = clock.Now
 	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)

@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/retention"
 	"github.com/analyticsd/analyticsd/schema"
 )
@@ -66,7 +67,7 @@ func NewSweeper(ch driver.Conn, db string, pg *pgxpool.Pool, auditLog *audit.Log
 		log = slog.New(slog.DiscardHandler)
 	}
 	if now == nil {
-		now = time.Now
+		now = clock.Now
 	}
 	s := &Sweeper{ch: ch, db: db, pg: pg, audit: auditLog, log: log, retentionDays: retentionDays, now: now, m: newSweepMetrics(reg),
 		raiseFloor: retention.NewFloor(pg, db).Raise}

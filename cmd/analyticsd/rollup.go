@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/rollup"
 )
 
@@ -28,7 +29,7 @@ func rollupCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string,
 	}); err != nil {
 		return err
 	}
-	days, err := rollupDays(date, from, to, time.Now())
+	days, err := rollupDays(date, from, to, clock.Now())
 	if err != nil {
 		return fmt.Errorf("rollup: %v: %w", err, errUsage)
 	}

@@ -24,6 +24,7 @@ import (
 	"github.com/analyticsd/analyticsd/dashboards"
 	"github.com/analyticsd/analyticsd/dedup"
 	"github.com/analyticsd/analyticsd/ingest"
+	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/query"
 	"github.com/analyticsd/analyticsd/quota"
 	"github.com/analyticsd/analyticsd/ratelimit"
@@ -222,7 +223,7 @@ func checkClickHouse(ctx context.Context, cfg *Config, ch driver.Conn, pg *pgxpo
 		return err
 	}
 	cfg.RetentionDays, cfg.Ingest.Limits.RetentionDays, cfg.Writer.RetentionDays = w.Days, w.Days, w.Days
-	if err := retention.NewFloor(pg, cfg.ClickHouseDB).Raise(pctx, w.CompleteFrom(time.Time{}, time.Now())); err != nil {
+	if err := retention.NewFloor(pg, cfg.ClickHouseDB).Raise(pctx, w.CompleteFrom(time.Time{}, clock.Now())); err != nil {
 		log.Warn("retention floor not recorded at start-up", "err", err)
 	}
 	return nil

@@ -1,0 +1,377 @@
+//go:build chaos
+
+package chaos
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/tenant"
+)
+
+// usageEvents are what the usage property test sends: three events the quota map counts and one it
+// does not; its increments go to a metric events also count and to one only increments count, and
+// its consumes spend builds_daily.
+var (
+	usageEvents  = []string{"apikey.request", "builder.generate.completed", "email.sent", "auth.user.login"}
+	quotaMetrics = map[string][]string{ // quota metric -> the daily_usage metrics it sums
+		"api_requests_daily": {"apikey.request", "api_requests_daily"},
+		"builds_daily":       {"builder.generate.completed", "builds_daily"},
+		"emails_daily":       {"email.sent"},
+		"exports_daily":      {"exports_daily"},
+	}
+)
+
+// usageClient is one tenant's view of the property test: its key, and every request it has had
+// acknowledged.
+type usageClient struct {
+	tenant uuid.UUID
+	key    string
+}
+
+// usageOp is one request the test retries until an instance acknowledges it: the same body and
+// Idempotency-Key every time, on alternating instances.
+type usageOp struct {
+	method, path, body, key string
+}
+
+// TestUsageAgrees is the usage property test: two instances whose clocks differ by 1.7 s run across
+// midnight UTC (their clocks are shifted so that it falls a third into the test) while two tenants
+// send events, increments and consumes in random order, retrying every request that fails until one
+// instance acknowledges it, and the test flushes Redis, kill -9s an instance and restarts
+// ClickHouse at random moments. Once all is healthy, for every tenant, metric and both days, within
+// the convergence bound: the live counter (Redis, and GET /quotas of each instance for today) = the
+// raw events and increments in ClickHouse = daily_usage = Postgres after the rollup = /usage = the
+// KPIs the dashboard shows (/metrics).
+func TestUsageAgrees(t *testing.T) {
+	if !testenv.Required() && os.Getenv("CLICKHOUSE_DSN") == "" {
+		t.Skip("needs the local stack: run make chaos")
+	}
+	bin := build(t, "testclock")
+	run := pick(36*time.Second, 120*time.Second)
+	// Shift the instances' clocks so that midnight UTC comes a third of the way into the run.
+	now := time.Now().UTC()
+	midnight := now.Truncate(24 * time.Hour).Add(24 * time.Hour)
+	offset := midnight.Add(-run / 3).Sub(now)
+	a := newSystem(t, bin, map[string]string{
+		"ANALYTICS_TEST_CLOCK_OFFSET": offset.String(), "QUOTA_RECONCILE_INTERVAL": "2s",
+		"QUOTA_DEFAULTS": `{"api_requests_daily":1e12,"builds_daily":1e12,"emails_daily":1e12,"exports_daily":1e12}`,
+	})
+	b := a.sibling(t, map[string]string{"ANALYTICS_TEST_CLOCK_OFFSET": (offset + 1700*time.Millisecond).String()})
+	ctx := context.Background()
+	second, err := tenant.NewStore(a.env.PG).Create(ctx, "chaos-two", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	key2, _, err := auth.NewKeys(a.env.PG).Create(ctx, second.ID, "load", auth.AllScopes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clients := []usageClient{{a.tenant, a.key}, {second.ID, key2}}
+	systems := []*system{a, b}
+	dayBefore := midnight.Add(-24 * time.Hour) // the instances' "today" at the start, "yesterday" after
+
+	var mu sync.Mutex
+	acked, sent := 0, 0
+	send := func(c usageClient, op usageOp, first int) {
+		for try := 0; ; try++ {
+			s := systems[(first+try)%2]
+			req, _ := http.NewRequest(op.method, s.base+op.path, strings.NewReader(op.body))
+			req.Header.Set("Authorization", "Bearer "+c.key)
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("Idempotency-Key", op.key)
+			resp, err := s.client.Do(req)
+			code := -1
+			if err == nil {
+				code = resp.StatusCode
+				resp.Body.Close()
+			}
+			mu.Lock()
+			sent++
+			if code/100 == 2 {
+				acked++
+			}
+			mu.Unlock()
+			switch {
+			case code/100 == 2:
+				return
+			case code == http.StatusBadRequest || code == http.StatusUnprocessableEntity || code == http.StatusForbidden:
+				t.Errorf("%s %s: %d", op.method, op.path, code)
+				return
+			case try > 600:
+				t.Errorf("%s %s never acknowledged", op.method, op.path)
+				return
+			}
+			time.Sleep(time.Duration(50+rand.IntN(150)) * time.Millisecond)
+		}
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), uint64(time.Now().UnixNano())))
+			for n := 0; ; n++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				c := clients[rng.IntN(len(clients))]
+				var op usageOp
+				switch k := rng.IntN(10); {
+				case k < 6:
+					evs := make([]map[string]any, 1+rng.IntN(40))
+					for i := range evs {
+						evs[i] = map[string]any{"id": uuid.NewString(), "event": usageEvents[rng.IntN(len(usageEvents))], "source": "api", "user_id": "u" + strconv.Itoa(rng.IntN(50))}
+					}
+					body, _ := json.Marshal(evs)
+					op = usageOp{http.MethodPost, "/api/analytics/events", string(body), uuid.NewString()}
+				case k < 8:
+					metric := []string{"api_requests_daily", "exports_daily"}[rng.IntN(2)]
+					op = usageOp{http.MethodPost, "/api/analytics/usage", fmt.Sprintf(`{"metric":%q,"n":%d}`, metric, 1+rng.IntN(5)), uuid.NewString()}
+				default:
+					op = usageOp{http.MethodPost, "/api/analytics/quotas/builds_daily/consume?n=" + strconv.Itoa(1+rng.IntN(3)), "", uuid.NewString()}
+				}
+				send(c, op, w+n)
+				time.Sleep(time.Duration(5+rng.IntN(20)) * time.Millisecond)
+			}
+		}(w)
+	}
+	// The faults, in random order at random moments of the run's middle.
+	faults := []struct {
+		name string
+		do   func()
+	}{
+		{"redis FLUSHALL", func() { a.env.Redis.FlushAll(ctx) }},
+		{"kill -9 of one instance", func() { a.kill9(); time.Sleep(time.Second); a.start() }},
+		{"clickhouse restart", func() {
+			stack(t, "stop-service", "clickhouse")
+			time.Sleep(2 * time.Second)
+			stack(t, "start-service", "clickhouse")
+		}},
+	}
+	rand.Shuffle(len(faults), func(i, j int) { faults[i], faults[j] = faults[j], faults[i] })
+	start := time.Now()
+	var done []string
+	for i, f := range faults {
+		at := start.Add(run * time.Duration(1+3*i) / 12)
+		time.Sleep(time.Until(at.Add(time.Duration(rand.IntN(2000)) * time.Millisecond)))
+		f.do()
+		done = append(done, f.name)
+	}
+	time.Sleep(time.Until(start.Add(run)))
+	close(stop)
+	wg.Wait()
+	a.drained(3 * time.Minute)
+	b.drained(3 * time.Minute)
+	healthy := time.Now()
+	if time.Now().Add(offset).Before(midnight.Add(5 * time.Second)) {
+		t.Fatalf("the instances' clocks did not pass midnight (offset %s): the test checked one day only", offset)
+	}
+
+	// Converged: every number equals the raw rows, within the bound.
+	var mismatches []string
+	var checked int
+	for {
+		mismatches, checked = usageMismatches(t, a, b, clients, []time.Time{dayBefore, midnight})
+		if len(mismatches) == 0 || time.Since(healthy) > 75*time.Second {
+			break
+		}
+		time.Sleep(time.Second)
+	}
+	converged := time.Since(healthy)
+	t.Logf("%d requests, %d acknowledged; faults %v; %d tenant × metric × day values checked in 6 places; converged %.1f s after the spools drained",
+		sent, acked, done, checked, converged.Seconds())
+	for _, m := range mismatches {
+		t.Error(m)
+	}
+	if checked == 0 {
+		t.Fatal("nothing was checked")
+	}
+	writeResult(t, Result{Fault: "usage agrees: 2 tenants, 2 instances 1.7 s apart across midnight, " + strings.Join(done, ", "),
+		Acked: acked, Found: checked - len(mismatches), RecoverS: converged.Round(100 * time.Millisecond).Seconds(),
+		Note: fmt.Sprintf("%d values checked, %d mismatches", checked, len(mismatches))})
+}
+
+// usageMismatches compares every place usage is counted with the raw rows in ClickHouse, for each
+// client's tenant and each day, and returns what differs and how many values it compared. The
+// rollup bills the first day (after midnight it is the instances' yesterday).
+func usageMismatches(t *testing.T, a, b *system, clients []usageClient, days []time.Time) ([]string, int) {
+	t.Helper()
+	ctx := context.Background()
+	var out []string
+	checked := 0
+	check := func(what string, got, want int64) {
+		checked++
+		if got != want {
+			out = append(out, fmt.Sprintf("%s: %d, raw rows say %d", what, got, want))
+		}
+	}
+	if o, err := a.command("rollup", "--date", days[0].Format("2006-01-02")).CombinedOutput(); err != nil {
+		return []string{fmt.Sprintf("rollup: %v %s", err, o)}, 0
+	}
+	for _, c := range clients {
+		for di, d := range days {
+			date := d.Format("2006-01-02")
+			// The truth: raw events by name, raw increments by metric.
+			raw := map[string]int64{}
+			rows, err := a.env.CH.Query(ctx, "SELECT event, toInt64(count()) FROM "+a.env.DB+".events WHERE tenant_id = ? AND toDate(ts) = toDate(?) GROUP BY event", c.tenant, date)
+			if err != nil {
+				return []string{err.Error()}, 0
+			}
+			for rows.Next() {
+				var m string
+				var n int64
+				rows.Scan(&m, &n)
+				raw[m] = n
+			}
+			rows.Close()
+			rows, err = a.env.CH.Query(ctx, "SELECT metric, toInt64(sum(n)) FROM "+a.env.DB+".usage_increments WHERE tenant_id = ? AND toDate(ts) = toDate(?) GROUP BY metric", c.tenant, date)
+			if err != nil {
+				return []string{err.Error()}, 0
+			}
+			for rows.Next() {
+				var m string
+				var n int64
+				rows.Scan(&m, &n)
+				raw[m] += n
+			}
+			rows.Close()
+			if raw["apikey.request"] == 0 || raw["builds_daily"] == 0 || raw["exports_daily"] == 0 {
+				return []string{fmt.Sprintf("tenant %s on %s has no rows of some kind (%v): the test checked nothing there", c.tenant, date, raw)}, 0
+			}
+			// daily_usage.
+			agg := map[string]int64{}
+			rows, err = a.env.CH.Query(ctx, "SELECT metric, toInt64(sum(count)) FROM "+a.env.DB+".daily_usage WHERE tenant_id = ? AND date = toDate(?) GROUP BY metric", c.tenant, date)
+			if err != nil {
+				return []string{err.Error()}, 0
+			}
+			for rows.Next() {
+				var m string
+				var n int64
+				rows.Scan(&m, &n)
+				agg[m] = n
+			}
+			rows.Close()
+			names := make([]string, 0, len(raw))
+			for m := range raw {
+				names = append(names, m)
+			}
+			sort.Strings(names)
+			for _, m := range names {
+				check(fmt.Sprintf("daily_usage %s %s %s", c.tenant, m, date), agg[m], raw[m])
+			}
+			// Postgres after the rollup (the first day only: the second is still today).
+			if di == 0 {
+				for _, m := range names {
+					var n int64
+					a.env.PG.QueryRow(ctx, "SELECT count FROM analytics_daily_usage WHERE tenant_id = $1 AND date = $2 AND metric = $3", c.tenant, date, m).Scan(&n)
+					check(fmt.Sprintf("billed %s %s %s", c.tenant, m, date), n, raw[m])
+				}
+			}
+			// /usage and /metrics (the dashboard's numbers), through each tenant's key.
+			series := usageSeries(a, c, names, days)
+			for _, m := range names {
+				check(fmt.Sprintf("/usage %s %s %s", c.tenant, m, date), series[m][date], raw[m])
+			}
+			// Live counters: the Redis counter of each quota metric, and for today GET /quotas on
+			// both instances.
+			for q, parts := range quotaMetrics {
+				var want int64
+				for _, p := range parts {
+					want += raw[p]
+				}
+				key := fmt.Sprintf("quota:{%s}:%s:%s", c.tenant, q, d.Format("20060102"))
+				n, _ := a.env.Redis.Get(ctx, key).Int64()
+				check(fmt.Sprintf("live counter %s %s %s", c.tenant, q, date), n, want)
+				if di == len(days)-1 {
+					for _, s := range []*system{a, b} {
+						check(fmt.Sprintf("GET /quotas %s %s %s at %s", c.tenant, q, date, s.base), quotaCurrent(s, c, q), want)
+					}
+				}
+			}
+			if di == len(days)-1 {
+				kpis := usageKPIs(a, c, names)
+				for _, m := range names {
+					check(fmt.Sprintf("/metrics today %s %s", c.tenant, m), kpis[m], raw[m])
+				}
+			}
+		}
+	}
+	return out, checked
+}
+
+// usageSeries reads /usage for metrics over days: metric -> date -> count.
+func usageSeries(s *system, c usageClient, metrics []string, days []time.Time) map[string]map[string]int64 {
+	path := fmt.Sprintf("/api/analytics/usage?from=%s&to=%s&metric=%s", days[0].Format("2006-01-02"), days[len(days)-1].Format("2006-01-02"), strings.Join(metrics, ","))
+	var r struct {
+		Data map[string][]struct {
+			Date  string `json:"date"`
+			Count int64  `json:"count"`
+		} `json:"data"`
+	}
+	json.Unmarshal([]byte(getAs(s, c.key, path)), &r)
+	out := map[string]map[string]int64{}
+	for m, points := range r.Data {
+		out[m] = map[string]int64{}
+		for _, p := range points {
+			out[m][p.Date] = p.Count
+		}
+	}
+	return out
+}
+
+// usageKPIs reads today's figure of each metric from /metrics.
+func usageKPIs(s *system, c usageClient, metrics []string) map[string]int64 {
+	var r struct {
+		Data map[string]struct {
+			Today int64 `json:"today"`
+		} `json:"data"`
+	}
+	json.Unmarshal([]byte(getAs(s, c.key, "/api/analytics/metrics?metric="+strings.Join(metrics, ","))), &r)
+	out := map[string]int64{}
+	for m, k := range r.Data {
+		out[m] = k.Today
+	}
+	return out
+}
+
+func quotaCurrent(s *system, c usageClient, metric string) int64 {
+	var r struct {
+		Data struct {
+			Current float64 `json:"current"`
+		} `json:"data"`
+	}
+	json.Unmarshal([]byte(getAs(s, c.key, "/api/analytics/quotas/"+metric)), &r)
+	return int64(r.Data.Current)
+}
+
+func getAs(s *system, key, path string) string {
+	req, _ := http.NewRequest(http.MethodGet, s.base+path, nil)
+	req.Header.Set("Authorization", "Bearer "+key)
+	resp, err := s.client.Do(req)
+	if err != nil {
+		return ""
+	}
+	defer resp.Body.Close()
+	var b bytes.Buffer
+	b.ReadFrom(resp.Body)
+	return b.String()
+}
