@@ -38,7 +38,7 @@ type harness struct {
 	keyW    string
 }
 
-func newHarness(t *testing.T) *harness {
+func newHarness(t testing.TB) *harness {
 	t.Helper()
 	h := &harness{env: testenv.Migrated(t)}
 	h.tenants = tenant.NewStore(h.env.PG)
@@ -64,7 +64,7 @@ func newHarness(t *testing.T) *harness {
 }
 
 // service builds a quota service (an "instance") sharing the harness's stores; rdb may be a proxy.
-func (h *harness) service(t *testing.T, cfg Config, env map[string]float64, rdb redis.UniversalClient) *Service {
+func (h *harness) service(t testing.TB, cfg Config, env map[string]float64, rdb redis.UniversalClient) *Service {
 	t.Helper()
 	if rdb == nil {
 		rdb = h.env.Redis

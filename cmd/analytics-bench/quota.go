@@ -13,7 +13,9 @@ import (
 
 // quotaConsume: POST /quotas/api_requests_daily/consume over --connections keep-alive connections,
 // spread over every tenant's key, against (d) the same number of goroutines running go-redis INCR.
-// Limits are raised so nothing is refused; what is measured is the cost of an atomic check-and-spend.
+// Limits are raised so nothing is refused; what is measured is the cost of an atomic check-and-spend:
+// the closed-loop rate, the CPU analyticsd and Redis spend per consume, and then an open loop at half
+// that rate whose latencies count from when each consume was due (like ack_latency).
 func (b *bench) quotaConsume(ctx context.Context, s *Scenario) error {
 	b.quiet(ctx, s)
 	dur := b.opt.loadDuration
@@ -24,7 +26,7 @@ func (b *bench) quotaConsume(ctx context.Context, s *Scenario) error {
 	// The load generator shares the two cores with analyticsd and Redis, so it must cost little per
 	// request, like (d)'s go-redis does: net/http spent ~90 µs of CPU per consume, fasthttp's client
 	// a fraction of that. One client, 16 connections, keep-alive, like the other scenarios.
-	client := &fasthttp.Client{MaxConnsPerHost: b.opt.connections, ReadTimeout: time.Minute, WriteTimeout: time.Minute}
+	client := &fasthttp.Client{MaxConnsPerHost: b.opt.connections, MaxConnWaitTimeout: time.Minute, ReadTimeout: time.Minute, WriteTimeout: time.Minute}
 	url := b.srv.base + "/api/analytics/quotas/api_requests_daily/consume?n=1"
 	apiOp := func(w, i int) error {
 		t := b.tenants[(w+i*b.opt.connections)%len(b.tenants)]
@@ -47,6 +49,7 @@ func (b *bench) quotaConsume(ctx context.Context, s *Scenario) error {
 	}
 	var ops int64
 	var lat []time.Duration
+	m := meterCPU(b.srv.pid(), b.redisPID)
 	err := b.pprof.cpu(ctx, s, "quota_consume", func() error {
 		var err error
 		ops, lat, err = b.closedLoop(ctx, dur, apiOp)
@@ -55,8 +58,55 @@ func (b *bench) quotaConsume(ctx context.Context, s *Scenario) error {
 	if err != nil {
 		return err
 	}
+	if used := m.used(); len(used) == 2 && ops > 0 {
+		s.set("analyticsd_cpu_us_per_consume", usPer(used[0], int(ops)))
+		s.set("redis_cpu_us_per_consume", usPer(used[1], int(ops)))
+	}
 	s.set("api_ops_per_s", float64(ops)/dur.Seconds())
 	s.lat("api", Summarize(lat))
+
+	// Open loop at half the closed loop's rate.
+	rate := float64(ops) / dur.Seconds() / 2
+	n := max(int(rate*dur.Seconds()), 10)
+	interval := time.Duration(float64(time.Second) / rate)
+	s.set("open_target_ops_per_s", rate)
+	jobs := make(chan time.Time, n)
+	var rec Recorder
+	var failed atomic.Pointer[error]
+	var wg sync.WaitGroup
+	var next atomic.Int64
+	m = meterCPU(b.srv.pid(), b.redisPID)
+	for w := 0; w < 64; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for due := range jobs {
+				if err := apiOp(0, int(next.Add(1))); err != nil {
+					failed.CompareAndSwap(nil, &err)
+					continue
+				}
+				rec.Add(time.Since(due))
+			}
+		}()
+	}
+	start := time.Now().Add(20 * time.Millisecond)
+	for k := 0; k < n; k++ {
+		due := start.Add(time.Duration(k) * interval)
+		if d := time.Until(due); d > 0 {
+			time.Sleep(d)
+		}
+		jobs <- due
+	}
+	close(jobs)
+	wg.Wait()
+	if e := failed.Load(); e != nil {
+		return fmt.Errorf("open-loop consume: %w", *e)
+	}
+	s.set("open_achieved_ops_per_s", float64(n)/time.Since(start).Seconds())
+	if used := m.used(); len(used) == 2 {
+		s.set("open_analyticsd_cpu_us_per_consume", usPer(used[0], n))
+	}
+	s.lat("open", Summarize(rec.Samples()))
 
 	redisOp := func(w, i int) error {
 		t := b.tenants[(w+i*b.opt.connections)%len(b.tenants)]
