@@ -232,44 +232,21 @@ func usageMismatches(t *testing.T, a, b *system, clients []usageClient, days []t
 			date := d.Format("2006-01-02")
 			// The truth: raw events by name, raw increments by metric.
 			raw := map[string]int64{}
-			rows, err := a.env.CH.Query(ctx, "SELECT event, toInt64(count()) FROM "+a.env.DB+".events WHERE tenant_id = ? AND toDate(ts) = toDate(?) GROUP BY event", c.tenant, date)
+			err := sums(a, raw, "SELECT event, toInt64(count()) FROM "+a.env.DB+".events WHERE tenant_id = ? AND toDate(ts) = toDate(?) GROUP BY event", c.tenant, date)
+			if err == nil {
+				err = sums(a, raw, "SELECT metric, toInt64(sum(n)) FROM "+a.env.DB+".usage_increments WHERE tenant_id = ? AND toDate(ts) = toDate(?) GROUP BY metric", c.tenant, date)
+			}
 			if err != nil {
 				return []string{err.Error()}, 0
 			}
-			for rows.Next() {
-				var m string
-				var n int64
-				rows.Scan(&m, &n)
-				raw[m] = n
-			}
-			rows.Close()
-			rows, err = a.env.CH.Query(ctx, "SELECT metric, toInt64(sum(n)) FROM "+a.env.DB+".usage_increments WHERE tenant_id = ? AND toDate(ts) = toDate(?) GROUP BY metric", c.tenant, date)
-			if err != nil {
-				return []string{err.Error()}, 0
-			}
-			for rows.Next() {
-				var m string
-				var n int64
-				rows.Scan(&m, &n)
-				raw[m] += n
-			}
-			rows.Close()
 			if raw["apikey.request"] == 0 || raw["builds_daily"] == 0 || raw["exports_daily"] == 0 {
 				return []string{fmt.Sprintf("tenant %s on %s has no rows of some kind (%v): the test checked nothing there", c.tenant, date, raw)}, 0
 			}
 			// daily_usage.
 			agg := map[string]int64{}
-			rows, err = a.env.CH.Query(ctx, "SELECT metric, toInt64(sum(count)) FROM "+a.env.DB+".daily_usage WHERE tenant_id = ? AND date = toDate(?) GROUP BY metric", c.tenant, date)
-			if err != nil {
+			if err := sums(a, agg, "SELECT metric, toInt64(sum(count)) FROM "+a.env.DB+".daily_usage WHERE tenant_id = ? AND date = toDate(?) GROUP BY metric", c.tenant, date); err != nil {
 				return []string{err.Error()}, 0
 			}
-			for rows.Next() {
-				var m string
-				var n int64
-				rows.Scan(&m, &n)
-				agg[m] = n
-			}
-			rows.Close()
 			names := make([]string, 0, len(raw))
 			for m := range raw {
 				names = append(names, m)
@@ -316,6 +293,24 @@ func usageMismatches(t *testing.T, a, b *system, clients []usageClient, days []t
 		}
 	}
 	return out, checked
+}
+
+// sums adds the (name, count) rows of a ClickHouse query into into.
+func sums(s *system, into map[string]int64, query string, args ...any) error {
+	rows, err := s.env.CH.Query(context.Background(), query, args...)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var m string
+		var n int64
+		if err := rows.Scan(&m, &n); err != nil {
+			return err
+		}
+		into[m] += n
+	}
+	return rows.Err()
 }
 
 // usageSeries reads /usage for metrics over days: metric -> date -> count.

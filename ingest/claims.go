@@ -67,7 +67,25 @@ type batch struct {
 	// uncounted: the live counters must not count these rows when they are claimed (a consume's
 	// increment, which the consume itself counted).
 	uncounted bool
-	claim     *claimState
+	// minted: every id in the batch was made by the server for this request (no id and no
+	// Idempotency-Key was sent), so no copy can exist anywhere: the rows are neither claimed nor
+	// verified (a Redis round trip saved per request; their live counts go through the counter
+	// feed), and shipping asks ClickHouse only when an insert of them may have happened already.
+	minted bool
+	claim  *claimState
+}
+
+// setFlags records minted and uncounted in the batch and in its id (which the spool keeps), so a
+// replay ships the rows the same way.
+func (b *batch) setFlags(minted, uncounted bool) {
+	b.minted, b.uncounted = minted, uncounted
+	b.wid &^= widFlags
+	if minted {
+		b.wid |= widMinted
+	}
+	if uncounted {
+		b.wid |= widUncounted
+	}
 }
 
 // ids returns the tenant and the ids of the batch's rows of a kind.
@@ -93,7 +111,8 @@ func newBatch(events []Row, incs []Increment) *batch {
 func newBatchID() uint64 {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
-	return binary.LittleEndian.Uint64(b[:]) | 1 // never 0, which marks "no batch id" (legacy records)
+	// Never 0, which marks "no batch id" (legacy records); bits 1 and 2 are flags (setFlags).
+	return binary.LittleEndian.Uint64(b[:])&^widFlags | 1
 }
 
 // claimState is what the request-time Claim found for a batch. It outlives the batch's rows when a

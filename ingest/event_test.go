@@ -194,6 +194,24 @@ func TestRecordRoundTrip(t *testing.T) {
 	if _, _, _, err := decodeRecord(rec, 9, nil, nil); err == nil {
 		t.Error("an unknown record format decoded without error")
 	}
+	// A batch's flags travel in its id: a replay ships it as the live path would have.
+	for _, f := range [][2]bool{{true, false}, {false, true}, {true, true}, {false, false}} {
+		b := newBatch(events, incs)
+		b.setFlags(f[0], f[1])
+		if b.wid&1 == 0 {
+			t.Fatalf("batch id %x lost its low bit", b.wid)
+		}
+		sp := appendRecord(nil, b.wid, b.events, b.incs)
+		wid, _, _, err := decodeRecord(sp[spool.FrameOverhead:], recordFormat, nil, nil)
+		minted, uncounted := batchFlags(wid, recordFormat)
+		if err != nil || wid != b.wid || minted != f[0] || uncounted != f[1] {
+			t.Errorf("flags %v: decoded batch id %x (minted %v, uncounted %v), %v", f, wid, minted, uncounted, err)
+		}
+		// Format 2's batch ids are random in those bits: they carry no flags.
+		if m, u := batchFlags(wid, 2); m || u {
+			t.Errorf("a format 2 batch id read as flagged")
+		}
+	}
 }
 
 // The event-name loop accepts exactly what the documented pattern does.

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -422,4 +423,39 @@ func TestIdempotencyKeyOnUsage(t *testing.T) {
 		n, _, _ := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", time.Now())
 		return n == 7
 	})
+}
+
+// Rows whose ids the server made (sent without an id and without an Idempotency-Key) cannot have a
+// copy anywhere, so they cost no claim: no dedup key is written for them, and they are still
+// stored and counted once — live through the counter feed. (The code before claimed them like any
+// other: a Redis round trip per request, and per consume.)
+func TestServerMadeIDsAreNotClaimed(t *testing.T) {
+	h := newHarness(t, opts{})
+	body := []byte(`[` + strings.TrimSuffix(strings.Repeat(`{"event":"apikey.request","source":"api"},`, 30), ",") + `]`)
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 || r.accepted() != 30 || r.header.Get("X-Analytics-Degraded") != "" {
+		t.Fatalf("events: %d %s", r.status, r.raw)
+	}
+	if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(`{"metric":"api_requests_daily","n":2}`), nil); r.status != 202 {
+		t.Fatalf("usage: %d %s", r.status, r.raw)
+	}
+	waitFor(t, "the rows stored", func() bool {
+		ev, _ := h.count(t, "events", h.a.ID)
+		inc, _ := h.count(t, "usage_increments", h.a.ID)
+		return ev == 30 && inc == 1
+	})
+	keys, err := h.env.Redis.Keys(context.Background(), h.env.Prefix+"dedup:{"+h.a.ID.String()+"}:*").Result()
+	if err != nil || len(keys) != 0 {
+		t.Errorf("dedup keys %v (%v), want none: server-made ids need no claim", keys, err)
+	}
+	waitFor(t, "the live counter", func() bool {
+		n, _, _ := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", time.Now())
+		return n == 32
+	})
+	h.w.Close(context.Background())
+	if rows, distinct := h.count(t, "events", h.a.ID); rows != 30 || distinct != 30 {
+		t.Errorf("events: %d rows, %d distinct; want 30", rows, distinct)
+	}
+	if n, _, _ := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", time.Now()); n != 32 {
+		t.Errorf("live counter %d after shipping, want 32", n)
+	}
 }

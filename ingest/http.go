@@ -92,7 +92,7 @@ func (s *Service) RecordIncrement(ctx context.Context, tenant uuid.UUID, metric 
 		id = derivedID(tenant, "consume\x00"+metric, idempotencyKey, 0)
 	}
 	b := newBatch(nil, []Increment{{ID: id, TenantID: tenant, Ts: at.UTC().Truncate(time.Second), Metric: metric, N: n}})
-	b.uncounted = counted
+	b.setFlags(idempotencyKey == "", counted)
 	_, err := s.store(ctx, b)
 	return err
 }
@@ -109,6 +109,7 @@ func (s *Service) Emit(ctx context.Context, tenant uuid.UUID, slug, event string
 	now := s.now().UTC()
 	row := Row{ID: newID(), TenantID: tenant, Ts: now.Truncate(time.Second), ReceivedAt: now.Truncate(time.Second), Event: event, Source: "job", Props: string(b)}
 	bt := newBatch([]Row{row}, nil)
+	bt.setFlags(true, false)
 	if _, err := s.store(ctx, bt); err != nil {
 		return err
 	}
@@ -173,6 +174,7 @@ func (s *Service) postEvents(c *fiber.Ctx) error {
 	index := make([]int, 0, len(events)) // each row's position in the request
 	var dups []Duplicate
 	first := make(map[uuid.UUID]bool, len(events))
+	minted := key == "" // every id made here: none sent, and no key to derive them from
 	for i := range events {
 		row, err := s.cfg.Limits.Validate(&events[i], p.TenantID, now)
 		if err != nil {
@@ -188,6 +190,7 @@ func (s *Service) postEvents(c *fiber.Ctx) error {
 			dups = append(dups, Duplicate{events[i].index, row.ID})
 			continue
 		}
+		minted = minted && events[i].ID == ""
 		first[row.ID] = true
 		rows = append(rows, row)
 		index = append(index, events[i].index)
@@ -206,6 +209,7 @@ func (s *Service) postEvents(c *fiber.Ctx) error {
 			Message: fmt.Sprintf("no event was accepted: %d rejected; see details.rejected for each one", len(rejected)), Details: res}
 	}
 	b := newBatch(rows, nil)
+	b.setFlags(minted, false)
 	checked, err := s.store(c.UserContext(), b)
 	if err != nil {
 		return err
@@ -251,8 +255,8 @@ func (s *Service) store(ctx context.Context, b *batch) (bool, error) {
 		return false, err
 	}
 	claims := s.w.sh.claims
-	if claims == nil {
-		return true, nil
+	if claims == nil || b.minted {
+		return true, nil // nothing to claim, or nothing that can have a copy
 	}
 	if !s.w.Durable() {
 		// A claim must never outlive a row that was not kept: in memory mode ids are claimed when
@@ -300,7 +304,7 @@ func (s *Service) count(p api.Principal, b *batch, now time.Time) {
 	if settled {
 		rows, incs = keep(rows, evDup), keep(incs, incDup)
 	}
-	live := s.w == nil || s.w.sh.claims == nil
+	live := s.w == nil || s.w.sh.claims == nil || b.minted
 	type es struct{ event, source string }
 	perEvent := map[es]int{}
 	deltas := map[countKey]map[string]int64{}
@@ -399,6 +403,7 @@ func (s *Service) postUsage(c *fiber.Ctx) error {
 	}
 	inc := Increment{ID: id, TenantID: p.TenantID, Ts: now.Truncate(time.Second), Metric: req.Metric, N: n}
 	b := newBatch(nil, []Increment{inc})
+	b.setFlags(idempotencyKey(c) == "", false)
 	checked, err := s.store(c.UserContext(), b)
 	if err != nil {
 		return err

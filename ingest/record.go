@@ -31,9 +31,26 @@ type Increment struct {
 //
 // Format 1, written by the first release, is the same without the batch id. The batch id names the
 // request that claimed its rows' ids (see Claims); replay needs it to tell its own claims from others'.
-const recordFormat byte = 2
+// Format 3 has format 2's layout; its batch ids carry two flags in bits 1 and 2 (widMinted,
+// widUncounted), so a replayed batch is shipped as it would have been from memory.
+const recordFormat byte = 3
+
+// Flags in the batch id of a format-3 record.
+const (
+	widMinted    uint64 = 1 << 1 // every id was made by the server: no claim was made or is needed
+	widUncounted uint64 = 1 << 2 // the live counters have the rows already (a consume's increment)
+	widFlags            = widMinted | widUncounted
+)
 
 var errCorrupt = errors.New("corrupt spool record")
+
+// batchFlags reads the flags of a batch id from a record of the given format (none before format 3).
+func batchFlags(wid uint64, format byte) (minted, uncounted bool) {
+	if format < 3 {
+		return false, false
+	}
+	return wid&widMinted != 0, wid&widUncounted != 0
+}
 
 func appendString(b []byte, s string) []byte {
 	b = binary.AppendUvarint(b, uint64(len(s)))
@@ -147,7 +164,7 @@ func decodeRecord(p []byte, format byte, events []Row, incs []Increment) (uint64
 	var wid uint64
 	switch format {
 	case spool.FormatLegacy:
-	case recordFormat:
+	case 2, recordFormat:
 		if len(p) < 8 {
 			return 0, events, incs, errCorrupt
 		}

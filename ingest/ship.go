@@ -200,15 +200,20 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 		it.day = it.ts(kinds[k]).Unix() / 86400
 		return it
 	}
+	// unclaimed passes a batch's rows on as they are: without claims, ClickHouse is asked only when
+	// an earlier insert of them may have happened (or their history is unknown).
+	unclaimed := func(b *batch) {
+		for k := range kinds {
+			for i := 0; i < rows(b, k); i++ {
+				it := newItem(b, k, i)
+				it.check = attempted || b.checkAll
+				out[k] = append(out[k], it)
+			}
+		}
+	}
 	if sh.claims == nil {
 		for _, b := range bs {
-			for k := range kinds {
-				for i := 0; i < rows(b, k); i++ {
-					it := newItem(b, k, i)
-					it.check = attempted || b.checkAll
-					out[k] = append(out[k], it)
-				}
-			}
+			unclaimed(b)
 		}
 		return out, nil
 	}
@@ -244,6 +249,12 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 	verify := map[group][]item{}
 	dups := 0
 	for _, b := range bs {
+		if b.minted {
+			// Server-made ids: no copy can exist but one an earlier insert of these very rows
+			// stored, which only an attempted insert can have done.
+			unclaimed(b)
+			continue
+		}
 		evDup, incDup, epoch, settled := b.claim.get()
 		for k, kind := range kinds {
 			dup := evDup

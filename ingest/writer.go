@@ -720,6 +720,7 @@ func (cr chunkReader) read(r *spool.Reader, fn func(i int, bs []*batch) error) e
 			continue
 		}
 		b := &batch{wid: wid, events: events, incs: incs, claim: cr.claims[wid]}
+		b.minted, b.uncounted = batchFlags(wid, cr.format)
 		if cr.format == spool.FormatLegacy {
 			// No batch id (and so no claim) was kept with these rows. Name the record by where it
 			// is — the spool's identity, the file, its place in it — so that every read, here or

@@ -331,7 +331,8 @@ func TestCountersRebuiltAfterRedisLosesThem(t *testing.T) {
 }
 
 // Redis unreachable for a moment while it keeps its data: the deltas ingest could not deliver are not
-// lost for the day — the tenant's counters are dropped once Redis answers, and rebuilt from ClickHouse.
+// lost for the day — the periodic reconciliation with ClickHouse adds them once Redis answers, and
+// nothing is counted twice.
 func TestCountersRebuiltAfterMissedDeltas(t *testing.T) {
 	h := newHarness(t)
 	u, _ := url.Parse(testenv.RedisURL(t))
@@ -339,6 +340,9 @@ func TestCountersRebuiltAfterMissedDeltas(t *testing.T) {
 	rdb := redis.NewClient(&redis.Options{Addr: proxy.Addr, DialTimeout: 200 * time.Millisecond, ReadTimeout: 200 * time.Millisecond, MaxRetries: -1})
 	defer rdb.Close()
 	s := h.service(t, Config{Enabled: true}, nil, rdb)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go s.RunReconciler(ctx, 200*time.Millisecond)
 	app := h.app(s, h.ingest)
 	send := func(n int) {
 		t.Helper()

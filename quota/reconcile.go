@@ -35,44 +35,38 @@ func (s *Service) clickhouseCounts(ctx context.Context, tenant uuid.UUID, d time
 		where, args = "tenant_id = ? AND "+where, append([]any{tenant}, args...)
 	}
 	if len(events) > 0 {
-		rows, err := s.ch.Query(ctx, "SELECT tenant_id, event, intDiv(toUInt32(received_at), 60) AS m, count() FROM "+s.db+
-			".events WHERE "+where+" AND has(?, event) GROUP BY tenant_id, event, m", append(args, events)...)
-		if err != nil {
+		q := "SELECT tenant_id, event, intDiv(toUInt32(received_at), 60) AS m, toInt64(count()) FROM " + s.db +
+			".events WHERE " + where + " AND has(?, event) GROUP BY tenant_id, event, m"
+		if err := s.addMinutes(ctx, out, func(ev string) string { return s.cfg.EventMetrics[ev] }, q, append(args, events)...); err != nil {
 			return nil, fmt.Errorf("count mapped events per minute: %w", err)
 		}
-		for rows.Next() {
-			var t uuid.UUID
-			var ev string
-			var m uint32
-			var n uint64
-			if err := rows.Scan(&t, &ev, &m, &n); err != nil {
-				rows.Close()
-				return nil, err
-			}
-			out.add(t, s.cfg.EventMetrics[ev], int64(m), int64(n))
-		}
-		rows.Close()
-		if err := rows.Err(); err != nil {
-			return nil, err
-		}
 	}
-	rows, err := s.ch.Query(ctx, "SELECT tenant_id, metric, intDiv(toUInt32(ts), 60) AS m, sum(n) FROM "+s.db+
-		".usage_increments WHERE "+where+" GROUP BY tenant_id, metric, m", args...)
-	if err != nil {
+	q := "SELECT tenant_id, metric, intDiv(toUInt32(ts), 60) AS m, toInt64(sum(n)) FROM " + s.db +
+		".usage_increments WHERE " + where + " GROUP BY tenant_id, metric, m"
+	if err := s.addMinutes(ctx, out, func(m string) string { return m }, q, args...); err != nil {
 		return nil, fmt.Errorf("count usage increments per minute: %w", err)
+	}
+	return out, nil
+}
+
+// addMinutes adds the (tenant, name, minute, count) rows of a query to out, under metric(name).
+func (s *Service) addMinutes(ctx context.Context, out minuteCounts, metric func(string) string, query string, args ...any) error {
+	rows, err := s.ch.Query(ctx, query, args...)
+	if err != nil {
+		return err
 	}
 	defer rows.Close()
 	for rows.Next() {
 		var t uuid.UUID
-		var metric string
+		var name string
 		var m uint32
 		var n int64
-		if err := rows.Scan(&t, &metric, &m, &n); err != nil {
-			return nil, err
+		if err := rows.Scan(&t, &name, &m, &n); err != nil {
+			return err
 		}
-		out.add(t, metric, int64(m), n)
+		out.add(t, metric(name), int64(m), n)
 	}
-	return out, rows.Err()
+	return rows.Err()
 }
 
 // reconcileTenant brings one tenant's counters for day d to ClickHouse's counts, every minute of
