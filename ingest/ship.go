@@ -810,6 +810,11 @@ func (sh *shipper) quarantineRows(s *segment, kind Kind, its []item, reason stri
 		tenants[it.tenant(kind).String()] = true
 	}
 	info := spool.QuarantineInfo{Segment: s.id, Reason: reason}
+	if s.file != nil && s.file.Format < recordFormat {
+		// Batches of an older segment keep their ids, whose flag bits are random there: written as
+		// format 2, they are read back without flags.
+		info.Format = 2
+	}
 	if cause != nil {
 		info.Error = truncateTo(cause.Error(), 1000)
 	}

@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -156,8 +157,9 @@ func (c *Counters) Add(ctx context.Context, tenant uuid.UUID, d, received time.T
 //
 //	KEYS: counter, live, base; ARGV: ttl, settle minute, then minute, count pairs
 //
-// Returns the counter before and after.
+// Returns the counter before and after, and whether the ClickHouse hash existed before this call.
 var reconcileScript = redis.NewScript(`
+local had = redis.call('EXISTS', KEYS[3])
 for i = 3, #ARGV, 2 do
   local v = tonumber(ARGV[i + 1])
   if v > tonumber(redis.call('HGET', KEYS[3], ARGV[i]) or '0') then redis.call('HSET', KEYS[3], ARGV[i], v) end
@@ -186,13 +188,20 @@ redis.call('SET', KEYS[1], total, 'EX', ARGV[1])
 for i = 2, 3 do
   if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('EXPIRE', KEYS[i], ARGV[1]) end
 end
-return {before, total}
+return {before, total, had}
 `)
+
+// Reconciled is what one Reconcile did: the counter before and after, and whether Redis still had
+// the counter's ClickHouse counts from earlier rounds (false: send them all again).
+type Reconciled struct {
+	Before, After int64
+	HadBase       bool
+}
 
 // Reconcile applies ClickHouse's counts per received minute (base: unix minute -> count) to a
 // tenant's counter of metric for a day and recomputes it; live counts of minutes before settle are
-// clamped to ClickHouse's. It returns the counter before and after.
-func (c *Counters) Reconcile(ctx context.Context, tenant uuid.UUID, metric string, d, settle time.Time, base map[int64]int64) (before, after int64, err error) {
+// clamped to ClickHouse's.
+func (c *Counters) Reconcile(ctx context.Context, tenant uuid.UUID, metric string, d, settle time.Time, base map[int64]int64) (Reconciled, error) {
 	args := make([]any, 0, 2+2*len(base))
 	args = append(args, int(CounterTTL.Seconds()), minute(settle))
 	for m, n := range base {
@@ -201,9 +210,29 @@ func (c *Counters) Reconcile(ctx context.Context, tenant uuid.UUID, metric strin
 	keys := []string{c.Key(tenant, metric, d), c.LiveKey(tenant, metric, d), c.BaseKey(tenant, metric, d)}
 	vals, err := reconcileScript.Run(ctx, c.rdb, keys, args...).Int64Slice()
 	if err != nil {
-		return 0, 0, fmt.Errorf("reconcile usage counter %s for tenant %s: %w", metric, tenant, err)
+		return Reconciled{}, fmt.Errorf("reconcile usage counter %s for tenant %s: %w", metric, tenant, err)
 	}
-	return vals[0], vals[1], nil
+	return Reconciled{Before: vals[0], After: vals[1], HadBase: vals[2] == 1}, nil
+}
+
+// ReconciledTenants lists the tenants Redis marks as reconciled for a day (a SCAN of the keyspace:
+// the periodic reconciliation does it on its full rounds only).
+func (c *Counters) ReconciledTenants(ctx context.Context, d time.Time) ([]uuid.UUID, error) {
+	var out []uuid.UUID
+	pattern := c.prefix + "quota:{*}:reconciled:" + day(d)
+	iter := c.rdb.Scan(ctx, 0, pattern, 1000).Iterator()
+	for iter.Next(ctx) {
+		k := strings.TrimPrefix(iter.Val(), c.prefix+"quota:{")
+		if i := strings.IndexByte(k, '}'); i > 0 {
+			if t, err := uuid.Parse(k[:i]); err == nil {
+				out = append(out, t)
+			}
+		}
+	}
+	if err := iter.Err(); err != nil {
+		return nil, fmt.Errorf("list reconciled tenants: %w", err)
+	}
+	return out, nil
 }
 
 // MarkReconciled records that a tenant's counters for a day were reconciled at `at`.

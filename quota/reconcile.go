@@ -87,7 +87,7 @@ func (s *Service) reconcileTenant(ctx context.Context, tenant uuid.UUID, d time.
 		}
 	}
 	for metric, base := range metrics {
-		if _, _, err := s.counters.Reconcile(ctx, tenant, metric, d, now.Add(-SettleAfter), base); err != nil {
+		if _, err := s.counters.Reconcile(ctx, tenant, metric, d, now.Add(-SettleAfter), base); err != nil {
 			return err
 		}
 	}
@@ -174,29 +174,32 @@ func (r *reconciler) run(ctx context.Context) (ReconcileStats, error) {
 		if err != nil {
 			return st, err
 		}
+		if full {
+			// Tenants with live counts but no stored row this day (a consume whose record never
+			// landed) are not in ClickHouse's answer; Redis knows them by their reconciled mark.
+			marked, err := r.s.counters.ReconciledTenants(ctx, d)
+			if err != nil {
+				return st, err
+			}
+			for _, t := range marked {
+				if counts[t] == nil {
+					counts[t] = map[string]map[int64]int64{}
+				}
+			}
+		}
 		for tenant, metrics := range counts {
 			_, at, err := r.s.counters.Read(ctx, tenant, d, nil)
 			if err != nil {
 				return st, err
 			}
-			all := full || at.IsZero()
+			for m := range r.s.limits.For(ctx, tenant) {
+				if _, ok := metrics[m]; !ok && IsDaily(m) {
+					metrics[m] = nil // recomputed (and settled) from its live counts alone
+				}
+			}
 			for metric, base := range metrics {
-				send := map[int64]int64{}
-				for m, n := range base {
-					k := sentKey{tenant, metric, d.Unix(), m}
-					if all || r.sent[k] != n {
-						send[m] = n
-						r.sent[k] = n
-					}
-				}
-				before, after, err := r.s.counters.Reconcile(ctx, tenant, metric, d, now.Add(-SettleAfter), send)
-				if err != nil {
+				if err := r.apply(ctx, &st, tenant, metric, d, now, base, full || at.IsZero()); err != nil {
 					return st, err
-				}
-				st.Counters++
-				st.Minutes += len(send)
-				if before != after {
-					st.Changed++
 				}
 			}
 			if err := r.s.counters.MarkReconciled(ctx, tenant, d, now); err != nil {
@@ -205,4 +208,35 @@ func (r *reconciler) run(ctx context.Context) (ReconcileStats, error) {
 		}
 	}
 	return st, nil
+}
+
+// apply sends one counter's ClickHouse counts — the minutes that changed since the last round, or
+// all of them — and recomputes it. When Redis turns out to have lost the counter's ClickHouse hash
+// since (a flush or failover after the round began), it sends all of them at once.
+func (r *reconciler) apply(ctx context.Context, st *ReconcileStats, tenant uuid.UUID, metric string, d, now time.Time, base map[int64]int64, all bool) error {
+	for {
+		send := map[int64]int64{}
+		for m, n := range base {
+			if k := (sentKey{tenant, metric, d.Unix(), m}); all || r.sent[k] != n {
+				send[m] = n
+			}
+		}
+		res, err := r.s.counters.Reconcile(ctx, tenant, metric, d, now.Add(-SettleAfter), send)
+		if err != nil {
+			return err
+		}
+		if !res.HadBase && !all && len(base) > len(send) {
+			all = true
+			continue
+		}
+		for m, n := range send {
+			r.sent[sentKey{tenant, metric, d.Unix(), m}] = n
+		}
+		st.Counters++
+		st.Minutes += len(send)
+		if res.Before != res.After {
+			st.Changed++
+		}
+		return nil
+	}
 }

@@ -241,8 +241,14 @@ func (s *Service) dailyCurrent(ctx context.Context, tenant uuid.UUID, metrics []
 	d := s.today()
 	var at time.Time
 	vals, at, err = s.counters.Read(ctx, tenant, d, metrics)
-	if err == nil && at.IsZero() {
-		if err = s.reconcileTenant(ctx, tenant, d); err == nil {
+	if err == nil && (at.IsZero() || s.now().Sub(at) > s.provisionalAfter()) {
+		// Never reconciled (Redis lost the day), or not lately (a tenant the periodic round does
+		// not visit: nothing stored today): reconcile it now.
+		rerr := s.reconcileTenant(ctx, tenant, d)
+		if rerr == nil || at.IsZero() {
+			err = rerr
+		}
+		if err == nil {
 			vals, at, err = s.counters.Read(ctx, tenant, d, metrics)
 		}
 	}
@@ -359,7 +365,9 @@ func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric stri
 	}
 	var marker *Marker
 	if o.IdempotencyKey != "" && s.cfg.IdempotencyWindow > 0 {
-		marker = &Marker{Key: s.counters.MarkerKey(tenant, metric, o.IdempotencyKey), TTL: s.cfg.IdempotencyWindow}
+		// Kept as long as the increment's claim can be (up to two windows): a retry the marker has
+		// forgotten would spend again while its increment is dropped as a duplicate.
+		marker = &Marker{Key: s.counters.MarkerKey(tenant, metric, o.IdempotencyKey), TTL: 2 * s.cfg.IdempotencyWindow}
 	}
 	out, err := s.counters.Consume(ctx, tenant, metric, at, n, limit, o.Gate, marker)
 	if err == nil && o.Gate != nil && o.Gate.Ran && !o.Gate.Allowed {

@@ -166,7 +166,9 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	scheduler.Start(ctx)
 	sweeper.Start(ctx)
 	reconciled := make(chan struct{})
-	go func() { defer close(reconciled); quotaSvc.RunReconciler(ctx, cfg.Quota.ReconcileEvery) }()
+	rctx, stopReconciling := context.WithCancel(ctx)
+	defer stopReconciling()
+	go func() { defer close(reconciled); quotaSvc.RunReconciler(rctx, cfg.Quota.ReconcileEvery) }()
 
 	select {
 	case err = <-served:
@@ -186,7 +188,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	defer cancel()
 	step("http", func() error { return app.ShutdownWithContext(sctx) })
 	step("rollup and retention jobs", func() error { scheduler.Stop(); sweeper.Stop(); return nil })
-	step("quota reconciliation", func() error { <-reconciled; return nil })
+	step("quota reconciliation", func() error { stopReconciling(); <-reconciled; return nil })
 	// The flush first: shipping may find a row counted live that is a duplicate after all, and the
 	// live counter feed must still be there to take its count back.
 	step("ingest flush", func() error { return writer.Close(sctx) })
