@@ -3,13 +3,13 @@ package api
 import (
 	"context"
 	_ "embed"
+	"encoding/json"
 	"net/http"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
-	"github.com/gofiber/fiber/v2/middleware/adaptor"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
@@ -72,38 +72,74 @@ func (o Ops) Readiness(ctx context.Context) (bool, map[string]CheckResult) {
 	return ready, results
 }
 
-// Register mounts /healthz (the process is alive), /readiness (dependencies answer; 503 naming the
-// ones that do not) and /metrics (Prometheus).
+// Register mounts the public operational routes: /healthz (the process is alive) and /readiness
+// (each dependency up or down, 503 when one is down — and nothing more: no error text, latencies or
+// job details, which belong to operators). /metrics and the detailed readiness are on the operator
+// listener (Private).
 func (o Ops) Register(app fiber.Router) {
 	app.Get("/healthz", func(c *fiber.Ctx) error {
 		return c.JSON(fiber.Map{"status": "ok", "version": o.Version})
 	})
 	app.Get("/readiness", func(c *fiber.Ctx) error {
-		ready, checks := o.Readiness(c.UserContext())
-		body := fiber.Map{"status": "ready", "checks": checks}
-		status := http.StatusOK
-		if !ready {
-			status = http.StatusServiceUnavailable
-			var down []string
-			for name, r := range checks {
-				if r.Status != "up" {
-					down = append(down, name)
-				}
-			}
-			body["status"] = "not_ready"
-			slices.Sort(down)
-			body["down"] = down
-		}
-		if o.Details != nil {
-			for k, v := range o.Details(c.UserContext()) {
-				body[k] = v
-			}
-		}
+		status, body := o.readiness(c.UserContext(), false)
 		return c.Status(status).JSON(body)
 	})
-	if o.Gatherer != nil {
-		app.Get("/metrics", adaptor.HTTPHandler(promhttp.HandlerFor(o.Gatherer, promhttp.HandlerOpts{})))
+}
+
+// readiness is the /readiness answer: public (up/down per dependency) or detailed (latency, error
+// and the Details sections too).
+func (o Ops) readiness(ctx context.Context, detailed bool) (int, map[string]any) {
+	ready, checks := o.Readiness(ctx)
+	body := map[string]any{"status": "ready"}
+	if detailed {
+		body["checks"] = checks
+	} else {
+		public := make(map[string]string, len(checks))
+		for name, r := range checks {
+			public[name] = r.Status
+		}
+		body["checks"] = public
 	}
+	status := http.StatusOK
+	if !ready {
+		status = http.StatusServiceUnavailable
+		var down []string
+		for name, r := range checks {
+			if r.Status != "up" {
+				down = append(down, name)
+			}
+		}
+		body["status"] = "not_ready"
+		slices.Sort(down)
+		body["down"] = down
+	}
+	if detailed && o.Details != nil {
+		for k, v := range o.Details(ctx) {
+			body[k] = v
+		}
+	}
+	return status, body
+}
+
+// Private is the operator listener's handler (ANALYTICS_METRICS_ADDR, loopback by default):
+// /metrics (Prometheus: it names tenants and their event names and volumes), the detailed
+// /readiness, and /healthz.
+func (o Ops) Private() http.Handler {
+	mux := http.NewServeMux()
+	if o.Gatherer != nil {
+		mux.Handle("GET /metrics", promhttp.HandlerFor(o.Gatherer, promhttp.HandlerOpts{}))
+	}
+	mux.HandleFunc("GET /readiness", func(w http.ResponseWriter, r *http.Request) {
+		status, body := o.readiness(r.Context(), true)
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(status)
+		_ = json.NewEncoder(w).Encode(body)
+	})
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]string{"status": "ok", "version": o.Version})
+	})
+	return mux
 }
 
 //go:embed openapi.json

@@ -53,6 +53,7 @@ type system struct {
 	cmd    *exec.Cmd
 	stderr *bytes.Buffer
 	base   string
+	ops    string // the operator listener: detailed /readiness, /metrics
 	key    string
 	tenant uuid.UUID
 	client *http.Client
@@ -98,7 +99,7 @@ func newSystem(t *testing.T, bin string, extra map[string]string) *system {
 	pg.RawQuery = q.Encode()
 	s.vars = map[string]string{
 		"CLICKHOUSE_DSN": ch.String(), "POSTGRES_URL": pg.String(), "REDIS_URL": testenv.RedisURL(t),
-		"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": t.TempDir(), "INGEST_FLUSH_INTERVAL": "200ms",
+		"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_METRICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": t.TempDir(), "INGEST_FLUSH_INTERVAL": "200ms",
 		"LOG_LEVEL": "error", "RATE_LIMIT_RPS": "0", "PATH": os.Getenv("PATH"),
 	}
 	for k, v := range extra {
@@ -126,7 +127,7 @@ func (s *system) start() {
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatal(err)
 	}
-	s.base = "http://" + s.vars["ANALYTICS_ADDR"]
+	s.base, s.ops = "http://"+s.vars["ANALYTICS_ADDR"], "http://"+s.vars["ANALYTICS_METRICS_ADDR"]
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if resp, err := http.Get(s.base + "/healthz"); err == nil {
@@ -230,7 +231,7 @@ func (s *system) drained(timeout time.Duration) time.Duration {
 	s.t.Helper()
 	start := time.Now()
 	for {
-		resp, err := http.Get(s.base + "/readiness")
+		resp, err := http.Get(s.ops + "/readiness")
 		if err == nil {
 			var r struct {
 				Ingest struct {

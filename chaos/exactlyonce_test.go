@@ -34,7 +34,7 @@ func (s *system) sibling(t *testing.T, extra ...map[string]string) *system {
 			c.vars[k] = v
 		}
 	}
-	c.vars["ANALYTICS_ADDR"], c.vars["ANALYTICS_SPOOL_DIR"] = freeAddr(t), t.TempDir()
+	c.vars["ANALYTICS_ADDR"], c.vars["ANALYTICS_METRICS_ADDR"], c.vars["ANALYTICS_SPOOL_DIR"] = freeAddr(t), freeAddr(t), t.TempDir()
 	c.start()
 	t.Cleanup(func() {
 		if c.cmd != nil {
@@ -354,7 +354,7 @@ func TestSharedSpoolRefused(t *testing.T) {
 	cmd := exec.CommandContext(ctx, a.bin, "serve")
 	dieWithTest(cmd)
 	for k, v := range a.vars {
-		if k == "ANALYTICS_ADDR" {
+		if k == "ANALYTICS_ADDR" || k == "ANALYTICS_METRICS_ADDR" {
 			v = freeAddr(t)
 		}
 		cmd.Env = append(cmd.Env, k+"="+v)
@@ -425,7 +425,7 @@ func TestPoisonSegmentAmongGoodOnes(t *testing.T) {
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for st.Ingest.Rows < len(poisoned) && time.Now().Before(deadline) {
-		resp, err := http.Get(s.base + "/readiness")
+		resp, err := http.Get(s.ops + "/readiness")
 		if err == nil {
 			json.NewDecoder(resp.Body).Decode(&st)
 			resp.Body.Close()

@@ -297,6 +297,7 @@ func (b *bench) setup(ctx context.Context) error {
 	}
 	b.serverEnv = map[string]string{
 		"ANALYTICS_ADDR":            addr,
+		"ANALYTICS_METRICS_ADDR":    "off",
 		"ANALYTICS_SPOOL_DIR":       spool,
 		"LOG_LEVEL":                 "warn",
 		"ANALYTICS_MAX_EXPORT_ROWS": fmt.Sprint(o.exportRows),

@@ -25,6 +25,7 @@ import (
 // Defaults point at the local stack that `deploy/local/stack.sh up` starts.
 type Config struct {
 	Addr            string             // ANALYTICS_ADDR
+	MetricsAddr     string             // ANALYTICS_METRICS_ADDR: the operator listener ("" when off)
 	ClickHouseDSN   string             // CLICKHOUSE_DSN; its path names the database (default analytics)
 	ClickHouseDB    string             // derived from CLICKHOUSE_DSN
 	PostgresURL     string             // POSTGRES_URL
@@ -105,6 +106,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 
 	c := Config{
 		Addr:            str("ANALYTICS_ADDR", ":8080"),
+		MetricsAddr:     str("ANALYTICS_METRICS_ADDR", "127.0.0.1:9464"),
 		ClickHouseDSN:   str("CLICKHOUSE_DSN", defaultClickHouseDSN),
 		PostgresURL:     str("POSTGRES_URL", defaultPostgresURL),
 		RedisURL:        str("REDIS_URL", defaultRedisURL),
@@ -231,6 +233,11 @@ func loadConfig(getenv func(string) string) (Config, error) {
 
 	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
 		errs = append(errs, fmt.Errorf("ANALYTICS_ADDR=%q: want host:port or :port", c.Addr))
+	}
+	if c.MetricsAddr == "off" {
+		c.MetricsAddr = ""
+	} else if _, _, err := net.SplitHostPort(c.MetricsAddr); err != nil {
+		errs = append(errs, fmt.Errorf("ANALYTICS_METRICS_ADDR=%q: want host:port (default 127.0.0.1:9464), or off", c.MetricsAddr))
 	}
 	if opts, err := clickhouse.ParseDSN(c.ClickHouseDSN); err != nil {
 		errs = append(errs, fmt.Errorf("CLICKHOUSE_DSN: %v (want clickhouse://user:password@host:9000/database)", err))

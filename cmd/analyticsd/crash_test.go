@@ -52,6 +52,7 @@ func binary(t *testing.T) string {
 type proc struct {
 	cmd    *exec.Cmd
 	base   string
+	ops    string // the operator listener, when the test gave it an address
 	stderr *bytes.Buffer
 }
 
@@ -68,7 +69,7 @@ func startServer(t *testing.T, getenv func(string) string, names []string) *proc
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	p := &proc{cmd: cmd, base: "http://" + getenv("ANALYTICS_ADDR"), stderr: &stderr}
+	p := &proc{cmd: cmd, base: "http://" + getenv("ANALYTICS_ADDR"), ops: "http://" + getenv("ANALYTICS_METRICS_ADDR"), stderr: &stderr}
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	deadline := time.Now().Add(20 * time.Second)
 	for {
@@ -104,7 +105,7 @@ func TestKill9UnderLoadLosesNothing(t *testing.T) {
 		"INGEST_BATCH_ROWS":     "2000",
 		"LOG_LEVEL":             "error",
 	})
-	names := []string{"ANALYTICS_ADDR", "ANALYTICS_SPOOL_DIR", "INGEST_FLUSH_INTERVAL", "INGEST_BATCH_ROWS", "LOG_LEVEL", "CLICKHOUSE_DSN", "POSTGRES_URL", "REDIS_URL"}
+	names := []string{"ANALYTICS_ADDR", "ANALYTICS_METRICS_ADDR", "ANALYTICS_SPOOL_DIR", "INGEST_FLUSH_INTERVAL", "INGEST_BATCH_ROWS", "LOG_LEVEL", "CLICKHOUSE_DSN", "POSTGRES_URL", "REDIS_URL"}
 
 	var mu sync.Mutex
 	var acked []string

@@ -39,6 +39,9 @@ func stackEnv(t *testing.T, e testenv.Env, extra map[string]string) func(string)
 		"POSTGRES_URL":   pg.String(),
 		"REDIS_URL":      testenv.RedisURL(t),
 		"LOG_LEVEL":      "warn",
+		// Each server its own operator listener (tests run many at once); tests that read it pass
+		// an address.
+		"ANALYTICS_METRICS_ADDR": "127.0.0.1:0",
 	}
 	for k, v := range extra {
 		m[k] = v
@@ -169,24 +172,50 @@ type readiness struct {
 	Status string                    `json:"status"`
 	Down   []string                  `json:"down"`
 	Checks map[string]map[string]any `json:"checks"`
+	Raw    string                    `json:"-"`
 }
 
+// getReadiness reads the operator listener's detailed /readiness.
 func getReadiness(t *testing.T, base string) (int, readiness) {
 	t.Helper()
-	resp, err := http.Get(base + "/readiness")
+	code, raw := get(t, base+"/readiness")
+	var r readiness
+	if err := json.Unmarshal([]byte(raw), &r); err != nil {
+		t.Fatalf("%s: %v", raw, err)
+	}
+	r.Raw = raw
+	return code, r
+}
+
+// publicReadiness reads the API listener's /readiness: each dependency up or down.
+func publicReadiness(t *testing.T, base string) (int, string, map[string]string) {
+	t.Helper()
+	code, raw := get(t, base+"/readiness")
+	var r struct {
+		Checks map[string]string `json:"checks"`
+	}
+	if err := json.Unmarshal([]byte(raw), &r); err != nil {
+		t.Fatalf("%s: %v", raw, err)
+	}
+	return code, raw, r.Checks
+}
+
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	var r readiness
-	if err := json.NewDecoder(resp.Body).Decode(&r); err != nil {
-		t.Fatal(err)
-	}
-	return resp.StatusCode, r
+	var b bytes.Buffer
+	_, _ = b.ReadFrom(resp.Body)
+	return resp.StatusCode, b.String()
 }
 
 // serve, end to end: healthz, metrics, readiness following a dependency that goes away and comes
-// back (Redis through a proxy the test cuts), and a graceful stop on cancel.
+// back (Redis through a proxy the test cuts), and a graceful stop on cancel. The API port says only
+// up or down per dependency and has no /metrics (it named every tenant and its event names there
+// before); the operator listener has both in full.
 func TestServeReadiness(t *testing.T) {
 	e := testenv.Migrated(t)
 	ru, err := url.Parse(testenv.RedisURL(t))
@@ -195,8 +224,8 @@ func TestServeReadiness(t *testing.T) {
 	}
 	proxy := testenv.NewProxy(t, ru.Host)
 	ru.Host = proxy.Addr
-	addr := freeAddr(t)
-	getenv := stackEnv(t, e, map[string]string{"REDIS_URL": ru.String(), "ANALYTICS_ADDR": addr})
+	addr, opsAddr := freeAddr(t), freeAddr(t)
+	getenv := stackEnv(t, e, map[string]string{"REDIS_URL": ru.String(), "ANALYTICS_ADDR": addr, "ANALYTICS_METRICS_ADDR": opsAddr})
 
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan int, 1)
@@ -216,27 +245,30 @@ func TestServeReadiness(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 
-	if code, r := getReadiness(t, base); code != 200 || r.Status != "ready" || len(r.Checks) != 3 {
-		t.Fatalf("readiness with everything up: %d %+v, want 200 ready with 3 checks", code, r)
+	ops := "http://" + opsAddr
+	if code, r := getReadiness(t, ops); code != 200 || r.Status != "ready" || len(r.Checks) != 3 || !strings.Contains(r.Raw, `"ingest"`) {
+		t.Fatalf("readiness with everything up: %d %+v, want 200 ready with 3 checks and the ingest details", code, r)
+	}
+	if code, raw, checks := publicReadiness(t, base); code != 200 || len(checks) != 3 || checks["redis"] != "up" || strings.Contains(raw, "latency") || strings.Contains(raw, "ingest") {
+		t.Errorf("public readiness with everything up: %d %s, want 200 and up per dependency, nothing more", code, raw)
 	}
 	proxy.SetDown(true)
-	if code, r := getReadiness(t, base); code != 503 || len(r.Down) != 1 || r.Down[0] != "redis" || r.Checks["redis"]["error"] == nil {
-		t.Errorf("readiness with redis cut: %d %+v, want 503 naming redis", code, r)
+	if code, r := getReadiness(t, ops); code != 503 || len(r.Down) != 1 || r.Down[0] != "redis" || r.Checks["redis"]["error"] == nil {
+		t.Errorf("readiness with redis cut: %d %+v, want 503 naming redis with its error", code, r)
+	}
+	if code, raw, checks := publicReadiness(t, base); code != 503 || checks["redis"] != "down" || strings.Contains(raw, "error") || strings.Contains(raw, "127.0.0.1") {
+		t.Errorf("public readiness with redis cut: %d %s, want 503, redis down, and no internal error text", code, raw)
 	}
 	proxy.SetDown(false)
-	if code, r := getReadiness(t, base); code != 200 {
+	if code, r := getReadiness(t, ops); code != 200 {
 		t.Errorf("readiness after redis returned: %d %+v, want 200", code, r)
 	}
 
-	resp, err := http.Get(base + "/metrics")
-	if err != nil {
-		t.Fatal(err)
+	if code, body := get(t, base+"/metrics"); code != 404 {
+		t.Errorf("/metrics on the API port: %d %.200s, want 404: it names every tenant", code, body)
 	}
-	var body bytes.Buffer
-	_, _ = body.ReadFrom(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != 200 || !strings.Contains(body.String(), "go_goroutines") {
-		t.Errorf("/metrics: %d, want 200 with Go runtime metrics", resp.StatusCode)
+	if code, body := get(t, ops+"/metrics"); code != 200 || !strings.Contains(body, "go_goroutines") || !strings.Contains(body, "sbh_") {
+		t.Errorf("/metrics on the operator listener: %d, want 200 with Go runtime and analyticsd metrics", code)
 	}
 
 	cancel()

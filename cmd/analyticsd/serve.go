@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"strings"
 	"time"
 
@@ -160,6 +161,22 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		ch.Close()
 		return fmt.Errorf("listen on %s: %w", cfg.Addr, err)
 	}
+	// The operator listener: /metrics names every tenant and its event names, so it is not on the
+	// API's port; loopback unless ANALYTICS_METRICS_ADDR says otherwise.
+	var opsSrv *http.Server
+	if cfg.MetricsAddr != "" {
+		oln, err := net.Listen("tcp", cfg.MetricsAddr)
+		if err != nil {
+			ln.Close()
+			rdb.Close()
+			pg.Close()
+			ch.Close()
+			return fmt.Errorf("listen on %s (ANALYTICS_METRICS_ADDR): %w", cfg.MetricsAddr, err)
+		}
+		opsSrv = &http.Server{Handler: ops.Private(), ReadHeaderTimeout: 10 * time.Second}
+		go opsSrv.Serve(oln)
+		log.Info("operator listener: /metrics, /readiness", "addr", oln.Addr().String())
+	}
 	log.Info("serving", "addr", ln.Addr().String(), "version", version, "clickhouse_db", cfg.ClickHouseDB)
 	served := make(chan error, 1)
 	go func() { served <- app.Listener(ln) }()
@@ -187,6 +204,9 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	step("http", func() error { return app.ShutdownWithContext(sctx) })
+	if opsSrv != nil {
+		step("operator listener", func() error { return opsSrv.Shutdown(sctx) })
+	}
 	step("rollup and retention jobs", func() error { scheduler.Stop(); sweeper.Stop(); return nil })
 	step("quota reconciliation", func() error { stopReconciling(); <-reconciled; return nil })
 	// The flush first: shipping may find a row counted live that is a duplicate after all, and the

@@ -21,7 +21,7 @@ import (
 )
 
 var serveVars = []string{"CLICKHOUSE_DSN", "POSTGRES_URL", "REDIS_URL", "LOG_LEVEL", "ANALYTICS_ADDR", "ANALYTICS_SPOOL_DIR",
-	"INGEST_FLUSH_INTERVAL", "RATE_LIMIT_RPS"}
+	"INGEST_FLUSH_INTERVAL", "RATE_LIMIT_RPS", "ANALYTICS_METRICS_ADDR"}
 
 func writeKey(t *testing.T, e testenv.Env, slug string) (uuid.UUID, string) {
 	t.Helper()
@@ -156,7 +156,7 @@ func TestQuarantineSeenAndRequeued(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	getenv := stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": dir, "INGEST_FLUSH_INTERVAL": "100ms"})
+	getenv := stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_METRICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": dir, "INGEST_FLUSH_INTERVAL": "100ms"})
 	p := startServer(t, getenv, serveVars)
 	if st, body := postEvents(t, p.base, key, `[{"event":"a.b"},{"event":"poison.pill"},{"event":"c.d"}]`); st != 202 {
 		t.Fatalf("post: %d %s", st, body)
@@ -164,7 +164,7 @@ func TestQuarantineSeenAndRequeued(t *testing.T) {
 	deadline := time.Now().Add(30 * time.Second)
 	var warnings []string
 	for {
-		resp, err := http.Get(p.base + "/readiness")
+		resp, err := http.Get(p.ops + "/readiness")
 		if err != nil {
 			t.Fatal(err)
 		}
