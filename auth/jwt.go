@@ -53,6 +53,8 @@ type jwtVerifier struct {
 	keys      map[string]*rsa.PublicKey
 	fetched   time.Time
 	lastTried time.Time
+	lastErr   error         // the last fetch's error
+	inflight  chan struct{} // closed when the fetch under way ends; nil when none is
 }
 
 func newJWTVerifier(cfg JWTConfig) *jwtVerifier {
@@ -101,26 +103,55 @@ func (v *jwtVerifier) verify(ctx context.Context, token string) (*Claims, error)
 }
 
 // rsaKey returns the JWKS key kid, refreshing the set every 10 minutes and on an unknown kid (at
-// most every 30 s, so bogus kids cannot make us hammer the host app).
+// most every 30 s, so bogus kids cannot make us hammer the host app). The fetch runs without the
+// lock: a token with a known kid never waits for it (a stale set is refreshed in the background),
+// and only requests with an unknown kid wait for the fetch under way — a bogus kid once stalled
+// every RS256 request for the fetch's 5 s.
 func (v *jwtVerifier) rsaKey(ctx context.Context, kid string) (*rsa.PublicKey, error) {
 	v.mu.Lock()
-	defer v.mu.Unlock()
 	key, ok := v.keys[kid]
 	stale := time.Since(v.fetched) > 10*time.Minute
-	if (!ok || stale) && time.Since(v.lastTried) > 30*time.Second {
+	if (!ok || stale) && v.inflight == nil && time.Since(v.lastTried) > 30*time.Second {
 		v.lastTried = time.Now()
-		keys, err := v.fetch(ctx)
-		if err == nil {
-			v.keys, v.fetched = keys, time.Now()
-			key, ok = keys[kid]
-		} else if !ok {
+		v.inflight = make(chan struct{})
+		go v.refresh(v.inflight)
+	}
+	wait := v.inflight
+	v.mu.Unlock()
+	if ok {
+		return key, nil
+	}
+	if wait != nil {
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		v.mu.Lock()
+		key, ok = v.keys[kid]
+		err := v.lastErr
+		v.mu.Unlock()
+		if ok {
+			return key, nil
+		}
+		if err != nil {
 			return nil, err
 		}
 	}
-	if !ok {
-		return nil, fmt.Errorf("no JWKS key with kid %q", kid)
+	return nil, fmt.Errorf("no JWKS key with kid %q", kid)
+}
+
+// refresh fetches the key set (bounded by the client's 5 s timeout), keeps it if the fetch worked,
+// and closes done.
+func (v *jwtVerifier) refresh(done chan struct{}) {
+	keys, err := v.fetch(context.Background())
+	v.mu.Lock()
+	if err == nil {
+		v.keys, v.fetched = keys, time.Now()
 	}
-	return key, nil
+	v.lastErr, v.inflight = err, nil
+	v.mu.Unlock()
+	close(done)
 }
 
 func (v *jwtVerifier) fetch(ctx context.Context) (map[string]*rsa.PublicKey, error) {
