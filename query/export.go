@@ -10,6 +10,8 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/internal/chlimit"
 )
 
 // ExportHeader is the CSV header row.
@@ -30,9 +32,7 @@ func (s *Store) StartExport(f EventFilter, max int) (*Export, error) {
 	q := fmt.Sprintf("SELECT %s FROM %s.events WHERE %s ORDER BY ts DESC, id DESC LIMIT %d", eventColumns, s.db, where, max)
 	// Small blocks keep the stream's memory flat: clickhouse-go decodes a whole block at a time, and
 	// the default 65,536 rows of eight string columns is tens of MiB per block.
-	rows, err := s.ch.Query(clickhouse.Context(s.limits(ctx), clickhouse.WithSettings(clickhouse.Settings{
-		"max_execution_time": int(s.maxExec.Seconds()), "max_block_size": 8192,
-	})), q, args...)
+	rows, err := s.ch.Query(chlimit.Context(ctx, s.maxExec, clickhouse.Settings{"max_block_size": 8192}), q, args...)
 	if err != nil {
 		cancel()
 		return nil, fmt.Errorf("query export: %w", err)

@@ -4,10 +4,10 @@ import (
 	"context"
 	"time"
 
-	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/analyticsd/analyticsd/internal/chlimit"
 	"github.com/analyticsd/analyticsd/internal/clock"
 )
 
@@ -31,7 +31,5 @@ func NewStore(ch driver.Conn, db string, pg *pgxpool.Pool, maxExec time.Duration
 
 // limits attaches the per-query ClickHouse limits (only integer settings encode on every server).
 func (s *Store) limits(ctx context.Context) context.Context {
-	return clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{
-		"max_execution_time": int(s.maxExec.Seconds()),
-	}))
+	return chlimit.Context(ctx, s.maxExec, nil)
 }

@@ -18,7 +18,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
@@ -26,6 +25,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/internal/chlimit"
 	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/retention"
 )
@@ -367,9 +367,7 @@ func truthQuery(db string, day time.Time, scope Scope, raw bool) (string, []any)
 }
 
 func (r *Reconciler) limits(ctx context.Context) context.Context {
-	return clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{
-		"max_execution_time": int(r.QueryTimeout.Seconds()),
-	}))
+	return chlimit.Context(ctx, r.QueryTimeout, nil)
 }
 
 func (r *Reconciler) read(ctx context.Context, day time.Time, scope Scope, raw bool) (agg, rawCounts map[key]int64, err error) {
