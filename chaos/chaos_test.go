@@ -519,9 +519,12 @@ func TestFaults(t *testing.T) {
 	os.WriteFile("../test-output/chaos-"+mode+".json", b, 0o644)
 }
 
-func (s *system) get(path string) (string, error) {
+func (s *system) get(path string) (string, error) { return s.getAs(s.key, path) }
+
+// getAs GETs path with key (another tenant's, say).
+func (s *system) getAs(key, path string) (string, error) {
 	req, _ := http.NewRequest(http.MethodGet, s.base+path, nil)
-	req.Header.Set("Authorization", "Bearer "+s.key)
+	req.Header.Set("Authorization", "Bearer "+key)
 	resp, err := s.client.Do(req)
 	if err != nil {
 		return "", err

@@ -3,7 +3,6 @@
 package chaos
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -314,6 +313,7 @@ func sums(s *system, into map[string]int64, query string, args ...any) error {
 }
 
 // usageSeries reads /usage for metrics over days: metric -> date -> count.
+// A failed GET (here and in the readers below) reads as zeros, which the comparisons then report.
 func usageSeries(s *system, c usageClient, metrics []string, days []time.Time) map[string]map[string]int64 {
 	path := fmt.Sprintf("/api/analytics/usage?from=%s&to=%s&metric=%s", days[0].Format("2006-01-02"), days[len(days)-1].Format("2006-01-02"), strings.Join(metrics, ","))
 	var r struct {
@@ -322,7 +322,8 @@ func usageSeries(s *system, c usageClient, metrics []string, days []time.Time) m
 			Count int64  `json:"count"`
 		} `json:"data"`
 	}
-	json.Unmarshal([]byte(getAs(s, c.key, path)), &r)
+	body, _ := s.getAs(c.key, path)
+	json.Unmarshal([]byte(body), &r)
 	out := map[string]map[string]int64{}
 	for m, points := range r.Data {
 		out[m] = map[string]int64{}
@@ -340,7 +341,8 @@ func usageKPIs(s *system, c usageClient, metrics []string) map[string]int64 {
 			Today int64 `json:"today"`
 		} `json:"data"`
 	}
-	json.Unmarshal([]byte(getAs(s, c.key, "/api/analytics/metrics?metric="+strings.Join(metrics, ","))), &r)
+	body, _ := s.getAs(c.key, "/api/analytics/metrics?metric="+strings.Join(metrics, ","))
+	json.Unmarshal([]byte(body), &r)
 	out := map[string]int64{}
 	for m, k := range r.Data {
 		out[m] = k.Today
@@ -354,19 +356,7 @@ func quotaCurrent(s *system, c usageClient, metric string) int64 {
 			Current float64 `json:"current"`
 		} `json:"data"`
 	}
-	json.Unmarshal([]byte(getAs(s, c.key, "/api/analytics/quotas/"+metric)), &r)
+	body, _ := s.getAs(c.key, "/api/analytics/quotas/"+metric)
+	json.Unmarshal([]byte(body), &r)
 	return int64(r.Data.Current)
-}
-
-func getAs(s *system, key, path string) string {
-	req, _ := http.NewRequest(http.MethodGet, s.base+path, nil)
-	req.Header.Set("Authorization", "Bearer "+key)
-	resp, err := s.client.Do(req)
-	if err != nil {
-		return ""
-	}
-	defer resp.Body.Close()
-	var b bytes.Buffer
-	b.ReadFrom(resp.Body)
-	return b.String()
 }

@@ -87,17 +87,27 @@ func (l *liveCounts) add(d map[countKey]map[string]int64) {
 	switch {
 	case sent:
 	case closed:
-		for k, deltas := range d {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			if err := l.counter.Add(ctx, k.tenant, k.day, k.received, deltas); err != nil {
-				l.metrics.CounterErrors.Inc()
-				l.log.Warn("live quota counts not taken back during shutdown; reconciliation settles them", "tenant", k.tenant, "err", err)
-			}
-			cancel()
+		if err := l.send(d); err != nil {
+			l.log.Warn("live quota counts not taken back during shutdown; reconciliation settles them", "err", err)
 		}
 	default:
 		l.metrics.CounterErrors.Inc()
 	}
+}
+
+// send gives the Counter every tenant-day's deltas, one call each, counting failures; it returns the
+// last error.
+func (l *liveCounts) send(d map[countKey]map[string]int64) error {
+	var last error
+	for k, deltas := range d {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		if err := l.counter.Add(ctx, k.tenant, k.day, k.received, deltas); err != nil {
+			l.metrics.CounterErrors.Inc()
+			last = err
+		}
+		cancel()
+	}
+	return last
 }
 
 func (l *liveCounts) run() {
@@ -107,17 +117,9 @@ func (l *liveCounts) run() {
 	defer tick.Stop()
 	var lastLog time.Time
 	flush := func() {
-		for k, deltas := range pending {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			err := l.counter.Add(ctx, k.tenant, k.day, k.received, deltas)
-			cancel()
-			if err != nil {
-				l.metrics.CounterErrors.Inc()
-				if time.Since(lastLog) > 10*time.Second {
-					lastLog = time.Now()
-					l.log.Warn("live quota counters not updated; ingest continues and reconciliation with clickhouse catches them up", "err", err)
-				}
-			}
+		if err := l.send(pending); err != nil && time.Since(lastLog) > 10*time.Second {
+			lastLog = time.Now()
+			l.log.Warn("live quota counters not updated; ingest continues and reconciliation with clickhouse catches them up", "err", err)
 		}
 		clear(pending)
 	}

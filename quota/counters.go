@@ -72,12 +72,19 @@ func (c *Counters) Key(tenant uuid.UUID, metric string, d time.Time) string {
 
 // LiveKey is the hash of what was counted live per received minute (see Counters).
 func (c *Counters) LiveKey(tenant uuid.UUID, metric string, d time.Time) string {
-	return c.Key(tenant, metric, d) + ":live"
+	return c.counterKeys(tenant, metric, d)[1]
 }
 
 // BaseKey is the hash of ClickHouse's count per received minute (see Counters).
 func (c *Counters) BaseKey(tenant uuid.UUID, metric string, d time.Time) string {
-	return c.Key(tenant, metric, d) + ":ch"
+	return c.counterKeys(tenant, metric, d)[2]
+}
+
+// counterKeys are a counter's three keys — the count, its live hash, its ClickHouse hash — in the
+// order the scripts take them.
+func (c *Counters) counterKeys(tenant uuid.UUID, metric string, d time.Time) []string {
+	k := c.Key(tenant, metric, d)
+	return []string{k, k + ":live", k + ":ch"}
 }
 
 func (c *Counters) reconciledKey(tenant uuid.UUID, d time.Time) string {
@@ -135,7 +142,7 @@ func (c *Counters) Add(ctx context.Context, tenant uuid.UUID, d, received time.T
 	args := []any{int(CounterTTL.Seconds()), minute(received)}
 	metrics := make([]string, 0, len(deltas))
 	for metric, n := range deltas {
-		keys = append(keys, c.Key(tenant, metric, d), c.LiveKey(tenant, metric, d), c.BaseKey(tenant, metric, d))
+		keys = append(keys, c.counterKeys(tenant, metric, d)...)
 		args = append(args, n)
 		metrics = append(metrics, metric)
 	}
@@ -207,7 +214,7 @@ func (c *Counters) Reconcile(ctx context.Context, tenant uuid.UUID, metric strin
 	for m, n := range base {
 		args = append(args, m, n)
 	}
-	keys := []string{c.Key(tenant, metric, d), c.LiveKey(tenant, metric, d), c.BaseKey(tenant, metric, d)}
+	keys := c.counterKeys(tenant, metric, d)
 	vals, err := reconcileScript.Run(ctx, c.rdb, keys, args...).Int64Slice()
 	if err != nil {
 		return Reconciled{}, fmt.Errorf("reconcile usage counter %s for tenant %s: %w", metric, tenant, err)
@@ -334,8 +341,8 @@ type ConsumeOutcome struct {
 // the rate-limit token; when that is refused (gate.Allowed false) nothing else happens. With a
 // marker, a consume already allowed under it is reported as Replayed instead of spending again.
 func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string, at time.Time, n, limit int64, gate *Gate, marker *Marker) (ConsumeOutcome, error) {
-	counter := c.Key(tenant, metric, at)
-	keys := []string{counter, c.LiveKey(tenant, metric, at), c.BaseKey(tenant, metric, at), c.reconciledKey(tenant, at), counter, counter}
+	keys := append(c.counterKeys(tenant, metric, at), c.reconciledKey(tenant, at))
+	keys = append(keys, keys[0], keys[0]) // gate and marker slots: the counter again when unused
 	args := []any{n, limit, int(CounterTTL.Seconds()), 0, 0, 0, 0, 0, minute(at)}
 	if gate != nil {
 		keys[4] = gate.Key
@@ -379,7 +386,7 @@ return 1
 // one: a retry must then spend again rather than be told it was allowed. Like every take-back it
 // never takes the minute's live count below zero, and keeps the keys' expiry.
 func (c *Counters) Undo(ctx context.Context, tenant uuid.UUID, metric string, at time.Time, n int64, marker *Marker) error {
-	keys := []string{c.Key(tenant, metric, at), c.LiveKey(tenant, metric, at), c.BaseKey(tenant, metric, at)}
+	keys := c.counterKeys(tenant, metric, at)
 	if marker != nil {
 		keys = append(keys, marker.Key)
 	}

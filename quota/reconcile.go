@@ -77,21 +77,27 @@ func (s *Service) reconcileTenant(ctx context.Context, tenant uuid.UUID, d time.
 		return err
 	}
 	now := s.now()
-	metrics := counts[tenant]
-	if metrics == nil {
-		metrics = map[string]map[int64]int64{}
-	}
-	for m := range s.limits.For(ctx, tenant) {
-		if _, ok := metrics[m]; !ok && IsDaily(m) {
-			metrics[m] = nil // recomputed from its live counts alone
-		}
-	}
-	for metric, base := range metrics {
+	for metric, base := range s.withQuotaMetrics(ctx, tenant, counts[tenant]) {
 		if _, err := s.counters.Reconcile(ctx, tenant, metric, d, now.Add(-SettleAfter), base); err != nil {
 			return err
 		}
 	}
 	return s.counters.MarkReconciled(ctx, tenant, d, now)
+}
+
+// withQuotaMetrics adds to a tenant's ClickHouse counts (metric -> minute -> count) every daily quota
+// metric it lacks, with no counts: those counters are recomputed, and settled, from their live
+// counts alone (a consume whose record never landed).
+func (s *Service) withQuotaMetrics(ctx context.Context, tenant uuid.UUID, metrics map[string]map[int64]int64) map[string]map[int64]int64 {
+	if metrics == nil {
+		metrics = map[string]map[int64]int64{}
+	}
+	for m := range s.limits.For(ctx, tenant) {
+		if _, ok := metrics[m]; !ok && IsDaily(m) {
+			metrics[m] = nil
+		}
+	}
+	return metrics
 }
 
 // reconciler runs the periodic reconciliation: every interval one instance (whichever takes the
@@ -192,12 +198,7 @@ func (r *reconciler) run(ctx context.Context) (ReconcileStats, error) {
 			if err != nil {
 				return st, err
 			}
-			for m := range r.s.limits.For(ctx, tenant) {
-				if _, ok := metrics[m]; !ok && IsDaily(m) {
-					metrics[m] = nil // recomputed (and settled) from its live counts alone
-				}
-			}
-			for metric, base := range metrics {
+			for metric, base := range r.s.withQuotaMetrics(ctx, tenant, metrics) {
 				if err := r.apply(ctx, &st, tenant, metric, d, now, base, full || at.IsZero()); err != nil {
 					return st, err
 				}

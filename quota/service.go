@@ -244,12 +244,10 @@ func (s *Service) dailyCurrent(ctx context.Context, tenant uuid.UUID, metrics []
 	if err == nil && (at.IsZero() || s.now().Sub(at) > s.provisionalAfter()) {
 		// Never reconciled (Redis lost the day), or not lately (a tenant the periodic round does
 		// not visit: nothing stored today): reconcile it now.
-		rerr := s.reconcileTenant(ctx, tenant, d)
-		if rerr == nil || at.IsZero() {
-			err = rerr
-		}
-		if err == nil {
+		if rerr := s.reconcileTenant(ctx, tenant, d); rerr == nil {
 			vals, at, err = s.counters.Read(ctx, tenant, d, metrics)
+		} else if at.IsZero() {
+			err = rerr // nothing to trust; a stale reconciliation is still an answer (provisional)
 		}
 	}
 	if err == nil {

@@ -299,7 +299,8 @@ func (s *Scheduler) RerunDrifted(ctx context.Context) (int, error) {
 }
 
 // rerunDrifted reconciles again the billed dates in [first, last] that changed, newest first, at
-// most maxDriftedPerSlot of them.
+// most maxDriftedPerSlot of them. With a slot (the nightly pass) a date already reconciled for it is
+// skipped.
 func (s *Scheduler) rerunDrifted(ctx context.Context, first, last time.Time, slot *time.Time, trigger string) (int, error) {
 	if last.Before(first) {
 		return 0, nil
@@ -382,7 +383,7 @@ func (s *Scheduler) runSlot(ctx context.Context, slot time.Time) (string, error)
 	if s.r.retentionDays > 0 {
 		first := Day(slot).AddDate(0, 0, -s.r.retentionDays)
 		last := dates[len(dates)-1].AddDate(0, 0, -1)
-		if _, err := s.rerunDriftedAt(ctx, first, last, slot); err != nil {
+		if _, err := s.rerunDrifted(ctx, first, last, &slot, "scheduler"); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -390,11 +391,6 @@ func (s *Scheduler) runSlot(ctx context.Context, slot time.Time) (string, error)
 		return "", err
 	}
 	return "ok", nil
-}
-
-// rerunDriftedAt is the slot's drift pass: a date already reconciled again for this slot is skipped.
-func (s *Scheduler) rerunDriftedAt(ctx context.Context, first, last, slot time.Time) (int, error) {
-	return s.rerunDrifted(ctx, first, last, &slot, "scheduler")
 }
 
 // maxDriftedPerSlot bounds how many changed billed dates one slot reconciles again (newest first), so a
