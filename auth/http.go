@@ -85,7 +85,7 @@ func (a *Authenticator) tenantBySlug(ctx context.Context, slug string) (tenant.T
 		return c.t, c.err
 	}
 	t, err := a.Tenants.BySlug(ctx, slug)
-	if err != nil && !errors.Is(err, tenant.ErrNotFound) {
+	if err != nil && !definitive(err) {
 		if hit && c.err == nil && now.Sub(c.at) < a.StaleFor {
 			return c.t, nil
 		}
@@ -119,7 +119,7 @@ func (a *Authenticator) verify(ctx context.Context, token string) (Key, string, 
 		t, err = a.Tenants.ByID(ctx, key.TenantID)
 		slug = t.Slug
 	}
-	if err != nil && !errors.Is(err, ErrInvalidKey) && !errors.Is(err, ErrRevokedKey) {
+	if err != nil && !definitive(err) {
 		// The registry is unreachable: fall back to a recent verification.
 		if hit && c.err == nil && now.Sub(c.verified) < a.StaleFor {
 			return c.key, c.slug, nil
@@ -133,6 +133,13 @@ func (a *Authenticator) verify(ctx context.Context, token string) (Key, string, 
 	a.cache[h] = cached{key: key, slug: slug, verified: now, err: err}
 	a.mu.Unlock()
 	return key, slug, err
+}
+
+// definitive reports whether err is the registry's answer about a credential (no such key, revoked,
+// no such tenant) rather than a failure to ask: only a failure to ask may fall back to the stale cache.
+// A tenant that is gone once counted as an outage, and its key kept working from the cache.
+func definitive(err error) bool {
+	return errors.Is(err, ErrInvalidKey) || errors.Is(err, ErrRevokedKey) || errors.Is(err, tenant.ErrNotFound)
 }
 
 // bearer extracts the token from an Authorization header.
@@ -280,6 +287,8 @@ func (a *Authenticator) fromKey(ctx context.Context, token string) (api.Principa
 		return api.Principal{}, nil, api.Unauthorized("invalid API key")
 	case errors.Is(err, ErrRevokedKey):
 		return api.Principal{}, nil, api.Unauthorized("API key has been revoked")
+	case errors.Is(err, tenant.ErrNotFound):
+		return api.Principal{}, nil, api.Unauthorized("invalid API key: its tenant does not exist")
 	case err != nil:
 		return api.Principal{}, nil, unavailable()
 	}

@@ -1,0 +1,173 @@
+package auth_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/golang-jwt/jwt/v5"
+	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/api"
+	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/tenant"
+)
+
+// registry is the tenant store with switches: gone makes it answer "no such tenant", down makes it
+// fail as an unreachable Postgres does.
+type registry struct {
+	*tenant.Store
+	gone, down atomic.Bool
+}
+
+func (r *registry) ByID(ctx context.Context, id uuid.UUID) (tenant.Tenant, error) {
+	switch {
+	case r.down.Load():
+		return tenant.Tenant{}, errors.New("find tenant: dial tcp: connection refused")
+	case r.gone.Load():
+		return tenant.Tenant{}, fmt.Errorf("%w: %s", tenant.ErrNotFound, id)
+	}
+	return r.Store.ByID(ctx, id)
+}
+
+func (r *registry) BySlug(ctx context.Context, slug string) (tenant.Tenant, error) {
+	switch {
+	case r.down.Load():
+		return tenant.Tenant{}, errors.New("find tenant: dial tcp: connection refused")
+	case r.gone.Load():
+		return tenant.Tenant{}, fmt.Errorf("%w: %q", tenant.ErrNotFound, slug)
+	}
+	return r.Store.BySlug(ctx, slug)
+}
+
+type authFixture struct {
+	env    testenv.Env
+	reg    *registry
+	tenant tenant.Tenant
+	key    string
+	secret []byte
+	app    *fiber.App
+	authn  *auth.Authenticator
+}
+
+// newAuthFixture: tenant "acme" with an events:write key, behind an authenticator that trusts its
+// cache for 50 ms (instead of 5 s) so a test can wait it out.
+func newAuthFixture(t *testing.T) *authFixture {
+	t.Helper()
+	f := &authFixture{env: testenv.Migrated(t), secret: []byte("0123456789abcdef0123456789abcdef")}
+	ctx := context.Background()
+	f.reg = &registry{Store: tenant.NewStore(f.env.PG)}
+	var err error
+	if f.tenant, err = f.reg.Create(ctx, "acme", ""); err != nil {
+		t.Fatal(err)
+	}
+	keys := auth.NewKeys(f.env.PG)
+	if f.key, _, err = keys.Create(ctx, f.tenant.ID, "", []auth.Scope{auth.ScopeEventsWrite, auth.ScopeAnalyticsRead}); err != nil {
+		t.Fatal(err)
+	}
+	f.authn = auth.NewAuthenticator(keys, f.reg, auth.JWTConfig{Secret: f.secret})
+	f.authn.FreshFor = 50 * time.Millisecond
+	f.app = api.NewApp(api.Config{}, nil)
+	f.app.Get("/x", f.authn.Require(auth.ScopeAnalyticsRead), func(c *fiber.Ctx) error { return c.SendString("ok") })
+	return f
+}
+
+func (f *authFixture) jwt(t *testing.T, slug string) string {
+	t.Helper()
+	s, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"sub": "u1", "tenant": slug, "role": "owner",
+		"exp": time.Now().Add(time.Hour).Unix()}).SignedString(f.secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// status sends GET /x with the bearer token and returns the status and the error code.
+func (f *authFixture) status(t *testing.T, token string) (int, string) {
+	t.Helper()
+	req := httptest.NewRequest(http.MethodGet, "/x", nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	res, err := f.app.Test(req, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	var body struct {
+		Error struct{ Code, Message string } `json:"error"`
+	}
+	_ = decodeJSON(res, &body)
+	return res.StatusCode, body.Error.Message
+}
+
+// A tenant the registry says does not exist is an answer, not an outage: its key must not be served
+// from the stale cache (the hour meant for a Postgres outage). Before, a not-found tenant behind a
+// verified key counted as "registry unreachable" and the key kept working from the cache.
+func TestKeyOfMissingTenantIsRefusedNotServedStale(t *testing.T) {
+	f := newAuthFixture(t)
+	for _, token := range []string{f.key, f.jwt(t, "acme")} {
+		if code, msg := f.status(t, token); code != 200 {
+			t.Fatalf("before: got %d %s, want 200", code, msg)
+		}
+	}
+	f.reg.gone.Store(true)
+	time.Sleep(60 * time.Millisecond) // past FreshFor
+	if code, msg := f.status(t, f.key); code != 401 && code != 403 {
+		t.Errorf("API key of a tenant the registry no longer has: got %d %q, want it refused (401/403)", code, msg)
+	}
+	if code, msg := f.status(t, f.jwt(t, "acme")); code != 401 && code != 403 {
+		t.Errorf("JWT of a tenant the registry no longer has: got %d %q, want it refused (401/403)", code, msg)
+	}
+}
+
+// A real outage still uses the stale cache: a key verified within StaleFor keeps working while the
+// registry is unreachable, and a key never seen is refused with 503.
+func TestRegistryOutageUsesStaleCache(t *testing.T) {
+	f := newAuthFixture(t)
+	token := f.jwt(t, "acme")
+	for _, tok := range []string{f.key, token} {
+		if code, msg := f.status(t, tok); code != 200 {
+			t.Fatalf("before: got %d %s, want 200", code, msg)
+		}
+	}
+	f.reg.down.Store(true)
+	time.Sleep(60 * time.Millisecond)
+	for name, tok := range map[string]string{"key": f.key, "jwt": token} {
+		if code, msg := f.status(t, tok); code != 200 {
+			t.Errorf("%s during a registry outage: got %d %q, want 200 from the stale cache", name, code, msg)
+		}
+	}
+	if code, _ := f.status(t, f.jwt(t, "other")); code != 503 {
+		t.Errorf("JWT of an unseen tenant during an outage: got %d, want 503", code)
+	}
+}
+
+// Deleting a tenant (its keys go with it) refuses its key and its JWTs within FreshFor.
+func TestDeletedTenantIsRefused(t *testing.T) {
+	f := newAuthFixture(t)
+	token := f.jwt(t, "acme")
+	for _, tok := range []string{f.key, token} {
+		if code, msg := f.status(t, tok); code != 200 {
+			t.Fatalf("before: got %d %s, want 200", code, msg)
+		}
+	}
+	if _, err := f.env.PG.Exec(context.Background(), "DELETE FROM tenants WHERE id = $1", f.tenant.ID); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(60 * time.Millisecond)
+	if code, msg := f.status(t, f.key); code != 401 {
+		t.Errorf("key of a deleted tenant: got %d %q, want 401", code, msg)
+	}
+	if code, msg := f.status(t, token); code != 401 {
+		t.Errorf("JWT of a deleted tenant: got %d %q, want 401", code, msg)
+	}
+}
+
+func decodeJSON(res *http.Response, v any) error { return json.NewDecoder(res.Body).Decode(v) }
