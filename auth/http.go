@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"math"
 	"slices"
 	"strconv"
@@ -29,9 +30,11 @@ type TenantFinder interface {
 // api.Principal, checking the scope a route needs.
 //
 // Verified keys are cached: for FreshFor (default 5 s) a key is trusted without asking Postgres, so a
-// revocation takes effect within that time on every instance. While Postgres is unreachable, a key
-// verified within StaleFor (default 1 h) keeps working — analytics must not fail because the registry
-// blinked — and unknown keys are refused with 503.
+// revocation, a deleted tenant or a disabled one takes effect within that time on every instance (a
+// rotated key's expiry takes effect at its instant). While Postgres is unreachable, a key verified
+// within StaleFor (default 1 h) keeps working — analytics must not fail because the registry
+// blinked — and unknown keys are refused with 503. The registry's answers (no such key or tenant,
+// revoked, disabled) are never mistaken for an outage.
 type Authenticator struct {
 	Keys     *Keys
 	Tenants  TenantFinder
@@ -60,7 +63,7 @@ type cached struct {
 	key      Key
 	slug     string
 	verified time.Time
-	err      error // ErrInvalidKey / ErrRevokedKey, cached briefly too
+	err      error // a definitive refusal (see definitive), cached briefly too
 }
 
 // NewAuthenticator returns an Authenticator over keys and tenants, accepting host-app JWTs too
@@ -110,7 +113,7 @@ func (a *Authenticator) verify(ctx context.Context, token string) (Key, string, 
 	c, hit := a.cache[h]
 	a.mu.Unlock()
 	if hit && now.Sub(c.verified) < a.FreshFor {
-		return c.key, c.slug, c.err
+		return c.answer(now)
 	}
 	key, err := a.Keys.Verify(ctx, token)
 	var slug string
@@ -118,28 +121,43 @@ func (a *Authenticator) verify(ctx context.Context, token string) (Key, string, 
 		var t tenant.Tenant
 		t, err = a.Tenants.ByID(ctx, key.TenantID)
 		slug = t.Slug
+		if err == nil && t.Disabled() {
+			err = fmt.Errorf("%w: %q", tenant.ErrDisabled, t.Slug)
+		}
 	}
 	if err != nil && !definitive(err) {
 		// The registry is unreachable: fall back to a recent verification.
 		if hit && c.err == nil && now.Sub(c.verified) < a.StaleFor {
-			return c.key, c.slug, nil
+			return c.answer(now)
 		}
 		return Key{}, "", err
 	}
+	c = cached{key: key, slug: slug, verified: now, err: err}
 	a.mu.Lock()
 	if len(a.cache) >= maxCached {
 		clear(a.cache)
 	}
-	a.cache[h] = cached{key: key, slug: slug, verified: now, err: err}
+	a.cache[h] = c
 	a.mu.Unlock()
-	return key, slug, err
+	return c.answer(now)
 }
 
-// definitive reports whether err is the registry's answer about a credential (no such key, revoked,
-// no such tenant) rather than a failure to ask: only a failure to ask may fall back to the stale cache.
-// A tenant that is gone once counted as an outage, and its key kept working from the cache.
+// answer is the cached verification as of now: a key that expired since is refused at its expiry,
+// not up to FreshFor later.
+func (c cached) answer(now time.Time) (Key, string, error) {
+	if c.err == nil && c.key.Expired(now) {
+		return Key{}, "", ErrExpiredKey
+	}
+	return c.key, c.slug, c.err
+}
+
+// definitive reports whether err is the registry's answer about a credential (no such key, revoked
+// or expired, no such tenant, tenant disabled) rather than a failure to ask: only a failure to ask
+// may fall back to the stale cache. A tenant that was gone once counted as an outage, and its key
+// kept working from the cache.
 func definitive(err error) bool {
-	return errors.Is(err, ErrInvalidKey) || errors.Is(err, ErrRevokedKey) || errors.Is(err, tenant.ErrNotFound)
+	return errors.Is(err, ErrInvalidKey) || errors.Is(err, ErrRevokedKey) || errors.Is(err, ErrExpiredKey) ||
+		errors.Is(err, tenant.ErrNotFound) || errors.Is(err, tenant.ErrDisabled)
 }
 
 // bearer extracts the token from an Authorization header.
@@ -277,6 +295,12 @@ func unavailable() error {
 		Message: "cannot verify credentials right now; retry shortly", Header: map[string]string{"Retry-After": "5"}}
 }
 
+// tenantDisabled is the 403 for a disabled tenant's credentials.
+func tenantDisabled(slug string) error {
+	return &api.Error{Status: fiber.StatusForbidden, Code: "tenant_disabled",
+		Message: "tenant " + strconv.Quote(slug) + " is disabled; its credentials are refused until an operator enables it"}
+}
+
 func (a *Authenticator) fromKey(ctx context.Context, token string) (api.Principal, []Scope, error) {
 	if !LooksLikeKey(token) {
 		return api.Principal{}, nil, api.Unauthorized("invalid credential: the bearer token is not an analyticsd API key")
@@ -287,8 +311,12 @@ func (a *Authenticator) fromKey(ctx context.Context, token string) (api.Principa
 		return api.Principal{}, nil, api.Unauthorized("invalid API key")
 	case errors.Is(err, ErrRevokedKey):
 		return api.Principal{}, nil, api.Unauthorized("API key has been revoked")
+	case errors.Is(err, ErrExpiredKey):
+		return api.Principal{}, nil, api.Unauthorized("API key has expired (it was rotated); use its replacement")
 	case errors.Is(err, tenant.ErrNotFound):
 		return api.Principal{}, nil, api.Unauthorized("invalid API key: its tenant does not exist")
+	case errors.Is(err, tenant.ErrDisabled):
+		return api.Principal{}, nil, tenantDisabled(slug)
 	case err != nil:
 		return api.Principal{}, nil, unavailable()
 	}
@@ -306,6 +334,9 @@ func (a *Authenticator) fromJWT(ctx context.Context, token string) (api.Principa
 	}
 	if err != nil {
 		return api.Principal{}, nil, unavailable()
+	}
+	if t.Disabled() {
+		return api.Principal{}, nil, tenantDisabled(t.Slug)
 	}
 	return api.Principal{TenantID: t.ID, Slug: t.Slug, Actor: "jwt:" + claims.Subject}, claims.scopes(), nil
 }

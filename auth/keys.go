@@ -1,5 +1,5 @@
-// Package auth owns credentials: API keys (created, listed, revoked and verified against hashes in
-// Postgres) and, for the HTTP API, turning a request's bearer token and tenant slug into a Principal.
+// Package auth owns credentials: API keys (created, listed, rotated, revoked and verified against
+// hashes in Postgres, their last use recorded) and, for the HTTP API, turning a request's bearer token and tenant slug into a Principal.
 // It does not own tenants (package tenant) or decide what an endpoint needs beyond scopes and roles.
 package auth
 
@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -38,7 +39,9 @@ var (
 	ErrInvalidKey = errors.New("invalid API key")
 	// ErrRevokedKey: the key was revoked.
 	ErrRevokedKey = errors.New("API key has been revoked")
-	// ErrKeyNotFound: no key with that id or prefix belongs to the tenant.
+	// ErrExpiredKey: the key's expiry (set when it was rotated) has passed.
+	ErrExpiredKey = errors.New("API key has expired")
+	// ErrKeyNotFound: no key with that id, prefix or value belongs to the tenant.
 	ErrKeyNotFound = errors.New("API key not found")
 )
 
@@ -73,6 +76,24 @@ type Key struct {
 	CreatedAt  time.Time
 	LastUsedAt *time.Time
 	RevokedAt  *time.Time
+	ExpiresAt  *time.Time // set on a key replaced by `apikey rotate`: the end of its overlap
+}
+
+// Expired reports whether the key's expiry has passed at now.
+func (k Key) Expired(now time.Time) bool { return k.ExpiresAt != nil && !now.Before(*k.ExpiresAt) }
+
+// Status is the key's state at now: "active", "revoked", "expired", or "expiring" (rotated, still
+// inside its overlap).
+func (k Key) Status(now time.Time) string {
+	switch {
+	case k.RevokedAt != nil:
+		return "revoked"
+	case k.Expired(now):
+		return "expired"
+	case k.ExpiresAt != nil:
+		return "expiring"
+	}
+	return "active"
 }
 
 // Has reports whether the key carries scope s.
@@ -116,6 +137,13 @@ func LooksLikeKey(token string) bool { return strings.HasPrefix(token, keyPrefix
 
 // Create issues a new key for tenantID and returns it with its record; the plaintext is shown only here.
 func (k *Keys) Create(ctx context.Context, tenantID uuid.UUID, name string, scopes []Scope) (string, Key, error) {
+	return insertKey(ctx, k.pg, tenantID, name, scopes)
+}
+
+// insertKey makes a key and stores its hash through db (the pool, or a transaction).
+func insertKey(ctx context.Context, db interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}, tenantID uuid.UUID, name string, scopes []Scope) (string, Key, error) {
 	var p [6]byte
 	var s [32]byte
 	if _, err := rand.Read(p[:]); err != nil {
@@ -127,7 +155,7 @@ func (k *Keys) Create(ctx context.Context, tenantID uuid.UUID, name string, scop
 	prefix := hex.EncodeToString(p[:])
 	plain := keyPrefix + prefix + "_" + base64.RawURLEncoding.EncodeToString(s[:])
 	rec := Key{ID: uuid.New(), TenantID: tenantID, Name: name, Prefix: prefix, Scopes: scopes}
-	err := k.pg.QueryRow(ctx,
+	err := db.QueryRow(ctx,
 		"INSERT INTO api_keys (id, tenant_id, name, prefix, hash, scopes) VALUES ($1, $2, $3, $4, $5, $6) RETURNING created_at",
 		rec.ID, tenantID, name, prefix, hashKey(plain), scopeStrings(scopes)).Scan(&rec.CreatedAt)
 	if err != nil {
@@ -144,12 +172,12 @@ func scopeStrings(s []Scope) []string {
 	return out
 }
 
-const keyColumns = "id, tenant_id, name, prefix, scopes, created_at, last_used_at, revoked_at"
+const keyColumns = "id, tenant_id, name, prefix, scopes, created_at, last_used_at, revoked_at, expires_at"
 
 func scanKey(row pgx.Row, extra ...any) (Key, error) {
 	var k Key
 	var scopes []string
-	dest := append([]any{&k.ID, &k.TenantID, &k.Name, &k.Prefix, &scopes, &k.CreatedAt, &k.LastUsedAt, &k.RevokedAt}, extra...)
+	dest := append([]any{&k.ID, &k.TenantID, &k.Name, &k.Prefix, &scopes, &k.CreatedAt, &k.LastUsedAt, &k.RevokedAt, &k.ExpiresAt}, extra...)
 	if err := row.Scan(dest...); err != nil {
 		return Key{}, err
 	}
@@ -180,6 +208,9 @@ func (k *Keys) Verify(ctx context.Context, plain string) (Key, error) {
 	if rec.RevokedAt != nil {
 		return Key{}, ErrRevokedKey
 	}
+	if rec.Expired(time.Now()) {
+		return Key{}, ErrExpiredKey
+	}
 	return rec, nil
 }
 
@@ -201,20 +232,112 @@ func (k *Keys) List(ctx context.Context, tenantID uuid.UUID) ([]Key, error) {
 	return out, rows.Err()
 }
 
-// Revoke marks the tenant's key, named by id or prefix, revoked. Revoking twice is not an error.
-func (k *Keys) Revoke(ctx context.Context, tenantID uuid.UUID, idOrPrefix string) (Key, error) {
-	col := "prefix"
-	if _, err := uuid.Parse(idOrPrefix); err == nil {
-		col = "id::text"
+// Find returns the key named by ref: its id, its prefix, or the whole key (what an operator holds
+// when a key leaked; it is matched by prefix and hash, like Verify). tenantID limits the search to
+// one tenant; uuid.Nil searches every tenant, which only the whole key may do.
+func (k *Keys) Find(ctx context.Context, tenantID uuid.UUID, ref string) (Key, error) {
+	q := "SELECT " + keyColumns + ", hash FROM api_keys WHERE prefix = $1"
+	arg := ref
+	prefix, whole := splitKey(ref)
+	switch {
+	case whole:
+		arg = prefix
+	case tenantID == uuid.Nil:
+		return Key{}, fmt.Errorf("find api key %s: a key id or prefix needs its tenant (--tenant)", redact(ref))
+	default:
+		if _, err := uuid.Parse(ref); err == nil {
+			q = "SELECT " + keyColumns + ", hash FROM api_keys WHERE id::text = $1"
+		}
 	}
-	rec, err := scanKey(k.pg.QueryRow(ctx,
-		"UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE tenant_id = $1 AND "+col+" = $2 RETURNING "+keyColumns,
-		tenantID, idOrPrefix))
-	if errors.Is(err, pgx.ErrNoRows) {
-		return Key{}, fmt.Errorf("%w: %q", ErrKeyNotFound, idOrPrefix)
+	var stored []byte
+	rec, err := scanKey(k.pg.QueryRow(ctx, q, arg), &stored)
+	if errors.Is(err, pgx.ErrNoRows) || (err == nil && tenantID != uuid.Nil && rec.TenantID != tenantID) ||
+		(err == nil && whole && subtle.ConstantTimeCompare(stored, hashKey(ref)) != 1) {
+		return Key{}, fmt.Errorf("%w: %s", ErrKeyNotFound, redact(ref))
 	}
 	if err != nil {
-		return Key{}, fmt.Errorf("revoke api key %q: %w", idOrPrefix, err)
+		return Key{}, fmt.Errorf("find api key %s: %w", redact(ref), err)
 	}
 	return rec, nil
+}
+
+// redact names a whole key by its public prefix only, so the secret reaches no log or error message.
+func redact(ref string) string {
+	if prefix, ok := splitKey(ref); ok {
+		return "with prefix " + prefix
+	}
+	return strconv.Quote(ref)
+}
+
+// Revoke marks the tenant's key named by ref (id, prefix or the whole key, see Find) revoked.
+// Revoking twice is not an error; RevokeID says whether anything changed.
+func (k *Keys) Revoke(ctx context.Context, tenantID uuid.UUID, ref string) (Key, error) {
+	found, err := k.Find(ctx, tenantID, ref)
+	if err != nil {
+		return Key{}, err
+	}
+	rec, _, err := k.RevokeID(ctx, found.ID)
+	return rec, err
+}
+
+// RevokeID marks the key with id revoked. Revoking twice is not an error: already reports that the
+// key was revoked before (its first revocation time is kept), so a caller audits only a real change.
+func (k *Keys) RevokeID(ctx context.Context, id uuid.UUID) (rec Key, already bool, err error) {
+	err = pgx.BeginFunc(ctx, k.pg, func(tx pgx.Tx) error {
+		before, err := scanKey(tx.QueryRow(ctx, "SELECT "+keyColumns+" FROM api_keys WHERE id = $1 FOR UPDATE", id))
+		if err != nil {
+			return err
+		}
+		if before.RevokedAt != nil {
+			rec, already = before, true
+			return nil
+		}
+		rec, err = scanKey(tx.QueryRow(ctx, "UPDATE api_keys SET revoked_at = now() WHERE id = $1 RETURNING "+keyColumns, id))
+		return err
+	})
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Key{}, false, fmt.Errorf("%w: %s", ErrKeyNotFound, id)
+	}
+	if err != nil {
+		return Key{}, false, fmt.Errorf("revoke api key %s: %w", id, err)
+	}
+	return rec, already, nil
+}
+
+// ErrNotRotatable: the key is revoked or expired; create a new one instead.
+var ErrNotRotatable = errors.New("API key cannot be rotated")
+
+// Rotate issues a new key with the old key's tenant, scopes and name (unless name is set) and makes
+// the old key expire after overlap, so clients can move to the new one without an outage. An old key
+// that already expires sooner keeps its expiry. A revoked or expired key is not rotated.
+func (k *Keys) Rotate(ctx context.Context, id uuid.UUID, name string, overlap time.Duration) (plain string, newKey, oldKey Key, err error) {
+	if overlap < 0 {
+		return "", Key{}, Key{}, fmt.Errorf("rotate api key %s: negative overlap %s", id, overlap)
+	}
+	err = pgx.BeginFunc(ctx, k.pg, func(tx pgx.Tx) error {
+		old, err := scanKey(tx.QueryRow(ctx, "SELECT "+keyColumns+" FROM api_keys WHERE id = $1 FOR UPDATE", id))
+		if err != nil {
+			return err
+		}
+		if st := old.Status(time.Now()); st == "revoked" || st == "expired" {
+			return fmt.Errorf("%w: key %s (prefix %s) is %s", ErrNotRotatable, old.ID, old.Prefix, st)
+		}
+		if name == "" {
+			name = old.Name
+		}
+		if plain, newKey, err = insertKey(ctx, tx, old.TenantID, name, old.Scopes); err != nil {
+			return err
+		}
+		oldKey, err = scanKey(tx.QueryRow(ctx,
+			"UPDATE api_keys SET expires_at = least(expires_at, now() + make_interval(secs => $2)) WHERE id = $1 RETURNING "+keyColumns,
+			id, overlap.Seconds()))
+		return err
+	})
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return "", Key{}, Key{}, fmt.Errorf("%w: %s", ErrKeyNotFound, id)
+	case err != nil && !errors.Is(err, ErrNotRotatable):
+		return "", Key{}, Key{}, fmt.Errorf("rotate api key %s: %w", id, err)
+	}
+	return plain, newKey, oldKey, err
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -171,3 +172,77 @@ func TestDeletedTenantIsRefused(t *testing.T) {
 }
 
 func decodeJSON(res *http.Response, v any) error { return json.NewDecoder(res.Body).Decode(v) }
+
+// A disabled tenant's key and JWTs get a 403 that says so, within FreshFor; enabling restores them.
+// The registry's "disabled" is an answer, so it is not served around from the stale cache either.
+func TestDisabledTenantIsRefused(t *testing.T) {
+	f := newAuthFixture(t)
+	ctx := context.Background()
+	token := f.jwt(t, "acme")
+	for _, tok := range []string{f.key, token} {
+		if code, msg := f.status(t, tok); code != 200 {
+			t.Fatalf("before: got %d %s, want 200", code, msg)
+		}
+	}
+	if _, changed, err := f.reg.SetDisabled(ctx, "acme", true); err != nil || !changed {
+		t.Fatalf("disable: changed %v, err %v", changed, err)
+	}
+	if _, changed, err := f.reg.SetDisabled(ctx, "acme", true); err != nil || changed {
+		t.Errorf("disable again: changed %v, err %v; want no change and no error", changed, err)
+	}
+	time.Sleep(60 * time.Millisecond)
+	for name, tok := range map[string]string{"key": f.key, "jwt": token} {
+		if code, msg := f.status(t, tok); code != 403 || !strings.Contains(msg, "disabled") {
+			t.Errorf("%s of a disabled tenant: got %d %q, want 403 saying the tenant is disabled", name, code, msg)
+		}
+	}
+	if _, _, err := f.reg.SetDisabled(ctx, "acme", false); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(60 * time.Millisecond)
+	for name, tok := range map[string]string{"key": f.key, "jwt": token} {
+		if code, msg := f.status(t, tok); code != 200 {
+			t.Errorf("%s after enabling: got %d %q, want 200", name, code, msg)
+		}
+	}
+}
+
+// Rotating a key: the new one has the old one's tenant and scopes; the old one works through the
+// overlap and is refused from its expiry on — at that instant when it was verified during the overlap,
+// even from a cache entry that is still fresh.
+func TestRotatedKeyExpiresAfterOverlap(t *testing.T) {
+	f := newAuthFixture(t)
+	f.authn.FreshFor = time.Minute // expiry must not wait for the cache
+	ctx := context.Background()
+	keys := auth.NewKeys(f.env.PG)
+	old, err := keys.Find(ctx, f.tenant.ID, f.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain, nk, ok, err := keys.Rotate(ctx, old.ID, "", 1500*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if nk.TenantID != f.tenant.ID || fmt.Sprint(nk.Scopes) != fmt.Sprint(old.Scopes) || ok.ExpiresAt == nil {
+		t.Errorf("rotate: new %+v, old %+v; want the same tenant and scopes, and the old key expiring", nk, ok)
+	}
+	if code, msg := f.status(t, plain); code != 200 {
+		t.Errorf("new key: got %d %q, want 200", code, msg)
+	}
+	if code, msg := f.status(t, f.key); code != 200 {
+		t.Errorf("old key inside the overlap: got %d %q, want 200", code, msg)
+	}
+	time.Sleep(time.Until(*ok.ExpiresAt) + 50*time.Millisecond)
+	if code, msg := f.status(t, f.key); code != 401 || !strings.Contains(msg, "expired") {
+		t.Errorf("old key after the overlap: got %d %q, want 401 saying it expired", code, msg)
+	}
+	if _, err := keys.Verify(ctx, f.key); !errors.Is(err, auth.ErrExpiredKey) {
+		t.Errorf("Verify of the old key after the overlap: %v, want ErrExpiredKey", err)
+	}
+	if code, msg := f.status(t, plain); code != 200 {
+		t.Errorf("new key after the overlap: got %d %q, want 200", code, msg)
+	}
+	if _, _, _, err := keys.Rotate(ctx, old.ID, "", time.Hour); !errors.Is(err, auth.ErrNotRotatable) {
+		t.Errorf("rotating an expired key: %v, want ErrNotRotatable", err)
+	}
+}

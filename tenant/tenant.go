@@ -1,5 +1,7 @@
-// Package tenant owns the tenant registry in Postgres: creating tenants, finding them by slug or id,
-// and their per-tenant quota overrides. It knows nothing of credentials (package auth) or events.
+// Package tenant owns the tenant registry in Postgres: creating, disabling and deleting tenants,
+// finding them by slug or id, and their per-tenant quota overrides. It knows nothing of credentials
+// (package auth) or events; deleting a tenant removes the Postgres rows that reference it through
+// their foreign keys, and nothing in ClickHouse or Redis.
 package tenant
 
 import (
@@ -21,6 +23,8 @@ var (
 	ErrNotFound = errors.New("tenant not found")
 	// ErrExists: the slug is taken.
 	ErrExists = errors.New("tenant slug already exists")
+	// ErrDisabled: the tenant exists but an operator disabled it; its credentials are refused.
+	ErrDisabled = errors.New("tenant is disabled")
 	// ErrBadSlug: the slug is not lowercase letters, digits and dashes.
 	ErrBadSlug = errors.New("tenant slug must be 1-63 lowercase letters, digits or dashes, starting with a letter or digit")
 )
@@ -37,7 +41,11 @@ type Tenant struct {
 	Name           string
 	QuotaOverrides map[string]float64
 	CreatedAt      time.Time
+	DisabledAt     *time.Time // set while an operator has the tenant disabled
 }
+
+// Disabled reports whether an operator disabled the tenant.
+func (t Tenant) Disabled() bool { return t.DisabledAt != nil }
 
 // Store reads and writes tenants.
 type Store struct {
@@ -69,12 +77,12 @@ func (s *Store) Create(ctx context.Context, slug, name string) (Tenant, error) {
 	return t, nil
 }
 
-const columns = "id, slug, name, quota_overrides, created_at"
+const columns = "id, slug, name, quota_overrides, created_at, disabled_at"
 
 func scan(row pgx.Row) (Tenant, error) {
 	var t Tenant
 	var overrides []byte
-	if err := row.Scan(&t.ID, &t.Slug, &t.Name, &overrides, &t.CreatedAt); err != nil {
+	if err := row.Scan(&t.ID, &t.Slug, &t.Name, &overrides, &t.CreatedAt, &t.DisabledAt); err != nil {
 		return Tenant{}, err
 	}
 	if err := json.Unmarshal(overrides, &t.QuotaOverrides); err != nil {
@@ -141,6 +149,46 @@ func (s *Store) SetQuota(ctx context.Context, slug, metric string, limit *float6
 	}
 	if err != nil {
 		return Tenant{}, fmt.Errorf("set quota %s for tenant %q: %w", metric, slug, err)
+	}
+	return t, nil
+}
+
+// SetDisabled disables (true) or enables (false) the tenant. changed is false when it already was in
+// that state: doing it twice is not an error, and the first disabling's time is kept.
+func (s *Store) SetDisabled(ctx context.Context, slug string, disabled bool) (t Tenant, changed bool, err error) {
+	err = pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
+		before, err := scan(tx.QueryRow(ctx, "SELECT "+columns+" FROM tenants WHERE slug = $1 FOR UPDATE", slug))
+		if err != nil {
+			return err
+		}
+		if before.Disabled() == disabled {
+			t = before
+			return nil
+		}
+		changed = true
+		t, err = scan(tx.QueryRow(ctx,
+			"UPDATE tenants SET disabled_at = CASE WHEN $2 THEN now() END WHERE id = $1 RETURNING "+columns, before.ID, disabled))
+		return err
+	})
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Tenant{}, false, fmt.Errorf("%w: %q", ErrNotFound, slug)
+	}
+	if err != nil {
+		return Tenant{}, false, fmt.Errorf("set tenant %q disabled=%v: %w", slug, disabled, err)
+	}
+	return t, changed, nil
+}
+
+// Delete removes the tenant and, through their foreign keys, every Postgres row that belongs to it:
+// API keys, daily usage, usage levels and its own rollup runs. The audit log (no foreign key) keeps
+// its entries. Raw events and increments in ClickHouse and counters in Redis are not touched here.
+func (s *Store) Delete(ctx context.Context, slug string) (Tenant, error) {
+	t, err := scan(s.pg.QueryRow(ctx, "DELETE FROM tenants WHERE slug = $1 RETURNING "+columns, slug))
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Tenant{}, fmt.Errorf("%w: %q", ErrNotFound, slug)
+	}
+	if err != nil {
+		return Tenant{}, fmt.Errorf("delete tenant %q: %w", slug, err)
 	}
 	return t, nil
 }

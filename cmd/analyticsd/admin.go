@@ -200,9 +200,17 @@ func apikeyCmd(ctx context.Context, cfg Config, _ *slog.Logger, args []string, s
 		if key == "" {
 			return fmt.Errorf("apikey revoke: --key is required: %w", errUsage)
 		}
-		rec, err := keys.Revoke(ctx, t.ID, key)
+		found, err := keys.Find(ctx, t.ID, key)
 		if err != nil {
 			return err
+		}
+		rec, already, err := keys.RevokeID(ctx, found.ID)
+		if err != nil {
+			return err
+		}
+		if already {
+			fmt.Fprintf(stdout, "key %s (prefix %s) was already revoked at %s; nothing changed\n", rec.ID, rec.Prefix, when(rec.RevokedAt))
+			return nil
 		}
 		if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "apikey.revoke", Target: rec.Prefix}); err != nil {
 			return err
