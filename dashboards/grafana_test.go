@@ -3,8 +3,11 @@ package dashboards_test
 import (
 	"context"
 	"encoding/json"
+	"encoding/xml"
+	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -193,11 +196,7 @@ func TestGrafanaProvisioning(t *testing.T) {
 		t.Errorf("queryTimeout %d: the plugin would send max_execution_time %d, above analytics_ro's ceiling %d", timeout, timeout+5, ceiling)
 	}
 
-	compose := readFile(t, filepath.Join("..", "docker-compose.yml"))
-	grafana := compose[strings.Index(compose, "\n  grafana:"):]
-	if i := strings.Index(grafana, "\nvolumes:"); i > 0 {
-		grafana = grafana[:i]
-	}
+	grafana := grafanaService(t)
 	for _, want := range []string{
 		"CLICKHOUSE_RO_USER:", "CLICKHOUSE_RO_PASSWORD:",
 		"./dashboards/grafana/provisioning:/etc/grafana/provisioning",
@@ -212,19 +211,303 @@ func TestGrafanaProvisioning(t *testing.T) {
 		t.Error("dashboards.yaml does not load /var/lib/grafana/dashboards, where compose mounts the JSON")
 	}
 	// Every ClickHouse target records the plugin version compose installs.
-	pin := regexp.MustCompile(`GF_PLUGINS_PREINSTALL_SYNC:\s*grafana-clickhouse-datasource@(\S+)`).FindStringSubmatch(grafana)
-	if pin == nil {
-		t.Fatal("docker-compose.yml does not pin grafana-clickhouse-datasource in GF_PLUGINS_PREINSTALL_SYNC")
-	}
+	pin := pinnedPlugin(t)
 	for _, d := range loadDashboards(t) {
 		for _, p := range d.allPanels() {
 			for _, tg := range p.Targets {
-				if tg.RawSQL != "" && tg.PluginVersion != pin[1] {
-					t.Errorf("%s / %s: pluginVersion %q, compose installs %s", d.file, p.Title, tg.PluginVersion, pin[1])
+				if tg.RawSQL != "" && tg.PluginVersion != pin {
+					t.Errorf("%s / %s: pluginVersion %q, compose installs %s", d.file, p.Title, tg.PluginVersion, pin)
 				}
 			}
 		}
 	}
+}
+
+// ---------------------------------------------------------------- what the plugin sends
+
+// grafanaService is the grafana service's part of docker-compose.yml.
+func grafanaService(t *testing.T) string {
+	t.Helper()
+	compose := readFile(t, filepath.Join("..", "docker-compose.yml"))
+	i := strings.Index(compose, "\n  grafana:")
+	if i < 0 {
+		t.Fatal("docker-compose.yml has no grafana service")
+	}
+	grafana := compose[i:]
+	if i := strings.Index(grafana, "\nvolumes:"); i > 0 {
+		grafana = grafana[:i]
+	}
+	return grafana
+}
+
+// pinnedPlugin is the grafana-clickhouse-datasource version compose installs.
+func pinnedPlugin(t *testing.T) string {
+	t.Helper()
+	pin := regexp.MustCompile(`GF_PLUGINS_PREINSTALL_SYNC:\s*grafana-clickhouse-datasource@(\S+)`).FindStringSubmatch(grafanaService(t))
+	if pin == nil {
+		t.Fatal("docker-compose.yml does not pin grafana-clickhouse-datasource in GF_PLUGINS_PREINSTALL_SYNC")
+	}
+	return pin[1]
+}
+
+// pluginDatasource is what of the provisioned data source and of Grafana's configuration decides
+// the settings the plugin sends.
+type pluginDatasource struct {
+	queryTimeout   int  // jsonData.queryTimeout, seconds
+	enableRowLimit bool // jsonData.enableRowLimit
+	rowLimit       int  // Grafana's [dataproxy] row_limit (GF_DATAPROXY_ROW_LIMIT), default 1000000
+}
+
+// provisionedPlugin reads the ClickHouse data source's provisioning and the grafana service.
+func provisionedPlugin(t *testing.T) pluginDatasource {
+	t.Helper()
+	ch := readFile(t, filepath.Join(datasourcesDir, "clickhouse.yaml"))
+	if strings.Contains(ch, "customSettings") {
+		t.Fatal("clickhouse.yaml sets customSettings, which the plugin sends with every query; model them in pluginSettings")
+	}
+	var ds pluginDatasource
+	m := regexp.MustCompile(`queryTimeout:\s*"(\d+)"`).FindStringSubmatch(ch)
+	if m == nil {
+		t.Fatal(`clickhouse.yaml: no queryTimeout: "<seconds>"`)
+	}
+	ds.queryTimeout, _ = strconv.Atoi(m[1])
+	ds.enableRowLimit = regexp.MustCompile(`enableRowLimit:\s*"?true"?`).MatchString(ch)
+	ds.rowLimit = 1_000_000
+	if m := regexp.MustCompile(`GF_DATAPROXY_ROW_LIMIT:\s*"?(\d+)"?`).FindStringSubmatch(grafanaService(t)); m != nil {
+		ds.rowLimit, _ = strconv.Atoi(m[1])
+	}
+	return ds
+}
+
+// version is a plugin release as comparable numbers.
+type version [3]int
+
+func parseVersion(s string) (version, error) {
+	var v version
+	parts := strings.Split(strings.TrimPrefix(s, "v"), ".")
+	if len(parts) != 3 {
+		return v, fmt.Errorf("version %q: want major.minor.patch", s)
+	}
+	for i, p := range parts {
+		n, err := strconv.Atoi(p)
+		if err != nil {
+			return v, fmt.Errorf("version %q: %v", s, err)
+		}
+		v[i] = n
+	}
+	return v, nil
+}
+
+func (v version) less(w version) bool { return slices.Compare(v[:], w[:]) < 0 }
+
+// newestModelledPlugin is the newest plugin release whose source pluginSettings was checked against.
+var newestModelledPlugin = version{4, 20, 0}
+
+// pluginSettings returns the ClickHouse settings grafana-clickhouse-datasource sends with every
+// query, as its source (pkg/plugin/driver.go Connect, pkg/plugin/settings.go LoadSettings) does
+// per release:
+//   - max_execution_time: sqlds runs each query under a deadline of queryTimeout seconds, and
+//     clickhouse-go turns a deadline into max_execution_time = seconds left + 5 (at most
+//     queryTimeout + 5);
+//   - limit: from 4.9.0 (#1215) always, Grafana's row limit; from 4.10.2 (#1294) only when the data
+//     source enables a row limit and it is not 0.
+//
+// A release newer than the ones read is an error, so a version bump means reading its source again.
+func pluginSettings(pluginVersion string, ds pluginDatasource) (map[string]int, error) {
+	v, err := parseVersion(pluginVersion)
+	if err != nil {
+		return nil, err
+	}
+	if newestModelledPlugin.less(v) {
+		return nil, fmt.Errorf("grafana-clickhouse-datasource %s is newer than %d.%d.%d, the newest release whose settings are modelled here; "+
+			"read its pkg/plugin/driver.go and extend pluginSettings", pluginVersion, newestModelledPlugin[0], newestModelledPlugin[1], newestModelledPlugin[2])
+	}
+	out := map[string]int{"max_execution_time": ds.queryTimeout + 5}
+	switch {
+	case v.less(version{4, 9, 0}):
+	case v.less(version{4, 10, 2}):
+		out["limit"] = ds.rowLimit
+	case ds.enableRowLimit && ds.rowLimit != 0:
+		out["limit"] = ds.rowLimit
+	}
+	return out, nil
+}
+
+func TestPluginSettings(t *testing.T) {
+	ds := pluginDatasource{queryTimeout: 25, rowLimit: 1_000_000}
+	withLimit := ds
+	withLimit.enableRowLimit = true
+	check := func(name, version string, ds pluginDatasource, want map[string]int) {
+		t.Helper()
+		got, err := pluginSettings(version, ds)
+		if err != nil {
+			t.Errorf("%s: %v", name, err)
+			return
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: got %v, want %v", name, got, want)
+		}
+	}
+	check("before the row limit", "4.8.0", ds, map[string]int{"max_execution_time": 30})
+	check("4.10.1 always sends limit", "4.10.1", ds, map[string]int{"max_execution_time": 30, "limit": 1_000_000})
+	check("4.10.2 leaves it out", "4.10.2", ds, map[string]int{"max_execution_time": 30})
+	check("4.10.2 with enableRowLimit", "4.10.2", withLimit, map[string]int{"max_execution_time": 30, "limit": 1_000_000})
+	check("newest modelled", "4.20.0", ds, map[string]int{"max_execution_time": 30})
+	if _, err := pluginSettings("4.21.0", ds); err == nil {
+		t.Error("4.21.0: got no error, want one (its settings were never read)")
+	}
+}
+
+// chProfile is a settings profile of a ClickHouse users file: values and constraints.
+type chProfile struct {
+	values      map[string]string
+	constraints map[string]chConstraint
+}
+
+type chConstraint struct {
+	min, max             *int
+	changeableInReadonly bool
+	constant             bool
+}
+
+type xmlNode struct {
+	XMLName xml.Name
+	Content string    `xml:",chardata"`
+	Nodes   []xmlNode `xml:",any"`
+}
+
+func (n xmlNode) child(name string) (xmlNode, bool) {
+	for _, c := range n.Nodes {
+		if c.XMLName.Local == name {
+			return c, true
+		}
+	}
+	return xmlNode{}, false
+}
+
+// readProfile reads profile name from a ClickHouse users file.
+func readProfile(t *testing.T, path, name string) chProfile {
+	t.Helper()
+	var root xmlNode
+	if err := xml.Unmarshal([]byte(readFile(t, path)), &root); err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	profiles, _ := root.child("profiles")
+	node, ok := profiles.child(name)
+	if !ok {
+		t.Fatalf("%s: no profile %s", path, name)
+	}
+	p := chProfile{values: map[string]string{}, constraints: map[string]chConstraint{}}
+	for _, c := range node.Nodes {
+		if c.XMLName.Local != "constraints" {
+			p.values[c.XMLName.Local] = strings.TrimSpace(c.Content)
+			continue
+		}
+		for _, setting := range c.Nodes {
+			var k chConstraint
+			for _, f := range setting.Nodes {
+				n, err := strconv.Atoi(strings.TrimSpace(f.Content))
+				switch f.XMLName.Local {
+				case "min", "max":
+					if err != nil {
+						t.Fatalf("%s: constraint %s/%s: %v", path, setting.XMLName.Local, f.XMLName.Local, err)
+					}
+					if f.XMLName.Local == "min" {
+						k.min = &n
+					} else {
+						k.max = &n
+					}
+				case "changeable_in_readonly":
+					k.changeableInReadonly = true
+				case "readonly", "const":
+					k.constant = true
+				}
+			}
+			p.constraints[setting.XMLName.Local] = k
+		}
+	}
+	return p
+}
+
+// clickhouseDefaults are server defaults of the settings the plugin may send.
+var clickhouseDefaults = map[string]string{"limit": "0", "max_execution_time": "0"}
+
+// checkSettings returns the errors ClickHouse 25.8 answers when a user of profile p sends these
+// settings with a query (Access/SettingsConstraints.cpp): a value equal to the current one is not
+// a change; with readonly=1 only a setting constrained changeable_in_readonly may change, and only
+// within its min and max. The test server (18.16) does not enforce any of this for settings sent
+// with a query, so the check is made here, from the users file compose mounts.
+func checkSettings(p chProfile, settings map[string]int) error {
+	var errs []error
+	names := slices.Sorted(maps.Keys(settings))
+	for _, name := range names {
+		value := settings[name]
+		current, ok := p.values[name]
+		if !ok {
+			current, ok = clickhouseDefaults[name]
+		}
+		if ok && current == strconv.Itoa(value) {
+			continue
+		}
+		k, constrained := p.constraints[name]
+		if p.values["readonly"] == "1" && (!constrained || !k.changeableInReadonly) {
+			errs = append(errs, fmt.Errorf("Code: 164. Cannot modify '%s' setting in readonly mode", name))
+			continue
+		}
+		switch {
+		case k.constant:
+			errs = append(errs, fmt.Errorf("Code: 452. Setting %s should not be changed", name))
+		case k.min != nil && value < *k.min:
+			errs = append(errs, fmt.Errorf("Code: 452. Setting %s shouldn't be less than %d", name, *k.min))
+		case k.max != nil && value > *k.max:
+			errs = append(errs, fmt.Errorf("Code: 452. Setting %s shouldn't be greater than %d", name, *k.max))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func TestCheckSettings(t *testing.T) {
+	thirty, one := 30, 1
+	p := chProfile{
+		values:      map[string]string{"readonly": "1", "max_execution_time": "30"},
+		constraints: map[string]chConstraint{"max_execution_time": {min: &one, max: &thirty, changeableInReadonly: true}},
+	}
+	check := func(name string, settings map[string]int, want string) {
+		t.Helper()
+		err := checkSettings(p, settings)
+		if got := fmt.Sprint(err); (want == "" && err != nil) || (want != "" && !strings.Contains(got, want)) {
+			t.Errorf("%s: got %v, want %q", name, err, want)
+		}
+	}
+	check("unchanged", map[string]int{"max_execution_time": 30}, "")
+	check("changeable, in range", map[string]int{"max_execution_time": 12}, "")
+	check("changeable, above max", map[string]int{"max_execution_time": 65}, "shouldn't be greater than 30")
+	check("limit", map[string]int{"limit": 1_000_000}, "Cannot modify 'limit' setting in readonly mode")
+	check("limit at its default", map[string]int{"limit": 0}, "")
+	check("unknown setting", map[string]int{"max_threads": 2}, "Cannot modify 'max_threads'")
+}
+
+// pluginQuerySettings returns the settings the pinned plugin sends with every query, after
+// checking that ClickHouse lets analytics_ro (deploy/clickhouse/users.d) send them: a refusal
+// there fails every panel in the compose stack.
+func pluginQuerySettings(t *testing.T) map[string]int {
+	t.Helper()
+	pin := pinnedPlugin(t)
+	settings, err := pluginSettings(pin, provisionedPlugin(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	profile := readProfile(t, filepath.Join("..", "deploy", "clickhouse", "users.d", "analyticsd.xml"), "analytics_ro")
+	if err := checkSettings(profile, settings); err != nil {
+		t.Fatalf("grafana-clickhouse-datasource@%s sends %v with every query; ClickHouse refuses them for analytics_ro, "+
+			"so every panel fails:\n%v", pin, settings, err)
+	}
+	return settings
+}
+
+// The plugin compose installs sends only settings the read-only user may send.
+func TestGrafanaPluginSettingsAllowed(t *testing.T) {
+	pluginQuerySettings(t)
 }
 
 // Macros the plugin expands to SQL that ClickHouse 18.16 runs (../shared clickhouse-notes, Grafana).
@@ -682,9 +965,14 @@ type result struct {
 
 func (r result) col(name string) int { return slices.Index(r.columns, name) }
 
-// runSQL runs q read-only (as the analytics_ro profile does) and returns every cell as text.
-func runSQL(ctx context.Context, conn driver.Conn, q string) (result, error) {
-	ctx = clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{"readonly": 1}))
+// runSQL runs q read-only (as the analytics_ro profile does) with the settings the plugin sends,
+// and returns every cell as text.
+func runSQL(ctx context.Context, conn driver.Conn, q string, plugin map[string]int) (result, error) {
+	settings := clickhouse.Settings{"readonly": 1}
+	for k, v := range plugin {
+		settings[k] = v
+	}
+	ctx = clickhouse.Context(ctx, clickhouse.WithSettings(settings))
 	rows, err := conn.Query(ctx, q)
 	if err != nil {
 		return result{}, err
@@ -723,6 +1011,7 @@ func isNumberType(t string) bool {
 // Every ClickHouse query of every dashboard, expanded as the plugin does for several variable
 // selections, runs on the test server with seeded data and returns the columns its panel needs.
 func TestGrafanaQueriesOnClickHouse(t *testing.T) {
+	plugin := pluginQuerySettings(t)
 	env := testenv.Migrated(t)
 	seed := seedGrafana(t, env)
 	ctx := context.Background()
@@ -766,7 +1055,7 @@ func TestGrafanaQueriesOnClickHouse(t *testing.T) {
 					t.Errorf("%s: variable %s: %v", d.file, v.Name, err)
 					continue
 				}
-				r, err := runSQL(ctx, env.CH, q)
+				r, err := runSQL(ctx, env.CH, q, plugin)
 				if err != nil {
 					t.Errorf("%s: variable %s: %v\n%s", d.file, v.Name, err, q)
 					continue
@@ -797,7 +1086,7 @@ func TestGrafanaQueriesOnClickHouse(t *testing.T) {
 						t.Errorf("%s: %v", where, err)
 						continue
 					}
-					r, err := runSQL(ctx, env.CH, q)
+					r, err := runSQL(ctx, env.CH, q, plugin)
 					if err != nil {
 						t.Errorf("%s: %v\n%s", where, err, q)
 						continue
