@@ -10,9 +10,11 @@
 # the BUILDPLATFORM/TARGET* arguments.
 
 # golang images set GOTOOLCHAIN=local, so this image's Go must be at least the
-# version go.mod asks for (go 1.26.8). The 1.26 tag tracks the newest 1.26.x;
-# pin a patch release here (e.g. 1.26.8) for reproducible builds.
-ARG GO_VERSION=1.26
+# version go.mod asks for: keep the two equal (`go test ./deploy/` checks it).
+# A patch release, not the floating 1.26, so a rebuild of this commit uses the
+# same compiler. golang:1.26.8-bookworm is used by public Dockerfiles; it was
+# not pulled from this machine (no Docker engine here).
+ARG GO_VERSION=1.26.8
 
 # ---- build ----------------------------------------------------------------
 # Runs on the build host's architecture and cross-compiles (CGO is off), so
@@ -58,7 +60,13 @@ RUN mkdir -p /out/var/lib/analyticsd/spool \
 # so health checks run the binary itself (`/analyticsd healthcheck`); for a
 # shell while debugging, build FROM gcr.io/distroless/static-debian12:debug-nonroot
 # (same base plus busybox).
-FROM gcr.io/distroless/static-debian12:nonroot
+#
+# Distroless publishes no version tags (:nonroot moves with every Debian
+# update), so the image is pinned by digest: :nonroot as of 2026-08-26, as
+# recorded by public projects that pin it; not resolved from this machine (no
+# registry access). Refresh deliberately, e.g. for a Debian security update:
+#   crane digest gcr.io/distroless/static-debian12:nonroot
+FROM gcr.io/distroless/static-debian12:nonroot@sha256:afa5c872c891853ca7fcf1f12c3edb23f7eeef36189728842dd51042ff57f7ab
 
 COPY --from=build /out/analyticsd /analyticsd
 COPY --from=build --chown=65532:65532 /out/var/lib/analyticsd /var/lib/analyticsd
