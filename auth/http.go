@@ -5,11 +5,13 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -51,6 +53,23 @@ type Authenticator struct {
 	mu     sync.Mutex
 	cache  map[[32]byte]cached
 	bySlug map[string]cachedTenant
+	uses   map[uuid.UUID]*keyUse // keys verified here, for RecordUsage
+}
+
+// keyUse is when a key was last used, kept in memory: a request only moves an atomic (at most once a
+// second), and RecordUsage writes it to Postgres in the background, once per round for all keys.
+type keyUse struct {
+	last    atomic.Int64 // unix seconds of the last request the key authenticated
+	written int64        // the value last written to Postgres; guarded by Authenticator.mu
+}
+
+func (u *keyUse) touch(now time.Time) {
+	if u == nil {
+		return
+	}
+	if s := now.Unix(); u.last.Load() < s {
+		u.last.Store(s)
+	}
 }
 
 type cachedTenant struct {
@@ -64,13 +83,15 @@ type cached struct {
 	slug     string
 	verified time.Time
 	err      error // a definitive refusal (see definitive), cached briefly too
+	use      *keyUse
 }
 
 // NewAuthenticator returns an Authenticator over keys and tenants, accepting host-app JWTs too
 // when jwtCfg enables them.
 func NewAuthenticator(keys *Keys, tenants TenantFinder, jwtCfg JWTConfig) *Authenticator {
 	a := &Authenticator{Keys: keys, Tenants: tenants, FreshFor: 5 * time.Second, StaleFor: time.Hour, now: time.Now,
-		cache: map[[32]byte]cached{}, bySlug: map[string]cachedTenant{}, limitedAt: map[string]time.Time{}}
+		cache: map[[32]byte]cached{}, bySlug: map[string]cachedTenant{}, limitedAt: map[string]time.Time{},
+		uses: map[uuid.UUID]*keyUse{}}
 	if jwtCfg.Enabled() {
 		a.jwt = newJWTVerifier(jwtCfg)
 	}
@@ -137,6 +158,15 @@ func (a *Authenticator) verify(ctx context.Context, token string) (Key, string, 
 	if len(a.cache) >= maxCached {
 		clear(a.cache)
 	}
+	if err == nil {
+		if c.use = a.uses[key.ID]; c.use == nil {
+			if len(a.uses) >= maxCached {
+				clear(a.uses)
+			}
+			c.use = &keyUse{}
+			a.uses[key.ID] = c.use
+		}
+	}
 	a.cache[h] = c
 	a.mu.Unlock()
 	return c.answer(now)
@@ -148,7 +178,63 @@ func (c cached) answer(now time.Time) (Key, string, error) {
 	if c.err == nil && c.key.Expired(now) {
 		return Key{}, "", ErrExpiredKey
 	}
+	if c.err == nil {
+		c.use.touch(now)
+	}
 	return c.key, c.slug, c.err
+}
+
+// FlushUsage writes the last use of every key used since the previous flush to api_keys.last_used_at,
+// in one statement, and returns how many keys it wrote. A failed flush is retried by the next one.
+func (a *Authenticator) FlushUsage(ctx context.Context) (int, error) {
+	var ids []uuid.UUID
+	var ats []time.Time
+	var uses []*keyUse
+	a.mu.Lock()
+	for id, u := range a.uses {
+		if last := u.last.Load(); last > u.written {
+			ids, ats, uses = append(ids, id), append(ats, time.Unix(last, 0)), append(uses, u)
+		}
+	}
+	a.mu.Unlock()
+	if len(ids) == 0 {
+		return 0, nil
+	}
+	if err := a.Keys.MarkUsed(ctx, ids, ats); err != nil {
+		return 0, err
+	}
+	a.mu.Lock()
+	for i, u := range uses {
+		u.written = max(u.written, ats[i].Unix())
+	}
+	a.mu.Unlock()
+	return len(ids), nil
+}
+
+// RecordUsage flushes the keys' last use every `every` (a minute in serve: each key's row is written
+// at most once a minute per instance, never on a request's path) until ctx ends, then once more
+// within 5 s so a clean shutdown loses nothing. A key's LAST USED is thus up to `every` behind.
+func (a *Authenticator) RecordUsage(ctx context.Context, every time.Duration, log *slog.Logger) {
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	flush := func(ctx context.Context) {
+		if n, err := a.FlushUsage(ctx); err != nil {
+			log.Warn("api keys' last use not written; retried next round", "err", err)
+		} else if n > 0 {
+			log.Debug("api keys' last use written", "keys", n)
+		}
+	}
+	for {
+		select {
+		case <-tick.C:
+			flush(ctx)
+		case <-ctx.Done():
+			fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			flush(fctx)
+			cancel()
+			return
+		}
+	}
 }
 
 // definitive reports whether err is the registry's answer about a credential (no such key, revoked

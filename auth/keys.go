@@ -341,3 +341,15 @@ func (k *Keys) Rotate(ctx context.Context, id uuid.UUID, name string, overlap ti
 	}
 	return plain, newKey, oldKey, err
 }
+
+// MarkUsed sets last_used_at of keys ids[i] to ats[i], never moving it back (instances flush in any
+// order).
+func (k *Keys) MarkUsed(ctx context.Context, ids []uuid.UUID, ats []time.Time) error {
+	_, err := k.pg.Exec(ctx, `UPDATE api_keys AS k SET last_used_at = u.at
+		FROM unnest($1::uuid[], $2::timestamptz[]) AS u(id, at)
+		WHERE k.id = u.id AND (k.last_used_at IS NULL OR k.last_used_at < u.at)`, ids, ats)
+	if err != nil {
+		return fmt.Errorf("mark %d api keys used: %w", len(ids), err)
+	}
+	return nil
+}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -246,3 +247,5 @@ func TestRotatedKeyExpiresAfterOverlap(t *testing.T) {
 		t.Errorf("rotating an expired key: %v, want ErrNotRotatable", err)
 	}
 }
+
+func discardLog() *slog.Logger { return slog.New(slog.DiscardHandler) }

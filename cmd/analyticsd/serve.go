@@ -182,6 +182,10 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	go func() { served <- app.Listener(ln) }()
 	scheduler.Start(ctx)
 	sweeper.Start(ctx)
+	// API keys' last use: kept in memory per request, written once a minute and at shutdown.
+	uctx, stopUsage := context.WithCancel(context.Background())
+	usageDone := make(chan struct{})
+	go func() { defer close(usageDone); authn.RecordUsage(uctx, time.Minute, log.With("component", "auth")) }()
 	reconciled := make(chan struct{})
 	rctx, stopReconciling := context.WithCancel(ctx)
 	defer stopReconciling()
@@ -207,6 +211,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	if opsSrv != nil {
 		step("operator listener", func() error { return opsSrv.Shutdown(sctx) })
 	}
+	step("api keys' last use", func() error { stopUsage(); <-usageDone; return nil })
 	step("rollup and retention jobs", func() error { scheduler.Stop(); sweeper.Stop(); return nil })
 	step("quota reconciliation", func() error { stopReconciling(); <-reconciled; return nil })
 	// The flush first: shipping may find a row counted live that is a duplicate after all, and the
