@@ -11,6 +11,7 @@ import (
 
 	"github.com/gofiber/fiber/v2"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/valyala/fasthttp"
 
 	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/audit"
@@ -70,17 +71,40 @@ func (s *Service) Register(r fiber.Router, read fiber.Handler) {
 	r.Get("/metrics", read, s.timed("metrics", s.getKPIs))
 	r.Get("/event-names", read, s.timed("event-names", s.getEventNames))
 	r.Get("/active-users", read, s.timed("active-users", s.getActiveUsers))
-	r.Get("/export.csv", read, s.timed("export", s.getExport))
+	r.Get("/export.csv", read, s.timed("export", s.getExport("csv")))
+	r.Get("/export.ndjson", read, s.timed("export", s.getExport("ndjson")))
 }
 
 func (s *Service) timed(endpoint string, h fiber.Handler) fiber.Handler {
 	obs := s.dur.WithLabelValues(endpoint)
 	return func(c *fiber.Ctx) error {
 		start := time.Now()
-		err := h(c)
+		err := repeatedParam(c)
+		if err == nil {
+			err = h(c)
+		}
 		obs.Observe(time.Since(start).Seconds())
 		return err
 	}
+}
+
+// repeatedParam refuses a parameter given more than once (source=app&source=api): every read
+// parameter but metric takes one value, and silently taking the first would answer another question
+// than the one asked.
+func repeatedParam(c *fiber.Ctx) error {
+	var err error
+	seen := map[string]bool{}
+	c.Context().QueryArgs().VisitAll(func(k, _ []byte) {
+		key := string(k)
+		if err != nil || key == "metric" || key == "metric[]" {
+			return
+		}
+		if seen[key] {
+			err = paramErr("%s= is given more than once; give it once (only metric takes several values)", truncate(key))
+		}
+		seen[key] = true
+	})
+	return err
 }
 
 func principal(c *fiber.Ctx) api.Principal {
@@ -202,10 +226,15 @@ func (s *Service) getEventNames(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	names, err := s.store.EventNames(c.UserContext(), principal(c).TenantID, r)
+	limit, err := parseCount("limit", c.Query("limit"), 1000, 1000)
+	if err != nil {
+		return err
+	}
+	names, more, err := s.store.EventNames(c.UserContext(), principal(c).TenantID, r, limit)
 	if err != nil {
 		return unavailable(err)
 	}
+	c.Set("X-Event-Names-Truncated", strconv.FormatBool(more))
 	return api.OK(c, names)
 }
 
@@ -225,42 +254,89 @@ func (s *Service) getActiveUsers(c *fiber.Ctx) error {
 	return api.OK(c, au)
 }
 
-func (s *Service) getExport(c *fiber.Ctx) error {
-	f, err := s.filter(c)
-	if err != nil {
-		return err
-	}
-	p := principal(c)
-	exp, err := s.store.StartExport(f, s.cfg.MaxExportRows)
-	if err != nil {
-		return unavailable(err)
-	}
-	s.exports.WithLabelValues(s.tenants.Value(p.Slug)).Inc()
-	if s.audit != nil {
-		entry := audit.Entry{TenantID: p.TenantID, Actor: p.Actor, Action: "export.csv", Target: "events",
-			Meta: map[string]any{"from": f.Range.From, "to": f.Range.To, "event": f.Event, "source": f.Source, "user_id": f.UserID, "max_rows": s.cfg.MaxExportRows}}
-		if err := s.audit.Record(c.UserContext(), entry); err != nil {
-			// An export that cannot be audited is refused: the guide promises every download is logged.
-			exp.Close()
+// exportFormats are the export routes' encodings, by the name's extension.
+var exportFormats = map[string]struct {
+	format      Format
+	contentType string
+}{
+	"csv":    {CSV, "text/csv; charset=utf-8"},
+	"ndjson": {NDJSON, "application/x-ndjson"},
+}
+
+// getExport streams one page of the filter's events (newest first, at most limit rows, default and
+// maximum ANALYTICS_MAX_EXPORT_ROWS) as CSV or NDJSON. The headers say whether the page is the whole
+// result; when it is not, X-Export-Next-Cursor and Link rel="next" name the next page.
+func (s *Service) getExport(ext string) fiber.Handler {
+	kind := exportFormats[ext]
+	return func(c *fiber.Ctx) error {
+		f, err := s.filter(c)
+		if err != nil {
+			return err
+		}
+		limit, err := parseCount("limit", c.Query("limit"), s.cfg.MaxExportRows, s.cfg.MaxExportRows)
+		if err != nil {
+			return err
+		}
+		if f.Cursor, err = ParseCursor(c.Query("cursor")); err != nil {
+			return err
+		}
+		bom := false
+		switch c.Query("bom") {
+		case "", "false", "0":
+		case "true", "1":
+			if kind.format != CSV {
+				return paramErr("bom applies to export.csv only (NDJSON is UTF-8 without a byte-order mark)")
+			}
+			bom = true
+		default:
+			return paramErr("bom=%q: want true or false", truncate(c.Query("bom")))
+		}
+		p := principal(c)
+		exp, err := s.store.StartExport(f, limit)
+		if err != nil {
 			return unavailable(err)
 		}
+		s.exports.WithLabelValues(s.tenants.Value(p.Slug)).Inc()
+		if s.audit != nil {
+			meta := map[string]any{"from": f.Range.From, "to": f.Range.To, "event": f.Event, "source": f.Source, "user_id": f.UserID,
+				"limit": limit, "truncated": exp.Truncated}
+			if !f.Cursor.IsZero() {
+				meta["cursor"] = c.Query("cursor")
+			}
+			entry := audit.Entry{TenantID: p.TenantID, Actor: p.Actor, Action: "export." + ext, Target: "events", Meta: meta}
+			if err := s.audit.Record(c.UserContext(), entry); err != nil {
+				// An export that cannot be audited is refused: the guide promises every download is logged.
+				exp.Close()
+				return unavailable(err)
+			}
+		}
+		name := fmt.Sprintf("analytics-%s-%s-%s.%s", p.Slug, f.Range.From.Format("20060102"), f.Range.To.Add(-time.Second).Format("20060102"), ext)
+		c.Set(fiber.HeaderContentType, kind.contentType)
+		c.Set(fiber.HeaderContentDisposition, `attachment; filename="`+name+`"`)
+		c.Set("X-Export-Row-Limit", strconv.Itoa(limit))
+		c.Set("X-Export-Truncated", strconv.FormatBool(exp.Truncated))
+		if exp.Truncated {
+			next := exp.Next.Encode()
+			args := fasthttp.AcquireArgs()
+			c.Context().QueryArgs().CopyTo(args)
+			args.Set("cursor", next)
+			c.Set("X-Export-Next-Cursor", next)
+			c.Set(fiber.HeaderLink, "<"+c.Path()+"?"+args.String()+`>; rel="next"`)
+			fasthttp.ReleaseArgs(args)
+		}
+		c.Set(fiber.HeaderCacheControl, "no-store")
+		log := s.log
+		c.Context().SetBodyStreamWriter(func(w *bufio.Writer) {
+			n, err := exp.Write(w, kind.format, bom)
+			if err == nil {
+				err = w.Flush()
+			}
+			if err != nil {
+				log.Warn("export ended early", "tenant", p.Slug, "format", ext, "rows", n, "err", err)
+			}
+		})
+		return nil
 	}
-	name := fmt.Sprintf("analytics-%s-%s-%s.csv", p.Slug, f.Range.From.Format("20060102"), f.Range.To.Add(-time.Second).Format("20060102"))
-	c.Set(fiber.HeaderContentType, "text/csv; charset=utf-8")
-	c.Set(fiber.HeaderContentDisposition, `attachment; filename="`+name+`"`)
-	c.Set("X-Export-Row-Limit", strconv.Itoa(s.cfg.MaxExportRows))
-	c.Set(fiber.HeaderCacheControl, "no-store")
-	log := s.log
-	c.Context().SetBodyStreamWriter(func(w *bufio.Writer) {
-		n, err := exp.Write(w)
-		if err == nil {
-			err = w.Flush()
-		}
-		if err != nil {
-			log.Warn("csv export ended early", "tenant", p.Slug, "rows", n, "err", err)
-		}
-	})
-	return nil
 }
 
 // unavailable turns a storage failure into a 503 the client can retry; parameter errors pass through.

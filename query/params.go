@@ -143,13 +143,16 @@ func ParseCursor(s string) (Cursor, error) {
 func (c Cursor) IsZero() bool { return c.Ts.IsZero() }
 
 // ParseLimit reads limit: 1..1000, default 100.
-func ParseLimit(s string) (int, error) {
+func ParseLimit(s string) (int, error) { return parseCount("limit", s, 100, 1000) }
+
+// parseCount reads a whole number from 1 to max; empty is def.
+func parseCount(name, s string, def, max int) (int, error) {
 	if s == "" {
-		return 100, nil
+		return def, nil
 	}
 	n, err := strconv.Atoi(s)
-	if err != nil || n < 1 || n > 1000 {
-		return 0, paramErr("limit=%q must be a whole number from 1 to 1000", truncate(s))
+	if err != nil || n < 1 || n > max {
+		return 0, paramErr("%s=%q must be a whole number from 1 to %d", name, truncate(s), max)
 	}
 	return n, nil
 }

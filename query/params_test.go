@@ -1,6 +1,8 @@
 package query
 
 import (
+	"encoding/csv"
+	"encoding/json"
 	"strings"
 	"testing"
 	"time"
@@ -73,13 +75,38 @@ func TestParseLimit(t *testing.T) {
 	}
 }
 
-func TestSafeCell(t *testing.T) {
+// Each cell, read back by a CSV parser, is what a spreadsheet may show safely: formula starts (ASCII
+// and fullwidth, tab and line breaks) get a leading ', control characters and invalid UTF-8 read as
+// U+FFFD, and quoting carries commas, quotes and line breaks through.
+func TestCSVCell(t *testing.T) {
 	for in, want := range map[string]string{
 		"=HYPERLINK(\"x\")": "'=HYPERLINK(\"x\")", "+1": "'+1", "-2": "'-2", "@SUM(A1)": "'@SUM(A1)",
-		"\tx": "'\tx", "\rx": "'\rx", "user-1": "user-1", "": "", `{"a":1}`: `{"a":1}`,
+		"\tx": "'\tx", "\rx": "'\rx", "\nx": "'\nx", "\uFF1D1+1": "'\uFF1D1+1", "\uFF0B1": "'\uFF0B1",
+		"\uFF0D1": "'\uFF0D1", "\uFF20x": "'\uFF20x", "\uFF21": "\uFF21", "用户": "用户",
+		"a\x00b": "a\uFFFDb", "\x01=x": "\uFFFD=x", "a\x7fb": "a\uFFFDb", "a\xffb": "a\uFFFDb",
+		"a,b": "a,b", `say "hi"`: `say "hi"`, "two\nlines": "two\nlines", " lead": " lead",
+		"user-1": "user-1", "": "", `{"a":1}`: `{"a":1}`,
 	} {
-		if got := SafeCell(in); got != want {
-			t.Errorf("SafeCell(%q) = %q, want %q", in, got, want)
+		line := string(appendCell(nil, in)) + ",end\n"
+		rec, err := csv.NewReader(strings.NewReader(line)).Read()
+		if err != nil || len(rec) != 2 || rec[0] != want || rec[1] != "end" {
+			t.Errorf("cell %q written as %q, read back as %q (%v); want %q", in, line, rec, err, want)
+		}
+	}
+}
+
+// NDJSON strings are lossless: whatever encoding/json makes of a string, appendJSONString matches.
+func TestJSONString(t *testing.T) {
+	for _, in := range []string{"", "plain", `q"uote`, `back\slash`, "nl\nr\rt\t", "\x00\x01\x1f\x7f", "用户", "bad\xffutf8", "</script>"} {
+		got := appendJSONString(nil, in)
+		var back string
+		if err := json.Unmarshal(got, &back); err != nil {
+			t.Errorf("%q encoded as %s, not JSON: %v", in, got, err)
+			continue
+		}
+		want := strings.ToValidUTF8(in, "\uFFFD")
+		if back != want {
+			t.Errorf("%q round-trips as %q, want %q", in, back, want)
 		}
 	}
 }

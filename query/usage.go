@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/google/uuid"
@@ -211,24 +212,28 @@ type NameCount struct {
 	Count uint64 `json:"count"`
 }
 
-// EventNames lists the tenant's distinct event names in r, most frequent first (at most 1000).
-func (s *Store) EventNames(ctx context.Context, tenant uuid.UUID, r Range) ([]NameCount, error) {
+// EventNames lists the tenant's distinct event names in r, most frequent first, at most limit of
+// them; more says there were others.
+func (s *Store) EventNames(ctx context.Context, tenant uuid.UUID, r Range, limit int) (names []NameCount, more bool, err error) {
 	q := "SELECT event, count() AS c FROM " + s.db + ".events WHERE tenant_id = ? AND ts >= ? AND ts < ? " +
-		"GROUP BY event ORDER BY c DESC, event LIMIT 1000"
+		"GROUP BY event ORDER BY c DESC, event LIMIT " + strconv.Itoa(limit+1)
 	rows, err := s.ch.Query(s.limits(ctx), q, tenant, r.From, r.To)
 	if err != nil {
-		return nil, fmt.Errorf("query event names: %w", err)
+		return nil, false, fmt.Errorf("query event names: %w", err)
 	}
 	defer rows.Close()
 	out := []NameCount{}
 	for rows.Next() {
 		var n NameCount
 		if err := rows.Scan(&n.Event, &n.Count); err != nil {
-			return nil, fmt.Errorf("scan event names: %w", err)
+			return nil, false, fmt.Errorf("scan event names: %w", err)
 		}
 		out = append(out, n)
 	}
-	return out, rows.Err()
+	if len(out) > limit {
+		return out[:limit], true, rows.Err()
+	}
+	return out, false, rows.Err()
 }
 
 // ActiveUsers counts distinct non-empty user_id of event in r (the dashboard's "active users").
