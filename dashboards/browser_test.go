@@ -1,6 +1,7 @@
 package dashboards_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/csv"
 	"encoding/json"
@@ -11,6 +12,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -655,8 +657,17 @@ func TestBrowserDashboard(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	records, err := csv.NewReader(f).ReadAll()
+	raw, err := io.ReadAll(f)
 	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Opened in a spreadsheet: the download starts with the UTF-8 BOM Excel needs.
+	body, hasBOM := bytes.CutPrefix(raw, []byte("\xEF\xBB\xBF"))
+	if !hasBOM {
+		t.Errorf("the dashboard's export has no UTF-8 BOM; Excel shows non-ASCII text as mojibake")
+	}
+	records, err := csv.NewReader(bytes.NewReader(body)).ReadAll()
 	if err != nil {
 		t.Fatalf("read the exported CSV: %v", err)
 	}
@@ -679,6 +690,9 @@ func TestBrowserDashboard(t *testing.T) {
 		t.Errorf("export: %d rows, the table shows %d; they differ", len(exported), len(shownIDs))
 	}
 	waitFor(t, ctx, "the export status", `!document.getElementById('export-status').hidden`)
+	if got := eval[string](t, ctx, `document.getElementById('export-status').textContent`); !strings.Contains(got, "every matching event") {
+		t.Errorf("export status %q: want it to say the download holds every matching event", got)
+	}
 
 	// 90 days: the KPIs include the older events and still equal the API.
 	selectOption(t, ctx, "filter-event", "")
@@ -706,6 +720,15 @@ func TestBrowserDashboard(t *testing.T) {
 	eval[chromedp.Void](t, ctx, fmt.Sprintf(`document.getElementById('custom-from').value = %q; document.getElementById('custom-to').value = %q;
 		document.querySelector('#custom-range button').click()`, s.today.AddDate(0, 0, -6).Format("2006-01-02"), s.today.Format("2006-01-02")))
 	waitFor(t, ctx, "7-day custom range", `document.getElementById('range-label').textContent.indexOf('7 days') >= 0 && `+widgetsSettled)
+	// The 7 daily points are labelled by day ("23 Nov"), never by hour ("12am", "12pm").
+	labels := strings.Split(eval[string](t, ctx, `document.getElementById('chart').getAttribute('data-x-labels') || ''`), "|")
+	dayLabel := regexp.MustCompile(`^[0-9]{1,2} [A-Z][a-z]{2}$`)
+	for _, l := range labels {
+		if !dayLabel.MatchString(l) {
+			t.Errorf("7-day chart: x label %q among %q; want day labels like \"23 Nov\"", l, labels)
+			break
+		}
+	}
 	step(t, ctx, "back to 30 days", chromedp.Click(chromedp.CSS(`button[data-range="30"]`)))
 	waitFor(t, ctx, "30-day widgets", `document.getElementById('range-label').textContent.indexOf('30 days') >= 0 && `+widgetsSettled)
 

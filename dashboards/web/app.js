@@ -134,6 +134,7 @@
     var r = rangeDates();
     return { from: ymd(r.from), to: ymd(r.to) };
   }
+  var dayFmt = new Intl.DateTimeFormat('en-GB', { day: 'numeric', month: 'short', timeZone: 'UTC' });
   var monthFmt = new Intl.DateTimeFormat('en-GB', { day: 'numeric', month: 'short', year: 'numeric', timeZone: 'UTC' });
   function rangeLabel() {
     var r = rangeDates();
@@ -534,7 +535,17 @@
       cursor: { points: { size: 7 } },
       legend: { live: true },
       axes: [
-        { stroke: '#667085', grid: { stroke: '#eef0f5', width: 1 }, ticks: { stroke: '#e3e6ee', width: 1 } },
+        {
+          stroke: '#667085', grid: { stroke: '#eef0f5', width: 1 }, ticks: { stroke: '#e3e6ee', width: 1 },
+          // Points are whole UTC days: ticks fall on days (uPlot's defaults put "12am / 12pm" between
+          // the points of a 7-day range), labelled like "23 Nov"; the box keeps the labels drawn.
+          incrs: [86400, 2 * 86400, 7 * 86400, 14 * 86400, 30 * 86400, 91 * 86400, 365 * 86400],
+          values: function (u, splits) {
+            var labels = splits.map(function (v) { return dayFmt.format(new Date(v * 1000)); });
+            box.setAttribute('data-x-labels', labels.join('|'));
+            return labels;
+          }
+        },
         {
           stroke: '#667085', grid: { stroke: '#eef0f5', width: 1 }, ticks: { show: false }, size: 56,
           values: function (u, splits) { return splits.map(function (v) { return compact(v); }); }
@@ -783,9 +794,13 @@
     status.hidden = true;
     var filename = '';
     var limit = '';
-    request('export', '/export.csv', tableParams()).then(function (res) {
+    var truncated = false;
+    var params = tableParams();
+    params.bom = 'true'; // a download from here is opened in a spreadsheet: Excel needs the BOM for UTF-8
+    request('export', '/export.csv', params).then(function (res) {
       filename = filenameFrom(res);
       limit = res.headers.get('X-Export-Row-Limit') || '';
+      truncated = res.headers.get('X-Export-Truncated') === 'true';
       return res.blob();
     }).then(function (blob) {
       var url = URL.createObjectURL(blob);
@@ -799,7 +814,9 @@
       setTimeout(function () { URL.revokeObjectURL(url); }, 30000);
       status.classList.remove('alert', 'alert-error');
       status.classList.add('muted');
-      status.textContent = 'Downloaded ' + filename + (limit ? ' (at most ' + numberFmt.format(Number(limit)) + ' rows per export).' : '.');
+      status.textContent = truncated
+        ? 'Downloaded ' + filename + ': the newest ' + numberFmt.format(Number(limit)) + ' rows only. More events match; narrow the range or filters, or page through them with the API (X-Export-Next-Cursor).'
+        : 'Downloaded ' + filename + ': every matching event.';
       status.hidden = false;
     }).catch(function (err) {
       if (err && err.name === 'AbortError') return;
