@@ -37,9 +37,11 @@ func unsupported(format string, args ...any) error {
 	return &RequestError{http.StatusUnsupportedMediaType, "unsupported_media_type", fmt.Sprintf(format, args...)}
 }
 
-// ItemError is one event that could not be accepted, by its position in the request.
+// ItemError is one event that could not be accepted, by its position in the request: Index counts
+// events from 0; Line is the 1-based line of an NDJSON body (blank lines count), 0 otherwise.
 type ItemError struct {
 	Index int    `json:"index"`
+	Line  int    `json:"line,omitempty"`
 	Error string `json:"error"`
 }
 
@@ -138,7 +140,10 @@ func decodeFast(b []byte, v any) bool {
 	if !shallow(b) {
 		return false
 	}
-	rest, err := fastjson.Parse(b, v, fastjson.DontCopyRawMessage)
+	// Field names match exactly and unknown ones fail: such a body goes to encoding/json, and
+	// unknownField names the field (a misspelt "userId" used to be dropped silently, and the event
+	// stored without its user).
+	rest, err := fastjson.Parse(b, v, fastjson.DontCopyRawMessage|fastjson.DisallowUnknownFields|fastjson.DontMatchCaseInsensitiveStructFields)
 	return err == nil && len(rest) == 0
 }
 
@@ -164,8 +169,9 @@ func decodeNDJSON(body []byte, maxEvents int) ([]Event, []ItemError, error) {
 	// their line, so it must stay as it is until they are validated.
 	var events []Event
 	var bad []ItemError
-	idx := 0
+	idx, lineNo := 0, 0
 	for len(body) > 0 {
+		lineNo++
 		line := body
 		if i := bytes.IndexByte(body, '\n'); i >= 0 {
 			line, body = body[:i], body[i+1:]
@@ -181,9 +187,9 @@ func decodeNDJSON(body []byte, maxEvents int) ([]Event, []ItemError, error) {
 		}
 		var e Event
 		if err := unmarshalEvent(line, &e); err != nil {
-			bad = append(bad, ItemError{idx, err.Error()})
+			bad = append(bad, ItemError{Index: idx, Line: lineNo, Error: err.Error()})
 		} else {
-			e.index = idx
+			e.index, e.line = idx, lineNo
 			events = append(events, e)
 		}
 		idx++
@@ -202,7 +208,7 @@ func unmarshalEvent(b []byte, e *Event) error {
 	if err := json.Unmarshal(b, e); err != nil {
 		return describe(err)
 	}
-	return nil
+	return unknownField(b, eventFields)
 }
 
 // describe turns encoding/json errors into messages naming the field.
@@ -249,12 +255,19 @@ func decodeJSON(body []byte, maxEvents int) ([]Event, []ItemError, error) {
 			if err := json.Unmarshal(body, &env); err != nil {
 				var te *json.UnmarshalTypeError
 				if errors.As(err, &te) && te.Field != "events" {
-					return nil, []ItemError{{0, describe(err).Error()}}, nil
+					return nil, []ItemError{{Index: 0, Error: describe(err).Error()}}, nil
 				}
 				if errors.As(err, &te) {
 					return nil, nil, badBody("events must be a JSON array of event objects")
 				}
 				return nil, nil, badBody("body is not valid JSON: %v", err)
+			}
+			if env.Events != nil {
+				if err := unknownField(body, []string{"events"}); err != nil {
+					return nil, nil, badBody("the {\"events\":[...]} envelope has no other fields: %v", err)
+				}
+			} else if err := unknownField(body, eventFields); err != nil {
+				return nil, []ItemError{{Index: 0, Error: err.Error()}}, nil
 			}
 		}
 		if env.Events != nil {
@@ -294,7 +307,7 @@ func decodeArray(body []byte, maxEvents int) ([]Event, []ItemError, error) {
 	for i, raw := range raws {
 		var e Event
 		if err := unmarshalEvent(bytes.TrimSpace(raw), &e); err != nil {
-			bad = append(bad, ItemError{i, err.Error()})
+			bad = append(bad, ItemError{Index: i, Error: err.Error()})
 			continue
 		}
 		e.index = i

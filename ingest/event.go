@@ -41,6 +41,7 @@ type Event struct {
 	TenantID string `json:"tenant_id"`
 
 	index int // position in the request, for error reports
+	line  int // 1-based line of an NDJSON body, for error reports
 	// decoded: Decode produced this event with a JSON decoder that had already checked that Props is
 	// well-formed JSON, so Validate need not parse it again.
 	decoded bool

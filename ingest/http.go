@@ -178,7 +178,7 @@ func (s *Service) postEvents(c *fiber.Ctx) error {
 	for i := range events {
 		row, err := s.cfg.Limits.Validate(&events[i], p.TenantID, now)
 		if err != nil {
-			rejected = append(rejected, ItemError{events[i].index, err.Error()})
+			rejected = append(rejected, ItemError{Index: events[i].index, Line: events[i].line, Error: err.Error()})
 			continue
 		}
 		if events[i].ID == "" && key != "" {
@@ -369,6 +369,9 @@ func (s *Service) postUsage(c *fiber.Ctx) error {
 	var req UsageRequest
 	if err := json.Unmarshal(c.Request().Body(), &req); err != nil {
 		return api.BadRequest("invalid_body", `body must be JSON like {"metric":"api_requests_daily","n":1}`)
+	}
+	if err := unknownField(c.Request().Body(), usageFields); err != nil {
+		return api.BadRequest("invalid_body", err.Error())
 	}
 	if ValidEventName(req.Metric) {
 		return api.BadRequest("invalid_metric", strconv.Quote(req.Metric)+" is an event name: events are counted from POST /api/analytics/events, and "+MetricRule)

@@ -503,6 +503,13 @@ func TestUsageIncrementReachesDailyUsage(t *testing.T) {
 			t.Errorf("%s: got %d %s, want 400", bad, r.status, r.raw)
 		}
 	}
+	// An unknown field is refused, not dropped: {"count":5} used to add 1, not 5.
+	for body, want := range map[string]string{`{"metric":"api_requests_daily","count":5}`: `unknown field \"count\" (did you mean \"n\"?)`,
+		`{"Metric":"api_requests_daily"}`: `unknown field \"Metric\" (did you mean \"metric\"?)`} {
+		if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(body), nil); r.status != 400 || !strings.Contains(r.raw, want) {
+			t.Errorf("%s: got %d %s, want 400 saying %s", body, r.status, r.raw, want)
+		}
+	}
 	h.w.Close(context.Background())
 	var sum int64
 	if err := h.env.CH.QueryRow(context.Background(), "SELECT sum(count) FROM "+h.env.DB+".daily_usage WHERE tenant_id = ? AND metric = 'api_requests_daily'", h.a.ID).Scan(&sum); err != nil {

@@ -98,6 +98,8 @@ func TestLiveResponsesMatchOpenAPI(t *testing.T) {
 		{"POST", "/api/analytics/events", writeKey, `[{"event":"auth.user.logout"}]`, map[string]string{"Idempotency-Key": "k1"}, 422},
 		{"POST", "/api/analytics/usage", writeKey, `{"metric":"builds_daily","n":2}`, nil, 202},
 		{"POST", "/api/analytics/usage", writeKey, `{"metric":"builds_daily","n":0}`, nil, 400},
+		{"POST", "/api/analytics/usage", writeKey, `{"metric":"builds_daily","count":2}`, nil, 400},
+		{"POST", "/api/analytics/events", writeKey, "{\"event\":\"a.b\"}\n{\"event\":\"a.b\",\"userId\":\"u\"}", map[string]string{"Content-Type": "application/x-ndjson"}, 202},
 		{"GET", "/api/analytics/events?limit=2", readKey, "", nil, 200},
 		{"GET", "/api/analytics/events?limit=0", readKey, "", nil, 400},
 		{"GET", "/api/analytics/usage?metric=builds_daily&fill=zero", readKey, "", nil, 200},
@@ -158,7 +160,7 @@ func TestLiveResponsesMatchOpenAPI(t *testing.T) {
 		seen[c.method+" "+route.Path+" "+strconv.Itoa(resp.StatusCode)] = true
 		in := &openapi3filter.RequestValidationInput{Request: req, PathParams: params, Route: route,
 			Options: &openapi3filter.Options{AuthenticationFunc: openapi3filter.NoopAuthenticationFunc, MultiError: true}}
-		if c.want < 400 && !strings.Contains(c.body, "Bad Name") {
+		if c.want < 400 && !strings.Contains(c.body, "Bad Name") && !strings.Contains(c.body, "userId") {
 			// Requests the server accepted must be valid by the document too (a refused one, or
 			// one with refused items, is often refused because it is not).
 			req.Body = io.NopCloser(strings.NewReader(c.body))
