@@ -132,6 +132,10 @@ func splitKey(key string) (prefix string, ok bool) {
 	return prefix, true
 }
 
+// IsWholeKey reports whether s has the full shape of an API key (prefix and secret), as opposed to a
+// key's id or prefix.
+func IsWholeKey(s string) bool { _, ok := splitKey(s); return ok }
+
 // LooksLikeKey reports whether token has the shape of an API key (as opposed to a JWT).
 func LooksLikeKey(token string) bool { return strings.HasPrefix(token, keyPrefix) }
 

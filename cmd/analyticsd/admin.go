@@ -1,7 +1,9 @@
 package main
 
 import (
+	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -9,14 +11,19 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
 
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgxpool"
+
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/ingest"
+	"github.com/analyticsd/analyticsd/quota"
 	"github.com/analyticsd/analyticsd/schema"
 	"github.com/analyticsd/analyticsd/tenant"
 )
@@ -47,178 +54,21 @@ func migrate(ctx context.Context, cfg Config, log *slog.Logger, args []string, s
 	return nil
 }
 
-func tenantCmd(ctx context.Context, cfg Config, _ *slog.Logger, args []string, stdout io.Writer) error {
-	if len(args) == 0 {
-		return fmt.Errorf("tenant: want create or list: %w", errUsage)
-	}
-	pg, err := openPostgres(ctx, cfg)
-	if err != nil {
-		return err
-	}
-	defer pg.Close()
-	store := tenant.NewStore(pg)
-	switch args[0] {
-	case "create":
-		var slug, name string
-		var ifNotExists bool
-		if err := flags("tenant create", args[1:], func(fs *flag.FlagSet) {
-			fs.StringVar(&slug, "slug", "", "tenant slug")
-			fs.StringVar(&name, "name", "", "display name")
-			fs.BoolVar(&ifNotExists, "if-not-exists", false, "print the existing tenant's id instead of failing")
-		}); err != nil {
-			return err
-		}
-		if slug == "" {
-			return fmt.Errorf("tenant create: --slug is required: %w", errUsage)
-		}
-		t, err := store.Create(ctx, slug, name)
-		if errors.Is(err, tenant.ErrExists) && ifNotExists {
-			t, err = store.BySlug(ctx, slug)
-		}
-		if err != nil {
-			return err
-		}
-		fmt.Fprintln(stdout, t.ID)
-		return nil
-	case "set-quota":
-		var slug, metric, limit string
-		var clear bool
-		if err := flags("tenant set-quota", args[1:], func(fs *flag.FlagSet) {
-			fs.StringVar(&slug, "tenant", "", "tenant slug")
-			fs.StringVar(&metric, "metric", "", "quota metric, e.g. api_requests_daily")
-			fs.StringVar(&limit, "limit", "", "the tenant's limit")
-			fs.BoolVar(&clear, "clear", false, "remove the override (back to QUOTA_DEFAULTS / built-in)")
-		}); err != nil {
-			return err
-		}
-		if slug == "" || metric == "" || (limit == "") == !clear {
-			return fmt.Errorf("tenant set-quota: --tenant, --metric and one of --limit N or --clear are required: %w", errUsage)
-		}
-		if !ingest.ValidMetric(metric) {
-			return fmt.Errorf("tenant set-quota: --metric %q: %s: %w", metric, ingest.MetricRule, errUsage)
-		}
-		var lim *float64
-		if !clear {
-			v, err := strconv.ParseFloat(limit, 64)
-			if err != nil || v < 0 || v > 1e15 {
-				return fmt.Errorf("tenant set-quota: --limit %q must be a number from 0 to 1e15: %w", limit, errUsage)
-			}
-			lim = &v
-		}
-		t, err := store.SetQuota(ctx, slug, metric, lim)
-		if err != nil {
-			return err
-		}
-		if err := audit.New(pg).Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "quota.set", Target: metric,
-			Meta: map[string]any{"limit": lim}}); err != nil {
-			return err
-		}
-		fmt.Fprintf(stdout, "tenant %s quota overrides: %v (others from QUOTA_DEFAULTS or built-in; applied within 10 s)\n", t.Slug, t.QuotaOverrides)
-		return nil
-	case "list":
-		if err := flags("tenant list", args[1:], func(*flag.FlagSet) {}); err != nil {
-			return err
-		}
-		ts, err := store.List(ctx)
-		if err != nil {
-			return err
-		}
-		w := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(w, "ID\tSLUG\tNAME\tCREATED")
-		for _, t := range ts {
-			fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", t.ID, t.Slug, t.Name, t.CreatedAt.UTC().Format(time.RFC3339))
-		}
-		return w.Flush()
-	}
-	return fmt.Errorf("tenant: unknown action %q: %w", args[0], errUsage)
+// printJSON writes v indented, for --json.
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
 }
 
-func apikeyCmd(ctx context.Context, cfg Config, _ *slog.Logger, args []string, stdout io.Writer) error {
-	if len(args) == 0 {
-		return fmt.Errorf("apikey: want create, list or revoke: %w", errUsage)
+// table writes rows under a header, aligned.
+func table(w io.Writer, header string, rows [][]string) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, header)
+	for _, r := range rows {
+		fmt.Fprintln(tw, strings.Join(r, "\t"))
 	}
-	var slug, name, scopeList, key string
-	if err := flags("apikey "+args[0], args[1:], func(fs *flag.FlagSet) {
-		fs.StringVar(&slug, "tenant", "", "tenant slug")
-		switch args[0] {
-		case "create":
-			fs.StringVar(&name, "name", "", "a label for the key")
-			fs.StringVar(&scopeList, "scopes", "", "comma-separated scopes")
-		case "revoke":
-			fs.StringVar(&key, "key", "", "key id or prefix")
-		}
-	}); err != nil {
-		return err
-	}
-	if slug == "" {
-		return fmt.Errorf("apikey %s: --tenant is required: %w", args[0], errUsage)
-	}
-	pg, err := openPostgres(ctx, cfg)
-	if err != nil {
-		return err
-	}
-	defer pg.Close()
-	t, err := tenant.NewStore(pg).BySlug(ctx, slug)
-	if err != nil {
-		return err
-	}
-	keys, audits := auth.NewKeys(pg), audit.New(pg)
-	switch args[0] {
-	case "create":
-		scopes, err := auth.ParseScopes(scopeList)
-		if err != nil {
-			return fmt.Errorf("apikey create: --scopes: %v: %w", err, errUsage)
-		}
-		plain, rec, err := keys.Create(ctx, t.ID, name, scopes)
-		if err != nil {
-			return err
-		}
-		if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "apikey.create", Target: rec.Prefix,
-			Meta: map[string]any{"scopes": scopes, "name": name}}); err != nil {
-			return err
-		}
-		fmt.Fprintf(stdout, "created key %s (prefix %s) for tenant %s with scopes %v; it is shown once:\n%s\n",
-			rec.ID, rec.Prefix, t.Slug, scopes, plain)
-		return nil
-	case "list":
-		ks, err := keys.List(ctx, t.ID)
-		if err != nil {
-			return err
-		}
-		w := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(w, "ID\tPREFIX\tNAME\tSCOPES\tCREATED\tLAST USED\tREVOKED")
-		for _, k := range ks {
-			scopes := make([]string, len(k.Scopes))
-			for i, s := range k.Scopes {
-				scopes[i] = string(s)
-			}
-			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", k.ID, k.Prefix, k.Name, strings.Join(scopes, ","),
-				k.CreatedAt.UTC().Format(time.RFC3339), when(k.LastUsedAt), when(k.RevokedAt))
-		}
-		return w.Flush()
-	case "revoke":
-		if key == "" {
-			return fmt.Errorf("apikey revoke: --key is required: %w", errUsage)
-		}
-		found, err := keys.Find(ctx, t.ID, key)
-		if err != nil {
-			return err
-		}
-		rec, already, err := keys.RevokeID(ctx, found.ID)
-		if err != nil {
-			return err
-		}
-		if already {
-			fmt.Fprintf(stdout, "key %s (prefix %s) was already revoked at %s; nothing changed\n", rec.ID, rec.Prefix, when(rec.RevokedAt))
-			return nil
-		}
-		if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "apikey.revoke", Target: rec.Prefix}); err != nil {
-			return err
-		}
-		fmt.Fprintf(stdout, "revoked key %s (prefix %s)\n", rec.ID, rec.Prefix)
-		return nil
-	}
-	return fmt.Errorf("apikey: unknown action %q: %w", args[0], errUsage)
+	return tw.Flush()
 }
 
 func when(t *time.Time) string {
@@ -226,6 +76,558 @@ func when(t *time.Time) string {
 		return "-"
 	}
 	return t.UTC().Format(time.RFC3339)
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func formatLimit(v float64) string { return strconv.FormatFloat(v, 'f', -1, 64) }
+
+// tenantJSON is a tenant as --json prints it.
+type tenantJSON struct {
+	ID             uuid.UUID          `json:"id"`
+	Slug           string             `json:"slug"`
+	Name           string             `json:"name"`
+	Status         string             `json:"status"` // active or disabled
+	CreatedAt      time.Time          `json:"created_at"`
+	DisabledAt     *time.Time         `json:"disabled_at"`
+	QuotaOverrides map[string]float64 `json:"quota_overrides"`
+}
+
+func tenantView(t tenant.Tenant) tenantJSON {
+	status := "active"
+	if t.Disabled() {
+		status = "disabled"
+	}
+	o := t.QuotaOverrides
+	if o == nil {
+		o = map[string]float64{}
+	}
+	return tenantJSON{ID: t.ID, Slug: t.Slug, Name: t.Name, Status: status, CreatedAt: t.CreatedAt, DisabledAt: t.DisabledAt, QuotaOverrides: o}
+}
+
+// quotaLimit is one metric's limit for a tenant and where it comes from.
+type quotaLimit struct {
+	Metric string  `json:"metric"`
+	Limit  float64 `json:"limit"`
+	Source string  `json:"source"` // built-in, QUOTA_DEFAULTS or override
+}
+
+// quotaLimits resolves the tenant's limits as quota.Limits does (built-in < QUOTA_DEFAULTS < the
+// tenant's override), saying which one each comes from.
+func quotaLimits(cfg Config, t tenant.Tenant) []quotaLimit {
+	by := map[string]quotaLimit{}
+	for m, v := range quota.BuiltinLimits() {
+		by[m] = quotaLimit{m, v, "built-in"}
+	}
+	for m, v := range cfg.QuotaDefaults {
+		by[m] = quotaLimit{m, v, "QUOTA_DEFAULTS"}
+	}
+	for m, v := range t.QuotaOverrides {
+		by[m] = quotaLimit{m, v, "override"}
+	}
+	out := make([]quotaLimit, 0, len(by))
+	for _, m := range quota.Metrics(quota.BuiltinLimits()) {
+		out = append(out, by[m])
+		delete(by, m)
+	}
+	rest := make([]string, 0, len(by))
+	for m := range by {
+		rest = append(rest, m)
+	}
+	slices.Sort(rest)
+	for _, m := range rest {
+		out = append(out, by[m])
+	}
+	return out
+}
+
+// knownMetrics are the metrics a quota can be set for without --new-metric: the built-in quotas,
+// QUOTA_DEFAULTS, the daily metrics events count toward (QUOTA_EVENT_MAP or its default), and the
+// tenant's existing overrides — as this process's environment sees them.
+func knownMetrics(cfg Config, t tenant.Tenant) []string {
+	set := map[string]bool{}
+	for m := range quota.BuiltinLimits() {
+		set[m] = true
+	}
+	for m := range cfg.QuotaDefaults {
+		set[m] = true
+	}
+	for _, m := range cfg.Ingest.EventMetrics {
+		set[m] = true
+	}
+	for m := range t.QuotaOverrides {
+		set[m] = true
+	}
+	out := make([]string, 0, len(set))
+	for m := range set {
+		out = append(out, m)
+	}
+	slices.Sort(out)
+	return out
+}
+
+func printQuotas(w io.Writer, limits []quotaLimit) error {
+	rows := make([][]string, len(limits))
+	for i, q := range limits {
+		rows[i] = []string{q.Metric, formatLimit(q.Limit), q.Source}
+	}
+	return table(w, "METRIC\tLIMIT\tSOURCE", rows)
+}
+
+// maxLimit bounds a quota limit: float64 (how limits travel) holds every whole number up to it exactly.
+const maxLimit = 1_000_000_000_000_000
+
+// tenantCmd runs `analyticsd tenant <action>`; stderr takes the delete confirmation prompt.
+func tenantCmd(ctx context.Context, cfg Config, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		return fmt.Errorf("tenant: want an action: %w", errUsage)
+	}
+	action := args[0]
+	name := "tenant " + action
+	var slug, display, metric, limit string
+	var ifNotExists, clear, newMetric, yes, asJSON bool
+	if err := flags(name, args[1:], func(fs *flag.FlagSet) {
+		switch action {
+		case "create":
+			fs.StringVar(&slug, "slug", "", "tenant slug: lowercase letters, digits and dashes (required)")
+			fs.StringVar(&display, "name", "", "display name (default: the slug)")
+			fs.BoolVar(&ifNotExists, "if-not-exists", false, "print the existing tenant's id instead of failing")
+		case "list":
+		default:
+			fs.StringVar(&slug, "tenant", "", "the tenant's slug (required)")
+		}
+		switch action {
+		case "set-quota":
+			fs.StringVar(&metric, "metric", "", "quota metric, e.g. api_requests_daily (required)")
+			fs.StringVar(&limit, "limit", "", "the tenant's limit: a whole number from 0 to 1000000000000000")
+			fs.BoolVar(&clear, "clear", false, "remove the override (back to QUOTA_DEFAULTS or the built-in limit)")
+			fs.BoolVar(&newMetric, "new-metric", false, "allow a metric that is not a known quota metric yet")
+		case "delete":
+			fs.BoolVar(&yes, "yes", false, "do not ask: delete without typing the slug")
+		}
+		fs.BoolVar(&asJSON, "json", false, "print JSON instead of text")
+	}); err != nil {
+		return err
+	}
+	flagName := "--tenant"
+	if action == "create" {
+		flagName = "--slug"
+	}
+	if action != "list" && slug == "" {
+		return fmt.Errorf("%s: %s is required: %w", name, flagName, errUsage)
+	}
+	var lim *float64
+	if action == "set-quota" {
+		if metric == "" || (limit == "") == !clear {
+			return fmt.Errorf("%s: --metric and one of --limit N or --clear are required: %w", name, errUsage)
+		}
+		if !ingest.ValidMetric(metric) {
+			return fmt.Errorf("%s: --metric %q: %s: %w", name, metric, ingest.MetricRule, errUsage)
+		}
+		if !clear {
+			n, err := strconv.ParseUint(limit, 10, 64)
+			if err != nil || n > maxLimit {
+				return fmt.Errorf("%s: --limit %q: want a whole number from 0 to %d: %w", name, limit, uint64(maxLimit), errUsage)
+			}
+			v := float64(n)
+			lim = &v
+		}
+	}
+
+	pg, err := openPostgres(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer pg.Close()
+	store, audits := tenant.NewStore(pg), audit.New(pg)
+	switch action {
+	case "create":
+		t, err := store.Create(ctx, slug, display)
+		created := err == nil
+		if errors.Is(err, tenant.ErrExists) && ifNotExists {
+			t, err = store.BySlug(ctx, slug)
+		}
+		if err != nil {
+			return err
+		}
+		if created {
+			if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "tenant.create", Target: t.Slug}); err != nil {
+				return err
+			}
+		}
+		if asJSON {
+			return printJSON(stdout, tenantView(t))
+		}
+		fmt.Fprintln(stdout, t.ID)
+		return nil
+
+	case "list":
+		ts, err := store.List(ctx)
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			out := make([]tenantJSON, len(ts))
+			for i, t := range ts {
+				out[i] = tenantView(t)
+			}
+			return printJSON(stdout, out)
+		}
+		rows := make([][]string, len(ts))
+		for i, t := range ts {
+			rows[i] = []string{t.ID.String(), t.Slug, t.Name, tenantView(t).Status, t.CreatedAt.UTC().Format(time.RFC3339)}
+		}
+		return table(stdout, "ID\tSLUG\tNAME\tSTATUS\tCREATED", rows)
+
+	case "show":
+		t, err := store.BySlug(ctx, slug)
+		if err != nil {
+			return err
+		}
+		limits := quotaLimits(cfg, t)
+		if asJSON {
+			return printJSON(stdout, struct {
+				tenantJSON
+				Quotas []quotaLimit `json:"quotas"`
+			}{tenantView(t), limits})
+		}
+		status := "active"
+		if t.Disabled() {
+			status = "disabled since " + when(t.DisabledAt)
+		}
+		fmt.Fprintf(stdout, "tenant   %s (%s)\nid       %s\nstatus   %s\ncreated  %s\n\n", t.Slug, t.Name, t.ID, status, when(&t.CreatedAt))
+		return printQuotas(stdout, limits)
+
+	case "set-quota":
+		t, err := store.BySlug(ctx, slug)
+		if err != nil {
+			return err
+		}
+		known := knownMetrics(cfg, t)
+		if !newMetric && !slices.Contains(known, metric) {
+			return fmt.Errorf("%s: %q is not a known quota metric (known: %s); pass --new-metric to give a tenant a quota on a metric no default has: %w",
+				name, metric, strings.Join(known, ", "), errUsage)
+		}
+		prev, had := t.QuotaOverrides[metric]
+		changed := (clear && had) || (!clear && (!had || prev != *lim))
+		if changed {
+			if t, err = store.SetQuota(ctx, slug, metric, lim); err != nil {
+				return err
+			}
+			meta := map[string]any{"limit": lim}
+			if had {
+				meta["previous"] = prev
+			}
+			if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "quota.set", Target: metric, Meta: meta}); err != nil {
+				return err
+			}
+		}
+		limits := quotaLimits(cfg, t)
+		if asJSON {
+			return printJSON(stdout, struct {
+				Tenant  string       `json:"tenant"`
+				Metric  string       `json:"metric"`
+				Limit   *float64     `json:"limit"` // the override; null when cleared
+				Changed bool         `json:"changed"`
+				Quotas  []quotaLimit `json:"quotas"`
+			}{t.Slug, metric, lim, changed, limits})
+		}
+		switch {
+		case !changed && clear:
+			fmt.Fprintf(stdout, "tenant %s has no override of %s; nothing changed\n", t.Slug, metric)
+		case !changed:
+			fmt.Fprintf(stdout, "tenant %s already has %s = %s; nothing changed\n", t.Slug, metric, formatLimit(*lim))
+		case clear:
+			fmt.Fprintf(stdout, "tenant %s: override of %s removed; servers apply it within 10 s\n", t.Slug, metric)
+		default:
+			fmt.Fprintf(stdout, "tenant %s: %s = %s; servers apply it within 10 s\n", t.Slug, metric, formatLimit(*lim))
+		}
+		fmt.Fprintln(stdout)
+		return printQuotas(stdout, limits)
+
+	case "disable", "enable":
+		t, changed, err := store.SetDisabled(ctx, slug, action == "disable")
+		if err != nil {
+			return err
+		}
+		if changed {
+			if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "tenant." + action, Target: t.Slug}); err != nil {
+				return err
+			}
+		}
+		if asJSON {
+			return printJSON(stdout, struct {
+				tenantJSON
+				Changed bool `json:"changed"`
+			}{tenantView(t), changed})
+		}
+		switch {
+		case !changed && action == "disable":
+			fmt.Fprintf(stdout, "tenant %s was already disabled (since %s); nothing changed\n", t.Slug, when(t.DisabledAt))
+		case !changed:
+			fmt.Fprintf(stdout, "tenant %s is not disabled; nothing changed\n", t.Slug)
+		case action == "disable":
+			fmt.Fprintf(stdout, "tenant %s disabled: every server refuses its API keys and JWTs with 403 within 5 s.\n"+
+				"Its keys, quotas and data are kept; undo with 'analyticsd tenant enable --tenant %s'.\n", t.Slug, t.Slug)
+		default:
+			fmt.Fprintf(stdout, "tenant %s enabled: its API keys and JWTs work again within 5 s\n", t.Slug)
+		}
+		return nil
+
+	case "delete":
+		return deleteTenant(ctx, pg, store, audits, slug, yes, asJSON, stdout, stderr)
+	}
+	return fmt.Errorf("tenant: unknown action %q: %w", action, errUsage)
+}
+
+// deleteTenant says what deleting the tenant removes and keeps, asks for its slug unless yes, and
+// deletes it.
+func deleteTenant(ctx context.Context, pg *pgxpool.Pool, store *tenant.Store, audits *audit.Log, slug string, yes, asJSON bool, stdout, stderr io.Writer) error {
+	t, err := store.BySlug(ctx, slug)
+	if err != nil {
+		return err
+	}
+	keys, err := auth.NewKeys(pg).List(ctx, t.ID)
+	if err != nil {
+		return err
+	}
+	removes := []string{
+		fmt.Sprintf("the tenant and its %d API keys (refused within 5 s on every server)", len(keys)),
+		"its daily usage, usage levels and rollup runs",
+	}
+	keeps := []string{
+		"the audit log (this deletion is recorded there)",
+		"raw events and usage increments in ClickHouse: this version does not erase them (a later release will); " +
+			"until then they age out after RETENTION_DAYS, and a new tenant with the same slug gets a new id and never sees them",
+		"live quota counters in Redis (they expire within 48 h)",
+	}
+	plan := func(w io.Writer, removed, kept string) {
+		fmt.Fprintf(w, "%s from Postgres:\n  - %s\n%s:\n  - %s\n", removed, strings.Join(removes, "\n  - "), kept, strings.Join(keeps, "\n  - "))
+	}
+	if !yes {
+		plan(stderr, fmt.Sprintf("Deleting tenant %s (%s) removes", t.Slug, t.ID), "It keeps")
+		fmt.Fprint(stderr, "Type the tenant's slug to confirm: ")
+		line, err := bufio.NewReader(stdin).ReadString('\n')
+		if err != nil {
+			fmt.Fprintln(stderr)
+		}
+		if got := strings.TrimSpace(line); got != t.Slug {
+			return fmt.Errorf("tenant delete: confirmation %q is not the slug %q; nothing was deleted (type the slug, or pass --yes): %w", got, t.Slug, errUsage)
+		}
+	}
+	if _, err := store.Delete(ctx, t.Slug); err != nil {
+		return err
+	}
+	if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "tenant.delete", Target: t.Slug,
+		Meta: map[string]any{"api_keys": len(keys), "name": t.Name}}); err != nil {
+		return err
+	}
+	if asJSON {
+		return printJSON(stdout, struct {
+			Deleted tenantJSON `json:"deleted"`
+			APIKeys int        `json:"api_keys_removed"`
+			Removed []string   `json:"removed"`
+			Kept    []string   `json:"kept"`
+		}{tenantView(t), len(keys), removes, keeps})
+	}
+	plan(stdout, fmt.Sprintf("Deleted tenant %s (%s). Removed", t.Slug, t.ID), "Kept")
+	return nil
+}
+
+// keyJSON is an API key as --json prints it; Key (the secret) only right after create or rotate.
+type keyJSON struct {
+	ID         uuid.UUID  `json:"id"`
+	TenantID   uuid.UUID  `json:"tenant_id"`
+	Tenant     string     `json:"tenant"`
+	Prefix     string     `json:"prefix"`
+	Name       string     `json:"name"`
+	Scopes     []string   `json:"scopes"`
+	Status     string     `json:"status"` // active, expiring, expired or revoked
+	CreatedAt  time.Time  `json:"created_at"`
+	LastUsedAt *time.Time `json:"last_used_at"`
+	ExpiresAt  *time.Time `json:"expires_at"`
+	RevokedAt  *time.Time `json:"revoked_at"`
+	Key        string     `json:"key,omitempty"`
+}
+
+func keyView(k auth.Key, slug string, now time.Time) keyJSON {
+	scopes := make([]string, len(k.Scopes))
+	for i, s := range k.Scopes {
+		scopes[i] = string(s)
+	}
+	return keyJSON{ID: k.ID, TenantID: k.TenantID, Tenant: slug, Prefix: k.Prefix, Name: k.Name, Scopes: scopes,
+		Status: k.Status(now), CreatedAt: k.CreatedAt, LastUsedAt: k.LastUsedAt, ExpiresAt: k.ExpiresAt, RevokedAt: k.RevokedAt}
+}
+
+// maxOverlap bounds `apikey rotate --overlap`: a rotation is meant to end.
+const maxOverlap = 30 * 24 * time.Hour
+
+func apikeyCmd(ctx context.Context, cfg Config, _ *slog.Logger, args []string, stdout io.Writer) error {
+	if len(args) == 0 {
+		return fmt.Errorf("apikey: want an action: %w", errUsage)
+	}
+	action := args[0]
+	name := "apikey " + action
+	var slug, label, scopeList, ref string
+	var asJSON bool
+	overlap := 24 * time.Hour
+	if err := flags(name, args[1:], func(fs *flag.FlagSet) {
+		switch action {
+		case "create", "list":
+			fs.StringVar(&slug, "tenant", "", "the tenant's slug (required)")
+		default:
+			fs.StringVar(&slug, "tenant", "", "the tenant's slug (required unless --key is the whole key)")
+			fs.StringVar(&ref, "key", "", "the key: its id, its prefix, or the whole key (required)")
+		}
+		switch action {
+		case "create":
+			fs.StringVar(&label, "name", "", "a label for the key")
+			fs.StringVar(&scopeList, "scopes", "", "comma-separated scopes: events:write, analytics:read, analytics:admin (required)")
+		case "rotate":
+			fs.StringVar(&label, "name", "", "a label for the new key (default: the old key's)")
+			fs.DurationVar(&overlap, "overlap", overlap, "how long the old key keeps working, 0 to 720h")
+		}
+		fs.BoolVar(&asJSON, "json", false, "print JSON instead of text")
+	}); err != nil {
+		return err
+	}
+	var scopes []auth.Scope
+	switch action {
+	case "create", "list":
+		if slug == "" {
+			return fmt.Errorf("%s: --tenant is required: %w", name, errUsage)
+		}
+		if action == "create" {
+			var err error
+			if scopes, err = auth.ParseScopes(scopeList); err != nil {
+				return fmt.Errorf("%s: --scopes: %v: %w", name, err, errUsage)
+			}
+		}
+	case "revoke", "rotate":
+		if ref == "" {
+			return fmt.Errorf("%s: --key is required (its id, prefix or the whole key): %w", name, errUsage)
+		}
+		if slug == "" && !auth.IsWholeKey(ref) {
+			return fmt.Errorf("%s: --tenant is required when --key is an id or a prefix: %w", name, errUsage)
+		}
+		if overlap < 0 || overlap > maxOverlap {
+			return fmt.Errorf("%s: --overlap %s: want 0 to 720h: %w", name, overlap, errUsage)
+		}
+	default:
+		return fmt.Errorf("apikey: unknown action %q: %w", action, errUsage)
+	}
+
+	pg, err := openPostgres(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer pg.Close()
+	tenants, keys, audits := tenant.NewStore(pg), auth.NewKeys(pg), audit.New(pg)
+	var t tenant.Tenant
+	if slug != "" {
+		if t, err = tenants.BySlug(ctx, slug); err != nil {
+			return err
+		}
+	}
+	var target auth.Key
+	if ref != "" {
+		if target, err = keys.Find(ctx, t.ID, ref); err != nil {
+			return err
+		}
+		if t.ID == uuid.Nil {
+			if t, err = tenants.ByID(ctx, target.TenantID); err != nil {
+				return err
+			}
+		}
+	}
+	now := time.Now()
+	switch action {
+	case "create":
+		plain, rec, err := keys.Create(ctx, t.ID, label, scopes)
+		if err != nil {
+			return err
+		}
+		if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "apikey.create", Target: rec.Prefix,
+			Meta: map[string]any{"scopes": scopes, "name": label}}); err != nil {
+			return err
+		}
+		if asJSON {
+			v := keyView(rec, t.Slug, now)
+			v.Key = plain
+			return printJSON(stdout, v)
+		}
+		fmt.Fprintf(stdout, "created key %s (prefix %s) for tenant %s with scopes %s; it is shown once:\n%s\n",
+			rec.ID, rec.Prefix, t.Slug, strings.Join(keyView(rec, "", now).Scopes, ","), plain)
+		return nil
+
+	case "list":
+		ks, err := keys.List(ctx, t.ID)
+		if err != nil {
+			return err
+		}
+		views := make([]keyJSON, len(ks))
+		rows := make([][]string, len(ks))
+		for i, k := range ks {
+			views[i] = keyView(k, t.Slug, now)
+			rows[i] = []string{k.ID.String(), k.Prefix, orDash(k.Name), strings.Join(views[i].Scopes, ","), views[i].Status,
+				when(&k.CreatedAt), when(k.LastUsedAt), when(k.ExpiresAt), when(k.RevokedAt)}
+		}
+		if asJSON {
+			return printJSON(stdout, views)
+		}
+		return table(stdout, "ID\tPREFIX\tNAME\tSCOPES\tSTATUS\tCREATED\tLAST USED\tEXPIRES\tREVOKED", rows)
+
+	case "revoke":
+		rec, already, err := keys.RevokeID(ctx, target.ID)
+		if err != nil {
+			return err
+		}
+		if !already {
+			if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "apikey.revoke", Target: rec.Prefix}); err != nil {
+				return err
+			}
+		}
+		if asJSON {
+			return printJSON(stdout, struct {
+				keyJSON
+				AlreadyRevoked bool `json:"already_revoked"`
+			}{keyView(rec, t.Slug, now), already})
+		}
+		if already {
+			fmt.Fprintf(stdout, "key %s (prefix %s) of tenant %s was already revoked at %s; nothing changed\n", rec.ID, rec.Prefix, t.Slug, when(rec.RevokedAt))
+			return nil
+		}
+		fmt.Fprintf(stdout, "revoked key %s (prefix %s) of tenant %s; every server refuses it within 5 s\n", rec.ID, rec.Prefix, t.Slug)
+		return nil
+
+	case "rotate":
+		plain, nk, old, err := keys.Rotate(ctx, target.ID, label, overlap)
+		if err != nil {
+			return err
+		}
+		if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "apikey.rotate", Target: old.Prefix,
+			Meta: map[string]any{"new_prefix": nk.Prefix, "overlap": overlap.String(), "old_expires_at": when(old.ExpiresAt)}}); err != nil {
+			return err
+		}
+		if asJSON {
+			nv := keyView(nk, t.Slug, now)
+			nv.Key = plain
+			return printJSON(stdout, struct {
+				Old keyJSON `json:"old"`
+				New keyJSON `json:"new"`
+			}{keyView(old, t.Slug, now), nv})
+		}
+		fmt.Fprintf(stdout, "rotated key %s (prefix %s) of tenant %s: it keeps working until %s, then expires.\n"+
+			"new key %s (prefix %s) with scopes %s; it is shown once:\n%s\n",
+			old.ID, old.Prefix, t.Slug, when(old.ExpiresAt), nk.ID, nk.Prefix, strings.Join(keyView(nk, "", now).Scopes, ","), plain)
+		return nil
+	}
+	return fmt.Errorf("apikey: unknown action %q: %w", action, errUsage)
 }
 
 // healthcheck lets a container without curl probe the server: it GETs /healthz on the local port.
