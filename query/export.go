@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -152,18 +153,41 @@ func appendCSVLine(b []byte, id uuid.UUID, ts time.Time, event, source, user, pr
 	b = append(b, ',')
 	b = ts.UTC().AppendFormat(b, time.RFC3339)
 	b = append(b, ',')
-	b = appendCell(b, event)
+	// event and source are names ingest checked ([a-z0-9_.-], starting with a letter) and ip an
+	// address it parsed: nothing in them needs quoting or neutralising.
+	b = append(b, event...)
 	b = append(b, ',')
-	b = appendCell(b, source)
+	b = append(b, source...)
 	b = append(b, ',')
 	b = appendCell(b, user)
 	b = append(b, ',')
-	b = appendCell(b, ip)
+	b = append(b, ip...)
 	b = append(b, ',')
 	b = appendCell(b, reqID)
 	b = append(b, ',')
-	b = appendCell(b, props)
-	return append(b, '\n')
+	return append(appendProps(b, props), '\n')
+}
+
+// appendProps appends props as a quoted CSV cell. Props are compact JSON objects that ingest wrote
+// (valid UTF-8, control characters escaped, starting with '{'), so only their quotes need doubling;
+// runs between quotes are copied whole (strings.IndexByte is vectorised): props are most of an
+// export's bytes.
+func appendProps(b []byte, props string) []byte {
+	if props == "" {
+		return b
+	}
+	b = append(b, '"')
+	for {
+		i := strings.IndexByte(props, '"')
+		if i < 0 {
+			break
+		}
+		b = append(b, props[:i+1]...)
+		b = append(b, '"')
+		props = props[i+1:]
+	}
+	b = append(b, props...)
+	return append(b, '"')
 }
 
 func appendJSONLine(b []byte, id uuid.UUID, ts time.Time, event, source, user, props, ip, reqID string) []byte {

@@ -1,8 +1,8 @@
 package query
 
 import (
-	"bufio"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"strconv"
@@ -325,14 +325,19 @@ func (s *Service) getExport(ext string) fiber.Handler {
 			fasthttp.ReleaseArgs(args)
 		}
 		c.Set(fiber.HeaderCacheControl, "no-store")
-		log := s.log
-		c.Context().SetBodyStreamWriter(func(w *bufio.Writer) {
-			n, err := exp.Write(w, kind.format, bom)
-			if err == nil {
-				err = w.Flush()
-			}
+		if c.Method() == fiber.MethodHead {
+			exp.Close()
+			return nil
+		}
+		log, rows := s.log, 0
+		api.Stream(c, func(w io.Writer) (err error) {
+			rows, err = exp.Write(w, kind.format, bom)
+			return err
+		}, func(err error) {
 			if err != nil {
-				log.Warn("export ended early", "tenant", p.Slug, "format", ext, "rows", n, "err", err)
+				// The body is left unterminated: the client sees the export cut short, never a
+				// shorter file that looks complete.
+				log.Warn("export ended early", "tenant", p.Slug, "format", ext, "rows", rows, "err", err)
 			}
 		})
 		return nil

@@ -6,8 +6,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"reflect"
 	"sort"
@@ -32,6 +32,7 @@ var jwtSecret = []byte("0123456789abcdef0123456789abcdef-test-secret")
 type harness struct {
 	env  testenv.Env
 	app  *fiber.App
+	base string // the app's URL
 	a, b tenant.Tenant
 	keys map[string]string // name → plaintext key
 	now  time.Time
@@ -70,6 +71,15 @@ func newHarness(t *testing.T, maxExport int) *harness {
 	h.app = api.NewApp(api.Config{}, nil)
 	authn := auth.NewAuthenticator(keys, tenants, auth.JWTConfig{Secret: jwtSecret})
 	svc.Register(h.app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsRead))
+	// A real listener, not app.Test: exports are streamed on the hijacked connection after the
+	// handler returns, which app.Test's in-memory connection does not wait for.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go h.app.Listener(ln)
+	t.Cleanup(func() { h.app.Shutdown() })
+	h.base = "http://" + ln.Addr().String()
 	return h
 }
 
@@ -122,19 +132,25 @@ type resp struct {
 
 func (h *harness) get(t *testing.T, token, slug, path string) resp {
 	t.Helper()
-	req := httptest.NewRequest(http.MethodGet, path, nil)
+	req, err := http.NewRequest(http.MethodGet, h.base+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)
 	}
 	if slug != "" {
 		req.Header.Set("X-Tenant-Slug", slug)
 	}
-	res, err := h.app.Test(req, -1)
+	res, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer res.Body.Close()
-	raw, _ := io.ReadAll(res.Body)
+	raw, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatalf("GET %s: body cut short: %v", path, err)
+	}
 	r := resp{status: res.StatusCode, header: res.Header, raw: string(raw)}
 	_ = json.Unmarshal(raw, &r.body)
 	return r
