@@ -1,12 +1,14 @@
 package query
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -36,6 +38,7 @@ type Service struct {
 	dur     *prometheus.HistogramVec
 	exports *prometheus.CounterVec
 	tenants *labels.Capped
+	streams sync.WaitGroup // exports still streaming (see Drain)
 }
 
 // NewService wires the read API; reg may be nil.
@@ -330,10 +333,12 @@ func (s *Service) getExport(ext string) fiber.Handler {
 			return nil
 		}
 		log, rows := s.log, 0
+		s.streams.Add(1)
 		api.Stream(c, func(w io.Writer) (err error) {
 			rows, err = exp.Write(w, kind.format, bom)
 			return err
 		}, func(err error) {
+			s.streams.Done()
 			if err != nil {
 				// The body is left unterminated: the client sees the export cut short, never a
 				// shorter file that looks complete.
@@ -341,6 +346,19 @@ func (s *Service) getExport(ext string) fiber.Handler {
 			}
 		})
 		return nil
+	}
+}
+
+// Drain waits until every export still streaming has ended, or ctx ends: at shutdown, after the
+// HTTP server stopped taking requests (it does not wait for streams it handed over).
+func (s *Service) Drain(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() { s.streams.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("exports still streaming at the shutdown deadline (they end cut short): %w", ctx.Err())
 	}
 }
 

@@ -33,6 +33,7 @@ type harness struct {
 	env  testenv.Env
 	app  *fiber.App
 	base string // the app's URL
+	svc  *query.Service
 	a, b tenant.Tenant
 	keys map[string]string // name → plaintext key
 	now  time.Time
@@ -68,6 +69,7 @@ func newHarness(t *testing.T, maxExport int) *harness {
 	}
 	store := query.NewStore(h.env.CH, h.env.DB, h.env.PG, 10*time.Second)
 	svc := query.NewService(query.Config{MaxExportRows: maxExport}, store, audit.New(h.env.PG), nil, nil)
+	h.svc = svc
 	h.app = api.NewApp(api.Config{}, nil)
 	authn := auth.NewAuthenticator(keys, tenants, auth.JWTConfig{Secret: jwtSecret})
 	svc.Register(h.app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsRead))
@@ -583,6 +585,44 @@ func TestExportPagesCoverEveryRowOnce(t *testing.T) {
 	}
 	if !found {
 		t.Error("an event that arrived after page 1, below its boundary, is on no later page")
+	}
+}
+
+// Shutdown waits for exports still streaming (fiber does not: they left its hands with the
+// connection), and gives up at its deadline.
+func TestDrainWaitsForStreamingExports(t *testing.T) {
+	h := newHarness(t, 100_000)
+	ts := h.now.Add(-time.Hour).Truncate(time.Second)
+	props := `{"pad":"` + strings.Repeat("x", 400) + `"}`
+	var rows []ev
+	for i := 0; i < 40_000; i++ { // ~20 MB of CSV: more than the socket buffers hold
+		rows = append(rows, ev{id: uuid.New(), tenant: h.a.ID, ts: ts, event: "a.b", props: props})
+	}
+	h.insert(t, rows)
+	if err := h.svc.Drain(context.Background()); err != nil {
+		t.Fatalf("nothing streaming: %v", err)
+	}
+	req, _ := http.NewRequest(http.MethodGet, h.base+"/api/analytics/export.csv", nil)
+	req.Header.Set("Authorization", "Bearer "+h.keys["a-read"])
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	// The client reads nothing yet: the export is blocked on a full socket.
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if err := h.svc.Drain(ctx); err == nil {
+		t.Fatal("Drain returned while an export was still streaming")
+	}
+	body, err := io.ReadAll(res.Body)
+	if err != nil || strings.Count(string(body), "\n") != 40_001 {
+		t.Fatalf("export: %d bytes, %d lines, %v", len(body), strings.Count(string(body), "\n"), err)
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := h.svc.Drain(ctx); err != nil {
+		t.Errorf("Drain after the export ended: %v", err)
 	}
 }
 

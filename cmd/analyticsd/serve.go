@@ -208,6 +208,9 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	step("http", func() error { return app.ShutdownWithContext(sctx) })
+	// Exports stream on connections fiber no longer tracks (api.Stream): let those running finish
+	// before ClickHouse closes under them.
+	step("exports", func() error { return querySvc.Drain(sctx) })
 	if opsSrv != nil {
 		step("operator listener", func() error { return opsSrv.Shutdown(sctx) })
 	}
