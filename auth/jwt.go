@@ -19,12 +19,16 @@ import (
 // published at JWKSURL. Either or both may be set; a token must use one of the configured algorithms
 // (never "none", never RS/HS confusion).
 type JWTConfig struct {
-	Secret   []byte // AUTH_JWT_SECRET
-	JWKSURL  string // AUTH_JWKS_URL
-	Issuer   string // AUTH_JWT_ISSUER: when set, iss must equal it
-	Audience string // AUTH_JWT_AUDIENCE: when set, aud must contain it
-	Leeway   time.Duration
+	Secret   []byte        // AUTH_JWT_SECRET
+	JWKSURL  string        // AUTH_JWKS_URL
+	Issuer   string        // AUTH_JWT_ISSUER: when set, iss must equal it
+	Audience string        // AUTH_JWT_AUDIENCE: when set, aud must contain it
+	Leeway   time.Duration // AUTH_JWT_LEEWAY: clock skew allowed on exp and nbf
 }
+
+// DefaultJWTConfig returns the documented defaults: no JWTs accepted until a secret or a JWKS URL is
+// set, and 30 s of clock skew allowed once they are. (A zero Leeway allows none.)
+func DefaultJWTConfig() JWTConfig { return JWTConfig{Leeway: 30 * time.Second} }
 
 // Enabled reports whether any JWT verification is configured.
 func (c JWTConfig) Enabled() bool { return len(c.Secret) > 0 || c.JWKSURL != "" }

@@ -37,7 +37,7 @@ type Metrics struct {
 // tenant and event label values (default 500): later values are counted under "other".
 func NewMetrics(reg prometheus.Registerer, labelCap int) *Metrics {
 	if labelCap <= 0 {
-		labelCap = 500
+		labelCap = labels.DefaultCap
 	}
 	m := &Metrics{
 		Events: prometheus.NewCounterVec(prometheus.CounterOpts{

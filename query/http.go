@@ -43,12 +43,7 @@ type Service struct {
 
 // NewService wires the read API; reg may be nil.
 func NewService(cfg Config, store *Store, auditLog *audit.Log, reg prometheus.Registerer, log *slog.Logger) *Service {
-	if cfg.MaxExportRows <= 0 {
-		cfg.MaxExportRows = 50_000
-	}
-	if cfg.LabelCap <= 0 {
-		cfg.LabelCap = 500
-	}
+	cfg.defaults()
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}

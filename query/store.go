@@ -24,7 +24,7 @@ type Store struct {
 // NewStore returns a Store. maxExec bounds every ClickHouse query (max_execution_time; default 30 s).
 func NewStore(ch driver.Conn, db string, pg *pgxpool.Pool, maxExec time.Duration) *Store {
 	if maxExec <= 0 {
-		maxExec = 30 * time.Second
+		maxExec = DefaultTimeout
 	}
 	return &Store{ch: ch, db: db, pg: pg, maxExec: maxExec, now: clock.Now}
 }

@@ -95,15 +95,7 @@ var ErrUnknownMetric = errors.New("no quota is defined for that metric")
 // NewService wires quotas. rec may be set later with SetRecorder (ingest is built after quota).
 func NewService(cfg Config, counters *Counters, limits *Limits, ch driver.Conn, db string, pg *pgxpool.Pool,
 	auditLog *audit.Log, reg prometheus.Registerer, log *slog.Logger) *Service {
-	if len(cfg.Thresholds) == 0 {
-		cfg.Thresholds = []int{80, 100}
-	}
-	if cfg.LabelCap <= 0 {
-		cfg.LabelCap = 500
-	}
-	if cfg.ReconcileEvery <= 0 {
-		cfg.ReconcileEvery = 30 * time.Second
-	}
+	cfg.defaults()
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}

@@ -17,6 +17,9 @@ type Config struct {
 	Burst int     // RATE_LIMIT_BURST
 }
 
+// DefaultConfig returns the documented defaults: 1000 requests/s per credential, bursts of 2000.
+func DefaultConfig() Config { return Config{Rate: 1000, Burst: 2000} }
+
 // Decision is the outcome of one Allow.
 type Decision struct {
 	Allowed   bool

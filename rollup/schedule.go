@@ -195,6 +195,19 @@ type ScheduleConfig struct {
 	Now func() time.Time
 }
 
+// DefaultScheduleConfig returns the documented defaults; NewScheduler gives them to the fields left
+// zero.
+func DefaultScheduleConfig() ScheduleConfig {
+	return ScheduleConfig{
+		At:           "00:10",
+		LookbackDays: 3,
+		RetryMin:     time.Minute,
+		RetryMax:     30 * time.Minute,
+		RunTimeout:   30 * time.Minute,
+		DriftEvery:   5 * time.Minute,
+	}
+}
+
 // Scheduler runs the daily rollup. Any number of replicas may run one: a run takes a Postgres advisory
 // lock first (an instance that does not get it skips), and skips each date a replica has already
 // reconciled for the same slot.
@@ -210,30 +223,31 @@ type Scheduler struct {
 
 // NewScheduler returns a Scheduler running r; it does nothing until Start.
 func NewScheduler(r *Reconciler, cfg ScheduleConfig, log *slog.Logger) (*Scheduler, error) {
+	d := DefaultScheduleConfig()
 	if cfg.At == "" {
-		cfg.At = "00:10"
+		cfg.At = d.At
 	}
 	at, err := ParseClock(cfg.At)
 	if err != nil {
 		return nil, fmt.Errorf("rollup schedule: %w", err)
 	}
 	if cfg.LookbackDays == 0 {
-		cfg.LookbackDays = 3
+		cfg.LookbackDays = d.LookbackDays
 	}
 	if cfg.LookbackDays < 1 || cfg.LookbackDays > 90 {
 		return nil, fmt.Errorf("rollup schedule: look-back of %d days: want 1 to 90", cfg.LookbackDays)
 	}
 	if cfg.RetryMin <= 0 {
-		cfg.RetryMin = time.Minute
+		cfg.RetryMin = d.RetryMin
 	}
 	if cfg.RetryMax < cfg.RetryMin {
-		cfg.RetryMax = max(30*time.Minute, cfg.RetryMin)
+		cfg.RetryMax = max(d.RetryMax, cfg.RetryMin)
 	}
 	if cfg.RunTimeout <= 0 {
-		cfg.RunTimeout = 30 * time.Minute
+		cfg.RunTimeout = d.RunTimeout
 	}
 	if cfg.DriftEvery == 0 {
-		cfg.DriftEvery = 5 * time.Minute
+		cfg.DriftEvery = d.DriftEvery
 	}
 	if cfg.Now == nil {
 		cfg.Now = clock.Now

@@ -4,6 +4,10 @@ package labels
 
 import "sync"
 
+// DefaultCap is how many distinct values a tenant or event label admits unless METRICS_LABEL_CAP
+// says otherwise: enough for a fleet of tenants, few enough that a flood cannot blow up the series.
+const DefaultCap = 500
+
 // Capped keeps at most n distinct label values; once full, new values read as "other".
 type Capped struct {
 	mu   sync.RWMutex
