@@ -1,9 +1,21 @@
 package main
 
 import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/ingest"
+	"github.com/analyticsd/analyticsd/internal/labels"
+	"github.com/analyticsd/analyticsd/query"
+	"github.com/analyticsd/analyticsd/quota"
+	"github.com/analyticsd/analyticsd/ratelimit"
+	"github.com/analyticsd/analyticsd/rollup"
 )
 
 func envOf(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
@@ -22,10 +34,100 @@ func TestConfigDefaults(t *testing.T) {
 	check("Addr", c.Addr, ":8080")
 	check("ClickHouseDB", c.ClickHouseDB, "analytics")
 	check("RetentionDays", c.RetentionDays, 90)
-	check("Enabled", c.Enabled, true)
-	check("MaxExportRows", c.MaxExportRows, 50000)
-	check("QuotasEnabled", c.QuotasEnabled, true)
+	check("Enabled", c.Ingest.Enabled, true)
+	check("MaxExportRows", c.Query.MaxExportRows, 50000)
+	check("QuotasEnabled", c.Quota.Enabled, true)
 	check("ShutdownTimeout", c.ShutdownTimeout, 30*time.Second)
+}
+
+// Each package declares its defaults once; with nothing set, each section of the configuration is
+// that package's defaults plus what the sections share (retention, event map, label cap, dedup window).
+// A default written again in config.go and then changed in one place only fails here.
+func TestConfigSectionsStartFromPackageDefaults(t *testing.T) {
+	c, err := loadConfig(envOf(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	check := func(name string, got, want any) {
+		t.Helper()
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("%s:\n got %+v\nwant %+v", name, got, want)
+		}
+	}
+	check("RetentionDays", c.RetentionDays, ingest.DefaultLimits().RetentionDays)
+	check("LabelCap", c.LabelCap, labels.DefaultCap)
+
+	in := ingest.DefaultConfig()
+	in.Limits.RetentionDays = c.RetentionDays
+	check("Ingest", c.Ingest, in)
+	w := ingest.DefaultWriterConfig()
+	w.RetentionDays = c.RetentionDays
+	check("Writer", c.Writer, w)
+
+	q := quota.DefaultConfig()
+	q.EventMetrics, q.LabelCap, q.IdempotencyWindow = ingest.DefaultEventMetrics(), c.LabelCap, c.DedupWindow
+	check("Quota", c.Quota, q)
+	check("QuotaDefaults", c.QuotaDefaults, map[string]float64{})
+
+	check("RateLimit", c.RateLimit, ratelimit.DefaultConfig())
+	check("Rollup", c.Rollup, rollup.DefaultScheduleConfig())
+	check("JWT", c.JWT, auth.DefaultJWTConfig())
+	qc := query.DefaultConfig()
+	qc.LabelCap = c.LabelCap
+	check("Query", c.Query, qc)
+	check("QueryTimeout", c.QueryTimeout, query.DefaultTimeout)
+}
+
+// The README's configuration table is what operators read: setting a variable to the default the
+// table gives it must change nothing.
+func TestConfigDefaultsMatchREADME(t *testing.T) {
+	raw, err := os.ReadFile(filepath.Join("..", "..", "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, table, ok := strings.Cut(string(raw), "\n## Configuration\n")
+	if !ok {
+		t.Fatal(`README.md has no "## Configuration" section`)
+	}
+	if i := strings.Index(table, "\n## "); i >= 0 {
+		table = table[:i]
+	}
+	unset, err := loadConfig(envOf(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	code := regexp.MustCompile("`([^`]+)`")
+	checked := 0
+	for _, line := range strings.Split(table, "\n") {
+		cells := strings.Split(line, "|")
+		if len(cells) < 4 {
+			continue
+		}
+		// "`RATE_LIMIT_RPS` / `RATE_LIMIT_BURST` | `1000` / `2000`": the n-th default is the n-th variable's.
+		vars, defs := code.FindAllStringSubmatch(cells[1], -1), code.FindAllStringSubmatch(cells[2], -1)
+		if len(vars) == 0 || len(defs) != len(vars) {
+			continue // no default ("—"), or one in words
+		}
+		for i, v := range vars {
+			name, def := v[1], defs[i][1]
+			c, err := loadConfig(envOf(map[string]string{name: def}))
+			switch {
+			case err != nil:
+				t.Errorf("%s=%s (the README's default): %v", name, def, err)
+			default:
+				got, want := reflect.ValueOf(c), reflect.ValueOf(unset)
+				for f := range got.NumField() {
+					if g, w := got.Field(f).Interface(), want.Field(f).Interface(); !reflect.DeepEqual(g, w) {
+						t.Errorf("%s=%s (the README's default): %s is %+v, but %+v when unset", name, def, got.Type().Field(f).Name, g, w)
+					}
+				}
+			}
+			checked++
+		}
+	}
+	if checked < 30 {
+		t.Fatalf("checked %d defaults of the README's table; the parser is broken", checked)
+	}
 }
 
 func TestConfigReadsEnv(t *testing.T) {
@@ -39,7 +141,7 @@ func TestConfigReadsEnv(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.ClickHouseDB != "stats" || c.RetentionDays != 30 || c.Enabled || c.MaxExportRows != 1000 ||
+	if c.ClickHouseDB != "stats" || c.RetentionDays != 30 || c.Ingest.Enabled || c.Query.MaxExportRows != 1000 ||
 		c.QuotaDefaults["api_requests_daily"] != 50000 || c.QuotaDefaults["builds_daily"] != 100 {
 		t.Errorf("got %+v", c)
 	}

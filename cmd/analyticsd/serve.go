@@ -142,7 +142,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		return d
 	}
 	store := query.NewStore(ch, cfg.ClickHouseDB, pg, cfg.QueryTimeout)
-	querySvc := query.NewService(query.Config{MaxExportRows: cfg.MaxExportRows, LabelCap: cfg.LabelCap}, store, auditLog, reg, log.With("component", "query"))
+	querySvc := query.NewService(cfg.Query, store, auditLog, reg, log.With("component", "query"))
 	if len(cfg.CORSOrigins) > 0 {
 		app.Use("/api", cors.New(cors.Config{
 			AllowOrigins:  strings.Join(cfg.CORSOrigins, ","),
