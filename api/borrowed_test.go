@@ -16,8 +16,10 @@ var rawRequest = regexp.MustCompile(`\.Request\(\)\.|\.Context\(\)\.(QueryArgs|P
 // is decoded into fresh values (the decoder copies strings, Validate copies ts and props; the usage
 // body's field check decodes into a fresh map), the idempotency middleware hashes the request,
 // metric[] values and the repeated-parameter check's keys are converted with string(...), and the
-// export's Link header is built from a copy of the query arguments (fasthttp.Args.CopyTo).
+// export's Link header is built from a copy of the query arguments (fasthttp.Args.CopyTo); Stream
+// reads only whether the request is HTTP/1.1 (a bool).
 var rawAllowed = map[string]int{
+	"api/stream.go":        1,
 	"ingest/http.go":       3,
 	"dedup/idempotency.go": 2,
 	"query/http.go":        4,

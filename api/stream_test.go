@@ -3,11 +3,13 @@ package api
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/gofiber/fiber/v2"
 )
@@ -19,22 +21,30 @@ func TestStream(t *testing.T) {
 	app := fiber.New(fiber.Config{DisableStartupMessage: true})
 	part := bytes.Repeat([]byte("0123456789abcdef\n"), 20_000) // 340 KB per write
 	ran := make(chan string, 10)
-	for _, path := range []string{"/ok", "/fail"} {
+	ended := make(chan error, 10)
+	for _, path := range []string{"/ok", "/fail", "/slow"} {
 		app.Get(path, func(c *fiber.Ctx) error {
 			c.Set("X-Test", "yes")
 			c.Status(http.StatusOK).Type("txt")
-			Stream(c, func(w io.Writer) error {
+			max := time.Duration(0)
+			if path == "/slow" {
+				max = 300 * time.Millisecond
+			}
+			Stream(c, max, func(w io.Writer) error {
 				ran <- path
 				for i := 0; i < 10; i++ {
 					if path == "/fail" && i == 5 {
 						return errors.New("storage went away")
+					}
+					if path == "/slow" && i == 2 {
+						time.Sleep(400 * time.Millisecond) // past the whole body's deadline
 					}
 					if _, err := w.Write(part); err != nil {
 						return err
 					}
 				}
 				return nil
-			}, nil)
+			}, func(err error) { ended <- err })
 			return nil
 		})
 	}
@@ -74,12 +84,47 @@ func TestStream(t *testing.T) {
 
 	<-ran
 	<-ran
+	if err := <-ended; err != nil {
+		t.Errorf("/ok ended with %v", err)
+	}
+	if err := <-ended; err == nil {
+		t.Error("/fail ended without an error")
+	}
+
+	// The whole body's deadline: a stream still writing after it is cut short.
+	resp, err = http.Get(base + "/slow")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	<-ran
+	if e := <-ended; e == nil || err == nil || len(body) >= 10*len(part) {
+		t.Errorf("/slow: read %d bytes (%v), stream ended with %v; want it cut at its deadline", len(body), err, e)
+	}
+
+	// HTTP/1.0 has no chunks: the body is unframed and ends with the connection.
+	conn, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(conn, "GET /ok HTTP/1.0\r\nHost: x\r\n\r\n")
+	raw, err := io.ReadAll(conn)
+	conn.Close()
+	<-ran
+	<-ended
+	head, got, _ := bytes.Cut(raw, []byte("\r\n\r\n"))
+	if err != nil || !bytes.Equal(got, bytes.Repeat(part, 10)) || bytes.Contains(bytes.ToLower(head), []byte("chunked")) {
+		t.Errorf("HTTP/1.0: head %q, %d body bytes, err %v; want the parts unframed", head, len(got), err)
+	}
+
 	req, _ := http.NewRequest(http.MethodHead, base+"/ok", nil)
 	resp, err = http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
+	<-ended
 	if resp.StatusCode != 200 || resp.Header.Get("X-Test") != "yes" || len(ran) != 0 {
 		t.Errorf("HEAD: status %d, headers %v, body ran %d times; want headers only", resp.StatusCode, resp.Header, len(ran))
 	}

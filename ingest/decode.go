@@ -271,6 +271,10 @@ func decodeJSON(body []byte, maxEvents int) ([]Event, []ItemError, error) {
 			}
 		}
 		if env.Events != nil {
+			// The fast decoder took the envelope's other keys as the embedded event's fields.
+			if f := env.Event.setField(); f != "" {
+				return nil, nil, badBody("the {\"events\":[...]} envelope has no other fields: found %q at its top level; put it in each event", f)
+			}
 			ev := bytes.TrimSpace(env.Events)
 			if len(ev) == 0 || ev[0] != '[' {
 				return nil, nil, badBody("events must be a JSON array of event objects")

@@ -201,6 +201,11 @@ func (l Limits) Validate(e *Event, tenant uuid.UUID, now time.Time) (Row, error)
 		if err != nil {
 			return r, fmt.Errorf("ip %q is not an IPv4 or IPv6 address", truncate(e.IP))
 		}
+		if addr.Zone() != "" {
+			// A zone ("fe80::1%eth0") names an interface of the sender's host, means nothing here,
+			// and is free text: "%,=HYPERLINK(…)" would ride into exports.
+			return r, fmt.Errorf("ip %q has a zone (%%…): send the address without it", truncate(e.IP))
+		}
 		r.IP = addr.Unmap().String()
 	}
 	return r, nil

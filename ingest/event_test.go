@@ -81,6 +81,8 @@ func TestValidate(t *testing.T) {
 		{"request_id too long", with(func(e *Event) { e.RequestID = strings.Repeat("r", 256) }), "request_id is 256 bytes", nil},
 		{"bad ip", with(func(e *Event) { e.IP = "300.1.1.1" }), "not an IPv4 or IPv6 address", nil},
 		{"ipv6", with(func(e *Event) { e.IP = "2001:db8::1" }), "", nil},
+		// A zone is free text after '%': it carried a CSV formula (and a line break) into exports.
+		{"ipv6 zone", with(func(e *Event) { e.IP = "fe80::1%,=HYPERLINK(\"x\")" }), "has a zone", nil},
 		{"mapped ipv4", with(func(e *Event) { e.IP = "::ffff:192.168.1.1" }), "", func(t *testing.T, r Row) {
 			if r.IP != "192.168.1.1" {
 				t.Errorf("ip: got %s", r.IP)

@@ -100,3 +100,28 @@ func contains(list []string, s string) bool {
 	}
 	return false
 }
+
+// setField names a field of e that was set, or "" when none was.
+func (e *Event) setField() string {
+	switch {
+	case e.ID != "":
+		return "id"
+	case e.Event != "":
+		return "event"
+	case e.UserID != "":
+		return "user_id"
+	case e.Source != "":
+		return "source"
+	case e.Ts != nil:
+		return "ts"
+	case e.Props != nil:
+		return "props"
+	case e.IP != "":
+		return "ip"
+	case e.RequestID != "":
+		return "request_id"
+	case e.TenantID != "":
+		return "tenant_id"
+	}
+	return ""
+}

@@ -44,6 +44,14 @@ func TestDecodeRefusesUnknownFields(t *testing.T) {
 	if _, _, err := Decode([]byte(`{"events":[{"event":"a.b"}],"batch_id":"x"}`), FormatJSON, 100); err == nil || !strings.Contains(err.Error(), `unknown field "batch_id"`) {
 		t.Errorf("envelope with an unknown field: %v, want a request error naming batch_id", err)
 	}
+	// An event's field at the envelope's top level is not applied to the events, nor dropped: the
+	// fast decoder took it as the embedded event's and the batch went through without it.
+	for _, f := range []string{"user_id", "props", "ts", "source"} {
+		body := `{"events":[{"event":"a.b"}],"` + f + `":` + map[string]string{"user_id": `"u-1"`, "props": `{"a":1}`, "ts": `1`, "source": `"api"`}[f] + `}`
+		if _, _, err := Decode([]byte(body), FormatJSON, 100); err == nil || !strings.Contains(err.Error(), f) {
+			t.Errorf("%s: %v, want a request error naming %s", body, err, f)
+		}
+	}
 	// Known fields in any order, and tenant_id (refused later by Validate with its own message), pass.
 	if events, bad, err := Decode([]byte(`[{"request_id":"r","ip":"10.0.0.1","props":{},"ts":1,"source":"app","user_id":"u","event":"a.b","id":"0190b0b0-0000-7000-8000-000000000001","tenant_id":"x"}]`), FormatJSON, 100); err != nil || len(bad) != 0 || len(events) != 1 {
 		t.Errorf("every known field: %d events, %v, %v", len(events), bad, err)

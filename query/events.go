@@ -71,9 +71,14 @@ func (f EventFilter) where(lo, hi time.Time) (string, []any) {
 	var b strings.Builder
 	args := []any{f.Tenant, lo, hi}
 	b.WriteString("tenant_id = ? AND ts >= ? AND ts < ?")
-	if !f.Cursor.IsZero() && f.Cursor.ID != uuid.Nil {
+	switch {
+	case f.Cursor.IsZero():
+	case f.Cursor.ID != uuid.Nil:
 		b.WriteString(" AND (ts < ? OR (ts = ? AND id < toUUID(?)))")
 		args = append(args, f.Cursor.Ts, f.Cursor.Ts, f.Cursor.ID.String())
+	default: // a bare RFC3339 cursor: events older than the instant
+		b.WriteString(" AND ts < ?")
+		args = append(args, f.Cursor.Ts)
 	}
 	if f.Event != "" {
 		b.WriteString(" AND event = ?")

@@ -1,15 +1,16 @@
 package query
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
-	"strings"
+	"sync"
 	"time"
 	"unicode/utf8"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
-	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/internal/chlimit"
@@ -42,61 +43,45 @@ type Export struct {
 	Truncated bool
 	Next      Cursor // set when Truncated
 
-	rows   driver.Rows
-	cancel context.CancelFunc
+	store *Store
+	query string
+	args  []any
 }
 
-// StartExport finds the page's boundary and starts its query for f (newest first, at most max rows
-// as of the moment it runs) so failures surface before any byte is sent. The caller must call Write
-// (which closes it) or Close.
-func (s *Store) StartExport(f EventFilter, max int) (*Export, error) {
-	// The stream outlives the request handler, so it gets its own deadline rather than the request's.
-	ctx, cancel := context.WithTimeout(context.Background(), s.maxExec+time.Minute)
-	// Small blocks keep the stream's memory flat: clickhouse-go decodes a whole block at a time, and
-	// the default 65,536 rows of eight string columns is tens of MiB per block.
-	qctx := chlimit.Context(ctx, s.maxExec, clickhouse.Settings{"max_block_size": 8192})
-	exp, err := s.startExport(qctx, f, max)
-	if err != nil {
-		cancel()
-		return nil, fmt.Errorf("query export: %w", err)
-	}
-	exp.cancel = cancel
-	return exp, nil
-}
-
-func (s *Store) startExport(ctx context.Context, f EventFilter, max int) (*Export, error) {
+// PlanExport finds the page of f (newest first, at most max rows as of the moment it runs): whether
+// more rows match and, if so, the boundary row, so the response headers can say so before any byte
+// is sent. It runs under ctx (the request's); the page's own query runs in Write.
+func (s *Store) PlanExport(ctx context.Context, f EventFilter, max int) (*Export, error) {
+	ctx = s.limits(ctx)
 	where, args := f.where(f.Range.From, f.Range.To)
-	exp := &Export{}
+	exp := &Export{store: s}
 	// Are there more than max rows? Counting stops at max+1 (the inner LIMIT), so this reads only
 	// the key columns of at most one page more than it sends.
 	var n uint64
 	if err := s.ch.QueryRow(ctx, fmt.Sprintf("SELECT count() FROM (SELECT 1 FROM %s.events WHERE %s LIMIT %d)", s.db, where, max+1), args...).Scan(&n); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("count export rows: %w", err)
 	}
 	if n > uint64(max) {
 		// The page's last row: its key bounds the page query and is the next page's cursor.
 		var ts time.Time
 		var id uuid.UUID
 		if err := s.ch.QueryRow(ctx, fmt.Sprintf("SELECT ts, id FROM %s.events WHERE %s ORDER BY ts DESC, id DESC LIMIT %d, 1", s.db, where, max-1), args...).Scan(&ts, &id); err != nil {
-			return nil, err
+			return nil, fmt.Errorf("find the export page's boundary: %w", err)
 		}
 		exp.Truncated, exp.Next = true, Cursor{Ts: ts.UTC(), ID: id}
 		where += " AND (ts > ? OR (ts = ? AND id >= toUUID(?)))"
 		args = append(args, ts, ts, id.String())
 	}
-	rows, err := s.ch.Query(ctx, fmt.Sprintf("SELECT %s FROM %s.events WHERE %s ORDER BY ts DESC, id DESC", eventColumns, s.db, where), args...)
-	if err != nil {
-		return nil, err
-	}
-	exp.rows = rows
+	exp.query = fmt.Sprintf("SELECT %s FROM %s.events WHERE %s ORDER BY ts DESC, id DESC", eventColumns, s.db, where)
+	exp.args = args
 	return exp, nil
 }
 
-// Close abandons the export.
-func (e *Export) Close() {
-	e.rows.Close()
-	e.cancel()
-}
+// Duration bounds a whole export stream, however slowly its client reads: the page query's
+// max_execution_time and a minute to deliver what it read. A client slower than that gets the
+// export cut short (and a continuation from where the complete pages ended), and the ClickHouse
+// connection back.
+func (e *Export) Duration() time.Duration { return e.store.maxExec + time.Minute }
 
 // flushAt is how much encoded output is gathered before a write. Large writes matter: the stream
 // writer fasthttp hands out buffers 4 KiB, and row-sized writes through it cost a syscall per 4 KiB
@@ -110,7 +95,18 @@ const flushAt = 256 << 10
 // Rows are encoded by hand into one reused buffer: encoding/csv, per-row scan targets escaping to the
 // heap and row-sized writes took about 2 µs of CPU per row (profile in BENCHMARKS.md).
 func (e *Export) Write(w io.Writer, format Format, bom bool) (int, error) {
-	defer e.Close()
+	// The stream outlives the request handler, so the page query gets its own deadline. Small blocks
+	// keep the stream's memory flat: clickhouse-go decodes a whole block at a time, and the default
+	// 65,536 rows of eight string columns is tens of MiB per block.
+	ctx, cancel := context.WithTimeout(context.Background(), e.Duration())
+	rows, err := e.store.ch.Query(chlimit.Context(ctx, e.store.maxExec, clickhouse.Settings{"max_block_size": 8192}), e.query, e.args...)
+	if err != nil {
+		cancel()
+		return 0, fmt.Errorf("query export page: %w", err)
+	}
+	// Cancel first: rows.Close alone reads the rest of the result (a client that left would keep the
+	// query, and its connection, busy to the end).
+	defer func() { cancel(); rows.Close() }()
 	buf := make([]byte, 0, flushAt+64<<10)
 	if format == CSV {
 		if bom {
@@ -119,13 +115,14 @@ func (e *Export) Write(w io.Writer, format Format, bom bool) (int, error) {
 		buf = append(buf, "id,ts,event,source,user_id,ip,request_id,props\n"...)
 	}
 	var (
-		id                                    uuid.UUID
-		ts                                    time.Time
-		event, source, user, props, ip, reqID string
-		n                                     int
+		id                             uuid.UUID
+		ts                             time.Time
+		event, source, user, ip, reqID string
+		props                          []byte // scanned without a copy of the string clickhouse-go made
+		n                              int
 	)
-	for e.rows.Next() {
-		if err := e.rows.Scan(&id, &ts, &event, &source, &user, &props, &ip, &reqID); err != nil {
+	for rows.Next() {
+		if err := rows.Scan(&id, &ts, &event, &source, &user, &props, &ip, &reqID); err != nil {
 			return n, fmt.Errorf("scan export row: %w", err)
 		}
 		if format == NDJSON {
@@ -141,44 +138,54 @@ func (e *Export) Write(w io.Writer, format Format, bom bool) (int, error) {
 			buf = buf[:0]
 		}
 	}
-	if err := e.rows.Err(); err != nil {
+	if err := rows.Err(); err != nil {
 		return n, err
 	}
-	_, err := w.Write(buf)
+	_, err = w.Write(buf)
 	return n, err
 }
 
-func appendCSVLine(b []byte, id uuid.UUID, ts time.Time, event, source, user, props, ip, reqID string) []byte {
+func appendCSVLine(b []byte, id uuid.UUID, ts time.Time, event, source, user string, props []byte, ip, reqID string) []byte {
 	b = appendUUID(b, id)
 	b = append(b, ',')
 	b = ts.UTC().AppendFormat(b, time.RFC3339)
 	b = append(b, ',')
-	// event and source are names ingest checked ([a-z0-9_.-], starting with a letter) and ip an
-	// address it parsed: nothing in them needs quoting or neutralising.
+	// event and source are names ingest checked ([a-z0-9_.-], starting with a letter): nothing in
+	// them needs quoting or neutralising. ip goes through appendCell like any text: an IPv6 zone
+	// ("fe80::1%eth0") is free text after the '%'.
 	b = append(b, event...)
 	b = append(b, ',')
 	b = append(b, source...)
 	b = append(b, ',')
 	b = appendCell(b, user)
 	b = append(b, ',')
-	b = append(b, ip...)
+	b = appendCell(b, ip)
 	b = append(b, ',')
 	b = appendCell(b, reqID)
 	b = append(b, ',')
-	return append(appendProps(b, props), '\n')
+	return append(appendProps(b, exportProps(props)), '\n')
 }
+
+// exportProps is props as GET /events shows them: stored props that are not one line of valid JSON
+// (rows written by something other than ingest, which stores compact objects) read as {}, so an
+// NDJSON line is always one JSON object and a CSV cell never carries raw control characters.
+func exportProps(props []byte) []byte {
+	if len(props) == 0 || bytes.IndexByte(props, '\n') >= 0 || bytes.IndexByte(props, '\r') >= 0 || !json.Valid(props) {
+		return emptyProps
+	}
+	return props
+}
+
+var emptyProps = []byte("{}")
 
 // appendProps appends props as a quoted CSV cell. Props are compact JSON objects that ingest wrote
 // (valid UTF-8, control characters escaped, starting with '{'), so only their quotes need doubling;
-// runs between quotes are copied whole (strings.IndexByte is vectorised): props are most of an
+// runs between quotes are copied whole (bytes.IndexByte is vectorised): props are most of an
 // export's bytes.
-func appendProps(b []byte, props string) []byte {
-	if props == "" {
-		return b
-	}
+func appendProps(b []byte, props []byte) []byte {
 	b = append(b, '"')
 	for {
-		i := strings.IndexByte(props, '"')
+		i := bytes.IndexByte(props, '"')
 		if i < 0 {
 			break
 		}
@@ -190,7 +197,7 @@ func appendProps(b []byte, props string) []byte {
 	return append(b, '"')
 }
 
-func appendJSONLine(b []byte, id uuid.UUID, ts time.Time, event, source, user, props, ip, reqID string) []byte {
+func appendJSONLine(b []byte, id uuid.UUID, ts time.Time, event, source, user string, props []byte, ip, reqID string) []byte {
 	b = append(b, `{"id":"`...)
 	b = appendUUID(b, id)
 	b = append(b, `","user_id":`...)
@@ -202,10 +209,7 @@ func appendJSONLine(b []byte, id uuid.UUID, ts time.Time, event, source, user, p
 	b = append(b, `,"ts":"`...)
 	b = ts.UTC().AppendFormat(b, time.RFC3339)
 	b = append(b, `","props":`...)
-	if props == "" {
-		props = "{}" // stored props are compact JSON objects written by ingest; empty reads as none
-	}
-	b = append(b, props...)
+	b = append(b, exportProps(props)...)
 	b = append(b, `,"ip":`...)
 	b = appendJSONString(b, ip)
 	b = append(b, `,"request_id":`...)
@@ -257,13 +261,14 @@ func control(c byte) bool { return (c < 0x20 && c != '\t' && c != '\n' && c != '
 
 // appendCell appends s as one CSV cell: neutralised as OWASP recommends for CSV injection (a cell a
 // spreadsheet would run gets a leading '), with control characters and invalid UTF-8 as U+FFFD, and
-// quoted when it holds a delimiter, a quote, a line break or a leading space.
+// quoted when it holds a delimiter (',' or ';', which Excel splits on in many locales), a quote, a
+// line break or a leading space.
 func appendCell(b []byte, s string) []byte {
 	quote, clean := false, true
 	for i := 0; i < len(s); i++ {
 		c := s[i]
 		switch {
-		case c == ',' || c == '"' || c == '\n' || c == '\r':
+		case c == ',' || c == ';' || c == '"' || c == '\n' || c == '\r':
 			quote = true
 		case control(c) || c >= 0x80:
 			clean = false
@@ -352,4 +357,68 @@ func appendJSONString(b []byte, s string) []byte {
 	}
 	b = append(b, s[start:]...)
 	return append(b, '"')
+}
+
+// Concurrent exports are bounded: each holds a ClickHouse connection for as long as its client
+// reads, and the pool (16) is shared with ingest and every other read. A tenant may run
+// exportsPerTenant at once, all tenants exportsTotal; beyond that the export is refused (429) at
+// once rather than queued.
+const (
+	exportsPerTenant = 2
+	exportsTotal     = 4
+)
+
+// exportGate counts running exports, per tenant and in all, and lets shutdown wait for them.
+type exportGate struct {
+	mu       sync.Mutex
+	running  map[uuid.UUID]int
+	total    int
+	finished chan struct{} // closed when total drops to 0; replaced when it rises from 0
+}
+
+// enter takes a slot for tenant, or reports false when none is free.
+func (g *exportGate) enter(tenant uuid.UUID) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.total >= exportsTotal || g.running[tenant] >= exportsPerTenant {
+		return false
+	}
+	if g.running == nil {
+		g.running = map[uuid.UUID]int{}
+	}
+	if g.total == 0 {
+		g.finished = make(chan struct{})
+	}
+	g.running[tenant]++
+	g.total++
+	return true
+}
+
+// leave gives tenant's slot back.
+func (g *exportGate) leave(tenant uuid.UUID) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.running[tenant]--; g.running[tenant] <= 0 {
+		delete(g.running, tenant)
+	}
+	if g.total--; g.total == 0 {
+		close(g.finished)
+	}
+}
+
+// wait returns once no export runs, or when ctx ends.
+func (g *exportGate) wait(ctx context.Context) error {
+	g.mu.Lock()
+	if g.total == 0 {
+		g.mu.Unlock()
+		return nil
+	}
+	finished, n := g.finished, g.total
+	g.mu.Unlock()
+	select {
+	case <-finished:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("%d exports still streaming at the shutdown deadline (they end cut short): %w", n, ctx.Err())
+	}
 }

@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -38,7 +37,7 @@ type Service struct {
 	dur     *prometheus.HistogramVec
 	exports *prometheus.CounterVec
 	tenants *labels.Capped
-	streams sync.WaitGroup // exports still streaming (see Drain)
+	gate    exportGate // running exports (see Drain)
 }
 
 // NewService wires the read API; reg may be nil.
@@ -290,9 +289,43 @@ func (s *Service) getExport(ext string) fiber.Handler {
 			return paramErr("bom=%q: want true or false", truncate(c.Query("bom")))
 		}
 		p := principal(c)
-		exp, err := s.store.StartExport(f, limit)
+		if !s.gate.enter(p.TenantID) {
+			return &api.Error{Status: http.StatusTooManyRequests, Code: "too_many_exports",
+				Message: fmt.Sprintf("at most %d exports of a tenant (%d in all) run at once; retry when one has finished", exportsPerTenant, exportsTotal),
+				Header:  map[string]string{fiber.HeaderRetryAfter: "5"}}
+		}
+		streaming := false
+		defer func() {
+			if !streaming {
+				s.gate.leave(p.TenantID)
+			}
+		}()
+		exp, err := s.store.PlanExport(c.UserContext(), f, limit)
 		if err != nil {
 			return unavailable(err)
+		}
+		name := fmt.Sprintf("analytics-%s-%s-%s.%s", p.Slug, f.Range.From.Format("20060102"), f.Range.To.Add(-time.Second).Format("20060102"), ext)
+		c.Set(fiber.HeaderContentType, kind.contentType)
+		c.Set(fiber.HeaderContentDisposition, `attachment; filename="`+name+`"`)
+		c.Set("X-Export-Row-Limit", strconv.Itoa(limit))
+		c.Set("X-Export-Truncated", strconv.FormatBool(exp.Truncated))
+		if exp.Truncated {
+			// The next page is this request with the cursor set and the range resolved: a default
+			// range ("the last 30 days") recomputed by the next request would slide past midnight
+			// and drop the oldest day's rows.
+			next := exp.Next.Encode()
+			args := fasthttp.AcquireArgs()
+			c.Context().QueryArgs().CopyTo(args)
+			args.Set("cursor", next)
+			args.Set("from", f.Range.From.Format(time.RFC3339))
+			args.Set("to", f.Range.To.Format(time.RFC3339))
+			c.Set("X-Export-Next-Cursor", next)
+			c.Set(fiber.HeaderLink, "<"+c.Path()+"?"+args.String()+`>; rel="next"`)
+			fasthttp.ReleaseArgs(args)
+		}
+		c.Set(fiber.HeaderCacheControl, "no-store")
+		if c.Method() == fiber.MethodHead {
+			return nil // the headers only: no page query, nothing downloaded, nothing to audit
 		}
 		s.exports.WithLabelValues(s.tenants.Value(p.Slug)).Inc()
 		if s.audit != nil {
@@ -304,36 +337,18 @@ func (s *Service) getExport(ext string) fiber.Handler {
 			entry := audit.Entry{TenantID: p.TenantID, Actor: p.Actor, Action: "export." + ext, Target: "events", Meta: meta}
 			if err := s.audit.Record(c.UserContext(), entry); err != nil {
 				// An export that cannot be audited is refused: the guide promises every download is logged.
-				exp.Close()
 				return unavailable(err)
 			}
 		}
-		name := fmt.Sprintf("analytics-%s-%s-%s.%s", p.Slug, f.Range.From.Format("20060102"), f.Range.To.Add(-time.Second).Format("20060102"), ext)
-		c.Set(fiber.HeaderContentType, kind.contentType)
-		c.Set(fiber.HeaderContentDisposition, `attachment; filename="`+name+`"`)
-		c.Set("X-Export-Row-Limit", strconv.Itoa(limit))
-		c.Set("X-Export-Truncated", strconv.FormatBool(exp.Truncated))
-		if exp.Truncated {
-			next := exp.Next.Encode()
-			args := fasthttp.AcquireArgs()
-			c.Context().QueryArgs().CopyTo(args)
-			args.Set("cursor", next)
-			c.Set("X-Export-Next-Cursor", next)
-			c.Set(fiber.HeaderLink, "<"+c.Path()+"?"+args.String()+`>; rel="next"`)
-			fasthttp.ReleaseArgs(args)
-		}
-		c.Set(fiber.HeaderCacheControl, "no-store")
-		if c.Method() == fiber.MethodHead {
-			exp.Close()
-			return nil
-		}
-		log, rows := s.log, 0
-		s.streams.Add(1)
-		api.Stream(c, func(w io.Writer) (err error) {
+		// The page query starts inside the stream, once the connection is ours: if it never gets
+		// there (the client reset the connection first), nothing was started that needs closing.
+		log, rows, tenant := s.log, 0, p.TenantID
+		streaming = true
+		api.Stream(c, exp.Duration(), func(w io.Writer) (err error) {
 			rows, err = exp.Write(w, kind.format, bom)
 			return err
 		}, func(err error) {
-			s.streams.Done()
+			s.gate.leave(tenant)
 			if err != nil {
 				// The body is left unterminated: the client sees the export cut short, never a
 				// shorter file that looks complete.
@@ -346,16 +361,7 @@ func (s *Service) getExport(ext string) fiber.Handler {
 
 // Drain waits until every export still streaming has ended, or ctx ends: at shutdown, after the
 // HTTP server stopped taking requests (it does not wait for streams it handed over).
-func (s *Service) Drain(ctx context.Context) error {
-	done := make(chan struct{})
-	go func() { s.streams.Wait(); close(done) }()
-	select {
-	case <-done:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("exports still streaming at the shutdown deadline (they end cut short): %w", ctx.Err())
-	}
-}
+func (s *Service) Drain(ctx context.Context) error { return s.gate.wait(ctx) }
 
 // unavailable turns a storage failure into a 503 the client can retry; parameter errors pass through.
 func unavailable(err error) error {

@@ -131,10 +131,10 @@ func TestEventsSQL(t *testing.T) {
 func BenchmarkExportEncode(b *testing.B) {
 	id := uuid.MustParse("0190b0b0-1234-7abc-8def-0123456789ab")
 	ts := time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC)
-	props := `{"plan":"pro","n":12345,"path":"/projects/977/builds","ok":true,"dur_ms":2999,"note":"lorem ipsum dolor sit amet consectetur adipiscing elit sed do"}`
+	props := []byte(`{"plan":"pro","n":12345,"path":"/projects/977/builds","ok":true,"dur_ms":2999,"note":"lorem ipsum dolor sit amet consectetur adipiscing elit sed do"}`)
 	for _, f := range []struct {
 		name string
-		fn   func([]byte, uuid.UUID, time.Time, string, string, string, string, string, string) []byte
+		fn   func([]byte, uuid.UUID, time.Time, string, string, string, []byte, string, string) []byte
 	}{{"csv", appendCSVLine}, {"ndjson", appendJSONLine}} {
 		b.Run(f.name, func(b *testing.B) {
 			buf := make([]byte, 0, 1024)

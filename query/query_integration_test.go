@@ -626,6 +626,134 @@ func TestDrainWaitsForStreamingExports(t *testing.T) {
 	}
 }
 
+// What an attacker-minded review found in the first version of paged exports, each fixed:
+// the next page's Link pins the range (a default "last 30 days" recomputed after midnight dropped
+// the oldest day); a bare RFC3339 cursor bounds an export as it bounds /events (it was ignored);
+// HEAD runs no export and audits nothing; an ip or user id cannot split a CSV row or cell (',' in
+// an IPv6 zone, ';' for Excel's semicolon locales); NDJSON lines stay one JSON object whatever was
+// stored as props.
+func TestExportEdges(t *testing.T) {
+	h := newHarness(t, 2)
+	ts := h.now.Add(-2 * time.Hour).Truncate(time.Second)
+	h.insert(t, []ev{
+		{id: uuid.New(), tenant: h.a.ID, ts: ts, event: "a.b", ip: "fe80::1%,=1+1", user: "u1;=1+1", props: "{\"a\":\n1}"},
+		{id: uuid.New(), tenant: h.a.ID, ts: ts.Add(-time.Hour), event: "a.b", props: "not json"},
+		{id: uuid.New(), tenant: h.a.ID, ts: ts.Add(-2 * time.Hour), event: "a.b"},
+	})
+	r := h.get(t, h.keys["a-read"], "", "/api/analytics/export.csv")
+	link := r.header.Get("Link")
+	from, to := r.header.Get("X-Export-Truncated"), ""
+	if u, err := url.Parse(strings.TrimSuffix(strings.TrimPrefix(link, "<"), `>; rel="next"`)); err != nil || from != "true" {
+		t.Fatalf("Link %q (%v), truncated %q", link, err, from)
+	} else {
+		from, to = u.Query().Get("from"), u.Query().Get("to")
+	}
+	wantTo := h.now.Truncate(24*time.Hour).AddDate(0, 0, 1)
+	if to != wantTo.Format(time.RFC3339) || from != wantTo.AddDate(0, 0, -30).Format(time.RFC3339) {
+		t.Errorf("Link pins from=%q to=%q; want the resolved default range %s .. %s", from, to, wantTo.AddDate(0, 0, -30).Format(time.RFC3339), wantTo.Format(time.RFC3339))
+	}
+	recs, err := csv.NewReader(strings.NewReader(r.raw)).ReadAll()
+	if err != nil || len(recs) != 3 || len(recs[1]) != 8 {
+		t.Fatalf("CSV: %v %q", err, r.raw)
+	}
+	if recs[1][4] != "u1;=1+1" || recs[1][5] != "fe80::1%,=1+1" || !strings.Contains(r.raw, `"u1;=1+1"`) || recs[1][7] != "{}" {
+		t.Errorf("cells: user %q ip %q props %q; want one cell each (user quoted for ';'), props {}", recs[1][4], recs[1][5], recs[1][7])
+	}
+	// Bare cursor: only events older than the instant.
+	r = h.get(t, h.keys["a-read"], "", "/api/analytics/export.ndjson?cursor="+ts.Add(-30*time.Minute).Format(time.RFC3339))
+	lines := strings.Split(strings.TrimSpace(r.raw), "\n")
+	if len(lines) != 2 {
+		t.Errorf("cursor 30 min before the newest event: %d lines, want the 2 older events: %q", len(lines), r.raw)
+	}
+	for _, l := range lines {
+		var obj map[string]any
+		if err := json.Unmarshal([]byte(l), &obj); err != nil {
+			t.Errorf("NDJSON line %q is not one JSON object: %v", l, err)
+		}
+	}
+	// HEAD: the headers, no export and no audit row.
+	var before, after int
+	countAudits := func(n *int) {
+		if err := h.env.PG.QueryRow(context.Background(), "SELECT count(*) FROM audit_log WHERE tenant_id = $1 AND action LIKE 'export.%'", h.a.ID).Scan(n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	countAudits(&before)
+	req, _ := http.NewRequest(http.MethodHead, h.base+"/api/analytics/export.csv", nil)
+	req.Header.Set("Authorization", "Bearer "+h.keys["a-read"])
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	countAudits(&after)
+	if res.StatusCode != 200 || res.Header.Get("X-Export-Truncated") != "true" || after != before {
+		t.Errorf("HEAD: %d, truncated %q, audit rows %d -> %d; want 200, the headers, no audit row", res.StatusCode, res.Header.Get("X-Export-Truncated"), before, after)
+	}
+}
+
+// A client that pipelines an export behind another request and resets the connection never gets
+// the streamed response: its slot is given back and no ClickHouse query is left running (in the
+// first version each such export held a pooled connection forever, and 12 of them took reads down
+// for every tenant). Exports beyond a tenant's two at once are refused with 429.
+func TestExportsCannotExhaustTheServer(t *testing.T) {
+	h := newHarness(t, 100_000)
+	ts := h.now.Add(-time.Hour).Truncate(time.Second)
+	props := `{"pad":"` + strings.Repeat("x", 400) + `"}`
+	var rows []ev
+	for i := 0; i < 40_000; i++ {
+		rows = append(rows, ev{id: uuid.New(), tenant: h.a.ID, ts: ts, event: "a.b", props: props})
+	}
+	h.insert(t, rows)
+	addr := strings.TrimPrefix(h.base, "http://")
+	for i := 0; i < 6; i++ {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(c, "GET /api/analytics/event-names HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n"+
+			"GET /api/analytics/export.csv HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n", h.keys["a-read"], h.keys["a-read"])
+		time.Sleep(5 * time.Millisecond)
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+	}
+	time.Sleep(time.Second) // the server reads and handles what was pipelined after the reset
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	start := time.Now()
+	if err := h.svc.Drain(ctx); err != nil {
+		t.Fatalf("exports of reset connections still hold their slots: %v", err)
+	}
+	t.Logf("the reset connections' slots were back after %s", time.Since(start).Round(time.Millisecond))
+	if r := h.get(t, h.keys["b-read"], "", "/api/analytics/events?limit=1"); r.status != 200 {
+		t.Errorf("another tenant's read after the resets: %d %s", r.status, r.raw)
+	}
+	// Two slow exports of one tenant: a third is refused at once; another tenant's is not.
+	var open []*http.Response
+	for i := 0; i < 2; i++ {
+		req, _ := http.NewRequest(http.MethodGet, h.base+"/api/analytics/export.csv", nil)
+		req.Header.Set("Authorization", "Bearer "+h.keys["a-read"])
+		res, err := http.DefaultClient.Do(req)
+		if err != nil || res.StatusCode != 200 {
+			t.Fatalf("export %d: %v %v", i, res, err)
+		}
+		open = append(open, res)
+	}
+	if r := h.get(t, h.keys["a-read"], "", "/api/analytics/export.csv"); r.status != http.StatusTooManyRequests || !strings.Contains(r.raw, "too_many_exports") {
+		t.Errorf("a third concurrent export: %d %s, want 429 too_many_exports", r.status, r.raw)
+	}
+	if r := h.get(t, h.keys["b-read"], "", "/api/analytics/export.csv"); r.status != 200 {
+		t.Errorf("another tenant's export beside them: %d %s", r.status, r.raw)
+	}
+	for _, res := range open {
+		io.Copy(io.Discard, res.Body)
+		res.Body.Close()
+	}
+	if err := h.svc.Drain(ctx); err != nil {
+		t.Errorf("after the exports were read: %v", err)
+	}
+}
+
 // The NDJSON export carries each event as GET /events does, losslessly; CSV with bom=true starts
 // with the UTF-8 byte-order mark Excel needs for non-ASCII text.
 func TestExportNDJSONAndBOM(t *testing.T) {
