@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"net"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
@@ -55,6 +56,22 @@ func openRedis(cfg Config) (*redis.Client, error) {
 	opts.ReadTimeout = 2 * time.Second
 	opts.WriteTimeout = 2 * time.Second
 	return redis.NewClient(opts), nil
+}
+
+// listen opens the API's socket and, unless ANALYTICS_METRICS_ADDR is off (ops is then nil), the
+// operator listener's: both or neither.
+func listen(cfg Config) (api, ops net.Listener, err error) {
+	if api, err = net.Listen("tcp", cfg.Addr); err != nil {
+		return nil, nil, fmt.Errorf("listen on %s: %w", cfg.Addr, err)
+	}
+	if cfg.MetricsAddr == "" {
+		return api, nil, nil
+	}
+	if ops, err = net.Listen("tcp", cfg.MetricsAddr); err != nil {
+		api.Close()
+		return nil, nil, fmt.Errorf("listen on %s (ANALYTICS_METRICS_ADDR): %w", cfg.MetricsAddr, err)
+	}
+	return api, ops, nil
 }
 
 // openStores opens ClickHouse and Postgres for the one-shot admin commands; close releases both.

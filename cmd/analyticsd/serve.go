@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"strings"
 	"time"
@@ -41,26 +40,36 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	if err := flags("serve", args, func(*flag.FlagSet) {}); err != nil {
 		return err
 	}
+	// Whatever is opened or started is pushed at once with the step that closes or stops it. The
+	// steps run last pushed first, so serve opens things in the reverse of the order they must close
+	// in: the stores first, the HTTP server last. Shutdown runs them one timed step at a time; a
+	// start-up error returns here and runs those pushed so far.
+	var open unwind
+	defer func() {
+		if len(open) == 0 {
+			return // shut down already
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+		defer cancel()
+		open.run(ctx, func(_ string, fn func() error) { _ = fn() })
+	}()
+	rdb, err := openRedis(cfg)
+	if err != nil {
+		return err
+	}
+	open.push("redis", func(context.Context) error { return rdb.Close() })
+	pg, err := openPostgres(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	open.push("postgres", func(context.Context) error { pg.Close(); return nil })
 	ch, err := openClickHouse(cfg)
 	if err != nil {
 		return err
 	}
-	pg, err := openPostgres(ctx, cfg)
-	if err != nil {
-		ch.Close()
-		return err
-	}
-	rdb, err := openRedis(cfg)
-	if err != nil {
-		pg.Close()
-		ch.Close()
-		return err
-	}
+	open.push("clickhouse", func(context.Context) error { return ch.Close() })
 
 	if err := checkClickHouse(ctx, &cfg, ch, pg, log); err != nil {
-		rdb.Close()
-		pg.Close()
-		ch.Close()
 		return err
 	}
 
@@ -85,22 +94,25 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	cfg.Writer.Owner = "analyticsd serve on " + cfg.Addr
 	writer, err := ingest.NewWriter(cfg.Writer, ch, cfg.ClickHouseDB, claims, ingestMetrics, log.With("component", "ingest"))
 	if err != nil {
-		rdb.Close()
-		pg.Close()
-		ch.Close()
 		return err
 	}
-	writer.Start()
 	tenants := tenant.NewStore(pg)
 	auditLog := audit.New(pg)
 	quotaSvc := quota.NewService(cfg.Quota, counters, quota.NewLimits(cfg.QuotaDefaults, tenants, 10*time.Second),
 		ch, cfg.ClickHouseDB, pg, auditLog, reg, log.With("component", "quota"))
+	open.push("quota webhooks", func(ctx context.Context) error { quotaSvc.Close(ctx); return nil })
 	var _ ingest.Counter = quotaSvc
 	ingestSvc := ingest.NewService(cfg.Ingest, writer, quotaSvc, ingestMetrics, log.With("component", "ingest"))
+	open.push("live counters", func(context.Context) error { ingestSvc.Close(); return nil })
 	var _ quota.Recorder = ingestSvc
 	var _ ingest.Levels = quotaSvc
 	quotaSvc.SetRecorder(ingestSvc)
 	ingestSvc.UseLevels(quotaSvc)
+	// The writer ships once the live counter feed it gives counts back to is wired, and is pushed
+	// after that feed so that its flush runs first: shipping may find a row counted live that is a
+	// duplicate after all, and the feed must still be there to take its count back.
+	writer.Start()
+	open.push("ingest flush", writer.Close)
 	authn := auth.NewAuthenticator(auth.NewKeys(pg), tenants, cfg.JWT)
 	authn.Limiter = ratelimit.New(cfg.RateLimit, rdb, "")
 	authn.OnLimited = func(p api.Principal) {
@@ -124,10 +136,6 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	reconciler := rollup.NewReconciler(ch, cfg.ClickHouseDB, pg, auditLog, reg, rollupLog, cfg.RetentionDays, nil)
 	scheduler, err := rollup.NewScheduler(reconciler, cfg.Rollup, rollupLog)
 	if err != nil {
-		writer.Close(context.Background())
-		rdb.Close()
-		pg.Close()
-		ch.Close()
 		return err
 	}
 	sweeper := rollup.NewSweeper(ch, cfg.ClickHouseDB, pg, auditLog, reg, log.With("component", "retention"), cfg.RetentionDays, nil)
@@ -154,42 +162,41 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	}
 	mount(app, ops, authn, ingestSvc, querySvc, quotaSvc, reconciler, idempotency...)
 
-	ln, err := net.Listen("tcp", cfg.Addr)
+	ln, oln, err := listen(cfg)
 	if err != nil {
-		rdb.Close()
-		pg.Close()
-		ch.Close()
-		return fmt.Errorf("listen on %s: %w", cfg.Addr, err)
+		return err
 	}
-	// The operator listener: /metrics names every tenant and its event names, so it is not on the
-	// API's port; loopback unless ANALYTICS_METRICS_ADDR says otherwise.
-	var opsSrv *http.Server
-	if cfg.MetricsAddr != "" {
-		oln, err := net.Listen("tcp", cfg.MetricsAddr)
-		if err != nil {
-			ln.Close()
-			rdb.Close()
-			pg.Close()
-			ch.Close()
-			return fmt.Errorf("listen on %s (ANALYTICS_METRICS_ADDR): %w", cfg.MetricsAddr, err)
-		}
-		opsSrv = &http.Server{Handler: ops.Private(), ReadHeaderTimeout: 10 * time.Second}
-		go opsSrv.Serve(oln)
-		log.Info("operator listener: /metrics, /readiness", "addr", oln.Addr().String())
-	}
-	log.Info("serving", "addr", ln.Addr().String(), "version", version, "clickhouse_db", cfg.ClickHouseDB)
-	served := make(chan error, 1)
-	go func() { served <- app.Listener(ln) }()
-	scheduler.Start(ctx)
-	sweeper.Start(ctx)
-	// API keys' last use: kept in memory per request, written once a minute and at shutdown.
-	uctx, stopUsage := context.WithCancel(context.Background())
-	usageDone := make(chan struct{})
-	go func() { defer close(usageDone); authn.RecordUsage(uctx, time.Minute, log.With("component", "auth")) }()
+
+	// Nothing fails from here on. The background work starts first and the listeners last, so that
+	// shutdown stops taking requests before anything they need goes.
 	reconciled := make(chan struct{})
 	rctx, stopReconciling := context.WithCancel(ctx)
 	defer stopReconciling()
 	go func() { defer close(reconciled); quotaSvc.RunReconciler(rctx, cfg.Quota.ReconcileEvery) }()
+	open.push("quota reconciliation", func(context.Context) error { stopReconciling(); <-reconciled; return nil })
+	scheduler.Start(ctx)
+	sweeper.Start(ctx)
+	open.push("rollup and retention jobs", func(context.Context) error { scheduler.Stop(); sweeper.Stop(); return nil })
+	// API keys' last use: kept in memory per request, written once a minute and at shutdown.
+	uctx, stopUsage := context.WithCancel(context.Background())
+	usageDone := make(chan struct{})
+	go func() { defer close(usageDone); authn.RecordUsage(uctx, time.Minute, log.With("component", "auth")) }()
+	open.push("api keys' last use", func(context.Context) error { stopUsage(); <-usageDone; return nil })
+	// The operator listener: /metrics names every tenant and its event names, so it is not on the
+	// API's port; loopback unless ANALYTICS_METRICS_ADDR says otherwise.
+	if oln != nil {
+		opsSrv := &http.Server{Handler: ops.Private(), ReadHeaderTimeout: 10 * time.Second}
+		go opsSrv.Serve(oln)
+		open.push("operator listener", opsSrv.Shutdown)
+		log.Info("operator listener: /metrics, /readiness", "addr", oln.Addr().String())
+	}
+	// Exports stream on connections fiber no longer tracks (api.Stream): once the HTTP server is
+	// down, let those running finish before ClickHouse closes under them.
+	open.push("exports", querySvc.Drain)
+	log.Info("serving", "addr", ln.Addr().String(), "version", version, "clickhouse_db", cfg.ClickHouseDB)
+	served := make(chan error, 1)
+	go func() { served <- app.Listener(ln) }()
+	open.push("http", app.ShutdownWithContext)
 
 	select {
 	case err = <-served:
@@ -197,35 +204,40 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	case <-ctx.Done():
 	}
 	log.Info("shutting down", "timeout", cfg.ShutdownTimeout)
-	step := func(name string, fn func() error) {
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	open.run(sctx, func(name string, fn func() error) {
 		start := time.Now()
 		if e := fn(); e != nil {
 			log.Error("shutdown step failed", "step", name, "err", e)
 			err = errors.Join(err, e)
 		}
 		log.Info("shutdown step done", "step", name, "took", time.Since(start))
-	}
-	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
-	defer cancel()
-	step("http", func() error { return app.ShutdownWithContext(sctx) })
-	// Exports stream on connections fiber no longer tracks (api.Stream): let those running finish
-	// before ClickHouse closes under them.
-	step("exports", func() error { return querySvc.Drain(sctx) })
-	if opsSrv != nil {
-		step("operator listener", func() error { return opsSrv.Shutdown(sctx) })
-	}
-	step("api keys' last use", func() error { stopUsage(); <-usageDone; return nil })
-	step("rollup and retention jobs", func() error { scheduler.Stop(); sweeper.Stop(); return nil })
-	step("quota reconciliation", func() error { stopReconciling(); <-reconciled; return nil })
-	// The flush first: shipping may find a row counted live that is a duplicate after all, and the
-	// live counter feed must still be there to take its count back.
-	step("ingest flush", func() error { return writer.Close(sctx) })
-	step("live counters", func() error { ingestSvc.Close(); return nil })
-	step("quota webhooks", func() error { quotaSvc.Close(sctx); return nil })
-	step("clickhouse", ch.Close)
-	step("postgres", func() error { pg.Close(); return nil })
-	step("redis", rdb.Close)
+	})
 	return err
+}
+
+// unwind is what serve has opened or started, each with the step that closes or stops it.
+type unwind []unwindStep
+
+type unwindStep struct {
+	name string
+	fn   func(context.Context) error
+}
+
+// push adds the step closing what was just opened: it will run before every step pushed earlier.
+func (u *unwind) push(name string, fn func(context.Context) error) {
+	*u = append(*u, unwindStep{name, fn})
+}
+
+// run runs every step once, last pushed first, each through do (which times and logs it, or not),
+// and forgets them.
+func (u *unwind) run(ctx context.Context, do func(name string, fn func() error)) {
+	steps := *u
+	*u = nil
+	for i := len(steps) - 1; i >= 0; i-- {
+		do(steps[i].name, func() error { return steps[i].fn(ctx) })
+	}
 }
 
 // counting is how dedup's claims count the rows they prove new: in quota's live counters, with
