@@ -2,9 +2,11 @@ package api
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"testing"
 
 	"github.com/gofiber/fiber/v2"
@@ -50,4 +52,39 @@ func TestRequestStringsOutliveTheRequest(t *testing.T) {
 	if len(got) != 2 || got[0] != want || string(bodies[0]) != want.body {
 		t.Fatalf("after the next request the first one's strings read %+v (body %q), want %+v", got[0], bodies[0], want)
 	}
+}
+
+// ErrorHandler renders an *Error (also wrapped) with its status, code, details and headers, a
+// fiber error with the code for its status, and anything else as a 500 that gives nothing away.
+func TestErrorHandler(t *testing.T) {
+	app := NewApp(Config{}, nil)
+	app.Post("/err", func(c *fiber.Ctx) error {
+		switch c.Query("kind") {
+		case "api":
+			return &Error{Status: http.StatusTooManyRequests, Code: "quota_exceeded", Message: "slow down",
+				Details: map[string]int{"limit": 1}, Header: map[string]string{fiber.HeaderRetryAfter: "7"}, Cause: io.EOF}
+		case "wrapped":
+			return fmt.Errorf("consume: %w", &Error{Status: http.StatusNotFound, Code: "unknown_quota", Message: "no such quota"})
+		case "fiber":
+			return fiber.NewError(http.StatusUnsupportedMediaType, "not this type")
+		}
+		return io.ErrUnexpectedEOF
+	})
+	check := func(method, path string, status int, retryAfter, want string) {
+		t.Helper()
+		res, err := app.Test(httptest.NewRequest(method, path, nil), -1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if res.StatusCode != status || res.Header.Get(fiber.HeaderRetryAfter) != retryAfter || string(raw) != want {
+			t.Errorf("%s %s: got %d, Retry-After %q, %s; want %d, Retry-After %q, %s", method, path, res.StatusCode, res.Header.Get(fiber.HeaderRetryAfter), raw, status, retryAfter, want)
+		}
+	}
+	check("POST", "/err?kind=api", 429, "7", `{"error":{"code":"quota_exceeded","message":"slow down","details":{"limit":1}},"success":false}`)
+	check("POST", "/err?kind=wrapped", 404, "", `{"error":{"code":"unknown_quota","message":"no such quota"},"success":false}`)
+	check("POST", "/err?kind=fiber", 415, "", `{"error":{"code":"unsupported_media_type","message":"not this type"},"success":false}`)
+	check("POST", "/err", 500, "", `{"error":{"code":"internal","message":"internal error; it has been logged"},"success":false}`)
+	check("GET", "/nope", 404, "", `{"error":{"code":"not_found","message":"Cannot GET /nope"},"success":false}`)
 }

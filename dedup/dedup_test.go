@@ -230,14 +230,16 @@ func TestIdempotencyReplaysTheFirstResponse(t *testing.T) {
 	if st != 202 || st2 != 202 || body2 != body || h2.Get("Idempotent-Replayed") != "true" || runs.Load() != 1 {
 		t.Fatalf("first %d %s, retry %d %s (replayed %q), handler ran %d times; want one run, replayed", st, body, st2, body2, h2.Get("Idempotent-Replayed"), runs.Load())
 	}
-	if st, body, _ := do(t, a, `{"x":2}`, "k1"); st != 422 || !strings.Contains(body, "idempotency_key_reused") {
-		t.Errorf("same key, other body: %d %s", st, body)
+	reused := `{"error":{"code":"idempotency_key_reused","message":"this Idempotency-Key was used with a different request (method, path, query or body) in the last 1h0m0s; send a new key for a new request"},"success":false}`
+	if st, body, _ := do(t, a, `{"x":2}`, "k1"); st != 422 || !strings.Contains(body, "idempotency_key_reused") || body != reused {
+		t.Errorf("same key, other body: %d %s, want 422 %s", st, body, reused)
 	}
 	if st, _, _ := do(t, a, `{"x":1}`, ""); st != 202 || runs.Load() != 2 {
 		t.Errorf("no key: %d, runs %d; want it to run", st, runs.Load())
 	}
-	if st, body, _ := do(t, a, `{"x":1}`, strings.Repeat("k", 256)); st != 400 || !strings.Contains(body, "invalid_idempotency_key") {
-		t.Errorf("a 256-byte key: %d %s", st, body)
+	invalid := `{"error":{"code":"invalid_idempotency_key","message":"Idempotency-Key must be 1 to 255 printable ASCII characters; a UUID per logical request is a good choice"},"success":false}`
+	if st, body, _ := do(t, a, `{"x":1}`, strings.Repeat("k", 256)); st != 400 || !strings.Contains(body, "invalid_idempotency_key") || body != invalid {
+		t.Errorf("a 256-byte key: %d %s, want 400 %s", st, body, invalid)
 	}
 }
 
@@ -259,8 +261,9 @@ func TestIdempotencyWhileRunningAndAfterFailures(t *testing.T) {
 	result := make(chan int)
 	go func() { st, _, _ := do(t, a, "b", "k"); result <- st }()
 	<-started
-	if st, body, h := do(t, a, "b", "k"); st != 409 || h.Get("Retry-After") == "" {
-		t.Errorf("while the first runs: %d %s, want 409 with Retry-After", st, body)
+	inUse := `{"error":{"code":"idempotency_key_in_use","message":"a request with this Idempotency-Key is still being processed; retry shortly"},"success":false}`
+	if st, body, h := do(t, a, "b", "k"); st != 409 || h.Get("Retry-After") == "" || h.Get("Retry-After") != "1" || body != inUse {
+		t.Errorf("while the first runs: %d %s Retry-After %q, want 409 %s with Retry-After 1", st, body, h.Get("Retry-After"), inUse)
 	}
 	close(release)
 	if st := <-result; st != 202 {

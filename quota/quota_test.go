@@ -96,6 +96,15 @@ func (h *harness) app(s *Service, in *ingest.Service) *fiber.App {
 
 func call(t *testing.T, app *fiber.App, method, path, key, body string) (int, http.Header, map[string]any) {
 	t.Helper()
+	st, hdr, raw := callRaw(t, app, method, path, key, body)
+	var m map[string]any
+	_ = json.Unmarshal([]byte(raw), &m)
+	return st, hdr, m
+}
+
+// callRaw is call with the body as sent.
+func callRaw(t *testing.T, app *fiber.App, method, path, key, body string) (int, http.Header, string) {
+	t.Helper()
 	req := httptest.NewRequest(method, path, strings.NewReader(body))
 	req.Header.Set("Authorization", "Bearer "+key)
 	req.Header.Set("Content-Type", "application/json")
@@ -105,9 +114,7 @@ func call(t *testing.T, app *fiber.App, method, path, key, body string) (int, ht
 	}
 	defer res.Body.Close()
 	raw, _ := io.ReadAll(res.Body)
-	var m map[string]any
-	_ = json.Unmarshal(raw, &m)
-	return res.StatusCode, res.Header, m
+	return res.StatusCode, res.Header, string(raw)
 }
 
 func TestConsumeIsAtomic(t *testing.T) {

@@ -76,6 +76,7 @@ func (s *server) jwt(t *testing.T, role string) string {
 
 type response struct {
 	status int
+	header http.Header
 	raw    string
 	body   struct {
 		Success bool            `json:"success"`
@@ -102,7 +103,7 @@ func (s *server) do(t *testing.T, method, token, slug, path string) response {
 	}
 	defer res.Body.Close()
 	raw, _ := io.ReadAll(res.Body)
-	r := response{status: res.StatusCode, raw: string(raw)}
+	r := response{status: res.StatusCode, header: res.Header, raw: string(raw)}
 	_ = json.Unmarshal(raw, &r.body)
 	return r
 }
@@ -259,4 +260,38 @@ func TestUsageServesReconciledDays(t *testing.T) {
 	day := func(d time.Time) string { return d.Format("2006-01-02") }
 	check("acme", s.acme, usage("acme-read"), map[string]bool{day(d2): true, day(d1): true})
 	check("globex", s.glob, usage("globex-read"), map[string]bool{day(d2): true})
+}
+
+// Every refusal of the rollup endpoint, byte for byte: clients parse the codes, show the messages
+// and wait the Retry-After seconds, so none of them may change by accident.
+func TestRollupErrorResponses(t *testing.T) {
+	s := newServer(t)
+	// The endpoint on a ClickHouse database that does not exist, on 2024-01-20.
+	now := func() time.Time { return time.Date(2024, 1, 20, 12, 0, 0, 0, time.UTC) }
+	broken := *s
+	broken.app = api.NewApp(api.Config{}, nil)
+	authn := auth.NewAuthenticator(auth.NewKeys(s.env.PG), tenant.NewStore(s.env.PG), auth.JWTConfig{Secret: jwtSecret})
+	rollup.NewReconciler(s.env.CH, "no_such_db", s.env.PG, audit.New(s.env.PG), nil, nil, 90, now).
+		Register(broken.app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsAdmin))
+	bad := func(msg string) string {
+		return `{"error":{"code":"invalid_parameter","message":"` + msg + `"},"success":false}`
+	}
+	for _, c := range []struct {
+		query      string
+		status     int
+		retryAfter string
+		want       string
+	}{
+		{"", 400, "", bad(`date is required: POST /api/analytics/rollup?date=YYYY-MM-DD (a UTC day)`)},
+		{"?date=2024-13-01", 400, "", bad(`date=\"2024-13-01\" is not a date: use YYYY-MM-DD (a UTC day), e.g. 2024-01-15`)},
+		{"?date=2024-01-21", 400, "", bad(`date 2024-01-21 is in the future: today (UTC) is 2024-01-20`)},
+		{"?date=2024-01-20", 400, "", bad(`date 2024-01-20 is today (UTC), which is still being counted: reconcile a past day; today is reconciled automatically after midnight UTC`)},
+		{"?date=2022-12-01", 400, "", bad("date 2022-12-01 is more than 400 days ago: ask an operator to run `analyticsd rollup --date 2022-12-01`")},
+		{"?date=2024-01-19", 503, "30", `{"error":{"code":"rollup_failed","message":"the rollup did not complete because analytics storage did not answer; retry shortly"},"success":false}`},
+	} {
+		r := broken.do(t, http.MethodPost, s.keys["acme-admin"], "", "/api/analytics/rollup"+c.query)
+		if r.status != c.status || r.header.Get("Retry-After") != c.retryAfter || r.raw != c.want {
+			t.Errorf("rollup%s: got %d, Retry-After %q:\n%s\nwant %d, Retry-After %q:\n%s", c.query, r.status, r.header.Get("Retry-After"), r.raw, c.status, c.retryAfter, c.want)
+		}
+	}
 }

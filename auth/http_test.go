@@ -1,0 +1,117 @@
+package auth_test
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/ratelimit"
+)
+
+// Every refusal of the middleware, byte for byte: clients parse the codes, show the messages and
+// wait the Retry-After seconds, so none of them may change by accident.
+func TestErrorResponses(t *testing.T) {
+	f := newAuthFixture(t)
+	ctx := context.Background()
+	f.app.Get("/admin", f.authn.Require(auth.ScopeAnalyticsAdmin), func(c *fiber.Ctx) error { return c.SendString("ok") })
+	keys := auth.NewKeys(f.env.PG)
+	unseen, _, err := keys.Create(ctx, f.tenant.ID, "", []auth.Scope{auth.ScopeAnalyticsRead})
+	if err != nil {
+		t.Fatal(err)
+	}
+	globex, err := f.reg.Create(ctx, "globex", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	disabled, _, err := keys.Create(ctx, globex.ID, "", []auth.Scope{auth.ScopeAnalyticsRead})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := f.reg.SetDisabled(ctx, "globex", true); err != nil {
+		t.Fatal(err)
+	}
+	// One token per 100 s, burst 1: the second request is refused for 100 s.
+	limited := auth.NewAuthenticator(keys, f.reg, auth.JWTConfig{})
+	limited.Limiter = ratelimit.New(ratelimit.Config{Rate: 0.01, Burst: 1}, f.env.Redis, f.env.Prefix)
+	f.app.Get("/limited", limited.Require(auth.ScopeAnalyticsRead), func(c *fiber.Ctx) error { return c.SendString("ok") })
+
+	member, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"sub": "u1", "tenant": "acme", "role": "member",
+		"exp": time.Now().Add(time.Hour).Unix()}).SignedString(f.secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	do := func(t *testing.T, path, token string, header map[string]string) (int, http.Header, string) {
+		t.Helper()
+		req := httptest.NewRequest(http.MethodGet, path, nil)
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		for k, v := range header {
+			req.Header.Set(k, v)
+		}
+		res, err := f.app.Test(req, -1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer res.Body.Close()
+		raw, _ := io.ReadAll(res.Body)
+		return res.StatusCode, res.Header, string(raw)
+	}
+	unauthorized := func(msg string) string {
+		return `{"error":{"code":"unauthorized","message":"` + msg + `"},"success":false}`
+	}
+	forbidden := func(msg string) string {
+		return `{"error":{"code":"forbidden","message":"` + msg + `"},"success":false}`
+	}
+	cases := []struct {
+		name       string
+		path       string
+		token      string
+		header     map[string]string
+		down       bool // the registry is unreachable
+		status     int
+		retryAfter string
+		want       string
+	}{
+		{"no credential", "/x", "", nil, false, 401, "", unauthorized(`missing credential: send Authorization: Bearer \u003cAPI key or token\u003e`)},
+		{"not a key", "/x", "eyJhbGciOiJub25lIn0.e30.", nil, false, 401, "", unauthorized(`invalid token: token signature is invalid: signing method none is invalid`)},
+		{"unknown key", "/x", "ak_000000000000_" + strings.Repeat("A", 43), nil, false, 401, "", unauthorized(`invalid API key`)},
+		{"other slug", "/x", f.key, map[string]string{"X-Tenant-Slug": "globex"}, false, 403, "", forbidden(`X-Tenant-Slug does not match the credential's tenant`)},
+		{"scope", "/admin", f.key, nil, false, 403, "", forbidden(`API key lacks the analytics:admin scope`)},
+		{"role", "/admin", member, nil, false, 403, "", forbidden(`your role has no access to analytics; owner or admin is required`)},
+		{"disabled tenant", "/x", disabled, nil, false, 403, "",
+			`{"error":{"code":"tenant_disabled","message":"tenant \"globex\" is disabled; its credentials are refused until an operator enables it"},"success":false}`},
+		{"disabled tenant's jwt", "/x", f.jwt(t, "globex"), nil, false, 403, "",
+			`{"error":{"code":"tenant_disabled","message":"tenant \"globex\" is disabled; its credentials are refused until an operator enables it"},"success":false}`},
+		{"registry down", "/x", unseen, nil, true, 503, "5",
+			`{"error":{"code":"auth_unavailable","message":"cannot verify credentials right now; retry shortly"},"success":false}`},
+		{"registry down for a jwt", "/x", f.jwt(t, "initech"), nil, true, 503, "5",
+			`{"error":{"code":"auth_unavailable","message":"cannot verify credentials right now; retry shortly"},"success":false}`},
+		{"rate limited", "/limited", f.key, nil, false, 429, "100",
+			`{"error":{"code":"rate_limited","message":"too many requests for this credential; slow down and retry after the Retry-After seconds"},"success":false}`},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			f.reg.down.Store(c.down)
+			defer f.reg.down.Store(false)
+			if c.path == "/limited" {
+				// The request that takes the only token, just before (Retry-After counts down from 100).
+				if st, _, raw := do(t, c.path, c.token, c.header); st != 200 {
+					t.Fatalf("first request: %d %s", st, raw)
+				}
+			}
+			st, hdr, raw := do(t, c.path, c.token, c.header)
+			if st != c.status || hdr.Get("Retry-After") != c.retryAfter || raw != c.want {
+				t.Errorf("got %d, Retry-After %q:\n%s\nwant %d, Retry-After %q:\n%s", st, hdr.Get("Retry-After"), raw, c.status, c.retryAfter, c.want)
+			}
+		})
+	}
+}
