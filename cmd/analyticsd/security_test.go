@@ -129,6 +129,15 @@ func TestRateLimitAndCORS(t *testing.T) {
 	if got := pre("https://evil.example"); got != "" {
 		t.Errorf("other origin: Access-Control-Allow-Origin %q, want none", got)
 	}
+	// A browser app may read the headers that carry meaning: an export's truncation and next page
+	// among them (they were not exposed, so a cross-origin app could not tell a capped export).
+	r := do(t, http.MethodGet, base+"/api/analytics/events", key, map[string]string{"Origin": "https://app.example.com"})
+	exposed := r.Header.Get("Access-Control-Expose-Headers")
+	for _, h := range []string{"Retry-After", "X-Export-Row-Limit", "X-Export-Truncated", "X-Export-Next-Cursor", "Link", "X-Event-Names-Truncated", "Content-Disposition"} {
+		if !strings.Contains(","+exposed+",", ","+h+",") {
+			t.Errorf("Access-Control-Expose-Headers %q lacks %s", exposed, h)
+		}
+	}
 }
 
 func TestCORSClosedByDefault(t *testing.T) {

@@ -68,6 +68,17 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		return err
 	}
 	open.push("clickhouse", func(context.Context) error { return ch.Close() })
+	// Exports stream on connections fiber no longer tracks (api.Stream): those running may finish
+	// before ClickHouse closes under them — but only after the ingest flush, so a slow export client
+	// cannot spend the shutdown budget the flush needs. (Pushed here, run after everything pushed
+	// below; the service is made further down.)
+	var querySvc *query.Service
+	open.push("exports", func(ctx context.Context) error {
+		if querySvc == nil {
+			return nil
+		}
+		return querySvc.Drain(ctx)
+	})
 
 	if err := checkClickHouse(ctx, &cfg, ch, pg, log); err != nil {
 		return err
@@ -150,13 +161,13 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		return d
 	}
 	store := query.NewStore(ch, cfg.ClickHouseDB, pg, cfg.QueryTimeout)
-	querySvc := query.NewService(cfg.Query, store, auditLog, reg, log.With("component", "query"))
+	querySvc = query.NewService(cfg.Query, store, auditLog, reg, log.With("component", "query"))
 	if len(cfg.CORSOrigins) > 0 {
 		app.Use("/api", cors.New(cors.Config{
 			AllowOrigins:  strings.Join(cfg.CORSOrigins, ","),
 			AllowMethods:  "GET,POST,OPTIONS",
 			AllowHeaders:  "Authorization,X-Tenant-Slug,Content-Type,Content-Encoding",
-			ExposeHeaders: "Retry-After,X-RateLimit-Limit,X-RateLimit-Remaining,X-RateLimit-Reset,X-Export-Row-Limit,Content-Disposition,X-Analytics-Degraded",
+			ExposeHeaders: "Retry-After,X-RateLimit-Limit,X-RateLimit-Remaining,X-RateLimit-Reset,X-Export-Row-Limit,X-Export-Truncated,X-Export-Next-Cursor,Link,X-Event-Names-Truncated,Content-Disposition,X-Analytics-Degraded",
 			MaxAge:        600,
 		}))
 	}
@@ -190,9 +201,6 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		open.push("operator listener", opsSrv.Shutdown)
 		log.Info("operator listener: /metrics, /readiness", "addr", oln.Addr().String())
 	}
-	// Exports stream on connections fiber no longer tracks (api.Stream): once the HTTP server is
-	// down, let those running finish before ClickHouse closes under them.
-	open.push("exports", querySvc.Drain)
 	log.Info("serving", "addr", ln.Addr().String(), "version", version, "clickhouse_db", cfg.ClickHouseDB)
 	served := make(chan error, 1)
 	go func() { served <- app.Listener(ln) }()

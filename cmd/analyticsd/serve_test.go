@@ -38,7 +38,8 @@ func TestServeUnwindsLastOpenedFirstOnce(t *testing.T) {
 }
 
 // The shutdown's order is load-bearing: requests stop first, the ingest flush comes before the live
-// counter feed it gives counts back to, and the stores close last. Each step runs once, and none fails.
+// counter feed it gives counts back to (and before exports still streaming are waited for, so a slow
+// export client cannot spend the flush's budget), and the stores close last. Each step runs once, and none fails.
 func TestServeShutsDownInOrder(t *testing.T) {
 	e := testenv.Migrated(t)
 	getenv := stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": t.TempDir(), "LOG_LEVEL": "info"})
@@ -52,8 +53,8 @@ func TestServeShutsDownInOrder(t *testing.T) {
 		}
 	}
 	var want []string
-	for _, step := range []string{"http", "exports", "operator listener", "api keys' last use", "rollup and retention jobs",
-		"quota reconciliation", "ingest flush", "live counters", "quota webhooks", "clickhouse", "postgres", "redis"} {
+	for _, step := range []string{"http", "operator listener", "api keys' last use", "rollup and retention jobs",
+		"quota reconciliation", "ingest flush", "live counters", "quota webhooks", "exports", "clickhouse", "postgres", "redis"} {
 		want = append(want, "shutdown step done: "+step)
 	}
 	if !slices.Equal(steps, want) {
