@@ -19,6 +19,7 @@ import (
 
 	"github.com/compose-spec/compose-go/v2/cli"
 	"github.com/compose-spec/compose-go/v2/types"
+	"go.yaml.in/yaml/v3"
 )
 
 const (
@@ -517,5 +518,54 @@ func TestComposeHealthchecks(t *testing.T) {
 	g := service(t, p, "grafana")
 	if g.HealthCheck == nil || !strings.Contains(strings.Join(g.HealthCheck.Test, " "), "127.0.0.1:3000/api/health") {
 		t.Errorf("grafana's health check is %v; want one that requests http://127.0.0.1:3000/api/health", g.HealthCheck)
+	}
+}
+
+// Prometheus scrapes analyticsd where its metrics are: the operator listener compose sets with
+// ANALYTICS_METRICS_ADDR (the API port has no /metrics), by service name on the compose network.
+// Grafana lets no one in without an account.
+func TestComposeMonitoringWiring(t *testing.T) {
+	p := mustLoad(t, passwords())
+	env := service(t, p, "analyticsd").Environment
+	addr := env["ANALYTICS_METRICS_ADDR"]
+	if addr == nil || !strings.HasPrefix(*addr, ":") {
+		t.Fatalf("analyticsd's ANALYTICS_METRICS_ADDR = %v, want :<port> on the compose network", addr)
+	}
+	raw, err := os.ReadFile(filepath.Join(root, "deploy/prometheus/prometheus.yml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg struct {
+		ScrapeConfigs []struct {
+			JobName       string `yaml:"job_name"`
+			MetricsPath   string `yaml:"metrics_path"`
+			StaticConfigs []struct {
+				Targets []string `yaml:"targets"`
+			} `yaml:"static_configs"`
+		} `yaml:"scrape_configs"`
+	}
+	if err := yaml.Unmarshal(raw, &cfg); err != nil {
+		t.Fatalf("prometheus.yml: %v", err)
+	}
+	var targets []string
+	for _, sc := range cfg.ScrapeConfigs {
+		if sc.JobName != "analyticsd" {
+			continue
+		}
+		if sc.MetricsPath != "" && sc.MetricsPath != "/metrics" {
+			t.Errorf("analyticsd job scrapes %s, want /metrics", sc.MetricsPath)
+		}
+		for _, st := range sc.StaticConfigs {
+			targets = append(targets, st.Targets...)
+		}
+	}
+	if want := []string{"analyticsd" + *addr}; !slices.Equal(targets, want) {
+		t.Errorf("prometheus scrapes analyticsd at %v, want %v (the operator listener)", targets, want)
+	}
+	g := service(t, p, "grafana").Environment
+	for k, want := range map[string]string{"GF_AUTH_ANONYMOUS_ENABLED": "false", "GF_USERS_ALLOW_SIGN_UP": "false"} {
+		if v := g[k]; v == nil || !strings.EqualFold(*v, want) {
+			t.Errorf("grafana %s = %v, want %s", k, v, want)
+		}
 	}
 }
