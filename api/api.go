@@ -8,14 +8,17 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
 )
 
 // Error is an error a client sees: an HTTP status, a stable machine-readable code and a message that
-// says what was wrong and how to fix it. Packages return their own errors; anything that implements
-// StatusError is rendered with its status and code, anything else is a 500 with a generic message.
+// says what was wrong and how to fix it. Build one with the constructors below, one per kind of
+// refusal; domain packages return their own errors and each package's http.go maps them to these.
+// ErrorHandler renders an *Error (also wrapped) and fiber's own errors; anything else is a 500 with a
+// generic message, and is logged.
 type Error struct {
 	Status  int
 	Code    string
@@ -46,15 +49,69 @@ type StatusError interface {
 	ErrorCode() string
 }
 
-// Errorf-style constructors for the common cases.
-func BadRequest(code, msg string) *Error {
-	return &Error{Status: http.StatusBadRequest, Code: code, Message: msg}
+// WithDetails sets what is rendered as error.details (e.g. the per-item rejections) and returns e.
+func (e *Error) WithDetails(details any) *Error {
+	e.Details = details
+	return e
 }
-func Unauthorized(msg string) *Error {
-	return &Error{Status: http.StatusUnauthorized, Code: "unauthorized", Message: msg}
+
+// The kinds of refusal. code is the stable name clients match on; kinds with one code take only the
+// message. retryAfter, in whole seconds, becomes the Retry-After header (0: none).
+
+// BadRequest (400): the request is malformed or a parameter is invalid; msg names it and the fix.
+func BadRequest(code, msg string) *Error { return newError(http.StatusBadRequest, code, msg) }
+
+// Unauthorized (401, code unauthorized): no credential, or not a valid one.
+func Unauthorized(msg string) *Error { return newError(http.StatusUnauthorized, "unauthorized", msg) }
+
+// Forbidden (403): a valid credential that may not do this.
+func Forbidden(code, msg string) *Error { return newError(http.StatusForbidden, code, msg) }
+
+// NotFound (404): what the request names does not exist.
+func NotFound(code, msg string) *Error { return newError(http.StatusNotFound, code, msg) }
+
+// Conflict (409): the request collides with one still in progress.
+func Conflict(code, msg string, retryAfter int) *Error {
+	return newError(http.StatusConflict, code, msg).retryAfter(retryAfter)
 }
-func Forbidden(msg string) *Error {
-	return &Error{Status: http.StatusForbidden, Code: "forbidden", Message: msg}
+
+// TooLarge (413, code payload_too_large): the body, or what it holds, is over a limit.
+func TooLarge(msg string) *Error {
+	return newError(http.StatusRequestEntityTooLarge, "payload_too_large", msg)
+}
+
+// Unsupported (415, code unsupported_media_type): a Content-Type or Content-Encoding not served.
+func Unsupported(msg string) *Error {
+	return newError(http.StatusUnsupportedMediaType, "unsupported_media_type", msg)
+}
+
+// Unprocessable (422): well-formed, but it contradicts what the server already holds.
+func Unprocessable(code, msg string) *Error {
+	return newError(http.StatusUnprocessableEntity, code, msg)
+}
+
+// TooMany (429): a limit on how much or how often; retry after retryAfter seconds.
+func TooMany(code, msg string, retryAfter int) *Error {
+	return newError(http.StatusTooManyRequests, code, msg).retryAfter(retryAfter)
+}
+
+// Unavailable (503): something the request needs did not answer, or has no room; retry after
+// retryAfter seconds. cause, when set, is logged with the request, never shown.
+func Unavailable(code, msg string, retryAfter int, cause error) *Error {
+	e := newError(http.StatusServiceUnavailable, code, msg).retryAfter(retryAfter)
+	e.Cause = cause
+	return e
+}
+
+func newError(status int, code, msg string) *Error {
+	return &Error{Status: status, Code: code, Message: msg}
+}
+
+func (e *Error) retryAfter(seconds int) *Error {
+	if seconds > 0 {
+		e.Header = map[string]string{fiber.HeaderRetryAfter: strconv.Itoa(seconds)}
+	}
+	return e
 }
 
 // OK writes {"success":true,"data":data} with status 200.

@@ -2,11 +2,13 @@ package api
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"reflect"
 	"testing"
 
 	"github.com/gofiber/fiber/v2"
@@ -87,4 +89,34 @@ func TestErrorHandler(t *testing.T) {
 	check("POST", "/err?kind=fiber", 415, "", `{"error":{"code":"unsupported_media_type","message":"not this type"},"success":false}`)
 	check("POST", "/err", 500, "", `{"error":{"code":"internal","message":"internal error; it has been logged"},"success":false}`)
 	check("GET", "/nope", 404, "", `{"error":{"code":"not_found","message":"Cannot GET /nope"},"success":false}`)
+}
+
+// Each kind of refusal has its status, its code and, when asked for, its Retry-After; the cause is
+// kept for the log and never shown.
+func TestErrorKinds(t *testing.T) {
+	cause := errors.New("dial tcp: connection refused")
+	check := func(e *Error, status int, code, retryAfter string) {
+		t.Helper()
+		if e.Status != status || e.Code != code || e.Header[fiber.HeaderRetryAfter] != retryAfter || e.Message != "msg" {
+			t.Errorf("got %d %s %q Retry-After %q, want %d %s \"msg\" Retry-After %q", e.Status, e.Code, e.Message, e.Header[fiber.HeaderRetryAfter], status, code, retryAfter)
+		}
+	}
+	check(BadRequest("invalid_parameter", "msg"), 400, "invalid_parameter", "")
+	check(Unauthorized("msg"), 401, "unauthorized", "")
+	check(Forbidden("tenant_disabled", "msg"), 403, "tenant_disabled", "")
+	check(NotFound("unknown_quota", "msg"), 404, "unknown_quota", "")
+	check(Conflict("idempotency_key_in_use", "msg", 1), 409, "idempotency_key_in_use", "1")
+	check(TooLarge("msg"), 413, "payload_too_large", "")
+	check(Unsupported("msg"), 415, "unsupported_media_type", "")
+	check(Unprocessable("idempotency_key_reused", "msg"), 422, "idempotency_key_reused", "")
+	check(TooMany("rate_limited", "msg", 30), 429, "rate_limited", "30")
+	check(Unavailable("quota_unavailable", "msg", 0, nil), 503, "quota_unavailable", "")
+	u := Unavailable("storage_unavailable", "msg", 5, cause)
+	check(u, 503, "storage_unavailable", "5")
+	if !errors.Is(u, cause) || u.Error() != "msg" {
+		t.Errorf("Unavailable's cause: errors.Is %v, Error() %q; want the cause kept and only the message shown", errors.Is(u, cause), u.Error())
+	}
+	if d := BadRequest("invalid_events", "msg").WithDetails([]int{1}); !reflect.DeepEqual(d.Details, []int{1}) {
+		t.Errorf("WithDetails: got %v", d.Details)
+	}
 }

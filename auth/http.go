@@ -286,13 +286,13 @@ func (a *Authenticator) require(scope Scope, deferred bool) fiber.Handler {
 			return err
 		}
 		if want := c.Get("X-Tenant-Slug"); want != "" && want != p.Slug {
-			return api.Forbidden("X-Tenant-Slug does not match the credential's tenant")
+			return api.Forbidden("forbidden", "X-Tenant-Slug does not match the credential's tenant")
 		}
 		if !slices.Contains(scopes, scope) {
 			if strings.HasPrefix(p.Actor, "jwt:") {
-				return api.Forbidden("your role has no access to analytics; owner or admin is required")
+				return api.Forbidden("forbidden", "your role has no access to analytics; owner or admin is required")
 			}
-			return api.Forbidden("API key lacks the " + string(scope) + " scope")
+			return api.Forbidden("forbidden", "API key lacks the "+string(scope)+" scope")
 		}
 		api.SetPrincipal(c, p)
 		switch {
