@@ -8,33 +8,38 @@ import (
 	"fmt"
 	"io"
 	"mime"
-	"net/http"
 	"strings"
 
 	fastjson "github.com/segmentio/encoding/json"
 )
 
-// RequestError is a problem with a whole request body: its status is 400, 413 or 415.
+// The kinds of RequestError: what is wrong with a request body as a whole.
+var (
+	ErrBadBody     = errors.New("request body is malformed")
+	ErrTooLarge    = errors.New("request body is over a limit")
+	ErrUnsupported = errors.New("request body's type or encoding is not supported")
+)
+
+// RequestError is a problem with a whole request body: Kind (ErrBadBody, ErrTooLarge or
+// ErrUnsupported, matched with errors.Is) and a message that says what to send instead.
 type RequestError struct {
-	Status  int
-	Code    string
+	Kind    error
 	Message string
 }
 
-func (e *RequestError) Error() string     { return e.Message }
-func (e *RequestError) HTTPStatus() int   { return e.Status }
-func (e *RequestError) ErrorCode() string { return e.Code }
+func (e *RequestError) Error() string { return e.Message }
+func (e *RequestError) Unwrap() error { return e.Kind }
 
 func tooLarge(format string, args ...any) error {
-	return &RequestError{http.StatusRequestEntityTooLarge, "payload_too_large", fmt.Sprintf(format, args...)}
+	return &RequestError{ErrTooLarge, fmt.Sprintf(format, args...)}
 }
 
 func badBody(format string, args ...any) error {
-	return &RequestError{http.StatusBadRequest, "invalid_body", fmt.Sprintf(format, args...)}
+	return &RequestError{ErrBadBody, fmt.Sprintf(format, args...)}
 }
 
 func unsupported(format string, args ...any) error {
-	return &RequestError{http.StatusUnsupportedMediaType, "unsupported_media_type", fmt.Sprintf(format, args...)}
+	return &RequestError{ErrUnsupported, fmt.Sprintf(format, args...)}
 }
 
 // ItemError is one event that could not be accepted, by its position in the request: Index counts

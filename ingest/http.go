@@ -84,7 +84,8 @@ func (s *Service) UseLevels(l Levels) { s.levels = l }
 // RecordIncrement stores an increment durably. counted says the live counters have it already
 // (quota's consume counted it in its own script); otherwise its claim counts it. With an idempotency
 // key the increment's id is derived from it, so a retried consume stores its spend once. It
-// implements part of quota.Recorder.
+// implements part of quota.Recorder, for quota's consume endpoint: a refusal (the buffer is full, the
+// server is shutting down) comes back as the response ingest's own endpoints give (httpError).
 func (s *Service) RecordIncrement(ctx context.Context, tenant uuid.UUID, metric string, n int64, at time.Time, idempotencyKey string, counted bool) error {
 	id := newID()
 	if idempotencyKey != "" {
@@ -94,7 +95,7 @@ func (s *Service) RecordIncrement(ctx context.Context, tenant uuid.UUID, metric 
 	b := newBatch(nil, []Increment{{ID: id, TenantID: tenant, Ts: at.UTC().Truncate(time.Second), Metric: metric, N: n}})
 	b.setFlags(idempotencyKey == "", counted)
 	_, err := s.store(ctx, b)
-	return err
+	return httpError(err)
 }
 
 // Emit adds a server-generated event (e.g. quota.exceeded) to the tenant's own stream, durably.
@@ -157,16 +158,16 @@ func (s *Service) postEvents(c *fiber.Ctx) error {
 	}
 	format, err := FormatOf(c.Get(fiber.HeaderContentType))
 	if err != nil {
-		return err
+		return httpError(err)
 	}
 	// The raw body: fiber's c.Body() would gunzip it without any size limit.
 	body, err := Decompress(c.Request().Body(), c.Get(fiber.HeaderContentEncoding), s.cfg.Limits.MaxBodyBytes)
 	if err != nil {
-		return err
+		return httpError(err)
 	}
 	events, rejected, err := Decode(body, format, s.cfg.Limits.MaxEvents)
 	if err != nil {
-		return err
+		return httpError(err)
 	}
 	now := s.now()
 	key := idempotencyKey(c)
@@ -205,14 +206,13 @@ func (s *Service) postEvents(c *fiber.Ctx) error {
 	}
 	if len(rows) == 0 {
 		res.Duplicates = []Duplicate{}
-		return &api.Error{Status: http.StatusBadRequest, Code: "invalid_events",
-			Message: fmt.Sprintf("no event was accepted: %d rejected; see details.rejected for each one", len(rejected)), Details: res}
+		return api.BadRequest("invalid_events", fmt.Sprintf("no event was accepted: %d rejected; see details.rejected for each one", len(rejected))).WithDetails(res)
 	}
 	b := newBatch(rows, nil)
 	b.setFlags(minted, false)
 	checked, err := s.store(c.UserContext(), b)
 	if err != nil {
-		return err
+		return httpError(err)
 	}
 	if !checked {
 		c.Set("X-Analytics-Degraded", "duplicates not checked at request time (redis unavailable); they are dropped before storage")
@@ -237,21 +237,12 @@ func (s *Service) postEvents(c *fiber.Ctx) error {
 	return api.Respond(c, http.StatusAccepted, res)
 }
 
-// store appends a batch durably, turning a full or closing writer into a 503 with Retry-After, then
-// claims its ids. It reports whether the claims were checked: false when Redis could not answer (the
-// rows are then checked when shipped) or when the writer keeps nothing durable to claim against.
+// store appends a batch durably, then claims its ids; a full or closing writer refuses the batch
+// (*FullError, ErrClosed). It reports whether the claims were checked: false when Redis could not
+// answer (the rows are then checked when shipped) or when the writer keeps nothing durable to claim
+// against.
 func (s *Service) store(ctx context.Context, b *batch) (bool, error) {
-	err := s.w.Append(ctx, b)
-	var full *FullError
-	switch {
-	case err == nil:
-	case errors.As(err, &full):
-		return false, &api.Error{Status: http.StatusServiceUnavailable, Code: full.ErrorCode(), Message: full.Error(),
-			Header: map[string]string{fiber.HeaderRetryAfter: strconv.Itoa(full.RetryAfterSeconds())}}
-	case errors.Is(err, ErrClosed):
-		return false, &api.Error{Status: http.StatusServiceUnavailable, Code: "shutting_down",
-			Message: "server is shutting down; retry on another instance", Header: map[string]string{fiber.HeaderRetryAfter: "1"}}
-	default:
+	if err := s.w.Append(ctx, b); err != nil {
 		return false, err
 	}
 	claims := s.w.sh.claims
@@ -409,7 +400,7 @@ func (s *Service) postUsage(c *fiber.Ctx) error {
 	b.setFlags(idempotencyKey(c) == "", false)
 	checked, err := s.store(c.UserContext(), b)
 	if err != nil {
-		return err
+		return httpError(err)
 	}
 	if !checked {
 		c.Set("X-Analytics-Degraded", "duplicates not checked at request time (redis unavailable); they are dropped before storage")
@@ -467,8 +458,29 @@ func (s *Service) setLevel(c *fiber.Ctx, p api.Principal, req UsageRequest) erro
 		return api.Respond(c, http.StatusAccepted, fiber.Map{"metric": req.Metric, "value": v, "accepted": 0, "disabled": true})
 	}
 	if err := s.levels.SetLevel(c.UserContext(), p.TenantID, req.Metric, v); err != nil {
-		return &api.Error{Status: http.StatusServiceUnavailable, Code: "storage_unavailable", Message: "could not store the level; retry shortly",
-			Header: map[string]string{fiber.HeaderRetryAfter: "5"}, Cause: err}
+		return api.Unavailable("storage_unavailable", "could not store the level; retry shortly", 5, err)
 	}
 	return api.Respond(c, http.StatusAccepted, fiber.Map{"metric": req.Metric, "value": v, "accepted": 1})
+}
+
+// httpError maps ingest's errors to responses, for both endpoints and for quota's consume (through
+// RecordIncrement): a body refused as a whole is a 400, 413 or 415 with the decoder's message; a full
+// writer and a closing one are 503s with Retry-After, so clients back off instead of losing events.
+// Anything else stays as it is (a 500, logged). Refusals of single fields are the handlers' own.
+func httpError(err error) error {
+	var req *RequestError
+	var full *FullError
+	switch {
+	case errors.As(err, &req) && errors.Is(req.Kind, ErrTooLarge):
+		return api.TooLarge(req.Message)
+	case errors.As(err, &req) && errors.Is(req.Kind, ErrUnsupported):
+		return api.Unsupported(req.Message)
+	case errors.As(err, &req):
+		return api.BadRequest("invalid_body", req.Message)
+	case errors.As(err, &full):
+		return api.Unavailable("ingest_unavailable", full.Error(), full.RetryAfterSeconds(), nil)
+	case errors.Is(err, ErrClosed):
+		return api.Unavailable("shutting_down", "server is shutting down; retry on another instance", 1, nil)
+	}
+	return err
 }

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"hash/fnv"
 	"log/slog"
-	"net/http"
 	"slices"
 	"strconv"
 	"sync"
@@ -120,7 +119,7 @@ var ErrFull = errors.New("ingest buffer is full")
 // ErrClosed is returned by Append after Close.
 var ErrClosed = errors.New("ingest writer is shutting down")
 
-// FullError carries the Retry-After advice with ErrFull.
+// FullError is ErrFull with why, and how long to wait before retrying.
 type FullError struct {
 	Reason     string
 	RetryAfter time.Duration
@@ -129,9 +128,9 @@ type FullError struct {
 func (e *FullError) Error() string {
 	return "ingest is temporarily unable to accept events (" + e.Reason + "); retry after " + strconv.Itoa(int(e.RetryAfter.Seconds())) + "s"
 }
-func (e *FullError) Unwrap() error     { return ErrFull }
-func (e *FullError) HTTPStatus() int   { return http.StatusServiceUnavailable }
-func (e *FullError) ErrorCode() string { return "ingest_unavailable" }
+func (e *FullError) Unwrap() error { return ErrFull }
+
+// RetryAfterSeconds is RetryAfter in whole seconds, at least 1.
 func (e *FullError) RetryAfterSeconds() int {
 	s := int(e.RetryAfter.Round(time.Second).Seconds())
 	return max(s, 1)
