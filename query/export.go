@@ -14,6 +14,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/internal/chlimit"
+	"github.com/analyticsd/analyticsd/internal/jsontext"
 )
 
 // ExportHeader is the CSV header row; NDJSON lines carry the same fields, named as in GET /events.
@@ -201,19 +202,19 @@ func appendJSONLine(b []byte, id uuid.UUID, ts time.Time, event, source, user st
 	b = append(b, `{"id":"`...)
 	b = appendUUID(b, id)
 	b = append(b, `","user_id":`...)
-	b = appendJSONString(b, user)
+	b = jsontext.AppendString(b, user)
 	b = append(b, `,"source":`...)
-	b = appendJSONString(b, source)
+	b = jsontext.AppendString(b, source)
 	b = append(b, `,"event":`...)
-	b = appendJSONString(b, event)
+	b = jsontext.AppendString(b, event)
 	b = append(b, `,"ts":"`...)
 	b = ts.UTC().AppendFormat(b, time.RFC3339)
 	b = append(b, `","props":`...)
 	b = append(b, exportProps(props)...)
 	b = append(b, `,"ip":`...)
-	b = appendJSONString(b, ip)
+	b = jsontext.AppendString(b, ip)
 	b = append(b, `,"request_id":`...)
-	b = appendJSONString(b, reqID)
+	b = jsontext.AppendString(b, reqID)
 	return append(b, "}\n"...)
 }
 
@@ -313,50 +314,6 @@ func appendCell(b []byte, s string) []byte {
 		b = append(b, '"')
 	}
 	return b
-}
-
-// appendJSONString appends s as a JSON string: quotes, backslashes and control characters escaped,
-// invalid UTF-8 as U+FFFD (as encoding/json does), everything else as is.
-func appendJSONString(b []byte, s string) []byte {
-	const hex = "0123456789abcdef"
-	b = append(b, '"')
-	start := 0
-	for i := 0; i < len(s); {
-		c := s[i]
-		if c < utf8.RuneSelf {
-			if c >= 0x20 && c != '"' && c != '\\' {
-				i++
-				continue
-			}
-			b = append(b, s[start:i]...)
-			switch c {
-			case '"', '\\':
-				b = append(b, '\\', c)
-			case '\n':
-				b = append(b, '\\', 'n')
-			case '\r':
-				b = append(b, '\\', 'r')
-			case '\t':
-				b = append(b, '\\', 't')
-			default:
-				b = append(b, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xf])
-			}
-			i++
-			start = i
-			continue
-		}
-		r, size := utf8.DecodeRuneInString(s[i:])
-		if r == utf8.RuneError && size == 1 {
-			b = append(b, s[start:i]...)
-			b = append(b, "\uFFFD"...)
-			i++
-			start = i
-			continue
-		}
-		i += size
-	}
-	b = append(b, s[start:]...)
-	return append(b, '"')
 }
 
 // Concurrent exports are bounded: each holds a ClickHouse connection for as long as its client

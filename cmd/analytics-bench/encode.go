@@ -2,9 +2,10 @@ package main
 
 import (
 	"time"
-	"unicode/utf8"
 
 	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/internal/jsontext"
 )
 
 // Encoders for the three wire forms of one event: the REST body analyticsd ingests, the JSONEachRow
@@ -20,19 +21,19 @@ func appendRESTEvent(b []byte, e *Event) []byte {
 	b = append(b, `{"id":"`...)
 	b = appendUUID(b, e.ID)
 	b = append(b, `","event":`...)
-	b = appendJSONString(b, e.Name())
+	b = jsontext.AppendString(b, e.Name())
 	b = append(b, `,"user_id":`...)
-	b = appendJSONString(b, e.UserID)
+	b = jsontext.AppendString(b, e.UserID)
 	b = append(b, `,"source":`...)
-	b = appendJSONString(b, e.Source())
+	b = jsontext.AppendString(b, e.Source())
 	b = append(b, `,"ts":"`...)
 	b = time.Unix(e.Ts, 0).UTC().AppendFormat(b, rfc3339Z)
 	b = append(b, `","props":`...)
 	b = append(b, e.Props...)
 	b = append(b, `,"ip":`...)
-	b = appendJSONString(b, e.IP)
+	b = jsontext.AppendString(b, e.IP)
 	b = append(b, `,"request_id":`...)
-	b = appendJSONString(b, e.RequestID)
+	b = jsontext.AppendString(b, e.RequestID)
 	return append(b, '}')
 }
 
@@ -47,17 +48,17 @@ func appendRawRow(b []byte, e *Event, tenant uuid.UUID, receivedAt int64) []byte
 	b = append(b, `","received_at":"`...)
 	b = time.Unix(receivedAt, 0).UTC().AppendFormat(b, chTime)
 	b = append(b, `","event":`...)
-	b = appendJSONString(b, e.Name())
+	b = jsontext.AppendString(b, e.Name())
 	b = append(b, `,"source":`...)
-	b = appendJSONString(b, e.Source())
+	b = jsontext.AppendString(b, e.Source())
 	b = append(b, `,"user_id":`...)
-	b = appendJSONString(b, e.UserID)
+	b = jsontext.AppendString(b, e.UserID)
 	b = append(b, `,"props":`...)
-	b = appendJSONString(b, e.Props)
+	b = jsontext.AppendString(b, e.Props)
 	b = append(b, `,"ip":`...)
-	b = appendJSONString(b, e.IP)
+	b = jsontext.AppendString(b, e.IP)
 	b = append(b, `,"request_id":`...)
-	b = appendJSONString(b, e.RequestID)
+	b = jsontext.AppendString(b, e.RequestID)
 	return append(b, "}\n"...)
 }
 
@@ -69,41 +70,4 @@ func appendUUID(b []byte, u uuid.UUID) []byte {
 		b = append(b, hexDigits[x>>4], hexDigits[x&15])
 	}
 	return b
-}
-
-// appendJSONString appends s as a JSON string literal.
-func appendJSONString(b []byte, s string) []byte {
-	b = append(b, '"')
-	for i := 0; i < len(s); {
-		c := s[i]
-		if c >= 0x20 && c != '"' && c != '\\' && c < utf8.RuneSelf {
-			b = append(b, c)
-			i++
-			continue
-		}
-		if c < utf8.RuneSelf {
-			switch c {
-			case '"', '\\':
-				b = append(b, '\\', c)
-			case '\n':
-				b = append(b, '\\', 'n')
-			case '\r':
-				b = append(b, '\\', 'r')
-			case '\t':
-				b = append(b, '\\', 't')
-			default:
-				b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&15])
-			}
-			i++
-			continue
-		}
-		r, size := utf8.DecodeRuneInString(s[i:])
-		if r == utf8.RuneError && size == 1 {
-			b = append(b, `\ufffd`...)
-		} else {
-			b = append(b, s[i:i+size]...)
-		}
-		i += size
-	}
-	return append(b, '"')
 }

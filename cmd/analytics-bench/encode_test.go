@@ -8,22 +8,6 @@ import (
 	"github.com/google/uuid"
 )
 
-func TestAppendJSONStringMatchesEncodingJSON(t *testing.T) {
-	for _, s := range []string{"", "plain", `quo"te`, `back\slash`, "tab\tnl\ncr\r", "\x00\x1f", "ünïcødé ✓", "bad \xff utf8", `{"k":"v"}`} {
-		var back string
-		if err := json.Unmarshal(appendJSONString(nil, s), &back); err != nil {
-			t.Fatalf("%q: %v", s, err)
-		}
-		want := s
-		if s == "bad \xff utf8" {
-			want = "bad \ufffd utf8"
-		}
-		if back != want {
-			t.Errorf("round trip of %q gave %q", s, back)
-		}
-	}
-}
-
 func TestEncodersProduceTheGuidesShapes(t *testing.T) {
 	g := NewGenerator(3, testBase, 50)
 	var e Event
