@@ -40,7 +40,7 @@ type Claims struct {
 	Role   string `json:"role"`   // owner, admin, member, viewer
 }
 
-// roleScopes: owner and admin have full analytics access; member and viewer have none (the guide).
+// roleScopes: owner and admin have full analytics access; member and viewer have none (docs/contract.md).
 var roleScopes = map[string][]Scope{
 	"owner":  AllScopes,
 	"admin":  AllScopes,

@@ -20,10 +20,10 @@ import (
 	"github.com/analyticsd/analyticsd/retention"
 )
 
-// Sources are the event sources the guide defines.
+// Sources are the event sources of the contract (docs/contract.md).
 var Sources = []string{"app", "api", "webhook", "job", "payments", "files", "builder", "agent"}
 
-// DefaultSource is used when an event names none (the guide's own track() examples use "app").
+// DefaultSource is used when an event names none (docs/contract.md: its examples send "app").
 const DefaultSource = "app"
 
 // Event is one event as a client sends it. Ts and Props stay raw so their form can be checked; after
@@ -67,7 +67,7 @@ type Row struct {
 // Limits bound what one event and one request may carry.
 type Limits struct {
 	MaxPropsBytes   int           // compact JSON size of props (default 8 KiB)
-	MaxUserID       int           // bytes (default 255, the guide's VARCHAR(255))
+	MaxUserID       int           // bytes (default 255: the VARCHAR(255) of docs/contract.md)
 	MaxRequestID    int           // bytes (default 255)
 	MaxBodyBytes    int64         // decompressed request body (default 10 MiB)
 	MaxEvents       int           // events per request (default 10,000)
@@ -118,7 +118,7 @@ func ValidEventName(name string) bool {
 	return segments >= 2 && !start
 }
 
-// ValidSource reports whether s is one of the guide's sources.
+// ValidSource reports whether s is one of Sources.
 func ValidSource(s string) bool {
 	for _, v := range Sources {
 		if s == v {

@@ -8,7 +8,7 @@ import (
 	"github.com/analyticsd/analyticsd/internal/labels"
 )
 
-// Metrics are the ingest path's Prometheus collectors: the guide's event and usage counters, and the
+// Metrics are the ingest path's Prometheus collectors: the contract's event and usage counters (docs/contract.md), and the
 // writer's internals (buffer, spool, batches, errors).
 type Metrics struct {
 	Events        *prometheus.CounterVec // sbh_analytics_events_total{tenant,event,source}

@@ -11,7 +11,7 @@ import (
 	"github.com/google/uuid"
 )
 
-// Sources are the valid event sources (the guide's list).
+// Sources are the valid event sources (docs/contract.md).
 var Sources = []string{"app", "api", "webhook", "job", "payments", "files", "builder", "agent"}
 
 var nameRe = regexp.MustCompile(`^[a-z][a-z0-9_.-]{0,127}$`)

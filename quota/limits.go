@@ -13,7 +13,7 @@ import (
 	"github.com/analyticsd/analyticsd/tenant"
 )
 
-// BuiltinLimits are the guide's default quotas.
+// BuiltinLimits are the contract's default quotas (docs/contract.md).
 func BuiltinLimits() map[string]float64 {
 	return map[string]float64{
 		"api_requests_daily": 100000,

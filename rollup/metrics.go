@@ -2,7 +2,7 @@ package rollup
 
 import "github.com/prometheus/client_golang/prometheus"
 
-// reconcileMetrics are the Reconciler's collectors: the guide's run counter and duration histogram, and
+// reconcileMetrics are the Reconciler's collectors: the contract's run counter (docs/contract.md) and duration histogram, and
 // how many aggregate rows had to be repaired.
 type reconcileMetrics struct {
 	runs     *prometheus.CounterVec // sbh_analytics_rollup_runs_total{status}

@@ -1,6 +1,6 @@
 // Command analytics-bench measures analyticsd side by side with the baselines a user would pick
 // instead, on one deterministic generated workload, in one run: REST ingest against raw
-// clickhouse-client inserts (the ceiling) and the guide's Postgres design; ack latency and time to
+// clickhouse-client inserts (the ceiling) and the guide's Postgres design (docs/contract.md); ack latency and time to
 // queryable; event pages, KPIs and usage against the same SQL sent straight to ClickHouse and the
 // same reads on Postgres; CSV export against clickhouse-client; quota consume against a go-redis
 // INCR loop; and storage per event. Ratios are the headline because absolute times on a shared
