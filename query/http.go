@@ -2,10 +2,10 @@ package query
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"net/http"
 	"strconv"
 	"strings"
 	"time"
@@ -72,6 +72,8 @@ func (s *Service) Register(r fiber.Router, read fiber.Handler) {
 	r.Get("/export.ndjson", read, s.timed("export", s.getExport("ndjson")))
 }
 
+// timed wraps every read route: it refuses repeated parameters, times the handler and maps what
+// it returns to a response (httpError), so the handlers return the package's errors as they are.
 func (s *Service) timed(endpoint string, h fiber.Handler) fiber.Handler {
 	obs := s.dur.WithLabelValues(endpoint)
 	return func(c *fiber.Ctx) error {
@@ -81,7 +83,7 @@ func (s *Service) timed(endpoint string, h fiber.Handler) fiber.Handler {
 			err = h(c)
 		}
 		obs.Observe(time.Since(start).Seconds())
-		return err
+		return httpError(err)
 	}
 }
 
@@ -141,7 +143,7 @@ func (s *Service) getEvents(c *fiber.Ctx) error {
 	}
 	page, err := s.store.Events(c.UserContext(), f)
 	if err != nil {
-		return unavailable(err)
+		return err
 	}
 	return api.OK(c, page)
 }
@@ -198,7 +200,7 @@ func (s *Service) getUsage(c *fiber.Ctx) error {
 	first, last := r.Days()
 	res, err := s.store.Usage(c.UserContext(), principal(c).TenantID, metrics, first, last, fill)
 	if err != nil {
-		return unavailable(err)
+		return err
 	}
 	if res.Degraded {
 		c.Set("X-Analytics-Degraded", "postgres unavailable; all days from ClickHouse")
@@ -213,7 +215,7 @@ func (s *Service) getKPIs(c *fiber.Ctx) error {
 	}
 	kpis, err := s.store.KPIs(c.UserContext(), principal(c).TenantID, metrics)
 	if err != nil {
-		return unavailable(err)
+		return err
 	}
 	return api.OK(c, kpis)
 }
@@ -229,7 +231,7 @@ func (s *Service) getEventNames(c *fiber.Ctx) error {
 	}
 	names, more, err := s.store.EventNames(c.UserContext(), principal(c).TenantID, r, limit)
 	if err != nil {
-		return unavailable(err)
+		return err
 	}
 	c.Set("X-Event-Names-Truncated", strconv.FormatBool(more))
 	return api.OK(c, names)
@@ -246,7 +248,7 @@ func (s *Service) getActiveUsers(c *fiber.Ctx) error {
 	}
 	au, err := s.store.ActiveUsers(c.UserContext(), principal(c).TenantID, r, event)
 	if err != nil {
-		return unavailable(err)
+		return err
 	}
 	return api.OK(c, au)
 }
@@ -290,9 +292,8 @@ func (s *Service) getExport(ext string) fiber.Handler {
 		}
 		p := principal(c)
 		if !s.gate.enter(p.TenantID) {
-			return &api.Error{Status: http.StatusTooManyRequests, Code: "too_many_exports",
-				Message: fmt.Sprintf("at most %d exports of a tenant (%d in all) run at once; retry when one has finished", exportsPerTenant, exportsTotal),
-				Header:  map[string]string{fiber.HeaderRetryAfter: "5"}}
+			return api.TooMany("too_many_exports",
+				fmt.Sprintf("at most %d exports of a tenant (%d in all) run at once; retry when one has finished", exportsPerTenant, exportsTotal), 5)
 		}
 		streaming := false
 		defer func() {
@@ -302,7 +303,7 @@ func (s *Service) getExport(ext string) fiber.Handler {
 		}()
 		exp, err := s.store.PlanExport(c.UserContext(), f, limit)
 		if err != nil {
-			return unavailable(err)
+			return err
 		}
 		name := fmt.Sprintf("analytics-%s-%s-%s.%s", p.Slug, f.Range.From.Format("20060102"), f.Range.To.Add(-time.Second).Format("20060102"), ext)
 		c.Set(fiber.HeaderContentType, kind.contentType)
@@ -337,7 +338,7 @@ func (s *Service) getExport(ext string) fiber.Handler {
 			entry := audit.Entry{TenantID: p.TenantID, Actor: p.Actor, Action: "export." + ext, Target: "events", Meta: meta}
 			if err := s.audit.Record(c.UserContext(), entry); err != nil {
 				// An export that cannot be audited is refused: the guide promises every download is logged.
-				return unavailable(err)
+				return err
 			}
 		}
 		// The page query starts inside the stream, once the connection is ours: if it never gets
@@ -363,11 +364,20 @@ func (s *Service) getExport(ext string) fiber.Handler {
 // HTTP server stopped taking requests (it does not wait for streams it handed over).
 func (s *Service) Drain(ctx context.Context) error { return s.gate.wait(ctx) }
 
-// unavailable turns a storage failure into a 503 the client can retry; parameter errors pass through.
-func unavailable(err error) error {
-	if _, ok := err.(*ParamError); ok {
-		return err
+// httpError maps what a read route returns to a response (timed applies it to every route): a bad
+// parameter is a 400 naming it; a response the handler built (too_many_exports) stays as it is; any
+// other error is storage (ClickHouse, Postgres, the audit log) failing to answer, a 503 the client
+// can retry.
+func httpError(err error) error {
+	var param *ParamError
+	var resp *api.Error
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &param):
+		return api.BadRequest("invalid_parameter", param.Msg)
+	case errors.As(err, &resp):
+		return resp
 	}
-	return &api.Error{Status: http.StatusServiceUnavailable, Code: "storage_unavailable",
-		Message: "analytics storage did not answer; retry shortly", Header: map[string]string{fiber.HeaderRetryAfter: "5"}, Cause: err}
+	return api.Unavailable("storage_unavailable", "analytics storage did not answer; retry shortly", 5, err)
 }

@@ -16,9 +16,7 @@ import (
 // ParamError is a bad query parameter; its message names the parameter and the fix.
 type ParamError struct{ Msg string }
 
-func (e *ParamError) Error() string     { return e.Msg }
-func (e *ParamError) HTTPStatus() int   { return 400 }
-func (e *ParamError) ErrorCode() string { return "invalid_parameter" }
+func (e *ParamError) Error() string { return e.Msg }
 
 func paramErr(format string, args ...any) error { return &ParamError{fmt.Sprintf(format, args...)} }
 

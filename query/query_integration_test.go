@@ -739,8 +739,10 @@ func TestExportsCannotExhaustTheServer(t *testing.T) {
 		}
 		open = append(open, res)
 	}
-	if r := h.get(t, h.keys["a-read"], "", "/api/analytics/export.csv"); r.status != http.StatusTooManyRequests || !strings.Contains(r.raw, "too_many_exports") {
-		t.Errorf("a third concurrent export: %d %s, want 429 too_many_exports", r.status, r.raw)
+	tooMany := `{"error":{"code":"too_many_exports","message":"at most 2 exports of a tenant (4 in all) run at once; retry when one has finished"},"success":false}`
+	if r := h.get(t, h.keys["a-read"], "", "/api/analytics/export.csv"); r.status != http.StatusTooManyRequests || !strings.Contains(r.raw, "too_many_exports") ||
+		r.raw != tooMany || r.header.Get("Retry-After") != "5" {
+		t.Errorf("a third concurrent export: %d %s Retry-After %q, want 429 %s with Retry-After 5", r.status, r.raw, r.header.Get("Retry-After"), tooMany)
 	}
 	if r := h.get(t, h.keys["b-read"], "", "/api/analytics/export.csv"); r.status != 200 {
 		t.Errorf("another tenant's export beside them: %d %s", r.status, r.raw)
