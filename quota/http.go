@@ -2,7 +2,6 @@ package quota
 
 import (
 	"errors"
-	"net/http"
 	"strconv"
 
 	"github.com/gofiber/fiber/v2"
@@ -23,25 +22,17 @@ func (s *Service) getAll(c *fiber.Ctx) error {
 	p, _ := api.PrincipalOf(c)
 	states, err := s.States(c.UserContext(), p.TenantID)
 	if err != nil {
-		return s.unavailable(err)
+		return httpError(err)
 	}
 	return api.OK(c, states)
-}
-
-func notFound(metric string) error {
-	return &api.Error{Status: http.StatusNotFound, Code: "unknown_quota",
-		Message: "no quota is defined for " + strconv.Quote(metric) + "; GET /api/analytics/quotas lists them"}
 }
 
 func (s *Service) getOne(c *fiber.Ctx) error {
 	p, _ := api.PrincipalOf(c)
 	metric := c.Params("metric") // a copy: api.NewApp's app hands out no borrowed strings
 	st, err := s.State(c.UserContext(), p.TenantID, metric)
-	if errors.Is(err, ErrUnknownMetric) {
-		return notFound(metric)
-	}
 	if err != nil {
-		return s.unavailable(err)
+		return httpError(err)
 	}
 	return api.OK(c, st)
 }
@@ -72,19 +63,11 @@ func (s *Service) postConsume(c *fiber.Ctx) error {
 		}
 	}
 	switch {
-	case errors.Is(err, ErrUnknownMetric):
-		return notFound(metric)
 	case err != nil:
-		var se api.StatusError
-		if errors.As(err, &se) {
-			return err
-		}
-		return s.unavailable(err)
+		return httpError(err)
 	case !res.Allowed:
-		return &api.Error{Status: http.StatusTooManyRequests, Code: "quota_exceeded",
-			Message: "quota " + metric + " would be exceeded: " + strconv.FormatFloat(res.Current, 'f', -1, 64) + " of " +
-				strconv.FormatFloat(res.Limit, 'f', -1, 64) + " used today (UTC); it resets at 00:00 UTC",
-			Details: res, Header: map[string]string{fiber.HeaderRetryAfter: strconv.Itoa(s.SecondsToNextDay())}}
+		return api.TooMany("quota_exceeded", "quota "+metric+" would be exceeded: "+strconv.FormatFloat(res.Current, 'f', -1, 64)+" of "+
+			strconv.FormatFloat(res.Limit, 'f', -1, 64)+" used today (UTC); it resets at 00:00 UTC", s.SecondsToNextDay()).WithDetails(res)
 	}
 	if res.Degraded {
 		c.Set("X-Analytics-Degraded", "quota counters unavailable; allowed by QUOTA_FAIL_OPEN")
@@ -92,11 +75,23 @@ func (s *Service) postConsume(c *fiber.Ctx) error {
 	return api.OK(c, res)
 }
 
-func (s *Service) unavailable(err error) error {
-	var se api.StatusError
-	if errors.As(err, &se) {
-		return err
+// httpError maps quota's errors to responses: an unknown metric is a 404, a consume of a level a 400,
+// counters that are down with QUOTA_FAIL_OPEN=false a 503 (which has never carried a Retry-After).
+// The recorder's refusal (ingest's full buffer, its shutdown) is already a response and stays as it
+// is. Anything else is state that could not be read: a 503 to retry in 5 s, its cause logged.
+func httpError(err error) error {
+	var unknown *UnknownMetricError
+	var param *ParamError
+	var resp *api.Error
+	switch {
+	case errors.As(err, &unknown):
+		return api.NotFound("unknown_quota", "no quota is defined for "+strconv.Quote(unknown.Metric)+"; GET /api/analytics/quotas lists them")
+	case errors.As(err, &param):
+		return api.BadRequest("invalid_parameter", param.Msg)
+	case errors.Is(err, ErrUnavailable):
+		return api.Unavailable("quota_unavailable", ErrUnavailable.Error(), 0, nil)
+	case errors.As(err, &resp):
+		return resp
 	}
-	return &api.Error{Status: http.StatusServiceUnavailable, Code: "quota_unavailable",
-		Message: "quota state is unavailable right now; retry shortly", Header: map[string]string{fiber.HeaderRetryAfter: "5"}, Cause: err}
+	return api.Unavailable("quota_unavailable", "quota state is unavailable right now; retry shortly", 5, err)
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
-	"net/http"
 	"strconv"
 	"time"
 
@@ -43,7 +42,9 @@ type Config struct {
 type Recorder interface {
 	// RecordIncrement stores an increment_usage received at `at` durably without touching the live
 	// counters. With an idempotency key, the increment's id is derived from it: recording the same
-	// consume twice stores it once. counted says the live counters have it already.
+	// consume twice stores it once. counted says the live counters have it already. A refusal the
+	// client is to see (ingest's buffer is full, the server is shutting down) comes as the *api.Error
+	// ingest answers its own requests with, and is returned as it is.
 	RecordIncrement(ctx context.Context, tenant uuid.UUID, metric string, n int64, at time.Time, idempotencyKey string, counted bool) error
 	// Emit adds an event to the tenant's own event stream.
 	Emit(ctx context.Context, tenant uuid.UUID, slug, event string, props map[string]any) error
@@ -89,8 +90,17 @@ type Service struct {
 	reconcileChanged prometheus.Counter
 }
 
-// ErrUnknownMetric: the metric has no quota.
+// ErrUnknownMetric: the metric has no quota. The error returned is an *UnknownMetricError.
 var ErrUnknownMetric = errors.New("no quota is defined for that metric")
+
+// UnknownMetricError is ErrUnknownMetric for one metric.
+type UnknownMetricError struct{ Metric string }
+
+func (e *UnknownMetricError) Error() string        { return fmt.Sprintf("%v: %q", ErrUnknownMetric, e.Metric) }
+func (e *UnknownMetricError) Is(target error) bool { return target == ErrUnknownMetric }
+
+// ErrUnavailable: the counters did not answer and QUOTA_FAIL_OPEN=false, so nothing was spent.
+var ErrUnavailable = errors.New("quota counters are unavailable and QUOTA_FAIL_OPEN=false; retry shortly")
 
 // NewService wires quotas. rec may be set later with SetRecorder (ingest is built after quota).
 func NewService(cfg Config, counters *Counters, limits *Limits, ch driver.Conn, db string, pg *pgxpool.Pool,
@@ -221,7 +231,7 @@ func (s *Service) State(ctx context.Context, tenant uuid.UUID, metric string) (S
 	}
 	st, ok := all[metric]
 	if !ok {
-		return State{}, fmt.Errorf("%w: %q", ErrUnknownMetric, metric)
+		return State{}, &UnknownMetricError{metric}
 	}
 	return st, nil
 }
@@ -338,7 +348,7 @@ func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric stri
 	limits := s.limits.For(ctx, tenant)
 	lim, ok := limits[metric]
 	if !ok {
-		return ConsumeResult{}, fmt.Errorf("%w: %q", ErrUnknownMetric, metric)
+		return ConsumeResult{}, &UnknownMetricError{metric}
 	}
 	if !IsDaily(metric) {
 		return ConsumeResult{}, &ParamError{fmt.Sprintf("%s is a level, not a daily count: set it with POST /api/analytics/usage {\"metric\":%q,\"value\":N}", metric, metric)}
@@ -372,7 +382,7 @@ func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric stri
 	v := out.Value
 	if err != nil {
 		if !s.cfg.FailOpen {
-			return res, &Unavailable{"quota counters are unavailable and QUOTA_FAIL_OPEN=false; retry shortly"}
+			return res, ErrUnavailable
 		}
 		s.log.Warn("quota consume with redis unavailable: allowed (QUOTA_FAIL_OPEN)", "tenant", tenant, "metric", metric, "err", err)
 		res.Allowed, res.Degraded = true, true
@@ -414,19 +424,10 @@ func (s *Service) SecondsToNextDay() int {
 	return int(math.Ceil(now.Truncate(24 * time.Hour).Add(24 * time.Hour).Sub(now).Seconds()))
 }
 
-// ParamError is a bad request to the quota API.
+// ParamError is a bad request to the quota API; its message says what to do instead.
 type ParamError struct{ Msg string }
 
-func (e *ParamError) Error() string     { return e.Msg }
-func (e *ParamError) HTTPStatus() int   { return http.StatusBadRequest }
-func (e *ParamError) ErrorCode() string { return "invalid_parameter" }
-
-// Unavailable is a 503 from the quota API.
-type Unavailable struct{ Msg string }
-
-func (e *Unavailable) Error() string     { return e.Msg }
-func (e *Unavailable) HTTPStatus() int   { return http.StatusServiceUnavailable }
-func (e *Unavailable) ErrorCode() string { return "quota_unavailable" }
+func (e *ParamError) Error() string { return e.Msg }
 
 // checkAlerts fires each threshold the counter crossed from prev to cur, once per tenant, metric and
 // day across all instances (a Redis SET NX decides which instance fires).
