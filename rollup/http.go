@@ -2,8 +2,8 @@ package rollup
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"net/http"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -42,9 +42,12 @@ func ParseDate(s string, now time.Time) (time.Time, error) {
 	return day, nil
 }
 
-func badDate(msg string) *api.Error {
-	return api.BadRequest("invalid_parameter", msg)
-}
+// DateError is a date an on-demand run cannot take; its message says which dates it can.
+type DateError struct{ Msg string }
+
+func (e *DateError) Error() string { return e.Msg }
+
+func badDate(msg string) error { return &DateError{msg} }
 
 // Register mounts POST /rollup?date=YYYY-MM-DD on r behind admin (the analytics:admin middleware). It
 // reconciles the caller's tenant only and answers {date, tenants, metrics, rows, duration_ms, ...}.
@@ -59,15 +62,23 @@ func (r *Reconciler) postRollup(c *fiber.Ctx) error {
 	}
 	day, err := ParseDate(c.Query("date"), r.now())
 	if err != nil {
-		return err
+		return httpError(err)
 	}
 	ctx, cancel := context.WithTimeout(c.UserContext(), 5*time.Minute)
 	defer cancel()
 	res, err := r.RunDate(ctx, day, OneTenant(p.TenantID), p.Actor)
 	if err != nil {
-		return &api.Error{Status: http.StatusServiceUnavailable, Code: "rollup_failed",
-			Message: "the rollup did not complete because analytics storage did not answer; retry shortly",
-			Header:  map[string]string{fiber.HeaderRetryAfter: "30"}, Cause: err}
+		return httpError(err)
 	}
 	return api.OK(c, res)
+}
+
+// httpError maps the endpoint's errors to responses: a date it cannot take is a 400; a run that
+// failed (ClickHouse or Postgres did not answer) is a 503 to retry in 30 s, its cause logged.
+func httpError(err error) error {
+	var date *DateError
+	if errors.As(err, &date) {
+		return api.BadRequest("invalid_parameter", date.Msg)
+	}
+	return api.Unavailable("rollup_failed", "the rollup did not complete because analytics storage did not answer; retry shortly", 30, err)
 }
