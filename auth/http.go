@@ -349,9 +349,8 @@ func (a *Authenticator) limit(c *fiber.Ctx, p api.Principal, d ratelimit.Decisio
 	if notify {
 		go a.OnLimited(p)
 	}
-	return &api.Error{Status: fiber.StatusTooManyRequests, Code: "rate_limited",
-		Message: "too many requests for this credential; slow down and retry after the Retry-After seconds",
-		Header:  map[string]string{fiber.HeaderRetryAfter: strconv.Itoa(max(1, int(math.Ceil(d.Retry.Seconds()))))}}
+	return api.TooMany("rate_limited", "too many requests for this credential; slow down and retry after the Retry-After seconds",
+		max(1, int(math.Ceil(d.Retry.Seconds()))))
 }
 
 // deferredMeter is RequireDeferred's api.Meter: the handler's script takes the token.
@@ -376,15 +375,14 @@ func (m *deferredMeter) TakeNow(c *fiber.Ctx) error {
 	return m.a.meter(c, m.p)
 }
 
+// unavailable is the 503 for a credential that cannot be checked: the registry did not answer.
 func unavailable() error {
-	return &api.Error{Status: fiber.StatusServiceUnavailable, Code: "auth_unavailable",
-		Message: "cannot verify credentials right now; retry shortly", Header: map[string]string{"Retry-After": "5"}}
+	return api.Unavailable("auth_unavailable", "cannot verify credentials right now; retry shortly", 5, nil)
 }
 
 // tenantDisabled is the 403 for a disabled tenant's credentials.
 func tenantDisabled(slug string) error {
-	return &api.Error{Status: fiber.StatusForbidden, Code: "tenant_disabled",
-		Message: "tenant " + strconv.Quote(slug) + " is disabled; its credentials are refused until an operator enables it"}
+	return api.Forbidden("tenant_disabled", "tenant "+strconv.Quote(slug)+" is disabled; its credentials are refused until an operator enables it")
 }
 
 func (a *Authenticator) fromKey(ctx context.Context, token string) (api.Principal, []Scope, error) {

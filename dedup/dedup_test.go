@@ -252,7 +252,7 @@ func TestIdempotencyWhileRunningAndAfterFailures(t *testing.T) {
 	a := app(t, s, uuid.New(), func(c *fiber.Ctx) error {
 		runs.Add(1)
 		if fail.Load() {
-			return &api.Error{Status: 503, Code: "unavailable", Message: "down"}
+			return api.Unavailable("unavailable", "down", 0, nil)
 		}
 		started <- struct{}{}
 		<-release

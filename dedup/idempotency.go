@@ -102,12 +102,10 @@ func (s *Store) Idempotency(log *slog.Logger) fiber.Handler {
 			}
 			switch {
 			case r.Fingerprint != fp:
-				return &api.Error{Status: http.StatusUnprocessableEntity, Code: "idempotency_key_reused",
-					Message: "this Idempotency-Key was used with a different request (method, path, query or body) in the last " + s.window.String() + "; send a new key for a new request"}
+				return api.Unprocessable("idempotency_key_reused",
+					"this Idempotency-Key was used with a different request (method, path, query or body) in the last "+s.window.String()+"; send a new key for a new request")
 			case r.State != "done":
-				return &api.Error{Status: http.StatusConflict, Code: "idempotency_key_in_use",
-					Message: "a request with this Idempotency-Key is still being processed; retry shortly",
-					Header:  map[string]string{fiber.HeaderRetryAfter: "1"}}
+				return api.Conflict("idempotency_key_in_use", "a request with this Idempotency-Key is still being processed; retry shortly", 1)
 			}
 			c.Set("Idempotent-Replayed", "true")
 			if r.ContentType != "" {
