@@ -1,7 +1,11 @@
 // Package api holds the HTTP conventions every analyticsd endpoint shares — the fiber app, the
-// {"success":...} envelope, mapping errors to statuses — and the operational routes (/healthz,
-// /readiness, /metrics). Endpoints themselves live beside their data (ingest, query, quota) and are
-// mounted by cmd/analyticsd; this package imports none of them.
+// {"success":...} envelope, the one way to refuse a request (an *Error, built by the constructors
+// for its kind: BadRequest, NotFound, TooMany, Unavailable, ...) — and the operational routes
+// (/healthz, /readiness, /metrics). Endpoints themselves live beside their data (ingest, query,
+// quota) and are mounted by cmd/analyticsd; this package imports none of them. Domain code returns
+// its own errors and only the HTTP layer turns them into an *Error: a package's endpoints in the one
+// httpError of its http.go, the middleware (auth's, dedup's Idempotency-Key) where it refuses. So
+// where an endpoint's refusals come from is read in its package's http.go.
 package api
 
 import (
@@ -35,19 +39,6 @@ func (e *Error) Error() string { return e.Message }
 
 // Unwrap returns the cause.
 func (e *Error) Unwrap() error { return e.Cause }
-
-// HTTPStatus implements StatusError.
-func (e *Error) HTTPStatus() int { return e.Status }
-
-// ErrorCode implements StatusError.
-func (e *Error) ErrorCode() string { return e.Code }
-
-// StatusError is implemented by domain errors that know their HTTP status and code.
-type StatusError interface {
-	error
-	HTTPStatus() int
-	ErrorCode() string
-}
 
 // WithDetails sets what is rendered as error.details (e.g. the per-item rejections) and returns e.
 func (e *Error) WithDetails(details any) *Error {
@@ -128,7 +119,9 @@ type errorBody struct {
 	Details any    `json:"details,omitempty"`
 }
 
-// ErrorHandler renders every error as {"success":false,"error":{"code","message"}}.
+// ErrorHandler renders every error as {"success":false,"error":{"code","message"}}: an *Error (also
+// wrapped) as it says, a fiber error (unknown route, body over the limit) with the code for its
+// status, anything else as a 500 that gives nothing away. 500s, and errors with a Cause, are logged.
 func ErrorHandler(log *slog.Logger) fiber.ErrorHandler {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -136,7 +129,6 @@ func ErrorHandler(log *slog.Logger) fiber.ErrorHandler {
 	return func(c *fiber.Ctx, err error) error {
 		status, body := http.StatusInternalServerError, errorBody{Code: "internal", Message: "internal error; it has been logged"}
 		var apiErr *Error
-		var se StatusError
 		var fe *fiber.Error
 		switch {
 		case errors.As(err, &apiErr):
@@ -144,8 +136,6 @@ func ErrorHandler(log *slog.Logger) fiber.ErrorHandler {
 			for k, v := range apiErr.Header {
 				c.Set(k, v)
 			}
-		case errors.As(err, &se):
-			status, body = se.HTTPStatus(), errorBody{Code: se.ErrorCode(), Message: se.Error()}
 		case errors.As(err, &fe):
 			status, body = fe.Code, errorBody{Code: codeFor(fe.Code), Message: fe.Message}
 			if fe.Code == http.StatusRequestEntityTooLarge {
