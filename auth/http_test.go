@@ -2,9 +2,6 @@ package auth_test
 
 import (
 	"context"
-	"io"
-	"net/http"
-	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -48,23 +45,6 @@ func TestErrorResponses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	do := func(t *testing.T, path, token string, header map[string]string) (int, http.Header, string) {
-		t.Helper()
-		req := httptest.NewRequest(http.MethodGet, path, nil)
-		if token != "" {
-			req.Header.Set("Authorization", "Bearer "+token)
-		}
-		for k, v := range header {
-			req.Header.Set(k, v)
-		}
-		res, err := f.app.Test(req, -1)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer res.Body.Close()
-		raw, _ := io.ReadAll(res.Body)
-		return res.StatusCode, res.Header, string(raw)
-	}
 	unauthorized := func(msg string) string {
 		return `{"error":{"code":"unauthorized","message":"` + msg + `"},"success":false}`
 	}
@@ -104,11 +84,11 @@ func TestErrorResponses(t *testing.T) {
 			defer f.reg.down.Store(false)
 			if c.path == "/limited" {
 				// The request that takes the only token, just before (Retry-After counts down from 100).
-				if st, _, raw := do(t, c.path, c.token, c.header); st != 200 {
+				if st, _, raw := f.get(t, c.path, c.token, c.header); st != 200 {
 					t.Fatalf("first request: %d %s", st, raw)
 				}
 			}
-			st, hdr, raw := do(t, c.path, c.token, c.header)
+			st, hdr, raw := f.get(t, c.path, c.token, c.header)
 			if st != c.status || hdr.Get("Retry-After") != c.retryAfter || raw != c.want {
 				t.Errorf("got %d, Retry-After %q:\n%s\nwant %d, Retry-After %q:\n%s", st, hdr.Get("Retry-After"), raw, c.status, c.retryAfter, c.want)
 			}

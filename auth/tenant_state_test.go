@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -95,18 +96,32 @@ func (f *authFixture) jwt(t *testing.T, slug string) string {
 // status sends GET /x with the bearer token and returns the status and the error code.
 func (f *authFixture) status(t *testing.T, token string) (int, string) {
 	t.Helper()
-	req := httptest.NewRequest(http.MethodGet, "/x", nil)
-	req.Header.Set("Authorization", "Bearer "+token)
+	code, _, raw := f.get(t, "/x", token, nil)
+	var body struct {
+		Error struct{ Code, Message string } `json:"error"`
+	}
+	_ = json.Unmarshal([]byte(raw), &body)
+	return code, body.Error.Message
+}
+
+// get sends GET path with the bearer token (none when empty) and the headers, and returns the
+// status, the response headers and the body as sent.
+func (f *authFixture) get(t *testing.T, path, token string, header map[string]string) (int, http.Header, string) {
+	t.Helper()
+	req := httptest.NewRequest(http.MethodGet, path, nil)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	for k, v := range header {
+		req.Header.Set(k, v)
+	}
 	res, err := f.app.Test(req, -1)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer res.Body.Close()
-	var body struct {
-		Error struct{ Code, Message string } `json:"error"`
-	}
-	_ = decodeJSON(res, &body)
-	return res.StatusCode, body.Error.Message
+	raw, _ := io.ReadAll(res.Body)
+	return res.StatusCode, res.Header, string(raw)
 }
 
 // A tenant the registry says does not exist is an answer, not an outage: its key must not be served
@@ -171,8 +186,6 @@ func TestDeletedTenantIsRefused(t *testing.T) {
 		t.Errorf("JWT of a deleted tenant: got %d %q, want 401", code, msg)
 	}
 }
-
-func decodeJSON(res *http.Response, v any) error { return json.NewDecoder(res.Body).Decode(v) }
 
 // A disabled tenant's key and JWTs get a 403 that says so, within FreshFor; enabling restores them.
 // The registry's "disabled" is an answer, so it is not served around from the stale cache either.
