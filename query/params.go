@@ -72,8 +72,8 @@ func ParseRange(from, to string, now time.Time) (Range, error) {
 func parseBound(name, v string, end bool) (time.Time, error) {
 	var t time.Time
 	var err error
-	if len(v) == len("2006-01-02") {
-		t, err = time.Parse("2006-01-02", v)
+	if len(v) == len(time.DateOnly) {
+		t, err = time.Parse(time.DateOnly, v)
 	} else {
 		t, err = time.Parse(time.RFC3339Nano, v)
 	}
@@ -83,7 +83,7 @@ func parseBound(name, v string, end bool) (time.Time, error) {
 	if t.Year() < 1970 || t.Year() > 2105 {
 		return time.Time{}, paramErr("%s=%q is outside the years 1970-2105", name, truncate(v))
 	}
-	if len(v) == len("2006-01-02") && end {
+	if len(v) == len(time.DateOnly) && end {
 		t = t.Add(24 * time.Hour) // whole day, inclusive
 	}
 	return t.UTC(), nil

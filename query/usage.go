@@ -51,7 +51,7 @@ func (s *Store) Usage(ctx context.Context, tenant uuid.UUID, metrics []string, f
 	for _, m := range metrics {
 		points := []Point{}
 		for d := first; !d.After(last); d = d.Add(24 * time.Hour) {
-			key := d.Format("2006-01-02")
+			key := d.Format(time.DateOnly)
 			p := Point{Date: key}
 			if b, ok := billed[m][key]; reconciled[key] && live[m][key] > b.count {
 				p.Count = live[m][key]
@@ -95,7 +95,7 @@ func withSource(meta json.RawMessage, src string) json.RawMessage {
 func (s *Store) liveUsage(ctx context.Context, tenant uuid.UUID, metrics []string, first, last time.Time) (map[string]map[string]int64, error) {
 	q := "SELECT metric, toString(date), sum(count) FROM " + s.db + ".daily_usage " +
 		"WHERE tenant_id = ? AND date >= toDate(?) AND date <= toDate(?) AND has(?, metric) GROUP BY metric, date"
-	rows, err := s.ch.Query(s.limits(ctx), q, tenant, first.Format("2006-01-02"), last.Format("2006-01-02"), metrics)
+	rows, err := s.ch.Query(s.limits(ctx), q, tenant, first.Format(time.DateOnly), last.Format(time.DateOnly), metrics)
 	if err != nil {
 		return nil, fmt.Errorf("query daily_usage: %w", err)
 	}
@@ -184,7 +184,7 @@ func (s *Store) KPIs(ctx context.Context, tenant uuid.UUID, metrics []string) (m
 	today := s.now().UTC().Truncate(24 * time.Hour)
 	q := "SELECT metric, sumIf(count, date = toDate(?)), sumIf(count, date >= toDate(?)), sum(count) FROM " + s.db + ".daily_usage " +
 		"WHERE tenant_id = ? AND date >= toDate(?) AND date <= toDate(?) AND has(?, metric) GROUP BY metric"
-	day := func(t time.Time) string { return t.Format("2006-01-02") }
+	day := func(t time.Time) string { return t.Format(time.DateOnly) }
 	rows, err := s.ch.Query(s.limits(ctx), q, day(today), day(today.AddDate(0, 0, -6)), tenant,
 		day(today.AddDate(0, 0, -29)), day(today), metrics)
 	if err != nil {

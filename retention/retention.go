@@ -121,7 +121,7 @@ func NewFloor(pg *pgxpool.Pool, db string) *Floor { return &Floor{pg: pg, db: db
 func (f *Floor) Raise(ctx context.Context, d time.Time) error {
 	_, err := f.pg.Exec(ctx, `INSERT INTO retention_floor (db, complete_from) VALUES ($1, $2)
 		ON CONFLICT (db) DO UPDATE SET complete_from = GREATEST(retention_floor.complete_from, EXCLUDED.complete_from), updated_at = now()`,
-		f.db, Day(d).Format("2006-01-02"))
+		f.db, Day(d).Format(time.DateOnly))
 	if err != nil {
 		return fmt.Errorf("raise the retention floor: %w", err)
 	}

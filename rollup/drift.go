@@ -26,7 +26,7 @@ type dayTenant struct {
 // It reads one small aggregate per store (one row per date and tenant), so it is cheap enough to run
 // over the whole retention window every day.
 func (r *Reconciler) Drifted(ctx context.Context, first, last time.Time) ([]time.Time, error) {
-	from, to := Day(first).Format(dateLayout), Day(last).Format(dateLayout)
+	from, to := Day(first).Format(time.DateOnly), Day(last).Format(time.DateOnly)
 	if from > to {
 		return nil, nil
 	}
@@ -124,7 +124,7 @@ func driftedDates(billedAll map[string]bool, billedOne map[dayTenant]bool, known
 	}
 	out := make([]time.Time, 0, len(drifted))
 	for d := range drifted {
-		if t, err := time.Parse(dateLayout, d); err == nil {
+		if t, err := time.Parse(time.DateOnly, d); err == nil {
 			out = append(out, t)
 		}
 	}

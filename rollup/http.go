@@ -21,7 +21,7 @@ func ParseDate(s string, now time.Time) (time.Time, error) {
 	if s == "" {
 		return time.Time{}, badDate("date is required: POST /api/analytics/rollup?date=YYYY-MM-DD (a UTC day)")
 	}
-	day, err := time.Parse(dateLayout, s)
+	day, err := time.Parse(time.DateOnly, s)
 	if err != nil {
 		if len(s) > 40 {
 			s = s[:40] + "…"
@@ -30,7 +30,7 @@ func ParseDate(s string, now time.Time) (time.Time, error) {
 	}
 	today := Day(now)
 	if day.After(today) {
-		return time.Time{}, badDate(fmt.Sprintf("date %s is in the future: today (UTC) is %s", s, today.Format(dateLayout)))
+		return time.Time{}, badDate(fmt.Sprintf("date %s is in the future: today (UTC) is %s", s, today.Format(time.DateOnly)))
 	}
 	if day.Equal(today) {
 		return time.Time{}, badDate(fmt.Sprintf("date %s is today (UTC), which is still being counted: reconcile a past day; "+

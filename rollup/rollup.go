@@ -30,8 +30,6 @@ import (
 	"github.com/analyticsd/analyticsd/retention"
 )
 
-const dateLayout = "2006-01-02"
-
 // Day returns t's UTC date, as midnight UTC.
 func Day(t time.Time) time.Time {
 	t = t.UTC()
@@ -127,7 +125,7 @@ func (r *Reconciler) RunDate(ctx context.Context, date time.Time, scope Scope, t
 
 func (r *Reconciler) run(ctx context.Context, day time.Time, scope Scope, trigger string, slot *time.Time) (Result, error) {
 	start := time.Now()
-	res := Result{Date: day.Format(dateLayout)}
+	res := Result{Date: day.Format(time.DateOnly)}
 	log := r.log.With("date", res.Date, "trigger", trigger)
 	if !scope.All() {
 		log = log.With("tenant", scope.Tenant)
@@ -224,7 +222,7 @@ type truth struct {
 
 // reconcile does the work of one run inside one Postgres transaction.
 func (r *Reconciler) reconcile(ctx context.Context, log *slog.Logger, day time.Time, scope Scope, runID int64, res *Result) (truth, error) {
-	date := day.Format(dateLayout)
+	date := day.Format(time.DateOnly)
 	tx, err := r.pg.Begin(ctx)
 	if err != nil {
 		return truth{}, fmt.Errorf("rollup %s: begin: %w", date, err)
@@ -273,7 +271,7 @@ func (r *Reconciler) rawCheckable(ctx context.Context, day time.Time) (bool, err
 func (r *Reconciler) truth(ctx context.Context, log *slog.Logger, day time.Time, scope Scope) (truth, error) {
 	raw, err := r.rawCheckable(ctx, day)
 	if err != nil {
-		return truth{}, fmt.Errorf("rollup %s: %w", day.Format(dateLayout), err)
+		return truth{}, fmt.Errorf("rollup %s: %w", day.Format(time.DateOnly), err)
 	}
 	agg, rawCounts, err := r.read(ctx, day, scope, raw)
 	if err != nil {
@@ -289,7 +287,7 @@ func (r *Reconciler) truth(ctx context.Context, log *slog.Logger, day time.Time,
 	log.Info("rollup: daily_usage differs from raw data; reading again before repairing", "rows", len(first), "wait", r.SettleDelay)
 	select {
 	case <-ctx.Done():
-		return truth{}, fmt.Errorf("rollup %s: %w", day.Format(dateLayout), ctx.Err())
+		return truth{}, fmt.Errorf("rollup %s: %w", day.Format(time.DateOnly), ctx.Err())
 	case <-time.After(r.SettleDelay):
 	}
 	if agg, rawCounts, err = r.read(ctx, day, scope, true); err != nil {
@@ -346,7 +344,7 @@ func truthQuery(db string, day time.Time, scope Scope, raw bool) (string, []any)
 	agg := "SELECT tenant_id, metric, sum(count) AS c FROM " + db + ".daily_usage WHERE " + pred +
 		"date = toDate(?) GROUP BY tenant_id, metric"
 	tenantArgs()
-	args = append(args, day.Format(dateLayout))
+	args = append(args, day.Format(time.DateOnly))
 	if !raw {
 		return agg, args
 	}
@@ -374,7 +372,7 @@ func (r *Reconciler) read(ctx context.Context, day time.Time, scope Scope, raw b
 	q, args := truthQuery(r.db, day, scope, raw)
 	rows, err := r.ch.Query(r.limits(ctx), q, args...)
 	if err != nil {
-		return nil, nil, fmt.Errorf("rollup %s: read clickhouse: %w", day.Format(dateLayout), err)
+		return nil, nil, fmt.Errorf("rollup %s: read clickhouse: %w", day.Format(time.DateOnly), err)
 	}
 	defer rows.Close()
 	agg, rawCounts = map[key]int64{}, map[key]int64{}
@@ -386,7 +384,7 @@ func (r *Reconciler) read(ctx context.Context, day time.Time, scope Scope, raw b
 			dest = append(dest, &w)
 		}
 		if err := rows.Scan(dest...); err != nil {
-			return nil, nil, fmt.Errorf("rollup %s: scan clickhouse: %w", day.Format(dateLayout), err)
+			return nil, nil, fmt.Errorf("rollup %s: scan clickhouse: %w", day.Format(time.DateOnly), err)
 		}
 		agg[k] = a
 		if raw {
@@ -394,7 +392,7 @@ func (r *Reconciler) read(ctx context.Context, day time.Time, scope Scope, raw b
 		}
 	}
 	if err := rows.Err(); err != nil {
-		return nil, nil, fmt.Errorf("rollup %s: read clickhouse: %w", day.Format(dateLayout), err)
+		return nil, nil, fmt.Errorf("rollup %s: read clickhouse: %w", day.Format(time.DateOnly), err)
 	}
 	return agg, rawCounts, nil
 }
@@ -432,7 +430,7 @@ func (r *Reconciler) writeRepairs(ctx context.Context, day time.Time, repairs []
 	}
 	batch, err := r.ch.PrepareBatch(ctx, "INSERT INTO "+r.db+".daily_usage (tenant_id, date, metric, count)")
 	if err != nil {
-		return fmt.Errorf("rollup %s: repair daily_usage: prepare: %w", day.Format(dateLayout), err)
+		return fmt.Errorf("rollup %s: repair daily_usage: prepare: %w", day.Format(time.DateOnly), err)
 	}
 	n := len(repairs)
 	tenants, dates, metrics, counts := make([]uuid.UUID, n), make([]time.Time, n), make([]string, n), make([]int64, n)
@@ -441,11 +439,11 @@ func (r *Reconciler) writeRepairs(ctx context.Context, day time.Time, repairs []
 	}
 	for i, col := range []any{tenants, dates, metrics, counts} {
 		if err := batch.Column(i).Append(col); err != nil {
-			return errors.Join(fmt.Errorf("rollup %s: repair daily_usage: column %d: %w", day.Format(dateLayout), i, err), batch.Abort())
+			return errors.Join(fmt.Errorf("rollup %s: repair daily_usage: column %d: %w", day.Format(time.DateOnly), i, err), batch.Abort())
 		}
 	}
 	if err := batch.Send(); err != nil {
-		return fmt.Errorf("rollup %s: repair %d daily_usage rows: %w", day.Format(dateLayout), n, err)
+		return fmt.Errorf("rollup %s: repair %d daily_usage rows: %w", day.Format(time.DateOnly), n, err)
 	}
 	return nil
 }
@@ -463,7 +461,7 @@ type rowMeta struct {
 // whose aggregate was repaired this run, to record it), deletes rows ClickHouse no longer has, and
 // skips tenants Postgres does not know.
 func (r *Reconciler) publish(ctx context.Context, tx pgx.Tx, log *slog.Logger, day time.Time, scope Scope, runID int64, tr truth, res *Result) error {
-	date := day.Format(dateLayout)
+	date := day.Format(time.DateOnly)
 	seen := map[uuid.UUID]bool{}
 	var ids []string
 	for k := range tr.counts {

@@ -330,7 +330,7 @@ func (s *Scheduler) rerunDrifted(ctx context.Context, first, last time.Time, slo
 	}
 	if len(drifted) > 0 {
 		s.log.Info("rollup: late data changed billed dates; reconciling them again", "dates", len(drifted),
-			"oldest", drifted[0].Format(dateLayout))
+			"oldest", drifted[0].Format(time.DateOnly))
 	}
 	var errs []error
 	for _, day := range drifted {
@@ -413,7 +413,7 @@ const maxDriftedPerSlot = 31
 
 // runDate reconciles day for every tenant unless a replica already did for this slot.
 func (s *Scheduler) runDate(ctx context.Context, day, slot time.Time) error {
-	date := day.Format(dateLayout)
+	date := day.Format(time.DateOnly)
 	var done bool
 	if err := s.r.pg.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM rollup_runs WHERE date = $1::date AND scheduled_for = $2 "+
 		"AND tenant_id IS NULL AND status = 'ok')", date, slot).Scan(&done); err != nil {

@@ -117,7 +117,7 @@ func (s *Sweeper) window() retention.Window { return retention.Window{Days: s.re
 // skips). Each drop is counted; a sweep that dropped anything is audited as "retention.sweep".
 func (s *Sweeper) Sweep(ctx context.Context) (SweepResult, error) {
 	cutoff := s.Cutoff()
-	res := SweepResult{Cutoff: cutoff.Format(dateLayout), Dropped: map[string][]string{}}
+	res := SweepResult{Cutoff: cutoff.Format(time.DateOnly), Dropped: map[string][]string{}}
 	f, err := s.features()
 	if err != nil {
 		s.m.failed.Inc()

@@ -113,7 +113,7 @@ func TestSlotsAndDates(t *testing.T) {
 	}
 	var got []string
 	for _, day := range s.Dates(time.Date(2026, 3, 1, 0, 10, 0, 0, time.UTC)) {
-		got = append(got, day.Format(dateLayout))
+		got = append(got, day.Format(time.DateOnly))
 	}
 	if strings.Join(got, " ") != "2026-02-28 2026-02-27 2026-02-26" {
 		t.Errorf("dates: got %v, want yesterday, D-2, D-3", got)
@@ -243,7 +243,7 @@ func TestDriftedDates(t *testing.T) {
 	got := driftedDates(billedAll, billedOne, known, billed, live)
 	var s []string
 	for _, d := range got {
-		s = append(s, d.Format(dateLayout))
+		s = append(s, d.Format(time.DateOnly))
 	}
 	if want := "2026-11-02 2026-11-03"; strings.Join(s, " ") != want {
 		t.Errorf("drifted: got %v, want %s", s, want)

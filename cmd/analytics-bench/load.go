@@ -77,8 +77,8 @@ func (b *bench) bulkLoad(ctx context.Context, s *Scenario) error {
 	// reconciled recent days while they were still empty.)
 	today := time.Now().UTC().Truncate(24 * time.Hour)
 	start = time.Now()
-	if _, err := cli(ctx, b.bin, b.childEnv(nil), "rollup", "--from", today.AddDate(0, 0, -31).Format("2006-01-02"),
-		"--to", today.AddDate(0, 0, -1).Format("2006-01-02")); err != nil {
+	if _, err := cli(ctx, b.bin, b.childEnv(nil), "rollup", "--from", today.AddDate(0, 0, -31).Format(time.DateOnly),
+		"--to", today.AddDate(0, 0, -1).Format(time.DateOnly)); err != nil {
 		return err
 	}
 	s.set("rollup_31_days_seconds", time.Since(start).Seconds())

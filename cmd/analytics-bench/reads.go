@@ -294,7 +294,7 @@ func (b *bench) usage90d(ctx context.Context, s *Scenario) error {
 	n := b.opt.iterations
 	today := time.Now().UTC().Truncate(24 * time.Hour)
 	first := today.AddDate(0, 0, -89)
-	path := "/api/analytics/usage?from=" + first.Format("2006-01-02") + "&to=" + today.Format("2006-01-02")
+	path := "/api/analytics/usage?from=" + first.Format(time.DateOnly) + "&to=" + today.Format(time.DateOnly)
 	for _, m := range usageMetrics {
 		path += "&metric[]=" + m
 	}

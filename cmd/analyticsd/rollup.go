@@ -42,12 +42,12 @@ func rollupCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string,
 	var failed []string
 	for _, day := range days {
 		if ctx.Err() != nil {
-			return fmt.Errorf("rollup: interrupted before %s: %w", day.Format("2006-01-02"), ctx.Err())
+			return fmt.Errorf("rollup: interrupted before %s: %w", day.Format(time.DateOnly), ctx.Err())
 		}
 		res, err := r.RunDate(ctx, day, rollup.AllTenants(), "cli")
 		if err != nil {
-			fmt.Fprintf(stdout, "%s failed: %v\n", day.Format("2006-01-02"), err)
-			failed = append(failed, day.Format("2006-01-02"))
+			fmt.Fprintf(stdout, "%s failed: %v\n", day.Format(time.DateOnly), err)
+			failed = append(failed, day.Format(time.DateOnly))
 			continue
 		}
 		check := "raw checked"
@@ -67,7 +67,7 @@ func rollupCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string,
 // rollupDays turns --date or --from/--to into the UTC days to reconcile, oldest first.
 func rollupDays(date, from, to string, now time.Time) ([]time.Time, error) {
 	parse := func(name, v string) (time.Time, error) {
-		d, err := time.Parse("2006-01-02", v)
+		d, err := time.Parse(time.DateOnly, v)
 		if err != nil {
 			return d, fmt.Errorf("--%s=%q: want a date YYYY-MM-DD (UTC)", name, v)
 		}
