@@ -375,8 +375,8 @@ func (m *deferredMeter) TakeNow(c *fiber.Ctx) error {
 	return m.a.meter(c, m.p)
 }
 
-// unavailable is the 503 for a credential that cannot be checked: the registry did not answer.
-func unavailable() error {
+// registryDown is the 503 for a credential that cannot be checked: the keys or tenants did not answer.
+func registryDown() error {
 	return api.Unavailable("auth_unavailable", "cannot verify credentials right now; retry shortly", 5, nil)
 }
 
@@ -402,7 +402,7 @@ func (a *Authenticator) fromKey(ctx context.Context, token string) (api.Principa
 	case errors.Is(err, tenant.ErrDisabled):
 		return api.Principal{}, nil, tenantDisabled(slug)
 	case err != nil:
-		return api.Principal{}, nil, unavailable()
+		return api.Principal{}, nil, registryDown()
 	}
 	return api.Principal{TenantID: key.TenantID, Slug: slug, Actor: "apikey:" + key.Prefix}, key.Scopes, nil
 }
@@ -417,7 +417,7 @@ func (a *Authenticator) fromJWT(ctx context.Context, token string) (api.Principa
 		return api.Principal{}, nil, api.Unauthorized("invalid token: its tenant does not exist")
 	}
 	if err != nil {
-		return api.Principal{}, nil, unavailable()
+		return api.Principal{}, nil, registryDown()
 	}
 	if t.Disabled() {
 		return api.Principal{}, nil, tenantDisabled(t.Slug)
