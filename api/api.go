@@ -3,9 +3,9 @@
 // for its kind: BadRequest, NotFound, TooMany, Unavailable, ...) — and the operational routes
 // (/healthz, /readiness, /metrics). Endpoints themselves live beside their data (ingest, query,
 // quota) and are mounted by cmd/analyticsd; this package imports none of them. Domain code returns
-// its own errors and only the HTTP layer turns them into an *Error: a package's endpoints in the one
-// httpError of its http.go, the middleware (auth's, dedup's Idempotency-Key) where it refuses. So
-// where an endpoint's refusals come from is read in its package's http.go.
+// its own errors, and only the HTTP layer makes an *Error: each package's http.go, whose httpError
+// maps the package's errors and whose handlers refuse what they check themselves, and the middleware
+// in front (auth's, dedup's Idempotency-Key). So an endpoint's refusals are read in its http.go.
 package api
 
 import (

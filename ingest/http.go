@@ -466,7 +466,8 @@ func (s *Service) setLevel(c *fiber.Ctx, p api.Principal, req UsageRequest) erro
 // httpError maps ingest's errors to responses, for both endpoints and for quota's consume (through
 // RecordIncrement): a body refused as a whole is a 400, 413 or 415 with the decoder's message; a full
 // writer and a closing one are 503s with Retry-After, so clients back off instead of losing events.
-// Anything else stays as it is (a 500, logged). Refusals of single fields are the handlers' own.
+// Anything else stays as it is: a logged 500 here, quota's own 503 for a consume. Refusals of single
+// fields are the handlers' own.
 func httpError(err error) error {
 	var req *RequestError
 	var full *FullError
