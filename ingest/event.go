@@ -17,6 +17,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/analyticsd/analyticsd/internal/excerpt"
 	"github.com/analyticsd/analyticsd/retention"
 )
 
@@ -142,7 +143,7 @@ func (l Limits) Validate(e *Event, tenant uuid.UUID, now time.Time) (Row, error)
 	case len(e.Event) > 128:
 		return r, fmt.Errorf("event is %d bytes; the limit is 128", len(e.Event))
 	case !ValidEventName(e.Event):
-		return r, fmt.Errorf("event %q must be lowercase domain.action form, e.g. \"auth.user.login\" (letters, digits, '_' or '-', separated by dots)", truncate(e.Event))
+		return r, fmt.Errorf("event %q must be lowercase domain.action form, e.g. \"auth.user.login\" (letters, digits, '_' or '-', separated by dots)", excerpt.Short(e.Event))
 	}
 	r.Event = e.Event
 
@@ -150,7 +151,7 @@ func (l Limits) Validate(e *Event, tenant uuid.UUID, now time.Time) (Row, error)
 	if r.Source == "" {
 		r.Source = DefaultSource
 	} else if !ValidSource(r.Source) {
-		return r, fmt.Errorf("source %q is not one of %s", truncate(r.Source), strings.Join(Sources, ", "))
+		return r, fmt.Errorf("source %q is not one of %s", excerpt.Short(r.Source), strings.Join(Sources, ", "))
 	}
 
 	if e.ID == "" {
@@ -158,7 +159,7 @@ func (l Limits) Validate(e *Event, tenant uuid.UUID, now time.Time) (Row, error)
 	} else {
 		id, err := uuid.Parse(e.ID)
 		if err != nil || len(e.ID) != 36 {
-			return r, fmt.Errorf("id %q must be a UUID such as 5f0c6d1e-8a1b-4c7e-9d2f-3a4b5c6d7e8f, or omitted", truncate(e.ID))
+			return r, fmt.Errorf("id %q must be a UUID such as 5f0c6d1e-8a1b-4c7e-9d2f-3a4b5c6d7e8f, or omitted", excerpt.Short(e.ID))
 		}
 		if id == uuid.Nil {
 			// Every client that forgets to fill its ids in would collide on it: the second event
@@ -199,12 +200,12 @@ func (l Limits) Validate(e *Event, tenant uuid.UUID, now time.Time) (Row, error)
 	if e.IP != "" {
 		addr, err := netip.ParseAddr(e.IP)
 		if err != nil {
-			return r, fmt.Errorf("ip %q is not an IPv4 or IPv6 address", truncate(e.IP))
+			return r, fmt.Errorf("ip %q is not an IPv4 or IPv6 address", excerpt.Short(e.IP))
 		}
 		if addr.Zone() != "" {
 			// A zone ("fe80::1%eth0") names an interface of the sender's host, means nothing here,
 			// and is free text: "%,=HYPERLINK(…)" would ride into exports.
-			return r, fmt.Errorf("ip %q has a zone (%%…): send the address without it", truncate(e.IP))
+			return r, fmt.Errorf("ip %q has a zone (%%…): send the address without it", excerpt.Short(e.IP))
 		}
 		r.IP = addr.Unmap().String()
 	}
@@ -226,13 +227,13 @@ func parseTs(raw json.RawMessage, now time.Time) (time.Time, error) {
 		}
 		t, err := time.Parse(time.RFC3339Nano, s)
 		if err != nil {
-			return time.Time{}, fmt.Errorf("ts %q is not RFC3339 (e.g. \"2024-01-15T10:30:00Z\") or epoch milliseconds", truncate(s))
+			return time.Time{}, fmt.Errorf("ts %q is not RFC3339 (e.g. \"2024-01-15T10:30:00Z\") or epoch milliseconds", excerpt.Short(s))
 		}
 		return t.UTC().Truncate(time.Second), nil
 	}
 	ms, err := strconv.ParseInt(string(raw), 10, 64)
 	if err != nil {
-		return time.Time{}, fmt.Errorf("ts %s must be epoch milliseconds as a whole number, or an RFC3339 string", truncate(string(raw)))
+		return time.Time{}, fmt.Errorf("ts %s must be epoch milliseconds as a whole number, or an RFC3339 string", excerpt.Short(string(raw)))
 	}
 	if ms < 1e11 || ms > 1e14 {
 		// 1e11 ms is 1973: a value this small is almost certainly epoch seconds.
@@ -309,19 +310,4 @@ func structure(b []byte, limit int) (spaced, tooDeep bool) {
 		}
 	}
 	return spaced, false
-}
-
-// truncate shortens user input quoted back in an error message.
-func truncate(s string) string { return truncateTo(s, 64) }
-
-// truncateTo cuts s to at most max bytes (on a rune boundary), marking the cut.
-func truncateTo(s string, max int) string {
-	if len(s) <= max {
-		return s
-	}
-	cut := max
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
-		cut--
-	}
-	return s[:cut] + "…"
 }

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+
+	"github.com/analyticsd/analyticsd/internal/excerpt"
 )
 
 // eventFields are the fields an event object may have, in the order error messages list them.
@@ -76,7 +78,7 @@ func unknownField(b []byte, known []string) error {
 	}
 	sort.Strings(unknown)
 	f := unknown[0]
-	msg := fmt.Sprintf("unknown field %q", truncate(f))
+	msg := fmt.Sprintf("unknown field %q", excerpt.Short(f))
 	if m := didYouMean(f, known); m != "" {
 		msg += fmt.Sprintf(" (did you mean %q?)", m)
 	}

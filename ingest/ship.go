@@ -16,6 +16,7 @@ import (
 
 	"github.com/analyticsd/analyticsd/ingest/spool"
 	"github.com/analyticsd/analyticsd/internal/clock"
+	"github.com/analyticsd/analyticsd/internal/excerpt"
 	"github.com/analyticsd/analyticsd/retention"
 )
 
@@ -816,7 +817,7 @@ func (sh *shipper) quarantineRows(s *segment, kind Kind, its []item, reason stri
 		info.Format = 2
 	}
 	if cause != nil {
-		info.Error = truncateTo(cause.Error(), 1000)
+		info.Error = excerpt.Of(cause.Error(), 1000)
 	}
 	if h := s.bad[its[0].key(kind)]; h != nil {
 		info.Attempts = h.attempts

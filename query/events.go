@@ -11,24 +11,11 @@ import (
 	"github.com/google/uuid"
 )
 
-// Sources are the valid event sources (docs/contract.md).
-var Sources = []string{"app", "api", "webhook", "job", "payments", "files", "builder", "agent"}
-
 var nameRe = regexp.MustCompile(`^[a-z][a-z0-9_.-]{0,127}$`)
 
 // ValidName reports whether s can be an event or metric name; anything else cannot match a stored
 // row, so filters reject it with a 400 instead of running a pointless query.
 func ValidName(s string) bool { return nameRe.MatchString(s) }
-
-// ValidSource reports whether s is one of Sources.
-func ValidSource(s string) bool {
-	for _, v := range Sources {
-		if v == s {
-			return true
-		}
-	}
-	return false
-}
 
 // EventFilter selects a tenant's events, newest first.
 type EventFilter struct {
@@ -98,7 +85,17 @@ func (f EventFilter) where(lo, hi time.Time) (string, []any) {
 // SQL returns the events query for the window [lo, hi), at most n rows.
 func (f EventFilter) SQL(db string, lo, hi time.Time, n int) (string, []any) {
 	where, args := f.where(lo, hi)
-	return fmt.Sprintf("SELECT %s FROM %s.events WHERE %s ORDER BY ts DESC, id DESC LIMIT %d", eventColumns, db, where, n), args
+	return selectEvents(db, where, n), args
+}
+
+// selectEvents is the events query with predicate where, newest first (the keyset order), at most n
+// rows (no LIMIT when n is 0).
+func selectEvents(db, where string, n int) string {
+	q := fmt.Sprintf("SELECT %s FROM %s.events WHERE %s ORDER BY ts DESC, id DESC", eventColumns, db, where)
+	if n > 0 {
+		q += fmt.Sprintf(" LIMIT %d", n)
+	}
+	return q
 }
 
 // upper is the exclusive upper time bound of the page: the range's end, or the cursor's position.

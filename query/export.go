@@ -73,7 +73,7 @@ func (s *Store) PlanExport(ctx context.Context, f EventFilter, max int) (*Export
 		where += " AND (ts > ? OR (ts = ? AND id >= toUUID(?)))"
 		args = append(args, ts, ts, id.String())
 	}
-	exp.query = fmt.Sprintf("SELECT %s FROM %s.events WHERE %s ORDER BY ts DESC, id DESC", eventColumns, s.db, where)
+	exp.query = selectEvents(s.db, where, 0)
 	exp.args = args
 	return exp, nil
 }

@@ -16,6 +16,8 @@ import (
 
 	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/ingest"
+	"github.com/analyticsd/analyticsd/internal/excerpt"
 	"github.com/analyticsd/analyticsd/internal/labels"
 )
 
@@ -99,7 +101,7 @@ func repeatedParam(c *fiber.Ctx) error {
 			return
 		}
 		if seen[key] {
-			err = paramErr("%s= is given more than once; give it once (only metric takes several values)", truncate(key))
+			err = paramErr("%s= is given more than once; give it once (only metric takes several values)", excerpt.Short(key))
 		}
 		seen[key] = true
 	})
@@ -119,10 +121,10 @@ func (s *Service) filter(c *fiber.Ctx) (EventFilter, error) {
 		return f, err
 	}
 	if f.Event = c.Query("event"); f.Event != "" && !ValidName(f.Event) {
-		return f, paramErr("event=%q is not an event name (lowercase domain.action, e.g. auth.user.login)", truncate(f.Event))
+		return f, paramErr("event=%q is not an event name (lowercase domain.action, e.g. auth.user.login)", excerpt.Short(f.Event))
 	}
-	if f.Source = c.Query("source"); f.Source != "" && !ValidSource(f.Source) {
-		return f, paramErr("source=%q is not one of %s", truncate(f.Source), strings.Join(Sources, ", "))
+	if f.Source = c.Query("source"); f.Source != "" && !ingest.ValidSource(f.Source) {
+		return f, paramErr("source=%q is not one of %s", excerpt.Short(f.Source), strings.Join(ingest.Sources, ", "))
 	}
 	if f.UserID = c.Query("user_id"); len(f.UserID) > 255 {
 		return f, paramErr("user_id is longer than 255 bytes")
@@ -161,7 +163,7 @@ func metricsParam(c *fiber.Ctx, def []string) ([]string, error) {
 					continue
 				}
 				if !ValidName(m) {
-					return nil, paramErr("metric %q is not a metric or event name (lowercase letters, digits, '_', '.', '-')", truncate(m))
+					return nil, paramErr("metric %q is not a metric or event name (lowercase letters, digits, '_', '.', '-')", excerpt.Short(m))
 				}
 				seen[m] = true
 				out = append(out, m)
@@ -195,7 +197,7 @@ func (s *Service) getUsage(c *fiber.Ctx) error {
 	case "zero":
 		fill = true
 	default:
-		return paramErr("fill=%q: want zero or none", truncate(c.Query("fill")))
+		return paramErr("fill=%q: want zero or none", excerpt.Short(c.Query("fill")))
 	}
 	first, last := r.Days()
 	res, err := s.store.Usage(c.UserContext(), principal(c).TenantID, metrics, first, last, fill)
@@ -244,7 +246,7 @@ func (s *Service) getActiveUsers(c *fiber.Ctx) error {
 	}
 	event := c.Query("event", "auth.user.login")
 	if !ValidName(event) {
-		return paramErr("event=%q is not an event name (lowercase domain.action, e.g. auth.user.login)", truncate(event))
+		return paramErr("event=%q is not an event name (lowercase domain.action, e.g. auth.user.login)", excerpt.Short(event))
 	}
 	au, err := s.store.ActiveUsers(c.UserContext(), principal(c).TenantID, r, event)
 	if err != nil {
@@ -288,7 +290,7 @@ func (s *Service) getExport(ext string) fiber.Handler {
 			}
 			bom = true
 		default:
-			return paramErr("bom=%q: want true or false", truncate(c.Query("bom")))
+			return paramErr("bom=%q: want true or false", excerpt.Short(c.Query("bom")))
 		}
 		p := principal(c)
 		if !s.gate.enter(p.TenantID) {

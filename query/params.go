@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/internal/excerpt"
 )
 
 // ParamError is a bad query parameter; its message names the parameter and the fix.
@@ -78,10 +80,10 @@ func parseBound(name, v string, end bool) (time.Time, error) {
 		t, err = time.Parse(time.RFC3339Nano, v)
 	}
 	if err != nil {
-		return time.Time{}, paramErr("%s=%q is not a date (YYYY-MM-DD) or RFC3339 time", name, truncate(v))
+		return time.Time{}, paramErr("%s=%q is not a date (YYYY-MM-DD) or RFC3339 time", name, excerpt.Short(v))
 	}
 	if t.Year() < 1970 || t.Year() > 2105 {
-		return time.Time{}, paramErr("%s=%q is outside the years 1970-2105", name, truncate(v))
+		return time.Time{}, paramErr("%s=%q is outside the years 1970-2105", name, excerpt.Short(v))
 	}
 	if len(v) == len(time.DateOnly) && end {
 		t = t.Add(24 * time.Hour) // whole day, inclusive
@@ -111,7 +113,7 @@ func ParseCursor(s string) (Cursor, error) {
 		// 10:30:00 is older than 10:30:00.5: a fractional cursor rounds up to the next second.
 		ts := t.UTC()
 		if ts.Year() < 1970 || ts.Year() > 2105 {
-			return Cursor{}, paramErr("cursor=%q is outside the years 1970-2105", truncate(s))
+			return Cursor{}, paramErr("cursor=%q is outside the years 1970-2105", excerpt.Short(s))
 		}
 		if ts.Truncate(time.Second) != ts {
 			ts = ts.Truncate(time.Second).Add(time.Second)
@@ -150,14 +152,7 @@ func parseCount(name, s string, def, max int) (int, error) {
 	}
 	n, err := strconv.Atoi(s)
 	if err != nil || n < 1 || n > max {
-		return 0, paramErr("%s=%q must be a whole number from 1 to %d", name, truncate(s), max)
+		return 0, paramErr("%s=%q must be a whole number from 1 to %d", name, excerpt.Short(s), max)
 	}
 	return n, nil
-}
-
-func truncate(s string) string {
-	if len(s) > 64 {
-		return s[:64] + "…"
-	}
-	return s
 }

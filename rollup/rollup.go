@@ -15,7 +15,6 @@ import (
 	"fmt"
 	"log/slog"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
@@ -27,6 +26,7 @@ import (
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/internal/chlimit"
 	"github.com/analyticsd/analyticsd/internal/clock"
+	"github.com/analyticsd/analyticsd/internal/excerpt"
 	"github.com/analyticsd/analyticsd/retention"
 )
 
@@ -150,7 +150,7 @@ func (r *Reconciler) run(ctx context.Context, day time.Time, scope Scope, trigge
 			// A fresh context: the run must not stay 'running' because ctx was cancelled.
 			fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 			if _, uerr := r.pg.Exec(fctx, "UPDATE rollup_runs SET status = 'failed', finished_at = now(), error = $2 WHERE id = $1",
-				runID, truncate(err.Error(), 2000)); uerr != nil {
+				runID, excerpt.Of(err.Error(), 2000)); uerr != nil {
 				log.Error("rollup: record failed run", "run", runID, "err", uerr)
 			}
 			cancel()
@@ -190,7 +190,7 @@ func (r *Reconciler) record(ctx context.Context, log *slog.Logger, scope Scope, 
 		meta["unsettled"] = tr.unsettled
 	}
 	if runErr != nil {
-		meta["error"] = truncate(runErr.Error(), 500)
+		meta["error"] = excerpt.Of(runErr.Error(), 500)
 	}
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
@@ -547,11 +547,4 @@ AND NOT EXISTS (SELECT 1 FROM unnest($2::text[], $3::text[]) AS t (tenant_id, me
 	}
 	res.Changed += tag.RowsAffected()
 	return nil
-}
-
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return strings.ToValidUTF8(s[:n], "") + "…"
 }

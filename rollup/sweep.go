@@ -15,6 +15,7 @@ import (
 
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/internal/clock"
+	"github.com/analyticsd/analyticsd/internal/excerpt"
 	"github.com/analyticsd/analyticsd/retention"
 	"github.com/analyticsd/analyticsd/schema"
 )
@@ -161,7 +162,7 @@ func (s *Sweeper) Sweep(ctx context.Context) (SweepResult, error) {
 	if dropped > 0 && s.audit != nil {
 		meta := map[string]any{"dropped": res.Dropped, "cutoff": res.Cutoff, "retention_days": s.retentionDays}
 		if sweepErr != nil {
-			meta["error"] = truncate(sweepErr.Error(), 500)
+			meta["error"] = excerpt.Of(sweepErr.Error(), 500)
 		}
 		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		if err := s.audit.Record(actx, audit.Entry{Actor: "retention", Action: "retention.sweep", Target: s.db, Meta: meta}); err != nil {
