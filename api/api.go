@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/gofiber/fiber/v2"
+
+	"github.com/analyticsd/analyticsd/internal/logger"
 )
 
 // Error is an error a client sees: an HTTP status, a stable machine-readable code and a message that
@@ -123,9 +125,7 @@ type errorBody struct {
 // wrapped) as it says, a fiber error (unknown route, body over the limit) with the code for its
 // status, anything else as a 500 that gives nothing away. 500s, and errors with a Cause, are logged.
 func ErrorHandler(log *slog.Logger) fiber.ErrorHandler {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
+	log = logger.Or(log)
 	return func(c *fiber.Ctx, err error) error {
 		status, body := http.StatusInternalServerError, errorBody{Code: "internal", Message: "internal error; it has been logged"}
 		var apiErr *Error

@@ -14,6 +14,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/analyticsd/analyticsd/api"
+	"github.com/analyticsd/analyticsd/internal/logger"
 )
 
 // IdempotencyHeader is the request header that makes a write happen once.
@@ -62,9 +63,7 @@ return 1
 // frees the key, so that the retry runs. With Redis unavailable the request runs unchecked (marked
 // X-Analytics-Degraded); the ids derived from the key still keep its rows from being stored twice.
 func (s *Store) Idempotency(log *slog.Logger) fiber.Handler {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
+	log = logger.Or(log)
 	return func(c *fiber.Ctx) error {
 		raw := c.Get(IdempotencyHeader)
 		if raw == "" {

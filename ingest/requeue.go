@@ -10,6 +10,7 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 
 	"github.com/analyticsd/analyticsd/ingest/spool"
+	"github.com/analyticsd/analyticsd/internal/logger"
 )
 
 // RequeueResult says what a requeue of one quarantine file did.
@@ -40,9 +41,7 @@ func Requeue(ctx context.Context, spoolDir, name string, ch driver.Conn, db stri
 	}
 	defer r.Close()
 	res.Rows = info.Rows()
-	if o.Log == nil {
-		o.Log = slog.New(slog.DiscardHandler)
-	}
+	o.Log = logger.Or(o.Log)
 	sh := newShipper(ch, db, claims, WriterConfig{InsertTimeout: time.Minute, QuarantineAfter: 1, RetentionDays: o.RetentionDays}, NewMetrics(nil, 0), o.Log)
 	s := &segment{id: "requeue" + info.Segment, claims: map[uint64]*claimState{}}
 	spoolID, err := spool.ReadID(spoolDir)

@@ -17,6 +17,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/ingest/spool"
+	"github.com/analyticsd/analyticsd/internal/logger"
 )
 
 // Durability says when an accepted request is acknowledged.
@@ -204,9 +205,7 @@ type Writer struct {
 // to begin, Close to stop.
 func NewWriter(cfg WriterConfig, ch driver.Conn, db string, claims Claims, m *Metrics, log *slog.Logger) (*Writer, error) {
 	cfg.defaults()
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
+	log = logger.Or(log)
 	if m == nil {
 		m = NewMetrics(nil, 0)
 	}

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/internal/chlimit"
 )
 
 var nameRe = regexp.MustCompile(`^[a-z][a-z0-9_.-]{0,127}$`)
@@ -155,7 +157,7 @@ func (s *Store) Events(ctx context.Context, f EventFilter) (Page, error) {
 }
 
 func (s *Store) collectEvents(ctx context.Context, q string, args []any, into *[]Event) error {
-	rows, err := s.ch.Query(s.limits(ctx), q, args...)
+	rows, err := s.ch.Query(chlimit.Limit(s.maxExec).Context(ctx), q, args...)
 	if err != nil {
 		return fmt.Errorf("query events: %w", err)
 	}

@@ -53,7 +53,7 @@ type Export struct {
 // more rows match and, if so, the boundary row, so the response headers can say so before any byte
 // is sent. It runs under ctx (the request's); the page's own query runs in Write.
 func (s *Store) PlanExport(ctx context.Context, f EventFilter, max int) (*Export, error) {
-	ctx = s.limits(ctx)
+	ctx = chlimit.Limit(s.maxExec).Context(ctx)
 	where, args := f.where(f.Range.From, f.Range.To)
 	exp := &Export{store: s}
 	// Are there more than max rows? Counting stops at max+1 (the inner LIMIT), so this reads only

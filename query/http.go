@@ -19,6 +19,7 @@ import (
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/internal/excerpt"
 	"github.com/analyticsd/analyticsd/internal/labels"
+	"github.com/analyticsd/analyticsd/internal/logger"
 )
 
 // DefaultKPIMetrics are the guide's KPI set, returned by /metrics when no metric is asked for.
@@ -45,9 +46,7 @@ type Service struct {
 // NewService wires the read API; reg may be nil.
 func NewService(cfg Config, store *Store, auditLog *audit.Log, reg prometheus.Registerer, log *slog.Logger) *Service {
 	cfg.defaults()
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
+	log = logger.Or(log)
 	s := &Service{cfg: cfg, store: store, audit: auditLog, log: log, tenants: labels.NewCapped(cfg.LabelCap),
 		dur: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "sbh_analytics_query_duration_seconds", Help: "Read API query duration, by endpoint.",

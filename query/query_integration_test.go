@@ -31,8 +31,7 @@ var jwtSecret = []byte("0123456789abcdef0123456789abcdef-test-secret")
 
 type harness struct {
 	env  testenv.Env
-	app  *fiber.App
-	base string // the app's URL
+	srv  *fixture.Server
 	svc  *query.Service
 	a, b tenant.Tenant
 	keys map[string]string // name → plaintext key
@@ -42,58 +41,23 @@ type harness struct {
 func newHarness(t *testing.T, maxExport int) *harness {
 	t.Helper()
 	h := &harness{env: testenv.Migrated(t), keys: map[string]string{}, now: time.Now().UTC()}
-	ctx := context.Background()
-	tenants := tenant.NewStore(h.env.PG)
-	keys := auth.NewKeys(h.env.PG)
-	var err error
-	if h.a, err = tenants.Create(ctx, "acme", ""); err != nil {
-		t.Fatal(err)
-	}
-	if h.b, err = tenants.Create(ctx, "globex", ""); err != nil {
-		t.Fatal(err)
-	}
-	for name, spec := range map[string]struct {
-		t      tenant.Tenant
-		scopes []auth.Scope
-	}{
-		"a-read":  {h.a, []auth.Scope{auth.ScopeAnalyticsRead}},
-		"a-write": {h.a, []auth.Scope{auth.ScopeEventsWrite}},
-		"a-admin": {h.a, []auth.Scope{auth.ScopeAnalyticsAdmin}},
-		"b-read":  {h.b, []auth.Scope{auth.ScopeAnalyticsRead}},
-	} {
-		k, _, err := keys.Create(ctx, spec.t.ID, name, spec.scopes)
-		if err != nil {
-			t.Fatal(err)
-		}
-		h.keys[name] = k
-	}
+	h.a, h.b = fixture.Tenant(t, h.env.PG, "acme"), fixture.Tenant(t, h.env.PG, "globex")
+	h.keys["a-read"], _ = fixture.Key(t, h.env.PG, h.a.ID, "a-read", auth.ScopeAnalyticsRead)
+	h.keys["a-write"], _ = fixture.Key(t, h.env.PG, h.a.ID, "a-write", auth.ScopeEventsWrite)
+	h.keys["a-admin"], _ = fixture.Key(t, h.env.PG, h.a.ID, "a-admin", auth.ScopeAnalyticsAdmin)
+	h.keys["b-read"], _ = fixture.Key(t, h.env.PG, h.b.ID, "b-read", auth.ScopeAnalyticsRead)
 	store := query.NewStore(h.env.CH, h.env.DB, h.env.PG, 10*time.Second)
-	svc := query.NewService(query.Config{MaxExportRows: maxExport}, store, audit.New(h.env.PG), nil, nil)
-	h.svc = svc
-	h.app = api.NewApp(api.Config{}, nil)
-	authn := auth.NewAuthenticator(keys, tenants, auth.JWTConfig{Secret: jwtSecret})
-	svc.Register(h.app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsRead))
-	// A real listener, not app.Test: exports are streamed on the hijacked connection after the
-	// handler returns, which app.Test's in-memory connection does not wait for.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go h.app.Listener(ln)
-	t.Cleanup(func() { h.app.Shutdown() })
-	h.base = "http://" + ln.Addr().String()
+	h.svc = query.NewService(query.Config{MaxExportRows: maxExport}, store, audit.New(h.env.PG), nil, nil)
+	app := api.NewApp(api.Config{}, nil)
+	authn := auth.NewAuthenticator(auth.NewKeys(h.env.PG), tenant.NewStore(h.env.PG), auth.JWTConfig{Secret: jwtSecret})
+	h.svc.Register(app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsRead))
+	h.srv = fixture.Serve(t, app)
 	return h
 }
 
 func (h *harness) jwt(t *testing.T, slug, role string, exp time.Duration) string {
 	t.Helper()
-	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{
-		"sub": "user-1", "tenant": slug, "role": role, "exp": time.Now().Add(exp).Unix(),
-	}).SignedString(jwtSecret)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tok
+	return fixture.JWT(t, jwtSecret, "user-1", slug, role, exp)
 }
 
 type ev struct {
@@ -125,40 +89,10 @@ func (h *harness) insert(t *testing.T, rows []ev) {
 	}
 }
 
-type resp struct {
-	status int
-	header http.Header
-	raw    string
-	body   map[string]any
-}
-
-func (h *harness) get(t *testing.T, token, slug, path string) resp {
+func (h *harness) get(t *testing.T, token, slug, path string) fixture.Response {
 	t.Helper()
-	req, err := http.NewRequest(http.MethodGet, h.base+path, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if token != "" {
-		req.Header.Set("Authorization", "Bearer "+token)
-	}
-	if slug != "" {
-		req.Header.Set("X-Tenant-Slug", slug)
-	}
-	res, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer res.Body.Close()
-	raw, err := io.ReadAll(res.Body)
-	if err != nil {
-		t.Fatalf("GET %s: body cut short: %v", path, err)
-	}
-	r := resp{status: res.StatusCode, header: res.Header, raw: string(raw)}
-	_ = json.Unmarshal(raw, &r.body)
-	return r
+	return h.srv.Get(t, token, slug, path)
 }
-
-func (r resp) data() map[string]any { d, _ := r.body["data"].(map[string]any); return d }
 
 func TestEventsResponseMatchesGuide(t *testing.T) {
 	h := newHarness(t, 100)
@@ -167,13 +101,13 @@ func TestEventsResponseMatchesGuide(t *testing.T) {
 	h.insert(t, []ev{{id: id, tenant: h.a.ID, ts: ts, event: "auth.user.login", source: "app", user: "user-456",
 		props: `{"email":"user@example.com"}`, ip: "192.168.1.1", reqID: "req-789"}})
 	r := h.get(t, h.keys["a-read"], "acme", "/api/analytics/events?event=auth.user.login&source=app&limit=100")
-	if r.status != 200 || r.body["success"] != true {
-		t.Fatalf("got %d %s", r.status, r.raw)
+	if r.Status != 200 || r.Body["success"] != true {
+		t.Fatalf("got %d %s", r.Status, r.Raw)
 	}
 	want := fmt.Sprintf(`{"events":[{"id":%q,"user_id":"user-456","source":"app","event":"auth.user.login","ts":%q,`+
 		`"props":{"email":"user@example.com"},"ip":"192.168.1.1","request_id":"req-789"}],"has_more":false,"next_cursor":null}`,
 		id.String(), ts.Format(time.RFC3339))
-	got, _ := json.Marshal(r.data())
+	got, _ := json.Marshal(r.Data())
 	var norm any
 	_ = json.Unmarshal([]byte(want), &norm)
 	wantNorm, _ := json.Marshal(norm)
@@ -195,10 +129,10 @@ func (h *harness) walk(t *testing.T, first string, limit int) []string {
 			path += "&cursor=" + url.QueryEscape(cursor)
 		}
 		r := h.get(t, h.keys["a-read"], "", path)
-		if r.status != 200 {
-			t.Fatalf("page %d: %d %s", pages, r.status, r.raw)
+		if r.Status != 200 {
+			t.Fatalf("page %d: %d %s", pages, r.Status, r.Raw)
 		}
-		d := r.data()
+		d := r.Data()
 		evs := d["events"].([]any)
 		for _, e := range evs {
 			ids = append(ids, e.(map[string]any)["id"].(string))
@@ -306,24 +240,24 @@ func TestTenantIsolationOnEveryReadPath(t *testing.T) {
 	for _, c := range creds {
 		for _, p := range paths {
 			r := h.get(t, c.token, c.slug, p)
-			if r.status != c.status {
-				t.Errorf("%s %s: got %d %s, want %d", c.name, p, r.status, r.raw, c.status)
+			if r.Status != c.status {
+				t.Errorf("%s %s: got %d %s, want %d", c.name, p, r.Status, r.Raw, c.status)
 				continue
 			}
 			for id := range bIDs {
-				if strings.Contains(r.raw, id) {
+				if strings.Contains(r.Raw, id) {
 					t.Errorf("%s %s: shows tenant B's event %s", c.name, p, id)
 				}
 			}
-			if strings.Contains(r.raw, "bob") || strings.Contains(r.raw, "secret.b_only\":{\"today\":1") ||
-				strings.Contains(r.raw, `"secret.b_only","count"`) || strings.Contains(r.raw, `"count":10`) {
-				t.Errorf("%s %s: shows tenant B's data: %.300s", c.name, p, r.raw)
+			if strings.Contains(r.Raw, "bob") || strings.Contains(r.Raw, "secret.b_only\":{\"today\":1") ||
+				strings.Contains(r.Raw, `"secret.b_only","count"`) || strings.Contains(r.Raw, `"count":10`) {
+				t.Errorf("%s %s: shows tenant B's data: %.300s", c.name, p, r.Raw)
 			}
 		}
 	}
 	// Positive control: A's own data is there.
 	r := h.get(t, h.keys["a-read"], "", "/api/analytics/events?limit=1000")
-	if n := len(r.data()["events"].([]any)); n != 20 {
+	if n := len(r.Data()["events"].([]any)); n != 20 {
 		t.Errorf("A sees %d of its 20 events", n)
 	}
 }
@@ -359,8 +293,8 @@ func TestRBACMatrix(t *testing.T) {
 	}
 	for _, c := range cases {
 		for _, e := range endpoints {
-			if r := h.get(t, c.token, "", e); r.status != c.status {
-				t.Errorf("%s %s: got %d %s, want %d", c.name, e, r.status, r.raw, c.status)
+			if r := h.get(t, c.token, "", e); r.Status != c.status {
+				t.Errorf("%s %s: got %d %s, want %d", c.name, e, r.Status, r.Raw, c.status)
 			}
 		}
 	}
@@ -387,13 +321,13 @@ func TestHostileParametersNeverFail(t *testing.T) {
 					q.Set("metric", "a.b")
 				}
 				r := h.get(t, h.keys["a-read"], "", path+"?"+q.Encode())
-				if r.status >= 500 || (r.status != 200 && r.status != 400) {
-					t.Errorf("%s %s=%q: got %d %.200s, want 400 or 200", path, name, v, r.status, r.raw)
+				if r.Status >= 500 || (r.Status != 200 && r.Status != 400) {
+					t.Errorf("%s %s=%q: got %d %.200s, want 400 or 200", path, name, v, r.Status, r.Raw)
 				}
-				if r.status == 400 {
-					e, _ := r.body["error"].(map[string]any)
+				if r.Status == 400 {
+					e, _ := r.Body["error"].(map[string]any)
 					if e == nil || e["message"] == "" {
-						t.Errorf("%s %s=%q: 400 without a message: %.200s", path, name, v, r.raw)
+						t.Errorf("%s %s=%q: 400 without a message: %.200s", path, name, v, r.Raw)
 					}
 				}
 			}
@@ -412,22 +346,22 @@ func TestExportCSV(t *testing.T) {
 	rows = append(rows, ev{id: uuid.New(), tenant: h.a.ID, ts: ts, event: "other.thing", user: "@x"})
 	h.insert(t, rows)
 	r := h.get(t, h.keys["a-read"], "acme", "/api/analytics/export.csv?event=auth.user.login")
-	if r.status != 200 {
-		t.Fatalf("got %d %s", r.status, r.raw)
+	if r.Status != 200 {
+		t.Fatalf("got %d %s", r.Status, r.Raw)
 	}
-	if ct := r.header.Get("Content-Type"); !strings.HasPrefix(ct, "text/csv") {
+	if ct := r.Header.Get("Content-Type"); !strings.HasPrefix(ct, "text/csv") {
 		t.Errorf("Content-Type %q", ct)
 	}
-	if cd := r.header.Get("Content-Disposition"); !strings.Contains(cd, `attachment; filename="analytics-acme-`) {
+	if cd := r.Header.Get("Content-Disposition"); !strings.Contains(cd, `attachment; filename="analytics-acme-`) {
 		t.Errorf("Content-Disposition %q", cd)
 	}
-	if l := r.header.Get("X-Export-Row-Limit"); l != "10" {
+	if l := r.Header.Get("X-Export-Row-Limit"); l != "10" {
 		t.Errorf("X-Export-Row-Limit %q, want 10", l)
 	}
-	if tr, next := r.header.Get("X-Export-Truncated"), r.header.Get("X-Export-Next-Cursor"); tr != "true" || next == "" {
+	if tr, next := r.Header.Get("X-Export-Truncated"), r.Header.Get("X-Export-Next-Cursor"); tr != "true" || next == "" {
 		t.Errorf("25 matching rows, cap 10: X-Export-Truncated %q, X-Export-Next-Cursor %q; want true and a cursor", tr, next)
 	}
-	recs, err := csv.NewReader(strings.NewReader(r.raw)).ReadAll()
+	recs, err := csv.NewReader(strings.NewReader(r.Raw)).ReadAll()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -464,15 +398,15 @@ func (h *harness) exportPages(t *testing.T, first string) (pages [][]map[string]
 			t.Fatal("export pages never end")
 		}
 		r := h.get(t, h.keys["a-read"], "", next)
-		if r.status != 200 {
-			t.Fatalf("%s: %d %s", next, r.status, r.raw)
+		if r.Status != 200 {
+			t.Fatalf("%s: %d %s", next, r.Status, r.Raw)
 		}
 		var page []map[string]string
 		if strings.Contains(next, "export.ndjson") {
-			if ct := r.header.Get("Content-Type"); ct != "application/x-ndjson" {
+			if ct := r.Header.Get("Content-Type"); ct != "application/x-ndjson" {
 				t.Errorf("NDJSON Content-Type %q", ct)
 			}
-			for _, line := range strings.Split(strings.TrimSuffix(r.raw, "\n"), "\n") {
+			for _, line := range strings.Split(strings.TrimSuffix(r.Raw, "\n"), "\n") {
 				if line == "" {
 					continue
 				}
@@ -492,7 +426,7 @@ func (h *harness) exportPages(t *testing.T, first string) (pages [][]map[string]
 				page = append(page, row)
 			}
 		} else {
-			recs, err := csv.NewReader(strings.NewReader(r.raw)).ReadAll()
+			recs, err := csv.NewReader(strings.NewReader(r.Raw)).ReadAll()
 			if err != nil {
 				t.Fatalf("CSV: %v", err)
 			}
@@ -505,15 +439,15 @@ func (h *harness) exportPages(t *testing.T, first string) (pages [][]map[string]
 			}
 		}
 		pages = append(pages, page)
-		truncated := r.header.Get("X-Export-Truncated")
-		link := r.header.Get("Link")
+		truncated := r.Header.Get("X-Export-Truncated")
+		link := r.Header.Get("Link")
 		switch {
 		case truncated == "false" && link == "":
 			next = ""
 		case truncated == "true" && strings.HasPrefix(link, "</api/analytics/export.") && strings.HasSuffix(link, `>; rel="next"`):
 			next = strings.TrimSuffix(strings.TrimPrefix(link, "<"), `>; rel="next"`)
-			if !strings.Contains(next, "cursor="+r.header.Get("X-Export-Next-Cursor")) {
-				t.Errorf("Link %q does not carry X-Export-Next-Cursor %q", link, r.header.Get("X-Export-Next-Cursor"))
+			if !strings.Contains(next, "cursor="+r.Header.Get("X-Export-Next-Cursor")) {
+				t.Errorf("Link %q does not carry X-Export-Next-Cursor %q", link, r.Header.Get("X-Export-Next-Cursor"))
 			}
 		default:
 			t.Fatalf("%s: X-Export-Truncated %q with Link %q", next, truncated, link)
@@ -574,7 +508,7 @@ func TestExportPagesCoverEveryRowOnce(t *testing.T) {
 
 	// An event arriving late, older than the first page's boundary, is on a later page.
 	r := h.get(t, h.keys["a-read"], "", "/api/analytics/export.csv?event=auth.user.login")
-	next := r.header.Get("X-Export-Next-Cursor")
+	next := r.Header.Get("X-Export-Next-Cursor")
 	late := ev{id: uuid.New(), tenant: h.a.ID, ts: base, event: "auth.user.login", user: "late"}
 	h.insert(t, []ev{late})
 	found := false
@@ -641,8 +575,8 @@ func TestExportEdges(t *testing.T) {
 		{id: uuid.New(), tenant: h.a.ID, ts: ts.Add(-2 * time.Hour), event: "a.b"},
 	})
 	r := h.get(t, h.keys["a-read"], "", "/api/analytics/export.csv")
-	link := r.header.Get("Link")
-	from, to := r.header.Get("X-Export-Truncated"), ""
+	link := r.Header.Get("Link")
+	from, to := r.Header.Get("X-Export-Truncated"), ""
 	if u, err := url.Parse(strings.TrimSuffix(strings.TrimPrefix(link, "<"), `>; rel="next"`)); err != nil || from != "true" {
 		t.Fatalf("Link %q (%v), truncated %q", link, err, from)
 	} else {
@@ -652,18 +586,18 @@ func TestExportEdges(t *testing.T) {
 	if to != wantTo.Format(time.RFC3339) || from != wantTo.AddDate(0, 0, -30).Format(time.RFC3339) {
 		t.Errorf("Link pins from=%q to=%q; want the resolved default range %s .. %s", from, to, wantTo.AddDate(0, 0, -30).Format(time.RFC3339), wantTo.Format(time.RFC3339))
 	}
-	recs, err := csv.NewReader(strings.NewReader(r.raw)).ReadAll()
+	recs, err := csv.NewReader(strings.NewReader(r.Raw)).ReadAll()
 	if err != nil || len(recs) != 3 || len(recs[1]) != 8 {
-		t.Fatalf("CSV: %v %q", err, r.raw)
+		t.Fatalf("CSV: %v %q", err, r.Raw)
 	}
-	if recs[1][4] != "u1;=1+1" || recs[1][5] != "fe80::1%,=1+1" || !strings.Contains(r.raw, `"u1;=1+1"`) || recs[1][7] != "{}" {
+	if recs[1][4] != "u1;=1+1" || recs[1][5] != "fe80::1%,=1+1" || !strings.Contains(r.Raw, `"u1;=1+1"`) || recs[1][7] != "{}" {
 		t.Errorf("cells: user %q ip %q props %q; want one cell each (user quoted for ';'), props {}", recs[1][4], recs[1][5], recs[1][7])
 	}
 	// Bare cursor: only events older than the instant.
 	r = h.get(t, h.keys["a-read"], "", "/api/analytics/export.ndjson?cursor="+ts.Add(-30*time.Minute).Format(time.RFC3339))
-	lines := strings.Split(strings.TrimSpace(r.raw), "\n")
+	lines := strings.Split(strings.TrimSpace(r.Raw), "\n")
 	if len(lines) != 2 {
-		t.Errorf("cursor 30 min before the newest event: %d lines, want the 2 older events: %q", len(lines), r.raw)
+		t.Errorf("cursor 30 min before the newest event: %d lines, want the 2 older events: %q", len(lines), r.Raw)
 	}
 	for _, l := range lines {
 		var obj map[string]any
@@ -725,8 +659,8 @@ func TestExportsCannotExhaustTheServer(t *testing.T) {
 		t.Fatalf("exports of reset connections still hold their slots: %v", err)
 	}
 	t.Logf("the reset connections' slots were back after %s", time.Since(start).Round(time.Millisecond))
-	if r := h.get(t, h.keys["b-read"], "", "/api/analytics/events?limit=1"); r.status != 200 {
-		t.Errorf("another tenant's read after the resets: %d %s", r.status, r.raw)
+	if r := h.get(t, h.keys["b-read"], "", "/api/analytics/events?limit=1"); r.Status != 200 {
+		t.Errorf("another tenant's read after the resets: %d %s", r.Status, r.Raw)
 	}
 	// Two slow exports of one tenant: a third is refused at once; another tenant's is not.
 	var open []*http.Response
@@ -740,12 +674,12 @@ func TestExportsCannotExhaustTheServer(t *testing.T) {
 		open = append(open, res)
 	}
 	tooMany := `{"error":{"code":"too_many_exports","message":"at most 2 exports of a tenant (4 in all) run at once; retry when one has finished"},"success":false}`
-	if r := h.get(t, h.keys["a-read"], "", "/api/analytics/export.csv"); r.status != http.StatusTooManyRequests || !strings.Contains(r.raw, "too_many_exports") ||
-		r.raw != tooMany || r.header.Get("Retry-After") != "5" {
-		t.Errorf("a third concurrent export: %d %s Retry-After %q, want 429 %s with Retry-After 5", r.status, r.raw, r.header.Get("Retry-After"), tooMany)
+	if r := h.get(t, h.keys["a-read"], "", "/api/analytics/export.csv"); r.Status != http.StatusTooManyRequests || !strings.Contains(r.Raw, "too_many_exports") ||
+		r.Raw != tooMany || r.Header.Get("Retry-After") != "5" {
+		t.Errorf("a third concurrent export: %d %s Retry-After %q, want 429 %s with Retry-After 5", r.Status, r.Raw, r.Header.Get("Retry-After"), tooMany)
 	}
-	if r := h.get(t, h.keys["b-read"], "", "/api/analytics/export.csv"); r.status != 200 {
-		t.Errorf("another tenant's export beside them: %d %s", r.status, r.raw)
+	if r := h.get(t, h.keys["b-read"], "", "/api/analytics/export.csv"); r.Status != 200 {
+		t.Errorf("another tenant's export beside them: %d %s", r.Status, r.Raw)
 	}
 	for _, res := range open {
 		io.Copy(io.Discard, res.Body)
@@ -765,15 +699,15 @@ func TestExportNDJSONAndBOM(t *testing.T) {
 	h.insert(t, []ev{{id: id, tenant: h.a.ID, ts: ts, event: "auth.user.login", user: "用户\x01\"q\"", reqID: "=1+1", props: `{"plan":"pro","n":2}`, ip: "10.0.0.1"}})
 	r := h.get(t, h.keys["a-read"], "", "/api/analytics/export.ndjson")
 	var got map[string]any
-	if err := json.Unmarshal([]byte(strings.TrimSpace(r.raw)), &got); err != nil || r.status != 200 {
-		t.Fatalf("NDJSON: %d %q: %v", r.status, r.raw, err)
+	if err := json.Unmarshal([]byte(strings.TrimSpace(r.Raw)), &got); err != nil || r.Status != 200 {
+		t.Fatalf("NDJSON: %d %q: %v", r.Status, r.Raw, err)
 	}
 	ev := h.get(t, h.keys["a-read"], "", "/api/analytics/events")
 	var list struct {
 		Data struct{ Events []map[string]any }
 	}
-	if err := json.Unmarshal([]byte(ev.raw), &list); err != nil || len(list.Data.Events) != 1 {
-		t.Fatalf("events: %s", ev.raw)
+	if err := json.Unmarshal([]byte(ev.Raw), &list); err != nil || len(list.Data.Events) != 1 {
+		t.Fatalf("events: %s", ev.Raw)
 	}
 	if !reflect.DeepEqual(got, list.Data.Events[0]) {
 		t.Errorf("NDJSON line %v\ndiffers from GET /events %v", got, list.Data.Events[0])
@@ -782,13 +716,13 @@ func TestExportNDJSONAndBOM(t *testing.T) {
 		t.Errorf("NDJSON is not lossless: %v", got)
 	}
 	r = h.get(t, h.keys["a-read"], "", "/api/analytics/export.csv?bom=true")
-	if !strings.HasPrefix(r.raw, "\xEF\xBB\xBFid,ts,") {
-		t.Errorf("bom=true: starts %q", r.raw[:min(len(r.raw), 12)])
+	if !strings.HasPrefix(r.Raw, "\xEF\xBB\xBFid,ts,") {
+		t.Errorf("bom=true: starts %q", r.Raw[:min(len(r.Raw), 12)])
 	}
-	if !strings.Contains(r.raw, "用户\uFFFD") || !strings.Contains(r.raw, "'=1+1") {
-		t.Errorf("CSV cells not neutralised: %q", r.raw)
+	if !strings.Contains(r.Raw, "用户\uFFFD") || !strings.Contains(r.Raw, "'=1+1") {
+		t.Errorf("CSV cells not neutralised: %q", r.Raw)
 	}
-	if r := h.get(t, h.keys["a-read"], "", "/api/analytics/export.csv"); strings.HasPrefix(r.raw, "\xEF") {
+	if r := h.get(t, h.keys["a-read"], "", "/api/analytics/export.csv"); strings.HasPrefix(r.Raw, "\xEF") {
 		t.Error("BOM without bom=true")
 	}
 	for path, want := range map[string]string{
@@ -801,8 +735,8 @@ func TestExportNDJSONAndBOM(t *testing.T) {
 		"/api/analytics/export.csv?event=a.b&event=c.d": "event",
 		"/api/analytics/event-names?limit=1001":         "limit",
 	} {
-		if r := h.get(t, h.keys["a-read"], "", path); r.status != 400 || !strings.Contains(r.raw, want) {
-			t.Errorf("%s: %d %s, want 400 naming %s", path, r.status, r.raw, want)
+		if r := h.get(t, h.keys["a-read"], "", path); r.Status != 400 || !strings.Contains(r.Raw, want) {
+			t.Errorf("%s: %d %s, want 400 naming %s", path, r.Status, r.Raw, want)
 		}
 	}
 }
@@ -834,11 +768,11 @@ func TestUsageMergesPostgresAndClickHouse(t *testing.T) {
 	}
 	path := fmt.Sprintf("/api/analytics/usage?from=%s&to=%s&metric[]=auth.user.login", day(6).Format("2006-01-02"), day(0).Format("2006-01-02"))
 	r := h.get(t, h.keys["a-read"], "", path)
-	if r.status != 200 {
-		t.Fatalf("got %d %s", r.status, r.raw)
+	if r.Status != 200 {
+		t.Fatalf("got %d %s", r.Status, r.Raw)
 	}
 	got := map[string]string{}
-	for _, p := range r.data()["auth.user.login"].([]any) {
+	for _, p := range r.Data()["auth.user.login"].([]any) {
 		m := p.(map[string]any)
 		meta, _ := json.Marshal(m["meta"])
 		got[m["date"].(string)] = fmt.Sprintf("%v %s", m["count"], meta)
@@ -854,7 +788,7 @@ func TestUsageMergesPostgresAndClickHouse(t *testing.T) {
 		t.Errorf("usage:\n got %v\nwant %v", got, want)
 	}
 	r = h.get(t, h.keys["a-read"], "", path+"&fill=zero")
-	points := r.data()["auth.user.login"].([]any)
+	points := r.Data()["auth.user.login"].([]any)
 	var dates []string
 	for _, p := range points {
 		dates = append(dates, p.(map[string]any)["date"].(string))
@@ -862,8 +796,8 @@ func TestUsageMergesPostgresAndClickHouse(t *testing.T) {
 	if len(points) != 7 || !sort.StringsAreSorted(dates) {
 		t.Errorf("fill=zero: %d points %v, want 7 ascending days", len(points), dates)
 	}
-	if r := h.get(t, h.keys["a-read"], "", "/api/analytics/usage"); r.status != 400 {
-		t.Errorf("usage without metric: got %d, want 400", r.status)
+	if r := h.get(t, h.keys["a-read"], "", "/api/analytics/usage"); r.Status != 400 {
+		t.Errorf("usage without metric: got %d, want 400", r.Status)
 	}
 }
 
@@ -884,18 +818,18 @@ func TestKPIWindows(t *testing.T) {
 	add(0, 1, "auth.user.login")
 	h.insert(t, rows)
 	r := h.get(t, h.keys["a-read"], "", "/api/analytics/metrics")
-	if r.status != 200 {
-		t.Fatalf("got %d %s", r.status, r.raw)
+	if r.Status != 200 {
+		t.Fatalf("got %d %s", r.Status, r.Raw)
 	}
-	got, _ := json.Marshal(r.data())
+	got, _ := json.Marshal(r.Data())
 	want := `{"apikey.request":{"month":0,"today":0,"week":0},"auth.user.login":{"month":1,"today":1,"week":1},` +
 		`"auth.user.registered":{"month":14,"today":3,"week":5},"builder.generate.completed":{"month":0,"today":0,"week":0}}`
 	if string(got) != want {
 		t.Errorf("KPIs:\n got %s\nwant %s", got, want)
 	}
 	r = h.get(t, h.keys["a-read"], "", "/api/analytics/metrics?metric[]=auth.user.login")
-	if len(r.data()) != 1 {
-		t.Errorf("metric[] filter: %s", r.raw)
+	if len(r.Data()) != 1 {
+		t.Errorf("metric[] filter: %s", r.Raw)
 	}
 }
 
@@ -904,12 +838,12 @@ func TestEventNames(t *testing.T) {
 	ts := h.now.Add(-time.Hour).Truncate(time.Second)
 	h.insert(t, []ev{{id: uuid.New(), tenant: h.a.ID, ts: ts, event: "b.x"}, {id: uuid.New(), tenant: h.a.ID, ts: ts, event: "b.x"}, {id: uuid.New(), tenant: h.a.ID, ts: ts, event: "a.y"}})
 	r := h.get(t, h.keys["a-read"], "", "/api/analytics/event-names")
-	if got := r.raw; !strings.Contains(got, `"data":[{"event":"b.x","count":2},{"event":"a.y","count":1}]`) || r.header.Get("X-Event-Names-Truncated") != "false" {
-		t.Errorf("event-names: %s %v", got, r.header)
+	if got := r.Raw; !strings.Contains(got, `"data":[{"event":"b.x","count":2},{"event":"a.y","count":1}]`) || r.Header.Get("X-Event-Names-Truncated") != "false" {
+		t.Errorf("event-names: %s %v", got, r.Header)
 	}
 	r = h.get(t, h.keys["a-read"], "", "/api/analytics/event-names?limit=1")
-	if got := r.raw; !strings.Contains(got, `"data":[{"event":"b.x","count":2}]`) || r.header.Get("X-Event-Names-Truncated") != "true" {
-		t.Errorf("event-names?limit=1: %s %v, want only b.x and the truncation header", got, r.header)
+	if got := r.Raw; !strings.Contains(got, `"data":[{"event":"b.x","count":2}]`) || r.Header.Get("X-Event-Names-Truncated") != "true" {
+		t.Errorf("event-names?limit=1: %s %v, want only b.x and the truncation header", got, r.Header)
 	}
 }
 
@@ -924,10 +858,10 @@ func TestActiveUsersCountsDistinctUsers(t *testing.T) {
 		ev{id: uuid.New(), tenant: h.b.ID, ts: ts, event: "auth.user.login", user: "eve"})
 	h.insert(t, rows)
 	r := h.get(t, h.keys["a-read"], "", "/api/analytics/active-users")
-	if r.status != 200 || r.data()["users"] != 3.0 || r.data()["events"] != 6.0 || r.data()["event"] != "auth.user.login" {
-		t.Errorf("active users: %d %s, want 3 distinct users of 6 logins", r.status, r.raw)
+	if r.Status != 200 || r.Data()["users"] != 3.0 || r.Data()["events"] != 6.0 || r.Data()["event"] != "auth.user.login" {
+		t.Errorf("active users: %d %s, want 3 distinct users of 6 logins", r.Status, r.Raw)
 	}
-	if r := h.get(t, h.keys["a-read"], "", "/api/analytics/active-users?event=auth.user.registered"); r.data()["users"] != 1.0 {
-		t.Errorf("active users of another event: %s", r.raw)
+	if r := h.get(t, h.keys["a-read"], "", "/api/analytics/active-users?event=auth.user.registered"); r.Data()["users"] != 1.0 {
+		t.Errorf("active users of another event: %s", r.Raw)
 	}
 }

@@ -1,13 +1,11 @@
 package query
 
 import (
-	"context"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/jackc/pgx/v5/pgxpool"
 
-	"github.com/analyticsd/analyticsd/internal/chlimit"
 	"github.com/analyticsd/analyticsd/internal/clock"
 )
 
@@ -27,9 +25,4 @@ func NewStore(ch driver.Conn, db string, pg *pgxpool.Pool, maxExec time.Duration
 		maxExec = DefaultTimeout
 	}
 	return &Store{ch: ch, db: db, pg: pg, maxExec: maxExec, now: clock.Now}
-}
-
-// limits attaches the per-query ClickHouse limits (only integer settings encode on every server).
-func (s *Store) limits(ctx context.Context) context.Context {
-	return chlimit.Context(ctx, s.maxExec, nil)
 }

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/internal/chlimit"
 )
 
 // Point is one day of one metric.
@@ -95,7 +97,7 @@ func withSource(meta json.RawMessage, src string) json.RawMessage {
 func (s *Store) liveUsage(ctx context.Context, tenant uuid.UUID, metrics []string, first, last time.Time) (map[string]map[string]int64, error) {
 	q := "SELECT metric, toString(date), sum(count) FROM " + s.db + ".daily_usage " +
 		"WHERE tenant_id = ? AND date >= toDate(?) AND date <= toDate(?) AND has(?, metric) GROUP BY metric, date"
-	rows, err := s.ch.Query(s.limits(ctx), q, tenant, first.Format(time.DateOnly), last.Format(time.DateOnly), metrics)
+	rows, err := s.ch.Query(chlimit.Limit(s.maxExec).Context(ctx), q, tenant, first.Format(time.DateOnly), last.Format(time.DateOnly), metrics)
 	if err != nil {
 		return nil, fmt.Errorf("query daily_usage: %w", err)
 	}
@@ -185,7 +187,7 @@ func (s *Store) KPIs(ctx context.Context, tenant uuid.UUID, metrics []string) (m
 	q := "SELECT metric, sumIf(count, date = toDate(?)), sumIf(count, date >= toDate(?)), sum(count) FROM " + s.db + ".daily_usage " +
 		"WHERE tenant_id = ? AND date >= toDate(?) AND date <= toDate(?) AND has(?, metric) GROUP BY metric"
 	day := func(t time.Time) string { return t.Format(time.DateOnly) }
-	rows, err := s.ch.Query(s.limits(ctx), q, day(today), day(today.AddDate(0, 0, -6)), tenant,
+	rows, err := s.ch.Query(chlimit.Limit(s.maxExec).Context(ctx), q, day(today), day(today.AddDate(0, 0, -6)), tenant,
 		day(today.AddDate(0, 0, -29)), day(today), metrics)
 	if err != nil {
 		return nil, fmt.Errorf("query kpis: %w", err)
@@ -217,7 +219,7 @@ type NameCount struct {
 func (s *Store) EventNames(ctx context.Context, tenant uuid.UUID, r Range, limit int) (names []NameCount, more bool, err error) {
 	q := "SELECT event, count() AS c FROM " + s.db + ".events WHERE tenant_id = ? AND ts >= ? AND ts < ? " +
 		"GROUP BY event ORDER BY c DESC, event LIMIT " + strconv.Itoa(limit+1)
-	rows, err := s.ch.Query(s.limits(ctx), q, tenant, r.From, r.To)
+	rows, err := s.ch.Query(chlimit.Limit(s.maxExec).Context(ctx), q, tenant, r.From, r.To)
 	if err != nil {
 		return nil, false, fmt.Errorf("query event names: %w", err)
 	}
@@ -240,7 +242,7 @@ func (s *Store) EventNames(ctx context.Context, tenant uuid.UUID, r Range, limit
 func (s *Store) ActiveUsers(ctx context.Context, tenant uuid.UUID, r Range, event string) (ActiveUsers, error) {
 	out := ActiveUsers{Event: event}
 	q := "SELECT uniqExactIf(user_id, user_id != ''), count() FROM " + s.db + ".events WHERE tenant_id = ? AND ts >= ? AND ts < ? AND event = ?"
-	if err := s.ch.QueryRow(s.limits(ctx), q, tenant, r.From, r.To, event).Scan(&out.Users, &out.Events); err != nil {
+	if err := s.ch.QueryRow(chlimit.Limit(s.maxExec).Context(ctx), q, tenant, r.From, r.To, event).Scan(&out.Users, &out.Events); err != nil {
 		return out, fmt.Errorf("query active users: %w", err)
 	}
 	return out, nil

@@ -8,6 +8,8 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+
+	"github.com/analyticsd/analyticsd/internal/chlimit"
 )
 
 // dayTenant is one tenant's usage on one date.
@@ -82,7 +84,7 @@ func (r *Reconciler) Drifted(ctx context.Context, first, last time.Time) ([]time
 	}
 
 	live := map[dayTenant]int64{}
-	chRows, err := r.ch.Query(r.limits(ctx), "SELECT toString(date), tenant_id, sum(count) FROM "+r.db+".daily_usage "+
+	chRows, err := r.ch.Query(chlimit.Limit(r.QueryTimeout).Context(ctx), "SELECT toString(date), tenant_id, sum(count) FROM "+r.db+".daily_usage "+
 		"WHERE date >= toDate(?) AND date <= toDate(?) GROUP BY date, tenant_id", from, to)
 	if err != nil {
 		return nil, fmt.Errorf("drift check: read clickhouse: %w", err)

@@ -27,6 +27,7 @@ import (
 	"github.com/analyticsd/analyticsd/internal/chlimit"
 	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/internal/excerpt"
+	"github.com/analyticsd/analyticsd/internal/logger"
 	"github.com/analyticsd/analyticsd/retention"
 )
 
@@ -103,9 +104,7 @@ type Reconciler struct {
 // RETENTION_DAYS (raw data older than that is not checked); reg may be nil; now defaults to time.Now.
 func NewReconciler(ch driver.Conn, db string, pg *pgxpool.Pool, auditLog *audit.Log, reg prometheus.Registerer,
 	log *slog.Logger, retentionDays int, now func() time.Time) *Reconciler {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
+	log = logger.Or(log)
 	if now == nil {
 		now = clock.Now
 	}
@@ -364,13 +363,9 @@ func truthQuery(db string, day time.Time, scope Scope, raw bool) (string, []any)
 	return q, args
 }
 
-func (r *Reconciler) limits(ctx context.Context) context.Context {
-	return chlimit.Context(ctx, r.QueryTimeout, nil)
-}
-
 func (r *Reconciler) read(ctx context.Context, day time.Time, scope Scope, raw bool) (agg, rawCounts map[key]int64, err error) {
 	q, args := truthQuery(r.db, day, scope, raw)
-	rows, err := r.ch.Query(r.limits(ctx), q, args...)
+	rows, err := r.ch.Query(chlimit.Limit(r.QueryTimeout).Context(ctx), q, args...)
 	if err != nil {
 		return nil, nil, fmt.Errorf("rollup %s: read clickhouse: %w", day.Format(time.DateOnly), err)
 	}

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/analyticsd/analyticsd/internal/clock"
+	"github.com/analyticsd/analyticsd/internal/logger"
 )
 
 // ParseClock reads a UTC time of day "HH:MM" (e.g. ROLLUP_AT=00:10) as the offset from midnight.
@@ -252,9 +253,7 @@ func NewScheduler(r *Reconciler, cfg ScheduleConfig, log *slog.Logger) (*Schedul
 	if cfg.Now == nil {
 		cfg.Now = clock.Now
 	}
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
+	log = logger.Or(log)
 	s := &Scheduler{r: r, cfg: cfg, log: log}
 	s.d = newDaily("rollup", at, cfg.RetryMin, cfg.RetryMax, cfg.Now, log, s.runSlot)
 	return s, nil

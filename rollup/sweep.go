@@ -16,6 +16,7 @@ import (
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/internal/excerpt"
+	"github.com/analyticsd/analyticsd/internal/logger"
 	"github.com/analyticsd/analyticsd/retention"
 	"github.com/analyticsd/analyticsd/schema"
 )
@@ -64,9 +65,7 @@ type Sweeper struct {
 // time.Now. The events table's definition is read at each sweep, so a server that is down at start-up is fine.
 func NewSweeper(ch driver.Conn, db string, pg *pgxpool.Pool, auditLog *audit.Log, reg prometheus.Registerer,
 	log *slog.Logger, retentionDays int, now func() time.Time) *Sweeper {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
+	log = logger.Or(log)
 	if now == nil {
 		now = clock.Now
 	}

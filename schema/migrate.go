@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/analyticsd/analyticsd/internal/logger"
 	"github.com/analyticsd/analyticsd/retention"
 )
 
@@ -47,9 +48,7 @@ func ServerVersion(ch driver.Conn) (Version, error) {
 // Run applies every pending migration, Postgres first (it also holds the lock), then ClickHouse.
 func (m *Migrator) Run(ctx context.Context) (Result, error) {
 	log := m.Log
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
+	log = logger.Or(log)
 	var res Result
 	v, err := ServerVersion(m.CH)
 	if err != nil {

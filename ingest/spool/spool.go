@@ -35,6 +35,8 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+
+	"github.com/analyticsd/analyticsd/internal/logger"
 )
 
 const (
@@ -81,9 +83,7 @@ type Spool struct {
 // Open locks dir (creating it if needed) and lists the segments a previous process left there, to be
 // shipped first. It fails with a *LockedError when another process holds the directory.
 func Open(o Options) (*Spool, error) {
-	if o.Log == nil {
-		o.Log = slog.New(slog.DiscardHandler)
-	}
+	o.Log = logger.Or(o.Log)
 	if o.remove == nil {
 		o.remove = os.Remove
 	}

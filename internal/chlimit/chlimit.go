@@ -23,6 +23,15 @@ func Context(ctx context.Context, limit time.Duration, extra clickhouse.Settings
 	return clickhouse.Context(noDeadline{ctx}, clickhouse.WithSettings(settings))
 }
 
+// Limit is a configured max_execution_time, for readers that apply the same one to every query
+// (query's Store, rollup's Reconciler).
+type Limit time.Duration
+
+// Context is Context(ctx, l, nil).
+func (l Limit) Context(ctx context.Context) context.Context {
+	return Context(ctx, time.Duration(l), nil)
+}
+
 // noDeadline is ctx without its deadline: Done and Err still end it when the deadline passes.
 type noDeadline struct{ context.Context }
 
