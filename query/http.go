@@ -22,7 +22,8 @@ import (
 	"github.com/analyticsd/analyticsd/internal/logger"
 )
 
-// DefaultKPIMetrics are the guide's KPI set, returned by /metrics when no metric is asked for.
+// DefaultKPIMetrics are the contract's KPI set (docs/contract.md), returned by /metrics when no metric
+// is asked for.
 var DefaultKPIMetrics = []string{"auth.user.registered", "auth.user.login", "builder.generate.completed", "apikey.request"}
 
 // Config shapes the read endpoints.
@@ -37,8 +38,7 @@ type Service struct {
 	store   *Store
 	audit   *audit.Log
 	log     *slog.Logger
-	dur     *prometheus.HistogramVec
-	exports *prometheus.CounterVec
+	metrics *metrics
 	tenants *labels.Capped
 	gate    exportGate // running exports (see Drain)
 }
@@ -47,18 +47,7 @@ type Service struct {
 func NewService(cfg Config, store *Store, auditLog *audit.Log, reg prometheus.Registerer, log *slog.Logger) *Service {
 	cfg.defaults()
 	log = logger.Or(log)
-	s := &Service{cfg: cfg, store: store, audit: auditLog, log: log, tenants: labels.NewCapped(cfg.LabelCap),
-		dur: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "sbh_analytics_query_duration_seconds", Help: "Read API query duration, by endpoint.",
-			Buckets: prometheus.ExponentialBuckets(0.001, 2, 15),
-		}, []string{"endpoint"}),
-		exports: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "sbh_analytics_export_requests_total", Help: "CSV export requests, by tenant.",
-		}, []string{"tenant"}),
-	}
-	if reg != nil {
-		reg.MustRegister(s.dur, s.exports)
-	}
+	s := &Service{cfg: cfg, store: store, audit: auditLog, log: log, tenants: labels.NewCapped(cfg.LabelCap), metrics: newMetrics(reg)}
 	return s
 }
 
@@ -76,7 +65,7 @@ func (s *Service) Register(r fiber.Router, read fiber.Handler) {
 // timed wraps every read route: it refuses repeated parameters, times the handler and maps what
 // it returns to a response (httpError), so the handlers return the package's errors as they are.
 func (s *Service) timed(endpoint string, h fiber.Handler) fiber.Handler {
-	obs := s.dur.WithLabelValues(endpoint)
+	obs := s.metrics.duration.WithLabelValues(endpoint)
 	return func(c *fiber.Ctx) error {
 		start := time.Now()
 		err := repeatedParam(c)
@@ -329,7 +318,7 @@ func (s *Service) getExport(ext string) fiber.Handler {
 		if c.Method() == fiber.MethodHead {
 			return nil // the headers only: no page query, nothing downloaded, nothing to audit
 		}
-		s.exports.WithLabelValues(s.tenants.Value(p.Slug)).Inc()
+		s.metrics.exports.WithLabelValues(s.tenants.Value(p.Slug)).Inc()
 		if s.audit != nil {
 			meta := map[string]any{"from": f.Range.From, "to": f.Range.To, "event": f.Event, "source": f.Source, "user_id": f.UserID,
 				"limit": limit, "truncated": exp.Truncated}
@@ -338,7 +327,7 @@ func (s *Service) getExport(ext string) fiber.Handler {
 			}
 			entry := audit.Entry{TenantID: p.TenantID, Actor: p.Actor, Action: "export." + ext, Target: "events", Meta: meta}
 			if err := s.audit.Record(c.UserContext(), entry); err != nil {
-				// An export that cannot be audited is refused: the guide promises every download is logged.
+				// An export that cannot be audited is refused: every download is audited (docs/contract.md).
 				return err
 			}
 		}

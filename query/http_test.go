@@ -1,15 +1,13 @@
 package query_test
 
 import (
-	"io"
-	"net/http"
-	"net/http/httptest"
 	"testing"
 	"time"
 
 	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 	"github.com/analyticsd/analyticsd/query"
 	"github.com/analyticsd/analyticsd/tenant"
 )
@@ -24,17 +22,7 @@ func TestErrorResponses(t *testing.T) {
 	authn := auth.NewAuthenticator(auth.NewKeys(h.env.PG), tenant.NewStore(h.env.PG), auth.JWTConfig{Secret: jwtSecret})
 	query.NewService(query.Config{MaxExportRows: 100}, store, audit.New(h.env.PG), nil, nil).
 		Register(broken.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsRead))
-	getBroken := func(t *testing.T, path string) resp {
-		req := httptest.NewRequest(http.MethodGet, path, nil)
-		req.Header.Set("Authorization", "Bearer "+h.keys["a-read"])
-		res, err := broken.Test(req, -1)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer res.Body.Close()
-		raw, _ := io.ReadAll(res.Body)
-		return resp{status: res.StatusCode, header: res.Header, raw: string(raw)}
-	}
+	brokenSrv := fixture.Serve(t, broken)
 
 	const base = "/api/analytics"
 	bad := func(msg string) string {
@@ -77,14 +65,14 @@ func TestErrorResponses(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			var r resp
+			var r fixture.Response
 			if c.broken {
-				r = getBroken(t, base+c.path)
+				r = brokenSrv.Get(t, h.keys["a-read"], "", base+c.path)
 			} else {
 				r = h.get(t, h.keys["a-read"], "", base+c.path)
 			}
-			if r.status != c.status || r.header.Get("Retry-After") != c.retryAfter || r.raw != c.want {
-				t.Errorf("got %d, Retry-After %q:\n%s\nwant %d, Retry-After %q:\n%s", r.status, r.header.Get("Retry-After"), r.raw, c.status, c.retryAfter, c.want)
+			if r.Status != c.status || r.Header.Get("Retry-After") != c.retryAfter || r.Raw != c.want {
+				t.Errorf("got %d, Retry-After %q:\n%s\nwant %d, Retry-After %q:\n%s", r.Status, r.Header.Get("Retry-After"), r.Raw, c.status, c.retryAfter, c.want)
 			}
 		})
 	}

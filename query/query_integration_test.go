@@ -15,7 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gofiber/fiber/v2"
 	"github.com/golang-jwt/jwt/v5"
 	"github.com/google/uuid"
 
@@ -23,6 +22,7 @@ import (
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 	"github.com/analyticsd/analyticsd/query"
 	"github.com/analyticsd/analyticsd/tenant"
 )
@@ -536,13 +536,7 @@ func TestDrainWaitsForStreamingExports(t *testing.T) {
 	if err := h.svc.Drain(context.Background()); err != nil {
 		t.Fatalf("nothing streaming: %v", err)
 	}
-	req, _ := http.NewRequest(http.MethodGet, h.base+"/api/analytics/export.csv", nil)
-	req.Header.Set("Authorization", "Bearer "+h.keys["a-read"])
-	res, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer res.Body.Close()
+	res := h.srv.Open(t, fixture.Request{Path: "/api/analytics/export.csv", Key: h.keys["a-read"]})
 	// The client reads nothing yet: the export is blocked on a full socket.
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
@@ -613,12 +607,7 @@ func TestExportEdges(t *testing.T) {
 		}
 	}
 	countAudits(&before)
-	req, _ := http.NewRequest(http.MethodHead, h.base+"/api/analytics/export.csv", nil)
-	req.Header.Set("Authorization", "Bearer "+h.keys["a-read"])
-	res, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := h.srv.Open(t, fixture.Request{Method: http.MethodHead, Path: "/api/analytics/export.csv", Key: h.keys["a-read"]})
 	res.Body.Close()
 	countAudits(&after)
 	if res.StatusCode != 200 || res.Header.Get("X-Export-Truncated") != "true" || after != before {
@@ -639,7 +628,7 @@ func TestExportsCannotExhaustTheServer(t *testing.T) {
 		rows = append(rows, ev{id: uuid.New(), tenant: h.a.ID, ts: ts, event: "a.b", props: props})
 	}
 	h.insert(t, rows)
-	addr := strings.TrimPrefix(h.base, "http://")
+	addr := strings.TrimPrefix(h.srv.URL, "http://")
 	for i := 0; i < 6; i++ {
 		c, err := net.Dial("tcp", addr)
 		if err != nil {
@@ -665,11 +654,9 @@ func TestExportsCannotExhaustTheServer(t *testing.T) {
 	// Two slow exports of one tenant: a third is refused at once; another tenant's is not.
 	var open []*http.Response
 	for i := 0; i < 2; i++ {
-		req, _ := http.NewRequest(http.MethodGet, h.base+"/api/analytics/export.csv", nil)
-		req.Header.Set("Authorization", "Bearer "+h.keys["a-read"])
-		res, err := http.DefaultClient.Do(req)
-		if err != nil || res.StatusCode != 200 {
-			t.Fatalf("export %d: %v %v", i, res, err)
+		res := h.srv.Open(t, fixture.Request{Path: "/api/analytics/export.csv", Key: h.keys["a-read"]})
+		if res.StatusCode != 200 {
+			t.Fatalf("export %d: %v", i, res)
 		}
 		open = append(open, res)
 	}

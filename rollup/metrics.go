@@ -2,8 +2,9 @@ package rollup
 
 import "github.com/prometheus/client_golang/prometheus"
 
-// reconcileMetrics are the Reconciler's collectors: the contract's run counter (docs/contract.md) and duration histogram, and
-// how many aggregate rows had to be repaired.
+// reconcileMetrics are the Reconciler's collectors: the contract's run counter and duration
+// histogram (docs/contract.md has why the names start with sbh_), and how many aggregate rows had to
+// be repaired.
 type reconcileMetrics struct {
 	runs     *prometheus.CounterVec // sbh_analytics_rollup_runs_total{status}
 	duration prometheus.Histogram   // sbh_analytics_rollup_duration_seconds
