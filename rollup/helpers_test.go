@@ -13,8 +13,8 @@ import (
 
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	fx "github.com/analyticsd/analyticsd/internal/testenv/fixture"
 	"github.com/analyticsd/analyticsd/rollup"
-	"github.com/analyticsd/analyticsd/tenant"
 )
 
 const day = 24 * time.Hour
@@ -42,11 +42,7 @@ func (f *fixture) daysAgo(n int) time.Time { return f.today.AddDate(0, 0, -n) }
 
 func (f *fixture) tenant(t *testing.T, slug string) uuid.UUID {
 	t.Helper()
-	tn, err := tenant.NewStore(f.env.PG).Create(ctxT(t), slug, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tn.ID
+	return fx.Tenant(t, f.env.PG, slug).ID
 }
 
 func (f *fixture) reconciler(reg prometheus.Registerer, now func() time.Time) *rollup.Reconciler {

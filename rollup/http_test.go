@@ -3,20 +3,17 @@ package rollup_test
 import (
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/gofiber/fiber/v2"
-	"github.com/golang-jwt/jwt/v5"
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/auth"
+	fx "github.com/analyticsd/analyticsd/internal/testenv/fixture"
 	"github.com/analyticsd/analyticsd/query"
 	"github.com/analyticsd/analyticsd/rollup"
 	"github.com/analyticsd/analyticsd/tenant"
@@ -26,7 +23,7 @@ var jwtSecret = []byte("0123456789abcdef0123456789abcdef-rollup-test")
 
 type server struct {
 	*fixture
-	app        *fiber.App
+	srv        *fx.Server
 	acme, glob uuid.UUID
 	keys       map[string]string // name → plaintext key
 	prefixes   map[string]string // name → key prefix
@@ -38,42 +35,34 @@ func newServer(t *testing.T) *server {
 	t.Helper()
 	s := &server{fixture: newFixture(t), keys: map[string]string{}, prefixes: map[string]string{}}
 	s.acme, s.glob = s.tenant(t, "acme"), s.tenant(t, "globex")
-	keys := auth.NewKeys(s.env.PG)
 	for name, spec := range map[string]struct {
 		tenant uuid.UUID
-		scopes []auth.Scope
+		scope  auth.Scope
 	}{
-		"acme-admin":  {s.acme, []auth.Scope{auth.ScopeAnalyticsAdmin}},
-		"acme-read":   {s.acme, []auth.Scope{auth.ScopeAnalyticsRead}},
-		"acme-write":  {s.acme, []auth.Scope{auth.ScopeEventsWrite}},
-		"globex-read": {s.glob, []auth.Scope{auth.ScopeAnalyticsRead}},
+		"acme-admin":  {s.acme, auth.ScopeAnalyticsAdmin},
+		"acme-read":   {s.acme, auth.ScopeAnalyticsRead},
+		"acme-write":  {s.acme, auth.ScopeEventsWrite},
+		"globex-read": {s.glob, auth.ScopeAnalyticsRead},
 	} {
-		plain, rec, err := keys.Create(ctxT(t), spec.tenant, name, spec.scopes)
-		if err != nil {
-			t.Fatal(err)
-		}
+		plain, rec := fx.Key(t, s.env.PG, spec.tenant, name, spec.scope)
 		s.keys[name], s.prefixes[name] = plain, rec.Prefix
 	}
-	authn := auth.NewAuthenticator(keys, tenant.NewStore(s.env.PG), auth.JWTConfig{Secret: jwtSecret})
-	s.app = api.NewApp(api.Config{}, nil)
-	group := s.app.Group("/api/analytics")
+	authn := auth.NewAuthenticator(auth.NewKeys(s.env.PG), tenant.NewStore(s.env.PG), auth.JWTConfig{Secret: jwtSecret})
+	app := api.NewApp(api.Config{}, nil)
+	group := app.Group("/api/analytics")
 	s.reconciler(nil, nil).Register(group, authn.Require(auth.ScopeAnalyticsAdmin))
 	store := query.NewStore(s.env.CH, s.env.DB, s.env.PG, 10*time.Second)
 	query.NewService(query.Config{}, store, audit.New(s.env.PG), nil, nil).Register(group, authn.Require(auth.ScopeAnalyticsRead))
+	s.srv = fx.Serve(t, app)
 	return s
 }
 
 func (s *server) jwt(t *testing.T, role string) string {
 	t.Helper()
-	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{
-		"sub": "user-" + role, "tenant": "acme", "role": role, "exp": time.Now().Add(time.Hour).Unix(),
-	}).SignedString(jwtSecret)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tok
+	return fx.JWT(t, jwtSecret, "user-"+role, "acme", role, time.Hour)
 }
 
+// response is fixture's response with the envelope decoded into its fields.
 type response struct {
 	status int
 	header http.Header
@@ -90,26 +79,15 @@ type response struct {
 
 func (s *server) do(t *testing.T, method, token, slug, path string) response {
 	t.Helper()
-	req := httptest.NewRequest(method, path, nil)
-	if token != "" {
-		req.Header.Set("Authorization", "Bearer "+token)
-	}
-	if slug != "" {
-		req.Header.Set("X-Tenant-Slug", slug)
-	}
-	res, err := s.app.Test(req, -1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer res.Body.Close()
-	raw, _ := io.ReadAll(res.Body)
-	r := response{status: res.StatusCode, header: res.Header, raw: string(raw)}
-	_ = json.Unmarshal(raw, &r.body)
+	res := s.srv.Do(t, fx.Request{Method: method, Path: path, Key: token, Slug: slug})
+	r := response{status: res.Status, header: res.Header, raw: res.Raw}
+	_ = json.Unmarshal([]byte(res.Raw), &r.body)
 	return r
 }
 
 // The endpoint's auth matrix; a run reconciles the caller's tenant only; bad dates are 400s.
 func TestRollupEndpoint(t *testing.T) {
+	t.Parallel()
 	s := newServer(t)
 	d := s.daysAgo(1)
 	s.events(t, repeat(3, s.acme, d.Add(time.Hour), "auth.user.login")...)
@@ -205,6 +183,7 @@ func TestRollupEndpoint(t *testing.T) {
 // After a rollup, GET /usage answers reconciled days from Postgres, and they equal ClickHouse's
 // counts. A tenant-scoped run reconciles that tenant's day only.
 func TestUsageServesReconciledDays(t *testing.T) {
+	t.Parallel()
 	s := newServer(t)
 	ctx := ctxT(t)
 	d1, d2 := s.daysAgo(1), s.daysAgo(2)
@@ -265,14 +244,16 @@ func TestUsageServesReconciledDays(t *testing.T) {
 // Every refusal of the rollup endpoint, byte for byte: clients parse the codes, show the messages
 // and wait the Retry-After seconds, so none of them may change by accident.
 func TestRollupErrorResponses(t *testing.T) {
+	t.Parallel()
 	s := newServer(t)
 	// The endpoint on a ClickHouse database that does not exist, on 2024-01-20.
 	now := func() time.Time { return time.Date(2024, 1, 20, 12, 0, 0, 0, time.UTC) }
-	broken := *s
-	broken.app = api.NewApp(api.Config{}, nil)
+	app := api.NewApp(api.Config{}, nil)
 	authn := auth.NewAuthenticator(auth.NewKeys(s.env.PG), tenant.NewStore(s.env.PG), auth.JWTConfig{Secret: jwtSecret})
 	rollup.NewReconciler(s.env.CH, "no_such_db", s.env.PG, audit.New(s.env.PG), nil, nil, 90, now).
-		Register(broken.app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsAdmin))
+		Register(app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsAdmin))
+	broken := *s
+	broken.srv = fx.Serve(t, app)
 	bad := func(msg string) string {
 		return `{"error":{"code":"invalid_parameter","message":"` + msg + `"},"success":false}`
 	}

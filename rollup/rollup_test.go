@@ -17,6 +17,7 @@ import (
 // After ingest, Postgres equals the raw counts per (tenant, date, metric), increments included; tenants
 // Postgres does not know are skipped; stale rows go; a second run changes no row.
 func TestRunDateMatchesRawAndIsIdempotent(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t)
 	ctx := ctxT(t)
 	a, b, ghost := f.tenant(t, "acme"), f.tenant(t, "globex"), uuid.New()
@@ -118,6 +119,7 @@ func TestRunDateMatchesRawAndIsIdempotent(t *testing.T) {
 // A corrupted aggregate (extra rows, a lost block, a metric with no raw data at all) is detected,
 // repaired in ClickHouse, and Postgres gets the raw-true counts with the repair recorded.
 func TestCorruptedAggregateIsRepaired(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t)
 	ctx := ctxT(t)
 	a := f.tenant(t, "acme")
@@ -186,6 +188,7 @@ func TestCorruptedAggregateIsRepaired(t *testing.T) {
 
 // Outside retention the raw data is gone; the aggregate is the truth and is not "repaired" to zero.
 func TestDayOutsideRetentionUsesAggregate(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t)
 	a := f.tenant(t, "acme")
 	old := f.daysAgo(120)
@@ -207,6 +210,7 @@ func TestDayOutsideRetentionUsesAggregate(t *testing.T) {
 
 // A failed run is recorded as failed (rollup_runs, audit, metric) and publishes nothing.
 func TestFailedRunIsRecorded(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t)
 	ctx := ctxT(t)
 	a := f.tenant(t, "acme")
@@ -237,6 +241,7 @@ func TestFailedRunIsRecorded(t *testing.T) {
 // the new one but their raw data is gone: the retention floor keeps the rollup from "repairing"
 // their aggregate to what is left.
 func TestDayBeforeTheRetentionFloorIsNotRepaired(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t)
 	a := f.tenant(t, "acme")
 	dropped := f.daysAgo(40) // inside the 90-day window, before the floor

@@ -1,6 +1,7 @@
 package rollup_test
 
 import (
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -9,12 +10,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/internal/testenv"
 	"github.com/analyticsd/analyticsd/rollup"
 )
 
 // A late event for D-2, written after the run that reconciled D-2, is picked up by the next day's run
 // (its look-back covers D-2 again); a second run of the same slot does nothing.
 func TestSchedulerPicksUpLateEvents(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t)
 	ctx := ctxT(t)
 	a := f.tenant(t, "acme")
@@ -67,6 +70,7 @@ func TestSchedulerPicksUpLateEvents(t *testing.T) {
 // Two instances started together: one takes the lock and reconciles, the other skips or finds every
 // date done for the slot. Each date has exactly one run.
 func TestTwoSchedulersReconcileOnce(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t)
 	a := f.tenant(t, "acme")
 	for n := 1; n <= 3; n++ {
@@ -87,14 +91,13 @@ func TestTwoSchedulersReconcileOnce(t *testing.T) {
 		go func() { defer wg.Done(); s.Start(ctxT(t)) }()
 	}
 	wg.Wait()
-	deadline := time.Now().Add(20 * time.Second)
 	for _, s := range scheds {
-		for s.Status().LastStatus == "never" {
-			if time.Now().After(deadline) {
-				t.Fatalf("scheduler did not run: %+v", s.Status())
+		testenv.Eventually(t, 20*time.Second, func() error {
+			if st := s.Status(); st.LastStatus == "never" {
+				return fmt.Errorf("scheduler did not run: %+v", st)
 			}
-			time.Sleep(10 * time.Millisecond)
-		}
+			return nil
+		})
 	}
 	for _, s := range scheds {
 		s.Stop()
@@ -120,6 +123,7 @@ func TestTwoSchedulersReconcileOnce(t *testing.T) {
 // Events and increments at 100, 91, 90 and 89 days old: the sweeper (at start-up) drops the 100- and
 // 91-day partitions and keeps the rest; daily_usage keeps every day.
 func TestSweeperDropsExpiredPartitions(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t)
 	ctx := ctxT(t)
 	if f.env.Schema.Features.TTL {
@@ -139,13 +143,12 @@ func TestSweeperDropsExpiredPartitions(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	s := rollup.NewSweeper(f.env.CH, f.env.DB, f.env.PG, audit.New(f.env.PG), reg, nil, 90, nil)
 	s.Start(ctx)
-	deadline := time.Now().Add(20 * time.Second)
-	for s.Status().LastStatus == "never" {
-		if time.Now().After(deadline) {
-			t.Fatal("sweeper did not run at start-up")
+	testenv.Eventually(t, 20*time.Second, func() error {
+		if st := s.Status(); st.LastStatus == "never" {
+			return fmt.Errorf("sweeper did not run at start-up: %+v", st)
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return nil
+	})
 	s.Stop()
 	if st := s.Status(); st.LastStatus != "ok" || st.NextRun == nil || !st.NextRun.Equal(f.today.Add(24*time.Hour+5*time.Minute)) {
 		t.Errorf("status: got %+v, want ok, next run tomorrow 00:05", st)
@@ -184,6 +187,7 @@ func TestSweeperDropsExpiredPartitions(t *testing.T) {
 // the next slot, while billed days that did not change, and a tenant Postgres does not know, cause no
 // extra run.
 func TestSchedulerReconcilesBilledDaysThatChanged(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t)
 	ctx := ctxT(t)
 	a := f.tenant(t, "acme")
@@ -236,6 +240,7 @@ func TestSchedulerReconcilesBilledDaysThatChanged(t *testing.T) {
 // drift pass leaves to the next night — are billed again within ROLLUP_DRIFT_INTERVAL, not at the
 // next 00:10 (the code before waited for the next slot: /usage showed the stale billed count all day).
 func TestLateEventsForBilledDatesAreBilledWithinTheDriftInterval(t *testing.T) {
+	t.Parallel()
 	f := newFixture(t)
 	ctx := ctxT(t)
 	a := f.tenant(t, "acme")
@@ -255,13 +260,12 @@ func TestLateEventsForBilledDatesAreBilledWithinTheDriftInterval(t *testing.T) {
 	f.events(t, repeat(3, a, f.daysAgo(1).Add(20*time.Hour), "auth.user.login")...) // late
 	s.Start(ctx)
 	defer s.Stop()
-	deadline := time.Now().Add(10 * time.Second)
-	for f.postgres(t, f.daysAgo(1))[k(a, "auth.user.login")] != 5 {
-		if time.Now().After(deadline) {
-			t.Fatalf("D-1 still billed %d ten seconds after the late events, want 5", f.postgres(t, f.daysAgo(1))[k(a, "auth.user.login")])
+	testenv.Eventually(t, 10*time.Second, func() error {
+		if got := f.postgres(t, f.daysAgo(1))[k(a, "auth.user.login")]; got != 5 {
+			return fmt.Errorf("D-1 still billed %d after the late events, want 5", got)
 		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return nil
+	})
 	if n := f.count(t, "SELECT count(*) FROM rollup_runs WHERE status = 'ok' AND trigger = 'drift' AND date = $1::date", f.daysAgo(1).Format("2006-01-02")); n != 1 {
 		t.Errorf("%d drift runs for D-1, want 1 (nothing changed after it)", n)
 	}

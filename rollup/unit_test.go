@@ -12,6 +12,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/analyticsd/analyticsd/internal/testenv"
 	"github.com/analyticsd/analyticsd/schema"
 )
 
@@ -144,13 +145,12 @@ func TestDailyRetriesWithBackoff(t *testing.T) {
 	}
 	d = newDaily("test", 10*time.Minute, 20*time.Millisecond, 50*time.Millisecond, time.Now, slog.New(slog.DiscardHandler), job)
 	d.start(context.Background())
-	deadline := time.Now().Add(10 * time.Second)
-	for d.Status().LastStatus != "ok" {
-		if time.Now().After(deadline) {
-			t.Fatalf("job never succeeded: %+v", d.Status())
+	testenv.Eventually(t, 10*time.Second, func() error {
+		if st := d.Status(); st.LastStatus != "ok" {
+			return fmt.Errorf("job never succeeded: %+v", st)
 		}
-		time.Sleep(5 * time.Millisecond)
-	}
+		return nil
+	})
 	d.stop()
 	mu.Lock()
 	defer mu.Unlock()
@@ -207,13 +207,12 @@ func TestDailyLooksAgainAfterSkipping(t *testing.T) {
 	}
 	d := newDaily("test", 10*time.Minute, time.Millisecond, 30*time.Millisecond, time.Now, slog.New(slog.DiscardHandler), job)
 	d.start(context.Background())
-	deadline := time.Now().Add(10 * time.Second)
-	for d.Status().LastStatus != "ok" {
-		if time.Now().After(deadline) {
-			t.Fatalf("job never ran again: %+v", d.Status())
+	testenv.Eventually(t, 10*time.Second, func() error {
+		if st := d.Status(); st.LastStatus != "ok" {
+			return fmt.Errorf("job never ran again: %+v", st)
 		}
-		time.Sleep(5 * time.Millisecond)
-	}
+		return nil
+	})
 	d.stop()
 	mu.Lock()
 	defer mu.Unlock()
