@@ -150,7 +150,7 @@ func (s *Store) Events(ctx context.Context, f EventFilter) (Page, error) {
 		page.Events = page.Events[:f.Limit]
 		page.HasMore = true
 		last := page.Events[f.Limit-1]
-		c := Cursor{Ts: last.ts, ID: last.id}.Encode()
+		c := Cursor{Ts: last.ts, ID: last.id, From: f.Range.From}.Encode()
 		page.NextCursor = &c
 	}
 	return page, nil

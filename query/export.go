@@ -69,7 +69,7 @@ func (s *Store) PlanExport(ctx context.Context, f EventFilter, max int) (*Export
 		if err := s.ch.QueryRow(ctx, fmt.Sprintf("SELECT ts, id FROM %s.events WHERE %s ORDER BY ts DESC, id DESC LIMIT %d, 1", s.db, where, max-1), args...).Scan(&ts, &id); err != nil {
 			return nil, fmt.Errorf("find the export page's boundary: %w", err)
 		}
-		exp.Truncated, exp.Next = true, Cursor{Ts: ts.UTC(), ID: id}
+		exp.Truncated, exp.Next = true, Cursor{Ts: ts.UTC(), ID: id, From: f.Range.From}
 		where += " AND (ts > ? OR (ts = ? AND id >= toUUID(?)))"
 		args = append(args, ts, ts, id.String())
 	}

@@ -3,11 +3,14 @@ package query
 import (
 	"testing"
 	"time"
+
+	"github.com/google/uuid"
 )
 
 // FuzzParseCursor: any string either parses to a cursor that round-trips, or is refused — never a panic.
 func FuzzParseCursor(f *testing.F) {
 	for _, s := range []string{"", "2024-01-15T09:30:00Z", "2024-01-15T09:30:00.5+02:00", Cursor{Ts: time.Unix(1705314600, 0)}.Encode(),
+		Cursor{Ts: time.Unix(1705314600, 0), ID: uuid.MustParse("5f0c6d1e-8a1b-4c7e-9d2f-3a4b5c6d7e8f"), From: time.Unix(1702722600, 0)}.Encode(),
 		"MTcwNTMxNDYwMDo1ZjBjNmQxZS04YTFiLTRjN2UtOWQyZi0zYTRiNWM2ZDdlOGY", "' OR 1=1 --", "\x00", "LTE6eA"} {
 		f.Add(s)
 	}
@@ -17,7 +20,7 @@ func FuzzParseCursor(f *testing.F) {
 			return
 		}
 		back, err := ParseCursor(c.Encode())
-		if err != nil || !back.Ts.Equal(c.Ts) || back.ID != c.ID {
+		if err != nil || !back.Ts.Equal(c.Ts) || back.ID != c.ID || !back.From.Equal(c.From) {
 			t.Fatalf("cursor %q → %+v does not round-trip: %+v, %v", s, c, back, err)
 		}
 	})

@@ -131,6 +131,7 @@ func (s *Service) getEvents(c *fiber.Ctx) error {
 	if f.Cursor, err = ParseCursor(c.Query("cursor")); err != nil {
 		return err
 	}
+	f.Cursor.PinFrom(&f.Range, c.Query("from"))
 	page, err := s.store.Events(c.UserContext(), f)
 	if err != nil {
 		return err
@@ -269,6 +270,7 @@ func (s *Service) getExport(ext string) fiber.Handler {
 		if f.Cursor, err = ParseCursor(c.Query("cursor")); err != nil {
 			return err
 		}
+		f.Cursor.PinFrom(&f.Range, c.Query("from"))
 		bom := false
 		switch c.Query("bom") {
 		case "", "false", "0":

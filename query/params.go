@@ -96,11 +96,19 @@ func parseBound(name, v string, end bool) (time.Time, error) {
 type Cursor struct {
 	Ts time.Time
 	ID uuid.UUID // uuid.Nil for a bare time
+	// From is the lower bound of the range the first page was read with (zero: not carried). A
+	// request that names no from of its own pages on with it: the default range ("the last 30 days")
+	// recomputed after midnight would skip the oldest day's events.
+	From time.Time
 }
 
 // Encode returns the opaque form handed out as next_cursor.
 func (c Cursor) Encode() string {
-	return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(c.Ts.Unix(), 10) + ":" + c.ID.String()))
+	s := strconv.FormatInt(c.Ts.Unix(), 10) + ":" + c.ID.String()
+	if !c.From.IsZero() {
+		s += ":" + strconv.FormatInt(c.From.Unix(), 10)
+	}
+	return base64.RawURLEncoding.EncodeToString([]byte(s))
 }
 
 // ParseCursor reads an opaque cursor or an RFC3339 time.
@@ -124,19 +132,40 @@ func ParseCursor(s string) (Cursor, error) {
 	if err != nil || len(raw) > 64 {
 		return Cursor{}, ErrBadCursor
 	}
-	secs, id, ok := strings.Cut(string(raw), ":")
+	parts := strings.Split(string(raw), ":")
+	if len(parts) != 2 && len(parts) != 3 {
+		return Cursor{}, ErrBadCursor
+	}
+	n, ok := unixSeconds(parts[0])
 	if !ok {
 		return Cursor{}, ErrBadCursor
 	}
-	n, err := strconv.ParseInt(secs, 10, 64)
-	if err != nil || n < 0 || n > 4_294_967_295 {
+	u, err := uuid.Parse(parts[1])
+	if err != nil || len(parts[1]) != 36 {
 		return Cursor{}, ErrBadCursor
 	}
-	u, err := uuid.Parse(id)
-	if err != nil || len(id) != 36 {
-		return Cursor{}, ErrBadCursor
+	c := Cursor{Ts: time.Unix(n, 0).UTC(), ID: u}
+	if len(parts) == 3 {
+		from, ok := unixSeconds(parts[2])
+		if !ok {
+			return Cursor{}, ErrBadCursor
+		}
+		c.From = time.Unix(from, 0).UTC()
 	}
-	return Cursor{Ts: time.Unix(n, 0).UTC(), ID: u}, nil
+	return c, nil
+}
+
+// unixSeconds reads a cursor's time: whole seconds from 1970 to 2106 (ClickHouse's DateTime).
+func unixSeconds(s string) (int64, bool) {
+	n, err := strconv.ParseInt(s, 10, 64)
+	return n, err == nil && n >= 0 && n <= 4_294_967_295
+}
+
+// PinFrom applies a cursor's carried range start to a request that named no from of its own.
+func (c Cursor) PinFrom(r *Range, requestFrom string) {
+	if requestFrom == "" && !c.From.IsZero() && c.From.Before(r.To) && r.To.Sub(c.From) <= MaxRangeDays*24*time.Hour {
+		r.From = c.From
+	}
 }
 
 // IsZero reports an absent cursor (first page).

@@ -128,3 +128,37 @@ func BenchmarkExportEncode(b *testing.B) {
 		})
 	}
 }
+
+// A cursor carries the range its first page was read with: past midnight UTC the default range
+// ("the last 30 days") moves on a day, and a client paging with next_cursor alone would never see
+// the oldest day's events. An explicit from wins; a carried from cannot widen past MaxRangeDays.
+func TestCursorPinsTheDefaultRange(t *testing.T) {
+	before := time.Date(2026, 11, 29, 23, 59, 30, 0, time.UTC)
+	r1, err := ParseRange("", "", before)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := ParseCursor(Cursor{Ts: before.Add(-time.Hour), ID: uuid.New(), From: r1.From}.Encode())
+	if err != nil || !c.From.Equal(r1.From) {
+		t.Fatalf("cursor from %v (%v), want %v", c.From, err, r1.From)
+	}
+	r2, _ := ParseRange("", "", before.Add(time.Minute)) // after midnight
+	if r2.From.Equal(r1.From) {
+		t.Fatal("the default range did not move at midnight; the test proves nothing")
+	}
+	c.PinFrom(&r2, "")
+	if !r2.From.Equal(r1.From) {
+		t.Errorf("page 2's range starts %v, want the first page's %v", r2.From, r1.From)
+	}
+	r3, _ := ParseRange("2026-11-20", "", before.Add(time.Minute))
+	c.PinFrom(&r3, "2026-11-20")
+	if !r3.From.Equal(time.Date(2026, 11, 20, 0, 0, 0, 0, time.UTC)) {
+		t.Errorf("an explicit from was overridden: %v", r3.From)
+	}
+	old := Cursor{From: time.Unix(0, 0)}
+	r4, _ := ParseRange("", "", before)
+	old.PinFrom(&r4, "")
+	if !r4.From.Equal(r1.From) {
+		t.Errorf("a carried from of 1970 widened the range to %v", r4.From)
+	}
+}
