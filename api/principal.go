@@ -25,14 +25,10 @@ func PrincipalOf(c *fiber.Ctx) (Principal, bool) {
 	return p, ok
 }
 
-// Meter is a request's rate-limit check left to its handler, which takes the token inside its own
-// Redis script and so saves a round trip (auth's RequireDeferred sets it; quota consume uses it).
+// Meter is a request's rate-limit token left to its handler, whose own Redis script takes it in the
+// same round trip (ratelimit.Limiter.Defer sets it; ratelimit.MeterOf is the handler's side). It
+// is carried here so that a middleware answering without the handler needs no rate-limit code.
 type Meter interface {
-	// Bucket is what the script passes to ratelimit's take(): the key, the rate and the burst.
-	Bucket() (key string, rate float64, burst int)
-	// Apply reports take()'s outcome: it sets the rate-limit headers and, when the token was
-	// refused, returns the 429 to answer with.
-	Apply(c *fiber.Ctx, allowed bool, milliTokens int64) error
 	// TakeNow takes the token the usual way, for a request answered without the handler (an
 	// Idempotency-Key replay): it returns the 429 when refused.
 	TakeNow(c *fiber.Ctx) error
@@ -40,11 +36,11 @@ type Meter interface {
 
 const meterKey = "analyticsd.meter"
 
-// SetMeter leaves the request's rate-limit check to its handler.
+// SetMeter leaves the request's rate-limit token to its handler.
 func SetMeter(c *fiber.Ctx, m Meter) { c.Locals(meterKey, m) }
 
-// MeterOf returns the check the handler must make; nil when the request was metered already or
-// rate limits are off.
+// MeterOf returns the request's meter; nil when the request was metered already or rate limits
+// are off.
 func MeterOf(c *fiber.Ctx) Meter {
 	m, _ := c.Locals(meterKey).(Meter)
 	return m

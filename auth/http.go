@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -18,7 +17,6 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/api"
-	"github.com/analyticsd/analyticsd/ratelimit"
 	"github.com/analyticsd/analyticsd/tenant"
 )
 
@@ -44,11 +42,6 @@ type Authenticator struct {
 	StaleFor time.Duration
 	now      func() time.Time
 	jwt      *jwtVerifier
-	// Limiter, when set, meters every authenticated request per credential; OnLimited is told
-	// (at most once a minute per credential) when one is refused.
-	Limiter   *ratelimit.Limiter
-	OnLimited func(p api.Principal)
-	limitedAt map[string]time.Time
 
 	mu     sync.Mutex
 	cache  map[[32]byte]cached
@@ -90,8 +83,7 @@ type cached struct {
 // when jwtCfg enables them.
 func NewAuthenticator(keys *Keys, tenants TenantFinder, jwtCfg JWTConfig) *Authenticator {
 	a := &Authenticator{Keys: keys, Tenants: tenants, FreshFor: 5 * time.Second, StaleFor: time.Hour, now: time.Now,
-		cache: map[[32]byte]cached{}, bySlug: map[string]cachedTenant{}, limitedAt: map[string]time.Time{},
-		uses: map[uuid.UUID]*keyUse{}}
+		cache: map[[32]byte]cached{}, bySlug: map[string]cachedTenant{}, uses: map[uuid.UUID]*keyUse{}}
 	if jwtCfg.Enabled() {
 		a.jwt = newJWTVerifier(jwtCfg)
 	}
@@ -258,17 +250,16 @@ func bearer(h string) (string, bool) {
 
 // Require returns middleware admitting requests whose credential carries scope and, when the
 // X-Tenant-Slug header is sent, belongs to that tenant. An API key needs the scope itself; a JWT's
-// role must grant it (owner/admin: all analytics scopes; member/viewer: none).
-func (a *Authenticator) Require(scope Scope) fiber.Handler { return a.require(scope, false) }
-
-// RequireDeferred is Require for a handler that takes the request's rate-limit token inside its own
-// Redis script (one round trip instead of two): the request is authenticated and authorised here, and
-// the handler finds the check it must make in api.MeterOf and reports its outcome with Apply. A
-// request that fails before the handler applied a token is metered here afterwards, so an error can
-// still become a 429 — never a success, which the handler may already have acted on.
-func (a *Authenticator) RequireDeferred(scope Scope) fiber.Handler { return a.require(scope, true) }
-
-func (a *Authenticator) require(scope Scope, deferred bool) fiber.Handler {
+// role must grant it (owner/admin: all analytics scopes; member/viewer: none). It attaches the
+// request's api.Principal and passes the request on to then when given — the middleware that
+// follows authentication within the one handler a route's Register takes (the rate limit:
+// ratelimit.Limiter.Limit or Defer, which call c.Next themselves) — or else to the route's next
+// handler. It authenticates and authorises; it limits nothing.
+func (a *Authenticator) Require(scope Scope, then ...fiber.Handler) fiber.Handler {
+	next := (*fiber.Ctx).Next
+	if len(then) > 0 {
+		next = then[0]
+	}
 	return func(c *fiber.Ctx) error {
 		token, ok := bearer(c.Get(fiber.HeaderAuthorization))
 		if !ok {
@@ -295,84 +286,8 @@ func (a *Authenticator) require(scope Scope, deferred bool) fiber.Handler {
 			return api.Forbidden("forbidden", "API key lacks the "+string(scope)+" scope")
 		}
 		api.SetPrincipal(c, p)
-		switch {
-		case !a.Limiter.Enabled():
-			return c.Next()
-		case deferred:
-			m := &deferredMeter{a: a, p: p}
-			api.SetMeter(c, m)
-			err := c.Next()
-			if err != nil && !m.applied {
-				// The handler stopped before its script took the token (a bad request, Redis
-				// unreachable): meter the request the usual way, so those are rate-limited too.
-				if lerr := a.meter(c, p); lerr != nil {
-					return lerr
-				}
-			}
-			return err
-		}
-		if err := a.meter(c, p); err != nil {
-			return err
-		}
-		return c.Next()
+		return next(c)
 	}
-}
-
-// meter applies the per-credential rate limit. Redis being unreachable lets the request through:
-// analytics must not fail because its rate limiter did.
-func (a *Authenticator) meter(c *fiber.Ctx, p api.Principal) error {
-	d, err := a.Limiter.Allow(c.UserContext(), p.TenantID.String(), p.Actor)
-	if err != nil {
-		return nil
-	}
-	return a.limit(c, p, d)
-}
-
-// limit sets the rate-limit headers of a decision and, when it refuses, returns the 429 (telling
-// OnLimited at most once a minute per credential).
-func (a *Authenticator) limit(c *fiber.Ctx, p api.Principal, d ratelimit.Decision) error {
-	c.Set("X-RateLimit-Limit", strconv.Itoa(d.Limit))
-	c.Set("X-RateLimit-Remaining", strconv.Itoa(d.Remaining))
-	c.Set("X-RateLimit-Reset", strconv.Itoa(int(math.Ceil(d.Reset.Seconds()))))
-	if d.Allowed {
-		return nil
-	}
-	a.mu.Lock()
-	notify := a.OnLimited != nil && a.now().Sub(a.limitedAt[p.Actor]) >= time.Minute
-	if notify {
-		if len(a.limitedAt) >= maxCached {
-			clear(a.limitedAt)
-		}
-		a.limitedAt[p.Actor] = a.now()
-	}
-	a.mu.Unlock()
-	if notify {
-		go a.OnLimited(p)
-	}
-	return api.TooMany("rate_limited", "too many requests for this credential; slow down and retry after the Retry-After seconds",
-		max(1, int(math.Ceil(d.Retry.Seconds()))))
-}
-
-// deferredMeter is RequireDeferred's api.Meter: the handler's script takes the token.
-type deferredMeter struct {
-	a       *Authenticator
-	p       api.Principal
-	applied bool
-}
-
-func (m *deferredMeter) Bucket() (string, float64, int) {
-	l := m.a.Limiter
-	return l.Key(m.p.TenantID.String(), m.p.Actor), l.Rate(), l.Burst()
-}
-
-func (m *deferredMeter) Apply(c *fiber.Ctx, allowed bool, milliTokens int64) error {
-	m.applied = true
-	return m.a.limit(c, m.p, m.a.Limiter.Decide(allowed, milliTokens))
-}
-
-func (m *deferredMeter) TakeNow(c *fiber.Ctx) error {
-	m.applied = true
-	return m.a.meter(c, m.p)
 }
 
 // registryDown is the 503 for a credential that cannot be checked: the keys or tenants did not answer.

@@ -37,8 +37,8 @@ func TestErrorResponses(t *testing.T) {
 	}
 	// One token per 100 s, burst 1: the second request is refused for 100 s.
 	limited := auth.NewAuthenticator(keys, f.reg, auth.JWTConfig{})
-	limited.Limiter = ratelimit.New(ratelimit.Config{Rate: 0.01, Burst: 1}, f.env.Redis, f.env.Prefix)
-	f.app.Get("/limited", limited.Require(auth.ScopeAnalyticsRead), func(c *fiber.Ctx) error { return c.SendString("ok") })
+	limiter := ratelimit.New(ratelimit.Config{Rate: 0.01, Burst: 1}, f.env.Redis, f.env.Prefix)
+	f.app.Get("/limited", limited.Require(auth.ScopeAnalyticsRead, limiter.Limit), func(c *fiber.Ctx) error { return c.SendString("ok") })
 
 	member, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"sub": "u1", "tenant": "acme", "role": "member",
 		"exp": time.Now().Add(time.Hour).Unix()}).SignedString(f.secret)

@@ -278,49 +278,30 @@ func (c *Counters) Read(ctx context.Context, tenant uuid.UUID, d time.Time, metr
 	return out, at, nil
 }
 
-// consumeScript is the atomic check-and-increment.
+// consumeScript is the atomic check-and-increment; ratelimit composes it with the taking of the
+// request's rate-limit token (its meter), so a metered consume is still one round trip.
 //
-//	KEYS: counter, live, base, reconciled, rate-limit bucket (the counter again when there is
-//	      none), idempotency marker (the counter again when there is none)
-//	ARGV: n, limit, ttl, gated (1/0), rate, burst, marked (1/0), marker ttl, minute
+//	KEYS: counter, live, base, reconciled, idempotency marker (the counter again when there is none)
+//	ARGV: n, limit, ttl, marked (1/0), marker ttl, minute
 //
-// With a bucket it first takes the request's rate-limit token (ratelimit's take()) and stops at -2
-// when refused. With a marker — a consume sent with an Idempotency-Key — a marker already set means
-// this consume was allowed before: 2 with the value it left, and nothing spent again; an allowed
-// consume sets the marker in the same step as the spend, so a retry after a crash can never spend
-// twice. Then: -1 when the day was never reconciled (Redis lost it), 0 with the current value when n
-// more would pass the limit, 1 with the new value when allowed (counted live in its minute). The
-// last two elements are take()'s outcome.
-var consumeScript = redis.NewScript(ratelimit.TakeLua + CountLua + `
-local taken, left = 1, 0
+// With a marker — a consume sent with an Idempotency-Key — a marker already set means this consume
+// was allowed before: 2 with the value it left, and nothing spent again; an allowed consume sets the
+// marker in the same step as the spend, so a retry after a crash can never spend twice. Then: -1
+// when the day was never reconciled (Redis lost it), 0 with the current value when n more would pass
+// the limit, 1 with the new value when allowed (counted live in its minute).
+var consumeScript = ratelimit.NewScript(CountLua + `
 if ARGV[4] == '1' then
-  taken, left = take(KEYS[5], tonumber(ARGV[5]), tonumber(ARGV[6]))
-  if taken == 0 then return {-2, 0, taken, left} end
+  local prev = redis.call('GET', KEYS[5])
+  if prev then return {2, tonumber(prev)} end
 end
-if ARGV[7] == '1' then
-  local prev = redis.call('GET', KEYS[6])
-  if prev then return {2, tonumber(prev), taken, left} end
-end
-if redis.call('EXISTS', KEYS[4]) == 0 then return {-1, 0, taken, left} end
+if redis.call('EXISTS', KEYS[4]) == 0 then return {-1, 0} end
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local n = tonumber(ARGV[1])
-if cur + n > tonumber(ARGV[2]) then return {0, cur, taken, left} end
-local _, v = count(KEYS[1], KEYS[2], KEYS[3], ARGV[9], n, ARGV[3])
-if ARGV[7] == '1' then redis.call('SET', KEYS[6], v, 'EX', ARGV[8]) end
-return {1, v, taken, left}
+if cur + n > tonumber(ARGV[2]) then return {0, cur} end
+local _, v = count(KEYS[1], KEYS[2], KEYS[3], ARGV[6], n, ARGV[3])
+if ARGV[4] == '1' then redis.call('SET', KEYS[5], v, 'EX', ARGV[5]) end
+return {1, v}
 `)
-
-// Gate is a rate-limit bucket (see api.Meter) that a consume takes the request's token from in the
-// same script, saving the separate round trip. Ran reports that the script took it; Allowed and
-// MilliTokens are then take()'s outcome. A refused token consumes nothing.
-type Gate struct {
-	Key         string
-	Rate        float64
-	Burst       int
-	Ran         bool
-	Allowed     bool
-	MilliTokens int64
-}
 
 // Marker is the once-only record of an idempotent consume: its key, and how long it is kept.
 type Marker struct {
@@ -337,34 +318,28 @@ type ConsumeOutcome struct {
 }
 
 // Consume adds n to the counter of the day of `at` — counted live in at's minute, the received time
-// its increment is stored with — only if the result stays within limit. With a gate, it first takes
-// the rate-limit token; when that is refused (gate.Allowed false) nothing else happens. With a
-// marker, a consume already allowed under it is reported as Replayed instead of spending again.
-func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string, at time.Time, n, limit int64, gate *Gate, marker *Marker) (ConsumeOutcome, error) {
+// its increment is stored with — only if the result stays within limit. With a meter not yet taken,
+// the same script first takes the request's rate-limit token; when that is refused (m.Refused)
+// nothing else happens. With a marker, a consume already allowed under it is reported as Replayed
+// instead of spending again.
+func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string, at time.Time, n, limit int64, m *ratelimit.Meter, marker *Marker) (ConsumeOutcome, error) {
 	keys := append(c.counterKeys(tenant, metric, at), c.reconciledKey(tenant, at))
-	keys = append(keys, keys[0], keys[0]) // gate and marker slots: the counter again when unused
-	args := []any{n, limit, int(CounterTTL.Seconds()), 0, 0, 0, 0, 0, minute(at)}
-	if gate != nil {
-		keys[4] = gate.Key
-		args[3], args[4], args[5] = 1, gate.Rate, gate.Burst
-	}
+	keys = append(keys, keys[0]) // the marker's slot: the counter again when unused
+	args := []any{n, limit, int(CounterTTL.Seconds()), 0, 0, minute(at)}
 	if marker != nil {
-		keys[5] = marker.Key
-		args[6], args[7] = 1, max(int(marker.TTL.Seconds()), 1)
+		keys[4] = marker.Key
+		args[3], args[4] = 1, max(int(marker.TTL.Seconds()), 1)
 	}
-	res, err := consumeScript.Run(ctx, c.rdb, keys, args...).Int64Slice()
+	res, err := consumeScript.Run(ctx, c.rdb, m, keys, args...)
 	if err != nil {
 		return ConsumeOutcome{}, fmt.Errorf("consume %s for tenant %s: %w", metric, tenant, err)
 	}
-	if gate != nil {
-		gate.Ran, gate.Allowed, gate.MilliTokens = true, res[2] == 1, res[3]
-	}
-	switch res[0] {
-	case -2:
+	switch {
+	case m.Refused():
 		return ConsumeOutcome{Reconciled: true}, nil
-	case -1:
+	case res[0] == -1:
 		return ConsumeOutcome{}, nil
-	case 2:
+	case res[0] == 2:
 		return ConsumeOutcome{Allowed: true, Reconciled: true, Replayed: true, Value: res[1]}, nil
 	}
 	return ConsumeOutcome{Allowed: res[0] == 1, Reconciled: true, Value: res[1]}, nil

@@ -7,11 +7,12 @@ import (
 	"github.com/gofiber/fiber/v2"
 
 	"github.com/analyticsd/analyticsd/api"
+	"github.com/analyticsd/analyticsd/ratelimit"
 )
 
 // Register mounts GET /quotas, GET /quotas/:metric (read) and POST /quotas/:metric/consume (write,
-// which may leave the rate-limit check to the consume script: see api.Meter), each consume behind
-// writeMW (e.g. the Idempotency-Key middleware) after write.
+// which may leave the request's rate-limit token to the consume script: ratelimit.Limiter.Defer),
+// each consume behind writeMW (e.g. the Idempotency-Key middleware) after write.
 func (s *Service) Register(r fiber.Router, read, write fiber.Handler, writeMW ...fiber.Handler) {
 	r.Get("/quotas", read, s.getAll)
 	r.Get("/quotas/:metric", read, s.getOne)
@@ -47,20 +48,13 @@ func (s *Service) postConsume(c *fiber.Ctx) error {
 			return api.BadRequest("invalid_parameter", "n must be a whole number from 1 to 1000000000 (default 1)")
 		}
 	}
-	// The rate-limit token, when the route left it to us (auth.RequireDeferred), is taken by the
+	// The request's meter, when the route left it to us (ratelimit.Limiter.Defer), is taken by the
 	// consume script itself: one Redis round trip instead of two.
-	m := api.MeterOf(c)
-	var gate *Gate
-	if m != nil {
-		gate = &Gate{}
-		gate.Key, gate.Rate, gate.Burst = m.Bucket()
-	}
+	m := ratelimit.MeterOf(c)
 	key := c.Get("Idempotency-Key")
-	res, err := s.ConsumeWith(c.UserContext(), p.TenantID, metric, n, ConsumeOptions{Gate: gate, IdempotencyKey: key})
-	if gate != nil && gate.Ran {
-		if err := m.Apply(c, gate.Allowed, gate.MilliTokens); err != nil {
-			return err
-		}
+	res, err := s.ConsumeWith(c.UserContext(), p.TenantID, metric, n, ConsumeOptions{Meter: m, IdempotencyKey: key})
+	if err := m.Apply(c); err != nil {
+		return err
 	}
 	switch {
 	case err != nil:

@@ -695,7 +695,7 @@ func TestSkewedInstanceClocksCountOnce(t *testing.T) {
 	}
 }
 
-// With the route's rate limit left to it (auth.RequireDeferred), consume takes the request's token in
+// With the route's rate limit left to it (ratelimit.Limiter.Defer), consume takes the request's token in
 // its own script: the same bucket the middleware meters other routes from, one token per request even
 // when the first consume of a day has to seed the counters and run again, and a refused token
 // consumes nothing.
@@ -704,9 +704,9 @@ func TestConsumeTakesTheRateLimitTokenInItsScript(t *testing.T) {
 	s := h.service(t, Config{Enabled: true}, map[string]float64{"builds_daily": 100}, nil)
 	app := api.NewApp(api.Config{}, nil)
 	authn := auth.NewAuthenticator(auth.NewKeys(h.env.PG), h.tenants, auth.JWTConfig{})
-	authn.Limiter = ratelimit.New(ratelimit.Config{Rate: 0.01, Burst: 3}, h.env.Redis, h.env.Prefix)
+	rl := ratelimit.New(ratelimit.Config{Rate: 0.01, Burst: 3}, h.env.Redis, h.env.Prefix)
 	g := app.Group("/api/analytics")
-	s.Register(g, authn.Require(auth.ScopeEventsWrite), authn.RequireDeferred(auth.ScopeEventsWrite))
+	s.Register(g, authn.Require(auth.ScopeEventsWrite, rl.Limit), authn.Require(auth.ScopeEventsWrite, rl.Defer))
 
 	var codes []string
 	for i := 0; i < 5; i++ {

@@ -18,6 +18,7 @@ import (
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/internal/labels"
+	"github.com/analyticsd/analyticsd/ratelimit"
 )
 
 // Config shapes quota behaviour.
@@ -334,10 +335,10 @@ func (s *Service) Consume(ctx context.Context, tenant uuid.UUID, metric string, 
 
 // ConsumeOptions are a consume request's extras.
 type ConsumeOptions struct {
-	// Gate, when set, is the rate-limit bucket the request's token is taken from in the same Redis
-	// script. When it ran and refused, nothing was consumed and the result is meaningless: the
-	// caller answers from the gate.
-	Gate *Gate
+	// Meter, when set, is the request's rate-limit token, taken in the consume's own Redis script.
+	// When it was refused (Meter.Refused), nothing was consumed and the result is meaningless: the
+	// caller answers with Meter.Apply.
+	Meter *ratelimit.Meter
 	// IdempotencyKey, when set, makes a retry of the consume (same key) spend nothing again: it is
 	// answered as allowed, with the spend recorded once.
 	IdempotencyKey string
@@ -369,14 +370,14 @@ func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric stri
 		// forgotten would spend again while its increment is dropped as a duplicate.
 		marker = &Marker{Key: s.counters.MarkerKey(tenant, metric, o.IdempotencyKey), TTL: 2 * s.cfg.IdempotencyWindow}
 	}
-	out, err := s.counters.Consume(ctx, tenant, metric, at, n, limit, o.Gate, marker)
-	if err == nil && o.Gate != nil && o.Gate.Ran && !o.Gate.Allowed {
+	out, err := s.counters.Consume(ctx, tenant, metric, at, n, limit, o.Meter, marker)
+	if err == nil && o.Meter.Refused() {
 		return res, nil
 	}
 	if err == nil && !out.Reconciled {
 		if err = s.reconcileTenant(ctx, tenant, d); err == nil {
-			// The gate's token was taken by the first run.
-			out, err = s.counters.Consume(ctx, tenant, metric, at, n, limit, nil, marker)
+			// The meter was taken by the first run: this one only consumes.
+			out, err = s.counters.Consume(ctx, tenant, metric, at, n, limit, o.Meter, marker)
 		}
 	}
 	v := out.Value

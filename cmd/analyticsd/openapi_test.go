@@ -20,7 +20,7 @@ import (
 // Every registered route is in the OpenAPI document, and everything documented is registered.
 func TestOpenAPIDocumentsEveryRoute(t *testing.T) {
 	app := fiber.New()
-	mount(app, api.Ops{Gatherer: prometheus.NewRegistry()}, auth.NewAuthenticator(nil, nil, auth.JWTConfig{}),
+	mount(app, api.Ops{Gatherer: prometheus.NewRegistry()}, auth.NewAuthenticator(nil, nil, auth.JWTConfig{}), nil,
 		ingest.NewService(ingest.Config{}, nil, nil, ingest.NewMetrics(nil, 0), nil), query.NewService(query.Config{}, nil, nil, nil, nil),
 		quota.NewService(quota.Config{}, nil, nil, nil, "", nil, nil, nil, nil),
 		rollup.NewReconciler(nil, "", nil, nil, nil, nil, 90, nil))

@@ -125,8 +125,8 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	writer.Start()
 	open.push("ingest flush", writer.Close)
 	authn := auth.NewAuthenticator(auth.NewKeys(pg), tenants, cfg.JWT)
-	authn.Limiter = ratelimit.New(cfg.RateLimit, rdb, "")
-	authn.OnLimited = func(p api.Principal) {
+	limiter := ratelimit.New(cfg.RateLimit, rdb, "")
+	limiter.OnLimited = func(p api.Principal) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if err := ingestSvc.Emit(ctx, p.TenantID, p.Slug, "apikey.rate_limited", map[string]any{"actor": p.Actor}); err != nil {
@@ -171,7 +171,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 			MaxAge:        600,
 		}))
 	}
-	mount(app, ops, authn, ingestSvc, querySvc, quotaSvc, reconciler, idempotency...)
+	mount(app, ops, authn, limiter, ingestSvc, querySvc, quotaSvc, reconciler, idempotency...)
 
 	ln, oln, err := listen(cfg)
 	if err != nil {
@@ -279,15 +279,16 @@ func checkClickHouse(ctx context.Context, cfg *Config, ch driver.Conn, pg *pgxpo
 	return nil
 }
 
-// mount registers every route; the OpenAPI test walks the same function. writeMW runs after
-// authentication on every write (the Idempotency-Key middleware).
-func mount(app *fiber.App, ops api.Ops, authn *auth.Authenticator, in *ingest.Service, q *query.Service, qs *quota.Service, rc *rollup.Reconciler, writeMW ...fiber.Handler) {
+// mount registers every route; the OpenAPI test walks the same function. Every API route
+// authenticates, then takes the credential's rate-limit token (consume leaves it to its script: one
+// Redis round trip); writeMW runs after both on every write (the Idempotency-Key middleware).
+func mount(app *fiber.App, ops api.Ops, authn *auth.Authenticator, rl *ratelimit.Limiter, in *ingest.Service, q *query.Service, qs *quota.Service, rc *rollup.Reconciler, writeMW ...fiber.Handler) {
 	ops.Register(app)
 	api.RegisterOpenAPI(app)
 	analytics := app.Group("/api/analytics")
-	in.Register(analytics, append([]fiber.Handler{authn.Require(auth.ScopeEventsWrite)}, writeMW...)...)
-	q.Register(analytics, authn.Require(auth.ScopeAnalyticsRead))
-	qs.Register(analytics, authn.Require(auth.ScopeAnalyticsRead), authn.RequireDeferred(auth.ScopeEventsWrite), writeMW...)
-	rc.Register(analytics, authn.Require(auth.ScopeAnalyticsAdmin))
+	in.Register(analytics, append([]fiber.Handler{authn.Require(auth.ScopeEventsWrite, rl.Limit)}, writeMW...)...)
+	q.Register(analytics, authn.Require(auth.ScopeAnalyticsRead, rl.Limit))
+	qs.Register(analytics, authn.Require(auth.ScopeAnalyticsRead, rl.Limit), authn.Require(auth.ScopeEventsWrite, rl.Defer), writeMW...)
+	rc.Register(analytics, authn.Require(auth.ScopeAnalyticsAdmin, rl.Limit))
 	dashboards.Register(app)
 }
