@@ -15,6 +15,7 @@ import (
 // Every refusal of the read endpoints, byte for byte: clients parse the codes, show the messages
 // and wait the Retry-After seconds, so none of them may change by accident.
 func TestErrorResponses(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, 100)
 	// The same endpoints on a ClickHouse database that does not exist: every read fails in storage.
 	broken := api.NewApp(api.Config{}, nil)

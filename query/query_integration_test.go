@@ -95,6 +95,7 @@ func (h *harness) get(t *testing.T, token, slug, path string) fixture.Response {
 }
 
 func TestEventsResponseMatchesGuide(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, 100)
 	ts := h.now.Add(-time.Hour).Truncate(time.Second)
 	id := uuid.New()
@@ -152,6 +153,7 @@ func (h *harness) walk(t *testing.T, first string, limit int) []string {
 
 // 5,000 events on 3 timestamps: every one appears exactly once, newest first, whatever the cursor form.
 func TestPaginationExactlyOnce(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, 100)
 	base := h.now.Add(-2 * time.Hour).Truncate(time.Second)
 	stamps := []time.Time{base, base.Add(time.Second), base.Add(-3 * time.Hour)}
@@ -202,6 +204,7 @@ func TestPaginationExactlyOnce(t *testing.T) {
 }
 
 func TestTenantIsolationOnEveryReadPath(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, 1000)
 	ts := h.now.Add(-time.Hour).Truncate(time.Second)
 	var rows []ev
@@ -263,6 +266,7 @@ func TestTenantIsolationOnEveryReadPath(t *testing.T) {
 }
 
 func TestRBACMatrix(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, 100)
 	endpoints := []string{"/api/analytics/events", "/api/analytics/usage?metric=a.b", "/api/analytics/metrics", "/api/analytics/event-names", "/api/analytics/export.csv"}
 	bad, _ := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"sub": "u", "tenant": "acme", "role": "owner", "exp": time.Now().Add(time.Hour).Unix()}).SignedString([]byte("another-secret-another-secret-xx"))
@@ -301,6 +305,7 @@ func TestRBACMatrix(t *testing.T) {
 }
 
 func TestHostileParametersNeverFail(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, 100)
 	h.insert(t, []ev{{id: uuid.New(), tenant: h.a.ID, ts: h.now.Add(-time.Minute).Truncate(time.Second), event: "a.b"}})
 	hostile := []string{"' OR 1=1 --", `"; DROP TABLE events; --`, "\x00", "%00", "\\", "a.b' OR '1'='1", strings.Repeat("x", 5000),
@@ -336,6 +341,7 @@ func TestHostileParametersNeverFail(t *testing.T) {
 }
 
 func TestExportCSV(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, 10)
 	ts := h.now.Add(-time.Hour).Truncate(time.Second)
 	var rows []ev
@@ -461,6 +467,7 @@ func (h *harness) exportPages(t *testing.T, first string) (pages [][]map[string]
 // when filters and an explicit limit apply, and when events arrive late between two pages. CSV and
 // NDJSON page alike. Before continuations the cap cut silently: 100 of 150 rows, status 200.
 func TestExportPagesCoverEveryRowOnce(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, 7)
 	base := h.now.Add(-2 * time.Hour).Truncate(time.Second)
 	var rows []ev
@@ -561,6 +568,7 @@ func TestDrainWaitsForStreamingExports(t *testing.T) {
 // an IPv6 zone, ';' for Excel's semicolon locales); NDJSON lines stay one JSON object whatever was
 // stored as props.
 func TestExportEdges(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, 2)
 	ts := h.now.Add(-2 * time.Hour).Truncate(time.Second)
 	h.insert(t, []ev{
@@ -636,11 +644,13 @@ func TestExportsCannotExhaustTheServer(t *testing.T) {
 		}
 		fmt.Fprintf(c, "GET /api/analytics/event-names HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n"+
 			"GET /api/analytics/export.csv HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n", h.keys["a-read"], h.keys["a-read"])
-		time.Sleep(5 * time.Millisecond)
+		time.Sleep(5 * time.Millisecond) // the scenario: the requests reach the server, then the client resets
 		c.(*net.TCPConn).SetLinger(0)
 		c.Close()
 	}
-	time.Sleep(time.Second) // the server reads and handles what was pipelined after the reset
+	// The server reads and handles what was pipelined after the reset. A fixed wait, not a poll: nothing
+	// the service exposes counts exports started, and Drain alone would pass before they began.
+	time.Sleep(time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	start := time.Now()
@@ -680,6 +690,7 @@ func TestExportsCannotExhaustTheServer(t *testing.T) {
 // The NDJSON export carries each event as GET /events does, losslessly; CSV with bom=true starts
 // with the UTF-8 byte-order mark Excel needs for non-ASCII text.
 func TestExportNDJSONAndBOM(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, 100)
 	ts := h.now.Add(-time.Hour).Truncate(time.Second)
 	id := uuid.New()
@@ -732,6 +743,7 @@ func TestExportNDJSONAndBOM(t *testing.T) {
 // A reconciled day ClickHouse has counted more of since (late events not billed yet) shows the fresh
 // count, saying so; every point says where its number came from.
 func TestUsageMergesPostgresAndClickHouse(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, 100)
 	today := h.now.Truncate(24 * time.Hour)
 	day := func(n int) time.Time { return today.AddDate(0, 0, -n) }
@@ -789,6 +801,7 @@ func TestUsageMergesPostgresAndClickHouse(t *testing.T) {
 }
 
 func TestKPIWindows(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, 100)
 	today := h.now.Truncate(24 * time.Hour)
 	var rows []ev
@@ -821,6 +834,7 @@ func TestKPIWindows(t *testing.T) {
 }
 
 func TestEventNames(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, 100)
 	ts := h.now.Add(-time.Hour).Truncate(time.Second)
 	h.insert(t, []ev{{id: uuid.New(), tenant: h.a.ID, ts: ts, event: "b.x"}, {id: uuid.New(), tenant: h.a.ID, ts: ts, event: "b.x"}, {id: uuid.New(), tenant: h.a.ID, ts: ts, event: "a.y"}})
@@ -835,6 +849,7 @@ func TestEventNames(t *testing.T) {
 }
 
 func TestActiveUsersCountsDistinctUsers(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, 100)
 	ts := h.now.Add(-time.Hour).Truncate(time.Second)
 	var rows []ev
