@@ -38,19 +38,8 @@ func (h *harness) dailyUsage(t *testing.T, tenant uuid.UUID, metric string) int6
 	return n
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
 func duplicates(r resp) []map[string]any {
-	d, _ := r.body["data"].(map[string]any)
+	d, _ := r.Body["data"].(map[string]any)
 	var out []map[string]any
 	list, _ := d["duplicates"].([]any)
 	for _, x := range list {
@@ -62,6 +51,7 @@ func duplicates(r resp) []map[string]any {
 // Finding 4: the same 100-event batch with fixed ids posted 3 times is stored once, counted once —
 // in events, daily_usage and the live counter — and the retries say which events were duplicates.
 func TestRetriedBatchIsStoredAndCountedOnce(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{})
 	body, ids := events(100, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
 	for try := 0; try < 3; try++ {
@@ -71,8 +61,8 @@ func TestRetriedBatchIsStoredAndCountedOnce(t *testing.T) {
 			wantAccepted, wantDups = 0, 100
 		}
 		dups := duplicates(r)
-		if r.status != 202 || r.accepted() != wantAccepted || len(dups) != wantDups {
-			t.Fatalf("try %d: got %d accepted=%d duplicates=%d, want 202 %d %d: %s", try, r.status, r.accepted(), len(dups), wantAccepted, wantDups, r.raw)
+		if r.Status != 202 || r.accepted() != wantAccepted || len(dups) != wantDups {
+			t.Fatalf("try %d: got %d accepted=%d duplicates=%d, want 202 %d %d: %s", try, r.Status, r.accepted(), len(dups), wantAccepted, wantDups, r.Raw)
 		}
 		for i, d := range dups {
 			if int(d["index"].(float64)) != i || d["id"] != ids[i] {
@@ -88,9 +78,12 @@ func TestRetriedBatchIsStoredAndCountedOnce(t *testing.T) {
 	if n := h.dailyUsage(t, h.a.ID, "apikey.request"); n != 100 {
 		t.Errorf("daily_usage apikey.request = %d, want 100", n)
 	}
-	waitFor(t, "the live counter", func() bool {
+	testenv.Eventually(t, 20*time.Second, func() error {
 		n, _, _ := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", time.Now())
-		return n == 100
+		if n != 100 {
+			return fmt.Errorf("live counter api_requests_daily = %d, want 100", n)
+		}
+		return nil
 	})
 	time.Sleep(100 * time.Millisecond) // a late overcount would show now
 	if n, _, _ := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", time.Now()); n != 100 {
@@ -100,12 +93,13 @@ func TestRetriedBatchIsStoredAndCountedOnce(t *testing.T) {
 
 // Within one request, an id sent twice is one event: the second is reported as a duplicate.
 func TestSameIDTwiceInOneRequest(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{})
 	id := uuid.NewString()
 	body := fmt.Sprintf(`[{"id":%q,"event":"a.b"},{"id":%q,"event":"a.b"},{"event":"a.b"}]`, id, id)
 	r := h.post(t, h.keyA, "/api/analytics/events", []byte(body), nil)
-	if dups := duplicates(r); r.status != 202 || r.accepted() != 2 || len(dups) != 1 || dups[0]["index"].(float64) != 1 {
-		t.Fatalf("got %d %s; want 2 accepted and index 1 a duplicate", r.status, r.raw)
+	if dups := duplicates(r); r.Status != 202 || r.accepted() != 2 || len(dups) != 1 || dups[0]["index"].(float64) != 1 {
+		t.Fatalf("got %d %s; want 2 accepted and index 1 a duplicate", r.Status, r.Raw)
 	}
 	h.w.Close(context.Background())
 	if rows, _ := h.count(t, "events", h.a.ID); rows != 2 {
@@ -117,19 +111,26 @@ func TestSameIDTwiceInOneRequest(t *testing.T) {
 // unreachable; when it returns, both tenants' events are stored — ids are per tenant, and the replay
 // check asks ClickHouse about one tenant at a time.
 func TestSameIDsInTwoTenantsAreBothStored(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{proxyCH: true})
 	other := h.newInstance(t, opts{proxyCH: true})
 	h.chProxy.SetDown(true)
 	other.chProxy.SetDown(true)
 	body, ids := events(20, nil)
-	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 || r.accepted() != 20 {
-		t.Fatalf("tenant A: %d %s", r.status, r.raw)
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 20 {
+		t.Fatalf("tenant A: %d %s", r.Status, r.Raw)
 	}
-	if r := other.post(t, h.keyB, "/api/analytics/events", body, nil); r.status != 202 || r.accepted() != 20 {
-		t.Fatalf("tenant B: %d %s", r.status, r.raw)
+	if r := other.post(t, h.keyB, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 20 {
+		t.Fatalf("tenant B: %d %s", r.Status, r.Raw)
 	}
-	time.Sleep(400 * time.Millisecond) // both instances try, fail, and mark their segments in flight
-	other.chProxy.SetDown(false)       // B's rows land first...
+	// Both instances try, fail, and mark their segments in flight.
+	testenv.Eventually(t, 10*time.Second, func() error {
+		if a, b := counterValue(h.metrics.InsertErrors), counterValue(other.metrics.InsertErrors); a < 1 || b < 1 {
+			return fmt.Errorf("failed inserts: %v on the first instance, %v on the other; want one each at least", a, b)
+		}
+		return nil
+	})
+	other.chProxy.SetDown(false) // B's rows land first...
 	h.waitStored(t, h.b.ID, ids, 20)
 	h.chProxy.SetDown(false) // ...then A's segment is replayed with its check
 	h.waitStored(t, h.a.ID, ids, 20)
@@ -140,6 +141,7 @@ func TestSameIDsInTwoTenantsAreBothStored(t *testing.T) {
 // limit) — is shipped, split by day where the server refuses it, instead of being refused forever;
 // and the segment behind it ships too.
 func TestOneInsertNeverSpansMorePartitionsThanTheServerTakes(t *testing.T) {
+	t.Parallel()
 	fc := &faultConn{maxPartitions: 10}
 	h := newHarness(t, opts{
 		ingest: func(c *Config) { c.Limits.RetentionDays = 200 },
@@ -149,8 +151,8 @@ func TestOneInsertNeverSpansMorePartitionsThanTheServerTakes(t *testing.T) {
 	body, ids := events(150, func(i int) map[string]any {
 		return map[string]any{"ts": now.AddDate(0, 0, -i).Format(time.RFC3339)}
 	})
-	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 || r.accepted() != 150 {
-		t.Fatalf("got %d %s", r.status, r.raw)
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 150 {
+		t.Fatalf("got %d %s", r.Status, r.Raw)
 	}
 	later, laterIDs := events(5, nil)
 	h.post(t, h.keyB, "/api/analytics/events", later, nil)
@@ -180,6 +182,7 @@ func poison(t *testing.T, env testenv.Env) (cure func()) {
 // behind them; they are moved to the quarantine (counted, kept) once other inserts succeed, and can
 // be requeued once the cause is fixed.
 func TestRefusedRowsGoToQuarantineAndOthersShip(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{})
 	cure := poison(t, h.env)
 	body, ids := events(100, func(i int) map[string]any {
@@ -188,16 +191,27 @@ func TestRefusedRowsGoToQuarantineAndOthersShip(t *testing.T) {
 		}
 		return nil
 	})
-	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 || r.accepted() != 100 {
-		t.Fatalf("got %d %s", r.status, r.raw)
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 100 {
+		t.Fatalf("got %d %s", r.Status, r.Raw)
 	}
 	good := slices.Delete(slices.Clone(ids), 37, 38)
 	h.waitStored(t, h.a.ID, good, 99)
 	later, laterIDs := events(10, nil)
 	h.post(t, h.keyB, "/api/analytics/events", later, nil)
 	h.waitStored(t, h.b.ID, laterIDs, 10)
-	waitFor(t, "the refused row in quarantine", func() bool { return h.w.Stats().QuarantinedRows == 1 })
-	waitFor(t, "an empty spool", func() bool { st := h.w.Stats(); return st.PendingSegments == 0 })
+	testenv.Eventually(t, 20*time.Second, func() error {
+		if st := h.w.Stats(); st.QuarantinedRows != 1 {
+			return fmt.Errorf("writer %+v, want the refused row in quarantine", st)
+		}
+		return nil
+	})
+	testenv.Eventually(t, 20*time.Second, func() error {
+		st := h.w.Stats()
+		if st.PendingSegments != 0 {
+			return fmt.Errorf("writer %+v, want an empty spool", st)
+		}
+		return nil
+	})
 	list, err := spool.ListQuarantine(h.w.cfg.Dir)
 	if err != nil || len(list) != 1 || list[0].Events != 1 || list[0].Tenants[0] != h.a.ID.String() || list[0].Error == "" {
 		t.Fatalf("quarantine: %+v %v", list, err)
@@ -221,13 +235,22 @@ func TestRefusedRowsGoToQuarantineAndOthersShip(t *testing.T) {
 // A server refusing every insert (a broken schema change, say) is not a refusal of particular rows:
 // with no insert succeeding nothing is quarantined, and everything lands once the cause is fixed.
 func TestRefusingEverythingQuarantinesNothing(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{writer: func(c *WriterConfig) { c.QuarantineAfter = 1 }})
 	if err := h.env.CH.Exec(context.Background(), "ALTER TABLE "+h.env.DB+".events ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')"); err != nil {
 		t.Fatal(err)
 	}
 	body, ids := events(30, nil)
 	h.post(t, h.keyA, "/api/analytics/events", body, nil)
-	time.Sleep(1500 * time.Millisecond)
+	testenv.Eventually(t, 10*time.Second, func() error {
+		if st := h.w.Stats(); st.LastError == "" {
+			return fmt.Errorf("writer %+v: no insert refused yet", st)
+		}
+		return nil
+	})
+	// A window of retries (RetryMax 200 ms) in which a wrong quarantine would show, not a poll:
+	// refusals are not counted anywhere the test can wait on.
+	time.Sleep(time.Second)
 	if st := h.w.Stats(); st.QuarantinedRows != 0 || st.LastError == "" {
 		t.Fatalf("with every insert refused: %+v; want nothing quarantined, the error shown", st)
 	}
@@ -239,11 +262,18 @@ func TestRefusingEverythingQuarantinesNothing(t *testing.T) {
 
 // An outage is not a refusal: with every insert failing, nothing is quarantined.
 func TestOutageQuarantinesNothing(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{proxyCH: true, writer: func(c *WriterConfig) { c.QuarantineAfter = 1 }})
 	h.chProxy.SetDown(true)
 	body, ids := events(30, nil)
 	h.post(t, h.keyA, "/api/analytics/events", body, nil)
-	time.Sleep(time.Second)
+	// Several failed inserts: with QuarantineAfter 1 a wrong quarantine would have happened by now.
+	testenv.Eventually(t, 10*time.Second, func() error {
+		if n := counterValue(h.metrics.InsertErrors); n < 3 {
+			return fmt.Errorf("%v failed inserts, want 3", n)
+		}
+		return nil
+	})
 	if st := h.w.Stats(); st.QuarantinedRows != 0 {
 		t.Fatalf("quarantined %d rows during an outage", st.QuarantinedRows)
 	}
@@ -257,11 +287,11 @@ func TestLateCommitOfATimedOutInsertIsNotInsertedTwice(t *testing.T) {
 	fc := &faultConn{late: 1, delay: 1500 * time.Millisecond} // past the second awaitAttempts waits before it KILLs
 	h := newHarness(t, opts{ch: func(c driver.Conn) driver.Conn { fc.Conn = c; return fc }})
 	body, ids := events(40, nil)
-	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 {
-		t.Fatalf("got %d %s", r.status, r.raw)
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 {
+		t.Fatalf("got %d %s", r.Status, r.Raw)
 	}
 	h.waitStored(t, h.a.ID, ids, 40)
-	time.Sleep(time.Second)
+	time.Sleep(time.Second) // not a poll: a late second copy, if any, would land in this window
 	h.w.Close(context.Background())
 	if rows, distinct := h.count(t, "events", h.a.ID); rows != 40 || distinct != 40 {
 		t.Errorf("events: %d rows, %d distinct; want 40, 40", rows, distinct)
@@ -284,6 +314,7 @@ func writeSegment(t *testing.T, dir, name string, wid uint64, rows []Row, incs [
 // day since, so they cannot be checked: they go to the quarantine instead of being counted twice in
 // daily_usage. Rows of days still inside retention are checked and stored once.
 func TestReplayNeverReinsertsIntoAnExpiredDay(t *testing.T) {
+	t.Parallel()
 	env := testenv.Migrated(t)
 	dir := t.TempDir()
 	tenantID := uuid.New()
@@ -305,7 +336,12 @@ func TestReplayNeverReinsertsIntoAnExpiredDay(t *testing.T) {
 	w.Start()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	waitFor(t, "the replay", func() bool { return w.Stats().PendingSegments == 0 })
+	testenv.Eventually(t, 20*time.Second, func() error {
+		if st := w.Stats(); st.PendingSegments != 0 {
+			return fmt.Errorf("writer %+v, waiting for the replay", st)
+		}
+		return nil
+	})
 	st := w.Stats()
 	w.Close(ctx)
 	var stored uint64
@@ -346,6 +382,7 @@ func TestSpilledSegmentShipsInChunks(t *testing.T) {
 // Finding 10: a server-made event stored after the live counter feed closed (shutdown) used to send
 // on a closed channel and panic.
 func TestEmitAfterCloseDoesNotPanic(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{})
 	h.svc.Close()
 	// An event the live counters count (apikey.request → api_requests_daily), so it reaches the feed.
@@ -358,31 +395,32 @@ func TestEmitAfterCloseDoesNotPanic(t *testing.T) {
 // same key and another body it is refused; and even when the stored response is lost, ids derived
 // from the key keep the retry's events from being stored twice.
 func TestIdempotencyKeyOnEvents(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{})
 	body := []byte(`[{"event":"a.b"},{"event":"c.d"},{"event":"e.f"}]`)
 	key := map[string]string{"Idempotency-Key": "order-42"}
 	first := h.post(t, h.keyA, "/api/analytics/events", body, key)
-	if first.status != 202 || first.accepted() != 3 {
-		t.Fatalf("first: %d %s", first.status, first.raw)
+	if first.Status != 202 || first.accepted() != 3 {
+		t.Fatalf("first: %d %s", first.Status, first.Raw)
 	}
 	again := h.post(t, h.keyA, "/api/analytics/events", body, key)
-	if again.status != 202 || again.raw != first.raw || again.header.Get("Idempotent-Replayed") != "true" {
-		t.Fatalf("retry: %d %s (replayed %q), want the first response replayed", again.status, again.raw, again.header.Get("Idempotent-Replayed"))
+	if again.Status != 202 || again.Raw != first.Raw || again.Header.Get("Idempotent-Replayed") != "true" {
+		t.Fatalf("retry: %d %s (replayed %q), want the first response replayed", again.Status, again.Raw, again.Header.Get("Idempotent-Replayed"))
 	}
-	if r := h.post(t, h.keyA, "/api/analytics/events", []byte(`[{"event":"x.y"}]`), key); r.status != 422 {
-		t.Errorf("same key, other body: got %d %s, want 422", r.status, r.raw)
+	if r := h.post(t, h.keyA, "/api/analytics/events", []byte(`[{"event":"x.y"}]`), key); r.Status != 422 {
+		t.Errorf("same key, other body: got %d %s, want 422", r.Status, r.Raw)
 	}
 	// Another tenant's identical key is its own.
-	if r := h.post(t, h.keyB, "/api/analytics/events", body, key); r.status != 202 || r.accepted() != 3 {
-		t.Errorf("tenant B with the same key: %d %s", r.status, r.raw)
+	if r := h.post(t, h.keyB, "/api/analytics/events", body, key); r.Status != 202 || r.accepted() != 3 {
+		t.Errorf("tenant B with the same key: %d %s", r.Status, r.Raw)
 	}
 	// Lose the stored response (Redis flushed its idempotency records): the retry runs again, and its
 	// derived ids make every event a duplicate.
 	keys, _ := h.env.Redis.Keys(context.Background(), h.env.Prefix+"idem:*").Result()
 	h.env.Redis.Del(context.Background(), keys...)
 	lost := h.post(t, h.keyA, "/api/analytics/events", body, key)
-	if lost.status != 202 || lost.accepted() != 0 || len(duplicates(lost)) != 3 {
-		t.Fatalf("retry after the record was lost: %d %s, want 3 duplicates", lost.status, lost.raw)
+	if lost.Status != 202 || lost.accepted() != 0 || len(duplicates(lost)) != 3 {
+		t.Fatalf("retry after the record was lost: %d %s, want 3 duplicates", lost.Status, lost.Raw)
 	}
 	h.w.Close(context.Background())
 	if rows, _ := h.count(t, "events", h.a.ID); rows != 3 {
@@ -391,12 +429,13 @@ func TestIdempotencyKeyOnEvents(t *testing.T) {
 }
 
 func TestIdempotencyKeyOnUsage(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{})
 	key := map[string]string{"Idempotency-Key": "2c3e0b0e-usage"}
 	body := []byte(`{"metric":"api_requests_daily","n":7}`)
 	for i := 0; i < 3; i++ {
-		if r := h.post(t, h.keyA, "/api/analytics/usage", body, key); r.status != 202 {
-			t.Fatalf("try %d: %d %s", i, r.status, r.raw)
+		if r := h.post(t, h.keyA, "/api/analytics/usage", body, key); r.Status != 202 {
+			t.Fatalf("try %d: %d %s", i, r.Status, r.Raw)
 		}
 	}
 	keys, _ := h.env.Redis.Keys(context.Background(), h.env.Prefix+"idem:*").Result()
@@ -408,9 +447,9 @@ func TestIdempotencyKeyOnUsage(t *testing.T) {
 			Duplicate bool `json:"duplicate"`
 		} `json:"data"`
 	}
-	json.Unmarshal([]byte(r.raw), &data)
-	if r.status != 202 || data.Data.Accepted != 0 || !data.Data.Duplicate {
-		t.Errorf("retry after the record was lost: %d %s, want a duplicate", r.status, r.raw)
+	json.Unmarshal([]byte(r.Raw), &data)
+	if r.Status != 202 || data.Data.Accepted != 0 || !data.Data.Duplicate {
+		t.Errorf("retry after the record was lost: %d %s, want a duplicate", r.Status, r.Raw)
 	}
 	h.w.Close(context.Background())
 	if rows, _ := h.count(t, "usage_increments", h.a.ID); rows != 1 {
@@ -419,9 +458,12 @@ func TestIdempotencyKeyOnUsage(t *testing.T) {
 	if n := h.dailyUsage(t, h.a.ID, "api_requests_daily"); n != 7 {
 		t.Errorf("daily_usage = %d, want 7", n)
 	}
-	waitFor(t, "the live counter", func() bool {
+	testenv.Eventually(t, 20*time.Second, func() error {
 		n, _, _ := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", time.Now())
-		return n == 7
+		if n != 7 {
+			return fmt.Errorf("live counter api_requests_daily = %d, want 7", n)
+		}
+		return nil
 	})
 }
 
@@ -430,26 +472,33 @@ func TestIdempotencyKeyOnUsage(t *testing.T) {
 // stored and counted once — live through the counter feed. (The code before claimed them like any
 // other: a Redis round trip per request, and per consume.)
 func TestServerMadeIDsAreNotClaimed(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{})
 	body := []byte(`[` + strings.TrimSuffix(strings.Repeat(`{"event":"apikey.request","source":"api"},`, 30), ",") + `]`)
-	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 || r.accepted() != 30 || r.header.Get("X-Analytics-Degraded") != "" {
-		t.Fatalf("events: %d %s", r.status, r.raw)
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 30 || r.Header.Get("X-Analytics-Degraded") != "" {
+		t.Fatalf("events: %d %s", r.Status, r.Raw)
 	}
-	if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(`{"metric":"api_requests_daily","n":2}`), nil); r.status != 202 {
-		t.Fatalf("usage: %d %s", r.status, r.raw)
+	if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(`{"metric":"api_requests_daily","n":2}`), nil); r.Status != 202 {
+		t.Fatalf("usage: %d %s", r.Status, r.Raw)
 	}
-	waitFor(t, "the rows stored", func() bool {
+	testenv.Eventually(t, 20*time.Second, func() error {
 		ev, _ := h.count(t, "events", h.a.ID)
 		inc, _ := h.count(t, "usage_increments", h.a.ID)
-		return ev == 30 && inc == 1
+		if ev != 30 || inc != 1 {
+			return fmt.Errorf("stored %d events and %d increments, want 30 and 1", ev, inc)
+		}
+		return nil
 	})
 	keys, err := h.env.Redis.Keys(context.Background(), h.env.Prefix+"dedup:{"+h.a.ID.String()+"}:*").Result()
 	if err != nil || len(keys) != 0 {
 		t.Errorf("dedup keys %v (%v), want none: server-made ids need no claim", keys, err)
 	}
-	waitFor(t, "the live counter", func() bool {
+	testenv.Eventually(t, 20*time.Second, func() error {
 		n, _, _ := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", time.Now())
-		return n == 32
+		if n != 32 {
+			return fmt.Errorf("live counter api_requests_daily = %d, want 32", n)
+		}
+		return nil
 	})
 	h.w.Close(context.Background())
 	if rows, distinct := h.count(t, "events", h.a.ID); rows != 30 || distinct != 30 {

@@ -42,6 +42,7 @@ func (h *harness) dropClaims(t *testing.T, tenant uuid.UUID, keepEpoch bool) {
 // differ): the ClickHouse check looks where the earlier copy can be — its own arrival time within the
 // window — not only at the retry's ts. Sent once with a fixed id, once under an Idempotency-Key.
 func TestRetryAfterRedisLostTheClaimsIsStoredOnce(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name string
 		body string
@@ -52,10 +53,16 @@ func TestRetryAfterRedisLostTheClaimsIsStoredOnce(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := newHarness(t, opts{})
-			if r := h.post(t, h.keyA, "/api/analytics/events", []byte(tc.body), tc.hdr); r.status != 202 || r.accepted() != 1 {
-				t.Fatalf("first: %d %s", r.status, r.raw)
+			if r := h.post(t, h.keyA, "/api/analytics/events", []byte(tc.body), tc.hdr); r.Status != 202 || r.accepted() != 1 {
+				t.Fatalf("first: %d %s", r.Status, r.Raw)
 			}
-			waitFor(t, "the first copy stored", func() bool { n, _ := h.count(t, "events", h.a.ID); return n == 1 })
+			testenv.Eventually(t, 20*time.Second, func() error {
+				n, _ := h.count(t, "events", h.a.ID)
+				if n != 1 {
+					return fmt.Errorf("%d rows stored, want the first copy", n)
+				}
+				return nil
+			})
 			time.Sleep(1100 * time.Millisecond) // the retry gets another ts
 			h.dropClaims(t, h.a.ID, false)
 			h.post(t, h.keyA, "/api/analytics/events", []byte(tc.body), tc.hdr)
@@ -74,6 +81,7 @@ func TestRetryAfterRedisLostTheClaimsIsStoredOnce(t *testing.T) {
 // claims. The changed run id is noticed, and until the claim history covers a window again, rows are
 // checked in ClickHouse: the retry is stored once.
 func TestRedisRollbackIsNoticed(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{})
 	ctx := context.Background()
 	var runID atomic.Value
@@ -84,8 +92,8 @@ func TestRedisRollbackIsNoticed(t *testing.T) {
 	// The tenant has been ingesting for two days: its claim history is older than the window.
 	h.env.Redis.Set(ctx, h.env.Prefix+"dedup:{"+h.a.ID.String()+"}:epoch", time.Now().Add(-48*time.Hour).Unix(), 0)
 	body, ids := events(5, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
-	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 || r.accepted() != 5 {
-		t.Fatalf("first: %d %s", r.status, r.raw)
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 5 {
+		t.Fatalf("first: %d %s", r.Status, r.Raw)
 	}
 	h.waitStored(t, h.a.ID, ids, 5)
 	h.dropClaims(t, h.a.ID, true)
@@ -101,6 +109,7 @@ func TestRedisRollbackIsNoticed(t *testing.T) {
 // records must claim their ids for the same batch both times, or the second read finds every id
 // taken by the first and drops them all.
 func TestLegacySegmentRetriedAfterAFailureShipsEveryRow(t *testing.T) {
+	t.Parallel()
 	env := testenv.Migrated(t)
 	dir := t.TempDir()
 	tenantID := uuid.New()
@@ -120,9 +129,19 @@ func TestLegacySegmentRetriedAfterAFailureShipsEveryRow(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.Start()
-	time.Sleep(800 * time.Millisecond)
+	testenv.Eventually(t, 10*time.Second, func() error { // the replay fails once
+		if st := w.Stats(); st.LastError == "" {
+			return fmt.Errorf("writer %+v: the replay has not failed yet", st)
+		}
+		return nil
+	})
 	proxy.SetDown(false)
-	waitFor(t, "the spool to empty", func() bool { return w.Stats().PendingSegments == 0 })
+	testenv.Eventually(t, 20*time.Second, func() error {
+		if st := w.Stats(); st.PendingSegments != 0 {
+			return fmt.Errorf("writer %+v, waiting for the spool to empty", st)
+		}
+		return nil
+	})
 	w.Close(context.Background())
 	var n uint64
 	env.CH.QueryRow(context.Background(), "SELECT count() FROM "+env.DB+".events WHERE tenant_id = ?", tenantID).Scan(&n)
@@ -135,11 +154,18 @@ func TestLegacySegmentRetriedAfterAFailureShipsEveryRow(t *testing.T) {
 // serve used): it was counted when accepted — its claim looked new after Redis lost the first copy's
 // — and its live count must still be taken back, not kept as an overcount.
 func TestDuplicateFoundAfterTheFeedClosedIsUncounted(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{})
 	body := []byte(fmt.Sprintf(`[{"id":%q,"event":"apikey.request"}]`, uuid.NewString()))
 	h.post(t, h.keyA, "/api/analytics/events", body, nil)
-	waitFor(t, "the first copy stored", func() bool { n, _ := h.count(t, "events", h.a.ID); return n == 1 })
-	time.Sleep(1100 * time.Millisecond)
+	testenv.Eventually(t, 20*time.Second, func() error {
+		n, _ := h.count(t, "events", h.a.ID)
+		if n != 1 {
+			return fmt.Errorf("%d rows stored, want the first copy", n)
+		}
+		return nil
+	})
+	time.Sleep(1100 * time.Millisecond) // not a poll: the retry gets another ts
 	h.dropClaims(t, h.a.ID, false)
 	h.svc.Close() // the live counter feed closes ...
 	h.post(t, h.keyA, "/api/analytics/events", body, nil)
@@ -158,6 +184,7 @@ func TestDuplicateFoundAfterTheFeedClosedIsUncounted(t *testing.T) {
 // A schema change that makes ClickHouse refuse every event insert, while increments keep landing:
 // the increments' success is no evidence about the events table, so no event is quarantined.
 func TestEventsRefusedWhileIncrementsLandQuarantinesNoEvent(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{})
 	if err := h.env.CH.Exec(context.Background(), "ALTER TABLE "+h.env.DB+".events ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')"); err != nil {
 		t.Fatal(err)
@@ -167,7 +194,7 @@ func TestEventsRefusedWhileIncrementsLandQuarantinesNoEvent(t *testing.T) {
 	deadline := time.Now().Add(3 * time.Second)
 	for time.Now().Before(deadline) {
 		h.post(t, h.keyB, "/api/analytics/usage", []byte(`{"metric":"api_requests_daily","n":1}`), nil)
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(100 * time.Millisecond) // the scenario: increments keep landing for 3 s
 	}
 	if st := h.w.Stats(); st.QuarantinedRows > 0 {
 		t.Errorf("%d events quarantined while ClickHouse refused every event insert", st.QuarantinedRows)
@@ -196,6 +223,7 @@ func (c *countingConn) Query(ctx context.Context, q string, args ...any) (driver
 // isolating 2,000 refused rows one by one took 4,000 inserts and 18 s, and a 50,000-row chunk would
 // have held a flusher for minutes.
 func TestIsolatingRefusedRowsIsBounded(t *testing.T) {
+	t.Parallel()
 	env := testenv.Migrated(t)
 	if err := env.CH.Exec(context.Background(), "ALTER TABLE "+env.DB+".events ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')"); err != nil {
 		t.Fatal(err)
@@ -218,6 +246,7 @@ func TestIsolatingRefusedRowsIsBounded(t *testing.T) {
 // written): eight zero bytes are a frame of length 0 whose CRC-32C is 0. The zeros are a torn tail;
 // the acknowledged rows in front of them ship.
 func TestZeroFilledTailDoesNotStallASegment(t *testing.T) {
+	t.Parallel()
 	env := testenv.Migrated(t)
 	dir := t.TempDir()
 	tenantID := uuid.New()
@@ -240,6 +269,7 @@ func TestZeroFilledTailDoesNotStallASegment(t *testing.T) {
 // A record whose checksum holds but which this release cannot decode is set aside in the
 // quarantine; the records after it ship.
 func TestUnreadableRecordIsQuarantinedAndTheRestShips(t *testing.T) {
+	t.Parallel()
 	env := testenv.Migrated(t)
 	dir := t.TempDir()
 	tenantID := uuid.New()
@@ -269,7 +299,12 @@ func shipSpool(t *testing.T, env testenv.Env, dir string, tenantID uuid.UUID) (u
 		t.Fatal(err)
 	}
 	w.Start()
-	waitFor(t, "the segment shipped", func() bool { return w.Stats().PendingSegments == 0 })
+	testenv.Eventually(t, 20*time.Second, func() error {
+		if st := w.Stats(); st.PendingSegments != 0 {
+			return fmt.Errorf("writer %+v, waiting for the segment shipped", st)
+		}
+		return nil
+	})
 	st := w.Stats()
 	w.Close(context.Background())
 	var n uint64

@@ -20,6 +20,7 @@ func (failingLevels) SetLevel(context.Context, uuid.UUID, string, float64) error
 // Every refusal of the write endpoints, byte for byte: clients parse the codes, show the messages
 // and wait the Retry-After seconds, so none of them may change by accident.
 func TestErrorResponses(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{ingest: func(c *Config) { c.Limits.MaxEvents = 2; c.Limits.MaxBodyBytes = 1000 }})
 	h.svc.UseLevels(failingLevels{})
 	full := h.newInstance(t, opts{writer: func(c *WriterConfig) { c.Durability = DurabilityMemory; c.MaxBufferedRows = 1 }})
@@ -75,8 +76,8 @@ func TestErrorResponses(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			r := c.in.post(t, h.keyA, c.path, c.body, c.headers)
-			if r.status != c.status || r.header.Get("Retry-After") != c.retryAfter || r.raw != c.want {
-				t.Errorf("got %d, Retry-After %q:\n%s\nwant %d, Retry-After %q:\n%s", r.status, r.header.Get("Retry-After"), r.raw, c.status, c.retryAfter, c.want)
+			if r.Status != c.status || r.Header.Get("Retry-After") != c.retryAfter || r.Raw != c.want {
+				t.Errorf("got %d, Retry-After %q:\n%s\nwant %d, Retry-After %q:\n%s", r.Status, r.Header.Get("Retry-After"), r.Raw, c.status, c.retryAfter, c.want)
 			}
 		})
 	}

@@ -6,9 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -21,6 +19,8 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/gofiber/fiber/v2"
 	"github.com/google/uuid"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/analyticsd/analyticsd/api"
@@ -28,6 +28,7 @@ import (
 	"github.com/analyticsd/analyticsd/dedup"
 	"github.com/analyticsd/analyticsd/ingest/spool"
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 	"github.com/analyticsd/analyticsd/quota"
 	"github.com/analyticsd/analyticsd/tenant"
 )
@@ -46,7 +47,7 @@ type harness struct {
 }
 
 type instance struct {
-	app      *fiber.App
+	srv      *fixture.Server
 	w        *Writer
 	svc      *Service
 	counters *quota.Counters
@@ -69,26 +70,11 @@ type opts struct {
 func newHarness(t *testing.T, o opts) *harness {
 	t.Helper()
 	h := &harness{env: testenv.Migrated(t)}
-	ctx := context.Background()
-	tenants := tenant.NewStore(h.env.PG)
-	keys := auth.NewKeys(h.env.PG)
-	h.keys, h.tenants = keys, tenants
-	var err error
-	if h.a, err = tenants.Create(ctx, "acme", ""); err != nil {
-		t.Fatal(err)
-	}
-	if h.b, err = tenants.Create(ctx, "globex", ""); err != nil {
-		t.Fatal(err)
-	}
-	if h.keyA, _, err = keys.Create(ctx, h.a.ID, "w", []auth.Scope{auth.ScopeEventsWrite}); err != nil {
-		t.Fatal(err)
-	}
-	if h.keyB, _, err = keys.Create(ctx, h.b.ID, "w", []auth.Scope{auth.ScopeEventsWrite}); err != nil {
-		t.Fatal(err)
-	}
-	if h.readKeyA, _, err = keys.Create(ctx, h.a.ID, "r", []auth.Scope{auth.ScopeAnalyticsRead}); err != nil {
-		t.Fatal(err)
-	}
+	h.keys, h.tenants = auth.NewKeys(h.env.PG), tenant.NewStore(h.env.PG)
+	h.a, h.b = fixture.Tenant(t, h.env.PG, "acme"), fixture.Tenant(t, h.env.PG, "globex")
+	h.keyA, _ = fixture.Key(t, h.env.PG, h.a.ID, "w", auth.ScopeEventsWrite)
+	h.keyB, _ = fixture.Key(t, h.env.PG, h.b.ID, "w", auth.ScopeEventsWrite)
+	h.readKeyA, _ = fixture.Key(t, h.env.PG, h.a.ID, "r", auth.ScopeAnalyticsRead)
 
 	h.instance = h.newInstance(t, o)
 	return h
@@ -143,9 +129,10 @@ func (h *harness) newInstance(t *testing.T, o opts) *instance {
 		defer cancel()
 		in.w.Close(ctx)
 	})
-	in.app = api.NewApp(api.Config{}, nil)
+	app := api.NewApp(api.Config{}, nil)
 	authn := auth.NewAuthenticator(h.keys, h.tenants, auth.JWTConfig{})
-	in.svc.Register(in.app.Group("/api/analytics"), append([]fiber.Handler{authn.Require(auth.ScopeEventsWrite)}, mw...)...)
+	in.svc.Register(app.Group("/api/analytics"), append([]fiber.Handler{authn.Require(auth.ScopeEventsWrite)}, mw...)...)
+	in.srv = fixture.Serve(t, app)
 	return in
 }
 
@@ -167,6 +154,15 @@ func proxiedClickHouse(t *testing.T) (driver.Conn, *testenv.Proxy) {
 	return conn, proxy
 }
 
+// counterValue reads a counter of Metrics, e.g. InsertErrors, for a test to wait on.
+func counterValue(c prometheus.Counter) float64 {
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		return 0
+	}
+	return m.GetCounter().GetValue()
+}
+
 // counterAdapter feeds the raw Redis counters (quota's limits and alerts are tested in quota).
 type counterAdapter struct{ c *quota.Counters }
 
@@ -177,37 +173,20 @@ func (a counterAdapter) Add(ctx context.Context, t uuid.UUID, d, received time.T
 
 func (counterAdapter) Counted(context.Context, uuid.UUID, time.Time, string, int64, int64) {}
 
-type resp struct {
-	status int
-	header http.Header
-	body   map[string]any
-	raw    string
-}
+type resp struct{ fixture.Response }
 
+// post sends body as JSON (unless headers name another Content-Type) with key as the bearer.
 func (h *instance) post(t *testing.T, key, path string, body []byte, headers map[string]string) resp {
 	t.Helper()
-	req := httptest.NewRequest(http.MethodPost, path, bytes.NewReader(body))
-	if key != "" {
-		req.Header.Set("Authorization", "Bearer "+key)
-	}
-	req.Header.Set("Content-Type", "application/json")
+	hdr := map[string]string{"Content-Type": "application/json"}
 	for k, v := range headers {
-		req.Header.Set(k, v)
+		hdr[k] = v
 	}
-	res, err := h.app.Test(req, -1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer res.Body.Close()
-	raw, _ := io.ReadAll(res.Body)
-	r := resp{status: res.StatusCode, header: res.Header, raw: string(raw)}
-	_ = json.Unmarshal(raw, &r.body)
-	return r
+	return resp{h.srv.Do(t, fixture.Request{Method: http.MethodPost, Path: path, Key: key, Body: body, Header: hdr})}
 }
 
 func (r resp) accepted() int {
-	d, _ := r.body["data"].(map[string]any)
-	n, _ := d["accepted"].(float64)
+	n, _ := r.Data()["accepted"].(float64)
 	return int(n)
 }
 
@@ -257,17 +236,12 @@ func (h *harness) countIDs(t *testing.T, tenantID uuid.UUID, ids []string) int {
 // waitStored waits until exactly want of ids are stored for tenant.
 func (h *harness) waitStored(t *testing.T, tenantID uuid.UUID, ids []string, want int) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		got := h.countIDs(t, tenantID, ids)
-		if got == want {
-			return
+	testenv.Eventually(t, 20*time.Second, func() error {
+		if got := h.countIDs(t, tenantID, ids); got != want {
+			return fmt.Errorf("stored %d of the events, want %d (writer: %+v)", got, want, h.w.Stats())
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("stored %d of the events, want %d (writer: %+v)", got, want, h.w.Stats())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return nil
+	})
 }
 
 func gz(b []byte) []byte {
@@ -279,6 +253,7 @@ func gz(b []byte) []byte {
 }
 
 func TestIngestFormats(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{})
 	one := uuid.NewString()
 	arr, arrIDs := events(3, nil)
@@ -301,8 +276,8 @@ func TestIngestFormats(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			r := h.post(t, h.keyA, "/api/analytics/events", tc.body, tc.headers)
-			if r.status != 202 || r.accepted() != len(tc.ids) {
-				t.Fatalf("got %d %s, want 202 accepting %d", r.status, r.raw, len(tc.ids))
+			if r.Status != 202 || r.accepted() != len(tc.ids) {
+				t.Fatalf("got %d %s, want 202 accepting %d", r.Status, r.Raw, len(tc.ids))
 			}
 			h.waitStored(t, h.a.ID, tc.ids, len(tc.ids))
 		})
@@ -310,13 +285,14 @@ func TestIngestFormats(t *testing.T) {
 }
 
 func TestIngestStoresFieldsExactly(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{})
 	id := uuid.NewString()
 	ts := time.Now().UTC().Add(-time.Hour).Truncate(time.Second)
 	body := fmt.Sprintf(`{"id":%q,"event":"payments.checkout.created","user_id":"user-456","source":"payments","ts":%q,
 		"props":{ "email" : "o'brien@example.com", "note": "tab\there \"quoted\" \\ back" },"ip":"192.168.1.1","request_id":"req-789"}`, id, ts.Format(time.RFC3339))
-	if r := h.post(t, h.keyA, "/api/analytics/events", []byte(body), nil); r.status != 202 {
-		t.Fatalf("got %d %s", r.status, r.raw)
+	if r := h.post(t, h.keyA, "/api/analytics/events", []byte(body), nil); r.Status != 202 {
+		t.Fatalf("got %d %s", r.Status, r.Raw)
 	}
 	h.waitStored(t, h.a.ID, []string{id}, 1)
 	var got struct {
@@ -335,13 +311,14 @@ func TestIngestStoresFieldsExactly(t *testing.T) {
 }
 
 func TestIngestReportsEachInvalidEvent(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{})
 	body := `[{"event":"auth.user.login"},{"event":"Bad Name"},{"event":"a.b","source":"cron"},{"event":"a.b","props":[1]},7]`
 	r := h.post(t, h.keyA, "/api/analytics/events", []byte(body), nil)
-	if r.status != 202 || r.accepted() != 1 {
-		t.Fatalf("got %d %s, want 202 with 1 accepted", r.status, r.raw)
+	if r.Status != 202 || r.accepted() != 1 {
+		t.Fatalf("got %d %s, want 202 with 1 accepted", r.Status, r.Raw)
 	}
-	rej := r.body["data"].(map[string]any)["rejected"].([]any)
+	rej := r.Body["data"].(map[string]any)["rejected"].([]any)
 	var idx []int
 	for _, x := range rej {
 		m := x.(map[string]any)
@@ -355,17 +332,18 @@ func TestIngestReportsEachInvalidEvent(t *testing.T) {
 	}
 
 	r = h.post(t, h.keyA, "/api/analytics/events", []byte(`[{"event":"X"},{"source":"app"}]`), nil)
-	if r.status != 400 {
-		t.Fatalf("all invalid: got %d %s, want 400", r.status, r.raw)
+	if r.Status != 400 {
+		t.Fatalf("all invalid: got %d %s, want 400", r.Status, r.Raw)
 	}
-	e := r.body["error"].(map[string]any)
+	e := r.Body["error"].(map[string]any)
 	d := e["details"].(map[string]any)
 	if e["code"] != "invalid_events" || d["accepted"].(float64) != 0 || len(d["rejected"].([]any)) != 2 {
-		t.Errorf("400 body: %s", r.raw)
+		t.Errorf("400 body: %s", r.Raw)
 	}
 }
 
 func TestIngestStatuses(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{ingest: func(c *Config) { c.Limits.MaxEvents = 100; c.Limits.MaxBodyBytes = 64 << 10 }})
 	ok := []byte(`{"event":"a.b"}`)
 	bomb := gz(bytes.Repeat([]byte(" "), 10<<20))
@@ -396,13 +374,13 @@ func TestIngestStatuses(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			r := h.post(t, tc.key, "/api/analytics/events", tc.body, tc.headers)
-			if r.status != tc.status {
-				t.Fatalf("got %d %s, want %d", r.status, r.raw, tc.status)
+			if r.Status != tc.status {
+				t.Fatalf("got %d %s, want %d", r.Status, r.Raw, tc.status)
 			}
 			if tc.code != "" {
-				e, _ := r.body["error"].(map[string]any)
+				e, _ := r.Body["error"].(map[string]any)
 				if e == nil || e["code"] != tc.code || e["message"] == "" {
-					t.Errorf("error body %s, want code %s with a message", r.raw, tc.code)
+					t.Errorf("error body %s, want code %s with a message", r.Raw, tc.code)
 				}
 			}
 		})
@@ -411,15 +389,16 @@ func TestIngestStatuses(t *testing.T) {
 
 // A tenant_id in the body never writes into another tenant.
 func TestIngestBodyTenantCannotCrossTenants(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{})
 	id := uuid.NewString()
 	body := fmt.Sprintf(`[{"id":%q,"event":"a.b","tenant_id":%q},{"event":"a.b","tenant_id":%q}]`, id, h.b.ID, h.a.ID)
 	r := h.post(t, h.keyA, "/api/analytics/events", []byte(body), nil)
-	if r.status != 202 || r.accepted() != 1 {
-		t.Fatalf("got %d %s, want 202 accepting only the event naming its own tenant", r.status, r.raw)
+	if r.Status != 202 || r.accepted() != 1 {
+		t.Fatalf("got %d %s, want 202 accepting only the event naming its own tenant", r.Status, r.Raw)
 	}
-	if !strings.Contains(r.raw, "tenant always comes from the API key") {
-		t.Errorf("rejection does not explain: %s", r.raw)
+	if !strings.Contains(r.Raw, "tenant always comes from the API key") {
+		t.Errorf("rejection does not explain: %s", r.Raw)
 	}
 	h.w.Close(context.Background())
 	var n uint64
@@ -435,11 +414,12 @@ func TestIngestBodyTenantCannotCrossTenants(t *testing.T) {
 }
 
 func TestIngestTenThousandInOneRequest(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{})
 	body, ids := events(10_000, nil)
 	r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
-	if r.status != 202 || r.accepted() != 10_000 {
-		t.Fatalf("got %d %.200s", r.status, r.raw)
+	if r.Status != 202 || r.accepted() != 10_000 {
+		t.Fatalf("got %d %.200s", r.Status, r.Raw)
 	}
 	h.waitStored(t, h.a.ID, ids, 10_000)
 	var total uint64
@@ -452,19 +432,19 @@ func TestIngestTenThousandInOneRequest(t *testing.T) {
 }
 
 func TestIngestCountersFollowEventMap(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{})
 	body, _ := events(7, func(i int) map[string]any {
 		return map[string]any{"event": []string{"apikey.request", "apikey.request", "apikey.request", "builder.generate.completed", "webhook.delivered", "webhook.failed", "auth.user.login"}[i]}
 	})
-	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 {
-		t.Fatalf("got %d %s", r.status, r.raw)
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 {
+		t.Fatalf("got %d %s", r.Status, r.Raw)
 	}
-	if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(`{"metric":"api_requests_daily","n":10}`), nil); r.status != 202 {
-		t.Fatalf("usage: got %d %s", r.status, r.raw)
+	if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(`{"metric":"api_requests_daily","n":10}`), nil); r.Status != 202 {
+		t.Fatalf("usage: got %d %s", r.Status, r.Raw)
 	}
 	want := map[string]int64{"api_requests_daily": 13, "builds_daily": 1, "webhooks_daily": 2, "emails_daily": 0}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	testenv.Eventually(t, 5*time.Second, func() error {
 		got := map[string]int64{}
 		for m := range want {
 			n, _, err := h.counters.Get(context.Background(), h.a.ID, m, time.Now())
@@ -473,14 +453,11 @@ func TestIngestCountersFollowEventMap(t *testing.T) {
 			}
 			got[m] = n
 		}
-		if fmt.Sprint(got) == fmt.Sprint(want) {
-			break
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			return fmt.Errorf("live counters %v, want %v", got, want)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("live counters %v, want %v", got, want)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return nil
+	})
 	// Tenant B's counters are untouched.
 	if n, ok, _ := h.counters.Get(context.Background(), h.b.ID, "api_requests_daily", time.Now()); ok || n != 0 {
 		t.Errorf("tenant B counter = %d, want none", n)
@@ -488,10 +465,11 @@ func TestIngestCountersFollowEventMap(t *testing.T) {
 }
 
 func TestUsageIncrementReachesDailyUsage(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{})
 	for _, n := range []string{`{"metric":"api_requests_daily","n":5}`, `{"metric":"api_requests_daily"}`} {
-		if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(n), nil); r.status != 202 {
-			t.Fatalf("%s: got %d %s", n, r.status, r.raw)
+		if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(n), nil); r.Status != 202 {
+			t.Fatalf("%s: got %d %s", n, r.Status, r.Raw)
 		}
 	}
 	// Usage only grows (a write key could erase what it is billed for), and increments never take
@@ -499,15 +477,15 @@ func TestUsageIncrementReachesDailyUsage(t *testing.T) {
 	for _, bad := range []string{`{"metric":"Bad Metric"}`, `{"metric":"x","n":1.5}`, `{"metric":"x","n":0}`, `nope`,
 		`{"metric":"api_requests_daily","n":-2}`, `{"metric":"builds_daily","n":-1000000000}`,
 		`{"metric":"auth.user.login","n":1000}`, `{"metric":"api.requests","n":1}`, `{"metric":"x","n":1000000001}`} {
-		if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(bad), nil); r.status != 400 {
-			t.Errorf("%s: got %d %s, want 400", bad, r.status, r.raw)
+		if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(bad), nil); r.Status != 400 {
+			t.Errorf("%s: got %d %s, want 400", bad, r.Status, r.Raw)
 		}
 	}
 	// An unknown field is refused, not dropped: {"count":5} used to add 1, not 5.
 	for body, want := range map[string]string{`{"metric":"api_requests_daily","count":5}`: `unknown field \"count\" (did you mean \"n\"?)`,
 		`{"Metric":"api_requests_daily"}`: `unknown field \"Metric\" (did you mean \"metric\"?)`} {
-		if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(body), nil); r.status != 400 || !strings.Contains(r.raw, want) {
-			t.Errorf("%s: got %d %s, want 400 saying %s", body, r.status, r.raw, want)
+		if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(body), nil); r.Status != 400 || !strings.Contains(r.Raw, want) {
+			t.Errorf("%s: got %d %s, want 400 saying %s", body, r.Status, r.Raw, want)
 		}
 	}
 	h.w.Close(context.Background())
@@ -521,11 +499,12 @@ func TestUsageIncrementReachesDailyUsage(t *testing.T) {
 }
 
 func TestIngestDisabledIsAcknowledgedNoOp(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{ingest: func(c *Config) { c.Enabled = false }})
 	body, ids := events(3, nil)
 	r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
-	if r.status != 202 || !strings.Contains(r.raw, `"disabled":true`) || r.accepted() != 0 {
-		t.Fatalf("got %d %s, want 202 saying analytics is disabled", r.status, r.raw)
+	if r.Status != 202 || !strings.Contains(r.Raw, `"disabled":true`) || r.accepted() != 0 {
+		t.Fatalf("got %d %s, want 202 saying analytics is disabled", r.Status, r.Raw)
 	}
 	h.w.Close(context.Background())
 	if n := h.countIDs(t, h.a.ID, ids); n != 0 {
@@ -537,15 +516,18 @@ func TestIngestDisabledIsAcknowledgedNoOp(t *testing.T) {
 // wait in the spool — their ids cannot be proven new — and are stored exactly once when Redis answers,
 // a retry sent during the outage included.
 func TestIngestRedisDownStillAccepts(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{proxyRD: true})
 	h.rdProxy.SetDown(true)
 	body, ids := events(20, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
 	for try := 0; try < 2; try++ {
 		r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
-		if r.status != 202 || r.accepted() != 20 || r.header.Get("X-Analytics-Degraded") == "" {
-			t.Fatalf("with redis down: got %d %s (degraded %q), want 202 accepting 20, marked degraded", r.status, r.raw, r.header.Get("X-Analytics-Degraded"))
+		if r.Status != 202 || r.accepted() != 20 || r.Header.Get("X-Analytics-Degraded") == "" {
+			t.Fatalf("with redis down: got %d %s (degraded %q), want 202 accepting 20, marked degraded", r.Status, r.Raw, r.Header.Get("X-Analytics-Degraded"))
 		}
 	}
+	// A window in which nothing may ship, not a poll: the writer exposes no count of the claims it
+	// could not make, so there is no state to wait for.
 	time.Sleep(300 * time.Millisecond)
 	if n := h.countIDs(t, h.a.ID, ids); n != 0 {
 		t.Fatalf("%d rows shipped while their ids could not be verified", n)
@@ -565,19 +547,26 @@ func TestIngestRedisDownStillAccepts(t *testing.T) {
 // The headline promise: with ClickHouse unreachable, ingest keeps acknowledging, and every
 // acknowledged event lands once ClickHouse is back.
 func TestIngestSurvivesClickHouseOutage(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{proxyCH: true})
 	h.chProxy.SetDown(true)
 	var acked []string
 	for i := 0; i < 20; i++ {
 		body, ids := events(50, nil)
 		r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
-		if r.status != 202 {
-			t.Fatalf("request %d during outage: got %d %s, want 202", i, r.status, r.raw)
+		if r.Status != 202 {
+			t.Fatalf("request %d during outage: got %d %s, want 202", i, r.Status, r.Raw)
 		}
 		acked = append(acked, ids...)
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(20 * time.Millisecond) // the scenario: requests spread over several flushes
 	}
-	time.Sleep(300 * time.Millisecond) // let several inserts fail and back off
+	// Several inserts fail and back off.
+	testenv.Eventually(t, 10*time.Second, func() error {
+		if n := counterValue(h.metrics.InsertErrors); n < 2 {
+			return fmt.Errorf("%v failed inserts, want several", n)
+		}
+		return nil
+	})
 	if st := h.w.Stats(); st.PendingSegments == 0 || st.LastError == "" {
 		t.Fatalf("writer stats during outage %+v: want pending segments and an error", st)
 	}
@@ -590,6 +579,7 @@ func TestIngestSurvivesClickHouseOutage(t *testing.T) {
 
 // A full spool refuses with 503 + Retry-After instead of acknowledging what it cannot keep.
 func TestIngestFullSpoolRefuses(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{proxyCH: true, writer: func(c *WriterConfig) { c.MaxSpoolBytes = 64 << 10 }})
 	h.chProxy.SetDown(true)
 	var acked []string
@@ -597,16 +587,16 @@ func TestIngestFullSpoolRefuses(t *testing.T) {
 	for i := 0; i < 40 && refused == 0; i++ {
 		body, ids := events(50, nil)
 		r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
-		switch r.status {
+		switch r.Status {
 		case 202:
 			acked = append(acked, ids...)
 		case 503:
 			refused++
-			if r.header.Get("Retry-After") == "" {
-				t.Errorf("503 without Retry-After: %s", r.raw)
+			if r.Header.Get("Retry-After") == "" {
+				t.Errorf("503 without Retry-After: %s", r.Raw)
 			}
 		default:
-			t.Fatalf("got %d %s", r.status, r.raw)
+			t.Fatalf("got %d %s", r.Status, r.Raw)
 		}
 	}
 	if refused == 0 || len(acked) == 0 {
@@ -618,15 +608,16 @@ func TestIngestFullSpoolRefuses(t *testing.T) {
 
 // Memory mode has no spool: its full buffer is also a 503, never a silent drop.
 func TestIngestMemoryModeFullBufferRefuses(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{proxyCH: true, writer: func(c *WriterConfig) { c.Durability = DurabilityMemory; c.MaxBufferedRows = 100 }})
 	h.chProxy.SetDown(true)
 	body, _ := events(80, nil)
-	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 {
-		t.Fatalf("first request: got %d %s", r.status, r.raw)
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 {
+		t.Fatalf("first request: got %d %s", r.Status, r.Raw)
 	}
 	r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
-	if r.status != 503 || r.header.Get("Retry-After") == "" {
-		t.Fatalf("second request over the buffer: got %d %s, want 503 with Retry-After", r.status, r.raw)
+	if r.Status != 503 || r.Header.Get("Retry-After") == "" {
+		t.Fatalf("second request over the buffer: got %d %s, want 503 with Retry-After", r.Status, r.Raw)
 	}
 	h.chProxy.SetDown(false) // let the cleanup's graceful close flush
 }
@@ -635,6 +626,7 @@ func TestIngestMemoryModeFullBufferRefuses(t *testing.T) {
 // succeeded but the segment was not yet deleted) are not inserted twice. The segments here are in the
 // first release's format, as an upgrade finds them.
 func TestSpoolReplayAfterCrashIsExactlyOnce(t *testing.T) {
+	t.Parallel()
 	env := testenv.Migrated(t)
 	dir := t.TempDir()
 	tenantID := uuid.New()
@@ -710,6 +702,7 @@ func insertRows(t *testing.T, ch driver.Conn, db string, rows []Row) {
 
 // Graceful shutdown flushes everything still buffered.
 func TestWriterCloseFlushes(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t, opts{writer: func(c *WriterConfig) { c.FlushInterval = time.Hour; c.BatchRows = 1_000_000 }})
 	var wg sync.WaitGroup
 	var ids []string
@@ -719,8 +712,8 @@ func TestWriterCloseFlushes(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.status != 202 {
-				t.Errorf("got %d", r.status)
+			if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 {
+				t.Errorf("got %d", r.Status)
 			}
 		}()
 	}
@@ -736,7 +729,7 @@ func TestWriterCloseFlushes(t *testing.T) {
 	}
 	body, _ := events(1, nil)
 	r := h.post(t, h.keyA, "/api/analytics/events", body, nil)
-	if r.status != 503 {
-		t.Errorf("after close: got %d, want 503", r.status)
+	if r.Status != 503 {
+		t.Errorf("after close: got %d, want 503", r.Status)
 	}
 }
