@@ -7,44 +7,33 @@ import (
 	"time"
 
 	"github.com/gofiber/fiber/v2"
-	"github.com/golang-jwt/jwt/v5"
 
+	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 	"github.com/analyticsd/analyticsd/ratelimit"
 )
 
 // Every refusal of the middleware, byte for byte: clients parse the codes, show the messages and
 // wait the Retry-After seconds, so none of them may change by accident.
 func TestErrorResponses(t *testing.T) {
+	t.Parallel()
 	f := newAuthFixture(t)
 	ctx := context.Background()
-	f.app.Get("/admin", f.authn.Require(auth.ScopeAnalyticsAdmin), func(c *fiber.Ctx) error { return c.SendString("ok") })
-	keys := auth.NewKeys(f.env.PG)
-	unseen, _, err := keys.Create(ctx, f.tenant.ID, "", []auth.Scope{auth.ScopeAnalyticsRead})
-	if err != nil {
-		t.Fatal(err)
-	}
-	globex, err := f.reg.Create(ctx, "globex", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	disabled, _, err := keys.Create(ctx, globex.ID, "", []auth.Scope{auth.ScopeAnalyticsRead})
-	if err != nil {
-		t.Fatal(err)
-	}
+	unseen, _ := fixture.Key(t, f.env.PG, f.tenant.ID, "", auth.ScopeAnalyticsRead)
+	globex := fixture.Tenant(t, f.env.PG, "globex")
+	disabled, _ := fixture.Key(t, f.env.PG, globex.ID, "", auth.ScopeAnalyticsRead)
 	if _, _, err := f.reg.SetDisabled(ctx, "globex", true); err != nil {
 		t.Fatal(err)
 	}
 	// One token per 100 s, burst 1: the second request is refused for 100 s.
-	limited := auth.NewAuthenticator(keys, f.reg, auth.JWTConfig{})
+	limited := auth.NewAuthenticator(auth.NewKeys(f.env.PG), f.reg, auth.JWTConfig{})
 	limiter := ratelimit.New(ratelimit.Config{Rate: 0.01, Burst: 1}, f.env.Redis, f.env.Prefix)
-	f.app.Get("/limited", limited.Require(auth.ScopeAnalyticsRead, limiter.Limit), func(c *fiber.Ctx) error { return c.SendString("ok") })
+	limitedApp := api.NewApp(api.Config{}, nil)
+	limitedApp.Get("/limited", limited.Require(auth.ScopeAnalyticsRead, limiter.Limit), func(c *fiber.Ctx) error { return c.SendString("ok") })
+	limitedSrv := fixture.Serve(t, limitedApp)
 
-	member, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"sub": "u1", "tenant": "acme", "role": "member",
-		"exp": time.Now().Add(time.Hour).Unix()}).SignedString(f.secret)
-	if err != nil {
-		t.Fatal(err)
-	}
+	member := fixture.JWT(t, f.secret, "u1", "acme", "member", time.Hour)
 	unauthorized := func(msg string) string {
 		return `{"error":{"code":"unauthorized","message":"` + msg + `"},"success":false}`
 	}
@@ -82,15 +71,17 @@ func TestErrorResponses(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			f.reg.down.Store(c.down)
 			defer f.reg.down.Store(false)
+			srv, req := f.srv, fixture.Request{Path: c.path, Key: c.token, Header: c.header}
 			if c.path == "/limited" {
+				srv = limitedSrv
 				// The request that takes the only token, just before (Retry-After counts down from 100).
-				if st, _, raw := f.get(t, c.path, c.token, c.header); st != 200 {
-					t.Fatalf("first request: %d %s", st, raw)
+				if r := srv.Do(t, req); r.Status != 200 {
+					t.Fatalf("first request: %d %s", r.Status, r.Raw)
 				}
 			}
-			st, hdr, raw := f.get(t, c.path, c.token, c.header)
-			if st != c.status || hdr.Get("Retry-After") != c.retryAfter || raw != c.want {
-				t.Errorf("got %d, Retry-After %q:\n%s\nwant %d, Retry-After %q:\n%s", st, hdr.Get("Retry-After"), raw, c.status, c.retryAfter, c.want)
+			r := srv.Do(t, req)
+			if r.Status != c.status || r.Header.Get("Retry-After") != c.retryAfter || r.Raw != c.want {
+				t.Errorf("got %d, Retry-After %q:\n%s\nwant %d, Retry-After %q:\n%s", r.Status, r.Header.Get("Retry-After"), r.Raw, c.status, c.retryAfter, c.want)
 			}
 		})
 	}

@@ -10,29 +10,19 @@ import (
 
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/internal/testenv"
-	"github.com/analyticsd/analyticsd/tenant"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 )
 
 // An operator names a key by id, by prefix, or by the whole key (what leaked); the whole key is
 // matched by its hash, so a forged secret with a real prefix finds nothing. Before, only id and
 // prefix were accepted and a whole key was "not found".
 func TestFindKeyByIDPrefixOrWholeKey(t *testing.T) {
+	t.Parallel()
 	env := testenv.Migrated(t)
 	ctx := context.Background()
-	tenants := tenant.NewStore(env.PG)
-	acme, err := tenants.Create(ctx, "acme", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	other, err := tenants.Create(ctx, "other", "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	acme, other := fixture.Tenant(t, env.PG, "acme"), fixture.Tenant(t, env.PG, "other")
 	keys := auth.NewKeys(env.PG)
-	plain, rec, err := keys.Create(ctx, acme.ID, "ci", []auth.Scope{auth.ScopeEventsWrite})
-	if err != nil {
-		t.Fatal(err)
-	}
+	plain, rec := fixture.Key(t, env.PG, acme.ID, "ci", auth.ScopeEventsWrite)
 	forged := plain[:len(plain)-1] + map[bool]string{true: "B", false: "A"}[strings.HasSuffix(plain, "A")]
 	check := func(name string, tenantID uuid.UUID, ref string, found bool) {
 		t.Helper()
@@ -60,17 +50,11 @@ func TestFindKeyByIDPrefixOrWholeKey(t *testing.T) {
 // Revoking twice changes nothing the second time and says so, so the caller audits once. Before,
 // the second revoke looked like the first.
 func TestRevokeTwiceReportsAlreadyRevoked(t *testing.T) {
+	t.Parallel()
 	env := testenv.Migrated(t)
 	ctx := context.Background()
-	acme, err := tenant.NewStore(env.PG).Create(ctx, "acme", "")
-	if err != nil {
-		t.Fatal(err)
-	}
 	keys := auth.NewKeys(env.PG)
-	plain, rec, err := keys.Create(ctx, acme.ID, "", []auth.Scope{auth.ScopeEventsWrite})
-	if err != nil {
-		t.Fatal(err)
-	}
+	plain, rec := fixture.Key(t, env.PG, fixture.Tenant(t, env.PG, "acme").ID, "", auth.ScopeEventsWrite)
 	first, already, err := keys.RevokeID(ctx, rec.ID)
 	if err != nil || already || first.RevokedAt == nil {
 		t.Fatalf("first revoke: %+v already=%v err=%v; want revoked now", first, already, err)

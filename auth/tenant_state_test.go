@@ -5,22 +5,19 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
-	"github.com/golang-jwt/jwt/v5"
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 	"github.com/analyticsd/analyticsd/tenant"
 )
 
@@ -57,71 +54,42 @@ type authFixture struct {
 	tenant tenant.Tenant
 	key    string
 	secret []byte
-	app    *fiber.App
 	authn  *auth.Authenticator
+	srv    *fixture.Server
 }
 
-// newAuthFixture: tenant "acme" with an events:write key, behind an authenticator that trusts its
-// cache for 50 ms (instead of 5 s) so a test can wait it out.
+// newAuthFixture: tenant "acme" with an events:write and analytics:read key, behind an authenticator
+// that trusts its cache for 50 ms (instead of 5 s) so a test can wait it out; GET /x needs
+// analytics:read, GET /admin analytics:admin.
 func newAuthFixture(t *testing.T) *authFixture {
 	t.Helper()
 	f := &authFixture{env: testenv.Migrated(t), secret: []byte("0123456789abcdef0123456789abcdef")}
-	ctx := context.Background()
 	f.reg = &registry{Store: tenant.NewStore(f.env.PG)}
-	var err error
-	if f.tenant, err = f.reg.Create(ctx, "acme", ""); err != nil {
-		t.Fatal(err)
-	}
-	keys := auth.NewKeys(f.env.PG)
-	if f.key, _, err = keys.Create(ctx, f.tenant.ID, "", []auth.Scope{auth.ScopeEventsWrite, auth.ScopeAnalyticsRead}); err != nil {
-		t.Fatal(err)
-	}
-	f.authn = auth.NewAuthenticator(keys, f.reg, auth.JWTConfig{Secret: f.secret})
+	f.tenant = fixture.Tenant(t, f.env.PG, "acme")
+	f.key, _ = fixture.Key(t, f.env.PG, f.tenant.ID, "", auth.ScopeEventsWrite, auth.ScopeAnalyticsRead)
+	f.authn = auth.NewAuthenticator(auth.NewKeys(f.env.PG), f.reg, auth.JWTConfig{Secret: f.secret})
 	f.authn.FreshFor = 50 * time.Millisecond
-	f.app = api.NewApp(api.Config{}, nil)
-	f.app.Get("/x", f.authn.Require(auth.ScopeAnalyticsRead), func(c *fiber.Ctx) error { return c.SendString("ok") })
+	app := api.NewApp(api.Config{}, nil)
+	app.Get("/x", f.authn.Require(auth.ScopeAnalyticsRead), func(c *fiber.Ctx) error { return c.SendString("ok") })
+	app.Get("/admin", f.authn.Require(auth.ScopeAnalyticsAdmin), func(c *fiber.Ctx) error { return c.SendString("ok") })
+	f.srv = fixture.Serve(t, app)
 	return f
 }
 
 func (f *authFixture) jwt(t *testing.T, slug string) string {
 	t.Helper()
-	s, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"sub": "u1", "tenant": slug, "role": "owner",
-		"exp": time.Now().Add(time.Hour).Unix()}).SignedString(f.secret)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
+	return fixture.JWT(t, f.secret, "u1", slug, "owner", time.Hour)
 }
 
-// status sends GET /x with the bearer token and returns the status and the error code.
+// status sends GET /x with the bearer token and returns the status and the error's message.
 func (f *authFixture) status(t *testing.T, token string) (int, string) {
 	t.Helper()
-	code, _, raw := f.get(t, "/x", token, nil)
+	r := f.srv.Get(t, token, "", "/x")
 	var body struct {
 		Error struct{ Code, Message string } `json:"error"`
 	}
-	_ = json.Unmarshal([]byte(raw), &body)
-	return code, body.Error.Message
-}
-
-// get sends GET path with the bearer token (none when empty) and the headers, and returns the
-// status, the response headers and the body as sent.
-func (f *authFixture) get(t *testing.T, path, token string, header map[string]string) (int, http.Header, string) {
-	t.Helper()
-	req := httptest.NewRequest(http.MethodGet, path, nil)
-	if token != "" {
-		req.Header.Set("Authorization", "Bearer "+token)
-	}
-	for k, v := range header {
-		req.Header.Set(k, v)
-	}
-	res, err := f.app.Test(req, -1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer res.Body.Close()
-	raw, _ := io.ReadAll(res.Body)
-	return res.StatusCode, res.Header, string(raw)
+	_ = json.Unmarshal([]byte(r.Raw), &body)
+	return r.Status, body.Error.Message
 }
 
 // A tenant the registry says does not exist is an answer, not an outage: its key must not be served
@@ -155,7 +123,7 @@ func TestRegistryOutageUsesStaleCache(t *testing.T) {
 		}
 	}
 	f.reg.down.Store(true)
-	time.Sleep(60 * time.Millisecond)
+	time.Sleep(60 * time.Millisecond) // not a poll: past FreshFor, so the stale cache is what answers
 	for name, tok := range map[string]string{"key": f.key, "jwt": token} {
 		if code, msg := f.status(t, tok); code != 200 {
 			t.Errorf("%s during a registry outage: got %d %q, want 200 from the stale cache", name, code, msg)
@@ -178,7 +146,7 @@ func TestDeletedTenantIsRefused(t *testing.T) {
 	if _, err := f.env.PG.Exec(context.Background(), "DELETE FROM tenants WHERE id = $1", f.tenant.ID); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(60 * time.Millisecond)
+	time.Sleep(60 * time.Millisecond) // not a poll: the promise is "within FreshFor" (50 ms)
 	if code, msg := f.status(t, f.key); code != 401 {
 		t.Errorf("key of a deleted tenant: got %d %q, want 401", code, msg)
 	}
@@ -204,7 +172,7 @@ func TestDisabledTenantIsRefused(t *testing.T) {
 	if _, changed, err := f.reg.SetDisabled(ctx, "acme", true); err != nil || changed {
 		t.Errorf("disable again: changed %v, err %v; want no change and no error", changed, err)
 	}
-	time.Sleep(60 * time.Millisecond)
+	time.Sleep(60 * time.Millisecond) // not a poll: the promise is "within FreshFor" (50 ms)
 	for name, tok := range map[string]string{"key": f.key, "jwt": token} {
 		if code, msg := f.status(t, tok); code != 403 || !strings.Contains(msg, "disabled") {
 			t.Errorf("%s of a disabled tenant: got %d %q, want 403 saying the tenant is disabled", name, code, msg)
@@ -213,7 +181,7 @@ func TestDisabledTenantIsRefused(t *testing.T) {
 	if _, _, err := f.reg.SetDisabled(ctx, "acme", false); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(60 * time.Millisecond)
+	time.Sleep(60 * time.Millisecond) // not a poll: past FreshFor
 	for name, tok := range map[string]string{"key": f.key, "jwt": token} {
 		if code, msg := f.status(t, tok); code != 200 {
 			t.Errorf("%s after enabling: got %d %q, want 200", name, code, msg)
@@ -246,7 +214,7 @@ func TestRotatedKeyExpiresAfterOverlap(t *testing.T) {
 	if code, msg := f.status(t, f.key); code != 200 {
 		t.Errorf("old key inside the overlap: got %d %q, want 200", code, msg)
 	}
-	time.Sleep(time.Until(*ok.ExpiresAt) + 50*time.Millisecond)
+	time.Sleep(time.Until(*ok.ExpiresAt) + 50*time.Millisecond) // not a poll: waits out the overlap
 	if code, msg := f.status(t, f.key); code != 401 || !strings.Contains(msg, "expired") {
 		t.Errorf("old key after the overlap: got %d %q, want 401 saying it expired", code, msg)
 	}
