@@ -35,7 +35,6 @@ type Service struct {
 	w       *Writer
 	metrics *Metrics
 	counts  *liveCounts
-	levels  Levels
 	log     *slog.Logger
 	now     func() time.Time
 }
@@ -70,16 +69,6 @@ func NewService(cfg Config, w *Writer, counter Counter, m *Metrics, log *slog.Lo
 	}
 	return s
 }
-
-// Levels sets level metrics (e.g. storage_gb: a value that is set, not counted); *quota.Service
-// implements it.
-type Levels interface {
-	IsLevel(metric string) bool
-	SetLevel(ctx context.Context, tenant uuid.UUID, metric string, value float64) error
-}
-
-// UseLevels lets POST /usage set level metrics with {"metric":"storage_gb","value":12.5}.
-func (s *Service) UseLevels(l Levels) { s.levels = l }
 
 // RecordIncrement stores an increment durably. counted says the live counters have it already
 // (quota's consume counted it in its own script); otherwise its claim counts it. With an idempotency
@@ -122,10 +111,15 @@ func (s *Service) Emit(ctx context.Context, tenant uuid.UUID, slug, event string
 func (s *Service) Close() { s.counts.close() }
 
 // Register mounts POST /events and POST /usage on r behind mw (authentication first, then e.g. the
-// Idempotency-Key middleware).
-func (s *Service) Register(r fiber.Router, mw ...fiber.Handler) {
-	r.Post("/events", append(mw, s.postEvents)...)
-	r.Post("/usage", append(mw, s.postUsage)...)
+// Idempotency-Key middleware). levels, when not nil, answers the /usage requests that name a level
+// metric (storage_gb: set, not counted), just before postUsage; quota owns them (quota.Service.Levels).
+func (s *Service) Register(r fiber.Router, levels fiber.Handler, mw ...fiber.Handler) {
+	r.Post("/events", append(slices.Clip(mw), s.postEvents)...)
+	usage := slices.Clip(mw)
+	if levels != nil {
+		usage = append(usage, levels)
+	}
+	r.Post("/usage", append(usage, s.postUsage)...)
 }
 
 // EventsResult is the body of a 202 (or, with nothing accepted, the details of a 400).
@@ -340,7 +334,8 @@ func (s *Service) count(p api.Principal, b *batch, now time.Time) {
 type UsageRequest struct {
 	Metric string          `json:"metric"`
 	N      json.RawMessage `json:"n"`
-	// Value sets a level metric (storage_gb) instead of adding to a count.
+	// Value sets a level metric (storage_gb) instead of adding to a count. Levels are answered before
+	// postUsage (Register's levels), so a value that reaches it names a counted metric: refused.
 	Value json.RawMessage `json:"value"`
 }
 
@@ -371,10 +366,7 @@ func (s *Service) postUsage(c *fiber.Ctx) error {
 		return api.BadRequest("invalid_metric", "metric: "+MetricRule)
 	}
 	if len(req.Value) > 0 && string(req.Value) != "null" {
-		return s.setLevel(c, p, req)
-	}
-	if s.levels != nil && s.levels.IsLevel(req.Metric) {
-		return api.BadRequest("invalid_body", req.Metric+` is a level, not a count: send {"metric":"`+req.Metric+`","value":12.5}`)
+		return api.BadRequest("invalid_body", req.Metric+` is counted, not a level: send {"metric":"`+req.Metric+`","n":1} (value is for level metrics such as storage_gb)`)
 	}
 	n := int64(1)
 	if len(req.N) > 0 && string(req.N) != "null" {
@@ -444,23 +436,6 @@ func newID() uuid.UUID {
 		return uuid.New()
 	}
 	return id
-}
-
-func (s *Service) setLevel(c *fiber.Ctx, p api.Principal, req UsageRequest) error {
-	if s.levels == nil || !s.levels.IsLevel(req.Metric) {
-		return api.BadRequest("invalid_body", req.Metric+` is counted, not a level: send {"metric":"`+req.Metric+`","n":1} (value is for level metrics such as storage_gb)`)
-	}
-	v, err := strconv.ParseFloat(string(req.Value), 64)
-	if err != nil || v < 0 || v > 1e15 || v != v {
-		return api.BadRequest("invalid_value", "value must be a number from 0 to 1e15")
-	}
-	if !s.cfg.Enabled {
-		return api.Respond(c, http.StatusAccepted, fiber.Map{"metric": req.Metric, "value": v, "accepted": 0, "disabled": true})
-	}
-	if err := s.levels.SetLevel(c.UserContext(), p.TenantID, req.Metric, v); err != nil {
-		return api.Unavailable("storage_unavailable", "could not store the level; retry shortly", 5, err)
-	}
-	return api.Respond(c, http.StatusAccepted, fiber.Map{"metric": req.Metric, "value": v, "accepted": 1})
 }
 
 // httpError maps ingest's errors to responses, for both endpoints and for quota's consume (through

@@ -3,26 +3,14 @@ package ingest
 import (
 	"bytes"
 	"context"
-	"errors"
 	"testing"
-
-	"github.com/google/uuid"
 )
-
-// failingLevels is a level store that cannot store anything.
-type failingLevels struct{}
-
-func (failingLevels) IsLevel(metric string) bool { return metric == "storage_gb" }
-func (failingLevels) SetLevel(context.Context, uuid.UUID, string, float64) error {
-	return errors.New("redis: connection refused")
-}
 
 // Every refusal of the write endpoints, byte for byte: clients parse the codes, show the messages
 // and wait the Retry-After seconds, so none of them may change by accident.
 func TestErrorResponses(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, opts{ingest: func(c *Config) { c.Limits.MaxEvents = 2; c.Limits.MaxBodyBytes = 1000 }})
-	h.svc.UseLevels(failingLevels{})
 	full := h.newInstance(t, opts{writer: func(c *WriterConfig) { c.Durability = DurabilityMemory; c.MaxBufferedRows = 1 }})
 	closed := h.newInstance(t, opts{})
 	if err := closed.w.Close(context.Background()); err != nil {
@@ -68,8 +56,6 @@ func TestErrorResponses(t *testing.T) {
 			`{"error":{"code":"invalid_body","message":"body must be JSON like {\"metric\":\"api_requests_daily\",\"n\":1}"},"success":false}`},
 		{"usage bad n", h.instance, usage, []byte(`{"metric":"builds_daily","n":0}`), nil, 400, "",
 			`{"error":{"code":"invalid_n","message":"n must be a whole number from 1 to 1000000000 (default 1); usage cannot be taken back"},"success":false}`},
-		{"level not stored", h.instance, usage, []byte(`{"metric":"storage_gb","value":1}`), nil, 503, "5",
-			`{"error":{"code":"storage_unavailable","message":"could not store the level; retry shortly"},"success":false}`},
 		{"usage while shutting down", closed, usage, []byte(`{"metric":"builds_daily"}`), nil, 503, "1",
 			`{"error":{"code":"shutting_down","message":"server is shutting down; retry on another instance"},"success":false}`},
 	}

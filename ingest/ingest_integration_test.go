@@ -131,7 +131,7 @@ func (h *harness) newInstance(t *testing.T, o opts) *instance {
 	})
 	app := api.NewApp(api.Config{}, nil)
 	authn := auth.NewAuthenticator(h.keys, h.tenants, auth.JWTConfig{})
-	in.svc.Register(app.Group("/api/analytics"), append([]fiber.Handler{authn.Require(auth.ScopeEventsWrite)}, mw...)...)
+	in.svc.Register(app.Group("/api/analytics"), nil, append([]fiber.Handler{authn.Require(auth.ScopeEventsWrite)}, mw...)...)
 	in.srv = fixture.Serve(t, app)
 	return in
 }

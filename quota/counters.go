@@ -1,5 +1,6 @@
 // Package quota owns the live per-tenant usage counters in Redis and, on top of them, quota limits:
-// defaults, per-tenant overrides, checks, the atomic consume and soft alerts. ClickHouse stays the
+// defaults, per-tenant overrides, checks, the atomic consume and soft alerts; and the level metrics
+// (storage_gb: set, not counted) in Postgres's usage_levels, with their part of POST /usage (Levels). ClickHouse stays the
 // source of truth: Redis holds each day's running counts for fast answers, and a periodic
 // reconciliation with ClickHouse brings them back to the truth after any fault (reconcile.go).
 package quota

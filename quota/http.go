@@ -1,7 +1,9 @@
 package quota
 
 import (
+	"encoding/json"
 	"errors"
+	"net/http"
 	"strconv"
 
 	"github.com/gofiber/fiber/v2"
@@ -17,6 +19,44 @@ func (s *Service) Register(r fiber.Router, read, write fiber.Handler, writeMW ..
 	r.Get("/quotas", read, s.getAll)
 	r.Get("/quotas/:metric", read, s.getOne)
 	r.Post("/quotas/:metric/consume", append([]fiber.Handler{write}, append(writeMW, s.postConsume)...)...)
+}
+
+// Levels is the level half of POST /usage, mounted by ingest's Register in that route's chain before
+// its own handler. A level metric (storage_gb: a value that is set, not counted) is answered here:
+// {"metric":"storage_gb","value":12.5} is stored in usage_levels, and a count of it is refused. Every
+// other request goes on to ingest, which counts it — and answers every body that is not a plain
+// usage request (not JSON, unknown fields, a metric that is not a string), so those are refused
+// exactly as for any metric.
+func (s *Service) Levels(c *fiber.Ctx) error {
+	var req map[string]json.RawMessage
+	if err := json.Unmarshal(c.Request().Body(), &req); err != nil {
+		return c.Next()
+	}
+	for k := range req {
+		if k != "metric" && k != "n" && k != "value" {
+			return c.Next()
+		}
+	}
+	var metric string
+	if err := json.Unmarshal(req["metric"], &metric); err != nil || !s.IsLevel(metric) {
+		return c.Next()
+	}
+	value := req["value"]
+	if len(value) == 0 || string(value) == "null" {
+		return api.BadRequest("invalid_body", metric+` is a level, not a count: send {"metric":"`+metric+`","value":12.5}`)
+	}
+	v, err := strconv.ParseFloat(string(value), 64)
+	if err != nil || v < 0 || v > 1e15 || v != v {
+		return api.BadRequest("invalid_value", "value must be a number from 0 to 1e15")
+	}
+	if s.cfg.AnalyticsDisabled {
+		return api.Respond(c, http.StatusAccepted, fiber.Map{"metric": metric, "value": v, "accepted": 0, "disabled": true})
+	}
+	p, _ := api.PrincipalOf(c)
+	if err := s.SetLevel(c.UserContext(), p.TenantID, metric, v); err != nil {
+		return api.Unavailable("storage_unavailable", "could not store the level; retry shortly", 5, err)
+	}
+	return api.Respond(c, http.StatusAccepted, fiber.Map{"metric": metric, "value": v, "accepted": 1})
 }
 
 func (s *Service) getAll(c *fiber.Ctx) error {

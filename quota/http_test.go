@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/analyticsd/analyticsd/audit"
@@ -91,5 +92,25 @@ func TestErrorResponses(t *testing.T) {
 				t.Errorf("got %d, Retry-After %q:\n%s\nwant %d, Retry-After %q:\n%s", st, hdr.Get("Retry-After"), raw, c.status, c.retryAfter, c.want)
 			}
 		})
+	}
+}
+
+// A level that cannot be stored (Postgres unreachable) is a 503 to retry, byte for byte (levels are
+// answered by quota's part of POST /usage; ingest's TestErrorResponses held this case before).
+func TestLevelNotStored(t *testing.T) {
+	h := newHarness(t)
+	h.service(t, Config{Enabled: true}, nil, nil)
+	down, err := pgxpool.New(context.Background(), "postgres://analyticsd@127.0.0.1:1/none?connect_timeout=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(down.Close)
+	s := NewService(Config{Enabled: true, EventMetrics: ingest.DefaultEventMetrics()}, NewCounters(h.env.Redis, h.env.Prefix),
+		NewLimits(map[string]float64{"storage_gb": 50}, h.tenants, time.Millisecond), h.env.CH, h.env.DB, down, audit.New(down), nil, nil)
+	t.Cleanup(func() { s.Close(context.Background()) })
+	st, hdr, raw := callRaw(t, h.app(s, h.ingest), http.MethodPost, "/api/analytics/usage", h.keyW, `{"metric":"storage_gb","value":1}`)
+	want := `{"error":{"code":"storage_unavailable","message":"could not store the level; retry shortly"},"success":false}`
+	if st != 503 || hdr.Get("Retry-After") != "5" || raw != want {
+		t.Errorf("got %d, Retry-After %q:\n%s\nwant 503, Retry-After \"5\":\n%s", st, hdr.Get("Retry-After"), raw, want)
 	}
 }

@@ -77,7 +77,6 @@ func (h *harness) service(t testing.TB, cfg Config, env map[string]float64, rdb 
 	svc := ingest.NewService(ingest.Config{Enabled: true, Limits: ingest.DefaultLimits(), CounterEvery: 5 * time.Millisecond}, h.writer, s, ingest.NewMetrics(nil, 0), nil)
 	t.Cleanup(svc.Close)
 	s.SetRecorder(svc)
-	svc.UseLevels(s)
 	t.Cleanup(func() { s.Close(context.Background()) })
 	if h.ingest == nil {
 		h.ingest = svc
@@ -90,7 +89,7 @@ func (h *harness) app(s *Service, in *ingest.Service) *fiber.App {
 	authn := auth.NewAuthenticator(auth.NewKeys(h.env.PG), h.tenants, auth.JWTConfig{})
 	g := app.Group("/api/analytics")
 	s.Register(g, authn.Require(auth.ScopeAnalyticsRead), authn.Require(auth.ScopeEventsWrite))
-	in.Register(g, authn.Require(auth.ScopeEventsWrite))
+	in.Register(g, s.Levels, authn.Require(auth.ScopeEventsWrite))
 	return app
 }
 

@@ -33,6 +33,9 @@ type Config struct {
 	// 0 (deduplication off) ignores the key: without claims, a replayed consume's increment would be
 	// stored again.
 	IdempotencyWindow time.Duration
+	// AnalyticsDisabled (ANALYTICS_ENABLED=false): a level sent to POST /usage is acknowledged and
+	// not stored, like everything ingest is sent then.
+	AnalyticsDisabled bool
 	// ReconcileEvery is how often the live counters are reconciled with ClickHouse
 	// (QUOTA_RECONCILE_INTERVAL, default 30 s); a count is marked provisional after two intervals
 	// without one.

@@ -109,6 +109,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	}
 	tenants := tenant.NewStore(pg)
 	auditLog := audit.New(pg)
+	cfg.Quota.AnalyticsDisabled = !cfg.Ingest.Enabled
 	quotaSvc := quota.NewService(cfg.Quota, counters, quota.NewLimits(cfg.QuotaDefaults, tenants, 10*time.Second),
 		ch, cfg.ClickHouseDB, pg, auditLog, reg, log.With("component", "quota"))
 	open.push("quota webhooks", func(ctx context.Context) error { quotaSvc.Close(ctx); return nil })
@@ -116,9 +117,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	ingestSvc := ingest.NewService(cfg.Ingest, writer, quotaSvc, ingestMetrics, log.With("component", "ingest"))
 	open.push("live counters", func(context.Context) error { ingestSvc.Close(); return nil })
 	var _ quota.Recorder = ingestSvc
-	var _ ingest.Levels = quotaSvc
 	quotaSvc.SetRecorder(ingestSvc)
-	ingestSvc.UseLevels(quotaSvc)
 	// The writer ships once the live counter feed it gives counts back to is wired, and is pushed
 	// after that feed so that its flush runs first: shipping may find a row counted live that is a
 	// duplicate after all, and the feed must still be there to take its count back.
@@ -286,7 +285,7 @@ func mount(app *fiber.App, ops api.Ops, authn *auth.Authenticator, rl *ratelimit
 	ops.Register(app)
 	api.RegisterOpenAPI(app)
 	analytics := app.Group("/api/analytics")
-	in.Register(analytics, append([]fiber.Handler{authn.Require(auth.ScopeEventsWrite, rl.Limit)}, writeMW...)...)
+	in.Register(analytics, qs.Levels, append([]fiber.Handler{authn.Require(auth.ScopeEventsWrite, rl.Limit)}, writeMW...)...)
 	q.Register(analytics, authn.Require(auth.ScopeAnalyticsRead, rl.Limit))
 	qs.Register(analytics, authn.Require(auth.ScopeAnalyticsRead, rl.Limit), authn.Require(auth.ScopeEventsWrite, rl.Defer), writeMW...)
 	rc.Register(analytics, authn.Require(auth.ScopeAnalyticsAdmin, rl.Limit))
