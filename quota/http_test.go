@@ -18,10 +18,11 @@ import (
 // Every refusal of the quota endpoints, byte for byte: clients parse the codes, show the messages
 // and wait the Retry-After seconds, so none of them may change by accident.
 func TestErrorResponses(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	s := h.service(t, Config{Enabled: true}, map[string]float64{"builds_daily": 1}, nil)
 	s.now = func() time.Time { return time.Date(2031, 3, 4, 23, 59, 58, 0, time.UTC) }
-	app := h.app(s, h.ingest)
+	app := h.app(t, s, h.ingest)
 	if st, _, raw := callRaw(t, app, http.MethodPost, "/api/analytics/quotas/builds_daily/consume", h.keyW, ""); st != 200 {
 		t.Fatalf("first consume: %d %s", st, raw)
 	}
@@ -41,7 +42,7 @@ func TestErrorResponses(t *testing.T) {
 
 	// The recorder (ingest) refuses the spend: its buffer is full, or it is shutting down.
 	full, fullIngest, _ := h.recording(t, ingest.WriterConfig{Durability: ingest.DurabilityMemory, MaxBufferedRows: 1, FlushInterval: time.Hour, BatchRows: 1_000_000}, 100)
-	if st, _, raw := callRaw(t, h.app(full, fullIngest), http.MethodPost, "/api/analytics/quotas/builds_daily/consume", h.keyW, ""); st != 200 {
+	if st, _, raw := callRaw(t, h.app(t, full, fullIngest), http.MethodPost, "/api/analytics/quotas/builds_daily/consume", h.keyW, ""); st != 200 {
 		t.Fatalf("consume filling the buffer: %d %s", st, raw)
 	}
 	closing, closingIngest, w := h.recording(t, ingest.WriterConfig{}, 100)
@@ -87,7 +88,7 @@ func TestErrorResponses(t *testing.T) {
 			if c.method == http.MethodGet {
 				key = h.keyRead
 			}
-			st, hdr, raw := callRaw(t, h.app(c.s, apps[c.s]), c.method, c.path, key, "")
+			st, hdr, raw := callRaw(t, h.app(t, c.s, apps[c.s]), c.method, c.path, key, "")
 			if st != c.status || hdr.Get("Retry-After") != c.retryAfter || raw != c.want {
 				t.Errorf("got %d, Retry-After %q:\n%s\nwant %d, Retry-After %q:\n%s", st, hdr.Get("Retry-After"), raw, c.status, c.retryAfter, c.want)
 			}
@@ -98,6 +99,7 @@ func TestErrorResponses(t *testing.T) {
 // A level that cannot be stored (Postgres unreachable) is a 503 to retry, byte for byte (levels are
 // answered by quota's part of POST /usage; ingest's TestErrorResponses held this case before).
 func TestLevelNotStored(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	h.service(t, Config{Enabled: true}, nil, nil)
 	down, err := pgxpool.New(context.Background(), "postgres://analyticsd@127.0.0.1:1/none?connect_timeout=1")
@@ -108,7 +110,7 @@ func TestLevelNotStored(t *testing.T) {
 	s := NewService(Config{Enabled: true, EventMetrics: ingest.DefaultEventMetrics()}, NewCounters(h.env.Redis, h.env.Prefix),
 		NewLimits(map[string]float64{"storage_gb": 50}, h.tenants, time.Millisecond), h.env.CH, h.env.DB, down, audit.New(down), nil, nil)
 	t.Cleanup(func() { s.Close(context.Background()) })
-	st, hdr, raw := callRaw(t, h.app(s, h.ingest), http.MethodPost, "/api/analytics/usage", h.keyW, `{"metric":"storage_gb","value":1}`)
+	st, hdr, raw := callRaw(t, h.app(t, s, h.ingest), http.MethodPost, "/api/analytics/usage", h.keyW, `{"metric":"storage_gb","value":1}`)
 	want := `{"error":{"code":"storage_unavailable","message":"could not store the level; retry shortly"},"success":false}`
 	if st != 503 || hdr.Get("Retry-After") != "5" || raw != want {
 		t.Errorf("got %d, Retry-After %q:\n%s\nwant 503, Retry-After \"5\":\n%s", st, hdr.Get("Retry-After"), raw, want)
