@@ -14,7 +14,7 @@ var rawRequest = regexp.MustCompile(`\.Request\(\)\.|\.Context\(\)\.(QueryArgs|P
 
 // rawAllowed lists every such read, each checked to keep nothing past its handler: the ingest body
 // is decoded into fresh values (the decoder copies strings, Validate copies ts and props; the usage
-// body's field check decodes into a fresh map), the idempotency middleware hashes the request,
+// body's field check decodes into a fresh map, and so does quota's level part of it), the idempotency middleware hashes the request,
 // metric[] values and the repeated-parameter check's keys are converted with string(...), and the
 // export's Link header is built from a copy of the query arguments (fasthttp.Args.CopyTo); Stream
 // reads only whether the request is HTTP/1.1 (a bool).
@@ -23,6 +23,7 @@ var rawAllowed = map[string]int{
 	"ingest/http.go":       3,
 	"dedup/idempotency.go": 2,
 	"query/http.go":        4,
+	"quota/http.go":        1,
 }
 
 // No new code reads the raw request without being looked at: a borrowed value kept past its
