@@ -80,15 +80,7 @@ func TestCLILastUsedAfterServe(t *testing.T) {
 	go func() { done <- run(ctx, []string{"serve"}, io.Discard, &logs, getenv) }()
 	defer func() { cancel(); <-done }()
 	base := "http://" + addr
-	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(30 * time.Millisecond) {
-		if resp, err := http.Get(base + "/healthz"); err == nil {
-			resp.Body.Close()
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("serve did not start")
-		}
-	}
+	waitHealthy(t, base, 15*time.Second)
 	req, _ := http.NewRequest(http.MethodPost, base+"/api/analytics/events", strings.NewReader(`{"event":"page.view","user_id":"u1"}`))
 	req.Header.Set("Authorization", "Bearer "+key)
 	req.Header.Set("Content-Type", "application/json")
@@ -314,22 +306,8 @@ func waitStatus(t *testing.T, base, key string, want int) (int, string) {
 // serveForTest runs serve in process until the test ends and returns its base URL.
 func serveForTest(t *testing.T, e testenv.Env) (string, func(string) string) {
 	t.Helper()
-	addr := freeAddr(t)
-	getenv := stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": addr})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan int, 1)
-	go func() { done <- run(ctx, []string{"serve"}, io.Discard, io.Discard, getenv) }()
-	t.Cleanup(func() { cancel(); <-done })
-	base := "http://" + addr
-	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(30 * time.Millisecond) {
-		if resp, err := http.Get(base + "/healthz"); err == nil {
-			resp.Body.Close()
-			return base, getenv
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("serve did not start")
-		}
-	}
+	getenv := stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t)})
+	return serveInProcess(t, getenv), getenv
 }
 
 // A disabled tenant's key gets 403 tenant_disabled from a running server within its 5 s cache, and

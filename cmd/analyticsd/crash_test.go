@@ -19,7 +19,7 @@ import (
 
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/internal/testenv"
-	"github.com/analyticsd/analyticsd/tenant"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 )
 
 // buildBinary compiles analyticsd once per test binary run.
@@ -90,14 +90,8 @@ func startServer(t *testing.T, getenv func(string) string, names []string) *proc
 func TestKill9UnderLoadLosesNothing(t *testing.T) {
 	e := testenv.Migrated(t)
 	ctx := context.Background()
-	tn, err := tenant.NewStore(e.PG).Create(ctx, "crashy", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, _, err := auth.NewKeys(e.PG).Create(ctx, tn.ID, "load", []auth.Scope{auth.ScopeEventsWrite})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tn := fixture.Tenant(t, e.PG, "crashy")
+	key, _ := fixture.Key(t, e.PG, tn.ID, "load", auth.ScopeEventsWrite)
 	getenv := stackEnv(t, e, map[string]string{
 		"ANALYTICS_ADDR":        freeAddr(t),
 		"ANALYTICS_SPOOL_DIR":   t.TempDir(),
@@ -149,7 +143,7 @@ func TestKill9UnderLoadLosesNothing(t *testing.T) {
 			wg.Add(1)
 			go load(p.base, stop, &wg)
 		}
-		time.Sleep(time.Duration(300+rand.IntN(900)) * time.Millisecond)
+		time.Sleep(time.Duration(300+rand.IntN(900)) * time.Millisecond) // not a poll: a random moment to kill at
 		if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}

@@ -11,12 +11,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/golang-jwt/jwt/v5"
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/internal/testenv"
-	"github.com/analyticsd/analyticsd/tenant"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 )
 
 // Property: whatever mix of tenants, API keys, JWTs and X-Tenant-Slug headers is sent to whichever
@@ -35,16 +34,10 @@ func TestRandomCredentialMixesNeverCrossTenants(t *testing.T) {
 	var creds []cred
 	ids := map[string]uuid.UUID{}
 	for _, slug := range slugs {
-		tn, err := tenant.NewStore(e.PG).Create(ctx, slug, "")
-		if err != nil {
-			t.Fatal(err)
-		}
+		tn := fixture.Tenant(t, e.PG, slug)
 		ids[slug] = tn.ID
 		for _, scopes := range [][]auth.Scope{{auth.ScopeEventsWrite}, {auth.ScopeAnalyticsRead}, auth.AllScopes} {
-			k, _, err := auth.NewKeys(e.PG).Create(ctx, tn.ID, "p", scopes)
-			if err != nil {
-				t.Fatal(err)
-			}
+			k, _ := fixture.Key(t, e.PG, tn.ID, "p", scopes...)
 			c := cred{tenant: slug, token: k}
 			for _, s := range scopes {
 				c.reads = c.reads || s == auth.ScopeAnalyticsRead
@@ -53,13 +46,12 @@ func TestRandomCredentialMixesNeverCrossTenants(t *testing.T) {
 			creds = append(creds, c)
 		}
 		for _, role := range []string{"owner", "admin", "member", "viewer"} {
-			tok, _ := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"sub": "u-" + role, "tenant": slug, "role": role,
-				"exp": time.Now().Add(time.Hour).Unix()}).SignedString([]byte(secret))
+			tok := fixture.JWT(t, []byte(secret), "u-"+role, slug, role, time.Hour)
 			ok := role == "owner" || role == "admin"
 			creds = append(creds, cred{tenant: slug, token: tok, reads: ok, writes: ok})
 		}
 	}
-	forged, _ := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"sub": "x", "tenant": "alpha", "role": "owner", "exp": time.Now().Add(time.Hour).Unix()}).SignedString([]byte("not-the-secret-not-the-secret-xx"))
+	forged := fixture.JWT(t, []byte("not-the-secret-not-the-secret-xx"), "x", "alpha", "owner", time.Hour)
 	creds = append(creds, cred{token: forged}, cred{token: "ak_000000000000_" + strings.Repeat("x", 43)}, cred{token: ""})
 
 	base := serveInProcess(t, stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": t.TempDir(),
@@ -130,8 +122,19 @@ func TestRandomCredentialMixesNeverCrossTenants(t *testing.T) {
 			written[c.tenant]++
 		}
 	}
-	// Every stored row is in the tenant whose credential wrote it.
-	time.Sleep(500 * time.Millisecond)
+	// Every stored row is in the tenant whose credential wrote it, once every accepted write is stored.
+	testenv.Eventually(t, 10*time.Second, func() error {
+		for _, slug := range slugs {
+			var n uint64
+			if err := e.CH.QueryRow(ctx, "SELECT count() FROM "+e.DB+".events WHERE tenant_id = ? AND event = 'prop.write'", ids[slug]).Scan(&n); err != nil {
+				t.Fatal(err)
+			}
+			if n != uint64(written[slug]) {
+				return fmt.Errorf("tenant %s: %d rows stored, %d writes accepted", slug, n, written[slug])
+			}
+		}
+		return nil
+	})
 	for _, slug := range slugs {
 		rows, err := e.CH.Query(ctx, "SELECT user_id, count() FROM "+e.DB+".events WHERE tenant_id = ? AND event = 'prop.write' GROUP BY user_id", ids[slug])
 		if err != nil {

@@ -9,18 +9,15 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 	"github.com/analyticsd/analyticsd/rollup"
-	"github.com/analyticsd/analyticsd/tenant"
 )
 
 // `analyticsd rollup --from --to` reconciles each date for every tenant, one line per date.
 func TestRollupCommand(t *testing.T) {
 	e := testenv.Migrated(t)
 	ctx := context.Background()
-	acme, err := tenant.NewStore(e.PG).Create(ctx, "acme", "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	acme := fixture.Tenant(t, e.PG, "acme")
 	today := rollup.Day(time.Now())
 	b, err := e.CH.PrepareBatch(ctx, "INSERT INTO "+e.DB+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
 	if err != nil {

@@ -17,7 +17,7 @@ import (
 
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/internal/testenv"
-	"github.com/analyticsd/analyticsd/tenant"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 )
 
 var serveVars = []string{"CLICKHOUSE_DSN", "POSTGRES_URL", "REDIS_URL", "LOG_LEVEL", "ANALYTICS_ADDR", "ANALYTICS_SPOOL_DIR",
@@ -25,15 +25,8 @@ var serveVars = []string{"CLICKHOUSE_DSN", "POSTGRES_URL", "REDIS_URL", "LOG_LEV
 
 func writeKey(t *testing.T, e testenv.Env, slug string) (uuid.UUID, string) {
 	t.Helper()
-	ctx := context.Background()
-	tn, err := tenant.NewStore(e.PG).Create(ctx, slug, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, _, err := auth.NewKeys(e.PG).Create(ctx, tn.ID, "w", []auth.Scope{auth.ScopeEventsWrite})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tn := fixture.Tenant(t, e.PG, slug)
+	key, _ := fixture.Key(t, e.PG, tn.ID, "w", auth.ScopeEventsWrite)
 	return tn.ID, key
 }
 
@@ -109,11 +102,13 @@ func TestSpoolStatusAndDrain(t *testing.T) {
 			t.Fatalf("post: %d %s", st, body)
 		}
 	}
-	time.Sleep(300 * time.Millisecond)
-	live := runCmd(t, dead, "spool", "status", "--dir", dir)
-	if live.code != 0 || !strings.Contains(live.stdout, "held by pid") || !strings.Contains(live.stdout, "6 events") {
-		t.Errorf("status of a running server's spool: %d\n%s%s", live.code, live.stdout, live.stderr)
-	}
+	testenv.Eventually(t, 10*time.Second, func() error {
+		live := runCmd(t, dead, "spool", "status", "--dir", dir)
+		if live.code != 0 || !strings.Contains(live.stdout, "held by pid") || !strings.Contains(live.stdout, "6 events") {
+			return fmt.Errorf("status of a running server's spool: %d\n%s%s", live.code, live.stdout, live.stderr)
+		}
+		return nil
+	})
 	if r := runCmd(t, dead, "spool", "drain", "--dir", dir); r.code == 0 || !strings.Contains(r.stderr, "in use by") {
 		t.Errorf("drain while a server holds the spool: %d %s, want a refusal", r.code, r.stderr)
 	}
@@ -161,9 +156,8 @@ func TestQuarantineSeenAndRequeued(t *testing.T) {
 	if st, body := postEvents(t, p.base, key, `[{"event":"a.b"},{"event":"poison.pill"},{"event":"c.d"}]`); st != 202 {
 		t.Fatalf("post: %d %s", st, body)
 	}
-	deadline := time.Now().Add(30 * time.Second)
 	var warnings []string
-	for {
+	testenv.Eventually(t, 30*time.Second, func() error {
 		resp, err := http.Get(p.ops + "/readiness")
 		if err != nil {
 			t.Fatal(err)
@@ -173,18 +167,15 @@ func TestQuarantineSeenAndRequeued(t *testing.T) {
 		}
 		json.NewDecoder(resp.Body).Decode(&r)
 		resp.Body.Close()
-		if len(r.Warnings) > 0 {
-			if resp.StatusCode != 200 {
-				t.Errorf("readiness with rows in quarantine: %d, want 200 (a warning, not a failure)", resp.StatusCode)
-			}
-			warnings = r.Warnings
-			break
+		if len(r.Warnings) == 0 {
+			return fmt.Errorf("no quarantine warning in /readiness; stderr:\n%s", p.stderr)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no quarantine warning in /readiness after 30 s; stderr:\n%s", p.stderr)
+		if resp.StatusCode != 200 {
+			t.Errorf("readiness with rows in quarantine: %d, want 200 (a warning, not a failure)", resp.StatusCode)
 		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		warnings = r.Warnings
+		return nil
+	})
 	if !strings.Contains(warnings[0], "1 rows") || countEvents(t, e, tn) != 2 {
 		t.Errorf("warnings %v, %d stored; want 1 row quarantined and the 2 others stored", warnings, countEvents(t, e, tn))
 	}
