@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -281,12 +282,13 @@ func TestCLISetQuota(t *testing.T) {
 
 func regexpMatch(re, s string) bool { return regexp.MustCompile(re).MatchString(s) }
 
-// waitStatus polls until a request with key gets want, up to 10 s (twice the documented 5 s).
+// waitStatus polls until a request with key gets want, up to 10 s (twice the documented 5 s), and
+// returns the status and body it got.
 func waitStatus(t *testing.T, base, key string, want int) (int, string) {
 	t.Helper()
 	var code int
 	var body string
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+	testenv.Eventually(t, 10*time.Second, func() error {
 		req, _ := http.NewRequest(http.MethodPost, base+"/api/analytics/events", strings.NewReader(`{"event":"page.view","user_id":"u1"}`))
 		req.Header.Set("Authorization", "Bearer "+key)
 		req.Header.Set("Content-Type", "application/json")
@@ -296,10 +298,11 @@ func waitStatus(t *testing.T, base, key string, want int) (int, string) {
 		}
 		b, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
-		if code, body = resp.StatusCode, string(b); code == want {
-			break
+		if code, body = resp.StatusCode, string(b); code != want {
+			return fmt.Errorf("got %d %s, want %d", code, body, want)
 		}
-	}
+		return nil
+	})
 	return code, body
 }
 
