@@ -93,7 +93,7 @@ func (s *Store) Idempotency(log *slog.Logger) fiber.Handler {
 			if json.Unmarshal([]byte(prev), &r) != nil {
 				return c.Next()
 			}
-			// Answered without the handler: a deferred rate-limit token (consume) is taken here.
+			// Answered without the handler: the request's rate-limit Meter (consume) is taken here.
 			if m := api.MeterOf(c); m != nil {
 				if err := m.TakeNow(c); err != nil {
 					return err
@@ -116,7 +116,7 @@ func (s *Store) Idempotency(log *slog.Logger) fiber.Handler {
 		herr := c.Next()
 		if herr != nil {
 			// Render the error now, so that the response can be kept like any other; it is still
-			// returned below, so that the middleware before this one sees it (a deferred rate limit
+			// returned below, so that the middleware before this one sees it (ratelimit's Defer
 			// meters failed requests).
 			if rerr := c.App().Config().ErrorHandler(c, herr); rerr != nil {
 				return rerr
