@@ -18,6 +18,7 @@ import (
 
 	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/internal/clock"
+	"github.com/analyticsd/analyticsd/internal/logger"
 )
 
 // Config shapes the ingest endpoints.
@@ -44,9 +45,7 @@ func NewService(cfg Config, w *Writer, counter Counter, m *Metrics, log *slog.Lo
 	if cfg.EventMetrics == nil {
 		cfg.EventMetrics = DefaultEventMetrics()
 	}
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
+	log = logger.Or(log)
 	s := &Service{cfg: cfg, w: w, metrics: m, log: log, now: clock.Now}
 	if counter != nil {
 		s.counts = newLiveCounts(counter, m, log, cfg.CounterEvery)
@@ -330,7 +329,7 @@ func (s *Service) count(p api.Principal, b *batch, now time.Time) {
 	}
 }
 
-// UsageRequest is the guide's increment_usage(metric, n).
+// UsageRequest is the contract's increment_usage(metric, n) (docs/contract.md).
 type UsageRequest struct {
 	Metric string          `json:"metric"`
 	N      json.RawMessage `json:"n"`

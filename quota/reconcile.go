@@ -140,13 +140,13 @@ func (s *Service) RunReconciler(ctx context.Context, every time.Duration) {
 		}
 		start := time.Now()
 		st, err := r.run(ctx)
-		s.reconcileSeconds.Observe(time.Since(start).Seconds())
+		s.metrics.reconcileSeconds.Observe(time.Since(start).Seconds())
 		if err != nil {
 			s.log.Warn("quota counters not reconciled with clickhouse this round", "err", err)
 			continue
 		}
 		if st.Changed > 0 {
-			s.reconcileChanged.Add(float64(st.Changed))
+			s.metrics.reconcileChanged.Add(float64(st.Changed))
 			s.log.Info("quota counters reconciled with clickhouse", "counters", st.Counters, "changed", st.Changed, "minutes", st.Minutes)
 		}
 	}

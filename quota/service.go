@@ -18,6 +18,7 @@ import (
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/internal/labels"
+	"github.com/analyticsd/analyticsd/internal/logger"
 	"github.com/analyticsd/analyticsd/ratelimit"
 )
 
@@ -54,7 +55,7 @@ type Recorder interface {
 	Emit(ctx context.Context, tenant uuid.UUID, slug, event string, props map[string]any) error
 }
 
-// State is one quota as the guide's check_quota returns it.
+// State is one quota as check_quota returns it (docs/contract.md).
 type State struct {
 	Exceeded bool    `json:"exceeded"`
 	Current  float64 `json:"current"`
@@ -86,12 +87,8 @@ type Service struct {
 	now      func() time.Time
 	sources  map[string][]string // daily metric → events counted toward it
 	webhook  *webhook
-	exceeded *prometheus.CounterVec
-	alerts   *prometheus.CounterVec
+	metrics  *metrics
 	tenants  *labels.Capped
-	// reconcileSeconds and reconcileChanged measure the periodic reconciliation (RunReconciler).
-	reconcileSeconds prometheus.Histogram
-	reconcileChanged prometheus.Counter
 }
 
 // ErrUnknownMetric: the metric has no quota. The error returned is an *UnknownMetricError.
@@ -110,32 +107,15 @@ var ErrUnavailable = errors.New("quota counters are unavailable and QUOTA_FAIL_O
 func NewService(cfg Config, counters *Counters, limits *Limits, ch driver.Conn, db string, pg *pgxpool.Pool,
 	auditLog *audit.Log, reg prometheus.Registerer, log *slog.Logger) *Service {
 	cfg.defaults()
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
+	log = logger.Or(log)
 	s := &Service{cfg: cfg, counters: counters, limits: limits, ch: ch, db: db, pg: pg, audit: auditLog, log: log, now: clock.Now,
 		sources: map[string][]string{}, tenants: labels.NewCapped(cfg.LabelCap),
-		exceeded: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "sbh_quota_exceeded_total", Help: "Quotas that reached 100% of their limit (once per tenant, metric and day).",
-		}, []string{"tenant", "metric"}),
-		alerts: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "sbh_quota_alerts_total", Help: "Quota alerts fired, by threshold percent.",
-		}, []string{"threshold"}),
-		reconcileSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "sbh_quota_reconcile_seconds", Help: "Time of one reconciliation round of the live counters with ClickHouse.",
-			Buckets: prometheus.ExponentialBuckets(0.005, 2, 12),
-		}),
-		reconcileChanged: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "sbh_quota_reconcile_changed_total", Help: "Live counters a reconciliation round changed (rows that reached ClickHouse without being counted live, or live counts taken back).",
-		}),
+		metrics: newMetrics(reg),
 	}
 	for ev, m := range cfg.EventMetrics {
 		s.sources[m] = append(s.sources[m], ev)
 	}
 	s.webhook = newWebhook(cfg.Webhook, log)
-	if reg != nil {
-		reg.MustRegister(s.exceeded, s.alerts, s.reconcileSeconds, s.reconcileChanged)
-	}
 	return s
 }
 
@@ -190,7 +170,7 @@ func (s *Service) counted(ctx context.Context, tenant uuid.UUID, d time.Time) (m
 	return out, nil
 }
 
-// States returns every quota of the tenant (the guide's GET quotas).
+// States returns every quota of the tenant (GET /quotas).
 func (s *Service) States(ctx context.Context, tenant uuid.UUID) (map[string]State, error) {
 	limits := s.limits.For(ctx, tenant)
 	var daily, levels []string
@@ -462,10 +442,10 @@ func (s *Service) fire(tenant uuid.UUID, metric string, pct int, cur, limit floa
 	kind := "quota.warning"
 	if pct >= 100 {
 		kind = "quota.exceeded"
-		s.exceeded.WithLabelValues(s.tenants.Value(slug), metric).Inc()
+		s.metrics.exceeded.WithLabelValues(s.tenants.Value(slug), metric).Inc()
 	}
-	s.alerts.WithLabelValues(strconv.Itoa(pct)).Inc()
-	props := map[string]any{"metric": metric, "current": cur, "limit": limit, "threshold_percent": pct, "day": s.today().Format("2006-01-02")}
+	s.metrics.alerts.WithLabelValues(strconv.Itoa(pct)).Inc()
+	props := map[string]any{"metric": metric, "current": cur, "limit": limit, "threshold_percent": pct, "day": s.today().Format(time.DateOnly)}
 	if s.rec != nil {
 		if err := s.rec.Emit(ctx, tenant, slug, kind, props); err != nil {
 			s.log.Error("quota alert event not stored", "tenant", slug, "metric", metric, "err", err)
@@ -478,5 +458,5 @@ func (s *Service) fire(tenant uuid.UUID, metric string, pct int, cur, limit floa
 	}
 	s.log.Info("quota alert", "type", kind, "tenant", slug, "metric", metric, "current", cur, "limit", limit)
 	s.webhook.send(alertPayload{Type: kind, TenantID: tenant.String(), Tenant: slug, Metric: metric, Current: cur, Limit: limit,
-		ThresholdPercent: pct, Day: s.today().Format("2006-01-02"), At: s.now().UTC().Format(time.RFC3339)})
+		ThresholdPercent: pct, Day: s.today().Format(time.DateOnly), At: s.now().UTC().Format(time.RFC3339)})
 }

@@ -1,0 +1,35 @@
+package quota
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// metrics are quota's collectors: the contract's sbh_quota_exceeded_total (docs/contract.md has why
+// the names start with sbh_), alerts by threshold, and the periodic reconciliation (RunReconciler).
+type metrics struct {
+	exceeded         *prometheus.CounterVec // sbh_quota_exceeded_total{tenant,metric}
+	alerts           *prometheus.CounterVec // sbh_quota_alerts_total{threshold}
+	reconcileSeconds prometheus.Histogram   // sbh_quota_reconcile_seconds
+	reconcileChanged prometheus.Counter     // sbh_quota_reconcile_changed_total
+}
+
+// newMetrics builds the collectors and registers them with reg unless it is nil.
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		exceeded: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sbh_quota_exceeded_total", Help: "Quotas that reached 100% of their limit (once per tenant, metric and day).",
+		}, []string{"tenant", "metric"}),
+		alerts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sbh_quota_alerts_total", Help: "Quota alerts fired, by threshold percent.",
+		}, []string{"threshold"}),
+		reconcileSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "sbh_quota_reconcile_seconds", Help: "Time of one reconciliation round of the live counters with ClickHouse.",
+			Buckets: prometheus.ExponentialBuckets(0.005, 2, 12),
+		}),
+		reconcileChanged: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sbh_quota_reconcile_changed_total", Help: "Live counters a reconciliation round changed (rows that reached ClickHouse without being counted live, or live counts taken back).",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.exceeded, m.alerts, m.reconcileSeconds, m.reconcileChanged)
+	}
+	return m
+}
