@@ -53,7 +53,7 @@ type proc struct {
 	cmd    *exec.Cmd
 	base   string
 	ops    string // the operator listener, when the test gave it an address
-	stderr *bytes.Buffer
+	stderr *syncBuffer // written by the child while tests read it
 }
 
 func startServer(t *testing.T, getenv func(string) string, names []string) *proc {
@@ -64,12 +64,12 @@ func startServer(t *testing.T, getenv func(string) string, names []string) *proc
 	for _, n := range names {
 		cmd.Env = append(cmd.Env, n+"="+getenv(n))
 	}
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
+	stderr := &syncBuffer{}
+	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	p := &proc{cmd: cmd, base: "http://" + getenv("ANALYTICS_ADDR"), ops: "http://" + getenv("ANALYTICS_METRICS_ADDR"), stderr: &stderr}
+	p := &proc{cmd: cmd, base: "http://" + getenv("ANALYTICS_ADDR"), ops: "http://" + getenv("ANALYTICS_METRICS_ADDR"), stderr: stderr}
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	deadline := time.Now().Add(20 * time.Second)
 	for {
