@@ -52,7 +52,7 @@ func binary(t *testing.T) string {
 type proc struct {
 	cmd    *exec.Cmd
 	base   string
-	ops    string // the operator listener, when the test gave it an address
+	ops    string      // the operator listener, when the test gave it an address
 	stderr *syncBuffer // written by the child while tests read it
 }
 
