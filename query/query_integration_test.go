@@ -69,10 +69,7 @@ type ev struct {
 
 func (h *harness) insert(t *testing.T, rows []ev) {
 	t.Helper()
-	b, err := h.env.CH.PrepareBatch(context.Background(), "INSERT INTO "+h.env.DB+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
-	if err != nil {
-		t.Fatal(err)
-	}
+	var values [][]any
 	for _, r := range rows {
 		if r.props == "" {
 			r.props = "{}"
@@ -80,13 +77,9 @@ func (h *harness) insert(t *testing.T, rows []ev) {
 		if r.source == "" {
 			r.source = "app"
 		}
-		if err := b.Append(r.tenant, r.ts, r.id, r.ts, r.event, r.source, r.user, r.props, r.ip, r.reqID); err != nil {
-			t.Fatal(err)
-		}
+		values = append(values, []any{r.tenant, r.ts, r.id, r.ts, r.event, r.source, r.user, r.props, r.ip, r.reqID})
 	}
-	if err := b.Send(); err != nil {
-		t.Fatal(err)
-	}
+	h.env.Insert(t, "events", "tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id", values...)
 }
 
 func (h *harness) get(t *testing.T, token, slug, path string) fixture.Response {

@@ -498,18 +498,11 @@ func normJSON(s string) string {
 // straight into ClickHouse, as a spool shipping them would.
 func insertEvents(t *testing.T, h *harness, received time.Time, n int) {
 	t.Helper()
-	b, err := h.env.CH.PrepareBatch(context.Background(), "INSERT INTO "+h.env.DB+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
-	if err != nil {
-		t.Fatal(err)
+	rows := make([][]any, n)
+	for i := range rows {
+		rows[i] = []any{h.tenant.ID, received, uuid.New(), received, "apikey.request", "api", "", "{}", "", ""}
 	}
-	for i := 0; i < n; i++ {
-		if err := b.Append(h.tenant.ID, received, uuid.New(), received, "apikey.request", "api", "", "{}", "", ""); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := b.Send(); err != nil {
-		t.Fatal(err)
-	}
+	h.env.Insert(t, "events", "tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id", rows...)
 }
 
 // A row counted live and stored counts once; a row stored but never counted live (its count lost

@@ -60,18 +60,11 @@ type ev struct {
 // events writes events straight into ClickHouse (the materialized view feeds daily_usage).
 func (f *fixture) events(t *testing.T, rows ...ev) {
 	t.Helper()
-	b, err := f.env.CH.PrepareBatch(ctxT(t), "INSERT INTO "+f.env.DB+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
-	if err != nil {
-		t.Fatal(err)
-	}
+	var values [][]any
 	for _, r := range rows {
-		if err := b.Append(r.tenant, r.ts, uuid.New(), r.ts, r.event, "app", "user-1", "{}", "127.0.0.1", "req-1"); err != nil {
-			t.Fatal(err)
-		}
+		values = append(values, []any{r.tenant, r.ts, uuid.New(), r.ts, r.event, "app", "user-1", "{}", "127.0.0.1", "req-1"})
 	}
-	if err := b.Send(); err != nil {
-		t.Fatal(err)
-	}
+	f.env.Insert(t, "events", "tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id", values...)
 }
 
 // repeat returns n events of name for tenant at ts, a second apart.
@@ -92,33 +85,17 @@ type inc struct {
 
 func (f *fixture) increments(t *testing.T, rows ...inc) {
 	t.Helper()
-	b, err := f.env.CH.PrepareBatch(ctxT(t), "INSERT INTO "+f.env.DB+".usage_increments (tenant_id, ts, id, metric, n)")
-	if err != nil {
-		t.Fatal(err)
-	}
+	var values [][]any
 	for _, r := range rows {
-		if err := b.Append(r.tenant, r.ts, uuid.New(), r.metric, r.n); err != nil {
-			t.Fatal(err)
-		}
+		values = append(values, []any{r.tenant, r.ts, uuid.New(), r.metric, r.n})
 	}
-	if err := b.Send(); err != nil {
-		t.Fatal(err)
-	}
+	f.env.Insert(t, "usage_increments", "tenant_id, ts, id, metric, n", values...)
 }
 
 // aggregateRow writes a row straight into daily_usage, as a broken or partial materialized view would.
 func (f *fixture) aggregateRow(t *testing.T, tenant uuid.UUID, date time.Time, metric string, n int64) {
 	t.Helper()
-	b, err := f.env.CH.PrepareBatch(ctxT(t), "INSERT INTO "+f.env.DB+".daily_usage (tenant_id, date, metric, count)")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Append(tenant, date, metric, n); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Send(); err != nil {
-		t.Fatal(err)
-	}
+	f.env.Insert(t, "daily_usage", "tenant_id, date, metric, count", []any{tenant, date, metric, n})
 }
 
 // counts maps "tenant/metric" to a count.

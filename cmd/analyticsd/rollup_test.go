@@ -19,21 +19,14 @@ func TestRollupCommand(t *testing.T) {
 	ctx := context.Background()
 	acme := fixture.Tenant(t, e.PG, "acme")
 	today := rollup.Day(time.Now())
-	b, err := e.CH.PrepareBatch(ctx, "INSERT INTO "+e.DB+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
-	if err != nil {
-		t.Fatal(err)
-	}
+	var rows [][]any
 	for n := 1; n <= 3; n++ { // n events n days ago
 		ts := today.AddDate(0, 0, -n).Add(time.Hour)
 		for range n {
-			if err := b.Append(acme.ID, ts, uuid.New(), ts, "auth.user.login", "app", "u1", "{}", "", ""); err != nil {
-				t.Fatal(err)
-			}
+			rows = append(rows, []any{acme.ID, ts, uuid.New(), ts, "auth.user.login", "app", "u1", "{}", "", ""})
 		}
 	}
-	if err := b.Send(); err != nil {
-		t.Fatal(err)
-	}
+	e.Insert(t, "events", "tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id", rows...)
 	getenv := stackEnv(t, e, nil)
 	day := func(n int) string { return today.AddDate(0, 0, -n).Format("2006-01-02") }
 
