@@ -1,7 +1,6 @@
 package auth_test
 
 import (
-	"context"
 	"crypto/rand"
 	"crypto/rsa"
 	"encoding/base64"
@@ -18,6 +17,7 @@ import (
 	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 	"github.com/analyticsd/analyticsd/tenant"
 )
 
@@ -25,9 +25,7 @@ import (
 // HS256 token "signed" with the RSA public key (the classic confusion attack) is refused.
 func TestJWTWithJWKSAndHS256(t *testing.T) {
 	env := testenv.Migrated(t)
-	if _, err := tenant.NewStore(env.PG).Create(context.Background(), "acme", ""); err != nil {
-		t.Fatal(err)
-	}
+	fixture.Tenant(t, env.PG, "acme")
 	priv, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
 		t.Fatal(err)

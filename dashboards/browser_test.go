@@ -31,6 +31,7 @@ import (
 	"github.com/analyticsd/analyticsd/dashboards"
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 	"github.com/analyticsd/analyticsd/query"
 	"github.com/analyticsd/analyticsd/quota"
 	"github.com/analyticsd/analyticsd/tenant"
@@ -79,11 +80,7 @@ func startDashServer(t *testing.T) *dashServer {
 	s := &dashServer{keys: map[string]string{}}
 	made := map[string]tenant.Tenant{}
 	for _, slug := range []string{"acme", "globex", "initech"} {
-		tn, err := tenants.Create(ctx, slug, "")
-		if err != nil {
-			t.Fatalf("create tenant %s: %v", slug, err)
-		}
-		made[slug] = tn
+		made[slug] = fixture.Tenant(t, env.PG, slug)
 	}
 	for name, spec := range map[string]struct {
 		slug  string
@@ -93,11 +90,7 @@ func startDashServer(t *testing.T) *dashServer {
 		"acme-write":   {"acme", auth.ScopeEventsWrite},
 		"initech-read": {"initech", auth.ScopeAnalyticsRead},
 	} {
-		k, _, err := keys.Create(ctx, made[spec.slug].ID, name, []auth.Scope{spec.scope})
-		if err != nil {
-			t.Fatalf("create key %s: %v", name, err)
-		}
-		s.keys[name] = k
+		s.keys[name], _ = fixture.Key(t, env.PG, made[spec.slug].ID, name, spec.scope)
 	}
 
 	now := time.Now().UTC().Truncate(time.Second)
