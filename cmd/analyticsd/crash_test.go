@@ -71,18 +71,8 @@ func startServer(t *testing.T, getenv func(string) string, names []string) *proc
 	}
 	p := &proc{cmd: cmd, base: "http://" + getenv("ANALYTICS_ADDR"), ops: "http://" + getenv("ANALYTICS_METRICS_ADDR"), stderr: stderr}
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		resp, err := http.Get(p.base + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			return p
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("analyticsd did not start: %v\n%s", err, stderr.String())
-		}
-		time.Sleep(30 * time.Millisecond)
-	}
+	waitHealthy(t, p.base, 20*time.Second, stderr.String)
+	return p
 }
 
 // The headline promise, against the real binary: kill -9 analyticsd at random moments under load,

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"net"
-	"net/http"
 	"net/url"
 	"strings"
 	"testing"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 )
 
 // stackEnv returns a getenv for run() that points at the test's own ClickHouse database and
@@ -202,14 +202,8 @@ func publicReadiness(t *testing.T, base string) (int, string, map[string]string)
 
 func get(t *testing.T, url string) (int, string) {
 	t.Helper()
-	resp, err := http.Get(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var b bytes.Buffer
-	_, _ = b.ReadFrom(resp.Body)
-	return resp.StatusCode, b.String()
+	r := fixture.At(t, url).Get(t, "", "", "")
+	return r.Status, r.Raw
 }
 
 // serve, end to end: healthz, metrics, readiness following a dependency that goes away and comes
@@ -232,18 +226,7 @@ func TestServeReadiness(t *testing.T) {
 	var stderr bytes.Buffer
 	go func() { done <- run(ctx, []string{"serve"}, &bytes.Buffer{}, &stderr, getenv) }()
 	base := "http://" + addr
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		resp, err := http.Get(base + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("serve did not answer /healthz: %v; stderr: %s", err, stderr.String())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitHealthy(t, base, 15*time.Second, stderr.String)
 
 	ops := "http://" + opsAddr
 	if code, r := getReadiness(t, ops); code != 200 || r.Status != "ready" || len(r.Checks) != 3 || !strings.Contains(r.Raw, `"ingest"`) {

@@ -47,9 +47,17 @@ func serveLogging(t *testing.T, getenv func(string) string, logs io.Writer) stri
 	return base
 }
 
-// waitHealthy waits for a starting server to answer base/healthz.
-func waitHealthy(t *testing.T, base string, within time.Duration) {
+// waitHealthy waits for a starting server to answer base/healthz; when it does not, the test's log
+// gets detail (the server's stderr, say), read only then.
+func waitHealthy(t *testing.T, base string, within time.Duration, detail ...func() string) {
 	t.Helper()
+	defer func() {
+		if t.Failed() {
+			for _, d := range detail {
+				t.Log(d())
+			}
+		}
+	}()
 	testenv.Eventually(t, within, func() error {
 		resp, err := http.Get(base + "/healthz")
 		if err != nil {
@@ -60,19 +68,10 @@ func waitHealthy(t *testing.T, base string, within time.Duration) {
 	})
 }
 
+// do sends method url with key (none when empty) and hdr, and returns the response, its body closed.
 func do(t *testing.T, method, url, key string, hdr map[string]string) *http.Response {
 	t.Helper()
-	req, _ := http.NewRequest(method, url, nil)
-	if key != "" {
-		req.Header.Set("Authorization", "Bearer "+key)
-	}
-	for k, v := range hdr {
-		req.Header.Set(k, v)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp := fixture.At(t, url).Open(t, fixture.Request{Method: method, Key: key, Header: hdr})
 	resp.Body.Close()
 	return resp
 }

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -32,16 +31,8 @@ func writeKey(t *testing.T, e testenv.Env, slug string) (uuid.UUID, string) {
 
 func postEvents(t *testing.T, base, key, body string) (int, string) {
 	t.Helper()
-	req, _ := http.NewRequest(http.MethodPost, base+"/api/analytics/events", strings.NewReader(body))
-	req.Header.Set("Authorization", "Bearer "+key)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var b bytes.Buffer
-	b.ReadFrom(resp.Body)
-	return resp.StatusCode, b.String()
+	r := fixture.At(t, base).Do(t, fixture.Request{Method: http.MethodPost, Path: "/api/analytics/events", Key: key, Body: []byte(body)})
+	return r.Status, r.Raw
 }
 
 func countEvents(t *testing.T, e testenv.Env, tenantID uuid.UUID) uint64 {
