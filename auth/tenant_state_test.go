@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -28,22 +29,27 @@ type registry struct {
 	gone, down atomic.Bool
 }
 
-func (r *registry) ByID(ctx context.Context, id uuid.UUID) (tenant.Tenant, error) {
+// refusal is what the switches make the registry answer about the tenant named by which, or nil.
+func (r *registry) refusal(which string) error {
 	switch {
 	case r.down.Load():
-		return tenant.Tenant{}, errors.New("find tenant: dial tcp: connection refused")
+		return errors.New("find tenant: dial tcp: connection refused")
 	case r.gone.Load():
-		return tenant.Tenant{}, fmt.Errorf("%w: %s", tenant.ErrNotFound, id)
+		return fmt.Errorf("%w: %s", tenant.ErrNotFound, which)
+	}
+	return nil
+}
+
+func (r *registry) ByID(ctx context.Context, id uuid.UUID) (tenant.Tenant, error) {
+	if err := r.refusal(id.String()); err != nil {
+		return tenant.Tenant{}, err
 	}
 	return r.Store.ByID(ctx, id)
 }
 
 func (r *registry) BySlug(ctx context.Context, slug string) (tenant.Tenant, error) {
-	switch {
-	case r.down.Load():
-		return tenant.Tenant{}, errors.New("find tenant: dial tcp: connection refused")
-	case r.gone.Load():
-		return tenant.Tenant{}, fmt.Errorf("%w: %q", tenant.ErrNotFound, slug)
+	if err := r.refusal(strconv.Quote(slug)); err != nil {
+		return tenant.Tenant{}, err
 	}
 	return r.Store.BySlug(ctx, slug)
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 )
 
 // cliTenant creates tenant slug through the CLI and returns its new key (scopes events:write).
@@ -82,16 +83,8 @@ func TestCLILastUsedAfterServe(t *testing.T) {
 	defer func() { cancel(); <-done }()
 	base := "http://" + addr
 	waitHealthy(t, base, 15*time.Second)
-	req, _ := http.NewRequest(http.MethodPost, base+"/api/analytics/events", strings.NewReader(`{"event":"page.view","user_id":"u1"}`))
-	req.Header.Set("Authorization", "Bearer "+key)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusAccepted {
-		t.Fatalf("ingest with the key: %d, want 202", resp.StatusCode)
+	if code, _ := postPageView(t, base, key); code != http.StatusAccepted {
+		t.Fatalf("ingest with the key: %d, want 202", code)
 	}
 	cancel()
 	if code := <-done; code != 0 {
@@ -289,21 +282,20 @@ func waitStatus(t *testing.T, base, key string, want int) (int, string) {
 	var code int
 	var body string
 	testenv.Eventually(t, 10*time.Second, func() error {
-		req, _ := http.NewRequest(http.MethodPost, base+"/api/analytics/events", strings.NewReader(`{"event":"page.view","user_id":"u1"}`))
-		req.Header.Set("Authorization", "Bearer "+key)
-		req.Header.Set("Content-Type", "application/json")
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if code, body = resp.StatusCode, string(b); code != want {
+		if code, body = postPageView(t, base, key); code != want {
 			return fmt.Errorf("got %d %s, want %d", code, body, want)
 		}
 		return nil
 	})
 	return code, body
+}
+
+// postPageView sends one page.view event with key and returns the status and the body.
+func postPageView(t *testing.T, base, key string) (int, string) {
+	t.Helper()
+	r := fixture.At(t, base).Do(t, fixture.Request{Method: http.MethodPost, Path: "/api/analytics/events", Key: key,
+		Body: []byte(`{"event":"page.view","user_id":"u1"}`), Header: map[string]string{"Content-Type": "application/json"}})
+	return r.Status, r.Raw
 }
 
 // serveForTest runs serve in process until the test ends and returns its base URL.
