@@ -3,7 +3,13 @@
 // It reads CLICKHOUSE_DSN, POSTGRES_URL and REDIS_URL (printed by `deploy/local/stack.sh env`). When a
 // variable is unset or its server unreachable the test is skipped — unless ANALYTICS_REQUIRE_SERVICES=1
 // (set by `make test` and CI), where it fails instead, so a missing service can never turn CI green.
-// Each test gets its own ClickHouse database, Postgres schema and Redis key prefix, removed in t.Cleanup.
+// Each test gets its own ClickHouse database, Postgres schema and Redis key prefix, removed in t.Cleanup,
+// so tests on their own Env can run in parallel.
+//
+// Beside the servers: Eventually, the one way a test waits for something to become true, and
+// Env.Insert, rows written straight into ClickHouse. Tenants, API keys, JWTs and a fiber app served on
+// a real listener are in the sub-package fixture, which imports api, auth and tenant (this package
+// imports none of them, so every package's internal tests can use it).
 package testenv
 
 import (
