@@ -18,6 +18,10 @@ func TestOf(t *testing.T) {
 		{strings.Repeat("a", 63) + "用户", 64, strings.Repeat("a", 63) + "…"},
 		{"用户", 4, "用…"},
 		{"用户", 2, "…"},
+		// Invalid UTF-8 is replaced, cut or not: rollup_runs.error (Postgres text) refused it and the
+		// failed run stayed "running".
+		{"bad \xff byte", 64, "bad \uFFFD byte"},
+		{"bad \xff" + strings.Repeat("a", 70), 8, "bad \uFFFDaaa…"},
 	} {
 		got := Of(tc.in, tc.max)
 		if got != tc.want || !utf8.ValidString(got) {
