@@ -3,6 +3,7 @@ package ingest
 import (
 	"encoding/json"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 
@@ -48,12 +49,8 @@ func didYouMean(field string, known []string) string {
 			return k
 		}
 	}
-	if k, ok := fieldSynonyms[sq]; ok {
-		for _, kk := range known {
-			if kk == k {
-				return k
-			}
-		}
+	if k, ok := fieldSynonyms[sq]; ok && slices.Contains(known, k) {
+		return k
 	}
 	return ""
 }
@@ -69,7 +66,7 @@ func unknownField(b []byte, known []string) error {
 	}
 	var unknown []string
 	for k := range obj {
-		if !contains(known, k) {
+		if !slices.Contains(known, k) {
 			unknown = append(unknown, k)
 		}
 	}
@@ -92,15 +89,6 @@ func unknownField(b []byte, known []string) error {
 		}
 	}
 	return fmt.Errorf("%s; the fields are %s", msg, strings.Join(listed, ", "))
-}
-
-func contains(list []string, s string) bool {
-	for _, v := range list {
-		if v == s {
-			return true
-		}
-	}
-	return false
 }
 
 // setField names a field of e that was set, or "" when none was.

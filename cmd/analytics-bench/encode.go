@@ -19,7 +19,7 @@ const (
 // appendRESTEvent appends e as the guide's event object (props as a JSON object).
 func appendRESTEvent(b []byte, e *Event) []byte {
 	b = append(b, `{"id":"`...)
-	b = appendUUID(b, e.ID)
+	b = jsontext.AppendUUID(b, e.ID)
 	b = append(b, `","event":`...)
 	b = jsontext.AppendString(b, e.Name())
 	b = append(b, `,"user_id":`...)
@@ -40,11 +40,11 @@ func appendRESTEvent(b []byte, e *Event) []byte {
 // appendRawRow appends e as one JSONEachRow line of analyticsd's events table (props as a string).
 func appendRawRow(b []byte, e *Event, tenant uuid.UUID, receivedAt int64) []byte {
 	b = append(b, `{"tenant_id":"`...)
-	b = appendUUID(b, tenant)
+	b = jsontext.AppendUUID(b, tenant)
 	b = append(b, `","ts":"`...)
 	b = time.Unix(e.Ts, 0).UTC().AppendFormat(b, chTime)
 	b = append(b, `","id":"`...)
-	b = appendUUID(b, e.ID)
+	b = jsontext.AppendUUID(b, e.ID)
 	b = append(b, `","received_at":"`...)
 	b = time.Unix(receivedAt, 0).UTC().AppendFormat(b, chTime)
 	b = append(b, `","event":`...)
@@ -60,14 +60,4 @@ func appendRawRow(b []byte, e *Event, tenant uuid.UUID, receivedAt int64) []byte
 	b = append(b, `,"request_id":`...)
 	b = jsontext.AppendString(b, e.RequestID)
 	return append(b, "}\n"...)
-}
-
-func appendUUID(b []byte, u uuid.UUID) []byte {
-	for i, x := range u {
-		if i == 4 || i == 6 || i == 8 || i == 10 {
-			b = append(b, '-')
-		}
-		b = append(b, hexDigits[x>>4], hexDigits[x&15])
-	}
-	return b
 }

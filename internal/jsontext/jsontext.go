@@ -1,8 +1,25 @@
 // Package jsontext appends JSON text to byte slices without reflection, for the hot loops that
-// write many small JSON values: the NDJSON export and the benchmark's event generator.
+// write many small JSON values: the NDJSON and CSV exports and the benchmark's event generator.
 package jsontext
 
-import "unicode/utf8"
+import (
+	"unicode/utf8"
+
+	"github.com/google/uuid"
+)
+
+// AppendUUID appends id in its canonical text form (8-4-4-4-12 lowercase hex), unquoted, without
+// the allocation of id.String().
+func AppendUUID(b []byte, id uuid.UUID) []byte {
+	const hex = "0123456789abcdef"
+	for i, x := range id {
+		if i == 4 || i == 6 || i == 8 || i == 10 {
+			b = append(b, '-')
+		}
+		b = append(b, hex[x>>4], hex[x&0x0f])
+	}
+	return b
+}
 
 // AppendString appends s as a JSON string: quotes, backslashes and control characters escaped,
 // invalid UTF-8 as U+FFFD (as encoding/json does), everything else as is. Runs that need no escaping

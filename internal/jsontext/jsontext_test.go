@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+
+	"github.com/google/uuid"
 )
 
 // NDJSON strings are lossless: whatever encoding/json makes of a string, AppendString matches.
@@ -19,5 +21,12 @@ func TestJSONString(t *testing.T) {
 		if back != want {
 			t.Errorf("%q round-trips as %q, want %q", in, back, want)
 		}
+	}
+}
+
+func TestAppendUUID(t *testing.T) {
+	id := uuid.MustParse("0190b0b0-1234-7abc-8def-0123456789ab")
+	if got := string(AppendUUID([]byte("x"), id)); got != "x"+id.String() {
+		t.Errorf("AppendUUID = %q, want x%s", got, id)
 	}
 }
