@@ -1,0 +1,48 @@
+package schema
+
+import "fmt"
+
+// Layout says where analyticsd's ClickHouse tables live: one server (Cluster empty), or a cluster on
+// which every table the code reads is a Distributed table over a replicated "<name>_local" table on
+// each shard (CLICKHOUSE_CLUSTER). Reads and inserts always name the Distributed table (Table);
+// statements that change stored data in place — DROP PARTITION, mutations, TTL — must name the local
+// table on every shard (Local + OnCluster), because a Distributed table stores nothing itself.
+type Layout struct {
+	DB      string
+	Cluster string
+}
+
+// Clustered reports whether the tables are spread over a cluster.
+func (l Layout) Clustered() bool { return l.Cluster != "" }
+
+// Table is the fully qualified name reads and inserts use: db.name on both layouts.
+func (l Layout) Table(name string) string { return l.DB + "." + name }
+
+// Local is the fully qualified name of the table that stores name's rows: db.name on one server,
+// db.name_local (one per shard replica) on a cluster.
+func (l Layout) Local(name string) string {
+	if l.Clustered() {
+		return l.DB + "." + name + "_local"
+	}
+	return l.DB + "." + name
+}
+
+// OnCluster is the " ON CLUSTER name" clause DDL, ALTER … DELETE and DROP PARTITION need on a
+// cluster, and "" on one server. Cluster is checked by ValidIdent when the configuration is read.
+func (l Layout) OnCluster() string {
+	if l.Clustered() {
+		return " ON CLUSTER " + l.Cluster
+	}
+	return ""
+}
+
+// Check validates the names a Layout puts into SQL unquoted.
+func (l Layout) Check() error {
+	if !ValidIdent(l.DB) {
+		return fmt.Errorf("clickhouse database name %q is not a plain identifier", l.DB)
+	}
+	if l.Cluster != "" && !ValidIdent(l.Cluster) {
+		return fmt.Errorf("CLICKHOUSE_CLUSTER %q is not a plain identifier (letters, digits, underscore)", l.Cluster)
+	}
+	return nil
+}
