@@ -1,0 +1,168 @@
+package segment
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/ingest"
+)
+
+func TestEventName(t *testing.T) {
+	check := func(in, want string) {
+		t.Helper()
+		got := EventName(in)
+		if got != want {
+			t.Errorf("EventName(%q) = %q, want %q", in, got, want)
+		}
+		if !ingest.ValidEventName(got) {
+			t.Errorf("EventName(%q) = %q, which ingest refuses", in, got)
+		}
+	}
+	check("auth.user.login", "auth.user.login") // already a name: kept, so Segment calls feed the catalog
+	check("Order Completed", "segment.order_completed")
+	check("order completed", "segment.order_completed")
+	check("ORDER_COMPLETED", "segment.order_completed")
+	check("  Order -- Completed!! ", "segment.order_completed")
+	check("Checkout.Started", "segment.checkout_started")
+	check("signup", "segment.signup")
+	check("3D View", "segment.e_3d_view")
+	check("404", "segment.e_404")
+	// Names a slug would fold together get the name's hash: non-ASCII letters, or no ASCII at all.
+	if a, b := EventName("Café Visited"), EventName("Cafè Visited"); a == b || !strings.HasPrefix(a, "segment.caf_visited_") {
+		t.Errorf("Café/Cafè Visited = %q, %q; want two segment.caf_visited_<hash> names", a, b)
+	}
+	if a, b := EventName("注文完了"), EventName("注文キャンセル"); a == b || !strings.HasPrefix(a, "segment.e_") {
+		t.Errorf("two Japanese names = %q, %q; want two segment.e_<hash> names", a, b)
+	}
+	if a, b := EventName("!!!"), EventName("???"); a == b {
+		t.Errorf("!!! and ??? both %q", a)
+	}
+	long := strings.Repeat("Very Long Event Name ", 20)
+	got := EventName(long)
+	if len(got) > 128 || !ingest.ValidEventName(got) || got == EventName(long+"x") {
+		t.Errorf("EventName(long) = %q (%d bytes); want ≤ 128 bytes, valid, and apart from a longer name with the same start", got, len(got))
+	}
+	if EventName(long) != got {
+		t.Error("EventName is not deterministic")
+	}
+}
+
+func TestEventID(t *testing.T) {
+	u := "5f0c6d1e-8a1b-4c7e-9d2f-3a4b5c6d7e8f"
+	if id, ok := EventID(u); !ok || id.String() != u {
+		t.Errorf("EventID(%s) = %v, %v; want the UUID itself", u, id, ok)
+	}
+	if id, _ := EventID(strings.ToUpper(u)); id.String() != u {
+		t.Errorf("EventID(upper-case UUID) = %v, want %s", id, u)
+	}
+	a, _ := EventID("ajs-next-1701234567890-abc")
+	b, _ := EventID("ajs-next-1701234567890-abc")
+	c, _ := EventID("ajs-next-1701234567890-abd")
+	if a != b || a == c || a.Version() != 5 {
+		t.Errorf("hashed ids %v %v %v; want the same for the same messageId, another for another, version 5", a, b, c)
+	}
+	// The nil UUID and UUIDs in other spellings are not taken as ids: they are hashed like any text.
+	for _, m := range []string{uuid.Nil.String(), "{" + u + "}", "urn:uuid:" + u} {
+		if id, _ := EventID(m); id == uuid.Nil || id.String() == u {
+			t.Errorf("EventID(%q) = %v; want a hashed id", m, id)
+		}
+	}
+	if _, ok := EventID(""); ok {
+		t.Error("EventID(\"\") is ok; want no id")
+	}
+}
+
+func TestTimestamp(t *testing.T) {
+	at := func(s string) *time.Time {
+		v, err := time.Parse(time.RFC3339, s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &v
+	}
+	received := *at("2026-01-15T12:00:10Z")
+	check := func(ts, sent *time.Time, want time.Time) {
+		t.Helper()
+		if got := Timestamp(ts, sent, received); !got.Equal(want) {
+			t.Errorf("Timestamp(%v, %v) = %v, want %v", ts, sent, got, want)
+		}
+	}
+	// The device's clock is 1 h fast: it stamped the event at 13:00:00 and sent it at 13:00:05; the
+	// server got it at 12:00:10, so it happened at 12:00:05.
+	check(at("2026-01-15T13:00:00Z"), at("2026-01-15T13:00:05Z"), *at("2026-01-15T12:00:05Z"))
+	check(at("2026-01-15T11:00:00Z"), nil, *at("2026-01-15T11:00:00Z"))
+	check(nil, at("2026-01-15T13:00:05Z"), received)
+	check(nil, nil, received)
+}
+
+func TestTranslate(t *testing.T) {
+	now := time.Date(2026, 1, 15, 12, 0, 0, 0, time.UTC)
+	ok := func(raw, typ string, d defaults) (ingest.Event, map[string]any) {
+		t.Helper()
+		ev, err := translate(json.RawMessage(raw), typ, d, now)
+		if err != nil {
+			t.Fatalf("translate(%s): %v", raw, err)
+		}
+		var props map[string]any
+		if err := json.Unmarshal(ev.Props, &props); err != nil {
+			t.Fatal(err)
+		}
+		return ev, props
+	}
+	ev, props := ok(`{"type":"track","event":"Order Completed","userId":"u1","anonymousId":"a1","messageId":"m-1",
+		"properties":{"revenue":9.5},"context":{"ip":"203.0.113.7"},"timestamp":"2026-01-15T11:59:00Z"}`, "", defaults{})
+	id, _ := EventID("m-1")
+	meta, _ := props["$segment"].(map[string]any)
+	if ev.Event != "segment.order_completed" || ev.UserID != "u1" || ev.ID != id.String() || ev.IP != "203.0.113.7" ||
+		string(ev.Ts) != `"2026-01-15T11:59:00Z"` || props["revenue"] != 9.5 || meta["event"] != "Order Completed" ||
+		meta["anonymous_id"] != "a1" || meta["message_id"] != "m-1" || meta["type"] != "track" {
+		t.Errorf("track: %+v props %s", ev, ev.Props)
+	}
+
+	// Batch defaults: sentAt and context.ip apply to messages without their own.
+	ev, _ = ok(`{"type":"page","name":"Home","anonymousId":"a2","timestamp":"2026-01-15T13:00:00Z"}`, "",
+		defaults{sentAt: json.RawMessage(`"2026-01-15T13:00:05Z"`), ip: "198.51.100.1"})
+	if ev.Event != "segment.page" || ev.UserID != "a2" || string(ev.Ts) != `"2026-01-15T11:59:55Z"` || ev.IP != "198.51.100.1" {
+		t.Errorf("page with batch defaults: %+v", ev)
+	}
+	ev, props = ok(`{"userId":42,"traits":{"plan":"pro"}}`, "identify", defaults{})
+	if ev.Event != "segment.identify" || ev.UserID != "42" || props["plan"] != "pro" || ev.ID != "" || string(ev.Ts) != `"2026-01-15T12:00:00Z"` {
+		t.Errorf("identify: %+v props %s", ev, ev.Props)
+	}
+	ev, props = ok(`{"type":"group","userId":"u","groupId":"g1","traits":{"name":"Acme"}}`, "group", defaults{})
+	if meta, _ := props["$segment"].(map[string]any); ev.Event != "segment.group" || meta["group_id"] != "g1" || props["name"] != "Acme" {
+		t.Errorf("group: %+v props %s", ev, ev.Props)
+	}
+	ev, props = ok(`{"userId":"u","previousId":"anon-1"}`, "alias", defaults{})
+	if meta, _ := props["$segment"].(map[string]any); ev.Event != "segment.alias" || meta["previous_id"] != "anon-1" {
+		t.Errorf("alias: %+v props %s", ev, ev.Props)
+	}
+	ev, props = ok(`{"userId":"u","name":"Settings","category":"Account","properties":{"tab":2}}`, "screen", defaults{})
+	if meta, _ := props["$segment"].(map[string]any); ev.Event != "segment.screen" || meta["name"] != "Settings" || meta["category"] != "Account" || props["tab"] != 2.0 {
+		t.Errorf("screen: %+v props %s", ev, ev.Props)
+	}
+
+	refused := func(raw, typ, want string) {
+		t.Helper()
+		_, err := translate(json.RawMessage(raw), typ, defaults{}, now)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("translate(%s) error %v, want one containing %q", raw, err, want)
+		}
+	}
+	refused(`{"event":"x","userId":"u"}`, "", "type is required")
+	refused(`{"type":"purchase","userId":"u"}`, "", "is not one of")
+	refused(`{"type":"identify","userId":"u"}`, "track", "sent to /v1/track")
+	refused(`{"type":"track","event":"x"}`, "", "userId or anonymousId is required")
+	refused(`{"type":"track","userId":"u"}`, "", "event is required")
+	refused(`{"type":"group","userId":"u"}`, "", "groupId is required")
+	refused(`{"type":"alias","previousId":"p","anonymousId":"a"}`, "", "needs both previousId and userId")
+	refused(`{"type":"track","event":"x","userId":"u","timestamp":"yesterday"}`, "", "timestamp \"yesterday\"")
+	refused(`{"type":"track","event":"x","userId":"u","properties":[1]}`, "", "must be JSON objects")
+	refused(`{"type":"track","event":"x","userId":"u","properties":{"$segment":1}}`, "", `"$segment"`)
+	refused(`{"type":"track","event":"x","userId":{"id":1}}`, "", "userId must be a string")
+	refused(`{"type":"track","event":"x","userId":"u","messageId":"`+strings.Repeat("m", 256)+`"}`, "", "messageId is 256 bytes")
+}
