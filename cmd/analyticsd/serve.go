@@ -31,6 +31,7 @@ import (
 	"github.com/analyticsd/analyticsd/retention"
 	"github.com/analyticsd/analyticsd/rollup"
 	"github.com/analyticsd/analyticsd/schema"
+	"github.com/analyticsd/analyticsd/segment"
 	"github.com/analyticsd/analyticsd/tenant"
 )
 
@@ -289,5 +290,6 @@ func mount(app *fiber.App, ops api.Ops, authn *auth.Authenticator, rl *ratelimit
 	q.Register(analytics, authn.Require(auth.ScopeAnalyticsRead, rl.Limit))
 	qs.Register(analytics, authn.Require(auth.ScopeAnalyticsRead, rl.Limit), authn.Require(auth.ScopeEventsWrite, rl.Defer), writeMW...)
 	rc.Register(analytics, authn.Require(auth.ScopeAnalyticsAdmin, rl.Limit))
+	segment.New(in).Register(app, authn.Require(auth.ScopeEventsWrite, rl.Limit))
 	dashboards.Register(app)
 }
