@@ -14,7 +14,7 @@ import (
 	"github.com/analyticsd/analyticsd/quota"
 )
 
-func redisCPU(b *testing.B, rdb *redis.Client) float64 {
+func redisCPU(b *testing.B, rdb redis.UniversalClient) float64 {
 	info, err := rdb.Info(context.Background(), "cpu").Result()
 	if err != nil {
 		b.Fatal(err)

@@ -24,7 +24,7 @@ import (
 )
 
 type redisEnv struct {
-	Redis  *redis.Client
+	Redis  redis.UniversalClient
 	Prefix string
 }
 

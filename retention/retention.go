@@ -89,11 +89,12 @@ func TableTTL(ctx context.Context, ch driver.Conn, db, table string) (days int, 
 }
 
 // Effective returns the window in force for configured (RETENTION_DAYS): the events table's own TTL
+// (events is the table that stores the events: "events", or "events_local" on a cluster)
 // when it has one — which must be configured, or migrate has not applied a changed RETENTION_DAYS
 // yet and serving would accept events the table then expires — and configured otherwise (the
 // sweeper enforces it).
-func Effective(ctx context.Context, ch driver.Conn, db string, configured int) (Window, error) {
-	days, ttl, err := TableTTL(ctx, ch, db, "events")
+func Effective(ctx context.Context, ch driver.Conn, db, events string, configured int) (Window, error) {
+	days, ttl, err := TableTTL(ctx, ch, db, events)
 	if err != nil {
 		return Window{}, err
 	}

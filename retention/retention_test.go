@@ -71,17 +71,17 @@ func (r stringRow) ScanStruct(any) error { return nil }
 func TestEffectiveRefusesATTLMigrateHasNotApplied(t *testing.T) {
 	ctx := context.Background()
 	ttl90 := createConn{create: "CREATE TABLE a.events (ts DateTime) ENGINE = MergeTree ORDER BY ts TTL ts + toIntervalDay(90)"}
-	if w, err := Effective(ctx, ttl90, "a", 90); err != nil || w.Days != 90 || !w.TTL {
+	if w, err := Effective(ctx, ttl90, "a", "events", 90); err != nil || w.Days != 90 || !w.TTL {
 		t.Errorf("TTL 90, RETENTION_DAYS 90: %+v %v", w, err)
 	}
-	_, err := Effective(ctx, ttl90, "a", 120)
+	_, err := Effective(ctx, ttl90, "a", "events", 120)
 	if err == nil || !strings.Contains(err.Error(), "analyticsd migrate") {
 		t.Errorf("TTL 90, RETENTION_DAYS 120: %v, want a refusal naming migrate", err)
 	}
-	if w, err := Effective(ctx, createConn{create: "CREATE TABLE a.events (ts DateTime) ENGINE = MergeTree ORDER BY ts"}, "a", 120); err != nil || w.Days != 120 || w.TTL {
+	if w, err := Effective(ctx, createConn{create: "CREATE TABLE a.events (ts DateTime) ENGINE = MergeTree ORDER BY ts"}, "a", "events", 120); err != nil || w.Days != 120 || w.TTL {
 		t.Errorf("no TTL (the sweeper's): %+v %v", w, err)
 	}
-	if _, err := Effective(ctx, createConn{}, "a", 90); err != ErrNoTable {
+	if _, err := Effective(ctx, createConn{}, "a", "events", 90); err != ErrNoTable {
 		t.Errorf("no table: %v, want ErrNoTable", err)
 	}
 }

@@ -141,7 +141,7 @@ func TestSweeperDropsExpiredPartitions(t *testing.T) {
 	}
 
 	reg := prometheus.NewRegistry()
-	s := rollup.NewSweeper(f.env.CH, f.env.DB, f.env.PG, audit.New(f.env.PG), reg, nil, 90, nil)
+	s := rollup.NewSweeper(f.env.CH, f.env.Layout(), f.env.PG, audit.New(f.env.PG), reg, nil, 90, nil)
 	s.Start(ctx)
 	testenv.Eventually(t, 20*time.Second, func() error {
 		if st := s.Status(); st.LastStatus == "never" {

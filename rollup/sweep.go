@@ -46,6 +46,7 @@ type SweepResult struct {
 type Sweeper struct {
 	ch            driver.Conn
 	db            string
+	layout        schema.Layout
 	pg            *pgxpool.Pool
 	audit         *audit.Log
 	log           *slog.Logger
@@ -63,20 +64,22 @@ type Sweeper struct {
 
 // NewSweeper returns a Sweeper; it does nothing until Sweep or Start. reg may be nil; now defaults to
 // time.Now. The events table's definition is read at each sweep, so a server that is down at start-up is fine.
-func NewSweeper(ch driver.Conn, db string, pg *pgxpool.Pool, auditLog *audit.Log, reg prometheus.Registerer,
+func NewSweeper(ch driver.Conn, layout schema.Layout, pg *pgxpool.Pool, auditLog *audit.Log, reg prometheus.Registerer,
 	log *slog.Logger, retentionDays int, now func() time.Time) *Sweeper {
 	log = logger.Or(log)
 	if now == nil {
 		now = clock.Now
 	}
-	s := &Sweeper{ch: ch, db: db, pg: pg, audit: auditLog, log: log, retentionDays: retentionDays, now: now, m: newSweepMetrics(reg),
+	db := layout.DB
+	s := &Sweeper{ch: ch, db: db, layout: layout, pg: pg, audit: auditLog, log: log, retentionDays: retentionDays, now: now, m: newSweepMetrics(reg),
 		raiseFloor: retention.NewFloor(pg, db).Raise}
 	// Whether the tables expire rows themselves is read from their definition, not from the server
 	// version: tables created before an upgrade to a TTL-capable server still have no TTL clause,
 	// and the sweeper must keep enforcing retention for them.
 	s.features = func() (schema.Features, error) {
 		var n uint64
-		err := ch.QueryRow(context.Background(), "SELECT count() FROM system.tables WHERE database = ? AND name = 'events' AND positionCaseInsensitive(create_table_query, ' TTL ') > 0", db).Scan(&n)
+		err := ch.QueryRow(context.Background(), "SELECT count() FROM system.tables WHERE database = ? AND name = ? AND positionCaseInsensitive(create_table_query, ' TTL ') > 0",
+			db, layout.LocalName("events")).Scan(&n)
 		if err != nil {
 			return schema.Features{}, fmt.Errorf("read the events table definition: %w", err)
 		}
@@ -178,25 +181,31 @@ func (s *Sweeper) Sweep(ctx context.Context) (SweepResult, error) {
 }
 
 func (s *Sweeper) sweepTable(ctx context.Context, table string, cutoff time.Time, res *SweepResult) error {
-	rows, err := s.ch.Query(ctx, "SELECT DISTINCT partition FROM system.parts WHERE database = ? AND table = ? AND active", s.db, table)
+	// On a cluster the parts are on the shards: cluster() asks one replica of each (replicas hold the
+	// same parts), and the drop below runs ON CLUSTER, on every replica.
+	parts := "system.parts"
+	if s.layout.Clustered() {
+		parts = "cluster('" + s.layout.Cluster + "', system, parts)"
+	}
+	rows, err := s.ch.Query(ctx, "SELECT DISTINCT partition FROM "+parts+" WHERE database = ? AND table = ? AND active", s.db, s.layout.LocalName(table))
 	if err != nil {
 		return fmt.Errorf("retention sweep: list partitions of %s.%s: %w", s.db, table, err)
 	}
-	var parts []string
+	var ids []string
 	for rows.Next() {
 		var p string
 		if err := rows.Scan(&p); err != nil {
 			rows.Close()
 			return fmt.Errorf("retention sweep: list partitions of %s.%s: %w", s.db, table, err)
 		}
-		parts = append(parts, p)
+		ids = append(ids, p)
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
 		return fmt.Errorf("retention sweep: list partitions of %s.%s: %w", s.db, table, err)
 	}
-	sort.Strings(parts)
-	for _, p := range parts {
+	sort.Strings(ids)
+	for _, p := range ids {
 		day, err := time.Parse("20060102", p)
 		if !partitionRe.MatchString(p) || err != nil {
 			s.log.Warn("retention sweep: partition is not a YYYYMMDD day; leaving it", "table", table, "partition", p)
@@ -205,7 +214,7 @@ func (s *Sweeper) sweepTable(ctx context.Context, table string, cutoff time.Time
 		if !day.Before(cutoff) {
 			continue
 		}
-		if err := s.ch.Exec(ctx, "ALTER TABLE "+s.db+"."+table+" DROP PARTITION "+p); err != nil {
+		if err := s.ch.Exec(ctx, "ALTER TABLE "+s.layout.Local(table)+s.layout.OnCluster()+" DROP PARTITION "+p); err != nil {
 			return fmt.Errorf("retention sweep: drop partition %s of %s.%s: %w", p, s.db, table, err)
 		}
 		res.Dropped[table] = append(res.Dropped[table], p)

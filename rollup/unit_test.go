@@ -175,7 +175,7 @@ func TestDailyRetriesWithBackoff(t *testing.T) {
 // records that the days before the cutoff are incomplete: the table's TTL drops them.
 func TestSweeperIdleWithTTL(t *testing.T) {
 	now := time.Date(2026, 11, 29, 0, 5, 0, 0, time.UTC)
-	s := NewSweeper(nil, "analytics", nil, nil, nil, nil, 90, func() time.Time { return now })
+	s := NewSweeper(nil, schema.Layout{DB: "analytics"}, nil, nil, nil, nil, 90, func() time.Time { return now })
 	s.features = func() (schema.Features, error) { return schema.Features{TTL: true}, nil }
 	var floors []time.Time
 	s.raiseFloor = func(_ context.Context, d time.Time) error { floors = append(floors, d); return nil }

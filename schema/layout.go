@@ -21,10 +21,15 @@ func (l Layout) Table(name string) string { return l.DB + "." + name }
 // Local is the fully qualified name of the table that stores name's rows: db.name on one server,
 // db.name_local (one per shard replica) on a cluster.
 func (l Layout) Local(name string) string {
+	return l.DB + "." + l.LocalName(name)
+}
+
+// LocalName is Local without the database: name or name_local.
+func (l Layout) LocalName(name string) string {
 	if l.Clustered() {
-		return l.DB + "." + name + "_local"
+		return name + "_local"
 	}
-	return l.DB + "." + name
+	return name
 }
 
 // OnCluster is the " ON CLUSTER name" clause DDL, ALTER … DELETE and DROP PARTITION need on a

@@ -22,6 +22,7 @@ type Migrator struct {
 	CH            driver.Conn
 	PG            *pgxpool.Pool
 	DB            string // ClickHouse database
+	Cluster       string // CLICKHOUSE_CLUSTER: the cluster layout (see Layout); empty on one server
 	RetentionDays int
 	Log           *slog.Logger
 }
@@ -58,7 +59,7 @@ func (m *Migrator) Run(ctx context.Context) (Result, error) {
 		return res, err
 	}
 	res.Server, res.Features = v, FeaturesFor(v)
-	chMigrations, err := ClickHouse(Params{DB: m.DB, RetentionDays: m.RetentionDays, Features: res.Features})
+	chMigrations, err := ClickHouse(Params{DB: m.DB, Cluster: m.Cluster, RetentionDays: m.RetentionDays, Features: res.Features})
 	if err != nil {
 		return res, err
 	}
@@ -113,7 +114,7 @@ var rawTables = []string{"events", "usage_increments"}
 func (m *Migrator) applyRetention(ctx context.Context) (string, error) {
 	changed := ""
 	for _, table := range rawTables {
-		days, ok, err := retention.TableTTL(ctx, m.CH, m.DB, table)
+		days, ok, err := retention.TableTTL(ctx, m.CH, m.DB, m.layout().LocalName(table))
 		if err != nil {
 			return changed, fmt.Errorf("migrate clickhouse: %w", err)
 		}
@@ -126,7 +127,7 @@ func (m *Migrator) applyRetention(ctx context.Context) (string, error) {
 				return changed, fmt.Errorf("migrate: %w", err)
 			}
 		}
-		if err := m.CH.Exec(ctx, ModifyTTL(m.DB, table, m.RetentionDays)); err != nil {
+		if err := m.CH.Exec(ctx, ModifyTTL(m.layout(), table, m.RetentionDays)); err != nil {
 			return changed, fmt.Errorf("migrate clickhouse: apply RETENTION_DAYS=%d to %s.%s: %w", m.RetentionDays, m.DB, table, err)
 		}
 		changed = fmt.Sprintf("%d -> %d days", days, m.RetentionDays)
@@ -134,10 +135,12 @@ func (m *Migrator) applyRetention(ctx context.Context) (string, error) {
 	return changed, nil
 }
 
-// ModifyTTL is the statement that sets a raw table's retention.
-func ModifyTTL(db, table string, days int) string {
-	return fmt.Sprintf("ALTER TABLE %s.%s MODIFY TTL ts + INTERVAL %d DAY", db, table, days)
+// ModifyTTL is the statement that sets a raw table's retention (on every replica of a cluster).
+func ModifyTTL(l Layout, table string, days int) string {
+	return fmt.Sprintf("ALTER TABLE %s%s MODIFY TTL ts + INTERVAL %d DAY", l.Local(table), l.OnCluster(), days)
 }
+
+func (m *Migrator) layout() Layout { return Layout{DB: m.DB, Cluster: m.Cluster} }
 
 func (m *Migrator) postgres(ctx context.Context, conn *pgx.Conn, ms []Migration) ([]int, error) {
 	if _, err := conn.Exec(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -191,10 +194,17 @@ func pgApplied(ctx context.Context, conn *pgx.Conn) (map[int]bool, error) {
 // clickhouse records applied versions in the ClickHouse database itself, so a database recreated
 // on its own (a new cluster, a restored Postgres) is still brought up to date.
 func (m *Migrator) clickhouse(ctx context.Context, ms []Migration) ([]int, error) {
+	l := m.layout()
+	engine := "MergeTree"
+	if l.Clustered() {
+		// One copy on every server of the cluster (no {shard} in the path), so whichever server a
+		// later migrate connects to knows what was applied.
+		engine = fmt.Sprintf("ReplicatedMergeTree('/clickhouse/tables/all/%s/schema_migrations', '{shard}-{replica}')", m.DB)
+	}
 	boot := []string{
-		"CREATE DATABASE IF NOT EXISTS " + m.DB,
-		"CREATE TABLE IF NOT EXISTS " + m.DB + ".schema_migrations (version UInt32, name String, applied_at DateTime) " +
-			"ENGINE = MergeTree ORDER BY version",
+		"CREATE DATABASE IF NOT EXISTS " + m.DB + l.OnCluster(),
+		"CREATE TABLE IF NOT EXISTS " + m.DB + ".schema_migrations" + l.OnCluster() +
+			" (version UInt32, name String, applied_at DateTime) ENGINE = " + engine + " ORDER BY version",
 	}
 	for _, stmt := range boot {
 		if err := m.CH.Exec(ctx, stmt); err != nil {

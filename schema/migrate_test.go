@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/internal/testenv"
@@ -42,6 +43,21 @@ func TestMigrateCreatesEveryObject(t *testing.T) {
 		{"daily_usage_increments_mv", "MaterializedView", "", ""},
 		{"schema_migrations", "MergeTree", "", "version"},
 	}
+	if testenv.Cluster() != "" {
+		// The rows live in replicated <name>_local tables; the plain names are Distributed tables.
+		want = []chTable{
+			{"events_local", "ReplicatedMergeTree", "toYYYYMMDD(ts)", "tenant_id, ts, id"},
+			{"usage_increments_local", "ReplicatedMergeTree", "toYYYYMMDD(ts)", "tenant_id, ts, id"},
+			{"daily_usage_local", "ReplicatedSummingMergeTree", "toYYYYMM(date)", "tenant_id, metric, date"},
+			{"events", "Distributed", "", ""},
+			{"usage_increments", "Distributed", "", ""},
+			{"daily_usage", "Distributed", "", ""},
+			{"daily_usage_events_mv", "MaterializedView", "", ""},
+			{"daily_usage_increments_mv", "MaterializedView", "", ""},
+			{"schema_migrations", "ReplicatedMergeTree", "", "version"},
+		}
+		checkEveryReplica(ctx, t, env.CH, env.DB, len(want))
+	}
 	for _, w := range want {
 		g, ok := got[w.Name]
 		if !ok {
@@ -71,8 +87,39 @@ func TestMigrateCreatesEveryObject(t *testing.T) {
 	if err := rows.Err(); err != nil {
 		t.Fatal(err)
 	}
-	if got, want := strings.Join(pgTables, ","), "analytics_daily_usage,api_keys,audit_log,retention_floor,rollup_runs,schema_migrations,tenants,usage_levels"; got != want {
+	if got, want := strings.Join(pgTables, ","), "analytics_daily_usage,api_keys,audit_log,import_days,import_tenants,retention_floor,rollup_runs,schema_migrations,tenants,usage_levels"; got != want {
 		t.Errorf("postgres tables: got %s, want %s", got, want)
+	}
+}
+
+// checkEveryReplica asks each server of the cluster (system.clusters, through remote()) how many
+// objects the database holds there: ON CLUSTER must have created all of them on all of them.
+func checkEveryReplica(ctx context.Context, t *testing.T, ch driver.Conn, db string, want int) {
+	t.Helper()
+	var hosts []string
+	rows, err := ch.Query(ctx, "SELECT host_address || ':' || toString(port) FROM system.clusters WHERE cluster = ?", testenv.Cluster())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var h string
+		if err := rows.Scan(&h); err != nil {
+			t.Fatal(err)
+		}
+		hosts = append(hosts, h)
+	}
+	rows.Close()
+	if len(hosts) < 2 {
+		t.Fatalf("cluster %s has %d servers; want a real cluster", testenv.Cluster(), len(hosts))
+	}
+	for _, h := range hosts {
+		var n uint64
+		if err := ch.QueryRow(ctx, "SELECT count() FROM remote('"+h+"', system, tables) WHERE database = ?", db).Scan(&n); err != nil {
+			t.Fatalf("%s: %v", h, err)
+		}
+		if int(n) != want {
+			t.Errorf("server %s holds %d objects of %s, want %d", h, n, db, want)
+		}
 	}
 }
 
@@ -128,7 +175,7 @@ func TestMigrateTwiceChangesNothing(t *testing.T) {
 	if len(env.Schema.AppliedClickHouse) == 0 || len(env.Schema.AppliedPostgres) == 0 {
 		t.Fatalf("first run applied nothing: %+v", env.Schema)
 	}
-	m := schema.Migrator{CH: env.CH, PG: env.PG, DB: env.DB, RetentionDays: 90}
+	m := schema.Migrator{CH: env.CH, PG: env.PG, DB: env.DB, Cluster: testenv.Cluster(), RetentionDays: 90}
 	res, err := m.Run(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -157,7 +204,7 @@ func TestMigrateConcurrently(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			m := schema.Migrator{CH: ch, PG: pg, DB: db, RetentionDays: 90}
+			m := schema.Migrator{CH: ch, PG: pg, DB: db, Cluster: testenv.Cluster(), RetentionDays: 90}
 			results[i], errs[i] = m.Run(ctx)
 		}()
 	}
@@ -176,5 +223,55 @@ func TestMigrateConcurrently(t *testing.T) {
 	}
 	if appliedCH == 0 {
 		t.Error("no run applied the clickhouse migrations")
+	}
+}
+
+// On a cluster a replayed insert of the same block must add nothing — not to events, and not through
+// the materialized view to daily_usage: replicated tables remember recent blocks' hashes in ZooKeeper.
+// The spool's replay leans on this when a shard committed a segment's rows but the answer was lost.
+func TestClusterReplayedBlockIsStoredAndCountedOnce(t *testing.T) {
+	if testenv.Cluster() == "" {
+		t.Skip("cluster layout only: `make test-cluster` runs it")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	env := testenv.Migrated(t)
+	day := time.Date(2026, 11, 20, 10, 0, 0, 0, time.UTC)
+	tenants := []string{uuid.NewString(), uuid.NewString(), uuid.NewString(), uuid.NewString()}
+	ids := make([]string, 40)
+	for i := range ids {
+		ids[i] = uuid.NewString()
+	}
+	insert := func() {
+		b, err := env.CH.PrepareBatch(ctx, "INSERT INTO "+env.DB+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, id := range ids {
+			if err := b.Append(tenants[i%len(tenants)], day, id, day, "auth.user.login", "app", "u", "{}", "", ""); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := b.Send(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	insert()
+	insert()
+	var rows, counted int64
+	if err := env.CH.QueryRow(ctx, "SELECT toInt64(count()) FROM "+env.DB+".events").Scan(&rows); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.CH.QueryRow(ctx, "SELECT sum(count) FROM "+env.DB+".daily_usage").Scan(&counted); err != nil {
+		t.Fatal(err)
+	}
+	if rows != int64(len(ids)) || counted != int64(len(ids)) {
+		t.Errorf("the same block inserted twice: %d rows stored, %d counted; want %d and %d", rows, counted, len(ids), len(ids))
+	}
+	var shards uint64
+	if err := env.CH.QueryRow(ctx, "SELECT uniqExact(_shard_num) FROM "+env.DB+".events").Scan(&shards); err != nil {
+		t.Logf("(cannot read _shard_num on this server: %v)", err)
+	} else if shards < 2 {
+		t.Errorf("four tenants' rows landed on %d shard(s); the sharding key should spread tenants", shards)
 	}
 }

@@ -82,11 +82,11 @@ func TestMigrateAppliesAChangedRetention(t *testing.T) {
 	env := testenv.Migrated(t)
 	ctx := context.Background()
 	ch := &modernConn{ttlDays: "90"}
-	res, err := (&schema.Migrator{CH: ch, PG: env.PG, DB: env.DB, RetentionDays: 120}).Run(ctx)
+	res, err := (&schema.Migrator{CH: ch, PG: env.PG, DB: env.DB, Cluster: testenv.Cluster(), RetentionDays: 120}).Run(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []string{schema.ModifyTTL(env.DB, "events", 120), schema.ModifyTTL(env.DB, "usage_increments", 120)}
+	want := []string{schema.ModifyTTL(env.Layout(), "events", 120), schema.ModifyTTL(env.Layout(), "usage_increments", 120)}
 	if strings.Join(ch.execs[len(ch.execs)-2:], "; ") != strings.Join(want, "; ") || res.Retention != "90 -> 120 days" {
 		t.Errorf("statements %q, result %q; want the last two to be %q", ch.execs, res.Retention, want)
 	}
@@ -97,7 +97,7 @@ func TestMigrateAppliesAChangedRetention(t *testing.T) {
 
 	// The same window again changes nothing.
 	same := &modernConn{ttlDays: "120"}
-	if res, err := (&schema.Migrator{CH: same, PG: env.PG, DB: env.DB, RetentionDays: 120}).Run(ctx); err != nil || res.Retention != "" {
+	if res, err := (&schema.Migrator{CH: same, PG: env.PG, DB: env.DB, Cluster: testenv.Cluster(), RetentionDays: 120}).Run(ctx); err != nil || res.Retention != "" {
 		t.Errorf("unchanged window: %+v %v", res, err)
 	}
 	for _, q := range same.execs {
@@ -111,7 +111,7 @@ func TestMigrateAppliesAChangedRetention(t *testing.T) {
 func TestMigrateRefusesAServerOutsideUTC(t *testing.T) {
 	env := testenv.Migrated(t)
 	ch := &tzModernConn{modernConn: modernConn{ttlDays: "90"}}
-	_, err := (&schema.Migrator{CH: ch, PG: env.PG, DB: env.DB, RetentionDays: 90}).Run(context.Background())
+	_, err := (&schema.Migrator{CH: ch, PG: env.PG, DB: env.DB, Cluster: testenv.Cluster(), RetentionDays: 90}).Run(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "America/Chicago") || len(ch.execs) != 0 {
 		t.Errorf("got %v after %d statements; want a refusal before any", err, len(ch.execs))
 	}

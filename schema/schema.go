@@ -30,9 +30,47 @@ type Migration struct {
 type Params struct {
 	// DB is the ClickHouse database every object lives in (default "analytics").
 	DB string
+	// Cluster, when set, renders the cluster layout (see Layout): replicated local tables, Distributed
+	// tables over them, and every statement ON CLUSTER.
+	Cluster string
 	// RetentionDays is how long raw events and increments are kept.
 	RetentionDays int
 	Features
+}
+
+func (p Params) layout() Layout { return Layout{DB: p.DB, Cluster: p.Cluster} }
+
+// Local names the table that stores rows (see Layout.Local).
+func (p Params) Local(name string) string { return p.layout().Local(name) }
+
+// OnCluster is " ON CLUSTER c" on a cluster, "" on one server.
+func (p Params) OnCluster() string { return p.layout().OnCluster() }
+
+// Engine renders a storage engine: engine(args...) on one server; on a cluster its Replicated form,
+// whose ZooKeeper path holds the shard, database and table (so test databases and tenants' clusters
+// sharing one ZooKeeper never collide) and whose replica name is the server's {replica} macro.
+func (p Params) Engine(table, engine string, args ...string) string {
+	if p.Cluster != "" {
+		path := fmt.Sprintf("'/clickhouse/tables/{shard}/%s/%s_local'", p.DB, table)
+		args = append([]string{path, "'{replica}'"}, args...)
+		engine = "Replicated" + engine
+	}
+	if len(args) == 0 {
+		return engine
+	}
+	return engine + "(" + strings.Join(args, ", ") + ")"
+}
+
+// Distributed renders, on a cluster, the statement that puts a Distributed table under the plain name
+// over name_local, sharded by tenant: a tenant's rows stay on one shard, so a tenant's reads and
+// aggregates never mix shards. cityHash64 of a UUID fails on 18.16, hence toString. On one server it
+// renders nothing.
+func (p Params) Distributed(name string) string {
+	if p.Cluster == "" {
+		return ""
+	}
+	return fmt.Sprintf("CREATE TABLE IF NOT EXISTS %s.%s%s AS %s\nENGINE = Distributed(%s, %s, %s_local, cityHash64(toString(tenant_id)));",
+		p.DB, name, p.OnCluster(), p.Local(name), p.Cluster, p.DB, name)
 }
 
 // LowCardinalityString is the column type for low-cardinality strings (event, source, metric names).
@@ -60,6 +98,9 @@ func ValidIdent(s string) bool { return identRe.MatchString(s) }
 func ClickHouse(p Params) ([]Migration, error) {
 	if !ValidIdent(p.DB) {
 		return nil, fmt.Errorf("render clickhouse schema: database name %q is not a plain identifier", p.DB)
+	}
+	if err := p.layout().Check(); err != nil {
+		return nil, fmt.Errorf("render clickhouse schema: %w", err)
 	}
 	if p.RetentionDays < 1 {
 		return nil, fmt.Errorf("render clickhouse schema: retention must be at least 1 day, got %d", p.RetentionDays)

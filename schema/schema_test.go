@@ -44,9 +44,17 @@ func TestFeaturesGate(t *testing.T) {
 // TestClickHouseGolden pins the exact DDL each supported server gets. Run with -update after an
 // intended schema change and review the diff.
 func TestClickHouseGolden(t *testing.T) {
-	for _, v := range []Version{{18, 16, 1}, {25, 8, 1}} {
-		t.Run(v.String(), func(t *testing.T) {
-			ms, err := ClickHouse(Params{DB: "analytics", RetentionDays: 90, Features: FeaturesFor(v)})
+	for _, c := range []struct {
+		v       Version
+		cluster string
+	}{{Version{18, 16, 1}, ""}, {Version{25, 8, 1}, ""}, {Version{18, 16, 1}, "analytics_cluster"}, {Version{25, 8, 1}, "analytics_cluster"}} {
+		v := c.v
+		name := v.String()
+		if c.cluster != "" {
+			name += "-cluster"
+		}
+		t.Run(name, func(t *testing.T) {
+			ms, err := ClickHouse(Params{DB: "analytics", Cluster: c.cluster, RetentionDays: 90, Features: FeaturesFor(v)})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -57,7 +65,11 @@ func TestClickHouseGolden(t *testing.T) {
 					b.WriteString(";\n\n")
 				}
 			}
-			path := filepath.Join("testdata", "clickhouse-"+strings.Join(strings.Split(v.String(), ".")[:2], ".")+".golden.sql")
+			suffix := ""
+			if c.cluster != "" {
+				suffix = "-cluster"
+			}
+			path := filepath.Join("testdata", "clickhouse-"+strings.Join(strings.Split(v.String(), ".")[:2], ".")+suffix+".golden.sql")
 			if *update {
 				if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
 					t.Fatal(err)
@@ -85,6 +97,9 @@ func TestClickHouseTTLFollowsRetention(t *testing.T) {
 }
 
 func TestClickHouseRejectsBadParams(t *testing.T) {
+	if _, err := ClickHouse(Params{DB: "analytics", Cluster: "c ON CLUSTER x", RetentionDays: 90}); err == nil {
+		t.Error("a cluster name that is not an identifier must be refused")
+	}
 	if _, err := ClickHouse(Params{DB: "a;DROP", RetentionDays: 90}); err == nil {
 		t.Error("database name with ';' accepted, want error")
 	}

@@ -37,7 +37,7 @@ func migrate(ctx context.Context, cfg Config, log *slog.Logger, args []string, s
 		return err
 	}
 	defer closeStores()
-	m := schema.Migrator{CH: ch, PG: pg, DB: cfg.ClickHouseDB, RetentionDays: cfg.RetentionDays, Log: log}
+	m := schema.Migrator{CH: ch, PG: pg, DB: cfg.ClickHouseDB, Cluster: cfg.ClickHouseCluster, RetentionDays: cfg.RetentionDays, Log: log}
 	res, err := m.Run(ctx)
 	if err != nil {
 		return err

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/ingest"
@@ -39,9 +40,13 @@ type Config struct {
 
 	ClickHouseDSN string // CLICKHOUSE_DSN; its path names the database (default analytics)
 	ClickHouseDB  string // derived from CLICKHOUSE_DSN
-	PostgresURL   string // POSTGRES_URL
-	RedisURL      string // REDIS_URL
-	RetentionDays int    // RETENTION_DAYS
+	// ClickHouseCluster is CLICKHOUSE_CLUSTER: the cluster (in the servers' remote_servers) whose
+	// shards hold the tables; empty for one server. See schema.Layout.
+	ClickHouseCluster string
+	PostgresURL       string // POSTGRES_URL
+	RedisURL          string // REDIS_URL
+	RedisCluster      bool   // REDIS_CLUSTER: REDIS_URL names Redis Cluster nodes (redis://n1:6379?addr=n2:6379&addr=n3:6379)
+	RetentionDays     int    // RETENTION_DAYS
 
 	Ingest        ingest.Config         // ANALYTICS_ENABLED, INGEST_MAX_BODY_BYTES, INGEST_MAX_EVENTS, INGEST_MAX_PROPS_BYTES, QUOTA_EVENT_MAP
 	Writer        ingest.WriterConfig   // ANALYTICS_SPOOL_DIR, INGEST_DURABILITY, INGEST_BATCH_ROWS, …
@@ -60,6 +65,11 @@ const (
 	defaultPostgresURL   = "postgres://analytics:analytics@127.0.0.1:55432/analytics?sslmode=disable"
 	defaultRedisURL      = "redis://127.0.0.1:16379/0"
 )
+
+// Layout says where the ClickHouse tables are: one server, or CLICKHOUSE_CLUSTER's shards.
+func (c Config) Layout() schema.Layout {
+	return schema.Layout{DB: c.ClickHouseDB, Cluster: c.ClickHouseCluster}
+}
 
 // loadConfig reads the environment through getenv and validates it, reporting every problem at once.
 // Sections read later take what they share from earlier ones: the retention, the event map, the
@@ -132,13 +142,22 @@ func (e *env) stores(c *Config) {
 			e.fail("CLICKHOUSE_DSN: database %q must be letters, digits and underscores", c.ClickHouseDB)
 		}
 	}
+	c.ClickHouseCluster = e.str("CLICKHOUSE_CLUSTER", "")
+	if c.ClickHouseCluster != "" && !schema.ValidIdent(c.ClickHouseCluster) {
+		e.fail("CLICKHOUSE_CLUSTER=%q: want the name of a cluster in the servers' remote_servers (letters, digits, underscores)", c.ClickHouseCluster)
+	}
 	c.PostgresURL = e.str("POSTGRES_URL", defaultPostgresURL)
 	if u, err := url.Parse(c.PostgresURL); err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
 		e.fail("POSTGRES_URL: want postgres://user:password@host:5432/db")
 	}
 	c.RedisURL = e.str("REDIS_URL", defaultRedisURL)
+	c.RedisCluster = e.boolean("REDIS_CLUSTER", false)
 	if u, err := url.Parse(c.RedisURL); err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") {
-		e.fail("REDIS_URL: want redis://host:6379/0")
+		e.fail("REDIS_URL: want redis://host:6379/0 (with REDIS_CLUSTER=true: redis://node1:6379?addr=node2:6379&addr=node3:6379)")
+	} else if c.RedisCluster {
+		if _, err := redis.ParseClusterURL(c.RedisURL); err != nil {
+			e.fail("REDIS_URL with REDIS_CLUSTER=true: %v (want redis://node1:6379?addr=node2:6379&addr=node3:6379)", err)
+		}
 	}
 	c.RetentionDays = e.integer("RETENTION_DAYS", ingest.DefaultLimits().RetentionDays, 1, 3650)
 }

@@ -27,6 +27,15 @@ func openClickHouse(cfg Config) (driver.Conn, error) {
 	if opts.MaxOpenConns < 16 {
 		opts.MaxOpenConns = 16
 	}
+	if cfg.ClickHouseCluster != "" {
+		if opts.Settings == nil {
+			opts.Settings = clickhouse.Settings{}
+		}
+		// An insert into a Distributed table returns only when every shard has committed its rows
+		// (without this the server queues them on its own disk and answers at once): the spool may
+		// let a segment go only once its rows are on their shards.
+		opts.Settings["insert_distributed_sync"] = 1
+	}
 	conn, err := clickhouse.Open(opts)
 	if err != nil {
 		return nil, fmt.Errorf("open clickhouse: %w", err)
@@ -47,14 +56,23 @@ func openPostgres(ctx context.Context, cfg Config) (*pgxpool.Pool, error) {
 	return pool, nil
 }
 
-func openRedis(cfg Config) (*redis.Client, error) {
+// openRedis opens one Redis, or Redis Cluster with REDIS_CLUSTER (every script keeps its keys in one
+// slot through the {tenant} hash tags, so both run the same code).
+func openRedis(cfg Config) (redis.UniversalClient, error) {
+	const timeout = 2 * time.Second
+	if cfg.RedisCluster {
+		opts, err := redis.ParseClusterURL(cfg.RedisURL)
+		if err != nil {
+			return nil, fmt.Errorf("parse REDIS_URL (REDIS_CLUSTER): %w", err)
+		}
+		opts.DialTimeout, opts.ReadTimeout, opts.WriteTimeout = timeout, timeout, timeout
+		return redis.NewClusterClient(opts), nil
+	}
 	opts, err := redis.ParseURL(cfg.RedisURL)
 	if err != nil {
 		return nil, fmt.Errorf("parse REDIS_URL: %w", err)
 	}
-	opts.DialTimeout = 2 * time.Second
-	opts.ReadTimeout = 2 * time.Second
-	opts.WriteTimeout = 2 * time.Second
+	opts.DialTimeout, opts.ReadTimeout, opts.WriteTimeout = timeout, timeout, timeout
 	return redis.NewClient(opts), nil
 }
 

@@ -149,7 +149,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	if err != nil {
 		return err
 	}
-	sweeper := rollup.NewSweeper(ch, cfg.ClickHouseDB, pg, auditLog, reg, log.With("component", "retention"), cfg.RetentionDays, nil)
+	sweeper := rollup.NewSweeper(ch, cfg.Layout(), pg, auditLog, reg, log.With("component", "retention"), cfg.RetentionDays, nil)
 	ops.Details = func(context.Context) map[string]any {
 		st := writer.Stats()
 		d := map[string]any{"ingest": st, "rollup": scheduler.Status(), "retention": sweeper.Status()}
@@ -268,7 +268,7 @@ func checkClickHouse(ctx context.Context, cfg *Config, ch driver.Conn, pg *pgxpo
 	if err := schema.CheckTimeZone(pctx, ch); err != nil {
 		return err
 	}
-	w, err := retention.Effective(pctx, ch, cfg.ClickHouseDB, cfg.RetentionDays)
+	w, err := retention.Effective(pctx, ch, cfg.ClickHouseDB, cfg.Layout().LocalName("events"), cfg.RetentionDays)
 	if err != nil {
 		return err
 	}

@@ -288,6 +288,7 @@ render() { # TEMPLATE OUTPUT
       -e "s|@HTTP_PORT@|$CLICKHOUSE_HTTP_PORT|g" \
       -e "s|@MAX_MEMORY_USAGE@|$CLICKHOUSE_MAX_MEMORY_USAGE|g" \
       -e "s|@MAX_MEMORY_ALL@|$CLICKHOUSE_MAX_MEMORY_ALL_QUERIES|g" \
+      -e "s|@LOAD_BALANCING@|${CH_LOAD_BALANCING:-random}|g" \
       "$1" >"$2.tmp"
   mv -f "$2.tmp" "$2"
 }
@@ -768,4 +769,7 @@ main() {
   esac
 }
 
-main "$@"
+# cluster.sh sources this file for its helpers; only a direct run executes a command.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+  main "$@"
+fi

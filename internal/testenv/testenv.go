@@ -63,6 +63,13 @@ func ctx(t testing.TB) context.Context {
 	return c
 }
 
+// Cluster is CLICKHOUSE_CLUSTER: set (by `deploy/local/cluster.sh env`), tests run on the cluster
+// layout — databases and tables created ON CLUSTER, reads and inserts through Distributed tables.
+func Cluster() string { return os.Getenv("CLICKHOUSE_CLUSTER") }
+
+// Layout is where an Env's tables live (see schema.Layout).
+func (e Env) Layout() schema.Layout { return schema.Layout{DB: e.DB, Cluster: Cluster()} }
+
 // ClickHouseDSN returns CLICKHOUSE_DSN, skipping or failing the test when it is unset.
 func ClickHouseDSN(t testing.TB) string { t.Helper(); return env(t, "CLICKHOUSE_DSN") }
 
@@ -75,6 +82,12 @@ func ClickHouse(t testing.TB) (driver.Conn, string) {
 		t.Fatalf("parse CLICKHOUSE_DSN: %v", err)
 	}
 	opts.Auth.Database = "default"
+	onCluster := ""
+	if c := Cluster(); c != "" {
+		onCluster = " ON CLUSTER " + c
+		// As analyticsd sets it on a cluster: an insert returns once its rows are on their shards.
+		opts.Settings = clickhouse.Settings{"insert_distributed_sync": 1}
+	}
 	conn, err := clickhouse.Open(opts)
 	if err == nil {
 		err = conn.Ping(ctx(t))
@@ -83,13 +96,13 @@ func ClickHouse(t testing.TB) (driver.Conn, string) {
 		unavailable(t, "clickhouse unreachable: %v", err)
 	}
 	db := Name()
-	if err := conn.Exec(ctx(t), "CREATE DATABASE "+db); err != nil {
+	if err := conn.Exec(ctx(t), "CREATE DATABASE "+db+onCluster); err != nil {
 		t.Fatalf("create clickhouse database %s: %v", db, err)
 	}
 	t.Cleanup(func() {
-		c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		c, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		defer cancel()
-		if err := conn.Exec(c, "DROP DATABASE IF EXISTS "+db); err != nil {
+		if err := conn.Exec(c, "DROP DATABASE IF EXISTS "+db+onCluster); err != nil {
 			t.Errorf("drop clickhouse database %s: %v", db, err)
 		}
 		_ = conn.Close()
@@ -140,14 +153,28 @@ func Postgres(t testing.TB) (*pgxpool.Pool, string) {
 // RedisURL returns REDIS_URL, skipping or failing the test when it is unset.
 func RedisURL(t testing.TB) string { t.Helper(); return env(t, "REDIS_URL") }
 
-// Redis returns a client and a key prefix for this test; keys under the prefix are deleted afterwards.
-func Redis(t testing.TB) (*redis.Client, string) {
+// RedisCluster reports whether REDIS_URL names Redis Cluster nodes (REDIS_CLUSTER=1, as
+// `deploy/local/cluster.sh env` prints).
+func RedisCluster() bool { return os.Getenv("REDIS_CLUSTER") == "1" }
+
+// Redis returns a client (a cluster client with REDIS_CLUSTER=1) and a key prefix for this test;
+// keys under the prefix are deleted afterwards.
+func Redis(t testing.TB) (redis.UniversalClient, string) {
 	t.Helper()
-	opts, err := redis.ParseURL(RedisURL(t))
-	if err != nil {
-		t.Fatalf("parse REDIS_URL: %v", err)
+	var client redis.UniversalClient
+	if RedisCluster() {
+		opts, err := redis.ParseClusterURL(RedisURL(t))
+		if err != nil {
+			t.Fatalf("parse REDIS_URL (REDIS_CLUSTER=1): %v", err)
+		}
+		client = redis.NewClusterClient(opts)
+	} else {
+		opts, err := redis.ParseURL(RedisURL(t))
+		if err != nil {
+			t.Fatalf("parse REDIS_URL: %v", err)
+		}
+		client = redis.NewClient(opts)
 	}
-	client := redis.NewClient(opts)
 	if err := client.Ping(ctx(t)).Err(); err != nil {
 		unavailable(t, "redis unreachable: %v", err)
 	}
@@ -155,9 +182,17 @@ func Redis(t testing.TB) (*redis.Client, string) {
 	t.Cleanup(func() {
 		c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		iter := client.Scan(c, 0, prefix+"*", 1000).Iterator()
-		for iter.Next(c) {
-			client.Del(c, iter.Val())
+		del := func(ctx context.Context, node redis.Cmdable) error {
+			iter := node.Scan(ctx, 0, prefix+"*", 1000).Iterator()
+			for iter.Next(ctx) {
+				client.Del(ctx, iter.Val())
+			}
+			return iter.Err()
+		}
+		if cc, ok := client.(*redis.ClusterClient); ok {
+			_ = cc.ForEachMaster(c, func(ctx context.Context, m *redis.Client) error { return del(ctx, m) })
+		} else {
+			_ = del(c, client)
 		}
 		_ = client.Close()
 	})
@@ -170,7 +205,7 @@ type Env struct {
 	DB       string // ClickHouse database
 	PG       *pgxpool.Pool
 	PGSchema string
-	Redis    *redis.Client
+	Redis    redis.UniversalClient
 	Prefix   string // Redis key prefix
 	Schema   schema.Result
 }
@@ -182,7 +217,7 @@ func Migrated(t testing.TB) Env {
 	e.CH, e.DB = ClickHouse(t)
 	e.PG, e.PGSchema = Postgres(t)
 	e.Redis, e.Prefix = Redis(t)
-	m := schema.Migrator{CH: e.CH, PG: e.PG, DB: e.DB, RetentionDays: 90}
+	m := schema.Migrator{CH: e.CH, PG: e.PG, DB: e.DB, Cluster: Cluster(), RetentionDays: 90}
 	res, err := m.Run(ctx(t))
 	if err != nil {
 		t.Fatalf("migrate test env: %v", err)
