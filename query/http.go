@@ -41,6 +41,7 @@ type Service struct {
 	metrics *metrics
 	tenants *labels.Capped
 	gate    exportGate // running exports (see Drain)
+	zones   *zoneCache // tenants' time zones; nil: every tenant reads in UTC unless tz says otherwise
 }
 
 // NewService wires the read API; reg may be nil.
@@ -49,6 +50,38 @@ func NewService(cfg Config, store *Store, auditLog *audit.Log, reg prometheus.Re
 	log = logger.Or(log)
 	s := &Service{cfg: cfg, store: store, audit: auditLog, log: log, tenants: labels.NewCapped(cfg.LabelCap), metrics: newMetrics(reg)}
 	return s
+}
+
+// SetZones gives the reads each tenant's configured time zone (*tenant.Store), the default of the tz
+// parameter. Call it before serving.
+func (s *Service) SetZones(z ZoneLookup) { s.zones = &zoneCache{lookup: z} }
+
+// zone is the request's time zone: tz when given, else the tenant's, else UTC. The response names
+// it (X-Analytics-Time-Zone), so a client knows which days it got.
+func (s *Service) zone(c *fiber.Ctx) (Zone, error) {
+	z := UTC
+	if tz := c.Query("tz"); tz != "" {
+		var err error
+		if z, err = ParseZone(tz); err != nil {
+			return UTC, err
+		}
+	} else if cached, ok := s.zones.get(c.UserContext(), principal(c).TenantID); ok {
+		z = cached
+	} else {
+		z = cached
+		c.Set("X-Analytics-Degraded", "the tenant's time zone could not be read; days are in "+z.Name())
+	}
+	c.Set("X-Analytics-Time-Zone", z.Name())
+	return z, nil
+}
+
+// rangeOf reads from/to in the request's zone.
+func (s *Service) rangeOf(c *fiber.Ctx) (Range, error) {
+	z, err := s.zone(c)
+	if err != nil {
+		return Range{}, err
+	}
+	return ParseRangeIn(c.Query("from"), c.Query("to"), s.store.now(), z)
 }
 
 // Register mounts the read endpoints on r; read is the auth middleware they require.
@@ -105,7 +138,7 @@ func principal(c *fiber.Ctx) api.Principal {
 func (s *Service) filter(c *fiber.Ctx) (EventFilter, error) {
 	f := EventFilter{Tenant: principal(c).TenantID}
 	var err error
-	if f.Range, err = ParseRange(c.Query("from"), c.Query("to"), s.store.now()); err != nil {
+	if f.Range, err = s.rangeOf(c); err != nil {
 		return f, err
 	}
 	if f.Event = c.Query("event"); f.Event != "" && !ValidName(f.Event) {
@@ -169,7 +202,7 @@ func metricsParam(c *fiber.Ctx, def []string) ([]string, error) {
 }
 
 func (s *Service) getUsage(c *fiber.Ctx) error {
-	r, err := ParseRange(c.Query("from"), c.Query("to"), s.store.now())
+	r, err := s.rangeOf(c)
 	if err != nil {
 		return err
 	}
@@ -189,7 +222,7 @@ func (s *Service) getUsage(c *fiber.Ctx) error {
 		return paramErr("fill=%q: want zero or none", excerpt.Short(c.Query("fill")))
 	}
 	first, last := r.Days()
-	res, err := s.store.Usage(c.UserContext(), principal(c).TenantID, metrics, first, last, fill)
+	res, err := s.store.UsageIn(c.UserContext(), principal(c).TenantID, metrics, r.Zone, first, last, fill)
 	if err != nil {
 		return err
 	}
@@ -204,7 +237,11 @@ func (s *Service) getKPIs(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
-	kpis, err := s.store.KPIs(c.UserContext(), principal(c).TenantID, metrics)
+	z, err := s.zone(c)
+	if err != nil {
+		return err
+	}
+	kpis, err := s.store.KPIsIn(c.UserContext(), principal(c).TenantID, metrics, z)
 	if err != nil {
 		return err
 	}
@@ -212,7 +249,7 @@ func (s *Service) getKPIs(c *fiber.Ctx) error {
 }
 
 func (s *Service) getEventNames(c *fiber.Ctx) error {
-	r, err := ParseRange(c.Query("from"), c.Query("to"), s.store.now())
+	r, err := s.rangeOf(c)
 	if err != nil {
 		return err
 	}
@@ -229,7 +266,7 @@ func (s *Service) getEventNames(c *fiber.Ctx) error {
 }
 
 func (s *Service) getActiveUsers(c *fiber.Ctx) error {
-	r, err := ParseRange(c.Query("from"), c.Query("to"), s.store.now())
+	r, err := s.rangeOf(c)
 	if err != nil {
 		return err
 	}

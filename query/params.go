@@ -25,44 +25,56 @@ func paramErr(format string, args ...any) error { return &ParamError{fmt.Sprintf
 // ErrBadCursor: the cursor is neither one we issued nor an RFC3339 time.
 var ErrBadCursor = &ParamError{"cursor is not valid: pass next_cursor from the previous page unchanged, or an RFC3339 time"}
 
-// Range is a half-open UTC time range [From, To).
+// Range is a half-open time range [From, To) and the zone whose days it was read in.
 type Range struct {
 	From, To time.Time
+	Zone     Zone
 }
 
-// Days returns the inclusive UTC dates the range touches.
+// Days returns the inclusive local dates (in r.Zone, as midnight UTC values) the range touches.
 func (r Range) Days() (first, last time.Time) {
-	first = r.From.UTC().Truncate(24 * time.Hour)
-	last = r.To.Add(-time.Second).UTC().Truncate(24 * time.Hour)
-	return first, last
+	return r.Zone.Date(r.From), r.Zone.Date(r.To.Add(-time.Second))
 }
 
 // MaxRangeDays caps how much one request may scan.
 const MaxRangeDays = 366
 
-// ParseRange reads from/to: YYYY-MM-DD means whole UTC days (to inclusive), RFC3339 an instant (to
-// exclusive). Defaults: the last 30 days including today.
-func ParseRange(from, to string, now time.Time) (Range, error) {
-	today := now.UTC().Truncate(24 * time.Hour)
-	var r Range
+// ParseRange is ParseRangeIn in UTC.
+func ParseRange(from, to string, now time.Time) (Range, error) { return ParseRangeIn(from, to, now, UTC) }
+
+// ParseRangeIn reads from/to: YYYY-MM-DD means whole days of zone z (from its local midnight; to
+// inclusive), RFC3339 an instant (to exclusive). Defaults: the last 30 local days including today.
+func ParseRangeIn(from, to string, now time.Time, z Zone) (Range, error) {
+	today := z.Date(now)
+	r := Range{Zone: z}
 	var err error
+	var toDay time.Time // the local date after the last one, when to is a date or the default
 	if to == "" {
-		r.To = today.Add(24 * time.Hour)
+		toDay = today.AddDate(0, 0, 1)
+		r.To = z.DayStart(toDay)
 	} else if r.To, err = parseBound("to", to, true); err != nil {
 		return r, err
+	} else if len(to) == len(time.DateOnly) {
+		toDay = r.To
+		r.To = z.DayStart(toDay)
 	}
-	if from == "" {
-		r.From = r.To.Add(-30 * 24 * time.Hour)
-		if to == "" {
-			r.From = today.Add(-29 * 24 * time.Hour)
+	switch {
+	case from != "":
+		if r.From, err = parseBound("from", from, false); err != nil {
+			return r, err
 		}
-	} else if r.From, err = parseBound("from", from, false); err != nil {
-		return r, err
+		if len(from) == len(time.DateOnly) {
+			r.From = z.DayStart(r.From)
+		}
+	case !toDay.IsZero():
+		r.From = z.DayStart(toDay.AddDate(0, 0, -30))
+	default:
+		r.From = r.To.Add(-30 * 24 * time.Hour)
 	}
 	if !r.From.Before(r.To) {
 		return r, paramErr("from (%s) must be before to (%s)", r.From.Format(time.RFC3339), r.To.Format(time.RFC3339))
 	}
-	if r.To.Sub(r.From) > MaxRangeDays*24*time.Hour {
+	if r.To.Sub(r.From) > MaxRangeDays*24*time.Hour+2*time.Hour { // a DST change may lengthen the local days
 		return r, paramErr("the range from %s to %s is longer than %d days; narrow it", from, to, MaxRangeDays)
 	}
 	return r, nil

@@ -48,6 +48,7 @@ func newHarness(t *testing.T, maxExport int) *harness {
 	h.keys["b-read"], _ = fixture.Key(t, h.env.PG, h.b.ID, "b-read", auth.ScopeAnalyticsRead)
 	store := query.NewStore(h.env.CH, h.env.DB, h.env.PG, 10*time.Second)
 	h.svc = query.NewService(query.Config{MaxExportRows: maxExport}, store, audit.New(h.env.PG), nil, nil)
+	h.svc.SetZones(tenant.NewStore(h.env.PG))
 	app := api.NewApp(api.Config{}, nil)
 	authn := auth.NewAuthenticator(auth.NewKeys(h.env.PG), tenant.NewStore(h.env.PG), auth.JWTConfig{Secret: jwtSecret})
 	h.svc.Register(app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsRead))
@@ -858,5 +859,63 @@ func TestActiveUsersCountsDistinctUsers(t *testing.T) {
 	}
 	if r := h.get(t, h.keys["a-read"], "", "/api/analytics/active-users?event=auth.user.registered"); r.Data()["users"] != 1.0 {
 		t.Errorf("active users of another event: %s", r.Raw)
+	}
+}
+
+// TestReadsFollowTheTenantsTimeZone: the tenant's zone is the default of tz; tz overrides it; the
+// response names the zone; a zone that is not one is a 400.
+func TestReadsFollowTheTenantsTimeZone(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, 100)
+	if _, _, err := tenant.NewStore(h.env.PG).SetTimeZone(context.Background(), "acme", "Asia/Kathmandu"); err != nil {
+		t.Fatal(err)
+	}
+	ktm, _ := time.LoadLocation("Asia/Kathmandu")
+	y, m, d := h.now.In(ktm).AddDate(0, 0, -3).Date()
+	midnight := time.Date(y, m, d, 0, 0, 0, 0, ktm) // local midnight of day D, 18:15 UTC the day before
+	day, prev := midnight.Format(time.DateOnly), midnight.AddDate(0, 0, -1).Format(time.DateOnly)
+	h.insert(t, []ev{
+		{id: uuid.New(), tenant: h.a.ID, ts: midnight.Add(-time.Second), event: "auth.user.login"}, // D-1 in Kathmandu and in UTC
+		{id: uuid.New(), tenant: h.a.ID, ts: midnight, event: "auth.user.login"},                    // D in Kathmandu, D-1 in UTC
+		{id: uuid.New(), tenant: h.a.ID, ts: midnight.Add(10 * time.Hour), event: "auth.user.login"}, // D in both
+	})
+	series := func(r fixture.Response) string {
+		t.Helper()
+		if r.Status != 200 {
+			t.Fatalf("got %d %s", r.Status, r.Raw)
+		}
+		var out []string
+		for _, p := range r.Data()["auth.user.login"].([]any) {
+			p := p.(map[string]any)
+			out = append(out, fmt.Sprintf("%s=%v", p["date"], p["count"]))
+		}
+		return strings.Join(out, " ")
+	}
+	path := fmt.Sprintf("/api/analytics/usage?from=%s&to=%s&metric[]=auth.user.login", prev, day)
+	r := h.get(t, h.keys["a-read"], "", path)
+	if got, want := series(r), fmt.Sprintf("%s=1 %s=2", prev, day); got != want {
+		t.Errorf("usage in the tenant's zone: got %s, want %s", got, want)
+	}
+	if got := r.Header.Get("X-Analytics-Time-Zone"); got != "Asia/Kathmandu" {
+		t.Errorf("X-Analytics-Time-Zone: got %q, want Asia/Kathmandu", got)
+	}
+	r = h.get(t, h.keys["a-read"], "", path+"&tz=UTC")
+	if got, want := series(r), fmt.Sprintf("%s=2 %s=1", prev, day); got != want {
+		t.Errorf("usage with tz=UTC: got %s, want %s", got, want)
+	}
+	r = h.get(t, h.keys["a-read"], "", fmt.Sprintf("/api/analytics/events?from=%s&to=%s", day, day))
+	if n := len(r.Data()["events"].([]any)); r.Status != 200 || n != 2 {
+		t.Errorf("events of local day %s: got %d %d events, want 2", day, r.Status, n)
+	}
+	// Tenant B has no zone set: UTC.
+	r = h.get(t, h.keys["b-read"], "", "/api/analytics/metrics")
+	if got := r.Header.Get("X-Analytics-Time-Zone"); r.Status != 200 || got != "UTC" {
+		t.Errorf("tenant without a zone: got %d %q, want 200 UTC", r.Status, got)
+	}
+	for _, bad := range []string{"Mars%2FOlympus", "Local", "%2E%2E%2Fetc"} {
+		r = h.get(t, h.keys["a-read"], "", "/api/analytics/metrics?tz="+bad)
+		if r.Status != 400 || !strings.Contains(string(r.Raw), "tz=") {
+			t.Errorf("tz=%s: got %d %s, want 400 naming tz", bad, r.Status, r.Raw)
+		}
 	}
 }

@@ -17,6 +17,9 @@ type Store struct {
 	pg      *pgxpool.Pool
 	maxExec time.Duration
 	now     func() time.Time
+	// retentionDays is how long raw events are kept (RETENTION_DAYS): local-day counts come from
+	// them inside that window only.
+	retentionDays int
 }
 
 // NewStore returns a Store. maxExec bounds every ClickHouse query (max_execution_time; default 30 s).
@@ -24,5 +27,13 @@ func NewStore(ch driver.Conn, db string, pg *pgxpool.Pool, maxExec time.Duration
 	if maxExec <= 0 {
 		maxExec = DefaultTimeout
 	}
-	return &Store{ch: ch, db: db, pg: pg, maxExec: maxExec, now: clock.Now}
+	return &Store{ch: ch, db: db, pg: pg, maxExec: maxExec, now: clock.Now, retentionDays: 90}
+}
+
+// SetRetentionDays tells the store RETENTION_DAYS (default 90): days of a non-UTC zone older than
+// that are answered from the UTC-day aggregate, because their raw events are gone.
+func (s *Store) SetRetentionDays(days int) {
+	if days > 0 {
+		s.retentionDays = days
+	}
 }

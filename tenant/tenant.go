@@ -27,7 +27,22 @@ var (
 	ErrDisabled = errors.New("tenant is disabled")
 	// ErrBadSlug: the slug is not lowercase letters, digits and dashes.
 	ErrBadSlug = errors.New("tenant slug must be 1-63 lowercase letters, digits or dashes, starting with a letter or digit")
+	// ErrBadTimeZone: the zone is not an IANA time zone name.
+	ErrBadTimeZone = errors.New("time zone must be an IANA zone name such as Europe/Berlin, Asia/Kolkata or UTC")
 )
+
+// LoadTimeZone validates an IANA zone name and returns its location. "Local" and "" are refused: they
+// name whatever zone the server happens to run in, not one the tenant chose.
+func LoadTimeZone(name string) (*time.Location, error) {
+	if name == "" || name == "Local" || len(name) > 64 {
+		return nil, fmt.Errorf("%w: %q", ErrBadTimeZone, name)
+	}
+	loc, err := time.LoadLocation(name)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %q", ErrBadTimeZone, name)
+	}
+	return loc, nil
+}
 
 var slugRe = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
 
@@ -42,6 +57,9 @@ type Tenant struct {
 	QuotaOverrides map[string]float64
 	CreatedAt      time.Time
 	DisabledAt     *time.Time // set while an operator has the tenant disabled
+	// TimeZone is the IANA zone whose local midnight starts the tenant's days in reads ("UTC" unless
+	// set). Quotas and billed usage stay per UTC day.
+	TimeZone string
 }
 
 // Disabled reports whether an operator disabled the tenant.
@@ -63,7 +81,7 @@ func (s *Store) Create(ctx context.Context, slug, name string) (Tenant, error) {
 	if name == "" {
 		name = slug
 	}
-	t := Tenant{ID: uuid.New(), Slug: slug, Name: name, QuotaOverrides: map[string]float64{}}
+	t := Tenant{ID: uuid.New(), Slug: slug, Name: name, QuotaOverrides: map[string]float64{}, TimeZone: "UTC"}
 	err := s.pg.QueryRow(ctx,
 		"INSERT INTO tenants (id, slug, name) VALUES ($1, $2, $3) RETURNING created_at",
 		t.ID, t.Slug, t.Name).Scan(&t.CreatedAt)
@@ -77,12 +95,12 @@ func (s *Store) Create(ctx context.Context, slug, name string) (Tenant, error) {
 	return t, nil
 }
 
-const columns = "id, slug, name, quota_overrides, created_at, disabled_at"
+const columns = "id, slug, name, quota_overrides, created_at, disabled_at, time_zone"
 
 func scan(row pgx.Row) (Tenant, error) {
 	var t Tenant
 	var overrides []byte
-	if err := row.Scan(&t.ID, &t.Slug, &t.Name, &overrides, &t.CreatedAt, &t.DisabledAt); err != nil {
+	if err := row.Scan(&t.ID, &t.Slug, &t.Name, &overrides, &t.CreatedAt, &t.DisabledAt, &t.TimeZone); err != nil {
 		return Tenant{}, err
 	}
 	if err := json.Unmarshal(overrides, &t.QuotaOverrides); err != nil {
@@ -151,6 +169,40 @@ func (s *Store) SetQuota(ctx context.Context, slug, metric string, limit *float6
 		return Tenant{}, fmt.Errorf("set quota %s for tenant %q: %w", metric, slug, err)
 	}
 	return t, nil
+}
+
+// SetTimeZone sets the tenant's time zone after validating it (LoadTimeZone). changed is false when
+// the tenant already had that zone.
+func (s *Store) SetTimeZone(ctx context.Context, slug, zone string) (t Tenant, changed bool, err error) {
+	if _, err := LoadTimeZone(zone); err != nil {
+		return Tenant{}, false, err
+	}
+	var before string
+	err = s.pg.QueryRow(ctx, "SELECT time_zone FROM tenants WHERE slug = $1", slug).Scan(&before)
+	if err == nil {
+		t, err = scan(s.pg.QueryRow(ctx, "UPDATE tenants SET time_zone = $2 WHERE slug = $1 RETURNING "+columns, slug, zone))
+	}
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Tenant{}, false, fmt.Errorf("%w: %q", ErrNotFound, slug)
+	}
+	if err != nil {
+		return Tenant{}, false, fmt.Errorf("set time zone of tenant %q: %w", slug, err)
+	}
+	return t, before != zone, nil
+}
+
+// TimeZone returns the zone of the tenant with id ("UTC" unless one was set). Reads call it through a
+// short cache (package query).
+func (s *Store) TimeZone(ctx context.Context, id uuid.UUID) (string, error) {
+	var zone string
+	err := s.pg.QueryRow(ctx, "SELECT time_zone FROM tenants WHERE id = $1", id).Scan(&zone)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return "", fmt.Errorf("%w: %s", ErrNotFound, id)
+	}
+	if err != nil {
+		return "", fmt.Errorf("read time zone of tenant %s: %w", id, err)
+	}
+	return zone, nil
 }
 
 // SetDisabled disables (true) or enables (false) the tenant. changed is false when it already was in

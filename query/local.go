@@ -1,0 +1,221 @@
+package query
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/internal/chlimit"
+	"github.com/analyticsd/analyticsd/retention"
+)
+
+// Reads in a tenant's own time zone.
+//
+// daily_usage (and the billed record in Postgres) is kept per UTC day, which is a local day only
+// where the zone's offset is zero. For any other zone a local day is counted from the raw rows —
+// events (count per event name) and usage_increments (sum per metric) — bucketed by the local date
+// of each row's ts. Raw rows are kept RETENTION_DAYS; a local day that starts before the first
+// complete raw day is answered with the UTC day of the same date from daily_usage and says so
+// (meta.utc_day), since nothing finer is kept for it.
+
+var metaLocal = json.RawMessage(`{"source":"events"}`)
+
+// rawFrom is the first instant from which raw events are complete: the later of the retention
+// cutoff and the retention floor (Postgres; unreadable counts as none).
+func (s *Store) rawFrom(ctx context.Context) time.Time {
+	var floor time.Time
+	if s.pg != nil {
+		ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		floor, _ = retention.NewFloor(s.pg, s.db).Get(ctx)
+	}
+	return retention.Window{Days: s.retentionDays}.CompleteFrom(floor, s.now())
+}
+
+// firstRawDay is the first local date in [first, last] whose start is inside the raw window
+// (last+1 day when none is).
+func (s *Store) firstRawDay(ctx context.Context, z Zone, first, last time.Time) time.Time {
+	from := s.rawFrom(ctx)
+	d := first
+	for !d.After(last) && z.DayStart(d).Before(from) {
+		d = d.AddDate(0, 0, 1)
+	}
+	return d
+}
+
+// localCounts counts metrics per local date of z over the dates [first, last] from the raw tables:
+// event names (they have a dot) from events, usage metrics from usage_increments.
+func (s *Store) localCounts(ctx context.Context, tenant uuid.UUID, metrics []string, z Zone, first, last time.Time) (map[string]map[string]int64, error) {
+	from, to := z.DayStart(first), z.DayStart(last.AddDate(0, 0, 1))
+	var events, increments []string
+	for _, m := range metrics {
+		if strings.Contains(m, ".") {
+			events = append(events, m)
+		} else {
+			increments = append(increments, m)
+		}
+	}
+	out := map[string]map[string]int64{}
+	for _, q := range []struct {
+		table, column, agg string
+		names              []string
+	}{
+		{"events", "event", "toInt64(count())", events},
+		{"usage_increments", "metric", "sum(n)", increments},
+	} {
+		if len(q.names) == 0 {
+			continue
+		}
+		sql, args := localCountsSQL(s.db, q.table, q.column, q.agg, z, from, to)
+		args = append(args, tenant, from, to, q.names)
+		if err := s.scanCounts(ctx, sql, args, out); err != nil {
+			return nil, fmt.Errorf("count %s by local day: %w", q.table, err)
+		}
+	}
+	return out, nil
+}
+
+// localCountsSQL is the query of one raw table's counts per name and local date of z over [from,
+// to). Its arguments are the zone's (returned) then tenant, from, to and the names.
+func localCountsSQL(db, table, column, agg string, z Zone, from, to time.Time) (string, []any) {
+	day, args := z.dayExpr(from, to)
+	return "SELECT " + column + ", toString(" + day + ") AS d, " + agg + " FROM " + db + "." + table +
+		" WHERE tenant_id = ? AND ts >= ? AND ts < ? AND has(?, " + column + ") GROUP BY " + column + ", d", args
+}
+
+func (s *Store) scanCounts(ctx context.Context, q string, args []any, into map[string]map[string]int64) error {
+	rows, err := s.ch.Query(chlimit.Limit(s.maxExec).Context(ctx), q, args...)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var name, date string
+		var n int64
+		if err := rows.Scan(&name, &date, &n); err != nil {
+			return err
+		}
+		if into[name] == nil {
+			into[name] = map[string]int64{}
+		}
+		into[name][date] += n
+	}
+	return rows.Err()
+}
+
+// UsageIn is Usage with the days [first, last] being local dates of z. Where z is UTC over the
+// range it is Usage. Otherwise days inside the raw window are counted from raw rows
+// (meta.source "events"); older days are Usage's UTC days, their meta marked "utc_day": true.
+func (s *Store) UsageIn(ctx context.Context, tenant uuid.UUID, metrics []string, z Zone, first, last time.Time, fill bool) (UsageResult, error) {
+	if z.UTCOver(z.DayStart(first), z.DayStart(last.AddDate(0, 0, 1))) {
+		return s.Usage(ctx, tenant, metrics, first, last, fill)
+	}
+	res := UsageResult{Series: map[string][]Point{}}
+	for _, m := range metrics {
+		res.Series[m] = []Point{}
+	}
+	split := s.firstRawDay(ctx, z, first, last)
+	if split.After(first) {
+		old, err := s.Usage(ctx, tenant, metrics, first, minTime(split.AddDate(0, 0, -1), last), fill)
+		if err != nil {
+			return res, err
+		}
+		res.Degraded = old.Degraded
+		for m, points := range old.Series {
+			for _, p := range points {
+				p.Meta = withField(p.Meta, "utc_day", true)
+				res.Series[m] = append(res.Series[m], p)
+			}
+		}
+	}
+	if split.After(last) {
+		return res, nil
+	}
+	counts, err := s.localCounts(ctx, tenant, metrics, z, split, last)
+	if err != nil {
+		return res, err
+	}
+	for _, m := range metrics {
+		for d := split; !d.After(last); d = d.AddDate(0, 0, 1) {
+			key := d.Format(time.DateOnly)
+			if n := counts[m][key]; n != 0 || fill {
+				res.Series[m] = append(res.Series[m], Point{Date: key, Count: n, Meta: metaLocal})
+			}
+		}
+	}
+	return res, nil
+}
+
+// KPIsIn is KPIs with today, week and month being local days of z.
+func (s *Store) KPIsIn(ctx context.Context, tenant uuid.UUID, metrics []string, z Zone) (map[string]KPI, error) {
+	today := z.Date(s.now())
+	first := today.AddDate(0, 0, -29)
+	if z.UTCOver(z.DayStart(first), z.DayStart(today.AddDate(0, 0, 1))) {
+		return s.KPIs(ctx, tenant, metrics)
+	}
+	counts := map[string]map[string]int64{}
+	split := s.firstRawDay(ctx, z, first, today)
+	if split.After(first) {
+		old, err := s.liveUsage(ctx, tenant, metrics, first, minTime(split.AddDate(0, 0, -1), today))
+		if err != nil {
+			return nil, err
+		}
+		counts = old
+	}
+	if !split.After(today) {
+		fresh, err := s.localCounts(ctx, tenant, metrics, z, split, today)
+		if err != nil {
+			return nil, err
+		}
+		for m, days := range fresh {
+			if counts[m] == nil {
+				counts[m] = map[string]int64{}
+			}
+			for d, n := range days {
+				counts[m][d] += n
+			}
+		}
+	}
+	out := make(map[string]KPI, len(metrics))
+	weekFrom := today.AddDate(0, 0, -6).Format(time.DateOnly)
+	todayKey := today.Format(time.DateOnly)
+	for _, m := range metrics {
+		var k KPI
+		for d, n := range counts[m] { // dates compare as strings (YYYY-MM-DD)
+			k.Month += n
+			if d >= weekFrom {
+				k.Week += n
+			}
+			if d == todayKey {
+				k.Today += n
+			}
+		}
+		out[m] = k
+	}
+	return out, nil
+}
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}
+
+// withField returns meta (a JSON object) with key set to v.
+func withField(meta json.RawMessage, key string, v any) json.RawMessage {
+	var m map[string]any
+	if json.Unmarshal(meta, &m) != nil || m == nil {
+		m = map[string]any{}
+	}
+	m[key] = v
+	b, err := json.Marshal(m)
+	if err != nil {
+		return meta
+	}
+	return b
+}
