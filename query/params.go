@@ -40,7 +40,9 @@ func (r Range) Days() (first, last time.Time) {
 const MaxRangeDays = 366
 
 // ParseRange is ParseRangeIn in UTC.
-func ParseRange(from, to string, now time.Time) (Range, error) { return ParseRangeIn(from, to, now, UTC) }
+func ParseRange(from, to string, now time.Time) (Range, error) {
+	return ParseRangeIn(from, to, now, UTC)
+}
 
 // ParseRangeIn reads from/to: YYYY-MM-DD means whole days of zone z (from its local midnight; to
 // inclusive), RFC3339 an instant (to exclusive). Defaults: the last 30 local days including today.

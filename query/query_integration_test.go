@@ -875,8 +875,8 @@ func TestReadsFollowTheTenantsTimeZone(t *testing.T) {
 	midnight := time.Date(y, m, d, 0, 0, 0, 0, ktm) // local midnight of day D, 18:15 UTC the day before
 	day, prev := midnight.Format(time.DateOnly), midnight.AddDate(0, 0, -1).Format(time.DateOnly)
 	h.insert(t, []ev{
-		{id: uuid.New(), tenant: h.a.ID, ts: midnight.Add(-time.Second), event: "auth.user.login"}, // D-1 in Kathmandu and in UTC
-		{id: uuid.New(), tenant: h.a.ID, ts: midnight, event: "auth.user.login"},                    // D in Kathmandu, D-1 in UTC
+		{id: uuid.New(), tenant: h.a.ID, ts: midnight.Add(-time.Second), event: "auth.user.login"},   // D-1 in Kathmandu and in UTC
+		{id: uuid.New(), tenant: h.a.ID, ts: midnight, event: "auth.user.login"},                     // D in Kathmandu, D-1 in UTC
 		{id: uuid.New(), tenant: h.a.ID, ts: midnight.Add(10 * time.Hour), event: "auth.user.login"}, // D in both
 	})
 	series := func(r fixture.Response) string {

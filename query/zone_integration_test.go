@@ -123,7 +123,7 @@ func TestLocalDaysBeyondRetention(t *testing.T) {
 	now := instant("2026-11-30T12:00:00Z")
 	s := NewStore(env.CH, env.DB, env.PG, 10*time.Second)
 	s.now = func() time.Time { return now }
-	s.SetRetentionDays(10) // raw rows complete from 2026-11-21 00:00 UTC
+	s.SetRetentionDays(10)                 // raw rows complete from 2026-11-21 00:00 UTC
 	old := instant("2026-11-10T20:00:00Z") // 2026-11-11 01:30 in Kolkata, 2026-11-10 in UTC
 	fresh := instant("2026-11-25T20:00:00Z")
 	env.Insert(t, "events", "tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id",
