@@ -1,0 +1,3 @@
+module github.com/analyticsd/analyticsd/client
+
+go 1.26.8
