@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"io"
 	"net/http"
 	"sort"
@@ -71,6 +72,7 @@ func TestLiveResponsesMatchOpenAPI(t *testing.T) {
 	}
 	base := serveInProcess(t, getenv)
 	yesterday := time.Now().UTC().AddDate(0, 0, -1).Format("2006-01-02")
+	segment := map[string]string{"Authorization": "Basic " + base64.StdEncoding.EncodeToString([]byte(writeKey+":"))}
 
 	type call struct {
 		method, path, key, body string
@@ -120,6 +122,22 @@ func TestLiveResponsesMatchOpenAPI(t *testing.T) {
 		{"POST", "/api/analytics/quotas/builds_daily/consume?n=x", writeKey, "", nil, 400},
 		{"POST", "/api/analytics/rollup?date=" + yesterday, adminKey, "", nil, 200},
 		{"POST", "/api/analytics/rollup?date=2999-01-01", adminKey, "", nil, 400},
+		// The Segment-compatible endpoints, with the write key as Segment's libraries send it.
+		{"POST", "/v1/batch", "", `{"batch":[{"type":"track","event":"Order Completed","anonymousId":"a1","messageId":"m1","properties":{"revenue":9.5}},` +
+			`{"type":"identify","anonymousId":"a1","traits":{"plan":"pro"}}],"sentAt":"` + time.Now().UTC().Format(time.RFC3339) + `"}`, segment, 200},
+		{"POST", "/v1/batch", "", `{"batch":[{"type":"track","anonymousId":"a1"},{"type":"page","anonymousId":"a1"}]}`, segment, 400},
+		{"POST", "/v1/track", "", `{"event":"Signed Up","anonymousId":"a2","context":{"ip":"203.0.113.9"}}`, segment, 200},
+		{"POST", "/v1/track", "", `{"event":"Signed Up","anonymousId":"a2","writeKey":"` + writeKey + `"}`, nil, 200},
+		{"POST", "/v1/track", "", `{"event":"Signed Up","anonymousId":"a2"}`, nil, 401},
+		{"POST", "/v1/track", readKey, `{"event":"Signed Up","anonymousId":"a2"}`, nil, 403},
+		{"POST", "/v1/track", "", `{"event":"Signed Up","anonymousId":"a2","properties":{"s":"` + strings.Repeat("x", 33<<10) + `"}}`, segment, 413},
+		{"POST", "/v1/track", "", `{"event":"Signed Up","anonymousId":"a2"}`, map[string]string{"Authorization": segment["Authorization"], "Content-Type": "application/xml"}, 415},
+		{"POST", "/v1/identify", "", `{"anonymousId":"a3","traits":{"plan":"pro"}}`, segment, 200},
+		{"POST", "/v1/page", "", `{"anonymousId":"a3","name":"Home","properties":{"path":"/"}}`, segment, 200},
+		{"POST", "/v1/screen", "", `{"anonymousId":"a3","name":"Settings"}`, segment, 200},
+		{"POST", "/v1/group", "", `{"anonymousId":"a3","groupId":"g1","traits":{"seats":3}}`, segment, 200},
+		{"POST", "/v1/alias", "", `{"userId":"u9","previousId":"a3"}`, segment, 200},
+		{"POST", "/v1/alias", "", `{"anonymousId":"a3","previousId":"a3"}`, segment, 400},
 	}
 
 	seen := map[string]bool{} // "METHOD path status"
