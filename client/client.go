@@ -72,7 +72,7 @@ const (
 	DefaultMaxBatchBytes = 1 << 20
 	DefaultFlushInterval = time.Second
 	DefaultTimeout       = 10 * time.Second
-	DefaultMaxAttempts   = 10
+	DefaultMaxAttempts   = 15
 	DefaultMinBackoff    = 100 * time.Millisecond
 	DefaultMaxBackoff    = 30 * time.Second
 )
@@ -110,7 +110,8 @@ type Config struct {
 	// DisableGzip sends request bodies uncompressed.
 	DisableGzip bool
 
-	// MaxAttempts bounds the attempts of one batch or call, the first included (default 10); a
+	// MaxAttempts bounds the attempts of one batch or call, the first included (default 15: about
+	// three minutes of retrying with the default backoff, enough to outlast a server restart); a
 	// negative value retries until the call's ctx (for Track's batches: Close's ctx) ends.
 	MaxAttempts int
 	// MinBackoff is the first retry's delay (default 100 ms); each retry doubles it, up to
