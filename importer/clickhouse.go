@@ -1,0 +1,422 @@
+package importer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/ClickHouse/clickhouse-go/v2/ext"
+	"github.com/google/uuid"
+)
+
+// incrementNS is the namespace of the name-based (v5) ids of imported usage increments.
+var incrementNS = uuid.MustParse("6f1c3d52-2a7e-4c09-9d8b-5e0f4a1b7c3e")
+
+// incrementID is the id of the increment imported for one source row: the same row gets the same id
+// on every run, so a repeated insert is recognised.
+func incrementID(source string, tenant uuid.UUID, day time.Time, metric string) uuid.UUID {
+	return uuid.NewSHA1(incrementNS, []byte(source+"\x00"+tenant.String()+"\x00"+day.Format(time.DateOnly)+"\x00"+metric))
+}
+
+// isEventName: event names have a dot, usage metrics never do (README, "Two namespaces").
+func isEventName(metric string) bool { return strings.Contains(metric, ".") }
+
+func queryCtx(ctx context.Context) context.Context {
+	return clickhouse.Context(ctx, clickhouse.WithQueryID("analyticsd-import-"+uuid.NewString()))
+}
+
+// eventCols is a chunk of events in ClickHouse's column order.
+type eventCols struct {
+	id, tenant                            []uuid.UUID
+	ts                                    []time.Time
+	event, source, user, props, ip, reqID []string
+}
+
+func (c *eventCols) add(tenant uuid.UUID, e *event) {
+	c.id, c.tenant, c.ts = append(c.id, e.id), append(c.tenant, tenant), append(c.ts, e.ts)
+	c.event, c.source, c.user = append(c.event, e.event), append(c.source, e.source), append(c.user, e.user)
+	c.props, c.ip, c.reqID = append(c.props, e.props), append(c.ip, e.ip), append(c.reqID, e.reqID)
+}
+
+func (c *eventCols) reset() {
+	c.id, c.tenant, c.ts = c.id[:0], c.tenant[:0], c.ts[:0]
+	c.event, c.source, c.user, c.props, c.ip, c.reqID = c.event[:0], c.source[:0], c.user[:0], c.props[:0], c.ip[:0], c.reqID[:0]
+}
+
+// keep drops the rows whose index is in drop (sorted), keeping order.
+func (c *eventCols) keep(drop map[int]bool) {
+	j := 0
+	for i := range c.id {
+		if drop[i] {
+			continue
+		}
+		c.id[j], c.tenant[j], c.ts[j] = c.id[i], c.tenant[i], c.ts[i]
+		c.event[j], c.source[j], c.user[j], c.props[j], c.ip[j], c.reqID[j] = c.event[i], c.source[i], c.user[i], c.props[i], c.ip[i], c.reqID[i]
+		j++
+	}
+	c.id, c.tenant, c.ts = c.id[:j], c.tenant[:j], c.ts[:j]
+	c.event, c.source, c.user, c.props, c.ip, c.reqID = c.event[:j], c.source[:j], c.user[:j], c.props[:j], c.ip[:j], c.reqID[:j]
+}
+
+// present returns which of ids ClickHouse's table holds for tenant with ts in [lo, hi]. The ids go as
+// an external table (an IN list of 100,000 ids would exceed max_query_size); tenant and time narrow
+// the scan to the part of the sort key (tenant_id, ts, id) where they can be.
+func (im *Importer) present(ctx context.Context, table string, tenant uuid.UUID, lo, hi time.Time, ids []uuid.UUID) (map[uuid.UUID]bool, error) {
+	t, err := ext.NewTable("import_ids", ext.Column("id", "UUID"))
+	if err != nil {
+		return nil, err
+	}
+	for _, id := range ids {
+		if err := t.Append(id); err != nil {
+			return nil, err
+		}
+	}
+	qctx := clickhouse.Context(ctx, clickhouse.WithExternalTable(t))
+	rows, err := im.cfg.CH.Query(qctx, "SELECT id FROM "+im.cfg.DB+"."+table+
+		" WHERE tenant_id = ? AND ts >= ? AND ts <= ? AND id IN (SELECT id FROM import_ids)", tenant, lo, hi)
+	if err != nil {
+		return nil, fmt.Errorf("check which rows %s already has: %w", table, err)
+	}
+	defer rows.Close()
+	have := map[uuid.UUID]bool{}
+	for rows.Next() {
+		var id uuid.UUID
+		if err := rows.Scan(&id); err != nil {
+			return nil, fmt.Errorf("check which rows %s already has: %w", table, err)
+		}
+		have[id] = true
+	}
+	return have, rows.Err()
+}
+
+// insertEvents writes the chunk's rows that ClickHouse does not hold yet; it returns how many it wrote
+// and how many were there already. The chunk is one tenant's, oldest first.
+func (im *Importer) insertEvents(ctx context.Context, tenant uuid.UUID, c *eventCols) (inserted, present int64, err error) {
+	n := len(c.id)
+	if n == 0 {
+		return 0, 0, nil
+	}
+	have, err := im.present(ctx, "events", tenant, c.ts[0], c.ts[n-1], c.id)
+	if err != nil {
+		return 0, 0, err
+	}
+	if len(have) > 0 {
+		drop := make(map[int]bool, len(have))
+		for i, id := range c.id {
+			if have[id] {
+				drop[i] = true
+			}
+		}
+		c.keep(drop)
+	}
+	present = int64(len(have))
+	if len(c.id) == 0 {
+		return 0, present, nil
+	}
+	table := im.cfg.DB + ".events"
+	batch, err := im.cfg.CH.PrepareBatch(queryCtx(ctx), "INSERT INTO "+table+" (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
+	if err != nil {
+		return 0, present, fmt.Errorf("insert into %s: prepare: %w", table, err)
+	}
+	// received_at is the event's own time: the quota reconciliation counts rows by the minute they were
+	// received, and imported history must not land in today's counters.
+	for i, col := range []any{c.tenant, c.ts, c.id, c.ts, c.event, c.source, c.user, c.props, c.ip, c.reqID} {
+		if err := batch.Column(i).Append(col); err != nil {
+			return 0, present, errors.Join(fmt.Errorf("insert into %s: column %d: %w", table, i, err), batch.Abort())
+		}
+	}
+	if err := batch.Send(); err != nil {
+		return 0, present, fmt.Errorf("insert %d rows into %s: %w", len(c.id), table, err)
+	}
+	return int64(len(c.id)), present, nil
+}
+
+// increment is one usage increment to import.
+type increment struct {
+	id     uuid.UUID
+	day    time.Time
+	metric string
+	n      int64
+}
+
+// insertIncrements writes the increments ClickHouse does not hold yet (usage_increments, one row per
+// source row, ts = the day's midnight).
+func (im *Importer) insertIncrements(ctx context.Context, tenant uuid.UUID, incs []increment) (int64, error) {
+	if len(incs) == 0 {
+		return 0, nil
+	}
+	ids := make([]uuid.UUID, len(incs))
+	for i, x := range incs {
+		ids[i] = x.id
+	}
+	have, err := im.present(ctx, "usage_increments", tenant, incs[0].day, incs[len(incs)-1].day, ids)
+	if err != nil {
+		return 0, err
+	}
+	var tenants, idCol []uuid.UUID
+	var ts []time.Time
+	var metrics []string
+	var ns []int64
+	for _, x := range incs {
+		if have[x.id] {
+			continue
+		}
+		tenants, idCol, ts, metrics, ns = append(tenants, tenant), append(idCol, x.id), append(ts, x.day), append(metrics, x.metric), append(ns, x.n)
+	}
+	if len(idCol) == 0 {
+		return 0, nil
+	}
+	table := im.cfg.DB + ".usage_increments"
+	batch, err := im.cfg.CH.PrepareBatch(queryCtx(ctx), "INSERT INTO "+table+" (tenant_id, ts, id, metric, n)")
+	if err != nil {
+		return 0, fmt.Errorf("insert into %s: prepare: %w", table, err)
+	}
+	for i, col := range []any{tenants, ts, idCol, metrics, ns} {
+		if err := batch.Column(i).Append(col); err != nil {
+			return 0, errors.Join(fmt.Errorf("insert into %s: column %d: %w", table, i, err), batch.Abort())
+		}
+	}
+	if err := batch.Send(); err != nil {
+		return 0, fmt.Errorf("insert %d rows into %s: %w", len(idCol), table, err)
+	}
+	return int64(len(idCol)), nil
+}
+
+// importRecent imports the days inside the retention window: the events with their ids, the usage
+// metrics as increments. A day is recorded as stored once all of its rows are in ClickHouse.
+func (im *Importer) importRecent(ctx context.Context, p *plan, src, dst uuid.UUID, days []time.Time, tr *tenantRun, progress func(int64)) error {
+	var (
+		cols     eventCols
+		incs     []increment
+		complete []time.Time // days whose rows are all in cols/incs or already inserted
+		next     int         // days[next] is the first day not complete yet
+	)
+	started := map[time.Time]bool{}
+	flush := func() error {
+		n := int64(len(cols.id))
+		var starting []time.Time
+		for _, t := range cols.ts {
+			if d := t.Truncate(24 * time.Hour); !started[d] {
+				started[d] = true
+				starting = append(starting, d)
+			}
+		}
+		for _, x := range incs {
+			if !started[x.day] {
+				started[x.day] = true
+				starting = append(starting, x.day)
+			}
+		}
+		if err := im.cp.startEvents(ctx, dst, starting); err != nil {
+			return err
+		}
+		ins, pres, err := im.insertEvents(ctx, dst, &cols)
+		if err != nil {
+			return err
+		}
+		tr.inserted += ins
+		tr.present += pres
+		cols.reset()
+		sort.Slice(incs, func(i, j int) bool { return incs[i].day.Before(incs[j].day) })
+		k, err := im.insertIncrements(ctx, dst, incs)
+		if err != nil {
+			return err
+		}
+		tr.increments += k
+		incs = incs[:0]
+		if err := im.cp.set(ctx, dst, complete, stateStored); err != nil {
+			return err
+		}
+		tr.stored += len(complete)
+		complete = complete[:0]
+		progress(n)
+		return nil
+	}
+	completeBefore := func(d time.Time) {
+		for ; next < len(days) && days[next].Before(d); next++ {
+			day := days[next]
+			for _, u := range p.usage[src][day] {
+				switch {
+				case !isEventName(u.Metric):
+					incs = append(incs, increment{id: incrementID(im.cfg.SourceName, src, day, u.Metric), day: day, metric: u.Metric, n: u.Count})
+				case len(p.counts[src][day]) == 0:
+					// Counted by events in analyticsd; without them the rollup would take it back.
+					tr.notImported = append(tr.notImported, u)
+				}
+			}
+			complete = append(complete, day)
+		}
+	}
+	err := streamEvents(ctx, im.cfg.Source, src, days, func(e *event) error {
+		completeBefore(e.ts.Truncate(24 * time.Hour))
+		cols.add(dst, e)
+		if len(cols.id) >= im.cfg.ChunkRows {
+			return flush()
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	completeBefore(days[len(days)-1].AddDate(0, 0, 1))
+	return flush()
+}
+
+// aggRow is one daily_usage row to add.
+type aggRow struct {
+	day    time.Time
+	metric string
+	count  int64
+}
+
+// importOld counts the days older than the retention window into daily_usage: per event name, plus
+// the usage metrics, plus the event-name rows of analytics_daily_usage for days whose events the
+// source no longer has. daily_usage has no ids, so each day's total before the insert and what the
+// insert adds are recorded first; a day left 'inserting' by an interrupted run is settled by reading
+// its total again.
+func (im *Importer) importOld(ctx context.Context, p *plan, src, dst uuid.UUID, days []time.Time, states map[time.Time]dayState, tr *tenantRun, progress func(int64)) error {
+	var unsettled []time.Time
+	for _, d := range days {
+		if states[d].state == stateInserting {
+			unsettled = append(unsettled, d)
+		}
+	}
+	todo := days
+	if len(unsettled) > 0 {
+		totals, err := im.totals(ctx, dst, unsettled[0], unsettled[len(unsettled)-1])
+		if err != nil {
+			return err
+		}
+		landed := map[time.Time]bool{}
+		var done []time.Time
+		for _, d := range unsettled {
+			st, now := states[d], totals[d]
+			switch now {
+			case st.before + st.delta:
+				landed[d] = true
+				done = append(done, d)
+			case st.before:
+				// the insert did not land: do the day again
+			default:
+				return fmt.Errorf("daily_usage of tenant %s on %s is %d: neither its total before the interrupted import (%d) nor that plus what the import adds (%d); something else changed it meanwhile, reconcile that day by hand",
+					dst, d.Format(time.DateOnly), now, st.before, st.before+st.delta)
+			}
+		}
+		if err := im.cp.set(ctx, dst, done, stateStored); err != nil {
+			return err
+		}
+		tr.stored += len(done)
+		todo = nil
+		for _, d := range days {
+			if landed[d] {
+				progress(p.eventsOn(src, d))
+			} else {
+				todo = append(todo, d)
+			}
+		}
+	}
+	// Chunks of at most ChunkRows rows, a day never split (its total is checked whole).
+	var rows []aggRow
+	var chunkDays []time.Time
+	var events int64
+	flush := func() error {
+		if len(chunkDays) == 0 {
+			return nil
+		}
+		if err := im.addAggregates(ctx, dst, chunkDays, rows); err != nil {
+			return err
+		}
+		tr.aggregated += events
+		tr.stored += len(chunkDays)
+		progress(events)
+		rows, chunkDays, events = rows[:0], chunkDays[:0], 0
+		return nil
+	}
+	for _, d := range todo {
+		byMetric := map[string]int64{}
+		for ev, n := range p.counts[src][d] {
+			byMetric[ev] += n
+			events += n
+		}
+		for _, u := range p.usage[src][d] {
+			if !isEventName(u.Metric) || len(p.counts[src][d]) == 0 {
+				byMetric[u.Metric] += u.Count
+			}
+		}
+		for m, n := range byMetric {
+			rows = append(rows, aggRow{day: d, metric: m, count: n})
+		}
+		chunkDays = append(chunkDays, d)
+		if len(rows) >= im.cfg.ChunkRows {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+	}
+	return flush()
+}
+
+// totals returns tenant's daily_usage total per day in [first, last].
+func (im *Importer) totals(ctx context.Context, tenant uuid.UUID, first, last time.Time) (map[time.Time]int64, error) {
+	rows, err := im.cfg.CH.Query(ctx, "SELECT date, sum(count) FROM "+im.cfg.DB+".daily_usage WHERE tenant_id = ? AND date >= toDate(?) AND date <= toDate(?) GROUP BY date",
+		tenant, first.Format(time.DateOnly), last.Format(time.DateOnly))
+	if err != nil {
+		return nil, fmt.Errorf("read daily_usage totals: %w", err)
+	}
+	defer rows.Close()
+	out := map[time.Time]int64{}
+	for rows.Next() {
+		var d time.Time
+		var n int64
+		if err := rows.Scan(&d, &n); err != nil {
+			return nil, fmt.Errorf("read daily_usage totals: %w", err)
+		}
+		out[time.Date(d.Year(), d.Month(), d.Day(), 0, 0, 0, 0, time.UTC)] = n
+	}
+	return out, rows.Err()
+}
+
+// addAggregates records the days as 'inserting' with their totals before and what rows add, inserts
+// rows into daily_usage, and records the days as stored.
+func (im *Importer) addAggregates(ctx context.Context, tenant uuid.UUID, days []time.Time, rows []aggRow) error {
+	totals, err := im.totals(ctx, tenant, days[0], days[len(days)-1])
+	if err != nil {
+		return err
+	}
+	delta := map[time.Time]int64{}
+	for _, r := range rows {
+		delta[r.day] += r.count
+	}
+	before, add := make([]int64, len(days)), make([]int64, len(days))
+	for i, d := range days {
+		before[i], add[i] = totals[d], delta[d]
+	}
+	if err := im.cp.inserting(ctx, tenant, days, before, add); err != nil {
+		return err
+	}
+	if len(rows) > 0 {
+		table := im.cfg.DB + ".daily_usage"
+		batch, err := im.cfg.CH.PrepareBatch(queryCtx(ctx), "INSERT INTO "+table+" (tenant_id, date, metric, count)")
+		if err != nil {
+			return fmt.Errorf("insert into %s: prepare: %w", table, err)
+		}
+		n := len(rows)
+		tenants, dates, metrics, counts := make([]uuid.UUID, n), make([]time.Time, n), make([]string, n), make([]int64, n)
+		for i, r := range rows {
+			tenants[i], dates[i], metrics[i], counts[i] = tenant, r.day, r.metric, r.count
+		}
+		for i, col := range []any{tenants, dates, metrics, counts} {
+			if err := batch.Column(i).Append(col); err != nil {
+				return errors.Join(fmt.Errorf("insert into %s: column %d: %w", table, i, err), batch.Abort())
+			}
+		}
+		if err := batch.Send(); err != nil {
+			return fmt.Errorf("insert %d rows into %s: %w", n, table, err)
+		}
+	}
+	return im.cp.set(ctx, tenant, days, stateStored)
+}

@@ -1,0 +1,315 @@
+// Package importer copies an existing deployment of the guide's Postgres design (tables
+// analytics_events and analytics_daily_usage) into analyticsd, exactly once and resumably.
+//
+// What goes where:
+//   - an event of a UTC day inside the retention window becomes one row of ClickHouse events, with
+//     its id, user, source, props, ip and request id (received_at = ts); the events' materialized
+//     view counts it into daily_usage as ingest's rows are;
+//   - an event of an older day is only counted: per tenant, day and event name into daily_usage;
+//   - a row of analytics_daily_usage whose metric is a usage metric (no dot, e.g. api_requests_daily)
+//     becomes a usage increment of its day (usage_increments inside the window, daily_usage outside);
+//     an event-name row is already counted by its events, and is imported only for an old day whose
+//     events the source no longer has;
+//   - each imported past day is then reconciled into billed usage (Postgres analytics_daily_usage and
+//     rollup_runs) by the rollup, through the Bill function the caller wires in, so billed rows are
+//     exactly what the nightly rollup would write and its drift check finds nothing to change.
+//
+// Exactly once: every row that has an id (events, and increments, whose id is a name-based UUID of
+// source, tenant, day and metric) is inserted only when ClickHouse does not already hold its id for
+// that tenant and time range, so an insert whose acknowledgement was lost is not repeated. Aggregates
+// have no id; their (tenant, day) is recorded in Postgres as 'inserting' with the daily_usage total
+// before and the total added, and a resumed import reads the total again to tell whether that insert
+// landed. Progress is kept per source tenant and day in Postgres (import_days, import_tenants).
+//
+// It does not own any table (package schema does), does not decide what is billed (package rollup
+// does, through Bill), does not validate events as ingest does (it imports history as it is), and
+// does not touch Redis: live quota counters and id claims of ingest are not fed by an import.
+package importer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/analyticsd/analyticsd/internal/logger"
+	"github.com/analyticsd/analyticsd/tenant"
+)
+
+// Tenants is the part of the tenant registry the importer needs; *tenant.Store has it.
+type Tenants interface {
+	BySlug(ctx context.Context, slug string) (tenant.Tenant, error)
+	ByID(ctx context.Context, id uuid.UUID) (tenant.Tenant, error)
+	Create(ctx context.Context, slug, name string) (tenant.Tenant, error)
+}
+
+// Bill reconciles one tenant's UTC day into billed usage (the rollup, scoped to that tenant).
+type Bill func(ctx context.Context, day time.Time, tenantID uuid.UUID) error
+
+// Config is one import.
+type Config struct {
+	// Source is the Postgres database holding the guide's tables (in its search_path).
+	Source *pgxpool.Pool
+	// SourceName identifies the source in the checkpoint tables; the same source must keep its name
+	// across resumed runs.
+	SourceName string
+	// CH and DB: analyticsd's ClickHouse and database; PG: analyticsd's Postgres.
+	CH driver.Conn
+	DB string
+	PG *pgxpool.Pool
+	// Tenants creates and finds analyticsd tenants; Bill reconciles imported days (nil: not billed).
+	Tenants Tenants
+	Bill    Bill
+	// Map sends source tenants (by id or by the source's slug) to analyticsd slugs. Unmapped tenants go
+	// to the slug of the same name (the source's slug, else "t-" and the id's first 12 hex digits).
+	Map map[string]string
+	// NoCreate refuses to create tenants: every source tenant must map to an existing one.
+	NoCreate bool
+	// OldBefore is the first UTC day kept as raw events; earlier days are only counted (aggregates).
+	OldBefore time.Time
+	// Today is the current UTC day: days from it on are stored but not billed (they are still filling).
+	Today time.Time
+	// Workers is how many source tenants are imported at once (default 2); ChunkRows the most rows one
+	// ClickHouse insert carries (default 100,000).
+	Workers   int
+	ChunkRows int
+	// Progress, when set, is told the events done so far and the total, after every insert.
+	Progress func(done, total int64)
+	Log      *slog.Logger
+}
+
+// Result is what Run did.
+type Result struct {
+	Tenants []TenantResult `json:"tenants"`
+	// SourceEvents counts analytics_events rows with a tenant and a ts; Skipped those without.
+	SourceEvents int64 `json:"source_events"`
+	Skipped      int64 `json:"skipped_events"`
+	// Inserted: event rows this run wrote to ClickHouse events; Present: rows it found already there;
+	// Aggregated: old events this run counted into daily_usage; Increments: usage rows it wrote.
+	Inserted   int64 `json:"inserted"`
+	Present    int64 `json:"already_present"`
+	Aggregated int64 `json:"aggregated"`
+	Increments int64 `json:"increments"`
+	// DaysStored and DaysBilled count (tenant, day) units this run completed; DaysSkipped those a
+	// previous run had completed.
+	DaysStored  int `json:"days_stored"`
+	DaysBilled  int `json:"days_billed"`
+	DaysSkipped int `json:"days_skipped"`
+	// NotImported lists event-name rows of analytics_daily_usage that could not be kept: inside the
+	// window without their events (the rollup counts events, not such rows).
+	NotImported []UsageRow    `json:"not_imported,omitempty"`
+	Duration    time.Duration `json:"-"`
+	DurationMS  int64         `json:"duration_ms"`
+}
+
+// TenantResult is one source tenant and where it went.
+type TenantResult struct {
+	Source  uuid.UUID `json:"source_tenant_id"`
+	ID      uuid.UUID `json:"tenant_id"`
+	Slug    string    `json:"slug"`
+	Created bool      `json:"created"`
+}
+
+// UsageRow is one row of the source's analytics_daily_usage.
+type UsageRow struct {
+	Tenant uuid.UUID `json:"tenant_id"`
+	Day    string    `json:"date"`
+	Metric string    `json:"metric"`
+	Count  int64     `json:"count"`
+}
+
+// ErrMapping: the tenant mapping cannot be applied (no such tenant with NoCreate, two source tenants
+// onto one, or a mapping that differs from the one a previous run recorded).
+var ErrMapping = errors.New("tenant mapping")
+
+// Importer runs imports.
+type Importer struct {
+	cfg Config
+	log *slog.Logger
+	cp  *checkpoint
+}
+
+// New checks cfg and returns an Importer.
+func New(cfg Config) (*Importer, error) {
+	var errs []error
+	if cfg.Source == nil || cfg.CH == nil || cfg.PG == nil || cfg.Tenants == nil {
+		errs = append(errs, errors.New("importer: Source, CH, PG and Tenants are required"))
+	}
+	if cfg.SourceName == "" {
+		errs = append(errs, errors.New("importer: SourceName is required"))
+	}
+	if cfg.DB == "" {
+		errs = append(errs, errors.New("importer: DB is required"))
+	}
+	if cfg.OldBefore.IsZero() || cfg.Today.IsZero() {
+		errs = append(errs, errors.New("importer: OldBefore and Today are required"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	if cfg.Workers < 1 {
+		cfg.Workers = 2
+	}
+	if cfg.ChunkRows < 1 {
+		cfg.ChunkRows = 100_000
+	}
+	log := logger.Or(cfg.Log).With("component", "import", "source", cfg.SourceName)
+	return &Importer{cfg: cfg, log: log, cp: &checkpoint{pg: cfg.PG, source: cfg.SourceName}}, nil
+}
+
+// Run imports everything the checkpoint does not show as done, then returns what it did. It holds a
+// Postgres advisory lock for its whole duration: one import runs at a time.
+func (im *Importer) Run(ctx context.Context) (Result, error) {
+	start := time.Now()
+	var res Result
+	unlock, err := im.cp.lock(ctx)
+	if err != nil {
+		return res, err
+	}
+	defer unlock()
+	if err := awaitEarlierInserts(ctx, im.cfg.CH, im.log); err != nil {
+		return res, err
+	}
+	p, err := readPlan(ctx, im.cfg.Source)
+	if err != nil {
+		return res, err
+	}
+	res.SourceEvents, res.Skipped = p.events, p.skipped
+	tenants, err := im.mapTenants(ctx, p)
+	if err != nil {
+		return res, err
+	}
+	for _, t := range tenants {
+		res.Tenants = append(res.Tenants, t)
+	}
+	sort.Slice(res.Tenants, func(i, j int) bool { return res.Tenants[i].Slug < res.Tenants[j].Slug })
+
+	var (
+		mu       sync.Mutex
+		done     int64
+		firstErr error
+	)
+	progress := func(n int64) {
+		mu.Lock()
+		done += n
+		d := done
+		mu.Unlock()
+		if im.cfg.Progress != nil {
+			im.cfg.Progress(d, p.events)
+		}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	work := make(chan uuid.UUID)
+	var wg sync.WaitGroup
+	for range im.cfg.Workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for src := range work {
+				tr, err := im.importTenant(ctx, p, src, tenants[src].ID, progress)
+				mu.Lock()
+				res.add(tr)
+				if err != nil && firstErr == nil {
+					firstErr = fmt.Errorf("import source tenant %s: %w", src, err)
+					cancel()
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	for _, src := range p.tenantIDs() {
+		select {
+		case work <- src:
+		case <-ctx.Done():
+		}
+	}
+	close(work)
+	wg.Wait()
+	res.Duration = time.Since(start)
+	res.DurationMS = res.Duration.Milliseconds()
+	if firstErr == nil && ctx.Err() != nil {
+		firstErr = ctx.Err()
+	}
+	return res, firstErr
+}
+
+func (r *Result) add(t tenantRun) {
+	r.Inserted += t.inserted
+	r.Present += t.present
+	r.Aggregated += t.aggregated
+	r.Increments += t.increments
+	r.DaysStored += t.stored
+	r.DaysBilled += t.billed
+	r.DaysSkipped += t.skipped
+	r.NotImported = append(r.NotImported, t.notImported...)
+}
+
+// tenantRun is what importing one source tenant did.
+type tenantRun struct {
+	inserted, present, aggregated, increments int64
+	stored, billed, skipped                   int
+	notImported                               []UsageRow
+}
+
+// importTenant imports one source tenant: old days as aggregates, the window's days as events and
+// increments, then bills every stored past day.
+func (im *Importer) importTenant(ctx context.Context, p *plan, src, dst uuid.UUID, progress func(int64)) (tenantRun, error) {
+	var tr tenantRun
+	states, err := im.cp.states(ctx, dst)
+	if err != nil {
+		return tr, err
+	}
+	days := p.days[src]
+	var old, recent []time.Time
+	for _, d := range days {
+		switch st := states[d]; {
+		case st.state == stateBilled || (st.state == stateStored && !d.Before(im.cfg.Today)):
+			tr.skipped++
+			progress(p.eventsOn(src, d))
+		case st.state == stateStored:
+			// stored by an earlier run, bill below
+			progress(p.eventsOn(src, d))
+		case d.Before(im.cfg.OldBefore) && !(st.state == stateInserting && st.events):
+			old = append(old, d)
+		default:
+			recent = append(recent, d)
+		}
+	}
+	if len(old) > 0 {
+		if err := im.importOld(ctx, p, src, dst, old, states, &tr, progress); err != nil {
+			return tr, err
+		}
+	}
+	if len(recent) > 0 {
+		if err := im.importRecent(ctx, p, src, dst, recent, &tr, progress); err != nil {
+			return tr, err
+		}
+	}
+	if im.cfg.Bill == nil {
+		return tr, nil
+	}
+	if states, err = im.cp.states(ctx, dst); err != nil {
+		return tr, err
+	}
+	for _, d := range days {
+		if states[d].state != stateStored || !d.Before(im.cfg.Today) {
+			continue
+		}
+		if err := im.cfg.Bill(ctx, d, dst); err != nil {
+			return tr, fmt.Errorf("bill %s: %w", d.Format(time.DateOnly), err)
+		}
+		if err := im.cp.set(ctx, dst, []time.Time{d}, stateBilled); err != nil {
+			return tr, err
+		}
+		tr.billed++
+	}
+	return tr, nil
+}

@@ -1,0 +1,242 @@
+package importer
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// plan is the source at a glance: per tenant, its days and per day the count of each event name, and
+// its analytics_daily_usage rows. It is also the source side of the verification.
+type plan struct {
+	counts  map[uuid.UUID]map[time.Time]map[string]int64
+	usage   map[uuid.UUID]map[time.Time][]UsageRow
+	days    map[uuid.UUID][]time.Time
+	slugs   map[uuid.UUID]string // the source's tenants.slug, where it has one
+	events  int64
+	skipped int64
+}
+
+func (p *plan) tenantIDs() []uuid.UUID {
+	ids := make([]uuid.UUID, 0, len(p.days))
+	for id := range p.days {
+		ids = append(ids, id)
+	}
+	sort.Slice(ids, func(i, j int) bool { return ids[i].String() < ids[j].String() })
+	return ids
+}
+
+func (p *plan) eventsOn(tenant uuid.UUID, day time.Time) int64 {
+	var n int64
+	for _, c := range p.counts[tenant][day] {
+		n += c
+	}
+	return n
+}
+
+func (p *plan) tenantEvents(tenant uuid.UUID) int64 {
+	var n int64
+	for d := range p.counts[tenant] {
+		n += p.eventsOn(tenant, d)
+	}
+	return n
+}
+
+// readPlan reads the plan: two grouped scans, one per table.
+func readPlan(ctx context.Context, src *pgxpool.Pool) (*plan, error) {
+	p := &plan{counts: map[uuid.UUID]map[time.Time]map[string]int64{}, usage: map[uuid.UUID]map[time.Time][]UsageRow{},
+		days: map[uuid.UUID][]time.Time{}, slugs: map[uuid.UUID]string{}}
+	rows, err := src.Query(ctx, `SELECT tenant_id, (ts AT TIME ZONE 'UTC')::date, event, count(*)
+FROM analytics_events GROUP BY 1, 2, 3`)
+	if err != nil {
+		return nil, fmt.Errorf("read the source's analytics_events: %w", err)
+	}
+	seen := map[uuid.UUID]map[time.Time]bool{}
+	addDay := func(t uuid.UUID, d time.Time) {
+		if seen[t] == nil {
+			seen[t] = map[time.Time]bool{}
+		}
+		if !seen[t][d] {
+			seen[t][d] = true
+			p.days[t] = append(p.days[t], d)
+		}
+	}
+	for rows.Next() {
+		var t *uuid.UUID
+		var d *time.Time
+		var event string
+		var n int64
+		if err := rows.Scan(&t, &d, &event, &n); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("read the source's analytics_events: %w", err)
+		}
+		if t == nil || d == nil {
+			p.skipped += n
+			continue
+		}
+		day := d.UTC()
+		if p.counts[*t] == nil {
+			p.counts[*t] = map[time.Time]map[string]int64{}
+		}
+		if p.counts[*t][day] == nil {
+			p.counts[*t][day] = map[string]int64{}
+		}
+		p.counts[*t][day][event] += n
+		p.events += n
+		addDay(*t, day)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read the source's analytics_events: %w", err)
+	}
+
+	rows, err = src.Query(ctx, `SELECT tenant_id, date, metric, COALESCE(count, 0) FROM analytics_daily_usage
+WHERE tenant_id IS NOT NULL AND date IS NOT NULL AND metric IS NOT NULL AND COALESCE(count, 0) <> 0`)
+	if err != nil {
+		return nil, fmt.Errorf("read the source's analytics_daily_usage: %w", err)
+	}
+	for rows.Next() {
+		var r UsageRow
+		var d time.Time
+		if err := rows.Scan(&r.Tenant, &d, &r.Metric, &r.Count); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("read the source's analytics_daily_usage: %w", err)
+		}
+		d = d.UTC()
+		r.Day = d.Format(time.DateOnly)
+		if p.usage[r.Tenant] == nil {
+			p.usage[r.Tenant] = map[time.Time][]UsageRow{}
+		}
+		p.usage[r.Tenant][d] = append(p.usage[r.Tenant][d], r)
+		addDay(r.Tenant, d)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read the source's analytics_daily_usage: %w", err)
+	}
+	for t := range p.days {
+		sort.Slice(p.days[t], func(i, j int) bool { return p.days[t][i].Before(p.days[t][j]) })
+	}
+	return p, readSlugs(ctx, src, p)
+}
+
+// readSlugs takes the source's tenants.slug when its tenants table has that column (the guide
+// references a tenants table without defining it).
+func readSlugs(ctx context.Context, src *pgxpool.Pool, p *plan) error {
+	var has bool
+	if err := src.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM information_schema.columns
+WHERE table_schema = ANY (current_schemas(false)) AND table_name = 'tenants' AND column_name = 'slug')`).Scan(&has); err != nil {
+		return fmt.Errorf("look for the source's tenants table: %w", err)
+	}
+	if !has {
+		return nil
+	}
+	rows, err := src.Query(ctx, "SELECT id, slug::text FROM tenants WHERE slug IS NOT NULL")
+	if err != nil {
+		return fmt.Errorf("read the source's tenants: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var id uuid.UUID
+		var slug string
+		if err := rows.Scan(&id, &slug); err != nil {
+			return fmt.Errorf("read the source's tenants: %w", err)
+		}
+		p.slugs[id] = slug
+	}
+	return rows.Err()
+}
+
+// event is one source event as ClickHouse stores it.
+type event struct {
+	id                                    uuid.UUID
+	ts                                    time.Time
+	event, source, user, props, ip, reqID string
+}
+
+// streamEvents reads one source tenant's events from the first day of days on, oldest first (the
+// guide's (tenant_id, ts) index serves it), and calls fn with each one whose day is in days.
+func streamEvents(ctx context.Context, src *pgxpool.Pool, tenant uuid.UUID, days []time.Time, fn func(e *event) error) error {
+	want := make(map[time.Time]bool, len(days))
+	for _, d := range days {
+		want[d] = true
+	}
+	rows, err := src.Query(ctx, `SELECT id, ts, event, COALESCE(source, ''), COALESCE(user_id, ''),
+COALESCE(props::text, ''), COALESCE(ip, ''), COALESCE(request_id, '')
+FROM analytics_events WHERE tenant_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts`,
+		tenant, days[0], days[len(days)-1].AddDate(0, 0, 1))
+	if err != nil {
+		return fmt.Errorf("read the source's events: %w", err)
+	}
+	defer rows.Close()
+	var e event
+	var props []byte
+	var compact bytes.Buffer
+	for rows.Next() {
+		if err := rows.Scan(&e.id, &e.ts, &e.event, &e.source, &e.user, &props, &e.ip, &e.reqID); err != nil {
+			return fmt.Errorf("read the source's events: %w", err)
+		}
+		e.ts = e.ts.UTC().Truncate(time.Second)
+		if !want[e.ts.Truncate(24*time.Hour)] {
+			continue
+		}
+		e.source = importSource(e.source)
+		e.props = compactProps(&compact, props)
+		if err := fn(&e); err != nil {
+			return err
+		}
+	}
+	return rows.Err()
+}
+
+// importSource is the source column as analyticsd keeps it: ingest's default ("app") when the guide's
+// row has none.
+func importSource(s string) string {
+	if s == "" {
+		return "app"
+	}
+	return s
+}
+
+// compactProps is props as ingest stores them: compact JSON text ("{}" for none). Postgres prints
+// jsonb with spaces after ':' and ',', which ClickHouse's visitParamExtract functions do not read.
+func compactProps(buf *bytes.Buffer, props []byte) string {
+	if len(props) == 0 {
+		return "{}"
+	}
+	buf.Reset()
+	if err := json.Compact(buf, props); err != nil {
+		return string(props)
+	}
+	return buf.String()
+}
+
+// slugFor is the analyticsd slug an unmapped source tenant goes to: its own slug made valid, or "t-"
+// and the first 12 hex digits of its id.
+func slugFor(id uuid.UUID, sourceSlug string) string {
+	s := strings.ToLower(strings.TrimSpace(sourceSlug))
+	var b strings.Builder
+	for _, r := range s {
+		switch {
+		case r >= 'a' && r <= 'z', r >= '0' && r <= '9':
+			b.WriteRune(r)
+		case b.Len() > 0:
+			b.WriteByte('-')
+		}
+	}
+	s = strings.Trim(b.String(), "-")
+	if len(s) > 63 {
+		s = strings.TrimRight(s[:63], "-")
+	}
+	if s == "" {
+		return "t-" + strings.ReplaceAll(id.String(), "-", "")[:12]
+	}
+	return s
+}
