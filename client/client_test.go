@@ -232,6 +232,54 @@ func TestServerRestartMidStream(t *testing.T) {
 	checkExactlyOnce(t, ten, "goclient.restart", ids)
 }
 
+// The server stores a batch and is killed (SIGKILL) before its answer reaches the client: the client
+// retries through the outage (502s from the proxy, as from a load balancer) with the same key and
+// bytes, the restarted server recognises the batch, and nothing is stored twice.
+func TestServerKilledBetweenStoringAndAnswering(t *testing.T) {
+	ten := newTenant(t)
+	sv := startServer(t)
+	restarted := make(chan error, 1)
+	px := newProxy(t, sv.url, func(n int, _ *http.Request) fault {
+		if n == 3 {
+			return crashAfter
+		}
+		return pass
+	})
+	px.onCrash = func() {
+		sv.kill()
+		go func() {
+			time.Sleep(500 * time.Millisecond)
+			restarted <- sv.start()
+		}()
+	}
+	rec := &recorder{}
+	c := newClient(t, px.srv.URL, ten.key, rec, client.Config{BatchSize: 20, FlushInterval: 10 * time.Millisecond,
+		MinBackoff: 50 * time.Millisecond, MaxBackoff: 500 * time.Millisecond, MaxAttempts: -1})
+
+	ids := trackIDs(t, c, "goclient.crash", 200)
+	closeClient(t, c, 60*time.Second)
+	if err := <-restarted; err != nil {
+		t.Fatal(err)
+	}
+	st := checkStats(t, c, 200)
+	crashed := 0
+	for key, tries := range px.byKey() {
+		if tries[0].fault != crashAfter {
+			continue
+		}
+		crashed++
+		last := tries[len(tries)-1]
+		if len(tries) < 2 || last.status != http.StatusAccepted || !last.replayed || last.bodySum != tries[0].bodySum {
+			t.Errorf("key %s: %d attempts, last answered %d (replayed %v); want a retry with the same bytes that the restarted server answers from its record", key, len(tries), last.status, last.replayed)
+		}
+	}
+	if crashed != 1 || st.Retried == 0 {
+		t.Errorf("%d batches crossed the crash, %d retries; want 1 and some", crashed, st.Retried)
+	}
+	sv.stop()
+	checkExactlyOnce(t, ten, "goclient.crash", ids)
+}
+
 // 503s with Retry-After before the server saw the request, answers lost after it stored the batch,
 // and an attempt that timed out after the server took it: each batch is retried with the same key
 // and bytes, never before the Retry-After, and every event is stored exactly once.

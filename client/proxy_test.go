@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"io"
+	"log"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -25,6 +26,7 @@ const (
 	loseAnswer        // forward, then answer 503 + Retry-After instead of the server's answer
 	hangAfter         // forward, then hold the answer until the client gives up waiting
 	holdUntilOK       // wait for the proxy's gate to open, then forward
+	crashAfter        // forward, call onCrash (which kills the server), answer 502 as a proxy would
 )
 
 // injectedRetryAfter is the Retry-After of the proxy's own 503s.
@@ -40,6 +42,7 @@ type seen struct {
 	fault          fault
 	status         int
 	retryAfter     string
+	replayed       bool // Idempotent-Replayed: true
 	received, sent time.Time
 }
 
@@ -52,6 +55,7 @@ type proxy struct {
 	faultFor func(n int, r *http.Request) fault // n counts requests from 1
 	gate     chan struct{}                      // holdUntilOK waits for it to close
 	arrived  chan struct{}                      // one value per request held at the gate
+	onCrash  func()                             // crashAfter calls it
 
 	mu   sync.Mutex
 	reqs []seen
@@ -68,6 +72,7 @@ func newProxy(t *testing.T, target string, faultFor func(n int, r *http.Request)
 	if p.faultFor == nil {
 		p.faultFor = func(int, *http.Request) fault { return pass }
 	}
+	p.rp.ErrorLog = log.New(io.Discard, "", 0) // a killed server's refused connections are expected
 	p.srv = httptest.NewServer(http.HandlerFunc(p.serve))
 	t.Cleanup(p.srv.Close)
 	return p
@@ -107,12 +112,18 @@ func (p *proxy) serve(w http.ResponseWriter, r *http.Request) {
 	case hangAfter:
 		forward()
 		<-r.Context().Done() // the client's timeout: its answer is lost
+	case crashAfter:
+		forward()
+		p.onCrash()
+		rec = httptest.NewRecorder()
+		rec.WriteHeader(http.StatusBadGateway)
 	case holdUntilOK:
 		p.arrived <- struct{}{}
 		<-p.gate
 		forward()
 	}
 	s.status, s.retryAfter, s.sent = rec.Code, rec.Header().Get("Retry-After"), time.Now()
+	s.replayed = rec.Header().Get("Idempotent-Replayed") == "true"
 	p.mu.Lock()
 	p.reqs[n-1] = s
 	p.mu.Unlock()
