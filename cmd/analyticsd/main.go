@@ -62,6 +62,8 @@ var commands = []command{
 	{"apikey rotate", "[--tenant S] --key ID|PREFIX|KEY [--overlap 24h] [--name N] [--json]",
 		"new key, same tenant and scopes; the old one expires after the overlap"},
 	{"rollup", "(--date D | --from D1 --to D2)", "reconcile daily usage into Postgres, all tenants"},
+	{"import", "--source URL [--map SRC=SLUG]... [--no-create] [--verify-only] [--json]",
+		"import the guide's Postgres tables (resumable), then verify counts per tenant and day"},
 	{"spool status", "[--dir D] [--json]", "what waits in a spool, and its quarantine"},
 	{"spool inspect", "[--dir D] [--segment N] [--rows] [--json]", "per segment; --rows prints the rows"},
 	{"spool drain", "[--dir D] [--timeout 10m] [--json]", "ship a retired instance's spool (no server may hold it)"},
@@ -158,6 +160,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		"healthcheck": healthcheck,
 		"rollup":      rollupCmd,
 		"spool":       spoolCmd,
+		"import":      importCmd,
 	}
 	cmd, ok := cmds[args[0]]
 	if !ok {
