@@ -29,14 +29,16 @@
 // an Idempotency-Key; a retry sends the same key and the same bytes. The server stores an event id at
 // most once per tenant within its dedup window (INGEST_DEDUP_WINDOW, 24 h by default), so a retry after
 // a timeout or a lost answer never stores an event twice. If you re-send events handed to
-// OnFailure, keep their ids and the server drops the ones it had stored after all.
+// OnFailure, keep their ids and the server drops the ones it had stored after all. A server run with
+// INGEST_DEDUP_WINDOW=0 checks no ids: it then stores at least once, not exactly once.
 //
 // Retries: network errors, timeouts, 408, 429 (except a consume's quota_exceeded), 5xx, and 409
 // idempotency_key_in_use (an earlier attempt of the same request is still running on the server) are
 // retried with exponential backoff and jitter — [Config.MinBackoff] doubling up to
 // [Config.MaxBackoff] — and never sooner than the Retry-After the server sent, up to
 // [Config.MaxAttempts] attempts. Every other 4xx is final: it is not retried and is surfaced as an
-// [*APIError] (through OnFailure for Track).
+// [*APIError] (through OnFailure for Track). A batch the server was handling when it crashed gets 409
+// until the server's pending record of its key expires (one minute), then its stored answer.
 //
 // [Client.Flush] returns once every event taken before it was called has been acknowledged or given
 // up on, and says if any was given up on. [Client.Close] stops taking events (Track then returns
@@ -50,6 +52,8 @@
 // Track took their events. The client does not read events, usage or exports; use the HTTP API
 // (api/openapi.json). Event fields are validated by the server; an event it rejects is reported
 // through OnFailure with a [*RejectedError] naming the reason, while the rest of its batch is stored.
+// A server with ANALYTICS_ENABLED=false acknowledges events without storing them; the client logs a
+// warning for each such batch.
 package client
 
 import (
