@@ -549,7 +549,7 @@ func checkDrainJob(j *batchv1.Job, api corev1.Container, cfg map[string]string, 
 			continue
 		}
 		for _, v := range pod.Volumes {
-			if v.Name == m.Name && v.PersistentVolumeClaim != nil && strings.HasPrefix(v.PersistentVolumeClaim.ClaimName, "spool-"+"analyticsd-") {
+			if v.Name == m.Name && v.PersistentVolumeClaim != nil && strings.HasPrefix(v.PersistentVolumeClaim.ClaimName, "spool-analyticsd-") {
 				return
 			}
 		}
