@@ -52,23 +52,14 @@ func eventsHandler(in Ingest) fiber.Handler {
 
 // Register mounts POST /v1/batch and POST /v1/<type> for each of Types on r. authn authenticates
 // (and rate-limits) the request from "Authorization: Bearer <API key>", which the Segment
-// credential — the write key as the Basic-auth user, or the body's writeKey — is turned into first.
+// credential — the write key as the Basic-auth user, or the body's writeKey — is turned into first;
+// the body is translated only once the credential is good.
 func (s *Service) Register(r fiber.Router, authn fiber.Handler) {
-	r.Post("/v1/batch", s.prepare(""), authn, s.store)
+	r.Post("/v1/batch", s.credential, authn, s.handle(""))
 	for _, t := range Types {
-		r.Post("/v1/"+t, s.prepare(t), authn, s.store)
+		r.Post("/v1/"+t, s.credential, authn, s.handle(t))
 	}
 }
-
-// pending is what prepare leaves to store: the messages refused before ingest saw them, and the
-// original position of each event handed to ingest.
-type pending struct {
-	total    int
-	refused  []Refusal
-	position []int
-}
-
-const pendingKey = "segment.pending"
 
 // Refusal is one message that was not stored, by its position in the request (0 for a single call).
 type Refusal struct {
@@ -85,104 +76,123 @@ type Result struct {
 	Refused    []Refusal `json:"refused"`
 }
 
-// prepare reads a Segment request for endpoint type typ ("" for /v1/batch): it finds the
-// credential, translates every message, and replaces the request's body with the ingest events and
-// its Authorization with the write key as a bearer token, for authn and ingest's handler to take.
+// credential turns Segment's credential into the bearer token authn reads: the write key from
+// "Authorization: Basic base64(<key>:)", or — only when the request has no Authorization at all —
+// the body's writeKey. Any other Authorization (a Bearer API key or JWT) is left to authn.
+func (s *Service) credential(c *fiber.Ctx) error {
+	h := c.Get(fiber.HeaderAuthorization)
+	key, err := basicKey(h)
+	if err != nil {
+		return err
+	}
+	if h == "" {
+		key = bodyKey(c.Request().Body(), c.Get(fiber.HeaderContentEncoding))
+		if key == "" {
+			return api.Unauthorized("missing write key: send it as the Basic-auth user with an empty password (Authorization: Basic base64(<API key>:)), or as writeKey in the body")
+		}
+	}
+	if key != "" {
+		c.Request().Header.Set(fiber.HeaderAuthorization, "Bearer "+key)
+	}
+	return c.Next()
+}
+
+// bodyKey is the writeKey of a request body, "" when it has none or cannot be read.
+func bodyKey(raw []byte, encoding string) string {
+	body, err := ingest.Decompress(raw, encoding, MaxBatchBytes)
+	if err != nil {
+		return ""
+	}
+	var m struct {
+		WriteKey string `json:"writeKey"`
+	}
+	_ = json.Unmarshal(body, &m)
+	return m.WriteKey
+}
+
+// handle serves an authenticated Segment request for endpoint type typ ("" for /v1/batch): it
+// translates every message and hands the events to ingest's handler in place of the request's body.
 // Nothing read from the request is kept past it except as fresh copies (json.Unmarshal copies).
-func (s *Service) prepare(typ string) fiber.Handler {
+func (s *Service) handle(typ string) fiber.Handler {
 	return func(c *fiber.Ctx) error {
-		key, keyErr := basicKey(c.Get(fiber.HeaderAuthorization))
 		body, err := ingest.Decompress(c.Request().Body(), c.Get(fiber.HeaderContentEncoding), MaxBatchBytes)
 		if err == nil {
 			err = contentType(c.Get(fiber.HeaderContentType))
 		}
 		var msgs []json.RawMessage
 		var d defaults
-		var bodyKey string
 		if err == nil {
-			msgs, d, bodyKey, err = split(body, typ)
+			msgs, d, err = split(body, typ)
 		}
-		switch {
-		case keyErr != nil:
-			return keyErr
-		case key == "" && bodyKey == "" && c.Get(fiber.HeaderAuthorization) == "":
-			return api.Unauthorized("missing write key: send it as the Basic-auth user with an empty password (Authorization: Basic base64(<API key>:)), or as writeKey in the body")
-		case err != nil:
+		if err != nil {
 			return requestError(err)
 		}
-		if key == "" {
-			key = bodyKey
-		}
-		if key != "" {
-			c.Request().Header.Set(fiber.HeaderAuthorization, "Bearer "+key)
-		}
 		now := s.now()
-		p := &pending{total: len(msgs)}
+		total := len(msgs)
+		var refused []Refusal
+		var position []int // each event's message
 		events := make([]ingest.Event, 0, len(msgs))
 		for i, raw := range msgs {
 			ev, err := translate(raw, typ, d, now)
 			if err != nil {
-				p.refused = append(p.refused, Refusal{Index: i, MessageID: messageID(raw), Error: err.Error()})
+				refused = append(refused, Refusal{Index: i, MessageID: messageID(raw), Error: err.Error()})
 				continue
 			}
 			events = append(events, ev)
-			p.position = append(p.position, i)
+			position = append(position, i)
 		}
-		native, err := json.Marshal(events)
-		if err != nil {
-			return err
+		var res ingest.EventsResult
+		if len(events) > 0 {
+			if res, err = s.store(c, events); err != nil {
+				return err
+			}
 		}
-		c.Request().SetBody(native)
-		c.Request().Header.SetContentType(fiber.MIMEApplicationJSON)
-		c.Request().Header.Del(fiber.HeaderContentEncoding)
-		c.Locals(pendingKey, p)
-		return c.Next()
+		if res.Disabled {
+			return c.Status(http.StatusOK).JSON(fiber.Map{"success": true, "disabled": true, "message": res.Message})
+		}
+		for _, r := range res.Rejected {
+			refused = append(refused, Refusal{Index: position[r.Index], MessageID: messageID(msgs[position[r.Index]]), Error: r.Error})
+		}
+		if len(refused) == 0 {
+			return c.Status(http.StatusOK).JSON(fiber.Map{"success": true})
+		}
+		slices.SortFunc(refused, func(a, b Refusal) int { return cmp.Compare(a.Index, b.Index) })
+		out := Result{Stored: res.Accepted, Duplicates: len(res.Duplicates), Refused: refused}
+		return api.BadRequest("invalid_messages", fmt.Sprintf("%d of %d messages were refused and not stored (%d stored, %d duplicates); see details.refused. Fix them and send the batch again: messages with a messageId are stored once however often they are sent",
+			len(refused), total, out.Stored, out.Duplicates)).WithDetails(out)
 	}
 }
 
-// store hands the translated events to ingest's handler and answers in Segment's shape: 200
-// {"success":true} when every message was stored or was a duplicate of one stored before; a 400
-// naming each refused message otherwise (the rest are stored); ingest's own refusals of the whole
-// request (413, 503 + Retry-After, ...) as they are.
-func (s *Service) store(c *fiber.Ctx) error {
-	p, _ := c.Locals(pendingKey).(*pending)
-	if p == nil {
-		return errors.New("segment: store without prepare")
-	}
+// store hands events to ingest's handler as the request's body and returns its report. A request
+// ingest refuses as a whole (413, 503 + Retry-After, ...) comes back as ingest's error, to be
+// answered as it is; one whose every event was refused comes back as a report too.
+func (s *Service) store(c *fiber.Ctx, events []ingest.Event) (ingest.EventsResult, error) {
 	var res ingest.EventsResult
-	if len(p.position) > 0 {
-		err := s.events(c)
-		var ae *api.Error
-		switch {
-		case errors.As(err, &ae) && ae.Code == "invalid_events":
-			res, _ = ae.Details.(ingest.EventsResult)
-		case err != nil:
-			return err
-		default:
-			var out struct {
-				Data ingest.EventsResult `json:"data"`
-			}
-			if err := json.Unmarshal(c.Response().Body(), &out); err != nil {
-				return fmt.Errorf("read ingest's answer: %w", err)
-			}
-			res = out.Data
+	native, err := json.Marshal(events)
+	if err != nil {
+		return res, err
+	}
+	c.Request().SetBody(native)
+	c.Request().Header.SetContentType(fiber.MIMEApplicationJSON)
+	c.Request().Header.Del(fiber.HeaderContentEncoding)
+	err = s.events(c)
+	var ae *api.Error
+	switch {
+	case errors.As(err, &ae) && ae.Code == "invalid_events":
+		res, _ = ae.Details.(ingest.EventsResult)
+	case err != nil:
+		return res, err
+	default:
+		var out struct {
+			Data ingest.EventsResult `json:"data"`
 		}
-		c.Response().ResetBody()
+		if err := json.Unmarshal(c.Response().Body(), &out); err != nil {
+			return res, fmt.Errorf("read ingest's answer: %w", err)
+		}
+		res = out.Data
 	}
-	if res.Disabled {
-		return c.Status(http.StatusOK).JSON(fiber.Map{"success": true, "disabled": true, "message": res.Message})
-	}
-	for _, r := range res.Rejected {
-		i := p.position[r.Index]
-		p.refused = append(p.refused, Refusal{Index: i, Error: r.Error})
-	}
-	if len(p.refused) == 0 {
-		return c.Status(http.StatusOK).JSON(fiber.Map{"success": true})
-	}
-	out := Result{Stored: res.Accepted, Duplicates: len(res.Duplicates), Refused: p.refused}
-	slices.SortFunc(out.Refused, func(a, b Refusal) int { return cmp.Compare(a.Index, b.Index) })
-	return api.BadRequest("invalid_messages", fmt.Sprintf("%d of %d messages were refused and not stored (%d stored, %d duplicates); see details.refused. Fix them and send the batch again: messages with a messageId are stored once however often they are sent",
-		len(out.Refused), p.total, out.Stored, out.Duplicates)).WithDetails(out)
+	c.Response().ResetBody()
+	return res, nil
 }
 
 // basicKey reads the write key from "Authorization: Basic base64(<key>:)", as Segment's libraries
@@ -216,27 +226,26 @@ func contentType(ct string) error {
 }
 
 // split reads a request body: for /v1/batch the batch's messages and what they inherit, otherwise
-// the one message; and the body's writeKey. Every message must be within MaxMessageBytes.
-func split(body []byte, typ string) ([]json.RawMessage, defaults, string, error) {
+// the one message. Every message must be within MaxMessageBytes.
+func split(body []byte, typ string) ([]json.RawMessage, defaults, error) {
 	var d defaults
 	if typ != "" {
-		var m struct {
-			WriteKey string `json:"writeKey"`
-		}
+		var m map[string]json.RawMessage
 		if err := json.Unmarshal(body, &m); err != nil {
-			return nil, d, "", badBody("body must be one JSON object, the " + typ + " call")
+			return nil, d, badBody("body must be one JSON object, the " + typ + " call")
 		}
 		if len(body) > MaxMessageBytes {
-			return nil, d, m.WriteKey, tooLarge(fmt.Sprintf("the message is %d bytes; Segment's limit is %d (32 KB) per message", len(body), MaxMessageBytes))
+			return nil, d, tooLarge(fmt.Sprintf("the message is %d bytes; Segment's limit is %d (32 KB) per message", len(body), MaxMessageBytes))
 		}
-		return []json.RawMessage{body}, d, m.WriteKey, nil
+		// A copy: body may be the request's own buffer, which the translated body replaces.
+		return []json.RawMessage{slices.Clone(body)}, d, nil
 	}
 	var b batch
 	if err := json.Unmarshal(body, &b); err != nil {
-		return nil, d, "", badBody(`body must be a JSON object {"batch":[...]}: ` + err.Error())
+		return nil, d, badBody(`body must be a JSON object {"batch":[...]}: ` + err.Error())
 	}
 	if len(b.Batch) == 0 {
-		return nil, d, b.WriteKey, badBody(`batch is empty or missing: send {"batch":[{"type":"track",...},...]}`)
+		return nil, d, badBody(`batch is empty or missing: send {"batch":[{"type":"track",...},...]}`)
 	}
 	var over []string
 	for i, m := range b.Batch {
@@ -245,13 +254,13 @@ func split(body []byte, typ string) ([]json.RawMessage, defaults, string, error)
 		}
 	}
 	if len(over) > 0 {
-		return nil, d, b.WriteKey, tooLarge(strings.Join(over, ", ") + fmt.Sprintf("; Segment's limit is %d (32 KB) per message: nothing was stored", MaxMessageBytes))
+		return nil, d, tooLarge(strings.Join(over, ", ") + fmt.Sprintf("; Segment's limit is %d (32 KB) per message: nothing was stored", MaxMessageBytes))
 	}
 	d.sentAt = b.SentAt
 	if b.Context != nil {
 		d.ip = b.Context.IP
 	}
-	return b.Batch, d, b.WriteKey, nil
+	return b.Batch, d, nil
 }
 
 func badBody(msg string) error { return &ingest.RequestError{Kind: ingest.ErrBadBody, Message: msg} }

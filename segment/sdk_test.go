@@ -380,6 +380,9 @@ func TestCredentials(t *testing.T) {
 	check("not a key", basic("segment-write-key"), track("c6"), 401, "unauthorized")
 	check("wrong body key", nil, `{"event":"x","userId":"u","writeKey":"nope"}`, 401, "unauthorized")
 	check("none", nil, track("c7"), 401, "missing write key")
+	// The credential is checked before the body is read: a wrong key is a 401 whatever it sends.
+	check("wrong key, bad body", basic("ak_000000000000_"+strings.Repeat("x", 43)), `{"event":`, 401, "invalid API key")
+	check("no key, bad body", nil, `{"event":`, 401, "missing write key")
 	check("empty user", map[string]string{"Authorization": "Basic " + base64.StdEncoding.EncodeToString([]byte(":"+s.keyA))}, track("c8"), 401, "user is empty")
 	check("bad base64", map[string]string{"Authorization": "Basic %%%"}, track("c9"), 401, "base64")
 	s.storedOnce(t, s.a.ID, []string{"c1", "c2", "c3", "c4"})
@@ -502,6 +505,9 @@ func TestNodeSDKEveryMessageStoredOnce(t *testing.T) {
 
 type testWriter struct{ t *testing.T }
 
-func (w testWriter) Write(p []byte) (int, error) { w.t.Log(strings.TrimSpace(string(p))); return len(p), nil }
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
 
 var _ io.Writer = testWriter{}
