@@ -1,6 +1,8 @@
 package segment_test
 
 import (
+	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -386,6 +388,24 @@ func TestCredentials(t *testing.T) {
 	check("empty user", map[string]string{"Authorization": "Basic " + base64.StdEncoding.EncodeToString([]byte(":"+s.keyA))}, track("c8"), 401, "user is empty")
 	check("bad base64", map[string]string{"Authorization": "Basic %%%"}, track("c9"), 401, "base64")
 	s.storedOnce(t, s.a.ID, []string{"c1", "c2", "c3", "c4"})
+}
+
+// A gzipped batch (Segment's API takes Content-Encoding: gzip), here with the write key in its body.
+func TestGzipBatch(t *testing.T) {
+	s := newServer(t)
+	var buf bytes.Buffer
+	zw := gzip.NewWriter(&buf)
+	fmt.Fprintf(zw, `{"writeKey":%q,"batch":[{"type":"track","event":"Zipped","userId":"u","messageId":"z1"},{"type":"screen","userId":"u","messageId":"z2"}]}`, s.keyA)
+	zw.Close()
+	r := s.srv.Do(t, fixture.Request{Method: http.MethodPost, Path: "/v1/batch", Body: buf.Bytes(),
+		Header: map[string]string{"Content-Type": "application/json", "Content-Encoding": "gzip"}})
+	if r.Status != http.StatusOK {
+		t.Fatalf("gzipped batch: %d %s", r.Status, r.Raw)
+	}
+	rows := s.storedOnce(t, s.a.ID, []string{"z1", "z2"})
+	if rows["z1"].Event != "segment.zipped" || rows["z2"].Event != "segment.screen" {
+		t.Errorf("stored %v", rows)
+	}
 }
 
 // What Segment's API refuses gets a 4xx that says why; nothing is dropped silently: a message
