@@ -112,6 +112,7 @@ func checkStats(t *testing.T, c *client.Client, sent uint64) client.Stats {
 // Events are batched by size, gzipped, sent once each with a fresh Idempotency-Key per batch, and
 // stored exactly once: seen through the API and counted in ClickHouse.
 func TestTrackBatchesBySizeAndStoresEachEventOnce(t *testing.T) {
+	t.Parallel()
 	ten := newTenant(t)
 	sv := startServer(t)
 	px := newProxy(t, sv.url, nil)
@@ -160,6 +161,7 @@ func TestTrackBatchesBySizeAndStoresEachEventOnce(t *testing.T) {
 
 // A batch that does not fill is sent after FlushInterval, without Flush.
 func TestTrackBatchesByInterval(t *testing.T) {
+	t.Parallel()
 	ten := newTenant(t)
 	sv := startServer(t)
 	px := newProxy(t, sv.url, nil)
@@ -184,6 +186,7 @@ func TestTrackBatchesByInterval(t *testing.T) {
 // The server is killed (SIGKILL) and started again while events are being tracked: the client
 // retries through the outage and every event is stored exactly once.
 func TestServerRestartMidStream(t *testing.T) {
+	t.Parallel()
 	ten := newTenant(t)
 	sv := startServer(t)
 	rec := &recorder{}
@@ -236,6 +239,7 @@ func TestServerRestartMidStream(t *testing.T) {
 // retries through the outage (502s from the proxy, as from a load balancer) with the same key and
 // bytes, the restarted server recognises the batch, and nothing is stored twice.
 func TestServerKilledBetweenStoringAndAnswering(t *testing.T) {
+	t.Parallel()
 	ten := newTenant(t)
 	sv := startServer(t)
 	restarted := make(chan error, 1)
@@ -284,6 +288,7 @@ func TestServerKilledBetweenStoringAndAnswering(t *testing.T) {
 // and an attempt that timed out after the server took it: each batch is retried with the same key
 // and bytes, never before the Retry-After, and every event is stored exactly once.
 func TestRetriesAfter503AndLostAnswers(t *testing.T) {
+	t.Parallel()
 	ten := newTenant(t)
 	sv := startServer(t)
 	faults := map[int]fault{2: refuse, 4: loseAnswer, 6: hangAfter, 8: loseAnswer, 9: refuse}
@@ -342,6 +347,7 @@ func TestRetriesAfter503AndLostAnswers(t *testing.T) {
 // The server's own rate limit answers 429 with Retry-After: the client waits it out and delivers
 // every event once.
 func TestRateLimited429(t *testing.T) {
+	t.Parallel()
 	ten := newTenant(t)
 	sv := startServer(t, "RATE_LIMIT_RPS=2", "RATE_LIMIT_BURST=2")
 	px := newProxy(t, sv.url, nil)
@@ -385,6 +391,7 @@ func TestRateLimited429(t *testing.T) {
 // A full queue refuses the newest event with ErrQueueFull, counts and logs it, and keeps every event
 // it took.
 func TestQueueFullDropsNewestAndKeepsTheRest(t *testing.T) {
+	t.Parallel()
 	ten := newTenant(t)
 	sv := startServer(t)
 	px := newProxy(t, sv.url, func(n int, _ *http.Request) fault {
@@ -422,6 +429,7 @@ func TestQueueFullDropsNewestAndKeepsTheRest(t *testing.T) {
 // Answers that retrying cannot change are not retried: a bad key (401), an event the server rejects
 // in a stored batch, a batch it rejects whole (400). Each is handed to OnFailure and counted.
 func TestRefusalsAreSurfacedNotRetried(t *testing.T) {
+	t.Parallel()
 	ten := newTenant(t)
 	sv := startServer(t)
 	px := newProxy(t, sv.url, nil)
@@ -497,6 +505,7 @@ func TestRefusalsAreSurfacedNotRetried(t *testing.T) {
 
 // Close sends what it took, then refuses: Track returns ErrClosed.
 func TestCloseDrainsThenRefuses(t *testing.T) {
+	t.Parallel()
 	ten := newTenant(t)
 	sv := startServer(t)
 	c := newClient(t, sv.url, ten.key, &recorder{}, client.Config{FlushInterval: time.Hour})
@@ -514,6 +523,7 @@ func TestCloseDrainsThenRefuses(t *testing.T) {
 // IncrementUsage, CheckQuota and Consume against the real server, with lost answers: a retried
 // increment counts once and a retried consume spends once; a quota refusal is not retried.
 func TestUsageQuotaAndConsume(t *testing.T) {
+	t.Parallel()
 	ten := newTenant(t)
 	sv := startServer(t, `QUOTA_DEFAULTS={"builds_daily":3}`)
 	// The first usage and the first consume lose their answers after the server acted on them.
