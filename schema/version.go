@@ -62,3 +62,10 @@ func FeaturesFor(v Version) Features {
 		AsyncInsert:    v.AtLeast(21, 11),
 	}
 }
+
+// LightweightDelete reports whether the server has "DELETE FROM t WHERE ...", which marks rows
+// deleted at once (masked from reads, removed by later merges) instead of rewriting every part that
+// holds them as an "ALTER TABLE t DELETE" mutation does, and the mutations_sync setting, which makes a
+// statement wait until every replica applied it. Generally available from 23.3. It is a function
+// beside Features rather than a field of it: only erasure asks, and it asks with the version it read.
+func LightweightDelete(v Version) bool { return v.AtLeast(23, 3) }

@@ -1,0 +1,77 @@
+package erasure
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/api"
+	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
+	"github.com/analyticsd/analyticsd/tenant"
+)
+
+func TestHTTP(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	a, b := fixture.Tenant(t, f.env.PG, "acme"), fixture.Tenant(t, f.env.PG, "globex")
+	admin, _ := fixture.Key(t, f.env.PG, a.ID, "a-admin", auth.ScopeAnalyticsAdmin)
+	read, _ := fixture.Key(t, f.env.PG, a.ID, "a-read", auth.ScopeAnalyticsRead)
+	otherAdmin, _ := fixture.Key(t, f.env.PG, b.ID, "b-admin", auth.ScopeAnalyticsAdmin)
+	f.env.Insert(t, "events", eventCols, rows(a.ID, "user/1 é", 3)...)
+	s := f.service(Config{})
+	app := api.NewApp(api.Config{}, nil)
+	authn := auth.NewAuthenticator(auth.NewKeys(f.env.PG), tenant.NewStore(f.env.PG), auth.JWTConfig{})
+	s.Register(app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsAdmin))
+	srv := fixture.Serve(t, app)
+	del := func(key, path string) fixture.Response {
+		return srv.Do(t, fixture.Request{Method: "DELETE", Path: path, Key: key})
+	}
+
+	if r := del(read, "/api/analytics/users/x"); r.Status != 403 {
+		t.Errorf("analytics:read erasing: got %d, want 403", r.Status)
+	}
+	r := del(admin, "/api/analytics/users/user%2F1%20%C3%A9")
+	if r.Status != 202 || r.Data()["status"] != "queued" || r.Data()["user_id"] != "user/1 é" {
+		t.Fatalf("DELETE /users: got %d %s, want 202 queued for user/1 é", r.Status, r.Raw)
+	}
+	id := r.Data()["id"].(string)
+	if _, err := s.RunOne(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	r = srv.Get(t, admin, "", "/api/analytics/erasures/"+id)
+	if r.Status != 200 || r.Data()["status"] != "done" || r.Data()["rows_erased"] != float64(3) {
+		t.Errorf("GET /erasures: got %d %s, want done with 3 rows", r.Status, r.Raw)
+	}
+	if r := srv.Get(t, otherAdmin, "", "/api/analytics/erasures/"+id); r.Status != 404 {
+		t.Errorf("another tenant's job: got %d, want 404", r.Status)
+	}
+	if r := srv.Get(t, admin, "", "/api/analytics/erasures/"+uuid.NewString()); r.Status != 404 {
+		t.Errorf("unknown job: got %d, want 404", r.Status)
+	}
+	if r := del(admin, "/api/analytics/users/"+strings.Repeat("u", 256)); r.Status != 400 {
+		t.Errorf("a 256-byte user id: got %d, want 400", r.Status)
+	}
+
+	f.env.Insert(t, "events", eventCols, rows(b.ID, "kept", 2)...)
+	for _, q := range []string{"", "?confirm=", "?confirm=globex"} {
+		if r := del(admin, "/api/analytics/data"+q); r.Status != 400 || !strings.Contains(r.Raw, "confirmation_required") {
+			t.Errorf("DELETE /data%s: got %d %s, want 400 confirmation_required", q, r.Status, r.Raw)
+		}
+	}
+	r = del(admin, "/api/analytics/data?confirm=acme")
+	if r.Status != 202 || r.Data()["kind"] != "tenant" {
+		t.Fatalf("DELETE /data?confirm=acme: got %d %s", r.Status, r.Raw)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := s.RunOne(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := f.count(t, b.ID, ""); n != 2 {
+		t.Errorf("the other tenant after an offboarding: got %d events, want 2", n)
+	}
+}
