@@ -7,7 +7,6 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -78,8 +77,7 @@ func TestVerifyKeepsOwnersAndReclaimsLostClaims(t *testing.T) {
 		t.Error("an id reclaimed at ship time was claimed again by another batch")
 	}
 	// Redis losing everything shows as a new epoch.
-	keys, _ := env.Redis.Keys(ctx, env.Prefix+"*").Result()
-	env.Redis.Del(ctx, keys...)
+	testenv.DelKeys(ctx, env.Redis, env.Prefix+"*")
 	s.now = func() time.Time { return time.Now().Add(time.Minute) }
 	epochs, err := s.Epochs(ctx, []uuid.UUID{tn, uuid.New()})
 	if err != nil || len(epochs) != 0 {
@@ -287,10 +285,7 @@ func TestIdempotencyWhileRunningAndAfterFailures(t *testing.T) {
 // With Redis unreachable the request runs, unchecked, and says so.
 func TestIdempotencyWithRedisDownRunsTheRequest(t *testing.T) {
 	_, prefix := testenv.Redis(t)
-	u, _ := url.Parse(testenv.RedisURL(t))
-	proxy := testenv.NewProxy(t, u.Host)
-	rdb := redis.NewClient(&redis.Options{Addr: proxy.Addr, DialTimeout: 200 * time.Millisecond, ReadTimeout: 200 * time.Millisecond, MaxRetries: -1})
-	t.Cleanup(func() { rdb.Close() })
+	rdb, proxy := testenv.CuttableRedis(t)
 	s := NewStore(rdb, prefix, time.Hour, nil)
 	proxy.SetDown(true)
 	a := app(t, s, uuid.New(), func(c *fiber.Ctx) error { return c.Status(202).SendString("ok") })

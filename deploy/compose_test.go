@@ -320,6 +320,8 @@ var wiring = map[string]string{
 	"CLICKHOUSE_DSN":         "clickhouse://default:@clickhouse:9000/analytics",
 	"POSTGRES_URL":           "", // checked in TestComposePasswordsReachServices
 	"REDIS_URL":              "redis://redis:6379/0",
+	"CLICKHOUSE_CLUSTER":     "", // set empty: checked in TestComposeIsNeverACluster
+	"REDIS_CLUSTER":          "false",
 	"ANALYTICS_ADDR":         ":8080",
 	"ANALYTICS_METRICS_ADDR": ":9464",
 	"ANALYTICS_SPOOL_DIR":    "/var/lib/analyticsd/spool",
@@ -566,6 +568,24 @@ func TestComposeMonitoringWiring(t *testing.T) {
 	for k, want := range map[string]string{"GF_AUTH_ANONYMOUS_ENABLED": "false", "GF_USERS_ALLOW_SIGN_UP": "false"} {
 		if v := g[k]; v == nil || !strings.EqualFold(*v, want) {
 			t.Errorf("grafana %s = %v, want %s", k, v, want)
+		}
+	}
+}
+
+// The single-server compose file runs one ClickHouse and one Redis: a CLICKHOUSE_CLUSTER exported in
+// the shell (say, after `eval "$(deploy/local/cluster.sh env)"`) must not switch it to the cluster
+// layout, whose tables its server cannot create.
+func TestComposeIsNeverACluster(t *testing.T) {
+	shell := passwords()
+	shell["CLICKHOUSE_CLUSTER"], shell["REDIS_CLUSTER"] = "analytics_cluster", "1"
+	p := mustLoad(t, shell)
+	for _, svc := range []string{"migrate", "analyticsd"} {
+		env := service(t, p, svc).Environment
+		if v := env["CLICKHOUSE_CLUSTER"]; v == nil || *v != "" {
+			t.Errorf("%s: CLICKHOUSE_CLUSTER=%v, want set and empty", svc, v)
+		}
+		if v := env["REDIS_CLUSTER"]; v == nil || *v != "false" {
+			t.Errorf("%s: REDIS_CLUSTER=%v, want false", svc, v)
 		}
 	}
 }

@@ -163,16 +163,23 @@ func TestOneInsertNeverSpansMorePartitionsThanTheServerTakes(t *testing.T) {
 	}
 }
 
+// alterEvents is an ALTER of the table that stores events: on a cluster the shards' local tables,
+// where a Distributed insert's rows are finally written (and defaults computed).
+func alterEvents(env testenv.Env, clause string) string {
+	l := env.Layout()
+	return "ALTER TABLE " + l.Local("events") + l.OnCluster() + " " + clause
+}
+
 // poison adds a column whose default throws for event "poison.pill": the server refuses any insert
 // holding such a row (code 395), as it would refuse rows it can never take.
 func poison(t *testing.T, env testenv.Env) (cure func()) {
 	t.Helper()
 	ctx := context.Background()
-	if err := env.CH.Exec(ctx, "ALTER TABLE "+env.DB+".events ADD COLUMN poison UInt8 DEFAULT throwIf(event = 'poison.pill')"); err != nil {
+	if err := env.CH.Exec(ctx, alterEvents(env, "ADD COLUMN poison UInt8 DEFAULT throwIf(event = 'poison.pill')")); err != nil {
 		t.Fatal(err)
 	}
 	return func() {
-		if err := env.CH.Exec(ctx, "ALTER TABLE "+env.DB+".events DROP COLUMN poison"); err != nil {
+		if err := env.CH.Exec(ctx, alterEvents(env, "DROP COLUMN poison")); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -237,7 +244,7 @@ func TestRefusedRowsGoToQuarantineAndOthersShip(t *testing.T) {
 func TestRefusingEverythingQuarantinesNothing(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, opts{writer: func(c *WriterConfig) { c.QuarantineAfter = 1 }})
-	if err := h.env.CH.Exec(context.Background(), "ALTER TABLE "+h.env.DB+".events ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')"); err != nil {
+	if err := h.env.CH.Exec(context.Background(), alterEvents(h.env, "ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')")); err != nil {
 		t.Fatal(err)
 	}
 	body, ids := events(30, nil)
@@ -254,7 +261,7 @@ func TestRefusingEverythingQuarantinesNothing(t *testing.T) {
 	if st := h.w.Stats(); st.QuarantinedRows != 0 || st.LastError == "" {
 		t.Fatalf("with every insert refused: %+v; want nothing quarantined, the error shown", st)
 	}
-	if err := h.env.CH.Exec(context.Background(), "ALTER TABLE "+h.env.DB+".events DROP COLUMN poison"); err != nil {
+	if err := h.env.CH.Exec(context.Background(), alterEvents(h.env, "DROP COLUMN poison")); err != nil {
 		t.Fatal(err)
 	}
 	h.waitStored(t, h.a.ID, ids, 30)
@@ -416,8 +423,7 @@ func TestIdempotencyKeyOnEvents(t *testing.T) {
 	}
 	// Lose the stored response (Redis flushed its idempotency records): the retry runs again, and its
 	// derived ids make every event a duplicate.
-	keys, _ := h.env.Redis.Keys(context.Background(), h.env.Prefix+"idem:*").Result()
-	h.env.Redis.Del(context.Background(), keys...)
+	testenv.DelKeys(context.Background(), h.env.Redis, h.env.Prefix+"idem:*")
 	lost := h.post(t, h.keyA, "/api/analytics/events", body, key)
 	if lost.Status != 202 || lost.accepted() != 0 || len(duplicates(lost)) != 3 {
 		t.Fatalf("retry after the record was lost: %d %s, want 3 duplicates", lost.Status, lost.Raw)
@@ -438,8 +444,7 @@ func TestIdempotencyKeyOnUsage(t *testing.T) {
 			t.Fatalf("try %d: %d %s", i, r.Status, r.Raw)
 		}
 	}
-	keys, _ := h.env.Redis.Keys(context.Background(), h.env.Prefix+"idem:*").Result()
-	h.env.Redis.Del(context.Background(), keys...)
+	testenv.DelKeys(context.Background(), h.env.Redis, h.env.Prefix+"idem:*")
 	r := h.post(t, h.keyA, "/api/analytics/usage", body, key)
 	var data struct {
 		Data struct {
@@ -489,7 +494,7 @@ func TestServerMadeIDsAreNotClaimed(t *testing.T) {
 		}
 		return nil
 	})
-	keys, err := h.env.Redis.Keys(context.Background(), h.env.Prefix+"dedup:{"+h.a.ID.String()+"}:*").Result()
+	keys, err := testenv.Keys(context.Background(), h.env.Redis, h.env.Prefix+"dedup:{"+h.a.ID.String()+"}:*")
 	if err != nil || len(keys) != 0 {
 		t.Errorf("dedup keys %v (%v), want none: server-made ids need no claim", keys, err)
 	}

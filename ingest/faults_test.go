@@ -28,8 +28,8 @@ func (h *harness) dropClaims(t *testing.T, tenant uuid.UUID, keepEpoch bool) {
 	t.Helper()
 	ctx := context.Background()
 	epoch := h.env.Prefix + "dedup:{" + tenant.String() + "}:epoch"
-	keys, _ := h.env.Redis.Keys(ctx, h.env.Prefix+"dedup:{"+tenant.String()+"}:*").Result()
-	idem, _ := h.env.Redis.Keys(ctx, h.env.Prefix+"idem:*").Result()
+	keys, _ := testenv.Keys(ctx, h.env.Redis, h.env.Prefix+"dedup:{"+tenant.String()+"}:*")
+	idem, _ := testenv.Keys(ctx, h.env.Redis, h.env.Prefix+"idem:*")
 	for _, k := range append(keys, idem...) {
 		if keepEpoch && k == epoch {
 			continue
@@ -186,7 +186,7 @@ func TestDuplicateFoundAfterTheFeedClosedIsUncounted(t *testing.T) {
 func TestEventsRefusedWhileIncrementsLandQuarantinesNoEvent(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, opts{})
-	if err := h.env.CH.Exec(context.Background(), "ALTER TABLE "+h.env.DB+".events ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')"); err != nil {
+	if err := h.env.CH.Exec(context.Background(), alterEvents(h.env, "ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')")); err != nil {
 		t.Fatal(err)
 	}
 	body, _ := events(30, nil)
@@ -230,7 +230,7 @@ func (c *countingConn) Query(ctx context.Context, q string, args ...any) (driver
 func TestIsolatingRefusedRowsIsBounded(t *testing.T) {
 	t.Parallel()
 	env := testenv.Migrated(t)
-	if err := env.CH.Exec(context.Background(), "ALTER TABLE "+env.DB+".events ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')"); err != nil {
+	if err := env.CH.Exec(context.Background(), alterEvents(env, "ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')")); err != nil {
 		t.Fatal(err)
 	}
 	fc := &countingConn{Conn: env.CH}

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -21,7 +20,6 @@ import (
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
-	"github.com/redis/go-redis/v9"
 
 	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/auth"
@@ -52,7 +50,7 @@ type instance struct {
 	svc      *Service
 	counters *quota.Counters
 	chProxy  *testenv.Proxy
-	rdProxy  *testenv.Proxy
+	rdProxy  *testenv.Switch
 	dedup    *dedup.Store
 	metrics  *Metrics
 }
@@ -90,10 +88,7 @@ func (h *harness) newInstance(t *testing.T, o opts) *instance {
 	}
 	rdb := h.env.Redis
 	if o.proxyRD {
-		u, _ := url.Parse(testenv.RedisURL(t))
-		in.rdProxy = testenv.NewProxy(t, u.Host)
-		rdb = redis.NewClient(&redis.Options{Addr: in.rdProxy.Addr, DialTimeout: 200 * time.Millisecond, ReadTimeout: 200 * time.Millisecond, MaxRetries: -1})
-		t.Cleanup(func() { rdb.Close() })
+		rdb, in.rdProxy = testenv.CuttableRedis(t)
 	}
 	in.counters = quota.NewCounters(rdb, h.env.Prefix)
 	var claims Claims
@@ -236,7 +231,13 @@ func (h *harness) countIDs(t *testing.T, tenantID uuid.UUID, ids []string) int {
 // waitStored waits until exactly want of ids are stored for tenant.
 func (h *harness) waitStored(t *testing.T, tenantID uuid.UUID, ids []string, want int) {
 	t.Helper()
-	testenv.Eventually(t, 20*time.Second, func() error {
+	wait := 20 * time.Second
+	if testenv.Cluster() != "" {
+		// Each insert into a replicated table is a ZooKeeper round trip per part: a segment split by
+		// day into 150 inserts takes tens of seconds on the local cluster.
+		wait = time.Minute
+	}
+	testenv.Eventually(t, wait, func() error {
 		if got := h.countIDs(t, tenantID, ids); got != want {
 			return fmt.Errorf("stored %d of the events, want %d (writer: %+v)", got, want, h.w.Stats())
 		}

@@ -3,12 +3,10 @@ package quota
 import (
 	"context"
 	"net/http"
-	"net/url"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/redis/go-redis/v9"
 
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/ingest"
@@ -33,11 +31,8 @@ func TestErrorResponses(t *testing.T) {
 	t.Cleanup(func() { blind.Close(context.Background()) })
 
 	// Redis unreachable with QUOTA_FAIL_OPEN=false.
-	u, _ := url.Parse(testenv.RedisURL(t))
-	proxy := testenv.NewProxy(t, u.Host)
+	rdb, proxy := testenv.CuttableRedis(t)
 	proxy.SetDown(true)
-	rdb := redis.NewClient(&redis.Options{Addr: proxy.Addr, DialTimeout: 200 * time.Millisecond, ReadTimeout: 200 * time.Millisecond, MaxRetries: -1})
-	t.Cleanup(func() { rdb.Close() })
 	closedRedis := h.service(t, Config{Enabled: true}, nil, rdb)
 
 	// The recorder (ingest) refuses the spend: its buffer is full, or it is shutting down.

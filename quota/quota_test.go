@@ -7,7 +7,6 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -327,10 +326,7 @@ func TestCountersRebuiltAfterRedisLosesThem(t *testing.T) {
 // nothing is counted twice.
 func TestCountersRebuiltAfterMissedDeltas(t *testing.T) {
 	h := newHarness(t)
-	u, _ := url.Parse(testenv.RedisURL(t))
-	proxy := testenv.NewProxy(t, u.Host)
-	rdb := redis.NewClient(&redis.Options{Addr: proxy.Addr, DialTimeout: 200 * time.Millisecond, ReadTimeout: 200 * time.Millisecond, MaxRetries: -1})
-	defer rdb.Close()
+	rdb, proxy := testenv.CuttableRedis(t)
 	s := h.service(t, Config{Enabled: true}, nil, rdb)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -388,10 +384,7 @@ func TestRedisDownDegrades(t *testing.T) {
 	for _, failOpen := range []bool{true, false} {
 		t.Run(fmt.Sprint("fail_open=", failOpen), func(t *testing.T) {
 			h := newHarness(t)
-			u, _ := url.Parse(testenv.RedisURL(t))
-			proxy := testenv.NewProxy(t, u.Host)
-			rdb := redis.NewClient(&redis.Options{Addr: proxy.Addr, DialTimeout: 200 * time.Millisecond, ReadTimeout: 200 * time.Millisecond, MaxRetries: -1})
-			defer rdb.Close()
+			rdb, proxy := testenv.CuttableRedis(t)
 			s := h.service(t, Config{Enabled: true, FailOpen: failOpen}, nil, rdb)
 			app := h.app(t, s, h.ingest)
 			if _, err := s.Consume(context.Background(), h.tenant.ID, "builds_daily", 4); err != nil {

@@ -1,11 +1,15 @@
 package testenv
 
 import (
+	"context"
+	"fmt"
 	"io"
 	"net"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // Proxy forwards TCP connections from a loopback port to a real server, and can be cut and restored,
@@ -117,4 +121,78 @@ func (p *Proxy) SetDown(down bool) {
 			c.Close()
 		}
 	}
+}
+
+// Switch cuts and restores a client's connections from the client's side: every connection it dials
+// goes through Dial, so it works for clients that find their servers' addresses themselves (a Redis
+// Cluster client follows the cluster's own addresses, which a Proxy in front of one node cannot cover).
+type Switch struct {
+	mu    sync.Mutex
+	down  bool
+	conns map[net.Conn]struct{}
+}
+
+// Dial connects to addr unless the switch is down; the connection is cut when it goes down.
+func (s *Switch) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	s.mu.Lock()
+	down := s.down
+	s.mu.Unlock()
+	if down {
+		return nil, fmt.Errorf("dial %s: cut by the test", addr)
+	}
+	c, err := (&net.Dialer{Timeout: 200 * time.Millisecond}).DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.down {
+		c.Close()
+		return nil, fmt.Errorf("dial %s: cut by the test", addr)
+	}
+	if s.conns == nil {
+		s.conns = map[net.Conn]struct{}{}
+	}
+	s.conns[c] = struct{}{}
+	return c, nil
+}
+
+// SetDown cuts every connection and refuses new ones (true), or lets them through again (false).
+func (s *Switch) SetDown(down bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.down = down
+	if down {
+		for c := range s.conns {
+			c.Close()
+		}
+		clear(s.conns)
+	}
+}
+
+// CuttableRedis returns a client of the test Redis (a cluster client with REDIS_CLUSTER=1) whose
+// connections go through a Switch, with short timeouts and no retries: a test makes Redis unreachable
+// for this client only, without stopping the server other tests share.
+func CuttableRedis(t testing.TB) (redis.UniversalClient, *Switch) {
+	t.Helper()
+	sw := &Switch{}
+	const timeout = 200 * time.Millisecond
+	var rdb redis.UniversalClient
+	if RedisCluster() {
+		opts, err := redis.ParseClusterURL(RedisURL(t))
+		if err != nil {
+			t.Fatalf("parse REDIS_URL: %v", err)
+		}
+		opts.Dialer, opts.DialTimeout, opts.ReadTimeout, opts.MaxRetries = sw.Dial, timeout, timeout, -1
+		rdb = redis.NewClusterClient(opts)
+	} else {
+		opts, err := redis.ParseURL(RedisURL(t))
+		if err != nil {
+			t.Fatalf("parse REDIS_URL: %v", err)
+		}
+		opts.Dialer, opts.DialTimeout, opts.ReadTimeout, opts.MaxRetries = sw.Dial, timeout, timeout, -1
+		rdb = redis.NewClient(opts)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	return rdb, sw
 }
