@@ -262,6 +262,7 @@ func (sv *server) start() error {
 	cmd := exec.Command(sv.s.bin, "serve")
 	cmd.Env = append(append(append([]string{}, sv.s.env...), "ANALYTICS_ADDR="+sv.addr, "ANALYTICS_SPOOL_DIR="+sv.spool), sv.extra...)
 	cmd.Stdout, cmd.Stderr = sv.log, sv.log
+	dieWithTest(cmd)
 	if err := cmd.Start(); err != nil {
 		return err
 	}
