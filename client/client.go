@@ -37,7 +37,9 @@
 // retried with exponential backoff and jitter — [Config.MinBackoff] doubling up to
 // [Config.MaxBackoff] — and never sooner than the Retry-After the server sent, up to
 // [Config.MaxAttempts] attempts. Every other 4xx is final: it is not retried and is surfaced as an
-// [*APIError] (through OnFailure for Track). A batch the server was handling when it crashed gets 409
+// [*APIError] (through OnFailure for Track) — except a 413 for a batch of several events, which is
+// sent again in halves (the server takes fewer events or bytes per request than BatchSize or
+// MaxBatchBytes allow). A batch the server was handling when it crashed gets 409
 // until the server's pending record of its key expires (one minute), then its stored answer.
 //
 // [Client.Flush] returns once every event taken before it was called has been acknowledged or given

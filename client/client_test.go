@@ -503,6 +503,39 @@ func TestRefusalsAreSurfacedNotRetried(t *testing.T) {
 	})
 }
 
+// A server that takes fewer events per request than the client's batches answers 413; the client
+// sends each refused batch again in halves until they fit, and stores everything once.
+func TestBatchTooLargeIsSplit(t *testing.T) {
+	t.Parallel()
+	ten := newTenant(t)
+	sv := startServer(t, "INGEST_MAX_EVENTS=30")
+	px := newProxy(t, sv.url, nil)
+	c := newClient(t, px.srv.URL, ten.key, &recorder{}, client.Config{BatchSize: 100, FlushInterval: time.Hour})
+	ids := trackIDs(t, c, "goclient.split", 100)
+	closeClient(t, c, 30*time.Second)
+	checkStats(t, c, 100)
+	tooLarge, stored := 0, 0
+	for _, r := range px.requests() {
+		switch r.status {
+		case http.StatusRequestEntityTooLarge:
+			tooLarge++
+		case http.StatusAccepted:
+			stored += r.events
+			if r.events > 30 {
+				t.Errorf("a batch of %d events was accepted by a server that takes 30", r.events)
+			}
+		default:
+			t.Errorf("unexpected answer %d", r.status)
+		}
+	}
+	// 100 → 50+50 → 25+25+25+25: three 413s, four batches stored.
+	if tooLarge != 3 || stored != 100 {
+		t.Errorf("%d answers 413, %d events in accepted batches; want 3 and 100", tooLarge, stored)
+	}
+	sv.stop()
+	checkExactlyOnce(t, ten, "goclient.split", ids)
+}
+
 // Close sends what it took, then refuses: Track returns ErrClosed.
 func TestCloseDrainsThenRefuses(t *testing.T) {
 	t.Parallel()

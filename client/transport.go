@@ -258,6 +258,15 @@ func (c *Client) sendBatch(items []item) {
 	}
 	var res eventsResult
 	err := c.call(c.ctx, r, &res)
+	if e, ok := err.(*APIError); ok && e.StatusCode == http.StatusRequestEntityTooLarge && len(items) > 1 {
+		// The server takes fewer events or bytes per request than this batch (its INGEST_MAX_EVENTS,
+		// INGEST_MAX_BODY_BYTES): send it in halves. Each half is a new request with its own key; the
+		// event ids still keep every event from being stored twice.
+		c.log.Warn("batch too large for the server; splitting it (lower BatchSize or MaxBatchBytes)", "events", len(items), "err", e)
+		c.sendBatch(items[:len(items)/2])
+		c.sendBatch(items[len(items)/2:])
+		return
+	}
 	last := items[len(items)-1].seq
 	if err != nil {
 		seqs := make([]uint64, len(items))
