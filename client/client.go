@@ -228,10 +228,13 @@ func New(cfg Config) (*Client, error) {
 	if cfg.BatchSize < 0 || cfg.BatchSize > maxBatchSize {
 		errs = append(errs, fmt.Errorf("BatchSize %d must be from 1 to %d", cfg.BatchSize, maxBatchSize))
 	}
-	for name, v := range map[string]int64{"QueueSize": int64(cfg.QueueSize), "MaxBatchBytes": int64(cfg.MaxBatchBytes),
-		"FlushInterval": int64(cfg.FlushInterval), "Timeout": int64(cfg.Timeout), "MinBackoff": int64(cfg.MinBackoff), "MaxBackoff": int64(cfg.MaxBackoff)} {
-		if v < 0 {
-			errs = append(errs, fmt.Errorf("%s must not be negative", name))
+	for _, f := range []struct {
+		name string
+		v    int64
+	}{{"QueueSize", int64(cfg.QueueSize)}, {"MaxBatchBytes", int64(cfg.MaxBatchBytes)}, {"FlushInterval", int64(cfg.FlushInterval)},
+		{"Timeout", int64(cfg.Timeout)}, {"MinBackoff", int64(cfg.MinBackoff)}, {"MaxBackoff", int64(cfg.MaxBackoff)}} {
+		if f.v < 0 {
+			errs = append(errs, fmt.Errorf("%s must not be negative", f.name))
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -281,11 +284,12 @@ func New(cfg Config) (*Client, error) {
 	return c, nil
 }
 
-// Track queues e to be sent and returns at once. It fills in e.ID (a random UUIDv4) and e.Ts (now)
-// when they are empty and encodes e before returning, so later changes to e.Props are not sent. It
-// returns ErrQueueFull when the queue is full (the event is dropped and counted), ErrClosed after
-// Close, or an error naming a field it cannot send; nil means the event is taken (see the package
-// documentation for what happens to it then).
+// Track queues e to be sent and returns at once. The event is sent with a random UUIDv4 as its id
+// when e.ID is empty (set e.ID, e.g. to NewID(), to know it) and with the time of the call when e.Ts
+// is zero. Track encodes e before returning, so later changes to e.Props are not sent. It returns
+// ErrQueueFull when the queue is full (the event is dropped and counted), ErrClosed after Close, or an
+// error naming a field it cannot send; nil means the event is taken (see the package documentation
+// for what happens to it then).
 func (c *Client) Track(e Event) error {
 	raw, err := e.prepare(time.Now)
 	if err != nil {
