@@ -41,6 +41,10 @@ func TestEventName(t *testing.T) {
 	if a, b := EventName("!!!"), EventName("???"); a == b {
 		t.Errorf("!!! and ??? both %q", a)
 	}
+	// Hashed names are fixed too: a changed hash would split an event's history in two.
+	if got := EventName("Café Visited"); got != "segment.caf_visited_1bc30543" {
+		t.Errorf("EventName(Café Visited) = %q; the hashed form changed", got)
+	}
 	long := strings.Repeat("Very Long Event Name ", 20)
 	got := EventName(long)
 	if len(got) > 128 || !ingest.ValidEventName(got) || got == EventName(long+"x") {
@@ -70,6 +74,11 @@ func TestEventID(t *testing.T) {
 		if id, _ := EventID(m); id == uuid.Nil || id.String() == u {
 			t.Errorf("EventID(%q) = %v; want a hashed id", m, id)
 		}
+	}
+	// The namespace is fixed forever: a changed one would let every retry across the change be stored
+	// twice (docs/segment.md shows this id).
+	if id, _ := EventID("order-42"); id.String() != "fac7bd4d-bd95-5af8-ba5e-af2e21825b44" {
+		t.Errorf("EventID(order-42) = %v; the namespace or the hash changed", id)
 	}
 	if _, ok := EventID(""); ok {
 		t.Error("EventID(\"\") is ok; want no id")
