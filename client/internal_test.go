@@ -163,4 +163,9 @@ func TestCloseDeadlineHandsOverWhatWasNotDelivered(t *testing.T) {
 	if err := c.Track(Event{Event: "a.b"}); !errors.Is(err, ErrClosed) {
 		t.Errorf("Track after Close: got %v, want ErrClosed", err)
 	}
+	select {
+	case <-c.done:
+	default:
+		t.Error("the sending goroutine still runs after Close returned")
+	}
 }
