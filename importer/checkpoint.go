@@ -2,7 +2,6 @@ package importer
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"time"
@@ -32,28 +31,31 @@ type dayState struct {
 type checkpoint struct {
 	pg     *pgxpool.Pool
 	source string
+	db     string // the ClickHouse database imported into: the lock's scope
 }
 
-// lock takes the import lock (one import at a time: aggregates are checked by totals, which two
-// imports into the same tenant would confuse). It holds one connection until unlock.
+// lock takes the import lock of the ClickHouse database (one import at a time: aggregates are checked
+// by totals, which two imports into the same tenant would confuse). It holds one connection until
+// unlock.
 func (c *checkpoint) lock(ctx context.Context) (unlock func(), err error) {
 	conn, err := c.pg.Acquire(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("import: connect to postgres: %w", err)
 	}
 	var ok bool
-	if err := conn.QueryRow(ctx, "SELECT pg_try_advisory_lock(hashtext('analyticsd.import'))").Scan(&ok); err != nil {
+	key := "analyticsd.import." + c.db
+	if err := conn.QueryRow(ctx, "SELECT pg_try_advisory_lock(hashtext($1))", key).Scan(&ok); err != nil {
 		conn.Release()
 		return nil, fmt.Errorf("import: take the import lock: %w", err)
 	}
 	if !ok {
 		conn.Release()
-		return nil, errors.New("import: another import is running against this analyticsd (Postgres advisory lock analyticsd.import); wait for it to end")
+		return nil, fmt.Errorf("import: another import into %s is running (Postgres advisory lock %s); wait for it to end", c.db, key)
 	}
 	return func() {
 		uctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		if _, err := conn.Exec(uctx, "SELECT pg_advisory_unlock(hashtext('analyticsd.import'))"); err != nil {
+		if _, err := conn.Exec(uctx, "SELECT pg_advisory_unlock(hashtext($1))", key); err != nil {
 			_ = conn.Conn().Close(uctx) // closing the session releases the lock too
 		}
 		conn.Release()

@@ -10,9 +10,10 @@
 //     becomes a usage increment of its day (usage_increments inside the window, daily_usage outside);
 //     an event-name row is already counted by its events, and is imported only for an old day whose
 //     events the source no longer has;
-//   - each imported past day is then reconciled into billed usage (Postgres analytics_daily_usage and
-//     rollup_runs) by the rollup, through the Bill function the caller wires in, so billed rows are
-//     exactly what the nightly rollup would write and its drift check finds nothing to change.
+//   - once ClickHouse holds everything, each imported past day is reconciled into billed usage
+//     (Postgres analytics_daily_usage and rollup_runs) by the rollup, through the Bill function the
+//     caller wires in — once per day for every tenant, as `analyticsd rollup --date` does — so billed
+//     rows are exactly what the nightly rollup would write and its drift check finds nothing to change.
 //
 // Exactly once: every row that has an id (events, and increments, whose id is a name-based UUID of
 // source, tenant, day and metric) is inserted only when ClickHouse does not already hold its id for
@@ -50,8 +51,8 @@ type Tenants interface {
 	Create(ctx context.Context, slug, name string) (tenant.Tenant, error)
 }
 
-// Bill reconciles one tenant's UTC day into billed usage (the rollup, scoped to that tenant).
-type Bill func(ctx context.Context, day time.Time, tenantID uuid.UUID) error
+// Bill reconciles one UTC day into billed usage for every tenant (the rollup).
+type Bill func(ctx context.Context, day time.Time) error
 
 // Config is one import.
 type Config struct {
@@ -104,9 +105,12 @@ type Result struct {
 	DaysSkipped int `json:"days_skipped"`
 	// NotImported lists event-name rows of analytics_daily_usage that could not be kept: inside the
 	// window without their events (the rollup counts events, not such rows).
-	NotImported []UsageRow    `json:"not_imported,omitempty"`
-	Duration    time.Duration `json:"-"`
-	DurationMS  int64         `json:"duration_ms"`
+	NotImported []UsageRow `json:"not_imported,omitempty"`
+	// Duration is the whole run; BillDuration the part spent billing, after ClickHouse had everything.
+	Duration       time.Duration `json:"-"`
+	DurationMS     int64         `json:"duration_ms"`
+	BillDuration   time.Duration `json:"-"`
+	BillDurationMS int64         `json:"bill_duration_ms"`
 }
 
 // TenantResult is one source tenant and where it went.
@@ -161,7 +165,7 @@ func New(cfg Config) (*Importer, error) {
 		cfg.ChunkRows = 100_000
 	}
 	log := logger.Or(cfg.Log).With("component", "import", "source", cfg.SourceName)
-	return &Importer{cfg: cfg, log: log, cp: &checkpoint{pg: cfg.PG, source: cfg.SourceName}}, nil
+	return &Importer{cfg: cfg, log: log, cp: &checkpoint{pg: cfg.PG, source: cfg.SourceName, db: cfg.DB}}, nil
 }
 
 // Run imports everything the checkpoint does not show as done, then returns what it did. It holds a
@@ -233,12 +237,56 @@ func (im *Importer) Run(ctx context.Context) (Result, error) {
 	}
 	close(work)
 	wg.Wait()
-	res.Duration = time.Since(start)
-	res.DurationMS = res.Duration.Milliseconds()
 	if firstErr == nil && ctx.Err() != nil {
 		firstErr = ctx.Err()
 	}
+	if firstErr == nil {
+		billStart := time.Now()
+		res.DaysBilled, firstErr = im.bill(ctx, tenants)
+		res.BillDuration = time.Since(billStart)
+		res.BillDurationMS = res.BillDuration.Milliseconds()
+	}
+	res.Duration = time.Since(start)
+	res.DurationMS = res.Duration.Milliseconds()
 	return res, firstErr
+}
+
+// bill reconciles every past day some imported tenant has stored but not billed, oldest first, and
+// records those tenant-days as billed.
+func (im *Importer) bill(ctx context.Context, tenants map[uuid.UUID]TenantResult) (int, error) {
+	if im.cfg.Bill == nil {
+		return 0, nil
+	}
+	pending := map[time.Time][]uuid.UUID{}
+	for _, t := range tenants {
+		states, err := im.cp.states(ctx, t.ID)
+		if err != nil {
+			return 0, err
+		}
+		for d, st := range states {
+			if st.state == stateStored && d.Before(im.cfg.Today) {
+				pending[d] = append(pending[d], t.ID)
+			}
+		}
+	}
+	days := make([]time.Time, 0, len(pending))
+	for d := range pending {
+		days = append(days, d)
+	}
+	sort.Slice(days, func(i, j int) bool { return days[i].Before(days[j]) })
+	billed := 0
+	for _, d := range days {
+		if err := im.cfg.Bill(ctx, d); err != nil {
+			return billed, fmt.Errorf("bill %s: %w", d.Format(time.DateOnly), err)
+		}
+		for _, id := range pending[d] {
+			if err := im.cp.set(ctx, id, []time.Time{d}, stateBilled); err != nil {
+				return billed, err
+			}
+			billed++
+		}
+	}
+	return billed, nil
 }
 
 func (r *Result) add(t tenantRun) {
@@ -247,7 +295,6 @@ func (r *Result) add(t tenantRun) {
 	r.Aggregated += t.aggregated
 	r.Increments += t.increments
 	r.DaysStored += t.stored
-	r.DaysBilled += t.billed
 	r.DaysSkipped += t.skipped
 	r.NotImported = append(r.NotImported, t.notImported...)
 }
@@ -255,12 +302,12 @@ func (r *Result) add(t tenantRun) {
 // tenantRun is what importing one source tenant did.
 type tenantRun struct {
 	inserted, present, aggregated, increments int64
-	stored, billed, skipped                   int
+	stored, skipped                           int
 	notImported                               []UsageRow
 }
 
-// importTenant imports one source tenant: old days as aggregates, the window's days as events and
-// increments, then bills every stored past day.
+// importTenant stores one source tenant in ClickHouse: old days as aggregates, the window's days as
+// events and increments.
 func (im *Importer) importTenant(ctx context.Context, p *plan, src, dst uuid.UUID, progress func(int64)) (tenantRun, error) {
 	var tr tenantRun
 	states, err := im.cp.states(ctx, dst)
@@ -275,7 +322,8 @@ func (im *Importer) importTenant(ctx context.Context, p *plan, src, dst uuid.UUI
 			tr.skipped++
 			progress(p.eventsOn(src, d))
 		case st.state == stateStored:
-			// stored by an earlier run, bill below
+			// stored by an earlier run; billed after the ClickHouse work
+			tr.skipped++
 			progress(p.eventsOn(src, d))
 		case d.Before(im.cfg.OldBefore) && !(st.state == stateInserting && st.events):
 			old = append(old, d)
@@ -292,24 +340,6 @@ func (im *Importer) importTenant(ctx context.Context, p *plan, src, dst uuid.UUI
 		if err := im.importRecent(ctx, p, src, dst, recent, &tr, progress); err != nil {
 			return tr, err
 		}
-	}
-	if im.cfg.Bill == nil {
-		return tr, nil
-	}
-	if states, err = im.cp.states(ctx, dst); err != nil {
-		return tr, err
-	}
-	for _, d := range days {
-		if states[d].state != stateStored || !d.Before(im.cfg.Today) {
-			continue
-		}
-		if err := im.cfg.Bill(ctx, d, dst); err != nil {
-			return tr, fmt.Errorf("bill %s: %w", d.Format(time.DateOnly), err)
-		}
-		if err := im.cp.set(ctx, dst, []time.Time{d}, stateBilled); err != nil {
-			return tr, err
-		}
-		tr.billed++
 	}
 	return tr, nil
 }

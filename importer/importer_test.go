@@ -91,8 +91,8 @@ func setup(t *testing.T, src *pgxpool.Pool) (testenv.Env, Config) {
 	cfg := Config{
 		Source: src, SourceName: "test-source", CH: e.CH, DB: e.DB, PG: e.PG,
 		Tenants: tenant.NewStore(e.PG),
-		Bill: func(ctx context.Context, day time.Time, id uuid.UUID) error {
-			_, err := rec.RunDate(ctx, day, rollup.OneTenant(id), "import")
+		Bill: func(ctx context.Context, day time.Time) error {
+			_, err := rec.RunDate(ctx, day, rollup.AllTenants(), "import")
 			return err
 		},
 		OldBefore: retention.Window{Days: 90}.CompleteFrom(time.Time{}, now),

@@ -13,7 +13,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/schollz/progressbar/v3"
 	"golang.org/x/term"
@@ -97,8 +96,8 @@ func importCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string,
 	ic := importer.Config{
 		Source: src, SourceName: sourceName, CH: ch, DB: cfg.ClickHouseDB, PG: pg,
 		Tenants: tenant.NewStore(pg),
-		Bill: func(ctx context.Context, day time.Time, id uuid.UUID) error {
-			_, err := rec.RunDate(ctx, day, rollup.OneTenant(id), "import")
+		Bill: func(ctx context.Context, day time.Time) error {
+			_, err := rec.RunDate(ctx, day, rollup.AllTenants(), "import")
 			return err
 		},
 		Map: mapping, NoCreate: noCreate,
@@ -170,13 +169,15 @@ func printImport(w io.Writer, r importer.Result) {
 		}
 		fmt.Fprintf(w, "tenant %s -> %s (%s, %s)\n", t.Source, t.Slug, t.ID, how)
 	}
+	stored := r.Duration - r.BillDuration
 	rate := 0.0
-	if s := r.Duration.Seconds(); s > 0 {
+	if s := stored.Seconds(); s > 0 {
 		rate = float64(r.Inserted+r.Aggregated) / s
 	}
 	fmt.Fprintf(w, "imported %d source events in %s (%.0f events/s): %d inserted, %d already present, %d older than retention counted into daily usage; %d usage increments\n",
-		r.SourceEvents, r.Duration.Round(time.Millisecond), rate, r.Inserted, r.Present, r.Aggregated, r.Increments)
-	fmt.Fprintf(w, "tenant-days: %d stored, %d billed, %d done by an earlier run\n", r.DaysStored, r.DaysBilled, r.DaysSkipped)
+		r.SourceEvents, stored.Round(time.Millisecond), rate, r.Inserted, r.Present, r.Aggregated, r.Increments)
+	fmt.Fprintf(w, "tenant-days: %d stored, %d billed (rollup, %s), %d done by an earlier run\n", r.DaysStored, r.DaysBilled,
+		r.BillDuration.Round(time.Millisecond), r.DaysSkipped)
 	if r.Skipped > 0 {
 		fmt.Fprintf(w, "skipped %d source events without tenant_id or ts\n", r.Skipped)
 	}
