@@ -57,9 +57,11 @@ func (s *Store) PlanExport(ctx context.Context, f EventFilter, max int) (*Export
 	where, args := f.where(f.Range.From, f.Range.To)
 	exp := &Export{store: s}
 	// Are there more than max rows? Counting stops at max+1 (the inner LIMIT), so this reads only
-	// the key columns of at most one page more than it sends.
+	// the key columns of at most one page more than it sends. The inner query selects ts, not a
+	// constant: 18.16 fails "SELECT 1 FROM <Distributed> WHERE a AND b" (cannot find column
+	// `equals(...)` in source stream), which is every export on a cluster.
 	var n uint64
-	if err := s.ch.QueryRow(ctx, fmt.Sprintf("SELECT count() FROM (SELECT 1 FROM %s.events WHERE %s LIMIT %d)", s.db, where, max+1), args...).Scan(&n); err != nil {
+	if err := s.ch.QueryRow(ctx, fmt.Sprintf("SELECT count() FROM (SELECT ts FROM %s.events WHERE %s LIMIT %d)", s.db, where, max+1), args...).Scan(&n); err != nil {
 		return nil, fmt.Errorf("count export rows: %w", err)
 	}
 	if n > uint64(max) {
