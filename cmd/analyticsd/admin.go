@@ -22,6 +22,7 @@ import (
 
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/erasure"
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/quota"
 	"github.com/analyticsd/analyticsd/schema"
@@ -96,6 +97,7 @@ type tenantJSON struct {
 	CreatedAt      time.Time          `json:"created_at"`
 	DisabledAt     *time.Time         `json:"disabled_at"`
 	QuotaOverrides map[string]float64 `json:"quota_overrides"`
+	TimeZone       string             `json:"time_zone"`
 }
 
 func tenantView(t tenant.Tenant) tenantJSON {
@@ -107,7 +109,8 @@ func tenantView(t tenant.Tenant) tenantJSON {
 	if o == nil {
 		o = map[string]float64{}
 	}
-	return tenantJSON{ID: t.ID, Slug: t.Slug, Name: t.Name, Status: status, CreatedAt: t.CreatedAt, DisabledAt: t.DisabledAt, QuotaOverrides: o}
+	return tenantJSON{ID: t.ID, Slug: t.Slug, Name: t.Name, Status: status, CreatedAt: t.CreatedAt, DisabledAt: t.DisabledAt, QuotaOverrides: o,
+		TimeZone: t.TimeZone}
 }
 
 // quotaLimit is one metric's limit for a tenant and where it comes from.
@@ -189,7 +192,7 @@ func tenantCmd(ctx context.Context, cfg Config, args []string, stdout, stderr io
 	}
 	action := args[0]
 	name := "tenant " + action
-	var slug, display, metric, limit string
+	var slug, display, metric, limit, zone string
 	var ifNotExists, clear, newMetric, yes, asJSON bool
 	if err := flags(name, args[1:], func(fs *flag.FlagSet) {
 		switch action {
@@ -209,6 +212,8 @@ func tenantCmd(ctx context.Context, cfg Config, args []string, stdout, stderr io
 			fs.BoolVar(&newMetric, "new-metric", false, "allow a metric that is not a known quota metric yet")
 		case "delete":
 			fs.BoolVar(&yes, "yes", false, "do not ask: delete without typing the slug")
+		case "set-timezone":
+			fs.StringVar(&zone, "zone", "", "IANA time zone whose midnight starts the tenant's days, e.g. Europe/Berlin, Asia/Kolkata, UTC (required)")
 		}
 		fs.BoolVar(&asJSON, "json", false, "print JSON instead of text")
 	}); err != nil {
@@ -239,6 +244,15 @@ func tenantCmd(ctx context.Context, cfg Config, args []string, stdout, stderr io
 		}
 	}
 
+	if action == "set-timezone" {
+		if zone == "" {
+			return fmt.Errorf("%s: --zone is required: %w", name, errUsage)
+		}
+		if _, err := tenant.LoadTimeZone(zone); err != nil {
+			return fmt.Errorf("%s: --zone: %v: %w", name, err, errUsage)
+		}
+	}
+
 	pg, err := openPostgres(ctx, cfg)
 	if err != nil {
 		return err
@@ -246,6 +260,30 @@ func tenantCmd(ctx context.Context, cfg Config, args []string, stdout, stderr io
 	defer pg.Close()
 	store, audits := tenant.NewStore(pg), audit.New(pg)
 	switch action {
+	case "set-timezone":
+		t, changed, err := store.SetTimeZone(ctx, slug, zone)
+		if err != nil {
+			return err
+		}
+		if changed {
+			if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "tenant.set_timezone", Target: zone}); err != nil {
+				return err
+			}
+		}
+		if asJSON {
+			return printJSON(stdout, struct {
+				Tenant   string `json:"tenant"`
+				TimeZone string `json:"time_zone"`
+				Changed  bool   `json:"changed"`
+			}{t.Slug, t.TimeZone, changed})
+		}
+		if !changed {
+			fmt.Fprintf(stdout, "tenant %s already has time zone %s; nothing changed\n", t.Slug, zone)
+			return nil
+		}
+		fmt.Fprintf(stdout, "tenant %s: time zone %s; reads use it within 10 s (quotas stay per UTC day)\n", t.Slug, zone)
+		return nil
+
 	case "create":
 		t, err := store.Create(ctx, slug, display)
 		created := err == nil
@@ -300,7 +338,7 @@ func tenantCmd(ctx context.Context, cfg Config, args []string, stdout, stderr io
 		if t.Disabled() {
 			status = "disabled since " + when(t.DisabledAt)
 		}
-		fmt.Fprintf(stdout, "tenant   %s (%s)\nid       %s\nstatus   %s\ncreated  %s\n\n", t.Slug, t.Name, t.ID, status, when(&t.CreatedAt))
+		fmt.Fprintf(stdout, "tenant   %s (%s)\nid       %s\nstatus   %s\ncreated  %s\nzone     %s\n\n", t.Slug, t.Name, t.ID, status, when(&t.CreatedAt), t.TimeZone)
 		return printQuotas(stdout, limits)
 
 	case "set-quota":
@@ -654,5 +692,137 @@ func healthcheck(ctx context.Context, cfg Config, _ *slog.Logger, args []string,
 		return fmt.Errorf("/healthz answered %s", resp.Status)
 	}
 	fmt.Fprintln(stdout, "ok")
+	return nil
+}
+
+// eraseCmd runs `analyticsd erase <user|tenant|status>`: it queues an erasure job (the servers' runners
+// run it; --run runs it here instead, for when no server is up — drain their spools first), and with
+// --wait follows it until it is done. `erase tenant` asks for the slug unless --yes.
+func eraseCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, stdout io.Writer, stderr io.Writer) error {
+	if len(args) == 0 {
+		return fmt.Errorf("erase: want an action: %w", errUsage)
+	}
+	action := args[0]
+	name := "erase " + action
+	var slug, user, jobID string
+	var wait time.Duration
+	var run, yes, asJSON bool
+	if err := flags(name, args[1:], func(fs *flag.FlagSet) {
+		fs.StringVar(&slug, "tenant", "", "the tenant's slug (required)")
+		switch action {
+		case "user":
+			fs.StringVar(&user, "user", "", "the user_id whose events are erased (required)")
+		case "tenant":
+			fs.BoolVar(&yes, "yes", false, "do not ask: erase without typing the slug")
+		case "status":
+			fs.StringVar(&jobID, "job", "", "the job's id (required)")
+		}
+		if action != "status" {
+			fs.DurationVar(&wait, "wait", 0, "follow the job until it is done, at most this long (0: only queue it)")
+			fs.BoolVar(&run, "run", false, "run the job in this process (no server running; their spools drained)")
+		}
+		fs.BoolVar(&asJSON, "json", false, "print JSON instead of text")
+	}); err != nil {
+		return err
+	}
+	switch {
+	case slug == "":
+		return fmt.Errorf("%s: --tenant is required: %w", name, errUsage)
+	case action == "user" && (user == "" || len(user) > 255):
+		return fmt.Errorf("%s: --user is required (1 to 255 bytes): %w", name, errUsage)
+	case action == "status" && jobID == "":
+		return fmt.Errorf("%s: --job is required: %w", name, errUsage)
+	}
+	ch, pg, closeStores, err := openStores(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer closeStores()
+	t, err := tenant.NewStore(pg).BySlug(ctx, slug)
+	if err != nil {
+		return err
+	}
+	ecfg := erasure.Config{Layout: cfg.Layout()}
+	if run {
+		v, err := schema.ServerVersion(ch)
+		if err != nil {
+			return err
+		}
+		ecfg.Lightweight = schema.LightweightDelete(v)
+		if action == "tenant" {
+			rdb, err := openRedis(cfg)
+			if err != nil {
+				return err
+			}
+			defer rdb.Close()
+			ecfg.DeleteKeys = erasure.RedisKeys(rdb, "")
+		}
+	}
+	svc := erasure.New(ecfg, ch, pg, audit.New(pg), log.With("component", "erasure"))
+	var j erasure.Job
+	switch action {
+	case "status":
+		id, err := uuid.Parse(jobID)
+		if err != nil {
+			return fmt.Errorf("%s: --job %q is not a job id: %w", name, jobID, errUsage)
+		}
+		if j, err = svc.Get(ctx, t.ID, id); err != nil {
+			return err
+		}
+	case "user":
+		if j, err = svc.EraseUser(ctx, t.ID, user, "cli"); err != nil {
+			return err
+		}
+	case "tenant":
+		if !yes {
+			fmt.Fprintf(stderr, "Erasing all data of tenant %s (%s) removes its events, usage increments and daily aggregates in ClickHouse,\n"+
+				"its billed usage, usage levels and rollup runs in Postgres, and its keys in Redis (live counters, id claims).\n"+
+				"The tenant, its API keys and the audit log stay. It cannot be undone.\nType the tenant's slug to confirm: ", t.Slug, t.ID)
+			line, err := bufio.NewReader(stdin).ReadString('\n')
+			if err != nil {
+				fmt.Fprintln(stderr)
+			}
+			if got := strings.TrimSpace(line); got != t.Slug {
+				return fmt.Errorf("%s: confirmation %q is not the slug %q; nothing was erased (type the slug, or pass --yes): %w", name, got, t.Slug, errUsage)
+			}
+		}
+		if j, err = svc.EraseTenant(ctx, t.ID, "cli"); err != nil {
+			return err
+		}
+	}
+	if run && action != "status" {
+		for j.Status != erasure.StatusDone {
+			if _, err := svc.RunOne(ctx); err != nil {
+				return err
+			}
+			if j, err = svc.Get(ctx, t.ID, j.ID); err != nil {
+				return err
+			}
+		}
+	} else if wait > 0 {
+		wctx, cancel := context.WithTimeout(ctx, wait)
+		defer cancel()
+		for j.Status != erasure.StatusDone {
+			select {
+			case <-wctx.Done():
+				return fmt.Errorf("%s: job %s is still %s after %s (step %q); follow it with `analyticsd erase status --tenant %s --job %s`",
+					name, j.ID, j.Status, wait, j.Step, t.Slug, j.ID)
+			case <-time.After(500 * time.Millisecond):
+			}
+			if j, err = svc.Get(ctx, t.ID, j.ID); err != nil {
+				return err
+			}
+		}
+	}
+	if asJSON {
+		return printJSON(stdout, j)
+	}
+	fmt.Fprintf(stdout, "erasure %s of tenant %s: %s", j.ID, t.Slug, j.Status)
+	if j.Status == erasure.StatusDone {
+		fmt.Fprintf(stdout, ", %d rows erased", j.RowsErased)
+	} else if j.Error != "" {
+		fmt.Fprintf(stdout, " (last error: %s)", j.Error)
+	}
+	fmt.Fprintln(stdout)
 	return nil
 }

@@ -52,6 +52,7 @@ var commands = []command{
 	{"tenant show", "--tenant S [--json]", "one tenant: status and each quota limit with its source"},
 	{"tenant set-quota", "--tenant S --metric M (--limit N | --clear) [--new-metric] [--json]",
 		"set or clear the tenant's limit of a known quota metric (N: a whole number)"},
+	{"tenant set-timezone", "--tenant S --zone Z [--json]", "the IANA zone whose midnight starts the tenant's days in reads (quotas stay UTC)"},
 	{"tenant disable", "--tenant S [--json]", "refuse its API keys and JWTs with 403 within 5 s; keeps everything"},
 	{"tenant enable", "--tenant S [--json]", "accept them again"},
 	{"tenant delete", "--tenant S [--yes] [--json]", "delete the tenant and its keys and usage in Postgres (asks first)"},
@@ -64,6 +65,9 @@ var commands = []command{
 	{"rollup", "(--date D | --from D1 --to D2)", "reconcile daily usage into Postgres, all tenants"},
 	{"import", "--source URL [--map SRC=SLUG]... [--no-create] [--verify-only] [--json]",
 		"import the guide's Postgres tables (resumable), then verify counts per tenant and day"},
+	{"erase user", "--tenant S --user U [--wait D] [--run] [--json]", "erase every stored event of one user (a job; prints its id and status)"},
+	{"erase tenant", "--tenant S [--yes] [--wait D] [--run] [--json]", "erase all of a tenant's events, increments and aggregates (asks first)"},
+	{"erase status", "--tenant S --job ID [--json]", "an erasure job: queued, running or done, and rows erased"},
 	{"spool status", "[--dir D] [--json]", "what waits in a spool, and its quarantine"},
 	{"spool inspect", "[--dir D] [--segment N] [--rows] [--json]", "per segment; --rows prints the rows"},
 	{"spool drain", "[--dir D] [--timeout 10m] [--json]", "ship a retired instance's spool (no server may hold it)"},
@@ -156,7 +160,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		"tenant": func(ctx context.Context, cfg Config, _ *slog.Logger, a []string, out io.Writer) error {
 			return tenantCmd(ctx, cfg, a, out, stderr)
 		},
-		"apikey":      apikeyCmd,
+		"apikey": apikeyCmd,
+		"erase": func(ctx context.Context, cfg Config, log *slog.Logger, a []string, out io.Writer) error {
+			return eraseCmd(ctx, cfg, log, a, out, stderr)
+		},
 		"healthcheck": healthcheck,
 		"rollup":      rollupCmd,
 		"spool":       spoolCmd,

@@ -23,6 +23,7 @@ import (
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/dashboards"
 	"github.com/analyticsd/analyticsd/dedup"
+	"github.com/analyticsd/analyticsd/erasure"
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/query"
@@ -161,7 +162,18 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		return d
 	}
 	store := query.NewStore(ch, cfg.ClickHouseDB, pg, cfg.QueryTimeout)
+	store.SetRetentionDays(cfg.RetentionDays)
 	querySvc = query.NewService(cfg.Query, store, auditLog, reg, log.With("component", "query"))
+	querySvc.SetZones(tenants)
+	chVersion, err := schema.ServerVersion(ch)
+	if err != nil {
+		return err
+	}
+	eraseCfg := erasure.Config{Layout: cfg.Layout(), Lightweight: schema.LightweightDelete(chVersion), DeleteKeys: erasure.RedisKeys(rdb, "")}
+	if writer.Durable() {
+		eraseCfg.Barrier = erasure.SpoolBarrier(cfg.Writer.Dir, 200*time.Millisecond, 10*time.Minute)
+	}
+	eraser := erasure.New(eraseCfg, ch, pg, auditLog, log.With("component", "erasure"))
 	if len(cfg.CORSOrigins) > 0 {
 		app.Use("/api", cors.New(cors.Config{
 			AllowOrigins:  strings.Join(cfg.CORSOrigins, ","),
@@ -172,6 +184,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		}))
 	}
 	mount(app, ops, authn, limiter, ingestSvc, querySvc, quotaSvc, reconciler, idempotency...)
+	eraser.Register(app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsAdmin, limiter.Limit))
 
 	ln, oln, err := listen(cfg)
 	if err != nil {
@@ -187,6 +200,10 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	open.push("quota reconciliation", func(context.Context) error { stopReconciling(); <-reconciled; return nil })
 	scheduler.Start(ctx)
 	sweeper.Start(ctx)
+	ectx, stopErasing := context.WithCancel(ctx)
+	erased := make(chan struct{})
+	go func() { defer close(erased); eraser.Run(ectx) }()
+	open.push("erasure jobs", func(context.Context) error { stopErasing(); <-erased; return nil })
 	open.push("rollup and retention jobs", func(context.Context) error { scheduler.Stop(); sweeper.Stop(); return nil })
 	// API keys' last use: kept in memory per request, written once a minute and at shutdown.
 	uctx, stopUsage := context.WithCancel(context.Background())
