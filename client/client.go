@@ -296,23 +296,26 @@ func (c *Client) Track(e Event) error {
 		return err
 	}
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	if c.closed {
+		c.mu.Unlock()
 		return ErrClosed
 	}
 	select {
 	case c.queue <- item{seq: c.seq + 1, ev: e, raw: raw}:
 		c.seq++
+		c.mu.Unlock()
 		c.tracked.Add(1)
 		return nil
 	default:
-		c.dropped.Add(1)
-		if c.metrics != nil {
-			c.metrics.EventsDropped(1)
-		}
-		c.logDrop()
-		return ErrQueueFull
+		c.mu.Unlock()
 	}
+	// The hooks run outside the lock: a slow one slows this caller only.
+	c.dropped.Add(1)
+	if c.metrics != nil {
+		c.metrics.EventsDropped(1)
+	}
+	c.logDrop()
+	return ErrQueueFull
 }
 
 // logDrop logs dropped events at most once per 10 s, with how many were dropped since the last line.
