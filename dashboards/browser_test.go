@@ -99,6 +99,11 @@ func startDashServer(t *testing.T) *dashServer {
 
 	store := query.NewStore(env.CH, env.DB, env.PG, 10*time.Second)
 	svc := query.NewService(query.Config{MaxExportRows: 50_000}, store, audit.New(env.PG), nil, nil)
+	svc.SetZones(tenants)
+	// initech reads in Kathmandu's time (+05:45); acme stays in UTC.
+	if _, _, err := tenants.SetTimeZone(ctx, "initech", "Asia/Kathmandu"); err != nil {
+		t.Fatal(err)
+	}
 	quotas := quota.NewService(quota.Config{Enabled: true, EventMetrics: ingest.DefaultEventMetrics()},
 		quota.NewCounters(env.Redis, env.Prefix), quota.NewLimits(nil, tenants, 0), env.CH, env.DB, env.PG, audit.New(env.PG), nil, nil)
 	quotas.SetRecorder(discardRecorder{})
@@ -754,6 +759,15 @@ func TestBrowserDashboard(t *testing.T) {
 		t.Errorf("empty tenant: got %v, want empty chart and table, 0 signups, the quota error shown", settled)
 	}
 	screenshot(t, ctx, "dashboard-empty-1280x800.png", false)
+	// The page shows and uses the tenant's zone: its name, and "today" as a date in that zone.
+	zone := eval[map[string]string](t, ctx, `({footer: document.getElementById('zone-name').textContent,
+		column: document.getElementById('ts-zone').textContent, label: document.getElementById('range-label').textContent})`)
+	ktm, _ := time.LoadLocation("Asia/Kathmandu")
+	todayKTM := time.Now().In(ktm).Format("2 Jan 2006")
+	if zone["footer"] != "Asia/Kathmandu" || zone["column"] != "Asia/Kathmandu" || !strings.HasSuffix(zone["label"], "(Asia/Kathmandu)") ||
+		!strings.Contains(zone["label"], todayKTM) {
+		t.Errorf("initech's zone on the page: got %v, want Asia/Kathmandu everywhere and the range ending %s", zone, todayKTM)
+	}
 
 	// A reload keeps the session (sessionStorage) and needs no new sign-in.
 	step(t, ctx, "reload", chromedp.Reload())

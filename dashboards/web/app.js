@@ -28,6 +28,7 @@
   var state = {
     session: null,          // {token, tenant}
     range: { days: 30 },    // {days: N} or {from: 'YYYY-MM-DD', to: 'YYYY-MM-DD'}
+    zone: 'UTC',            // the tenant's time zone, from X-Analytics-Time-Zone: days start at its midnight
     names: [],              // [{event, count}] for the range
     chartMetrics: KPI_METRICS.slice(),
     filters: { event: '', source: '' },
@@ -99,6 +100,7 @@
       .then(function (res) {
         if (state.inflight[widget] === ctrl) delete state.inflight[widget];
         if (!res.ok) return errorFrom(res).then(function (e) { throw e; });
+        setZone(res.headers.get('X-Analytics-Time-Zone'));
         return res;
       });
   }
@@ -116,16 +118,43 @@
     var now = new Date();
     return new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), now.getUTCDate()));
   }
+  // Dates travel as YYYY-MM-DD and the server reads them as days of the tenant's zone, so "today"
+  // is the date in that zone (a Date at that date's UTC midnight, like every date here).
+  function zoneToday() {
+    try {
+      var d = parseYMD(new Intl.DateTimeFormat('en-CA', { timeZone: state.zone, year: 'numeric', month: '2-digit', day: '2-digit' }).format(new Date()));
+      if (d) return d;
+    } catch (e) { /* a zone this browser does not know: UTC */ }
+    return utcToday();
+  }
+  // setZone takes the zone the server answered in; the labels that name it follow.
+  function setZone(zone) {
+    if (!zone || zone === state.zone) return;
+    try { new Intl.DateTimeFormat('en-GB', { timeZone: zone }); } catch (e) { return; }
+    state.zone = zone;
+    $('#zone-name').textContent = zone;
+    $('#ts-zone').textContent = zone;
+    $('#range-label').textContent = rangeLabel();
+  }
+  // zoneTime shows an RFC3339 UTC time in the tenant's zone: "2026-11-30 19:45:00".
+  function zoneTime(ts) {
+    var d = new Date(ts);
+    if (isNaN(d.getTime())) return String(ts || '');
+    try {
+      return new Intl.DateTimeFormat('sv-SE', { timeZone: state.zone, year: 'numeric', month: '2-digit', day: '2-digit',
+        hour: '2-digit', minute: '2-digit', second: '2-digit', hour12: false }).format(d);
+    } catch (e) { return String(ts).replace('T', ' ').replace('Z', ''); }
+  }
   function ymd(d) { return d.toISOString().slice(0, 10); }
   function parseYMD(s) {
     if (!/^\d{4}-\d{2}-\d{2}$/.test(s)) return null;
     var d = new Date(s + 'T00:00:00Z');
     return isNaN(d.getTime()) ? null : d;
   }
-  // rangeDates returns the inclusive UTC days of the selected range.
+  // rangeDates returns the inclusive days (in the tenant's zone) of the selected range.
   function rangeDates() {
     if (state.range.days) {
-      var to = utcToday();
+      var to = zoneToday();
       return { from: new Date(to.getTime() - (state.range.days - 1) * DAY_MS), to: to };
     }
     return { from: parseYMD(state.range.from), to: parseYMD(state.range.to) };
@@ -139,7 +168,7 @@
   function rangeLabel() {
     var r = rangeDates();
     var days = Math.round((r.to - r.from) / DAY_MS) + 1;
-    return monthFmt.format(r.from) + ' – ' + monthFmt.format(r.to) + ' · ' + days + (days === 1 ? ' day' : ' days') + ' (UTC)';
+    return monthFmt.format(r.from) + ' – ' + monthFmt.format(r.to) + ' · ' + days + (days === 1 ? ' day' : ' days') + ' (' + state.zone + ')';
   }
 
   // ---------------------------------------------------------------- widget state helpers
@@ -722,7 +751,7 @@
     events.forEach(function (e) {
       var tr = document.createElement('tr');
       tr.setAttribute('data-id', e.id);
-      cell(tr, 'ts', String(e.ts || '').replace('T', ' ').replace('Z', ''), e.ts);
+      cell(tr, 'ts', zoneTime(e.ts), e.ts);
       cell(tr, 'ev', e.event);
       var src = cell(tr, 'source', '');
       var chip = document.createElement('span');
