@@ -222,11 +222,20 @@ func (im *Importer) importRecent(ctx context.Context, p *plan, src, dst uuid.UUI
 		tr.present += pres
 		cols.reset()
 		sort.Slice(incs, func(i, j int) bool { return incs[i].day.Before(incs[j].day) })
-		k, err := im.insertIncrements(ctx, dst, incs)
-		if err != nil {
-			return err
+		for rest := incs; len(rest) > 0; {
+			n, days := 0, 0
+			for ; n < len(rest) && (n == 0 || rest[n].day == rest[n-1].day || days < maxInsertDays); n++ {
+				if n == 0 || rest[n].day != rest[n-1].day {
+					days++
+				}
+			}
+			k, err := im.insertIncrements(ctx, dst, rest[:n])
+			if err != nil {
+				return err
+			}
+			tr.increments += k
+			rest = rest[n:]
 		}
-		tr.increments += k
 		incs = incs[:0]
 		if err := im.cp.set(ctx, dst, complete, stateStored); err != nil {
 			return err
@@ -251,8 +260,23 @@ func (im *Importer) importRecent(ctx context.Context, p *plan, src, dst uuid.UUI
 			complete = append(complete, day)
 		}
 	}
+	var lastDay time.Time
+	chunkDays := 0
 	err := streamEvents(ctx, im.cfg.Source, src, days, func(e *event) error {
-		completeBefore(e.ts.Truncate(24 * time.Hour))
+		d := e.ts.Truncate(24 * time.Hour)
+		completeBefore(d)
+		if d != lastDay || len(cols.id) == 0 {
+			if chunkDays == maxInsertDays {
+				if err := flush(); err != nil {
+					return err
+				}
+			}
+			if len(cols.id) == 0 {
+				chunkDays = 0
+			}
+			chunkDays++
+			lastDay = d
+		}
 		cols.add(dst, e)
 		if len(cols.id) >= im.cfg.ChunkRows {
 			return flush()
@@ -265,6 +289,10 @@ func (im *Importer) importRecent(ctx context.Context, p *plan, src, dst uuid.UUI
 	completeBefore(days[len(days)-1].AddDate(0, 0, 1))
 	return flush()
 }
+
+// maxInsertDays bounds the UTC days (partitions of events and usage_increments) one insert spans:
+// modern servers refuse an insert block touching more than max_partitions_per_insert_block (100).
+const maxInsertDays = 60
 
 // aggRow is one daily_usage row to add.
 type aggRow struct {
@@ -319,7 +347,8 @@ func (im *Importer) importOld(ctx context.Context, p *plan, src, dst uuid.UUID, 
 			}
 		}
 	}
-	// Chunks of at most ChunkRows rows, a day never split (its total is checked whole).
+	// Chunks of at most ChunkRows rows and maxInsertDays days, a day never split (its total is checked
+	// whole).
 	var rows []aggRow
 	var chunkDays []time.Time
 	var events int64
@@ -351,7 +380,7 @@ func (im *Importer) importOld(ctx context.Context, p *plan, src, dst uuid.UUID, 
 			rows = append(rows, aggRow{day: d, metric: m, count: n})
 		}
 		chunkDays = append(chunkDays, d)
-		if len(rows) >= im.cfg.ChunkRows {
+		if len(rows) >= im.cfg.ChunkRows || len(chunkDays) == maxInsertDays {
 			if err := flush(); err != nil {
 				return err
 			}
