@@ -1,0 +1,77 @@
+package erasure
+
+import (
+	"context"
+	"math/rand"
+	"os"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/internal/testenv"
+)
+
+// BenchmarkEraseOneUser measures erasing one user's events among ANALYTICS_BENCH_EVENTS events
+// (e.g. 10000000; skipped without it): 50 tenants, 5,000 users each, timestamps over the last 30
+// days, so the user's rows sit in every daily partition. It reports the job's wall time and the rows
+// erased; run it alone, the mutation rewrites every part that holds one of the rows:
+//
+//	ANALYTICS_BENCH_EVENTS=10000000 go test -run - -bench EraseOneUser -benchtime 1x ./erasure/
+func BenchmarkEraseOneUser(b *testing.B) {
+	n, _ := strconv.Atoi(os.Getenv("ANALYTICS_BENCH_EVENTS"))
+	if n <= 0 {
+		b.Skip("set ANALYTICS_BENCH_EVENTS to the number of events to load")
+	}
+	env := testenv.Migrated(b)
+	ctx := context.Background()
+	rng := rand.New(rand.NewSource(1))
+	tenants := make([]uuid.UUID, 50)
+	for i := range tenants {
+		tenants[i] = uuid.New()
+	}
+	now := time.Now().UTC()
+	start := time.Now()
+	const chunk = 500_000
+	for done := 0; done < n; done += chunk {
+		batch, err := env.CH.PrepareBatch(ctx, "INSERT INTO "+env.DB+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
+		if err != nil {
+			b.Fatal(err)
+		}
+		for i := 0; i < chunk && done+i < n; i++ {
+			ts := now.Add(-time.Duration(rng.Int63n(int64(30 * 24 * time.Hour)))).Truncate(time.Second)
+			if err := batch.Append(tenants[rng.Intn(len(tenants))], ts, uuid.New(), ts, "auth.user.login", "app",
+				"user-"+strconv.Itoa(rng.Intn(5000)), `{"plan":"pro"}`, "10.0.0.1", ""); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if err := batch.Send(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.Logf("loaded %d events in %s", n, time.Since(start).Round(time.Second))
+	s := (&stores{env: env}).service(Config{Poll: 100 * time.Millisecond})
+	var user string
+	if err := env.CH.QueryRow(ctx, "SELECT user_id FROM "+env.DB+".events WHERE tenant_id = ? LIMIT 1", tenants[0]).Scan(&user); err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	t0 := time.Now()
+	j, err := s.EraseUser(ctx, tenants[0], user, "bench")
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := s.RunOne(ctx); err != nil {
+		b.Fatal(err)
+	}
+	took := time.Since(t0)
+	b.StopTimer()
+	j, err = s.Get(ctx, tenants[0], j.ID)
+	if err != nil || j.Status != StatusDone {
+		b.Fatalf("job: %+v %v", j, err)
+	}
+	b.ReportMetric(took.Seconds(), "erase-s")
+	b.ReportMetric(float64(j.RowsErased), "rows-erased")
+	b.Logf("erased %d rows of one user among %d events in %s", j.RowsErased, n, took.Round(time.Millisecond))
+}
