@@ -440,8 +440,8 @@ func deleteTenant(ctx context.Context, pg *pgxpool.Pool, store *tenant.Store, au
 	}
 	keeps := []string{
 		"the audit log (this deletion is recorded there)",
-		"raw events and usage increments in ClickHouse: this version does not erase them (a later release will); " +
-			"until then they age out after RETENTION_DAYS, and a new tenant with the same slug gets a new id and never sees them",
+		"raw events, usage increments and daily aggregates in ClickHouse: run `analyticsd erase tenant` first to erase them; " +
+			"otherwise they age out after RETENTION_DAYS (aggregates stay), and a new tenant with the same slug gets a new id and never sees them",
 		"live quota counters in Redis (they expire within 48 h)",
 	}
 	plan := func(w io.Writer, removed, kept string) {
