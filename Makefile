@@ -4,12 +4,20 @@ SHELL := /bin/bash
 export PATH := $(PATH):/usr/local/go/bin
 
 STACK   := deploy/local/stack.sh
+CLUSTER := deploy/local/cluster.sh
 WITHENV := eval "$$($(STACK) env)" &&
+# The local cluster's environment, with the single stack's ClickHouse and Redis kept as SINGLE_* for
+# the test that compares the two layouts' answers.
+WITHCLUSTER := $(WITHENV) export SINGLE_CLICKHOUSE_DSN="$$CLICKHOUSE_DSN" SINGLE_REDIS_URL="$$REDIS_URL" && eval "$$($(CLUSTER) env)" &&
+# What runs on the cluster: every package that reads or writes ClickHouse or Redis, and from the
+# server's own tests the tenant-isolation suite and the single-vs-cluster comparison.
+CLUSTER_PKGS := ./schema/ ./ingest/... ./query/ ./quota/ ./rollup/ ./dedup/ ./retention/ ./erasure/
+CLUSTER_RUN  := TestClusterAnswersAsOneServerDoes|TestRandomCredentialMixesNeverCrossTenants|TestRevokedKeyRefusedEverywhere
 BIN     := bin/analyticsd
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 GOFLAGS_BUILD := -trimpath -ldflags "-X main.version=$(VERSION)"
 
-.PHONY: help run test build lint fmt up down stack-up stack-down stack-status chaos fuzz bench bench-quick
+.PHONY: test-cluster cluster-up cluster-down help run test build lint fmt up down stack-up stack-down stack-status chaos fuzz bench bench-quick
 
 FUZZTIME ?= 2m
 FUZZ_TARGETS := ingest:FuzzDecode ingest:FuzzValidate query:FuzzParseCursor query:FuzzParseParams
@@ -28,11 +36,30 @@ run: build ## start ClickHouse, Postgres and Redis locally, migrate, create the 
 test: ## start the local stack, then every test against the real servers (race detector on), then the short fault suite
 	$(STACK) up
 	deploy/local/chromium.sh
+	@# The Segment Node SDK test (segment/sdk_test.go) drives @segment/analytics-node from npm.
+	command -v node >/dev/null && command -v npm >/dev/null || apt-get install -y --no-install-recommends nodejs npm
+	cd segment/testdata/node && { [ node_modules/.package-lock.json -nt package-lock.json ] || npm ci --no-audit --no-fund; }
 	$(WITHENV) ANALYTICS_REQUIRE_SERVICES=1 go test -race -count=1 -timeout 20m ./...
+	@echo "== the Go client module (its own go.mod, so ./... above does not reach it), against a real server"
+	$(WITHENV) cd client && ANALYTICS_REQUIRE_SERVICES=1 go test -race -count=1 -timeout 10m ./...
 	@echo "== fault suite, short form (stops and starts the local stack's services)"
 	$(WITHENV) ANALYTICS_REQUIRE_SERVICES=1 go test -tags chaos -count=1 -timeout 20m ./chaos/
 	@echo "== benchmark harness, quick mode (proves it runs; asserts nothing about speed)"
 	$(WITHENV) go run ./cmd/analytics-bench --quick --out test-output/bench-quick.json
+	@echo "== the same suites on the local cluster (2 shards x 2 replicas, ZooKeeper, Redis Cluster)"
+	$(MAKE) --no-print-directory test-cluster
+
+test-cluster: ## start the local ClickHouse cluster and Redis Cluster, then the storage suites, tenant isolation and a single-vs-cluster comparison on them
+	$(STACK) up
+	$(CLUSTER) up
+	$(WITHCLUSTER) ANALYTICS_REQUIRE_SERVICES=1 go test -count=1 -timeout 20m $(CLUSTER_PKGS)
+	$(WITHCLUSTER) ANALYTICS_REQUIRE_SERVICES=1 go test -count=1 -timeout 10m -run '$(CLUSTER_RUN)' ./cmd/analyticsd/
+
+cluster-up: ## start only the local cluster (deploy/local/cluster.sh up); `eval "$$(deploy/local/cluster.sh env)"` points a shell at it
+	$(CLUSTER) up
+
+cluster-down: ## stop the local cluster
+	$(CLUSTER) down
 
 bench: ## the full benchmark: every scenario as a ratio against baselines measured in the same run (see BENCHMARKS.md)
 	$(STACK) up
@@ -57,6 +84,7 @@ fuzz: ## run every fuzz target for FUZZTIME (default 2m) and keep up to 200 inpu
 
 lint: ## go vet and a gofmt check
 	go vet ./...
+	cd client && go vet ./...
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 
 fmt: ## gofmt every Go file

@@ -22,7 +22,11 @@ import (
 // Postgres schema, and at Redis through redisAddr when set.
 func stackEnv(t *testing.T, e testenv.Env, extra map[string]string) func(string) string {
 	t.Helper()
-	ch, err := url.Parse(testenv.ClickHouseDSN(t))
+	tg := e.Target
+	if tg.ClickHouseDSN == "" {
+		tg = testenv.FromEnv(t)
+	}
+	ch, err := url.Parse(tg.ClickHouseDSN)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -37,11 +41,16 @@ func stackEnv(t *testing.T, e testenv.Env, extra map[string]string) func(string)
 	m := map[string]string{
 		"CLICKHOUSE_DSN": ch.String(),
 		"POSTGRES_URL":   pg.String(),
-		"REDIS_URL":      testenv.RedisURL(t),
+		"REDIS_URL":      tg.RedisURL,
 		"LOG_LEVEL":      "warn",
 		// Each server its own operator listener (tests run many at once); tests that read it pass
 		// an address.
 		"ANALYTICS_METRICS_ADDR": "127.0.0.1:0",
+		// The layout the suite runs on (`make test-cluster`: the local cluster).
+		"CLICKHOUSE_CLUSTER": tg.Cluster,
+	}
+	if tg.RedisCluster {
+		m["REDIS_CLUSTER"] = "true"
 	}
 	for k, v := range extra {
 		m[k] = v

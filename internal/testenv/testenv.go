@@ -69,7 +69,30 @@ func ctx(t testing.TB) context.Context {
 func Cluster() string { return os.Getenv("CLICKHOUSE_CLUSTER") }
 
 // Layout is where an Env's tables live (see schema.Layout).
-func (e Env) Layout() schema.Layout { return schema.Layout{DB: e.DB, Cluster: Cluster()} }
+func (e Env) Layout() schema.Layout { return schema.Layout{DB: e.DB, Cluster: e.Target.Cluster} }
+
+// Target is a set of servers an Env is made on: the environment's (FromEnv), or the single-server
+// stack beside a cluster (SingleServer), for tests that compare the two.
+type Target struct {
+	ClickHouseDSN string
+	Cluster       string
+	RedisURL      string
+	RedisCluster  bool
+}
+
+// FromEnv is the target of CLICKHOUSE_DSN, CLICKHOUSE_CLUSTER, REDIS_URL and REDIS_CLUSTER.
+func FromEnv(t testing.TB) Target {
+	t.Helper()
+	return Target{ClickHouseDSN: ClickHouseDSN(t), Cluster: Cluster(), RedisURL: RedisURL(t), RedisCluster: RedisCluster()}
+}
+
+// SingleServer is the single-server stack's ClickHouse and Redis while the environment names the
+// cluster: SINGLE_CLICKHOUSE_DSN and SINGLE_REDIS_URL (`make test-cluster` sets them from
+// `deploy/local/stack.sh env`).
+func SingleServer(t testing.TB) Target {
+	t.Helper()
+	return Target{ClickHouseDSN: env(t, "SINGLE_CLICKHOUSE_DSN"), RedisURL: env(t, "SINGLE_REDIS_URL")}
+}
 
 // ClickHouseDSN returns CLICKHOUSE_DSN, skipping or failing the test when it is unset.
 func ClickHouseDSN(t testing.TB) string { t.Helper(); return env(t, "CLICKHOUSE_DSN") }
@@ -78,13 +101,18 @@ func ClickHouseDSN(t testing.TB) string { t.Helper(); return env(t, "CLICKHOUSE_
 // The connection's default database stays "default"; analyticsd qualifies every table name.
 func ClickHouse(t testing.TB) (driver.Conn, string) {
 	t.Helper()
-	opts, err := clickhouse.ParseDSN(ClickHouseDSN(t))
+	return clickHouseAt(t, ClickHouseDSN(t), Cluster())
+}
+
+func clickHouseAt(t testing.TB, dsn, cluster string) (driver.Conn, string) {
+	t.Helper()
+	opts, err := clickhouse.ParseDSN(dsn)
 	if err != nil {
 		t.Fatalf("parse CLICKHOUSE_DSN: %v", err)
 	}
 	opts.Auth.Database = "default"
 	onCluster := ""
-	if c := Cluster(); c != "" {
+	if c := cluster; c != "" {
 		onCluster = " ON CLUSTER " + c
 		// As analyticsd sets it on a cluster: an insert returns once its rows are on their shards.
 		opts.Settings = clickhouse.Settings{"insert_distributed_sync": 1}
@@ -169,15 +197,20 @@ func RedisCluster() bool { return os.Getenv("REDIS_CLUSTER") == "1" }
 // keys under the prefix are deleted afterwards.
 func Redis(t testing.TB) (redis.UniversalClient, string) {
 	t.Helper()
+	return redisAt(t, RedisURL(t), RedisCluster())
+}
+
+func redisAt(t testing.TB, url string, cluster bool) (redis.UniversalClient, string) {
+	t.Helper()
 	var client redis.UniversalClient
-	if RedisCluster() {
-		opts, err := redis.ParseClusterURL(RedisURL(t))
+	if cluster {
+		opts, err := redis.ParseClusterURL(url)
 		if err != nil {
 			t.Fatalf("parse REDIS_URL (REDIS_CLUSTER=1): %v", err)
 		}
 		client = redis.NewClusterClient(opts)
 	} else {
-		opts, err := redis.ParseURL(RedisURL(t))
+		opts, err := redis.ParseURL(url)
 		if err != nil {
 			t.Fatalf("parse REDIS_URL: %v", err)
 		}
@@ -237,16 +270,23 @@ type Env struct {
 	Redis    redis.UniversalClient
 	Prefix   string // Redis key prefix
 	Schema   schema.Result
+	Target   Target // the servers it is on
 }
 
 // Migrated returns an Env with every migration applied.
 func Migrated(t testing.TB) Env {
 	t.Helper()
-	var e Env
-	e.CH, e.DB = ClickHouse(t)
+	return MigratedAt(t, FromEnv(t))
+}
+
+// MigratedAt is Migrated on the servers of tg (Postgres is always POSTGRES_URL's).
+func MigratedAt(t testing.TB, tg Target) Env {
+	t.Helper()
+	e := Env{Target: tg}
+	e.CH, e.DB = clickHouseAt(t, tg.ClickHouseDSN, tg.Cluster)
 	e.PG, e.PGSchema = Postgres(t)
-	e.Redis, e.Prefix = Redis(t)
-	m := schema.Migrator{CH: e.CH, PG: e.PG, DB: e.DB, Cluster: Cluster(), RetentionDays: 90}
+	e.Redis, e.Prefix = redisAt(t, tg.RedisURL, tg.RedisCluster)
+	m := schema.Migrator{CH: e.CH, PG: e.PG, DB: e.DB, Cluster: tg.Cluster, RetentionDays: 90}
 	res, err := m.Run(ctx(t))
 	if err != nil {
 		t.Fatalf("migrate test env: %v", err)
