@@ -29,22 +29,24 @@ var (
 	noSlug = uuid.MustParse("0c0c0c0c-0000-4000-8000-0000000000c0")
 )
 
-// seedEvents: $1 events of the three tenants ($3, $4, $5) over the last $2 days, today included. Every
-// eighth event has no props and every ninth no source (NULLs the guide allows); props are printed by
-// Postgres with spaces, which the import compacts.
+// seedEvents: $1 events of the three tenants ($3, $4, $5) over the last $2 days, today included, tenant,
+// day and event drawn independently. Every eighth event has no props and every ninth no source (NULLs
+// the guide allows); props are printed by Postgres with spaces, which the import compacts.
 const seedEvents = `INSERT INTO analytics_events (id, tenant_id, user_id, source, event, ts, props, ip, request_id)
 SELECT gen_random_uuid(),
-       (ARRAY[$3::uuid, $4::uuid, $5::uuid])[1 + i % 3],
+       (ARRAY[$3::uuid, $4::uuid, $5::uuid])[1 + r.t],
        'user-' || (i % 997),
        CASE WHEN i % 9 = 0 THEN NULL ELSE (ARRAY['app','api','webhook','job','payments','files','builder','agent'])[1 + i % 8] END,
        (ARRAY['auth.user.login','auth.user.registered','apikey.request','builder.generate.completed','email.sent',
-              'webhook.delivered','files.uploaded','payments.checkout.created'])[1 + (i * 7) % 8],
+              'webhook.delivered','files.uploaded','payments.checkout.created'])[1 + r.e],
        (date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
-         - make_interval(days => (i * 31) % $2::int) + make_interval(secs => (i * 7919) % 86400),
+         - make_interval(days => r.d) + make_interval(secs => r.s),
        CASE WHEN i % 8 = 0 THEN NULL ELSE jsonb_build_object('plan', 'pro', 'n', i, 'note', 'a, b: c') END,
        '10.0.' || (i % 256) || '.' || (i % 200),
        'req-' || i
-FROM generate_series(1, $1::int) AS i`
+FROM generate_series(1, $1::int) AS i,
+     LATERAL (SELECT i AS k, floor(random() * 3)::int AS t, floor(random() * $2::int)::int AS d,
+                     floor(random() * 8)::int AS e, floor(random() * 86400)::int AS s) AS r`
 
 // seedUsage: the daily usage the guide's rollup job would have kept: api_requests_daily on every
 // tenant-day with events, and acme's auth.user.login counts.
