@@ -85,7 +85,7 @@ EOF
     # The packaged zkServer.sh mis-parses --config; QuorumPeerMain with the file works.
     (cd "$ZK_DIR" && exec setsid java -Xmx256m -Dzookeeper.log.dir="$ZK_DIR" -Dzookeeper.root.logger=INFO,CONSOLE \
       -cp /etc/zookeeper/conf:/usr/share/java/zookeeper.jar org.apache.zookeeper.server.quorum.QuorumPeerMain "$ZK_CFG") \
-      </dev/null >>"$ZK_DIR/zookeeper.log" 2>&1 9>&- &
+      </dev/null >>"$ZK_DIR/zookeeper.log" 2>&1 9>&- 8>&- &
     printf '%s\n' "$!" >"$CRUN/zookeeper.pid"
   fi
   wait_ready zookeeper zk_alive zk_ready "$ZK_DIR/zookeeper.log"
@@ -139,7 +139,7 @@ start_ch_node() { # chN
         -e "s|@N3_PORT@|$((CH_BASE_PORT + 2))|g" -e "s|@N4_PORT@|$((CH_BASE_PORT + 3))|g" \
         "$TEMPLATE_DIR/cluster.xml.tmpl" >"$CH_DIR/config.d/cluster.xml"
     (cd "$CH_DIR" && exec setsid "$CH_SERVER" --config-file="$cfg") \
-      </dev/null >>"$CH_DIR/log/stdout.log" 2>&1 9>&- &
+      </dev/null >>"$CH_DIR/log/stdout.log" 2>&1 9>&- 8>&- &
     printf '%s\n' "$!" >"$CRUN/$node.pid"
   fi
   CH_READY_PORT=$port
@@ -179,7 +179,7 @@ start_redis_node() {
     (cd "$dir" && "$REDIS_SERVER" --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
        --cluster-config-file "$dir/nodes.conf" --cluster-node-timeout 2000 \
        --daemonize yes --pidfile "$CRUN/$node.pid" --logfile "$dir/redis.log" --dir "$dir" \
-       --save '' --appendonly no </dev/null 9>&-) || die "$node: redis-server failed to start"
+       --save '' --appendonly no </dev/null 9>&- 8>&-) || die "$node: redis-server failed to start"
     REDIS_GRACE_UNTIL=$((SECONDS + 5))
   fi
   REDIS_READY_PORT=$port
@@ -232,7 +232,7 @@ cmd_cluster_up() {
   ensure_packages clickhouse redis postgres
   ch_bins
   redis_bins
-  (take_lock; start_postgres)
+  (take_lock; start_postgres) 8>&-
   start_zookeeper
   local node
   for node in "${CH_NODES[@]}"; do start_ch_node "$node"; done
