@@ -3,7 +3,7 @@
 # `analyticsd import` against clickhouse-client loading the same rows from a TSV dump, in one run.
 # Prerequisites: the local stack (deploy/local/stack.sh up), and the source seeded once with
 #   psql "postgres://analytics:analytics@127.0.0.1:55432/import_bench_src?sslmode=disable" -v n=1000000 -f seed.sql
-# into the databases import_bench_src / import_bench_a / import_bench_b (CREATE DATABASE, empty).
+# into the database import_bench_src (CREATE DATABASE, empty). Targets import_bench_{raw,a,b} are made here.
 # Usage: bench-results/import-20261130/run.sh [clean|resume|baseline|all]  (default all)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,15 +20,15 @@ go build -o "$BIN" ./cmd/analyticsd
 target() { # target NAME: env for analyticsd pointing at ClickHouse database import_bench_NAME and Postgres database import_bench_NAME
 	echo "CLICKHOUSE_DSN=clickhouse://default:@127.0.0.1:$CHP/import_bench_$1 POSTGRES_URL=$PG/import_bench_$1?sslmode=disable LOG_LEVEL=warn"
 }
-fresh() { # fresh NAME: drop and migrate the target
+fresh() { # fresh NAME: drop both of the target's databases (the checkpoint lives in Postgres) and migrate
 	clickhouse-client --port "$CHP" --query "DROP DATABASE IF EXISTS import_bench_$1"
+	psql "$PG/analytics?sslmode=disable" -q -c "DROP DATABASE IF EXISTS import_bench_$1" -c "CREATE DATABASE import_bench_$1"
 	env $(target "$1") "$BIN" migrate 2>&1 | tail -1
 }
 
 baseline() {
 	{ echo "== $(date -u +%FT%TZ) baseline: dump the rows as TSV, load them with clickhouse-client"; uptime
-	clickhouse-client --port "$CHP" --query "DROP DATABASE IF EXISTS import_bench_raw"
-	env CLICKHOUSE_DSN="clickhouse://default:@127.0.0.1:$CHP/import_bench_raw" POSTGRES_URL="$PG/import_bench_b?sslmode=disable" LOG_LEVEL=warn "$BIN" migrate 2>&1 | tail -1
+	fresh raw
 	echo "-- dump (psql \\copy, the same columns and NULL defaults the import uses)"
 	/usr/bin/time -f "dump: %e s wall, %U s user, %S s sys, %M KB max RSS" psql "$PSQL_SRC" -c "\\copy (SELECT tenant_id, to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), id, to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), event, COALESCE(source, 'app'), COALESCE(user_id, ''), COALESCE(props::text, '{}'), COALESCE(ip, ''), COALESCE(request_id, '') FROM analytics_events) TO '/tmp/import_bench_events.tsv'"
 	ls -l /tmp/import_bench_events.tsv
