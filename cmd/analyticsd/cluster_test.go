@@ -194,3 +194,86 @@ func read(t *testing.T, base, path, key string) string {
 	b, _ := json.Marshal(v)
 	return string(b)
 }
+
+// An existing single-server database moves onto the cluster with `move-to-cluster`: raw rows keep
+// their ids, the daily aggregates equal the old ones — including a day past retention whose raw rows
+// are gone, which only the aggregate holds — and a second run refuses to copy into non-empty tables.
+func TestMoveToCluster(t *testing.T) {
+	if testenv.Cluster() == "" {
+		t.Skip("needs the cluster: `make test-cluster` runs it")
+	}
+	ctx := t.Context()
+	single := testenv.MigratedAt(t, testenv.SingleServer(t))
+	cluster := testenv.Migrated(t)
+
+	now := time.Now().UTC().Truncate(time.Second)
+	tenants := []uuid.UUID{uuid.New(), uuid.New(), uuid.New()}
+	var events, incs [][]any
+	for i := range 600 {
+		tn := tenants[i%len(tenants)]
+		ts := now.Add(-time.Duration(i*431) * time.Second)
+		events = append(events, []any{tn, ts, uuid.New(), ts, []string{"auth.user.login", "build.completed"}[i%2], "app", fmt.Sprintf("u%d", i%17), `{"i":1}`, "", ""})
+		if i%10 == 0 {
+			incs = append(incs, []any{tn, ts, uuid.New(), "api_requests_daily", int64(i)})
+		}
+	}
+	single.Insert(t, "events", "tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id", events...)
+	single.Insert(t, "usage_increments", "tenant_id, ts, id, metric, n", incs...)
+	// A day past retention: its raw rows were dropped, only the aggregate is left.
+	old := time.Date(2025, 1, 15, 0, 0, 0, 0, time.UTC)
+	single.Insert(t, "daily_usage", "tenant_id, date, metric, count", []any{tenants[0], old, "auth.user.login", int64(42)})
+
+	src, err := url.Parse(single.Target.ClickHouseDSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src.Path = "/" + single.DB
+	getenv := stackEnv(t, cluster, nil)
+	r := runCmd(t, getenv, "move-to-cluster", "--from", src.String(), "--json")
+	if r.code != 0 {
+		t.Fatalf("move-to-cluster: exit %d: %s %s", r.code, r.stdout, r.stderr)
+	}
+	var res struct {
+		Events     int `json:"events"`
+		Increments int `json:"increments"`
+		UsageOnly  int `json:"usage_only_rows"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || res.Events != 600 || res.Increments != len(incs) || res.UsageOnly != 1 {
+		t.Errorf("move-to-cluster said %s (%v); want 600 events, %d increments, 1 aggregate past retention", r.stdout, err, len(incs))
+	}
+
+	// Independently of the command's own check: the same ids, the same totals.
+	rows := func(e testenv.Env, sql string) []string {
+		t.Helper()
+		rs, err := e.CH.Query(ctx, strings.ReplaceAll(sql, "DB.", e.DB+"."))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rs.Close()
+		var out []string
+		for rs.Next() {
+			var s string
+			if err := rs.Scan(&s); err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, s)
+		}
+		return out
+	}
+	for _, sql := range []string{
+		"SELECT toString(id) FROM DB.events ORDER BY id",
+		"SELECT concat(toString(id), toString(n)) FROM DB.usage_increments ORDER BY id",
+		"SELECT concat(toString(tenant_id), toString(date), metric, toString(sum(count))) AS k FROM DB.daily_usage GROUP BY tenant_id, date, metric ORDER BY k",
+	} {
+		a, b := rows(single, sql), rows(cluster, sql)
+		if len(a) == 0 || !reflect.DeepEqual(a, b) {
+			t.Errorf("%s: %d rows on the server, %d on the cluster, or they differ", sql, len(a), len(b))
+		}
+	}
+	if r := runCmd(t, getenv, "move-to-cluster", "--from", src.String()); r.code != 1 || !strings.Contains(r.stderr, "not empty") {
+		t.Errorf("a second copy: exit %d, stderr %q; want 1 saying the cluster's tables are not empty", r.code, r.stderr)
+	}
+	if r := runCmd(t, stackEnv(t, single, nil), "move-to-cluster", "--from", src.String()); r.code != 2 || !strings.Contains(r.stderr, "CLICKHOUSE_CLUSTER") {
+		t.Errorf("without a cluster configured: exit %d, stderr %q; want 2 naming CLICKHOUSE_CLUSTER", r.code, r.stderr)
+	}
+}

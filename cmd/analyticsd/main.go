@@ -47,6 +47,7 @@ type command struct {
 var commands = []command{
 	{"serve", "", "run the HTTP API (ANALYTICS_ADDR, default :8080)"},
 	{"migrate", "", "create or update the ClickHouse and Postgres schema"},
+	{"move-to-cluster", "--from DSN [--json]", "copy a single server's database onto CLICKHOUSE_CLUSTER (after migrate), then verify it"},
 	{"tenant create", "--slug S [--name N] [--if-not-exists] [--json]", "register a tenant; prints its id last"},
 	{"tenant list", "[--json]", "every tenant and its status"},
 	{"tenant show", "--tenant S [--json]", "one tenant: status and each quota limit with its source"},
@@ -164,10 +165,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		"erase": func(ctx context.Context, cfg Config, log *slog.Logger, a []string, out io.Writer) error {
 			return eraseCmd(ctx, cfg, log, a, out, stderr)
 		},
-		"healthcheck": healthcheck,
-		"rollup":      rollupCmd,
-		"spool":       spoolCmd,
-		"import":      importCmd,
+		"healthcheck":     healthcheck,
+		"rollup":          rollupCmd,
+		"spool":           spoolCmd,
+		"import":          importCmd,
+		"move-to-cluster": moveToClusterCmd,
 	}
 	cmd, ok := cmds[args[0]]
 	if !ok {
