@@ -16,13 +16,14 @@ import (
 // Reads in a tenant's own time zone.
 //
 // daily_usage (and the billed record in Postgres) is kept per UTC day, which is a local day only
-// where the zone's offset is zero. For any other zone a local day is counted from the raw rows —
-// events (count per event name) and usage_increments (sum per metric) — bucketed by the local date
-// of each row's ts. Raw rows are kept RETENTION_DAYS; a local day that starts before the first
-// complete raw day is answered with the UTC day of the same date from daily_usage and says so
-// (meta.utc_day), since nothing finer is kept for it.
+// where the zone's offset is zero. For any other zone a local day is its UTC date's count from
+// daily_usage corrected by the raw rows — events (count per event name) and usage_increments (sum
+// per metric) — that lie between a local midnight and a UTC midnight (localCounts), marked
+// meta.source "local". Raw rows are kept RETENTION_DAYS; a local day that starts before the first
+// complete raw day is answered with the UTC day of the same date and says so (meta.utc_day), since
+// nothing finer is kept for it.
 
-var metaLocal = json.RawMessage(`{"source":"events"}`)
+var metaLocal = json.RawMessage(`{"source":"local"}`)
 
 // rawFrom is the first instant from which raw events are complete: the later of the retention
 // cutoff and the retention floor (Postgres; unreadable counts as none).
@@ -47,10 +48,24 @@ func (s *Store) firstRawDay(ctx context.Context, z Zone, first, last time.Time) 
 	return d
 }
 
-// localCounts counts metrics per local date of z over the dates [first, last] from the raw tables:
-// event names (they have a dot) from events, usage metrics from usage_increments.
+// localCounts counts metrics per local date of z over the dates [first, last].
+//
+// A row's local date differs from its UTC date only between a local midnight and the UTC midnight
+// next to it (before it east of Greenwich, after it west of it): |offset| hours a day. So a local
+// day is its UTC date's count from daily_usage, plus the rows of the window at its start that belong
+// to it, minus the rows of the window at its end that belong to the next. Only those windows are
+// read from the raw tables — a fraction |offset|/24 of the range (1/24 for Berlin in winter, 5.5/24
+// for Kolkata) instead of all of it — and they are exact across DST changes: the windows are cut
+// at the local midnights Go computes.
 func (s *Store) localCounts(ctx context.Context, tenant uuid.UUID, metrics []string, z Zone, first, last time.Time) (map[string]map[string]int64, error) {
-	from, to := z.DayStart(first), z.DayStart(last.AddDate(0, 0, 1))
+	out, err := s.liveUsage(ctx, tenant, metrics, first, last)
+	if err != nil {
+		return nil, err
+	}
+	windows := z.windows(first, last)
+	if len(windows) == 0 {
+		return out, nil
+	}
 	var events, increments []string
 	for _, m := range metrics {
 		if strings.Contains(m, ".") {
@@ -59,7 +74,6 @@ func (s *Store) localCounts(ctx context.Context, tenant uuid.UUID, metrics []str
 			increments = append(increments, m)
 		}
 	}
-	out := map[string]map[string]int64{}
 	for _, q := range []struct {
 		table, column, agg string
 		names              []string
@@ -70,46 +84,87 @@ func (s *Store) localCounts(ctx context.Context, tenant uuid.UUID, metrics []str
 		if len(q.names) == 0 {
 			continue
 		}
-		sql, args := localCountsSQL(s.db, q.table, q.column, q.agg, z, from, to)
-		args = append(args, tenant, from, to, q.names)
-		if err := s.scanCounts(ctx, sql, args, out); err != nil {
+		sql, args := windowCountsSQL(s.db, q.table, q.column, q.agg, z, windows)
+		args = append(args, tenant, q.names)
+		if err := s.moveAcrossMidnight(ctx, sql, args, out); err != nil {
 			return nil, fmt.Errorf("count %s by local day: %w", q.table, err)
+		}
+	}
+	// The windows at the range's ends move rows to or from the dates just outside it.
+	lo, hi := first.Format(time.DateOnly), last.Format(time.DateOnly)
+	for _, days := range out {
+		for d := range days {
+			if d < lo || d > hi {
+				delete(days, d)
+			}
 		}
 	}
 	return out, nil
 }
 
-// localCountsSQL is the query of one raw table's counts per name and local date of z over [from,
-// to). Its arguments are the zone's (returned) then tenant, from, to and the names.
-func localCountsSQL(db, table, column, agg string, z Zone, from, to time.Time) (string, []any) {
-	day, args := z.dayExpr(from, to)
-	return "SELECT " + column + ", toString(" + day + ") AS d, " + agg + " FROM " + db + "." + table +
-		" WHERE tenant_id = ? AND ts >= ? AND ts < ? AND has(?, " + column + ") GROUP BY " + column + ", d", args
+// windows are the stretches between each local midnight of the dates [first, last+1] and the UTC
+// midnight on the other side of which its rows' UTC date lies; empty where the two coincide.
+func (z Zone) windows(first, last time.Time) [][2]time.Time {
+	var out [][2]time.Time
+	for d := first; !d.After(last.AddDate(0, 0, 1)); d = d.AddDate(0, 0, 1) {
+		b := z.DayStart(d)
+		switch utc := b.Truncate(24 * time.Hour); {
+		case b.Equal(utc):
+		case utc.Before(d): // east: the local day starts on the UTC date before
+			out = append(out, [2]time.Time{b, d})
+		default: // west: the local day starts after its UTC midnight
+			out = append(out, [2]time.Time{utc, b})
+		}
+	}
+	return out
 }
 
-func (s *Store) scanCounts(ctx context.Context, q string, args []any, into map[string]map[string]int64) error {
+// windowCountsSQL is the query of one raw table's counts per name, UTC date and local date of the
+// rows in windows. Its arguments are the returned ones, then tenant and the names.
+func windowCountsSQL(db, table, column, agg string, z Zone, windows [][2]time.Time) (string, []any) {
+	lo, hi := windows[0][0], windows[len(windows)-1][1]
+	day, args := z.dayExpr(lo, hi)
+	var b strings.Builder
+	b.WriteString("SELECT " + column + ", toString(toDate(ts)) AS u, toString(" + day + ") AS l, " + agg + " FROM " + db + "." + table +
+		" WHERE ts >= ? AND ts < ? AND (")
+	args = append(args, lo, hi)
+	for i, w := range windows {
+		if i > 0 {
+			b.WriteString(" OR ")
+		}
+		b.WriteString("(ts >= ? AND ts < ?)")
+		args = append(args, w[0], w[1])
+	}
+	b.WriteString(") AND tenant_id = ? AND has(?, " + column + ") GROUP BY " + column + ", u, l")
+	return b.String(), args
+}
+
+// moveAcrossMidnight applies the window counts to the UTC-day counts in into: each group of rows
+// moves from its UTC date to its local date.
+func (s *Store) moveAcrossMidnight(ctx context.Context, q string, args []any, into map[string]map[string]int64) error {
 	rows, err := s.ch.Query(chlimit.Limit(s.maxExec).Context(ctx), q, args...)
 	if err != nil {
 		return err
 	}
 	defer rows.Close()
 	for rows.Next() {
-		var name, date string
+		var name, utc, local string
 		var n int64
-		if err := rows.Scan(&name, &date, &n); err != nil {
+		if err := rows.Scan(&name, &utc, &local, &n); err != nil {
 			return err
 		}
 		if into[name] == nil {
 			into[name] = map[string]int64{}
 		}
-		into[name][date] += n
+		into[name][utc] -= n
+		into[name][local] += n
 	}
 	return rows.Err()
 }
 
 // UsageIn is Usage with the days [first, last] being local dates of z. Where z is UTC over the
-// range it is Usage. Otherwise days inside the raw window are counted from raw rows
-// (meta.source "events"); older days are Usage's UTC days, their meta marked "utc_day": true.
+// range it is Usage. Otherwise days inside the raw window are counted by localCounts
+// (meta.source "local"); older days are Usage's UTC days, their meta marked "utc_day": true.
 func (s *Store) UsageIn(ctx context.Context, tenant uuid.UUID, metrics []string, z Zone, first, last time.Time, fill bool) (UsageResult, error) {
 	if z.UTCOver(z.DayStart(first), z.DayStart(last.AddDate(0, 0, 1))) {
 		return s.Usage(ctx, tenant, metrics, first, last, fill)

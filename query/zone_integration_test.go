@@ -91,8 +91,8 @@ func TestLocalDaysMatchRawEvents(t *testing.T) {
 				got := map[string]int64{}
 				for _, p := range res.Series[metric] {
 					got[p.Date] = p.Count
-					if string(p.Meta) != `{"source":"events"}` {
-						t.Errorf("%s %s: meta %s, want source events", metric, p.Date, p.Meta)
+					if string(p.Meta) != `{"source":"local"}` {
+						t.Errorf("%s %s: meta %s, want source local", metric, p.Date, p.Meta)
 					}
 				}
 				if fmt.Sprint(got) != fmt.Sprint(days) {
@@ -136,7 +136,7 @@ func TestLocalDaysBeyondRetention(t *testing.T) {
 	got := fmt.Sprint(res.Series["auth.user.login"])
 	want := fmt.Sprint([]Point{
 		{Date: "2026-11-10", Count: 1, Meta: []byte(`{"source":"clickhouse","utc_day":true}`)},
-		{Date: "2026-11-26", Count: 1, Meta: []byte(`{"source":"events"}`)},
+		{Date: "2026-11-26", Count: 1, Meta: []byte(`{"source":"local"}`)},
 	})
 	if got != want {
 		t.Errorf("got %s\nwant %s", got, want)
