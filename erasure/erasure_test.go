@@ -3,6 +3,7 @@ package erasure
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync/atomic"
@@ -348,5 +349,28 @@ func TestSpoolBarrierWaitsForTheSegmentsOfBefore(t *testing.T) {
 	err = SpoolBarrier(dir, 5*time.Millisecond, 50*time.Millisecond)(context.Background())
 	if err == nil {
 		t.Error("a barrier over a segment that never ships: got nil, want an error")
+	}
+}
+
+func TestRedisKeysDeletesOnlyTheTenants(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := testenv.Redis(t)
+	ctx := context.Background()
+	a, b := uuid.New(), uuid.New()
+	for _, tn := range []uuid.UUID{a, b} {
+		for _, k := range []string{"quota:{%s}:api_requests_daily:20261130", "dedup:{%s}:e:42", "idem:{%s}:abc"} {
+			if err := rdb.Set(ctx, prefix+fmt.Sprintf(k, tn), "1", time.Hour).Err(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	n, err := RedisKeys(rdb, prefix)(ctx, a)
+	if err != nil || n != 3 {
+		t.Fatalf("got %d %v, want 3 keys deleted", n, err)
+	}
+	for tn, want := range map[uuid.UUID]int64{a: 0, b: 1} {
+		if got := rdb.Exists(ctx, prefix+fmt.Sprintf("quota:{%s}:api_requests_daily:20261130", tn)).Val(); got != want {
+			t.Errorf("tenant %s's counter: exists=%d, want %d", tn, got, want)
+		}
 	}
 }
