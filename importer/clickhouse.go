@@ -16,10 +16,11 @@ import (
 // incrementNS is the namespace of the name-based (v5) ids of imported usage increments.
 var incrementNS = uuid.MustParse("6f1c3d52-2a7e-4c09-9d8b-5e0f4a1b7c3e")
 
-// incrementID is the id of the increment imported for one source row: the same row gets the same id
-// on every run, so a repeated insert is recognised.
-func incrementID(source string, tenant uuid.UUID, day time.Time, metric string) uuid.UUID {
-	return uuid.NewSHA1(incrementNS, []byte(source+"\x00"+tenant.String()+"\x00"+day.Format(time.DateOnly)+"\x00"+metric))
+// incrementID is the id of the increment imported for one source row (source tenant, day, metric):
+// the same row gets the same id on every run, also under another --source-name, so a repeated insert
+// is recognised.
+func incrementID(tenant uuid.UUID, day time.Time, metric string) uuid.UUID {
+	return uuid.NewSHA1(incrementNS, []byte(tenant.String()+"\x00"+day.Format(time.DateOnly)+"\x00"+metric))
 }
 
 // isEventName: event names have a dot, usage metrics never do (README, "Two namespaces").
@@ -251,7 +252,7 @@ func (im *Importer) importRecent(ctx context.Context, p *plan, src, dst uuid.UUI
 			for _, u := range p.usage[src][day] {
 				switch {
 				case !isEventName(u.Metric):
-					incs = append(incs, increment{id: incrementID(im.cfg.SourceName, src, day, u.Metric), day: day, metric: u.Metric, n: u.Count})
+					incs = append(incs, increment{id: incrementID(src, day, u.Metric), day: day, metric: u.Metric, n: u.Count})
 				case len(p.counts[src][day]) == 0:
 					// Counted by events in analyticsd; without them the rollup would take it back.
 					tr.notImported = append(tr.notImported, u)

@@ -16,7 +16,7 @@
 //     rows are exactly what the nightly rollup would write and its drift check finds nothing to change.
 //
 // Exactly once: every row that has an id (events, and increments, whose id is a name-based UUID of
-// source, tenant, day and metric) is inserted only when ClickHouse does not already hold its id for
+// the source tenant, day and metric) is inserted only when ClickHouse does not already hold its id for
 // that tenant and time range, so an insert whose acknowledgement was lost is not repeated. Aggregates
 // have no id; their (tenant, day) is recorded in Postgres as 'inserting' with the daily_usage total
 // before and the total added, and a resumed import reads the total again to tell whether that insert

@@ -92,10 +92,12 @@ func importCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string,
 		return fmt.Errorf("import: %w", err)
 	}
 	now := clock.Now()
-	rec := rollup.NewReconciler(ch, cfg.ClickHouseDB, pg, audit.New(pg), nil, log.With("component", "rollup"), cfg.RetentionDays, nil)
+	// The rollup logs every run at info; one per imported day would bury the progress display.
+	rlog := slog.New(atLeast{log.Handler(), slog.LevelWarn}).With("component", "rollup")
+	rec := rollup.NewReconciler(ch, cfg.ClickHouseDB, pg, audit.New(pg), nil, rlog, cfg.RetentionDays, nil)
 	ic := importer.Config{
 		Source: src, SourceName: sourceName, CH: ch, DB: cfg.ClickHouseDB, PG: pg,
-		Tenants: tenant.NewStore(pg),
+		Tenants: auditedTenants{tenant.NewStore(pg), audit.New(pg), sourceName},
 		Bill: func(ctx context.Context, day time.Time) error {
 			_, err := rec.RunDate(ctx, day, rollup.AllTenants(), "import")
 			return err
@@ -231,6 +233,7 @@ func newImportProgress(mode string, w io.Writer) *importProgress {
 		}
 	}
 	p := &importProgress{start: time.Now()}
+	p.last = p.start // the first line after 5 s
 	switch mode {
 	case "bar":
 		p.bar = progressbar.NewOptions64(-1,
@@ -297,4 +300,40 @@ func (p *importProgress) finish(completed bool) {
 	case p.w != nil:
 		p.line()
 	}
+}
+
+// auditedTenants is the tenant registry with each creation audited, as `tenant create` does.
+type auditedTenants struct {
+	*tenant.Store
+	audits *audit.Log
+	source string
+}
+
+func (a auditedTenants) Create(ctx context.Context, slug, name string) (tenant.Tenant, error) {
+	t, err := a.Store.Create(ctx, slug, name)
+	if err != nil {
+		return t, err
+	}
+	if err := a.audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "import", Action: "tenant.create", Target: t.Slug,
+		Meta: map[string]any{"source": a.source}}); err != nil {
+		return t, fmt.Errorf("tenant %s created; auditing it failed: %w", t.Slug, err)
+	}
+	return t, nil
+}
+
+// atLeast passes on records of level or above only.
+type atLeast struct {
+	slog.Handler
+	level slog.Level
+}
+
+func (h atLeast) Enabled(ctx context.Context, l slog.Level) bool {
+	return l >= h.level && h.Handler.Enabled(ctx, l)
+}
+
+func (h atLeast) WithAttrs(as []slog.Attr) slog.Handler {
+	return atLeast{h.Handler.WithAttrs(as), h.level}
+}
+func (h atLeast) WithGroup(name string) slog.Handler {
+	return atLeast{h.Handler.WithGroup(name), h.level}
 }

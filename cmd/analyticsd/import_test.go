@@ -87,6 +87,10 @@ func TestImportCommand(t *testing.T) {
 			t.Errorf("import output lacks %q:\n%s", want, r.stdout)
 		}
 	}
+	var audited int
+	if err := e.PG.QueryRow(context.Background(), "SELECT count(*) FROM audit_log WHERE actor = 'import' AND action = 'tenant.create'").Scan(&audited); err != nil || audited != 2 {
+		t.Errorf("audited tenant creations: %d (%v), want 2", audited, err)
+	}
 	if !strings.Contains(progress.String(), "import: 3000 of 3000 events (100%)") {
 		t.Errorf("progress lines: %q, want a last line at 100%%", progress.String())
 	}
