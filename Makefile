@@ -54,6 +54,8 @@ test-cluster: ## start the local ClickHouse cluster and Redis Cluster, then the 
 	$(CLUSTER) up
 	$(WITHCLUSTER) ANALYTICS_REQUIRE_SERVICES=1 go test -count=1 -timeout 20m $(CLUSTER_PKGS)
 	$(WITHCLUSTER) ANALYTICS_REQUIRE_SERVICES=1 go test -count=1 -timeout 10m -run '$(CLUSTER_RUN)' ./cmd/analyticsd/
+	@echo "== cluster faults, short form (kills and restarts the local cluster's servers)"
+	$(WITHCLUSTER) ANALYTICS_REQUIRE_SERVICES=1 go test -tags chaos -count=1 -timeout 15m -run TestClusterFaults -v ./chaos/ | grep -E '^(=== RUN|\s+---|--- |\s+cluster_test|PASS|FAIL|ok)'; test $${PIPESTATUS[0]} -eq 0
 
 cluster-up: ## start only the local cluster (deploy/local/cluster.sh up); `eval "$$(deploy/local/cluster.sh env)"` points a shell at it
 	$(CLUSTER) up

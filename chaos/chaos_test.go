@@ -102,6 +102,12 @@ func newSystem(t *testing.T, bin string, extra map[string]string) *system {
 		"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_METRICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": t.TempDir(), "INGEST_FLUSH_INTERVAL": "200ms",
 		"LOG_LEVEL": "error", "RATE_LIMIT_RPS": "0", "PATH": os.Getenv("PATH"),
 	}
+	if c := testenv.Cluster(); c != "" {
+		s.vars["CLICKHOUSE_CLUSTER"] = c
+	}
+	if testenv.RedisCluster() {
+		s.vars["REDIS_CLUSTER"] = "true"
+	}
 	for k, v := range extra {
 		s.vars[k] = v
 	}

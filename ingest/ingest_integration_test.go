@@ -28,6 +28,7 @@ import (
 	"github.com/analyticsd/analyticsd/internal/testenv"
 	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 	"github.com/analyticsd/analyticsd/quota"
+	"github.com/analyticsd/analyticsd/schema"
 	"github.com/analyticsd/analyticsd/tenant"
 )
 
@@ -141,6 +142,7 @@ func proxiedClickHouse(t *testing.T) (driver.Conn, *testenv.Proxy) {
 	opts.Addr = []string{proxy.Addr}
 	opts.Auth.Database = "default"
 	opts.DialTimeout = time.Second
+	opts.Settings = schema.Layout{Cluster: testenv.Cluster()}.ConnSettings()
 	conn, err := clickhouse.Open(opts)
 	if err != nil {
 		t.Fatal(err)

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/gofiber/fiber/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/valyala/fasthttp"
@@ -408,5 +409,17 @@ func httpError(err error) error {
 	case errors.As(err, &resp):
 		return resp
 	}
+	if shardDown(err) {
+		return api.Unavailable("shard_unavailable", "part of the analytics storage (every replica of a ClickHouse shard) is unreachable; "+
+			"no partial answer is given; retry shortly", 5, err)
+	}
 	return api.Unavailable("storage_unavailable", "analytics storage did not answer; retry shortly", 5, err)
+}
+
+// shardDown reports the cluster's answer when no replica of some shard could be reached (code 279,
+// ALL_CONNECTION_TRIES_FAILED): the read is refused whole — a sum over the shards that answered would
+// be a wrong number, not a smaller one.
+func shardDown(err error) bool {
+	var ex *clickhouse.Exception
+	return errors.As(err, &ex) && ex.Code == 279
 }

@@ -27,14 +27,11 @@ func openClickHouse(cfg Config) (driver.Conn, error) {
 	if opts.MaxOpenConns < 16 {
 		opts.MaxOpenConns = 16
 	}
-	if cfg.ClickHouseCluster != "" {
+	for k, v := range cfg.Layout().ConnSettings() {
 		if opts.Settings == nil {
 			opts.Settings = clickhouse.Settings{}
 		}
-		// An insert into a Distributed table returns only when every shard has committed its rows
-		// (without this the server queues them on its own disk and answers at once): the spool may
-		// let a segment go only once its rows are on their shards.
-		opts.Settings["insert_distributed_sync"] = 1
+		opts.Settings[k] = v
 	}
 	conn, err := clickhouse.Open(opts)
 	if err != nil {

@@ -12,6 +12,7 @@
 #   env                   print `export ...` lines (CLICKHOUSE_CLUSTER, CLICKHOUSE_DSN listing every
 #                         server, REDIS_CLUSTER, REDIS_URL, POSTGRES_URL) for eval "$(... env)"
 #   stop-node NAME        stop one process: zookeeper, ch1..ch4, redis1..redis3 (fault tests)
+#   kill-node NAME        SIGKILL one process (fault tests: a crash, not a shutdown)
 #   start-node NAME       start one process again
 #   destroy               down, then delete the cluster's data
 #
@@ -175,9 +176,12 @@ start_redis_node() {
     ensure_port_free "$node" "$port" CLUSTER_REDIS_PORT
     mkdir -p "$dir"
     # nodes.conf (the node's slots) is kept in its dir, so a restarted node rejoins with its slots;
-    # the data itself is not persisted, like the single stack's Redis.
+    # the data itself is not persisted, like the single stack's Redis. Without replicas, a master
+    # down leaves its slots uncovered: require-full-coverage no keeps the other masters' slots
+    # (other tenants) answering meanwhile.
     (cd "$dir" && "$REDIS_SERVER" --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
        --cluster-config-file "$dir/nodes.conf" --cluster-node-timeout 2000 \
+       --cluster-require-full-coverage no \
        --daemonize yes --pidfile "$CRUN/$node.pid" --logfile "$dir/redis.log" --dir "$dir" \
        --save '' --appendonly no </dev/null 9>&- 8>&-) || die "$node: redis-server failed to start"
     REDIS_GRACE_UNTIL=$((SECONDS + 5))
@@ -285,6 +289,22 @@ check_node() {
   esac
 }
 
+cmd_kill_node() { # NAME
+  check_node "${1:-}"
+  local pid=""
+  case $1 in
+    zookeeper) pid=$(zk_pid || true) ;;
+    ch*) pid=$(ch_node_pid "$1" || true) ;;
+    redis*) pid=$(redis_node_pid "$1" || true) ;;
+  esac
+  [ -n "$pid" ] || { clog "$1: not running"; return 0; }
+  kill -KILL "$pid"
+  local i
+  for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  rm -f "$CRUN/$1.pid"
+  clog "$1: killed (was pid $pid)"
+}
+
 cmd_node() { # start|stop NAME
   check_node "${2:-}"
   mkdir -p "$CRUN"
@@ -316,6 +336,7 @@ cluster_main() {
     env) cmd_cluster_env ;;
     start-node) cmd_node start "$@" ;;
     stop-node) cmd_node stop "$@" ;;
+    kill-node) cmd_kill_node "$@" ;;
     destroy) cmd_cluster_destroy ;;
     -h|--help|help) sed -n '2,/^set -euo/p' "$CLUSTER_SCRIPT" | sed -e '$d' -e 's/^# \{0,1\}//' >&2 ;;
     *) sed -n '2,/^set -euo/p' "$CLUSTER_SCRIPT" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2 ;;

@@ -114,8 +114,7 @@ func clickHouseAt(t testing.TB, dsn, cluster string) (driver.Conn, string) {
 	onCluster := ""
 	if c := cluster; c != "" {
 		onCluster = " ON CLUSTER " + c
-		// As analyticsd sets it on a cluster: an insert returns once its rows are on their shards.
-		opts.Settings = clickhouse.Settings{"insert_distributed_sync": 1}
+		opts.Settings = schema.Layout{Cluster: c}.ConnSettings() // as analyticsd's own connection
 	}
 	conn, err := clickhouse.Open(opts)
 	if err == nil {

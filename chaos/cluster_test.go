@@ -1,0 +1,195 @@
+//go:build chaos
+
+package chaos
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/analyticsd/analyticsd/internal/testenv"
+)
+
+// cluster runs deploy/local/cluster.sh (stop-node / kill-node / start-node).
+func cluster(t *testing.T, args ...string) {
+	t.Helper()
+	out, err := exec.Command("../deploy/local/cluster.sh", args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("cluster.sh %v: %v\n%s", args, err, out)
+	}
+}
+
+// merge is the acknowledged ids of several loads (one per instance).
+func merge(ls ...*load) *load {
+	all := &load{other: map[int]int{}}
+	for _, l := range ls {
+		all.acked = append(all.acked, l.acked...)
+		all.refused += l.refused
+		for k, v := range l.other {
+			all.other[k] += v
+		}
+	}
+	return all
+}
+
+// redisNodeOf names the Redis Cluster master (redis1..redis3) that holds the tenant's slot: every
+// key of a tenant carries its {tenant} hash tag, so one master holds all of them.
+func redisNodeOf(t *testing.T, s *system) string {
+	t.Helper()
+	cc, ok := s.env.Redis.(*redis.ClusterClient)
+	if !ok {
+		t.Fatal("not a Redis Cluster client")
+	}
+	m, err := cc.MasterForKey(context.Background(), "x:{"+s.tenant.String()+"}")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, port, _ := strings.Cut(m.Options().Addr, ":")
+	p, _ := strconv.Atoi(port)
+	base := 17001
+	if v := os.Getenv("CLUSTER_REDIS_PORT"); v != "" {
+		base, _ = strconv.Atoi(v)
+	}
+	return fmt.Sprintf("redis%d", p-base+1)
+}
+
+// The cluster's faults, each under load, each accounted: every acknowledged event stored once.
+// Runs in `make test-cluster` against the local cluster (deploy/local/cluster.sh).
+func TestClusterFaults(t *testing.T) {
+	if testenv.Cluster() == "" {
+		t.Skip("needs the local cluster: make test-cluster")
+	}
+	bin := build(t)
+	var results []Result
+	check := func(r Result) {
+		t.Helper()
+		results = append(results, r)
+		t.Logf("%-34s acked %7d found %7d lost %d dup %d refused %4d recover %.2fs %s", r.Fault, r.Acked, r.Found, r.Lost, r.Duplicated, r.Refused, r.RecoverS, r.Note)
+		if r.Lost != 0 || r.Duplicated != 0 || r.Acked == 0 || r.Found != r.Acked {
+			t.Errorf("%s: acked %d, found %d, lost %d, duplicated %d", r.Fault, r.Acked, r.Found, r.Lost, r.Duplicated)
+		}
+	}
+	outage := pick(5*time.Second, 30*time.Second)
+
+	t.Run("replica killed", func(t *testing.T) {
+		// ch1: shard 1's first replica, the one inserts and reads go to (load_balancing in_order),
+		// and the first address of analyticsd's DSN.
+		s := newSystem(t, bin, nil)
+		l := s.startLoad(4)
+		time.Sleep(time.Second)
+		cluster(t, "kill-node", "ch1")
+		time.Sleep(outage)
+		if resp, err := s.get("/api/analytics/events?limit=5"); err != nil || !strings.Contains(resp, `"success":true`) {
+			t.Errorf("read with one replica of a shard down: %v %.300s; want an answer from the other replica", err, resp)
+		}
+		cluster(t, "start-node", "ch1")
+		rec := s.drained(3 * time.Minute)
+		l.halt()
+		check(s.account("replica killed (ch1, "+outage.String()+")", l, rec))
+	})
+
+	t.Run("shard down", func(t *testing.T) {
+		s := newSystem(t, bin, nil)
+		l := s.startLoad(4)
+		time.Sleep(time.Second)
+		cluster(t, "kill-node", "ch3")
+		cluster(t, "kill-node", "ch4")
+		time.Sleep(outage)
+		// Ingest keeps acknowledging into the spool; reads refuse whole, naming the cause.
+		resp, err := s.get("/api/analytics/usage?metric=apikey.request")
+		if err != nil || !strings.Contains(resp, `"shard_unavailable"`) {
+			t.Errorf("read with a whole shard down: %v %.300s; want 503 shard_unavailable", err, resp)
+		}
+		l.mu.Lock()
+		acked := len(l.acked)
+		l.mu.Unlock()
+		cluster(t, "start-node", "ch3")
+		cluster(t, "start-node", "ch4")
+		rec := s.drained(3 * time.Minute)
+		l.halt()
+		r := s.account("shard down (ch3+ch4, "+outage.String()+")", l, rec)
+		r.Note = strings.TrimSpace(r.Note + fmt.Sprintf(" %d acknowledged while the shard was down", acked))
+		check(r)
+	})
+
+	t.Run("zookeeper down", func(t *testing.T) {
+		s := newSystem(t, bin, nil)
+		l := s.startLoad(4)
+		time.Sleep(time.Second)
+		cluster(t, "kill-node", "zookeeper")
+		time.Sleep(outage)
+		cluster(t, "start-node", "zookeeper")
+		rec := s.drained(3 * time.Minute)
+		l.halt()
+		check(s.account("zookeeper down ("+outage.String()+")", l, rec))
+	})
+
+	t.Run("redis cluster node down", func(t *testing.T) {
+		s := newSystem(t, bin, nil)
+		node := redisNodeOf(t, s)
+		l := s.startLoad(4)
+		time.Sleep(time.Second)
+		cluster(t, "kill-node", node)
+		time.Sleep(pick(3*time.Second, 15*time.Second))
+		if resp, err := s.get("/api/analytics/quotas/api_requests_daily"); err != nil || !strings.Contains(resp, `"degraded":true`) {
+			t.Errorf("quota with the tenant's Redis master down: %v %.300s, want degraded", err, resp)
+		}
+		cluster(t, "start-node", node)
+		start := time.Now()
+		rec := s.drained(time.Minute)
+		l.halt()
+		r := s.account("redis cluster master down ("+node+")", l, rec)
+		// The node came back empty: the counter heals from ClickHouse.
+		var stored uint64
+		if err := s.env.CH.QueryRow(context.Background(), "SELECT count() FROM "+s.env.DB+".events WHERE tenant_id = ? AND event = 'apikey.request' AND ts >= toDateTime(toDate(now()))", s.tenant).Scan(&stored); err != nil {
+			t.Fatal(err)
+		}
+		want := fmt.Sprintf(`"current":%d,`, stored)
+		testenvDeadline := time.Now().Add(45 * time.Second)
+		for {
+			resp, _ := s.get("/api/analytics/quotas/api_requests_daily")
+			if strings.Contains(resp, want) {
+				break
+			}
+			if time.Now().After(testenvDeadline) {
+				t.Errorf("quota after the Redis master returned: %.300s, want current %d (ClickHouse's count today)", resp, stored)
+				break
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		r.RecoverS = time.Since(start).Round(10 * time.Millisecond).Seconds()
+		check(r)
+	})
+
+	t.Run("one of two API instances kill -9", func(t *testing.T) {
+		a := newSystem(t, bin, nil)
+		b := a.sibling(t)
+		la, lb := a.startLoad(2), b.startLoad(2)
+		time.Sleep(time.Duration(800+time.Now().UnixNano()%700) * time.Millisecond)
+		a.kill9()
+		la.halt()
+		time.Sleep(time.Second)
+		lb.halt()
+		a.start() // the same spool directory: what it acknowledged and had not shipped ships now
+		start := time.Now()
+		a.drained(3 * time.Minute)
+		b.drained(3 * time.Minute)
+		check(a.account("one of two instances kill -9", merge(la, lb), time.Since(start)))
+	})
+
+	os.MkdirAll("../test-output", 0o755)
+	out, _ := json.MarshalIndent(results, "", "  ")
+	mode := "short"
+	if *long {
+		mode = "long"
+	}
+	os.WriteFile("../test-output/chaos-cluster-"+mode+".json", out, 0o644)
+}
