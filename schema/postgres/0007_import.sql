@@ -13,7 +13,8 @@ CREATE TABLE import_tenants (
     PRIMARY KEY (source, source_tenant_id)
 );
 
--- import_days: one row per source tenant and UTC day the import has started on.
+-- import_days: one row per imported tenant (each source tenant has an analyticsd tenant of its own) and
+-- UTC day the import has started on.
 --   inserting: daily aggregates (days older than retention) are being added to ClickHouse daily_usage;
 --              before_total is the tenant's daily_usage total for the day before, delta_total what the
 --              import adds, so a resumed import can tell whether that insert landed.
