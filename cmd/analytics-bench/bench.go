@@ -20,6 +20,7 @@ import (
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/analyticsd/analyticsd/schema"
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/go-redis/v9"
@@ -39,7 +40,8 @@ type bench struct {
 	name string // bench_<unix>: ClickHouse database and Postgres schema
 	tmp  string
 
-	stack     map[string]string // CLICKHOUSE_DSN, POSTGRES_URL, REDIS_URL as found
+	stack     map[string]string // CLICKHOUSE_DSN, POSTGRES_URL, REDIS_URL (and the cluster's) as found
+	layout    schema.Layout     // the bench database on one server or the cluster
 	chDSN     string            // pointed at the bench database
 	pgURL     string            // with search_path = the bench schema
 	chClient  []string          // clickhouse-client connection flags
@@ -51,7 +53,7 @@ type bench struct {
 	ch      driver.Conn
 	pgAdmin *pgxpool.Pool
 	pg      *pgxpool.Pool // bench schema
-	rdb     *redis.Client
+	rdb     redis.UniversalClient
 	srv     *server
 	http    *http.Client
 
@@ -189,6 +191,12 @@ func (b *bench) setup(ctx context.Context) error {
 	}
 	chOpts.Auth.Database = "default"
 	chOpts.MaxOpenConns = 8
+	b.layout = schema.Layout{DB: b.name, Cluster: b.stack["CLICKHOUSE_CLUSTER"]}
+	chOpts.Settings = b.layout.ConnSettings()
+	if b.layout.Clustered() {
+		// clickhouse-client's baselines insert into the same Distributed tables, as synchronously.
+		b.chClient = append(b.chClient, "--insert_distributed_sync=1")
+	}
 	if b.ch, err = clickhouse.Open(chOpts); err != nil {
 		return fmt.Errorf("open clickhouse: %w", err)
 	}
@@ -200,12 +208,22 @@ func (b *bench) setup(ctx context.Context) error {
 		return fmt.Errorf("open postgres: %w", err)
 	}
 	b.onCleanup(func(context.Context) { b.pgAdmin.Close() })
-	rOpts, err := redis.ParseURL(b.stack["REDIS_URL"])
-	if err != nil {
-		return fmt.Errorf("parse REDIS_URL: %w", err)
+	redisAddr := ""
+	if b.stack["REDIS_CLUSTER"] == "1" || b.stack["REDIS_CLUSTER"] == "true" {
+		cOpts, err := redis.ParseClusterURL(b.stack["REDIS_URL"])
+		if err != nil {
+			return fmt.Errorf("parse REDIS_URL: %w", err)
+		}
+		cOpts.PoolSize = 32
+		b.rdb, redisAddr = redis.NewClusterClient(cOpts), cOpts.Addrs[0]
+	} else {
+		rOpts, err := redis.ParseURL(b.stack["REDIS_URL"])
+		if err != nil {
+			return fmt.Errorf("parse REDIS_URL: %w", err)
+		}
+		rOpts.PoolSize = 32
+		b.rdb, redisAddr = redis.NewClient(rOpts), rOpts.Addr
 	}
-	rOpts.PoolSize = 32
-	b.rdb = redis.NewClient(rOpts)
 	b.onCleanup(func(context.Context) { b.rdb.Close() })
 	if err := b.rdb.Ping(ctx).Err(); err != nil {
 		return fmt.Errorf("redis: %w", err)
@@ -219,7 +237,7 @@ func (b *bench) setup(ctx context.Context) error {
 	if b.chPID == 0 {
 		logf("clickhouse-server's process not found; CPU-per-event figures will leave out the server")
 	}
-	if _, port, err := net.SplitHostPort(rOpts.Addr); err == nil {
+	if _, port, err := net.SplitHostPort(redisAddr); err == nil {
 		if p, err := strconv.Atoi(port); err == nil {
 			b.redisPID = listeningPID(p)
 		}
@@ -227,7 +245,7 @@ func (b *bench) setup(ctx context.Context) error {
 
 	// Two runs started in the same second (CI) must not share a database: take the next free name.
 	for i := 1; ; i++ {
-		err := b.ch.Exec(ctx, "CREATE DATABASE "+b.name)
+		err := b.ch.Exec(ctx, "CREATE DATABASE "+b.name+b.layout.OnCluster())
 		if err == nil {
 			break
 		}
@@ -235,6 +253,7 @@ func (b *bench) setup(ctx context.Context) error {
 			return fmt.Errorf("create clickhouse database %s: %w", b.name, err)
 		}
 		b.name = fmt.Sprintf("bench_%d", now.Unix()+int64(i))
+		b.layout.DB = b.name
 	}
 	b.res.Meta.Database = b.name
 	if b.chDSN, err = withDatabase(b.stack["CLICKHOUSE_DSN"], b.name); err != nil {
@@ -248,7 +267,7 @@ func (b *bench) setup(ctx context.Context) error {
 			logf("kept clickhouse database %s", b.name)
 			return
 		}
-		if err := b.ch.Exec(ctx, "DROP DATABASE IF EXISTS "+b.name); err != nil {
+		if err := b.ch.Exec(ctx, "DROP DATABASE IF EXISTS "+b.name+b.layout.OnCluster()); err != nil {
 			logf("drop clickhouse database %s: %v", b.name, err)
 		}
 	})
@@ -337,7 +356,8 @@ func (b *bench) setup(ctx context.Context) error {
 // childEnv is the environment of an analyticsd process: PATH and HOME, the bench's service URLs, extra.
 func (b *bench) childEnv(extra map[string]string) []string {
 	env := []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME"),
-		"CLICKHOUSE_DSN=" + b.chDSN, "POSTGRES_URL=" + b.pgURL, "REDIS_URL=" + b.stack["REDIS_URL"]}
+		"CLICKHOUSE_DSN=" + b.chDSN, "POSTGRES_URL=" + b.pgURL, "REDIS_URL=" + b.stack["REDIS_URL"],
+		"CLICKHOUSE_CLUSTER=" + b.stack["CLICKHOUSE_CLUSTER"], "REDIS_CLUSTER=" + strconv.FormatBool(b.stack["REDIS_CLUSTER"] == "1" || b.stack["REDIS_CLUSTER"] == "true")}
 	for k, v := range extra {
 		env = append(env, k+"="+v)
 	}
@@ -401,18 +421,25 @@ func (b *bench) cleanRedis(ctx context.Context) {
 		}
 	}
 	n := 0
-	for _, p := range patterns {
-		iter := b.rdb.Scan(ctx, 0, p, 1000).Iterator()
-		var keys []string
-		for iter.Next(ctx) {
-			keys = append(keys, iter.Val())
+	scan := func(ctx context.Context, node redis.Cmdable) error {
+		for _, p := range patterns {
+			iter := node.Scan(ctx, 0, p, 1000).Iterator()
+			var keys []string
+			for iter.Next(ctx) {
+				keys = append(keys, iter.Val())
+			}
+			n += len(keys)
+			for _, k := range keys { // one by one: a multi-key DEL spans slots on a cluster
+				_ = node.Del(ctx, k).Err()
+			}
 		}
-		n += len(keys)
-		for len(keys) > 0 {
-			k := min(len(keys), 10_000)
-			_ = b.rdb.Del(ctx, keys[:k]...).Err()
-			keys = keys[k:]
-		}
+		return nil
+	}
+	if cc, ok := b.rdb.(*redis.ClusterClient); ok {
+		var mu sync.Mutex
+		_ = cc.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error { mu.Lock(); defer mu.Unlock(); return scan(ctx, m) })
+	} else {
+		_ = scan(ctx, b.rdb)
 	}
 	if n > 0 {
 		logf("deleted %d redis keys", n)
@@ -592,4 +619,12 @@ func timeSeries(ctx context.Context, n, warm int, budget time.Duration, fn func(
 		}
 	}
 	return out, nil
+}
+
+// parts is system.parts of the server, or of one replica of every shard on a cluster.
+func (b *bench) parts() string {
+	if b.layout.Clustered() {
+		return "cluster('" + b.layout.Cluster + "', system, parts)"
+	}
+	return "system.parts"
 }

@@ -40,6 +40,10 @@ func moduleRoot() (string, error) {
 
 var stackVars = []string{"CLICKHOUSE_DSN", "POSTGRES_URL", "REDIS_URL"}
 
+// clusterVars select the cluster layout when set (`eval "$(deploy/local/cluster.sh env)"`): the bench
+// then runs against the cluster, its baselines through the Distributed tables.
+var clusterVars = []string{"CLICKHOUSE_CLUSTER", "REDIS_CLUSTER"}
+
 // stackEnv returns the three service URLs: from the environment when all are set and reuse is on,
 // otherwise from `deploy/local/stack.sh up` and its `env` output.
 func stackEnv(ctx context.Context, root string, reuse bool, logf func(string, ...any)) (map[string]string, error) {
@@ -52,7 +56,10 @@ func stackEnv(ctx context.Context, root string, reuse bool, logf func(string, ..
 		}
 	}
 	if reuse && missing == 0 {
-		logf("using the stack named by CLICKHOUSE_DSN, POSTGRES_URL and REDIS_URL")
+		for _, k := range clusterVars {
+			env[k] = os.Getenv(k)
+		}
+		logf("using the stack named by CLICKHOUSE_DSN, POSTGRES_URL and REDIS_URL (cluster %q)", env["CLICKHOUSE_CLUSTER"])
 		return env, nil
 	}
 	script := filepath.Join(root, "deploy", "local", "stack.sh")

@@ -82,7 +82,7 @@ func (b *bench) bulkLoad(ctx context.Context, s *Scenario) error {
 		return err
 	}
 	s.set("rollup_31_days_seconds", time.Since(start).Seconds())
-	parts, err := b.count(ctx, "SELECT count() FROM system.parts WHERE database = ? AND table = 'events' AND active", b.name)
+	parts, err := b.count(ctx, "SELECT count() FROM "+b.parts()+" WHERE database = ? AND table = ? AND active", b.name, b.layout.LocalName("events"))
 	if err != nil {
 		return err
 	}

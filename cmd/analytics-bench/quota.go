@@ -194,8 +194,8 @@ func (b *bench) storage(ctx context.Context, s *Scenario) error {
 	b.settle(ctx, b.settleTime())
 	var rows, comp, uncomp uint64
 	var parts uint64
-	q := "SELECT sum(rows), sum(data_compressed_bytes), sum(data_uncompressed_bytes), count() FROM system.parts WHERE database = ? AND table = ? AND active"
-	if err := b.ch.QueryRow(ctx, q, b.name, "events").Scan(&rows, &comp, &uncomp, &parts); err != nil {
+	q := "SELECT sum(rows), sum(data_compressed_bytes), sum(data_uncompressed_bytes), count() FROM " + b.parts() + " WHERE database = ? AND table = ? AND active"
+	if err := b.ch.QueryRow(ctx, q, b.name, b.layout.LocalName("events")).Scan(&rows, &comp, &uncomp, &parts); err != nil {
 		return fmt.Errorf("clickhouse parts: %w", err)
 	}
 	s.set("ch_rows", float64(rows))
