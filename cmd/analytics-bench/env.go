@@ -116,9 +116,15 @@ func clientArgs(dsn string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	args := []string{"--host", u.Hostname()}
-	if p := u.Port(); p != "" {
-		args = append(args, "--port", p)
+	// A cluster's DSN lists several servers; clickhouse-client talks to the first, like the pool.
+	first, _, _ := strings.Cut(u.Host, ",")
+	host, port, err := net.SplitHostPort(first)
+	if err != nil {
+		host, port = first, ""
+	}
+	args := []string{"--host", host}
+	if port != "" {
+		args = append(args, "--port", port)
 	}
 	if u.User != nil {
 		if name := u.User.Username(); name != "" {
