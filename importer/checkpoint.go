@@ -97,17 +97,43 @@ ON CONFLICT (source, tenant_id, day) DO UPDATE SET state = EXCLUDED.state, updat
 	return nil
 }
 
-// startEvents records days whose events are about to be inserted, unless recorded already.
-func (c *checkpoint) startEvents(ctx context.Context, tenant uuid.UUID, days []time.Time) error {
-	if len(days) == 0 {
+// startEvents records (tenant, day)s whose events are about to be inserted, unless recorded already.
+func (c *checkpoint) startEvents(ctx context.Context, tds []tenantDay) error {
+	if len(tds) == 0 {
 		return nil
 	}
+	tenants, days := split(tds)
 	_, err := c.pg.Exec(ctx, `INSERT INTO import_days (source, tenant_id, day, state)
-SELECT $1, $2, d, 'inserting' FROM unnest($3::date[]) AS d ON CONFLICT (source, tenant_id, day) DO NOTHING`, c.source, tenant, days)
+SELECT $1, t.tenant_id, t.day, 'inserting' FROM unnest($2::uuid[], $3::date[]) AS t (tenant_id, day)
+ON CONFLICT (source, tenant_id, day) DO NOTHING`, c.source, tenants, days)
 	if err != nil {
-		return fmt.Errorf("record %d days in import_days: %w", len(days), err)
+		return fmt.Errorf("record %d tenant-days in import_days: %w", len(tds), err)
 	}
 	return nil
+}
+
+// setDays records state for (tenant, day)s.
+func (c *checkpoint) setDays(ctx context.Context, tds []tenantDay, state string) error {
+	if len(tds) == 0 {
+		return nil
+	}
+	tenants, days := split(tds)
+	_, err := c.pg.Exec(ctx, `INSERT INTO import_days (source, tenant_id, day, state)
+SELECT $1, t.tenant_id, t.day, $4 FROM unnest($2::uuid[], $3::date[]) AS t (tenant_id, day)
+ON CONFLICT (source, tenant_id, day) DO UPDATE SET state = EXCLUDED.state, updated_at = now()`,
+		c.source, tenants, days, state)
+	if err != nil {
+		return fmt.Errorf("record %d tenant-days as %s in import_days: %w", len(tds), state, err)
+	}
+	return nil
+}
+
+func split(tds []tenantDay) ([]uuid.UUID, []time.Time) {
+	tenants, days := make([]uuid.UUID, len(tds)), make([]time.Time, len(tds))
+	for i, td := range tds {
+		tenants[i], days[i] = td.tenant, td.day
+	}
+	return tenants, days
 }
 
 // inserting records, before an aggregate insert, each day's daily_usage total and what it adds.

@@ -212,6 +212,7 @@ func (im *Importer) Run(ctx context.Context) (Result, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	work := make(chan uuid.UUID)
+	recent := map[uuid.UUID][]time.Time{}
 	var wg sync.WaitGroup
 	for range im.cfg.Workers {
 		wg.Add(1)
@@ -221,6 +222,7 @@ func (im *Importer) Run(ctx context.Context) (Result, error) {
 				tr, err := im.importTenant(ctx, p, src, tenants[src].ID, progress)
 				mu.Lock()
 				res.add(tr)
+				recent[src] = tr.recent
 				if err != nil && firstErr == nil {
 					firstErr = fmt.Errorf("import source tenant %s: %w", src, err)
 					cancel()
@@ -239,6 +241,11 @@ func (im *Importer) Run(ctx context.Context) (Result, error) {
 	wg.Wait()
 	if firstErr == nil && ctx.Err() != nil {
 		firstErr = ctx.Err()
+	}
+	if firstErr == nil {
+		var tr tenantRun
+		firstErr = im.importRecent(ctx, p, tenants, recent, &tr, progress)
+		res.add(tr)
 	}
 	if firstErr == nil {
 		billStart := time.Now()
@@ -304,10 +311,12 @@ type tenantRun struct {
 	inserted, present, aggregated, increments int64
 	stored, skipped                           int
 	notImported                               []UsageRow
+	// recent: the tenant's days inside the window still to import (all tenants' go in one pass).
+	recent []time.Time
 }
 
-// importTenant stores one source tenant in ClickHouse: old days as aggregates, the window's days as
-// events and increments.
+// importTenant stores one source tenant's old days in ClickHouse as aggregates, and returns the days
+// inside the window still to import.
 func (im *Importer) importTenant(ctx context.Context, p *plan, src, dst uuid.UUID, progress func(int64)) (tenantRun, error) {
 	var tr tenantRun
 	states, err := im.cp.states(ctx, dst)
@@ -336,10 +345,6 @@ func (im *Importer) importTenant(ctx context.Context, p *plan, src, dst uuid.UUI
 			return tr, err
 		}
 	}
-	if len(recent) > 0 {
-		if err := im.importRecent(ctx, p, src, dst, recent, &tr, progress); err != nil {
-			return tr, err
-		}
-	}
+	tr.recent = recent
 	return tr, nil
 }
