@@ -77,8 +77,9 @@ type Config struct {
 	OldBefore time.Time
 	// Today is the current UTC day: days from it on are stored but not billed (they are still filling).
 	Today time.Time
-	// Workers is how many source tenants are imported at once (default 2); ChunkRows the most rows one
-	// ClickHouse insert carries (default 100,000).
+	// Workers is how many source tenants' old days are counted at once (default 2; the window's events
+	// of all tenants go in one ordered pass); ChunkRows the most rows one ClickHouse insert carries
+	// (default 100,000).
 	Workers   int
 	ChunkRows int
 	// Progress, when set, is told the events done so far and the total, after every insert.

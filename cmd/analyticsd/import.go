@@ -50,7 +50,7 @@ func importCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string,
 			return nil
 		})
 		fs.BoolVar(&noCreate, "no-create", false, "never create tenants: every source tenant must map to an existing one")
-		fs.IntVar(&workers, "workers", 2, "source tenants imported at once")
+		fs.IntVar(&workers, "workers", 2, "source tenants whose days older than retention are counted at once")
 		fs.IntVar(&chunkRows, "chunk-rows", 100_000, "rows per ClickHouse insert")
 		fs.BoolVar(&verifyOnly, "verify-only", false, "only compare the source with analyticsd (changes nothing)")
 		fs.StringVar(&progress, "progress", "auto", "auto (a bar on a terminal, lines otherwise), bar, lines or off")
