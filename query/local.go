@@ -53,10 +53,10 @@ func (s *Store) firstRawDay(ctx context.Context, z Zone, first, last time.Time) 
 // A row's local date differs from its UTC date only between a local midnight and the UTC midnight
 // next to it (before it east of Greenwich, after it west of it): |offset| hours a day. So a local
 // day is its UTC date's count from daily_usage, plus the rows of the window at its start that belong
-// to it, minus the rows of the window at its end that belong to the next. Only those windows are
-// read from the raw tables — a fraction |offset|/24 of the range (1/24 for Berlin in winter, 5.5/24
-// for Kolkata) instead of all of it — and they are exact across DST changes: the windows are cut
-// at the local midnights Go computes.
+// to it, minus the rows of the window at its end that belong to the next. Only the rows of those
+// windows — a fraction |offset|/24 of the range (1/24 for Berlin in winter, 5.5/24 for Kolkata) —
+// are grouped and returned; ClickHouse still reads the tenant's rows of the range to find them.
+// Exact across DST changes: the windows are cut at the local midnights Go computes.
 func (s *Store) localCounts(ctx context.Context, tenant uuid.UUID, metrics []string, z Zone, first, last time.Time) (map[string]map[string]int64, error) {
 	out, err := s.liveUsage(ctx, tenant, metrics, first, last)
 	if err != nil {
@@ -85,7 +85,7 @@ func (s *Store) localCounts(ctx context.Context, tenant uuid.UUID, metrics []str
 			continue
 		}
 		sql, args := windowCountsSQL(s.db, q.table, q.column, q.agg, z, windows)
-		args = append(args, tenant, q.names)
+		args = append(args, tenant, windows[0][0], windows[len(windows)-1][1], q.names)
 		if err := s.moveAcrossMidnight(ctx, sql, args, out); err != nil {
 			return nil, fmt.Errorf("count %s by local day: %w", q.table, err)
 		}
@@ -120,23 +120,16 @@ func (z Zone) windows(first, last time.Time) [][2]time.Time {
 }
 
 // windowCountsSQL is the query of one raw table's counts per name, UTC date and local date of the
-// rows in windows. Its arguments are the returned ones, then tenant and the names.
+// rows whose two dates differ, over the extent of windows. Its arguments are the returned ones, then
+// tenant, the extent's ends and the names.
+//
+// The rows are picked by comparing the dates, not by listing the windows as ts ranges: ClickHouse
+// evaluates such an OR of ranges on every row it reads, and measured here (2.6M rows of a tenant,
+// 18.16) 91 ranges took 0.9 s and 31 ranges 0.45 s, against 0.41 s for the comparison.
 func windowCountsSQL(db, table, column, agg string, z Zone, windows [][2]time.Time) (string, []any) {
-	lo, hi := windows[0][0], windows[len(windows)-1][1]
-	day, args := z.dayExpr(lo, hi)
-	var b strings.Builder
-	b.WriteString("SELECT " + column + ", toString(toDate(ts)) AS u, toString(" + day + ") AS l, " + agg + " FROM " + db + "." + table +
-		" WHERE ts >= ? AND ts < ? AND (")
-	args = append(args, lo, hi)
-	for i, w := range windows {
-		if i > 0 {
-			b.WriteString(" OR ")
-		}
-		b.WriteString("(ts >= ? AND ts < ?)")
-		args = append(args, w[0], w[1])
-	}
-	b.WriteString(") AND tenant_id = ? AND has(?, " + column + ") GROUP BY " + column + ", u, l")
-	return b.String(), args
+	day, args := z.dayExpr(windows[0][0], windows[len(windows)-1][1])
+	return "SELECT " + column + ", toString(toDate(ts)) AS u, toString(" + day + ") AS l, " + agg + " FROM " + db + "." + table +
+		" WHERE tenant_id = ? AND ts >= ? AND ts < ? AND has(?, " + column + ") AND u != l GROUP BY " + column + ", u, l", args
 }
 
 // moveAcrossMidnight applies the window counts to the UTC-day counts in into: each group of rows
