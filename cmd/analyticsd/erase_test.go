@@ -60,7 +60,15 @@ func TestEraseUserEndToEnd(t *testing.T) {
 		}
 		return n
 	}
-	post(write, "alice", 5)
+	post(write, "alice", 4)
+	withID := func() fixture.Response {
+		return srv.Do(t, fixture.Request{Method: http.MethodPost, Path: "/api/analytics/events", Key: write,
+			Body:   []byte(`{"id":"0190b5c2-7f00-7000-8000-000000000042","event":"auth.user.login","user_id":"alice"}`),
+			Header: map[string]string{"Content-Type": "application/json"}})
+	}
+	if r := withID(); r.Status != 202 {
+		t.Fatalf("ingest with an id: got %d %s", r.Status, r.Raw)
+	}
 	post(write, "bob", 4)
 	post(gwrite, "alice", 3)
 	testenv.Eventually(t, 20*time.Second, func() error {
@@ -110,6 +118,10 @@ func TestEraseUserEndToEnd(t *testing.T) {
 	var agg int64
 	if err := e.CH.QueryRow(context.Background(), "SELECT sum(count) FROM "+e.DB+".daily_usage WHERE tenant_id = ? AND metric = 'auth.user.login'", acme.ID).Scan(&agg); err != nil || agg != 15 {
 		t.Errorf("daily_usage: got %d (%v), want 15 (kept)", agg, err)
+	}
+	// A client retrying an erased event with its id is told it is a duplicate: it stays erased.
+	if r := withID(); r.Status != 202 || !strings.Contains(r.Raw, "0190b5c2-7f00-7000-8000-000000000042") {
+		t.Errorf("the erased event sent again: got %d %s, want 202 listing it as a duplicate", r.Status, r.Raw)
 	}
 	post(write, "alice", 2)
 	testenv.Eventually(t, 20*time.Second, func() error {
