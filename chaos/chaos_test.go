@@ -411,25 +411,7 @@ func TestFaults(t *testing.T) {
 		rec := s.drained(time.Minute)
 		l.halt()
 		r := s.account("redis stopped", l, rec)
-		// The counter heals from ClickHouse: it converges to what ClickHouse stored today (seed, then
-		// top-ups for rows that were still in the spool when it was seeded).
-		var stored uint64
-		if err := s.env.CH.QueryRow(context.Background(), "SELECT count() FROM "+s.env.DB+".events WHERE tenant_id = ? AND event = 'apikey.request' AND ts >= toDateTime(toDate(now()))", s.tenant).Scan(&stored); err != nil {
-			t.Fatal(err)
-		}
-		want := fmt.Sprintf(`"current":%d,`, stored)
-		deadline := time.Now().Add(45 * time.Second)
-		for {
-			resp, _ := s.get("/api/analytics/quotas/api_requests_daily")
-			if strings.Contains(resp, want) {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("quota after redis returned: %s, want current %d (ClickHouse's count today)", resp, stored)
-				break
-			}
-			time.Sleep(200 * time.Millisecond)
-		}
+		s.quotaHealed(t, "redis returned")
 		r.RecoverS = time.Since(start).Round(10 * time.Millisecond).Seconds()
 		check(r)
 	})
@@ -523,6 +505,30 @@ func TestFaults(t *testing.T) {
 	os.MkdirAll("../test-output", 0o755)
 	b, _ := json.MarshalIndent(results, "", "  ")
 	os.WriteFile("../test-output/chaos-"+mode+".json", b, 0o644)
+}
+
+// quotaHealed waits (45 s at most) until the tenant's live counter equals what ClickHouse stored today:
+// after Redis lost it, it converges from ClickHouse (seed, then top-ups for rows that were still in
+// the spool when it was seeded).
+func (s *system) quotaHealed(t *testing.T, after string) {
+	t.Helper()
+	var stored uint64
+	if err := s.env.CH.QueryRow(context.Background(), "SELECT count() FROM "+s.env.DB+".events WHERE tenant_id = ? AND event = 'apikey.request' AND ts >= toDateTime(toDate(now()))", s.tenant).Scan(&stored); err != nil {
+		t.Fatal(err)
+	}
+	want := fmt.Sprintf(`"current":%d,`, stored)
+	deadline := time.Now().Add(45 * time.Second)
+	for {
+		resp, _ := s.get("/api/analytics/quotas/api_requests_daily")
+		if strings.Contains(resp, want) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("quota after %s: %.300s, want current %d (ClickHouse's count today)", after, resp, stored)
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
 
 func (s *system) get(path string) (string, error) { return s.getAs(s.key, path) }
