@@ -335,20 +335,26 @@ func count(short, full int) int {
 	return short
 }
 
+// checker records each fault's Result in results, logs it, and fails the test unless every
+// acknowledged event was found exactly once.
+func checker(t *testing.T, results *[]Result) func(Result) {
+	return func(r Result) {
+		t.Helper()
+		*results = append(*results, r)
+		t.Logf("%-34s acked %7d found %7d lost %d dup %d refused %4d recover %.2fs %s", r.Fault, r.Acked, r.Found, r.Lost, r.Duplicated, r.Refused, r.RecoverS, r.Note)
+		if r.Lost != 0 || r.Duplicated != 0 || r.Acked == 0 || r.Found != r.Acked {
+			t.Errorf("%s: acked %d, found %d, lost %d, duplicated %d", r.Fault, r.Acked, r.Found, r.Lost, r.Duplicated)
+		}
+	}
+}
+
 func TestFaults(t *testing.T) {
 	if !testenv.Required() && os.Getenv("CLICKHOUSE_DSN") == "" {
 		t.Skip("needs the local stack: run make chaos")
 	}
 	bin := build(t)
 	var results []Result
-	check := func(r Result) {
-		t.Helper()
-		results = append(results, r)
-		t.Logf("%-28s acked %7d found %7d lost %d dup %d refused %4d recover %.2fs %s", r.Fault, r.Acked, r.Found, r.Lost, r.Duplicated, r.Refused, r.RecoverS, r.Note)
-		if r.Lost != 0 || r.Duplicated != 0 || r.Acked == 0 || r.Found != r.Acked {
-			t.Errorf("%s: acked %d, found %d, lost %d, duplicated %d", r.Fault, r.Acked, r.Found, r.Lost, r.Duplicated)
-		}
-	}
+	check := checker(t, &results)
 
 	t.Run("clickhouse stopped", func(t *testing.T) {
 		s := newSystem(t, bin, nil)

@@ -69,14 +69,7 @@ func TestClusterFaults(t *testing.T) {
 	}
 	bin := build(t)
 	var results []Result
-	check := func(r Result) {
-		t.Helper()
-		results = append(results, r)
-		t.Logf("%-34s acked %7d found %7d lost %d dup %d refused %4d recover %.2fs %s", r.Fault, r.Acked, r.Found, r.Lost, r.Duplicated, r.Refused, r.RecoverS, r.Note)
-		if r.Lost != 0 || r.Duplicated != 0 || r.Acked == 0 || r.Found != r.Acked {
-			t.Errorf("%s: acked %d, found %d, lost %d, duplicated %d", r.Fault, r.Acked, r.Found, r.Lost, r.Duplicated)
-		}
-	}
+	check := checker(t, &results)
 	outage := pick(5*time.Second, 30*time.Second)
 
 	t.Run("replica killed", func(t *testing.T) {
