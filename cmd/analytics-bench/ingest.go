@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/analyticsd/analyticsd/schema"
 )
 
 const (
@@ -95,14 +97,26 @@ func (b *bench) prepareIngest(ctx context.Context) error {
 // analyticsd's events; a second copy also feeds the same kind of daily_usage materialized view) and
 // the guide's Postgres analytics_events with its two indexes.
 func (b *bench) createBaselineTables(ctx context.Context) error {
-	db := b.name
-	for _, q := range []string{
-		"CREATE TABLE " + db + ".raw_events AS " + db + ".events",
-		"CREATE TABLE " + db + ".raw_events_mv AS " + db + ".events",
-		"CREATE TABLE " + db + ".raw_daily_usage AS " + db + ".daily_usage",
-		"CREATE MATERIALIZED VIEW " + db + ".raw_daily_usage_mv TO " + db + ".raw_daily_usage AS " +
-			"SELECT tenant_id, toDate(ts) AS date, event AS metric, toInt64(count()) AS count FROM " + db + ".raw_events_mv GROUP BY tenant_id, date, metric",
-	} {
+	db, l := b.name, b.layout
+	// like copies a table of analyticsd's; on a cluster as analyticsd's are laid out: a replicated
+	// local table on every shard and a Distributed table over it (the ceiling then pays for the
+	// same replication and sharding as analyticsd's inserts do).
+	like := func(name, of, engine, key string, args ...string) []string {
+		if !l.Clustered() {
+			return []string{"CREATE TABLE " + db + "." + name + " AS " + db + "." + of}
+		}
+		p := schema.Params{DB: db, Cluster: l.Cluster}
+		return []string{"CREATE TABLE " + l.Local(name) + l.OnCluster() + " AS " + l.Local(of) + " ENGINE = " + p.Engine(name, engine, args...) + " " + key,
+			strings.TrimSuffix(p.Distributed(name), ";")}
+	}
+	const eventsKey, usageKey = "PARTITION BY toYYYYMMDD(ts) ORDER BY (tenant_id, ts, id)", "PARTITION BY toYYYYMM(date) ORDER BY (tenant_id, metric, date)"
+	var stmts []string
+	stmts = append(stmts, like("raw_events", "events", "MergeTree", eventsKey)...)
+	stmts = append(stmts, like("raw_events_mv", "events", "MergeTree", eventsKey)...)
+	stmts = append(stmts, like("raw_daily_usage", "daily_usage", "SummingMergeTree", usageKey, "count")...)
+	stmts = append(stmts, "CREATE MATERIALIZED VIEW "+db+".raw_daily_usage_mv"+l.OnCluster()+" TO "+l.Local("raw_daily_usage")+" AS "+
+		"SELECT tenant_id, toDate(ts) AS date, event AS metric, toInt64(count()) AS count FROM "+l.Local("raw_events_mv")+" GROUP BY tenant_id, date, metric")
+	for _, q := range stmts {
 		if err := b.ch.Exec(ctx, q); err != nil {
 			return fmt.Errorf("create ceiling table: %w", err)
 		}

@@ -220,7 +220,7 @@ func (b *bench) storage(ctx context.Context, s *Scenario) error {
 	}
 	cols.Close()
 	var rawRows, rawComp, rawUncomp, rawParts uint64
-	if err := b.ch.QueryRow(ctx, q, b.name, "raw_events").Scan(&rawRows, &rawComp, &rawUncomp, &rawParts); err == nil && rawRows > 0 {
+	if err := b.ch.QueryRow(ctx, q, b.name, b.layout.LocalName("raw_events")).Scan(&rawRows, &rawComp, &rawUncomp, &rawParts); err == nil && rawRows > 0 {
 		s.set("ch_raw_events_bytes_per_event", ratio(float64(rawComp), float64(rawRows)))
 	}
 	var total, heap, idx int64
