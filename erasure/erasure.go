@@ -78,6 +78,11 @@ type Job struct {
 // ctx ends). nil means nothing to wait for (no spool, memory durability).
 type Barrier func(ctx context.Context) error
 
+// Scrubber removes from the local spool's quarantine the events of user in tenant (every row of the
+// tenant when user is ""), and returns how many it removed. Quarantined rows are in no table: ClickHouse
+// refused them, and they wait for an operator's requeue. nil skips the step.
+type Scrubber func(ctx context.Context, tenant uuid.UUID, user string) (int, error)
+
 // KeyDeleter removes a tenant's keys from Redis (live counters, claims, rate-limit buckets) on a
 // tenant's erasure; nil skips it.
 type KeyDeleter func(ctx context.Context, tenant uuid.UUID) (int, error)
@@ -88,6 +93,7 @@ type Config struct {
 	// Lightweight: the server has DELETE FROM (schema.LightweightDelete); otherwise ALTER … DELETE.
 	Lightweight bool
 	Barrier     Barrier
+	Quarantine  Scrubber
 	DeleteKeys  KeyDeleter
 	// Poll is how often a mutation's progress and the job queue are looked at (default 500ms).
 	Poll time.Duration
@@ -237,10 +243,11 @@ const (
 	stepCounted = "counted"      // rows_erased holds the rows found before deleting
 	stepSpool   = "spool"        // the spool's rows of before the job have shipped
 	stepDeleted = "clickhouse"   // the delete ran and finished
+	stepScrub   = "quarantine"   // the local spool's quarantine holds none of the rows
 	stepOther   = "other-stores" // Postgres and Redis (tenant erasure)
 )
 
-var stepOrder = map[string]int{"": 0, stepCounted: 1, stepSpool: 2, stepDeleted: 3, stepOther: 4}
+var stepOrder = map[string]int{"": 0, stepCounted: 1, stepSpool: 2, stepDeleted: 3, stepScrub: 4, stepOther: 5}
 
 func (s *Service) run(ctx context.Context, j Job) error {
 	beat, stop := context.WithCancel(ctx)
@@ -317,6 +324,20 @@ func (s *Service) steps(ctx context.Context, j *Job) error {
 			return fmt.Errorf("%d rows still found after the delete", n)
 		}
 		if err := s.setStep(ctx, j, stepDeleted); err != nil {
+			return err
+		}
+	}
+	if stepOrder[j.Step] < stepOrder[stepScrub] {
+		// After the delete: what the spool set aside while the job waited is in the quarantine now.
+		// A crash between the scrub and saving the step under-counts rows_erased by what it removed.
+		if s.cfg.Quarantine != nil {
+			n, err := s.cfg.Quarantine(ctx, j.TenantID, j.UserID)
+			if err != nil {
+				return fmt.Errorf("scrub the quarantine: %w", err)
+			}
+			j.RowsErased += int64(n)
+		}
+		if err := s.setStep(ctx, j, stepScrub); err != nil {
 			return err
 		}
 	}

@@ -374,3 +374,43 @@ func TestRedisKeysDeletesOnlyTheTenants(t *testing.T) {
 		}
 	}
 }
+
+// The quarantine step runs after the delete, for the job's tenant and user ("" for a tenant), and
+// what it removed counts as erased.
+func TestQuarantineIsScrubbed(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := context.Background()
+	f.env.Insert(t, "events", eventCols, rows(f.a, "fred", 3)...)
+	var calls []string
+	s := f.service(Config{Quarantine: func(_ context.Context, tn uuid.UUID, user string) (int, error) {
+		if n := f.count(t, f.a, "fred"); n != 0 {
+			t.Errorf("the quarantine was scrubbed before the delete (%d rows left)", n)
+		}
+		calls = append(calls, tn.String()+"/"+user)
+		return 2, nil
+	}})
+	j, err := s.EraseUser(ctx, f.a, "fred", "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.RunOne(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.job(t, s, f.a, j.ID); got.Status != StatusDone || got.RowsErased != 5 {
+		t.Errorf("job: got %s %d rows, want done 5 (3 stored, 2 quarantined)", got.Status, got.RowsErased)
+	}
+	jt, err := s.EraseTenant(ctx, f.b, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.RunOne(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{f.a.String() + "/fred", f.b.String() + "/"}; fmt.Sprint(calls) != fmt.Sprint(want) {
+		t.Errorf("scrubs: got %v, want %v", calls, want)
+	}
+	if got := f.job(t, s, f.b, jt.ID); got.Status != StatusDone {
+		t.Errorf("tenant job: %+v", got)
+	}
+}
