@@ -59,6 +59,22 @@ func (l Layout) ConnSettings() map[string]any {
 	return map[string]any{"insert_distributed_sync": 1, "max_replica_delay_for_distributed_queries": 1}
 }
 
+// SkipUnusedShards reports whether the server prunes a Distributed read to the shards the sharding
+// key can hold (optimize_skip_unused_shards), given a WHERE with tenant_id = constant: every
+// tenant-scoped read then asks one shard instead of all. 18.16 lacks the setting (it fails the
+// query); 22.3 LTS evaluates expression keys such as cityHash64(toString(tenant_id)).
+func SkipUnusedShards(v Version) bool { return v.AtLeast(22, 3) }
+
+// ConnSettingsFor is ConnSettings for a server of version v: on a cluster of servers that prune
+// shards, with optimize_skip_unused_shards too.
+func (l Layout) ConnSettingsFor(v Version) map[string]any {
+	s := l.ConnSettings()
+	if s != nil && SkipUnusedShards(v) {
+		s["optimize_skip_unused_shards"] = 1
+	}
+	return s
+}
+
 // Check validates the names a Layout puts into SQL unquoted.
 func (l Layout) Check() error {
 	if !ValidIdent(l.DB) {

@@ -125,3 +125,19 @@ func TestPostgresMigrationsLoad(t *testing.T) {
 		t.Fatalf("got %d postgres migrations starting at %v, want version 1 first", len(ms), ms)
 	}
 }
+
+// What a connection to each layout carries: nothing on one server; synchronous distributed inserts
+// and the 1 s replica-delay bound on a cluster; shard pruning only where the server has it.
+func TestConnSettings(t *testing.T) {
+	if s := (Layout{DB: "a"}).ConnSettingsFor(Version{25, 8, 1}); s != nil {
+		t.Errorf("one server: %v, want none", s)
+	}
+	c := Layout{DB: "a", Cluster: "c"}
+	old, modern := c.ConnSettingsFor(Version{18, 16, 1}), c.ConnSettingsFor(Version{25, 8, 1})
+	if old["insert_distributed_sync"] != 1 || old["max_replica_delay_for_distributed_queries"] != 1 || old["optimize_skip_unused_shards"] != nil {
+		t.Errorf("cluster of 18.16: %v", old)
+	}
+	if modern["optimize_skip_unused_shards"] != 1 || modern["insert_distributed_sync"] != 1 {
+		t.Errorf("cluster of 25.8: %v", modern)
+	}
+}

@@ -10,6 +10,8 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/analyticsd/analyticsd/schema"
 )
 
 // openClickHouse opens a native-protocol pool. Its default database stays "default" because the
@@ -35,6 +37,27 @@ func openClickHouse(cfg Config) (driver.Conn, error) {
 	}
 	conn, err := clickhouse.Open(opts)
 	if err != nil {
+		return nil, fmt.Errorf("open clickhouse: %w", err)
+	}
+	if cfg.ClickHouseCluster == "" {
+		return conn, nil
+	}
+	// Settings that depend on the server's version are known only once it answers: ask briefly, and
+	// reopen with them (a cluster down at start-up keeps the version-independent ones).
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if conn.Ping(ctx) != nil {
+		return conn, nil
+	}
+	v, err := schema.ServerVersion(conn)
+	if err != nil || !schema.SkipUnusedShards(v) {
+		return conn, nil
+	}
+	conn.Close()
+	for k, val := range cfg.Layout().ConnSettingsFor(v) {
+		opts.Settings[k] = val
+	}
+	if conn, err = clickhouse.Open(opts); err != nil {
 		return nil, fmt.Errorf("open clickhouse: %w", err)
 	}
 	return conn, nil
