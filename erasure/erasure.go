@@ -397,11 +397,17 @@ func (s *Service) delete(ctx context.Context, st statement) error {
 		return fmt.Errorf("delete from %s: %w", st.table, err)
 	}
 	// system.mutations has only these columns on 18.16 (no failure reason): a mutation that keeps
-	// failing shows as one that never finishes, and the job's step fails when ctx ends.
+	// failing shows as one that never finishes, and the job's step fails when ctx ends. On a cluster
+	// the mutation runs on every shard: cluster() asks one replica of each (a replicated table's
+	// replicas apply the same mutation), not only the server this connection reached.
+	mutations := "system.mutations"
+	if l := s.cfg.Layout; l.Clustered() {
+		mutations = "cluster('" + l.Cluster + "', system, mutations)"
+	}
 	for {
 		var pending uint64
-		err := s.ch.QueryRow(ctx, "SELECT count() FROM system.mutations WHERE database = ? AND table = ? AND is_done = 0",
-			s.cfg.Layout.DB, tableName(s.cfg.Layout, st.table)).Scan(&pending)
+		err := s.ch.QueryRow(ctx, "SELECT count() FROM "+mutations+" WHERE database = ? AND table = ? AND is_done = 0",
+			s.cfg.Layout.DB, s.cfg.Layout.LocalName(st.table)).Scan(&pending)
 		if err != nil {
 			return fmt.Errorf("poll mutations of %s: %w", st.table, err)
 		}
@@ -415,9 +421,6 @@ func (s *Service) delete(ctx context.Context, st statement) error {
 		}
 	}
 }
-
-// tableName is the unqualified name of the table that stores name's rows.
-func tableName(l schema.Layout, name string) string { return l.Local(name)[len(l.DB)+1:] }
 
 // count is how many rows the job still has to erase (events; for a tenant, events and increments).
 func (s *Service) count(ctx context.Context, j Job) (int64, error) {

@@ -18,6 +18,8 @@ import (
 	"github.com/getkin/kin-openapi/routers/legacy"
 
 	"github.com/analyticsd/analyticsd/api"
+	"github.com/google/uuid"
+
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 )
@@ -138,6 +140,12 @@ func TestLiveResponsesMatchOpenAPI(t *testing.T) {
 		{"POST", "/v1/group", "", `{"anonymousId":"a3","groupId":"g1","traits":{"seats":3}}`, segment, 200},
 		{"POST", "/v1/alias", "", `{"userId":"u9","previousId":"a3"}`, segment, 200},
 		{"POST", "/v1/alias", "", `{"anonymousId":"a3","previousId":"a3"}`, segment, 400},
+		// Erasure last: the tenant's data goes.
+		{"DELETE", "/api/analytics/users/u1", adminKey, "", nil, 202},
+		{"DELETE", "/api/analytics/users/u1", readKey, "", nil, 403},
+		{"GET", "/api/analytics/erasures/" + uuid.NewString(), adminKey, "", nil, 404},
+		{"DELETE", "/api/analytics/data?confirm=someone-else", adminKey, "", nil, 400},
+		{"DELETE", "/api/analytics/data?confirm=openapi", adminKey, "", nil, 202},
 	}
 
 	seen := map[string]bool{} // "METHOD path status"

@@ -11,6 +11,7 @@ import (
 
 	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/erasure"
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/query"
 	"github.com/analyticsd/analyticsd/quota"
@@ -23,7 +24,7 @@ func TestOpenAPIDocumentsEveryRoute(t *testing.T) {
 	mount(app, api.Ops{Gatherer: prometheus.NewRegistry()}, auth.NewAuthenticator(nil, nil, auth.JWTConfig{}), nil,
 		ingest.NewService(ingest.Config{}, nil, nil, ingest.NewMetrics(nil, 0), nil), query.NewService(query.Config{}, nil, nil, nil, nil),
 		quota.NewService(quota.Config{}, nil, nil, nil, "", nil, nil, nil, nil),
-		rollup.NewReconciler(nil, "", nil, nil, nil, nil, 90, nil))
+		rollup.NewReconciler(nil, "", nil, nil, nil, nil, 90, nil), erasure.New(erasure.Config{}, nil, nil, nil, nil))
 	var doc struct {
 		OpenAPI string                    `json:"openapi"`
 		Paths   map[string]map[string]any `json:"paths"`

@@ -172,6 +172,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	eraseCfg := erasure.Config{Layout: cfg.Layout(), Lightweight: schema.LightweightDelete(chVersion), DeleteKeys: erasure.RedisKeys(rdb, "")}
 	if writer.Durable() {
 		eraseCfg.Barrier = erasure.SpoolBarrier(cfg.Writer.Dir, 200*time.Millisecond, 10*time.Minute)
+		eraseCfg.Quarantine = writer.ScrubQuarantine
 	}
 	eraser := erasure.New(eraseCfg, ch, pg, auditLog, log.With("component", "erasure"))
 	if len(cfg.CORSOrigins) > 0 {
@@ -183,8 +184,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 			MaxAge:        600,
 		}))
 	}
-	mount(app, ops, authn, limiter, ingestSvc, querySvc, quotaSvc, reconciler, idempotency...)
-	eraser.Register(app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsAdmin, limiter.Limit))
+	mount(app, ops, authn, limiter, ingestSvc, querySvc, quotaSvc, reconciler, eraser, idempotency...)
 
 	ln, oln, err := listen(cfg)
 	if err != nil {
@@ -299,7 +299,7 @@ func checkClickHouse(ctx context.Context, cfg *Config, ch driver.Conn, pg *pgxpo
 // mount registers every route; the OpenAPI test walks the same function. Every API route
 // authenticates, then takes the credential's rate-limit token (consume leaves it to its script: one
 // Redis round trip); writeMW runs after both on every write (the Idempotency-Key middleware).
-func mount(app *fiber.App, ops api.Ops, authn *auth.Authenticator, rl *ratelimit.Limiter, in *ingest.Service, q *query.Service, qs *quota.Service, rc *rollup.Reconciler, writeMW ...fiber.Handler) {
+func mount(app *fiber.App, ops api.Ops, authn *auth.Authenticator, rl *ratelimit.Limiter, in *ingest.Service, q *query.Service, qs *quota.Service, rc *rollup.Reconciler, er *erasure.Service, writeMW ...fiber.Handler) {
 	ops.Register(app)
 	api.RegisterOpenAPI(app)
 	analytics := app.Group("/api/analytics")
@@ -307,6 +307,7 @@ func mount(app *fiber.App, ops api.Ops, authn *auth.Authenticator, rl *ratelimit
 	q.Register(analytics, authn.Require(auth.ScopeAnalyticsRead, rl.Limit))
 	qs.Register(analytics, authn.Require(auth.ScopeAnalyticsRead, rl.Limit), authn.Require(auth.ScopeEventsWrite, rl.Defer), writeMW...)
 	rc.Register(analytics, authn.Require(auth.ScopeAnalyticsAdmin, rl.Limit))
+	er.Register(analytics, authn.Require(auth.ScopeAnalyticsAdmin, rl.Limit))
 	segment.New(in).Register(app, authn.Require(auth.ScopeEventsWrite, rl.Limit))
 	dashboards.Register(app)
 }
