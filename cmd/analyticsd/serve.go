@@ -82,7 +82,8 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		return querySvc.Drain(ctx)
 	})
 
-	if err := checkClickHouse(ctx, &cfg, ch, pg, log); err != nil {
+	chVersion, err := checkClickHouse(ctx, &cfg, ch, pg, log)
+	if err != nil {
 		return err
 	}
 
@@ -165,10 +166,8 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	store.SetRetentionDays(cfg.RetentionDays)
 	querySvc = query.NewService(cfg.Query, store, auditLog, reg, log.With("component", "query"))
 	querySvc.SetZones(tenants)
-	chVersion, err := schema.ServerVersion(ch)
-	if err != nil {
-		return err
-	}
+	// A server unreachable at start-up has no known version: erasure uses the mutation every
+	// version has (serve must start while ClickHouse is down, and ingest into the spool).
 	eraseCfg := erasure.Config{Layout: cfg.Layout(), Lightweight: schema.LightweightDelete(chVersion), DeleteKeys: erasure.RedisKeys(rdb, "")}
 	if writer.Durable() {
 		eraseCfg.Barrier = erasure.SpoolBarrier(cfg.Writer.Dir, 200*time.Millisecond, 10*time.Minute)
@@ -274,26 +273,31 @@ func counting(c *quota.Counters) *dedup.Counting {
 // checkClickHouse refuses a ClickHouse server analyticsd would corrupt data on — one not in UTC, or
 // whose tables expire rows after another window than RETENTION_DAYS (migrate applies it) — and sets
 // the retention every package uses to the window in force. A server unreachable at start-up is not
-// a reason to stay down (ingest keeps spooling): the checks are skipped with a warning.
-func checkClickHouse(ctx context.Context, cfg *Config, ch driver.Conn, pg *pgxpool.Pool, log *slog.Logger) error {
+// a reason to stay down (ingest keeps spooling): the checks are skipped with a warning. It returns the
+// server's version (zero when unreachable).
+func checkClickHouse(ctx context.Context, cfg *Config, ch driver.Conn, pg *pgxpool.Pool, log *slog.Logger) (schema.Version, error) {
 	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if err := ch.Ping(pctx); err != nil {
-		log.Warn("clickhouse unreachable at start-up: its time zone and retention are not checked; RETENTION_DAYS is used as is", "err", err)
-		return nil
+		log.Warn("clickhouse unreachable at start-up: its time zone, retention and version are not checked; RETENTION_DAYS is used as is", "err", err)
+		return schema.Version{}, nil
+	}
+	v, err := schema.ServerVersion(ch)
+	if err != nil {
+		return v, err
 	}
 	if err := schema.CheckTimeZone(pctx, ch); err != nil {
-		return err
+		return v, err
 	}
 	w, err := retention.Effective(pctx, ch, cfg.ClickHouseDB, cfg.Layout().LocalName("events"), cfg.RetentionDays)
 	if err != nil {
-		return err
+		return v, err
 	}
 	cfg.RetentionDays, cfg.Ingest.Limits.RetentionDays, cfg.Writer.RetentionDays = w.Days, w.Days, w.Days
 	if err := retention.NewFloor(pg, cfg.ClickHouseDB).Raise(pctx, w.CompleteFrom(time.Time{}, clock.Now())); err != nil {
 		log.Warn("retention floor not recorded at start-up", "err", err)
 	}
-	return nil
+	return v, nil
 }
 
 // mount registers every route; the OpenAPI test walks the same function. Every API route
