@@ -17,7 +17,7 @@ BIN     := bin/analyticsd
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 GOFLAGS_BUILD := -trimpath -ldflags "-X main.version=$(VERSION)"
 
-.PHONY: test-cluster cluster-up cluster-down help run test build lint fmt up down stack-up stack-down stack-status chaos fuzz bench bench-quick
+.PHONY: test-cluster cluster-up cluster-down bench-cluster help run test build lint fmt up down stack-up stack-down stack-status chaos fuzz bench bench-quick
 
 FUZZTIME ?= 2m
 FUZZ_TARGETS := ingest:FuzzDecode ingest:FuzzValidate query:FuzzParseCursor query:FuzzParseParams
@@ -66,6 +66,11 @@ cluster-down: ## stop the local cluster
 bench: ## the full benchmark: every scenario as a ratio against baselines measured in the same run (see BENCHMARKS.md)
 	$(STACK) up
 	$(WITHENV) go run ./cmd/analytics-bench
+
+bench-cluster: ## the benchmark against the local cluster (2 shards x 2 replicas, Redis Cluster): ceilings through the Distributed tables (see BENCHMARKS.md, "Cluster")
+	$(STACK) up
+	$(CLUSTER) up
+	$(WITHCLUSTER) go run ./cmd/analytics-bench $(BENCH_ARGS)
 
 bench-quick: ## the benchmark harness in CI mode (~30 s; asserts nothing about speed)
 	$(STACK) up
