@@ -889,6 +889,7 @@ func refusedRows(err error) bool {
 		241,      // memory limit: the server's state
 		243,      // not enough space
 		252,      // too many parts: merges are behind (and one insert never spans more than one day)
+		279,      // a cluster with every replica of a shard down (ALL_CONNECTION_TRIES_FAILED)
 		319,      // unknown status of insert
 		425,      // system error
 		497, 516: // access denied, authentication failed
