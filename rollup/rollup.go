@@ -17,6 +17,7 @@ import (
 	"sort"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
@@ -418,11 +419,15 @@ func nonZero(m map[key]int64) map[key]int64 {
 	return out
 }
 
-// writeRepairs inserts, per repaired row, the difference raw - aggregate into daily_usage.
+// writeRepairs inserts, per repaired row, the difference raw - aggregate into daily_usage. Without
+// insert_deduplicate=0 a cluster's replicated daily_usage would drop a repair equal to one of its
+// last 100 blocks — two equal corrections (+1 for the same tenant, day and metric, a day apart) are
+// two corrections, not a replay; one server never drops them, so the layouts would disagree.
 func (r *Reconciler) writeRepairs(ctx context.Context, day time.Time, repairs []repair) error {
 	if len(repairs) == 0 {
 		return nil
 	}
+	ctx = clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{"insert_deduplicate": 0}))
 	batch, err := r.ch.PrepareBatch(ctx, "INSERT INTO "+r.db+".daily_usage (tenant_id, date, metric, count)")
 	if err != nil {
 		return fmt.Errorf("rollup %s: repair daily_usage: prepare: %w", day.Format(time.DateOnly), err)

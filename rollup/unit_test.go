@@ -248,3 +248,25 @@ func TestDriftedDates(t *testing.T) {
 		t.Errorf("drifted: got %v, want %s", s, want)
 	}
 }
+
+// Two equal repairs are two corrections. On a cluster the replicated daily_usage drops an insert
+// equal to a recent block unless the repair says not to (make test-cluster runs this on the cluster).
+func TestEqualRepairsBothApply(t *testing.T) {
+	env := testenv.Migrated(t)
+	r := NewReconciler(env.CH, env.DB, env.PG, nil, nil, nil, 90, nil)
+	tenant, d := uuid.New(), Day(time.Now()).AddDate(0, 0, -3)
+	rp := []repair{{Tenant: tenant, Metric: "auth.user.login", Aggregate: 4, Raw: 5}}
+	ctx := context.Background()
+	for range 2 {
+		if err := r.writeRepairs(ctx, d, rp); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var n int64
+	if err := env.CH.QueryRow(ctx, "SELECT sum(count) FROM "+env.DB+".daily_usage WHERE tenant_id = ?", tenant).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if n != 2 {
+		t.Errorf("two repairs of +1: daily_usage holds %d, want 2", n)
+	}
+}
