@@ -1,6 +1,11 @@
 package schema
 
-import "fmt"
+import (
+	"context"
+	"fmt"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+)
 
 // Layout says where analyticsd's ClickHouse tables live: one server (Cluster empty), or a cluster on
 // which every table the code reads is a Distributed table over a replicated "<name>_local" table on
@@ -57,6 +62,26 @@ func (l Layout) ConnSettings() map[string]any {
 		return nil
 	}
 	return map[string]any{"insert_distributed_sync": 1, "max_replica_delay_for_distributed_queries": 1}
+}
+
+// CheckLoadBalancing reads the servers' load_balancing (a string setting, which clickhouse-go cannot
+// send to 18.16, so it must come from the server's profile) and says what is wrong with it on a
+// cluster: the spool's replay check reads back through the Distributed table what it inserted, and
+// only in_order (or first_or_random) sends that read to the replica the insert went to while it is up;
+// with random it may ask the other replica before it fetched the part, and the check then rests on the
+// replicated tables' own deduplication, which remembers only the last 100 blocks.
+func (l Layout) CheckLoadBalancing(ctx context.Context, ch driver.Conn) error {
+	if !l.Clustered() {
+		return nil
+	}
+	var v string
+	if err := ch.QueryRow(ctx, "SELECT value FROM system.settings WHERE name = 'load_balancing'").Scan(&v); err != nil {
+		return fmt.Errorf("read load_balancing: %w", err)
+	}
+	if v != "in_order" && v != "first_or_random" {
+		return fmt.Errorf("the ClickHouse profile's load_balancing is %q; on a cluster analyticsd needs in_order (set it in the servers' users.xml profile): reads after inserts may otherwise reach a replica that has not fetched them yet", v)
+	}
+	return nil
 }
 
 // SkipUnusedShards reports whether the server prunes a Distributed read to the shards the sharding

@@ -199,7 +199,7 @@ func (m *Migrator) clickhouse(ctx context.Context, ms []Migration) ([]int, error
 	if l.Clustered() {
 		// One copy on every server of the cluster (no {shard} in the path), so whichever server a
 		// later migrate connects to knows what was applied.
-		engine = fmt.Sprintf("ReplicatedMergeTree('/clickhouse/tables/all/%s/schema_migrations', '{shard}-{replica}')", m.DB)
+		engine = fmt.Sprintf("ReplicatedMergeTree('/clickhouse/tables/%s/all/%s/schema_migrations', '{shard}-{replica}')", m.Cluster, m.DB)
 	}
 	boot := []string{
 		"CREATE DATABASE IF NOT EXISTS " + m.DB + l.OnCluster(),

@@ -275,3 +275,22 @@ func TestClusterReplayedBlockIsStoredAndCountedOnce(t *testing.T) {
 		t.Errorf("four tenants' rows landed on %d shard(s); the sharding key should spread tenants", shards)
 	}
 }
+
+// On a cluster the servers' profile must send reads where inserts went. The local cluster's does
+// (cluster.sh renders users.xml with in_order); the single stack's says random, which the check
+// refuses for a cluster layout (and ignores for one server).
+func TestLoadBalancingChecked(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	env := testenv.Migrated(t)
+	if err := (schema.Layout{DB: env.DB}).CheckLoadBalancing(ctx, env.CH); err != nil {
+		t.Errorf("one server: %v, want no check", err)
+	}
+	err := (schema.Layout{DB: env.DB, Cluster: "c"}).CheckLoadBalancing(ctx, env.CH)
+	switch {
+	case testenv.Cluster() != "" && err != nil:
+		t.Errorf("the local cluster's profile: %v", err)
+	case testenv.Cluster() == "" && (err == nil || !strings.Contains(err.Error(), `"random"`)):
+		t.Errorf("the single stack's profile (random) checked as a cluster's: %v, want an error naming random", err)
+	}
+}

@@ -47,11 +47,11 @@ func (p Params) Local(name string) string { return p.layout().Local(name) }
 func (p Params) OnCluster() string { return p.layout().OnCluster() }
 
 // Engine renders a storage engine: engine(args...) on one server; on a cluster its Replicated form,
-// whose ZooKeeper path holds the shard, database and table (so test databases and tenants' clusters
+// whose ZooKeeper path holds the cluster, shard, database and table (so clusters and databases
 // sharing one ZooKeeper never collide) and whose replica name is the server's {replica} macro.
 func (p Params) Engine(table, engine string, args ...string) string {
 	if p.Cluster != "" {
-		path := fmt.Sprintf("'/clickhouse/tables/{shard}/%s/%s_local'", p.DB, table)
+		path := fmt.Sprintf("'/clickhouse/tables/%s/{shard}/%s/%s_local'", p.Cluster, p.DB, table)
 		args = append([]string{path, "'{replica}'"}, args...)
 		engine = "Replicated" + engine
 	}

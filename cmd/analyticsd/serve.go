@@ -286,6 +286,9 @@ func checkClickHouse(ctx context.Context, cfg *Config, ch driver.Conn, pg *pgxpo
 	if err != nil {
 		return v, err
 	}
+	if err := cfg.Layout().CheckLoadBalancing(pctx, ch); err != nil {
+		log.Warn("clickhouse cluster misconfigured", "err", err)
+	}
 	if err := schema.CheckTimeZone(pctx, ch); err != nil {
 		return v, err
 	}

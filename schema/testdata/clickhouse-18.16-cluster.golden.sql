@@ -11,7 +11,7 @@ CREATE TABLE IF NOT EXISTS analytics.events_local ON CLUSTER analytics_cluster
     ip          String,
     request_id  String
 )
-ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/analytics/events_local', '{replica}')
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/analytics_cluster/{shard}/analytics/events_local', '{replica}')
 PARTITION BY toYYYYMMDD(ts)
 ORDER BY (tenant_id, ts, id)
 SETTINGS index_granularity = 8192;
@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS analytics.usage_increments_local ON CLUSTER analytics
     metric    String,
     n         Int64
 )
-ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/analytics/usage_increments_local', '{replica}')
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/analytics_cluster/{shard}/analytics/usage_increments_local', '{replica}')
 PARTITION BY toYYYYMMDD(ts)
 ORDER BY (tenant_id, ts, id)
 SETTINGS index_granularity = 8192;
@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS analytics.daily_usage_local ON CLUSTER analytics_clus
     metric    String,
     count     Int64
 )
-ENGINE = ReplicatedSummingMergeTree('/clickhouse/tables/{shard}/analytics/daily_usage_local', '{replica}', count)
+ENGINE = ReplicatedSummingMergeTree('/clickhouse/tables/analytics_cluster/{shard}/analytics/daily_usage_local', '{replica}', count)
 PARTITION BY toYYYYMM(date)
 ORDER BY (tenant_id, metric, date);
 
