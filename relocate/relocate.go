@@ -107,7 +107,7 @@ func Copy(ctx context.Context, ch driver.Conn, l schema.Layout, src Source) (Res
 			return res, fmt.Errorf("count %s on the cluster: %w", l.Table(t), err)
 		}
 		if n > 0 {
-			return res, fmt.Errorf("%s holds %d rows: %w; an interrupted copy leaves some: drop the database ON CLUSTER, run `analyticsd migrate`, copy again", l.Table(t), n, ErrNotEmpty)
+			return res, fmt.Errorf("%s holds %d rows: %w; an interrupted copy leaves some: DROP DATABASE … ON CLUSTER … SYNC (SYNC on modern servers), run `analyticsd migrate`, copy again", l.Table(t), n, ErrNotEmpty)
 		}
 	}
 	// Raw rows first: each insert on a shard feeds that shard's materialized view, which rebuilds the
