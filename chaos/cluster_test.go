@@ -6,6 +6,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"strconv"
@@ -128,13 +130,49 @@ func TestClusterFaults(t *testing.T) {
 	t.Run("redis cluster node down", func(t *testing.T) {
 		s := newSystem(t, bin, nil)
 		node := redisNodeOf(t, s)
-		l := s.startLoad(4)
+		// A second instance for a tenant whose slot another master holds: it must not notice.
+		var other *system
+		for range 8 {
+			if o := newSystem(t, bin, nil); redisNodeOf(t, o) != node {
+				other = o
+				break
+			}
+		}
+		if other == nil {
+			t.Fatal("no tenant on another master in 8 tries")
+		}
+		l, lo := s.startLoad(4), other.startLoad(1)
 		time.Sleep(time.Second)
 		cluster(t, "kill-node", node)
 		time.Sleep(pick(3*time.Second, 15*time.Second))
 		if resp, err := s.get("/api/analytics/quotas/api_requests_daily"); err != nil || !strings.Contains(resp, `"degraded":true`) {
 			t.Errorf("quota with the tenant's Redis master down: %v %.300s, want degraded", err, resp)
 		}
+		// The other master's tenant keeps shipping while the node is still down (one master's outage
+		// used to stop every tenant's claims and shipping).
+		lo.mu.Lock()
+		ackedOther := len(lo.acked)
+		lo.mu.Unlock()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			var n uint64
+			_ = other.env.CH.QueryRow(context.Background(), "SELECT count() FROM "+other.env.DB+".events WHERE tenant_id = ?", other.tenant).Scan(&n)
+			if n >= uint64(ackedOther) {
+				break
+			}
+			if time.Now().After(deadline) {
+				var ready string
+				if resp, err := http.Get(other.ops + "/readiness"); err == nil {
+					b, _ := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					ready = string(b)
+				}
+				t.Errorf("a tenant on a healthy master: %d of %d acknowledged events stored 10 s into another master's outage; its instance: %.800s", n, ackedOther, ready)
+				break
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		lo.halt()
 		cluster(t, "start-node", node)
 		start := time.Now()
 		rec := s.drained(time.Minute)

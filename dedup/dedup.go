@@ -26,6 +26,7 @@ package dedup
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -47,8 +48,9 @@ type Store struct {
 	claim    *redis.Script
 
 	mu       sync.Mutex
-	floor    time.Time // the latest Redis restart noticed (see restartFloor)
-	floorAt  time.Time // when it was last looked at
+	floor    time.Time         // the latest Redis restart noticed (see restartFloor)
+	floorAt  time.Time         // when it was last looked at
+	seen     map[string]string // run ids read last, for noticing a restart while Redis cannot record it
 	runIDsFn func(ctx context.Context) (map[string]string, error)
 }
 
@@ -397,11 +399,24 @@ func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Ti
 		args = append(args, server, id)
 	}
 	n, err := restartScript.Run(ctx, s.rdb, []string{s.prefix + "dedup:{restarts}", s.prefix + "dedup:{restarts}:floor"}, args...).Int64()
-	if err != nil {
-		return time.Time{}, fmt.Errorf("record redis run ids: %w", err)
-	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if err != nil {
+		if _, cluster := s.rdb.(*redis.ClusterClient); !cluster {
+			return time.Time{}, fmt.Errorf("record redis run ids: %w", err)
+		}
+		// The master holding {restarts} is down: every other master's tenants go on. A restart is
+		// still noticed, from the run ids this process read before; floorAt stays, so the record is
+		// tried again at the next look.
+		for server, id := range ids {
+			if prev, ok := s.seen[server]; ok && prev != id && s.now().After(s.floor) {
+				s.floor = s.now().UTC().Truncate(time.Second)
+			}
+		}
+		s.seen = ids
+		return s.floor, nil
+	}
+	s.seen = ids
 	if n > 0 {
 		s.floor = time.Unix(n, 0).UTC()
 	}
@@ -420,15 +435,29 @@ func (s *Store) SetRunIDs(f func(ctx context.Context) (map[string]string, error)
 func (s *Store) runIDs(ctx context.Context) (map[string]string, error) {
 	ids := map[string]string{}
 	if c, ok := s.rdb.(*redis.ClusterClient); ok {
+		// A master that does not answer is left out: its tenants' claims fail on their own keys, and
+		// its run id is read again when it is back (a new id then raises the floor). Failing here
+		// stopped every tenant's claims and shipping while one master was down.
 		var mu sync.Mutex
-		err := c.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error {
+		var down []error
+		_ = c.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error {
+			// Bounded: every shipment looks, and a dead master's dial backoff must not hold them all.
+			ctx, cancel := context.WithTimeout(ctx, 250*time.Millisecond)
+			defer cancel()
 			id, err := runID(ctx, m)
 			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				down = append(down, err)
+				return nil
+			}
 			ids["master "+m.Options().Addr] = id
-			mu.Unlock()
-			return err
+			return nil
 		})
-		return ids, err
+		if len(ids) == 0 && len(down) > 0 {
+			return ids, errors.Join(down...)
+		}
+		return ids, nil
 	}
 	id, err := runID(ctx, s.rdb)
 	ids["server"] = id
