@@ -22,6 +22,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
@@ -398,18 +401,26 @@ func (s *Service) delete(ctx context.Context, st statement) error {
 	}
 	// system.mutations has only these columns on 18.16 (no failure reason): a mutation that keeps
 	// failing shows as one that never finishes, and the job's step fails when ctx ends. On a cluster
-	// the mutation runs on every shard: cluster() asks one replica of each (a replicated table's
-	// replicas apply the same mutation), not only the server this connection reached.
-	mutations := "system.mutations"
+	// the mutation runs on every replica of every shard, each at its own pace: every server of the
+	// cluster is asked (remote() per address of system.clusters), so the job is not done while one
+	// replica still serves the rows.
+	sources := []string{"system.mutations"}
 	if l := s.cfg.Layout; l.Clustered() {
-		mutations = "cluster('" + l.Cluster + "', system, mutations)"
+		var err error
+		if sources, err = s.replicaMutations(ctx, l.Cluster); err != nil {
+			return err
+		}
 	}
 	for {
 		var pending uint64
-		err := s.ch.QueryRow(ctx, "SELECT count() FROM "+mutations+" WHERE database = ? AND table = ? AND is_done = 0",
-			s.cfg.Layout.DB, s.cfg.Layout.LocalName(st.table)).Scan(&pending)
-		if err != nil {
-			return fmt.Errorf("poll mutations of %s: %w", st.table, err)
+		for _, src := range sources {
+			var n uint64
+			err := s.ch.QueryRow(ctx, "SELECT count() FROM "+src+" WHERE database = ? AND table = ? AND is_done = 0",
+				s.cfg.Layout.DB, s.cfg.Layout.LocalName(st.table)).Scan(&n)
+			if err != nil {
+				return fmt.Errorf("poll mutations of %s: %w", st.table, err)
+			}
+			pending += n
 		}
 		if pending == 0 {
 			return nil
@@ -420,6 +431,32 @@ func (s *Service) delete(ctx context.Context, st statement) error {
 		case <-time.After(s.cfg.Poll):
 		}
 	}
+}
+
+// replicaMutations names system.mutations of every server of cluster, as remote() table functions.
+func (s *Service) replicaMutations(ctx context.Context, cluster string) ([]string, error) {
+	rows, err := s.ch.Query(ctx, "SELECT host_address, port FROM system.clusters WHERE cluster = ?", cluster)
+	if err != nil {
+		return nil, fmt.Errorf("list the servers of cluster %s: %w", cluster, err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var host string
+		var port uint16
+		if err := rows.Scan(&host, &port); err != nil {
+			return nil, fmt.Errorf("list the servers of cluster %s: %w", cluster, err)
+		}
+		addr := net.JoinHostPort(host, strconv.Itoa(int(port)))
+		out = append(out, "remote('"+strings.ReplaceAll(addr, "'", "")+"', system, mutations)")
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("cluster %s has no servers in system.clusters", cluster)
+	}
+	return out, nil
 }
 
 // count is how many rows the job still has to erase (events; for a tenant, events and increments).
