@@ -6,6 +6,8 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/analyticsd/analyticsd/internal/rediskeys"
 )
 
 // RedisKeys is the KeyDeleter of a tenant's erasure: every key under prefix that carries the tenant's
@@ -13,32 +15,12 @@ import (
 // buckets — on every master of a cluster.
 func RedisKeys(rdb redis.UniversalClient, prefix string) KeyDeleter {
 	return func(ctx context.Context, tenant uuid.UUID) (int, error) {
-		match := prefix + "*{" + tenant.String() + "}*"
 		deleted := 0
-		del := func(ctx context.Context, node redis.Cmdable) error {
-			iter := node.Scan(ctx, 0, match, 1000).Iterator()
-			for iter.Next(ctx) {
-				n, err := rdb.Del(ctx, iter.Val()).Result()
-				if err != nil {
-					return err
-				}
-				deleted += int(n)
-			}
-			return iter.Err()
-		}
-		var err error
-		if cc, ok := rdb.(*redis.ClusterClient); ok {
-			// One master at a time: deleted is not shared between goroutines.
-			var masters []*redis.Client
-			err = cc.ForEachMaster(ctx, func(_ context.Context, m *redis.Client) error { masters = append(masters, m); return nil })
-			for _, m := range masters {
-				if err == nil {
-					err = del(ctx, m)
-				}
-			}
-		} else {
-			err = del(ctx, rdb)
-		}
+		err := rediskeys.Scan(ctx, rdb, prefix+"*{"+tenant.String()+"}*", func(key string) error {
+			n, err := rdb.Del(ctx, key).Result()
+			deleted += int(n)
+			return err
+		})
 		if err != nil {
 			return deleted, fmt.Errorf("delete redis keys of tenant %s: %w", tenant, err)
 		}

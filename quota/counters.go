@@ -12,12 +12,12 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/google/uuid"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/analyticsd/analyticsd/internal/rediskeys"
 	"github.com/analyticsd/analyticsd/ratelimit"
 )
 
@@ -227,32 +227,16 @@ func (c *Counters) Reconcile(ctx context.Context, tenant uuid.UUID, metric strin
 // ReconciledTenants lists the tenants Redis marks as reconciled for a day (a SCAN of the keyspace:
 // the periodic reconciliation does it on its full rounds only).
 func (c *Counters) ReconciledTenants(ctx context.Context, d time.Time) ([]uuid.UUID, error) {
-	var (
-		mu  sync.Mutex
-		out []uuid.UUID
-	)
-	pattern := c.prefix + "quota:{*}:reconciled:" + day(d)
-	scan := func(ctx context.Context, node redis.Cmdable) error {
-		iter := node.Scan(ctx, 0, pattern, 1000).Iterator()
-		for iter.Next(ctx) {
-			k := strings.TrimPrefix(iter.Val(), c.prefix+"quota:{")
-			if i := strings.IndexByte(k, '}'); i > 0 {
-				if t, err := uuid.Parse(k[:i]); err == nil {
-					mu.Lock()
-					out = append(out, t)
-					mu.Unlock()
-				}
+	var out []uuid.UUID
+	err := rediskeys.Scan(ctx, c.rdb, c.prefix+"quota:{*}:reconciled:"+day(d), func(key string) error {
+		k := strings.TrimPrefix(key, c.prefix+"quota:{")
+		if i := strings.IndexByte(k, '}'); i > 0 {
+			if t, err := uuid.Parse(k[:i]); err == nil {
+				out = append(out, t)
 			}
 		}
-		return iter.Err()
-	}
-	var err error
-	if cc, ok := c.rdb.(*redis.ClusterClient); ok {
-		// SCAN walks one server's keyspace: on Redis Cluster every master holds its own slots.
-		err = cc.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error { return scan(ctx, m) })
-	} else {
-		err = scan(ctx, c.rdb)
-	}
+		return nil
+	})
 	if err != nil {
 		return nil, fmt.Errorf("list reconciled tenants: %w", err)
 	}

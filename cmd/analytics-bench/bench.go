@@ -20,10 +20,12 @@ import (
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
-	"github.com/analyticsd/analyticsd/schema"
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/analyticsd/analyticsd/internal/rediskeys"
+	"github.com/analyticsd/analyticsd/schema"
 )
 
 // tenantInfo is one tenant created through the analyticsd CLI, with its all-scopes API key.
@@ -421,25 +423,13 @@ func (b *bench) cleanRedis(ctx context.Context) {
 		}
 	}
 	n := 0
-	scan := func(ctx context.Context, node redis.Cmdable) error {
-		for _, p := range patterns {
-			iter := node.Scan(ctx, 0, p, 1000).Iterator()
-			var keys []string
-			for iter.Next(ctx) {
-				keys = append(keys, iter.Val())
-			}
-			n += len(keys)
-			for _, k := range keys { // one by one: a multi-key DEL spans slots on a cluster
-				_ = node.Del(ctx, k).Err()
-			}
+	for _, p := range patterns {
+		var keys []string // collected first: deleting while a SCAN walks the keyspace may skip keys
+		_ = rediskeys.Scan(ctx, b.rdb, p, func(key string) error { keys = append(keys, key); return nil })
+		n += len(keys)
+		for _, k := range keys { // one by one: a multi-key DEL spans slots on a cluster
+			_ = b.rdb.Del(ctx, k).Err()
 		}
-		return nil
-	}
-	if cc, ok := b.rdb.(*redis.ClusterClient); ok {
-		var mu sync.Mutex
-		_ = cc.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error { mu.Lock(); defer mu.Unlock(); return scan(ctx, m) })
-	} else {
-		_ = scan(ctx, b.rdb)
 	}
 	if n > 0 {
 		logf("deleted %d redis keys", n)

@@ -18,7 +18,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"os"
-	"sync"
 	"testing"
 	"time"
 
@@ -27,6 +26,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/analyticsd/analyticsd/internal/rediskeys"
 	"github.com/analyticsd/analyticsd/schema"
 )
 
@@ -231,23 +231,9 @@ func redisAt(t testing.TB, url string, cluster bool) (redis.UniversalClient, str
 // Keys lists the keys matching pattern on every server: KEYS on a cluster client asks one node, which
 // holds a third of the keys on three masters.
 func Keys(ctx context.Context, rdb redis.UniversalClient, pattern string) ([]string, error) {
-	var (
-		mu  sync.Mutex
-		out []string
-	)
-	scan := func(ctx context.Context, node redis.Cmdable) error {
-		iter := node.Scan(ctx, 0, pattern, 1000).Iterator()
-		for iter.Next(ctx) {
-			mu.Lock()
-			out = append(out, iter.Val())
-			mu.Unlock()
-		}
-		return iter.Err()
-	}
-	if cc, ok := rdb.(*redis.ClusterClient); ok {
-		return out, cc.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error { return scan(ctx, m) })
-	}
-	return out, scan(ctx, rdb)
+	var out []string
+	err := rediskeys.Scan(ctx, rdb, pattern, func(key string) error { out = append(out, key); return nil })
+	return out, err
 }
 
 // DelKeys deletes the keys matching pattern on every server, one by one (a multi-key DEL spans slots
