@@ -3,7 +3,6 @@ package erasure
 import (
 	"context"
 	"math/rand"
-	"os"
 	"strconv"
 	"testing"
 	"time"
@@ -20,10 +19,7 @@ import (
 //
 //	ANALYTICS_BENCH_EVENTS=10000000 go test -run - -bench EraseOneUser -benchtime 1x ./erasure/
 func BenchmarkEraseOneUser(b *testing.B) {
-	n, _ := strconv.Atoi(os.Getenv("ANALYTICS_BENCH_EVENTS"))
-	if n <= 0 {
-		b.Skip("set ANALYTICS_BENCH_EVENTS to the number of events to load")
-	}
+	n := testenv.BenchEvents(b)
 	env := testenv.Migrated(b)
 	ctx := context.Background()
 	rng := rand.New(rand.NewSource(1))
@@ -32,25 +28,10 @@ func BenchmarkEraseOneUser(b *testing.B) {
 		tenants[i] = uuid.New()
 	}
 	now := time.Now().UTC()
-	start := time.Now()
-	const chunk = 500_000
-	for done := 0; done < n; done += chunk {
-		batch, err := env.CH.PrepareBatch(ctx, "INSERT INTO "+env.DB+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
-		if err != nil {
-			b.Fatal(err)
-		}
-		for i := 0; i < chunk && done+i < n; i++ {
-			ts := now.Add(-time.Duration(rng.Int63n(int64(30 * 24 * time.Hour)))).Truncate(time.Second)
-			if err := batch.Append(tenants[rng.Intn(len(tenants))], ts, uuid.New(), ts, "auth.user.login", "app",
-				"user-"+strconv.Itoa(rng.Intn(5000)), `{"plan":"pro"}`, "10.0.0.1", ""); err != nil {
-				b.Fatal(err)
-			}
-		}
-		if err := batch.Send(); err != nil {
-			b.Fatal(err)
-		}
-	}
-	b.Logf("loaded %d events in %s", n, time.Since(start).Round(time.Second))
+	env.LoadEvents(b, n, func(int) (uuid.UUID, time.Time, string, string) {
+		ts := now.Add(-time.Duration(rng.Int63n(int64(30 * 24 * time.Hour)))).Truncate(time.Second)
+		return tenants[rng.Intn(len(tenants))], ts, "auth.user.login", "user-" + strconv.Itoa(rng.Intn(5000))
+	})
 	s := (&stores{env: env}).service(Config{Poll: 100 * time.Millisecond})
 	var user string
 	if err := env.CH.QueryRow(ctx, "SELECT user_id FROM "+env.DB+".events WHERE tenant_id = ? LIMIT 1", tenants[0]).Scan(&user); err != nil {

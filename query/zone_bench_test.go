@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math/rand"
-	"os"
 	"slices"
 	"strconv"
 	"testing"
@@ -23,10 +22,7 @@ import (
 //
 //	ANALYTICS_BENCH_EVENTS=10000000 go test -run - -bench ReadsInZone -benchtime 1x ./query/
 func BenchmarkReadsInZone(b *testing.B) {
-	n, _ := strconv.Atoi(os.Getenv("ANALYTICS_BENCH_EVENTS"))
-	if n <= 0 {
-		b.Skip("set ANALYTICS_BENCH_EVENTS to the number of events to load")
-	}
+	n := testenv.BenchEvents(b)
 	env := testenv.Migrated(b)
 	ctx := context.Background()
 	rng := rand.New(rand.NewSource(1))
@@ -39,26 +35,10 @@ func BenchmarkReadsInZone(b *testing.B) {
 		"builder.generate.completed", "builder.generate.started", "files.uploaded", "webhook.failed", "email.failed",
 		"apikey.rate_limited", "payments.checkout.created", "payments.subscription.active", "payments.subscription.canceled"}
 	now := time.Now().UTC()
-	start := time.Now()
-	const chunk = 500_000
-	for done := 0; done < n; done += chunk {
-		batch, err := env.CH.PrepareBatch(ctx, "INSERT INTO "+env.DB+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
-		if err != nil {
-			b.Fatal(err)
-		}
-		for i := 0; i < chunk && done+i < n; i++ {
-			ts := now.Add(-time.Duration(rng.Int63n(int64(30 * 24 * time.Hour)))).Truncate(time.Second)
-			err := batch.Append(tenants[zipf.Uint64()], ts, uuid.New(), ts, names[rng.Intn(len(names))], "app",
-				"user-"+strconv.Itoa(rng.Intn(5000)), `{"plan":"pro"}`, "10.0.0.1", "")
-			if err != nil {
-				b.Fatal(err)
-			}
-		}
-		if err := batch.Send(); err != nil {
-			b.Fatal(err)
-		}
-	}
-	b.Logf("loaded %d events in %s", n, time.Since(start).Round(time.Second))
+	env.LoadEvents(b, n, func(int) (uuid.UUID, time.Time, string, string) {
+		ts := now.Add(-time.Duration(rng.Int63n(int64(30 * 24 * time.Hour)))).Truncate(time.Second)
+		return tenants[zipf.Uint64()], ts, names[rng.Intn(len(names))], "user-" + strconv.Itoa(rng.Intn(5000))
+	})
 	s := NewStore(env.CH, env.DB, env.PG, 30*time.Second)
 	busiest := tenants[0]
 	metrics := []string{"auth.user.registered", "auth.user.login", "builder.generate.completed", "apikey.request"}

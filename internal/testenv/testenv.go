@@ -18,11 +18,13 @@ import (
 	"encoding/hex"
 	"fmt"
 	"os"
+	"strconv"
 	"testing"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/go-redis/v9"
 
@@ -296,4 +298,39 @@ func (e Env) Insert(t testing.TB, table, columns string, rows ...[]any) {
 	if err := b.Send(); err != nil {
 		t.Fatalf("insert into %s: %v", table, err)
 	}
+}
+
+// BenchEvents is ANALYTICS_BENCH_EVENTS, how many events a store-level benchmark loads (e.g.
+// 10000000); the benchmark is skipped when it is unset.
+func BenchEvents(b *testing.B) int {
+	b.Helper()
+	n, _ := strconv.Atoi(os.Getenv("ANALYTICS_BENCH_EVENTS"))
+	if n <= 0 {
+		b.Skip("set ANALYTICS_BENCH_EVENTS to the number of events to load")
+	}
+	return n
+}
+
+// LoadEvents inserts n generated events into e's events table in blocks of 500,000 rows, and logs
+// how long it took; row(i) is event i's tenant, time, name and user (props, ip fixed).
+func (e Env) LoadEvents(t testing.TB, n int, row func(i int) (tenant uuid.UUID, ts time.Time, event, user string)) {
+	t.Helper()
+	start := time.Now()
+	const chunk = 500_000
+	for done := 0; done < n; done += chunk {
+		batch, err := e.CH.PrepareBatch(context.Background(), "INSERT INTO "+e.DB+".events (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := done; i < done+chunk && i < n; i++ {
+			tenant, ts, event, user := row(i)
+			if err := batch.Append(tenant, ts, uuid.New(), ts, event, "app", user, `{"plan":"pro"}`, "10.0.0.1", ""); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := batch.Send(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("loaded %d events in %s", n, time.Since(start).Round(time.Second))
 }
