@@ -418,3 +418,44 @@ func (m *cpuMeter) used() []time.Duration {
 	}
 	return out
 }
+
+// machineBusy starts measuring how many cores the whole machine keeps busy (every process, from
+// /proc/stat: all time but idle and iowait); the function it returns gives the average since. 0
+// when /proc/stat cannot be read.
+func machineBusy() func() float64 {
+	read := func() (busy, total float64, ok bool) {
+		b, err := os.ReadFile("/proc/stat")
+		if err != nil {
+			return 0, 0, false
+		}
+		line, _, _ := strings.Cut(string(b), "\n")
+		f := strings.Fields(line)
+		if len(f) < 6 || f[0] != "cpu" {
+			return 0, 0, false
+		}
+		for i, v := range f[1:] {
+			n, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				return 0, 0, false
+			}
+			if i >= 7 { // guest time is already counted in user
+				break
+			}
+			total += n
+			if i != 3 && i != 4 { // idle, iowait
+				busy += n
+			}
+		}
+		return busy, total, true
+	}
+	b0, _, ok0 := read()
+	t0 := time.Now()
+	return func() float64 {
+		b1, _, ok1 := read()
+		el := time.Since(t0).Seconds()
+		if !ok0 || !ok1 || el <= 0 {
+			return 0
+		}
+		return (b1 - b0) / float64(clockTicks) / el
+	}
+}

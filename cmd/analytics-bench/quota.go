@@ -3,7 +3,9 @@ package main
 import (
 	"context"
 	"fmt"
+	"math"
 	"net/http"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -49,7 +51,8 @@ func (b *bench) quotaConsume(ctx context.Context, s *Scenario) error {
 	}
 	var ops int64
 	var lat []time.Duration
-	m := meterCPU(b.srv.pid(), b.redisPID)
+	m := meterCPU(b.srv.pid(), b.redisPID, os.Getpid())
+	busy := machineBusy()
 	err := b.pprof.cpu(ctx, s, "quota_consume", func() error {
 		var err error
 		ops, lat, err = b.closedLoop(ctx, dur, apiOp)
@@ -58,10 +61,12 @@ func (b *bench) quotaConsume(ctx context.Context, s *Scenario) error {
 	if err != nil {
 		return err
 	}
-	if used := m.used(); len(used) == 2 && ops > 0 {
+	if used := m.used(); len(used) == 3 && ops > 0 {
 		s.set("analyticsd_cpu_us_per_consume", usPer(used[0], int(ops)))
 		s.set("redis_cpu_us_per_consume", usPer(used[1], int(ops)))
+		s.set("loadgen_cpu_us_per_consume", usPer(used[2], int(ops)))
 	}
+	s.set("machine_busy_cores", busy())
 	s.set("api_ops_per_s", float64(ops)/dur.Seconds())
 	s.lat("api", Summarize(lat))
 
@@ -75,37 +80,65 @@ func (b *bench) quotaConsume(ctx context.Context, s *Scenario) error {
 	var failed atomic.Pointer[error]
 	var wg sync.WaitGroup
 	var next atomic.Int64
-	m = meterCPU(b.srv.pid(), b.redisPID)
-	for w := 0; w < 64; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for due := range jobs {
-				if err := apiOp(0, int(next.Add(1))); err != nil {
-					failed.CompareAndSwap(nil, &err)
-					continue
-				}
-				rec.Add(time.Since(due))
-			}
-		}()
-	}
 	start := time.Now().Add(20 * time.Millisecond)
-	for k := 0; k < n; k++ {
-		due := start.Add(time.Duration(k) * interval)
-		if d := time.Until(due); d > 0 {
-			time.Sleep(d)
+	// Where the slow consumes fall: the 100 ms windows (by when each was due) that hold one over
+	// 5 ms. A few windows holding all of them is a stall (a GC, an fsync held up by the disk, a burst
+	// of other work on the two cores); many is a cost every consume pays.
+	var slowMu sync.Mutex
+	slowWindows := map[int64]int{}
+	m = meterCPU(b.srv.pid(), b.redisPID, os.Getpid())
+	busy = machineBusy()
+	err = b.pprof.cpu(ctx, s, "quota_consume_open", func() error {
+		for w := 0; w < 64; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for due := range jobs {
+					if err := apiOp(0, int(next.Add(1))); err != nil {
+						failed.CompareAndSwap(nil, &err)
+						continue
+					}
+					l := time.Since(due)
+					rec.Add(l)
+					if l > 5*time.Millisecond {
+						slowMu.Lock()
+						slowWindows[int64(due.Sub(start)/(100*time.Millisecond))]++
+						slowMu.Unlock()
+					}
+				}
+			}()
 		}
-		jobs <- due
-	}
-	close(jobs)
-	wg.Wait()
-	if e := failed.Load(); e != nil {
-		return fmt.Errorf("open-loop consume: %w", *e)
+		for k := 0; k < n; k++ {
+			due := start.Add(time.Duration(k) * interval)
+			if d := time.Until(due); d > 0 {
+				time.Sleep(d)
+			}
+			jobs <- due
+		}
+		close(jobs)
+		wg.Wait()
+		if e := failed.Load(); e != nil {
+			return fmt.Errorf("open-loop consume: %w", *e)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	s.set("open_achieved_ops_per_s", float64(n)/time.Since(start).Seconds())
-	if used := m.used(); len(used) == 2 {
+	if used := m.used(); len(used) == 3 {
 		s.set("open_analyticsd_cpu_us_per_consume", usPer(used[0], n))
+		s.set("open_redis_cpu_us_per_consume", usPer(used[1], n))
+		s.set("open_loadgen_cpu_us_per_consume", usPer(used[2], n))
 	}
+	s.set("open_machine_busy_cores", busy())
+	slow := 0
+	for _, c := range slowWindows {
+		slow += c
+	}
+	s.set("open_over_5ms", float64(slow))
+	s.set("open_over_5ms_windows_100ms", float64(len(slowWindows)))
+	s.set("open_windows_100ms", math.Ceil(float64(n)*interval.Seconds()*10))
 	s.lat("open", Summarize(rec.Samples()))
 
 	redisOp := func(w, i int) error {
