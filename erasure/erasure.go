@@ -2,17 +2,23 @@
 // of one tenant (GDPR/CCPA), or all of one tenant's events, increments and aggregates. A request is a
 // job in Postgres (erasure_jobs) with an id and a status (queued, running, done, failed); any
 // instance's runner takes it, a job whose runner died is taken over, and every step is safe to run
-// again, so a restart mid-way only repeats work.
+// again, so a restart mid-way only repeats work. A job that keeps failing is retried MaxAttempts
+// times with a growing backoff and then marked failed with its last error; the same request can be
+// sent again (the new job finishes what the failed one left half done).
 //
 // What a user's erasure removes: the user's rows of the events table (user_id, props, ip, request_id
-// with them), on every shard (Layout). What it keeps: aggregates without personal data — daily_usage,
-// billed usage in Postgres, the live counters in Redis — with their counts. Redis holds no user ids:
-// event-id claims and Idempotency-Key records expire with the dedup window.
+// with them), on every shard (Layout), and the user's rows in every instance's spool quarantine. What
+// it keeps: aggregates without personal data — daily_usage, billed usage in Postgres, the live
+// counters in Redis — with their counts: the rows it deletes are recorded in the erasure ledger
+// (ledger.go) first, and the rollup and the quota reconciler add the ledger to their raw counts. Redis
+// holds no user ids: event-id claims and Idempotency-Key records expire with the dedup window. No
+// statement it sends to ClickHouse holds the user id (ZooKeeper's DDL queue and query_log outlive the
+// job): rows are selected by SHA256(user_id) and deleted by their event ids.
 //
-// It does not own the spool: before deleting in ClickHouse a job waits until the segments that were in
-// the local spool when it started have shipped (Barrier), so events acknowledged before the erasure
-// are in ClickHouse when the delete runs. Events the user sends after the job finished are stored as
-// usual: nothing remembers the erased rows.
+// It does not own the spools: before deleting in ClickHouse a job waits until every live instance
+// (erasure_instances, heartbeat within Stale) has acknowledged it — its spool has shipped what it held
+// when it acknowledged (Barrier) and its quarantine holds none of the rows (Scrubber). Events the
+// user sends after the job finished are stored as usual: nothing remembers the erased rows.
 package erasure
 
 import (
@@ -23,8 +29,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
@@ -65,10 +73,11 @@ type Job struct {
 	ID         uuid.UUID  `json:"id"`
 	TenantID   uuid.UUID  `json:"tenant_id"`
 	Kind       string     `json:"kind"`
-	UserID     string     `json:"user_id,omitempty"` // blanked once done
+	UserID     string     `json:"user_id,omitempty"` // blanked once done or failed
 	Status     string     `json:"status"`
 	Step       string     `json:"step,omitempty"`
 	RowsErased int64      `json:"rows_erased"`
+	Attempts   int        `json:"attempts"`
 	Error      string     `json:"error,omitempty"`
 	CreatedAt  time.Time  `json:"created_at"`
 	StartedAt  *time.Time `json:"started_at"`
@@ -98,11 +107,29 @@ type Config struct {
 	Barrier     Barrier
 	Quarantine  Scrubber
 	DeleteKeys  KeyDeleter
-	// Poll is how often a mutation's progress and the job queue are looked at (default 500ms).
+	// Instance names this process among the instances that acknowledge jobs (default host-pid-random).
+	Instance string
+	// Poll is how often a mutation's progress, acknowledgements and the job queue are looked at
+	// (default 500ms).
 	Poll time.Duration
-	// Stale is how long a running job's heartbeat may be silent before another runner takes it over
-	// (default 1 min).
+	// Stale is how long a running job's heartbeat, or an instance's, may be silent before the job is
+	// taken over, or the instance is no longer waited for (default 1 min).
 	Stale time.Duration
+	// MaxAttempts bounds how often a job is tried before it is failed (default 8). Backoff is the wait
+	// after the first failed attempt, doubling after each further one up to 10 min (default 30 s):
+	// with the defaults a job fails after about 35 min of attempts plus their own durations.
+	MaxAttempts int
+	Backoff     time.Duration
+	// AttemptTimeout bounds one attempt (default 1 h): a mutation that never finishes (on 18.16 a
+	// failing mutation looks like that: system.mutations has no failure reason) fails the attempt.
+	AttemptTimeout time.Duration
+	// AckWait is how long a job waits for every live instance's acknowledgement in one attempt
+	// (default 15 min: the spool barrier itself waits up to 10 min for ClickHouse).
+	AckWait time.Duration
+	// RoundRows is how many rows one delete of a user's erasure takes (default 2,000): each round is
+	// one ALTER … DELETE naming its rows' ids, ~80 KB of SQL, well under max_query_size (256 KiB),
+	// which the servers of a cluster apply again when they run the statement from the DDL queue.
+	RoundRows int
 }
 
 // Service queues and runs erasure jobs.
@@ -112,6 +139,7 @@ type Service struct {
 	pg    *pgxpool.Pool
 	audit *audit.Log
 	log   *slog.Logger
+	ackMu sync.Mutex // one barrier and scrub at a time: the runner's and the acker's
 }
 
 // New returns a Service. auditLog may be nil (tests).
@@ -121,6 +149,25 @@ func New(cfg Config, ch driver.Conn, pg *pgxpool.Pool, auditLog *audit.Log, log 
 	}
 	if cfg.Stale <= 0 {
 		cfg.Stale = time.Minute
+	}
+	if cfg.MaxAttempts <= 0 {
+		cfg.MaxAttempts = 8
+	}
+	if cfg.Backoff <= 0 {
+		cfg.Backoff = 30 * time.Second
+	}
+	if cfg.AttemptTimeout <= 0 {
+		cfg.AttemptTimeout = time.Hour
+	}
+	if cfg.AckWait <= 0 {
+		cfg.AckWait = 15 * time.Minute
+	}
+	if cfg.RoundRows <= 0 {
+		cfg.RoundRows = 2000
+	}
+	if cfg.Instance == "" {
+		host, _ := os.Hostname()
+		cfg.Instance = fmt.Sprintf("%s-%d-%s", host, os.Getpid(), uuid.NewString()[:8])
 	}
 	return &Service{cfg: cfg, ch: ch, pg: pg, audit: auditLog, log: logger.Or(log)}
 }
@@ -132,6 +179,13 @@ func UserHash(tenant uuid.UUID, user string) string {
 	h.Write([]byte{0})
 	h.Write([]byte(user))
 	return hex.EncodeToString(h.Sum(nil))
+}
+
+// UserDigest is hex SHA-256 of the user id alone: what ClickHouse compares SHA256(user_id) with, so
+// that no statement sent to ClickHouse carries the id itself.
+func UserDigest(user string) string {
+	h := sha256.Sum256([]byte(user))
+	return hex.EncodeToString(h[:])
 }
 
 // EraseUser queues the erasure of every event of user in tenant.
@@ -177,11 +231,11 @@ func (s *Service) record(ctx context.Context, j Job, actor, action string, meta 
 	return s.audit.Record(ctx, audit.Entry{TenantID: j.TenantID, Actor: actor, Action: action, Target: j.ID.String(), Meta: meta})
 }
 
-const jobColumns = "id, tenant_id, kind, user_id, user_hash, status, step, rows_erased, error, created_at, started_at, finished_at"
+const jobColumns = "id, tenant_id, kind, user_id, user_hash, status, step, rows_erased, attempts, error, created_at, started_at, finished_at"
 
 func scanJob(row pgx.Row) (Job, error) {
 	var j Job
-	err := row.Scan(&j.ID, &j.TenantID, &j.Kind, &j.UserID, &j.userHash, &j.Status, &j.Step, &j.RowsErased, &j.Error,
+	err := row.Scan(&j.ID, &j.TenantID, &j.Kind, &j.UserID, &j.userHash, &j.Status, &j.Step, &j.RowsErased, &j.Attempts, &j.Error,
 		&j.CreatedAt, &j.StartedAt, &j.FinishedAt)
 	return j, err
 }
@@ -198,12 +252,28 @@ func (s *Service) Get(ctx context.Context, tenant, id uuid.UUID) (Job, error) {
 	return j, nil
 }
 
-// Run takes and runs jobs until ctx ends, looking for new ones every Poll.
+// Run takes and runs jobs until ctx ends, looking for new ones every Poll × 4. Beside it, the
+// instance's acknowledger (Acknowledge) keeps this instance registered and acknowledges every open
+// job, also while the runner waits for another instance on a job of its own. On return the instance
+// leaves the register, so no job waits for it.
 func (s *Service) Run(ctx context.Context) {
+	acked := make(chan struct{})
+	go func() {
+		defer close(acked)
+		for ctx.Err() == nil {
+			if err := s.Acknowledge(ctx); err != nil && ctx.Err() == nil {
+				s.log.Warn("erasure jobs not acknowledged; retried", "err", err)
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(min(s.cfg.Poll*4, s.cfg.Stale/4)):
+			}
+		}
+	}()
 	for ctx.Err() == nil {
 		ran, err := s.RunOne(ctx)
 		if err != nil && ctx.Err() == nil {
-			s.log.Warn("erasure job failed; it is retried", "err", err)
+			s.log.Warn("erasure job failed", "err", err)
 		}
 		if ran && err == nil {
 			continue
@@ -213,11 +283,20 @@ func (s *Service) Run(ctx context.Context) {
 		case <-time.After(s.cfg.Poll * 4):
 		}
 	}
+	<-acked
+	lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if err := s.Leave(lctx); err != nil {
+		s.log.Warn("erasure: instance not deregistered; jobs wait for it until its heartbeat is stale", "err", err)
+	}
 }
 
-// RunOne takes the oldest queued job, or a running one whose runner went silent, and runs it to the
-// end. ran is false when there was none.
+// RunOne takes the oldest queued job, or a running one whose runner went silent (or whose backoff
+// after a failed attempt is over), and runs it to the end. ran is false when there was none.
 func (s *Service) RunOne(ctx context.Context) (ran bool, err error) {
+	if err := s.beat(ctx); err != nil {
+		return false, err
+	}
 	var j Job
 	err = pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
 		var err error
@@ -241,31 +320,56 @@ func (s *Service) RunOne(ctx context.Context) (ran bool, err error) {
 }
 
 // Steps of a job, in order; a job resumed by another runner starts at the step after the last one
-// it finished.
+// it finished. "counted" and "quarantine" are steps of jobs queued by earlier versions.
 const (
-	stepCounted = "counted"      // rows_erased holds the rows found before deleting
-	stepSpool   = "spool"        // the spool's rows of before the job have shipped
+	stepAcked   = "spool"        // every live instance's spool shipped and quarantine scrubbed
 	stepDeleted = "clickhouse"   // the delete ran and finished
-	stepScrub   = "quarantine"   // the local spool's quarantine holds none of the rows
 	stepOther   = "other-stores" // Postgres and Redis (tenant erasure)
 )
 
-var stepOrder = map[string]int{"": 0, stepCounted: 1, stepSpool: 2, stepDeleted: 3, stepScrub: 4, stepOther: 5}
+var stepOrder = map[string]int{"": 0, "counted": 1, stepAcked: 2, stepDeleted: 3, "quarantine": 4, stepOther: 5}
 
+// run runs one attempt of j. A failed attempt leaves the job running with its error and attempt
+// count, taken again after the backoff, until the MaxAttempts-th fails it for good.
 func (s *Service) run(ctx context.Context, j Job) error {
 	beat, stop := context.WithCancel(ctx)
 	defer stop()
 	go s.heartbeat(beat, j.ID)
-	err := s.steps(ctx, &j)
-	if err != nil {
-		// The job stays running: the next heartbeat check hands it to a runner again.
-		if _, uerr := s.pg.Exec(context.WithoutCancel(ctx), "UPDATE erasure_jobs SET error = $2, heartbeat_at = now() - make_interval(secs => $3) WHERE id = $1",
-			j.ID, excerpt.Short(err.Error()), s.cfg.Stale.Seconds()); uerr != nil {
-			s.log.Warn("erasure job state not saved", "job", j.ID, "err", uerr)
-		}
-		return fmt.Errorf("erasure job %s at step %q: %w", j.ID, j.Step, err)
+	actx, cancel := context.WithTimeout(ctx, s.cfg.AttemptTimeout)
+	err := s.steps(actx, &j)
+	cancel()
+	if err == nil {
+		return nil
 	}
-	return nil
+	err = fmt.Errorf("erasure job %s at step %q: %w", j.ID, j.Step, err)
+	if ctx.Err() != nil {
+		// This process is stopping, not the job failing: another runner takes it once the heartbeat
+		// is stale, and the attempt is not counted.
+		return err
+	}
+	wctx := context.WithoutCancel(ctx)
+	j.Attempts++
+	msg := excerpt.Of(err.Error(), 500)
+	if j.Attempts >= s.cfg.MaxAttempts {
+		if _, uerr := s.pg.Exec(wctx, `UPDATE erasure_jobs SET status = 'failed', error = $2, attempts = $3, user_id = '',
+			finished_at = now() WHERE id = $1`, j.ID, msg, j.Attempts); uerr != nil {
+			s.log.Warn("erasure job state not saved", "job", j.ID, "err", uerr)
+			return err
+		}
+		s.log.Error("erasure job failed for good", "job", j.ID, "attempts", j.Attempts, "err", err)
+		if aerr := s.record(wctx, j, "erasure", "erasure.failed", map[string]any{"attempts": j.Attempts, "error": msg}); aerr != nil {
+			s.log.Warn("erasure failure not audited", "job", j.ID, "err", aerr)
+		}
+		return err
+	}
+	wait := s.cfg.Backoff << min(j.Attempts-1, 16)
+	wait = min(wait, max(10*time.Minute, s.cfg.Backoff))
+	if _, uerr := s.pg.Exec(wctx, `UPDATE erasure_jobs SET error = $2, attempts = $3,
+		heartbeat_at = now() - make_interval(secs => $4) + make_interval(secs => $5) WHERE id = $1`,
+		j.ID, msg, j.Attempts, s.cfg.Stale.Seconds(), wait.Seconds()); uerr != nil {
+		s.log.Warn("erasure job state not saved", "job", j.ID, "err", uerr)
+	}
+	return fmt.Errorf("%w (attempt %d of %d; retried in %s)", err, j.Attempts, s.cfg.MaxAttempts, wait)
 }
 
 func (s *Service) heartbeat(ctx context.Context, id uuid.UUID) {
@@ -276,7 +380,8 @@ func (s *Service) heartbeat(ctx context.Context, id uuid.UUID) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			_, _ = s.pg.Exec(ctx, "UPDATE erasure_jobs SET heartbeat_at = now() WHERE id = $1 AND status = 'running'", id)
+			_, _ = s.pg.Exec(ctx, "UPDATE erasure_jobs SET heartbeat_at = greatest(heartbeat_at, now()) WHERE id = $1 AND status = 'running'", id)
+			_ = s.beat(ctx)
 		}
 	}
 }
@@ -291,56 +396,25 @@ func (s *Service) setStep(ctx context.Context, j *Job, step string) error {
 }
 
 func (s *Service) steps(ctx context.Context, j *Job) error {
-	if stepOrder[j.Step] < stepOrder[stepCounted] {
-		n, err := s.count(ctx, *j)
+	if stepOrder[j.Step] < stepOrder[stepAcked] {
+		scrubbed, err := s.waitAcks(ctx, *j)
 		if err != nil {
 			return err
 		}
-		j.RowsErased = n
-		if err := s.setStep(ctx, j, stepCounted); err != nil {
-			return err
-		}
-	}
-	if stepOrder[j.Step] < stepOrder[stepSpool] {
-		if s.cfg.Barrier != nil {
-			if err := s.cfg.Barrier(ctx); err != nil {
-				return fmt.Errorf("wait for the spool to ship: %w", err)
-			}
-		}
-		if err := s.setStep(ctx, j, stepSpool); err != nil {
+		j.RowsErased = scrubbed
+		if err := s.setStep(ctx, j, stepAcked); err != nil {
 			return err
 		}
 	}
 	if stepOrder[j.Step] < stepOrder[stepDeleted] {
-		// Rows that shipped from the spool after the count are erased too; count them in.
-		if n, err := s.count(ctx, *j); err == nil && n > j.RowsErased {
-			j.RowsErased = n
-		}
-		for _, st := range s.statements(*j) {
-			if err := s.delete(ctx, st); err != nil {
+		if j.Kind == KindUser {
+			if err := s.eraseUserRows(ctx, j); err != nil {
 				return err
 			}
-		}
-		if n, err := s.count(ctx, *j); err != nil {
+		} else if err := s.eraseTenantRows(ctx, j); err != nil {
 			return err
-		} else if n != 0 {
-			return fmt.Errorf("%d rows still found after the delete", n)
 		}
 		if err := s.setStep(ctx, j, stepDeleted); err != nil {
-			return err
-		}
-	}
-	if stepOrder[j.Step] < stepOrder[stepScrub] {
-		// After the delete: what the spool set aside while the job waited is in the quarantine now.
-		// A crash between the scrub and saving the step under-counts rows_erased by what it removed.
-		if s.cfg.Quarantine != nil {
-			n, err := s.cfg.Quarantine(ctx, j.TenantID, j.UserID)
-			if err != nil {
-				return fmt.Errorf("scrub the quarantine: %w", err)
-			}
-			j.RowsErased += int64(n)
-		}
-		if err := s.setStep(ctx, j, stepScrub); err != nil {
 			return err
 		}
 	}
@@ -360,6 +434,31 @@ func (s *Service) steps(ctx context.Context, j *Job) error {
 	return s.record(ctx, *j, "erasure", "erasure.done", map[string]any{"rows_erased": j.RowsErased})
 }
 
+// eraseTenantRows deletes all of the tenant's rows of every table. The aggregates go too, so nothing
+// needs recording; rows_erased adds the raw rows found before the delete to those scrubbed.
+func (s *Service) eraseTenantRows(ctx context.Context, j *Job) error {
+	n, err := s.countTenant(ctx, j.TenantID)
+	if err != nil {
+		return err
+	}
+	for _, st := range s.statements(*j) {
+		if err := s.delete(ctx, st); err != nil {
+			return err
+		}
+	}
+	if left, err := s.countTenant(ctx, j.TenantID); err != nil {
+		return err
+	} else if left != 0 {
+		return fmt.Errorf("%d rows still found after the delete", left)
+	}
+	scrubbed, err := s.scrubbed(ctx, j.ID)
+	if err != nil {
+		return err
+	}
+	j.RowsErased = scrubbed + n
+	return nil
+}
+
 // statement is one delete: the table (its local name on a cluster) and the predicate with its args.
 type statement struct {
 	table string
@@ -367,13 +466,24 @@ type statement struct {
 	args  []any
 }
 
+// tenantTables are the ClickHouse tables holding a tenant's rows, all of which a tenant's erasure
+// deletes, in this order. aggregate marks Summing/Aggregating tables: servers with lightweight deletes
+// still get a mutation for them (DELETE FROM needs a plain MergeTree's _row_exists), and their rows are
+// not raw rows erased. A new table that holds tenant rows gets a line here.
+var tenantTables = []struct {
+	name      string
+	aggregate bool
+}{
+	{"events", false},
+	{"usage_increments", false},
+	{"daily_usage", true},
+}
+
+// statements are a tenant erasure's deletes, one per table of tenantTables.
 func (s *Service) statements(j Job) []statement {
-	if j.Kind == KindUser {
-		return []statement{{"events", "tenant_id = ? AND user_id = ?", []any{j.TenantID, j.UserID}}}
-	}
-	out := []statement{}
-	for _, t := range []string{"events", "usage_increments", "daily_usage"} {
-		out = append(out, statement{t, "tenant_id = ?", []any{j.TenantID}})
+	var out []statement
+	for _, t := range tenantTables {
+		out = append(out, statement{t.name, "tenant_id = ?", []any{j.TenantID}})
 	}
 	return out
 }
@@ -382,10 +492,19 @@ func (s *Service) statements(j Job) []statement {
 // DELETE mutation; on a cluster on every shard's local table.
 func (s *Service) SQL(st statement) string {
 	l := s.cfg.Layout
-	if s.cfg.Lightweight && st.table != "daily_usage" { // lightweight deletes need a plain MergeTree's _row_exists
+	if s.cfg.Lightweight && !isAggregate(st.table) {
 		return "DELETE FROM " + l.Local(st.table) + l.OnCluster() + " WHERE " + st.where
 	}
 	return "ALTER TABLE " + l.Local(st.table) + l.OnCluster() + " DELETE WHERE " + st.where
+}
+
+func isAggregate(table string) bool {
+	for _, t := range tenantTables {
+		if t.name == table {
+			return t.aggregate
+		}
+	}
+	return false
 }
 
 // delete runs one statement and waits until it is applied. A mutation (18.16) is asynchronous: the
@@ -400,7 +519,7 @@ func (s *Service) delete(ctx context.Context, st statement) error {
 		return fmt.Errorf("delete from %s: %w", st.table, err)
 	}
 	// system.mutations has only these columns on 18.16 (no failure reason): a mutation that keeps
-	// failing shows as one that never finishes, and the job's step fails when ctx ends. On a cluster
+	// failing shows as one that never finishes, and the attempt fails at AttemptTimeout. On a cluster
 	// the mutation runs on every replica of every shard, each at its own pace: every server of the
 	// cluster is asked (remote() per address of system.clusters), so the job is not done while one
 	// replica still serves the rows.
@@ -427,7 +546,7 @@ func (s *Service) delete(ctx context.Context, st statement) error {
 		}
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			return fmt.Errorf("wait for the delete from %s: %w", st.table, ctx.Err())
 		case <-time.After(s.cfg.Poll):
 		}
 	}
@@ -459,29 +578,30 @@ func (s *Service) replicaMutations(ctx context.Context, cluster string) ([]strin
 	return out, nil
 }
 
-// count is how many rows the job still has to erase (events; for a tenant, events and increments).
-func (s *Service) count(ctx context.Context, j Job) (int64, error) {
+// countTenant is how many raw rows (tenantTables that are not aggregates) the tenant still has.
+func (s *Service) countTenant(ctx context.Context, tenant uuid.UUID) (int64, error) {
 	var total int64
-	for _, st := range s.statements(j) {
-		if st.table == "daily_usage" {
-			continue // aggregate rows are not "rows erased"
+	for _, t := range tenantTables {
+		if t.aggregate {
+			continue
 		}
 		var n uint64
-		if err := s.ch.QueryRow(ctx, "SELECT count() FROM "+s.cfg.Layout.Table(st.table)+" WHERE "+st.where, st.args...).Scan(&n); err != nil {
-			return 0, fmt.Errorf("count %s rows to erase: %w", st.table, err)
+		if err := s.ch.QueryRow(ctx, "SELECT count() FROM "+s.cfg.Layout.Table(t.name)+" WHERE tenant_id = ?", tenant).Scan(&n); err != nil {
+			return 0, fmt.Errorf("count %s rows to erase: %w", t.name, err)
 		}
 		total += int64(n)
 	}
 	return total, nil
 }
 
-// otherStores erases a tenant's rows outside ClickHouse: billed usage, levels and rollup runs in
-// Postgres, and (DeleteKeys) its Redis keys.
+// otherStores erases a tenant's rows outside ClickHouse: billed usage, levels, rollup runs and the
+// erasure ledger's counts in Postgres, and (DeleteKeys) its Redis keys.
 func (s *Service) otherStores(ctx context.Context, j Job) error {
 	for _, q := range []string{
 		"DELETE FROM analytics_daily_usage WHERE tenant_id = $1",
 		"DELETE FROM usage_levels WHERE tenant_id = $1",
 		"DELETE FROM rollup_runs WHERE tenant_id = $1",
+		"DELETE FROM erased_usage WHERE tenant_id = $1",
 	} {
 		if _, err := s.pg.Exec(ctx, q, j.TenantID); err != nil {
 			return fmt.Errorf("erase postgres rows: %w", err)

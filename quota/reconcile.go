@@ -5,7 +5,10 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/erasure"
 )
 
 // minuteCounts is what ClickHouse holds for one day: tenant -> metric -> received minute -> count.
@@ -23,8 +26,42 @@ func (m minuteCounts) add(tenant uuid.UUID, metric string, min int64, n int64) {
 
 // clickhouseCounts reads, per tenant, daily metric and received minute, what ClickHouse holds for
 // day d: mapped events by their received_at, increments by their ts (which is when they were
-// received). tenant uuid.Nil reads every tenant. Two GROUP BY queries over the day's partition.
+// received), plus the events user erasures took out (erasure.Ledger: an erasure keeps the counts).
+// tenant uuid.Nil reads every tenant. Two GROUP BY queries over the day's partition, between two
+// reads of the ledger: a round recorded or applied meanwhile (its delete may have run while
+// ClickHouse counted) makes it read again.
 func (s *Service) clickhouseCounts(ctx context.Context, tenant uuid.UUID, d time.Time) (minuteCounts, error) {
+	for attempt := 1; ; attempt++ {
+		var led erasure.Ledger
+		if s.pg != nil {
+			var err error
+			if led, err = erasure.ReadLedger(ctx, s.pg, d, tenant); err != nil {
+				return nil, err
+			}
+		}
+		out, err := s.clickhouseCountsOnce(ctx, tenant, d, led)
+		if err != nil || s.pg == nil {
+			return out, err
+		}
+		same, err := led.Unchanged(ctx, s.pg)
+		if err != nil {
+			return nil, err
+		}
+		if same {
+			for _, e := range led.Counts {
+				if metric, ok := s.cfg.EventMetrics[e.Metric]; ok {
+					out.add(e.Tenant, metric, e.Minute, e.N)
+				}
+			}
+			return out, nil
+		}
+		if attempt == 5 {
+			return nil, fmt.Errorf("erasures changed the raw events during five reads of %s", d.Format(time.DateOnly))
+		}
+	}
+}
+
+func (s *Service) clickhouseCountsOnce(ctx context.Context, tenant uuid.UUID, d time.Time, led erasure.Ledger) (minuteCounts, error) {
 	out := minuteCounts{}
 	events := make([]string, 0, len(s.cfg.EventMetrics))
 	for ev := range s.cfg.EventMetrics {
@@ -36,8 +73,12 @@ func (s *Service) clickhouseCounts(ctx context.Context, tenant uuid.UUID, d time
 	}
 	if len(events) > 0 {
 		q := "SELECT tenant_id, event, intDiv(toUInt32(received_at), 60) AS m, toInt64(count()) FROM " + s.db +
-			".events WHERE " + where + " AND has(?, event) GROUP BY tenant_id, event, m"
-		if err := s.addMinutes(ctx, out, func(ev string) string { return s.cfg.EventMetrics[ev] }, q, append(args, events)...); err != nil {
+			".events WHERE " + where + " AND has(?, event)" + led.ExcludeEvents() + " GROUP BY tenant_id, event, m"
+		ectx := ctx
+		if n := led.QuerySize(q); n > 0 {
+			ectx = clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{"max_query_size": n}))
+		}
+		if err := s.addMinutes(ectx, out, func(ev string) string { return s.cfg.EventMetrics[ev] }, q, append(args, events)...); err != nil {
 			return nil, fmt.Errorf("count mapped events per minute: %w", err)
 		}
 	}

@@ -25,6 +25,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/erasure"
 	"github.com/analyticsd/analyticsd/internal/chlimit"
 	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/internal/excerpt"
@@ -328,8 +329,9 @@ func (r *Reconciler) truth(ctx context.Context, log *slog.Logger, day time.Time,
 
 // truthQuery returns the ClickHouse query for day's aggregate counts and, when raw is set, the raw
 // counts beside them, in one query so all three tables are read at (nearly) the same moment.
+// excludeEvents is ANDed to the events' predicate: the erasure ledger's rows still being deleted.
 // Columns: tenant_id, metric, aggregate[, raw].
-func truthQuery(db string, day time.Time, scope Scope, raw bool) (string, []any) {
+func truthQuery(db string, day time.Time, scope Scope, raw bool, excludeEvents string) (string, []any) {
 	var pred string
 	var args []any
 	if !scope.All() {
@@ -353,7 +355,7 @@ func truthQuery(db string, day time.Time, scope Scope, raw bool) (string, []any)
 		"SELECT tenant_id, metric, toUInt8(0) AS src, sum(count) AS c FROM " + db + ".daily_usage WHERE " + pred +
 		"date = toDate(?) GROUP BY tenant_id, metric " +
 		"UNION ALL SELECT tenant_id, event AS metric, toUInt8(1) AS src, toInt64(count()) AS c FROM " + db + ".events WHERE " + pred +
-		"ts >= ? AND ts < ? GROUP BY tenant_id, metric " +
+		"ts >= ? AND ts < ?" + excludeEvents + " GROUP BY tenant_id, metric " +
 		"UNION ALL SELECT tenant_id, metric, toUInt8(1) AS src, sum(n) AS c FROM " + db + ".usage_increments WHERE " + pred +
 		"ts >= ? AND ts < ? GROUP BY tenant_id, metric" +
 		") GROUP BY tenant_id, metric"
@@ -364,9 +366,46 @@ func truthQuery(db string, day time.Time, scope Scope, raw bool) (string, []any)
 	return q, args
 }
 
+// read reads day's aggregate counts and, when raw is set, its raw counts: events and increments
+// plus what user erasures took out of the events (erasure.Ledger), so that an erasure, which keeps
+// the aggregates, is no difference to repair. The ledger is read before and after the ClickHouse
+// query; a round recorded or applied in between (its delete may have run while ClickHouse counted)
+// makes it read both again.
 func (r *Reconciler) read(ctx context.Context, day time.Time, scope Scope, raw bool) (agg, rawCounts map[key]int64, err error) {
-	q, args := truthQuery(r.db, day, scope, raw)
-	rows, err := r.ch.Query(chlimit.Limit(r.QueryTimeout).Context(ctx), q, args...)
+	if !raw || r.pg == nil {
+		return r.readOnce(ctx, day, scope, raw, erasure.Ledger{})
+	}
+	for attempt := 1; ; attempt++ {
+		led, err := erasure.ReadLedger(ctx, r.pg, day, scope.Tenant)
+		if err != nil {
+			return nil, nil, fmt.Errorf("rollup %s: %w", day.Format(time.DateOnly), err)
+		}
+		if agg, rawCounts, err = r.readOnce(ctx, day, scope, raw, led); err != nil {
+			return nil, nil, err
+		}
+		same, err := led.Unchanged(ctx, r.pg)
+		if err != nil {
+			return nil, nil, fmt.Errorf("rollup %s: %w", day.Format(time.DateOnly), err)
+		}
+		if same {
+			for _, e := range led.Counts {
+				rawCounts[key{e.Tenant, e.Metric}] += e.N
+			}
+			return agg, rawCounts, nil
+		}
+		if attempt == 5 {
+			return nil, nil, fmt.Errorf("rollup %s: erasures changed the raw events during five reads; run again", day.Format(time.DateOnly))
+		}
+	}
+}
+
+func (r *Reconciler) readOnce(ctx context.Context, day time.Time, scope Scope, raw bool, led erasure.Ledger) (agg, rawCounts map[key]int64, err error) {
+	q, args := truthQuery(r.db, day, scope, raw, led.ExcludeEvents())
+	var extra clickhouse.Settings
+	if n := led.QuerySize(q); n > 0 {
+		extra = clickhouse.Settings{"max_query_size": n}
+	}
+	rows, err := r.ch.Query(chlimit.Context(ctx, r.QueryTimeout, extra), q, args...)
 	if err != nil {
 		return nil, nil, fmt.Errorf("rollup %s: read clickhouse: %w", day.Format(time.DateOnly), err)
 	}

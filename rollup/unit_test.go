@@ -21,7 +21,7 @@ func TestTruthQuery(t *testing.T) {
 	tenant := uuid.MustParse("6f1c1a52-3b8e-4a43-9a55-0d2f4a0e7c11")
 	check := func(name string, scope Scope, raw bool, wantSQL string, wantArgs []any) {
 		t.Helper()
-		q, args := truthQuery("analytics", day, scope, raw)
+		q, args := truthQuery("analytics", day, scope, raw, "")
 		if q != wantSQL {
 			t.Errorf("%s: got SQL\n%s\nwant\n%s", name, q, wantSQL)
 		}

@@ -1,0 +1,167 @@
+package erasure
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// Querier is what the ledger is read through: a *pgxpool.Pool or a pgx.Tx.
+type Querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+}
+
+// Erased is a count of events a user's erasure removed: of tenant, on date (toDate(ts)), of event
+// name Metric, received in unix minute Minute.
+type Erased struct {
+	Tenant uuid.UUID
+	Date   time.Time
+	Metric string
+	Minute int64
+	N      int64
+}
+
+// pending is a recorded round whose delete has not been confirmed: its rows may or may not still be
+// in ClickHouse, so readers leave them out by the same predicate the delete uses.
+type pending struct {
+	tenant uuid.UUID
+	digest string
+	ids    []uuid.UUID
+}
+
+// Ledger is what user erasures took out of one day's raw events: the counts to add back to a count
+// of the raw rows, and the rows of rounds still being deleted, to leave out of it (ExcludeEvents).
+//
+// Why a ledger and not "trust the aggregate on days an erasure touched": the quota reconciler needs
+// per-minute counts the aggregate does not have, and the rollup would lose its repair of real drift
+// on those days for good. Why exact ids and not the user's predicate at delete time: rows of the same
+// user inserted between a count and the delete (the user is active, or another instance's spool ships)
+// would be deleted uncounted; counting by received_at cut-offs would rest on every instance's clock.
+// With ids, the rows counted are the rows deleted, whatever arrives meanwhile (the next round takes it).
+//
+// Readers call ReadLedger, run their ClickHouse count with ExcludeEvents, then Unchanged: a round
+// recorded or applied in between (whose delete may have run while they counted) makes them read
+// again. Rounds are recorded before their delete is issued, so a count taken while the ledger did not
+// change cannot have missed rows that are neither excluded nor counted.
+type Ledger struct {
+	Counts  []Erased
+	pending []pending
+	version [2]int64
+}
+
+// version counts rounds and applied rounds: every change to the ledger increases one of them (rounds
+// are never removed).
+func ledgerVersion(ctx context.Context, q Querier) ([2]int64, error) {
+	var v [2]int64
+	err := q.QueryRow(ctx, "SELECT count(*), count(*) FILTER (WHERE applied) FROM erasure_rounds").Scan(&v[0], &v[1])
+	if err != nil {
+		return v, fmt.Errorf("read the erasure ledger's version: %w", err)
+	}
+	return v, nil
+}
+
+// ReadLedger reads what erasures took out of day (UTC midnight) for tenant (uuid.Nil: every tenant).
+func ReadLedger(ctx context.Context, q Querier, day time.Time, tenant uuid.UUID) (Ledger, error) {
+	var l Ledger
+	var err error
+	if l.version, err = ledgerVersion(ctx, q); err != nil {
+		return l, err
+	}
+	date := day.UTC().Format(time.DateOnly)
+	var tenantArg *uuid.UUID
+	if tenant != uuid.Nil {
+		tenantArg = &tenant
+	}
+	rows, err := q.Query(ctx, `SELECT tenant_id, date, metric, minute, sum(n)::bigint FROM erased_usage
+		WHERE date = $1::date AND ($2::uuid IS NULL OR tenant_id = $2) GROUP BY tenant_id, date, metric, minute`, date, tenantArg)
+	if err != nil {
+		return l, fmt.Errorf("read erased usage of %s: %w", date, err)
+	}
+	for rows.Next() {
+		var e Erased
+		if err := rows.Scan(&e.Tenant, &e.Date, &e.Metric, &e.Minute, &e.N); err != nil {
+			rows.Close()
+			return l, fmt.Errorf("read erased usage of %s: %w", date, err)
+		}
+		l.Counts = append(l.Counts, e)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return l, fmt.Errorf("read erased usage of %s: %w", date, err)
+	}
+	rows, err = q.Query(ctx, `SELECT r.tenant_id, r.user_digest, r.ids FROM erasure_rounds r
+		WHERE NOT r.applied AND ($2::uuid IS NULL OR r.tenant_id = $2)
+		AND EXISTS (SELECT 1 FROM erased_usage u WHERE u.job_id = r.job_id AND u.round = r.round AND u.date = $1::date)`, date, tenantArg)
+	if err != nil {
+		return l, fmt.Errorf("read pending erasures of %s: %w", date, err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var p pending
+		if err := rows.Scan(&p.tenant, &p.digest, &p.ids); err != nil {
+			return l, fmt.Errorf("read pending erasures of %s: %w", date, err)
+		}
+		l.pending = append(l.pending, p)
+	}
+	return l, rows.Err()
+}
+
+// Unchanged reports whether no round was recorded or applied since l was read.
+func (l Ledger) Unchanged(ctx context.Context, q Querier) (bool, error) {
+	v, err := ledgerVersion(ctx, q)
+	return v == l.version, err
+}
+
+// ExcludeEvents is a predicate to AND to a read of the events table ("" when nothing is pending):
+// it leaves out the rows of rounds whose delete is not confirmed. It names no user id: tenant, event
+// ids and the digest SHA256(user_id) only, all rendered from parsed values.
+func (l Ledger) ExcludeEvents() string {
+	var b strings.Builder
+	for _, p := range l.pending {
+		b.WriteString(" AND NOT (")
+		b.WriteString(rowsPredicate(p.tenant, p.digest, p.ids))
+		b.WriteString(")")
+	}
+	return b.String()
+}
+
+// QuerySize is the max_query_size a query carrying ExcludeEvents needs (0: the default will do).
+func (l Ledger) QuerySize(q string) int {
+	if len(q) < 200_000 {
+		return 0
+	}
+	return len(q) + 64<<10
+}
+
+// rowsPredicate selects exactly the rows of a round: the tenant's rows with one of ids whose user id
+// has the digest. The digest keeps a row of another user that happened to share an id out of it; the
+// ids keep rows the user sent after the round's snapshot out of it.
+func rowsPredicate(tenant uuid.UUID, digest string, ids []uuid.UUID) string {
+	var b strings.Builder
+	b.Grow(len(ids)*40 + 160)
+	b.WriteString("tenant_id = toUUID('")
+	b.WriteString(tenant.String())
+	b.WriteString("') AND id IN (")
+	for i, id := range ids {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString("'")
+		b.WriteString(id.String())
+		b.WriteString("'")
+	}
+	if len(ids) == 0 {
+		b.WriteString("toUUID('00000000-0000-0000-0000-000000000000')")
+	}
+	b.WriteString(") AND SHA256(user_id) = unhex('")
+	b.WriteString(digest) // hex, from UserDigest
+	b.WriteString("')")
+	return b.String()
+}

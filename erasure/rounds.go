@@ -1,0 +1,199 @@
+package erasure
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+)
+
+// catchUpRounds bounds the rounds a user's erasure runs once a round found fewer rows than RoundRows
+// (the stored backlog is gone): rows the user sends while the job runs are taken by the next round,
+// and a user who never stops sending would otherwise keep the job running forever. Rows stored after
+// the last round are events sent after the erasure, and are kept.
+const catchUpRounds = 3
+
+// eraseUserRows deletes the user's events in rounds. Each round, under a lock on (tenant, user):
+// snapshot up to RoundRows of the user's rows (ids, and counts per day, event and received minute),
+// record them in the ledger in one transaction, then delete exactly those ids and mark the round
+// applied once none of them is left on any replica. Rounds recorded but not applied — this job's,
+// after a crash, or a failed job's for the same user — are finished first, so a re-run or a
+// re-submitted request neither counts their rows twice nor leaves them.
+func (s *Service) eraseUserRows(ctx context.Context, j *Job) error {
+	digest := UserDigest(j.UserID)
+	short := 0
+	for {
+		if err := s.applyPending(ctx, j.ID, j.TenantID, digest); err != nil {
+			return err
+		}
+		if short > catchUpRounds {
+			break
+		}
+		n, err := s.recordRound(ctx, j, digest)
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			break
+		}
+		if n < s.cfg.RoundRows {
+			short++
+		}
+	}
+	rows, err := s.roundRows(ctx, j.ID)
+	if err != nil {
+		return err
+	}
+	scrubbed, err := s.scrubbed(ctx, j.ID)
+	if err != nil {
+		return err
+	}
+	j.RowsErased = rows + scrubbed
+	return nil
+}
+
+// roundRows is the rows of the rounds job applied: its own, and those of a failed job it finished.
+func (s *Service) roundRows(ctx context.Context, job uuid.UUID) (int64, error) {
+	var n int64
+	if err := s.pg.QueryRow(ctx, "SELECT coalesce(sum(rows), 0)::bigint FROM erasure_rounds WHERE applied_by = $1", job).Scan(&n); err != nil {
+		return 0, fmt.Errorf("read erasure rounds: %w", err)
+	}
+	return n, nil
+}
+
+// snapshotRow is one row a round deletes.
+type snapshotRow struct {
+	id     uuid.UUID
+	date   time.Time
+	event  string
+	minute uint32
+}
+
+// recordRound snapshots the next RoundRows rows of the user and records them as a pending round of
+// j; it returns how many it recorded (0: the user has no rows left). The transaction holds an
+// advisory lock on (tenant, digest), so two jobs for the same user never snapshot the same rows;
+// rows of pending rounds are left out of the snapshot.
+func (s *Service) recordRound(ctx context.Context, j *Job, digest string) (int, error) {
+	var n int
+	err := pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext($1))", "analyticsd.erasure."+j.TenantID.String()+"."+digest); err != nil {
+			return fmt.Errorf("lock the user's rounds: %w", err)
+		}
+		var busy [][]uuid.UUID
+		rows, err := tx.Query(ctx, "SELECT ids FROM erasure_rounds WHERE tenant_id = $1 AND user_digest = $2 AND NOT applied", j.TenantID, digest)
+		if err == nil {
+			busy, err = pgx.CollectRows(rows, pgx.RowTo[[]uuid.UUID])
+		}
+		if err != nil {
+			return fmt.Errorf("read pending rounds: %w", err)
+		}
+		q := "SELECT id, toDate(ts), event, intDiv(toUInt32(received_at), 60) FROM " + s.cfg.Layout.Table("events") +
+			" WHERE tenant_id = ? AND SHA256(user_id) = unhex(?)"
+		for _, ids := range busy {
+			q += " AND NOT (" + rowsPredicate(j.TenantID, digest, ids) + ")"
+		}
+		q += fmt.Sprintf(" ORDER BY ts, id LIMIT %d", s.cfg.RoundRows)
+		snap, err := s.snapshot(ctx, q, j.TenantID, digest)
+		if err != nil {
+			return err
+		}
+		if n = len(snap); n == 0 {
+			return nil
+		}
+		var round int
+		if err := tx.QueryRow(ctx, "SELECT coalesce(max(round), 0) + 1 FROM erasure_rounds WHERE job_id = $1", j.ID).Scan(&round); err != nil {
+			return fmt.Errorf("number the round: %w", err)
+		}
+		ids := make([]uuid.UUID, n)
+		type cell struct {
+			date   string
+			event  string
+			minute int64
+		}
+		counts := map[cell]int64{}
+		for i, r := range snap {
+			ids[i] = r.id
+			counts[cell{r.date.Format(time.DateOnly), r.event, int64(r.minute)}]++
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO erasure_rounds (job_id, round, tenant_id, user_digest, ids, rows)
+			VALUES ($1, $2, $3, $4, $5, $6)`, j.ID, round, j.TenantID, digest, ids, n); err != nil {
+			return fmt.Errorf("record the round: %w", err)
+		}
+		var dates, events []string
+		var minutes, ns []int64
+		for c, k := range counts {
+			dates, events, minutes, ns = append(dates, c.date), append(events, c.event), append(minutes, c.minute), append(ns, k)
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO erased_usage (tenant_id, date, metric, minute, n, job_id, round)
+			SELECT $1, t.date::date, t.metric, t.minute, t.n, $2, $3
+			FROM unnest($4::text[], $5::text[], $6::bigint[], $7::bigint[]) AS t (date, metric, minute, n)`,
+			j.TenantID, j.ID, round, dates, events, minutes, ns); err != nil {
+			return fmt.Errorf("record the round's counts: %w", err)
+		}
+		return nil
+	})
+	return n, err
+}
+
+func (s *Service) snapshot(ctx context.Context, q string, tenant uuid.UUID, digest string) ([]snapshotRow, error) {
+	rows, err := s.ch.Query(ctx, q, tenant, digest)
+	if err != nil {
+		return nil, fmt.Errorf("find the user's rows: %w", err)
+	}
+	defer rows.Close()
+	var out []snapshotRow
+	for rows.Next() {
+		var r snapshotRow
+		if err := rows.Scan(&r.id, &r.date, &r.event, &r.minute); err != nil {
+			return nil, fmt.Errorf("find the user's rows: %w", err)
+		}
+		out = append(out, r)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("find the user's rows: %w", err)
+	}
+	return out, nil
+}
+
+// applyPending deletes the rows of every pending round of (tenant, digest), checks that none is
+// left, and marks the round applied (its ids and digest are then dropped). Running it twice, or in two
+// jobs at once, deletes nothing more: the delete names the round's ids.
+func (s *Service) applyPending(ctx context.Context, job, tenant uuid.UUID, digest string) error {
+	type round struct {
+		job   uuid.UUID
+		round int
+		ids   []uuid.UUID
+	}
+	rows, err := s.pg.Query(ctx, `SELECT job_id, round, ids FROM erasure_rounds
+		WHERE tenant_id = $1 AND user_digest = $2 AND NOT applied ORDER BY recorded_at`, tenant, digest)
+	if err != nil {
+		return fmt.Errorf("read pending rounds: %w", err)
+	}
+	pend, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (round, error) {
+		var x round
+		err := r.Scan(&x.job, &x.round, &x.ids)
+		return x, err
+	})
+	if err != nil {
+		return fmt.Errorf("read pending rounds: %w", err)
+	}
+	for _, p := range pend {
+		where := rowsPredicate(tenant, digest, p.ids)
+		if err := s.delete(ctx, statement{table: "events", where: where}); err != nil {
+			return err
+		}
+		var left uint64
+		if err := s.ch.QueryRow(ctx, "SELECT count() FROM "+s.cfg.Layout.Table("events")+" WHERE "+where).Scan(&left); err != nil {
+			return fmt.Errorf("count the round's rows left: %w", err)
+		} else if left != 0 {
+			return fmt.Errorf("%d rows of round %d still found after the delete", left, p.round)
+		}
+		if _, err := s.pg.Exec(ctx, `UPDATE erasure_rounds SET applied = true, applied_at = now(), applied_by = $3,
+			ids = '{}', user_digest = '' WHERE job_id = $1 AND round = $2 AND NOT applied`, p.job, p.round, job); err != nil {
+			return fmt.Errorf("mark round %d applied: %w", p.round, err)
+		}
+	}
+	return nil
+}
