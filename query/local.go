@@ -11,17 +11,19 @@ import (
 
 	"github.com/analyticsd/analyticsd/internal/chlimit"
 	"github.com/analyticsd/analyticsd/retention"
+	"github.com/analyticsd/analyticsd/schema"
 )
 
 // Reads in a tenant's own time zone.
 //
 // daily_usage (and the billed record in Postgres) is kept per UTC day, which is a local day only
 // where the zone's offset is zero. For any other zone a local day is its UTC date's count from
-// daily_usage corrected by the raw rows — events (count per event name) and usage_increments (sum
-// per metric) — that lie between a local midnight and a UTC midnight (localCounts), marked
-// meta.source "local". Raw rows are kept RETENTION_DAYS; a local day that starts before the first
-// complete raw day is answered with the UTC day of the same date and says so (meta.utc_day), since
-// nothing finer is kept for it.
+// daily_usage corrected by the counts that lie between a local midnight and a UTC midnight
+// (localCounts), marked meta.source "local". Those come from usage_quarter_hour — the same counts per
+// 15-minute slot, fed by the same inserts — or, where it cannot answer, from the raw rows: events
+// (count per event name) and usage_increments (sum per metric). Both are kept RETENTION_DAYS; a local
+// day that starts before the first complete raw day is answered with the UTC day of the same date and
+// says so (meta.utc_day), since nothing finer is kept for it.
 
 var metaLocal = json.RawMessage(`{"source":"local"}`)
 
@@ -35,6 +37,23 @@ func (s *Store) rawFrom(ctx context.Context) time.Time {
 		floor, _ = retention.NewFloor(s.pg, s.db).Get(ctx)
 	}
 	return retention.Window{Days: s.retentionDays}.CompleteFrom(floor, s.now())
+}
+
+// quarterHours reports whether usage_quarter_hour holds every stored raw row: its migration, whose
+// fill counts in the rows stored before it, is recorded as applied. Until then (a server upgraded but
+// not migrated yet) local days are counted from the raw rows; the answer is looked up at most once a
+// minute until it is yes, and then kept.
+func (s *Store) quarterHours(ctx context.Context) bool {
+	s.qh.Lock()
+	defer s.qh.Unlock()
+	if s.qh.ready || time.Since(s.qh.checked) < time.Minute {
+		return s.qh.ready
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	ok, err := schema.Applied(ctx, s.ch, s.db, schema.QuarterHoursVersion)
+	s.qh.ready, s.qh.checked = ok && err == nil, time.Now()
+	return s.qh.ready
 }
 
 // firstRawDay is the first local date in [first, last] whose start is inside the raw window
@@ -66,29 +85,14 @@ func (s *Store) localCounts(ctx context.Context, tenant uuid.UUID, metrics []str
 	if len(windows) == 0 {
 		return out, nil
 	}
-	var events, increments []string
-	for _, m := range metrics {
-		if strings.Contains(m, ".") {
-			events = append(events, m)
-		} else {
-			increments = append(increments, m)
-		}
-	}
-	for _, q := range []struct {
-		table, column, agg string
-		names              []string
-	}{
-		{"events", "event", "toInt64(count())", events},
-		{"usage_increments", "metric", "sum(n)", increments},
-	} {
-		if len(q.names) == 0 {
-			continue
-		}
-		sql, args := windowCountsSQL(s.db, q.table, q.column, q.agg, z, windows)
-		args = append(args, tenant, windows[0][0], windows[len(windows)-1][1], q.names)
+	if s.quarterHours(ctx) && z.onSlots(windows) {
+		sql, args := quarterHourCountsSQL(s.db, z, windows)
+		args = append(args, tenant, windows[0][0], windows[len(windows)-1][1], metrics)
 		if err := s.moveAcrossMidnight(ctx, sql, args, out); err != nil {
-			return nil, fmt.Errorf("count %s by local day: %w", q.table, err)
+			return nil, fmt.Errorf("count usage_quarter_hour by local day: %w", err)
 		}
+	} else if err := s.rawCountsAcrossMidnight(ctx, tenant, metrics, z, windows, out); err != nil {
+		return nil, err
 	}
 	// The windows at the range's ends move rows to or from the dates just outside it.
 	lo, hi := first.Format(time.DateOnly), last.Format(time.DateOnly)
@@ -127,9 +131,50 @@ func (z Zone) windows(first, last time.Time) [][2]time.Time {
 // evaluates such an OR of ranges on every row it reads, and measured here (2.6M rows of a tenant,
 // 18.16) 91 ranges took 0.9 s and 31 ranges 0.45 s, against 0.41 s for the comparison.
 func windowCountsSQL(db, table, column, agg string, z Zone, windows [][2]time.Time) (string, []any) {
-	day, args := z.dayExpr(windows[0][0], windows[len(windows)-1][1])
+	day, args := z.dayExpr("ts", windows[0][0], windows[len(windows)-1][1])
 	return "SELECT " + column + ", toString(toDate(ts)) AS u, toString(" + day + ") AS l, " + agg + " FROM " + db + "." + table +
 		" WHERE tenant_id = ? AND ts >= ? AND ts < ? AND has(?, " + column + ") AND u != l GROUP BY " + column + ", u, l", args
+}
+
+// quarterHourCountsSQL is the query of usage_quarter_hour's counts per metric, UTC date and local date
+// of the slots whose two dates differ, over the extent of windows (every bound on a slot: onSlots).
+// Its arguments are the returned ones, then tenant, the extent's ends and the metrics. The busiest
+// tenant of the 10M-event benchmark has 2.6M raw rows in 30 days and ~40k slot rows.
+func quarterHourCountsSQL(db string, z Zone, windows [][2]time.Time) (string, []any) {
+	day, args := z.dayExpr("slot", windows[0][0], windows[len(windows)-1][1])
+	return "SELECT metric, toString(toDate(slot)) AS u, toString(" + day + ") AS l, sum(count) FROM " + db + ".usage_quarter_hour" +
+		" WHERE tenant_id = ? AND slot >= ? AND slot < ? AND has(?, metric) AND u != l GROUP BY metric, u, l", args
+}
+
+// rawCountsAcrossMidnight is localCounts' move across midnight counted from the raw rows: for a
+// database whose usage_quarter_hour is not filled yet (migrate not run since the upgrade) and for a
+// zone whose midnights are not on quarter hours.
+func (s *Store) rawCountsAcrossMidnight(ctx context.Context, tenant uuid.UUID, metrics []string, z Zone, windows [][2]time.Time, out map[string]map[string]int64) error {
+	var events, increments []string
+	for _, m := range metrics {
+		if strings.Contains(m, ".") {
+			events = append(events, m)
+		} else {
+			increments = append(increments, m)
+		}
+	}
+	for _, q := range []struct {
+		table, column, agg string
+		names              []string
+	}{
+		{"events", "event", "toInt64(count())", events},
+		{"usage_increments", "metric", "sum(n)", increments},
+	} {
+		if len(q.names) == 0 {
+			continue
+		}
+		sql, args := windowCountsSQL(s.db, q.table, q.column, q.agg, z, windows)
+		args = append(args, tenant, windows[0][0], windows[len(windows)-1][1], q.names)
+		if err := s.moveAcrossMidnight(ctx, sql, args, out); err != nil {
+			return fmt.Errorf("count %s by local day: %w", q.table, err)
+		}
+	}
+	return nil
 }
 
 // moveAcrossMidnight applies the window counts to the UTC-day counts in into: each group of rows

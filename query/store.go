@@ -1,6 +1,7 @@
 package query
 
 import (
+	"sync"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
@@ -20,6 +21,12 @@ type Store struct {
 	// retentionDays is how long raw events are kept (RETENTION_DAYS): local-day counts come from
 	// them inside that window only.
 	retentionDays int
+	// qh remembers whether usage_quarter_hour can be read (quarterHours).
+	qh struct {
+		sync.Mutex
+		ready   bool
+		checked time.Time
+	}
 }
 
 // NewStore returns a Store. maxExec bounds every ClickHouse query (max_execution_time; default 30 s).

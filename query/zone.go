@@ -120,25 +120,50 @@ func (z Zone) UTCOver(from, to time.Time) bool {
 	return true
 }
 
-// dayExpr is the SQL of the local date of column ts for rows in [from, to), and its arguments (the
-// instants where the offset changes; the offsets are numbers this package computed, written in).
-func (z Zone) dayExpr(from, to time.Time) (string, []any) {
+// dayExpr is the SQL of the local date of column col (a DateTime) for rows in [from, to), and its
+// arguments (the instants where the offset changes; the offsets are numbers this package computed,
+// written in).
+func (z Zone) dayExpr(col string, from, to time.Time) (string, []any) {
 	ss := z.spans(from, to)
 	if len(ss) == 1 {
-		return "toDate(addSeconds(ts, " + strconv.Itoa(ss[0].offset) + "))", nil
+		return "toDate(addSeconds(" + col + ", " + strconv.Itoa(ss[0].offset) + "))", nil
 	}
 	var b strings.Builder
 	var args []any
-	b.WriteString("toDate(addSeconds(ts, multiIf(")
+	b.WriteString("toDate(addSeconds(" + col + ", multiIf(")
 	for i, s := range ss[:len(ss)-1] {
 		if i > 0 {
 			b.WriteString(", ")
 		}
-		b.WriteString("ts < ?, " + strconv.Itoa(s.offset))
+		b.WriteString(col + " < ?, " + strconv.Itoa(s.offset))
 		args = append(args, ss[i+1].start)
 	}
 	b.WriteString(", " + strconv.Itoa(ss[len(ss)-1].offset) + ")))")
 	return b.String(), args
+}
+
+// slotSeconds is usage_quarter_hour's grain.
+const slotSeconds = 15 * 60
+
+// onSlots reports whether every local midnight and offset change in [from, to) falls on a quarter hour
+// (UTC): then each slot of usage_quarter_hour lies whole inside one local day. True of every zone's
+// rules since the 1970s (offsets and DST shifts are whole quarter hours: Kathmandu +5:45, Chatham
+// +12:45, Lord Howe's 30-minute DST); historical local mean times are not.
+func (z Zone) onSlots(windows [][2]time.Time) bool {
+	if len(windows) == 0 {
+		return true
+	}
+	for _, w := range windows {
+		if w[0].Unix()%slotSeconds != 0 || w[1].Unix()%slotSeconds != 0 {
+			return false
+		}
+	}
+	for _, s := range z.spans(windows[0][0], windows[len(windows)-1][1]) {
+		if s.start.Unix()%slotSeconds != 0 && s.start.After(windows[0][0]) {
+			return false
+		}
+	}
+	return true
 }
 
 // ZoneLookup finds a tenant's configured time zone (*tenant.Store).

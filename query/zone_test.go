@@ -85,11 +85,11 @@ func TestSpans(t *testing.T) {
 }
 
 func TestDayExpr(t *testing.T) {
-	sql, args := mustZone(t, "Asia/Kathmandu").dayExpr(instant("2026-01-01T00:00:00Z"), instant("2026-02-01T00:00:00Z"))
+	sql, args := mustZone(t, "Asia/Kathmandu").dayExpr("ts", instant("2026-01-01T00:00:00Z"), instant("2026-02-01T00:00:00Z"))
 	if want := "toDate(addSeconds(ts, 20700))"; sql != want || len(args) != 0 {
 		t.Errorf("kathmandu: got %s %v, want %s and no args", sql, args, want)
 	}
-	sql, args = mustZone(t, "Europe/Berlin").dayExpr(instant("2026-03-01T00:00:00Z"), instant("2026-11-30T00:00:00Z"))
+	sql, args = mustZone(t, "Europe/Berlin").dayExpr("ts", instant("2026-03-01T00:00:00Z"), instant("2026-11-30T00:00:00Z"))
 	if want := "toDate(addSeconds(ts, multiIf(ts < ?, 3600, ts < ?, 7200, 3600)))"; sql != want {
 		t.Errorf("berlin: got %s, want %s", sql, want)
 	}
@@ -147,5 +147,25 @@ func TestParseRangeInZone(t *testing.T) {
 	r, err = ParseRangeIn("2026-03-01T10:00:00Z", "2026-03-02T10:00:00Z", now, z)
 	if err != nil || !r.From.Equal(instant("2026-03-01T10:00:00Z")) || !r.To.Equal(instant("2026-03-02T10:00:00Z")) {
 		t.Errorf("instants: got %v..%v, %v", r.From, r.To, err)
+	}
+}
+
+func TestOnSlots(t *testing.T) {
+	for _, c := range []struct {
+		zone, first, last string
+		want              bool
+	}{
+		{"Asia/Kathmandu", "2026-01-01", "2026-03-01", true},
+		{"Asia/Kolkata", "2026-01-01", "2026-03-01", true},
+		{"America/St_Johns", "2026-03-01", "2026-11-30", true},
+		{"Australia/Lord_Howe", "2026-03-01", "2026-11-30", true}, // a 30-minute DST shift
+		{"Pacific/Chatham", "2026-03-01", "2026-11-30", true},     // +12:45/+13:45
+		{"Asia/Kolkata", "1900-01-01", "1900-01-05", false},       // local mean time, +5:53:28
+		{"Europe/Amsterdam", "1930-01-01", "1930-01-05", false},   // +0:19:32
+	} {
+		z := mustZone(t, c.zone)
+		if got := z.onSlots(z.windows(date(c.first), date(c.last))); got != c.want {
+			t.Errorf("%s %s..%s: got %v, want %v", c.zone, c.first, c.last, got, c.want)
+		}
 	}
 }

@@ -53,9 +53,9 @@ func (w Window) CompleteFrom(floor, now time.Time) time.Time {
 	return first
 }
 
-// ttlRe finds the days of a "TTL ts + INTERVAL n DAY" clause as the server shows it in
+// ttlRe finds the days of a "TTL ts + INTERVAL n DAY" (or slot) clause as the server shows it in
 // system.tables.create_table_query: modern servers print it as "TTL ts + toIntervalDay(n)".
-var ttlRe = regexp.MustCompile(`(?i)\bTTL\s+ts\s*\+\s*(?:toIntervalDay\(\s*(\d+)\s*\)|INTERVAL\s+(\d+)\s+DAY)`)
+var ttlRe = regexp.MustCompile(`(?i)\bTTL\s+(?:ts|slot)\s*\+\s*(?:toIntervalDay\(\s*(\d+)\s*\)|INTERVAL\s+(\d+)\s+DAY)`)
 
 // ParseTTLDays returns the days of the TTL clause of a CREATE TABLE statement, and whether it has one.
 func ParseTTLDays(create string) (int, bool) {

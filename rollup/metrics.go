@@ -1,6 +1,10 @@
 package rollup
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/analyticsd/analyticsd/schema"
+)
 
 // reconcileMetrics are the Reconciler's collectors: the contract's run counter and duration
 // histogram (docs/contract.md has why the names start with sbh_), and how many aggregate rows had to
@@ -44,14 +48,14 @@ func newSweepMetrics(reg prometheus.Registerer) *sweepMetrics {
 	m := &sweepMetrics{
 		dropped: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sbh_analytics_retention_partitions_dropped_total",
-			Help: "Daily partitions of raw tables dropped by the retention sweeper, by table.",
+			Help: "Daily partitions of raw tables (and usage_quarter_hour) dropped by the retention sweeper, by table.",
 		}, []string{"table"}),
 		failed: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sbh_analytics_retention_sweep_failures_total", Help: "Retention sweeps that failed.",
 		}),
 	}
-	for _, t := range rawTables {
-		m.dropped.WithLabelValues(t)
+	for _, t := range schema.Retained {
+		m.dropped.WithLabelValues(t.Name)
 	}
 	if reg != nil {
 		reg.MustRegister(m.dropped, m.failed)

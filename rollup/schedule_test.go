@@ -121,7 +121,7 @@ func TestTwoSchedulersReconcileOnce(t *testing.T) {
 }
 
 // Events and increments at 100, 91, 90 and 89 days old: the sweeper (at start-up) drops the 100- and
-// 91-day partitions and keeps the rest; daily_usage keeps every day.
+// 91-day partitions (of usage_quarter_hour too) and keeps the rest; daily_usage keeps every day.
 func TestSweeperDropsExpiredPartitions(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t)
@@ -165,7 +165,7 @@ func TestSweeperDropsExpiredPartitions(t *testing.T) {
 			t.Errorf("%d days old: daily_usage %s, want unchanged %s", n, got, aggBefore[n])
 		}
 	}
-	for _, table := range []string{"events", "usage_increments"} {
+	for _, table := range []string{"events", "usage_increments", "usage_quarter_hour"} {
 		if got := metricValue(t, reg, "sbh_analytics_retention_partitions_dropped_total", map[string]string{"table": table}); got != 2 {
 			t.Errorf("partitions dropped from %s: got %v, want 2", table, got)
 		}

@@ -21,9 +21,6 @@ import (
 	"github.com/analyticsd/analyticsd/schema"
 )
 
-// rawTables are the tables retention applies to. daily_usage is kept indefinitely.
-var rawTables = []string{"events", "usage_increments"}
-
 // partitionRe is a toYYYYMMDD(ts) partition id: the only thing the sweeper ever puts into SQL text.
 var partitionRe = regexp.MustCompile(`^[0-9]{8}$`)
 
@@ -151,8 +148,8 @@ func (s *Sweeper) Sweep(ctx context.Context) (SweepResult, error) {
 	}
 	defer unlock()
 	var sweepErr error
-	for _, table := range rawTables {
-		if err := s.sweepTable(ctx, table, cutoff, &res); err != nil {
+	for _, table := range schema.Retained {
+		if err := s.sweepTable(ctx, table.Name, cutoff, &res); err != nil {
 			sweepErr = err
 			break
 		}

@@ -25,6 +25,9 @@ type Migrator struct {
 	Cluster       string // CLICKHOUSE_CLUSTER: the cluster layout (see Layout); empty on one server
 	RetentionDays int
 	Log           *slog.Logger
+	// FillSettle is how long a migration's fill waits between the two reads of a difference it is about
+	// to write (default 1 s; see FillQuarterHours).
+	FillSettle time.Duration
 }
 
 // Result says what Run found and did.
@@ -104,8 +107,13 @@ func (m *Migrator) Run(ctx context.Context) (Result, error) {
 	return res, nil
 }
 
-// rawTables are the tables RETENTION_DAYS applies to; daily_usage is kept forever.
-var rawTables = []string{"events", "usage_increments"}
+// Retained are the tables RETENTION_DAYS applies to, each partitioned by the UTC day of its time
+// column: the raw events and increments, and usage_quarter_hour, the fine-grained aggregate that local
+// days inside the raw window are read from. daily_usage is kept forever.
+var Retained = []RetainedTable{{"events", "ts"}, {"usage_increments", "ts"}, {"usage_quarter_hour", "slot"}}
+
+// RetainedTable is a table RETENTION_DAYS applies to, and the column its TTL and partitions follow.
+type RetainedTable struct{ Name, TimeColumn string }
 
 // applyRetention brings the raw tables' TTL to RETENTION_DAYS (tables with a TTL clause; a table
 // created on a server without TTL keeps being swept). Raising the window first records the first
@@ -113,8 +121,8 @@ var rawTables = []string{"events", "usage_increments"}
 // not take what is left of them for their raw data.
 func (m *Migrator) applyRetention(ctx context.Context) (string, error) {
 	changed := ""
-	for _, table := range rawTables {
-		days, ok, err := retention.TableTTL(ctx, m.CH, m.DB, m.layout().LocalName(table))
+	for _, t := range Retained {
+		days, ok, err := retention.TableTTL(ctx, m.CH, m.DB, m.layout().LocalName(t.Name))
 		if err != nil {
 			return changed, fmt.Errorf("migrate clickhouse: %w", err)
 		}
@@ -127,17 +135,17 @@ func (m *Migrator) applyRetention(ctx context.Context) (string, error) {
 				return changed, fmt.Errorf("migrate: %w", err)
 			}
 		}
-		if err := m.CH.Exec(ctx, ModifyTTL(m.layout(), table, m.RetentionDays)); err != nil {
-			return changed, fmt.Errorf("migrate clickhouse: apply RETENTION_DAYS=%d to %s.%s: %w", m.RetentionDays, m.DB, table, err)
+		if err := m.CH.Exec(ctx, ModifyTTL(m.layout(), t, m.RetentionDays)); err != nil {
+			return changed, fmt.Errorf("migrate clickhouse: apply RETENTION_DAYS=%d to %s.%s: %w", m.RetentionDays, m.DB, t.Name, err)
 		}
 		changed = fmt.Sprintf("%d -> %d days", days, m.RetentionDays)
 	}
 	return changed, nil
 }
 
-// ModifyTTL is the statement that sets a raw table's retention (on every replica of a cluster).
-func ModifyTTL(l Layout, table string, days int) string {
-	return fmt.Sprintf("ALTER TABLE %s%s MODIFY TTL ts + INTERVAL %d DAY", l.Local(table), l.OnCluster(), days)
+// ModifyTTL is the statement that sets a retained table's retention (on every replica of a cluster).
+func ModifyTTL(l Layout, t RetainedTable, days int) string {
+	return fmt.Sprintf("ALTER TABLE %s%s MODIFY TTL %s + INTERVAL %d DAY", l.Local(t.Name), l.OnCluster(), t.TimeColumn, days)
 }
 
 func (m *Migrator) layout() Layout { return Layout{DB: m.DB, Cluster: m.Cluster} }
@@ -224,6 +232,17 @@ func (m *Migrator) clickhouse(ctx context.Context, ms []Migration) ([]int, error
 			if err := m.CH.Exec(ctx, stmt); err != nil {
 				return applied, fmt.Errorf("migrate clickhouse %04d_%s: %s: %w", mig.Version, mig.Name, firstLine(stmt), err)
 			}
+		}
+		if fill := fills[mig.Version]; fill != nil {
+			settle := m.FillSettle
+			if settle <= 0 {
+				settle = time.Second
+			}
+			start := time.Now()
+			if err := fill(ctx, m.CH, l, settle); err != nil {
+				return applied, fmt.Errorf("migrate clickhouse %04d_%s: %w", mig.Version, mig.Name, err)
+			}
+			logger.Or(m.Log).Info("migration filled from the stored rows", "version", mig.Version, "took", time.Since(start).Round(time.Millisecond))
 		}
 		if err := recordClickHouse(ctx, m.CH, m.DB, mig); err != nil {
 			return applied, err

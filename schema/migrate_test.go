@@ -41,6 +41,9 @@ func TestMigrateCreatesEveryObject(t *testing.T) {
 		{"daily_usage", "SummingMergeTree", "toYYYYMM(date)", "tenant_id, metric, date"},
 		{"daily_usage_events_mv", "MaterializedView", "", ""},
 		{"daily_usage_increments_mv", "MaterializedView", "", ""},
+		{"usage_quarter_hour", "SummingMergeTree", "toYYYYMMDD(slot)", "tenant_id, metric, slot"},
+		{"usage_quarter_hour_events_mv", "MaterializedView", "", ""},
+		{"usage_quarter_hour_increments_mv", "MaterializedView", "", ""},
 		{"schema_migrations", "MergeTree", "", "version"},
 	}
 	if testenv.Cluster() != "" {
@@ -54,6 +57,10 @@ func TestMigrateCreatesEveryObject(t *testing.T) {
 			{"daily_usage", "Distributed", "", ""},
 			{"daily_usage_events_mv", "MaterializedView", "", ""},
 			{"daily_usage_increments_mv", "MaterializedView", "", ""},
+			{"usage_quarter_hour_local", "ReplicatedSummingMergeTree", "toYYYYMMDD(slot)", "tenant_id, metric, slot"},
+			{"usage_quarter_hour", "Distributed", "", ""},
+			{"usage_quarter_hour_events_mv", "MaterializedView", "", ""},
+			{"usage_quarter_hour_increments_mv", "MaterializedView", "", ""},
 			{"schema_migrations", "ReplicatedMergeTree", "", "version"},
 		}
 		checkEveryReplica(ctx, t, env.CH, env.DB, len(want))

@@ -86,9 +86,12 @@ func TestMigrateAppliesAChangedRetention(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []string{schema.ModifyTTL(env.Layout(), "events", 120), schema.ModifyTTL(env.Layout(), "usage_increments", 120)}
-	if strings.Join(ch.execs[len(ch.execs)-2:], "; ") != strings.Join(want, "; ") || res.Retention != "90 -> 120 days" {
-		t.Errorf("statements %q, result %q; want the last two to be %q", ch.execs, res.Retention, want)
+	var want []string
+	for _, table := range schema.Retained {
+		want = append(want, schema.ModifyTTL(env.Layout(), table, 120))
+	}
+	if len(want) != 3 || strings.Join(ch.execs[len(ch.execs)-len(want):], "; ") != strings.Join(want, "; ") || res.Retention != "90 -> 120 days" {
+		t.Errorf("statements %q, result %q; want the last ones to be %q", ch.execs, res.Retention, want)
 	}
 	floor, err := retention.NewFloor(env.PG, env.DB).Get(ctx)
 	if want := retention.Day(time.Now()).AddDate(0, 0, -89); err != nil || !floor.Equal(want) {

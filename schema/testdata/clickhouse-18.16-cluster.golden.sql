@@ -59,3 +59,28 @@ SELECT tenant_id, toDate(ts) AS date, metric, sum(n) AS count
 FROM analytics.usage_increments_local
 GROUP BY tenant_id, date, metric;
 
+CREATE TABLE IF NOT EXISTS analytics.usage_quarter_hour_local ON CLUSTER analytics_cluster
+(
+    tenant_id UUID,
+    metric    String,
+    slot      DateTime,
+    count     Int64
+)
+ENGINE = ReplicatedSummingMergeTree('/clickhouse/tables/analytics_cluster/{shard}/analytics/usage_quarter_hour_local', '{replica}', count)
+PARTITION BY toYYYYMMDD(slot)
+ORDER BY (tenant_id, metric, slot)
+SETTINGS index_granularity = 8192;
+
+CREATE TABLE IF NOT EXISTS analytics.usage_quarter_hour ON CLUSTER analytics_cluster AS analytics.usage_quarter_hour_local
+ENGINE = Distributed(analytics_cluster, analytics, usage_quarter_hour_local, cityHash64(toString(tenant_id)));
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS analytics.usage_quarter_hour_events_mv ON CLUSTER analytics_cluster TO analytics.usage_quarter_hour_local AS
+SELECT tenant_id, event AS metric, toStartOfFifteenMinutes(ts) AS slot, toInt64(count()) AS count
+FROM analytics.events_local
+GROUP BY tenant_id, metric, slot;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS analytics.usage_quarter_hour_increments_mv ON CLUSTER analytics_cluster TO analytics.usage_quarter_hour_local AS
+SELECT tenant_id, metric, toStartOfFifteenMinutes(ts) AS slot, sum(n) AS count
+FROM analytics.usage_increments_local
+GROUP BY tenant_id, metric, slot;
+

@@ -52,3 +52,26 @@ SELECT tenant_id, toDate(ts) AS date, metric, sum(n) AS count
 FROM analytics.usage_increments
 GROUP BY tenant_id, date, metric;
 
+CREATE TABLE IF NOT EXISTS analytics.usage_quarter_hour
+(
+    tenant_id UUID,
+    metric    LowCardinality(String),
+    slot      DateTime,
+    count     Int64
+)
+ENGINE = SummingMergeTree(count)
+PARTITION BY toYYYYMMDD(slot)
+ORDER BY (tenant_id, metric, slot)
+TTL slot + INTERVAL 90 DAY
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS analytics.usage_quarter_hour_events_mv TO analytics.usage_quarter_hour AS
+SELECT tenant_id, event AS metric, toStartOfFifteenMinutes(ts) AS slot, toInt64(count()) AS count
+FROM analytics.events
+GROUP BY tenant_id, metric, slot;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS analytics.usage_quarter_hour_increments_mv TO analytics.usage_quarter_hour AS
+SELECT tenant_id, metric, toStartOfFifteenMinutes(ts) AS slot, sum(n) AS count
+FROM analytics.usage_increments
+GROUP BY tenant_id, metric, slot;
+
