@@ -1,0 +1,301 @@
+package erasure
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/api"
+	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/ingest/spool"
+	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
+	"github.com/analyticsd/analyticsd/tenant"
+)
+
+// failingDeletes is a ClickHouse whose deletes always fail: a failure a real server cannot be made to
+// produce on demand (on 18.16 a broken mutation just never finishes).
+type failingDeletes struct{ driver.Conn }
+
+var errInjected = errors.New("injected: mutation refused")
+
+func (c failingDeletes) Exec(ctx context.Context, query string, args ...any) error {
+	if strings.HasPrefix(query, "ALTER TABLE") || strings.HasPrefix(query, "DELETE FROM") {
+		return errInjected
+	}
+	return c.Conn.Exec(ctx, query, args...)
+}
+
+// A job that cannot succeed is tried MaxAttempts times with a backoff, then failed with its error,
+// which GET /erasures/{id} shows; a failed job is not taken again, its user id is blanked, and the
+// same request sent again erases the user — finishing the failed job's recorded round without
+// counting its rows twice.
+func TestFailingJobIsFailedAndCanBeSentAgain(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := context.Background()
+	acme := fixture.Tenant(t, f.env.PG, "acme")
+	admin, _ := fixture.Key(t, f.env.PG, acme.ID, "a-admin", auth.ScopeAnalyticsAdmin)
+	f.env.Insert(t, "events", eventCols, rows(acme.ID, "gina", 5)...)
+	broken := New(Config{Layout: f.env.Layout(), Poll: 20 * time.Millisecond, MaxAttempts: 2, Backoff: 50 * time.Millisecond},
+		failingDeletes{f.env.CH}, f.env.PG, audit.New(f.env.PG), nil)
+	j, err := broken.EraseUser(ctx, acme.ID, "gina", "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := broken.RunOne(ctx); !errors.Is(err, errInjected) {
+		t.Fatalf("attempt 1: got %v, want the injected failure", err)
+	}
+	if got := f.job(t, broken, acme.ID, j.ID); got.Status != StatusRunning || got.Attempts != 1 || !strings.Contains(got.Error, "injected") {
+		t.Fatalf("after attempt 1: %+v, want running, 1 attempt, the error", got)
+	}
+	if ran, _ := broken.RunOne(ctx); ran {
+		t.Fatal("the job was taken again before its backoff ended")
+	}
+	time.Sleep(80 * time.Millisecond)
+	if ran, err := broken.RunOne(ctx); !ran || !errors.Is(err, errInjected) {
+		t.Fatalf("attempt 2: got %v %v, want the injected failure", ran, err)
+	}
+	got := f.job(t, broken, acme.ID, j.ID)
+	if got.Status != StatusFailed || got.Attempts != 2 || !strings.Contains(got.Error, "injected") || got.UserID != "" || got.FinishedAt == nil {
+		t.Fatalf("after the last attempt: %+v, want failed, 2 attempts, the error, no user id", got)
+	}
+	time.Sleep(80 * time.Millisecond)
+	if ran, err := broken.RunOne(ctx); ran || err != nil {
+		t.Errorf("a failed job was taken again: %v %v", ran, err)
+	}
+	app := api.NewApp(api.Config{}, nil)
+	authn := auth.NewAuthenticator(auth.NewKeys(f.env.PG), tenant.NewStore(f.env.PG), auth.JWTConfig{})
+	broken.Register(app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsAdmin))
+	r := fixture.Serve(t, app).Get(t, admin, "", "/api/analytics/erasures/"+j.ID.String())
+	if r.Status != 200 || r.Data()["status"] != "failed" || !strings.Contains(fmt.Sprint(r.Data()["error"]), "injected") || r.Data()["attempts"] != float64(2) {
+		t.Errorf("GET /erasures/{id}: got %d %s, want failed with the error and 2 attempts", r.Status, r.Raw)
+	}
+
+	if err := broken.Leave(ctx); err != nil { // its process ends: the next job does not wait for its acknowledgement
+		t.Fatal(err)
+	}
+	s := f.service(Config{})
+	again, err := s.EraseUser(ctx, acme.ID, "gina", "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.RunOne(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.job(t, s, acme.ID, again.ID); got.Status != StatusDone || got.RowsErased != 5 {
+		t.Errorf("the request sent again: %+v, want done with 5 rows", got)
+	}
+	if n := f.count(t, acme.ID, "gina"); n != 0 {
+		t.Errorf("gina: %d rows left, want 0", n)
+	}
+	var recorded int64
+	if err := f.env.PG.QueryRow(ctx, "SELECT sum(n)::bigint FROM erased_usage WHERE tenant_id = $1", acme.ID).Scan(&recorded); err != nil || recorded != 5 {
+		t.Errorf("erased_usage: got %d (%v), want 5 (each row once)", recorded, err)
+	}
+}
+
+// With two instances, a job deletes only once the other instance's spool has shipped what it held
+// and its quarantine was scrubbed: rows the other instance acknowledged before the request, still in
+// its spool when the job starts, are erased too. A registered instance whose heartbeat is stale (it
+// died; its spool ships with `analyticsd spool drain`) is not waited for.
+func TestEveryInstanceShipsBeforeTheDelete(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	dir1, dir2 := t.TempDir(), t.TempDir()
+	sp2, err := spool.Open(spool.Options{Dir: dir2, Format: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sp2.Close()
+	held, err := sp2.Create() // the other instance's segment with the user's rows, not shipped yet
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.env.Insert(t, "events", eventCols, rows(f.a, "hank", 4)...)
+	if _, err := f.env.PG.Exec(ctx, "INSERT INTO erasure_instances (id, heartbeat_at) VALUES ('dead', now() - interval '1 hour')"); err != nil {
+		t.Fatal(err)
+	}
+	var scrubs sync.Map
+	scrubber := func(name string, n int) Scrubber {
+		return func(_ context.Context, tn uuid.UUID, user string) (int, error) {
+			scrubs.Store(name, tn.String()+"/"+user)
+			return n, nil
+		}
+	}
+	one := f.service(Config{Instance: "one", Barrier: SpoolBarrier(dir1, 5*time.Millisecond, 5*time.Second), Quarantine: scrubber("one", 0)})
+	two := f.service(Config{Instance: "two", Barrier: SpoolBarrier(dir2, 5*time.Millisecond, 30*time.Second), Quarantine: scrubber("two", 2)})
+	if err := two.beat(ctx); err != nil { // instance two is up
+		t.Fatal(err)
+	}
+	actx, stopAcking := context.WithCancel(ctx)
+	acking := make(chan struct{})
+	go func() {
+		defer close(acking)
+		for actx.Err() == nil {
+			if err := two.Acknowledge(actx); err != nil && actx.Err() == nil {
+				t.Errorf("instance two: %v", err)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}()
+	defer func() { stopAcking(); <-acking }()
+
+	j, err := one.EraseUser(ctx, f.a, "hank", "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := one.RunOne(ctx); done <- err }()
+	select {
+	case err := <-done:
+		t.Fatalf("the job ended (%v) while instance two's spool still held rows", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	if n := f.count(t, f.a, "hank"); n != 4 {
+		t.Fatalf("hank's rows while the job waits: %d, want 4 (no delete yet)", n)
+	}
+	// Instance two ships its segment: the rows reach ClickHouse, then the segment goes.
+	f.env.Insert(t, "events", eventCols, rows(f.a, "hank", 3)...)
+	if err := held.Seal(); err != nil {
+		t.Fatal(err)
+	}
+	if err := sp2.Remove(held); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the job did not finish once instance two shipped")
+	}
+	if got := f.job(t, one, f.a, j.ID); got.Status != StatusDone || got.RowsErased != 9 {
+		t.Errorf("job: %+v, want done with 9 rows (4 + 3 shipped meanwhile + 2 from two's quarantine)", got)
+	}
+	if n := f.count(t, f.a, "hank"); n != 0 {
+		t.Errorf("hank: %d rows left, want 0", n)
+	}
+	for _, name := range []string{"one", "two"} {
+		if v, _ := scrubs.Load(name); v != f.a.String()+"/hank" {
+			t.Errorf("instance %s's quarantine scrub: got %v, want the job's tenant and user", name, v)
+		}
+	}
+	// Leaving the register: a job no longer waits for the instance.
+	if err := two.Leave(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	if err := f.env.PG.QueryRow(ctx, "SELECT count(*) FROM erasure_instances WHERE id = 'two'").Scan(&n); err != nil || n != 0 {
+		t.Errorf("instance two after Leave: %d rows (%v), want none", n, err)
+	}
+}
+
+// recordingConn keeps the text and arguments of every statement sent through it.
+type recordingConn struct {
+	driver.Conn
+	mu   *sync.Mutex
+	sent *[]string
+}
+
+func (c recordingConn) note(q string, args []any) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	*c.sent = append(*c.sent, q+" "+fmt.Sprint(args...))
+}
+
+func (c recordingConn) Exec(ctx context.Context, q string, args ...any) error {
+	c.note(q, args)
+	return c.Conn.Exec(ctx, q, args...)
+}
+
+func (c recordingConn) Query(ctx context.Context, q string, args ...any) (driver.Rows, error) {
+	c.note(q, args)
+	return c.Conn.Query(ctx, q, args...)
+}
+
+func (c recordingConn) QueryRow(ctx context.Context, q string, args ...any) driver.Row {
+	c.note(q, args)
+	return c.Conn.QueryRow(ctx, q, args...)
+}
+
+// No statement a user's erasure sends to ClickHouse carries the user id — neither its text nor its
+// bound values (clickhouse-go renders those into the text, which ZooKeeper's DDL queue and query_log
+// keep): rows are found by SHA256(user_id) and deleted by event id. On one server the test also reads
+// system.query_log, with log_queries on for its own connection.
+func TestNoUserIDReachesClickHouse(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := context.Background()
+	const user = "ivy.secret@example.org"
+	f.env.Insert(t, "events", eventCols, rows(f.a, user, 6)...)
+	conn := f.env.CH
+	single := !f.env.Layout().Clustered()
+	if single {
+		opts, err := clickhouse.ParseDSN(testenv.ClickHouseDSN(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		opts.Settings = clickhouse.Settings{"log_queries": 1}
+		if conn, err = clickhouse.Open(opts); err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+	}
+	var mu sync.Mutex
+	var sent []string
+	start := time.Now().Add(-time.Second)
+	s := New(Config{Layout: f.env.Layout(), Poll: 20 * time.Millisecond, RoundRows: 4}, recordingConn{conn, &mu, &sent}, f.env.PG, audit.New(f.env.PG), nil)
+	j, err := s.EraseUser(ctx, f.a, user, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.RunOne(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.job(t, s, f.a, j.ID); got.Status != StatusDone || got.RowsErased != 6 {
+		t.Fatalf("job: %+v, want done with 6 rows (two rounds of at most 4)", got)
+	}
+	deletes := 0
+	for _, q := range sent {
+		if strings.Contains(q, user) {
+			t.Errorf("a statement carries the user id: %.300s", q)
+		}
+		if strings.Contains(q, "DELETE") {
+			deletes++
+		}
+	}
+	if deletes != 2 {
+		t.Errorf("deletes sent: %d, want 2 (rounds of 4 rows)", deletes)
+	}
+	if !single {
+		return
+	}
+	if err := f.env.CH.Exec(ctx, "SYSTEM FLUSH LOGS"); err != nil {
+		t.Fatal(err)
+	}
+	var logged, leaked uint64
+	err = f.env.CH.QueryRow(ctx, "SELECT countIf(query LIKE '%SHA256(user_id)%'), countIf(position(query, ?) > 0) FROM system.query_log WHERE event_time >= ? AND query LIKE ?",
+		user, start, "%"+f.env.DB+".events%").Scan(&logged, &leaked)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if logged == 0 {
+		t.Fatal("system.query_log holds none of the job's statements: the check below would prove nothing")
+	}
+	if leaked != 0 {
+		t.Errorf("system.query_log: %d statements on the events table carry the user id", leaked)
+	}
+}
