@@ -293,10 +293,10 @@ func (s *Service) Run(ctx context.Context) {
 
 // RunOne takes the oldest queued job, or a running one whose runner went silent (or whose backoff
 // after a failed attempt is over), and runs it to the end. ran is false when there was none.
+//
+// RunOne alone does not register the instance (Run does): a process that only runs jobs, such as
+// `analyticsd erase --run`, holds no spool for other jobs to wait for.
 func (s *Service) RunOne(ctx context.Context) (ran bool, err error) {
-	if err := s.beat(ctx); err != nil {
-		return false, err
-	}
 	var j Job
 	err = pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
 		var err error
@@ -381,7 +381,6 @@ func (s *Service) heartbeat(ctx context.Context, id uuid.UUID) {
 			return
 		case <-t.C:
 			_, _ = s.pg.Exec(ctx, "UPDATE erasure_jobs SET heartbeat_at = greatest(heartbeat_at, now()) WHERE id = $1 AND status = 'running'", id)
-			_ = s.beat(ctx)
 		}
 	}
 }

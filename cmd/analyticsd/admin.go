@@ -790,19 +790,29 @@ func eraseCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 			return err
 		}
 	}
+	ended := func() bool { return j.Status == erasure.StatusDone || j.Status == erasure.StatusFailed }
 	if run && action != "status" {
-		for j.Status != erasure.StatusDone {
+		// A failed attempt is retried after its backoff (erasure.Config's defaults: 8 attempts, from
+		// 30 s doubling to 10 min), until the job is done or failed for good.
+		for !ended() {
 			if _, err := svc.RunOne(ctx); err != nil {
-				return err
+				fmt.Fprintf(stderr, "%s: %v\n", name, err)
 			}
 			if j, err = svc.Get(ctx, t.ID, j.ID); err != nil {
 				return err
+			}
+			if !ended() {
+				select {
+				case <-ctx.Done():
+					return ctx.Err()
+				case <-time.After(time.Second):
+				}
 			}
 		}
 	} else if wait > 0 {
 		wctx, cancel := context.WithTimeout(ctx, wait)
 		defer cancel()
-		for j.Status != erasure.StatusDone {
+		for !ended() {
 			select {
 			case <-wctx.Done():
 				return fmt.Errorf("%s: job %s is still %s after %s (step %q); follow it with `analyticsd erase status --tenant %s --job %s`",
@@ -818,11 +828,17 @@ func eraseCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 		return printJSON(stdout, j)
 	}
 	fmt.Fprintf(stdout, "erasure %s of tenant %s: %s", j.ID, t.Slug, j.Status)
-	if j.Status == erasure.StatusDone {
+	switch {
+	case j.Status == erasure.StatusDone:
 		fmt.Fprintf(stdout, ", %d rows erased", j.RowsErased)
-	} else if j.Error != "" {
-		fmt.Fprintf(stdout, " (last error: %s)", j.Error)
+	case j.Status == erasure.StatusFailed:
+		fmt.Fprintf(stdout, " after %d attempts: %s; send the request again once the cause is fixed", j.Attempts, j.Error)
+	case j.Error != "":
+		fmt.Fprintf(stdout, " (attempt %d failed: %s; retried)", j.Attempts, j.Error)
 	}
 	fmt.Fprintln(stdout)
+	if j.Status == erasure.StatusFailed && action != "status" {
+		return fmt.Errorf("%s: job %s failed: %s", name, j.ID, j.Error)
+	}
 	return nil
 }
