@@ -55,8 +55,8 @@ type usageOp struct {
 // instance acknowledges it, and the test flushes Redis, kill -9s an instance and restarts
 // ClickHouse at random moments. Once all is healthy, for every tenant, metric and both days, within
 // the convergence bound: the live counter (Redis, and GET /quotas of each instance for today) = the
-// raw events and increments in ClickHouse = daily_usage = Postgres after the rollup = /usage = the
-// KPIs the dashboard shows (/metrics).
+// raw events and increments in ClickHouse = daily_usage = usage_quarter_hour (slot by slot) = Postgres
+// after the rollup = /usage = the KPIs the dashboard shows (/metrics).
 func TestUsageAgrees(t *testing.T) {
 	if !testenv.Required() && os.Getenv("CLICKHOUSE_DSN") == "" {
 		t.Skip("needs the local stack: run make chaos")
@@ -253,6 +253,20 @@ func usageMismatches(t *testing.T, a, b *system, clients []usageClient, days []t
 			sort.Strings(names)
 			for _, m := range names {
 				check(fmt.Sprintf("daily_usage %s %s %s", c.tenant, m, date), agg[m], raw[m])
+			}
+			// usage_quarter_hour (local days are read from it): each metric's 15-minute slots of the
+			// day, one by one, against the raw rows in them.
+			for _, m := range names {
+				var off uint64
+				err := a.env.CH.QueryRow(ctx, "SELECT count() FROM (SELECT slot, sumIf(c, src = 1) - sumIf(c, src = 0) AS d FROM ("+
+					"SELECT slot, toUInt8(0) AS src, sum(count) AS c FROM "+a.env.DB+".usage_quarter_hour WHERE tenant_id = ? AND metric = ? AND toDate(slot) = toDate(?) GROUP BY slot"+
+					" UNION ALL SELECT toStartOfFifteenMinutes(ts) AS slot, toUInt8(1) AS src, toInt64(count()) AS c FROM "+a.env.DB+".events WHERE tenant_id = ? AND event = ? AND toDate(ts) = toDate(?) GROUP BY slot"+
+					" UNION ALL SELECT toStartOfFifteenMinutes(ts) AS slot, toUInt8(1) AS src, sum(n) AS c FROM "+a.env.DB+".usage_increments WHERE tenant_id = ? AND metric = ? AND toDate(ts) = toDate(?) GROUP BY slot"+
+					") GROUP BY slot HAVING d != 0)", c.tenant, m, date, c.tenant, m, date, c.tenant, m, date).Scan(&off)
+				if err != nil {
+					return []string{err.Error()}, 0
+				}
+				check(fmt.Sprintf("usage_quarter_hour slots unlike the raw rows, %s %s %s", c.tenant, m, date), int64(off), 0)
 			}
 			// Postgres after the rollup (the first day only: the second is still today).
 			if di == 0 {

@@ -146,3 +146,33 @@ func TestMigrateFillsQuarterHoursFromStoredRows(t *testing.T) {
 		t.Errorf("migration %d recorded: %v %v, want true", schema.QuarterHoursVersion, ok, err)
 	}
 }
+
+// BenchmarkFillQuarterHours times migrate's fill of usage_quarter_hour on ANALYTICS_BENCH_EVENTS
+// events stored before the table (emptied after the load), and a second fill that finds nothing to
+// add (what a re-run costs):
+//
+//	ANALYTICS_BENCH_EVENTS=10000000 go test -run - -bench FillQuarterHours -benchtime 1x ./schema/
+func BenchmarkFillQuarterHours(b *testing.B) {
+	n := testenv.BenchEvents(b)
+	env := testenv.Migrated(b)
+	ctx := context.Background()
+	tenants := make([]uuid.UUID, 50)
+	for i := range tenants {
+		tenants[i] = uuid.New()
+	}
+	now := time.Now().UTC()
+	env.LoadEvents(b, n, func(i int) (uuid.UUID, time.Time, string, string) {
+		return tenants[i%len(tenants)], now.Add(-time.Duration(i%(30*24*3600)) * time.Second), "auth.user.login", "u"
+	})
+	if err := env.CH.Exec(ctx, "TRUNCATE TABLE "+env.Layout().Local("usage_quarter_hour")+env.Layout().OnCluster()); err != nil {
+		b.Fatal(err)
+	}
+	for _, run := range []string{"fill", "refill"} {
+		t0 := time.Now()
+		if err := schema.FillQuarterHours(ctx, env.CH, env.Layout(), time.Second); err != nil {
+			b.Fatal(err)
+		}
+		b.ReportMetric(time.Since(t0).Seconds(), run+"-s")
+		b.Logf("%s of %d events: %s", run, n, time.Since(t0).Round(time.Millisecond))
+	}
+}
