@@ -196,8 +196,9 @@ func read(t *testing.T, base, path, key string) string {
 }
 
 // An existing single-server database moves onto the cluster with `move-to-cluster`: raw rows keep
-// their ids, the daily aggregates equal the old ones — including a day past retention whose raw rows
-// are gone, which only the aggregate holds — and a second run refuses to copy into non-empty tables.
+// their ids, the daily aggregates and quarter-hour slots equal the old ones — including a day past
+// retention whose raw rows are gone, which only the aggregate holds, and an erased user's counts
+// inside it — and a second run refuses to copy into non-empty tables.
 func TestMoveToCluster(t *testing.T) {
 	if testenv.Cluster() == "" {
 		t.Skip("needs the cluster: `make test-cluster` runs it")
@@ -222,6 +223,10 @@ func TestMoveToCluster(t *testing.T) {
 	// A day past retention: its raw rows were dropped, only the aggregate is left.
 	old := time.Date(2025, 1, 15, 0, 0, 0, 0, time.UTC)
 	single.Insert(t, "daily_usage", "tenant_id, date, metric, count", []any{tenants[0], old, "auth.user.login", int64(42)})
+	// Counts the raw rows no longer explain inside retention: an erased user's, which the aggregates keep.
+	erased := now.Truncate(15 * time.Minute)
+	single.Insert(t, "daily_usage", "tenant_id, date, metric, count", []any{tenants[1], erased.Truncate(24 * time.Hour), "auth.user.login", int64(5)})
+	single.Insert(t, "usage_quarter_hour", "tenant_id, metric, slot, count", []any{tenants[1], "auth.user.login", erased, int64(5)})
 
 	src, err := url.Parse(single.Target.ClickHouseDSN)
 	if err != nil {
@@ -264,6 +269,7 @@ func TestMoveToCluster(t *testing.T) {
 		"SELECT toString(id) FROM DB.events ORDER BY id",
 		"SELECT concat(toString(id), toString(n)) FROM DB.usage_increments ORDER BY id",
 		"SELECT concat(toString(tenant_id), toString(date), metric, toString(sum(count))) AS k FROM DB.daily_usage GROUP BY tenant_id, date, metric ORDER BY k",
+		"SELECT concat(toString(tenant_id), toString(slot), metric, toString(sum(count))) AS k FROM DB.usage_quarter_hour GROUP BY tenant_id, slot, metric HAVING sum(count) != 0 ORDER BY k",
 	} {
 		a, b := rows(single, sql), rows(cluster, sql)
 		if len(a) == 0 || !reflect.DeepEqual(a, b) {
