@@ -37,6 +37,7 @@ type options struct {
 	exportRows     int
 	iterations     int           // samples per read scenario
 	loadDuration   time.Duration // ack latency, quota
+	quotaOpenRate  float64       // consumes/s of quota_consume's open loop; 0: half the closed loop's
 	freshDuration  time.Duration
 	slowBudget     time.Duration // time cap of each slow read series (Postgres, single-query ClickHouse)
 	serverEnv      multiFlag
@@ -66,6 +67,7 @@ func main() {
 	fs.IntVar(&o.exportRows, "export-rows", 1_000_000, "CSV export cap (ANALYTICS_MAX_EXPORT_ROWS for the server)")
 	fs.IntVar(&o.iterations, "iterations", 200, "samples per read scenario")
 	fs.DurationVar(&o.loadDuration, "load-duration", 10*time.Second, "length of the ack-latency and quota load phases")
+	fs.Float64Var(&o.quotaOpenRate, "quota-open-rate", 0, "consumes per second of quota_consume's open loop (0: half the closed loop's rate); a fixed rate compares runs whose closed loops differ with the machine's load")
 	fs.DurationVar(&o.freshDuration, "fresh-duration", 10*time.Second, "length of the ack-to-queryable probe")
 	fs.DurationVar(&o.slowBudget, "slow-budget", 10*time.Second, "time cap of each slow read series (Postgres, single-query ClickHouse): slow queries get fewer samples")
 	fs.Var(&o.serverEnv, "server-env", "KEY=VALUE for analyticsd serve (repeatable), e.g. INGEST_DURABILITY=buffered")

@@ -70,8 +70,11 @@ func (b *bench) quotaConsume(ctx context.Context, s *Scenario) error {
 	s.set("api_ops_per_s", float64(ops)/dur.Seconds())
 	s.lat("api", Summarize(lat))
 
-	// Open loop at half the closed loop's rate.
+	// Open loop at half the closed loop's rate (or --quota-open-rate).
 	rate := float64(ops) / dur.Seconds() / 2
+	if b.opt.quotaOpenRate > 0 {
+		rate = b.opt.quotaOpenRate
+	}
 	n := max(int(rate*dur.Seconds()), 10)
 	interval := time.Duration(float64(time.Second) / rate)
 	s.set("open_target_ops_per_s", rate)
