@@ -86,6 +86,15 @@ func (s *Service) RecordIncrement(ctx context.Context, tenant uuid.UUID, metric 
 	return httpError(err)
 }
 
+// ExpectRecord announces a RecordIncrement on its way (Writer.Expect): a consume calls it before its
+// Redis step, and arrived just before recording, or when it will not record.
+func (s *Service) ExpectRecord() (arrived func()) {
+	if s.w == nil {
+		return func() {}
+	}
+	return s.w.Expect()
+}
+
 // Emit adds a server-generated event (e.g. quota.exceeded) to the tenant's own stream, durably.
 func (s *Service) Emit(ctx context.Context, tenant uuid.UUID, slug, event string, props map[string]any) error {
 	if !s.cfg.Enabled {
@@ -443,6 +452,9 @@ func newID() uuid.UUID {
 // Anything else stays as it is: a logged 500 here, quota's own 503 for a consume. Refusals of single
 // fields are the handlers' own.
 func httpError(err error) error {
+	if err == nil {
+		return nil
+	}
 	var req *RequestError
 	var full *FullError
 	switch {

@@ -69,7 +69,13 @@ func minute(t time.Time) int64 { return t.Unix() / 60 }
 
 // Key is the Redis key of a tenant's metric on a UTC day.
 func (c *Counters) Key(tenant uuid.UUID, metric string, d time.Time) string {
-	return fmt.Sprintf("%squota:{%s}:%s:%s", c.prefix, tenant, metric, day(d))
+	return c.tag(tenant) + metric + ":" + day(d)
+}
+
+// tag is the start of every key of the tenant: the prefix and the tenant's hash tag,
+// "<prefix>quota:{<tenant>}:".
+func (c *Counters) tag(tenant uuid.UUID) string {
+	return c.prefix + "quota:{" + tenant.String() + "}:"
 }
 
 // LiveKey is the hash of what was counted live per received minute (see Counters).
@@ -90,7 +96,7 @@ func (c *Counters) counterKeys(tenant uuid.UUID, metric string, d time.Time) []s
 }
 
 func (c *Counters) reconciledKey(tenant uuid.UUID, d time.Time) string {
-	return fmt.Sprintf("%squota:{%s}:reconciled:%s", c.prefix, tenant, day(d))
+	return c.tag(tenant) + "reconciled:" + day(d)
 }
 
 // CountLua is the counting step other scripts compose with (dedup's claim script counts a row in the
@@ -324,8 +330,9 @@ type ConsumeOutcome struct {
 // nothing else happens. With a marker, a consume already allowed under it is reported as Replayed
 // instead of spending again.
 func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string, at time.Time, n, limit int64, m *ratelimit.Meter, marker *Marker) (ConsumeOutcome, error) {
-	keys := append(c.counterKeys(tenant, metric, at), c.reconciledKey(tenant, at))
-	keys = append(keys, keys[0]) // the marker's slot: the counter again when unused
+	tag, dd := c.tag(tenant), day(at)
+	k := tag + metric + ":" + dd
+	keys := []string{k, k + ":live", k + ":ch", tag + "reconciled:" + dd, k} // the marker's slot: the counter again when unused
 	args := []any{n, limit, int(CounterTTL.Seconds()), 0, 0, minute(at)}
 	if marker != nil {
 		keys[4] = marker.Key
@@ -349,7 +356,7 @@ func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string,
 // MarkerKey is the key of an idempotent consume's marker, under the tenant's hash tag.
 func (c *Counters) MarkerKey(tenant uuid.UUID, metric, idempotencyKey string) string {
 	sum := sha256.Sum256([]byte(metric + "\x00" + idempotencyKey))
-	return fmt.Sprintf("%squota:{%s}:consumed:%s", c.prefix, tenant, hex.EncodeToString(sum[:]))
+	return c.tag(tenant) + "consumed:" + hex.EncodeToString(sum[:])
 }
 
 var undoScript = redis.NewScript(CountLua + `
@@ -372,7 +379,7 @@ func (c *Counters) Undo(ctx context.Context, tenant uuid.UUID, metric string, at
 // MarkOnce sets key (under the tenant's hash tag) if absent and reports whether this call set it.
 // Alerts use it to fire exactly once per tenant, metric, day and threshold across instances.
 func (c *Counters) MarkOnce(ctx context.Context, tenant uuid.UUID, name string, d time.Time) (bool, error) {
-	k := fmt.Sprintf("%squota:{%s}:alert:%s:%s", c.prefix, tenant, name, day(d))
+	k := c.tag(tenant) + "alert:" + name + ":" + day(d)
 	return c.rdb.SetNX(ctx, k, 1, CounterTTL).Result()
 }
 

@@ -3,6 +3,7 @@ package quota
 import (
 	"encoding/json"
 	"errors"
+	"math"
 	"net/http"
 	"strconv"
 
@@ -106,7 +107,70 @@ func (s *Service) postConsume(c *fiber.Ctx) error {
 	if res.Degraded {
 		c.Set("X-Analytics-Degraded", "quota counters unavailable; allowed by QUOTA_FAIL_OPEN")
 	}
-	return api.OK(c, res)
+	body, ok := res.appendEnvelope(make([]byte, 0, 192))
+	if !ok {
+		return api.OK(c, res)
+	}
+	c.Status(http.StatusOK)
+	c.Response().SetBodyRaw(body)
+	c.Response().Header.SetContentType(fiber.MIMEApplicationJSON)
+	return nil
+}
+
+// appendEnvelope appends api.OK's body for r — {"data":{...},"success":true}, byte for byte what
+// encoding/json writes for it (TestConsumeBodyIsEncodingJSONs) — without reflection or the
+// envelope's map (the JSON encoding was ~4 % of a consume's allocated bytes and CPU). ok=false:
+// a value it does not write by hand (a metric name that needs escaping, a number JSON cannot
+// hold); the caller then uses api.OK.
+func (r ConsumeResult) appendEnvelope(b []byte) ([]byte, bool) {
+	for i := 0; i < len(r.Metric); i++ {
+		if c := r.Metric[i]; !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '.' || c == '-' || c == ':') {
+			return b, false
+		}
+	}
+	b = append(b, `{"data":{"metric":"`...)
+	b = append(b, r.Metric...)
+	b = append(b, `","allowed":`...)
+	b = strconv.AppendBool(b, r.Allowed)
+	var ok bool
+	for _, f := range [...]struct {
+		name string
+		v    float64
+	}{{`,"current":`, r.Current}, {`,"limit":`, r.Limit}, {`,"remaining":`, r.Remaining}} {
+		b = append(b, f.name...)
+		if b, ok = appendJSONFloat(b, f.v); !ok {
+			return b, false
+		}
+	}
+	b = append(b, `,"exceeded":`...)
+	b = strconv.AppendBool(b, r.Exceeded)
+	if r.Degraded {
+		b = append(b, `,"degraded":true`...)
+	}
+	if r.Disabled {
+		b = append(b, `,"disabled":true`...)
+	}
+	return append(b, `},"success":true}`...), true
+}
+
+// appendJSONFloat writes f as encoding/json does (its floatEncoder): %f-like below 1e21 and from
+// 1e-6, exponent form outside, with "e-07" written "e-7". NaN and ±Inf: ok=false (JSON has none).
+func appendJSONFloat(b []byte, f float64) ([]byte, bool) {
+	if math.IsNaN(f) || math.IsInf(f, 0) {
+		return b, false
+	}
+	format := byte('f')
+	if abs := math.Abs(f); abs != 0 && (abs < 1e-6 || abs >= 1e21) {
+		format = 'e'
+	}
+	b = strconv.AppendFloat(b, f, format, -1, 64)
+	if format == 'e' {
+		if n := len(b); n >= 4 && b[n-4] == 'e' && b[n-3] == '-' && b[n-2] == '0' {
+			b[n-2] = b[n-1]
+			b = b[:n-1]
+		}
+	}
+	return b, true
 }
 
 // httpError maps quota's errors to responses: an unknown metric is a 404, a consume of a level a 400,

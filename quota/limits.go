@@ -88,6 +88,18 @@ func (l *Limits) For(ctx context.Context, id uuid.UUID) map[string]float64 {
 	return out
 }
 
+// Of returns one metric's limit for the tenant, as For would, without building the whole map: the
+// consume path asks for one (a map clone per consume was 6 % of its allocated bytes).
+func (l *Limits) Of(ctx context.Context, id uuid.UUID, metric string) (float64, bool) {
+	if t, ok := l.tenant(ctx, id); ok {
+		if v, ok := t.QuotaOverrides[metric]; ok {
+			return v, true
+		}
+	}
+	v, ok := l.defaults[metric]
+	return v, ok
+}
+
 // Slug returns the tenant's slug for labels and alerts ("" when unknown).
 func (l *Limits) Slug(ctx context.Context, id uuid.UUID) string {
 	t, _ := l.tenant(ctx, id)
