@@ -14,8 +14,8 @@ import (
 // aside in the quarantine. It waits at most max: a ClickHouse outage keeps rows in the spool, and the
 // job then fails this step and is retried.
 //
-// It covers this instance's spool. Other instances' spools ship within INGEST_FLUSH_INTERVAL when
-// ClickHouse is up; rows they still hold at the delete are not erased (see the README).
+// It covers this instance's spool; every other live instance runs its own before acknowledging the
+// job (acks.go), and the job deletes only once all have.
 func SpoolBarrier(dir string, poll, max time.Duration) Barrier {
 	return func(ctx context.Context) error {
 		newest, any, err := newestSegment(dir)

@@ -3,7 +3,8 @@
 // ClickHouse daily_usage (fed by materialized views) is the live aggregate; Postgres
 // analytics_daily_usage is the billed record. For one UTC date the Reconciler makes the Postgres rows
 // equal the ClickHouse truth in one transaction, checking the aggregate against the raw events and
-// increments while the day is inside retention and repairing the aggregate when they disagree. The
+// increments — plus the events user erasures deleted (erasure.Ledger: an erasure keeps the counts) —
+// while the day is inside retention and repairing the aggregate when they disagree. The
 // Scheduler runs it daily on one replica at a time; the Sweeper drops expired daily partitions on
 // servers without TTL. It does not ingest, serve reads (package query) or own any DDL (package schema).
 package rollup
