@@ -190,7 +190,8 @@ func TestCLITimeZoneAndErase(t *testing.T) {
 		if err := e.CH.QueryRow(context.Background(), "SELECT count() FROM "+e.DB+".events WHERE tenant_id = ?", ids[slug]).Scan(&n); err != nil || n != want {
 			t.Errorf("%s events: got %d (%v), want %d", slug, n, err, want)
 		}
-	}	// A job that failed for good says so, with its last error.
+	}
+	// A job that failed for good says so, with its last error.
 	failed := uuid.New()
 	if _, err := e.PG.Exec(context.Background(), `INSERT INTO erasure_jobs (id, tenant_id, kind, status, actor, attempts, error, finished_at)
 		VALUES ($1, $2, 'user', 'failed', 'test', 8, 'delete from events: code: 241, memory limit exceeded', now())`, failed, ids["globex"]); err != nil {
