@@ -30,6 +30,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -52,6 +53,8 @@ type Store struct {
 	floorAt  time.Time         // when it was last looked at
 	seen     map[string]string // run ids read last, for noticing a restart while Redis cannot record it
 	runIDsFn func(ctx context.Context) (map[string]string, error)
+
+	holder atomic.Value // string: this process's liveness mark, once KeepAlive runs
 }
 
 // Counting is the live usage counters a claim adds to, in the same atomic step (quota's): a row is

@@ -353,3 +353,56 @@ func TestClaimCountsWhatItClaims(t *testing.T) {
 		t.Errorf("live counts per minute %v, want {%s: 15}", live, want)
 	}
 }
+
+// A request whose instance died mid-way (its pending record outlives it) is run again at once by a
+// retry on another instance, not refused with 409 until PendingTTL ends; while that instance lives,
+// the retry is refused.
+func TestIdempotencyRetryAfterTheHolderDied(t *testing.T) {
+	rdb, prefix := testenv.Redis(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	first, second := NewStore(rdb, prefix, time.Hour, nil), NewStore(rdb, prefix, time.Hour, nil)
+	deadCtx, die := context.WithCancel(ctx)
+	go first.KeepAlive(deadCtx)
+	go second.KeepAlive(ctx)
+	testenv.Eventually(t, 5*time.Second, func() error {
+		if first.holder.Load() == nil || second.holder.Load() == nil {
+			return fmt.Errorf("KeepAlive has not started")
+		}
+		return nil
+	})
+	tenant := uuid.New()
+	started, release := make(chan struct{}, 1), make(chan struct{})
+	var runs atomic.Int32
+	stuck := app(t, first, tenant, func(c *fiber.Ctx) error { // the instance that will die
+		runs.Add(1)
+		started <- struct{}{}
+		<-release
+		return c.SendStatus(500) // never seen: the process is "dead" by then
+	})
+	other := app(t, second, tenant, func(c *fiber.Ctx) error {
+		runs.Add(1)
+		return c.Status(202).SendString("stored")
+	})
+	go func() {
+		req := httptest.NewRequest(http.MethodPost, "/write", strings.NewReader("b"))
+		req.Header.Set(IdempotencyHeader, "k")
+		if res, err := stuck.Test(req, -1); err == nil {
+			res.Body.Close()
+		}
+	}()
+	<-started
+	defer close(release)
+	if st, _, _ := do(t, other, "b", "k"); st != 409 {
+		t.Errorf("while the first instance lives: %d, want 409", st)
+	}
+	die() // its liveness mark is no longer refreshed, as after kill -9
+	rdb.Del(ctx, first.holderKey(first.holder.Load().(string)))
+	st, body, _ := do(t, other, "b", "k")
+	if st != 202 || body != "stored" || runs.Load() != 2 {
+		t.Errorf("after the first instance died: %d %q (runs %d), want the request run again: 202 stored", st, body, runs.Load())
+	}
+	if st, body, h := do(t, other, "b", "k"); st != 202 || body != "stored" || h.Get("Idempotent-Replayed") != "true" || runs.Load() != 2 {
+		t.Errorf("the next retry: %d %q replayed=%q (runs %d), want the kept response", st, body, h.Get("Idempotent-Replayed"), runs.Load())
+	}
+}

@@ -1,6 +1,7 @@
 package dedup
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
@@ -22,14 +23,57 @@ const IdempotencyHeader = "Idempotency-Key"
 
 // PendingTTL bounds how long a request with an Idempotency-Key may run before a retry with the same
 // key runs it again. The writes behind it are idempotent by themselves (ids derived from the key),
-// so a second run after this changes nothing either; it only loses the stored response.
+// so a second run after this changes nothing either; it only loses the stored response. A retry of a
+// request whose instance died (kill -9, OOM) does not wait for it: see KeepAlive.
 const PendingTTL = time.Minute
+
+// An instance running KeepAlive refreshes its liveness mark every holderBeat; the mark expires
+// holderTTL after the last refresh, so a retry finds a dead instance's request free within ~10 s.
+const (
+	holderBeat = 2 * time.Second
+	holderTTL  = 8 * time.Second
+)
+
+func (s *Store) holderKey(holder string) string { return s.prefix + "idem-holder:" + holder }
+
+// KeepAlive marks this process alive in Redis until ctx ends, and from then on names it as the holder
+// of the requests it runs. A retry that finds a request pending under a holder whose mark has expired
+// — the process died mid-request — runs it at once instead of answering 409 until PendingTTL ends.
+// A holder mark lost while its process lives (Redis restarted, or this process cut off from it for
+// holderTTL) lets a retry run beside the first run: both store the same derived ids, so that costs a
+// replayed response, not a duplicate. The mark is left to expire on shutdown: requests still draining
+// keep it.
+func (s *Store) KeepAlive(ctx context.Context) {
+	tok := make([]byte, 8)
+	_, _ = rand.Read(tok)
+	holder := hex.EncodeToString(tok)
+	beat := func() { _ = s.rdb.Set(ctx, s.holderKey(holder), "1", holderTTL).Err() }
+	beat()
+	s.holder.Store(holder)
+	t := time.NewTicker(holderBeat)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			beat()
+		}
+	}
+}
+
+// holderGone reports whether holder's liveness mark has expired (false when Redis cannot say).
+func (s *Store) holderGone(ctx context.Context, holder string) bool {
+	n, err := s.rdb.Exists(ctx, s.holderKey(holder)).Result()
+	return err == nil && n == 0
+}
 
 // record is what Redis keeps for a key: the request's fingerprint and, once done, its response.
 type record struct {
 	State       string `json:"s"` // "pending" or "done"
 	Fingerprint string `json:"fp"`
 	Token       string `json:"t,omitempty"` // tells this request's pending record from a later one
+	Holder      string `json:"h,omitempty"` // the process running it (KeepAlive), while pending
 	Status      int    `json:"st,omitempty"`
 	ContentType string `json:"ct,omitempty"`
 	Body        string `json:"b,omitempty"`
@@ -40,6 +84,14 @@ local v = redis.call('GET', KEYS[1])
 if v then return v end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return ''
+`)
+
+// takeoverScript replaces a dead holder's pending record (ARGV[1], as read) with this request's
+// (ARGV[2]); it returns 0 when the record changed since it was read (another retry took it first).
+var takeoverScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
 `)
 
 // finishScript replaces this request's pending record (ARGV[1]) with the response (ARGV[2]), or
@@ -58,7 +110,8 @@ return 1
 // Idempotency-Key header take effect once per tenant and key within the window: a retry with the same
 // key and the same request (method, path, query, content headers and body) gets the first response
 // back, marked Idempotent-Replayed: true, and changes nothing; the same key with a different request
-// is refused with 422; a retry while the first is still running gets 409 and Retry-After. Responses
+// is refused with 422; a retry while the first is still running gets 409 and Retry-After (unless the
+// instance running it died: KeepAlive). Responses
 // worth replaying are kept — 2xx, and 4xx other than 408, 409, 425 and 429 — while a 5xx or a 429
 // frees the key, so that the retry runs. With Redis unavailable the request runs unchecked (marked
 // X-Analytics-Degraded); the ids derived from the key still keep its rows from being stored twice.
@@ -80,13 +133,17 @@ func (s *Store) Idempotency(log *slog.Logger) fiber.Handler {
 		fp := fingerprint(c)
 		tok := make([]byte, 8)
 		_, _ = rand.Read(tok)
-		pending, _ := json.Marshal(record{State: "pending", Fingerprint: fp, Token: hex.EncodeToString(tok)})
+		holder, _ := s.holder.Load().(string)
+		pending, _ := json.Marshal(record{State: "pending", Fingerprint: fp, Token: hex.EncodeToString(tok), Holder: holder})
 		ctx := c.UserContext()
 		prev, err := beginScript.Run(ctx, s.rdb, []string{rkey}, string(pending), int(PendingTTL.Seconds())).Text()
 		if err != nil {
 			log.Warn("idempotency key not checked: redis unavailable", "err", err)
 			c.Set("X-Analytics-Degraded", "Idempotency-Key not checked (redis unavailable); derived ids still keep events from being stored twice")
 			return c.Next()
+		}
+		if prev != "" && s.takeOver(ctx, rkey, prev, fp, string(pending)) {
+			prev = ""
 		}
 		if prev != "" {
 			var r record
@@ -134,6 +191,20 @@ func (s *Store) Idempotency(log *slog.Logger) fiber.Handler {
 		}
 		return herr
 	}
+}
+
+// takeOver makes this request the holder of a pending record prev (the same request) whose holder
+// died, and reports whether it did.
+func (s *Store) takeOver(ctx context.Context, rkey, prev, fp, pending string) bool {
+	var r record
+	if json.Unmarshal([]byte(prev), &r) != nil || r.State != "pending" || r.Fingerprint != fp || r.Holder == "" {
+		return false
+	}
+	if self, _ := s.holder.Load().(string); r.Holder == self || !s.holderGone(ctx, r.Holder) {
+		return false
+	}
+	n, err := takeoverScript.Run(ctx, s.rdb, []string{rkey}, prev, pending, int(PendingTTL.Seconds())).Int()
+	return err == nil && n == 1
 }
 
 func replayable(status int) bool {

@@ -101,6 +101,10 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		var _ ingest.Claims = store
 		claims = store
 		idempotency = append(idempotency, store.Idempotency(log.With("component", "idempotency")))
+		// This instance's liveness mark: a retry of a request it was running when it died is run by
+		// another instance within seconds (not 409 for PendingTTL). Until serve returns; the mark
+		// then expires by itself.
+		go store.KeepAlive(ctx)
 		if risk := store.EvictionRisk(ctx); risk != "" {
 			log.Warn(risk)
 		}
