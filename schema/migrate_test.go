@@ -234,7 +234,7 @@ func TestMigrateConcurrently(t *testing.T) {
 }
 
 // On a cluster a replayed insert of the same block must add nothing — not to events, and not through
-// the materialized view to daily_usage: replicated tables remember recent blocks' hashes in ZooKeeper.
+// the materialized views to daily_usage and usage_quarter_hour: replicated tables remember recent blocks' hashes in ZooKeeper.
 // The spool's replay leans on this when a shard committed a segment's rows but the answer was lost.
 func TestClusterReplayedBlockIsStoredAndCountedOnce(t *testing.T) {
 	if testenv.Cluster() == "" {
@@ -265,15 +265,18 @@ func TestClusterReplayedBlockIsStoredAndCountedOnce(t *testing.T) {
 	}
 	insert()
 	insert()
-	var rows, counted int64
+	var rows, counted, slots int64
 	if err := env.CH.QueryRow(ctx, "SELECT toInt64(count()) FROM "+env.DB+".events").Scan(&rows); err != nil {
 		t.Fatal(err)
 	}
 	if err := env.CH.QueryRow(ctx, "SELECT sum(count) FROM "+env.DB+".daily_usage").Scan(&counted); err != nil {
 		t.Fatal(err)
 	}
-	if rows != int64(len(ids)) || counted != int64(len(ids)) {
-		t.Errorf("the same block inserted twice: %d rows stored, %d counted; want %d and %d", rows, counted, len(ids), len(ids))
+	if err := env.CH.QueryRow(ctx, "SELECT sum(count) FROM "+env.DB+".usage_quarter_hour").Scan(&slots); err != nil {
+		t.Fatal(err)
+	}
+	if rows != int64(len(ids)) || counted != int64(len(ids)) || slots != int64(len(ids)) {
+		t.Errorf("the same block inserted twice: %d rows stored, %d counted by day, %d by quarter hour; want %d each", rows, counted, slots, len(ids))
 	}
 	var shards uint64
 	if err := env.CH.QueryRow(ctx, "SELECT uniqExact(_shard_num) FROM "+env.DB+".events").Scan(&shards); err != nil {
