@@ -53,18 +53,25 @@ type pending struct {
 type Ledger struct {
 	Counts  []Erased
 	pending []pending
-	version [2]int64
+	version int64
 }
 
-// version counts rounds and applied rounds: every change to the ledger increases one of them (rounds
-// are never removed).
-func ledgerVersion(ctx context.Context, q Querier) ([2]int64, error) {
-	var v [2]int64
-	err := q.QueryRow(ctx, "SELECT count(*), count(*) FILTER (WHERE applied) FROM erasure_rounds").Scan(&v[0], &v[1])
-	if err != nil {
-		return v, fmt.Errorf("read the erasure ledger's version: %w", err)
+// ledgerVersion is erasure_ledger_version: the transactions that record a round and that apply one
+// each increment it.
+func ledgerVersion(ctx context.Context, q Querier) (int64, error) {
+	var v int64
+	if err := q.QueryRow(ctx, "SELECT v FROM erasure_ledger_version").Scan(&v); err != nil {
+		return 0, fmt.Errorf("read the erasure ledger's version: %w", err)
 	}
 	return v, nil
+}
+
+// bumpLedger increments the ledger's version inside tx (which records or applies a round).
+func bumpLedger(ctx context.Context, tx pgx.Tx) error {
+	if _, err := tx.Exec(ctx, "UPDATE erasure_ledger_version SET v = v + 1"); err != nil {
+		return fmt.Errorf("bump the erasure ledger's version: %w", err)
+	}
+	return nil
 }
 
 // ReadLedger reads what erasures took out of day (UTC midnight) for tenant (uuid.Nil: every tenant).

@@ -132,7 +132,7 @@ func (s *Service) recordRound(ctx context.Context, j *Job, digest string) (int, 
 			j.TenantID, j.ID, round, dates, events, minutes, ns); err != nil {
 			return fmt.Errorf("record the round's counts: %w", err)
 		}
-		return nil
+		return bumpLedger(ctx, tx)
 	})
 	return n, err
 }
@@ -190,8 +190,15 @@ func (s *Service) applyPending(ctx context.Context, job, tenant uuid.UUID, diges
 		} else if left != 0 {
 			return fmt.Errorf("%d rows of round %d still found after the delete", left, p.round)
 		}
-		if _, err := s.pg.Exec(ctx, `UPDATE erasure_rounds SET applied = true, applied_at = now(), applied_by = $3,
-			ids = '{}', user_digest = '' WHERE job_id = $1 AND round = $2 AND NOT applied`, p.job, p.round, job); err != nil {
+		err := pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
+			tag, err := tx.Exec(ctx, `UPDATE erasure_rounds SET applied = true, applied_at = now(), applied_by = $3,
+				ids = '{}', user_digest = '' WHERE job_id = $1 AND round = $2 AND NOT applied`, p.job, p.round, job)
+			if err != nil || tag.RowsAffected() == 0 {
+				return err
+			}
+			return bumpLedger(ctx, tx)
+		})
+		if err != nil {
 			return fmt.Errorf("mark round %d applied: %w", p.round, err)
 		}
 	}

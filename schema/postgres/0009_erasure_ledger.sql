@@ -39,6 +39,14 @@ CREATE TABLE erased_usage (
 );
 CREATE INDEX erased_usage_day_idx ON erased_usage (date, tenant_id);
 
+-- One row, incremented in the transaction that records a round and in the one that applies it:
+-- readers compare it before and after their ClickHouse count (one row read, however many rounds exist).
+CREATE TABLE erasure_ledger_version (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    v   bigint NOT NULL
+);
+INSERT INTO erasure_ledger_version (one, v) VALUES (true, 0);
+
 -- Bounded retries: a job that fails Config.MaxAttempts times is 'failed' with its last error; between
 -- attempts its heartbeat_at is set so that runners take it again after a backoff. An instance's heartbeat and its acknowledgements of open jobs:
 -- a job deletes only once every live instance has shipped its spool and scrubbed its quarantine.
