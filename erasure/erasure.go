@@ -506,17 +506,34 @@ func isAggregate(table string) bool {
 	return false
 }
 
-// delete runs one statement and waits until it is applied. A mutation (18.16) is asynchronous: the
-// table's unfinished mutations are polled in system.mutations until none is left.
+// delete runs one statement and waits until it is applied.
 func (s *Service) delete(ctx context.Context, st statement) error {
+	if err := s.issue(ctx, st); err != nil {
+		return err
+	}
+	return s.settle(ctx, st.table)
+}
+
+// issue sends a delete. A lightweight one returns once applied (mutations_sync); a mutation (18.16)
+// returns at once and is waited for by settle.
+func (s *Service) issue(ctx context.Context, st statement) error {
 	q := s.SQL(st)
 	ectx := ctx
 	if s.cfg.Lightweight {
 		ectx = clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{"mutations_sync": 2}))
 	}
+	if n := querySize(q); n > 0 {
+		return fmt.Errorf("delete from %s: %d bytes of SQL exceed what every server parses (RoundRows too large)", st.table, len(q))
+	}
 	if err := s.ch.Exec(ectx, q, st.args...); err != nil {
 		return fmt.Errorf("delete from %s: %w", st.table, err)
 	}
+	return nil
+}
+
+// settle waits until table has no unfinished mutation: they are polled in system.mutations until
+// none is left.
+func (s *Service) settle(ctx context.Context, table string) error {
 	// system.mutations has only these columns on 18.16 (no failure reason): a mutation that keeps
 	// failing shows as one that never finishes, and the attempt fails at AttemptTimeout. On a cluster
 	// the mutation runs on every replica of every shard, each at its own pace: every server of the
@@ -534,9 +551,9 @@ func (s *Service) delete(ctx context.Context, st statement) error {
 		for _, src := range sources {
 			var n uint64
 			err := s.ch.QueryRow(ctx, "SELECT count() FROM "+src+" WHERE database = ? AND table = ? AND is_done = 0",
-				s.cfg.Layout.DB, s.cfg.Layout.LocalName(st.table)).Scan(&n)
+				s.cfg.Layout.DB, s.cfg.Layout.LocalName(table)).Scan(&n)
 			if err != nil {
-				return fmt.Errorf("poll mutations of %s: %w", st.table, err)
+				return fmt.Errorf("poll mutations of %s: %w", table, err)
 			}
 			pending += n
 		}
@@ -545,7 +562,7 @@ func (s *Service) delete(ctx context.Context, st statement) error {
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("wait for the delete from %s: %w", st.table, ctx.Err())
+			return fmt.Errorf("wait for the delete from %s: %w", table, ctx.Err())
 		case <-time.After(s.cfg.Poll):
 		}
 	}

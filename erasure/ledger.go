@@ -140,7 +140,10 @@ func (l Ledger) ExcludeEvents() string {
 }
 
 // QuerySize is the max_query_size a query carrying ExcludeEvents needs (0: the default will do).
-func (l Ledger) QuerySize(q string) int {
+func (l Ledger) QuerySize(q string) int { return querySize(q) }
+
+// querySize is the max_query_size q needs: 0 below 200,000 bytes (the default is 262,144).
+func querySize(q string) int {
 	if len(q) < 200_000 {
 		return 0
 	}
