@@ -3,6 +3,7 @@ package erasure
 import (
 	"context"
 	"math/rand"
+	"os"
 	"strconv"
 	"testing"
 	"time"
@@ -18,6 +19,9 @@ import (
 // erased; run it alone, the mutation rewrites every part that holds one of the rows:
 //
 //	ANALYTICS_BENCH_EVENTS=10000000 go test -run - -bench EraseOneUser -benchtime 1x ./erasure/
+//
+// ANALYTICS_BENCH_USER_ROWS=N gives the erased user N of the events instead (a heavy user: N/2,000
+// rounds of the job, in batches of ten).
 func BenchmarkEraseOneUser(b *testing.B) {
 	n := testenv.BenchEvents(b)
 	env := testenv.Migrated(b)
@@ -28,14 +32,20 @@ func BenchmarkEraseOneUser(b *testing.B) {
 		tenants[i] = uuid.New()
 	}
 	now := time.Now().UTC()
-	env.LoadEvents(b, n, func(int) (uuid.UUID, time.Time, string, string) {
+	heavy, _ := strconv.Atoi(os.Getenv("ANALYTICS_BENCH_USER_ROWS"))
+	env.LoadEvents(b, n, func(i int) (uuid.UUID, time.Time, string, string) {
 		ts := now.Add(-time.Duration(rng.Int63n(int64(30 * 24 * time.Hour)))).Truncate(time.Second)
+		if i < heavy {
+			return tenants[0], ts, "auth.user.login", "heavy-user"
+		}
 		return tenants[rng.Intn(len(tenants))], ts, "auth.user.login", "user-" + strconv.Itoa(rng.Intn(5000))
 	})
 	s := (&stores{env: env}).service(Config{Poll: 100 * time.Millisecond})
-	var user string
-	if err := env.CH.QueryRow(ctx, "SELECT user_id FROM "+env.DB+".events WHERE tenant_id = ? LIMIT 1", tenants[0]).Scan(&user); err != nil {
-		b.Fatal(err)
+	user := "heavy-user"
+	if heavy == 0 {
+		if err := env.CH.QueryRow(ctx, "SELECT user_id FROM "+env.DB+".events WHERE tenant_id = ? LIMIT 1", tenants[0]).Scan(&user); err != nil {
+			b.Fatal(err)
+		}
 	}
 	b.ResetTimer()
 	t0 := time.Now()
