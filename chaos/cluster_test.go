@@ -15,9 +15,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/rollup"
 )
 
 // cluster runs deploy/local/cluster.sh (stop-node / kill-node / start-node).
@@ -197,6 +199,53 @@ func TestClusterFaults(t *testing.T) {
 		a.drained(3 * time.Minute)
 		b.drained(3 * time.Minute)
 		check(a.account("one of two instances kill -9", merge(la, lb), time.Since(start)))
+	})
+
+	t.Run("retention sweep with a replica down", func(t *testing.T) {
+		// A drop ON CLUSTER waits for every replica; with one down it used to wait the server's
+		// distributed_ddl_task_timeout (180 s) per partition and then fail the sweep. Now it drops
+		// on the others, leaves the drop queued for the missing replica, and goes on.
+		env := testenv.Migrated(t)
+		ctx := context.Background()
+		old := time.Now().UTC().AddDate(0, 0, -100).Truncate(24 * time.Hour).Add(12 * time.Hour)
+		var rows [][]any
+		for range 8 { // tenants spread over both shards
+			rows = append(rows, []any{uuid.New(), old, uuid.New(), old, "auth.user.login", "app", "u", "{}", "", ""})
+		}
+		env.Insert(t, "events", "tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id", rows...)
+		base := 19101
+		if v := os.Getenv("CLUSTER_CH_PORT"); v != "" {
+			base, _ = strconv.Atoi(v)
+		}
+		ch4 := "127.0.0.1:" + strconv.Itoa(base+3)
+		oldRows := func() (uint64, error) {
+			var n uint64
+			err := env.CH.QueryRow(ctx, "SELECT count() FROM remote('"+ch4+"', "+env.DB+", events_local) WHERE ts < ?", old.Add(time.Hour)).Scan(&n)
+			return n, err
+		}
+		if n, err := oldRows(); err != nil || n == 0 {
+			t.Fatalf("ch4 holds %d expired rows (%v); want some, for the sweep to have something to queue there", n, err)
+		}
+		cluster(t, "kill-node", "ch4")
+		sw := rollup.NewSweeper(env.CH, env.Layout(), env.PG, nil, nil, nil, 90, nil)
+		sw.DDLWait = 5 * time.Second
+		start := time.Now()
+		res, err := sw.Sweep(ctx)
+		took := time.Since(start)
+		cluster(t, "start-node", "ch4")
+		if err != nil || len(res.Dropped["events"]) == 0 || len(res.Queued["events"]) == 0 {
+			t.Fatalf("sweep with ch4 down: %+v, %v; want the expired events partition dropped and queued for ch4", res, err)
+		}
+		if took > time.Minute {
+			t.Errorf("the sweep took %s with a replica down; want about DDLWait per table", took)
+		}
+		testenv.Eventually(t, 2*time.Minute, func() error {
+			if n, err := oldRows(); err != nil || n != 0 {
+				return fmt.Errorf("ch4 still holds %d expired rows (%v)", n, err)
+			}
+			return nil
+		})
+		t.Logf("sweep with ch4 down took %s; dropped %v, queued %v; ch4 dropped them after it came back", took.Round(time.Millisecond), res.Dropped, res.Queued)
 	})
 
 	os.MkdirAll("../test-output", 0o755)

@@ -2,13 +2,16 @@ package rollup
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"regexp"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
@@ -34,6 +37,9 @@ type SweepResult struct {
 	Cutoff string `json:"cutoff"`
 	// Dropped lists the dropped partitions (YYYYMMDD) per table.
 	Dropped map[string][]string `json:"dropped"`
+	// Queued lists, per table, dropped partitions that a replica which was down has still to drop:
+	// the drop waits in the cluster's DDL queue and runs when the replica is back (a subset of Dropped).
+	Queued map[string][]string `json:"queued,omitempty"`
 }
 
 // Sweeper enforces RETENTION_DAYS on ClickHouse servers without table TTL (the version gate's
@@ -55,6 +61,11 @@ type Sweeper struct {
 	// raiseFloor records the first day whose raw data is complete (retention.Floor); tests replace it.
 	raiseFloor func(ctx context.Context, d time.Time) error
 
+	// DDLWait bounds how long a drop on a cluster waits for every replica (distributed_ddl_task_timeout,
+	// default 30 s; the server's own default is 180 s). A replica that is down does not make the
+	// sweep fail: its drop stays queued and runs when it returns (SweepResult.Queued).
+	DDLWait time.Duration
+
 	d       *daily
 	ttlOnce sync.Once
 }
@@ -69,7 +80,7 @@ func NewSweeper(ch driver.Conn, layout schema.Layout, pg *pgxpool.Pool, auditLog
 	}
 	db := layout.DB
 	s := &Sweeper{ch: ch, db: db, layout: layout, pg: pg, audit: auditLog, log: log, retentionDays: retentionDays, now: now, m: newSweepMetrics(reg),
-		raiseFloor: retention.NewFloor(pg, db).Raise}
+		raiseFloor: retention.NewFloor(pg, db).Raise, DDLWait: 30 * time.Second}
 	// Whether the tables expire rows themselves is read from their definition, not from the server
 	// version: tables created before an upgrade to a TTL-capable server still have no TTL clause,
 	// and the sweeper must keep enforcing retention for them.
@@ -117,7 +128,7 @@ func (s *Sweeper) window() retention.Window { return retention.Window{Days: s.re
 // skips). Each drop is counted; a sweep that dropped anything is audited as "retention.sweep".
 func (s *Sweeper) Sweep(ctx context.Context) (SweepResult, error) {
 	cutoff := s.Cutoff()
-	res := SweepResult{Cutoff: cutoff.Format(time.DateOnly), Dropped: map[string][]string{}}
+	res := SweepResult{Cutoff: cutoff.Format(time.DateOnly), Dropped: map[string][]string{}, Queued: map[string][]string{}}
 	f, err := s.features()
 	if err != nil {
 		s.m.failed.Inc()
@@ -160,6 +171,9 @@ func (s *Sweeper) Sweep(ctx context.Context) (SweepResult, error) {
 	}
 	if dropped > 0 && s.audit != nil {
 		meta := map[string]any{"dropped": res.Dropped, "cutoff": res.Cutoff, "retention_days": s.retentionDays}
+		if len(res.Queued) > 0 {
+			meta["queued"] = res.Queued
+		}
 		if sweepErr != nil {
 			meta["error"] = excerpt.Of(sweepErr.Error(), 500)
 		}
@@ -175,6 +189,13 @@ func (s *Sweeper) Sweep(ctx context.Context) (SweepResult, error) {
 	}
 	s.log.Info("retention sweep done", "cutoff", res.Cutoff, "dropped", dropped)
 	return res, nil
+}
+
+// queuedOnCluster reports whether err is an ON CLUSTER statement's wait running out while the hosts
+// that have not run it yet will (they are down): code 159, "…going to execute the query in background".
+func queuedOnCluster(err error) bool {
+	var ex *clickhouse.Exception
+	return errors.As(err, &ex) && ex.Code == 159 && strings.Contains(ex.Message, "in background")
 }
 
 func (s *Sweeper) sweepTable(ctx context.Context, table string, cutoff time.Time, res *SweepResult) error {
@@ -211,8 +232,16 @@ func (s *Sweeper) sweepTable(ctx context.Context, table string, cutoff time.Time
 		if !day.Before(cutoff) {
 			continue
 		}
-		if err := s.ch.Exec(ctx, "ALTER TABLE "+s.layout.Local(table)+s.layout.OnCluster()+" DROP PARTITION "+p); err != nil {
-			return fmt.Errorf("retention sweep: drop partition %s of %s.%s: %w", p, s.db, table, err)
+		dctx := ctx
+		if s.layout.Clustered() && s.DDLWait > 0 {
+			dctx = clickhouse.Context(ctx, clickhouse.WithSettings(schema.DDLTaskTimeout(s.ch, s.DDLWait)))
+		}
+		if err := s.ch.Exec(dctx, "ALTER TABLE "+s.layout.Local(table)+s.layout.OnCluster()+" DROP PARTITION "+p); err != nil {
+			if !queuedOnCluster(err) {
+				return fmt.Errorf("retention sweep: drop partition %s of %s.%s: %w", p, s.db, table, err)
+			}
+			res.Queued[table] = append(res.Queued[table], p)
+			s.log.Warn("retention sweep: a replica is down; the partition is dropped on the others and queued for it", "table", table, "partition", p, "err", err)
 		}
 		res.Dropped[table] = append(res.Dropped[table], p)
 		s.m.dropped.WithLabelValues(table).Inc()

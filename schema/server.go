@@ -40,3 +40,23 @@ func alwaysUTC(tz string) bool {
 	}
 	return true
 }
+
+// binarySettingsRevision is the last protocol revision whose servers take query settings in binary
+// form (18.16 here); newer ones take them as strings.
+const binarySettingsRevision = 54429
+
+// DDLTaskTimeout is the setting that bounds how long an ON CLUSTER statement sent on ch waits for
+// every host (distributed_ddl_task_timeout; a host that is down runs the statement when it returns,
+// and the wait ends in code 159, "…going to execute the query in background").
+//
+// The setting is signed, and servers that take settings in binary form read a signed setting as a
+// zigzag varint while clickhouse-go writes every number as an unsigned one: 3 arrives as -2, which is
+// "wait forever". Measured on 18.16 with a replica down: 3 waited past a 40 s deadline, 6 arrived as 3
+// and returned after 3.3 s. So for those servers the value is sent zigzag-encoded.
+func DDLTaskTimeout(ch driver.Conn, d time.Duration) map[string]any {
+	secs := max(int(d.Seconds()), 1)
+	if sv, err := ch.ServerVersion(); err == nil && sv.Revision <= binarySettingsRevision {
+		secs *= 2 // zigzag of a positive n
+	}
+	return map[string]any{"distributed_ddl_task_timeout": secs}
+}

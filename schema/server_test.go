@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 )
@@ -33,6 +34,29 @@ func TestCheckTimeZone(t *testing.T) {
 		err := CheckTimeZone(context.Background(), tzConn{tz: tz})
 		if err == nil || !strings.Contains(err.Error(), "<timezone>UTC</timezone>") || !strings.Contains(err.Error(), tz) {
 			t.Errorf("%s: %v, want a refusal that says how to fix it", tz, err)
+		}
+	}
+}
+
+type revisionConn struct {
+	driver.Conn
+	revision uint64
+}
+
+func (c revisionConn) ServerVersion() (*driver.ServerVersion, error) {
+	return &driver.ServerVersion{Revision: c.revision}, nil
+}
+
+// 18.16 reads the signed setting as a zigzag varint (see DDLTaskTimeout): 30 s is sent as 60 there,
+// and as 30 to a server that takes settings as strings.
+func TestDDLTaskTimeout(t *testing.T) {
+	for _, c := range []struct {
+		revision uint64
+		want     int
+	}{{54413, 60}, {54429, 60}, {54430, 30}, {54479, 30}} {
+		got := DDLTaskTimeout(revisionConn{revision: c.revision}, 30*time.Second)["distributed_ddl_task_timeout"]
+		if got != c.want {
+			t.Errorf("revision %d: %v, want %d", c.revision, got, c.want)
 		}
 	}
 }
