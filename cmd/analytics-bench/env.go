@@ -459,3 +459,27 @@ func machineBusy() func() float64 {
 		return (b1 - b0) / float64(clockTicks) / el
 	}
 }
+
+// procSyscalls returns how many read and write system calls (read, recvfrom, write, sendto, ...)
+// a process has made, from /proc/<pid>/io: a consume's group commit writes once per group, so
+// writes per consume show how many consumes shared each one.
+func procSyscalls(pid int) (reads, writes int64, err error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/io")
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(line, ": ")
+		if !ok {
+			continue
+		}
+		n, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		switch k {
+		case "syscr":
+			reads = n
+		case "syscw":
+			writes = n
+		}
+	}
+	return reads, writes, nil
+}

@@ -91,6 +91,7 @@ func (b *bench) quotaConsume(ctx context.Context, s *Scenario) error {
 	slowWindows := map[int64]int{}
 	m = meterCPU(b.srv.pid(), b.redisPID, os.Getpid())
 	busy = machineBusy()
+	r0, w0, ioErr := procSyscalls(b.srv.pid())
 	err = b.pprof.cpu(ctx, s, "quota_consume_open", func() error {
 		for w := 0; w < 64; w++ {
 			wg.Add(1)
@@ -135,6 +136,10 @@ func (b *bench) quotaConsume(ctx context.Context, s *Scenario) error {
 		s.set("open_loadgen_cpu_us_per_consume", usPer(used[2], n))
 	}
 	s.set("open_machine_busy_cores", busy())
+	if r1, w1, err := procSyscalls(b.srv.pid()); err == nil && ioErr == nil {
+		s.set("open_analyticsd_read_syscalls_per_consume", float64(r1-r0)/float64(n))
+		s.set("open_analyticsd_write_syscalls_per_consume", float64(w1-w0)/float64(n))
+	}
 	slow := 0
 	for _, c := range slowWindows {
 		slow += c
