@@ -396,8 +396,13 @@ func TestIdempotencyRetryAfterTheHolderDied(t *testing.T) {
 	if st, _, _ := do(t, other, "b", "k"); st != 409 {
 		t.Errorf("while the first instance lives: %d, want 409", st)
 	}
-	die() // its liveness mark is no longer refreshed, as after kill -9
-	rdb.Del(ctx, first.holderKey(first.holder.Load().(string)))
+	die() // stopped: its mark is deleted (after kill -9 it expires within holderTTL)
+	testenv.Eventually(t, 5*time.Second, func() error {
+		if !second.holderGone(ctx, first.holder.Load().(string)) {
+			return fmt.Errorf("the first instance's liveness mark is still there")
+		}
+		return nil
+	})
 	st, body, _ := do(t, other, "b", "k")
 	if st != 202 || body != "stored" || runs.Load() != 2 {
 		t.Errorf("after the first instance died: %d %q (runs %d), want the request run again: 202 stored", st, body, runs.Load())

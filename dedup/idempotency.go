@@ -36,28 +36,32 @@ const (
 
 func (s *Store) holderKey(holder string) string { return s.prefix + "idem-holder:" + holder }
 
-// KeepAlive marks this process alive in Redis until ctx ends, and from then on names it as the holder
-// of the requests it runs. A retry that finds a request pending under a holder whose mark has expired
-// — the process died mid-request — runs it at once instead of answering 409 until PendingTTL ends.
-// A holder mark lost while its process lives (Redis restarted, or this process cut off from it for
-// holderTTL) lets a retry run beside the first run: both store the same derived ids, so that costs a
-// replayed response, not a duplicate. The mark is left to expire on shutdown: requests still draining
-// keep it.
+// KeepAlive marks this process alive in Redis until ctx ends, and from its first successful mark on
+// names it as the holder of the requests it runs. A retry that finds a request pending under a holder
+// whose mark has expired — the process died mid-request — runs it at once instead of answering 409
+// until PendingTTL ends. Serve stops it only once the HTTP server has drained, and the mark is then
+// deleted: no request of this process is left running. A mark lost while its process lives (Redis
+// restarted from an older snapshot, evicted, or this process cut off from it for holderTTL) lets a
+// retry run beside the first run: both write the same derived ids, so nothing is stored twice, but the
+// replayed response is the second run's.
 func (s *Store) KeepAlive(ctx context.Context) {
 	tok := make([]byte, 8)
 	_, _ = rand.Read(tok)
 	holder := hex.EncodeToString(tok)
-	beat := func() { _ = s.rdb.Set(ctx, s.holderKey(holder), "1", holderTTL).Err() }
-	beat()
-	s.holder.Store(holder)
+	key := s.holderKey(holder)
 	t := time.NewTicker(holderBeat)
 	defer t.Stop()
 	for {
+		if err := s.rdb.Set(ctx, key, "1", holderTTL).Err(); err == nil && s.holder.Load() == nil {
+			s.holder.Store(holder)
+		}
 		select {
 		case <-ctx.Done():
+			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+			defer cancel()
+			_ = s.rdb.Del(dctx, key).Err()
 			return
 		case <-t.C:
-			beat()
 		}
 	}
 }

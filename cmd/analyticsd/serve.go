@@ -102,9 +102,12 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		claims = store
 		idempotency = append(idempotency, store.Idempotency(log.With("component", "idempotency")))
 		// This instance's liveness mark: a retry of a request it was running when it died is run by
-		// another instance within seconds (not 409 for PendingTTL). Until serve returns; the mark
-		// then expires by itself.
-		go store.KeepAlive(ctx)
+		// another instance within seconds (not 409 for PendingTTL). Kept until the HTTP server has
+		// drained (the unwind runs in reverse), not only until the shutdown signal.
+		aliveCtx, stopAlive := context.WithCancel(context.WithoutCancel(ctx))
+		alive := make(chan struct{})
+		go func() { store.KeepAlive(aliveCtx); close(alive) }()
+		open.push("idempotency liveness", func(context.Context) error { stopAlive(); <-alive; return nil })
 		if risk := store.EvictionRisk(ctx); risk != "" {
 			log.Warn(risk)
 		}
