@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/internal/chlimit"
@@ -76,18 +77,26 @@ func (s *Store) firstRawDay(ctx context.Context, z Zone, first, last time.Time) 
 // windows — a fraction |offset|/24 of the range (1/24 for Berlin in winter, 5.5/24 for Kolkata) —
 // are grouped and returned; ClickHouse still reads the tenant's rows of the range to find them.
 // Exact across DST changes: the windows are cut at the local midnights Go computes.
-func (s *Store) localCounts(ctx context.Context, tenant uuid.UUID, metrics []string, z Zone, first, last time.Time) (map[string]map[string]int64, error) {
+//
+// utcBefore says the dates before first are answered as UTC days (beyond the raw window): the boundary
+// at first then stays at UTC midnight — its window is not moved — or the rows between the two
+// midnights would be counted on both sides of it (east of Greenwich) or on neither (west).
+func (s *Store) localCounts(ctx context.Context, tenant uuid.UUID, metrics []string, z Zone, first, last time.Time, utcBefore bool) (map[string]map[string]int64, error) {
 	out, err := s.liveUsage(ctx, tenant, metrics, first, last)
 	if err != nil {
 		return nil, err
 	}
-	windows := z.windows(first, last)
+	from := first
+	if utcBefore {
+		from = first.AddDate(0, 0, 1)
+	}
+	windows := z.windows(from, last)
 	if len(windows) == 0 {
 		return out, nil
 	}
 	if s.quarterHours(ctx) && z.onSlots(windows) {
 		sql, args := quarterHourCountsSQL(s.db, z, windows)
-		args = append(args, tenant, windows[0][0], windows[len(windows)-1][1], metrics)
+		args = append(args, tenant, windows[0][0], windows[len(windows)-1][1], clickhouse.GroupSet{Value: toAny(metrics)})
 		if err := s.moveAcrossMidnight(ctx, sql, args, out); err != nil {
 			return nil, fmt.Errorf("count usage_quarter_hour by local day: %w", err)
 		}
@@ -106,11 +115,11 @@ func (s *Store) localCounts(ctx context.Context, tenant uuid.UUID, metrics []str
 	return out, nil
 }
 
-// windows are the stretches between each local midnight of the dates [first, last+1] and the UTC
+// windows are the stretches between each local midnight of the dates [from, last+1] and the UTC
 // midnight on the other side of which its rows' UTC date lies; empty where the two coincide.
-func (z Zone) windows(first, last time.Time) [][2]time.Time {
+func (z Zone) windows(from, last time.Time) [][2]time.Time {
 	var out [][2]time.Time
-	for d := first; !d.After(last.AddDate(0, 0, 1)); d = d.AddDate(0, 0, 1) {
+	for d := from; !d.After(last.AddDate(0, 0, 1)); d = d.AddDate(0, 0, 1) {
 		b := z.DayStart(d)
 		switch utc := b.Truncate(24 * time.Hour); {
 		case b.Equal(utc):
@@ -138,12 +147,14 @@ func windowCountsSQL(db, table, column, agg string, z Zone, windows [][2]time.Ti
 
 // quarterHourCountsSQL is the query of usage_quarter_hour's counts per metric, UTC date and local date
 // of the slots whose two dates differ, over the extent of windows (every bound on a slot: onSlots).
-// Its arguments are the returned ones, then tenant, the extent's ends and the metrics. The busiest
-// tenant of the 10M-event benchmark has 2.6M raw rows in 30 days and ~40k slot rows.
+// Its arguments are the returned ones, then tenant, the extent's ends and the metrics (a GroupSet).
+// The busiest tenant of the 10M-event benchmark has 2.6M raw rows in 30 days, ~40k slot rows of all
+// its metrics. "metric IN" narrows the read by the sorting key (tenant_id, metric, slot); has() does
+// not — measured on 18.16 for a tenant with 2,000 metrics: 1.34M rows read against 131k.
 func quarterHourCountsSQL(db string, z Zone, windows [][2]time.Time) (string, []any) {
 	day, args := z.dayExpr("slot", windows[0][0], windows[len(windows)-1][1])
 	return "SELECT metric, toString(toDate(slot)) AS u, toString(" + day + ") AS l, sum(count) FROM " + db + ".usage_quarter_hour" +
-		" WHERE tenant_id = ? AND slot >= ? AND slot < ? AND has(?, metric) AND u != l GROUP BY metric, u, l", args
+		" WHERE tenant_id = ? AND slot >= ? AND slot < ? AND metric IN ? AND u != l GROUP BY metric, u, l", args
 }
 
 // rawCountsAcrossMidnight is localCounts' move across midnight counted from the raw rows: for a
@@ -228,7 +239,7 @@ func (s *Store) UsageIn(ctx context.Context, tenant uuid.UUID, metrics []string,
 	if split.After(last) {
 		return res, nil
 	}
-	counts, err := s.localCounts(ctx, tenant, metrics, z, split, last)
+	counts, err := s.localCounts(ctx, tenant, metrics, z, split, last, split.After(first))
 	if err != nil {
 		return res, err
 	}
@@ -260,7 +271,7 @@ func (s *Store) KPIsIn(ctx context.Context, tenant uuid.UUID, metrics []string, 
 		counts = old
 	}
 	if !split.After(today) {
-		fresh, err := s.localCounts(ctx, tenant, metrics, z, split, today)
+		fresh, err := s.localCounts(ctx, tenant, metrics, z, split, today, split.After(first))
 		if err != nil {
 			return nil, err
 		}
@@ -290,6 +301,14 @@ func (s *Store) KPIsIn(ctx context.Context, tenant uuid.UUID, metrics []string, 
 		out[m] = k
 	}
 	return out, nil
+}
+
+func toAny(ss []string) []any {
+	out := make([]any, len(ss))
+	for i, v := range ss {
+		out[i] = v
+	}
+	return out
 }
 
 func minTime(a, b time.Time) time.Time {

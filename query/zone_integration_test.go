@@ -183,3 +183,46 @@ func TestLocalDaysReadQuarterHours(t *testing.T) {
 		t.Errorf("got %s, want %s", got, want)
 	}
 }
+
+// TestLocalDaysAcrossTheRawWindowsStart: a range that starts before the raw window has UTC days up to
+// it and local days after; a row between the local and the UTC midnight at that boundary is counted
+// once — not on both sides (east of Greenwich), not on neither (west). Both failed before: Kolkata
+// counted such an event twice, New York not at all.
+func TestLocalDaysAcrossTheRawWindowsStart(t *testing.T) {
+	t.Parallel()
+	env := testenv.Migrated(t)
+	now := instant("2026-11-30T12:00:00Z")
+	for _, c := range []struct {
+		zone, at string
+	}{
+		{"Asia/Kolkata", "2026-11-27T20:00:00Z"},     // UTC 11-27, local 11-28 01:30
+		{"America/New_York", "2026-11-27T02:00:00Z"}, // UTC 11-27, local 11-26 21:00
+	} {
+		tenant := uuid.New()
+		z := mustZone(t, c.zone)
+		at := instant(c.at)
+		env.Insert(t, "events", "tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id",
+			[]any{tenant, at, uuid.New(), at, "auth.user.login", "app", "u", "{}", "", ""})
+		s := NewStore(env.CH, env.DB, env.PG, 10*time.Second)
+		s.now = func() time.Time { return now }
+		s.SetRetentionDays(4) // raw rows complete from 11-27 00:00 UTC: the split falls on the event's days
+		testenv.Eventually(t, 20*time.Second, func() error {
+			res, err := s.UsageIn(context.Background(), tenant, []string{"auth.user.login"}, z, date("2026-11-20"), date("2026-11-30"), false)
+			if err != nil {
+				return err
+			}
+			var total int64
+			for _, p := range res.Series["auth.user.login"] {
+				total += p.Count
+			}
+			kpis, err := s.KPIsIn(context.Background(), tenant, []string{"auth.user.login"}, z)
+			if err != nil {
+				return err
+			}
+			if k := kpis["auth.user.login"]; total != 1 || k.Month != 1 || k.Week != 1 {
+				return fmt.Errorf("%s: one event counted %d times in the series %v, KPIs %+v; want once", c.zone, total, res.Series["auth.user.login"], k)
+			}
+			return nil
+		})
+	}
+}

@@ -23,12 +23,15 @@ var fills = map[int]func(ctx context.Context, ch driver.Conn, l Layout, settle t
 // applied, the table holds every stored raw row (Applied tells).
 const QuarterHoursVersion = 2
 
-// FillQuarterHours makes usage_quarter_hour agree with the raw events and increments, day by day:
-// per (tenant, metric, slot) it inserts the raw count minus the aggregate's. The rows inserted since the
-// materialized views exist are in both and cancel out; the rows stored before are counted in. A
-// difference is written only when a second read settle later finds it unchanged: rows in flight reach
-// events and then the aggregate a moment apart, and a difference that moves is theirs (that day is read
-// again, until a read finds no difference, up to five times). Running it twice changes nothing the second time.
+// FillQuarterHours counts into usage_quarter_hour the raw events and increments it lacks, day by day:
+// per (tenant, metric, slot) it inserts the raw count minus the aggregate's where the raw rows hold
+// more. The rows inserted since the materialized views exist are in both and cancel out; the rows
+// stored before are counted in. Where the aggregate holds more than the raw rows nothing is written:
+// that is what an erasure leaves (the aggregates keep an erased user's counts), so the fill never
+// lowers a count. A difference is written only when a second read settle later finds it unchanged:
+// rows in flight reach events and then the aggregate a moment apart, and a difference that moves is
+// theirs (that day is read again, until a read finds nothing to add, up to five times). Running it
+// again adds nothing.
 func FillQuarterHours(ctx context.Context, ch driver.Conn, l Layout, settle time.Duration) error {
 	days, err := rawDays(ctx, ch, l)
 	if err != nil {
@@ -82,11 +85,10 @@ type slotCount struct {
 	n int64
 }
 
-// rawDays lists the UTC days that have raw rows or slots.
+// rawDays lists the UTC days that have raw rows.
 func rawDays(ctx context.Context, ch driver.Conn, l Layout) ([]time.Time, error) {
 	rows, err := ch.Query(ctx, "SELECT DISTINCT d FROM (SELECT toDate(ts) AS d FROM "+l.Table("events")+
-		" UNION ALL SELECT toDate(ts) AS d FROM "+l.Table("usage_increments")+
-		" UNION ALL SELECT toDate(slot) AS d FROM "+l.Table("usage_quarter_hour")+") ORDER BY d")
+		" UNION ALL SELECT toDate(ts) AS d FROM "+l.Table("usage_increments")+") ORDER BY d")
 	if err != nil {
 		return nil, fmt.Errorf("fill usage_quarter_hour: list the days with raw rows: %w", err)
 	}
@@ -102,8 +104,8 @@ func rawDays(ctx context.Context, ch driver.Conn, l Layout) ([]time.Time, error)
 	return out, rows.Err()
 }
 
-// quarterHourDiffs reads raw minus aggregate per (tenant, metric, slot) of day, where they differ, in
-// one query so the three tables are read at (nearly) the same moment.
+// quarterHourDiffs reads raw minus aggregate per (tenant, metric, slot) of day, where the raw rows hold
+// more, in one query so the three tables are read at (nearly) the same moment.
 func quarterHourDiffs(ctx context.Context, ch driver.Conn, l Layout, day time.Time) (map[slotKey]int64, error) {
 	end := day.Add(24 * time.Hour)
 	q := "SELECT tenant_id, metric, slot, sumIf(c, src = 1) - sumIf(c, src = 0) AS d FROM (" +
@@ -113,7 +115,7 @@ func quarterHourDiffs(ctx context.Context, ch driver.Conn, l Layout, day time.Ti
 		" WHERE ts >= ? AND ts < ? GROUP BY tenant_id, metric, slot" +
 		" UNION ALL SELECT tenant_id, metric, toStartOfFifteenMinutes(ts) AS slot, toUInt8(1) AS src, sum(n) AS c FROM " + l.Table("usage_increments") +
 		" WHERE ts >= ? AND ts < ? GROUP BY tenant_id, metric, slot" +
-		") GROUP BY tenant_id, metric, slot HAVING d != 0"
+		") GROUP BY tenant_id, metric, slot HAVING d > 0"
 	rows, err := ch.Query(ctx, q, day, end, day, end, day, end)
 	if err != nil {
 		return nil, fmt.Errorf("fill usage_quarter_hour for %s: %w", day.Format(time.DateOnly), err)
