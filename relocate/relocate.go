@@ -101,6 +101,9 @@ func Copy(ctx context.Context, ch driver.Conn, l schema.Layout, src Source) (Res
 	if !l.Clustered() {
 		return res, errors.New("the target is not a cluster: set CLICKHOUSE_CLUSTER")
 	}
+	if err := sourceMigrated(ctx, ch, src); err != nil {
+		return res, err
+	}
 	for _, t := range []string{"events", "usage_increments", "daily_usage", "usage_quarter_hour"} {
 		var n uint64
 		if err := ch.QueryRow(ctx, "SELECT count() FROM "+l.Table(t)).Scan(&n); err != nil {
@@ -140,6 +143,38 @@ func Copy(ctx context.Context, ch driver.Conn, l schema.Layout, src Source) (Res
 		}
 	}
 	return verify(ctx, ch, l, src)
+}
+
+// sourceMigrated refuses a source that lacks a ClickHouse migration of this build: a table the copy
+// reads would be missing, or — usage_quarter_hour, whose fill is part of its migration — incomplete,
+// and the cluster, migrated already, would take the copy as whole and never fill it.
+func sourceMigrated(ctx context.Context, ch driver.Conn, src Source) error {
+	ms, err := schema.ClickHouse(schema.Params{DB: src.DB, RetentionDays: 1})
+	if err != nil {
+		return err
+	}
+	rows, err := ch.Query(ctx, "SELECT DISTINCT version FROM "+src.remote("schema_migrations"))
+	if err != nil {
+		return fmt.Errorf("read the source's schema_migrations: %w", err)
+	}
+	defer rows.Close()
+	have := map[int]bool{}
+	for rows.Next() {
+		var v uint32
+		if err := rows.Scan(&v); err != nil {
+			return fmt.Errorf("read the source's schema_migrations: %w", err)
+		}
+		have[int(v)] = true
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("read the source's schema_migrations: %w", err)
+	}
+	for _, m := range ms {
+		if !have[m.Version] {
+			return fmt.Errorf("the source database %s has not applied ClickHouse migration %04d_%s: run `analyticsd migrate` against it (CLICKHOUSE_DSN of the source, no CLICKHOUSE_CLUSTER), then copy", src.DB, m.Version, m.Name)
+		}
+	}
+	return nil
 }
 
 // verify compares the two sides: raw row counts per tenant, and every (tenant, day, metric) total of

@@ -15,6 +15,7 @@ import (
 
 	"github.com/analyticsd/analyticsd/internal/testenv"
 	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
+	"github.com/analyticsd/analyticsd/schema"
 )
 
 // The same workload gives the same API answers on one server and on the cluster: every event page
@@ -234,6 +235,24 @@ func TestMoveToCluster(t *testing.T) {
 	}
 	src.Path = "/" + single.DB
 	getenv := stackEnv(t, cluster, nil)
+
+	// A source that has not applied every migration (here: usage_quarter_hour's, whose fill is part of
+	// it) is refused before anything is copied.
+	behind := testenv.MigratedAt(t, testenv.SingleServer(t))
+	if err := behind.CH.Exec(ctx, fmt.Sprintf("ALTER TABLE %s.schema_migrations DELETE WHERE version = %d", behind.DB, schema.QuarterHoursVersion)); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 30*time.Second, func() error {
+		if ok, err := schema.Applied(ctx, behind.CH, behind.DB, schema.QuarterHoursVersion); err != nil || ok {
+			return fmt.Errorf("migration still recorded (%v)", err)
+		}
+		return nil
+	})
+	behindURL := *src
+	behindURL.Path = "/" + behind.DB
+	if r := runCmd(t, getenv, "move-to-cluster", "--from", behindURL.String()); r.code != 1 || !strings.Contains(r.stderr, "0002_usage_quarter_hour") {
+		t.Errorf("a source without migration 0002: exit %d, stderr %q; want 1 naming it", r.code, r.stderr)
+	}
 	r := runCmd(t, getenv, "move-to-cluster", "--from", src.String(), "--json")
 	if r.code != 0 {
 		t.Fatalf("move-to-cluster: exit %d: %s %s", r.code, r.stdout, r.stderr)
