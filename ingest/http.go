@@ -86,15 +86,6 @@ func (s *Service) RecordIncrement(ctx context.Context, tenant uuid.UUID, metric 
 	return httpError(err)
 }
 
-// ExpectRecord announces a RecordIncrement on its way (Writer.Expect): a consume calls it before its
-// Redis step, and arrived just before recording, or when it will not record.
-func (s *Service) ExpectRecord() (arrived func()) {
-	if s.w == nil {
-		return func() {}
-	}
-	return s.w.Expect()
-}
-
 // Emit adds a server-generated event (e.g. quota.exceeded) to the tenant's own stream, durably.
 func (s *Service) Emit(ctx context.Context, tenant uuid.UUID, slug, event string, props map[string]any) error {
 	if !s.cfg.Enabled {

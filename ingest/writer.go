@@ -10,7 +10,6 @@ import (
 	"slices"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -61,11 +60,6 @@ type WriterConfig struct {
 	QuarantineAfter int
 	// Owner describes this process in the spool's lock file.
 	Owner string
-	// SiblingWait is how long a group commit may wait for appends announced as on their way
-	// (Writer.Expect: a quota consume between its Redis step and its record) before it writes and
-	// fsyncs, so that one fsync serves them too. It waits only while such an append is expected (a
-	// group another append started then waits with it). Default 250 µs; negative: never wait.
-	SiblingWait time.Duration
 	// RetentionDays is the raw tables' retention: a row that must be checked in ClickHouse but whose
 	// day has left the window cannot be (its partition may be gone), so it is quarantined rather than
 	// inserted a second time. 0: no such guard (tests of other things).
@@ -85,7 +79,6 @@ func DefaultWriterConfig() WriterConfig {
 		InsertTimeout:   60 * time.Second,
 		RetryMax:        30 * time.Second,
 		QuarantineAfter: 3,
-		SiblingWait:     250 * time.Microsecond,
 	}
 }
 
@@ -117,9 +110,6 @@ func (c *WriterConfig) defaults() {
 	}
 	if c.QuarantineAfter <= 0 {
 		c.QuarantineAfter = d.QuarantineAfter
-	}
-	if c.SiblingWait == 0 {
-		c.SiblingWait = d.SiblingWait
 	}
 }
 
@@ -189,10 +179,7 @@ type Writer struct {
 	sh      *shipper
 
 	appends chan appendReq
-	// expected counts appends announced by Expect and not yet queued or abandoned.
-	expected atomic.Int64
-	commits  atomic.Int64 // group commits so far (each one write and, in fsync mode, one fsync)
-	quit     chan struct{}
+	quit    chan struct{}
 	// gate orders Append against Close: once Close holds it, no request can be queued that the
 	// committer's final drain would miss.
 	gate   sync.RWMutex
@@ -283,23 +270,6 @@ func (w *Writer) Append(ctx context.Context, b *batch) error {
 	return <-req.done
 }
 
-// Expect announces an Append that is on its way (a quota consume about to run its Redis step, then
-// record its spend): while one is expected, a group commit waits up to SiblingWait for it, so that
-// consumes in flight together share one write and fsync instead of paying one each. arrived must be
-// called once, just before the Append, or when the append will not come; later calls do nothing.
-func (w *Writer) Expect() (arrived func()) {
-	if w.sp == nil || w.cfg.Durability != DurabilityFsync || w.cfg.SiblingWait < 0 {
-		return func() {} // nothing to share: no fsync
-	}
-	w.expected.Add(1)
-	var once atomic.Bool
-	return func() {
-		if once.CompareAndSwap(false, true) {
-			w.expected.Add(-1)
-		}
-	}
-}
-
 // Durable reports whether Append's success means the rows survive a crash of this process (the
 // spool), which is what makes it safe to claim their ids.
 func (w *Writer) Durable() bool { return w.sp != nil }
@@ -312,7 +282,16 @@ func (w *Writer) commitLoop() {
 	for {
 		select {
 		case req := <-w.appends:
-			group = w.gather(append(group[:0], req))
+			group = append(group[:0], req)
+		drain:
+			for len(group) < cap(group) {
+				select {
+				case r := <-w.appends:
+					group = append(group, r)
+				default:
+					break drain
+				}
+			}
 			w.commit(group)
 		case <-tick.C:
 			w.mu.Lock()
@@ -341,42 +320,6 @@ func (w *Writer) commitLoop() {
 	}
 }
 
-// gather adds to group the appends already queued and then, while appends are expected (Expect),
-// those that come within SiblingWait. Consumes at a steady rate each paid most of an fsync: at half
-// the closed loop's rate the fsync was a quarter of analyticsd's CPU (--pprof). A consume's record
-// comes one Redis round trip after it is announced, so a short wait catches it: in
-// BenchmarkGroupCommitOpenLoop (2,500 records/s, a 300 µs round trip, load 3-4) 250 µs took the
-// commits per record from 0.60-0.63 to 0.32 and the CPU per record from 104-112 to 62-66 µs, the
-// append's p50 from 1.5 to 2.2 ms, its p99 unchanged (7-9 ms); 500 µs or 1-2 ms saved no more CPU
-// and added latency.
-func (w *Writer) gather(group []appendReq) []appendReq {
-	var timer *time.Timer
-	for len(group) < cap(group) {
-		select {
-		case r := <-w.appends:
-			group = append(group, r)
-			continue
-		default:
-		}
-		if w.expected.Load() <= 0 {
-			break
-		}
-		if timer == nil {
-			timer = time.NewTimer(w.cfg.SiblingWait)
-			defer timer.Stop()
-		}
-		select {
-		case r := <-w.appends:
-			group = append(group, r)
-			continue
-		case <-timer.C:
-		case <-w.quit:
-		}
-		break
-	}
-	return group
-}
-
 // commit writes a group of requests with one write and one fsync (group commit), then makes their
 // rows available to the flushers.
 func (w *Writer) commit(group []appendReq) {
@@ -387,7 +330,6 @@ func (w *Writer) commit(group []appendReq) {
 		bytes += int64(len(r.rec))
 	}
 	err := w.writeGroup(group, rows, bytes)
-	w.commits.Add(1)
 	for _, r := range group {
 		r.done <- err
 	}

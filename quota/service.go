@@ -55,13 +55,6 @@ type Recorder interface {
 	Emit(ctx context.Context, tenant uuid.UUID, slug, event string, props map[string]any) error
 }
 
-// expecter is a Recorder whose group commit can wait for a record announced as on its way
-// (*ingest.Service: ExpectRecord); arrived is called once the record is about to be made, or
-// will not be.
-type expecter interface {
-	ExpectRecord() (arrived func())
-}
-
 // State is one quota as check_quota returns it (docs/contract.md).
 type State struct {
 	Exceeded bool    `json:"exceeded"`
@@ -359,17 +352,7 @@ func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric stri
 		// forgotten would spend again while its increment is dropped as a duplicate.
 		marker = &Marker{Key: s.counters.MarkerKey(tenant, metric, o.IdempotencyKey), TTL: 2 * s.cfg.IdempotencyWindow}
 	}
-	// The spend's record follows the Redis step: announce it, so the group commit it lands in may
-	// wait for it (and the consumes in flight with it) rather than fsync once per consume.
-	arrived := func() {}
-	if e, ok := s.rec.(expecter); ok {
-		arrived = e.ExpectRecord()
-	}
-	defer arrived()
 	out, err := s.counters.Consume(ctx, tenant, metric, at, n, limit, o.Meter, marker)
-	if err != nil || !out.Allowed {
-		arrived() // no record soon: nothing to record, or a reconciliation or a ClickHouse read first
-	}
 	if err == nil && o.Meter.Refused() {
 		return res, nil
 	}
@@ -400,7 +383,6 @@ func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric stri
 		if marker != nil {
 			key = o.IdempotencyKey
 		}
-		arrived()
 		if err := s.rec.RecordIncrement(ctx, tenant, metric, n, at, key, !res.Degraded); err != nil {
 			if !res.Degraded && !out.Replayed {
 				if uerr := s.counters.Undo(ctx, tenant, metric, at, n, marker); uerr != nil {
