@@ -16,12 +16,6 @@ import (
 // the last round are events sent after the erasure, and are kept.
 const catchUpRounds = 3
 
-// batchRounds is how many rounds are recorded before their deletes are sent together and waited for
-// once: on 18.16 every mutation rewrites the parts holding the user's rows (6.5 s for one user among
-// 10M events here), and mutations queued together are applied in one pass over a part, so a user with
-// 20,000 rows pays about one rewrite, not ten.
-const batchRounds = 10
-
 // eraseUserRows deletes the user's events in rounds. Each round, under a lock on (tenant, user):
 // snapshot up to RoundRows of the user's rows (ids, and counts per day, event and received minute),
 // record them in the ledger in one transaction; then delete exactly those ids and mark the round
@@ -38,23 +32,15 @@ func (s *Service) eraseUserRows(ctx context.Context, j *Job) error {
 		if short > catchUpRounds {
 			break
 		}
-		recorded := 0
-		for range batchRounds {
-			n, err := s.recordRound(ctx, j, digest)
-			if err != nil {
-				return err
-			}
-			if n == 0 {
-				break
-			}
-			recorded++
-			if n < s.cfg.RoundRows {
-				short++
-				break
-			}
+		n, err := s.recordRound(ctx, j, digest)
+		if err != nil {
+			return err
 		}
-		if recorded == 0 {
+		if n == 0 {
 			break
+		}
+		if n < s.cfg.RoundRows {
+			short++
 		}
 	}
 	rows, err := s.roundRows(ctx, j.ID)
@@ -194,47 +180,40 @@ func (s *Service) applyPending(ctx context.Context, job, tenant uuid.UUID, diges
 	if err != nil {
 		return fmt.Errorf("read pending rounds: %w", err)
 	}
-	// Send every round's delete, then wait once for all of them. A round whose rows are still found
-	// afterwards is sent again (at most three passes): on 18.16 under the merges that follow a large
-	// load, a batch of ten mutations left one round's 2,000 rows in place once in our benchmark
-	// (BenchmarkEraseOneUser with ANALYTICS_BENCH_USER_ROWS=20000); a delete by ids is safe to repeat.
-	for pass := 1; len(pend) > 0; pass++ {
-		for _, p := range pend {
-			if err := s.issue(ctx, statement{table: "events", where: rowsPredicate(tenant, digest, p.ids)}); err != nil {
+	// One round's delete at a time, each waited for before the next is sent: on 18.16, ten queued
+	// mutations with an IN list each left whole rounds (2,000 rows) in place, also when those were sent
+	// again together, in 2 of 2 runs of BenchmarkEraseOneUser with ANALYTICS_BENCH_USER_ROWS=20000
+	// (one at a time: 0 of 1), as if one statement's list stood for another's. A round whose rows are
+	// still found after its delete is sent again (a delete by ids is safe to repeat), at most twice.
+	for _, p := range pend {
+		where := rowsPredicate(tenant, digest, p.ids)
+		for try := 1; ; try++ {
+			if err := s.delete(ctx, statement{table: "events", where: where}); err != nil {
 				return err
 			}
-		}
-		if err := s.settle(ctx, "events"); err != nil {
-			return err
-		}
-		var left []round
-		for _, p := range pend {
-			where := rowsPredicate(tenant, digest, p.ids)
 			var n uint64
-			if err := s.ch.QueryRow(sized(ctx, where), "SELECT count() FROM "+s.cfg.Layout.Table("events")+" WHERE "+where).Scan(&n); err != nil {
+			if err := s.ch.QueryRow(ctx, "SELECT count() FROM "+s.cfg.Layout.Table("events")+" WHERE "+where).Scan(&n); err != nil {
 				return fmt.Errorf("count the round's rows left: %w", err)
 			}
-			if n != 0 {
-				if pass == 3 {
-					return fmt.Errorf("%d rows of round %d still found after %d deletes", n, p.round, pass)
-				}
-				s.log.Warn("erasure: rows of a round still found after its delete; sending it again", "job", job, "round", p.round, "rows", n)
-				left = append(left, p)
-				continue
+			if n == 0 {
+				break
 			}
-			err := pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
-				tag, err := tx.Exec(ctx, `UPDATE erasure_rounds SET applied = true, applied_at = now(), applied_by = $3,
-					ids = '{}', user_digest = '' WHERE job_id = $1 AND round = $2 AND NOT applied`, p.job, p.round, job)
-				if err != nil || tag.RowsAffected() == 0 {
-					return err
-				}
-				return bumpLedger(ctx, tx)
-			})
-			if err != nil {
-				return fmt.Errorf("mark round %d applied: %w", p.round, err)
+			if try == 3 {
+				return fmt.Errorf("%d rows of round %d still found after %d deletes", n, p.round, try)
 			}
+			s.log.Warn("erasure: rows of a round still found after its delete; sending it again", "job", job, "round", p.round, "rows", n)
 		}
-		pend = left
+		err := pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
+			tag, err := tx.Exec(ctx, `UPDATE erasure_rounds SET applied = true, applied_at = now(), applied_by = $3,
+				ids = '{}', user_digest = '' WHERE job_id = $1 AND round = $2 AND NOT applied`, p.job, p.round, job)
+			if err != nil || tag.RowsAffected() == 0 {
+				return err
+			}
+			return bumpLedger(ctx, tx)
+		})
+		if err != nil {
+			return fmt.Errorf("mark round %d applied: %w", p.round, err)
+		}
 	}
 	return nil
 }
