@@ -299,3 +299,36 @@ func TestNoUserIDReachesClickHouse(t *testing.T) {
 		t.Errorf("system.query_log: %d statements on the events table carry the user id", leaked)
 	}
 }
+
+// Run registers the instance and acknowledges open jobs beside its runner, and leaves the register
+// when it stops, so no job waits a minute for an instance that shut down.
+func TestRunRegistersAcknowledgesAndLeaves(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := context.Background()
+	s := f.service(Config{Instance: "runner"})
+	j, err := s.EraseUser(ctx, f.a, "ivan", "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rctx, stop := context.WithCancel(ctx)
+	ran := make(chan struct{})
+	go func() { defer close(ran); s.Run(rctx) }()
+	testenv.Eventually(t, 10*time.Second, func() error {
+		var registered, acked bool
+		if err := f.env.PG.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM erasure_instances WHERE id = 'runner'),
+			EXISTS (SELECT 1 FROM erasure_acks WHERE job_id = $1 AND instance = 'runner')`, j.ID).Scan(&registered, &acked); err != nil {
+			return err
+		}
+		if got := f.job(t, s, f.a, j.ID); !registered || !acked || got.Status != StatusDone {
+			return fmt.Errorf("registered %v, acknowledged %v, job %s", registered, acked, got.Status)
+		}
+		return nil
+	})
+	stop()
+	<-ran
+	var n int
+	if err := f.env.PG.QueryRow(ctx, "SELECT count(*) FROM erasure_instances WHERE id = 'runner'").Scan(&n); err != nil || n != 0 {
+		t.Errorf("after Run returned: %d rows for the instance (%v), want none", n, err)
+	}
+}
