@@ -477,6 +477,7 @@ var tenantTables = []struct {
 	{"events", false},
 	{"usage_increments", false},
 	{"daily_usage", true},
+	{"usage_quarter_hour", true},
 }
 
 // statements are a tenant erasure's deletes, one per table of tenantTables.

@@ -266,11 +266,16 @@ func TestEraseTenantLeavesOtherTenants(t *testing.T) {
 		t.Errorf("job: got %s %d rows, want done 10 (9 events, 1 increment)", got.Status, got.RowsErased)
 	}
 	counts := func(tn uuid.UUID) (ev, inc, agg uint64, billed int) {
-		for table, into := range map[string]*uint64{"events": &ev, "usage_increments": &inc, "daily_usage": &agg} {
+		var daily, slots uint64
+		for table, into := range map[string]*uint64{"events": &ev, "usage_increments": &inc, "daily_usage": &daily, "usage_quarter_hour": &slots} {
 			if err := f.env.CH.QueryRow(ctx, "SELECT count() FROM "+f.env.DB+"."+table+" WHERE tenant_id = ?", tn).Scan(into); err != nil {
 				t.Fatal(err)
 			}
 		}
+		if (daily == 0) != (slots == 0) {
+			t.Errorf("tenant %s: %d daily_usage rows but %d usage_quarter_hour rows: both or neither", tn, daily, slots)
+		}
+		agg = daily + slots
 		if err := f.env.PG.QueryRow(ctx, "SELECT count(*) FROM analytics_daily_usage WHERE tenant_id = $1", tn).Scan(&billed); err != nil {
 			t.Fatal(err)
 		}
