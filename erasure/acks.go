@@ -14,7 +14,7 @@ import (
 // Every instance that ingests holds events in its own spool (acknowledged to clients, not yet in
 // ClickHouse) and in its own quarantine (refused by ClickHouse). A job must not delete before each of
 // them shipped what it held, or those rows land after the delete and survive it. So each instance
-// registers in erasure_instances (a heartbeat every Stale/4 from Run) and acknowledges each open job
+// registers in erasure_instances (a heartbeat every Stale/4 from Attend) and acknowledges each open job
 // in erasure_acks once its Barrier passed (every row it acknowledged before that is in ClickHouse or
 // in its quarantine) and its Scrubber removed the job's rows from its quarantine. A job deletes only
 // when every live instance — heartbeat younger than Stale — has acknowledged it; an instance that
@@ -39,7 +39,7 @@ func (s *Service) Leave(ctx context.Context) error {
 }
 
 // Acknowledge renews this instance's heartbeat and acknowledges every open job it has not yet: one
-// pass. Run calls it every Poll × 4.
+// pass. Attend calls it every Poll × 4 (and renews the heartbeat on its own meanwhile).
 func (s *Service) Acknowledge(ctx context.Context) error {
 	if err := s.beat(ctx); err != nil {
 		return err

@@ -253,24 +253,17 @@ func (s *Service) Get(ctx context.Context, tenant, id uuid.UUID) (Job, error) {
 	return j, nil
 }
 
-// Run takes and runs jobs until ctx ends, looking for new ones every Poll × 4. Beside it, the
-// instance's acknowledger (Acknowledge) keeps this instance registered and acknowledges every open
-// job, also while the runner waits for another instance on a job of its own. On return the instance
-// leaves the register, so no job waits for it.
+// Run is Attend and RunJobs on one context: it takes and runs jobs until ctx ends, while this instance
+// is registered and acknowledges every open job; on return the instance has left the register.
 func (s *Service) Run(ctx context.Context) {
-	acked := make(chan struct{})
-	go func() {
-		defer close(acked)
-		for ctx.Err() == nil {
-			if err := s.Acknowledge(ctx); err != nil && ctx.Err() == nil {
-				s.log.Warn("erasure jobs not acknowledged; retried", "err", err)
-			}
-			select {
-			case <-ctx.Done():
-			case <-time.After(min(s.cfg.Poll*4, s.cfg.Stale/4)):
-			}
-		}
-	}()
+	attended := make(chan struct{})
+	go func() { defer close(attended); s.Attend(ctx) }()
+	s.RunJobs(ctx)
+	<-attended
+}
+
+// RunJobs takes and runs jobs until ctx ends, looking for new ones every Poll × 4.
+func (s *Service) RunJobs(ctx context.Context) {
 	for ctx.Err() == nil {
 		ran, err := s.RunOne(ctx)
 		if err != nil && ctx.Err() == nil {
@@ -284,7 +277,40 @@ func (s *Service) Run(ctx context.Context) {
 		case <-time.After(s.cfg.Poll * 4):
 		}
 	}
-	<-acked
+}
+
+// Attend keeps this instance registered (a heartbeat every Stale/4, on its own: an acknowledgement
+// waiting on this instance's spool — up to 10 minutes while ClickHouse is down for it — must not let
+// the heartbeat go stale, or other instances' jobs would stop waiting for it and delete before its
+// rows ship) and acknowledges every open job, also while a job of its own waits for another instance.
+// When ctx ends it leaves the register, so no job waits for it. Serve ends it only after the HTTP
+// server has drained and the spool has been flushed: a job queued just before a shutdown must still
+// wait for what this instance acknowledged.
+func (s *Service) Attend(ctx context.Context) {
+	beaten := make(chan struct{})
+	go func() {
+		defer close(beaten)
+		for {
+			if err := s.beat(ctx); err != nil && ctx.Err() == nil {
+				s.log.Warn("erasure: instance heartbeat not renewed; retried", "err", err)
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(s.cfg.Stale / 4):
+			}
+		}
+	}()
+	for ctx.Err() == nil {
+		if err := s.Acknowledge(ctx); err != nil && ctx.Err() == nil {
+			s.log.Warn("erasure jobs not acknowledged; retried", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(min(s.cfg.Poll*4, s.cfg.Stale/4)):
+		}
+	}
+	<-beaten
 	lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	if err := s.Leave(lctx); err != nil {

@@ -332,3 +332,65 @@ func TestRunRegistersAcknowledgesAndLeaves(t *testing.T) {
 		t.Errorf("after Run returned: %d rows for the instance (%v), want none", n, err)
 	}
 }
+
+// An instance whose spool takes longer than Stale to ship (ClickHouse slow or down for it) stays
+// registered: its heartbeat runs on its own, so another instance's job keeps waiting for its
+// acknowledgement instead of taking it for dead and deleting before its rows ship. Failed before:
+// the heartbeat was renewed only between acknowledgements, and the job was done after Stale.
+func TestHeartbeatOutlivesASlowSpool(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	f.env.Insert(t, "events", eventCols, rows(f.a, "ivy", 2)...)
+	release := make(chan struct{})
+	slow := func(ctx context.Context) error { // instance two's spool: ships when released
+		select {
+		case <-release:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	const stale = 2 * time.Second
+	one := f.service(Config{Instance: "one", Stale: stale})
+	two := f.service(Config{Instance: "two", Stale: stale, Barrier: slow})
+	actx, stopTwo := context.WithCancel(ctx)
+	attended := make(chan struct{})
+	go func() { defer close(attended); two.Attend(actx) }()
+	defer func() { stopTwo(); <-attended }()
+	testenv.Eventually(t, 10*time.Second, func() error {
+		var n int
+		if err := f.env.PG.QueryRow(ctx, "SELECT count(*) FROM erasure_instances WHERE id = 'two'").Scan(&n); err != nil || n != 1 {
+			return fmt.Errorf("instance two not registered (%v)", err)
+		}
+		return nil
+	})
+	j, err := one.EraseUser(ctx, f.a, "ivy", "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := one.RunOne(ctx); done <- err }()
+	select {
+	case err := <-done:
+		got := f.job(t, one, f.a, j.ID)
+		t.Fatalf("the job ended (%v, %s) while instance two had not shipped its spool, %s after it began waiting", err, got.Status, 3*stale)
+	case <-time.After(3 * stale):
+	}
+	if n := f.count(t, f.a, "ivy"); n != 2 {
+		t.Fatalf("ivy's rows while the job waits: %d, want 2 (no delete yet)", n)
+	}
+	close(release)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the job did not finish once instance two shipped")
+	}
+	if got := f.job(t, one, f.a, j.ID); got.Status != StatusDone || got.RowsErased != 2 {
+		t.Errorf("job: %+v, want done with 2 rows", got)
+	}
+}

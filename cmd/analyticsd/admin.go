@@ -749,14 +749,14 @@ func eraseCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 			return err
 		}
 		ecfg.Lightweight = schema.LightweightDelete(v)
-		if action == "tenant" {
-			rdb, err := openRedis(cfg)
-			if err != nil {
-				return err
-			}
-			defer rdb.Close()
-			ecfg.DeleteKeys = erasure.RedisKeys(rdb, "")
+		// Whatever this command queued, its runner takes the oldest open job, which may be another
+		// tenant's erasure: it must be able to finish every step of it, Redis keys included.
+		rdb, err := openRedis(cfg)
+		if err != nil {
+			return err
 		}
+		defer rdb.Close()
+		ecfg.DeleteKeys = erasure.RedisKeys(rdb, "")
 	}
 	svc := erasure.New(ecfg, ch, pg, audit.New(pg), log.With("component", "erasure"))
 	var j erasure.Job

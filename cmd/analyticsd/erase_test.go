@@ -202,3 +202,41 @@ func TestCLITimeZoneAndErase(t *testing.T) {
 		t.Errorf("erase status of a failed job: exit %d %q %s", r.code, r.stdout, r.stderr)
 	}
 }
+
+// `erase user --run` runs the oldest open job first, which may be another tenant's erasure: that job
+// must be finished whole, its Redis keys included. Failed before: the CLI gave its runner Redis only
+// for `erase tenant`, and the other tenant's job was marked done with its keys left in Redis.
+func TestCLIEraseRunFinishesAnotherTenantsJobWhole(t *testing.T) {
+	e := testenv.Migrated(t)
+	getenv := stackEnv(t, e, nil)
+	cliTenant(t, getenv, "acme")
+	cliTenant(t, getenv, "globex")
+	ctx := context.Background()
+	ids := map[string]uuid.UUID{}
+	for _, slug := range []string{"acme", "globex"} {
+		var id uuid.UUID
+		if err := e.PG.QueryRow(ctx, "SELECT id FROM tenants WHERE slug = $1", slug).Scan(&id); err != nil {
+			t.Fatal(err)
+		}
+		ids[slug] = id
+	}
+	key := "quota:{" + ids["globex"].String() + "}:builds_daily:20261130"
+	if err := e.Redis.Set(ctx, key, 5, time.Hour).Err(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Redis.Del(context.Background(), key) })
+	if _, err := e.PG.Exec(ctx, `INSERT INTO erasure_jobs (id, tenant_id, kind, status, actor, created_at)
+		VALUES ($1, $2, 'tenant', 'queued', 'test', now() - interval '1 minute')`, uuid.New(), ids["globex"]); err != nil {
+		t.Fatal(err)
+	}
+	if r := runCmd(t, getenv, "erase", "user", "--tenant", "acme", "--user", "zoe", "--run"); r.code != 0 {
+		t.Fatalf("erase user --run: exit %d %s %s", r.code, r.stdout, r.stderr)
+	}
+	var open int
+	if err := e.PG.QueryRow(ctx, "SELECT count(*) FROM erasure_jobs WHERE tenant_id = $1 AND status <> 'done'", ids["globex"]).Scan(&open); err != nil || open != 0 {
+		t.Fatalf("globex's tenant erasure: %d jobs not done (%v); want it run first", open, err)
+	}
+	if n, err := e.Redis.Exists(ctx, key).Result(); err != nil || n != 0 {
+		t.Errorf("globex's Redis key after its tenant erasure ran: exists=%d (%v), want deleted", n, err)
+	}
+}

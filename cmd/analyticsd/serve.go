@@ -132,6 +132,21 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	// after that feed so that its flush runs first: shipping may find a row counted live that is a
 	// duplicate after all, and the feed must still be there to take its count back.
 	writer.Start()
+	// Erasure: this instance's presence (heartbeat, acknowledgements of open jobs) is pushed before
+	// the flush, so it ends only after the HTTP server drained and the spool was flushed; the job
+	// runner stops at the signal (below). A server unreachable at start-up has no known version:
+	// erasure uses the mutation every version has (serve must start while ClickHouse is down, and
+	// ingest into the spool).
+	eraseCfg := erasure.Config{Layout: cfg.Layout(), Lightweight: schema.LightweightDelete(chVersion), DeleteKeys: erasure.RedisKeys(rdb, "")}
+	if writer.Durable() {
+		eraseCfg.Barrier = erasure.SpoolBarrier(cfg.Writer.Dir, 200*time.Millisecond, 10*time.Minute)
+		eraseCfg.Quarantine = writer.ScrubQuarantine
+	}
+	eraser := erasure.New(eraseCfg, ch, pg, auditLog, log.With("component", "erasure"))
+	actx, stopAttending := context.WithCancel(context.WithoutCancel(ctx))
+	attended := make(chan struct{})
+	go func() { defer close(attended); eraser.Attend(actx) }()
+	open.push("erasure presence", func(context.Context) error { stopAttending(); <-attended; return nil })
 	open.push("ingest flush", writer.Close)
 	authn := auth.NewAuthenticator(auth.NewKeys(pg), tenants, cfg.JWT)
 	limiter := ratelimit.New(cfg.RateLimit, rdb, "")
@@ -173,14 +188,6 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	store.SetRetentionDays(cfg.RetentionDays)
 	querySvc = query.NewService(cfg.Query, store, auditLog, reg, log.With("component", "query"))
 	querySvc.SetZones(tenants)
-	// A server unreachable at start-up has no known version: erasure uses the mutation every
-	// version has (serve must start while ClickHouse is down, and ingest into the spool).
-	eraseCfg := erasure.Config{Layout: cfg.Layout(), Lightweight: schema.LightweightDelete(chVersion), DeleteKeys: erasure.RedisKeys(rdb, "")}
-	if writer.Durable() {
-		eraseCfg.Barrier = erasure.SpoolBarrier(cfg.Writer.Dir, 200*time.Millisecond, 10*time.Minute)
-		eraseCfg.Quarantine = writer.ScrubQuarantine
-	}
-	eraser := erasure.New(eraseCfg, ch, pg, auditLog, log.With("component", "erasure"))
 	if len(cfg.CORSOrigins) > 0 {
 		app.Use("/api", cors.New(cors.Config{
 			AllowOrigins:  strings.Join(cfg.CORSOrigins, ","),
@@ -208,7 +215,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	sweeper.Start(ctx)
 	ectx, stopErasing := context.WithCancel(ctx)
 	erased := make(chan struct{})
-	go func() { defer close(erased); eraser.Run(ectx) }()
+	go func() { defer close(erased); eraser.RunJobs(ectx) }()
 	open.push("erasure jobs", func(context.Context) error { stopErasing(); <-erased; return nil })
 	open.push("rollup and retention jobs", func(context.Context) error { scheduler.Stop(); sweeper.Stop(); return nil })
 	// API keys' last use: kept in memory per request, written once a minute and at shutdown.

@@ -54,7 +54,7 @@ func TestServeShutsDownInOrder(t *testing.T) {
 	}
 	var want []string
 	for _, step := range []string{"http", "operator listener", "api keys' last use", "rollup and retention jobs",
-		"erasure jobs", "quota reconciliation", "ingest flush", "live counters", "quota webhooks", "idempotency liveness", "exports", "clickhouse", "postgres", "redis"} {
+		"erasure jobs", "quota reconciliation", "ingest flush", "erasure presence", "live counters", "quota webhooks", "idempotency liveness", "exports", "clickhouse", "postgres", "redis"} {
 		want = append(want, "shutdown step done: "+step)
 	}
 	if !slices.Equal(steps, want) {
