@@ -44,7 +44,10 @@ type pending struct {
 // on those days for good. Why exact ids and not the user's predicate at delete time: rows of the same
 // user inserted between a count and the delete (the user is active, or another instance's spool ships)
 // would be deleted uncounted; counting by received_at cut-offs would rest on every instance's clock.
-// With ids, the rows counted are the rows deleted, whatever arrives meanwhile (the next round takes it).
+// With ids, the rows counted are the rows deleted, whatever arrives meanwhile (the next round takes
+// it) — except a copy of a round's id (a retry after the dedup window, a block shipped twice), which
+// the delete removes too: rounds count every copy of their ids, at the snapshot and again just before
+// the delete is sent (recordRound, coverCopies in rounds.go).
 //
 // Readers call ReadLedger, run their ClickHouse count with ExcludeEvents, then Unchanged: a round
 // recorded or applied in between (whose delete may have run while they counted) makes them read
