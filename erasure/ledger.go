@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -142,8 +143,12 @@ func (l Ledger) ExcludeEvents() string {
 	return b.String()
 }
 
-// QuerySize is the max_query_size a query carrying ExcludeEvents needs (0: the default will do).
+// QuerySize is the max_query_size a query carrying ExcludeEvents needs (0: the default will do). It
+// alone is not enough: use Settings, which raises the AST limits with it.
 func (l Ledger) QuerySize(q string) int { return querySize(q) }
+
+// Settings are the per-query settings a query carrying ExcludeEvents needs (nil: the defaults will do).
+func (l Ledger) Settings(q string) clickhouse.Settings { return bigQuery(q) }
 
 // querySize is the max_query_size q needs: 0 below 200,000 bytes (the default is 262,144).
 func querySize(q string) int {
@@ -151,6 +156,24 @@ func querySize(q string) int {
 		return 0
 	}
 	return len(q) + 64<<10
+}
+
+// bigQuery is max_query_size for q, and with it max_ast_elements and max_expanded_ast_elements (nil
+// when q is short enough for the defaults). Every id of a round is one literal of an IN list, and
+// 18.16 counts each as an AST element: twelve pending rounds of 4,500 ids on one day are 54,000, over
+// the default max_ast_elements of 50,000 ("Code: 168 AST is too big"), however large
+// max_query_size is. A literal takes 40 bytes of the query ('<uuid>', ), so len(q) elements on top of
+// the defaults bound what these queries hold. Go ints: 18.16 takes int settings from clickhouse-go.
+func bigQuery(q string) clickhouse.Settings {
+	n := querySize(q)
+	if n == 0 {
+		return nil
+	}
+	return clickhouse.Settings{
+		"max_query_size":            n,
+		"max_ast_elements":          len(q) + 50_000,
+		"max_expanded_ast_elements": len(q) + 500_000,
+	}
 }
 
 // rowsPredicate selects exactly the rows of a round: the tenant's rows with one of ids whose user id

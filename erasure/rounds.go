@@ -325,11 +325,11 @@ func (s *Service) applyPending(ctx context.Context, job, tenant uuid.UUID, diges
 	return nil
 }
 
-// sized carries max_query_size for a query as long as q (a snapshot excluding several pending rounds'
-// ids); ctx itself when the default 256 KiB will do.
+// sized carries bigQuery's settings for a query as long as q (a snapshot excluding several pending
+// rounds' ids); ctx itself when the defaults will do.
 func sized(ctx context.Context, q string) context.Context {
-	if n := querySize(q); n > 0 {
-		return clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{"max_query_size": n}))
+	if set := bigQuery(q); set != nil {
+		return clickhouse.Context(ctx, clickhouse.WithSettings(set))
 	}
 	return ctx
 }

@@ -75,8 +75,8 @@ func (s *Service) clickhouseCountsOnce(ctx context.Context, tenant uuid.UUID, d 
 		q := "SELECT tenant_id, event, intDiv(toUInt32(received_at), 60) AS m, toInt64(count()) FROM " + s.db +
 			".events WHERE " + where + " AND has(?, event)" + led.ExcludeEvents() + " GROUP BY tenant_id, event, m"
 		ectx := ctx
-		if n := led.QuerySize(q); n > 0 {
-			ectx = clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{"max_query_size": n}))
+		if set := led.Settings(q); set != nil { // max_query_size and the AST limits: 12 pending rounds of a day exceed both
+			ectx = clickhouse.Context(ctx, clickhouse.WithSettings(set))
 		}
 		if err := s.addMinutes(ectx, out, func(ev string) string { return s.cfg.EventMetrics[ev] }, q, append(args, events)...); err != nil {
 			return nil, fmt.Errorf("count mapped events per minute: %w", err)
