@@ -4,7 +4,8 @@
 // analytics_daily_usage is the billed record. For one UTC date the Reconciler makes the Postgres rows
 // equal the ClickHouse truth in one transaction, checking the aggregate against the raw events and
 // increments — plus the events user erasures deleted (erasure.Ledger: an erasure keeps the counts) —
-// while the day is inside retention and repairing the aggregate when they disagree. The
+// while the day is inside retention and repairing the aggregate when they disagree. A tenant whose
+// tenant erasure is open is left alone: neither repaired nor published (see Reconciler.erasing). The
 // Scheduler runs it daily on one replica at a time; the Sweeper drops expired daily partitions on
 // servers without TTL. It does not ingest, serve reads (package query) or own any DDL (package schema).
 package rollup
@@ -191,6 +192,9 @@ func (r *Reconciler) record(ctx context.Context, log *slog.Logger, scope Scope, 
 	if tr.unsettled > 0 {
 		meta["unsettled"] = tr.unsettled
 	}
+	if len(tr.held) > 0 {
+		meta["held_tenants"] = tr.held
+	}
 	if runErr != nil {
 		meta["error"] = excerpt.Of(runErr.Error(), 500)
 	}
@@ -220,6 +224,32 @@ type truth struct {
 	rawChecked bool
 	repairs    []repair
 	unsettled  int // differences that changed between the two reads: left for the next run
+	// held are the tenants with an open tenant erasure: their counts and repairs are dropped (hold).
+	held []uuid.UUID
+}
+
+// hold drops the counts and repairs of tenants from tr and records them as held.
+func (tr *truth) hold(tenants []uuid.UUID) {
+	if len(tenants) == 0 {
+		return
+	}
+	tr.held = tenants
+	drop := make(map[uuid.UUID]bool, len(tenants))
+	for _, id := range tenants {
+		drop[id] = true
+	}
+	for k := range tr.counts {
+		if drop[k.tenant] {
+			delete(tr.counts, k)
+		}
+	}
+	kept := tr.repairs[:0]
+	for _, rp := range tr.repairs {
+		if !drop[rp.Tenant] {
+			kept = append(kept, rp)
+		}
+	}
+	tr.repairs = kept
 }
 
 // reconcile does the work of one run inside one Postgres transaction.
@@ -238,6 +268,20 @@ func (r *Reconciler) reconcile(ctx context.Context, log *slog.Logger, day time.T
 	if err != nil {
 		return tr, err
 	}
+	// After the ClickHouse reads, before the repairs are written: see erasing.
+	held, err := r.erasing(ctx, tx, scope)
+	if err != nil {
+		return truth{}, fmt.Errorf("rollup %s: %w", date, err)
+	}
+	if len(held) > 0 {
+		log.Info("rollup: leaving tenants with an open tenant erasure alone", "tenants", held)
+	}
+	tr.hold(held)
+	if err := r.writeRepairs(ctx, day, tr.repairs); err != nil {
+		return truth{}, err
+	}
+	logRepairs(log, tr.repairs)
+	r.m.repairs.Add(float64(len(tr.repairs)))
 	res.RawChecked, res.Repaired = tr.rawChecked, len(tr.repairs)
 	if err := r.publish(ctx, tx, log, day, scope, runID, tr, res); err != nil {
 		return tr, err
@@ -314,18 +358,49 @@ func (r *Reconciler) truth(ctx context.Context, log *slog.Logger, day time.Time,
 		log.Warn("rollup: daily_usage differences still changing (inserts in flight); publishing raw counts, the next run repairs what remains",
 			"rows", tr.unsettled)
 	}
-	if err := r.writeRepairs(ctx, day, tr.repairs); err != nil {
-		return truth{}, err
-	}
-	for i, rp := range tr.repairs {
+	return tr, nil
+}
+
+func logRepairs(log *slog.Logger, repairs []repair) {
+	for i, rp := range repairs {
 		if i == 20 {
-			log.Warn("rollup: more repairs not logged", "total", len(tr.repairs))
+			log.Warn("rollup: more repairs not logged", "total", len(repairs))
 			break
 		}
 		log.Warn("rollup: repaired daily_usage", "tenant", rp.Tenant, "metric", rp.Metric, "aggregate", rp.Aggregate, "raw", rp.Raw)
 	}
-	r.m.repairs.Add(float64(len(tr.repairs)))
-	return tr, nil
+}
+
+// erasing returns the tenants (within scope) with an open tenant erasure: a job of kind 'tenant',
+// queued or running. The run leaves them alone — no repair of their daily_usage, no billed row
+// upserted or deleted — until the job is done (then they have nothing left) or failed (then the
+// next run reconciles them as usual).
+//
+// Why: a tenant erasure deletes the tenant's ClickHouse rows first (events, increments, daily_usage)
+// and its Postgres rows last (analytics_daily_usage, erased_usage). A repair is an insert into
+// daily_usage; one computed before the delete mutation and inserted after it survives the job. Between
+// the two steps the raw side is not even empty: the ledger of earlier user erasures (erased_usage)
+// still adds its counts, so a run there saw an aggregate of 0 against the ledger's 5 and wrote the 5
+// back for the erased tenant. Billed rows upserted while the job's Postgres step runs could likewise
+// commit after its DELETE. Holding the whole tenant is simpler than telling safe repairs from unsafe
+// ones, and costs nothing: a tenant being erased has no usage to bill.
+//
+// The check is made after the run's ClickHouse reads and just before its repair insert and its
+// Postgres transaction's commit, so a job that is open when its delete could overlap the run is seen.
+// It is not a lock: a job submitted between this check and the end of the repair insert is not seen.
+// Before its ClickHouse delete such a job has to be taken by a runner (the queue is looked at every
+// 4 × erasure Poll, 2 s by default), be acknowledged by every live instance and count the tenant's
+// rows — several Postgres and ClickHouse round trips against the one insert left to this run; its
+// Postgres step comes only after that delete is applied on every replica.
+func (r *Reconciler) erasing(ctx context.Context, tx pgx.Tx, scope Scope) ([]uuid.UUID, error) {
+	rows, _ := tx.Query(ctx, "SELECT DISTINCT tenant_id FROM erasure_jobs WHERE kind = $1 AND status IN ($2, $3) "+
+		"AND ($4::uuid IS NULL OR tenant_id = $4) ORDER BY tenant_id",
+		erasure.KindTenant, erasure.StatusQueued, erasure.StatusRunning, scope.tenantArg())
+	held, err := pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
+	if err != nil {
+		return nil, fmt.Errorf("read open tenant erasures: %w", err)
+	}
+	return held, nil
 }
 
 // truthQuery returns the ClickHouse query for day's aggregate counts and, when raw is set, the raw
@@ -404,7 +479,11 @@ func (r *Reconciler) readOnce(ctx context.Context, day time.Time, scope Scope, r
 	q, args := truthQuery(r.db, day, scope, raw, led.ExcludeEvents())
 	var extra clickhouse.Settings
 	if n := led.QuerySize(q); n > 0 {
-		extra = clickhouse.Settings{"max_query_size": n}
+		// The pending rounds' ids are one AST element each: 18.16 refuses an AST of more than 50,000
+		// elements (max_ast_elements; 500,000 expanded), and 12 pending rounds of 4,500 ids are 54,000.
+		// Each id takes 40 bytes of q ('<uuid>', ), so len(q)/40 bounds their number.
+		ast := 10*(len(q)/40) + 100_000
+		extra = clickhouse.Settings{"max_query_size": n, "max_ast_elements": ast, "max_expanded_ast_elements": ast}
 	}
 	rows, err := r.ch.Query(chlimit.Context(ctx, r.QueryTimeout, extra), q, args...)
 	if err != nil {
@@ -499,7 +578,7 @@ type rowMeta struct {
 
 // publish makes day's rows in Postgres (within scope) equal tr: upserts rows whose count changed (or
 // whose aggregate was repaired this run, to record it), deletes rows ClickHouse no longer has, and
-// skips tenants Postgres does not know.
+// skips tenants Postgres does not know. The rows of tr.held tenants are left as they are.
 func (r *Reconciler) publish(ctx context.Context, tx pgx.Tx, log *slog.Logger, day time.Time, scope Scope, runID int64, tr truth, res *Result) error {
 	date := day.Format(time.DateOnly)
 	seen := map[uuid.UUID]bool{}
@@ -578,8 +657,12 @@ WHERE u.count IS DISTINCT FROM EXCLUDED.count OR EXCLUDED.meta ? 'repaired_from'
 AND NOT EXISTS (SELECT 1 FROM unnest($2::text[], $3::text[]) AS t (tenant_id, metric) WHERE t.tenant_id::uuid = u.tenant_id AND t.metric = u.metric)`
 	args := []any{date, tenants, metrics}
 	if !scope.All() {
-		del += " AND u.tenant_id = $4"
 		args = append(args, scope.Tenant)
+		del += fmt.Sprintf(" AND u.tenant_id = $%d", len(args))
+	}
+	if len(tr.held) > 0 {
+		args = append(args, tr.held)
+		del += fmt.Sprintf(" AND u.tenant_id <> ALL($%d::uuid[])", len(args))
 	}
 	tag, err := tx.Exec(ctx, del, args...)
 	if err != nil {
