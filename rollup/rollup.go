@@ -480,10 +480,11 @@ func (r *Reconciler) readOnce(ctx context.Context, day time.Time, scope Scope, r
 	var extra clickhouse.Settings
 	if n := led.QuerySize(q); n > 0 {
 		// The pending rounds' ids are one AST element each: 18.16 refuses an AST of more than 50,000
-		// elements (max_ast_elements; 500,000 expanded), and 12 pending rounds of 4,500 ids are 54,000.
+		// elements (max_ast_elements; 500,000 expanded, never lowered here), and 12 pending rounds of
+		// 4,500 ids are 54,000.
 		// Each id takes 40 bytes of q ('<uuid>', ), so len(q)/40 bounds their number.
 		ast := 10*(len(q)/40) + 100_000
-		extra = clickhouse.Settings{"max_query_size": n, "max_ast_elements": ast, "max_expanded_ast_elements": ast}
+		extra = clickhouse.Settings{"max_query_size": n, "max_ast_elements": ast, "max_expanded_ast_elements": max(ast, 500_000)}
 	}
 	rows, err := r.ch.Query(chlimit.Context(ctx, r.QueryTimeout, extra), q, args...)
 	if err != nil {
