@@ -73,10 +73,11 @@ func (s *Store) firstRawDay(ctx context.Context, z Zone, first, last time.Time) 
 // A row's local date differs from its UTC date only between a local midnight and the UTC midnight
 // next to it (before it east of Greenwich, after it west of it): |offset| hours a day. So a local
 // day is its UTC date's count from daily_usage, plus the rows of the window at its start that belong
-// to it, minus the rows of the window at its end that belong to the next. Only the rows of those
-// windows — a fraction |offset|/24 of the range (1/24 for Berlin in winter, 5.5/24 for Kolkata) —
-// are grouped and returned; ClickHouse still reads the tenant's rows of the range to find them.
-// Exact across DST changes: the windows are cut at the local midnights Go computes.
+// to it, minus the rows of the window at its end that belong to the next. Those counts are read from
+// usage_quarter_hour's slots when every window is whole slots (onSlots) and the table is filled
+// (quarterHours) — a few thousand rows; otherwise from the raw rows, which means reading the tenant's
+// rows of the whole range (0.4-0.9 s p50..p99 at 2.6M rows). Exact across DST changes: the windows
+// are cut at the local midnights Go computes.
 //
 // utcBefore says the dates before first are answered as UTC days (beyond the raw window): the boundary
 // at first then stays at UTC midnight — its window is not moved — or the rows between the two
