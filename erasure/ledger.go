@@ -143,10 +143,6 @@ func (l Ledger) ExcludeEvents() string {
 	return b.String()
 }
 
-// QuerySize is the max_query_size a query carrying ExcludeEvents needs (0: the default will do). It
-// alone is not enough: use Settings, which raises the AST limits with it.
-func (l Ledger) QuerySize(q string) int { return querySize(q) }
-
 // Settings are the per-query settings a query carrying ExcludeEvents needs (nil: the defaults will do).
 func (l Ledger) Settings(q string) clickhouse.Settings { return bigQuery(q) }
 

@@ -477,15 +477,9 @@ func (r *Reconciler) read(ctx context.Context, day time.Time, scope Scope, raw b
 
 func (r *Reconciler) readOnce(ctx context.Context, day time.Time, scope Scope, raw bool, led erasure.Ledger) (agg, rawCounts map[key]int64, err error) {
 	q, args := truthQuery(r.db, day, scope, raw, led.ExcludeEvents())
-	var extra clickhouse.Settings
-	if n := led.QuerySize(q); n > 0 {
-		// The pending rounds' ids are one AST element each: 18.16 refuses an AST of more than 50,000
-		// elements (max_ast_elements; 500,000 expanded, never lowered here), and 12 pending rounds of
-		// 4,500 ids are 54,000.
-		// Each id takes 40 bytes of q ('<uuid>', ), so len(q)/40 bounds their number.
-		ast := 10*(len(q)/40) + 100_000
-		extra = clickhouse.Settings{"max_query_size": n, "max_ast_elements": ast, "max_expanded_ast_elements": max(ast, 500_000)}
-	}
+	// The pending erasure rounds' ids make q long: max_query_size and the AST limits for it (the
+	// ledger's, as every reader of it uses).
+	extra := led.Settings(q)
 	rows, err := r.ch.Query(chlimit.Context(ctx, r.QueryTimeout, extra), q, args...)
 	if err != nil {
 		return nil, nil, fmt.Errorf("rollup %s: read clickhouse: %w", day.Format(time.DateOnly), err)
