@@ -64,6 +64,16 @@ func (f *stores) count(t *testing.T, tenant uuid.UUID, user string) uint64 {
 	return n
 }
 
+// registered is how many rows the instance id has in the register (0 or 1).
+func (f *stores) registered(t *testing.T, id string) int {
+	t.Helper()
+	var n int
+	if err := f.env.PG.QueryRow(context.Background(), "SELECT count(*) FROM erasure_instances WHERE id = $1", id).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
 func (f *stores) job(t *testing.T, s *Service, tenant, id uuid.UUID) Job {
 	t.Helper()
 	j, err := s.Get(context.Background(), tenant, id)

@@ -201,9 +201,8 @@ func TestEveryInstanceShipsBeforeTheDelete(t *testing.T) {
 	if err := two.Leave(ctx); err != nil {
 		t.Fatal(err)
 	}
-	var n int
-	if err := f.env.PG.QueryRow(ctx, "SELECT count(*) FROM erasure_instances WHERE id = 'two'").Scan(&n); err != nil || n != 0 {
-		t.Errorf("instance two after Leave: %d rows (%v), want none", n, err)
+	if n := f.registered(t, "two"); n != 0 {
+		t.Errorf("instance two after Leave: %d rows, want none", n)
 	}
 }
 
@@ -331,9 +330,8 @@ func TestRunRegistersAcknowledgesAndLeaves(t *testing.T) {
 	})
 	stop()
 	<-ran
-	var n int
-	if err := f.env.PG.QueryRow(ctx, "SELECT count(*) FROM erasure_instances WHERE id = 'runner'").Scan(&n); err != nil || n != 0 {
-		t.Errorf("after Run returned: %d rows for the instance (%v), want none", n, err)
+	if n := f.registered(t, "runner"); n != 0 {
+		t.Errorf("after Run returned: %d rows for the instance, want none", n)
 	}
 }
 
@@ -364,9 +362,8 @@ func TestHeartbeatOutlivesASlowSpool(t *testing.T) {
 	go func() { defer close(attended); two.Attend(actx) }()
 	defer func() { stopTwo(); <-attended }()
 	testenv.Eventually(t, 10*time.Second, func() error {
-		var n int
-		if err := f.env.PG.QueryRow(ctx, "SELECT count(*) FROM erasure_instances WHERE id = 'two'").Scan(&n); err != nil || n != 1 {
-			return fmt.Errorf("instance two not registered (%v)", err)
+		if f.registered(t, "two") != 1 {
+			return fmt.Errorf("instance two not registered")
 		}
 		return nil
 	})
