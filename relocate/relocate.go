@@ -153,21 +153,9 @@ func sourceMigrated(ctx context.Context, ch driver.Conn, src Source) error {
 	if err != nil {
 		return err
 	}
-	rows, err := ch.Query(ctx, "SELECT DISTINCT version FROM "+src.remote("schema_migrations"))
+	have, err := schema.AppliedVersions(ctx, ch, src.remote("schema_migrations"))
 	if err != nil {
-		return fmt.Errorf("read the source's schema_migrations: %w", err)
-	}
-	defer rows.Close()
-	have := map[int]bool{}
-	for rows.Next() {
-		var v uint32
-		if err := rows.Scan(&v); err != nil {
-			return fmt.Errorf("read the source's schema_migrations: %w", err)
-		}
-		have[int(v)] = true
-	}
-	if err := rows.Err(); err != nil {
-		return fmt.Errorf("read the source's schema_migrations: %w", err)
+		return fmt.Errorf("the source: %w", err)
 	}
 	for _, m := range ms {
 		if !have[m.Version] {

@@ -170,8 +170,6 @@ func Applied(ctx context.Context, ch driver.Conn, db string, version int) (bool,
 	if err != nil || n == 0 {
 		return false, err
 	}
-	if err := ch.QueryRow(ctx, "SELECT count() FROM "+db+".schema_migrations WHERE version = ?", uint32(version)).Scan(&n); err != nil {
-		return false, fmt.Errorf("read %s.schema_migrations: %w", db, err)
-	}
-	return n > 0, nil
+	done, err := AppliedVersions(ctx, ch, db+".schema_migrations")
+	return done[version], err
 }

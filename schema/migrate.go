@@ -253,20 +253,33 @@ func (m *Migrator) clickhouse(ctx context.Context, ms []Migration) ([]int, error
 }
 
 func chApplied(ctx context.Context, ch driver.Conn, db string) (map[int]bool, error) {
-	rows, err := ch.Query(ctx, "SELECT DISTINCT version FROM "+db+".schema_migrations")
+	done, err := AppliedVersions(ctx, ch, db+".schema_migrations")
 	if err != nil {
-		return nil, fmt.Errorf("migrate clickhouse: read schema_migrations: %w", err)
+		return nil, fmt.Errorf("migrate clickhouse: %w", err)
+	}
+	return done, nil
+}
+
+// AppliedVersions reads the ClickHouse migration versions recorded in from: a schema_migrations table
+// (db.schema_migrations), or a table function reading one elsewhere (relocate's remote()).
+func AppliedVersions(ctx context.Context, ch driver.Conn, from string) (map[int]bool, error) {
+	rows, err := ch.Query(ctx, "SELECT DISTINCT version FROM "+from)
+	if err != nil {
+		return nil, fmt.Errorf("read schema_migrations: %w", err)
 	}
 	defer rows.Close()
 	done := map[int]bool{}
 	for rows.Next() {
 		var v uint32
 		if err := rows.Scan(&v); err != nil {
-			return nil, fmt.Errorf("migrate clickhouse: read schema_migrations: %w", err)
+			return nil, fmt.Errorf("read schema_migrations: %w", err)
 		}
 		done[int(v)] = true
 	}
-	return done, rows.Err()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read schema_migrations: %w", err)
+	}
+	return done, nil
 }
 
 func recordClickHouse(ctx context.Context, ch driver.Conn, db string, mig Migration) error {
