@@ -422,13 +422,14 @@ func (s *Scheduler) runDate(ctx context.Context, day, slot time.Time) error {
 	if done {
 		return nil
 	}
-	if _, err := s.r.run(ctx, day, AllTenants(), "scheduler", &slot); err != nil {
+	res, err := s.r.run(ctx, day, AllTenants(), "scheduler", &slot)
+	if err != nil {
 		return err
 	}
 	// The 15-minute slots local days are read from: counted in where a view write missed rows, as the
 	// run above repaired daily_usage (never lowered: an erasure leaves them above the raw rows). A
 	// failure here leaves reads in a zone short, not billing: it is logged, and the next slot tries again.
-	if ok, err := s.r.rawCheckable(ctx, day); err == nil && ok {
+	if res.RawChecked { // the day is inside the raw window: its raw rows are whole
 		if err := schema.FillQuarterHoursDay(ctx, s.r.ch, schema.Layout{DB: s.r.db}, day, s.r.SettleDelay); err != nil {
 			s.log.Warn("rollup: usage_quarter_hour not checked", "date", date, "err", err)
 		}
