@@ -397,6 +397,33 @@ func TestRedisKeysDeletesOnlyTheTenants(t *testing.T) {
 	}
 }
 
+// A key belongs to the tenant of its hash tag (the first {...}), not to any tenant id written later in
+// it: tenant b's rate-limit bucket of a JWT whose subject (chosen by b's token issuer) spells a's id
+// in braces must survive a's erasure.
+func TestRedisKeysFollowTheHashTag(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := testenv.Redis(t)
+	ctx := context.Background()
+	a, b := uuid.New(), uuid.New()
+	theirs := prefix + "ratelimit:{" + b.String() + "}:jwt:{" + a.String() + "}"
+	ours := prefix + "ratelimit:{" + a.String() + "}:jwt:{" + b.String() + "}"
+	for _, k := range []string{theirs, ours} {
+		if err := rdb.Set(ctx, k, "1", time.Hour).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n, err := RedisKeys(rdb, prefix)(ctx, a)
+	if err != nil || n != 1 {
+		t.Errorf("got %d %v, want 1 key deleted", n, err)
+	}
+	if rdb.Exists(ctx, theirs).Val() != 1 {
+		t.Errorf("%s (tenant b's) was deleted by tenant a's erasure", theirs)
+	}
+	if rdb.Exists(ctx, ours).Val() != 0 {
+		t.Errorf("%s (tenant a's) was kept", ours)
+	}
+}
+
 // The quarantine is scrubbed after the spool's barrier and before the delete, for the job's tenant
 // and user ("" for a tenant), and what it removed counts as erased.
 func TestQuarantineIsScrubbed(t *testing.T) {
