@@ -32,8 +32,10 @@ const CounterTTL = 48 * time.Hour
 //	quota:{<tenant>}:<metric>:<yyyymmdd>:ch    a hash: minute -> what ClickHouse held of those rows
 //	                                           at the last reconciliation
 //
-// and per tenant and day quota:{<tenant>}:reconciled:<yyyymmdd>, the unix second of the day's last
+// and per tenant and day quota:{<tenant>}::reconciled:<yyyymmdd>, the unix second of the day's last
 // reconciliation: without it the counters are not to be trusted (Redis lost them) until one runs.
+// (The empty segment keeps it apart from every counter: a metric's name is never empty, and
+// "reconciled" is a metric name like any other.)
 //
 // Why a maximum per minute: a row is counted live once, when its id is claimed (or consumed), and
 // ClickHouse stores it once, with the same received time. So for every minute both the live count
@@ -96,8 +98,12 @@ func (c *Counters) counterKeys(tenant uuid.UUID, metric string, d time.Time) []s
 }
 
 func (c *Counters) reconciledKey(tenant uuid.UUID, d time.Time) string {
-	return c.tag(tenant) + "reconciled:" + day(d)
+	return c.tag(tenant) + reconciledMark + day(d)
 }
+
+// reconciledMark follows a tenant's tag in its reconciliation marks: an empty metric segment, which
+// no counter has.
+const reconciledMark = ":reconciled:"
 
 // CountLua is the counting step other scripts compose with (dedup's claim script counts a row in the
 // same atomic step that claims its id, so a row is counted exactly when it is claimed). It defines
@@ -234,7 +240,7 @@ func (c *Counters) Reconcile(ctx context.Context, tenant uuid.UUID, metric strin
 // the periodic reconciliation does it on its full rounds only).
 func (c *Counters) ReconciledTenants(ctx context.Context, d time.Time) ([]uuid.UUID, error) {
 	var out []uuid.UUID
-	err := rediskeys.Scan(ctx, c.rdb, c.prefix+"quota:{*}:reconciled:"+day(d), func(key string) error {
+	err := rediskeys.Scan(ctx, c.rdb, c.prefix+"quota:{*}:"+reconciledMark+day(d), func(key string) error {
 		k := strings.TrimPrefix(key, c.prefix+"quota:{")
 		if i := strings.IndexByte(k, '}'); i > 0 {
 			if t, err := uuid.Parse(k[:i]); err == nil {
@@ -332,7 +338,7 @@ type ConsumeOutcome struct {
 func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string, at time.Time, n, limit int64, m *ratelimit.Meter, marker *Marker) (ConsumeOutcome, error) {
 	tag, dd := c.tag(tenant), day(at)
 	k := tag + metric + ":" + dd
-	keys := []string{k, k + ":live", k + ":ch", tag + "reconciled:" + dd, k} // the marker's slot: the counter again when unused
+	keys := []string{k, k + ":live", k + ":ch", tag + reconciledMark + dd, k} // the marker's slot: the counter again when unused
 	args := []any{n, limit, int(CounterTTL.Seconds()), 0, 0, minute(at)}
 	if marker != nil {
 		keys[4] = marker.Key

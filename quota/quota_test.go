@@ -837,3 +837,43 @@ func TestConsumeKeyIgnoredWithoutDeduplication(t *testing.T) {
 		t.Errorf("live counter %d, stored %v: they must agree", live, got)
 	}
 }
+
+// A usage metric may be named "reconciled": its counter and the day's reconciliation mark are two
+// keys, so counting one never moves the other (they were one key: the counter read the mark's unix
+// time, ~1.8 billion, and a mark appeared for a day that was never reconciled).
+func TestReconciledMarkIsNotAMetricsCounter(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := testenv.Redis(t)
+	c := NewCounters(rdb, prefix)
+	ctx := context.Background()
+	marked, counted := uuid.New(), uuid.New()
+	d := time.Date(2026, 11, 30, 0, 0, 0, 0, time.UTC)
+	at := d.Add(90 * time.Minute)
+	if err := c.MarkReconciled(ctx, marked, d, at); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.IncrBy(ctx, c.Key(counted, "reconciled", d), 5).Err(); err != nil {
+		t.Fatal(err)
+	}
+	vals, when, err := c.Read(ctx, marked, d, []string{"reconciled"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if vals["reconciled"] != 0 || !when.Equal(at) {
+		t.Errorf("reconciled tenant: counter %d, marked at %v; want 0 and %v", vals["reconciled"], when, at)
+	}
+	vals, when, err = c.Read(ctx, counted, d, []string{"reconciled"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if vals["reconciled"] != 5 || !when.IsZero() {
+		t.Errorf("counting tenant: counter %d, marked at %v; want 5 and never", vals["reconciled"], when)
+	}
+	tenants, err := c.ReconciledTenants(ctx, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tenants) != 1 || tenants[0] != marked {
+		t.Errorf("reconciled tenants %v, want only %s", tenants, marked)
+	}
+}
