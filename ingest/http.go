@@ -110,15 +110,38 @@ func (s *Service) Emit(ctx context.Context, tenant uuid.UUID, slug, event string
 func (s *Service) Close() { s.counts.close() }
 
 // Register mounts POST /events and POST /usage on r behind mw (authentication first, then e.g. the
-// Idempotency-Key middleware). levels, when not nil, answers the /usage requests that name a level
+// Idempotency-Key middleware); both take gzip bodies. levels, when not nil, answers the /usage requests that name a level
 // metric (storage_gb: set, not counted), just before postUsage; quota owns them (quota.Service.Levels).
 func (s *Service) Register(r fiber.Router, levels fiber.Handler, mw ...fiber.Handler) {
 	r.Post("/events", append(slices.Clip(mw), s.postEvents)...)
-	usage := slices.Clip(mw)
+	usage := append(slices.Clip(mw), plainBody)
 	if levels != nil {
 		usage = append(usage, levels)
 	}
 	r.Post("/usage", append(usage, s.postUsage)...)
+}
+
+// maxUsageBody caps a POST /usage body once decompressed (a usage request is a few dozen bytes).
+const maxUsageBody = 64 << 10
+
+// plainBody decodes a POST /usage body's Content-Encoding in place — gzip, as POST /events takes it,
+// or none — so the handlers after it (quota's levels among them) read plain JSON. Any other encoding
+// is a 415, not bytes read as JSON (a "br" body was stored as if it were plain), and a body over
+// maxUsageBody once decompressed is a 413.
+func plainBody(c *fiber.Ctx) error {
+	enc := c.Request().Header.Peek(fiber.HeaderContentEncoding)
+	if len(enc) == 0 && len(c.Request().Body()) <= maxUsageBody {
+		return c.Next()
+	}
+	body, err := Decompress(c.Request().Body(), string(enc), maxUsageBody)
+	if err != nil {
+		return httpError(err)
+	}
+	if len(enc) > 0 {
+		c.Request().SetBody(body)
+		c.Request().Header.Del(fiber.HeaderContentEncoding)
+	}
+	return c.Next()
 }
 
 // EventsResult is the body of a 202 (or, with nothing accepted, the details of a 400).

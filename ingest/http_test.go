@@ -3,6 +3,7 @@ package ingest
 import (
 	"bytes"
 	"context"
+	"strings"
 	"testing"
 )
 
@@ -56,6 +57,10 @@ func TestErrorResponses(t *testing.T) {
 			`{"error":{"code":"invalid_body","message":"body must be JSON like {\"metric\":\"api_requests_daily\",\"n\":1}"},"success":false}`},
 		{"usage bad n", h.instance, usage, []byte(`{"metric":"builds_daily","n":0}`), nil, 400, "",
 			`{"error":{"code":"invalid_n","message":"n must be a whole number from 1 to 1000000000 (default 1); usage cannot be taken back"},"success":false}`},
+		{"usage unsupported encoding", h.instance, usage, []byte(`{"metric":"builds_daily"}`), map[string]string{"Content-Encoding": "br"}, 415, "",
+			`{"error":{"code":"unsupported_media_type","message":"Content-Encoding \"br\" is not supported; send gzip or no encoding"},"success":false}`},
+		{"usage not gzip", h.instance, usage, []byte(`{"metric":"builds_daily"}`), map[string]string{"Content-Encoding": "gzip"}, 400, "",
+			`{"error":{"code":"invalid_body","message":"body is not valid gzip: gzip: invalid header"},"success":false}`},
 		{"usage while shutting down", closed, usage, []byte(`{"metric":"builds_daily"}`), nil, 503, "1",
 			`{"error":{"code":"shutting_down","message":"server is shutting down; retry on another instance"},"success":false}`},
 	}
@@ -66,5 +71,16 @@ func TestErrorResponses(t *testing.T) {
 				t.Errorf("got %d, Retry-After %q:\n%s\nwant %d, Retry-After %q:\n%s", r.Status, r.Header.Get("Retry-After"), r.Raw, c.status, c.retryAfter, c.want)
 			}
 		})
+	}
+}
+
+// POST /usage takes a gzip body as POST /events does (it was read as JSON, compressed, and refused
+// with "body must be JSON").
+func TestUsageTakesGzip(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, opts{})
+	r := h.instance.post(t, h.keyA, "/api/analytics/usage", gz([]byte(`{"metric":"builds_daily","n":3}`)), map[string]string{"Content-Encoding": "gzip"})
+	if r.Status != 202 || !strings.Contains(r.Raw, `"accepted":1`) || !strings.Contains(r.Raw, `"n":3`) {
+		t.Fatalf("gzipped usage: got %d %s, want 202 with accepted 1 and n 3", r.Status, r.Raw)
 	}
 }
