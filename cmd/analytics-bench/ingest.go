@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
@@ -532,36 +533,54 @@ func (b *bench) ackLatency(ctx context.Context, s *Scenario) error {
 		k   int
 		due time.Time
 	}
-	jobs := make(chan job, nReq)
 	var rec Recorder
+	slow := make([]time.Duration, nReq) // each request's latency, for the trace's timeline
+	var elapsed time.Duration
 	var errCount atomic.Int64
 	var firstErr atomic.Pointer[error]
-	var wg sync.WaitGroup
-	for w := 0; w < 64; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for j := range jobs {
-				if err := b.postBatch(ctx, b.probe.Key, bodies[j.k], b.opt.batch); err != nil {
-					errCount.Add(1)
-					firstErr.CompareAndSwap(nil, &err)
-					continue
+	terr := b.pprof.trace(ctx, s, "ack_latency", func() error {
+		jobs := make(chan job, nReq)
+		var wg sync.WaitGroup
+		for w := 0; w < 64; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for j := range jobs {
+					if err := b.postBatch(ctx, b.probe.Key, bodies[j.k], b.opt.batch); err != nil {
+						errCount.Add(1)
+						firstErr.CompareAndSwap(nil, &err)
+						continue
+					}
+					slow[j.k] = time.Since(j.due)
+					rec.Add(slow[j.k])
 				}
-				rec.Add(time.Since(j.due))
-			}
-		}()
-	}
-	start := time.Now().Add(20 * time.Millisecond)
-	for k := 0; k < nReq; k++ {
-		due := start.Add(time.Duration(k) * interval)
-		if d := time.Until(due); d > 0 {
-			time.Sleep(d)
+			}()
 		}
-		jobs <- job{k, due}
+		start := time.Now().Add(20 * time.Millisecond)
+		for k := 0; k < nReq; k++ {
+			due := start.Add(time.Duration(k) * interval)
+			if d := time.Until(due); d > 0 {
+				time.Sleep(d)
+			}
+			jobs <- job{k, due}
+		}
+		close(jobs)
+		wg.Wait()
+		elapsed = time.Since(start)
+		if b.pprof != nil {
+			var out strings.Builder
+			for k, d := range slow {
+				fmt.Fprintf(&out, "%.1f,%.2f\n", float64(time.Duration(k)*interval)/1e6, float64(d)/1e6)
+			}
+			file := filepath.Join(b.pprof.dir, "ack_latency.csv")
+			s.note("each request's due time and latency (ms since the first one was due): %s", file)
+			return os.WriteFile(file, []byte(out.String()), 0o644)
+		}
+		return nil
+	})
+	if terr != nil {
+		return terr
 	}
-	close(jobs)
-	wg.Wait()
-	elapsed := time.Since(start)
 	s.set("achieved_events_per_s", float64(nReq*b.opt.batch)/elapsed.Seconds())
 	s.set("errors", float64(errCount.Load()))
 	s.lat("ack", Summarize(rec.Samples()))

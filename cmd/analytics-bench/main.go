@@ -71,7 +71,7 @@ func main() {
 	fs.DurationVar(&o.freshDuration, "fresh-duration", 10*time.Second, "length of the ack-to-queryable probe")
 	fs.DurationVar(&o.slowBudget, "slow-budget", 10*time.Second, "time cap of each slow read series (Postgres, single-query ClickHouse): slow queries get fewer samples")
 	fs.Var(&o.serverEnv, "server-env", "KEY=VALUE for analyticsd serve (repeatable), e.g. INGEST_DURABILITY=buffered")
-	fs.StringVar(&o.pprofDir, "pprof", "", "build analyticsd with a profiling hook (go build -overlay; the checkout is untouched) and write CPU and allocation profiles of the server per scenario into this directory")
+	fs.StringVar(&o.pprofDir, "pprof", "", "build analyticsd with a profiling hook (go build -overlay; the checkout is untouched) and write CPU and allocation profiles of the server per scenario into this directory, plus an execution trace of ack_latency and each of its requests' latency (ack_latency.trace, ack_latency.csv)")
 	fs.IntVar(&o.connections, "connections", 16, "keep-alive connections for REST ingest and quota load")
 	fs.IntVar(&o.batch, "batch", 500, "events per REST ingest request")
 	fs.StringVar(&o.only, "only", "", "run only these scenarios (comma-separated; setup and bulk_load, which loads the data set, always run)")

@@ -22,6 +22,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/pprof"
+	"runtime/trace"
 	"sync"
 )
 
@@ -52,6 +53,27 @@ func init() {
 		if f != nil {
 			f.Close()
 			f = nil
+		}
+	})
+	var tf *os.File
+	mux.HandleFunc("/trace/start", func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		var err error
+		if tf, err = os.Create(r.URL.Query().Get("file")); err == nil {
+			err = trace.Start(tf)
+		}
+		if err != nil {
+			http.Error(w, err.Error(), 500)
+		}
+	})
+	mux.HandleFunc("/trace/stop", func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		trace.Stop()
+		if tf != nil {
+			tf.Close()
+			tf = nil
 		}
 	})
 	mux.HandleFunc("/allocs", func(w http.ResponseWriter, r *http.Request) {
@@ -125,6 +147,25 @@ func (p *profiler) cpu(ctx context.Context, s *Scenario, name string, fn func() 
 		err = aerr
 	}
 	s.note("profiles: %s, %s (go tool pprof -top %s)", file, allocs, file)
+	return err
+}
+
+// trace records an execution trace of the server for fn's duration into DIR/<name>.trace: where a
+// slow request waited (run queue, system call, network, lock) is in it, which a CPU profile cannot
+// say (go tool trace -pprof=sched|syscall|net|sync DIR/<name>.trace).
+func (p *profiler) trace(ctx context.Context, s *Scenario, name string, fn func() error) error {
+	if p == nil {
+		return fn()
+	}
+	file := filepath.Join(p.dir, name+".trace")
+	if err := p.call(ctx, "/trace/start", file); err != nil {
+		return err
+	}
+	err := fn()
+	if terr := p.call(context.Background(), "/trace/stop", ""); terr != nil && err == nil {
+		err = terr
+	}
+	s.note("execution trace: %s (go tool trace %s)", file, file)
 	return err
 }
 
