@@ -78,6 +78,24 @@ func bumpLedger(ctx context.Context, tx pgx.Tx) error {
 	return nil
 }
 
+// TenantsErasing lists the tenants whose tenant erasure is queued or running, and, with since set,
+// those whose one finished at or after it (Postgres' clock: take since from the same database). A
+// reader of ClickHouse that began at since must not write these tenants' counts anywhere: they may be
+// counts of rows the erasure has deleted since.
+func TenantsErasing(ctx context.Context, q Querier, since *time.Time) ([]uuid.UUID, error) {
+	rows, err := q.Query(ctx, `SELECT DISTINCT tenant_id FROM erasure_jobs WHERE kind = $1
+		AND (status IN ($2, $3) OR (status = $4 AND $5::timestamptz IS NOT NULL AND finished_at >= $5)) ORDER BY tenant_id`,
+		KindTenant, StatusQueued, StatusRunning, StatusDone, since)
+	if err != nil {
+		return nil, fmt.Errorf("read tenant erasures: %w", err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
+	if err != nil {
+		return nil, fmt.Errorf("read tenant erasures: %w", err)
+	}
+	return ids, nil
+}
+
 // ReadLedger reads what erasures took out of day (UTC midnight) for tenant (uuid.Nil: every tenant).
 func ReadLedger(ctx context.Context, q Querier, day time.Time, tenant uuid.UUID) (Ledger, error) {
 	var l Ledger

@@ -9,6 +9,7 @@ import (
 
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/erasure"
+	"github.com/analyticsd/analyticsd/internal/testenv"
 )
 
 // A user's erasure keeps today's live counter (issue 21: aggregates keep their counts): the periodic
@@ -79,5 +80,30 @@ func TestErasureKeepsTheLiveCounter(t *testing.T) {
 	m := at.Unix() / 60
 	if mins := got[h.tenant.ID]["api_requests_daily"]; mins[m] != 7 || mins[m+3] != 2 || len(mins) != 2 {
 		t.Errorf("counts per received minute: got %v, want %d:7 %d:2", mins, m, m+3)
+	}
+}
+
+// The periodic reconciliation writes no counter of a tenant being erased, nor of one erased: a round
+// that read ClickHouse before the delete would otherwise put the tenant's counters and marks back in
+// Redis after the erasure removed its keys.
+func TestReconcileLeavesAnErasedTenantOutOfRedis(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, nil, nil)
+	ctx := context.Background()
+	insertEvents(t, h, time.Now().UTC().Truncate(time.Second), 3)
+	e := erasure.New(erasure.Config{Layout: h.env.Layout(), Poll: 20 * time.Millisecond}, h.env.CH, h.env.PG, audit.New(h.env.PG), nil)
+	if _, err := e.EraseTenant(ctx, h.tenant.ID, "test"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.ReconcileOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	keys, err := testenv.Keys(ctx, h.env.Redis, h.env.Prefix+"quota:{"+h.tenant.ID.String()+"}*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(keys) != 0 {
+		t.Errorf("a reconciliation during the tenant's erasure wrote %v", keys)
 	}
 }

@@ -1,8 +1,11 @@
 package quota
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
@@ -216,6 +219,10 @@ func (r *reconciler) run(ctx context.Context) (ReconcileStats, error) {
 	}
 	now := r.s.now()
 	today := now.UTC().Truncate(24 * time.Hour)
+	began, err := r.s.pgNow(ctx)
+	if err != nil {
+		return st, err
+	}
 	for _, d := range []time.Time{today.Add(-24 * time.Hour), today} {
 		counts, err := r.s.clickhouseCounts(ctx, uuid.Nil, d)
 		if err != nil {
@@ -234,22 +241,64 @@ func (r *reconciler) run(ctx context.Context) (ReconcileStats, error) {
 				}
 			}
 		}
-		for tenant, metrics := range counts {
-			_, at, err := r.s.counters.Read(ctx, tenant, d, nil)
+		// After the ClickHouse reads: a tenant erasure that was open, or finished, since the round
+		// began may have deleted rows these counts still hold, and removed the keys they would go to.
+		if r.s.pg != nil {
+			erasing, err := erasure.TenantsErasing(ctx, r.s.pg, &began)
 			if err != nil {
 				return st, err
 			}
-			for metric, base := range r.s.withQuotaMetrics(ctx, tenant, metrics) {
-				if err := r.apply(ctx, &st, tenant, metric, d, now, base, full || at.IsZero()); err != nil {
-					return st, err
+			for _, t := range erasing {
+				delete(counts, t)
+			}
+		}
+		// One tenant's failure (a key Redis refuses) does not stop the others'; three in a row is
+		// Redis itself failing, and the round stops.
+		var first error
+		failed, streak := 0, 0
+		for _, tenant := range slices.SortedFunc(maps.Keys(counts), func(a, b uuid.UUID) int { return bytes.Compare(a[:], b[:]) }) {
+			if err := r.tenant(ctx, &st, tenant, counts[tenant], d, now, full); err != nil {
+				if first == nil {
+					first = err
 				}
+				if failed, streak = failed+1, streak+1; streak == 3 {
+					return st, fmt.Errorf("three tenants' counters in a row not reconciled; round stopped: %w", err)
+				}
+				continue
 			}
-			if err := r.s.counters.MarkReconciled(ctx, tenant, d, now); err != nil {
-				return st, err
-			}
+			streak = 0
+		}
+		if first != nil {
+			return st, fmt.Errorf("%d of %d tenants' counters of %s not reconciled; first: %w", failed, len(counts), d.Format(time.DateOnly), first)
 		}
 	}
 	return st, nil
+}
+
+// tenant reconciles one tenant's counters of day d with its ClickHouse counts and marks the day.
+func (r *reconciler) tenant(ctx context.Context, st *ReconcileStats, tenant uuid.UUID, metrics map[string]map[int64]int64, d, now time.Time, full bool) error {
+	_, at, err := r.s.counters.Read(ctx, tenant, d, nil)
+	if err != nil {
+		return err
+	}
+	for metric, base := range r.s.withQuotaMetrics(ctx, tenant, metrics) {
+		if err := r.apply(ctx, st, tenant, metric, d, now, base, full || at.IsZero()); err != nil {
+			return err
+		}
+	}
+	return r.s.counters.MarkReconciled(ctx, tenant, d, now)
+}
+
+// pgNow is Postgres' clock (zero without Postgres): erasure jobs record their times by it.
+func (s *Service) pgNow(ctx context.Context) (time.Time, error) {
+	var t time.Time
+	if s.pg == nil {
+		return t, nil
+	}
+	if err := s.pg.QueryRow(ctx, "SELECT now()").Scan(&t); err != nil {
+		return t, fmt.Errorf("read postgres' clock: %w", err)
+	}
+	return t, nil
 }
 
 // apply sends one counter's ClickHouse counts — the minutes that changed since the last round, or

@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"time"
 
@@ -393,14 +394,14 @@ func logRepairs(log *slog.Logger, repairs []repair) {
 // rows — several Postgres and ClickHouse round trips against the one insert left to this run; its
 // Postgres step comes only after that delete is applied on every replica.
 func (r *Reconciler) erasing(ctx context.Context, tx pgx.Tx, scope Scope) ([]uuid.UUID, error) {
-	rows, _ := tx.Query(ctx, "SELECT DISTINCT tenant_id FROM erasure_jobs WHERE kind = $1 AND status IN ($2, $3) "+
-		"AND ($4::uuid IS NULL OR tenant_id = $4) ORDER BY tenant_id",
-		erasure.KindTenant, erasure.StatusQueued, erasure.StatusRunning, scope.tenantArg())
-	held, err := pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
-	if err != nil {
-		return nil, fmt.Errorf("read open tenant erasures: %w", err)
+	open, err := erasure.TenantsErasing(ctx, tx, nil)
+	if err != nil || scope.All() {
+		return open, err
 	}
-	return held, nil
+	if slices.Contains(open, scope.Tenant) {
+		return []uuid.UUID{scope.Tenant}, nil
+	}
+	return nil, nil
 }
 
 // truthQuery returns the ClickHouse query for day's aggregate counts and, when raw is set, the raw
