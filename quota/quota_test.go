@@ -1,6 +1,7 @@
 package quota
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -875,5 +876,42 @@ func TestReconciledMarkIsNotAMetricsCounter(t *testing.T) {
 	}
 	if len(tenants) != 1 || tenants[0] != marked {
 		t.Errorf("reconciled tenants %v, want only %s", tenants, marked)
+	}
+}
+
+// One tenant's counter that Redis refuses (a key of the wrong type) fails that counter, not the
+// round: every other tenant is still reconciled, and the round reports the error.
+func TestReconcileRoundGoesOnPastOneTenantsError(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, nil, nil)
+	ctx := context.Background()
+	now := time.Now().UTC().Truncate(time.Second)
+	today := now.Truncate(24 * time.Hour)
+	other := fixture.Tenant(t, h.env.PG, "other")
+	rows := make([][]any, 0, 8)
+	for _, tn := range []uuid.UUID{h.tenant.ID, other.ID} {
+		for i := 0; i < 4; i++ {
+			rows = append(rows, []any{tn, now, uuid.New(), now, "apikey.request", "api", "", "{}", "", ""})
+		}
+	}
+	h.env.Insert(t, "events", "tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id", rows...)
+	// The tenant the round takes first (rounds go in tenant id order) has a hash of the wrong type.
+	bad, good := h.tenant.ID, other.ID
+	if bytes.Compare(good[:], bad[:]) < 0 {
+		bad, good = good, bad
+	}
+	if err := h.env.Redis.Set(ctx, s.counters.BaseKey(bad, "api_requests_daily", today), "x", time.Hour).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.ReconcileOnce(ctx); err == nil || !strings.Contains(err.Error(), "WRONGTYPE") {
+		t.Errorf("a round with a counter Redis refused: got %v, want its WRONGTYPE error", err)
+	}
+	vals, at, err := s.counters.Read(ctx, good, today, []string{"api_requests_daily"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if vals["api_requests_daily"] != 4 || at.IsZero() {
+		t.Errorf("the other tenant after the round: %v, reconciled at %v; want 4 and a mark", vals, at)
 	}
 }
