@@ -492,9 +492,15 @@ func normJSON(s string) string {
 // straight into ClickHouse, as a spool shipping them would.
 func insertEvents(t *testing.T, h *harness, received time.Time, n int) {
 	t.Helper()
+	insertEventsOf(t, h, h.tenant.ID, received, n)
+}
+
+// insertEventsOf is insertEvents for another tenant.
+func insertEventsOf(t *testing.T, h *harness, tenant uuid.UUID, received time.Time, n int) {
+	t.Helper()
 	rows := make([][]any, n)
 	for i := range rows {
-		rows[i] = []any{h.tenant.ID, received, uuid.New(), received, "apikey.request", "api", "", "{}", "", ""}
+		rows[i] = []any{tenant, received, uuid.New(), received, "apikey.request", "api", "", "{}", "", ""}
 	}
 	h.env.Insert(t, "events", "tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id", rows...)
 }
@@ -889,13 +895,8 @@ func TestReconcileRoundGoesOnPastOneTenantsError(t *testing.T) {
 	now := time.Now().UTC().Truncate(time.Second)
 	today := now.Truncate(24 * time.Hour)
 	other := fixture.Tenant(t, h.env.PG, "other")
-	rows := make([][]any, 0, 8)
-	for _, tn := range []uuid.UUID{h.tenant.ID, other.ID} {
-		for i := 0; i < 4; i++ {
-			rows = append(rows, []any{tn, now, uuid.New(), now, "apikey.request", "api", "", "{}", "", ""})
-		}
-	}
-	h.env.Insert(t, "events", "tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id", rows...)
+	insertEvents(t, h, now, 4)
+	insertEventsOf(t, h, other.ID, now, 4)
 	// The tenant the round takes first (rounds go in tenant id order) has a hash of the wrong type.
 	bad, good := h.tenant.ID, other.ID
 	if bytes.Compare(good[:], bad[:]) < 0 {
