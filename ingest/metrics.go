@@ -27,6 +27,8 @@ type Metrics struct {
 	CheckedRows   prometheus.Counter
 	Quarantined   prometheus.Counter
 	ClaimErrors   prometheus.Counter
+	SpoolWrites   prometheus.Counter // group commits written to the spool (each one write and, with fsync, one fsync)
+	SpoolAppends  prometheus.Counter // requests those writes carried
 
 	tenants, events *labels.Capped
 	// quarantine reads the quarantine at scrape time (set by the writer that owns the spool).
@@ -91,6 +93,12 @@ func NewMetrics(reg prometheus.Registerer, labelCap int) *Metrics {
 		ClaimErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sbh_ingest_claim_errors_total", Help: "Requests whose ids could not be claimed at once (Redis unavailable); they are checked when shipped.",
 		}),
+		SpoolWrites: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sbh_ingest_spool_writes_total", Help: "Group commits written to the spool: one write and, with INGEST_DURABILITY=fsync, one fsync each.",
+		}),
+		SpoolAppends: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sbh_ingest_spool_appends_total", Help: "Requests carried by the spool's group commits (divided by sbh_ingest_spool_writes_total: requests per fsync).",
+		}),
 		tenants: labels.NewCapped(labelCap),
 		events:  labels.NewCapped(labelCap),
 	}
@@ -110,7 +118,7 @@ func NewMetrics(reg prometheus.Registerer, labelCap int) *Metrics {
 	if reg != nil {
 		reg.MustRegister(m.Events, m.Usage, m.Rejected, m.Refused, m.BufferedRows, m.SpoolBytes, m.SpoolSegments,
 			m.BatchRows, m.FlushDuration, m.RowsWritten, m.InsertErrors, m.CounterErrors, m.Duplicates, m.CheckedRows,
-			m.Quarantined, m.ClaimErrors,
+			m.Quarantined, m.ClaimErrors, m.SpoolWrites, m.SpoolAppends,
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sbh_ingest_quarantine_rows", Help: "Rows in the spool's quarantine, waiting for `analyticsd spool requeue`."}, quarantined(true)),
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sbh_ingest_quarantine_files", Help: "Files in the spool's quarantine."}, quarantined(false)))
 	}

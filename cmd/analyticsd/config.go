@@ -198,6 +198,11 @@ func (e *env) ingest(retentionDays int) (ingest.Config, ingest.WriterConfig) {
 		e.fail("INGEST_FLUSH_INTERVAL=%s: want at least 10ms", w.FlushInterval)
 	}
 	w.Flushers = e.integer("INGEST_FLUSHERS", w.Flushers, 1, 64)
+	if w.GroupWait = e.duration("INGEST_GROUP_WAIT", w.GroupWait); w.GroupWait > 100*time.Millisecond || w.GroupWait < 0 {
+		e.fail("INGEST_GROUP_WAIT=%s: want 0 (off) to 100ms", w.GroupWait)
+	} else if w.GroupWait == 0 {
+		w.GroupWait = -1 // off (a zero WriterConfig field means the default)
+	}
 	w.MaxBufferedRows = e.integer("INGEST_MAX_BUFFERED_ROWS", w.MaxBufferedRows, 1, 1_000_000_000)
 	w.MaxSpoolBytes = int64(e.integer("INGEST_MAX_SPOOL_MB", int(w.MaxSpoolBytes>>20), 1, 1<<30)) << 20
 	w.RetentionDays = retentionDays
