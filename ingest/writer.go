@@ -401,8 +401,6 @@ func (w *Writer) writeGroup(group []appendReq, rows int, size int64) error {
 				buf = append(buf, r.rec...)
 			}
 		}
-		w.metrics.SpoolWrites.Inc()
-		w.metrics.SpoolAppends.Add(float64(len(group)))
 		if err := s.file.Append(buf); err != nil {
 			w.metrics.Refused.WithLabelValues("spool_error").Inc()
 			reason := "spool write failed"
@@ -412,6 +410,8 @@ func (w *Writer) writeGroup(group []appendReq, rows int, size int64) error {
 			w.log.Error("spool write failed; refusing requests", "segment", s.seq, "err", err)
 			return &FullError{Reason: reason, RetryAfter: 5 * time.Second}
 		}
+		w.metrics.SpoolWrites.Inc()
+		w.metrics.SpoolAppends.Add(float64(len(group)))
 	}
 	for _, r := range group {
 		n := len(r.b.events) + len(r.b.incs)
