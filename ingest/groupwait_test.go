@@ -12,9 +12,10 @@ import (
 )
 
 // While requests are flowing, a lone request's group commit waits (GroupWait) for the next ones to
-// share its fsync: two appends 20 ms apart are one spool write with a 300 ms wait and two without.
-// After a pause longer than 4 × GroupWait the first append does not wait: it and one 20 ms later
-// are two writes.
+// share its fsync: two appends 100 ms apart are one spool write with a 1 s wait and two without.
+// After a pause longer than 4 × GroupWait the first append does not wait: it and one 100 ms later
+// are two writes. (The gap is wide so that a goroutine started late on a loaded machine does not
+// make the two appends one group by arriving together.)
 func TestGroupWaitSharesAnFsync(t *testing.T) {
 	t.Parallel()
 	env := testenv.Migrated(t)
@@ -25,9 +26,9 @@ func TestGroupWaitSharesAnFsync(t *testing.T) {
 		pause  time.Duration // before the pair
 		writes float64
 	}{
-		{"flowing, waits", 300 * time.Millisecond, 0, 1},
+		{"flowing, waits", time.Second, 0, 1},
 		{"flowing, off", -1, 0, 2},
-		{"after a pause", 300 * time.Millisecond, 1500 * time.Millisecond, 2},
+		{"after a pause", time.Second, 4500 * time.Millisecond, 2},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -53,11 +54,11 @@ func TestGroupWaitSharesAnFsync(t *testing.T) {
 			var wg sync.WaitGroup
 			wg.Add(1)
 			go func() { defer wg.Done(); add() }()
-			time.Sleep(20 * time.Millisecond)
+			time.Sleep(100 * time.Millisecond)
 			add()
 			wg.Wait()
 			if got := counterValue(m.SpoolWrites) - before; got != c.writes {
-				t.Errorf("two appends 20 ms apart: %v spool writes, want %v", got, c.writes)
+				t.Errorf("two appends 100 ms apart: %v spool writes, want %v", got, c.writes)
 			}
 			if got := counterValue(m.SpoolAppends); got != 3 {
 				t.Errorf("appends counted: %v, want 3", got)
