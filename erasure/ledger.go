@@ -78,14 +78,31 @@ func bumpLedger(ctx context.Context, tx pgx.Tx) error {
 	return nil
 }
 
-// TenantsErasing lists the tenants whose tenant erasure is queued or running, and, with since set,
-// those whose one finished at or after it (Postgres' clock: take since from the same database). A
-// reader of ClickHouse that began at since must not write these tenants' counts anywhere: they may be
-// counts of rows the erasure has deleted since.
-func TenantsErasing(ctx context.Context, q Querier, since *time.Time) ([]uuid.UUID, error) {
-	rows, err := q.Query(ctx, `SELECT DISTINCT tenant_id FROM erasure_jobs WHERE kind = $1
-		AND (status IN ($2, $3) OR (status = $4 AND $5::timestamptz IS NOT NULL AND finished_at >= $5)) ORDER BY tenant_id`,
-		KindTenant, StatusQueued, StatusRunning, StatusDone, since)
+// TenantsErasing lists the tenants whose tenant erasure is queued or running.
+func TenantsErasing(ctx context.Context, q Querier) ([]uuid.UUID, error) {
+	return tenantJobs(ctx, q, `status IN ($2, $3)`, StatusQueued, StatusRunning)
+}
+
+// TenantsDeleting lists the tenants whose tenant erasure may have deleted rows since `since`
+// (Postgres' clock: take it from the same database): running past its acknowledgements (its delete
+// may be under way), or ended — done or failed — at or after since. A reader of ClickHouse that began
+// at since must not write these tenants' counts anywhere: they may count rows deleted since. A job
+// still waiting for acknowledgements has deleted nothing, and does not list its tenant.
+func TenantsDeleting(ctx context.Context, q Querier, since time.Time) ([]uuid.UUID, error) {
+	var deleting []string
+	for step, order := range stepOrder {
+		if order >= stepOrder[stepAcked] {
+			deleting = append(deleting, step)
+		}
+	}
+	return tenantJobs(ctx, q, `(status = $2 AND step = ANY($3)) OR (status IN ($4, $5) AND finished_at >= $6)`,
+		StatusRunning, deleting, StatusDone, StatusFailed, since)
+}
+
+// tenantJobs lists the tenants of tenant erasures matching where (its arguments from $2).
+func tenantJobs(ctx context.Context, q Querier, where string, args ...any) ([]uuid.UUID, error) {
+	rows, err := q.Query(ctx, "SELECT DISTINCT tenant_id FROM erasure_jobs WHERE kind = $1 AND ("+where+") ORDER BY tenant_id",
+		append([]any{KindTenant}, args...)...)
 	if err != nil {
 		return nil, fmt.Errorf("read tenant erasures: %w", err)
 	}

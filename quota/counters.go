@@ -255,6 +255,20 @@ func (c *Counters) ReconciledTenants(ctx context.Context, d time.Time) ([]uuid.U
 	return out, nil
 }
 
+// Forget deletes a tenant's counters of metrics for a day, their ClickHouse hashes and the day's mark
+// (what a reconciliation wrote), keeping what was counted live: the next reconciliation recomputes
+// them, and reads meanwhile treat the day as never reconciled.
+func (c *Counters) Forget(ctx context.Context, tenant uuid.UUID, d time.Time, metrics []string) error {
+	keys := []string{c.reconciledKey(tenant, d)}
+	for _, m := range metrics {
+		keys = append(keys, c.Key(tenant, m, d), c.BaseKey(tenant, m, d))
+	}
+	if err := c.rdb.Del(ctx, keys...).Err(); err != nil { // one slot: they share the tenant's hash tag
+		return fmt.Errorf("forget usage counters of tenant %s: %w", tenant, err)
+	}
+	return nil
+}
+
 // MarkReconciled records that a tenant's counters for a day were reconciled at `at`.
 func (c *Counters) MarkReconciled(ctx context.Context, tenant uuid.UUID, d, at time.Time) error {
 	if err := c.rdb.Set(ctx, c.reconciledKey(tenant, d), at.Unix(), CounterTTL).Err(); err != nil {

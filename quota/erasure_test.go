@@ -83,27 +83,83 @@ func TestErasureKeepsTheLiveCounter(t *testing.T) {
 	}
 }
 
-// The periodic reconciliation writes no counter of a tenant being erased, nor of one erased: a round
-// that read ClickHouse before the delete would otherwise put the tenant's counters and marks back in
-// Redis after the erasure removed its keys.
+// The periodic reconciliation writes no counter of a tenant whose erasure may be deleting its rows: a
+// round that read ClickHouse before the delete would otherwise put the tenant's counters and marks
+// back in Redis after the erasure removed its keys. A job still waiting for the instances'
+// acknowledgements has deleted nothing: its tenant is reconciled as usual.
 func TestReconcileLeavesAnErasedTenantOutOfRedis(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
 	s := h.service(t, Config{Enabled: true}, nil, nil)
 	ctx := context.Background()
 	insertEvents(t, h, time.Now().UTC().Truncate(time.Second), 3)
+	quotaKeys := func() []string {
+		t.Helper()
+		keys, err := testenv.Keys(ctx, h.env.Redis, h.env.Prefix+"quota:{"+h.tenant.ID.String()+"}*")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return keys
+	}
 	e := erasure.New(erasure.Config{Layout: h.env.Layout(), Poll: 20 * time.Millisecond}, h.env.CH, h.env.PG, audit.New(h.env.PG), nil)
-	if _, err := e.EraseTenant(ctx, h.tenant.ID, "test"); err != nil {
+	j, err := e.EraseTenant(ctx, h.tenant.ID, "test")
+	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.ReconcileOnce(ctx); err != nil {
 		t.Fatal(err)
+	}
+	if n, _, _ := s.counters.Get(ctx, h.tenant.ID, "api_requests_daily", time.Now().UTC()); n != 3 {
+		t.Errorf("with the erasure queued: counter %d, want 3 (nothing deleted yet)", n)
+	}
+	if err := h.env.Redis.Del(ctx, quotaKeys()...).Err(); err != nil {
+		t.Fatal(err)
+	}
+	// The job is now past its acknowledgements: its delete may be running.
+	if _, err := h.env.PG.Exec(ctx, "UPDATE erasure_jobs SET status = 'running', step = 'spool' WHERE id = $1", j.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.ReconcileOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if keys := quotaKeys(); len(keys) != 0 {
+		t.Errorf("a reconciliation during the tenant's delete wrote %v", keys)
+	}
+}
+
+// An erasure that begins after a round's check and deletes the tenant's rows and keys before the
+// round's writes: the round takes back what it wrote once it sees the erasure.
+func TestReconcileTakesBackWhatAnErasureOvertook(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, nil, nil)
+	ctx := context.Background()
+	insertEvents(t, h, time.Now().UTC().Truncate(time.Second), 3)
+	e := erasure.New(erasure.Config{Layout: h.env.Layout(), Poll: 20 * time.Millisecond, DeleteKeys: erasure.RedisKeys(h.env.Redis, h.env.Prefix)},
+		h.env.CH, h.env.PG, audit.New(h.env.PG), nil)
+	checks := 0
+	r := &reconciler{s: s, sent: map[sentKey]int64{}, afterCheck: func() {
+		if checks++; checks != 2 { // today's: the rows are in its counts
+			return
+		}
+		if _, err := e.EraseTenant(ctx, h.tenant.ID, "test"); err != nil {
+			t.Fatal(err)
+		}
+		if ran, err := e.RunOne(ctx); err != nil || !ran {
+			t.Fatalf("erasure: ran %v, %v", ran, err)
+		}
+	}}
+	if _, err := r.run(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if checks != 2 {
+		t.Fatalf("%d checks, want 2 (one per day)", checks)
 	}
 	keys, err := testenv.Keys(ctx, h.env.Redis, h.env.Prefix+"quota:{"+h.tenant.ID.String()+"}*")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(keys) != 0 {
-		t.Errorf("a reconciliation during the tenant's erasure wrote %v", keys)
+		t.Errorf("after a round an erasure overtook: %v", keys)
 	}
 }

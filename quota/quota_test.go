@@ -897,13 +897,17 @@ func TestReconcileRoundGoesOnPastOneTenantsError(t *testing.T) {
 	other := fixture.Tenant(t, h.env.PG, "other")
 	insertEvents(t, h, now, 4)
 	insertEventsOf(t, h, other.ID, now, 4)
-	// The tenant the round takes first (rounds go in tenant id order) has a hash of the wrong type.
+	// The tenant the round takes first (rounds go in tenant id order) has hashes of the wrong type,
+	// today and yesterday (the round's first day: its error must not keep today from anyone).
 	bad, good := h.tenant.ID, other.ID
 	if bytes.Compare(good[:], bad[:]) < 0 {
 		bad, good = good, bad
 	}
-	if err := h.env.Redis.Set(ctx, s.counters.BaseKey(bad, "api_requests_daily", today), "x", time.Hour).Err(); err != nil {
-		t.Fatal(err)
+	insertEventsOf(t, h, bad, today.Add(-12*time.Hour), 2)
+	for _, d := range []time.Time{today, today.Add(-24 * time.Hour)} {
+		if err := h.env.Redis.Set(ctx, s.counters.BaseKey(bad, "api_requests_daily", d), "x", time.Hour).Err(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if _, err := s.ReconcileOnce(ctx); err == nil || !strings.Contains(err.Error(), "WRONGTYPE") {
 		t.Errorf("a round with a counter Redis refused: got %v, want its WRONGTYPE error", err)

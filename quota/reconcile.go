@@ -154,6 +154,8 @@ type reconciler struct {
 	every time.Duration
 	sent  map[sentKey]int64
 	round int
+	// afterCheck, when set (tests), runs between a day's check for erasures and its writes.
+	afterCheck func()
 }
 
 type sentKey struct {
@@ -210,6 +212,11 @@ func (r *reconciler) run(ctx context.Context) (ReconcileStats, error) {
 		if err != nil || !ok {
 			return st, err
 		}
+		// A round goes on past one tenant's error, so a Redis that answers nothing (every command
+		// waiting out its timeout) must not hold it for longer than the interval.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, max(r.every, 10*time.Second))
+		defer cancel()
 	}
 	st.Ran = true
 	r.round++
@@ -223,6 +230,8 @@ func (r *reconciler) run(ctx context.Context) (ReconcileStats, error) {
 	if err != nil {
 		return st, err
 	}
+	var first error
+	failed, tried := 0, 0
 	for _, d := range []time.Time{today.Add(-24 * time.Hour), today} {
 		counts, err := r.s.clickhouseCounts(ctx, uuid.Nil, d)
 		if err != nil {
@@ -241,52 +250,75 @@ func (r *reconciler) run(ctx context.Context) (ReconcileStats, error) {
 				}
 			}
 		}
-		// After the ClickHouse reads: a tenant erasure that was open, or finished, since the round
-		// began may have deleted rows these counts still hold, and removed the keys they would go to.
-		if r.s.pg != nil {
-			erasing, err := erasure.TenantsErasing(ctx, r.s.pg, &began)
-			if err != nil {
-				return st, err
-			}
-			for _, t := range erasing {
-				delete(counts, t)
-			}
+		// After the ClickHouse reads: a tenant erasure whose delete may have run since the round
+		// began may have deleted rows these counts still hold (and removed the keys they would go to).
+		erasing, err := r.s.erasing(ctx, began)
+		if err != nil {
+			return st, err
 		}
-		// One tenant's failure (a key Redis refuses) does not stop the others'; three in a row is
-		// Redis itself failing, and the round stops.
-		var first error
-		failed, streak := 0, 0
+		for _, t := range erasing {
+			delete(counts, t)
+		}
+		if r.afterCheck != nil {
+			r.afterCheck()
+		}
+		// One tenant's failure (a key Redis refuses) does not stop the others'.
+		written := map[uuid.UUID][]string{}
 		for _, tenant := range slices.SortedFunc(maps.Keys(counts), func(a, b uuid.UUID) int { return bytes.Compare(a[:], b[:]) }) {
-			if err := r.tenant(ctx, &st, tenant, counts[tenant], d, now, full); err != nil {
+			tried++
+			metrics, err := r.tenant(ctx, &st, tenant, counts[tenant], d, now, full)
+			written[tenant] = metrics
+			if err != nil {
+				failed++
 				if first == nil {
 					first = err
 				}
-				if failed, streak = failed+1, streak+1; streak == 3 {
-					return st, fmt.Errorf("three tenants' counters in a row not reconciled; round stopped: %w", err)
-				}
-				continue
 			}
-			streak = 0
 		}
-		if first != nil {
-			return st, fmt.Errorf("%d of %d tenants' counters of %s not reconciled; first: %w", failed, len(counts), d.Format(time.DateOnly), first)
+		// An erasure can also begin after that check and delete the tenant's rows and keys before
+		// the writes above: take back what was written for any tenant that now shows one.
+		again, err := r.s.erasing(ctx, began)
+		if err != nil {
+			return st, err
 		}
+		for _, t := range again {
+			if metrics, ok := written[t]; ok {
+				if err := r.s.counters.Forget(ctx, t, d, metrics); err != nil && first == nil {
+					first = err
+				}
+			}
+		}
+	}
+	if first != nil {
+		return st, fmt.Errorf("%d of %d tenant-days' counters not reconciled; first: %w", failed, tried, first)
 	}
 	return st, nil
 }
 
-// tenant reconciles one tenant's counters of day d with its ClickHouse counts and marks the day.
-func (r *reconciler) tenant(ctx context.Context, st *ReconcileStats, tenant uuid.UUID, metrics map[string]map[int64]int64, d, now time.Time, full bool) error {
+// erasing lists the tenants a round that began at `began` (Postgres' clock) must not write back:
+// those whose tenant erasure is past its acknowledgements (its delete may be running) or ended since.
+func (s *Service) erasing(ctx context.Context, began time.Time) ([]uuid.UUID, error) {
+	if s.pg == nil {
+		return nil, nil
+	}
+	return erasure.TenantsDeleting(ctx, s.pg, began)
+}
+
+// tenant reconciles one tenant's counters of day d with its ClickHouse counts and marks the day; it
+// returns the metrics whose counters it wrote (or began to).
+func (r *reconciler) tenant(ctx context.Context, st *ReconcileStats, tenant uuid.UUID, metrics map[string]map[int64]int64, d, now time.Time, full bool) ([]string, error) {
 	_, at, err := r.s.counters.Read(ctx, tenant, d, nil)
 	if err != nil {
-		return err
+		return nil, err
 	}
+	var written []string
 	for metric, base := range r.s.withQuotaMetrics(ctx, tenant, metrics) {
+		written = append(written, metric)
 		if err := r.apply(ctx, st, tenant, metric, d, now, base, full || at.IsZero()); err != nil {
-			return err
+			return written, err
 		}
 	}
-	return r.s.counters.MarkReconciled(ctx, tenant, d, now)
+	return written, r.s.counters.MarkReconciled(ctx, tenant, d, now)
 }
 
 // pgNow is Postgres' clock (zero without Postgres): erasure jobs record their times by it.

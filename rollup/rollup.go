@@ -394,7 +394,7 @@ func logRepairs(log *slog.Logger, repairs []repair) {
 // rows — several Postgres and ClickHouse round trips against the one insert left to this run; its
 // Postgres step comes only after that delete is applied on every replica.
 func (r *Reconciler) erasing(ctx context.Context, tx pgx.Tx, scope Scope) ([]uuid.UUID, error) {
-	open, err := erasure.TenantsErasing(ctx, tx, nil)
+	open, err := erasure.TenantsErasing(ctx, tx)
 	if err != nil || scope.All() {
 		return open, err
 	}
