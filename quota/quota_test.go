@@ -307,8 +307,18 @@ func TestCountersRebuiltAfterRedisLosesThem(t *testing.T) {
 		})
 	}
 	waitCurrent(10)
-	// Let the spool reach ClickHouse, then lose every key of the tenant, as a Redis restart would.
+	// Let the spool reach ClickHouse — the events and the consume's increment, which a second flusher
+	// may insert after a later segment's events — then lose every key of the tenant, as a Redis
+	// restart would.
 	waitStored(t, h, 7)
+	testenv.Eventually(t, 5*time.Second, func() error {
+		var n int64
+		h.env.CH.QueryRow(context.Background(), "SELECT toInt64(sum(n)) FROM "+h.env.DB+".usage_increments WHERE tenant_id = ?", h.tenant.ID).Scan(&n)
+		if n != 3 {
+			return fmt.Errorf("the consume's increment: %d in ClickHouse, want 3", n)
+		}
+		return nil
+	})
 	iter := h.env.Redis.Scan(context.Background(), 0, h.env.Prefix+"*", 1000).Iterator()
 	for iter.Next(context.Background()) {
 		h.env.Redis.Del(context.Background(), iter.Val())
