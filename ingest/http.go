@@ -110,8 +110,9 @@ func (s *Service) Emit(ctx context.Context, tenant uuid.UUID, slug, event string
 func (s *Service) Close() { s.counts.close() }
 
 // Register mounts POST /events and POST /usage on r behind mw (authentication first, then e.g. the
-// Idempotency-Key middleware); both take gzip bodies. levels, when not nil, answers the /usage requests that name a level
-// metric (storage_gb: set, not counted), just before postUsage; quota owns them (quota.Service.Levels).
+// Idempotency-Key middleware); both take gzip bodies. levels, when not nil, answers the /usage
+// requests that name a level metric (storage_gb: set, not counted), just before postUsage; quota owns
+// them (quota.Service.Levels).
 func (s *Service) Register(r fiber.Router, levels fiber.Handler, mw ...fiber.Handler) {
 	r.Post("/events", append(slices.Clip(mw), s.postEvents)...)
 	usage := append(slices.Clip(mw), plainBody)

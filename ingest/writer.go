@@ -312,7 +312,7 @@ func (w *Writer) commitLoop() {
 			if len(group) == 1 && w.groupWaits() && time.Since(committed) < 4*w.cfg.GroupWait {
 				// A lone request while requests are flowing: its fsync can serve the next ones too.
 				// (Consumes at 2,500/s on two cores, A/B: 1 ms took analyticsd's CPU per consume from
-				// 297-311 to 238-261 µs and the p99 from 17-29 to 7.5-19 ms; BENCHMARKS.md.)
+				// 255-311 to 238-261 µs and the p99 from 13.8-29 to 7.5-18.6 ms; BENCHMARKS.md.)
 				if company == nil {
 					company = time.NewTimer(w.cfg.GroupWait)
 				} else {
