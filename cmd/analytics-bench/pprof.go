@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -18,6 +19,7 @@ import (
 const pprofOverlaySource = `package main
 
 import (
+	"io"
 	"net/http"
 	"os"
 	"runtime"
@@ -33,49 +35,33 @@ func init() {
 		return
 	}
 	var mu sync.Mutex
-	var f *os.File
 	mux := http.NewServeMux()
-	mux.HandleFunc("/cpu/start", func(w http.ResponseWriter, r *http.Request) {
-		mu.Lock()
-		defer mu.Unlock()
-		var err error
-		if f, err = os.Create(r.URL.Query().Get("file")); err == nil {
-			err = pprof.StartCPUProfile(f)
-		}
-		if err != nil {
-			http.Error(w, err.Error(), 500)
-		}
-	})
-	mux.HandleFunc("/cpu/stop", func(w http.ResponseWriter, r *http.Request) {
-		mu.Lock()
-		defer mu.Unlock()
-		pprof.StopCPUProfile()
-		if f != nil {
-			f.Close()
-			f = nil
-		}
-	})
-	var tf *os.File
-	mux.HandleFunc("/trace/start", func(w http.ResponseWriter, r *http.Request) {
-		mu.Lock()
-		defer mu.Unlock()
-		var err error
-		if tf, err = os.Create(r.URL.Query().Get("file")); err == nil {
-			err = trace.Start(tf)
-		}
-		if err != nil {
-			http.Error(w, err.Error(), 500)
-		}
-	})
-	mux.HandleFunc("/trace/stop", func(w http.ResponseWriter, r *http.Request) {
-		mu.Lock()
-		defer mu.Unlock()
-		trace.Stop()
-		if tf != nil {
-			tf.Close()
-			tf = nil
-		}
-	})
+	// record serves /<name>/start?file=F (start writing into F) and /<name>/stop.
+	record := func(name string, start func(io.Writer) error, stop func()) {
+		var f *os.File
+		mux.HandleFunc("/"+name+"/start", func(w http.ResponseWriter, r *http.Request) {
+			mu.Lock()
+			defer mu.Unlock()
+			var err error
+			if f, err = os.Create(r.URL.Query().Get("file")); err == nil {
+				err = start(f)
+			}
+			if err != nil {
+				http.Error(w, err.Error(), 500)
+			}
+		})
+		mux.HandleFunc("/"+name+"/stop", func(w http.ResponseWriter, r *http.Request) {
+			mu.Lock()
+			defer mu.Unlock()
+			stop()
+			if f != nil {
+				f.Close()
+				f = nil
+			}
+		})
+	}
+	record("cpu", pprof.StartCPUProfile, pprof.StopCPUProfile)
+	record("trace", trace.Start, trace.Stop)
 	mux.HandleFunc("/allocs", func(w http.ResponseWriter, r *http.Request) {
 		runtime.GC()
 		out, err := os.Create(r.URL.Query().Get("file"))
@@ -135,12 +121,9 @@ func (p *profiler) cpu(ctx context.Context, s *Scenario, name string, fn func() 
 		return fn()
 	}
 	file := filepath.Join(p.dir, name+".cpu.pprof")
-	if err := p.call(ctx, "/cpu/start", file); err != nil {
+	err := p.around(ctx, "cpu", file, fn)
+	if errors.Is(err, errNotStarted) {
 		return err
-	}
-	err := fn()
-	if perr := p.call(context.Background(), "/cpu/stop", ""); perr != nil && err == nil {
-		err = perr
 	}
 	allocs := filepath.Join(p.dir, name+".allocs.pprof")
 	if aerr := p.call(context.Background(), "/allocs", allocs); aerr != nil && err == nil {
@@ -158,14 +141,23 @@ func (p *profiler) trace(ctx context.Context, s *Scenario, name string, fn func(
 		return fn()
 	}
 	file := filepath.Join(p.dir, name+".trace")
-	if err := p.call(ctx, "/trace/start", file); err != nil {
-		return err
+	err := p.around(ctx, "trace", file, fn)
+	s.note("execution trace: %s (go tool trace %s)", file, file)
+	return err
+}
+
+// errNotStarted marks around's error when the recording never started (fn did not run).
+var errNotStarted = errors.New("recording not started")
+
+// around has the server record kind ("cpu", "trace") into file while fn runs.
+func (p *profiler) around(ctx context.Context, kind, file string, fn func() error) error {
+	if err := p.call(ctx, "/"+kind+"/start", file); err != nil {
+		return fmt.Errorf("%w: %w", errNotStarted, err)
 	}
 	err := fn()
-	if terr := p.call(context.Background(), "/trace/stop", ""); terr != nil && err == nil {
-		err = terr
+	if serr := p.call(context.Background(), "/"+kind+"/stop", ""); serr != nil && err == nil {
+		err = serr
 	}
-	s.note("execution trace: %s (go tool trace %s)", file, file)
 	return err
 }
 
