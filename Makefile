@@ -11,7 +11,7 @@ WITHENV := eval "$$($(STACK) env)" &&
 WITHCLUSTER := $(WITHENV) export SINGLE_CLICKHOUSE_DSN="$$CLICKHOUSE_DSN" SINGLE_REDIS_URL="$$REDIS_URL" && eval "$$($(CLUSTER) env)" &&
 # What runs on the cluster: every package that reads or writes ClickHouse or Redis, and from the
 # server's own tests the tenant-isolation suite and the single-vs-cluster comparison.
-CLUSTER_PKGS := ./schema/ ./ingest/... ./query/ ./quota/ ./rollup/ ./dedup/ ./retention/ ./erasure/
+CLUSTER_PKGS := ./schema/ ./ingest/... ./query/ ./quota/ ./rollup/ ./dedup/ ./retention/ ./erasure/ ./internal/scriptbatch/
 CLUSTER_RUN  := TestClusterAnswersAsOneServerDoes|TestMoveToCluster|TestRandomCredentialMixesNeverCrossTenants|TestRevokedKeyRefusedEverywhere
 BIN     := bin/analyticsd
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)

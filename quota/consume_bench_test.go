@@ -3,8 +3,12 @@ package quota
 import (
 	"context"
 	"net/http"
+	"strconv"
+	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/gofiber/fiber/v2"
 	"github.com/redis/go-redis/v9"
@@ -61,4 +65,77 @@ func (h countCalls) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 
 func (h countCalls) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error { h.n.Add(1); return next(ctx, cmds) }
+}
+
+// BenchmarkConsumeConcurrent runs consumes from 16 goroutines at once (as 16 keep-alive connections
+// would), calling the service as the handler does, with the consume scripts batched (scriptbatch,
+// as serve runs them) and each sent alone. Besides the wall time per consume it reports the CPU that
+// this process and Redis spent per consume, and the round trips per consume:
+//
+//	go test -run - -bench ConsumeConcurrent -benchtime 20000x ./quota/
+func BenchmarkConsumeConcurrent(b *testing.B) {
+	h := newHarness(b)
+	s := h.service(b, Config{Enabled: true}, map[string]float64{"builds_daily": 1e12}, nil)
+	batched := s.counters.consumes
+	for _, v := range []struct {
+		name    string
+		scripts redis.Scripter
+	}{{"batched", batched}, {"alone", h.env.Redis}} {
+		b.Run(v.name, func(b *testing.B) {
+			s.counters.consumes = v.scripts
+			var calls atomic.Int64
+			rdb := h.env.Redis
+			rdb.AddHook(countCalls{&calls})
+			ctx := context.Background()
+			if _, err := s.Consume(ctx, h.tenant.ID, "builds_daily", 1); err != nil {
+				b.Fatal(err)
+			}
+			calls.Store(0)
+			cpu0, rcpu0 := processCPU(b), redisCPU(b, rdb)
+			b.SetParallelism(8) // 16 goroutines on 2 cores
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					if res, err := s.Consume(ctx, h.tenant.ID, "builds_daily", 1); err != nil || !res.Allowed {
+						b.Errorf("consume: %+v, %v", res, err)
+						return
+					}
+				}
+			})
+			b.StopTimer()
+			b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-µs/op")
+			b.ReportMetric(float64((redisCPU(b, rdb)-rcpu0).Microseconds())/float64(b.N), "redis-cpu-µs/op")
+			b.ReportMetric(float64(calls.Load())/float64(b.N), "round-trips/op")
+		})
+	}
+}
+
+// processCPU is the CPU (user and system) this process has used.
+func processCPU(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// redisCPU is the CPU Redis reports it has used (INFO cpu; on a cluster, the master this client
+// reaches first).
+func redisCPU(b *testing.B, rdb redis.UniversalClient) time.Duration {
+	info, err := rdb.Info(context.Background(), "cpu").Result()
+	if err != nil {
+		b.Fatal(err)
+	}
+	var total float64
+	for _, line := range strings.Split(info, "\n") {
+		k, v, ok := strings.Cut(strings.TrimSpace(line), ":")
+		if ok && (k == "used_cpu_sys" || k == "used_cpu_user") {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				b.Fatalf("INFO cpu: %s: %v", line, err)
+			}
+			total += f
+		}
+	}
+	return time.Duration(total * float64(time.Second))
 }

@@ -17,6 +17,8 @@ import (
 	"github.com/google/uuid"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/analyticsd/analyticsd/internal/scriptbatch"
+
 	"github.com/analyticsd/analyticsd/internal/rediskeys"
 	"github.com/analyticsd/analyticsd/ratelimit"
 )
@@ -51,8 +53,9 @@ const CounterTTL = 48 * time.Hour
 // The braces are a Redis Cluster hash tag: all of one tenant's keys share a slot, so the scripts
 // below may touch several of them atomically.
 type Counters struct {
-	rdb    redis.UniversalClient
-	prefix string // prepended to every key (tests isolate themselves with it)
+	rdb      redis.UniversalClient
+	consumes redis.Scripter // runs the consume script: a scriptbatch.Batcher on rdb, so concurrent consumes share a round trip
+	prefix   string         // prepended to every key (tests isolate themselves with it)
 }
 
 // SettleAfter is how long after a minute a live count above ClickHouse's is believed to be rows still
@@ -61,13 +64,23 @@ const SettleAfter = 10 * time.Minute
 
 // NewCounters returns Counters on rdb; prefix is usually "".
 func NewCounters(rdb redis.UniversalClient, prefix string) *Counters {
-	return &Counters{rdb: rdb, prefix: prefix}
+	return &Counters{rdb: rdb, consumes: scriptbatch.New(rdb), prefix: prefix}
 }
 
 func day(t time.Time) string { return t.UTC().Format("20060102") }
 
 // minute is the counters' time bucket of a received time.
 func minute(t time.Time) int64 { return t.Unix() / 60 }
+
+// batcher is the consume script's batcher; nil for nil Counters, or when a benchmark sends each
+// consume alone.
+func (c *Counters) batcher() *scriptbatch.Batcher {
+	if c == nil {
+		return nil
+	}
+	b, _ := c.consumes.(*scriptbatch.Batcher)
+	return b
+}
 
 // Key is the Redis key of a tenant's metric on a UTC day.
 func (c *Counters) Key(tenant uuid.UUID, metric string, d time.Time) string {
@@ -358,7 +371,7 @@ func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string,
 		keys[4] = marker.Key
 		args[3], args[4] = 1, max(int(marker.TTL.Seconds()), 1)
 	}
-	res, err := consumeScript.Run(ctx, c.rdb, m, keys, args...)
+	res, err := consumeScript.Run(ctx, c.consumes, m, keys, args...)
 	if err != nil {
 		return ConsumeOutcome{}, fmt.Errorf("consume %s for tenant %s: %w", metric, tenant, err)
 	}

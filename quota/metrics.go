@@ -11,8 +11,10 @@ type metrics struct {
 	reconcileChanged prometheus.Counter     // sbh_quota_reconcile_changed_total
 }
 
-// newMetrics builds the collectors and registers them with reg unless it is nil.
-func newMetrics(reg prometheus.Registerer) *metrics {
+// newMetrics builds the collectors and registers them with reg unless it is nil; counters' consume
+// batcher is read at scrape time (sbh_quota_consume_redis_round_trips_total and
+// sbh_quota_consume_scripts_total: their ratio is the consumes a round trip carried).
+func newMetrics(reg prometheus.Registerer, counters *Counters) *metrics {
 	m := &metrics{
 		exceeded: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sbh_quota_exceeded_total", Help: "Quotas that reached 100% of their limit (once per tenant, metric and day).",
@@ -30,6 +32,15 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	if reg != nil {
 		reg.MustRegister(m.exceeded, m.alerts, m.reconcileSeconds, m.reconcileChanged)
+		if b := counters.batcher(); b != nil {
+			reg.MustRegister(
+				prometheus.NewCounterFunc(prometheus.CounterOpts{
+					Name: "sbh_quota_consume_redis_round_trips_total", Help: "Round trips to Redis that carried consume scripts (concurrent consumes share one: see sbh_quota_consume_scripts_total).",
+				}, func() float64 { n, _ := b.Stats(); return float64(n) }),
+				prometheus.NewCounterFunc(prometheus.CounterOpts{
+					Name: "sbh_quota_consume_scripts_total", Help: "Consume scripts sent to Redis (a retry or a NOSCRIPT fallback sends one again).",
+				}, func() float64 { _, n := b.Stats(); return float64(n) }))
+		}
 	}
 	return m
 }

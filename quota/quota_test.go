@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/analyticsd/analyticsd/api"
@@ -132,6 +133,24 @@ func TestConsumeIsAtomic(t *testing.T) {
 	wg.Wait()
 	if allowed.Load() != 100 || refused.Load() != 900 {
 		t.Errorf("allowed %d, refused %d; want exactly 100 and 900", allowed.Load(), refused.Load())
+	}
+	// Every consume's script went to Redis through the batcher, and with 64 at a time they shared
+	// round trips; /metrics exports both counts.
+	reg := prometheus.NewRegistry()
+	newMetrics(reg, s.counters)
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sent := map[string]float64{}
+	for _, f := range families {
+		if m := f.GetMetric(); len(m) == 1 && m[0].GetCounter() != nil {
+			sent[f.GetName()] = m[0].GetCounter().GetValue()
+		}
+	}
+	trips, scripts := sent["sbh_quota_consume_redis_round_trips_total"], sent["sbh_quota_consume_scripts_total"]
+	if scripts < 1000 || trips < 1 || trips >= scripts {
+		t.Errorf("/metrics: %v round trips carried %v consume scripts; want at least 1000 scripts in fewer round trips", trips, scripts)
 	}
 	// Every allowed spend is stored durably too.
 	h.writer.Close(context.Background())

@@ -110,7 +110,7 @@ func NewService(cfg Config, counters *Counters, limits *Limits, ch driver.Conn, 
 	log = logger.Or(log)
 	s := &Service{cfg: cfg, counters: counters, limits: limits, ch: ch, db: db, pg: pg, audit: auditLog, log: log, now: clock.Now,
 		sources: map[string][]string{}, tenants: labels.NewCapped(cfg.LabelCap),
-		metrics: newMetrics(reg),
+		metrics: newMetrics(reg, counters),
 	}
 	for ev, m := range cfg.EventMetrics {
 		s.sources[m] = append(s.sources[m], ev)

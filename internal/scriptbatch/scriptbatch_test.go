@@ -1,0 +1,301 @@
+package scriptbatch
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/analyticsd/analyticsd/internal/testenv"
+)
+
+// add increments KEYS[1] by ARGV[1] and answers {ARGV[2], the new value}: each caller can check that
+// it got its own reply, and the keys that the sum of the increments reached Redis once each.
+var add = redis.NewScript(`
+local v = redis.call('INCRBY', KEYS[1], ARGV[1])
+return {tonumber(ARGV[2]), v}
+`)
+
+// fails answers an error of its own.
+var fails = redis.NewScript(`return redis.error_reply('ERR refused by the script ' .. ARGV[1])`)
+
+// gate holds the script sent with the key "<prefix>{held}" inside the client (a go-redis hook,
+// before it is written), so that a batch is in flight for as long as a test needs; the test queues
+// callers behind it and then opens the gate.
+type gate struct {
+	key  string
+	open chan struct{}
+}
+
+func (g *gate) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (g *gate) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+func (g *gate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if a := cmd.Args(); len(a) > 3 && a[3] == g.key {
+			<-g.open
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// hold starts a script that the gate holds in flight, and returns once it is; the returned
+// function opens the gate and returns that script's error.
+func hold(t *testing.T, rdb redis.UniversalClient, b *Batcher, prefix string) (release func() error) {
+	t.Helper()
+	g := &gate{key: prefix + "{held}", open: make(chan struct{})} // the other tests' keys share its slot
+	rdb.AddHook(g)
+	done := make(chan error, 1)
+	go func() { done <- add.Run(context.Background(), b, []string{g.key}, 1, -1).Err() }()
+	waitFor(t, b, func() bool { n, _ := b.Stats(); return n >= 1 })
+	return func() error { close(g.open); return <-done }
+}
+
+// waitFor polls ok for up to 5 s.
+func waitFor(t *testing.T, b *Batcher, ok func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		done := ok()
+		if done {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("timed out waiting for the batcher")
+		}
+	}
+}
+
+// queued is how many callers wait for a next batch, over all lanes.
+func queued(b *Batcher) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	n := 0
+	for _, l := range b.lanes {
+		l.mu.Lock()
+		n += len(l.queue)
+		l.mu.Unlock()
+	}
+	return n
+}
+
+// TestScriptsThatWaitGoInOneRoundTrip: while one batch is in flight, 60 callers queue; they must go
+// out together in the next round trip (not in 60), each get its own reply, and each run exactly
+// once. Their keys are seven, in the held script's slot (so, on Redis Cluster, in its lane).
+func TestScriptsThatWaitGoInOneRoundTrip(t *testing.T) {
+	rdb, prefix := testenv.Redis(t)
+	ctx := context.Background()
+	if err := add.Load(ctx, rdb).Err(); err != nil { // no NOSCRIPT fallback to count as a round trip
+		t.Fatal(err)
+	}
+	b := New(rdb)
+	release := hold(t, rdb, b, prefix)
+
+	const callers = 60
+	var wg sync.WaitGroup
+	errs := make(chan error, callers)
+	for i := 0; i < callers; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			key := prefix + "{held}k" + strconv.Itoa(i%7)
+			got, err := add.Run(ctx, b, []string{key}, i+1, i).Int64Slice()
+			switch {
+			case err != nil:
+				errs <- err
+			case len(got) != 2 || got[0] != int64(i):
+				errs <- fmt.Errorf("caller %d got the reply %v, which is not its own", i, got)
+			}
+		}()
+	}
+	waitFor(t, b, func() bool { return queued(b) == callers })
+	if err := release(); err != nil {
+		t.Fatalf("held script: %v", err)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+
+	// Each caller's increment landed once: key k holds the sum of i+1 over the callers with i%7 == k.
+	for k := 0; k < 7; k++ {
+		want := int64(0)
+		for i := k; i < callers; i += 7 {
+			want += int64(i + 1)
+		}
+		got, err := rdb.Get(ctx, prefix+"{held}k"+strconv.Itoa(k)).Int64()
+		if err != nil || got != want {
+			t.Errorf("key k%d = %d (%v), want %d: an increment ran twice or not at all", k, got, err, want)
+		}
+	}
+	if trips, scripts := b.Stats(); trips != 2 || scripts != callers+1 {
+		t.Errorf("%d round trips for %d scripts, want 2 for %d: the held one, then everything queued behind it", trips, scripts, callers+1)
+	}
+}
+
+// TestOneScriptsErrorIsItsOwn: a script that fails in the middle of a batch fails only its caller.
+func TestOneScriptsErrorIsItsOwn(t *testing.T) {
+	rdb, prefix := testenv.Redis(t)
+	ctx := context.Background()
+	b := New(rdb)
+	release := hold(t, rdb, b, prefix)
+
+	var wg sync.WaitGroup
+	results := make([]error, 9)
+	for i := range results {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if i == 4 {
+				results[i] = fails.Run(ctx, b, []string{prefix + "{held}f"}, i).Err()
+				return
+			}
+			results[i] = add.Run(ctx, b, []string{prefix + "{held}ok"}, 1, i).Err()
+		}()
+	}
+	waitFor(t, b, func() bool { return queued(b) == len(results) })
+	if err := release(); err != nil {
+		t.Fatalf("held script: %v", err)
+	}
+	wg.Wait()
+	for i, err := range results {
+		if i == 4 {
+			if err == nil || err.Error() != "ERR refused by the script 4" {
+				t.Errorf("the failing script's caller got %v, want its own error", err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("caller %d got %v: another script's error reached it", i, err)
+		}
+	}
+	if got, _ := rdb.Get(ctx, prefix+"{held}ok").Int64(); got != 8 {
+		t.Errorf("{held}ok = %d, want 8", got)
+	}
+}
+
+// TestScriptsRunAfterScriptFlush: go-redis' Script.Run falls back from EVALSHA to EVAL on NOSCRIPT;
+// through the batcher it must too, for every caller of a batch (a Redis restarted or flushed loses
+// its script cache).
+func TestScriptsRunAfterScriptFlush(t *testing.T) {
+	rdb, prefix := testenv.Redis(t)
+	ctx := context.Background()
+	b := New(rdb)
+	release := hold(t, rdb, b, prefix)
+	if cc, ok := rdb.(*redis.ClusterClient); ok {
+		if err := cc.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error { return c.ScriptFlush(ctx).Err() }); err != nil {
+			t.Fatal(err)
+		}
+	} else if err := rdb.ScriptFlush(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 20)
+	for i := 0; i < 20; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := add.Run(ctx, b, []string{prefix + "{held}n"}, 1, i).Err(); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	waitFor(t, b, func() bool { return queued(b) == 20 })
+	if err := release(); err != nil {
+		t.Fatalf("held script: %v", err)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Errorf("after SCRIPT FLUSH: %v", err)
+	}
+	if got, _ := rdb.Get(ctx, prefix+"{held}n").Int64(); got != 20 {
+		t.Errorf("{held}n = %d, want 20: each script runs once, by EVAL after its EVALSHA found nothing", got)
+	}
+}
+
+// TestACallersCancellationFailsNoOneElse: the caller whose turn it is sends the others' scripts with
+// its own; its context ending (here: before it sends) must not fail them.
+func TestACallersCancellationFailsNoOneElse(t *testing.T) {
+	rdb, prefix := testenv.Redis(t)
+	b := New(rdb)
+	release := hold(t, rdb, b, prefix)
+
+	lead, cancel := context.WithCancel(context.Background())
+	first := make(chan error, 1)
+	go func() { first <- add.Run(lead, b, []string{prefix + "{held}c"}, 1, 0).Err() }()
+	waitFor(t, b, func() bool { return queued(b) == 1 }) // first in the queue: it sends the next batch
+	var wg sync.WaitGroup
+	errs := make(chan error, 10)
+	for i := 1; i <= 10; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := add.Run(context.Background(), b, []string{prefix + "{held}c"}, 1, i).Err(); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	waitFor(t, b, func() bool { return queued(b) == 11 })
+	cancel()
+	if err := release(); err != nil {
+		t.Fatalf("held script: %v", err)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Errorf("a caller failed with the sender's cancellation: %v", err)
+	}
+	<-first
+	if got, _ := rdb.Get(context.Background(), prefix+"{held}c").Int64(); got < 10 {
+		t.Errorf("{held}c = %d, want at least the 10 uncancelled increments", got)
+	}
+}
+
+// TestASlowMasterHoldsUpOnlyItsOwnScripts (Redis Cluster): batches are per master, so while a batch
+// bound for one master is held, scripts for the others go and return; one batch for every master
+// would make a slow or failing-over master every tenant's wait.
+func TestASlowMasterHoldsUpOnlyItsOwnScripts(t *testing.T) {
+	if !testenv.RedisCluster() {
+		t.Skip("needs Redis Cluster: `make test-cluster` runs it")
+	}
+	rdb, prefix := testenv.Redis(t)
+	cc := rdb.(*redis.ClusterClient)
+	ctx := context.Background()
+	b := New(rdb)
+	heldMaster, err := cc.MasterForKey(ctx, prefix+"{held}")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A key on another master.
+	other := ""
+	for i := 0; i < 1000 && other == ""; i++ {
+		k := prefix + "{o" + strconv.Itoa(i) + "}"
+		if m, err := cc.MasterForKey(ctx, k); err == nil && m.Options().Addr != heldMaster.Options().Addr {
+			other = k
+		}
+	}
+	if other == "" {
+		t.Fatal("no key found on a second master")
+	}
+	release := hold(t, rdb, b, prefix)
+	done := make(chan error, 1)
+	go func() { done <- add.Run(ctx, b, []string{other}, 1, 0).Err() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("script on the other master: %v", err)
+		}
+	case <-time.After(3 * time.Second):
+		t.Error("a script for another master waited for the held master's batch")
+		defer func() { <-done }()
+	}
+	if err := release(); err != nil {
+		t.Fatalf("held script: %v", err)
+	}
+}
