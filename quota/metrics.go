@@ -35,10 +35,10 @@ func newMetrics(reg prometheus.Registerer, counters *Counters) *metrics {
 		if b := counters.batcher(); b != nil {
 			reg.MustRegister(
 				prometheus.NewCounterFunc(prometheus.CounterOpts{
-					Name: "sbh_quota_consume_redis_round_trips_total", Help: "Round trips to Redis that carried consume scripts (concurrent consumes share one: see sbh_quota_consume_scripts_total).",
+					Name: "sbh_quota_consume_redis_round_trips_total", Help: "Round trips to Redis that the consume scripts went in, as sent (concurrent consumes share one; go-redis' own retries and redirections are not counted).",
 				}, func() float64 { n, _ := b.Stats(); return float64(n) }),
 				prometheus.NewCounterFunc(prometheus.CounterOpts{
-					Name: "sbh_quota_consume_scripts_total", Help: "Consume scripts sent to Redis (a retry or a NOSCRIPT fallback sends one again).",
+					Name: "sbh_quota_consume_scripts_total", Help: "Consume scripts sent to Redis (sent again, and counted again: the EVAL after a NOSCRIPT, a script Redis refused before running it such as TRYAGAIN during a resharding).",
 				}, func() float64 { _, n := b.Stats(); return float64(n) }))
 		}
 	}

@@ -12,9 +12,14 @@
 // and Redis spent a quarter less CPU per consume.
 //
 // Each script keeps the atomicity Redis gives it alone: the scripts of a batch run one after another,
-// each whole, in arrival order, and one script's error is its own. A connection that fails fails
-// every script of its batch, as it would have failed each of them alone, and go-redis retries a
-// pipeline as it retries a command; callers handle the error as they would without batching.
+// each whole, in arrival order, and one script's error is its own. A batch is never sent twice:
+// go-redis would resend a whole pipeline after a lost connection, a read timeout or a retryable error
+// of its first command, running again scripts whose replies it had already read. Instead a script
+// Redis refused before running it (TRYAGAIN during a resharding, LOADING, CLUSTERDOWN, MASTERDOWN) is
+// sent again alone, with go-redis' retries, as it would have been without batching; a connection
+// lost or timed out mid-batch is an error for every script of the batch (go-redis reports it on
+// each): each ran at most once, or not at all, as a script sent alone whose reply is lost. And when a batch timed out (Redis hangs), the scripts queued
+// behind it fail at once, unsent, rather than each waiting for a batch of its own to time out.
 //
 // On Redis Cluster the batches are per master (a lane each, by the script's first key), so a master
 // that is slow or failing over holds up only the scripts bound for it, as without batching; each
@@ -23,16 +28,20 @@ package scriptbatch
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net"
 	"sync"
 	"sync/atomic"
 
 	"github.com/redis/go-redis/v9"
 )
 
-// MaxBatch caps the scripts of one pipeline, so that a caller waits at most one such round trip
-// before its own is sent.
+// MaxBatch caps the scripts of one pipeline (a longer queue goes out over several round trips).
 const MaxBatch = 128
+
+// lanesKept: past this many lanes (masters ever seen), idle ones are dropped when a new one is made.
+const lanesKept = 64
 
 // Batcher runs scripts through a client, batched. Use New.
 type Batcher struct {
@@ -129,11 +138,14 @@ func (b *Batcher) run(ctx context.Context, name, payload string, keys []string, 
 	l.sending = true
 	n := min(len(l.queue), MaxBatch-1)
 	batch := append(append(make([]*call, 0, 1+n), c), l.queue[:n]...)
+	clear(l.queue[:n])
 	l.queue = l.queue[n:]
 	l.mu.Unlock()
 
-	defer l.handOff(batch) // also if the send panics: no caller may wait forever
-	b.send(ctx, batch)
+	// handOff runs even if the send panics (no caller may wait forever), and then fails the queue.
+	hung := true
+	defer func() { l.handOff(batch, hung) }()
+	hung = b.send(ctx, batch)
 	return cmd
 }
 
@@ -151,6 +163,15 @@ func (b *Batcher) lane(ctx context.Context, keys []string) *lane {
 	defer b.mu.Unlock()
 	l := b.lanes[addr]
 	if l == nil {
+		if len(b.lanes) >= lanesKept { // masters come and go (new addresses): forget idle lanes
+			for a, o := range b.lanes {
+				o.mu.Lock()
+				if !o.sending && len(o.queue) == 0 {
+					delete(b.lanes, a)
+				}
+				o.mu.Unlock()
+			}
+		}
 		l = &lane{}
 		b.lanes[addr] = l
 	}
@@ -158,13 +179,23 @@ func (b *Batcher) lane(ctx context.Context, keys []string) *lane {
 }
 
 // handOff passes the turn to the first queued caller, or ends sending, and then wakes the callers
-// whose scripts were in batch (batch[0] is the caller itself).
-func (l *lane) handOff(batch []*call) {
+// whose scripts were in batch (batch[0] is the caller itself). After a batch that timed out (hung)
+// every queued caller fails at once, unsent: the next batch would most likely wait as long, and the
+// queue would drain one MaxBatch per timeout while new callers keep joining it.
+func (l *lane) handOff(batch []*call, hung bool) {
 	l.mu.Lock()
 	var next *call
-	if len(l.queue) > 0 {
-		next, l.queue = l.queue[0], l.queue[1:]
-	} else {
+	var failed []*call
+	switch {
+	case hung && len(l.queue) > 0:
+		failed, l.queue = l.queue, nil
+		l.sending = false
+	case len(l.queue) > 0:
+		next = l.queue[0]
+		l.queue[0] = nil // the array keeps no reference to a call that left it
+		l.queue = l.queue[1:]
+	default:
+		l.queue = nil
 		l.sending = false
 	}
 	l.mu.Unlock()
@@ -174,11 +205,21 @@ func (l *lane) handOff(batch []*call) {
 	for _, o := range batch[1:] {
 		o.turn <- false
 	}
+	var err error
+	for _, c := range batch {
+		if err = c.cmd.Err(); err != nil {
+			break
+		}
+	}
+	for _, o := range failed {
+		o.cmd.SetErr(fmt.Errorf("not sent: the Redis round trip before it timed out (%w)", err))
+		o.turn <- false
+	}
 }
 
 // send sends the batch as one pipeline, or a lone script as a plain command; each command gets its
-// own reply or error.
-func (b *Batcher) send(ctx context.Context, batch []*call) {
+// own reply or error. It reports whether the round trip timed out (Redis hangs).
+func (b *Batcher) send(ctx context.Context, batch []*call) (hung bool) {
 	defer func() {
 		if r := recover(); r != nil {
 			for _, c := range batch {
@@ -193,12 +234,55 @@ func (b *Batcher) send(ctx context.Context, batch []*call) {
 	// Each is bounded by the client's read and write timeouts, as a script sent alone is.
 	ctx = context.WithoutCancel(ctx)
 	if len(batch) == 1 {
-		_ = b.rdb.Process(ctx, batch[0].cmd)
-		return
+		return timedOut(b.rdb.Process(ctx, batch[0].cmd))
 	}
 	pipe := b.rdb.Pipeline()
 	for _, c := range batch {
-		_ = pipe.Process(ctx, c.cmd)
+		_ = pipe.Process(ctx, once{c.cmd})
 	}
 	_, _ = pipe.Exec(ctx)
+	for _, c := range batch {
+		err := c.cmd.Err()
+		hung = hung || timedOut(err)
+		if refusedUnrun(err) {
+			// Refused before it ran: send it alone, with go-redis' retries (and redirections).
+			b.trips.Add(1)
+			b.scripts.Add(1)
+			alone := redis.NewCmd(ctx, c.cmd.Args()...)
+			if len(c.cmd.Args()) > 3 {
+				alone.SetFirstKeyPos(3)
+			}
+			_ = b.rdb.Process(ctx, alone)
+			c.cmd.SetVal(alone.Val())
+			c.cmd.SetErr(alone.Err())
+		}
+	}
+	return hung
+}
+
+// once is a batched command: go-redis must never resend its pipeline (see the package comment).
+type once struct{ *redis.Cmd }
+
+// NoRetry tells go-redis not to resend the pipeline holding it.
+func (once) NoRetry() bool { return true }
+
+// refusedUnrun reports a Redis error that refuses a command before it runs, which go-redis retries
+// for a command sent alone.
+func refusedUnrun(err error) bool {
+	var re redis.Error
+	if err == nil || !errors.As(err, &re) {
+		return false
+	}
+	for _, p := range [...]string{"TRYAGAIN", "LOADING", "CLUSTERDOWN", "MASTERDOWN"} {
+		if redis.HasErrorPrefix(err, p) {
+			return true
+		}
+	}
+	return false
+}
+
+// timedOut reports an error of a round trip that got no answer in time.
+func timedOut(err error) bool {
+	var ne net.Error
+	return err != nil && (errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout())
 }

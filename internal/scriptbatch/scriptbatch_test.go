@@ -3,7 +3,10 @@ package scriptbatch
 import (
 	"context"
 	"fmt"
+	"io"
+	"net"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -298,4 +301,161 @@ func TestASlowMasterHoldsUpOnlyItsOwnScripts(t *testing.T) {
 	if err := release(); err != nil {
 		t.Fatalf("held script: %v", err)
 	}
+}
+
+// incrOr: ARGV[1] 'fail' answers TRYAGAIN (an error go-redis retries), 'slow' holds Redis for ARGV[2]
+// microseconds, anything else INCRs KEYS[1].
+var incrOr = redis.NewScript(`
+if ARGV[1] == 'fail' then return redis.error_reply('TRYAGAIN refused for the test') end
+if ARGV[1] == 'slow' then
+  local t = redis.call('TIME'); local start = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  repeat t = redis.call('TIME') until tonumber(t[1]) * 1000000 + tonumber(t[2]) - start > tonumber(ARGV[2])
+  return 0
+end
+return redis.call('INCR', KEYS[1])
+`)
+
+// TestARetryableErrorRerunsNoOtherScript: go-redis resends a whole pipeline when its first command
+// gets a retryable error (here TRYAGAIN); the scripts after it, already run, ran again — an INCR
+// answered 4 for one call. A batch is never resent: the refused script goes again alone (and is
+// refused again, four times, as it would be alone), the other runs once.
+func TestARetryableErrorRerunsNoOtherScript(t *testing.T) {
+	rdb, prefix := testenv.Redis(t)
+	ctx := context.Background()
+	if err := incrOr.Load(ctx, rdb).Err(); err != nil {
+		t.Fatal(err)
+	}
+	b := New(rdb)
+	release := hold(t, rdb, b, prefix)
+	refused := make(chan error, 1)
+	go func() { refused <- incrOr.Run(ctx, b, []string{prefix + "{held}f"}, "fail").Err() }()
+	waitFor(t, b, func() bool { return queued(b) == 1 })
+	type result struct {
+		v   int64
+		err error
+	}
+	counted := make(chan result, 1)
+	go func() {
+		v, err := incrOr.Run(ctx, b, []string{prefix + "{held}i"}, "incr").Int64()
+		counted <- result{v, err}
+	}()
+	waitFor(t, b, func() bool { return queued(b) == 2 })
+	if err := release(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-refused; err == nil || !strings.HasPrefix(err.Error(), "TRYAGAIN") {
+		t.Errorf("the refused script's caller got %v, want its TRYAGAIN", err)
+	}
+	r := <-counted
+	got, _ := rdb.Get(ctx, prefix+"{held}i").Int64()
+	if r.err != nil || r.v != 1 || got != 1 {
+		t.Errorf("the INCR script answered %d (%v) and the key holds %d: want it run once, answered 1", r.v, r.err, got)
+	}
+}
+
+// TestATimeoutRerunsNoAnsweredScript: a read timeout in the middle of a batch made go-redis resend
+// the whole pipeline, running again (four times in all) scripts whose replies it had read. Now
+// every script of the batch runs at most once; go-redis reports the timeout to each of its callers,
+// as it would to a script sent alone whose reply did not come.
+func TestATimeoutRerunsNoAnsweredScript(t *testing.T) {
+	if testenv.RedisCluster() {
+		t.Skip("one Redis: the test sets its own client's read timeout")
+	}
+	base, prefix := testenv.Redis(t)
+	opts, err := redis.ParseURL(testenv.RedisURL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts.ReadTimeout = 300 * time.Millisecond
+	rdb := redis.NewClient(opts)
+	defer rdb.Close()
+	ctx := context.Background()
+	if err := incrOr.Load(ctx, rdb).Err(); err != nil {
+		t.Fatal(err)
+	}
+	b := New(rdb)
+	release := hold(t, rdb, b, prefix)
+	type result struct {
+		v   int64
+		err error
+	}
+	counted := make(chan result, 1)
+	go func() {
+		v, err := incrOr.Run(ctx, b, []string{prefix + "{held}i"}, "incr").Int64()
+		counted <- result{v, err}
+	}()
+	waitFor(t, b, func() bool { return queued(b) == 1 })
+	slow := make(chan error, 1)
+	go func() { slow <- incrOr.Run(ctx, b, []string{prefix + "{held}s"}, "slow", 400000).Err() }()
+	waitFor(t, b, func() bool { return queued(b) == 2 })
+	if err := release(); err != nil {
+		t.Fatal(err)
+	}
+	r := <-counted
+	if err := <-slow; !timedOut(err) {
+		t.Errorf("the slow script's caller got %v, want its read timeout", err)
+	}
+	time.Sleep(500 * time.Millisecond) // a resent slow script would still be running
+	got, _ := base.Get(ctx, prefix+"{held}i").Int64()
+	if got != 1 || (r.err == nil && r.v != 1) || (r.err != nil && !timedOut(r.err)) {
+		t.Errorf("the INCR script answered %d (%v) and the key holds %d: want it run once, answered 1 or the timeout", r.v, r.err, got)
+	}
+}
+
+// TestAHungRedisFailsTheQueueAtOnce: against a Redis that accepts connections and never answers,
+// 2,048 callers at once. Batched, they drained one MaxBatch per timed-out round trip (p50 8.7 s, max
+// 17.4 s with 100 ms timeouts, where each alone failed within 0.9 s); now the callers queued behind a
+// timed-out batch fail with it.
+func TestAHungRedisFailsTheQueueAtOnce(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { _, _ = io.Copy(io.Discard, c) }()
+		}
+	}()
+	rdb := redis.NewClient(&redis.Options{Addr: ln.Addr().String(), Protocol: 2, DisableIdentity: true,
+		DialTimeout: 100 * time.Millisecond, ReadTimeout: 100 * time.Millisecond, WriteTimeout: 100 * time.Millisecond,
+		PoolTimeout: 150 * time.Millisecond, PoolSize: 20})
+	defer rdb.Close()
+	b := New(rdb)
+	const callers = 2048
+	slowest := make(chan time.Duration, callers)
+	var wg sync.WaitGroup
+	for i := 0; i < callers; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			t0 := time.Now()
+			if err := incrOr.Run(context.Background(), b, []string{"k"}, "incr").Err(); err == nil {
+				t.Error("a script against a Redis that never answers succeeded")
+			}
+			slowest <- time.Since(t0)
+		}()
+	}
+	wg.Wait()
+	close(slowest)
+	var max time.Duration
+	for d := range slowest {
+		max = maxDuration(max, d)
+	}
+	// Alone, each fails within its own retries (~1 s here); a queue draining MaxBatch per timeout
+	// would take 16 timed-out round trips and more.
+	if max > 3*time.Second {
+		t.Errorf("the slowest caller waited %v against a hung Redis: queued callers wait for batch after batch", max)
+	}
+}
+
+func maxDuration(a, b time.Duration) time.Duration {
+	if a > b {
+		return a
+	}
+	return b
 }
