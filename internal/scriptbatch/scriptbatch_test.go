@@ -315,6 +315,22 @@ end
 return redis.call('INCR', KEYS[1])
 `)
 
+// result is a script's reply and error.
+type result struct {
+	v   int64
+	err error
+}
+
+// startIncr runs incrOr's INCR of key through b in the background; its result comes on the channel.
+func startIncr(ctx context.Context, b *Batcher, key string) <-chan result {
+	out := make(chan result, 1)
+	go func() {
+		v, err := incrOr.Run(ctx, b, []string{key}, "incr").Int64()
+		out <- result{v, err}
+	}()
+	return out
+}
+
 // TestARetryableErrorRerunsNoOtherScript: go-redis resends a whole pipeline when its first command
 // gets a retryable error (here TRYAGAIN); the scripts after it, already run, ran again — an INCR
 // answered 4 for one call. A batch is never resent: the refused script goes again alone (and is
@@ -330,15 +346,7 @@ func TestARetryableErrorRerunsNoOtherScript(t *testing.T) {
 	refused := make(chan error, 1)
 	go func() { refused <- incrOr.Run(ctx, b, []string{prefix + "{held}f"}, "fail").Err() }()
 	waitFor(t, b, func() bool { return queued(b) == 1 })
-	type result struct {
-		v   int64
-		err error
-	}
-	counted := make(chan result, 1)
-	go func() {
-		v, err := incrOr.Run(ctx, b, []string{prefix + "{held}i"}, "incr").Int64()
-		counted <- result{v, err}
-	}()
+	counted := startIncr(ctx, b, prefix+"{held}i")
 	waitFor(t, b, func() bool { return queued(b) == 2 })
 	if err := release(); err != nil {
 		t.Fatal(err)
@@ -375,15 +383,7 @@ func TestATimeoutRerunsNoAnsweredScript(t *testing.T) {
 	}
 	b := New(rdb)
 	release := hold(t, rdb, b, prefix)
-	type result struct {
-		v   int64
-		err error
-	}
-	counted := make(chan result, 1)
-	go func() {
-		v, err := incrOr.Run(ctx, b, []string{prefix + "{held}i"}, "incr").Int64()
-		counted <- result{v, err}
-	}()
+	counted := startIncr(ctx, b, prefix+"{held}i")
 	waitFor(t, b, func() bool { return queued(b) == 1 })
 	slow := make(chan error, 1)
 	go func() { slow <- incrOr.Run(ctx, b, []string{prefix + "{held}s"}, "slow", 400000).Err() }()
