@@ -8,18 +8,21 @@
 // while a batch is in flight queue, and when it returns the first of them sends the next batch: its
 // own script and every one queued by then. A quiet server therefore pays a mutex per script, and a
 // busy one sends as many scripts per round trip as arrived during the last one. Measured on the
-// quota consume (BENCHMARKS.md, "Fourth round"): at 16 connections a round trip carried ~5 consumes,
-// and Redis spent a quarter less CPU per consume.
+// quota consume (BENCHMARKS.md, "Fourth round"): at 16 connections a round trip carried ~4–5
+// consumes, and Redis spent 15–30 % less CPU per consume.
 //
 // Each script keeps the atomicity Redis gives it alone: the scripts of a batch run one after another,
-// each whole, in arrival order, and one script's error is its own. A batch is never sent twice:
-// go-redis would resend a whole pipeline after a lost connection, a read timeout or a retryable error
-// of its first command, running again scripts whose replies it had already read. Instead a script
-// Redis refused before running it (TRYAGAIN during a resharding, LOADING, CLUSTERDOWN, MASTERDOWN) is
-// sent again alone, with go-redis' retries, as it would have been without batching; a connection
-// lost or timed out mid-batch is an error for every script of the batch (go-redis reports it on
-// each): each ran at most once, or not at all, as a script sent alone whose reply is lost. And when a batch timed out (Redis hangs), the scripts queued
-// behind it fail at once, unsent, rather than each waiting for a batch of its own to time out.
+// each whole, in arrival order, and one script's error is its own. No script is sent twice unless it
+// provably did not run: go-redis would resend a whole pipeline (or a lone command) after a lost
+// connection, a read timeout or a retryable error, running again scripts it had sent — whose
+// replies, in a pipeline, it may already have read. So go-redis resends nothing of ours; the scripts
+// Redis refused before running them (TRYAGAIN during a resharding, LOADING, CLUSTERDOWN, MASTERDOWN),
+// or that never left because no connection could be made, go again together, up to three times after
+// a short backoff, as go-redis would retry one command. A connection lost or timed out mid-batch is
+// an error for the scripts whose replies had not arrived; each of them ran once or not at all, as a
+// script sent alone whose reply is lost. And when a round trip got no answer in time (Redis hangs),
+// the scripts queued behind it fail at once, unsent, rather than each waiting for a batch of its own
+// to time out.
 //
 // On Redis Cluster the batches are per master (a lane each, by the script's first key), so a master
 // that is slow or failing over holds up only the scripts bound for it, as without batching; each
@@ -33,6 +36,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -143,11 +147,13 @@ func (b *Batcher) run(ctx context.Context, name, payload string, keys []string, 
 	l.mu.Unlock()
 
 	// handOff runs even if the send panics (no caller may wait forever), and then fails the queue.
-	hung := true
+	hung := errPanicked
 	defer func() { l.handOff(batch, hung) }()
 	hung = b.send(ctx, batch)
 	return cmd
 }
+
+var errPanicked = errors.New("scriptbatch: sending the batch panicked")
 
 // lane returns the lane of the server that holds keys[0]: the one lane of one Redis; on a cluster
 // the master's that the client's slot map names (stale during a resharding: then a batch holds
@@ -179,15 +185,16 @@ func (b *Batcher) lane(ctx context.Context, keys []string) *lane {
 }
 
 // handOff passes the turn to the first queued caller, or ends sending, and then wakes the callers
-// whose scripts were in batch (batch[0] is the caller itself). After a batch that timed out (hung)
-// every queued caller fails at once, unsent: the next batch would most likely wait as long, and the
-// queue would drain one MaxBatch per timeout while new callers keep joining it.
-func (l *lane) handOff(batch []*call, hung bool) {
+// whose scripts were in batch (batch[0] is the caller itself). After a batch that got no answer in
+// time (hung: the round trip's error) every queued caller fails at once, unsent: the next batch would
+// most likely wait as long, and the queue would drain one MaxBatch per timeout while new callers
+// keep joining it.
+func (l *lane) handOff(batch []*call, hung error) {
 	l.mu.Lock()
 	var next *call
 	var failed []*call
 	switch {
-	case hung && len(l.queue) > 0:
+	case hung != nil && len(l.queue) > 0:
 		failed, l.queue = l.queue, nil
 		l.sending = false
 	case len(l.queue) > 0:
@@ -205,59 +212,77 @@ func (l *lane) handOff(batch []*call, hung bool) {
 	for _, o := range batch[1:] {
 		o.turn <- false
 	}
-	var err error
-	for _, c := range batch {
-		if err = c.cmd.Err(); err != nil {
-			break
-		}
-	}
 	for _, o := range failed {
-		o.cmd.SetErr(fmt.Errorf("not sent: the Redis round trip before it timed out (%w)", err))
+		o.cmd.SetErr(fmt.Errorf("not sent: the Redis round trip before it got no answer in time (%w)", hung))
 		o.turn <- false
 	}
 }
 
-// send sends the batch as one pipeline, or a lone script as a plain command; each command gets its
-// own reply or error. It reports whether the round trip timed out (Redis hangs).
-func (b *Batcher) send(ctx context.Context, batch []*call) (hung bool) {
+// resends is how many more times scripts that provably did not run (refused, or never written) are
+// sent, all of them together, after a backoff of 8 ms, 16 ms, 32 ms: what go-redis does for one
+// command (MaxRetries 3), for a whole batch at once.
+const resends = 3
+
+// send sends the batch — as one pipeline, or a lone script as a plain command, either way never
+// resent by go-redis — and then, together, the scripts Redis refused before running them, up to
+// resends times. Each command gets its own reply or error. It returns the error of a round trip that
+// got no answer in time (Redis hangs), nil otherwise.
+func (b *Batcher) send(ctx context.Context, batch []*call) (hung error) {
 	defer func() {
 		if r := recover(); r != nil {
 			for _, c := range batch {
-				c.cmd.SetErr(fmt.Errorf("scriptbatch: sending the batch panicked: %v", r))
+				c.cmd.SetErr(fmt.Errorf("%w: %v", errPanicked, r))
 			}
 			panic(r)
 		}
 	}()
-	b.trips.Add(1)
-	b.scripts.Add(uint64(len(batch)))
 	// The round trip carries other callers' scripts: this caller's cancellation must not fail them.
 	// Each is bounded by the client's read and write timeouts, as a script sent alone is.
 	ctx = context.WithoutCancel(ctx)
-	if len(batch) == 1 {
-		return timedOut(b.rdb.Process(ctx, batch[0].cmd))
-	}
-	pipe := b.rdb.Pipeline()
-	for _, c := range batch {
-		_ = pipe.Process(ctx, once{c.cmd})
-	}
-	_, _ = pipe.Exec(ctx)
-	for _, c := range batch {
-		err := c.cmd.Err()
-		hung = hung || timedOut(err)
-		if refusedUnrun(err) {
-			// Refused before it ran: send it alone, with go-redis' retries (and redirections).
-			b.trips.Add(1)
-			b.scripts.Add(1)
-			alone := redis.NewCmd(ctx, c.cmd.Args()...)
-			if len(c.cmd.Args()) > 3 {
-				alone.SetFirstKeyPos(3)
+	todo := batch
+	for round := 0; ; round++ {
+		b.trips.Add(1)
+		b.scripts.Add(uint64(len(todo)))
+		if len(todo) == 1 {
+			_ = b.rdb.Process(ctx, once{todo[0].cmd})
+		} else {
+			pipe := b.rdb.Pipeline()
+			for _, c := range todo {
+				_ = pipe.Process(ctx, once{c.cmd})
 			}
-			_ = b.rdb.Process(ctx, alone)
-			c.cmd.SetVal(alone.Val())
-			c.cmd.SetErr(alone.Err())
+			_, _ = pipe.Exec(ctx)
 		}
+		var again []*call
+		for _, c := range todo {
+			err := c.cmd.Err()
+			var re redis.Error
+			switch {
+			case err == nil:
+			case errors.As(err, &re):
+				if refusedUnrun(err) {
+					again = append(again, c)
+				}
+			case c.cmd.Val() != nil:
+				// Answered before the round trip failed: go-redis puts the round trip's error on
+				// every command without one, but a reply is set only when it was read whole.
+				c.cmd.SetErr(nil)
+			case timedOut(err):
+				if hung == nil {
+					hung = err
+				}
+			case neverSent(err):
+				again = append(again, c)
+			}
+		}
+		if hung != nil || len(again) == 0 || round == resends {
+			return hung
+		}
+		time.Sleep(time.Duration(8<<round) * time.Millisecond)
+		for _, c := range again {
+			c.cmd.SetErr(nil)
+		}
+		todo = again
 	}
-	return hung
 }
 
 // once is a batched command: go-redis must never resend its pipeline (see the package comment).
@@ -267,7 +292,8 @@ type once struct{ *redis.Cmd }
 func (once) NoRetry() bool { return true }
 
 // refusedUnrun reports a Redis error that refuses a command before it runs, which go-redis retries
-// for a command sent alone.
+// for a command sent alone. (So a batched script must never answer such an error itself after
+// writing: it would run again. Errors raised inside a script start with ERR.)
 func refusedUnrun(err error) bool {
 	var re redis.Error
 	if err == nil || !errors.As(err, &re) {
@@ -281,8 +307,15 @@ func refusedUnrun(err error) bool {
 	return false
 }
 
-// timedOut reports an error of a round trip that got no answer in time.
+// timedOut reports an error of a round trip that got no answer in time, or no connection to send on.
 func timedOut(err error) bool {
 	var ne net.Error
-	return err != nil && (errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout())
+	return err != nil && (errors.Is(err, context.DeadlineExceeded) || errors.Is(err, redis.ErrPoolTimeout) ||
+		errors.As(err, &ne) && ne.Timeout())
+}
+
+// neverSent reports a failure to connect: nothing was written.
+func neverSent(err error) bool {
+	var oe *net.OpError
+	return errors.As(err, &oe) && oe.Op == "dial"
 }

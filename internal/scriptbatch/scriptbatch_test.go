@@ -1,6 +1,7 @@
 package scriptbatch
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -458,4 +459,157 @@ func maxDuration(a, b time.Duration) time.Duration {
 		return a
 	}
 	return b
+}
+
+// fakeRedis is a RESP2 server that answers each command with reply(args); a nil reply answers
+// nothing (the command hangs). It makes the failures a real Redis cannot be made to produce on demand.
+func fakeRedis(t *testing.T, reply func(args []string) []byte) *redis.Client {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				r := bufio.NewReader(c)
+				for {
+					var n int
+					if _, err := fmt.Fscanf(r, "*%d\r\n", &n); err != nil {
+						return
+					}
+					args := make([]string, n)
+					for i := range args {
+						var size int
+						if _, err := fmt.Fscanf(r, "$%d\r\n", &size); err != nil {
+							return
+						}
+						buf := make([]byte, size+2)
+						if _, err := io.ReadFull(r, buf); err != nil {
+							return
+						}
+						args[i] = string(buf[:size])
+					}
+					if strings.EqualFold(args[0], "hello") { // go-redis asks; a RESP2 server does not know it
+						_, _ = c.Write([]byte("-ERR unknown command 'hello'\r\n"))
+						continue
+					}
+					if out := reply(args); out != nil {
+						_, _ = c.Write(out)
+					}
+				}
+			}()
+		}
+	}()
+	rdb := redis.NewClient(&redis.Options{Addr: ln.Addr().String(), Protocol: 2, DisableIdentity: true,
+		ReadTimeout: 300 * time.Millisecond, WriteTimeout: 300 * time.Millisecond})
+	t.Cleanup(func() { rdb.Close() })
+	return rdb
+}
+
+// TestAScriptAloneIsNotRerunAfterATimeout: a script sent alone (no batch in flight: a quiet server's
+// every consume) went through go-redis' retries, which resend a command after a read timeout, so
+// one that had run but answered late ran again: four INCRs for one call.
+func TestAScriptAloneIsNotRerunAfterATimeout(t *testing.T) {
+	if testenv.RedisCluster() {
+		t.Skip("one Redis: the test sets its own client's read timeout")
+	}
+	base, prefix := testenv.Redis(t)
+	opts, err := redis.ParseURL(testenv.RedisURL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts.ReadTimeout = 300 * time.Millisecond // and go-redis' default retries, as serve runs it
+	rdb := redis.NewClient(opts)
+	defer rdb.Close()
+	ctx := context.Background()
+	late := redis.NewScript(`
+local v = redis.call('INCR', KEYS[1])
+local t = redis.call('TIME'); local start = tonumber(t[1]) * 1000000 + tonumber(t[2])
+repeat t = redis.call('TIME') until tonumber(t[1]) * 1000000 + tonumber(t[2]) - start > 400000
+return v`)
+	if err := late.Load(ctx, rdb).Err(); err != nil {
+		t.Fatal(err)
+	}
+	err = late.Run(ctx, New(rdb), []string{prefix + "{lone}"}).Err()
+	if !timedOut(err) {
+		t.Errorf("the late script's caller got %v, want the read timeout", err)
+	}
+	time.Sleep(500 * time.Millisecond) // a resent script would still be running
+	if got, _ := base.Get(ctx, prefix+"{lone}").Int64(); got != 1 {
+		t.Errorf("the script ran %d times for one call", got)
+	}
+}
+
+// TestAnAnsweredScriptKeepsItsAnswer: a batch whose first script is answered and whose second never
+// is. go-redis put the round trip's timeout on the answered one too, so its caller was told it
+// failed — a consume that was counted, and that a client would retry.
+func TestAnAnsweredScriptKeepsItsAnswer(t *testing.T) {
+	rdb := fakeRedis(t, func(args []string) []byte {
+		switch args[len(args)-1] {
+		case "hang":
+			return nil
+		case "incr":
+			return []byte(":1\r\n")
+		}
+		return []byte(":0\r\n")
+	})
+	ctx := context.Background()
+	b := New(rdb)
+	release := hold(t, rdb, b, "p:")
+	counted := startIncr(ctx, b, "p:{held}i")
+	waitFor(t, b, func() bool { return queued(b) == 1 })
+	hung := make(chan error, 1)
+	go func() { hung <- incrOr.Run(ctx, b, []string{"p:{held}h"}, "hang").Err() }()
+	waitFor(t, b, func() bool { return queued(b) == 2 })
+	if err := release(); err != nil {
+		t.Fatal(err)
+	}
+	if r := <-counted; r.err != nil || r.v != 1 {
+		t.Errorf("the answered script's caller got %d, %v; want its answer 1", r.v, r.err)
+	}
+	if err := <-hung; !timedOut(err) {
+		t.Errorf("the unanswered script's caller got %v, want the timeout", err)
+	}
+}
+
+// TestRefusedScriptsGoAgainTogether: a Redis loading its data set answers LOADING to everything.
+// Each refused script of a batch was sent again alone, one after another with go-redis' backoff,
+// before anyone was answered: 64 callers, the slowest after 6.5 s where one alone fails in ~0.15 s.
+func TestRefusedScriptsGoAgainTogether(t *testing.T) {
+	rdb := fakeRedis(t, func([]string) []byte { return []byte("-LOADING Redis is loading the dataset in memory\r\n") })
+	ctx := context.Background()
+	b := New(rdb)
+	const callers = 64
+	var wg sync.WaitGroup
+	slowest := make(chan time.Duration, callers)
+	start := make(chan struct{})
+	for i := 0; i < callers; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			t0 := time.Now()
+			if err := incrOr.Run(ctx, b, []string{"k"}, "incr").Err(); err == nil || !strings.HasPrefix(err.Error(), "LOADING") {
+				t.Errorf("got %v, want LOADING", err)
+			}
+			slowest <- time.Since(t0)
+		}()
+	}
+	close(start)
+	wg.Wait()
+	close(slowest)
+	var max time.Duration
+	for d := range slowest {
+		max = maxDuration(max, d)
+	}
+	if max > time.Second {
+		t.Errorf("the slowest of %d refused callers waited %v: refused scripts are sent again one by one", callers, max)
+	}
 }
