@@ -362,22 +362,30 @@ func TestARetryableErrorRerunsNoOtherScript(t *testing.T) {
 	}
 }
 
-// TestATimeoutRerunsNoAnsweredScript: a read timeout in the middle of a batch made go-redis resend
-// the whole pipeline, running again (four times in all) scripts whose replies it had read. Now
-// every script of the batch runs at most once; go-redis reports the timeout to each of its callers,
-// as it would to a script sent alone whose reply did not come.
-func TestATimeoutRerunsNoAnsweredScript(t *testing.T) {
+// impatient returns the test's Redis client and key prefix, and a second client on one Redis with a
+// 300 ms read timeout and go-redis' default retries (as serve runs it); it skips on Redis Cluster.
+func impatient(t *testing.T) (base redis.UniversalClient, prefix string, rdb *redis.Client) {
+	t.Helper()
 	if testenv.RedisCluster() {
 		t.Skip("one Redis: the test sets its own client's read timeout")
 	}
-	base, prefix := testenv.Redis(t)
+	base, prefix = testenv.Redis(t)
 	opts, err := redis.ParseURL(testenv.RedisURL(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	opts.ReadTimeout = 300 * time.Millisecond
-	rdb := redis.NewClient(opts)
-	defer rdb.Close()
+	rdb = redis.NewClient(opts)
+	t.Cleanup(func() { rdb.Close() })
+	return base, prefix, rdb
+}
+
+// TestATimeoutRerunsNoAnsweredScript: a read timeout in the middle of a batch made go-redis resend
+// the whole pipeline, running again (four times in all) scripts whose replies it had read. Now
+// every script of the batch runs at most once; go-redis reports the timeout to each of its callers,
+// as it would to a script sent alone whose reply did not come.
+func TestATimeoutRerunsNoAnsweredScript(t *testing.T) {
+	base, prefix, rdb := impatient(t)
 	ctx := context.Background()
 	if err := incrOr.Load(ctx, rdb).Err(); err != nil {
 		t.Fatal(err)
@@ -517,17 +525,7 @@ func fakeRedis(t *testing.T, reply func(args []string) []byte) *redis.Client {
 // every consume) went through go-redis' retries, which resend a command after a read timeout, so
 // one that had run but answered late ran again: four INCRs for one call.
 func TestAScriptAloneIsNotRerunAfterATimeout(t *testing.T) {
-	if testenv.RedisCluster() {
-		t.Skip("one Redis: the test sets its own client's read timeout")
-	}
-	base, prefix := testenv.Redis(t)
-	opts, err := redis.ParseURL(testenv.RedisURL(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	opts.ReadTimeout = 300 * time.Millisecond // and go-redis' default retries, as serve runs it
-	rdb := redis.NewClient(opts)
-	defer rdb.Close()
+	base, prefix, rdb := impatient(t)
 	ctx := context.Background()
 	late := redis.NewScript(`
 local v = redis.call('INCR', KEYS[1])
@@ -537,7 +535,7 @@ return v`)
 	if err := late.Load(ctx, rdb).Err(); err != nil {
 		t.Fatal(err)
 	}
-	err = late.Run(ctx, New(rdb), []string{prefix + "{lone}"}).Err()
+	err := late.Run(ctx, New(rdb), []string{prefix + "{lone}"}).Err()
 	if !timedOut(err) {
 		t.Errorf("the late script's caller got %v, want the read timeout", err)
 	}
