@@ -17,9 +17,8 @@ import (
 	"github.com/google/uuid"
 	"github.com/redis/go-redis/v9"
 
-	"github.com/analyticsd/analyticsd/internal/scriptbatch"
-
 	"github.com/analyticsd/analyticsd/internal/rediskeys"
+	"github.com/analyticsd/analyticsd/internal/scriptbatch"
 	"github.com/analyticsd/analyticsd/ratelimit"
 )
 
@@ -53,9 +52,11 @@ const CounterTTL = 48 * time.Hour
 // The braces are a Redis Cluster hash tag: all of one tenant's keys share a slot, so the scripts
 // below may touch several of them atomically.
 type Counters struct {
-	rdb      redis.UniversalClient
-	consumes redis.Scripter // runs the consume script: a scriptbatch.Batcher on rdb, so concurrent consumes share a round trip
-	prefix   string         // prepended to every key (tests isolate themselves with it)
+	rdb redis.UniversalClient
+	// consumes runs the consume script: a scriptbatch.Batcher on rdb, so that concurrent consumes
+	// share a round trip.
+	consumes redis.Scripter
+	prefix   string // prepended to every key (tests isolate themselves with it)
 }
 
 // SettleAfter is how long after a minute a live count above ClickHouse's is believed to be rows still
