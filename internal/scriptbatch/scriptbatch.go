@@ -52,8 +52,10 @@ type Batcher struct {
 	rdb     redis.UniversalClient
 	cluster *redis.ClusterClient // rdb, when it is a cluster client: lanes per master
 
+	single *lane // one Redis: its only lane, found without a lock (lanes holds it too, as "")
+
 	mu    sync.Mutex
-	lanes map[string]*lane // by master address ("" for one Redis)
+	lanes map[string]*lane // by master address (on a cluster)
 
 	trips, scripts atomic.Uint64 // Stats
 }
@@ -76,7 +78,12 @@ type call struct {
 // its first key's master (the scripts keep their keys in one slot through a hash tag).
 func New(rdb redis.UniversalClient) *Batcher {
 	cc, _ := rdb.(*redis.ClusterClient)
-	return &Batcher{rdb: rdb, cluster: cc, lanes: map[string]*lane{}}
+	b := &Batcher{rdb: rdb, cluster: cc, lanes: map[string]*lane{}}
+	if cc == nil {
+		b.single = &lane{}
+		b.lanes[""] = b.single
+	}
+	return b
 }
 
 var _ redis.Scripter = (*Batcher)(nil)
@@ -159,8 +166,11 @@ var errPanicked = errors.New("scriptbatch: sending the batch panicked")
 // the master's that the client's slot map names (stale during a resharding: then a batch holds
 // scripts for two masters, which the cluster client still routes right).
 func (b *Batcher) lane(ctx context.Context, keys []string) *lane {
+	if b.single != nil {
+		return b.single
+	}
 	addr := ""
-	if b.cluster != nil && len(keys) > 0 {
+	if len(keys) > 0 {
 		if m, err := b.cluster.MasterForKey(ctx, keys[0]); err == nil {
 			addr = m.Options().Addr
 		}
