@@ -12,6 +12,9 @@ WITHCLUSTER := $(WITHENV) export SINGLE_CLICKHOUSE_DSN="$$CLICKHOUSE_DSN" SINGLE
 # What runs on the cluster: every package that reads or writes ClickHouse or Redis, and from the
 # server's own tests the tenant-isolation suite and the single-vs-cluster comparison.
 CLUSTER_PKGS := ./schema/ ./ingest/... ./query/ ./quota/ ./rollup/ ./dedup/ ./retention/ ./erasure/ ./internal/scriptbatch/
+# After a failed cluster step: the servers' state (stuck DDL, long queries, ZooKeeper) into CI's log,
+# which is all that is left of a CI machine.
+DIAGNOSE_CLUSTER := || { $(CLUSTER) diagnose; exit 1; }
 CLUSTER_RUN  := TestClusterAnswersAsOneServerDoes|TestMoveToCluster|TestRandomCredentialMixesNeverCrossTenants|TestRevokedKeyRefusedEverywhere
 BIN     := bin/analyticsd
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
@@ -52,10 +55,10 @@ test: ## start the local stack, then every test against the real servers (race d
 test-cluster: ## start the local ClickHouse cluster and Redis Cluster, then the storage suites, tenant isolation and a single-vs-cluster comparison on them
 	$(STACK) up
 	$(CLUSTER) up
-	$(WITHCLUSTER) ANALYTICS_REQUIRE_SERVICES=1 go test -count=1 -timeout 20m $(CLUSTER_PKGS)
-	$(WITHCLUSTER) ANALYTICS_REQUIRE_SERVICES=1 go test -count=1 -timeout 10m -run '$(CLUSTER_RUN)' ./cmd/analyticsd/
+	$(WITHCLUSTER) ANALYTICS_REQUIRE_SERVICES=1 go test -count=1 -timeout 20m $(CLUSTER_PKGS) $(DIAGNOSE_CLUSTER)
+	$(WITHCLUSTER) ANALYTICS_REQUIRE_SERVICES=1 go test -count=1 -timeout 10m -run '$(CLUSTER_RUN)' ./cmd/analyticsd/ $(DIAGNOSE_CLUSTER)
 	@echo "== cluster faults, short form (kills and restarts the local cluster's servers)"
-	$(WITHCLUSTER) ANALYTICS_REQUIRE_SERVICES=1 go test -tags chaos -count=1 -timeout 15m -run TestClusterFaults -v ./chaos/ | grep -E '^(=== RUN|\s+---|--- |\s+cluster_test|PASS|FAIL|ok)'; test $${PIPESTATUS[0]} -eq 0
+	$(WITHCLUSTER) ANALYTICS_REQUIRE_SERVICES=1 go test -tags chaos -count=1 -timeout 15m -run TestClusterFaults -v ./chaos/ | grep -E '^(=== RUN|\s+---|--- |\s+cluster_test|PASS|FAIL|ok)'; test $${PIPESTATUS[0]} -eq 0 $(DIAGNOSE_CLUSTER)
 
 cluster-up: ## start only the local cluster (deploy/local/cluster.sh up); `eval "$$(deploy/local/cluster.sh env)"` points a shell at it
 	$(CLUSTER) up
