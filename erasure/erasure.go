@@ -553,7 +553,15 @@ func (s *Service) issue(ctx context.Context, st statement) error {
 	if n := querySize(q); n > 0 {
 		return fmt.Errorf("delete from %s: %d bytes of SQL exceed what every server parses (RoundRows too large)", st.table, len(q))
 	}
-	if err := s.ch.Exec(ectx, q, st.args...); err != nil {
+	var err error
+	if s.cfg.Lightweight {
+		err = s.ch.Exec(ectx, q, st.args...)
+	} else {
+		// The same statement as q; through Layout.AlterLocal so that servers whose distributed-DDL
+		// worker races on a replicated ALTER get it once per shard instead of ON CLUSTER.
+		_, err = s.cfg.Layout.AlterLocal(ectx, s.ch, st.table, "DELETE WHERE "+st.where, st.args...)
+	}
+	if err != nil {
 		return fmt.Errorf("delete from %s: %w", st.table, err)
 	}
 	return nil

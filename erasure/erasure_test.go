@@ -246,6 +246,54 @@ func TestJobSurvivesARestart(t *testing.T) {
 	}
 }
 
+// TestErasureSendsNoReplicatedAlterOnCluster: on servers whose distributed-DDL worker races on a
+// replicated ALTER (18.16: the worker of one replica stopped for good on "Node exists" during a run of
+// the storage suites, and every later DDL ON CLUSTER timed out), the erasure's deletes go to one
+// replica of each shard directly (schema.Shards) and still remove the rows from every shard. Before
+// schema.Shards they went ON CLUSTER, through the queue this test reads.
+func TestErasureSendsNoReplicatedAlterOnCluster(t *testing.T) {
+	if testenv.Cluster() == "" {
+		t.Skip("a cluster's distributed-DDL queue: runs under make test-cluster")
+	}
+	t.Parallel()
+	f := newFixture(t)
+	ctx := context.Background()
+	v, err := schema.ServerVersion(f.env.CH)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tn := range []uuid.UUID{f.a, f.b} {
+		f.env.Insert(t, "events", eventCols, rows(tn, "erin", 20)...)
+	}
+	s := f.service(Config{})
+	j, err := s.EraseTenant(ctx, f.a, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.RunOne(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.job(t, s, f.a, j.ID); got.Status != StatusDone || got.RowsErased != 20 {
+		t.Errorf("job: got %s %d rows, want done 20", got.Status, got.RowsErased)
+	}
+	for tn, want := range map[uuid.UUID]uint64{f.a: 0, f.b: 20} {
+		var n uint64
+		if err := f.env.CH.QueryRow(ctx, "SELECT count() FROM "+f.env.DB+".events WHERE tenant_id = ?", tn).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if n != want {
+			t.Errorf("tenant %s: %d events after the erasure, want %d", tn, n, want)
+		}
+	}
+	n := f.env.DDLQueueTasks(t, "ALTER TABLE "+f.env.DB+".")
+	if schema.AlterRacesOnCluster(v) && n != 0 {
+		t.Errorf("%d ALTERs of the erasure went through the distributed-DDL queue of a %s server, want none", n, v)
+	}
+	if !schema.AlterRacesOnCluster(v) && n == 0 {
+		t.Errorf("no ALTER of the erasure in the distributed-DDL queue of a %s server, want them ON CLUSTER", v)
+	}
+}
+
 // TestEraseTenantLeavesOtherTenants: an offboarding erases the tenant's events, increments, daily
 // aggregates and billed usage, and nothing of another tenant.
 func TestEraseTenantLeavesOtherTenants(t *testing.T) {

@@ -46,7 +46,9 @@ func TestFailingJobIsFailedAndCanBeSentAgain(t *testing.T) {
 	acme := fixture.Tenant(t, f.env.PG, "acme")
 	admin, _ := fixture.Key(t, f.env.PG, acme.ID, "a-admin", auth.ScopeAnalyticsAdmin)
 	f.env.Insert(t, "events", eventCols, rows(acme.ID, "gina", 5)...)
-	broken := New(Config{Layout: f.env.Layout(), Poll: 20 * time.Millisecond, MaxAttempts: 2, Backoff: 50 * time.Millisecond},
+	layout := f.env.Layout() // on an 18.16 cluster the deletes go through Shards' own connections
+	layout.Shards = layout.Shards.Wrap(func(c driver.Conn) driver.Conn { return failingDeletes{c} })
+	broken := New(Config{Layout: layout, Poll: 20 * time.Millisecond, MaxAttempts: 2, Backoff: 50 * time.Millisecond},
 		failingDeletes{f.env.CH}, f.env.PG, audit.New(f.env.PG), nil)
 	j, err := broken.EraseUser(ctx, acme.ID, "gina", "test")
 	if err != nil {
@@ -260,7 +262,9 @@ func TestNoUserIDReachesClickHouse(t *testing.T) {
 	var mu sync.Mutex
 	var sent []string
 	start := time.Now().Add(-time.Second)
-	s := New(Config{Layout: f.env.Layout(), Poll: 20 * time.Millisecond, RoundRows: 4}, recordingConn{conn, &mu, &sent}, f.env.PG, audit.New(f.env.PG), nil)
+	layout := f.env.Layout()
+	layout.Shards = layout.Shards.Wrap(func(c driver.Conn) driver.Conn { return recordingConn{c, &mu, &sent} })
+	s := New(Config{Layout: layout, Poll: 20 * time.Millisecond, RoundRows: 4}, recordingConn{conn, &mu, &sent}, f.env.PG, audit.New(f.env.PG), nil)
 	j, err := s.EraseUser(ctx, f.a, user, "test")
 	if err != nil {
 		t.Fatal(err)
@@ -271,16 +275,16 @@ func TestNoUserIDReachesClickHouse(t *testing.T) {
 	if got := f.job(t, s, f.a, j.ID); got.Status != StatusDone || got.RowsErased != 6 {
 		t.Fatalf("job: %+v, want done with 6 rows (two rounds of at most 4)", got)
 	}
-	deletes := 0
+	deletes := map[string]bool{} // on an 18.16 cluster each round's delete is sent to every shard
 	for _, q := range sent {
 		if strings.Contains(q, user) {
 			t.Errorf("a statement carries the user id: %.300s", q)
 		}
 		if strings.Contains(q, "DELETE") {
-			deletes++
+			deletes[q] = true
 		}
 	}
-	if deletes != 2 {
+	if deletes := len(deletes); deletes != 2 {
 		t.Errorf("deletes sent: %d, want 2 (rounds of 4 rows)", deletes)
 	}
 	if !single {

@@ -12,6 +12,7 @@ import (
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 	"github.com/analyticsd/analyticsd/rollup"
+	"github.com/analyticsd/analyticsd/schema"
 )
 
 // A late event for D-2, written after the run that reconciled D-2, is picked up by the next day's run
@@ -169,6 +170,25 @@ func TestSweeperDropsExpiredPartitions(t *testing.T) {
 		if got := metricValue(t, reg, "sbh_analytics_retention_partitions_dropped_total", map[string]string{"table": table}); got != 2 {
 			t.Errorf("partitions dropped from %s: got %v, want 2", table, got)
 		}
+	}
+	if f.env.Target.Cluster != "" {
+		// On 18.16 the drops go to one replica of each shard (schema.Shards), not ON CLUSTER; the
+		// other replica takes them from the shard's replication log: every server's copy goes.
+		if v, err := schema.ServerVersion(f.env.CH); err != nil {
+			t.Fatal(err)
+		} else if n := f.env.DDLQueueTasks(t, "ALTER TABLE "+f.env.DB+"."); schema.AlterRacesOnCluster(v) && n != 0 {
+			t.Errorf("%d of the sweeper's DROP PARTITIONs went through the distributed-DDL queue of a %s server, want none", n, v)
+		}
+		cutoff := f.daysAgo(90).Format("20060102")
+		testenv.Eventually(t, 20*time.Second, func() error {
+			var n uint64
+			err := f.env.CH.QueryRow(ctx, "SELECT count() FROM cluster('"+f.env.Target.Cluster+"', system, parts) WHERE database = ? AND table = 'events_local' AND active AND partition < ?",
+				f.env.DB, cutoff).Scan(&n)
+			if err == nil && n != 0 {
+				err = fmt.Errorf("%d parts of dropped days left on the cluster's servers", n)
+			}
+			return err
+		})
 	}
 	if n := f.count(t, "SELECT count(*) FROM audit_log WHERE action = 'retention.sweep' AND jsonb_array_length(meta->'dropped'->'events') = 2"); n != 1 {
 		t.Errorf("audit_log: %d retention.sweep entries dropping 2 events partitions, want 1", n)

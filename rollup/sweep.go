@@ -61,9 +61,11 @@ type Sweeper struct {
 	// raiseFloor records the first day whose raw data is complete (retention.Floor); tests replace it.
 	raiseFloor func(ctx context.Context, d time.Time) error
 
-	// DDLWait bounds how long a drop on a cluster waits for every replica (distributed_ddl_task_timeout,
+	// DDLWait bounds how long a drop ON CLUSTER waits for every replica (distributed_ddl_task_timeout,
 	// default 30 s; the server's own default is 180 s). A replica that is down does not make the
-	// sweep fail: its drop stays queued and runs when it returns (SweepResult.Queued).
+	// sweep fail: its drop stays queued and runs when it returns (SweepResult.Queued). On servers
+	// whose drops go to each shard directly (schema.Layout.AlterLocal), a replica down is skipped and
+	// takes the drop from its shard's replication log when it returns (also SweepResult.Queued).
 	DDLWait time.Duration
 
 	d       *daily
@@ -236,12 +238,13 @@ func (s *Sweeper) sweepTable(ctx context.Context, table string, cutoff time.Time
 		if s.layout.Clustered() && s.DDLWait > 0 {
 			dctx = clickhouse.Context(ctx, clickhouse.WithSettings(schema.DDLTaskTimeout(s.ch, s.DDLWait)))
 		}
-		if err := s.ch.Exec(dctx, "ALTER TABLE "+s.layout.Local(table)+s.layout.OnCluster()+" DROP PARTITION "+p); err != nil {
-			if !queuedOnCluster(err) {
-				return fmt.Errorf("retention sweep: drop partition %s of %s.%s: %w", p, s.db, table, err)
-			}
+		down, err := s.layout.AlterLocal(dctx, s.ch, table, "DROP PARTITION "+p)
+		if err != nil && !queuedOnCluster(err) {
+			return fmt.Errorf("retention sweep: drop partition %s of %s.%s: %w", p, s.db, table, err)
+		}
+		if err != nil || len(down) > 0 {
 			res.Queued[table] = append(res.Queued[table], p)
-			s.log.Warn("retention sweep: a replica is down; the partition is dropped on the others and queued for it", "table", table, "partition", p, "err", err)
+			s.log.Warn("retention sweep: a replica is down; the partition is dropped on the others and queued for it", "table", table, "partition", p, "down", down, "err", err)
 		}
 		res.Dropped[table] = append(res.Dropped[table], p)
 		s.m.dropped.WithLabelValues(table).Inc()

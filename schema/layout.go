@@ -15,6 +15,9 @@ import (
 type Layout struct {
 	DB      string
 	Cluster string
+	// Shards, on a cluster, reaches each shard's servers directly; AlterLocal sends through it the
+	// ALTERs that a server's distributed-DDL worker cannot be trusted with. Nil: they go ON CLUSTER.
+	Shards *Shards
 }
 
 // Clustered reports whether the tables are spread over a cluster.
@@ -44,6 +47,28 @@ func (l Layout) OnCluster() string {
 		return " ON CLUSTER " + l.Cluster
 	}
 	return ""
+}
+
+// AlterLocal runs "ALTER TABLE <table's local table> <command>" wherever table's rows are stored: on
+// one server, there; on a cluster, on every shard — ON CLUSTER (ctx's settings, such as
+// distributed_ddl_task_timeout, apply), or, for a server whose distributed-DDL worker races on
+// replicated ALTERs (AlterRacesOnCluster) when l.Shards is set, once per shard through Shards. down
+// lists the servers Shards found down: they apply the change from their shard's replication log when
+// they return. command must be safe to run twice (see Shards).
+func (l Layout) AlterLocal(ctx context.Context, ch driver.Conn, table, command string, args ...any) (down []string, err error) {
+	stmt := "ALTER TABLE " + l.Local(table)
+	if l.Clustered() && l.Shards != nil {
+		// Without the version, ON CLUSTER could be the statement that stops an old server's worker:
+		// fail instead (the caller tries again later).
+		v, err := ServerVersion(ch)
+		if err != nil {
+			return nil, err
+		}
+		if AlterRacesOnCluster(v) {
+			return l.Shards.Exec(ctx, ch, stmt+" "+command, args...)
+		}
+	}
+	return nil, ch.Exec(ctx, stmt+l.OnCluster()+" "+command, args...)
 }
 
 // ConnSettings are the settings every connection to the layout's servers needs. Nil on one server;

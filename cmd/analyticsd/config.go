@@ -68,7 +68,7 @@ const (
 
 // Layout says where the ClickHouse tables are: one server, or CLICKHOUSE_CLUSTER's shards.
 func (c Config) Layout() schema.Layout {
-	return schema.Layout{DB: c.ClickHouseDB, Cluster: c.ClickHouseCluster}
+	return schema.Layout{DB: c.ClickHouseDB, Cluster: c.ClickHouseCluster, Shards: schema.ShardsOf(c.ClickHouseCluster, c.ClickHouseDSN)}
 }
 
 // loadConfig reads the environment through getenv and validates it, reporting every problem at once.

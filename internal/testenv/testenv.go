@@ -71,7 +71,9 @@ func ctx(t testing.TB) context.Context {
 func Cluster() string { return os.Getenv("CLICKHOUSE_CLUSTER") }
 
 // Layout is where an Env's tables live (see schema.Layout).
-func (e Env) Layout() schema.Layout { return schema.Layout{DB: e.DB, Cluster: e.Target.Cluster} }
+func (e Env) Layout() schema.Layout {
+	return schema.Layout{DB: e.DB, Cluster: e.Target.Cluster, Shards: schema.ShardsOf(e.Target.Cluster, e.Target.ClickHouseDSN)}
+}
 
 // Target is a set of servers an Env is made on: the environment's (FromEnv), or the single-server
 // stack beside a cluster (SingleServer), for tests that compare the two.
@@ -117,6 +119,10 @@ func clickHouseAt(t testing.TB, dsn, cluster string) (driver.Conn, string) {
 	if c := cluster; c != "" {
 		onCluster = " ON CLUSTER " + c
 		opts.Settings = schema.Layout{Cluster: c}.ConnSettings() // as analyticsd's own connection
+		// A DDL that a server's distributed-DDL worker never runs (18.16's stops for good on some
+		// ZooKeeper errors) then fails with ClickHouse's own count of unfinished hosts, inside the
+		// test's 30-s context, rather than as a bare "i/o timeout".
+		opts.Settings["distributed_ddl_task_timeout"] = 25
 	}
 	conn, err := clickhouse.Open(opts)
 	if err == nil {
@@ -333,4 +339,19 @@ func (e Env) LoadEvents(t testing.TB, n int, row func(i int) (tenant uuid.UUID, 
 		}
 	}
 	t.Logf("loaded %d events in %s", n, time.Since(start).Round(time.Second))
+}
+
+// DDLQueueTasks counts the tasks in the local cluster's distributed-DDL queue (its ZooKeeper path,
+// /clickhouse/task_queue/ddl, deploy/local/clickhouse/cluster.xml.tmpl) whose statement contains s;
+// 0 on one server. The queue keeps its newest 1,000 tasks, so a test asks right after its own.
+func (e Env) DDLQueueTasks(t testing.TB, s string) int {
+	t.Helper()
+	if e.Target.Cluster == "" {
+		return 0
+	}
+	var n uint64
+	if err := e.CH.QueryRow(ctx(t), "SELECT count() FROM system.zookeeper WHERE path = '/clickhouse/task_queue/ddl' AND position(value, ?) > 0", s).Scan(&n); err != nil {
+		t.Fatalf("read the distributed-DDL queue: %v", err)
+	}
+	return int(n)
 }
