@@ -180,15 +180,33 @@ func TestSweeperDropsExpiredPartitions(t *testing.T) {
 			t.Errorf("%d of the sweeper's DROP PARTITIONs went through the distributed-DDL queue of a %s server, want none", n, v)
 		}
 		cutoff := f.daysAgo(90).Format("20060102")
-		testenv.Eventually(t, 20*time.Second, func() error {
-			var n uint64
-			err := f.env.CH.QueryRow(ctx, "SELECT count() FROM cluster('"+f.env.Target.Cluster+"', system, parts) WHERE database = ? AND table = 'events_local' AND active AND partition < ?",
-				f.env.DB, cutoff).Scan(&n)
-			if err == nil && n != 0 {
-				err = fmt.Errorf("%d parts of dropped days left on the cluster's servers", n)
+		var addrs []string // cluster() would read one replica per shard: ask each server by remote()
+		rows, err := f.env.CH.Query(ctx, "SELECT concat(host_address, ':', toString(port)) FROM system.clusters WHERE cluster = ?", f.env.Target.Cluster)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for rows.Next() {
+			var a string
+			if err := rows.Scan(&a); err != nil {
+				t.Fatal(err)
 			}
-			return err
-		})
+			addrs = append(addrs, a)
+		}
+		rows.Close()
+		if len(addrs) < 2 {
+			t.Fatalf("cluster %s lists %d servers", f.env.Target.Cluster, len(addrs))
+		}
+		for _, addr := range addrs {
+			testenv.Eventually(t, 20*time.Second, func() error {
+				var n uint64
+				err := f.env.CH.QueryRow(ctx, "SELECT count() FROM remote('"+addr+"', system, parts) WHERE database = ? AND table = 'events_local' AND active AND partition < ?",
+					f.env.DB, cutoff).Scan(&n)
+				if err == nil && n != 0 {
+					err = fmt.Errorf("%s still holds %d parts of dropped days", addr, n)
+				}
+				return err
+			})
+		}
 	}
 	if n := f.count(t, "SELECT count(*) FROM audit_log WHERE action = 'retention.sweep' AND jsonb_array_length(meta->'dropped'->'events') = 2"); n != 1 {
 		t.Errorf("audit_log: %d retention.sweep entries dropping 2 events partitions, want 1", n)
