@@ -28,9 +28,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -573,23 +571,32 @@ func (s *Service) settle(ctx context.Context, table string) error {
 	// system.mutations has only these columns on 18.16 (no failure reason): a mutation that keeps
 	// failing shows as one that never finishes, and the attempt fails at AttemptTimeout. On a cluster
 	// the mutation runs on every replica of every shard, each at its own pace: every server of the
-	// cluster is asked (remote() per address of system.clusters), so the job is not done while one
-	// replica still serves the rows.
-	sources := []string{"system.mutations"}
+	// cluster is asked, over a connection of its own with the DSN's credentials (Layout.Shards), so
+	// the job is not done while one replica still serves the rows; a server that does not answer
+	// fails the attempt, which is tried again later.
+	servers := []schema.Live{{Addr: "the server", Conn: s.ch}}
 	if l := s.cfg.Layout; l.Clustered() {
-		var err error
-		if sources, err = s.replicaMutations(ctx, l.Cluster); err != nil {
-			return err
+		if l.Shards == nil {
+			return fmt.Errorf("confirm the delete from %s: a cluster layout without Shards cannot reach each server", table)
 		}
+		live, down, err := l.Shards.Servers(ctx, s.ch)
+		if err != nil {
+			return fmt.Errorf("confirm the delete from %s: %w", table, err)
+		}
+		defer schema.CloseAll(live)
+		if len(down) > 0 {
+			return fmt.Errorf("confirm the delete from %s: servers %s do not answer", table, strings.Join(down, ", "))
+		}
+		servers = live
 	}
 	for {
 		var pending uint64
-		for _, src := range sources {
+		for _, sv := range servers {
 			var n uint64
-			err := s.ch.QueryRow(ctx, "SELECT count() FROM "+src+" WHERE database = ? AND table = ? AND is_done = 0",
+			err := sv.QueryRow(ctx, "SELECT count() FROM system.mutations WHERE database = ? AND table = ? AND is_done = 0",
 				s.cfg.Layout.DB, s.cfg.Layout.LocalName(table)).Scan(&n)
 			if err != nil {
-				return fmt.Errorf("poll mutations of %s: %w", table, err)
+				return fmt.Errorf("poll mutations of %s on %s: %w", table, sv.Addr, err)
 			}
 			pending += n
 		}
@@ -602,32 +609,6 @@ func (s *Service) settle(ctx context.Context, table string) error {
 		case <-time.After(s.cfg.Poll):
 		}
 	}
-}
-
-// replicaMutations names system.mutations of every server of cluster, as remote() table functions.
-func (s *Service) replicaMutations(ctx context.Context, cluster string) ([]string, error) {
-	rows, err := s.ch.Query(ctx, "SELECT host_address, port FROM system.clusters WHERE cluster = ?", cluster)
-	if err != nil {
-		return nil, fmt.Errorf("list the servers of cluster %s: %w", cluster, err)
-	}
-	defer rows.Close()
-	var out []string
-	for rows.Next() {
-		var host string
-		var port uint16
-		if err := rows.Scan(&host, &port); err != nil {
-			return nil, fmt.Errorf("list the servers of cluster %s: %w", cluster, err)
-		}
-		addr := net.JoinHostPort(host, strconv.Itoa(int(port)))
-		out = append(out, "remote('"+strings.ReplaceAll(addr, "'", "")+"', system, mutations)")
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	if len(out) == 0 {
-		return nil, fmt.Errorf("cluster %s has no servers in system.clusters", cluster)
-	}
-	return out, nil
 }
 
 // countTenant is how many raw rows (tenantTables that are not aggregates) the tenant still has.

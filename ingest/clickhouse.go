@@ -9,6 +9,8 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/ext"
 	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/schema"
 )
 
 type clickhouseException = clickhouse.Exception
@@ -152,23 +154,51 @@ func (sh *shipper) stored(ctx context.Context, kind Kind, tenant uuid.UUID, lo, 
 // goes on: an insert whose client gave up (a timeout) runs on and may commit later, and a check made
 // before it finishes would miss its rows. A just-refused insert can stay listed for a moment after
 // its exception, so the first second only waits.
+//
+// On a cluster the insert may be running elsewhere: on the server the earlier attempt was sent to
+// (the pool fails over to the DSN's next address), and on the servers of each shard it writes to
+// (insert_distributed_sync), whose queries carry the attempt's id as initial_query_id. So every
+// server is asked, and told to stop it, over a connection of its own (cfg.Shards); one that does not
+// answer is skipped, with a warning: it cannot be asked.
 func (sh *shipper) awaitAttempts(ctx context.Context, id string) error {
 	pattern := "ingest-" + strings.NewReplacer("%", "", "_", "").Replace(id) + "-%"
-	start := time.Now()
-	for {
-		var n uint64
-		if err := sh.ch.QueryRow(ctx, "SELECT count() FROM system.processes WHERE query_id LIKE ?", pattern).Scan(&n); err != nil {
+	servers := []schema.Live{{Addr: "the server", Conn: sh.ch}}
+	if sh.cfg.Shards != nil {
+		live, down, err := sh.cfg.Shards.Servers(ctx, sh.ch)
+		if err != nil {
 			return fmt.Errorf("look for an earlier insert of spool segment %s still running: %w", id, err)
 		}
-		if n == 0 {
-			return nil
+		defer schema.CloseAll(live)
+		if len(down) > 0 {
+			sh.log.Warn("servers of the cluster that do not answer cannot be asked whether an earlier insert of this spool segment still runs there", "segment", id, "down", down)
 		}
-		if time.Since(start) > time.Second {
-			sh.log.Info("an earlier insert of this spool segment is still running on clickhouse; stopping it before checking which rows it stored", "segment", id)
-			// Exec: 18.16 answers KILL QUERY in a form the driver's Query reads as EOF.
-			if err := sh.ch.Exec(ctx, "KILL QUERY WHERE query_id LIKE ? SYNC", pattern); err != nil {
-				return fmt.Errorf("stop an earlier insert of spool segment %s: %w", id, err)
+		servers = live
+	}
+	start := time.Now()
+	for {
+		running := 0
+		for _, sv := range servers {
+			var n uint64
+			qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			err := sv.QueryRow(qctx, "SELECT count() FROM system.processes WHERE query_id LIKE ? OR initial_query_id LIKE ?", pattern, pattern).Scan(&n)
+			cancel()
+			if err != nil {
+				return fmt.Errorf("look for an earlier insert of spool segment %s still running on %s: %w", id, sv.Addr, err)
 			}
+			if n == 0 {
+				continue
+			}
+			running++
+			if time.Since(start) > time.Second {
+				sh.log.Info("an earlier insert of this spool segment is still running on clickhouse; stopping it before checking which rows it stored", "segment", id, "server", sv.Addr)
+				// Exec: 18.16 answers KILL QUERY in a form the driver's Query reads as EOF.
+				if err := sv.Exec(ctx, "KILL QUERY WHERE query_id LIKE ? OR initial_query_id LIKE ? SYNC", pattern, pattern); err != nil {
+					return fmt.Errorf("stop an earlier insert of spool segment %s on %s: %w", id, sv.Addr, err)
+				}
+			}
+		}
+		if running == 0 {
+			return nil
 		}
 		select {
 		case <-ctx.Done():

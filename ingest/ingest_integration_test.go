@@ -103,7 +103,7 @@ func (h *harness) newInstance(t *testing.T, o opts) *instance {
 		ch = o.ch(ch)
 	}
 
-	wc := WriterConfig{Dir: t.TempDir(), FlushInterval: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond}
+	wc := WriterConfig{Dir: t.TempDir(), FlushInterval: 50 * time.Millisecond, RetryMax: 200 * time.Millisecond, Shards: h.env.Layout().Shards}
 	if o.writer != nil {
 		o.writer(&wc)
 	}

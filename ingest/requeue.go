@@ -11,6 +11,7 @@ import (
 
 	"github.com/analyticsd/analyticsd/ingest/spool"
 	"github.com/analyticsd/analyticsd/internal/logger"
+	"github.com/analyticsd/analyticsd/schema"
 )
 
 // RequeueResult says what a requeue of one quarantine file did.
@@ -26,7 +27,10 @@ type RequeueOptions struct {
 	// inserted (they may have been stored before). 0 inserts them anyway: an operator's decision,
 	// for rows known never to have reached ClickHouse.
 	RetentionDays int
-	Log           *slog.Logger
+	// Shards, on a cluster: as WriterConfig.Shards, every server is asked for an earlier insert still
+	// running. Nil on one server.
+	Shards *schema.Shards
+	Log    *slog.Logger
 }
 
 // Requeue ships the rows of one quarantine file of the spool in spoolDir to ClickHouse, the way the
@@ -42,7 +46,7 @@ func Requeue(ctx context.Context, spoolDir, name string, ch driver.Conn, db stri
 	defer r.Close()
 	res.Rows = info.Rows()
 	o.Log = logger.Or(o.Log)
-	sh := newShipper(ch, db, claims, WriterConfig{InsertTimeout: time.Minute, QuarantineAfter: 1, RetentionDays: o.RetentionDays}, NewMetrics(nil, 0), o.Log)
+	sh := newShipper(ch, db, claims, WriterConfig{InsertTimeout: time.Minute, QuarantineAfter: 1, RetentionDays: o.RetentionDays, Shards: o.Shards}, NewMetrics(nil, 0), o.Log)
 	s := &segment{id: "requeue" + info.Segment, claims: map[uint64]*claimState{}}
 	spoolID, err := spool.ReadID(spoolDir)
 	if err != nil {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/analyticsd/analyticsd/ingest/spool"
 	"github.com/analyticsd/analyticsd/internal/logger"
+	"github.com/analyticsd/analyticsd/schema"
 )
 
 // Durability says when an accepted request is acknowledged.
@@ -69,6 +70,10 @@ type WriterConfig struct {
 	// day has left the window cannot be (its partition may be gone), so it is quarantined rather than
 	// inserted a second time. 0: no such guard (tests of other things).
 	RetentionDays int
+	// Shards, on a cluster, reaches each server directly: an insert that a retry must wait for may be
+	// running on any of them (the server it was sent to, or the shards' servers it writes to). Nil on
+	// one server.
+	Shards *schema.Shards
 }
 
 // DefaultWriterConfig returns the documented defaults (fields left zero in a WriterConfig take them).

@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
@@ -15,12 +16,14 @@ import (
 	"github.com/analyticsd/analyticsd/internal/excerpt"
 )
 
-// Shards sends a statement straight to one replica of each shard of a cluster, over a connection of
-// its own to that server: what ALTER … ON CLUSTER does for a replicated table (the replica that runs
-// it writes the change to the shard's replication log, and the shard's other replicas apply it from
-// there, now or when they come back), without the servers' distributed-DDL worker.
+// Shards reaches the servers of a cluster directly, over connections of its own with the DSN's
+// credentials. Servers connects to every server, for what must be asked of each one itself (its
+// running queries, its mutations). Exec sends a statement to one replica of each shard: what
+// ALTER … ON CLUSTER does for a replicated table (the replica that runs it writes the change to the
+// shard's replication log, and the shard's other replicas apply it from there, now or when they
+// come back), without the servers' distributed-DDL worker.
 //
-// It exists for servers whose worker cannot be trusted with a replicated ALTER (AlterRacesOnCluster):
+// Exec exists for servers whose worker cannot be trusted with a replicated ALTER (AlterRacesOnCluster):
 // on 18.16 the two replicas of a shard race for the task's lock, the loser can take it just after the
 // winner released it, run the statement again and then fail to create the task's "executed" node,
 // and on that error (ZooKeeper's "Node exists") the worker thread ends for good. Every later
@@ -86,9 +89,40 @@ func ShardsOf(cluster, dsn string) *Shards {
 // in 20.8; analyticsd sends such ALTERs through Shards to servers older than that.
 func AlterRacesOnCluster(v Version) bool { return !v.AtLeast(20, 8) }
 
-type replica struct {
-	shard uint32
-	addr  string
+// Server is one server of a cluster as system.clusters lists it: its shard, and host:port as the
+// cluster's configuration names it.
+type Server struct {
+	Shard uint32
+	Addr  string
+}
+
+// ClusterServers lists cluster's servers as ch's server knows them (its system.clusters): in shard
+// order, each shard's replicas in their configured order. Host names lose any quote or comma, so an
+// address can go into a remote() table function as it is.
+func ClusterServers(ctx context.Context, ch driver.Conn, cluster string) ([]Server, error) {
+	rows, err := ch.Query(ctx, "SELECT shard_num, host_name, port FROM system.clusters WHERE cluster = ? ORDER BY shard_num, replica_num", cluster)
+	if err != nil {
+		return nil, fmt.Errorf("list the servers of cluster %s: %w", cluster, err)
+	}
+	defer rows.Close()
+	var out []Server
+	for rows.Next() {
+		var sv Server
+		var host string
+		var port uint16
+		if err := rows.Scan(&sv.Shard, &host, &port); err != nil {
+			return nil, fmt.Errorf("list the servers of cluster %s: %w", cluster, err)
+		}
+		sv.Addr = net.JoinHostPort(strings.NewReplacer("'", "", ",", "", "\\", "").Replace(host), strconv.Itoa(int(port)))
+		out = append(out, sv)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list the servers of cluster %s: %w", cluster, err)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("cluster %s has no servers in system.clusters", cluster)
+	}
+	return out, nil
 }
 
 // Exec runs query with args on one replica of every shard of the cluster (as system.clusters on via
@@ -98,14 +132,14 @@ type replica struct {
 // through every shard, and fails naming each shard where no replica took the statement (a shard whose
 // every replica is down, or that refused it).
 func (s *Shards) Exec(ctx context.Context, via driver.Conn, query string, args ...any) (down []string, err error) {
-	all, err := s.replicas(ctx, via)
+	all, err := ClusterServers(ctx, via, s.cluster)
 	if err != nil {
 		return nil, err
 	}
 	var errs []error
 	for i := 0; i < len(all); {
 		j := i
-		for j < len(all) && all[j].shard == all[i].shard {
+		for j < len(all) && all[j].Shard == all[i].Shard {
 			j++
 		}
 		d, err := s.onShard(ctx, all[i:j], query, args)
@@ -122,7 +156,7 @@ func (s *Shards) Exec(ctx context.Context, via driver.Conn, query string, args .
 // cluster: "Connection refused" from the live replica meanwhile, then "leadership changed"). So while
 // a replica answers and refuses for such a reason, the shard is tried again every second, for up to
 // Retry.
-func (s *Shards) onShard(ctx context.Context, reps []replica, query string, args []any) ([]string, error) {
+func (s *Shards) onShard(ctx context.Context, reps []Server, query string, args []any) ([]string, error) {
 	deadline := time.Now().Add(s.Retry)
 	for {
 		var down []string
@@ -133,12 +167,12 @@ func (s *Shards) onShard(ctx context.Context, reps []replica, query string, args
 				errs = append(errs, ctx.Err())
 				break
 			}
-			ran, alive, err := s.run(ctx, r.addr, !done, query, args)
+			ran, alive, err := s.run(ctx, r.Addr, !done, query, args)
 			if !alive {
-				down = append(down, r.addr)
+				down = append(down, r.Addr)
 			}
 			if err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", r.addr, err))
+				errs = append(errs, fmt.Errorf("%s: %w", r.Addr, err))
 				again = again || (alive && transient(err))
 			}
 			done = done || ran
@@ -146,7 +180,7 @@ func (s *Shards) onShard(ctx context.Context, reps []replica, query string, args
 		if done {
 			return down, nil
 		}
-		err := fmt.Errorf("no replica of shard %d of cluster %s took %q: %w", reps[0].shard, s.cluster, excerpt.Of(query, 120), errors.Join(errs...))
+		err := fmt.Errorf("no replica of shard %d of cluster %s took %q: %w", reps[0].Shard, s.cluster, excerpt.Of(query, 120), errors.Join(errs...))
 		if !again || time.Now().After(deadline) {
 			return down, err
 		}
@@ -179,23 +213,11 @@ func transient(err error) bool {
 // the server answered: its ping, and its statement with an answer of its own (an error that is not
 // the server's — the connection lost midway — counts as down, though the statement may have run).
 func (s *Shards) run(ctx context.Context, addr string, exec bool, query string, args []any) (ran, alive bool, err error) {
-	opts := s.base
-	opts.Addr = []string{addr}
-	raw, err := clickhouse.Open(&opts)
+	conn, err := s.dial(ctx, addr)
 	if err != nil {
 		return false, false, err
 	}
-	defer raw.Close()
-	conn := raw
-	if s.wrap != nil {
-		conn = s.wrap(raw)
-	}
-	pctx, cancel := context.WithTimeout(ctx, opts.DialTimeout)
-	err = conn.Ping(pctx)
-	cancel()
-	if err != nil {
-		return false, false, err
-	}
+	defer conn.Close()
 	if !exec {
 		return false, true, nil
 	}
@@ -206,31 +228,59 @@ func (s *Shards) run(ctx context.Context, addr string, exec bool, query string, 
 	return true, true, nil
 }
 
-// replicas lists the cluster's servers in shard order, each shard's replicas in their configured order.
-func (s *Shards) replicas(ctx context.Context, via driver.Conn) ([]replica, error) {
-	rows, err := via.Query(ctx, "SELECT shard_num, host_name, port FROM system.clusters WHERE cluster = ? ORDER BY shard_num, replica_num", s.cluster)
+// dial opens a connection to addr (through the wrapper, if any) and pings it.
+func (s *Shards) dial(ctx context.Context, addr string) (driver.Conn, error) {
+	opts := s.base
+	opts.Addr = []string{addr}
+	raw, err := clickhouse.Open(&opts)
 	if err != nil {
-		return nil, fmt.Errorf("list the servers of cluster %s: %w", s.cluster, err)
+		return nil, err
 	}
-	defer rows.Close()
-	var out []replica
-	for rows.Next() {
-		var r replica
-		var host string
-		var port uint16
-		if err := rows.Scan(&r.shard, &host, &port); err != nil {
-			return nil, fmt.Errorf("list the servers of cluster %s: %w", s.cluster, err)
+	conn := raw
+	if s.wrap != nil {
+		conn = s.wrap(raw)
+	}
+	pctx, cancel := context.WithTimeout(ctx, opts.DialTimeout)
+	err = conn.Ping(pctx)
+	cancel()
+	if err != nil {
+		raw.Close()
+		return nil, err
+	}
+	return conn, nil
+}
+
+// Live is a connection to one server of a cluster.
+type Live struct {
+	Addr string
+	driver.Conn
+}
+
+// Servers connects to every server of the cluster (as system.clusters on via lists them), for what
+// must be asked of each server itself — its running queries, its mutations — with the DSN's
+// credentials (a remote() table function would log in as "default"). A server that does not answer a
+// ping is left out and listed in down. The caller closes the connections (CloseAll).
+func (s *Shards) Servers(ctx context.Context, via driver.Conn) (live []Live, down []string, err error) {
+	all, err := ClusterServers(ctx, via, s.cluster)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, sv := range all {
+		conn, err := s.dial(ctx, sv.Addr)
+		if err != nil {
+			down = append(down, sv.Addr)
+			continue
 		}
-		r.addr = net.JoinHostPort(host, strconv.Itoa(int(port)))
-		out = append(out, r)
+		live = append(live, Live{sv.Addr, conn})
 	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("list the servers of cluster %s: %w", s.cluster, err)
+	return live, down, nil
+}
+
+// CloseAll closes connections Servers opened.
+func CloseAll(live []Live) {
+	for _, l := range live {
+		_ = l.Close()
 	}
-	if len(out) == 0 {
-		return nil, fmt.Errorf("cluster %s has no servers in system.clusters", s.cluster)
-	}
-	return out, nil
 }
 
 // String names the cluster only: the options hold the DSN's credentials, and a Layout printed with

@@ -80,6 +80,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	e.server(&c)
 	e.stores(&c)
 	c.Ingest, c.Writer = e.ingest(c.RetentionDays)
+	c.Writer.Shards = c.Layout().Shards
 	c.DedupWindow = e.dedup()
 	c.Quota, c.QuotaDefaults = e.quota(c.Ingest.EventMetrics, c.LabelCap, c.DedupWindow)
 	c.RateLimit = e.rateLimit()

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -126,6 +127,28 @@ func TestConfigReadsEnv(t *testing.T) {
 	if c.ClickHouseDB != "stats" || c.RetentionDays != 30 || c.Ingest.Enabled || c.Query.MaxExportRows != 1000 ||
 		c.QuotaDefaults["api_requests_daily"] != 50000 || c.QuotaDefaults["builds_daily"] != 100 {
 		t.Errorf("got %+v", c)
+	}
+}
+
+// On a cluster the spool's shipper must reach every server (an earlier insert it waits for may run on
+// any), and so must the layout's ALTERs; on one server neither has anything to reach. The first
+// wiring set the shipper's field before the ingest section replaced the whole WriterConfig.
+func TestConfigOnAClusterReachesEveryServer(t *testing.T) {
+	c, err := loadConfig(envOf(map[string]string{"CLICKHOUSE_CLUSTER": "c1", "CLICKHOUSE_DSN": "clickhouse://u:p@ch1:9000,ch2:9000/stats"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Writer.Shards == nil || c.Layout().Shards == nil {
+		t.Errorf("on a cluster: writer's Shards %v, layout's %v; want both set", c.Writer.Shards, c.Layout().Shards)
+	}
+	if got := fmt.Sprintf("%+v", c.Layout()); strings.Contains(got, ":p@") || strings.Contains(got, "Password") {
+		t.Errorf("a printed layout shows the DSN's credentials: %s", got)
+	}
+	if c, err = loadConfig(envOf(nil)); err != nil {
+		t.Fatal(err)
+	}
+	if c.Writer.Shards != nil || c.Layout().Shards != nil {
+		t.Errorf("on one server: writer's Shards %v, layout's %v; want neither", c.Writer.Shards, c.Layout().Shards)
 	}
 }
 

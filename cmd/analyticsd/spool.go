@@ -140,7 +140,7 @@ func spoolCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 			}
 		}
 		return withShipping(ctx, cfg, func(ship shipping) error {
-			o := ingest.RequeueOptions{RetentionDays: cfg.RetentionDays, Log: log}
+			o := ingest.RequeueOptions{RetentionDays: cfg.RetentionDays, Shards: cfg.Writer.Shards, Log: log}
 			if includeExpired {
 				o.RetentionDays = 0
 			}
