@@ -534,10 +534,64 @@ func isAggregate(table string) bool {
 
 // delete runs one statement and waits until it is applied.
 func (s *Service) delete(ctx context.Context, st statement) error {
+	servers := []schema.Live{{Addr: "the server", Conn: s.ch}}
+	var marks map[string]string
+	if l := s.cfg.Layout; l.Clustered() {
+		live, err := s.everyServer(ctx, st.table)
+		if err != nil {
+			return err
+		}
+		defer schema.CloseAll(live)
+		servers = live
+		if !s.cfg.Lightweight {
+			// A replica shows no unfinished mutation before it has even fetched this one from the
+			// shard's log (one just back, or behind): the delete is confirmed on a server only once
+			// it lists a mutation of the table newer than the newest it had before.
+			if marks, err = newestMutations(ctx, servers, l.DB, l.LocalName(st.table)); err != nil {
+				return err
+			}
+		}
+	}
 	if err := s.issue(ctx, st); err != nil {
 		return err
 	}
-	return s.settle(ctx, st.table)
+	return s.settle(ctx, st.table, servers, marks)
+}
+
+// everyServer connects to every server of the cluster; one that cannot be reached fails the attempt
+// (the delete could not be confirmed there), which is tried again later.
+func (s *Service) everyServer(ctx context.Context, table string) ([]schema.Live, error) {
+	l := s.cfg.Layout
+	if l.Shards == nil {
+		return nil, fmt.Errorf("delete from %s: a cluster layout without Shards cannot reach each server", table)
+	}
+	live, down, err := l.Shards.Servers(ctx, s.ch)
+	if err != nil {
+		return nil, fmt.Errorf("delete from %s: %w", table, err)
+	}
+	if len(down) > 0 {
+		schema.CloseAll(live)
+		addrs := make([]string, len(down))
+		for i, u := range down {
+			addrs[i] = u.Addr
+		}
+		return nil, fmt.Errorf("delete from %s: servers %s do not answer, and it could not be confirmed there", table, strings.Join(addrs, ", "))
+	}
+	return live, nil
+}
+
+// newestMutations is each server's newest mutation id of db.table ("" for none). Replicated tables'
+// ids are the shard log's zero-padded sequence numbers, so they compare as strings.
+func newestMutations(ctx context.Context, servers []schema.Live, db, table string) (map[string]string, error) {
+	out := make(map[string]string, len(servers))
+	for _, sv := range servers {
+		var id string
+		if err := sv.QueryRow(ctx, "SELECT max(mutation_id) FROM system.mutations WHERE database = ? AND table = ?", db, table).Scan(&id); err != nil {
+			return nil, fmt.Errorf("read the mutations of %s on %s: %w", table, sv.Addr, err)
+		}
+		out[sv.Addr] = id
+	}
+	return out, nil
 }
 
 // issue sends a delete. A lightweight one returns once applied (mutations_sync); a mutation (18.16)
@@ -565,38 +619,26 @@ func (s *Service) issue(ctx context.Context, st statement) error {
 	return nil
 }
 
-// settle waits until table has no unfinished mutation: they are polled in system.mutations until
-// none is left.
-func (s *Service) settle(ctx context.Context, table string) error {
+// settle waits until table has no unfinished mutation on any of servers — and, with marks, until
+// each server lists a mutation newer than its mark — polling system.mutations.
+func (s *Service) settle(ctx context.Context, table string, servers []schema.Live, marks map[string]string) error {
 	// system.mutations has only these columns on 18.16 (no failure reason): a mutation that keeps
 	// failing shows as one that never finishes, and the attempt fails at AttemptTimeout. On a cluster
-	// the mutation runs on every replica of every shard, each at its own pace: every server of the
-	// cluster is asked, over a connection of its own with the DSN's credentials (Layout.Shards), so
-	// the job is not done while one replica still serves the rows; a server that does not answer
-	// fails the attempt, which is tried again later.
-	servers := []schema.Live{{Addr: "the server", Conn: s.ch}}
-	if l := s.cfg.Layout; l.Clustered() {
-		if l.Shards == nil {
-			return fmt.Errorf("confirm the delete from %s: a cluster layout without Shards cannot reach each server", table)
-		}
-		live, down, err := l.Shards.Servers(ctx, s.ch)
-		if err != nil {
-			return fmt.Errorf("confirm the delete from %s: %w", table, err)
-		}
-		defer schema.CloseAll(live)
-		if len(down) > 0 {
-			return fmt.Errorf("confirm the delete from %s: servers %s do not answer", table, strings.Join(down, ", "))
-		}
-		servers = live
-	}
+	// the mutation runs on every replica of every shard, each at its own pace: every server is asked,
+	// over a connection of its own with the DSN's credentials (Layout.Shards), so the job is not done
+	// while one replica still serves the rows.
 	for {
 		var pending uint64
 		for _, sv := range servers {
 			var n uint64
-			err := sv.QueryRow(ctx, "SELECT count() FROM system.mutations WHERE database = ? AND table = ? AND is_done = 0",
-				s.cfg.Layout.DB, s.cfg.Layout.LocalName(table)).Scan(&n)
+			var newest string
+			err := sv.QueryRow(ctx, "SELECT countIf(is_done = 0), max(mutation_id) FROM system.mutations WHERE database = ? AND table = ?",
+				s.cfg.Layout.DB, s.cfg.Layout.LocalName(table)).Scan(&n, &newest)
 			if err != nil {
 				return fmt.Errorf("poll mutations of %s on %s: %w", table, sv.Addr, err)
+			}
+			if mark, ok := marks[sv.Addr]; ok && newest <= mark {
+				n++ // not fetched there yet
 			}
 			pending += n
 		}

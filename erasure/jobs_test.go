@@ -47,7 +47,7 @@ func TestFailingJobIsFailedAndCanBeSentAgain(t *testing.T) {
 	admin, _ := fixture.Key(t, f.env.PG, acme.ID, "a-admin", auth.ScopeAnalyticsAdmin)
 	f.env.Insert(t, "events", eventCols, rows(acme.ID, "gina", 5)...)
 	layout := f.env.Layout() // on an 18.16 cluster the deletes go through Shards' own connections
-	layout.Shards = layout.Shards.Wrap(func(c driver.Conn) driver.Conn { return failingDeletes{c} })
+	layout.Shards = layout.Shards.Wrap(func(_ string, c driver.Conn) driver.Conn { return failingDeletes{c} })
 	broken := New(Config{Layout: layout, Poll: 20 * time.Millisecond, MaxAttempts: 2, Backoff: 50 * time.Millisecond},
 		failingDeletes{f.env.CH}, f.env.PG, audit.New(f.env.PG), nil)
 	j, err := broken.EraseUser(ctx, acme.ID, "gina", "test")
@@ -263,7 +263,7 @@ func TestNoUserIDReachesClickHouse(t *testing.T) {
 	var sent []string
 	start := time.Now().Add(-time.Second)
 	layout := f.env.Layout()
-	layout.Shards = layout.Shards.Wrap(func(c driver.Conn) driver.Conn { return recordingConn{c, &mu, &sent} })
+	layout.Shards = layout.Shards.Wrap(func(_ string, c driver.Conn) driver.Conn { return recordingConn{c, &mu, &sent} })
 	s := New(Config{Layout: layout, Poll: 20 * time.Millisecond, RoundRows: 4}, recordingConn{conn, &mu, &sent}, f.env.PG, audit.New(f.env.PG), nil)
 	j, err := s.EraseUser(ctx, f.a, user, "test")
 	if err != nil {

@@ -39,7 +39,9 @@ func TestAwaitAttemptsWaitsForAnAttemptOnAnotherServer(t *testing.T) {
 	if last == opts.Addr[0] {
 		t.Fatalf("the cluster's last server %s is the DSN's first: this test needs another server than the shipper's", last)
 	}
-	other, err := clickhouse.Open(&clickhouse.Options{Addr: []string{last}})
+	direct := *opts // the DSN's credentials, on that server alone
+	direct.Addr, direct.Auth.Database = []string{last}, "default"
+	other, err := clickhouse.Open(&direct)
 	if err != nil {
 		t.Fatal(err)
 	}

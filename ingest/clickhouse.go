@@ -158,21 +158,26 @@ func (sh *shipper) stored(ctx context.Context, kind Kind, tenant uuid.UUID, lo, 
 // On a cluster the insert may be running elsewhere: on the server the earlier attempt was sent to
 // (the pool fails over to the DSN's next address), and on the servers of each shard it writes to
 // (insert_distributed_sync), whose queries carry the attempt's id as initial_query_id. So every
-// server is asked, and told to stop it, over a connection of its own (cfg.Shards); one that does not
-// answer is skipped, with a warning: it cannot be asked.
+// server is asked, and told to stop it, over a connection of its own (cfg.Shards), besides the one the
+// shipper's connection is on. A server that refuses connections is skipped (nothing runs there any
+// more); one that cannot be reached otherwise — a timeout, say — might still commit the attempt, so
+// the check fails and the segment is tried again later: it waits rather than risk storing twice.
 func (sh *shipper) awaitAttempts(ctx context.Context, id string) error {
 	pattern := "ingest-" + strings.NewReplacer("%", "", "_", "").Replace(id) + "-%"
-	servers := []schema.Live{{Addr: "the server", Conn: sh.ch}}
+	servers := []schema.Live{{Addr: "the shipper's server", Conn: sh.ch}}
 	if sh.cfg.Shards != nil {
 		live, down, err := sh.cfg.Shards.Servers(ctx, sh.ch)
 		if err != nil {
 			return fmt.Errorf("look for an earlier insert of spool segment %s still running: %w", id, err)
 		}
 		defer schema.CloseAll(live)
-		if len(down) > 0 {
-			sh.log.Warn("servers of the cluster that do not answer cannot be asked whether an earlier insert of this spool segment still runs there", "segment", id, "down", down)
+		for _, u := range down {
+			if !u.Gone() {
+				return fmt.Errorf("look for an earlier insert of spool segment %s still running on %s (cannot be reached: %w); the segment waits", id, u.Addr, u.Err)
+			}
+			sh.log.Warn("a server of the cluster refuses connections: no earlier insert of this spool segment runs there", "segment", id, "server", u.Addr)
 		}
-		servers = live
+		servers = append(servers, live...)
 	}
 	start := time.Now()
 	for {

@@ -42,7 +42,7 @@ func (f *fixture) userRows(t *testing.T, tenant uuid.UUID, user string) uint64 {
 func (f *fixture) eraser(ch driver.Conn) *erasure.Service {
 	l := f.env.Layout()
 	if h, ok := ch.(hookConn); ok { // on an 18.16 cluster the deletes go through Shards' own connections
-		l.Shards = l.Shards.Wrap(func(c driver.Conn) driver.Conn { h.Conn = c; return h })
+		l.Shards = l.Shards.Wrap(func(_ string, c driver.Conn) driver.Conn { h.Conn = c; return h })
 	}
 	return erasure.New(erasure.Config{Layout: l, Poll: 20 * time.Millisecond}, ch, f.env.PG, audit.New(f.env.PG), nil)
 }

@@ -8,6 +8,8 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"sync"
+	"syscall"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
@@ -36,7 +38,7 @@ import (
 type Shards struct {
 	cluster string
 	base    clickhouse.Options
-	wrap    func(driver.Conn) driver.Conn
+	wrap    func(addr string, c driver.Conn) driver.Conn
 	// Retry bounds how long a shard whose live replicas refuse a statement for a transient reason is
 	// tried again (default 60 s: a killed leader stays the leader for the ZooKeeper session timeout,
 	// 30 s by ClickHouse's default, counted from its death, not from the first try).
@@ -61,7 +63,7 @@ func NewShards(cluster string, base *clickhouse.Options) *Shards {
 
 // Wrap returns a copy of s whose connections pass through w: tests observe or fail the statements
 // sent to each shard with the same wrapper they put around the main connection. Nil stays nil.
-func (s *Shards) Wrap(w func(driver.Conn) driver.Conn) *Shards {
+func (s *Shards) Wrap(w func(addr string, c driver.Conn) driver.Conn) *Shards {
 	if s == nil {
 		return nil
 	}
@@ -238,7 +240,7 @@ func (s *Shards) dial(ctx context.Context, addr string) (driver.Conn, error) {
 	}
 	conn := raw
 	if s.wrap != nil {
-		conn = s.wrap(raw)
+		conn = s.wrap(addr, raw)
 	}
 	pctx, cancel := context.WithTimeout(ctx, opts.DialTimeout)
 	err = conn.Ping(pctx)
@@ -256,22 +258,40 @@ type Live struct {
 	driver.Conn
 }
 
-// Servers connects to every server of the cluster (as system.clusters on via lists them), for what
-// must be asked of each server itself — its running queries, its mutations — with the DSN's
-// credentials (a remote() table function would log in as "default"). A server that does not answer a
-// ping is left out and listed in down. The caller closes the connections (CloseAll).
-func (s *Shards) Servers(ctx context.Context, via driver.Conn) (live []Live, down []string, err error) {
+// Unreachable is a server of a cluster that Servers could not connect to, and why.
+type Unreachable struct {
+	Addr string
+	Err  error
+}
+
+// Gone reports whether the server refused the connection: nothing listens on its port, so no query
+// of it is still running. Any other failure (a timeout, a name that does not resolve, TLS, a wrong
+// password) says nothing about what the server is doing.
+func (u Unreachable) Gone() bool {
+	return errors.Is(u.Err, syscall.ECONNREFUSED) || strings.Contains(u.Err.Error(), "connection refused")
+}
+
+// Servers connects to every server of the cluster (as system.clusters on via lists them), all at
+// once, for what must be asked of each server itself (its running queries, its mutations) with the
+// DSN's credentials (a remote() table function would log in as "default"). A server that cannot be
+// reached is left out and listed in down. The caller closes the connections (CloseAll).
+func (s *Shards) Servers(ctx context.Context, via driver.Conn) (live []Live, down []Unreachable, err error) {
 	all, err := ClusterServers(ctx, via, s.cluster)
 	if err != nil {
 		return nil, nil, err
 	}
-	for _, sv := range all {
-		conn, err := s.dial(ctx, sv.Addr)
-		if err != nil {
-			down = append(down, sv.Addr)
+	conns, errs := make([]driver.Conn, len(all)), make([]error, len(all))
+	var wg sync.WaitGroup
+	for i, sv := range all {
+		wg.Go(func() { conns[i], errs[i] = s.dial(ctx, sv.Addr) })
+	}
+	wg.Wait()
+	for i, sv := range all {
+		if errs[i] != nil {
+			down = append(down, Unreachable{sv.Addr, errs[i]})
 			continue
 		}
-		live = append(live, Live{sv.Addr, conn})
+		live = append(live, Live{sv.Addr, conns[i]})
 	}
 	return live, down, nil
 }

@@ -119,10 +119,6 @@ func clickHouseAt(t testing.TB, dsn, cluster string) (driver.Conn, string) {
 	if c := cluster; c != "" {
 		onCluster = " ON CLUSTER " + c
 		opts.Settings = schema.Layout{Cluster: c}.ConnSettings() // as analyticsd's own connection
-		// A DDL that a server's distributed-DDL worker never runs (18.16's stops for good on some
-		// ZooKeeper errors) then fails with ClickHouse's own count of unfinished hosts, inside the
-		// test's 30-s context, rather than as a bare "i/o timeout".
-		opts.Settings["distributed_ddl_task_timeout"] = 25
 	}
 	conn, err := clickhouse.Open(opts)
 	if err == nil {
@@ -130,6 +126,20 @@ func clickHouseAt(t testing.TB, dsn, cluster string) (driver.Conn, string) {
 	}
 	if err != nil {
 		unavailable(t, "clickhouse unreachable: %v", err)
+	}
+	if onCluster != "" {
+		// A DDL that a server's distributed-DDL worker never runs (18.16's stops for good on some
+		// ZooKeeper errors) then fails with ClickHouse's own count of unfinished hosts, inside the
+		// test's 30-s context, rather than as a bare "i/o timeout". The value is encoded for the
+		// server's revision (schema.DDLTaskTimeout: 18.16 would read a plain 25 as -13, "forever"),
+		// so the connection is opened again with it.
+		for k, v := range schema.DDLTaskTimeout(conn, 25*time.Second) {
+			opts.Settings[k] = v
+		}
+		_ = conn.Close()
+		if conn, err = clickhouse.Open(opts); err != nil {
+			t.Fatalf("reopen clickhouse: %v", err)
+		}
 	}
 	db := Name()
 	if err := conn.Exec(ctx(t), "CREATE DATABASE "+db+onCluster); err != nil {
