@@ -15,8 +15,9 @@ import (
 type Layout struct {
 	DB      string
 	Cluster string
-	// Shards, on a cluster, reaches each shard's servers directly; AlterLocal sends through it the
-	// ALTERs that a server's distributed-DDL worker cannot be trusted with. Nil: they go ON CLUSTER.
+	// Shards, on a cluster, reaches each server directly: AlterLocal sends through it the ALTERs that
+	// a server's distributed-DDL worker cannot be trusted with (nil: they go ON CLUSTER), and the
+	// erasure asks each server through it whether its delete is done.
 	Shards *Shards
 }
 
