@@ -517,11 +517,17 @@ func (s *Service) statements(j Job) []statement {
 // DELETE mutation; on a cluster on every shard's local table.
 func (s *Service) SQL(st statement) string {
 	l := s.cfg.Layout
-	if s.cfg.Lightweight && !isAggregate(st.table) {
+	if s.lightweight(st) {
 		return "DELETE FROM " + l.Local(st.table) + l.OnCluster() + " WHERE " + st.where
 	}
-	return "ALTER TABLE " + l.Local(st.table) + l.OnCluster() + " DELETE WHERE " + st.where
+	return "ALTER TABLE " + l.Local(st.table) + l.OnCluster() + " " + mutation(st)
 }
+
+// lightweight reports whether st goes as a lightweight DELETE rather than a mutation.
+func (s *Service) lightweight(st statement) bool { return s.cfg.Lightweight && !isAggregate(st.table) }
+
+// mutation is st's ALTER command.
+func mutation(st statement) string { return "DELETE WHERE " + st.where }
 
 func isAggregate(table string) bool {
 	for _, t := range tenantTables {
@@ -606,12 +612,12 @@ func (s *Service) issue(ctx context.Context, st statement) error {
 		return fmt.Errorf("delete from %s: %d bytes of SQL exceed what every server parses (RoundRows too large)", st.table, len(q))
 	}
 	var err error
-	if s.cfg.Lightweight {
+	if s.lightweight(st) {
 		err = s.ch.Exec(ectx, q, st.args...)
 	} else {
 		// The same statement as q; through Layout.AlterLocal so that servers whose distributed-DDL
 		// worker races on a replicated ALTER get it once per shard instead of ON CLUSTER.
-		_, err = s.cfg.Layout.AlterLocal(ectx, s.ch, st.table, "DELETE WHERE "+st.where, st.args...)
+		_, err = s.cfg.Layout.AlterLocal(ectx, s.ch, st.table, mutation(st), st.args...)
 	}
 	if err != nil {
 		return fmt.Errorf("delete from %s: %w", st.table, err)

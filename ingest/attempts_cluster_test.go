@@ -9,6 +9,7 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2"
 
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/schema"
 )
 
 // On a cluster, the earlier attempt of a segment's insert that a retry must wait for may be running
@@ -31,11 +32,11 @@ func TestAwaitAttemptsWaitsForAnAttemptOnAnotherServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var last string
-	if err := env.CH.QueryRow(ctx, "SELECT concat(host_address, ':', toString(port)) FROM system.clusters WHERE cluster = ? ORDER BY shard_num DESC, replica_num DESC LIMIT 1",
-		env.Target.Cluster).Scan(&last); err != nil {
+	servers, err := schema.ClusterServers(ctx, env.CH, env.Target.Cluster)
+	if err != nil {
 		t.Fatal(err)
 	}
+	last := servers[len(servers)-1].Addr
 	if last == opts.Addr[0] {
 		t.Fatalf("the cluster's last server %s is the DSN's first: this test needs another server than the shipper's", last)
 	}

@@ -180,23 +180,15 @@ func TestSweeperDropsExpiredPartitions(t *testing.T) {
 			t.Errorf("%d of the sweeper's DROP PARTITIONs went through the distributed-DDL queue of a %s server, want none", n, v)
 		}
 		cutoff := f.daysAgo(90).Format("20060102")
-		var addrs []string // cluster() would read one replica per shard: ask each server by remote()
-		rows, err := f.env.CH.Query(ctx, "SELECT concat(host_address, ':', toString(port)) FROM system.clusters WHERE cluster = ?", f.env.Target.Cluster)
+		servers, err := schema.ClusterServers(ctx, f.env.CH, f.env.Target.Cluster) // cluster() would read one replica per shard
 		if err != nil {
 			t.Fatal(err)
 		}
-		for rows.Next() {
-			var a string
-			if err := rows.Scan(&a); err != nil {
-				t.Fatal(err)
-			}
-			addrs = append(addrs, a)
+		if len(servers) < 2 {
+			t.Fatalf("cluster %s lists %d servers", f.env.Target.Cluster, len(servers))
 		}
-		rows.Close()
-		if len(addrs) < 2 {
-			t.Fatalf("cluster %s lists %d servers", f.env.Target.Cluster, len(addrs))
-		}
-		for _, addr := range addrs {
+		for _, sv := range servers {
+			addr := sv.Addr
 			testenv.Eventually(t, 20*time.Second, func() error {
 				var n uint64
 				err := f.env.CH.QueryRow(ctx, "SELECT count() FROM remote('"+addr+"', system, parts) WHERE database = ? AND table = 'events_local' AND active AND partition < ?",

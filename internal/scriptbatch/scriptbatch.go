@@ -268,10 +268,9 @@ func (b *Batcher) send(ctx context.Context, batch []*call) (hung error) {
 			var re redis.Error
 			switch {
 			case err == nil:
-			case errors.As(err, &re):
-				if refusedUnrun(err) {
-					again = append(again, c)
-				}
+			case refusedUnrun(err):
+				again = append(again, c)
+			case errors.As(err, &re): // the script's own answer
 			case c.cmd.Val() != nil:
 				// Answered before the round trip failed: go-redis puts the round trip's error on
 				// every command without one, but a reply is set only when it was read whole.
