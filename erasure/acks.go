@@ -31,6 +31,21 @@ func (s *Service) beat(ctx context.Context) error {
 	return nil
 }
 
+// ForgetAfter is how long an instance that never left the register (killed, OOM, its machine lost)
+// stays in it after its last heartbeat. It is waited for only within Stale; the row is kept a while
+// longer so that an operator reading the register can see which instance stopped without leaving.
+const ForgetAfter = 24 * time.Hour
+
+// forget removes instances whose heartbeat stopped more than ForgetAfter ago: each crash leaves a
+// row (instance ids are per process), which would otherwise stay forever.
+func (s *Service) forget(ctx context.Context) error {
+	if _, err := s.pg.Exec(ctx, "DELETE FROM erasure_instances WHERE heartbeat_at < now() - make_interval(secs => $1)",
+		ForgetAfter.Seconds()); err != nil {
+		return fmt.Errorf("forget silent erasure instances: %w", err)
+	}
+	return nil
+}
+
 // Leave removes this instance from the register (shutdown): jobs stop waiting for it at once rather
 // than after Stale.
 func (s *Service) Leave(ctx context.Context) error {
@@ -38,10 +53,14 @@ func (s *Service) Leave(ctx context.Context) error {
 	return err
 }
 
-// Acknowledge renews this instance's heartbeat and acknowledges every open job it has not yet: one
-// pass. Attend calls it every Poll × 4 (and renews the heartbeat on its own meanwhile).
+// Acknowledge renews this instance's heartbeat, forgets instances silent for ForgetAfter, and
+// acknowledges every open job it has not yet: one pass. Attend calls it every Poll × 4 (and renews
+// the heartbeat on its own meanwhile).
 func (s *Service) Acknowledge(ctx context.Context) error {
 	if err := s.beat(ctx); err != nil {
+		return err
+	}
+	if err := s.forget(ctx); err != nil {
 		return err
 	}
 	rows, err := s.pg.Query(ctx, `SELECT id, tenant_id, kind, user_id FROM erasure_jobs j

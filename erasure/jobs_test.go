@@ -399,3 +399,25 @@ func TestHeartbeatOutlivesASlowSpool(t *testing.T) {
 		t.Errorf("job: %+v, want done with 2 rows", got)
 	}
 }
+
+// Each process registers under an id of its own, so every instance killed without leaving (kill -9,
+// OOM) used to stay in the register forever. One silent for ForgetAfter is now dropped; one that
+// stopped recently stays, for an operator to see.
+func TestAcknowledgeForgetsInstancesSilentForADay(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := context.Background()
+	if _, err := f.env.PG.Exec(ctx, `INSERT INTO erasure_instances (id, heartbeat_at) VALUES
+		('killed-long-ago', now() - make_interval(secs => $1)), ('killed-lately', now() - interval '1 hour')`,
+		(ForgetAfter + time.Minute).Seconds()); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.service(Config{Instance: "live"}).Acknowledge(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for id, want := range map[string]int{"killed-long-ago": 0, "killed-lately": 1, "live": 1} {
+		if n := f.registered(t, id); n != want {
+			t.Errorf("instance %s: %d rows in the register, want %d", id, n, want)
+		}
+	}
+}
