@@ -34,6 +34,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -141,7 +142,7 @@ func (b *Batcher) run(ctx context.Context, name, payload string, keys []string, 
 		c.turn = make(chan bool, 1)
 		l.queue = append(l.queue, c)
 		l.mu.Unlock()
-		if !<-c.turn {
+		if !l.await(ctx, c) {
 			return cmd
 		}
 		l.mu.Lock() // this caller's turn: it sends everything queued until now
@@ -161,6 +162,28 @@ func (b *Batcher) run(ctx context.Context, name, payload string, keys []string, 
 }
 
 var errPanicked = errors.New("scriptbatch: sending the batch panicked")
+
+// await waits for a queued caller's turn (true: it sends the next batch; false: its reply is in its
+// command). A caller whose context ends while it is still in the queue leaves it, unsent, with the
+// context's error, as a script alone would fail to get a connection; once a batch took its script,
+// or it was given the turn, it waits for that round trip like the rest (its script may be running).
+// A call is in the queue exactly until someone takes it, under the lane's lock, to signal its turn.
+func (l *lane) await(ctx context.Context, c *call) bool {
+	select {
+	case t := <-c.turn:
+		return t
+	case <-ctx.Done():
+	}
+	l.mu.Lock()
+	if i := slices.Index(l.queue, c); i >= 0 {
+		l.queue = slices.Delete(l.queue, i, i+1)
+		l.mu.Unlock()
+		c.cmd.SetErr(fmt.Errorf("not sent: %w", ctx.Err()))
+		return false
+	}
+	l.mu.Unlock()
+	return <-c.turn
+}
 
 // lane returns the lane of the server that holds keys[0]: the one lane of one Redis; on a cluster
 // the master's that the client's slot map names (stale during a resharding: then a batch holds
