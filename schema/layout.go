@@ -3,6 +3,7 @@ package schema
 import (
 	"context"
 	"fmt"
+	"strings"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 )
@@ -108,6 +109,37 @@ func (l Layout) CheckLoadBalancing(ctx context.Context, ch driver.Conn) error {
 		return fmt.Errorf("the ClickHouse profile's load_balancing is %q; on a cluster analyticsd needs in_order (set it in the servers' users.xml profile): reads after inserts may otherwise reach a replica that has not fetched them yet", v)
 	}
 	return nil
+}
+
+// CheckReachable connects to every server of the cluster as analyticsd's own per-server checks do
+// (Shards: the host names and ports of the cluster's configuration, the DSN's credentials) and
+// reports those it cannot reach, each with why. A server listed under a name that resolves only
+// inside the ClickHouse servers' network is the usual cause; while it lasts, an erasure does not
+// finish, a retried spool segment whose earlier attempt may still run there waits, and (before 20.8)
+// a replicated ALTER goes to another replica of the shard or fails. Nil on one server or without
+// Shards.
+func (l Layout) CheckReachable(ctx context.Context, ch driver.Conn) error {
+	if !l.Clustered() || l.Shards == nil {
+		return nil
+	}
+	live, down, err := l.Shards.Servers(ctx, ch)
+	CloseAll(live)
+	if err != nil {
+		return err
+	}
+	if len(down) == 0 {
+		return nil
+	}
+	var b strings.Builder
+	for i, u := range down {
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		fmt.Fprintf(&b, "%s (%v)", u.Addr, u.Err)
+	}
+	return fmt.Errorf("%d of %d servers of cluster %s cannot be reached from analyticsd by the address system.clusters gives, with the DSN's credentials: %s. "+
+		"Until they can, erasures do not finish and a retried spool segment may wait; make those names resolve here (docs/deploy-cluster.md)",
+		len(down), len(down)+len(live), l.Cluster, b.String())
 }
 
 // SkipUnusedShards reports whether the server prunes a Distributed read to the shards the sharding

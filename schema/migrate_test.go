@@ -2,6 +2,9 @@ package schema_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -304,3 +307,60 @@ func TestLoadBalancingChecked(t *testing.T) {
 		t.Errorf("the single stack's profile (random) checked as a cluster's: %v, want an error naming random", err)
 	}
 }
+
+// analyticsd asks each server of a cluster some things itself (Shards), so serve warns at start-up
+// about every server it cannot reach that way, naming it and why.
+func TestReachabilityChecked(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	env := testenv.Migrated(t)
+	dsn := testenv.ClickHouseDSN(t)
+	if err := (schema.Layout{DB: env.DB}).CheckReachable(ctx, env.CH); err != nil {
+		t.Errorf("one server: %v, want no check", err)
+	}
+	cluster := testenv.Cluster()
+	if cluster == "" {
+		// The single stack's server has no cluster c: the check says so instead of passing.
+		err := (schema.Layout{DB: env.DB, Cluster: "c", Shards: schema.ShardsOf("c", dsn)}).CheckReachable(ctx, env.CH)
+		if err == nil || !strings.Contains(err.Error(), "cluster c has no servers") {
+			t.Errorf("a cluster the server does not know: %v, want an error saying so", err)
+		}
+		return
+	}
+	servers, err := schema.ClusterServers(ctx, env.CH, cluster)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := schema.Layout{DB: env.DB, Cluster: cluster, Shards: schema.ShardsOf(cluster, dsn)}
+	if err := l.CheckReachable(ctx, env.CH); err != nil {
+		t.Errorf("every server of the local cluster answers: %v", err)
+	}
+
+	cut := servers[len(servers)-1].Addr
+	err = (schema.Layout{DB: env.DB, Cluster: cluster, Shards: l.Shards.Wrap(func(addr string, c driver.Conn) driver.Conn {
+		if addr == cut {
+			return pingFails{c}
+		}
+		return c
+	})}).CheckReachable(ctx, env.CH)
+	want := fmt.Sprintf("1 of %d servers", len(servers))
+	if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), cut+" (no route to host (test))") {
+		t.Errorf("one server cut off: %v, want %q naming %s and why", err, want, cut)
+	}
+
+	// The DSN's credentials are what the checks log in with: a wrong password cuts off every server.
+	u, err := url.Parse(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.User = url.UserPassword(u.User.Username(), "not-the-password")
+	err = (schema.Layout{DB: env.DB, Cluster: cluster, Shards: schema.ShardsOf(cluster, u.String())}).CheckReachable(ctx, env.CH)
+	if want := fmt.Sprintf("%d of %d servers", len(servers), len(servers)); err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("a wrong password: %v, want %q", err, want)
+	}
+}
+
+// pingFails is a connection whose server seems out of reach.
+type pingFails struct{ driver.Conn }
+
+func (pingFails) Ping(context.Context) error { return errors.New("no route to host (test)") }

@@ -303,6 +303,13 @@ func checkClickHouse(ctx context.Context, cfg *Config, ch driver.Conn, pg *pgxpo
 	if err := cfg.Layout().CheckLoadBalancing(pctx, ch); err != nil {
 		log.Warn("clickhouse cluster misconfigured", "err", err)
 	}
+	// Its own deadline: a server that accepts and never answers spends its whole dial timeout (5 s).
+	rctx, rcancel := context.WithTimeout(ctx, 6*time.Second)
+	err = cfg.Layout().CheckReachable(rctx, ch)
+	rcancel()
+	if err != nil {
+		log.Warn("clickhouse cluster servers unreachable", "err", err)
+	}
 	if err := schema.CheckTimeZone(pctx, ch); err != nil {
 		return v, err
 	}
