@@ -61,11 +61,16 @@ zk_pid() {
   pid_matches "$p" "$ZK_CFG" && printf '%s\n' "$p"
 }
 zk_alive() { zk_pid >/dev/null; }
-zk_ready() { # "ruok" four-letter command answers "imok"
+# zk_ready: the server serves clients. "ruok" is not enough: it answers "imok" as soon as the port is
+# bound, while ZooKeeper may still be replaying its transaction log — 2 s for the 56,000 transactions
+# a day of test runs leaves here, during which a clickhouse-server starting with replicated tables
+# fails to load them ("All connection tries failed") and exits. "srvr" names the server's Mode only
+# once it serves ("This ZooKeeper instance is not currently serving requests" before).
+zk_ready() {
   local answer
   # shellcheck disable=SC2016
-  answer=$(timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"; printf ruok >&3; cat <&3' _ "$ZK_PORT" 2>/dev/null) || true
-  [ "$answer" = imok ]
+  answer=$(timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"; printf srvr >&3; cat <&3' _ "$ZK_PORT" 2>/dev/null) || true
+  [[ $answer == *"Mode: "* ]]
 }
 
 start_zookeeper() {
@@ -81,7 +86,7 @@ dataDir=$ZK_DIR/data
 clientPort=$ZK_PORT
 clientPortAddress=127.0.0.1
 admin.enableServer=false
-4lw.commands.whitelist=ruok,stat,mntr
+4lw.commands.whitelist=ruok,srvr,stat,mntr
 maxClientCnxns=0
 autopurge.purgeInterval=1
 forceSync=no
@@ -391,4 +396,7 @@ cluster_main() {
   esac
 }
 
-cluster_main "$@"
+# Tests source this file for its helpers; only a direct run executes a command.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+  cluster_main "$@"
+fi
