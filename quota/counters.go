@@ -323,24 +323,32 @@ func (c *Counters) Read(ctx context.Context, tenant uuid.UUID, d time.Time, metr
 // request's rate-limit token (its meter), so a metered consume is still one round trip.
 //
 //	KEYS: counter, live, base, reconciled, idempotency marker (the counter again when there is none)
-//	ARGV: n, limit, ttl, marked (1/0), marker ttl, minute
+//	ARGV: n, limit, ttl, marked (1/0), marker ttl, minute, the spend's unix time
 //
-// With a marker — a consume sent with an Idempotency-Key — a marker already set means this consume
-// was allowed before: 2 with the value it left, and nothing spent again; an allowed consume sets the
-// marker in the same step as the spend, so a retry after a crash can never spend twice. Then: -1
-// when the day was never reconciled (Redis lost it), 0 with the current value when n more would pass
-// the limit, 1 with the new value when allowed (counted live in its minute).
+// With a marker — a consume sent with an Idempotency-Key — a marker already set means a consume
+// under that key was allowed before, and nothing is spent again: 2 with the value it left and its
+// unix time when its n is this one's (a retry), 3 when it spent another n (the key reused for
+// another request: refused, never answered "allowed" for a spend nobody made). An allowed consume
+// sets the marker ("value n time") in the same step as the spend, so a retry after a crash can never
+// spend twice. Then: -1 when the day was never reconciled (Redis lost it), 0 with the current value
+// when n more would pass the limit, 1 with the new value when allowed (counted live in its minute).
+// A marker written before markers held n and time (a bare value) replays as before, time unknown.
 var consumeScript = ratelimit.NewScript(CountLua + `
 if ARGV[4] == '1' then
   local prev = redis.call('GET', KEYS[5])
-  if prev then return {2, tonumber(prev)} end
+  if prev then
+    local pv, pn, pat = string.match(prev, '^(%-?%d+) (%d+) (%d+)$')
+    if not pv then return {2, tonumber(prev), 0} end
+    if pn ~= ARGV[1] then return {3, tonumber(pv)} end
+    return {2, tonumber(pv), tonumber(pat)}
+  end
 end
 if redis.call('EXISTS', KEYS[4]) == 0 then return {-1, 0} end
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local n = tonumber(ARGV[1])
 if cur + n > tonumber(ARGV[2]) then return {0, cur} end
 local _, v = count(KEYS[1], KEYS[2], KEYS[3], ARGV[6], n, ARGV[3])
-if ARGV[4] == '1' then redis.call('SET', KEYS[5], v, 'EX', ARGV[5]) end
+if ARGV[4] == '1' then redis.call('SET', KEYS[5], v .. ' ' .. ARGV[1] .. ' ' .. ARGV[7], 'EX', ARGV[5]) end
 return {1, v}
 `)
 
@@ -353,9 +361,14 @@ type Marker struct {
 // ConsumeOutcome is what one run of the consume script decided.
 type ConsumeOutcome struct {
 	Allowed    bool
-	Reconciled bool  // false: the day's counters must be reconciled first, nothing was decided
-	Replayed   bool  // the marker was set: an earlier run allowed this consume; nothing was spent now
-	Value      int64 // the counter after the consume (or as it stands, when refused)
+	Reconciled bool // false: the day's counters must be reconciled first, nothing was decided
+	Replayed   bool // the marker was set: an earlier run allowed this consume; nothing was spent now
+	// FirstAt is when the earlier run spent (Replayed; zero for a marker that did not record it).
+	FirstAt time.Time
+	// KeyReused: the marker was set by a consume of another n under the same key; nothing was
+	// spent, and Allowed is false.
+	KeyReused bool
+	Value     int64 // the counter after the consume (or as it stands, when refused)
 }
 
 // Consume adds n to the counter of the day of `at` — counted live in at's minute, the received time
@@ -367,7 +380,7 @@ func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string,
 	tag, dd := c.tag(tenant), day(at)
 	k := tag + metric + ":" + dd
 	keys := []string{k, k + ":live", k + ":ch", tag + reconciledMark + dd, k} // the marker's slot: the counter again when unused
-	args := []any{n, limit, int(CounterTTL.Seconds()), 0, 0, minute(at)}
+	args := []any{n, limit, int(CounterTTL.Seconds()), 0, 0, minute(at), at.Unix()}
 	if marker != nil {
 		keys[4] = marker.Key
 		args[3], args[4] = 1, max(int(marker.TTL.Seconds()), 1)
@@ -382,7 +395,13 @@ func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string,
 	case res[0] == -1:
 		return ConsumeOutcome{}, nil
 	case res[0] == 2:
-		return ConsumeOutcome{Allowed: true, Reconciled: true, Replayed: true, Value: res[1]}, nil
+		o := ConsumeOutcome{Allowed: true, Reconciled: true, Replayed: true, Value: res[1]}
+		if len(res) > 2 && res[2] > 0 {
+			o.FirstAt = time.Unix(res[2], 0).UTC()
+		}
+		return o, nil
+	case res[0] == 3:
+		return ConsumeOutcome{Reconciled: true, KeyReused: true, Value: res[1]}, nil
 	}
 	return ConsumeOutcome{Allowed: res[0] == 1, Reconciled: true, Value: res[1]}, nil
 }

@@ -186,6 +186,8 @@ func httpError(err error) error {
 		return api.NotFound("unknown_quota", "no quota is defined for "+strconv.Quote(unknown.Metric)+"; GET /api/analytics/quotas lists them")
 	case errors.As(err, &param):
 		return api.BadRequest("invalid_parameter", param.Msg)
+	case errors.Is(err, ErrKeyReused):
+		return api.Unprocessable("idempotency_key_reused", ErrKeyReused.Error())
 	case errors.Is(err, ErrUnavailable):
 		return api.Unavailable("quota_unavailable", ErrUnavailable.Error(), 0, nil)
 	case errors.As(err, &resp):

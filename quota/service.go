@@ -362,6 +362,9 @@ func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric stri
 			out, err = s.counters.Consume(ctx, tenant, metric, at, n, limit, o.Meter, marker)
 		}
 	}
+	if err == nil && out.KeyReused {
+		return res, ErrKeyReused
+	}
 	v := out.Value
 	if err != nil {
 		if !s.cfg.FailOpen {
@@ -375,13 +378,17 @@ func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric stri
 	} else {
 		res.Allowed = out.Allowed
 	}
-	if res.Allowed {
+	if res.Allowed && s.recordsAgain(out) {
 		// A replayed consume records again too: if the first run died before its record was durable,
-		// this one stores it; if not, the id derived from the key makes it a duplicate.
+		// this one stores it — on the first run's day, where its spend was counted; if not, the id
+		// derived from the key makes it a duplicate.
 		// A degraded consume (Redis unreachable) counted nothing: the increment's claim counts it.
 		key := ""
 		if marker != nil {
 			key = o.IdempotencyKey
+		}
+		if out.Replayed && !out.FirstAt.IsZero() {
+			at = out.FirstAt
 		}
 		if err := s.rec.RecordIncrement(ctx, tenant, metric, n, at, key, !res.Degraded); err != nil {
 			if !res.Degraded && !out.Replayed {
@@ -399,6 +406,23 @@ func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric stri
 	res.Remaining = math.Max(0, lim-res.Current)
 	res.Exceeded = s.cfg.Enabled && res.Current >= lim
 	return res, nil
+}
+
+// ErrKeyReused refuses a consume whose Idempotency-Key an earlier consume of another n used, within
+// the marker's life (two dedup windows): answering it "allowed" would grant a spend nobody made.
+var ErrKeyReused = errors.New("this Idempotency-Key was used by a consume of another amount; send a new key for a new consume")
+
+// recordsAgain reports whether an allowed consume stores its increment: always a first run; a retry
+// (Replayed) only while the first run's increment is surely still claimed — claims live one to two
+// windows from their claim, which follows the spend; less a margin for clocks that differ between
+// instances — so that its derived id makes the record a duplicate if the first run stored it.
+// Later, recording again could store the spend a second time. The cost: a first run that died
+// between its spend and its durable record, retried only a window later, is not stored (and the
+// reconciliation then takes its spend out of the live counter). A marker that did not record the
+// time replays as before.
+func (s *Service) recordsAgain(out ConsumeOutcome) bool {
+	w := s.cfg.IdempotencyWindow
+	return !out.Replayed || out.FirstAt.IsZero() || s.now().Sub(out.FirstAt) < w-min(w/10, time.Minute)
 }
 
 // SecondsToNextDay is the Retry-After of a refused consume: the counter resets at 00:00 UTC.

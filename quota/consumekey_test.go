@@ -1,0 +1,97 @@
+package quota
+
+import (
+	"context"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// A consume's marker outlives the stored response of its Idempotency-Key (two windows against one),
+// and it kept only the value it left: the key sent again after the window with another n —
+// consume?n=1, then n=1000000000 — was answered 200 "allowed" while nothing was spent, and its
+// increment dropped as a duplicate. The marker now keeps n: another n under a used key is refused
+// with 422, and spends and stores nothing.
+func TestConsumeKeyReusedForAnotherAmountIsRefused(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true, IdempotencyWindow: time.Hour}, map[string]float64{"builds_daily": 200}, nil)
+	srv := h.app(t, s, h.ingest)
+	consume := func(n, key string) (int, map[string]any) {
+		r := request(http.MethodPost, "/api/analytics/quotas/builds_daily/consume?n="+n, h.keyW, "")
+		r.Header["Idempotency-Key"] = key
+		got := srv.Do(t, r)
+		return got.Status, got.Body
+	}
+	if code, body := consume("1", "bypass-1"); code != 200 {
+		t.Fatalf("first consume: %d %v", code, body)
+	}
+	code, body := consume("1000000000", "bypass-1")
+	if e, _ := body["error"].(map[string]any); code != 422 || e["code"] != "idempotency_key_reused" {
+		t.Errorf("the key again with another n: %d %v, want 422 idempotency_key_reused", code, body)
+	}
+	if code, body := consume("1", "bypass-1"); code != 200 {
+		t.Errorf("the key again with the same n (a retry): %d %v, want 200", code, body)
+	}
+	ctx := context.Background()
+	if n, _, _ := s.counters.Get(ctx, h.tenant.ID, "builds_daily", time.Now()); n != 1 {
+		t.Errorf("counter %d, want 1", n)
+	}
+	h.writer.Close(ctx)
+	if got := h.storedIncrements(t); got["builds_daily"] != 1 {
+		t.Errorf("stored %v, want builds_daily 1", got)
+	}
+}
+
+// recorded is a Recorder that keeps what it is asked to store.
+type recorded struct {
+	mu   sync.Mutex
+	incs []time.Time // each increment's received time
+}
+
+func (r *recorded) RecordIncrement(_ context.Context, _ uuid.UUID, _ string, _ int64, at time.Time, _ string, _ bool) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.incs = append(r.incs, at)
+	return nil
+}
+
+func (r *recorded) Emit(context.Context, uuid.UUID, string, string, map[string]any) error { return nil }
+
+func (r *recorded) all() []time.Time {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]time.Time(nil), r.incs...)
+}
+
+// A retried consume records its increment again (the first run may have died before its record was
+// durable; the id derived from the key makes it a duplicate otherwise). It used to record it at the
+// retry's time — after midnight, on the next day, where its spend was never counted — and at any age
+// of the first run, even once the first record's claim may have expired (a second stored copy). It
+// now records on the first run's time, and only within the dedup window of it.
+func TestConsumeRetryRecordsOnTheFirstRunsDayWhileItsClaimLives(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	const window = time.Hour
+	s := h.service(t, Config{Enabled: true, IdempotencyWindow: window}, map[string]float64{"builds_daily": 200}, nil)
+	rec := &recorded{}
+	s.SetRecorder(rec)
+	first := time.Now().UTC().Truncate(24 * time.Hour).Add(24*time.Hour - 30*time.Second) // 23:59:30
+	now := first
+	s.now = func() time.Time { return now }
+	ctx := context.Background()
+	opts := ConsumeOptions{IdempotencyKey: "k"}
+	for _, at := range []time.Time{first, first.Add(40 * time.Second), first.Add(window)} {
+		now = at
+		if r, err := s.ConsumeWith(ctx, h.tenant.ID, "builds_daily", 2, opts); err != nil || !r.Allowed || r.Current != 2 {
+			t.Fatalf("consume at %v: %+v %v, want allowed at 2", at, r, err)
+		}
+	}
+	got := rec.all()
+	if len(got) != 2 || !got[0].Equal(first) || !got[1].Equal(first) {
+		t.Errorf("increments recorded at %v; want two, both at the first run's %v (the retry a window later records none)", got, first)
+	}
+}
