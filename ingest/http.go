@@ -349,7 +349,7 @@ func (s *Service) count(p api.Principal, b *batch, now time.Time) {
 		}
 	}
 	if live {
-		s.counts.add(deltas)
+		s.counts.addNow(deltas)
 	}
 }
 

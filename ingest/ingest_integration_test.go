@@ -736,3 +736,24 @@ func TestWriterCloseFlushes(t *testing.T) {
 		t.Errorf("after close: got %d, want 503", r.Status)
 	}
 }
+
+// Rows no claim counts — sent without ids, or with deduplication off — reached the live counters up to
+// CounterEvery after their 202, so a consume sent right after the answer read an old counter: 190
+// builds accepted, then consume?n=10 passed a limit of 200 at 16. They are now counted before the
+// answer. (CounterEvery is an hour here: only the request path can have counted them.)
+func TestRowsWithoutClaimsAreCountedBeforeTheAnswer(t *testing.T) {
+	t.Parallel()
+	for _, noDedup := range []bool{false, true} {
+		h := newHarness(t, opts{noDedup: noDedup, ingest: func(c *Config) { c.CounterEvery = time.Hour }})
+		body := []byte(strings.Repeat(`{"event":"builder.generate.completed","source":"app","user_id":"u"}`+"\n", 3)) // no ids
+		if r := h.post(t, h.keyA, "/api/analytics/events", body, map[string]string{"Content-Type": "application/x-ndjson"}); r.Status != 202 {
+			t.Fatalf("events: %d %s", r.Status, r.Raw)
+		}
+		if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(`{"metric":"builds_daily","n":190}`), nil); r.Status != 202 {
+			t.Fatalf("usage: %d %s", r.Status, r.Raw)
+		}
+		if n, _, err := h.counters.Get(context.Background(), h.a.ID, "builds_daily", time.Now()); err != nil || n != 193 {
+			t.Errorf("deduplication off %v: builds_daily %d (%v) right after the answers, want 193", noDedup, n, err)
+		}
+	}
+}
