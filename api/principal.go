@@ -45,3 +45,18 @@ func MeterOf(c *fiber.Ctx) Meter {
 	m, _ := c.Locals(meterKey).(Meter)
 	return m
 }
+
+const idempotencyKey = "analyticsd.idempotency_key"
+
+// SetIdempotencyKey records that the request's Idempotency-Key is checked (dedup's middleware): only
+// then may a handler derive row ids from it.
+func SetIdempotencyKey(c *fiber.Ctx, key string) { c.Locals(idempotencyKey, key) }
+
+// IdempotencyKeyOf returns the request's Idempotency-Key as its middleware checked it: "" on a route
+// without that middleware (the Segment endpoints, where messageId decides, or deduplication off),
+// whatever the request's header says. Ids derived from a key nothing checks would make a second,
+// different request under the same key a "duplicate" of the first, dropped.
+func IdempotencyKeyOf(c *fiber.Ctx) string {
+	k, _ := c.Locals(idempotencyKey).(string)
+	return k
+}

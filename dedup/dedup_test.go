@@ -228,7 +228,7 @@ func TestIdempotencyReplaysTheFirstResponse(t *testing.T) {
 	if st != 202 || st2 != 202 || body2 != body || h2.Get("Idempotent-Replayed") != "true" || runs.Load() != 1 {
 		t.Fatalf("first %d %s, retry %d %s (replayed %q), handler ran %d times; want one run, replayed", st, body, st2, body2, h2.Get("Idempotent-Replayed"), runs.Load())
 	}
-	reused := `{"error":{"code":"idempotency_key_reused","message":"this Idempotency-Key was used with a different request (method, path, query or body) in the last 1h0m0s; send a new key for a new request"},"success":false}`
+	reused := `{"error":{"code":"idempotency_key_reused","message":"this Idempotency-Key was used with a different request (method, path, query or body) in the last 2h0m0s; send a new key for a new request"},"success":false}`
 	if st, body, _ := do(t, a, `{"x":2}`, "k1"); st != 422 || !strings.Contains(body, "idempotency_key_reused") || body != reused {
 		t.Errorf("same key, other body: %d %s, want 422 %s", st, body, reused)
 	}

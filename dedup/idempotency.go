@@ -83,12 +83,25 @@ type record struct {
 	Body        string `json:"b,omitempty"`
 }
 
+// beginScript starts a request under its key: the record (KEYS[1]) as it stands, or "!" when only
+// the key's fingerprint mark (KEYS[2]) is left and names another request (ARGV[3]), or "" when this
+// request now holds the key (its pending record ARGV[1], and the mark, ARGV[4] seconds).
 var beginScript = redis.NewScript(`
 local v = redis.call('GET', KEYS[1])
 if v then return v end
+local f = redis.call('GET', KEYS[2])
+if f and f ~= ARGV[3] then return '!' end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 return ''
 `)
+
+// markLife is how long a key's fingerprint mark outlives its start: as long as the rows whose ids
+// were derived from the key can still be claimed (one to two windows after their claim, which
+// follows the start), and a minute for clocks that differ between instances. A kept response lasts
+// one window; after it the mark alone answers another request under the key with 422: run, its
+// rows would be found to be duplicates of the first request's and dropped, though acknowledged.
+func (s *Store) markLife() int { return int(2*s.windowSeconds()) + 60 }
 
 // takeoverScript replaces a dead holder's pending record (ARGV[1], as read) with this request's
 // (ARGV[2]); it returns 0 when the record changed since it was read (another retry took it first).
@@ -133,25 +146,29 @@ func (s *Store) Idempotency(log *slog.Logger) fiber.Handler {
 		if !ok {
 			return c.Next()
 		}
+		api.SetIdempotencyKey(c, raw)
 		rkey := s.prefix + "idem:{" + p.TenantID.String() + "}:" + hashHex(c.Route().Path, "\x00", raw)
+		fkey := rkey + ":fp"
 		fp := fingerprint(c)
 		tok := make([]byte, 8)
 		_, _ = rand.Read(tok)
 		holder, _ := s.holder.Load().(string)
 		pending, _ := json.Marshal(record{State: "pending", Fingerprint: fp, Token: hex.EncodeToString(tok), Holder: holder})
 		ctx := c.UserContext()
-		prev, err := beginScript.Run(ctx, s.rdb, []string{rkey}, string(pending), int(PendingTTL.Seconds())).Text()
+		prev, err := beginScript.Run(ctx, s.rdb, []string{rkey, fkey}, string(pending), int(PendingTTL.Seconds()), fp, s.markLife()).Text()
 		if err != nil {
 			log.Warn("idempotency key not checked: redis unavailable", "err", err)
 			c.Set("X-Analytics-Degraded", "Idempotency-Key not checked (redis unavailable); derived ids still keep events from being stored twice")
 			return c.Next()
 		}
-		if prev != "" && s.takeOver(ctx, rkey, prev, fp, string(pending)) {
+		if prev != "" && prev != "!" && s.takeOver(ctx, rkey, prev, fp, string(pending)) {
 			prev = ""
 		}
 		if prev != "" {
 			var r record
-			if json.Unmarshal([]byte(prev), &r) != nil {
+			if prev == "!" { // the response expired; the key's mark names another request
+				r.Fingerprint = prev
+			} else if json.Unmarshal([]byte(prev), &r) != nil {
 				return c.Next()
 			}
 			// Answered without the handler: the request's rate-limit Meter (consume) is taken here.
@@ -163,7 +180,7 @@ func (s *Store) Idempotency(log *slog.Logger) fiber.Handler {
 			switch {
 			case r.Fingerprint != fp:
 				return api.Unprocessable("idempotency_key_reused",
-					"this Idempotency-Key was used with a different request (method, path, query or body) in the last "+s.window.String()+"; send a new key for a new request")
+					"this Idempotency-Key was used with a different request (method, path, query or body) in the last "+(2*s.window).String()+"; send a new key for a new request")
 			case r.State != "done":
 				return api.Conflict("idempotency_key_in_use", "a request with this Idempotency-Key is still being processed; retry shortly", 1)
 			}

@@ -513,3 +513,59 @@ func TestServerMadeIDsAreNotClaimed(t *testing.T) {
 		t.Errorf("live counter %d after shipping, want 32", n)
 	}
 }
+
+// expireResponses deletes the tenant's kept Idempotency-Key responses, as their window ending does,
+// and leaves the keys' fingerprint marks.
+func expireResponses(t *testing.T, h *harness, tenant uuid.UUID) {
+	t.Helper()
+	ctx := context.Background()
+	keys, err := h.env.Redis.Keys(ctx, h.env.Prefix+"idem:{"+tenant.String()+"}:*").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, k := range keys {
+		if !strings.HasSuffix(k, ":fp") {
+			n++
+			if err := h.env.Redis.Del(ctx, k).Err(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if n == 0 {
+		t.Fatal("no kept response to expire: the test would prove nothing")
+	}
+}
+
+// A key's response is kept one window, the claims of the ids derived from it one to two. So a key
+// sent again after the window with another request ran, and every one of its rows was found to be a
+// duplicate of the first request's: 202 "accepted 0", nothing stored, for events never seen (and on
+// /usage, for another metric). While those claims may live, the key now answers another request
+// with 422; the same request runs again and changes nothing.
+func TestIdempotencyKeyReusedAfterItsResponseExpired(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, opts{})
+	key := map[string]string{"Idempotency-Key": "reuse-after-window"}
+	first := []byte(`[{"event":"reuse.first"}]`)
+	if r := h.post(t, h.keyA, "/api/analytics/events", first, key); r.Status != 202 || r.accepted() != 1 {
+		t.Fatalf("first: %d %s", r.Status, r.Raw)
+	}
+	ukey := map[string]string{"Idempotency-Key": "usage-reuse"}
+	if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(`{"metric":"api_requests_daily","n":3}`), ukey); r.Status != 202 {
+		t.Fatalf("first usage: %d %s", r.Status, r.Raw)
+	}
+	expireResponses(t, h, h.a.ID)
+	if r := h.post(t, h.keyA, "/api/analytics/events", []byte(`[{"event":"reuse.second"}]`), key); r.Status != 422 {
+		t.Errorf("another request under the key after its response expired: %d %s, want 422", r.Status, r.Raw)
+	}
+	if r := h.post(t, h.keyA, "/api/analytics/usage", []byte(`{"metric":"builds_daily","n":7}`), ukey); r.Status != 422 {
+		t.Errorf("another usage under the key after its response expired: %d %s, want 422", r.Status, r.Raw)
+	}
+	if r := h.post(t, h.keyA, "/api/analytics/events", first, key); r.Status != 202 || r.accepted() != 0 || len(duplicates(r)) != 1 {
+		t.Errorf("the same request again: %d %s, want 202 with its event a duplicate", r.Status, r.Raw)
+	}
+	h.w.Close(context.Background())
+	if rows, _ := h.count(t, "events", h.a.ID); rows != 1 {
+		t.Errorf("%d events stored, want 1", rows)
+	}
+}

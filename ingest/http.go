@@ -164,8 +164,9 @@ type Duplicate struct {
 	ID    uuid.UUID `json:"id"`
 }
 
-// idempotencyKey reads the Idempotency-Key header (a copy: api.NewApp's app lends no strings).
-func idempotencyKey(c *fiber.Ctx) string { return c.Get("Idempotency-Key") }
+// idempotencyKey is the request's Idempotency-Key when the Idempotency middleware checked it, ""
+// otherwise (see api.IdempotencyKeyOf).
+func idempotencyKey(c *fiber.Ctx) string { return api.IdempotencyKeyOf(c) }
 
 func (s *Service) postEvents(c *fiber.Ctx) error {
 	p, _ := api.PrincipalOf(c)

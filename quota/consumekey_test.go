@@ -8,18 +8,27 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/dedup"
+	"github.com/analyticsd/analyticsd/internal/testenv"
 )
 
-// A consume's marker outlives the stored response of its Idempotency-Key (two windows against one),
+// A consume's marker outlived the stored response of its Idempotency-Key (two windows against one),
 // and it kept only the value it left: the key sent again after the window with another n —
 // consume?n=1, then n=1000000000 — was answered 200 "allowed" while nothing was spent, and its
 // increment dropped as a duplicate. The marker now keeps n: another n under a used key is refused
-// with 422, and spends and stores nothing.
+// with 422, and spends and stores nothing — also when the middleware's records of the key are gone
+// (deleted here; the middleware keeps a mark of the key as long as the marker lives, too).
 func TestConsumeKeyReusedForAnotherAmountIsRefused(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
 	s := h.service(t, Config{Enabled: true, IdempotencyWindow: time.Hour}, map[string]float64{"builds_daily": 200}, nil)
-	srv := h.app(t, s, h.ingest)
+	srv := h.app(t, s, h.ingest, dedup.NewStore(h.env.Redis, h.env.Prefix, time.Hour, nil).Idempotency(nil))
+	forget := func() {
+		if n := testenv.DelKeys(context.Background(), h.env.Redis, h.env.Prefix+"idem:*"); n == 0 {
+			t.Fatal("no Idempotency-Key record to delete: the middleware did not run")
+		}
+	}
 	consume := func(n, key string) (int, map[string]any) {
 		r := request(http.MethodPost, "/api/analytics/quotas/builds_daily/consume?n="+n, h.keyW, "")
 		r.Header["Idempotency-Key"] = key
@@ -29,10 +38,12 @@ func TestConsumeKeyReusedForAnotherAmountIsRefused(t *testing.T) {
 	if code, body := consume("1", "bypass-1"); code != 200 {
 		t.Fatalf("first consume: %d %v", code, body)
 	}
+	forget()
 	code, body := consume("1000000000", "bypass-1")
 	if e, _ := body["error"].(map[string]any); code != 422 || e["code"] != "idempotency_key_reused" {
 		t.Errorf("the key again with another n: %d %v, want 422 idempotency_key_reused", code, body)
 	}
+	forget()
 	if code, body := consume("1", "bypass-1"); code != 200 {
 		t.Errorf("the key again with the same n (a retry): %d %v, want 200", code, body)
 	}

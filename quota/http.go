@@ -92,7 +92,7 @@ func (s *Service) postConsume(c *fiber.Ctx) error {
 	// The request's meter, when the route left it to us (ratelimit.Limiter.Defer), is taken by the
 	// consume script itself: one Redis round trip instead of two.
 	m := ratelimit.MeterOf(c)
-	key := c.Get("Idempotency-Key")
+	key := api.IdempotencyKeyOf(c) // set by the Idempotency middleware, which checked it
 	res, err := s.ConsumeWith(c.UserContext(), p.TenantID, metric, n, ConsumeOptions{Meter: m, IdempotencyKey: key})
 	if err := m.Apply(c); err != nil {
 		return err

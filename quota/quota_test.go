@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gofiber/fiber/v2"
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
@@ -78,13 +79,14 @@ func (h *harness) service(t testing.TB, cfg Config, env map[string]float64, rdb 
 	return s
 }
 
-// app serves s's and in's routes as serve mounts them, on a real listener.
-func (h *harness) app(t *testing.T, s *Service, in *ingest.Service) *fixture.Server {
+// app serves s's and in's routes as serve mounts them, on a real listener, with writeMW (serve's
+// Idempotency-Key middleware) on the write routes.
+func (h *harness) app(t *testing.T, s *Service, in *ingest.Service, writeMW ...fiber.Handler) *fixture.Server {
 	app := api.NewApp(api.Config{}, nil)
 	authn := auth.NewAuthenticator(auth.NewKeys(h.env.PG), h.tenants, auth.JWTConfig{})
 	g := app.Group("/api/analytics")
-	s.Register(g, authn.Require(auth.ScopeAnalyticsRead), authn.Require(auth.ScopeEventsWrite))
-	in.Register(g, s.Levels, authn.Require(auth.ScopeEventsWrite))
+	s.Register(g, authn.Require(auth.ScopeAnalyticsRead), authn.Require(auth.ScopeEventsWrite), writeMW...)
+	in.Register(g, s.Levels, append([]fiber.Handler{authn.Require(auth.ScopeEventsWrite)}, writeMW...)...)
 	return fixture.Serve(t, app)
 }
 
