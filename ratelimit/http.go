@@ -106,21 +106,28 @@ func (l *Limiter) answer(c *fiber.Ctx, p api.Principal, d Decision) error {
 	if d.Allowed {
 		return nil
 	}
-	now := time.Now()
-	l.mu.Lock()
-	notify := l.OnLimited != nil && now.Sub(l.limitedAt[p.Actor]) >= time.Minute
-	if notify {
-		if len(l.limitedAt) >= maxLimited {
-			clear(l.limitedAt)
-		}
-		l.limitedAt[p.Actor] = now
-	}
-	l.mu.Unlock()
-	if notify {
+	if l.OnLimited != nil && l.firstInAMinute(p, time.Now()) {
 		go l.OnLimited(p)
 	}
 	return api.TooMany("rate_limited", "too many requests for this credential; slow down and retry after the Retry-After seconds",
 		max(1, int(math.Ceil(d.Retry.Seconds()))))
+}
+
+// firstInAMinute reports whether p's credential was refused for the first time in a minute (and
+// remembers now if so). A credential is its tenant and actor: two tenants' JWTs may carry the same
+// sub ("jwt:<sub>"), and one tenant's refusals must not silence the other's.
+func (l *Limiter) firstInAMinute(p api.Principal, now time.Time) bool {
+	k := p.TenantID.String() + "\x00" + p.Actor
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if now.Sub(l.limitedAt[k]) < time.Minute {
+		return false
+	}
+	if len(l.limitedAt) >= maxLimited {
+		clear(l.limitedAt)
+	}
+	l.limitedAt[k] = now
+	return true
 }
 
 // maxLimited bounds the credentials remembered for OnLimited.

@@ -5,6 +5,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 )
 
@@ -48,5 +51,27 @@ func TestTokenBucketSharedAcrossInstances(t *testing.T) {
 	}
 	if d, _ := New(Config{}, rdb, prefix).Allow(ctx, "t1", "apikey:x"); !d.Allowed {
 		t.Error("a disabled limiter refused")
+	}
+}
+
+// OnLimited (the tenant's apikey.rate_limited event) is told once a minute per credential. It was
+// keyed by actor alone, and a JWT's actor is "jwt:<sub>": tenant A's user being limited silenced
+// the event of tenant B's user with the same sub for a minute.
+func TestRateLimitedEventIsPerTenantAndActor(t *testing.T) {
+	l := New(Config{Rate: 1, Burst: 1}, nil, "")
+	now := time.Now()
+	a := api.Principal{TenantID: uuid.New(), Actor: "jwt:user-1"}
+	b := api.Principal{TenantID: uuid.New(), Actor: "jwt:user-1"}
+	if !l.firstInAMinute(a, now) {
+		t.Fatal("tenant A's first refusal not told")
+	}
+	if l.firstInAMinute(a, now.Add(time.Second)) {
+		t.Error("tenant A told twice within a minute")
+	}
+	if !l.firstInAMinute(b, now.Add(time.Second)) {
+		t.Error("tenant B's first refusal not told: silenced by tenant A's, same sub")
+	}
+	if !l.firstInAMinute(a, now.Add(61*time.Second)) {
+		t.Error("tenant A not told again after a minute")
 	}
 }
