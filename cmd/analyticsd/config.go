@@ -280,9 +280,9 @@ func (e *env) rollup() rollup.ScheduleConfig {
 		e.fail("ROLLUP_AT: %v", err)
 	}
 	c.LookbackDays = e.integer("ROLLUP_LOOKBACK_DAYS", c.LookbackDays, 1, 90)
-	c.DriftEvery = e.duration("ROLLUP_DRIFT_INTERVAL", c.DriftEvery)
-	if d := c.DriftEvery; d != 0 && (d < 10*time.Second || d > 24*time.Hour) {
-		e.fail("ROLLUP_DRIFT_INTERVAL=%s: want 10s to 24h", d)
+	c.DriftEvery = e.durationOrOff("ROLLUP_DRIFT_INTERVAL", c.DriftEvery)
+	if d := c.DriftEvery; d > 0 && (d < 10*time.Second || d > 24*time.Hour) {
+		e.fail("ROLLUP_DRIFT_INTERVAL=%s: want 10s to 24h, or a negative value to leave late events to the nightly run", d)
 	}
 	return c
 }
@@ -364,12 +364,21 @@ func (e *env) boolean(name string, def bool) bool {
 }
 
 func (e *env) duration(name string, def time.Duration) time.Duration {
+	return e.parseDuration(name, def, false)
+}
+
+// durationOrOff is duration for a setting where a negative value turns something off.
+func (e *env) durationOrOff(name string, def time.Duration) time.Duration {
+	return e.parseDuration(name, def, true)
+}
+
+func (e *env) parseDuration(name string, def time.Duration, negative bool) time.Duration {
 	v := e.str(name, "")
 	if v == "" {
 		return def
 	}
 	d, err := time.ParseDuration(v)
-	if err != nil || d < 0 {
+	if err != nil || d < 0 && !negative {
 		e.fail("%s=%q: want a duration such as 500ms, 10s or 1m", name, v)
 		return def
 	}

@@ -130,6 +130,21 @@ func TestConfigReadsEnv(t *testing.T) {
 	}
 }
 
+// The README says a negative ROLLUP_DRIFT_INTERVAL leaves billed dates to the nightly run; the
+// configuration refused it (durations could not be negative), so the drift check could not be
+// turned off at all (0 means the default).
+func TestDriftIntervalCanBeTurnedOff(t *testing.T) {
+	c, err := loadConfig(envOf(map[string]string{"ROLLUP_DRIFT_INTERVAL": "-1s"}))
+	if err != nil || c.Rollup.DriftEvery >= 0 {
+		t.Errorf("ROLLUP_DRIFT_INTERVAL=-1s: %v, drift every %v; want accepted and negative", err, c.Rollup.DriftEvery)
+	}
+	for _, v := range []string{"5s", "25h"} {
+		if _, err := loadConfig(envOf(map[string]string{"ROLLUP_DRIFT_INTERVAL": v})); err == nil {
+			t.Errorf("ROLLUP_DRIFT_INTERVAL=%s accepted, want refused (10s to 24h)", v)
+		}
+	}
+}
+
 // On a cluster the spool's shipper must reach every server (an earlier insert it waits for may run on
 // any), and so must the layout's ALTERs; on one server neither has anything to reach. The first
 // wiring set the shipper's field before the ingest section replaced the whole WriterConfig.
