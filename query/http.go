@@ -102,32 +102,16 @@ func (s *Service) timed(endpoint string, h fiber.Handler) fiber.Handler {
 	obs := s.metrics.duration.WithLabelValues(endpoint)
 	return func(c *fiber.Ctx) error {
 		start := time.Now()
-		err := repeatedParam(c)
-		if err == nil {
+		// Every read parameter but metric takes one value.
+		var err error
+		if rerr := api.RepeatedParam(c, "metric", "metric[]"); rerr != nil {
+			err = rerr
+		} else {
 			err = h(c)
 		}
 		obs.Observe(time.Since(start).Seconds())
 		return httpError(err)
 	}
-}
-
-// repeatedParam refuses a parameter given more than once (source=app&source=api): every read
-// parameter but metric takes one value, and silently taking the first would answer another question
-// than the one asked.
-func repeatedParam(c *fiber.Ctx) error {
-	var err error
-	seen := map[string]bool{}
-	c.Context().QueryArgs().VisitAll(func(k, _ []byte) {
-		key := string(k)
-		if err != nil || key == "metric" || key == "metric[]" {
-			return
-		}
-		if seen[key] {
-			err = paramErr("%s= is given more than once; give it once (only metric takes several values)", excerpt.Short(key))
-		}
-		seen[key] = true
-	})
-	return err
 }
 
 func principal(c *fiber.Ctx) api.Principal {

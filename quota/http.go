@@ -82,6 +82,9 @@ func (s *Service) getOne(c *fiber.Ctx) error {
 func (s *Service) postConsume(c *fiber.Ctx) error {
 	p, _ := api.PrincipalOf(c)
 	metric := c.Params("metric") // outlives the handler (increment, alerts, labels): a copy, see api.NewApp
+	if err := api.RepeatedParam(c); err != nil {
+		return err
+	}
 	n := int64(1)
 	if v := c.Query("n"); v != "" {
 		var err error

@@ -477,6 +477,11 @@ func TestQuotasShapeAndLevels(t *testing.T) {
 	if st, _, _ := call(t, app, http.MethodPost, "/api/analytics/quotas/builds_daily/consume?n=0", h.keyW, ""); st != 400 {
 		t.Errorf("n=0: %d, want 400", st)
 	}
+	// n given twice was read as its first value: consume?n=1&n=100000 spent 1.
+	if st, _, m := call(t, app, http.MethodPost, "/api/analytics/quotas/builds_daily/consume?n=1&n=100000", h.keyW, ""); st != 400 ||
+		!strings.Contains(fmt.Sprint(m["error"]), "n= is given more than once") {
+		t.Errorf("n twice: %d %v, want 400 naming n", st, m)
+	}
 	if st, _, _ := call(t, app, http.MethodPost, "/api/analytics/quotas/builds_daily/consume", h.keyRead, ""); st != 403 {
 		t.Errorf("consume with a read-only key: %d, want 403", st)
 	}

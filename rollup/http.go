@@ -60,6 +60,9 @@ func (r *Reconciler) postRollup(c *fiber.Ctx) error {
 	if !ok {
 		return api.Unauthorized("missing credential: send Authorization: Bearer <API key or token>")
 	}
+	if err := api.RepeatedParam(c); err != nil {
+		return err
+	}
 	day, err := ParseDate(c.Query("date"), r.now())
 	if err != nil {
 		return httpError(err)

@@ -169,6 +169,8 @@ func TestRollupEndpoint(t *testing.T) {
 		{"?date=" + today.AddDate(0, 0, 1).Format("2006-01-02"), "in the future"},
 		{"?date=" + today.Format("2006-01-02"), "is today (UTC), which is still being counted"},
 		{"?date=" + today.AddDate(0, 0, -401).Format("2006-01-02"), "more than 400 days ago"},
+		// Read as its first value before: another day than the caller may have meant was re-billed.
+		{"?date=" + today.AddDate(0, 0, -1).Format("2006-01-02") + "&date=" + today.AddDate(0, 0, -30).Format("2006-01-02"), "date= is given more than once"},
 	} {
 		r := s.do(t, http.MethodPost, s.keys["acme-admin"], "", "/api/analytics/rollup"+c.query)
 		if r.status != 400 || r.body.Error.Code != "invalid_parameter" || !strings.Contains(r.body.Error.Message, c.msg) {
