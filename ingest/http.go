@@ -340,12 +340,12 @@ func (s *Service) count(p api.Principal, b *batch, now time.Time) {
 	}
 	tenant := s.metrics.tenants.Value(p.Slug)
 	for k, n := range perEvent {
-		s.metrics.Events.WithLabelValues(tenant, s.metrics.events.Value(k.event), k.source).Add(float64(n))
+		s.metrics.Events.WithLabelValues(tenant, s.metrics.events.Value(tenant, k.event), k.source).Add(float64(n))
 	}
 	for _, d := range deltas {
 		for metric, n := range d {
 			if n > 0 {
-				s.metrics.Usage.WithLabelValues(tenant, s.metrics.events.Value(metric)).Add(float64(n))
+				s.metrics.Usage.WithLabelValues(tenant, s.metrics.events.Value(tenant, metric)).Add(float64(n))
 			}
 		}
 	}

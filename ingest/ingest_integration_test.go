@@ -25,6 +25,7 @@ import (
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/dedup"
 	"github.com/analyticsd/analyticsd/ingest/spool"
+	"github.com/analyticsd/analyticsd/internal/labels"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 	"github.com/analyticsd/analyticsd/quota"
@@ -755,5 +756,31 @@ func TestRowsWithoutClaimsAreCountedBeforeTheAnswer(t *testing.T) {
 		if n, _, err := h.counters.Get(context.Background(), h.a.ID, "builds_daily", time.Now()); err != nil || n != 193 {
 			t.Errorf("deduplication off %v: builds_daily %d (%v) right after the answers, want 193", noDedup, n, err)
 		}
+	}
+}
+
+// /metrics caps the distinct event names it labels (METRICS_LABEL_CAP, 500), and the cap was shared
+// by every tenant: one tenant sending 500 made-up names turned every other tenant's events into
+// event="other" on the operator's /metrics. The cap is now per tenant.
+func TestOneTenantsEventNamesDoNotHideAnothers(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, opts{})
+	var flood strings.Builder
+	for i := range labels.DefaultCap {
+		fmt.Fprintf(&flood, `{"event":"flood.e%d","source":"app","user_id":"u"}`+"\n", i)
+	}
+	nd := map[string]string{"Content-Type": "application/x-ndjson"}
+	if r := h.post(t, h.keyA, "/api/analytics/events", []byte(flood.String()), nd); r.Status != 202 {
+		t.Fatalf("flood: %d %s", r.Status, r.Raw)
+	}
+	paid := strings.Repeat(`{"event":"billing.invoice.paid","source":"app","user_id":"u"}`+"\n", 2)
+	if r := h.post(t, h.keyB, "/api/analytics/events", []byte(paid), nd); r.Status != 202 {
+		t.Fatalf("tenant B: %d %s", r.Status, r.Raw)
+	}
+	if got := counterValue(h.metrics.Events.WithLabelValues(h.b.Slug, "billing.invoice.paid", "app")); got != 2 {
+		t.Errorf("tenant B's billing.invoice.paid on /metrics: %v, want 2 (not hidden under other by tenant A's names)", got)
+	}
+	if got := counterValue(h.metrics.Events.WithLabelValues(h.a.Slug, "other", "app")); got != 0 {
+		t.Errorf("tenant A's own names under other: %v, want 0 (its 500 fit its cap)", got)
 	}
 }

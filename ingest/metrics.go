@@ -30,7 +30,10 @@ type Metrics struct {
 	SpoolWrites   prometheus.Counter // group commits written to the spool (each one write and, with fsync, one fsync)
 	SpoolAppends  prometheus.Counter // requests those writes carried
 
-	tenants, events *labels.Capped
+	tenants *labels.Capped
+	// events caps the event and metric label values per tenant label: one tenant sending many
+	// distinct names turns its own into "other", never another tenant's.
+	events *labels.PerKey
 	// quarantine reads the quarantine at scrape time (set by the writer that owns the spool).
 	quarantine atomic.Pointer[func() (files, rows int)]
 }
@@ -100,7 +103,7 @@ func NewMetrics(reg prometheus.Registerer, labelCap int) *Metrics {
 			Name: "sbh_ingest_spool_appends_total", Help: "Requests carried by the spool's group commits (divided by sbh_ingest_spool_writes_total: requests per fsync).",
 		}),
 		tenants: labels.NewCapped(labelCap),
-		events:  labels.NewCapped(labelCap),
+		events:  labels.NewPerKey(labelCap),
 	}
 	quarantined := func(rows bool) func() float64 {
 		return func() float64 {

@@ -37,3 +37,31 @@ func (c *Capped) Value(v string) string {
 	c.seen[v] = struct{}{}
 	return v
 }
+
+// PerKey keeps a Capped of n values for each key (a tenant's label value): one key's flood of new
+// values fills its own cap only, never another's. Keys should come from a Capped themselves, so
+// that they are bounded too.
+type PerKey struct {
+	mu   sync.RWMutex
+	n    int
+	caps map[string]*Capped
+}
+
+// NewPerKey returns a PerKey admitting n distinct values per key.
+func NewPerKey(n int) *PerKey { return &PerKey{n: n, caps: map[string]*Capped{}} }
+
+// Value returns v if it is (or can become) one of key's admitted values, else "other".
+func (p *PerKey) Value(key, v string) string {
+	p.mu.RLock()
+	c := p.caps[key]
+	p.mu.RUnlock()
+	if c == nil {
+		p.mu.Lock()
+		if c = p.caps[key]; c == nil {
+			c = NewCapped(p.n)
+			p.caps[key] = c
+		}
+		p.mu.Unlock()
+	}
+	return c.Value(v)
+}
