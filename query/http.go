@@ -191,6 +191,17 @@ func (s *Service) getUsage(c *fiber.Ctx) error {
 	if err != nil {
 		return err
 	}
+	// Usage is counted per day: a bound inside a day would be answered as its whole day, unlike
+	// the same range on /events or /event-names.
+	for _, b := range [2]struct {
+		name string
+		at   time.Time
+	}{{"from", r.From}, {"to", r.To}} {
+		if !b.at.Equal(r.Zone.DayStart(r.Zone.Date(b.at))) {
+			return paramErr("%s=%s is inside a day of %s, and usage is counted per day: give from and to as dates (YYYY-MM-DD), or as instants at midnight",
+				b.name, b.at.Format(time.RFC3339), r.Zone.Name())
+		}
+	}
 	metrics, err := metricsParam(c, nil)
 	if err != nil {
 		return err

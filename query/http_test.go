@@ -50,6 +50,11 @@ func TestErrorResponses(t *testing.T) {
 		{"range length", false, "/events?from=2020-01-01&to=2024-01-01", 400, "", bad(`the range from 2020-01-01 to 2024-01-01 is longer than 366 days; narrow it`)},
 		{"no metric", false, "/usage", 400, "", bad(`name at least one metric: metric[]=auth.user.login\u0026metric[]=api_requests_daily (or metric=a,b)`)},
 		{"fill", false, "/usage?metric=a.b&fill=ones", 400, "", bad(`fill=\"ones\": want zero or none`)},
+		// Answered as the whole day before, while /events answered the second it was asked for.
+		{"usage inside a day", false, "/usage?metric=a.b&from=2026-11-30T16:20:00Z&to=2026-11-30T16:20:01Z", 400, "",
+			bad(`from=2026-11-30T16:20:00Z is inside a day of UTC, and usage is counted per day: give from and to as dates (YYYY-MM-DD), or as instants at midnight`)},
+		{"usage at midnights", false, "/usage?metric=a.b&from=2026-11-29T00:00:00Z&to=2026-11-30T16:20:01Z", 400, "",
+			bad(`to=2026-11-30T16:20:01Z is inside a day of UTC, and usage is counted per day: give from and to as dates (YYYY-MM-DD), or as instants at midnight`)},
 		{"metric", false, "/metrics?metric=A", 400, "", bad(`metric \"A\" is not a metric or event name (lowercase letters, digits, '_', '.', '-')`)},
 		{"event-names limit", false, "/event-names?limit=1001", 400, "", bad(`limit=\"1001\" must be a whole number from 1 to 1000`)},
 		{"active-users event", false, "/active-users?event=A", 400, "", bad(`event=\"A\" is not an event name (lowercase domain.action, e.g. auth.user.login)`)},
