@@ -9,6 +9,7 @@ import (
 	"io"
 	"mime"
 	"strings"
+	"unicode/utf8"
 
 	fastjson "github.com/segmentio/encoding/json"
 )
@@ -109,6 +110,33 @@ func Decompress(body []byte, encoding string, max int64) ([]byte, error) {
 	return out.Bytes(), nil
 }
 
+// CheckUTF8 refuses a body that is not UTF-8 text, naming the first bad byte: JSON decoders replace
+// invalid bytes in strings with U+FFFD, so a user_id or event name would be stored altered, silently
+// (props were refused on their own check; the other fields were not). ~20 ns for a 200-byte event.
+// (An NDJSON body is checked line by line instead: one bad line is that line's error.)
+func CheckUTF8(body []byte) error {
+	if i, bad := firstInvalidUTF8(body); bad {
+		return badBody("body is not valid UTF-8 (byte %d, 0x%02x): send the text as UTF-8, which JSON requires", i, body[i])
+	}
+	return nil
+}
+
+// firstInvalidUTF8 returns the offset of b's first byte that is not UTF-8, if any.
+func firstInvalidUTF8(b []byte) (int, bool) {
+	if utf8.Valid(b) {
+		return 0, false
+	}
+	i := 0
+	for i < len(b) {
+		r, n := utf8.DecodeRune(b[i:])
+		if r == utf8.RuneError && n == 1 {
+			break
+		}
+		i += n
+	}
+	return i, true
+}
+
 // Decode reads the events of a body. Malformed JSON in a JSON body fails the whole request (the
 // positions after the error are unknowable); an item of the wrong shape, or a bad NDJSON line, is
 // reported by index and the rest are kept. The events' Ts and Props may point into body.
@@ -118,7 +146,7 @@ func Decode(body []byte, f Format, maxEvents int) ([]Event, []ItemError, error) 
 	var err error
 	if f == FormatNDJSON {
 		events, bad, err = decodeNDJSON(body, maxEvents)
-	} else {
+	} else if err = CheckUTF8(body); err == nil {
 		events, bad, err = decodeJSON(body, maxEvents)
 	}
 	if err != nil {
@@ -191,7 +219,9 @@ func decodeNDJSON(body []byte, maxEvents int) ([]Event, []ItemError, error) {
 			return nil, nil, tooMany(maxEvents)
 		}
 		var e Event
-		if err := unmarshalEvent(line, &e); err != nil {
+		if i, invalid := firstInvalidUTF8(line); invalid {
+			bad = append(bad, ItemError{Index: idx, Line: lineNo, Error: fmt.Sprintf("line is not valid UTF-8 (byte %d, 0x%02x): send the text as UTF-8", i, line[i])})
+		} else if err := unmarshalEvent(line, &e); err != nil {
 			bad = append(bad, ItemError{Index: idx, Line: lineNo, Error: err.Error()})
 		} else {
 			e.index, e.line = idx, lineNo

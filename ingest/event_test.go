@@ -2,6 +2,7 @@ package ingest
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"regexp"
@@ -296,5 +297,23 @@ func TestDecodedEventsKeepTheirOwnBytes(t *testing.T) {
 				t.Fatalf("%s: event %d came back with ts %v props %.60s; want its own", tc.name, i, r.Ts, r.Props)
 			}
 		}
+	}
+}
+
+// A body that is not UTF-8 was decoded with each bad byte turned into U+FFFD: a user_id of two bad
+// bytes was stored as "\ufffd\ufffd", silently altered (only props had a check of its own). A JSON
+// body is now refused whole, naming the first bad byte; an NDJSON line is that line's error.
+func TestDecodeRefusesInvalidUTF8(t *testing.T) {
+	events, _, err := Decode([]byte("[{\"event\":\"a.b\",\"user_id\":\"\xff\xfe\"}]"), FormatJSON, 10)
+	var re *RequestError
+	if !errors.As(err, &re) || !errors.Is(re.Kind, ErrBadBody) || !strings.Contains(re.Message, "not valid UTF-8 (byte 27, 0xff)") {
+		t.Errorf("JSON: %d events, %v; want the body refused as not UTF-8, naming byte 27", len(events), err)
+	}
+	events, bad, err := Decode([]byte("{\"event\":\"a.b\",\"user_id\":\"ok\"}\n{\"event\":\"a.b\",\"user_id\":\"\xff\xfe\"}\n"), FormatNDJSON, 10)
+	if err != nil || len(events) != 1 || len(bad) != 1 || bad[0].Line != 2 || !strings.Contains(bad[0].Error, "not valid UTF-8 (byte 26, 0xff)") {
+		t.Errorf("NDJSON: %d events, refused %+v, %v; want line 1 kept and line 2 refused as not UTF-8", len(events), bad, err)
+	}
+	if _, _, err := Decode([]byte(`[{"event":"a.b","user_id":"zoë ✓"}]`), FormatJSON, 10); err != nil {
+		t.Errorf("valid UTF-8 refused: %v", err)
 	}
 }

@@ -119,6 +119,9 @@ func (s *Service) handle(typ string) fiber.Handler {
 		if err == nil {
 			err = contentType(c.Get(fiber.HeaderContentType))
 		}
+		if err == nil {
+			err = ingest.CheckUTF8(body)
+		}
 		var msgs []json.RawMessage
 		var d defaults
 		if err == nil {

@@ -432,6 +432,8 @@ func TestBadInput(t *testing.T) {
 	check("empty batch", "/v1/batch", nil, `{"batch":[]}`, 400, "batch is empty")
 	check("not JSON content", "/v1/track", map[string]string{"Content-Type": "application/xml"}, `{}`, 415, "application/json")
 	check("gzip that is not", "/v1/track", map[string]string{"Content-Encoding": "gzip"}, `{}`, 400, "gzip")
+	// Decoded with each bad byte as U+FFFD before: the user id was stored altered.
+	check("not UTF-8", "/v1/track", nil, "{\"event\":\"x\",\"userId\":\"\xff\xfe\"}", 400, "not valid UTF-8")
 	big := strings.Repeat("x", segment.MaxMessageBytes)
 	check("message over 32 KB", "/v1/track", nil, `{"event":"x","userId":"u","properties":{"s":"`+big+`"}}`, 413, "32 KB")
 	check("batch message over 32 KB", "/v1/batch", nil, `{"batch":[{"type":"track","event":"x","userId":"u","properties":{"s":"`+big+`"}}]}`, 413, "message 0 is")

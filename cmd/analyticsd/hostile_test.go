@@ -60,8 +60,9 @@ func TestHostileInput(t *testing.T) {
 		{"deep nesting as the body", []byte(strings.Repeat("[", 1<<20)), nil, 400, "JSON"},
 		{"huge number as ts", []byte(`{"event":"a.b","ts":1e400}`), nil, 400, "epoch milliseconds"},
 		{"huge numbers in props", []byte(`{"event":"a.b","props":{"n":1e400,"m":-99999999999999999999999999999}}`), nil, 202, ""},
-		{"invalid UTF-8 in the name", []byte("{\"event\":\"a.\xff\xfe\"}"), nil, 400, "domain.action"},
-		{"invalid UTF-8 in user_id", []byte("{\"event\":\"a.b\",\"user_id\":\"u\xff\"}"), nil, 202, ""},
+		{"invalid UTF-8 in the name", []byte("{\"event\":\"a.\xff\xfe\"}"), nil, 400, "not valid UTF-8"},
+		// Stored as "u\ufffd" before: altered without a word.
+		{"invalid UTF-8 in user_id", []byte("{\"event\":\"a.b\",\"user_id\":\"u\xff\"}"), nil, 400, "not valid UTF-8 (byte 27"},
 		{"NUL bytes", []byte(`{"event":"a.b","user_id":"u\u0000x","request_id":"\u0000"}`), nil, 202, ""},
 		{"duplicate keys", []byte(`{"event":"a.b","event":"c.d","source":"app","source":"nope"}`), nil, 400, "source"},
 		{"enormous string", []byte(`{"event":"a.b","user_id":"` + strings.Repeat("u", 9<<20) + `"}`), nil, 400, "user_id is"},
