@@ -619,25 +619,25 @@ func TestRefusedScriptsGoAgainTogether(t *testing.T) {
 func TestAQueuedCallerLeavesWhenItsContextEnds(t *testing.T) {
 	rdb, prefix := testenv.Redis(t)
 	ctx := context.Background()
-	if err := add.Load(ctx, rdb).Err(); err != nil {
+	if err := incrOr.Load(ctx, rdb).Err(); err != nil {
 		t.Fatal(err)
 	}
 	b := New(rdb)
 	release := hold(t, rdb, b, prefix)
-	before := startAdd(ctx, b, prefix+"{held}stays", 1)
+	before := startIncr(ctx, b, prefix+"{held}stays")
 	waitFor(t, b, func() bool { return queued(b) == 1 })
 	short, cancel := context.WithCancel(ctx)
 	defer cancel()
-	leaves := startAdd(short, b, prefix+"{held}leaves", 2)
+	leaves := startIncr(short, b, prefix+"{held}leaves")
 	waitFor(t, b, func() bool { return queued(b) == 2 })
-	after := startAdd(ctx, b, prefix+"{held}stays", 3)
+	after := startIncr(ctx, b, prefix+"{held}stays")
 	waitFor(t, b, func() bool { return queued(b) == 3 })
 
 	cancel()
 	select {
-	case err := <-leaves:
-		if !errors.Is(err, context.Canceled) {
-			t.Errorf("the caller whose context ended: %v, want its cancellation", err)
+	case r := <-leaves:
+		if !errors.Is(r.err, context.Canceled) {
+			t.Errorf("the caller whose context ended: %v, want its cancellation", r.err)
 		}
 	case <-time.After(3 * time.Second):
 		t.Fatal("a queued caller whose context ended still waits for the batch in flight")
@@ -648,22 +648,15 @@ func TestAQueuedCallerLeavesWhenItsContextEnds(t *testing.T) {
 	if err := release(); err != nil {
 		t.Fatalf("held script: %v", err)
 	}
-	for _, r := range []<-chan error{before, after} {
-		if err := <-r; err != nil {
-			t.Errorf("a caller queued beside the one that left: %v", err)
+	for _, r := range []<-chan result{before, after} {
+		if got := <-r; got.err != nil {
+			t.Errorf("a caller queued beside the one that left: %v", got.err)
 		}
 	}
-	if got, err := rdb.Get(ctx, prefix+"{held}stays").Int64(); err != nil || got != 4 {
-		t.Errorf("{held}stays = %d (%v), want 4: both callers' scripts ran once", got, err)
+	if got, err := rdb.Get(ctx, prefix+"{held}stays").Int64(); err != nil || got != 2 {
+		t.Errorf("{held}stays = %d (%v), want 2: both callers' scripts ran once", got, err)
 	}
 	if n, err := rdb.Exists(ctx, prefix+"{held}leaves").Result(); err != nil || n != 0 {
 		t.Errorf("the script of the caller that left ran (%d, %v)", n, err)
 	}
-}
-
-// startAdd runs add's increment of key by n through b in the background; its error comes on the channel.
-func startAdd(ctx context.Context, b *Batcher, key string, n int) <-chan error {
-	out := make(chan error, 1)
-	go func() { out <- add.Run(ctx, b, []string{key}, n, n).Err() }()
-	return out
 }
