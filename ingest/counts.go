@@ -61,6 +61,8 @@ type liveCounts struct {
 	done    chan struct{}
 	// lastWarn is when addNow last logged a failure (unix ns): at most one warning per 10 s.
 	lastWarn atomic.Int64
+	// failedAt is when addNow's last send failed (unix ns).
+	failedAt atomic.Int64
 }
 
 func newLiveCounts(c Counter, m *Metrics, log *slog.Logger, every time.Duration) *liveCounts {
@@ -103,11 +105,19 @@ func (l *liveCounts) add(d map[countKey]map[string]int64) {
 // the answer sees them. (Through add they reached Redis up to `every` later, and a consume sent
 // right after a 202 for 190 builds passed a limit of 200 at 16, ending at 206.) Its failure costs
 // the request nothing: the rows are counted when reconciliation reads them from ClickHouse.
+//
+// Within a second of a failed send the deltas go through add instead: while Redis is down, requests
+// do not each wait for the client's dial retries.
 func (l *liveCounts) addNow(d map[countKey]map[string]int64) {
 	if l == nil || len(d) == 0 {
 		return
 	}
+	if time.Since(time.Unix(0, l.failedAt.Load())) < time.Second {
+		l.add(d)
+		return
+	}
 	if err := l.send(d); err != nil {
+		l.failedAt.Store(time.Now().UnixNano())
 		if last := l.lastWarn.Load(); time.Since(time.Unix(0, last)) > 10*time.Second && l.lastWarn.CompareAndSwap(last, time.Now().UnixNano()) {
 			l.log.Warn("live quota counters not updated; ingest continues and reconciliation with clickhouse catches them up", "err", err)
 		}
