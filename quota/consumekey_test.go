@@ -106,3 +106,38 @@ func TestConsumeRetryRecordsOnTheFirstRunsDayWhileItsClaimLives(t *testing.T) {
 		t.Errorf("increments recorded at %v; want two, both at the first run's %v (the retry a window later records none)", got, first)
 	}
 }
+
+// The marker's value is what a version before the amount key reads with tonumber(): it must stay a
+// plain integer (a marker "7 1 1796056729" made that version's script answer {2} and its Go code
+// index past the end, a panic that takes the process down). And Lua writes numbers of 1e14 and above
+// as "1e+14" unless told otherwise: a replay of a consume on such a counter found a marker its own
+// pattern did not match, answered {2}, and the Go side panicked the same way. Both replay here.
+func TestConsumeMarkerStaysAPlainIntegerAtAnySize(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: false, IdempotencyWindow: time.Hour}, map[string]float64{"builds_daily": 200}, nil)
+	ctx := context.Background()
+	opts := ConsumeOptions{IdempotencyKey: "big"}
+	if _, err := s.ConsumeWith(ctx, h.tenant.ID, "builds_daily", 1, opts); err != nil { // reconciles the day
+		t.Fatal(err)
+	}
+	if err := h.env.Redis.IncrBy(ctx, s.counters.Key(h.tenant.ID, "builds_daily", time.Now()), 100_000_000_000_000).Err(); err != nil {
+		t.Fatal(err)
+	}
+	opts.IdempotencyKey = "bigger"
+	first, err := s.ConsumeWith(ctx, h.tenant.ID, "builds_daily", 1, opts)
+	if err != nil || !first.Allowed || first.Current != 100_000_000_000_002 {
+		t.Fatalf("consume on a counter past 1e14: %+v %v", first, err)
+	}
+	raw, err := h.env.Redis.Get(ctx, s.counters.MarkerKey(h.tenant.ID, "builds_daily", "bigger")).Result()
+	if err != nil || raw != "100000000000002" {
+		t.Errorf("marker %q (%v), want the plain integer 100000000000002", raw, err)
+	}
+	again, err := s.ConsumeWith(ctx, h.tenant.ID, "builds_daily", 1, opts)
+	if err != nil || !again.Allowed || again.Current != first.Current {
+		t.Errorf("replay: %+v %v, want allowed at %v", again, err, first.Current)
+	}
+	if _, err := s.ConsumeWith(ctx, h.tenant.ID, "builds_daily", 2, opts); err != ErrKeyReused {
+		t.Errorf("another n under the key: %v, want ErrKeyReused", err)
+	}
+}

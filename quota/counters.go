@@ -131,12 +131,12 @@ local function count(counter, live, base, minute, n, ttl)
   local l = tonumber(redis.call('HGET', live, minute) or '0')
   local b = tonumber(redis.call('HGET', base, minute) or '0')
   local nl = math.max(l + n, 0)
-  redis.call('HSET', live, minute, nl)
+  redis.call('HSET', live, minute, string.format('%d', nl))
   redis.call('EXPIRE', live, ttl)
   local by = math.max(nl, b) - math.max(l, b)
   local v
   if by ~= 0 then
-    v = redis.call('INCRBY', counter, by)
+    v = redis.call('INCRBY', counter, string.format('%d', by))
   else
     v = tonumber(redis.call('GET', counter) or '0')
   end
@@ -197,7 +197,7 @@ var reconcileScript = redis.NewScript(`
 local had = redis.call('EXISTS', KEYS[3])
 for i = 3, #ARGV, 2 do
   local v = tonumber(ARGV[i + 1])
-  if v > tonumber(redis.call('HGET', KEYS[3], ARGV[i]) or '0') then redis.call('HSET', KEYS[3], ARGV[i], v) end
+  if v > tonumber(redis.call('HGET', KEYS[3], ARGV[i]) or '0') then redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
 end
 local base = {}
 local raw = redis.call('HGETALL', KEYS[3])
@@ -209,7 +209,7 @@ for i = 1, #raw, 2 do
   local m, l = raw[i], tonumber(raw[i + 1])
   local b = base[m] or 0
   if l > b and tonumber(m) < settle then
-    redis.call('HSET', KEYS[2], m, b)
+    redis.call('HSET', KEYS[2], m, string.format('%d', b))
     l = b
   end
   total = total + math.max(l, b)
@@ -219,7 +219,7 @@ for m, b in pairs(base) do
   if not seen[m] then total = total + b end
 end
 local before = tonumber(redis.call('GET', KEYS[1]) or '0')
-redis.call('SET', KEYS[1], total, 'EX', ARGV[1])
+redis.call('SET', KEYS[1], string.format('%d', total), 'EX', ARGV[1])
 for i = 2, 3 do
   if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('EXPIRE', KEYS[i], ARGV[1]) end
 end
@@ -322,25 +322,31 @@ func (c *Counters) Read(ctx context.Context, tenant uuid.UUID, d time.Time, metr
 // consumeScript is the atomic check-and-increment; ratelimit composes it with the taking of the
 // request's rate-limit token (its meter), so a metered consume is still one round trip.
 //
-//	KEYS: counter, live, base, reconciled, idempotency marker (the counter again when there is none)
+//	KEYS: counter, live, base, reconciled, idempotency marker, the marker's amount and time (the
+//	      counter again for both when there is no marker)
 //	ARGV: n, limit, ttl, marked (1/0), marker ttl, minute, the spend's unix time
 //
 // With a marker — a consume sent with an Idempotency-Key — a marker already set means a consume
 // under that key was allowed before, and nothing is spent again: 2 with the value it left and its
 // unix time when its n is this one's (a retry), 3 when it spent another n (the key reused for
 // another request: refused, never answered "allowed" for a spend nobody made). An allowed consume
-// sets the marker ("value n time") in the same step as the spend, so a retry after a crash can never
-// spend twice. Then: -1 when the day was never reconciled (Redis lost it), 0 with the current value
-// when n more would pass the limit, 1 with the new value when allowed (counted live in its minute).
-// A marker written before markers held n and time (a bare value) replays as before, time unknown.
+// sets the marker (the value, as before) and its amount key ("n time") in the same step as the
+// spend, so a retry after a crash can never spend twice. The amount has a key of its own so that a
+// marker still reads as a plain number to a version before it (during a rolling deploy, or after a
+// rollback, that version's script returns tonumber(marker)); a marker without one (written by such
+// a version) replays as it did, its time unknown. Then: -1 when the day was never reconciled (Redis
+// lost it), 0 with the current value when n more would pass the limit, 1 with the new value when
+// allowed (counted live in its minute). Numbers are written with %d: Lua's own conversion writes
+// 1e14 and above as "1e+14".
 var consumeScript = ratelimit.NewScript(CountLua + `
 if ARGV[4] == '1' then
   local prev = redis.call('GET', KEYS[5])
   if prev then
-    local pv, pn, pat = string.match(prev, '^(%-?%d+) (%d+) (%d+)$')
-    if not pv then return {2, tonumber(prev), 0} end
-    if pn ~= ARGV[1] then return {3, tonumber(pv)} end
-    return {2, tonumber(pv), tonumber(pat)}
+    local meta = redis.call('GET', KEYS[6])
+    local pn, pat
+    if meta then pn, pat = string.match(meta, '^(%d+) (%d+)$') end
+    if pn and pn ~= ARGV[1] then return {3, tonumber(prev) or 0} end
+    return {2, tonumber(prev) or 0, tonumber(pat) or 0}
   end
 end
 if redis.call('EXISTS', KEYS[4]) == 0 then return {-1, 0} end
@@ -348,7 +354,10 @@ local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local n = tonumber(ARGV[1])
 if cur + n > tonumber(ARGV[2]) then return {0, cur} end
 local _, v = count(KEYS[1], KEYS[2], KEYS[3], ARGV[6], n, ARGV[3])
-if ARGV[4] == '1' then redis.call('SET', KEYS[5], v .. ' ' .. ARGV[1] .. ' ' .. ARGV[7], 'EX', ARGV[5]) end
+if ARGV[4] == '1' then
+  redis.call('SET', KEYS[5], string.format('%d', v), 'EX', ARGV[5])
+  redis.call('SET', KEYS[6], ARGV[1] .. ' ' .. ARGV[7], 'EX', ARGV[5])
+end
 return {1, v}
 `)
 
@@ -357,6 +366,9 @@ type Marker struct {
 	Key string
 	TTL time.Duration
 }
+
+// amountKey holds the marked consume's n and unix time, beside the marker (same hash tag).
+func (m *Marker) amountKey() string { return m.Key + ":n" }
 
 // ConsumeOutcome is what one run of the consume script decided.
 type ConsumeOutcome struct {
@@ -379,10 +391,10 @@ type ConsumeOutcome struct {
 func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string, at time.Time, n, limit int64, m *ratelimit.Meter, marker *Marker) (ConsumeOutcome, error) {
 	tag, dd := c.tag(tenant), day(at)
 	k := tag + metric + ":" + dd
-	keys := []string{k, k + ":live", k + ":ch", tag + reconciledMark + dd, k} // the marker's slot: the counter again when unused
+	keys := []string{k, k + ":live", k + ":ch", tag + reconciledMark + dd, k, k} // the marker's slots: the counter again when unused
 	args := []any{n, limit, int(CounterTTL.Seconds()), 0, 0, minute(at), at.Unix()}
 	if marker != nil {
-		keys[4] = marker.Key
+		keys[4], keys[5] = marker.Key, marker.amountKey()
 		args[3], args[4] = 1, max(int(marker.TTL.Seconds()), 1)
 	}
 	res, err := consumeScript.Run(ctx, c.consumes, m, keys, args...)
@@ -392,6 +404,8 @@ func (c *Counters) Consume(ctx context.Context, tenant uuid.UUID, metric string,
 	switch {
 	case m.Refused():
 		return ConsumeOutcome{Reconciled: true}, nil
+	case len(res) < 2:
+		return ConsumeOutcome{}, fmt.Errorf("consume %s for tenant %s: the script answered %v", metric, tenant, res)
 	case res[0] == -1:
 		return ConsumeOutcome{}, nil
 	case res[0] == 2:
@@ -414,7 +428,7 @@ func (c *Counters) MarkerKey(tenant uuid.UUID, metric, idempotencyKey string) st
 
 var undoScript = redis.NewScript(CountLua + `
 count(KEYS[1], KEYS[2], KEYS[3], ARGV[2], -tonumber(ARGV[1]), ARGV[3])
-if #KEYS > 3 then redis.call('DEL', KEYS[4]) end
+for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
 return 1
 `)
 
@@ -424,7 +438,7 @@ return 1
 func (c *Counters) Undo(ctx context.Context, tenant uuid.UUID, metric string, at time.Time, n int64, marker *Marker) error {
 	keys := c.counterKeys(tenant, metric, at)
 	if marker != nil {
-		keys = append(keys, marker.Key)
+		keys = append(keys, marker.Key, marker.amountKey())
 	}
 	return undoScript.Run(ctx, c.rdb, keys, n, minute(at), int(CounterTTL.Seconds())).Err()
 }
