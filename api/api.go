@@ -12,10 +12,12 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"runtime/debug"
 	"strconv"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
+	"github.com/gofiber/fiber/v2/middleware/recover"
 
 	"github.com/analyticsd/analyticsd/internal/logger"
 )
@@ -210,5 +212,11 @@ func NewApp(cfg Config, log *slog.Logger) *fiber.App {
 		// Request().Body() and copies only what it keeps (TestRequestStringsOutliveTheRequest).
 		Immutable: true,
 	})
+	// A handler that panics answers 500 (logged with its stack) instead of ending the process and
+	// every other request in it. Nothing should panic; a replayed consume once did.
+	rlog := logger.Or(log)
+	app.Use(recover.New(recover.Config{EnableStackTrace: true, StackTraceHandler: func(c *fiber.Ctx, e any) {
+		rlog.Error("handler panicked", "method", c.Method(), "path", c.Path(), "panic", e, "stack", string(debug.Stack()))
+	}}))
 	return app
 }
