@@ -326,21 +326,37 @@ func TestRetryStorm(t *testing.T) {
 	if !time.Now().UTC().Truncate(24 * time.Hour).Equal(today) {
 		t.Logf("the storm's today ended at midnight UTC: its live quota is no longer served, not compared")
 	}
+	// The live counter is exact at once when nothing failed; after the storm's faults (a kill -9, a
+	// ClickHouse restart) the promise is convergence within 60 s of the faults healing (README,
+	// "Convergence"), so it is polled for up to 75 s, and how long it took is logged. (A CI run on a
+	// loaded machine read 16,290 of 16,940 at once: 13 requests' rows not yet counted.)
 	for _, s := range []*system{a, b} {
-		body, err := s.get("/api/analytics/quotas/api_requests_daily")
 		var q struct {
 			Data struct {
 				Current  float64 `json:"current"`
 				Degraded bool    `json:"degraded"`
 			} `json:"data"`
 		}
-		if err == nil {
-			err = json.Unmarshal([]byte(body), &q)
+		var first float64
+		polled := time.Now()
+		for try := 0; ; try++ {
+			body, err := s.get("/api/analytics/quotas/api_requests_daily")
+			if err == nil {
+				err = json.Unmarshal([]byte(body), &q)
+			}
+			if err != nil {
+				t.Fatalf("quota of %s: %v %s", s.base, err, body)
+			}
+			if try == 0 {
+				first = q.Data.Current
+			}
+			if int64(q.Data.Current) == ackedT || time.Since(polled) > 75*time.Second {
+				break
+			}
+			time.Sleep(time.Second)
 		}
-		if err != nil {
-			t.Fatalf("quota of %s: %v %s", s.base, err, body)
-		}
-		t.Logf("today: acknowledged %d, stored %d, daily_usage %d, quota current %v at %s", ackedT, storedT, usage(today), q.Data.Current, s.base)
+		t.Logf("today: acknowledged %d, stored %d, daily_usage %d, quota current %v at %s (first read %v; %.1f s to converge)",
+			ackedT, storedT, usage(today), q.Data.Current, s.base, first, time.Since(polled).Seconds())
 		if ackedT == 0 || storedT != ackedT || usage(today) != ackedT || (time.Now().UTC().Truncate(24*time.Hour).Equal(today) && (int64(q.Data.Current) != ackedT || q.Data.Degraded)) {
 			t.Errorf("today: acknowledged %d, stored %d, daily_usage %d, quota current %v (degraded %v) at %s: want all equal",
 				ackedT, storedT, usage(today), q.Data.Current, q.Data.Degraded, s.base)
