@@ -118,7 +118,63 @@ func CheckUTF8(body []byte) error {
 	if i, bad := firstInvalidUTF8(body); bad {
 		return badBody("body is not valid UTF-8 (byte %d, 0x%02x): send the text as UTF-8, which JSON requires", i, body[i])
 	}
+	if i, bad := loneSurrogate(body); bad {
+		return badBody("body has half of a UTF-16 surrogate pair (%s at byte %d), which decodes to U+FFFD: escape the whole pair, or send the character as UTF-8", body[i:i+6], i)
+	}
 	return nil
+}
+
+// loneSurrogate returns the offset of the first \u escape in JSON text b that encodes half of a
+// UTF-16 surrogate pair without its other half (JSON decoders turn it into U+FFFD, silently).
+func loneSurrogate(b []byte) (int, bool) {
+	for i := 0; ; {
+		j := bytes.Index(b[i:], []byte(`\u`))
+		if j < 0 {
+			return 0, false
+		}
+		j += i
+		i = j + 2
+		k := j
+		for k > 0 && b[k-1] == '\\' {
+			k--
+		}
+		if (j-k)%2 == 1 {
+			continue // the backslash is itself escaped: a literal "\u"
+		}
+		cp, ok := hex4(b[j+2:])
+		switch {
+		case !ok || cp < 0xD800 || cp > 0xDFFF:
+		case cp <= 0xDBFF && j+12 <= len(b) && b[j+6] == '\\' && b[j+7] == 'u':
+			if lo, ok := hex4(b[j+8:]); ok && lo >= 0xDC00 && lo <= 0xDFFF {
+				i = j + 12 // a whole pair
+				continue
+			}
+			return j, true
+		default:
+			return j, true
+		}
+	}
+}
+
+// hex4 reads four hex digits.
+func hex4(b []byte) (rune, bool) {
+	if len(b) < 4 {
+		return 0, false
+	}
+	var r rune
+	for _, c := range b[:4] {
+		switch {
+		case c >= '0' && c <= '9':
+			r = r<<4 | rune(c-'0')
+		case c >= 'a' && c <= 'f':
+			r = r<<4 | rune(c-'a'+10)
+		case c >= 'A' && c <= 'F':
+			r = r<<4 | rune(c-'A'+10)
+		default:
+			return 0, false
+		}
+	}
+	return r, true
 }
 
 // firstInvalidUTF8 returns the offset of b's first byte that is not UTF-8, if any.
@@ -221,6 +277,8 @@ func decodeNDJSON(body []byte, maxEvents int) ([]Event, []ItemError, error) {
 		var e Event
 		if i, invalid := firstInvalidUTF8(line); invalid {
 			bad = append(bad, ItemError{Index: idx, Line: lineNo, Error: fmt.Sprintf("line is not valid UTF-8 (byte %d, 0x%02x): send the text as UTF-8", i, line[i])})
+		} else if i, lone := loneSurrogate(line); lone {
+			bad = append(bad, ItemError{Index: idx, Line: lineNo, Error: fmt.Sprintf("line has half of a UTF-16 surrogate pair (%s at byte %d), which decodes to U+FFFD: escape the whole pair, or send the character as UTF-8", line[i:i+6], i)})
 		} else if err := unmarshalEvent(line, &e); err != nil {
 			bad = append(bad, ItemError{Index: idx, Line: lineNo, Error: err.Error()})
 		} else {

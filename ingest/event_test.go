@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 
@@ -315,5 +316,27 @@ func TestDecodeRefusesInvalidUTF8(t *testing.T) {
 	}
 	if _, _, err := Decode([]byte(`[{"event":"a.b","user_id":"zoë ✓"}]`), FormatJSON, 10); err != nil {
 		t.Errorf("valid UTF-8 refused: %v", err)
+	}
+}
+
+// An escaped half of a UTF-16 surrogate pair is valid UTF-8 on the wire, and JSON decoders turn it
+// into U+FFFD: {"user_id":"\ud800"} was stored as "\ufffd". Refused now; whole pairs, escaped
+// backslashes before a "u", and ordinary escapes pass.
+func TestDecodeRefusesLoneSurrogates(t *testing.T) {
+	for _, body := range []string{`[{"event":"a.b","user_id":"\ud800"}]`, `[{"event":"a.b","user_id":"x\udc00y"}]`, `[{"event":"a.b","user_id":"\ud800\u0041"}]`} {
+		_, _, err := Decode([]byte(body), FormatJSON, 10)
+		if err == nil || !strings.Contains(err.Error(), "surrogate pair") {
+			t.Errorf("%s: %v, want refused naming the surrogate", body, err)
+		}
+	}
+	_, bad, err := Decode([]byte("{\"event\":\"a.b\"}\n{\"event\":\"a.b\",\"user_id\":\"\\udfff\"}\n"), FormatNDJSON, 10)
+	if err != nil || len(bad) != 1 || bad[0].Line != 2 || !strings.Contains(bad[0].Error, "surrogate pair") {
+		t.Errorf("NDJSON: refused %+v, %v; want line 2 refused", bad, err)
+	}
+	for _, body := range []string{`[{"event":"a.b","user_id":"\ud83d\ude00"}]`, `[{"event":"a.b","user_id":"\\ud800"}]`, `[{"event":"a.b","user_id":"\u00e9\n"}]`} {
+		events, _, err := Decode([]byte(body), FormatJSON, 10)
+		if err != nil || len(events) != 1 || strings.ContainsRune(events[0].UserID, utf8.RuneError) {
+			t.Errorf("%s: %v %v, want accepted as sent", body, events, err)
+		}
 	}
 }
