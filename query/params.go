@@ -70,6 +70,11 @@ func ParseRangeIn(from, to string, now time.Time, z Zone) (Range, error) {
 		}
 	case !toDay.IsZero():
 		r.From = z.DayStart(toDay.AddDate(0, 0, -30))
+	case r.To.Equal(z.DayStart(z.Date(r.To))):
+		// An instant at a local midnight: 30 local days before it, whatever a DST change in
+		// between did to their length (720 hours would land an hour off midnight, which /usage,
+		// counting whole days, refuses).
+		r.From = z.DayStart(z.Date(r.To).AddDate(0, 0, -30))
 	default:
 		r.From = r.To.Add(-30 * 24 * time.Hour)
 	}

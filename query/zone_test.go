@@ -143,6 +143,12 @@ func TestParseRangeInZone(t *testing.T) {
 	if got := r.To.Sub(r.From); got != 25*time.Hour {
 		t.Errorf("the fall-back day: got %s long, want 25h", got)
 	}
+	// to at a local midnight, from left out: 30 local days back, across the spring-forward change
+	// (720 hours landed at 23:00 local, which /usage, counting whole days, refused naming from).
+	r, err = ParseRangeIn("", "2026-04-10T00:00:00+02:00", now, z)
+	if err != nil || !r.From.Equal(instant("2026-03-10T23:00:00Z")) {
+		t.Errorf("default from before a local midnight: got %v, %v; want 2026-03-10T23:00:00Z (midnight of the 11th, CET)", r.From, err)
+	}
 	// RFC3339 bounds stay instants.
 	r, err = ParseRangeIn("2026-03-01T10:00:00Z", "2026-03-02T10:00:00Z", now, z)
 	if err != nil || !r.From.Equal(instant("2026-03-01T10:00:00Z")) || !r.To.Equal(instant("2026-03-02T10:00:00Z")) {
