@@ -80,6 +80,7 @@ type item struct {
 	unsure       bool  // checked because its claim could not prove it new (not merely because of a retry)
 	reclaimedNow bool  // its claim was missing and was made when shipping
 	counted      bool  // the live counters counted it when it was accepted
+	assumed      bool  // counted is assumed: whether its request-time claim ran is unknown
 	epoch        time.Time
 }
 
@@ -281,6 +282,7 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 				// claim whose answer was lost): take it as counted, so that if it turns out not to be
 				// stored after all its counters are rebuilt — a rebuild is always safe, an overcount not.
 				it.counted = !settled || (i < len(dup) && !dup[i])
+				it.assumed = !settled
 				verify[group{t, kind}] = append(verify[group{t, kind}], it)
 			}
 		}
@@ -308,7 +310,11 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 				switch {
 				case !held[i]:
 					dups++
-					if it.counted {
+					// Held by another batch. A claim counts only the ids it takes, and within a
+					// window of the row's receipt an id this batch took would still be its own: so a
+					// count that was only assumed was never made, and taking it back left the counter
+					// short (a retry sent to another instance while this one could not reach Redis).
+					if it.counted && !(it.assumed && now.Sub(it.received(g.kind)) < window) {
 						sh.uncount(g.kind, it)
 					}
 					continue
