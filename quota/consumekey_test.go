@@ -2,6 +2,7 @@ package quota
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"sync"
 	"testing"
@@ -139,5 +140,27 @@ func TestConsumeMarkerStaysAPlainIntegerAtAnySize(t *testing.T) {
 	}
 	if _, err := s.ConsumeWith(ctx, h.tenant.ID, "builds_daily", 2, opts); err != ErrKeyReused {
 		t.Errorf("another n under the key: %v, want ErrKeyReused", err)
+	}
+}
+
+// One build (never released) wrote the marker as "value n time" in one key. Read as a plain value it
+// was 0 and its n unknown, so another n under its key was allowed for free again. It is still read.
+func TestConsumeReadsTheOneKeyMarkerFormat(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true, IdempotencyWindow: time.Hour}, map[string]float64{"builds_daily": 200}, nil)
+	ctx := context.Background()
+	first := time.Now().UTC().Truncate(time.Second).Add(-time.Minute)
+	if err := h.env.Redis.Set(ctx, s.counters.MarkerKey(h.tenant.ID, "builds_daily", "old"), fmt.Sprintf("7 5 %d", first.Unix()), time.Hour).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.ConsumeWith(ctx, h.tenant.ID, "builds_daily", 100, ConsumeOptions{IdempotencyKey: "old"}); err != ErrKeyReused {
+		t.Errorf("another n under the key: %v, want ErrKeyReused", err)
+	}
+	rec := &recorded{}
+	s.SetRecorder(rec)
+	r, err := s.ConsumeWith(ctx, h.tenant.ID, "builds_daily", 5, ConsumeOptions{IdempotencyKey: "old"})
+	if got := rec.all(); err != nil || !r.Allowed || r.Current != 7 || len(got) != 1 || !got[0].Equal(first) {
+		t.Errorf("the same n: %+v %v, recorded at %v; want a replay at 7, recorded at the first run's %v", r, err, got, first)
 	}
 }

@@ -343,10 +343,15 @@ if ARGV[4] == '1' then
   local prev = redis.call('GET', KEYS[5])
   if prev then
     local meta = redis.call('GET', KEYS[6])
-    local pn, pat
-    if meta then pn, pat = string.match(meta, '^(%d+) (%d+)$') end
-    if pn and pn ~= ARGV[1] then return {3, tonumber(prev) or 0} end
-    return {2, tonumber(prev) or 0, tonumber(pat) or 0}
+    local pv, pn, pat = prev, nil, nil
+    if meta then
+      pn, pat = string.match(meta, '^(%d+) (%d+)$')
+    else -- a marker "value n time" in one key, as one build (never released) wrote it
+      local v1, n1, t1 = string.match(prev, '^(%S+) (%d+) (%d+)$')
+      if v1 then pv, pn, pat = v1, n1, t1 end
+    end
+    if pn and pn ~= ARGV[1] then return {3, tonumber(pv) or 0} end
+    return {2, tonumber(pv) or 0, tonumber(pat) or 0}
   end
 end
 if redis.call('EXISTS', KEYS[4]) == 0 then return {-1, 0} end
