@@ -191,7 +191,7 @@ func (s *Store) Idempotency(log *slog.Logger) fiber.Handler {
 			return c.Status(r.Status).SendString(r.Body)
 		}
 
-		herr := c.Next()
+		herr := s.runFreeingOnPanic(c, rkey, string(pending))
 		if herr != nil {
 			// Render the error now, so that the response can be kept like any other; it is still
 			// returned below, so that the middleware before this one sees it (ratelimit's Defer
@@ -212,6 +212,21 @@ func (s *Store) Idempotency(log *slog.Logger) fiber.Handler {
 		}
 		return herr
 	}
+}
+
+// runFreeingOnPanic runs the rest of the chain; if it panics, the key's pending record is deleted
+// before the panic goes on (to api.NewApp's recover, which answers 500): a 5xx frees the key, so
+// that the retry runs — not 409 for PendingTTL from a holder that is still alive.
+func (s *Store) runFreeingOnPanic(c *fiber.Ctx, rkey, pending string) error {
+	defer func() {
+		if r := recover(); r != nil {
+			ctx, cancel := context.WithTimeout(context.WithoutCancel(c.UserContext()), time.Second)
+			_ = finishScript.Run(ctx, s.rdb, []string{rkey}, pending, "", s.windowSeconds()).Err()
+			cancel()
+			panic(r)
+		}
+	}()
+	return c.Next()
 }
 
 // takeOver makes this request the holder of a pending record prev (the same request) whose holder
