@@ -2,8 +2,10 @@ package api
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"runtime/debug"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -63,6 +65,13 @@ func Stream(c *fiber.Ctx, max time.Duration, write func(w io.Writer) error, done
 		if max > 0 {
 			cw.end = time.Now().Add(max)
 		}
+		// fasthttp runs this in a goroutine of its own, past NewApp's recover: a panic here would end
+		// the process. It ends this response instead, unterminated, so the client sees it cut short.
+		defer func() {
+			if r := recover(); r != nil {
+				done(fmt.Errorf("the stream's writer panicked: %v\n%s", r, debug.Stack()))
+			}
+		}()
 		err := write(cw)
 		if err == nil {
 			err = cw.finish()

@@ -129,3 +129,44 @@ func TestStream(t *testing.T) {
 		t.Errorf("HEAD: status %d, headers %v, body ran %d times; want headers only", resp.StatusCode, resp.Header, len(ran))
 	}
 }
+
+// fasthttp runs a streamed body in a goroutine of its own, past NewApp's recover: a writer that
+// panicked ended the process. It now ends only its own response, cut short, and done hears why.
+func TestStreamWriterPanicEndsOnlyItsResponse(t *testing.T) {
+	app := fiber.New(fiber.Config{DisableStartupMessage: true})
+	ended := make(chan error, 2)
+	app.Get("/panic", func(c *fiber.Ctx) error {
+		Stream(c, 0, func(w io.Writer) error {
+			if _, err := w.Write([]byte("first part\n")); err != nil {
+				return err
+			}
+			panic("index out of range")
+		}, func(err error) { ended <- err })
+		return nil
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go app.Listener(ln)
+	t.Cleanup(func() { app.Shutdown() })
+	for i := 0; i < 2; i++ { // the second request proves the process lived on
+		resp, err := http.Get("http://" + ln.Addr().String() + "/panic")
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err == nil {
+			t.Errorf("request %d: the body read as complete, want it cut short", i)
+		}
+		select {
+		case err := <-ended:
+			if err == nil || !strings.Contains(err.Error(), "panicked") {
+				t.Errorf("request %d: done(%v), want the panic", i, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("request %d: done never called", i)
+		}
+	}
+}
