@@ -48,13 +48,7 @@ func TestStream(t *testing.T) {
 			return nil
 		})
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go app.Listener(ln)
-	t.Cleanup(func() { app.Shutdown() })
-	base := "http://" + ln.Addr().String()
+	base := listen(t, app)
 
 	resp, err := http.Get(base + "/ok")
 	if err != nil {
@@ -104,7 +98,7 @@ func TestStream(t *testing.T) {
 	}
 
 	// HTTP/1.0 has no chunks: the body is unframed and ends with the connection.
-	conn, err := net.Dial("tcp", ln.Addr().String())
+	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,14 +138,9 @@ func TestStreamWriterPanicEndsOnlyItsResponse(t *testing.T) {
 		}, func(err error) { ended <- err })
 		return nil
 	})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go app.Listener(ln)
-	t.Cleanup(func() { app.Shutdown() })
+	base := listen(t, app)
 	for i := 0; i < 2; i++ { // the second request proves the process lived on
-		resp, err := http.Get("http://" + ln.Addr().String() + "/panic")
+		resp, err := http.Get(base + "/panic")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -169,4 +158,16 @@ func TestStreamWriterPanicEndsOnlyItsResponse(t *testing.T) {
 			t.Fatalf("request %d: done never called", i)
 		}
 	}
+}
+
+// listen serves app on a loopback port until the test ends and returns its base URL.
+func listen(t *testing.T, app *fiber.App) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go app.Listener(ln)
+	t.Cleanup(func() { app.Shutdown() })
+	return "http://" + ln.Addr().String()
 }

@@ -29,7 +29,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"strings"
 	"sync"
 	"time"
 
@@ -577,11 +576,7 @@ func (s *Service) everyServer(ctx context.Context, table string) ([]schema.Live,
 	}
 	if len(down) > 0 {
 		schema.CloseAll(live)
-		addrs := make([]string, len(down))
-		for i, u := range down {
-			addrs[i] = u.Addr
-		}
-		return nil, fmt.Errorf("delete from %s: servers %s do not answer, and it could not be confirmed there", table, strings.Join(addrs, ", "))
+		return nil, fmt.Errorf("delete from %s: it could not be confirmed on servers that do not answer: %s", table, schema.Describe(down))
 	}
 	return live, nil
 }

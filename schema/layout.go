@@ -3,7 +3,6 @@ package schema
 import (
 	"context"
 	"fmt"
-	"strings"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 )
@@ -130,16 +129,9 @@ func (l Layout) CheckReachable(ctx context.Context, ch driver.Conn) error {
 	if len(down) == 0 {
 		return nil
 	}
-	var b strings.Builder
-	for i, u := range down {
-		if i > 0 {
-			b.WriteString("; ")
-		}
-		fmt.Fprintf(&b, "%s (%v)", u.Addr, u.Err)
-	}
 	return fmt.Errorf("%d of %d servers of cluster %s cannot be reached from analyticsd by the address system.clusters gives, with the DSN's credentials: %s. "+
 		"Until they can, erasures do not finish and a retried spool segment may wait; make those names resolve here (docs/deploy-cluster.md)",
-		len(down), len(down)+len(live), l.Cluster, b.String())
+		len(down), len(down)+len(live), l.Cluster, Describe(down))
 }
 
 // SkipUnusedShards reports whether the server prunes a Distributed read to the shards the sharding

@@ -271,6 +271,15 @@ func (u Unreachable) Gone() bool {
 	return errors.Is(u.Err, syscall.ECONNREFUSED) || strings.Contains(u.Err.Error(), "connection refused")
 }
 
+// Describe lists unreachable servers, each with why: "addr (error); addr (error)".
+func Describe(down []Unreachable) string {
+	parts := make([]string, len(down))
+	for i, u := range down {
+		parts[i] = fmt.Sprintf("%s (%v)", u.Addr, u.Err)
+	}
+	return strings.Join(parts, "; ")
+}
+
 // Servers connects to every server of the cluster (as system.clusters on via lists them), all at
 // once, for what must be asked of each server itself (its running queries, its mutations) with the
 // DSN's credentials (a remote() table function would log in as "default"). A server that cannot be
