@@ -19,6 +19,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/quota"
 )
 
 // sibling starts another analyticsd on the same stores, tenant and key: its own address and spool,
@@ -349,6 +350,9 @@ func TestRetryStorm(t *testing.T) {
 			}
 			if try == 0 {
 				first = q.Data.Current
+				if int64(first) != ackedT {
+					explainQuota(t, []*system{a, b}, today)
+				}
 			}
 			if int64(q.Data.Current) == ackedT || time.Since(polled) > 75*time.Second {
 				break
@@ -493,4 +497,58 @@ func writeResult(t *testing.T, r Result) {
 	all = append(all, r)
 	b, _ := json.MarshalIndent(all, "", "  ")
 	os.WriteFile(path, b, 0o644)
+}
+
+// explainQuota logs, when a storm's live quota reads short, where the count is missing: per received
+// minute, what was counted live, ClickHouse's count the last reconciliation applied and ClickHouse's
+// count now; and each instance's claim, counter-feed and duplicate counters (a's since its restart).
+func explainQuota(t *testing.T, systems []*system, today time.Time) {
+	s := systems[0]
+	ctx := context.Background()
+	c := quota.NewCounters(s.env.Redis, "")
+	live, _ := s.env.Redis.HGetAll(ctx, c.LiveKey(s.tenant, "api_requests_daily", today)).Result()
+	base, _ := s.env.Redis.HGetAll(ctx, c.BaseKey(s.tenant, "api_requests_daily", today)).Result()
+	counter, _ := s.env.Redis.Get(ctx, c.Key(s.tenant, "api_requests_daily", today)).Result()
+	stored := map[string]uint64{}
+	rows, err := s.env.CH.Query(ctx, "SELECT toString(intDiv(toUInt32(received_at), 60)) AS m, count() FROM "+s.env.DB+
+		".events WHERE tenant_id = ? AND ts >= ? AND ts < ? GROUP BY m", s.tenant, today, today.Add(24*time.Hour))
+	if err != nil {
+		t.Logf("stored rows per minute: %v", err)
+	} else {
+		for rows.Next() {
+			var m string
+			var n uint64
+			rows.Scan(&m, &n)
+			stored[m] = n
+		}
+		rows.Close()
+	}
+	var sumLive, sumMax int64
+	for m, n := range stored {
+		var l, b int64
+		fmt.Sscan(live[m], &l)
+		fmt.Sscan(base[m], &b)
+		sumLive += l
+		sumMax += max(l, b)
+		if l != int64(n) {
+			t.Logf("minute %s: live %d, reconciled clickhouse %d, clickhouse now %d", m, l, b, n)
+		}
+	}
+	t.Logf("counter %s; sum of live %d, of max(live, reconciled) %d over %d minutes", counter, sumLive, sumMax, len(stored))
+	for _, sys := range systems {
+		body, err := http.Get(sys.ops + "/metrics")
+		if err != nil {
+			continue
+		}
+		var buf bytes.Buffer
+		buf.ReadFrom(body.Body)
+		body.Body.Close()
+		for _, line := range strings.Split(buf.String(), "\n") {
+			for _, name := range []string{"sbh_ingest_claim_errors_total", "sbh_ingest_counter_errors_total", "sbh_ingest_duplicates_total"} {
+				if strings.HasPrefix(line, name) {
+					t.Logf("%s: %s", sys.base, line)
+				}
+			}
+		}
+	}
 }

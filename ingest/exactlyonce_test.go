@@ -603,3 +603,63 @@ func TestAnUnclaimedCopyFoundAtShippingTakesNothingBack(t *testing.T) {
 		t.Errorf("%d rows stored, want 20", rows)
 	}
 }
+
+// A process killed after its insert of a segment committed replays the segment on restart, finds its
+// rows in ClickHouse and drops them. They were counted once, by the batch's own claim, and stored
+// once, by that insert: nothing is to be taken back. For a tenant whose claim history is younger
+// than the window the replay checks every row in ClickHouse, and it used to take each row it found
+// back from the live counter — the retry storm's quota read 100 short after a kill -9 (counter 0
+// here, want 30 above the first request's 20).
+func TestReplayOfItsOwnCommittedInsertTakesNothingBack(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, opts{})
+	// The tenant's first request begins its claim history: it is counted and stored.
+	body, ids := events(20, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 20 {
+		t.Fatalf("first request: %d %s", r.Status, r.Raw)
+	}
+	h.waitStored(t, h.a.ID, ids, 20)
+	time.Sleep(1100 * time.Millisecond) // the next rows are received after the epoch's own second
+
+	// A batch of another process: claimed (and so counted) and inserted, and the process died
+	// before it removed the segment.
+	now := time.Now().UTC().Truncate(time.Second)
+	rows := make([]Row, 30)
+	rowIDs := make([]uuid.UUID, len(rows))
+	for i := range rows {
+		rowIDs[i] = uuid.New()
+		rows[i] = Row{ID: rowIDs[i], TenantID: h.a.ID, Ts: now, ReceivedAt: now, Event: "apikey.request", Source: "api", Props: "{}"}
+	}
+	wid := newBatchID()
+	unit := func(int) (string, int64, time.Time, time.Time) {
+		return "api_requests_daily", 1, now.Truncate(24 * time.Hour), now
+	}
+	dup, _, err := h.dedup.Claim(context.Background(), h.a.ID, KindEvent, wid, rowIDs, unit, func(time.Time, string, int64, int64) {})
+	if err != nil || slices.Contains(dup, true) {
+		t.Fatalf("claim: %v %v", dup, err)
+	}
+	insertRows(t, h.env.CH, h.env.DB, rows)
+	dir := t.TempDir()
+	writeSegment(t, dir, "0000000000000001.inflight", wid, rows, nil)
+	if n, _, _ := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", now); n != 50 {
+		t.Fatalf("live counter %d before the replay, want 50", n)
+	}
+
+	restarted := h.newInstance(t, opts{writer: func(wc *WriterConfig) { wc.Dir = dir }})
+	testenv.Eventually(t, 20*time.Second, func() error {
+		if st := restarted.w.Stats(); st.PendingSegments > 0 || st.BufferedRows > 0 {
+			return fmt.Errorf("the restarted instance still holds %+v", st)
+		}
+		return nil
+	})
+	time.Sleep(300 * time.Millisecond) // the feed's take-backs, if any, are sent every 10 ms
+	if got := counterValue(restarted.metrics.Duplicates.WithLabelValues("clickhouse")); got != 30 {
+		t.Errorf("%v rows found stored at replay, want 30 (the test did not replay what it meant to)", got)
+	}
+	if n, _, err := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", now); err != nil || n != 50 {
+		t.Errorf("live counter %d (%v), want 50: the replay took back rows its own insert stored", n, err)
+	}
+	if total, distinct := h.count(t, "events", h.a.ID); total != 50 || distinct != 50 {
+		t.Errorf("events: %d rows, %d distinct; want 50, 50", total, distinct)
+	}
+}

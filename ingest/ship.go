@@ -84,6 +84,18 @@ type item struct {
 	epoch        time.Time
 }
 
+// ownCopy reports whether a stored copy of the row, received at `at`, can only be its own batch's
+// earlier insert (replayed after a crash, retried after an ambiguous failure), which the batch's claim
+// counted: nothing to take back. The batch holds the id in the tenant's current claim history, which
+// began at it.epoch, and a copy received after the epoch's own second was claimed in that history —
+// which only the holder can have done. A copy received earlier may be another batch's, claimed in a
+// history Redis lost, and counted by it: this row's count is then the second one. (Before, every
+// stored copy of an unsure row was taken back, and after a restart every row of a tenant younger than
+// the window is unsure: a kill -9 during an insert left the counter short until reconciliation.)
+func (it item) ownCopy(at time.Time) bool {
+	return !it.reclaimedNow && !it.epoch.IsZero() && at.Truncate(time.Second).After(it.epoch.Truncate(time.Second))
+}
+
 func (it item) event() *Row           { return &it.b.events[it.i] }
 func (it item) increment() *Increment { return &it.b.incs[it.i] }
 
@@ -467,9 +479,9 @@ func (sh *shipper) withoutStored(ctx context.Context, kind Kind, its []item) ([]
 			}
 			sh.metrics.CheckedRows.Add(float64(n))
 			for _, i := range part {
-				if have[its[i].key(kind).id] {
+				if at, ok := have[its[i].key(kind).id]; ok {
 					drop[i] = true
-					if its[i].counted && its[i].unsure {
+					if its[i].counted && its[i].unsure && !its[i].ownCopy(at) {
 						// Counted live as new, but an earlier copy was stored (and counted) before.
 						sh.uncount(kind, its[i])
 					}
