@@ -606,19 +606,26 @@ func TestAnUnclaimedCopyFoundAtShippingTakesNothingBack(t *testing.T) {
 
 // A process killed after its insert of a segment committed replays the segment on restart, finds its
 // rows in ClickHouse and drops them. They were counted once, by the batch's own claim, and stored
-// once, by that insert: nothing is to be taken back. For a tenant whose claim history is younger
-// than the window the replay checks every row in ClickHouse, and it used to take each row it found
-// back from the live counter — the retry storm's quota read 100 short after a kill -9 (counter 0
-// here, want 30 above the first request's 20).
+// once, by that insert: nothing is to be taken back. While a tenant's claim history does not cover
+// the window (Redis lost the claims) every row of it is checked in ClickHouse, and a replay used to
+// take each row it found back from the live counter — the retry storm's quota read 100 short after a
+// kill -9 (here: counter 21, want 51).
 func TestReplayOfItsOwnCommittedInsertTakesNothingBack(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, opts{})
-	// The tenant's first request begins its claim history: it is counted and stored.
 	body, ids := events(20, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
 	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 20 {
 		t.Fatalf("first request: %d %s", r.Status, r.Raw)
 	}
 	h.waitStored(t, h.a.ID, ids, 20)
+	// Redis loses the claims: the next request begins a new history, which ClickHouse's 20 rows from
+	// before it keep from proving anything for a window.
+	h.dropClaims(t, h.a.ID, false)
+	body, ids = events(1, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 1 {
+		t.Fatalf("second request: %d %s", r.Status, r.Raw)
+	}
+	h.waitStored(t, h.a.ID, ids, 1)
 	time.Sleep(1100 * time.Millisecond) // the next rows are received after the epoch's own second
 
 	// A batch of another process: claimed (and so counted) and inserted, and the process died
@@ -641,8 +648,8 @@ func TestReplayOfItsOwnCommittedInsertTakesNothingBack(t *testing.T) {
 	insertRows(t, h.env.CH, h.env.DB, rows)
 	dir := t.TempDir()
 	writeSegment(t, dir, "0000000000000001.inflight", wid, rows, nil)
-	if n, _, _ := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", now); n != 50 {
-		t.Fatalf("live counter %d before the replay, want 50", n)
+	if n, _, _ := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", now); n != 51 {
+		t.Fatalf("live counter %d before the replay, want 51", n)
 	}
 
 	restarted := h.newInstance(t, opts{writer: func(wc *WriterConfig) { wc.Dir = dir }})
@@ -656,10 +663,40 @@ func TestReplayOfItsOwnCommittedInsertTakesNothingBack(t *testing.T) {
 	if got := counterValue(restarted.metrics.Duplicates.WithLabelValues("clickhouse")); got != 30 {
 		t.Errorf("%v rows found stored at replay, want 30 (the test did not replay what it meant to)", got)
 	}
-	if n, _, err := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", now); err != nil || n != 50 {
-		t.Errorf("live counter %d (%v), want 50: the replay took back rows its own insert stored", n, err)
+	if n, _, err := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", now); err != nil || n != 51 {
+		t.Errorf("live counter %d (%v), want 51: the replay took back rows its own insert stored", n, err)
 	}
-	if total, distinct := h.count(t, "events", h.a.ID); total != 50 || distinct != 50 {
-		t.Errorf("events: %d rows, %d distinct; want 50, 50", total, distinct)
+	if total, distinct := h.count(t, "events", h.a.ID); total != 51 || distinct != 51 {
+		t.Errorf("events: %d rows, %d distinct; want 51, 51", total, distinct)
+	}
+}
+
+// The question whether a young claim history is complete (ClickHouse holds none of the tenant's rows
+// from the window before it) is answered once, before the first of the tenant's rows is inserted,
+// and shared: another instance, or this one after a restart, asked it again after those rows were
+// stored, took them for rows from before the history, and checked every row of the tenant in
+// ClickHouse before inserting it, for a whole window (here: 20 checked, want 0).
+func TestAYoungClaimHistoryIsJudgedOnceForEveryInstance(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, opts{})
+	body, ids := events(20, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 20 {
+		t.Fatalf("first request: %d %s", r.Status, r.Raw)
+	}
+	h.waitStored(t, h.a.ID, ids, 20)
+	if n := counterValue(h.metrics.CheckedRows); n != 0 {
+		t.Fatalf("the first instance checked %v rows of a new tenant, want 0", n)
+	}
+	other := h.newInstance(t, opts{})
+	body, ids = events(20, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
+	if r := other.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 20 {
+		t.Fatalf("second request: %d %s", r.Status, r.Raw)
+	}
+	h.waitStored(t, h.a.ID, ids, 20)
+	if n := counterValue(other.metrics.CheckedRows); n != 0 {
+		t.Errorf("the second instance checked %v rows in ClickHouse before inserting them, want 0", n)
+	}
+	if n, _, err := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", time.Now()); err != nil || n != 40 {
+		t.Errorf("live counter %d (%v), want 40", n, err)
 	}
 }

@@ -373,34 +373,50 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 }
 
 // complete reports whether a tenant's claim history that began at epoch covers everything
-// ClickHouse holds of it: no row of the kind was received in the window up to epoch. Asked once per
-// tenant, kind and epoch.
+// ClickHouse holds of it: no row of the kind was received in the window up to epoch. ClickHouse is
+// asked once per tenant, kind and epoch, by the first process to ship such rows, and the answer is
+// recorded with the claims (Claims.RecordHistory) for every other process and for this one after a
+// restart.
+//
+// The answer must be given before any row of the history is inserted: asked later, the question
+// sees the history's own new rows (received in the epoch's second) and takes them for old ones,
+// checking every row of the tenant for a window. Within a process the lock, held across the
+// question, makes the other flushers wait for the first one's answer. Across processes the record
+// does: a process inserts rows of the history only after complete returned, so after the record
+// existed — and so a question that saw such rows comes after the record, and its late answer loses
+// to the first (RecordHistory keeps the first). (Before the record, every other instance, and every
+// instance after a restart, checked all of a young tenant's rows in ClickHouse for a window.)
 func (sh *shipper) complete(ctx context.Context, kind Kind, tenant uuid.UUID, epoch time.Time) (bool, error) {
 	k := historyKey{tenant, kind, epoch}
-	// Held across the query: the first flusher to ship a tenant's rows under an epoch asks before
-	// any of them is inserted, and the other waits for its answer. Asked later, the question would
-	// see this process's own new rows (received in the epoch's second) and take them for old ones,
-	// checking every row of the tenant for a window.
 	sh.historyMu.Lock()
 	defer sh.historyMu.Unlock()
 	if v, ok := sh.history[k]; ok {
 		return v, nil
 	}
-	// Inclusive of the epoch's own second: epochs are whole seconds, and a row received in that
-	// second may have been claimed before Redis lost its claims.
-	q := "SELECT count() FROM " + sh.db + ".events WHERE tenant_id = ? AND received_at >= ? AND received_at <= ?"
-	if kind == KindIncrement {
-		q = "SELECT count() FROM " + sh.db + ".usage_increments WHERE tenant_id = ? AND ts >= ? AND ts <= ?"
+	v, ok, err := sh.claims.History(ctx, tenant, kind, epoch)
+	if err != nil {
+		return false, err
 	}
-	var n uint64
-	if err := sh.ch.QueryRow(ctx, q, tenant, epoch.Add(-sh.claims.Window()), epoch).Scan(&n); err != nil {
-		return false, fmt.Errorf("check what clickhouse holds from before tenant %s's claims: %w", tenant, err)
+	if !ok {
+		// Inclusive of the epoch's own second: epochs are whole seconds, and a row received in that
+		// second may have been claimed before Redis lost its claims.
+		q := "SELECT count() FROM " + sh.db + ".events WHERE tenant_id = ? AND received_at >= ? AND received_at <= ?"
+		if kind == KindIncrement {
+			q = "SELECT count() FROM " + sh.db + ".usage_increments WHERE tenant_id = ? AND ts >= ? AND ts <= ?"
+		}
+		var n uint64
+		if err := sh.ch.QueryRow(ctx, q, tenant, epoch.Add(-sh.claims.Window()), epoch).Scan(&n); err != nil {
+			return false, fmt.Errorf("check what clickhouse holds from before tenant %s's claims: %w", tenant, err)
+		}
+		if v, err = sh.claims.RecordHistory(ctx, tenant, kind, epoch, n == 0); err != nil {
+			return false, err
+		}
 	}
 	if sh.history == nil || len(sh.history) > 100_000 {
 		sh.history = map[historyKey]bool{}
 	}
-	sh.history[k] = n == 0
-	return n == 0, nil
+	sh.history[k] = v
+	return v, nil
 }
 
 // unit is what row i of b (of a kind) adds to the live counters when claimed at now: its metric, the
