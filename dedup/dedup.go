@@ -12,9 +12,9 @@
 //	dedup:{T}:e:<bucket>   a hash: event id (16 bytes) -> the batch id holding it (8 bytes), for the
 //	                       ids first claimed in that window-long time bucket; kept two windows
 //	dedup:{T}:i:<bucket>   the same for increment ids
-//	dedup:{T}:<k>:history:<epoch>  "1" or "0": whether the claim history of kind k that began at
-//	                       epoch covers what ClickHouse held of T when first asked (History); kept
-//	                       two windows
+//	dedup:{T}:<k>:history:<epoch>  "1" once the claim history of kind k that began at epoch was
+//	                       found complete before any of its rows was stored (History; ingest's
+//	                       shipper decides); kept two windows
 //	idem:{T}:<sha256>      an Idempotency-Key's request fingerprint and first response
 //
 // A claim is looked up in the current bucket and the one before, so an id is remembered for at least

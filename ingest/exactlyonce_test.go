@@ -626,7 +626,8 @@ func TestReplayOfItsOwnCommittedInsertTakesNothingBack(t *testing.T) {
 		t.Fatalf("second request: %d %s", r.Status, r.Raw)
 	}
 	h.waitStored(t, h.a.ID, ids, 1)
-	time.Sleep(1100 * time.Millisecond) // the next rows are received after the epoch's own second
+	// The next rows are received after the history's first seconds, which allow for clock skew.
+	time.Sleep(time.Second + maxClockSkew + 100*time.Millisecond)
 
 	// A batch of another process: claimed (and so counted) and inserted, and the process died
 	// before it removed the segment.
@@ -698,5 +699,83 @@ func TestAYoungClaimHistoryIsJudgedOnceForEveryInstance(t *testing.T) {
 	}
 	if n, _, err := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", time.Now()); err != nil || n != 40 {
 		t.Errorf("live counter %d (%v), want 40", n, err)
+	}
+}
+
+// An insert of a history Redis lost can commit after the new history was judged complete (it was
+// under way at the loss). A retry of such a row, claimed anew, must still be checked: the answer
+// "complete" binds no process that finds rows from before the epoch (here the retry was stored
+// twice when every instance took the recorded answer's word).
+func TestARowFromBeforeTheHistoryStoredLateIsStillFound(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, opts{})
+	before := time.Now().UTC().Add(-10 * time.Second).Truncate(time.Second)
+	body, ids := events(20, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 20 {
+		t.Fatalf("first request: %d %s", r.Status, r.Raw)
+	}
+	h.waitStored(t, h.a.ID, ids, 20)
+	// The late commit: a row received before the history began, whose claim Redis lost.
+	late := Row{ID: uuid.New(), TenantID: h.a.ID, Ts: before, ReceivedAt: before, Event: "apikey.request", Source: "api", Props: "{}"}
+	insertRows(t, h.env.CH, h.env.DB, []Row{late})
+	// The client's retry of it, to another instance.
+	other := h.newInstance(t, opts{})
+	retry := fmt.Sprintf(`[{"id":%q,"event":"apikey.request","ts":%q}]`, late.ID, before.Format(time.RFC3339))
+	if r := other.post(t, h.keyA, "/api/analytics/events", []byte(retry), nil); r.Status != 202 {
+		t.Fatalf("retry: %d %s", r.Status, r.Raw)
+	}
+	testenv.Eventually(t, 20*time.Second, func() error {
+		if st := other.w.Stats(); st.PendingSegments > 0 || st.BufferedRows > 0 {
+			return fmt.Errorf("the other instance still holds %+v", st)
+		}
+		return nil
+	})
+	if n := h.countIDs(t, h.a.ID, []string{late.ID.String()}); n != 1 {
+		t.Errorf("the late row's id is stored %d times, want once", n)
+	}
+}
+
+// A copy received up to maxClockSkew after the history's first second may have been stamped by a
+// fast clock before Redis lost its claim; a new claim of the id counted it again, and finding the copy
+// takes that count back (here: counter 3 for 2 stored rows when any copy received after the epoch's
+// second was taken for the batch's own insert).
+func TestACopyStampedByAFastClockIsNotTakenForTheBatchsOwn(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, opts{})
+	ctx := context.Background()
+	body, ids := events(1, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 1 {
+		t.Fatalf("first request: %d %s", r.Status, r.Raw)
+	}
+	h.waitStored(t, h.a.ID, ids, 1)
+	time.Sleep(1100 * time.Millisecond) // the new history below begins in a later second
+	// Another instance, its clock 2 s fast, received X, claimed (counted) and stored it.
+	fast := time.Now().UTC().Add(2 * time.Second).Truncate(time.Second)
+	x := Row{ID: uuid.New(), TenantID: h.a.ID, Ts: fast, ReceivedAt: fast, Event: "apikey.request", Source: "api", Props: "{}"}
+	unit := func(int) (string, int64, time.Time, time.Time) {
+		return "api_requests_daily", 1, fast.Truncate(24 * time.Hour), fast
+	}
+	if _, _, err := h.dedup.Claim(ctx, h.a.ID, KindEvent, newBatchID(), []uuid.UUID{x.ID}, unit, func(time.Time, string, int64, int64) {}); err != nil {
+		t.Fatal(err)
+	}
+	insertRows(t, h.env.CH, h.env.DB, []Row{x})
+	// Redis loses the claims; the client's retry of X begins a new history and is counted again.
+	h.dropClaims(t, h.a.ID, false)
+	retry := fmt.Sprintf(`[{"id":%q,"event":"apikey.request","ts":%q}]`, x.ID, fast.Format(time.RFC3339))
+	if r := h.post(t, h.keyA, "/api/analytics/events", []byte(retry), nil); r.Status != 202 {
+		t.Fatalf("retry: %d %s", r.Status, r.Raw)
+	}
+	testenv.Eventually(t, 20*time.Second, func() error {
+		if st := h.w.Stats(); st.PendingSegments > 0 || st.BufferedRows > 0 {
+			return fmt.Errorf("the instance still holds %+v", st)
+		}
+		return nil
+	})
+	time.Sleep(300 * time.Millisecond) // the feed sends take-backs every 10 ms
+	if n := h.countIDs(t, h.a.ID, []string{x.ID.String()}); n != 1 {
+		t.Errorf("X stored %d times, want once", n)
+	}
+	if n, _, err := h.counters.Get(ctx, h.a.ID, "api_requests_daily", time.Now()); err != nil || n != 2 {
+		t.Errorf("live counter %d (%v), want 2 for the 2 rows stored", n, err)
 	}
 }

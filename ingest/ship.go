@@ -58,7 +58,13 @@ type shipper struct {
 	// history caches, per tenant and kind, whether ClickHouse holds rows received in the window
 	// before the tenant's claim epoch (see complete).
 	historyMu sync.Mutex
-	history   map[historyKey]bool
+	history   map[historyKey]historyAnswer
+}
+
+// historyAnswer is what complete found for a history, and when.
+type historyAnswer struct {
+	complete bool
+	at       time.Time
 }
 
 type historyKey struct {
@@ -93,8 +99,18 @@ type item struct {
 // stored copy of an unsure row was taken back, and after a restart every row of a tenant younger than
 // the window is unsure: a kill -9 during an insert left the counter short until reconciliation.)
 func (it item) ownCopy(at time.Time) bool {
-	return !it.reclaimedNow && !it.epoch.IsZero() && at.Truncate(time.Second).After(it.epoch.Truncate(time.Second))
+	// The copy's received time is the receiving instance's clock, the epoch the clock of the process
+	// that began the history: a copy stamped up to maxClockSkew after the epoch's second may have been
+	// received (and claimed, in the history Redis lost) before it.
+	return !it.reclaimedNow && !it.epoch.IsZero() &&
+		at.Truncate(time.Second).After(it.epoch.Truncate(time.Second).Add(maxClockSkew))
 }
+
+// maxClockSkew is how far apart the clocks of analyticsd instances are assumed to be at most (they
+// run NTP; the fault suite runs two instances 1.7 s apart). Decisions that compare a time stamped by
+// one instance with one stamped by another keep this margin, on the side that errs toward a count
+// reconciliation can correct.
+const maxClockSkew = 5 * time.Second
 
 func (it item) event() *Row           { return &it.b.events[it.i] }
 func (it item) increment() *Increment { return &it.b.incs[it.i] }
@@ -373,51 +389,68 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 }
 
 // complete reports whether a tenant's claim history that began at epoch covers everything
-// ClickHouse holds of it: no row of the kind was received in the window up to epoch. ClickHouse is
-// asked once per tenant, kind and epoch, by the first process to ship such rows, and the answer is
-// recorded with the claims (Claims.RecordHistory) for every other process and for this one after a
-// restart.
+// ClickHouse holds of it: no row of the kind was received in the window before it.
 //
-// The answer must be given before any row of the history is inserted: asked later, the question
-// sees the history's own new rows (received in the epoch's second) and takes them for old ones,
-// checking every row of the tenant for a window. Within a process the lock, held across the
-// question, makes the other flushers wait for the first one's answer. Across processes the record
-// does: a process inserts rows of the history only after complete returned, so after the record
-// existed — and so a question that saw such rows comes after the record, and its late answer loses
-// to the first (RecordHistory keeps the first). (Before the record, every other instance, and every
-// instance after a restart, checked all of a young tenant's rows in ClickHouse for a window.)
+// ClickHouse tells rows received before the epoch from the history's own only by their received
+// time, and the history's first seconds are ambiguous: rows received in them (allowing for clocks
+// maxClockSkew apart) may have been claimed before Redis lost its claims, or may be the history's own
+// first rows. So the question is put before any row of the history is inserted, when those seconds
+// hold nothing of it: the first process to find nothing at all records "complete" with the claims
+// (Claims.RecordHistory), and a process that later finds rows only in those seconds takes the
+// record's word for them — a process inserts rows of a history only after complete returned, so after
+// the record existed. Rows from before the epoch proper always make it incomplete, whoever recorded
+// what: an insert of the lost history that was still under way when Redis lost it can commit after
+// the record, which is why a "complete" answer is asked again after historyRecheck, here and in every
+// other process. (Without the record, every other instance, and every instance after a restart,
+// found the history's own first rows, and checked all of a young tenant's rows in ClickHouse for a
+// window.) Within a process the lock makes the other flushers wait for the first one's answer.
 func (sh *shipper) complete(ctx context.Context, kind Kind, tenant uuid.UUID, epoch time.Time) (bool, error) {
 	k := historyKey{tenant, kind, epoch}
 	sh.historyMu.Lock()
 	defer sh.historyMu.Unlock()
-	if v, ok := sh.history[k]; ok {
-		return v, nil
+	now := clock.Now()
+	if v, ok := sh.history[k]; ok && (!v.complete || now.Sub(v.at) < historyRecheck) {
+		return v.complete, nil
 	}
-	v, ok, err := sh.claims.History(ctx, tenant, kind, epoch)
-	if err != nil {
-		return false, err
+	received := "received_at"
+	table := sh.db + ".events"
+	if kind == KindIncrement {
+		received, table = "ts", sh.db+".usage_increments"
 	}
-	if !ok {
-		// Inclusive of the epoch's own second: epochs are whole seconds, and a row received in that
-		// second may have been claimed before Redis lost its claims.
-		q := "SELECT count() FROM " + sh.db + ".events WHERE tenant_id = ? AND received_at >= ? AND received_at <= ?"
-		if kind == KindIncrement {
-			q = "SELECT count() FROM " + sh.db + ".usage_increments WHERE tenant_id = ? AND ts >= ? AND ts <= ?"
-		}
-		var n uint64
-		if err := sh.ch.QueryRow(ctx, q, tenant, epoch.Add(-sh.claims.Window()), epoch).Scan(&n); err != nil {
-			return false, fmt.Errorf("check what clickhouse holds from before tenant %s's claims: %w", tenant, err)
-		}
-		if v, err = sh.claims.RecordHistory(ctx, tenant, kind, epoch, n == 0); err != nil {
+	first := epoch.Truncate(time.Second)
+	q := "SELECT countIf(" + received + " < ?), countIf(" + received + " >= ?) FROM " + table +
+		" WHERE tenant_id = ? AND " + received + " >= ? AND " + received + " < ?"
+	var before, firstSeconds uint64
+	if err := sh.ch.QueryRow(ctx, q, first, first, tenant, first.Add(-sh.claims.Window()), first.Add(time.Second+maxClockSkew)).
+		Scan(&before, &firstSeconds); err != nil {
+		return false, fmt.Errorf("check what clickhouse holds from before tenant %s's claims: %w", tenant, err)
+	}
+	complete := false
+	switch {
+	case before > 0:
+	case firstSeconds == 0:
+		var err error
+		if complete, err = sh.claims.RecordHistory(ctx, tenant, kind, epoch, true); err != nil {
 			return false, err
 		}
+	default:
+		recorded, ok, err := sh.claims.History(ctx, tenant, kind, epoch)
+		if err != nil {
+			return false, err
+		}
+		complete = ok && recorded
 	}
 	if sh.history == nil || len(sh.history) > 100_000 {
-		sh.history = map[historyKey]bool{}
+		sh.history = map[historyKey]historyAnswer{}
 	}
-	sh.history[k] = v
-	return v, nil
+	sh.history[k] = historyAnswer{complete, now}
+	return complete, nil
 }
+
+// historyRecheck is how long a process trusts a "complete" answer about a young claim history before
+// asking ClickHouse again: one count query per tenant and minute while the history is younger than
+// the window.
+const historyRecheck = time.Minute
 
 // unit is what row i of b (of a kind) adds to the live counters when claimed at now: its metric, the
 // amount, its UTC day, when it was received. Only today and yesterday have live counters.
