@@ -305,6 +305,28 @@ func TestLateCommitOfATimedOutInsertIsNotInsertedTwice(t *testing.T) {
 	}
 }
 
+// postStored posts n new apikey.request events of tenant A through in and waits until they are stored.
+func (h *harness) postStored(t *testing.T, in *instance, n int) {
+	t.Helper()
+	body, ids := events(n, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
+	if r := in.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != n {
+		t.Fatalf("posting %d events: %d %s", n, r.Status, r.Raw)
+	}
+	h.waitStored(t, h.a.ID, ids, n)
+}
+
+// waitShipped waits until the instance's writer holds no rows: everything it accepted or replayed was
+// shipped (or found stored).
+func (in *instance) waitShipped(t *testing.T) {
+	t.Helper()
+	testenv.Eventually(t, 20*time.Second, func() error {
+		if st := in.w.Stats(); st.PendingSegments > 0 || st.BufferedRows > 0 {
+			return fmt.Errorf("the instance still holds %+v", st)
+		}
+		return nil
+	})
+}
+
 // writeSegment leaves a spool segment as a crashed process would, with rows in the current format.
 func writeSegment(t *testing.T, dir, name string, wid uint64, rows []Row, incs []Increment) {
 	t.Helper()
@@ -589,12 +611,7 @@ func TestAnUnclaimedCopyFoundAtShippingTakesNothingBack(t *testing.T) {
 	}
 	h.waitStored(t, h.a.ID, ids, 20)
 	h.rdProxy.SetDown(false)
-	testenv.Eventually(t, 20*time.Second, func() error {
-		if st := h.w.Stats(); st.PendingSegments > 0 || st.BufferedRows > 0 {
-			return fmt.Errorf("first instance still holds %+v", st)
-		}
-		return nil
-	})
+	h.waitShipped(t)
 	time.Sleep(300 * time.Millisecond) // the feed's take-backs, if any, are sent every 10 ms
 	if n, _, err := h.counters.Get(context.Background(), h.a.ID, "api_requests_daily", time.Now()); err != nil || n != 20 {
 		t.Errorf("live counter %d (%v), want 20: a count nobody made was taken back", n, err)
@@ -613,19 +630,11 @@ func TestAnUnclaimedCopyFoundAtShippingTakesNothingBack(t *testing.T) {
 func TestReplayOfItsOwnCommittedInsertTakesNothingBack(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, opts{})
-	body, ids := events(20, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
-	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 20 {
-		t.Fatalf("first request: %d %s", r.Status, r.Raw)
-	}
-	h.waitStored(t, h.a.ID, ids, 20)
+	h.postStored(t, h.instance, 20)
 	// Redis loses the claims: the next request begins a new history, which ClickHouse's 20 rows from
 	// before it keep from proving anything for a window.
 	h.dropClaims(t, h.a.ID, false)
-	body, ids = events(1, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
-	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 1 {
-		t.Fatalf("second request: %d %s", r.Status, r.Raw)
-	}
-	h.waitStored(t, h.a.ID, ids, 1)
+	h.postStored(t, h.instance, 1)
 	// The next rows are received after the history's first seconds, which allow for clock skew.
 	time.Sleep(time.Second + maxClockSkew + 100*time.Millisecond)
 
@@ -654,12 +663,7 @@ func TestReplayOfItsOwnCommittedInsertTakesNothingBack(t *testing.T) {
 	}
 
 	restarted := h.newInstance(t, opts{writer: func(wc *WriterConfig) { wc.Dir = dir }})
-	testenv.Eventually(t, 20*time.Second, func() error {
-		if st := restarted.w.Stats(); st.PendingSegments > 0 || st.BufferedRows > 0 {
-			return fmt.Errorf("the restarted instance still holds %+v", st)
-		}
-		return nil
-	})
+	restarted.waitShipped(t)
 	time.Sleep(300 * time.Millisecond) // the feed's take-backs, if any, are sent every 10 ms
 	if got := counterValue(restarted.metrics.Duplicates.WithLabelValues("clickhouse")); got != 30 {
 		t.Errorf("%v rows found stored at replay, want 30 (the test did not replay what it meant to)", got)
@@ -680,20 +684,12 @@ func TestReplayOfItsOwnCommittedInsertTakesNothingBack(t *testing.T) {
 func TestAYoungClaimHistoryIsJudgedOnceForEveryInstance(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, opts{})
-	body, ids := events(20, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
-	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 20 {
-		t.Fatalf("first request: %d %s", r.Status, r.Raw)
-	}
-	h.waitStored(t, h.a.ID, ids, 20)
+	h.postStored(t, h.instance, 20)
 	if n := counterValue(h.metrics.CheckedRows); n != 0 {
 		t.Fatalf("the first instance checked %v rows of a new tenant, want 0", n)
 	}
 	other := h.newInstance(t, opts{})
-	body, ids = events(20, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
-	if r := other.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 20 {
-		t.Fatalf("second request: %d %s", r.Status, r.Raw)
-	}
-	h.waitStored(t, h.a.ID, ids, 20)
+	h.postStored(t, other, 20)
 	if n := counterValue(other.metrics.CheckedRows); n != 0 {
 		t.Errorf("the second instance checked %v rows in ClickHouse before inserting them, want 0", n)
 	}
@@ -710,11 +706,7 @@ func TestARowFromBeforeTheHistoryStoredLateIsStillFound(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, opts{})
 	before := time.Now().UTC().Add(-10 * time.Second).Truncate(time.Second)
-	body, ids := events(20, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
-	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 20 {
-		t.Fatalf("first request: %d %s", r.Status, r.Raw)
-	}
-	h.waitStored(t, h.a.ID, ids, 20)
+	h.postStored(t, h.instance, 20)
 	// The late commit: a row received before the history began, whose claim Redis lost.
 	late := Row{ID: uuid.New(), TenantID: h.a.ID, Ts: before, ReceivedAt: before, Event: "apikey.request", Source: "api", Props: "{}"}
 	insertRows(t, h.env.CH, h.env.DB, []Row{late})
@@ -724,12 +716,7 @@ func TestARowFromBeforeTheHistoryStoredLateIsStillFound(t *testing.T) {
 	if r := other.post(t, h.keyA, "/api/analytics/events", []byte(retry), nil); r.Status != 202 {
 		t.Fatalf("retry: %d %s", r.Status, r.Raw)
 	}
-	testenv.Eventually(t, 20*time.Second, func() error {
-		if st := other.w.Stats(); st.PendingSegments > 0 || st.BufferedRows > 0 {
-			return fmt.Errorf("the other instance still holds %+v", st)
-		}
-		return nil
-	})
+	other.waitShipped(t)
 	if n := h.countIDs(t, h.a.ID, []string{late.ID.String()}); n != 1 {
 		t.Errorf("the late row's id is stored %d times, want once", n)
 	}
@@ -743,11 +730,7 @@ func TestACopyStampedByAFastClockIsNotTakenForTheBatchsOwn(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, opts{})
 	ctx := context.Background()
-	body, ids := events(1, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
-	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 || r.accepted() != 1 {
-		t.Fatalf("first request: %d %s", r.Status, r.Raw)
-	}
-	h.waitStored(t, h.a.ID, ids, 1)
+	h.postStored(t, h.instance, 1)
 	time.Sleep(1100 * time.Millisecond) // the new history below begins in a later second
 	// Another instance, its clock 2 s fast, received X, claimed (counted) and stored it.
 	fast := time.Now().UTC().Add(2 * time.Second).Truncate(time.Second)
@@ -765,12 +748,7 @@ func TestACopyStampedByAFastClockIsNotTakenForTheBatchsOwn(t *testing.T) {
 	if r := h.post(t, h.keyA, "/api/analytics/events", []byte(retry), nil); r.Status != 202 {
 		t.Fatalf("retry: %d %s", r.Status, r.Raw)
 	}
-	testenv.Eventually(t, 20*time.Second, func() error {
-		if st := h.w.Stats(); st.PendingSegments > 0 || st.BufferedRows > 0 {
-			return fmt.Errorf("the instance still holds %+v", st)
-		}
-		return nil
-	})
+	h.waitShipped(t)
 	time.Sleep(300 * time.Millisecond) // the feed sends take-backs every 10 ms
 	if n := h.countIDs(t, h.a.ID, []string{x.ID.String()}); n != 1 {
 		t.Errorf("X stored %d times, want once", n)
