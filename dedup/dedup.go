@@ -12,9 +12,6 @@
 //	dedup:{T}:e:<bucket>   a hash: event id (16 bytes) -> the batch id holding it (8 bytes), for the
 //	                       ids first claimed in that window-long time bucket; kept two windows
 //	dedup:{T}:i:<bucket>   the same for increment ids
-//	dedup:{T}:<k>:history:<epoch>  "1" once the claim history of kind k that began at epoch was
-//	                       found complete before any of its rows was stored (History; ingest's
-//	                       shipper decides); kept two windows
 //	idem:{T}:<sha256>      an Idempotency-Key's request fingerprint and first response
 //
 // A claim is looked up in the current bucket and the one before, so an id is remembered for at least
@@ -324,48 +321,6 @@ func (s *Store) Verify(ctx context.Context, tenant uuid.UUID, kind byte, ids []u
 		held[i], reclaimed[i] = st != 0, st == 2
 	}
 	return held, reclaimed, epoch, nil
-}
-
-func (s *Store) historyKey(tenant uuid.UUID, kind byte, epoch time.Time) string {
-	return fmt.Sprintf("%sdedup:{%s}:%c:history:%d", s.prefix, tenant, kind, epoch.Unix())
-}
-
-// History returns the answer recorded for a tenant's claim history of a kind that began at epoch:
-// complete when ClickHouse held none of the tenant's rows from the window before it. ok is false
-// when nothing is recorded (not asked yet, or Redis lost it with the claims, which makes a new epoch).
-func (s *Store) History(ctx context.Context, tenant uuid.UUID, kind byte, epoch time.Time) (complete, ok bool, err error) {
-	v, err := s.rdb.Get(ctx, s.historyKey(tenant, kind, epoch)).Result()
-	switch {
-	case err == redis.Nil:
-		return false, false, nil
-	case err != nil:
-		return false, false, fmt.Errorf("read the claim history of tenant %s: %w", tenant, err)
-	}
-	return v == "1", true, nil
-}
-
-// RecordHistory records complete as the answer for the history unless one is recorded already, and
-// returns the answer that stands: the first one, which was given before any row of the history was
-// inserted (see ingest's shipper). It is kept two windows; after one the history proves rows new on
-// its own.
-func (s *Store) RecordHistory(ctx context.Context, tenant uuid.UUID, kind byte, epoch time.Time, complete bool) (bool, error) {
-	key, v := s.historyKey(tenant, kind, epoch), "0"
-	if complete {
-		v = "1"
-	}
-	set, err := s.rdb.SetNX(ctx, key, v, 2*s.window).Result()
-	if err != nil {
-		return false, fmt.Errorf("record the claim history of tenant %s: %w", tenant, err)
-	}
-	if set {
-		return complete, nil
-	}
-	// The value never changes once set, so reading it after losing the race is as good as atomic.
-	complete, ok, err := s.History(ctx, tenant, kind, epoch)
-	if err == nil && !ok {
-		return false, fmt.Errorf("record the claim history of tenant %s: the record vanished", tenant)
-	}
-	return complete, err
 }
 
 // Epochs returns the tenants' epochs; a tenant without one is absent (the zero time never equals an

@@ -58,34 +58,6 @@ func TestClaimOwnsAnIDOncePerTenantAndKind(t *testing.T) {
 	}
 }
 
-// The first answer recorded for a claim history stands; it is per tenant, kind and epoch.
-func TestHistoryKeepsTheFirstAnswer(t *testing.T) {
-	s, _ := newStore(t)
-	ctx := context.Background()
-	tenant, epoch := uuid.New(), time.Unix(1_800_000_000, 0)
-	if _, ok, err := s.History(ctx, tenant, 'e', epoch); ok || err != nil {
-		t.Fatalf("before any answer: ok %v, %v", ok, err)
-	}
-	if v, err := s.RecordHistory(ctx, tenant, 'e', epoch, true); !v || err != nil {
-		t.Fatalf("first answer: %v %v, want true", v, err)
-	}
-	if v, err := s.RecordHistory(ctx, tenant, 'e', epoch, false); !v || err != nil {
-		t.Errorf("a later answer: %v %v, want the first (true)", v, err)
-	}
-	if v, ok, err := s.History(ctx, tenant, 'e', epoch); !v || !ok || err != nil {
-		t.Errorf("read back: %v %v %v, want true", v, ok, err)
-	}
-	for _, other := range []struct {
-		tenant uuid.UUID
-		kind   byte
-		epoch  time.Time
-	}{{uuid.New(), 'e', epoch}, {tenant, 'i', epoch}, {tenant, 'e', epoch.Add(time.Second)}} {
-		if v, err := s.RecordHistory(ctx, other.tenant, other.kind, other.epoch, false); v || err != nil {
-			t.Errorf("%c history of %v at %v: %v %v, want its own answer (false)", other.kind, other.tenant, other.epoch, v, err)
-		}
-	}
-}
-
 func TestVerifyKeepsOwnersAndReclaimsLostClaims(t *testing.T) {
 	s, env := newStore(t)
 	ctx := context.Background()

@@ -40,11 +40,6 @@ type Claims interface {
 	Verify(ctx context.Context, tenant uuid.UUID, kind Kind, ids []uuid.UUID, wids []uint64, unit Unit, counted Counted) (held, reclaimed []bool, epoch time.Time, err error)
 	// Epochs returns the tenants' current epochs (absent: none yet).
 	Epochs(ctx context.Context, tenants []uuid.UUID) (map[uuid.UUID]time.Time, error)
-	// History returns the answer recorded for whether the history of a kind that began at epoch is
-	// complete (ok: one is recorded); RecordHistory records one unless one is, and returns the one
-	// that stands. The shipper asks ClickHouse once per history and shares the answer through them.
-	History(ctx context.Context, tenant uuid.UUID, kind Kind, epoch time.Time) (complete, ok bool, err error)
-	RecordHistory(ctx context.Context, tenant uuid.UUID, kind Kind, epoch time.Time, complete bool) (bool, error)
 }
 
 // Unit says what row i of a claim adds to the live counters when its id turns out new: a metric

@@ -58,13 +58,7 @@ type shipper struct {
 	// history caches, per tenant and kind, whether ClickHouse holds rows received in the window
 	// before the tenant's claim epoch (see complete).
 	historyMu sync.Mutex
-	history   map[historyKey]historyAnswer
-}
-
-// historyAnswer is what complete found for a history, and when.
-type historyAnswer struct {
-	complete bool
-	at       time.Time
+	history   map[historyKey]bool
 }
 
 type historyKey struct {
@@ -389,68 +383,38 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 }
 
 // complete reports whether a tenant's claim history that began at epoch covers everything
-// ClickHouse holds of it: no row of the kind was received in the window before it.
-//
-// ClickHouse tells rows received before the epoch from the history's own only by their received
-// time, and the history's first seconds are ambiguous: rows received in them (allowing for clocks
-// maxClockSkew apart) may have been claimed before Redis lost its claims, or may be the history's own
-// first rows. So the question is put before any row of the history is inserted, when those seconds
-// hold nothing of it: the first process to find nothing at all records "complete" with the claims
-// (Claims.RecordHistory), and a process that later finds rows only in those seconds takes the
-// record's word for them — a process inserts rows of a history only after complete returned, so after
-// the record existed. Rows from before the epoch proper always make it incomplete, whoever recorded
-// what: an insert of the lost history that was still under way when Redis lost it can commit after
-// the record, which is why a "complete" answer is asked again after historyRecheck, here and in every
-// other process. (Without the record, every other instance, and every instance after a restart,
-// found the history's own first rows, and checked all of a young tenant's rows in ClickHouse for a
-// window.) Within a process the lock makes the other flushers wait for the first one's answer.
+// ClickHouse holds of it: no row of the kind was received in the window up to epoch. Asked once per
+// tenant, kind and epoch.
 func (sh *shipper) complete(ctx context.Context, kind Kind, tenant uuid.UUID, epoch time.Time) (bool, error) {
 	k := historyKey{tenant, kind, epoch}
+	// Held across the query: the first flusher to ship a tenant's rows under an epoch asks before
+	// any of them is inserted, and the other waits for its answer. Asked later, the question would
+	// see this process's own new rows (received in the epoch's second) and take them for old ones,
+	// checking every row of the tenant for a window — which is what a second instance, or this one
+	// after a restart, does when it first ships a young tenant's rows. (Sharing the first answer
+	// through Redis was tried and withdrawn: a late commit of the lost history, or a history lost in
+	// its own first second, would then have bound every instance to a wrong "complete".)
 	sh.historyMu.Lock()
 	defer sh.historyMu.Unlock()
-	now := clock.Now()
-	if v, ok := sh.history[k]; ok && (!v.complete || now.Sub(v.at) < historyRecheck) {
-		return v.complete, nil
+	if v, ok := sh.history[k]; ok {
+		return v, nil
 	}
-	received := "received_at"
-	table := sh.db + ".events"
+	// Inclusive of the epoch's own second: epochs are whole seconds, and a row received in that
+	// second may have been claimed before Redis lost its claims.
+	q := "SELECT count() FROM " + sh.db + ".events WHERE tenant_id = ? AND received_at >= ? AND received_at <= ?"
 	if kind == KindIncrement {
-		received, table = "ts", sh.db+".usage_increments"
+		q = "SELECT count() FROM " + sh.db + ".usage_increments WHERE tenant_id = ? AND ts >= ? AND ts <= ?"
 	}
-	first := epoch.Truncate(time.Second)
-	q := "SELECT countIf(" + received + " < ?), countIf(" + received + " >= ?) FROM " + table +
-		" WHERE tenant_id = ? AND " + received + " >= ? AND " + received + " < ?"
-	var before, firstSeconds uint64
-	if err := sh.ch.QueryRow(ctx, q, first, first, tenant, first.Add(-sh.claims.Window()), first.Add(time.Second+maxClockSkew)).
-		Scan(&before, &firstSeconds); err != nil {
+	var n uint64
+	if err := sh.ch.QueryRow(ctx, q, tenant, epoch.Add(-sh.claims.Window()), epoch).Scan(&n); err != nil {
 		return false, fmt.Errorf("check what clickhouse holds from before tenant %s's claims: %w", tenant, err)
 	}
-	complete := false
-	switch {
-	case before > 0:
-	case firstSeconds == 0:
-		var err error
-		if complete, err = sh.claims.RecordHistory(ctx, tenant, kind, epoch, true); err != nil {
-			return false, err
-		}
-	default:
-		recorded, ok, err := sh.claims.History(ctx, tenant, kind, epoch)
-		if err != nil {
-			return false, err
-		}
-		complete = ok && recorded
-	}
 	if sh.history == nil || len(sh.history) > 100_000 {
-		sh.history = map[historyKey]historyAnswer{}
+		sh.history = map[historyKey]bool{}
 	}
-	sh.history[k] = historyAnswer{complete, now}
-	return complete, nil
+	sh.history[k] = n == 0
+	return n == 0, nil
 }
-
-// historyRecheck is how long a process trusts a "complete" answer about a young claim history before
-// asking ClickHouse again: one count query per tenant and minute while the history is younger than
-// the window.
-const historyRecheck = time.Minute
 
 // unit is what row i of b (of a kind) adds to the live counters when claimed at now: its metric, the
 // amount, its UTC day, when it was received. Only today and yesterday have live counters.
