@@ -114,12 +114,14 @@ func (h *harness) newInstance(t *testing.T, o opts) *instance {
 	if err != nil {
 		t.Fatal(err)
 	}
-	in.w.Start()
 	ic := Config{Enabled: true, Limits: DefaultLimits(), CounterEvery: 10 * time.Millisecond}
 	if o.ingest != nil {
 		o.ingest(&ic)
 	}
 	in.svc = NewService(ic, in.w, counterAdapter{in.counters}, in.metrics, nil)
+	// Started after the service has wired its counting into the writer, as serve does: a spool
+	// replayed at start ships at once.
+	in.w.Start()
 	t.Cleanup(func() {
 		in.svc.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
