@@ -331,6 +331,7 @@ func TestRetryStorm(t *testing.T) {
 	// ClickHouse restart) the promise is convergence within 60 s of the faults healing (README,
 	// "Convergence"), so it is polled for up to 75 s, and how long it took is logged. (A CI run on a
 	// loaded machine read 16,290 of 16,940 at once: 13 requests' rows not yet counted.)
+	explained := false // the counter and both instances' metrics are logged once, for whichever reads short first
 	for _, s := range []*system{a, b} {
 		var q struct {
 			Data struct {
@@ -350,8 +351,9 @@ func TestRetryStorm(t *testing.T) {
 			}
 			if try == 0 {
 				first = q.Data.Current
-				if int64(first) != ackedT {
+				if int64(first) != ackedT && !explained {
 					explainQuota(t, []*system{a, b}, today)
+					explained = true
 				}
 			}
 			if int64(q.Data.Current) == ackedT || time.Since(polled) > 75*time.Second {

@@ -115,13 +115,22 @@ func Decompress(body []byte, encoding string, max int64) ([]byte, error) {
 // (props were refused on their own check; the other fields were not). ~20 ns for a 200-byte event.
 // (An NDJSON body is checked line by line instead: one bad line is that line's error.)
 func CheckUTF8(body []byte) error {
-	if i, bad := firstInvalidUTF8(body); bad {
-		return badBody("body is not valid UTF-8 (byte %d, 0x%02x): send the text as UTF-8, which JSON requires", i, body[i])
-	}
-	if i, bad := loneSurrogate(body); bad {
-		return badBody("body has half of a UTF-16 surrogate pair (%s at byte %d), which decodes to U+FFFD: escape the whole pair, or send the character as UTF-8", body[i:i+6], i)
+	if p := utf8Problem(body); p != "" {
+		return badBody("body %s", p)
 	}
 	return nil
+}
+
+// utf8Problem says what in JSON text b would decode to U+FFFD and where, and how to fix it ("" for
+// nothing), for a message about the body or an NDJSON line.
+func utf8Problem(b []byte) string {
+	if i, bad := firstInvalidUTF8(b); bad {
+		return fmt.Sprintf("is not valid UTF-8 (byte %d, 0x%02x): send the text as UTF-8, which JSON requires", i, b[i])
+	}
+	if i, bad := loneSurrogate(b); bad {
+		return fmt.Sprintf("has half of a UTF-16 surrogate pair (%s at byte %d), which decodes to U+FFFD: escape the whole pair, or send the character as UTF-8", b[i:i+6], i)
+	}
+	return ""
 }
 
 // loneSurrogate returns the offset of the first \u escape in JSON text b that encodes half of a
@@ -275,10 +284,8 @@ func decodeNDJSON(body []byte, maxEvents int) ([]Event, []ItemError, error) {
 			return nil, nil, tooMany(maxEvents)
 		}
 		var e Event
-		if i, invalid := firstInvalidUTF8(line); invalid {
-			bad = append(bad, ItemError{Index: idx, Line: lineNo, Error: fmt.Sprintf("line is not valid UTF-8 (byte %d, 0x%02x): send the text as UTF-8", i, line[i])})
-		} else if i, lone := loneSurrogate(line); lone {
-			bad = append(bad, ItemError{Index: idx, Line: lineNo, Error: fmt.Sprintf("line has half of a UTF-16 surrogate pair (%s at byte %d), which decodes to U+FFFD: escape the whole pair, or send the character as UTF-8", line[i:i+6], i)})
+		if p := utf8Problem(line); p != "" {
+			bad = append(bad, ItemError{Index: idx, Line: lineNo, Error: "line " + p})
 		} else if err := unmarshalEvent(line, &e); err != nil {
 			bad = append(bad, ItemError{Index: idx, Line: lineNo, Error: err.Error()})
 		} else {

@@ -87,15 +87,14 @@ type item struct {
 // ownCopy reports whether a stored copy of the row, received at `at`, can only be its own batch's
 // earlier insert (replayed after a crash, retried after an ambiguous failure), which the batch's claim
 // counted: nothing to take back. The batch holds the id in the tenant's current claim history, which
-// began at it.epoch, and a copy received after the history's first seconds (its epoch's second and
-// maxClockSkew) was claimed in that history — which only the holder can have done. A copy received earlier may be another batch's, claimed in a
-// history Redis lost, and counted by it: this row's count is then the second one. (Before, every
-// stored copy of an unsure row was taken back, and after a restart every row of a tenant younger than
-// the window is unsure: a kill -9 during an insert left the counter short until reconciliation.)
+// began at it.epoch, and a copy received after the history's first seconds was claimed in that
+// history — which only the holder can have done. Those seconds are the epoch's own and maxClockSkew
+// more: the copy's received time is the receiving instance's clock, the epoch another process's. A
+// copy received earlier may be another batch's, claimed in a history Redis lost and counted by it:
+// this row's count is then the second one. (Before, every stored copy of an unsure row was taken
+// back, and after a restart every row of a tenant younger than the window is unsure: a kill -9
+// during an insert left the counter short until reconciliation.)
 func (it item) ownCopy(at time.Time) bool {
-	// The copy's received time is the receiving instance's clock, the epoch the clock of the process
-	// that began the history: a copy stamped up to maxClockSkew after the epoch's second may have been
-	// received (and claimed, in the history Redis lost) before it.
 	return !it.reclaimedNow && !it.epoch.IsZero() &&
 		at.Truncate(time.Second).After(it.epoch.Truncate(time.Second).Add(maxClockSkew))
 }
