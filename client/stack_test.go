@@ -228,12 +228,10 @@ type server struct {
 // newServer picks a free loopback port and a spool directory for a server; extra env overrides the
 // stack's.
 func (s *stack) newServer(extra ...string) (*server, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	addr, err := freeAddr()
 	if err != nil {
 		return nil, err
 	}
-	addr := l.Addr().String()
-	l.Close()
 	spool, err := os.MkdirTemp(s.dir, "spool-")
 	if err != nil {
 		return nil, err
@@ -457,4 +455,29 @@ func eventually(t *testing.T, timeout time.Duration, cond func() bool, msg func(
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// Ports for servers come from just below Linux's default ephemeral range (32768 up). A port the kernel
+// picked (":0") and the test let go can be handed to any outgoing connection as its local port before
+// the server binds it, or while a killed server is down before restarting on it; ports outside the
+// range go only to listeners. (The parent module's internal/loopback does the same, reading the
+// range; this module depends on nothing, so it keeps its own copy.)
+var (
+	portMu   sync.Mutex
+	nextPort = 30000 + int(time.Now().UnixNano()%2768)
+)
+
+func freeAddr() (string, error) {
+	portMu.Lock()
+	defer portMu.Unlock()
+	for range 2768 {
+		port := nextPort
+		nextPort = 30000 + (nextPort-30000+1)%2768
+		if l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
+			addr := l.Addr().String()
+			l.Close()
+			return addr, nil
+		}
+	}
+	return "", fmt.Errorf("no free loopback port in 30000–32767")
 }

@@ -17,6 +17,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/analyticsd/analyticsd/internal/loopback"
 )
 
 // moduleRoot finds the analyticsd checkout: the nearest directory upwards holding its go.mod.
@@ -137,14 +139,8 @@ func clientArgs(dsn string) ([]string, error) {
 	return args, nil
 }
 
-func freeAddr() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
-}
+// freeAddr picks an address for a server the bench starts (package loopback says why not ":0").
+func freeAddr() (string, error) { return loopback.Addr() }
 
 // buildAnalyticsd compiles ./cmd/analyticsd into dir.
 // With overlay (a go build -overlay file), extra files are compiled in without touching the checkout.

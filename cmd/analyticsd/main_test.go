@@ -5,11 +5,12 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"net"
 	"net/url"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/analyticsd/analyticsd/internal/loopback"
 
 	"github.com/google/uuid"
 
@@ -167,14 +168,14 @@ func TestMigrateCommand(t *testing.T) {
 	}
 }
 
+// freeAddr picks an address for a server to listen on (package loopback says why not ":0").
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	addr, err := loopback.Addr()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	return addr
 }
 
 type readiness struct {
