@@ -5,6 +5,7 @@ import (
 	"net"
 	"os/exec"
 	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -52,5 +53,44 @@ func TestClusterScriptWaitsForAServingZooKeeper(t *testing.T) {
 		if ready := err == nil; ready != serving {
 			t.Errorf("ZooKeeper serving %v: zk_ready says ready %v (%v) %s", serving, ready, err, out)
 		}
+	}
+}
+
+// Every port the local stack and cluster listen on by default lies below the kernel's ephemeral
+// range, and stack.sh warns about one that does not. The kernel hands ports from that range to
+// outgoing connections as their local ports; while a service is stopped (the fault suite stops and
+// restarts Postgres, ClickHouse and Redis under load) a connection can take its port, and the restart
+// fails: a clean-clone run failed so on Postgres, then on 55432 by default. Fails with that default.
+func TestLocalPortsLieBelowTheEphemeralRange(t *testing.T) {
+	out, err := exec.Command("bash", "-c", `unset CLICKHOUSE_PORT CLICKHOUSE_HTTP_PORT POSTGRES_PORT REDIS_PORT CLUSTER_ZK_PORT CLUSTER_CH_PORT CLUSTER_CH_HTTP_PORT CLUSTER_CH_REPL_PORT CLUSTER_REDIS_PORT
+		source local/cluster.sh && stack_ports && cluster_ports && read -r lo hi </proc/sys/net/ipv4/ip_local_port_range && echo "ephemeral=$lo"`).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	lines := strings.Fields(string(out))
+	low, err := strconv.Atoi(strings.TrimPrefix(lines[len(lines)-1], "ephemeral="))
+	if err != nil {
+		t.Fatalf("no ephemeral range in %q", out)
+	}
+	ports := lines[:len(lines)-1]
+	if len(ports) < 20 {
+		t.Fatalf("only %d ports listed: %q", len(ports), ports)
+	}
+	for _, p := range ports {
+		name, v, _ := strings.Cut(p, "=")
+		if n, err := strconv.Atoi(v); err != nil || n >= low {
+			t.Errorf("%s defaults to %s; want a port below %d, the start of the ephemeral range", name, v, low)
+		}
+	}
+
+	warn := func(port string) bool {
+		out, err := exec.Command("bash", "-c", `source local/stack.sh && warn_ephemeral "P=$1"`, "_", port).CombinedOutput()
+		if err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+		return strings.Contains(string(out), "warning: P="+port)
+	}
+	if !warn(strconv.Itoa(low)) || warn(strconv.Itoa(low-1)) {
+		t.Errorf("warn_ephemeral: want a warning for %d (in the range) and none for %d", low, low-1)
 	}
 }

@@ -62,7 +62,7 @@ type Config struct {
 
 const (
 	defaultClickHouseDSN = "clickhouse://default:@127.0.0.1:19000/analytics"
-	defaultPostgresURL   = "postgres://analytics:analytics@127.0.0.1:55432/analytics?sslmode=disable"
+	defaultPostgresURL   = "postgres://analytics:analytics@127.0.0.1:15432/analytics?sslmode=disable"
 	defaultRedisURL      = "redis://127.0.0.1:16379/0"
 )
 

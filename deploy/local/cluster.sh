@@ -244,8 +244,25 @@ cluster_formed() { # every ClickHouse server sees the four replicas of the clust
   done
 }
 
+# cluster_ports: one NAME=PORT line per port the cluster listens on.
+cluster_ports() {
+  local i
+  printf '%s\n' CLUSTER_ZK_PORT="$ZK_PORT"
+  for i in "${!CH_NODES[@]}"; do
+    printf '%s\n' "CLUSTER_CH_PORT+$i=$((CH_BASE_PORT + i))" "CLUSTER_CH_HTTP_PORT+$i=$((CH_BASE_HTTP + i))" \
+      "CLUSTER_CH_REPL_PORT+$i=$((CH_BASE_REPL + i))"
+  done
+  # Redis Cluster nodes also listen on their port + 10000 (the cluster bus).
+  for i in "${!REDIS_NODES[@]}"; do
+    printf '%s\n' "CLUSTER_REDIS_PORT+$i=$((REDIS_BASE_PORT + i))" "CLUSTER_REDIS_PORT+$i+bus=$((REDIS_BASE_PORT + i + 10000))"
+  done
+}
+
 cmd_cluster_up() {
   validate_env
+  local ports
+  mapfile -t ports < <(cluster_ports)
+  warn_ephemeral "${ports[@]}"
   init_data_dir
   mkdir -p "$CLUSTER_DIR" "$CRUN"
   exec 8>"$CRUN/cluster.lock"

@@ -15,7 +15,9 @@
 # Environment (defaults in brackets):
 #   ANALYTICS_DATA_DIR    [<repo>/.data]  data, logs, configs and pidfiles (git-ignored)
 #   CLICKHOUSE_PORT [19000]  CLICKHOUSE_HTTP_PORT [18123]
-#   POSTGRES_PORT   [55432]  REDIS_PORT           [16379]
+#   POSTGRES_PORT   [15432]  REDIS_PORT           [16379]
+#                         (every default lies below the kernel's ephemeral port range;
+#                         see warn_ephemeral)
 #   STACK_TIMEOUT   [90]     seconds to wait for each service to become ready
 #   CLICKHOUSE_MAX_MEMORY_USAGE [4000000000]        per-query memory cap (bytes)
 #   CLICKHOUSE_MAX_MEMORY_ALL_QUERIES [8000000000]  cap over all running queries (bytes)
@@ -40,7 +42,7 @@ TEMPLATE_DIR=$SCRIPT_DIR/clickhouse
 
 CLICKHOUSE_PORT=${CLICKHOUSE_PORT:-19000}
 CLICKHOUSE_HTTP_PORT=${CLICKHOUSE_HTTP_PORT:-18123}
-POSTGRES_PORT=${POSTGRES_PORT:-55432}
+POSTGRES_PORT=${POSTGRES_PORT:-15432}
 REDIS_PORT=${REDIS_PORT:-16379}
 STACK_TIMEOUT=${STACK_TIMEOUT:-90}
 CLICKHOUSE_MAX_MEMORY_USAGE=${CLICKHOUSE_MAX_MEMORY_USAGE:-4000000000}
@@ -90,6 +92,27 @@ validate_env() {
   local dup
   dup=$(printf '%s\n' "$CLICKHOUSE_PORT" "$CLICKHOUSE_HTTP_PORT" "$POSTGRES_PORT" "$REDIS_PORT" | sort | uniq -d)
   [ -z "$dup" ] || die "port $dup is configured for two services"
+}
+
+# stack_ports: one NAME=PORT line per port the stack listens on.
+stack_ports() {
+  printf '%s\n' CLICKHOUSE_PORT="$CLICKHOUSE_PORT" CLICKHOUSE_HTTP_PORT="$CLICKHOUSE_HTTP_PORT" \
+    POSTGRES_PORT="$POSTGRES_PORT" REDIS_PORT="$REDIS_PORT"
+}
+
+# warn_ephemeral NAME=PORT...: warn about each port inside the kernel's ephemeral range. The
+# kernel gives ports from that range to outgoing connections as their local ports, so while a
+# service is stopped (the fault suite stops and restarts each) any connection on the machine can
+# take its port, and the restart fails with "address already in use". The default Postgres port
+# was 55432 until a clean-clone run failed exactly so. Ports below the range go only to listeners.
+warn_ephemeral() {
+  local lo hi arg
+  read -r lo hi 2>/dev/null </proc/sys/net/ipv4/ip_local_port_range || return 0
+  for arg in "$@"; do
+    if [ "${arg#*=}" -ge "$lo" ] && [ "${arg#*=}" -le "$hi" ]; then
+      log "warning: ${arg%%=*}=${arg#*=} lies in the kernel's ephemeral port range ($lo-$hi): while the service is stopped an outgoing connection can take the port and its restart fails; pick one below $lo"
+    fi
+  done
 }
 
 # find_bin NAME: print the path of an executable, also looking in sbin dirs that a
@@ -689,6 +712,9 @@ check_service() {
 
 cmd_up() {
   validate_env
+  local ports
+  mapfile -t ports < <(stack_ports)
+  warn_ephemeral "${ports[@]}"
   init_data_dir
   take_lock
   ensure_packages "${SERVICES[@]}"
