@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
-	"strconv"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
@@ -87,6 +86,7 @@ type Service struct {
 	now      func() time.Time
 	sources  map[string][]string // daily metric → events counted toward it
 	webhook  *webhook
+	alerts   alertQueue
 	metrics  *metrics
 	tenants  *labels.Capped
 }
@@ -122,8 +122,10 @@ func NewService(cfg Config, counters *Counters, limits *Limits, ch driver.Conn, 
 // SetRecorder attaches the durable writer (ingest).
 func (s *Service) SetRecorder(r Recorder) { s.rec = r }
 
-// Close waits for webhook deliveries in flight (up to ctx). Stop RunReconciler with its context.
+// Close records the alerts still queued, then waits for webhook deliveries in flight (up to ctx);
+// alerts found after it are recorded on the caller's goroutine. Stop RunReconciler with its context.
 func (s *Service) Close(ctx context.Context) {
+	s.alerts.close(ctx)
 	s.webhook.close(ctx)
 }
 
@@ -435,51 +437,3 @@ func (s *Service) SecondsToNextDay() int {
 type ParamError struct{ Msg string }
 
 func (e *ParamError) Error() string { return e.Msg }
-
-// checkAlerts fires each threshold the counter crossed from prev to cur, once per tenant, metric and
-// day across all instances (a Redis SET NX decides which instance fires).
-func (s *Service) checkAlerts(ctx context.Context, tenant uuid.UUID, metric string, prev, cur, limit float64) {
-	if limit <= 0 {
-		return
-	}
-	for _, pct := range s.cfg.Thresholds {
-		bound := limit * float64(pct) / 100
-		if !(prev < bound && cur >= bound) {
-			continue
-		}
-		first, err := s.counters.MarkOnce(ctx, tenant, metric+":"+strconv.Itoa(pct), s.today())
-		if err != nil {
-			s.log.Warn("quota alert not recorded: redis unavailable", "tenant", tenant, "metric", metric, "err", err)
-			continue
-		}
-		if first {
-			s.fire(tenant, metric, pct, cur, limit)
-		}
-	}
-}
-
-func (s *Service) fire(tenant uuid.UUID, metric string, pct int, cur, limit float64) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	slug := s.limits.Slug(ctx, tenant)
-	kind := "quota.warning"
-	if pct >= 100 {
-		kind = "quota.exceeded"
-		s.metrics.exceeded.WithLabelValues(s.tenants.Value(slug), metric).Inc()
-	}
-	s.metrics.alerts.WithLabelValues(strconv.Itoa(pct)).Inc()
-	props := map[string]any{"metric": metric, "current": cur, "limit": limit, "threshold_percent": pct, "day": s.today().Format(time.DateOnly)}
-	if s.rec != nil {
-		if err := s.rec.Emit(ctx, tenant, slug, kind, props); err != nil {
-			s.log.Error("quota alert event not stored", "tenant", slug, "metric", metric, "err", err)
-		}
-	}
-	if s.audit != nil {
-		if err := s.audit.Record(ctx, audit.Entry{TenantID: tenant, Actor: "quota", Action: kind, Target: metric, Meta: props}); err != nil {
-			s.log.Error("quota alert not audited", "tenant", slug, "metric", metric, "err", err)
-		}
-	}
-	s.log.Info("quota alert", "type", kind, "tenant", slug, "metric", metric, "current", cur, "limit", limit)
-	s.webhook.send(alertPayload{Type: kind, TenantID: tenant.String(), Tenant: slug, Metric: metric, Current: cur, Limit: limit,
-		ThresholdPercent: pct, Day: s.today().Format(time.DateOnly), At: s.now().UTC().Format(time.RFC3339)})
-}

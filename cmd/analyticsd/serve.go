@@ -122,7 +122,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	cfg.Quota.AnalyticsDisabled = !cfg.Ingest.Enabled
 	quotaSvc := quota.NewService(cfg.Quota, counters, quota.NewLimits(cfg.QuotaDefaults, tenants, 10*time.Second),
 		ch, cfg.ClickHouseDB, pg, auditLog, reg, log.With("component", "quota"))
-	open.push("quota webhooks", func(ctx context.Context) error { quotaSvc.Close(ctx); return nil })
+	open.push("quota alerts and webhooks", func(ctx context.Context) error { quotaSvc.Close(ctx); return nil })
 	var _ ingest.Counter = quotaSvc
 	ingestSvc := ingest.NewService(cfg.Ingest, writer, quotaSvc, ingestMetrics, log.With("component", "ingest"))
 	open.push("live counters", func(context.Context) error { ingestSvc.Close(); return nil })
@@ -148,6 +148,9 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	go func() { defer close(attended); eraser.Attend(actx) }()
 	open.push("erasure presence", func(context.Context) error { stopAttending(); <-attended; return nil })
 	open.push("ingest flush", writer.Close)
+	// Alerts are recorded off the request path (quota.alertQueue); those found by requests are
+	// recorded before the last flush, so that their events still reach the spool.
+	open.push("quota alerts", func(ctx context.Context) error { quotaSvc.WaitAlerts(ctx); return nil })
 	authn := auth.NewAuthenticator(auth.NewKeys(pg), tenants, cfg.JWT)
 	limiter := ratelimit.New(cfg.RateLimit, rdb, "")
 	limiter.OnLimited = func(p api.Principal) {

@@ -37,7 +37,8 @@ func TestServeUnwindsLastOpenedFirstOnce(t *testing.T) {
 	}
 }
 
-// The shutdown's order is load-bearing: requests stop first, the ingest flush comes before the live
+// The shutdown's order is load-bearing: requests stop first, the alerts they found are recorded
+// before the ingest flush (their events go to the spool), the flush comes before the live
 // counter feed it gives counts back to (and before exports still streaming are waited for, so a slow
 // export client cannot spend the flush's budget), and the stores close last. Each step runs once, and none fails.
 func TestServeShutsDownInOrder(t *testing.T) {
@@ -54,7 +55,7 @@ func TestServeShutsDownInOrder(t *testing.T) {
 	}
 	var want []string
 	for _, step := range []string{"http", "operator listener", "api keys' last use", "rollup and retention jobs",
-		"erasure jobs", "quota reconciliation", "ingest flush", "erasure presence", "live counters", "quota webhooks", "idempotency liveness", "exports", "clickhouse", "postgres", "redis"} {
+		"erasure jobs", "quota reconciliation", "quota alerts", "ingest flush", "erasure presence", "live counters", "quota alerts and webhooks", "idempotency liveness", "exports", "clickhouse", "postgres", "redis"} {
 		want = append(want, "shutdown step done: "+step)
 	}
 	if !slices.Equal(steps, want) {

@@ -1,0 +1,135 @@
+package quota
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/ingest"
+	"github.com/analyticsd/analyticsd/internal/testenv"
+)
+
+// The request whose counting crosses a threshold does not wait for the alert to be recorded. With
+// the audit log's Postgres answering slowly (every chunk held a second), a consume crossing 80 % and
+// 100 % of its limit answered only after both audit inserts (several seconds; up to 10 s each when
+// Postgres hangs), and an ingest request crossing them likewise; both are answered at once now, and
+// the alerts are still recorded, once each.
+func TestAlertsDoNotHoldTheCrossingRequest(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	ctx := context.Background()
+	u, err := url.Parse(testenv.PostgresURL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := testenv.NewProxy(t, u.Host)
+	u.Host = proxy.Addr
+	q := u.Query()
+	q.Set("search_path", h.env.PGSchema)
+	u.RawQuery = q.Encode()
+	slowPG, err := pgxpool.New(ctx, u.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(slowPG.Close)
+	if err := slowPG.Ping(ctx); err != nil { // a connection made before the delay
+		t.Fatal(err)
+	}
+
+	limits := map[string]float64{"builds_daily": 2, "api_requests_daily": 2}
+	s := NewService(Config{Enabled: true, EventMetrics: ingest.DefaultEventMetrics()}, NewCounters(h.env.Redis, h.env.Prefix),
+		NewLimits(limits, h.tenants, time.Millisecond), h.env.CH, h.env.DB, h.env.PG, audit.New(slowPG), nil, nil)
+	svc := ingest.NewService(ingest.Config{Enabled: true, Limits: ingest.DefaultLimits(), CounterEvery: 5 * time.Millisecond}, h.writer, s, ingest.NewMetrics(nil, 0), nil)
+	t.Cleanup(svc.Close)
+	s.SetRecorder(svc)
+	t.Cleanup(func() { s.Close(context.Background()) })
+	app := h.app(t, s, svc)
+
+	proxy.SetDelay(time.Second)
+	start := time.Now()
+	if res, err := s.Consume(ctx, h.tenant.ID, "builds_daily", 2); err != nil || !res.Allowed {
+		t.Fatalf("consume: %+v, %v", res, err)
+	}
+	if d := time.Since(start); d > 900*time.Millisecond {
+		t.Errorf("the consume crossing 80 %% and 100 %% took %v: it waited for the alerts' audit rows", d.Round(time.Millisecond))
+	}
+	start = time.Now()
+	body := `[` + strings.TrimSuffix(strings.Repeat(`{"event":"apikey.request"},`, 3), ",") + `]`
+	if st, _, m := call(t, app, http.MethodPost, "/api/analytics/events", h.keyW, body); st != 202 {
+		t.Fatalf("ingest: %d %v", st, m)
+	}
+	if d := time.Since(start); d > 900*time.Millisecond {
+		t.Errorf("the ingest request crossing 80 %% and 100 %% took %v: it waited for the alerts' audit rows", d.Round(time.Millisecond))
+	}
+
+	testenv.Eventually(t, 60*time.Second, func() error {
+		rows, err := h.env.PG.Query(ctx, "SELECT target, action FROM audit_log WHERE tenant_id = $1 AND action LIKE 'quota.%' ORDER BY target, action", h.tenant.ID)
+		if err != nil {
+			return err
+		}
+		var got []string
+		for rows.Next() {
+			var target, action string
+			if err := rows.Scan(&target, &action); err != nil {
+				return err
+			}
+			got = append(got, target+" "+action)
+		}
+		if want := "[api_requests_daily quota.exceeded api_requests_daily quota.warning builds_daily quota.exceeded builds_daily quota.warning]"; fmt.Sprint(got) != want {
+			return fmt.Errorf("audit_log's alerts: %v; want %s", got, want)
+		}
+		return rows.Err()
+	})
+}
+
+// The queue records alerts in the order they were found, one at a time; wait returns once those
+// found so far are recorded; after close, an alert is recorded before push returns.
+func TestAlertQueueOrderWaitAndClose(t *testing.T) {
+	var q alertQueue
+	release := make(chan struct{})
+	var mu sync.Mutex
+	var got []int
+	record := func(a alert) {
+		<-release
+		mu.Lock()
+		got = append(got, a.pct)
+		mu.Unlock()
+	}
+	start := time.Now()
+	for pct := range 5 {
+		q.push(alert{pct: pct}, record)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("push waited %v for the recording", d)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	q.wait(ctx) // nothing recorded yet: returns when ctx ends
+	cancel()
+	mu.Lock()
+	if len(got) != 0 {
+		t.Fatalf("recorded %v before the recorder was released", got)
+	}
+	mu.Unlock()
+	close(release)
+	q.wait(context.Background())
+	mu.Lock()
+	if fmt.Sprint(got) != "[0 1 2 3 4]" {
+		t.Fatalf("recorded %v; want [0 1 2 3 4], in order", got)
+	}
+	mu.Unlock()
+	q.close(context.Background())
+	q.push(alert{pct: 5}, record)
+	mu.Lock()
+	defer mu.Unlock()
+	if fmt.Sprint(got) != "[0 1 2 3 4 5]" {
+		t.Fatalf("after close, push returned before recording: %v", got)
+	}
+}
