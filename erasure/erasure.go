@@ -670,14 +670,15 @@ func (s *Service) countTenant(ctx context.Context, tenant uuid.UUID) (int64, err
 	return total, nil
 }
 
-// otherStores erases a tenant's rows outside ClickHouse: billed usage, levels, rollup runs and the
-// erasure ledger's counts in Postgres, and (DeleteKeys) its Redis keys.
+// otherStores erases a tenant's rows outside ClickHouse: billed usage, levels, rollup runs, the
+// erasure ledger's counts and the alerts fired in Postgres, and (DeleteKeys) its Redis keys.
 func (s *Service) otherStores(ctx context.Context, j Job) error {
 	for _, q := range []string{
 		"DELETE FROM analytics_daily_usage WHERE tenant_id = $1",
 		"DELETE FROM usage_levels WHERE tenant_id = $1",
 		"DELETE FROM rollup_runs WHERE tenant_id = $1",
 		"DELETE FROM erased_usage WHERE tenant_id = $1",
+		"DELETE FROM quota_alerts WHERE tenant_id = $1",
 	} {
 		if _, err := s.pg.Exec(ctx, q, j.TenantID); err != nil {
 			return fmt.Errorf("erase postgres rows: %w", err)

@@ -48,7 +48,9 @@ func TestFailingJobIsFailedAndCanBeSentAgain(t *testing.T) {
 	f.env.Insert(t, "events", eventCols, rows(acme.ID, "gina", 5)...)
 	layout := f.env.Layout() // on an 18.16 cluster the deletes go through Shards' own connections
 	layout.Shards = layout.Shards.Wrap(func(_ string, c driver.Conn) driver.Conn { return failingDeletes{c} })
-	broken := New(Config{Layout: layout, Poll: 20 * time.Millisecond, MaxAttempts: 2, Backoff: 50 * time.Millisecond},
+	// The backoff is long enough that the check below comes inside it on a loaded machine: with 50 ms
+	// a clean-clone run on the cluster at load 8 took the job again before the check (2026-11-30).
+	broken := New(Config{Layout: layout, Poll: 20 * time.Millisecond, MaxAttempts: 2, Backoff: time.Second},
 		failingDeletes{f.env.CH}, f.env.PG, audit.New(f.env.PG), nil)
 	j, err := broken.EraseUser(ctx, acme.ID, "gina", "test")
 	if err != nil {
@@ -63,7 +65,7 @@ func TestFailingJobIsFailedAndCanBeSentAgain(t *testing.T) {
 	if ran, _ := broken.RunOne(ctx); ran {
 		t.Fatal("the job was taken again before its backoff ended")
 	}
-	time.Sleep(80 * time.Millisecond)
+	time.Sleep(1100 * time.Millisecond)
 	if ran, err := broken.RunOne(ctx); !ran || !errors.Is(err, errInjected) {
 		t.Fatalf("attempt 2: got %v %v, want the injected failure", ran, err)
 	}

@@ -37,6 +37,37 @@ func (s *Service) checkAlerts(ctx context.Context, tenant uuid.UUID, metric stri
 	}
 }
 
+// catchUpAlerts fires the thresholds that today's counter of metric, now at value, is at or past
+// and whose alert Redis has no mark of: thresholds a reconciliation took it past (rows the live
+// counters missed, counted from ClickHouse after a fault), thresholds whose crossing could not be
+// decided (Redis unreachable then), and thresholds of a limit lowered below the count. The
+// reconciler calls it for each counter it recomputes, so an alert is at most one interval late.
+// A mark Redis lost is set again here (a SET NX per threshold passed); whether the alert had fired
+// is then for fire to find out.
+func (s *Service) catchUpAlerts(ctx context.Context, tenant uuid.UUID, metric string, d time.Time, value int64) {
+	now := s.now().UTC()
+	if !s.cfg.Enabled || !IsDaily(metric) || !d.Equal(now.Truncate(24*time.Hour)) {
+		return
+	}
+	limit, ok := s.limits.Of(ctx, tenant, metric)
+	if !ok || limit <= 0 {
+		return
+	}
+	for _, pct := range s.cfg.Thresholds {
+		if float64(value) < limit*float64(pct)/100 {
+			continue
+		}
+		first, err := s.counters.MarkOnce(ctx, tenant, metric+":"+strconv.Itoa(pct), d)
+		if err != nil {
+			s.log.Warn("quota alerts not caught up: redis unavailable", "tenant", tenant, "metric", metric, "err", err)
+			return
+		}
+		if first {
+			s.alerts.push(alert{tenant: tenant, metric: metric, pct: pct, cur: float64(value), limit: limit, day: d, at: now}, s.fire)
+		}
+	}
+}
+
 // alert is one threshold crossing to record, with the day and time it was found.
 type alert struct {
 	tenant     uuid.UUID
@@ -116,12 +147,31 @@ func (q *alertQueue) close(ctx context.Context) {
 // the spool's last flush, so that their events are still taken.
 func (s *Service) WaitAlerts(ctx context.Context) { s.alerts.wait(ctx) }
 
-// fire records an alert: an event in the tenant's stream, an audit row, the metric, the log and the
-// webhook.
+// fire records an alert — an event in the tenant's stream, an audit row, the metric, the log and
+// the webhook — if its row in quota_alerts is new. Redis decided the crossing; Postgres keeps what
+// fired when Redis loses its marks. With Postgres unreachable the alert is recorded anyway: a rare
+// second alert is better than a missing one.
 func (s *Service) fire(a alert) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	slug := s.limits.Slug(ctx, a.tenant)
+	if s.pg != nil {
+		tag, err := s.pg.Exec(ctx, `INSERT INTO quota_alerts (day, tenant_id, metric, threshold) VALUES ($1, $2, $3, $4)
+			ON CONFLICT DO NOTHING`, a.day, a.tenant, a.metric, a.pct)
+		switch {
+		case err != nil:
+			s.log.Warn("quota alert recorded without checking that it had not fired", "tenant", slug, "metric", a.metric, "err", err)
+		case tag.RowsAffected() == 0:
+			s.log.Info("quota alert had fired already", "tenant", slug, "metric", a.metric, "threshold_percent", a.pct)
+			return
+		default:
+			// Only today's rows decide anything: each alert deletes the rows of the days before
+			// yesterday, a range at the start of the primary key (empty after a day's first).
+			if _, err := s.pg.Exec(ctx, "DELETE FROM quota_alerts WHERE day < $1", a.day.Add(-24*time.Hour)); err != nil {
+				s.log.Warn("old quota alert rows not deleted", "err", err)
+			}
+		}
+	}
 	kind := "quota.warning"
 	if a.pct >= 100 {
 		kind = "quota.exceeded"

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/analyticsd/analyticsd/audit"
@@ -71,23 +72,109 @@ func TestAlertsDoNotHoldTheCrossingRequest(t *testing.T) {
 	}
 
 	testenv.Eventually(t, 60*time.Second, func() error {
-		rows, err := h.env.PG.Query(ctx, "SELECT target, action FROM audit_log WHERE tenant_id = $1 AND action LIKE 'quota.%' ORDER BY target, action", h.tenant.ID)
-		if err != nil {
-			return err
-		}
-		var got []string
-		for rows.Next() {
-			var target, action string
-			if err := rows.Scan(&target, &action); err != nil {
-				return err
-			}
-			got = append(got, target+" "+action)
-		}
-		if want := "[api_requests_daily quota.exceeded api_requests_daily quota.warning builds_daily quota.exceeded builds_daily quota.warning]"; fmt.Sprint(got) != want {
+		got, err := auditedAlerts(h)
+		if want := "[api_requests_daily quota.exceeded api_requests_daily quota.warning builds_daily quota.exceeded builds_daily quota.warning]"; err == nil && got != want {
 			return fmt.Errorf("audit_log's alerts: %v; want %s", got, want)
 		}
-		return rows.Err()
+		return err
 	})
+}
+
+// auditedAlerts lists the harness tenant's alerts in audit_log, as "[metric action ...]" sorted.
+func auditedAlerts(h *harness) (string, error) {
+	rows, err := h.env.PG.Query(context.Background(), "SELECT target, action FROM audit_log WHERE tenant_id = $1 AND action LIKE 'quota.%' ORDER BY target, action", h.tenant.ID)
+	if err != nil {
+		return "", err
+	}
+	defer rows.Close()
+	var got []string
+	for rows.Next() {
+		var target, action string
+		if err := rows.Scan(&target, &action); err != nil {
+			return "", err
+		}
+		got = append(got, target+" "+action)
+	}
+	return fmt.Sprint(got), rows.Err()
+}
+
+// A threshold the counter passes without a live crossing fires at the next reconciliation: here five
+// rows stored and never counted live (their counts lost to a fault) take api_requests_daily past
+// both thresholds of its limit of 4. Before, only a live crossing fired, and these never did.
+func TestThresholdPassedByReconciliationFires(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, map[string]float64{"api_requests_daily": 4}, nil)
+	ctx := context.Background()
+	insertEvents(t, h, time.Now().UTC().Truncate(time.Second), 5)
+	if st, err := s.ReconcileOnce(ctx); err != nil || !st.Ran {
+		t.Fatalf("reconcile: %+v, %v", st, err)
+	}
+	s.WaitAlerts(ctx)
+	got, err := auditedAlerts(h)
+	if want := "[api_requests_daily quota.exceeded api_requests_daily quota.warning]"; err != nil || got != want {
+		t.Fatalf("alerts after the reconciliation: %v, %v; want %s", got, err, want)
+	}
+	// The next rounds find them fired.
+	for range 2 {
+		if _, err := s.ReconcileOnce(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.WaitAlerts(ctx)
+	if got, err := auditedAlerts(h); err != nil || got != "[api_requests_daily quota.exceeded api_requests_daily quota.warning]" {
+		t.Fatalf("alerts after two more rounds: %v, %v; want each once", got, err)
+	}
+}
+
+// An alert fires once per day even when Redis loses its marks: the tenant's counter restarts from
+// its live counts and crosses the thresholds again. Before, the second crossing fired both alerts a
+// second time (four audit rows, four alert events, four webhooks); now the quota_alerts row of the
+// first firing holds them back, the reconciliation's catch-up too.
+func TestAlertFiresOnceWhenRedisLosesItsMarks(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, map[string]float64{"api_requests_daily": 2}, nil)
+	app := h.app(t, s, h.ingest)
+	ctx := context.Background()
+	send := func() {
+		t.Helper()
+		var evs []string
+		for range 3 {
+			evs = append(evs, fmt.Sprintf(`{"event":"apikey.request","id":%q}`, uuid.New()))
+		}
+		if st, _, m := call(t, app, http.MethodPost, "/api/analytics/events", h.keyW, "["+strings.Join(evs, ",")+"]"); st != 202 {
+			t.Fatalf("ingest: %d %v", st, m)
+		}
+	}
+	want := "[api_requests_daily quota.exceeded api_requests_daily quota.warning]"
+	send()
+	testenv.Eventually(t, 10*time.Second, func() error {
+		if got, err := auditedAlerts(h); err != nil || got != want {
+			return fmt.Errorf("alerts after the first crossing: %v, %v; want %s", got, err, want)
+		}
+		return nil
+	})
+	waitStored(t, h, 5) // three requests and the two alert events
+	iter := h.env.Redis.Scan(ctx, 0, h.env.Prefix+"*", 1000).Iterator()
+	for iter.Next(ctx) {
+		h.env.Redis.Del(ctx, iter.Val())
+	}
+	send()
+	waitStored(t, h, 8)
+	if _, err := s.ReconcileOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	s.WaitAlerts(ctx)
+	time.Sleep(200 * time.Millisecond) // a second firing, before, was on the request path; give a queued one time
+	s.WaitAlerts(ctx)
+	if got, err := auditedAlerts(h); err != nil || got != want {
+		t.Fatalf("alerts after Redis lost its marks and the counter crossed again: %v, %v; want %s", got, err, want)
+	}
+	var fired int
+	if err := h.env.PG.QueryRow(ctx, "SELECT count(*) FROM quota_alerts WHERE tenant_id = $1", h.tenant.ID).Scan(&fired); err != nil || fired != 2 {
+		t.Errorf("quota_alerts rows: %d, %v; want 2", fired, err)
+	}
 }
 
 // The queue records alerts in the order they were found, one at a time; wait returns once those

@@ -122,9 +122,11 @@ func (s *Service) reconcileTenant(ctx context.Context, tenant uuid.UUID, d time.
 	}
 	now := s.now()
 	for metric, base := range s.withQuotaMetrics(ctx, tenant, counts[tenant]) {
-		if _, err := s.counters.Reconcile(ctx, tenant, metric, d, now.Add(-SettleAfter), base); err != nil {
+		res, err := s.counters.Reconcile(ctx, tenant, metric, d, now.Add(-SettleAfter), base)
+		if err != nil {
 			return err
 		}
+		s.catchUpAlerts(ctx, tenant, metric, d, res.After)
 	}
 	return s.counters.MarkReconciled(ctx, tenant, d, now)
 }
@@ -355,6 +357,7 @@ func (r *reconciler) apply(ctx context.Context, st *ReconcileStats, tenant uuid.
 		for m, n := range send {
 			r.sent[sentKey{tenant, metric, d.Unix(), m}] = n
 		}
+		r.s.catchUpAlerts(ctx, tenant, metric, d, res.After)
 		st.Counters++
 		st.Minutes += len(send)
 		if res.Before != res.After {

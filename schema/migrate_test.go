@@ -97,7 +97,7 @@ func TestMigrateCreatesEveryObject(t *testing.T) {
 	if err := rows.Err(); err != nil {
 		t.Fatal(err)
 	}
-	if got, want := strings.Join(pgTables, ","), "analytics_daily_usage,api_keys,audit_log,erased_usage,erasure_acks,erasure_instances,erasure_jobs,erasure_ledger_version,erasure_rounds,import_days,import_tenants,retention_floor,rollup_runs,schema_migrations,tenants,usage_levels"; got != want {
+	if got, want := strings.Join(pgTables, ","), "analytics_daily_usage,api_keys,audit_log,erased_usage,erasure_acks,erasure_instances,erasure_jobs,erasure_ledger_version,erasure_rounds,import_days,import_tenants,quota_alerts,retention_floor,rollup_runs,schema_migrations,tenants,usage_levels"; got != want {
 		t.Errorf("postgres tables: got %s, want %s", got, want)
 	}
 }
