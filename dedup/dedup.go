@@ -9,6 +9,10 @@
 //
 //	dedup:{T}:epoch        unix second the tenant's claim history began (set on first use; Redis
 //	                       losing its data shows as a newer epoch)
+//	dedup:{T}:began        the same instant in unix nanoseconds: what tells apart two histories
+//	                       begun in one second (Redis losing its data in the second the history
+//	                       began). Binaries before it read only epoch; one whose began is missing or
+//	                       disagrees with epoch (a history begun by such a binary) is epoch's second.
 //	dedup:{T}:e:<bucket>   a hash: event id (16 bytes) -> the batch id holding it (8 bytes), for the
 //	                       ids first claimed in that window-long time bucket; kept two windows
 //	dedup:{T}:i:<bucket>   the same for increment ids
@@ -28,6 +32,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -98,6 +103,22 @@ func (s *Store) epochKey(tenant uuid.UUID) string {
 	return fmt.Sprintf("%sdedup:{%s}:epoch", s.prefix, tenant)
 }
 
+func (s *Store) beganKey(tenant uuid.UUID) string {
+	return fmt.Sprintf("%sdedup:{%s}:began", s.prefix, tenant)
+}
+
+// epochOf is a tenant's epoch from its epoch (unix seconds) and began (unix nanoseconds) values.
+func epochOf(epoch, began string) (time.Time, error) {
+	sec, err := strconv.ParseInt(epoch, 10, 64)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("claim epoch %q: %w", epoch, err)
+	}
+	if ns, err := strconv.ParseInt(began, 10, 64); err == nil && ns/1e9 == sec {
+		return time.Unix(0, ns).UTC(), nil
+	}
+	return time.Unix(sec, 0).UTC(), nil
+}
+
 // bucketKey is the hash holding the claims of a kind ('e' events, 'i' increments) first made in a
 // window-long time bucket.
 func (s *Store) bucketKey(tenant uuid.UUID, kind byte, bucket int64) string {
@@ -107,10 +128,11 @@ func (s *Store) bucketKey(tenant uuid.UUID, kind byte, bucket int64) string {
 // claimLua claims ids, each for its batch: an id held in the previous or current bucket (KEYS[3],
 // KEYS[2]) keeps its holder; an id held by neither is claimed in the current bucket, which is kept
 // two windows. It counts the rows it claims now. State per id: 2 claimed now, 1 its batch held it
-// already, 0 another batch holds it. The first element is the tenant's epoch (KEYS[1]), started now
-// when missing; after the states come (counter, added, value) triples.
+// already, 0 another batch holds it. The first two elements are the tenant's epoch (KEYS[1], unix
+// seconds) and began (KEYS[4], unix nanoseconds, or nil), both started now when epoch is missing;
+// after the states come (counter, added, value) triples.
 //
-//	ARGV: window, now, n, counter ttl, min received, bucket ttl, the ids (16 bytes each), the batch
+//	ARGV: window, now (unix nanoseconds), n, counter ttl, min received, bucket ttl, the ids (16 bytes each), the batch
 //	      ids (8 bytes each, or 8 bytes for all), the rows that count (6 bytes each: position from 0,
 //	      uint32, and group from 1, uint16, little-endian), then per group: its counter's KEYS
 //	      index, amount, received (unix second), its live and base hashes' KEYS indexes
@@ -123,11 +145,16 @@ func (s *Store) bucketKey(tenant uuid.UUID, kind byte, bucket int64) string {
 var claimLua = `
 local n = tonumber(ARGV[3])
 local epoch = redis.call('GET', KEYS[1])
-if not epoch then
-  epoch = ARGV[2]
+local began
+if epoch then
+  began = redis.call('GET', KEYS[4])
+else
+  began = ARGV[2]
+  epoch = string.sub(began, 1, -10)
   redis.call('SET', KEYS[1], epoch)
+  redis.call('SET', KEYS[4], began)
 end
-local out = {tonumber(epoch)}
+local out = {epoch, began or ''}
 local ids, wids = ARGV[7], ARGV[8]
 local shared = #wids == 8
 local prev = redis.call('EXISTS', KEYS[3]) == 1
@@ -146,12 +173,12 @@ for first = 1, n, 1000 do
     if not shared then w = string.sub(wids, 8 * i - 7, 8 * i) end
     local v = before[k] or now[k] or mine[id]
     if v then
-      out[i + 1] = (v == w) and 1 or 0
+      out[i + 2] = (v == w) and 1 or 0
     else
       mine[id] = w
       claim[#claim + 1] = id
       claim[#claim + 1] = w
-      out[i + 1] = 2
+      out[i + 2] = 2
     end
   end
   if #claim > 0 then redis.call('HSET', KEYS[2], unpack(claim)) end
@@ -162,7 +189,7 @@ local sums, order = {}, {}
 local rows = ARGV[9]
 for p = 1, #rows, 6 do
   local b1, b2, b3, b4, g1, g2 = string.byte(rows, p, p + 5)
-  if out[b1 + 256 * (b2 + 256 * (b3 + 256 * b4)) + 2] == 2 then
+  if out[b1 + 256 * (b2 + 256 * (b3 + 256 * b4)) + 3] == 2 then
     local g = g1 + 256 * g2
     if not sums[g] then
       sums[g] = 0
@@ -200,7 +227,7 @@ func (s *Store) run(ctx context.Context, tenant uuid.UUID, kind byte, ids []uuid
 	n := len(ids)
 	now := s.now()
 	bucket := now.Unix() / s.windowSeconds()
-	keys := []string{s.epochKey(tenant), s.bucketKey(tenant, kind, bucket), s.bucketKey(tenant, kind, bucket-1)}
+	keys := []string{s.epochKey(tenant), s.bucketKey(tenant, kind, bucket), s.bucketKey(tenant, kind, bucket-1), s.beganKey(tenant)}
 	ttl := int64(1)
 	if s.counting != nil {
 		ttl = max(int64(s.counting.TTL/time.Second), 1)
@@ -222,7 +249,7 @@ func (s *Store) run(ctx context.Context, tenant uuid.UUID, kind byte, ids []uuid
 			packedWids = binary.LittleEndian.AppendUint64(packedWids, w)
 		}
 	}
-	args := []any{s.windowSeconds(), now.Unix(), n, ttl, minReceived.Unix(), 2*s.windowSeconds() + 3600, packedIDs, packedWids}
+	args := []any{s.windowSeconds(), strconv.FormatInt(now.UnixNano(), 10), n, ttl, minReceived.Unix(), 2*s.windowSeconds() + 3600, packedIDs, packedWids}
 	type counter struct {
 		day    time.Time
 		metric string
@@ -270,17 +297,32 @@ func (s *Store) run(ctx context.Context, tenant uuid.UUID, kind byte, ids []uuid
 		}
 	}
 	args = append(append(args, rows), groupArgs...)
-	res, err := s.claim.Run(ctx, s.rdb, keys, args...).Int64Slice()
+	raw, err := s.claim.Run(ctx, s.rdb, keys, args...).Slice()
 	if err != nil {
 		return nil, time.Time{}, err
 	}
+	if len(raw) < n+2 {
+		return nil, time.Time{}, fmt.Errorf("claim script answered %d values for %d ids", len(raw), n)
+	}
+	epochStr, _ := raw[0].(string)
+	beganStr, _ := raw[1].(string)
+	epoch, err := epochOf(epochStr, beganStr)
+	if err != nil {
+		return nil, time.Time{}, err
+	}
+	res := make([]int64, len(raw)-2)
+	for i, v := range raw[2:] {
+		if res[i], err = toInt64(v); err != nil {
+			return nil, time.Time{}, fmt.Errorf("claim script: %w", err)
+		}
+	}
 	if counted != nil {
-		for j := n + 1; j+2 < len(res); j += 3 {
+		for j := n; j+2 < len(res); j += 3 {
 			c := named[int(res[j])]
 			counted(c.day, c.metric, res[j+1], res[j+2])
 		}
 	}
-	return res[1 : n+1], time.Unix(res[0], 0).UTC(), nil
+	return res[:n], epoch, nil
 }
 
 // Claim records, for a batch whose rows are durable, that batch wid holds ids of a kind; dup[i]
@@ -326,10 +368,10 @@ func (s *Store) Verify(ctx context.Context, tenant uuid.UUID, kind byte, ids []u
 // Epochs returns the tenants' epochs; a tenant without one is absent (the zero time never equals an
 // epoch a claim recorded).
 func (s *Store) Epochs(ctx context.Context, tenants []uuid.UUID) (map[uuid.UUID]time.Time, error) {
-	cmds := make([]*redis.StringCmd, len(tenants))
+	cmds := make([]*redis.StringCmd, 2*len(tenants))
 	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, t := range tenants {
-			cmds[i] = p.Get(ctx, s.epochKey(t))
+			cmds[2*i], cmds[2*i+1] = p.Get(ctx, s.epochKey(t)), p.Get(ctx, s.beganKey(t))
 		}
 		return nil
 	})
@@ -338,10 +380,15 @@ func (s *Store) Epochs(ctx context.Context, tenants []uuid.UUID) (map[uuid.UUID]
 	}
 	out := make(map[uuid.UUID]time.Time, len(tenants))
 	for i, t := range tenants {
-		n, err := cmds[i].Int64()
+		sec, err := cmds[2*i].Result()
 		switch {
 		case err == nil:
-			if out[t], err = s.withFloor(ctx, time.Unix(n, 0).UTC(), 0); err != nil {
+			began, _ := cmds[2*i+1].Result()
+			epoch, err := epochOf(sec, began)
+			if err != nil {
+				return nil, err
+			}
+			if out[t], err = s.withFloor(ctx, epoch, 0); err != nil {
 				return nil, err
 			}
 		case err != redis.Nil:
@@ -494,4 +541,13 @@ func (s *Store) EvictionRisk(ctx context.Context) string {
 		return "redis maxmemory-policy is " + p + ": under memory pressure it may evict dedup claims and let duplicates through; set it to noeviction"
 	}
 	return ""
+}
+
+// toInt64 is an integer the claim script answered.
+func toInt64(v any) (int64, error) {
+	n, ok := v.(int64)
+	if !ok {
+		return 0, fmt.Errorf("want an integer, got %v (%T)", v, v)
+	}
+	return n, nil
 }

@@ -431,3 +431,41 @@ func TestIdempotencyKeyFreedWhenTheHandlerPanics(t *testing.T) {
 		t.Errorf("retry: %d %s after %d runs, want 202 from a second run", st, body, runs.Load())
 	}
 }
+
+// A history Redis loses within the second it began is told apart from the next one, begun in the
+// same second. Before, epochs were whole seconds and the two were equal: a shipping instance took
+// verdicts made in the lost history, and its cached "history complete" answer, for the new one's (a
+// retry stored twice, RELIABILITY.md). A history begun by a binary that writes only the seconds
+// reads as that second.
+func TestAHistoryLostInTheSecondItBeganIsToldApart(t *testing.T) {
+	s, env := newStore(t)
+	ctx := context.Background()
+	tn := uuid.New()
+	base := time.Now().Truncate(time.Second)
+	at := base.Add(100 * time.Millisecond)
+	s.now = func() time.Time { return at }
+	_, e1, err := s.Claim(ctx, tn, 'e', 10, []uuid.UUID{uuid.New()}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testenv.DelKeys(ctx, env.Redis, env.Prefix+"*")
+	at = base.Add(400 * time.Millisecond)
+	_, e2, err := s.Claim(ctx, tn, 'e', 20, []uuid.UUID{uuid.New()}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e1.Equal(e2) || !e2.After(e1) {
+		t.Fatalf("epoch of the lost history %v, of the next %v: want the next one later", e1, e2)
+	}
+	if epochs, err := s.Epochs(ctx, []uuid.UUID{tn}); err != nil || !epochs[tn].Equal(e2) {
+		t.Fatalf("Epochs %v (%v), want %v", epochs[tn], err, e2)
+	}
+	// The same history as an older binary leaves it: the seconds only.
+	env.Redis.Del(ctx, s.beganKey(tn))
+	if epochs, err := s.Epochs(ctx, []uuid.UUID{tn}); err != nil || !epochs[tn].Equal(base) {
+		t.Fatalf("Epochs without began: %v (%v), want %v", epochs[tn], err, base)
+	}
+	if _, e, err := s.Claim(ctx, tn, 'e', 30, []uuid.UUID{uuid.New()}, nil, nil); err != nil || !e.Equal(base) {
+		t.Fatalf("a claim without began: epoch %v (%v), want %v", e, err, base)
+	}
+}

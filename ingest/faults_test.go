@@ -14,24 +14,27 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/google/uuid"
 
+	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/dedup"
 	"github.com/analyticsd/analyticsd/ingest/spool"
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 )
 
 // Regression tests for what an adversarial review of the exactly-once change found: each failed on
 // the change before its fix.
 
 // dropClaims makes Redis forget a tenant's claims (and every Idempotency-Key), as a restart without
-// persistence or an RDB restore would; keepEpoch keeps the epoch, as a partial rollback does.
+// persistence or an RDB restore would; keepEpoch keeps the epoch (and when it began), as a partial
+// rollback does.
 func (h *harness) dropClaims(t *testing.T, tenant uuid.UUID, keepEpoch bool) {
 	t.Helper()
 	ctx := context.Background()
-	epoch := h.env.Prefix + "dedup:{" + tenant.String() + "}:epoch"
+	history := h.env.Prefix + "dedup:{" + tenant.String() + "}:"
 	keys, _ := testenv.Keys(ctx, h.env.Redis, h.env.Prefix+"dedup:{"+tenant.String()+"}:*")
 	idem, _ := testenv.Keys(ctx, h.env.Redis, h.env.Prefix+"idem:*")
 	for _, k := range append(keys, idem...) {
-		if keepEpoch && k == epoch {
+		if keepEpoch && (k == history+"epoch" || k == history+"began") {
 			continue
 		}
 		h.env.Redis.Del(ctx, k)
@@ -327,4 +330,57 @@ func shipSpool(t *testing.T, env testenv.Env, dir string, tenantID uuid.UUID) (u
 		t.Fatal(err)
 	}
 	return n, st
+}
+
+// Redis loses its data within the second the tenant's claim history began, and the next history
+// begins in that second too. Instance A shipped a first batch (judging the history complete) and
+// holds X, claimed in the lost history, in its open segment; the client's retry of X goes to instance
+// B, is claimed in the new history and stored. When A ships X, its verdict and its "complete" answer
+// belong to the lost history. With epochs in whole seconds A took them for the new one's and stored X
+// a second time; epochs now tell the histories apart.
+func TestAHistoryLostInItsFirstSecondVouchesForNothing(t *testing.T) {
+	t.Parallel()
+	// A seals a segment at two rows and otherwise holds it for a minute.
+	h := newHarness(t, opts{writer: func(c *WriterConfig) { c.BatchRows, c.FlushInterval = 2, time.Minute }})
+	a, b := h.instance, h.newInstance(t, opts{})
+	ctx := context.Background()
+	apikey := func(int) map[string]any { return map[string]any{"event": "apikey.request"} }
+	for attempt := 1; attempt <= 10; attempt++ {
+		tn := fixture.Tenant(t, h.env.PG, fmt.Sprintf("first-second-%d", attempt))
+		key, _ := fixture.Key(t, h.env.PG, tn.ID, "w", auth.ScopeEventsWrite)
+		post := func(in *instance, body []byte) resp {
+			t.Helper()
+			r := in.post(t, key, "/api/analytics/events", body, nil)
+			if r.Status != 202 {
+				t.Fatalf("post: %d %s", r.Status, r.Raw)
+			}
+			return r
+		}
+		epoch := func() string { return h.env.Redis.Get(ctx, h.env.Prefix+"dedup:{"+tn.ID.String()+"}:epoch").Val() }
+		// Begin just after a second does, so that what follows fits in it.
+		time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(time.Second + 5*time.Millisecond)))
+		w, wIDs := events(2, apikey)
+		post(a, w)
+		h.waitStored(t, tn.ID, wIDs, 2)
+		x, xIDs := events(1, apikey)
+		post(a, x) // held in A's open segment
+		lost := epoch()
+		h.dropClaims(t, tn.ID, false)
+		if r := post(b, x); r.accepted() != 1 {
+			t.Fatalf("X's retry to B: %s, want it accepted", r.Raw)
+		}
+		b.waitShipped(t)
+		next := epoch()
+		z, _ := events(1, apikey)
+		post(a, z) // fills A's segment: it ships, X with it
+		a.waitShipped(t)
+		if n := h.countIDs(t, tn.ID, xIDs); n != 1 {
+			t.Fatalf("attempt %d (epochs %s, %s): X is stored %d times, want once", attempt, lost, next, n)
+		}
+		if next == lost {
+			return
+		}
+		t.Logf("attempt %d: the next history began in a later second (%s, %s); again", attempt, lost, next)
+	}
+	t.Fatal("in ten attempts the next history never began in the lost one's second")
 }

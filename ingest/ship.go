@@ -398,14 +398,16 @@ func (sh *shipper) complete(ctx context.Context, kind Kind, tenant uuid.UUID, ep
 	if v, ok := sh.history[k]; ok {
 		return v, nil
 	}
-	// Inclusive of the epoch's own second: epochs are whole seconds, and a row received in that
-	// second may have been claimed before Redis lost its claims.
+	// Inclusive of the epoch's own second: rows are stamped in whole seconds, and a row received in
+	// that second may have been claimed before Redis lost its claims. (The bounds are whole seconds
+	// too: a time.Time with nanoseconds is sent as DateTime64, which 18.16 does not have.)
 	q := "SELECT count() FROM " + sh.db + ".events WHERE tenant_id = ? AND received_at >= ? AND received_at <= ?"
 	if kind == KindIncrement {
 		q = "SELECT count() FROM " + sh.db + ".usage_increments WHERE tenant_id = ? AND ts >= ? AND ts <= ?"
 	}
 	var n uint64
-	if err := sh.ch.QueryRow(ctx, q, tenant, epoch.Add(-sh.claims.Window()), epoch).Scan(&n); err != nil {
+	second := epoch.Truncate(time.Second)
+	if err := sh.ch.QueryRow(ctx, q, tenant, second.Add(-sh.claims.Window()), second).Scan(&n); err != nil {
 		return false, fmt.Errorf("check what clickhouse holds from before tenant %s's claims: %w", tenant, err)
 	}
 	if sh.history == nil || len(sh.history) > 100_000 {
