@@ -3,7 +3,9 @@ package quota
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"strings"
 	"sync"
@@ -11,9 +13,11 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/analyticsd/analyticsd/audit"
+	"github.com/analyticsd/analyticsd/dedup"
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 )
@@ -27,24 +31,7 @@ func TestAlertsDoNotHoldTheCrossingRequest(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
 	ctx := context.Background()
-	u, err := url.Parse(testenv.PostgresURL(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	proxy := testenv.NewProxy(t, u.Host)
-	u.Host = proxy.Addr
-	q := u.Query()
-	q.Set("search_path", h.env.PGSchema)
-	u.RawQuery = q.Encode()
-	slowPG, err := pgxpool.New(ctx, u.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(slowPG.Close)
-	if err := slowPG.Ping(ctx); err != nil { // a connection made before the delay
-		t.Fatal(err)
-	}
-
+	slowPG, proxy := proxiedPostgres(t, h)
 	limits := map[string]float64{"builds_daily": 2, "api_requests_daily": 2}
 	s := NewService(Config{Enabled: true, EventMetrics: ingest.DefaultEventMetrics()}, NewCounters(h.env.Redis, h.env.Prefix),
 		NewLimits(limits, h.tenants, time.Millisecond), h.env.CH, h.env.DB, h.env.PG, audit.New(slowPG), nil, nil)
@@ -219,4 +206,194 @@ func TestAlertQueueOrderWaitAndClose(t *testing.T) {
 	if fmt.Sprint(got) != "[0 1 2 3 4 5]" {
 		t.Fatalf("after close, push returned before recording: %v", got)
 	}
+}
+
+// An instance set an alert's Redis mark and died before recording it (or its SET NX timed out
+// after Redis applied it, or shutdown gave up on its queue). Before, the mark made every later
+// decision and catch-up skip the alert, which never fired; now the catch-up asks Postgres.
+func TestAMarkWithoutItsRecordStillFires(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, map[string]float64{"api_requests_daily": 4}, nil)
+	ctx := context.Background()
+	today := time.Now().UTC().Truncate(24 * time.Hour)
+	for _, pct := range []string{"80", "100"} { // the dead instance's decisions
+		if _, err := s.counters.MarkOnce(ctx, h.tenant.ID, "api_requests_daily:"+pct, today); err != nil {
+			t.Fatal(err)
+		}
+	}
+	insertEvents(t, h, time.Now().UTC().Truncate(time.Second), 5)
+	if _, err := s.ReconcileOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	s.WaitAlerts(ctx)
+	if got, err := auditedAlerts(h); err != nil || got != "[api_requests_daily quota.exceeded api_requests_daily quota.warning]" {
+		t.Fatalf("after a reconciliation of a counter at 5 of 4 with both marks set: %v, %v; want both alerts", got, err)
+	}
+}
+
+// A consume crossing its limit at 23:59:59.5 whose alert is decided after midnight files the alert
+// under its own day. Before, it took the next day's name, and the next day's real crossing found it
+// taken and never fired.
+func TestAConsumeCrossingJustBeforeMidnightFilesItUnderItsDay(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	s := h.service(t, Config{Enabled: true}, map[string]float64{"builds_daily": 2}, nil)
+	ctx := context.Background()
+	d := time.Now().UTC().Truncate(24 * time.Hour).Add(5 * 24 * time.Hour) // a day no other test uses
+	var mu sync.Mutex
+	calls := 0
+	s.now = func() time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		calls++
+		if calls == 1 { // the consume's own time
+			return d.Add(24*time.Hour - 500*time.Millisecond)
+		}
+		return d.Add(24*time.Hour + time.Duration(calls)*time.Millisecond)
+	}
+	for range 2 { // the crossing on d, then the one on d+1
+		if res, err := s.Consume(ctx, h.tenant.ID, "builds_daily", 2); err != nil || !res.Allowed {
+			t.Fatal(res, err)
+		}
+		s.WaitAlerts(ctx)
+	}
+	rows, err := h.env.PG.Query(ctx, "SELECT day::text || '/' || threshold FROM quota_alerts WHERE tenant_id = $1 ORDER BY 1", h.tenant.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	next := d.Add(24 * time.Hour).Format(time.DateOnly)
+	if want := fmt.Sprint([]string{d.Format(time.DateOnly) + "/100", d.Format(time.DateOnly) + "/80", next + "/100", next + "/80"}); err != nil || fmt.Sprint(got) != want {
+		t.Errorf("quota_alerts: %v (%v); want %v", got, err, want)
+	}
+}
+
+// With Postgres hung, an alert's event (the spool, which needs no Postgres) is still stored. Before,
+// one 10 s context for every step was spent by the Postgres insert, and the event's append then ran
+// with it expired: 4 of 6 events stored.
+func TestAHungPostgresDoesNotCostTheAlertEvent(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	ctx := context.Background()
+	slowPG, proxy := proxiedPostgres(t, h)
+	s := NewService(Config{Enabled: true, EventMetrics: ingest.DefaultEventMetrics()}, NewCounters(h.env.Redis, h.env.Prefix),
+		NewLimits(nil, h.tenants, time.Hour), h.env.CH, h.env.DB, slowPG, audit.New(h.env.PG), nil, nil)
+	svc := ingest.NewService(ingest.Config{Enabled: true, Limits: ingest.DefaultLimits()}, h.writer, s, ingest.NewMetrics(nil, 0), nil)
+	t.Cleanup(svc.Close)
+	s.SetRecorder(svc)
+	s.limits.Slug(ctx, h.tenant.ID) // the tenant is cached, as a busy instance has it
+	proxy.SetDelay(6 * time.Second) // beyond each step's 5 s
+	var wg sync.WaitGroup
+	for i := range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.fire(alert{tenant: h.tenant.ID, metric: "builds_daily", pct: 80 + i, cur: 2, limit: 2, day: time.Now().UTC().Truncate(24 * time.Hour), at: time.Now()})
+		}()
+	}
+	wg.Wait()
+	testenv.Eventually(t, 5*time.Second, func() error {
+		var n uint64
+		if err := h.env.CH.QueryRow(ctx, "SELECT count() FROM "+h.env.DB+".events WHERE tenant_id = ?", h.tenant.ID).Scan(&n); err != nil || n != 6 {
+			return fmt.Errorf("6 alerts fired with Postgres hung: %d alert events stored (%v)", n, err)
+		}
+		return nil
+	})
+}
+
+// An alert found by the shutdown's last flush (rows counted only when shipped: a claim that failed
+// at request time, or memory durability) has its event refused by the closing writer. Before, its
+// quota_alerts row was kept and the alert never fired again: the audit row and webhook went out,
+// the tenant's event never. Now the claim is released and the next reconciliation, by any
+// instance, fires it whole.
+func TestAnAlertFoundByTheLastFlushFiresLater(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	ctx := context.Background()
+	claims := dedup.NewStore(h.env.Redis, h.env.Prefix, time.Hour, &dedup.Counting{Keys: NewCounters(h.env.Redis, h.env.Prefix), Lua: CountLua, TTL: CounterTTL})
+	w, err := ingest.NewWriter(ingest.WriterConfig{Durability: ingest.DurabilityMemory, FlushInterval: time.Hour, BatchRows: 1_000_000}, h.env.CH, h.env.DB, claims, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	limits := map[string]float64{"api_requests_daily": 2}
+	s := NewService(Config{Enabled: true, EventMetrics: ingest.DefaultEventMetrics()}, NewCounters(h.env.Redis, h.env.Prefix),
+		NewLimits(limits, h.tenants, time.Millisecond), h.env.CH, h.env.DB, h.env.PG, audit.New(h.env.PG), nil, nil)
+	svc := ingest.NewService(ingest.Config{Enabled: true, Limits: ingest.DefaultLimits()}, w, s, ingest.NewMetrics(nil, 0), nil)
+	w.Start()
+	s.SetRecorder(svc)
+	app := h.app(t, s, svc)
+	var evs []string
+	for range 3 {
+		evs = append(evs, fmt.Sprintf(`{"event":"apikey.request","id":%q}`, uuid.New()))
+	}
+	if st, _, m := call(t, app, http.MethodPost, "/api/analytics/events", h.keyW, "["+strings.Join(evs, ",")+"]"); st != 202 {
+		t.Fatalf("ingest: %d %v", st, m)
+	}
+	// serve's shutdown, from "quota alerts" on.
+	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	s.WaitAlerts(sctx)
+	w.Close(sctx)
+	svc.Close()
+	s.Close(sctx)
+	alertEvents := func() uint64 {
+		var n uint64
+		h.env.CH.QueryRow(ctx, "SELECT count() FROM "+h.env.DB+".events WHERE tenant_id = ? AND event LIKE 'quota.%'", h.tenant.ID).Scan(&n)
+		return n
+	}
+	if n := alertEvents(); n != 0 {
+		t.Fatalf("%d alert events stored by a closed writer; the test needs them refused", n)
+	}
+	// Another instance's reconciliation.
+	other := h.service(t, Config{Enabled: true}, limits, nil)
+	if _, err := other.ReconcileOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	other.WaitAlerts(ctx)
+	h.writer.Close(ctx)
+	if n := alertEvents(); n != 2 {
+		t.Errorf("after another instance's reconciliation: %d alert events, want 2", n)
+	}
+	if got, err := auditedAlerts(h); err != nil || got != "[api_requests_daily quota.exceeded api_requests_daily quota.warning]" {
+		t.Errorf("audit: %v, %v; want each alert once", got, err)
+	}
+}
+
+// proxiedPostgres is a pool on the test's Postgres schema through a proxy the test can slow down.
+func proxiedPostgres(t *testing.T, h *harness) (*pgxpool.Pool, *testenv.Proxy) {
+	t.Helper()
+	u, err := url.Parse(testenv.PostgresURL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := testenv.NewProxy(t, u.Host)
+	u.Host = proxy.Addr
+	q := u.Query()
+	q.Set("search_path", h.env.PGSchema)
+	u.RawQuery = q.Encode()
+	pool, err := pgxpool.New(context.Background(), u.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	if err := pool.Ping(context.Background()); err != nil { // a connection made before any delay
+		t.Fatal(err)
+	}
+	return pool, proxy
+}
+
+// A webhook asked to send after it closed sends nothing (and does not race close's wait: a
+// WaitGroup Add after its Wait began panics).
+func TestWebhookAfterCloseSendsNothing(t *testing.T) {
+	var hits sync.WaitGroup
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { hits.Done() }))
+	defer srv.Close()
+	w := newWebhook(WebhookConfig{URL: srv.URL}, slog.New(slog.DiscardHandler))
+	hits.Add(1)
+	w.send(alertPayload{Type: "quota.warning"})
+	hits.Wait()
+	w.close(context.Background())
+	w.send(alertPayload{Type: "quota.exceeded"}) // would panic in hits.Done (negative counter) if sent
+	time.Sleep(100 * time.Millisecond)
 }

@@ -1,6 +1,7 @@
 package quota
 
 import (
+	"slices"
 	"time"
 
 	"github.com/analyticsd/analyticsd/internal/labels"
@@ -27,6 +28,9 @@ func (c *Config) defaults() {
 	if len(c.Thresholds) == 0 {
 		c.Thresholds = d.Thresholds
 	}
+	// In order, each once: alerts of one crossing are recorded in this order ("100,80" warned after
+	// it said exceeded).
+	c.Thresholds = slices.Compact(slices.Sorted(slices.Values(c.Thresholds)))
 	if c.LabelCap <= 0 {
 		c.LabelCap = d.LabelCap
 	}

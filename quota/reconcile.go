@@ -121,13 +121,15 @@ func (s *Service) reconcileTenant(ctx context.Context, tenant uuid.UUID, d time.
 		return err
 	}
 	now := s.now()
+	values := map[string]int64{}
 	for metric, base := range s.withQuotaMetrics(ctx, tenant, counts[tenant]) {
 		res, err := s.counters.Reconcile(ctx, tenant, metric, d, now.Add(-SettleAfter), base)
 		if err != nil {
 			return err
 		}
-		s.catchUpAlerts(ctx, tenant, metric, d, res.After)
+		values[metric] = res.After
 	}
+	s.catchUpAlerts(ctx, d, map[uuid.UUID]map[string]int64{tenant: values})
 	return s.counters.MarkReconciled(ctx, tenant, d, now)
 }
 
@@ -156,6 +158,9 @@ type reconciler struct {
 	every time.Duration
 	sent  map[sentKey]int64
 	round int
+	// values holds, during a day of a round, each counter's value after it was recomputed (for
+	// catching up alerts).
+	values map[uuid.UUID]map[string]int64
 	// afterCheck, when set (tests), runs between a day's check for erasures and its writes.
 	afterCheck func()
 }
@@ -266,6 +271,7 @@ func (r *reconciler) run(ctx context.Context) (ReconcileStats, error) {
 		}
 		// One tenant's failure (a key Redis refuses) does not stop the others'.
 		written := map[uuid.UUID][]string{}
+		r.values = map[uuid.UUID]map[string]int64{}
 		for _, tenant := range slices.SortedFunc(maps.Keys(counts), func(a, b uuid.UUID) int { return bytes.Compare(a[:], b[:]) }) {
 			tried++
 			metrics, err := r.tenant(ctx, &st, tenant, counts[tenant], d, now, full)
@@ -284,12 +290,14 @@ func (r *reconciler) run(ctx context.Context) (ReconcileStats, error) {
 			return st, err
 		}
 		for _, t := range again {
+			delete(r.values, t)
 			if metrics, ok := written[t]; ok {
 				if err := r.s.counters.Forget(ctx, t, d, metrics); err != nil && first == nil {
 					first = err
 				}
 			}
 		}
+		r.s.catchUpAlerts(ctx, d, r.values)
 	}
 	if first != nil {
 		return st, fmt.Errorf("%d of %d tenant-days' counters not reconciled; first: %w", failed, tried, first)
@@ -357,7 +365,12 @@ func (r *reconciler) apply(ctx context.Context, st *ReconcileStats, tenant uuid.
 		for m, n := range send {
 			r.sent[sentKey{tenant, metric, d.Unix(), m}] = n
 		}
-		r.s.catchUpAlerts(ctx, tenant, metric, d, res.After)
+		if r.values != nil {
+			if r.values[tenant] == nil {
+				r.values[tenant] = map[string]int64{}
+			}
+			r.values[tenant][metric] = res.After
+		}
 		st.Counters++
 		st.Minutes += len(send)
 		if res.Before != res.After {

@@ -148,11 +148,11 @@ func (s *Service) Add(ctx context.Context, tenant uuid.UUID, d, received time.Ti
 // Counted hears that counting added by to a counter, now at value: it fires the alerts the
 // counter crossed (it implements ingest.Counter).
 func (s *Service) Counted(ctx context.Context, tenant uuid.UUID, d time.Time, metric string, by, value int64) {
-	if !s.cfg.Enabled || by <= 0 || !d.Equal(s.today()) || !IsDaily(metric) {
+	if !s.cfg.Enabled || by <= 0 || !s.alertDay(d) || !IsDaily(metric) {
 		return
 	}
-	if lim, ok := s.limits.For(ctx, tenant)[metric]; ok {
-		s.checkAlerts(ctx, tenant, metric, float64(value-by), float64(value), lim)
+	if lim, ok := s.limits.Of(ctx, tenant, metric); ok {
+		s.checkAlerts(ctx, tenant, metric, d, float64(value-by), float64(value), lim)
 	}
 }
 
@@ -294,7 +294,7 @@ func (s *Service) SetLevel(ctx context.Context, tenant uuid.UUID, metric string,
 		return fmt.Errorf("set level %s for tenant %s: %w", metric, tenant, err)
 	}
 	if lim, ok := s.limits.For(ctx, tenant)[metric]; ok && s.cfg.Enabled {
-		s.checkAlerts(ctx, tenant, metric, prev, value, lim)
+		s.checkAlerts(ctx, tenant, metric, s.today(), prev, value, lim)
 	}
 	return nil
 }
@@ -401,7 +401,7 @@ func (s *Service) ConsumeWith(ctx context.Context, tenant uuid.UUID, metric stri
 			return res, err
 		}
 		if s.cfg.Enabled && !res.Degraded && !out.Replayed {
-			s.checkAlerts(ctx, tenant, metric, float64(v-n), float64(v), lim)
+			s.checkAlerts(ctx, tenant, metric, d, float64(v-n), float64(v), lim)
 		}
 	}
 	res.Current = float64(v)

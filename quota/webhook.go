@@ -55,6 +55,8 @@ type webhook struct {
 	wg     sync.WaitGroup
 	quit   chan struct{}
 	once   sync.Once
+	mu     sync.Mutex
+	closed bool // after close: nothing more is sent (its wg.Add would race close's wg.Wait)
 }
 
 func newWebhook(cfg WebhookConfig, log *slog.Logger) *webhook {
@@ -77,6 +79,12 @@ func (w *webhook) send(p alertPayload) {
 	}
 	body, err := json.Marshal(p)
 	if err != nil {
+		return
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.closed {
+		w.log.Warn("quota alert webhook not sent: shutting down", "type", p.Type, "tenant", p.Tenant, "metric", p.Metric)
 		return
 	}
 	w.wg.Add(1)
@@ -125,6 +133,9 @@ func (w *webhook) deliver(body []byte) error {
 
 // close waits for deliveries in flight until ctx ends, then abandons their retries.
 func (w *webhook) close(ctx context.Context) {
+	w.mu.Lock()
+	w.closed = true
+	w.mu.Unlock()
 	done := make(chan struct{})
 	go func() { w.wg.Wait(); close(done) }()
 	select {

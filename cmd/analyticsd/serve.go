@@ -149,8 +149,15 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	open.push("erasure presence", func(context.Context) error { stopAttending(); <-attended; return nil })
 	open.push("ingest flush", writer.Close)
 	// Alerts are recorded off the request path (quota.alertQueue); those found by requests are
-	// recorded before the last flush, so that their events still reach the spool.
-	open.push("quota alerts", func(ctx context.Context) error { quotaSvc.WaitAlerts(ctx); return nil })
+	// recorded before the last flush, so that their events still reach the spool. For 5 s at most,
+	// out of the flush's budget: one left over is caught up by the next reconciliation of any
+	// instance.
+	open.push("quota alerts", func(ctx context.Context) error {
+		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		quotaSvc.WaitAlerts(ctx)
+		return nil
+	})
 	authn := auth.NewAuthenticator(auth.NewKeys(pg), tenants, cfg.JWT)
 	limiter := ratelimit.New(cfg.RateLimit, rdb, "")
 	limiter.OnLimited = func(p api.Principal) {

@@ -1,13 +1,16 @@
--- Quota alerts fired: one row per UTC day, tenant, metric and threshold. Redis decides at the
--- crossing which instance fires (SET NX); the instance then records the alert only if its INSERT
--- adds this row, so an alert fires once even after Redis lost its marks (a flush, a failover), when
--- a counter restarting from its live counts crosses again. Rows of days before yesterday are deleted
--- as alerts fire; a tenant's erasure deletes its rows.
+-- Quota alerts: one row per UTC day, tenant, metric and threshold, the record of what fired
+-- (quota/alerts.go). Redis decides a crossing first (SET NX); an instance records the alert only if
+-- it claims its row here: a new row, or one whose claim went stale unrecorded (a crash, an event the
+-- spool refused). Reconciliation fires the thresholds a counter passed that have no recorded or
+-- fresh row, so an alert fires once even after Redis lost its marks, and is not lost with them.
+-- Only today's and yesterday's rows are kept (each claim deletes older days'), so a tenant
+-- erasure's DELETE by tenant_id scans a small table.
 CREATE TABLE quota_alerts (
-    day       date NOT NULL,
-    tenant_id uuid NOT NULL,
-    metric    text NOT NULL,
-    threshold int NOT NULL,
-    fired_at  timestamptz NOT NULL DEFAULT now(),
+    day         date NOT NULL,
+    tenant_id   uuid NOT NULL,
+    metric      text NOT NULL,
+    threshold   int NOT NULL,
+    claimed_at  timestamptz NOT NULL DEFAULT now(),
+    recorded_at timestamptz,
     PRIMARY KEY (day, tenant_id, metric, threshold)
 );
