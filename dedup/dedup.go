@@ -129,10 +129,10 @@ func (s *Store) bucketKey(tenant uuid.UUID, kind byte, bucket int64) string {
 // KEYS[2]) keeps its holder; an id held by neither is claimed in the current bucket, which is kept
 // two windows. It counts the rows it claims now. State per id: 2 claimed now, 1 its batch held it
 // already, 0 another batch holds it. The first two elements are the tenant's epoch (KEYS[1], unix
-// seconds) and began (KEYS[4], unix nanoseconds, or nil), both started now when epoch is missing;
+// seconds) and began (KEYS[4], unix nanoseconds, or ''), both started now when epoch is missing;
 // after the states come (counter, added, value) triples.
 //
-//	ARGV: window, now (unix nanoseconds), n, counter ttl, min received, bucket ttl, the ids (16 bytes each), the batch
+//	ARGV: window, now ("<unix seconds> <unix nanoseconds>"), n, counter ttl, min received, bucket ttl, the ids (16 bytes each), the batch
 //	      ids (8 bytes each, or 8 bytes for all), the rows that count (6 bytes each: position from 0,
 //	      uint32, and group from 1, uint16, little-endian), then per group: its counter's KEYS
 //	      index, amount, received (unix second), its live and base hashes' KEYS indexes
@@ -149,8 +149,7 @@ local began
 if epoch then
   began = redis.call('GET', KEYS[4])
 else
-  began = ARGV[2]
-  epoch = string.sub(began, 1, -10)
+  epoch, began = string.match(ARGV[2], '^(%S+) (%S+)$')
   redis.call('SET', KEYS[1], epoch)
   redis.call('SET', KEYS[4], began)
 end
@@ -249,7 +248,7 @@ func (s *Store) run(ctx context.Context, tenant uuid.UUID, kind byte, ids []uuid
 			packedWids = binary.LittleEndian.AppendUint64(packedWids, w)
 		}
 	}
-	args := []any{s.windowSeconds(), strconv.FormatInt(now.UnixNano(), 10), n, ttl, minReceived.Unix(), 2*s.windowSeconds() + 3600, packedIDs, packedWids}
+	args := []any{s.windowSeconds(), strconv.FormatInt(now.Unix(), 10) + " " + strconv.FormatInt(now.UnixNano(), 10), n, ttl, minReceived.Unix(), 2*s.windowSeconds() + 3600, packedIDs, packedWids}
 	type counter struct {
 		day    time.Time
 		metric string
@@ -368,31 +367,31 @@ func (s *Store) Verify(ctx context.Context, tenant uuid.UUID, kind byte, ids []u
 // Epochs returns the tenants' epochs; a tenant without one is absent (the zero time never equals an
 // epoch a claim recorded).
 func (s *Store) Epochs(ctx context.Context, tenants []uuid.UUID) (map[uuid.UUID]time.Time, error) {
-	cmds := make([]*redis.StringCmd, 2*len(tenants))
+	// One MGET per tenant (both keys share its hash tag): epoch and began read together.
+	cmds := make([]*redis.SliceCmd, len(tenants))
 	_, err := s.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, t := range tenants {
-			cmds[2*i], cmds[2*i+1] = p.Get(ctx, s.epochKey(t)), p.Get(ctx, s.beganKey(t))
+			cmds[i] = p.MGet(ctx, s.epochKey(t), s.beganKey(t))
 		}
 		return nil
 	})
-	if err != nil && err != redis.Nil {
+	if err != nil {
 		return nil, fmt.Errorf("read claim epochs: %w", err)
 	}
 	out := make(map[uuid.UUID]time.Time, len(tenants))
 	for i, t := range tenants {
-		sec, err := cmds[2*i].Result()
-		switch {
-		case err == nil:
-			began, _ := cmds[2*i+1].Result()
-			epoch, err := epochOf(sec, began)
-			if err != nil {
-				return nil, err
-			}
-			if out[t], err = s.withFloor(ctx, epoch, 0); err != nil {
-				return nil, err
-			}
-		case err != redis.Nil:
-			return nil, fmt.Errorf("read claim epochs: %w", err)
+		vals := cmds[i].Val()
+		sec, ok := vals[0].(string)
+		if !ok {
+			continue // no history yet
+		}
+		began, _ := vals[1].(string)
+		epoch, err := epochOf(sec, began)
+		if err != nil {
+			return nil, err
+		}
+		if out[t], err = s.withFloor(ctx, epoch, 0); err != nil {
+			return nil, err
 		}
 	}
 	return out, nil
