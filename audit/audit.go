@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -29,8 +30,16 @@ type Log struct {
 // New returns a Log on pg.
 func New(pg *pgxpool.Pool) *Log { return &Log{pg: pg} }
 
+// Execer runs a statement: the pool, or a transaction an entry is written in with other changes.
+type Execer interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+}
+
 // Record appends e.
-func (l *Log) Record(ctx context.Context, e Entry) error {
+func (l *Log) Record(ctx context.Context, e Entry) error { return RecordIn(ctx, l.pg, e) }
+
+// RecordIn appends e through q (e.g. a transaction that must commit only with it).
+func RecordIn(ctx context.Context, q Execer, e Entry) error {
 	meta := map[string]any{}
 	for k, v := range e.Meta {
 		if s, ok := v.(string); ok {
@@ -46,7 +55,7 @@ func (l *Log) Record(ctx context.Context, e Entry) error {
 	if e.TenantID != uuid.Nil {
 		tenant = &e.TenantID
 	}
-	if _, err := l.pg.Exec(ctx,
+	if _, err := q.Exec(ctx,
 		"INSERT INTO audit_log (tenant_id, actor, action, target, meta) VALUES ($1, $2, $3, $4, $5)",
 		tenant, clean(e.Actor), clean(e.Action), clean(e.Target), b); err != nil {
 		return fmt.Errorf("audit %s: %w", e.Action, err)

@@ -151,7 +151,7 @@ type discardRecorder struct{}
 func (discardRecorder) RecordIncrement(context.Context, uuid.UUID, string, int64, time.Time, string, bool) error {
 	return nil
 }
-func (discardRecorder) Emit(context.Context, uuid.UUID, string, string, map[string]any) error {
+func (discardRecorder) EmitOnce(context.Context, uuid.UUID, string, string, string, map[string]any) error {
 	return nil
 }
 

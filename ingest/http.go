@@ -86,8 +86,19 @@ func (s *Service) RecordIncrement(ctx context.Context, tenant uuid.UUID, metric 
 	return httpError(err)
 }
 
-// Emit adds a server-generated event (e.g. quota.exceeded) to the tenant's own stream, durably.
+// Emit adds a server-generated event (e.g. apikey.rate_limited) to the tenant's own stream, durably.
 func (s *Service) Emit(ctx context.Context, tenant uuid.UUID, slug, event string, props map[string]any) error {
+	return s.emit(ctx, tenant, slug, event, props, "")
+}
+
+// EmitOnce is Emit for an event that may be sent again (a quota alert recorded a second time after
+// a crash): its id is derived from key, so within the dedup window a second one is a duplicate and
+// stored and counted nowhere.
+func (s *Service) EmitOnce(ctx context.Context, tenant uuid.UUID, slug, event, key string, props map[string]any) error {
+	return s.emit(ctx, tenant, slug, event, props, key)
+}
+
+func (s *Service) emit(ctx context.Context, tenant uuid.UUID, slug, event string, props map[string]any, key string) error {
 	if !s.cfg.Enabled {
 		return nil
 	}
@@ -96,9 +107,13 @@ func (s *Service) Emit(ctx context.Context, tenant uuid.UUID, slug, event string
 		return err
 	}
 	now := s.now().UTC()
-	row := Row{ID: newID(), TenantID: tenant, Ts: now.Truncate(time.Second), ReceivedAt: now.Truncate(time.Second), Event: event, Source: "job", Props: string(b)}
+	id := newID()
+	if key != "" {
+		id = derivedID(tenant, "emit\x00"+event, key, 0)
+	}
+	row := Row{ID: id, TenantID: tenant, Ts: now.Truncate(time.Second), ReceivedAt: now.Truncate(time.Second), Event: event, Source: "job", Props: string(b)}
 	bt := newBatch([]Row{row}, nil)
-	bt.setFlags(true, false)
+	bt.setFlags(key == "", false)
 	if _, err := s.store(ctx, bt); err != nil {
 		return err
 	}

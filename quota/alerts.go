@@ -2,12 +2,14 @@ package quota
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"strconv"
 	"sync"
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/erasure"
@@ -18,9 +20,11 @@ import (
 //   - Deciding. The request whose counting crossed the threshold sets a Redis mark (SET NX) and
 //     queues the alert if it set it: a fast first answer across instances, on the request path.
 //   - Recording, off the request path (alertQueue): the alert is claimed in Postgres'
-//     quota_alerts, then its event is stored, its audit row written, the claim marked recorded,
-//     and the webhook queued. A claim never marked recorded (a crash, an event the spool refused)
-//     goes stale after alertClaimStale and may be claimed again.
+//     quota_alerts; its event is stored with an id derived from the alert (so a second one within
+//     the dedup window is a duplicate); its audit row and the claim's "recorded" commit together;
+//     then the webhook is queued (best effort across a shutdown or crash). A claim never marked
+//     recorded (a crash, a refused event, a failed commit) goes stale after alertClaimStale and
+//     may be claimed again; without Postgres nothing is recorded until it answers.
 //   - Catching up. Each reconciliation looks, for the counters it recomputed (today and yesterday),
 //     at every threshold they are at or past, and queues those Postgres has no recorded or fresh
 //     claim of — whatever Redis's marks say: a threshold passed by reconciliation rather than by a
@@ -139,25 +143,32 @@ type alertKey struct {
 
 func (a alert) key() alertKey { return alertKey{a.tenant, a.metric, a.pct} }
 
+type pendingKey struct {
+	alertKey
+	day int64
+}
+
+func (a alert) pending() pendingKey { return pendingKey{a.key(), a.day.Unix()} }
+
 // alertQueue records alerts in the order they were found, on one goroutine, so that the request
 // that crossed a threshold does not wait for it. Recording an alert stores an event (a spool write
 // and fsync) and writes to Postgres: with Postgres slow, the consume or ingest request that crossed
 // 80 % and 100 % waited for two audit inserts (6 s with every packet delayed 1 s,
-// TestAlertsDoNotHoldTheCrossingRequest), up to 10 s each when it hangs. An alert already queued
+// TestAlertsDoNotHoldTheCrossingRequest), up to 10 s each when it hung. An alert already queued
 // is not queued again (reconciliation rounds may find it due until it is recorded), so the queue
 // holds at most one entry per tenant, metric and threshold of the two days.
 type alertQueue struct {
 	mu      sync.Mutex
 	queue   []alert
-	pending map[alertKey]time.Time // queued or being recorded: the alert's day
-	running bool                   // a goroutine is draining the queue
-	idle    chan struct{}          // closed when the running goroutine finds the queue empty
-	closed  bool                   // after close: pushes record at once, on the caller's goroutine
+	pending map[pendingKey]bool // queued or being recorded
+	running bool                // a goroutine is draining the queue
+	idle    chan struct{}       // closed when the running goroutine finds the queue empty
+	closed  bool                // after close: pushes record at once, on the caller's goroutine
 }
 
 func (q *alertQueue) push(a alert, record func(alert)) {
 	q.mu.Lock()
-	if d, ok := q.pending[a.key()]; ok && d.Equal(a.day) {
+	if q.pending[a.pending()] {
 		q.mu.Unlock()
 		return
 	}
@@ -167,9 +178,9 @@ func (q *alertQueue) push(a alert, record func(alert)) {
 		return
 	}
 	if q.pending == nil {
-		q.pending = map[alertKey]time.Time{}
+		q.pending = map[pendingKey]bool{}
 	}
-	q.pending[a.key()] = a.day
+	q.pending[a.pending()] = true
 	q.queue = append(q.queue, a)
 	if !q.running {
 		q.running, q.idle = true, make(chan struct{})
@@ -192,7 +203,7 @@ func (q *alertQueue) drain(record func(alert)) {
 		q.mu.Unlock()
 		record(a)
 		q.mu.Lock()
-		delete(q.pending, a.key())
+		delete(q.pending, a.pending())
 		q.mu.Unlock()
 	}
 }
@@ -223,8 +234,12 @@ func (q *alertQueue) close(ctx context.Context) {
 // recorded by then is caught up by the next reconciliation of any instance.
 func (s *Service) WaitAlerts(ctx context.Context) { s.alerts.wait(ctx) }
 
-// fire records an alert (see the top of this file). With Postgres unreachable the alert is recorded
-// anyway: a rare second alert is better than a missing one.
+// fire records an alert (see the top of this file): it claims the alert's row, stores its event
+// (with an id derived from the alert, so that storing it again after a crash is a duplicate),
+// writes the audit row and marks the claim recorded in one transaction, then counts, logs and
+// queues the webhook. Without Postgres nothing is recorded: the catch-up after it answers again
+// fires the alert. (Level metrics, set rather than counted, have no catch-up: their alert is
+// decided and recorded once, or not.)
 func (s *Service) fire(a alert) {
 	step := func() (context.Context, context.CancelFunc) {
 		return context.WithTimeout(context.Background(), 5*time.Second)
@@ -232,18 +247,19 @@ func (s *Service) fire(a alert) {
 	ctx, cancel := step()
 	slug := s.limits.Slug(ctx, a.tenant)
 	cancel()
-	claimed := false
+	var token time.Time // the claim's claimed_at
 	if s.pg != nil {
 		ctx, cancel := step()
-		var err error
-		claimed, err = s.claimAlert(ctx, a)
+		held, tok, err := s.claimAlert(ctx, a)
 		cancel()
-		switch {
-		case err != nil:
-			s.log.Warn("quota alert recorded without checking that it had not fired", "tenant", slug, "metric", a.metric, "err", err)
-		case !claimed:
-			return // recorded, or being recorded, by another instance
+		if err != nil {
+			s.log.Warn("quota alert waits for postgres: the next reconciliation after it answers fires it", "tenant", slug, "metric", a.metric, "err", err)
+			return
 		}
+		if !held {
+			return // recorded or being recorded elsewhere, or the tenant's data is being erased
+		}
+		token = tok
 	}
 	kind := "quota.warning"
 	if a.pct >= 100 {
@@ -253,30 +269,30 @@ func (s *Service) fire(a alert) {
 	props := map[string]any{"metric": a.metric, "current": a.cur, "limit": a.limit, "threshold_percent": a.pct, "day": day}
 	if s.rec != nil {
 		ctx, cancel := step()
-		err := s.rec.Emit(ctx, a.tenant, slug, kind, props)
+		err := s.rec.EmitOnce(ctx, a.tenant, slug, kind, day+"\x00"+a.metric+"\x00"+strconv.Itoa(a.pct), props)
 		cancel()
 		if err != nil {
-			// Released, so that the next reconciliation fires it again: the event is the part of
-			// the alert the tenant sees in its own stream.
 			s.log.Error("quota alert event not stored; the next reconciliation fires it again", "tenant", slug, "metric", a.metric, "err", err)
-			if claimed {
-				s.releaseAlert(a)
-			}
+			s.releaseAlert(a, token)
 			return
 		}
 	}
-	if s.audit != nil {
+	entry := audit.Entry{TenantID: a.tenant, Actor: "quota", Action: kind, Target: a.metric, Meta: props}
+	if s.pg != nil {
 		ctx, cancel := step()
-		if err := s.audit.Record(ctx, audit.Entry{TenantID: a.tenant, Actor: "quota", Action: kind, Target: a.metric, Meta: props}); err != nil {
-			s.log.Error("quota alert not audited", "tenant", slug, "metric", a.metric, "err", err)
-		}
+		recorded, err := s.recordAlert(ctx, a, token, entry)
 		cancel()
-	}
-	if claimed {
+		if err != nil {
+			s.log.Error("quota alert not recorded: it fires again once its claim is stale (its event only once)", "tenant", slug, "metric", a.metric, "err", err)
+			return
+		}
+		if !recorded {
+			return // its claim went stale and another instance took it over
+		}
+	} else if s.audit != nil {
 		ctx, cancel := step()
-		if _, err := s.pg.Exec(ctx, "UPDATE quota_alerts SET recorded_at = now() WHERE day = $1 AND tenant_id = $2 AND metric = $3 AND threshold = $4",
-			a.day, a.tenant, a.metric, a.pct); err != nil {
-			s.log.Warn("quota alert not marked recorded: it may fire again", "tenant", slug, "metric", a.metric, "err", err)
+		if err := s.audit.Record(ctx, entry); err != nil {
+			s.log.Error("quota alert not audited", "tenant", slug, "metric", a.metric, "err", err)
 		}
 		cancel()
 	}
@@ -290,40 +306,69 @@ func (s *Service) fire(a alert) {
 }
 
 // claimAlert claims an alert in quota_alerts: a new row, or one whose claim went stale unrecorded.
-// It reports false when the alert is recorded, or freshly claimed elsewhere, or when the tenant's
-// data is being erased (an alert event then would outlive the erasure).
-func (s *Service) claimAlert(ctx context.Context, a alert) (bool, error) {
-	erasing, err := erasure.TenantsDeleting(ctx, s.pg, a.at.Add(-time.Minute))
+// It returns the claim's token (its claimed_at), or false when the alert is recorded, freshly
+// claimed elsewhere, or when the tenant's data is being erased or was within minutes (an alert
+// event then would outlive the erasure; the margin covers clocks that differ).
+func (s *Service) claimAlert(ctx context.Context, a alert) (bool, time.Time, error) {
+	erasing, err := erasure.TenantsErasing(ctx, s.pg)
 	if err != nil {
-		return false, err
+		return false, time.Time{}, err
 	}
-	if slices.Contains(erasing, a.tenant) {
-		return false, nil
+	ended, err := erasure.TenantsDeleting(ctx, s.pg, a.at.Add(-5*time.Minute))
+	if err != nil {
+		return false, time.Time{}, err
 	}
-	tag, err := s.pg.Exec(ctx, `INSERT INTO quota_alerts (day, tenant_id, metric, threshold) VALUES ($1, $2, $3, $4)
+	if slices.Contains(erasing, a.tenant) || slices.Contains(ended, a.tenant) {
+		return false, time.Time{}, nil
+	}
+	var token time.Time
+	err = s.pg.QueryRow(ctx, `INSERT INTO quota_alerts (day, tenant_id, metric, threshold) VALUES ($1, $2, $3, $4)
 		ON CONFLICT (day, tenant_id, metric, threshold) DO UPDATE SET claimed_at = now()
-		WHERE quota_alerts.recorded_at IS NULL AND quota_alerts.claimed_at <= now() - make_interval(secs => $5)`,
-		a.day, a.tenant, a.metric, a.pct, alertClaimStale.Seconds())
-	if err != nil {
-		return false, err
+		WHERE quota_alerts.recorded_at IS NULL AND quota_alerts.claimed_at <= now() - make_interval(secs => $5)
+		RETURNING claimed_at`, a.day, a.tenant, a.metric, a.pct, alertClaimStale.Seconds()).Scan(&token)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return false, time.Time{}, nil
 	}
-	if tag.RowsAffected() == 0 {
-		return false, nil
+	if err != nil {
+		return false, time.Time{}, err
 	}
 	// Only today's and yesterday's rows decide anything: each claim deletes older days', a range at
-	// the start of the primary key (empty after a day's first).
-	if _, err := s.pg.Exec(ctx, "DELETE FROM quota_alerts WHERE day < $1", s.today().Add(-24*time.Hour)); err != nil {
+	// the start of the primary key (empty after a day's first), with a day's margin for instances
+	// whose clocks are on either side of midnight.
+	if _, err := s.pg.Exec(ctx, "DELETE FROM quota_alerts WHERE day < $1", s.today().Add(-48*time.Hour)); err != nil {
 		s.log.Warn("old quota alert rows not deleted", "err", err)
 	}
-	return true, nil
+	return true, token, nil
 }
 
-// releaseAlert gives up a claim that was not recorded, so that a catch-up claims it again at once.
-func (s *Service) releaseAlert(a alert) {
+// recordAlert marks the claim (token) recorded and writes the audit row, in one transaction; false
+// when the claim is no longer this one (it went stale and another instance took it over).
+func (s *Service) recordAlert(ctx context.Context, a alert, token time.Time, e audit.Entry) (bool, error) {
+	recorded := false
+	err := pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
+		tag, err := tx.Exec(ctx, `UPDATE quota_alerts SET recorded_at = now()
+			WHERE day = $1 AND tenant_id = $2 AND metric = $3 AND threshold = $4 AND claimed_at = $5 AND recorded_at IS NULL`,
+			a.day, a.tenant, a.metric, a.pct, token)
+		if err != nil || tag.RowsAffected() == 0 {
+			return err
+		}
+		recorded = true
+		return audit.RecordIn(ctx, tx, e)
+	})
+	return recorded && err == nil, err
+}
+
+// releaseAlert gives up this instance's claim (token), unrecorded, so that a catch-up claims it
+// again at once.
+func (s *Service) releaseAlert(a alert, token time.Time) {
+	if s.pg == nil {
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if _, err := s.pg.Exec(ctx, "DELETE FROM quota_alerts WHERE day = $1 AND tenant_id = $2 AND metric = $3 AND threshold = $4 AND recorded_at IS NULL",
-		a.day, a.tenant, a.metric, a.pct); err != nil {
+	if _, err := s.pg.Exec(ctx, `DELETE FROM quota_alerts
+		WHERE day = $1 AND tenant_id = $2 AND metric = $3 AND threshold = $4 AND claimed_at = $5 AND recorded_at IS NULL`,
+		a.day, a.tenant, a.metric, a.pct, token); err != nil {
 		s.log.Warn("quota alert claim not released: it fires again once stale", "metric", a.metric, "err", err)
 	}
 }

@@ -71,7 +71,9 @@ func (r *recorded) RecordIncrement(_ context.Context, _ uuid.UUID, _ string, _ i
 	return nil
 }
 
-func (r *recorded) Emit(context.Context, uuid.UUID, string, string, map[string]any) error { return nil }
+func (r *recorded) EmitOnce(context.Context, uuid.UUID, string, string, string, map[string]any) error {
+	return nil
+}
 
 func (r *recorded) all() []time.Time {
 	r.mu.Lock()

@@ -50,8 +50,8 @@ type Recorder interface {
 	// client is to see (ingest's buffer is full, the server is shutting down) comes as the *api.Error
 	// ingest answers its own requests with, and is returned as it is.
 	RecordIncrement(ctx context.Context, tenant uuid.UUID, metric string, n int64, at time.Time, idempotencyKey string, counted bool) error
-	// Emit adds an event to the tenant's own event stream.
-	Emit(ctx context.Context, tenant uuid.UUID, slug, event string, props map[string]any) error
+	// EmitOnce adds an event to the tenant's own event stream, once per key within the dedup window.
+	EmitOnce(ctx context.Context, tenant uuid.UUID, slug, event, key string, props map[string]any) error
 }
 
 // State is one quota as check_quota returns it (docs/contract.md).
