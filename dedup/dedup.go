@@ -129,7 +129,7 @@ func (s *Store) bucketKey(tenant uuid.UUID, kind byte, bucket int64) string {
 // KEYS[2]) keeps its holder; an id held by neither is claimed in the current bucket, which is kept
 // two windows. It counts the rows it claims now. State per id: 2 claimed now, 1 its batch held it
 // already, 0 another batch holds it. The first two elements are the tenant's epoch (KEYS[1], unix
-// seconds) and began (KEYS[4], unix nanoseconds, or ”), both started now when epoch is missing;
+// seconds) and began (KEYS[4], unix nanoseconds, or empty), both started now when epoch is missing;
 // after the states come (counter, added, value) triples.
 //
 //	ARGV: window, now ("<unix seconds> <unix nanoseconds>"), n, counter ttl, min received, bucket ttl, the ids (16 bytes each), the batch
