@@ -71,18 +71,33 @@ func TestAlertsDoNotHoldTheCrossingRequest(t *testing.T) {
 	s.WaitAlerts(ctx)
 	proxy.SetDelay(0)
 	proxy.SetDown(false)
-	if _, err := s.ReconcileOnce(ctx); err != nil {
-		t.Fatal(err)
-	}
-	s.WaitAlerts(ctx)
+	reconcileAlerts(t, s)
 	if got, err := auditedAlerts(h); err != nil || got != "[api_requests_daily quota.exceeded api_requests_daily quota.warning builds_daily quota.exceeded builds_daily quota.warning]" {
 		t.Errorf("audit_log's alerts: %v, %v; want each of the four once", got, err)
 	}
 	h.writer.Close(ctx)
-	var n uint64
-	if err := h.env.CH.QueryRow(ctx, "SELECT count() FROM "+h.env.DB+".events WHERE tenant_id = ? AND event LIKE 'quota.%'", h.tenant.ID).Scan(&n); err != nil || n != 4 {
+	if n, err := alertEvents(h); err != nil || n != 4 {
 		t.Errorf("alert events: %d (%v), want 4: each alert once", n, err)
 	}
+}
+
+// bothAPIAlerts is auditedAlerts of api_requests_daily's two alerts, each once.
+const bothAPIAlerts = "[api_requests_daily quota.exceeded api_requests_daily quota.warning]"
+
+// alertEvents counts the harness tenant's alert events in ClickHouse.
+func alertEvents(h *harness) (uint64, error) {
+	var n uint64
+	err := h.env.CH.QueryRow(context.Background(), "SELECT count() FROM "+h.env.DB+".events WHERE tenant_id = ? AND event LIKE 'quota.%'", h.tenant.ID).Scan(&n)
+	return n, err
+}
+
+// reconcileAlerts runs a reconciliation round and waits for the alerts it queued.
+func reconcileAlerts(t *testing.T, s *Service) {
+	t.Helper()
+	if _, err := s.ReconcileOnce(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	s.WaitAlerts(context.Background())
 }
 
 // auditedAlerts lists the harness tenant's alerts in audit_log, as "[metric action ...]" sorted.
@@ -117,7 +132,7 @@ func TestThresholdPassedByReconciliationFires(t *testing.T) {
 	}
 	s.WaitAlerts(ctx)
 	got, err := auditedAlerts(h)
-	if want := "[api_requests_daily quota.exceeded api_requests_daily quota.warning]"; err != nil || got != want {
+	if want := bothAPIAlerts; err != nil || got != want {
 		t.Fatalf("alerts after the reconciliation: %v, %v; want %s", got, err, want)
 	}
 	// The next rounds find them fired.
@@ -127,7 +142,7 @@ func TestThresholdPassedByReconciliationFires(t *testing.T) {
 		}
 	}
 	s.WaitAlerts(ctx)
-	if got, err := auditedAlerts(h); err != nil || got != "[api_requests_daily quota.exceeded api_requests_daily quota.warning]" {
+	if got, err := auditedAlerts(h); err != nil || got != bothAPIAlerts {
 		t.Fatalf("alerts after two more rounds: %v, %v; want each once", got, err)
 	}
 }
@@ -152,7 +167,7 @@ func TestAlertFiresOnceWhenRedisLosesItsMarks(t *testing.T) {
 			t.Fatalf("ingest: %d %v", st, m)
 		}
 	}
-	want := "[api_requests_daily quota.exceeded api_requests_daily quota.warning]"
+	want := bothAPIAlerts
 	send()
 	testenv.Eventually(t, 10*time.Second, func() error {
 		if got, err := auditedAlerts(h); err != nil || got != want {
@@ -167,10 +182,7 @@ func TestAlertFiresOnceWhenRedisLosesItsMarks(t *testing.T) {
 	}
 	send()
 	waitStored(t, h, 8)
-	if _, err := s.ReconcileOnce(ctx); err != nil {
-		t.Fatal(err)
-	}
-	s.WaitAlerts(ctx)
+	reconcileAlerts(t, s)
 	time.Sleep(200 * time.Millisecond) // a second firing, before, was on the request path; give a queued one time
 	s.WaitAlerts(ctx)
 	if got, err := auditedAlerts(h); err != nil || got != want {
@@ -241,11 +253,8 @@ func TestAMarkWithoutItsRecordStillFires(t *testing.T) {
 		}
 	}
 	insertEvents(t, h, time.Now().UTC().Truncate(time.Second), 5)
-	if _, err := s.ReconcileOnce(ctx); err != nil {
-		t.Fatal(err)
-	}
-	s.WaitAlerts(ctx)
-	if got, err := auditedAlerts(h); err != nil || got != "[api_requests_daily quota.exceeded api_requests_daily quota.warning]" {
+	reconcileAlerts(t, s)
+	if got, err := auditedAlerts(h); err != nil || got != bothAPIAlerts {
 		t.Fatalf("after a reconciliation of a counter at 5 of 4 with both marks set: %v, %v; want both alerts", got, err)
 	}
 }
@@ -313,16 +322,12 @@ func TestAnAlertNotAuditedFiresAgainWithItsEventOnce(t *testing.T) {
 	if _, err := h.env.PG.Exec(ctx, "UPDATE quota_alerts SET claimed_at = claimed_at - interval '3 minutes' WHERE tenant_id = $1", h.tenant.ID); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.ReconcileOnce(ctx); err != nil {
-		t.Fatal(err)
-	}
-	s.WaitAlerts(ctx)
+	reconcileAlerts(t, s)
 	h.writer.Close(ctx)
 	if got, err := auditedAlerts(h); err != nil || got != "[builds_daily quota.exceeded builds_daily quota.warning]" {
 		t.Errorf("audit: %v, %v; want each alert once", got, err)
 	}
-	var n uint64
-	if err := h.env.CH.QueryRow(ctx, "SELECT count() FROM "+h.env.DB+".events WHERE tenant_id = ? AND event LIKE 'quota.%'", h.tenant.ID).Scan(&n); err != nil || n != 2 {
+	if n, err := alertEvents(h); err != nil || n != 2 {
 		t.Errorf("alert events: %d (%v), want 2: fired twice, stored once", n, err)
 	}
 }
@@ -386,25 +391,17 @@ func TestAnAlertFoundByTheLastFlushFiresLater(t *testing.T) {
 	w.Close(sctx)
 	svc.Close()
 	s.Close(sctx)
-	alertEvents := func() uint64 {
-		var n uint64
-		h.env.CH.QueryRow(ctx, "SELECT count() FROM "+h.env.DB+".events WHERE tenant_id = ? AND event LIKE 'quota.%'", h.tenant.ID).Scan(&n)
-		return n
-	}
-	if n := alertEvents(); n != 0 {
+	if n, _ := alertEvents(h); n != 0 {
 		t.Fatalf("%d alert events stored by a closed writer; the test needs them refused", n)
 	}
 	// Another instance's reconciliation.
 	other := h.service(t, Config{Enabled: true}, limits, nil)
-	if _, err := other.ReconcileOnce(ctx); err != nil {
-		t.Fatal(err)
-	}
-	other.WaitAlerts(ctx)
+	reconcileAlerts(t, other)
 	h.writer.Close(ctx)
-	if n := alertEvents(); n != 2 {
+	if n, _ := alertEvents(h); n != 2 {
 		t.Errorf("after another instance's reconciliation: %d alert events, want 2", n)
 	}
-	if got, err := auditedAlerts(h); err != nil || got != "[api_requests_daily quota.exceeded api_requests_daily quota.warning]" {
+	if got, err := auditedAlerts(h); err != nil || got != bothAPIAlerts {
 		t.Errorf("audit: %v, %v; want each alert once", got, err)
 	}
 }
