@@ -165,23 +165,24 @@ func TestOneInsertNeverSpansMorePartitionsThanTheServerTakes(t *testing.T) {
 
 // alterEvents is an ALTER of the table that stores events: on a cluster the shards' local tables,
 // where a Distributed insert's rows are finally written (and defaults computed).
-func alterEvents(env testenv.Env, clause string) string {
-	l := env.Layout()
-	return "ALTER TABLE " + l.Local("events") + l.OnCluster() + " " + clause
+func alterEvents(t *testing.T, env testenv.Env, clause string) {
+	t.Helper()
+	// Layout.AlterLocal, as analyticsd's own ALTERs: on a cluster of 18.16 servers it goes to each
+	// shard directly, since ON CLUSTER races on replicated tables. It did here: "Node exists" stopped
+	// one server's DDL worker, and every later test's CREATE DATABASE … ON CLUSTER timed out (a
+	// clean-clone run, 2026-11-30).
+	if _, err := env.Layout().AlterLocal(context.Background(), env.CH, "events", clause); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // poison adds a column whose default throws for event "poison.pill": the server refuses any insert
 // holding such a row (code 395), as it would refuse rows it can never take.
 func poison(t *testing.T, env testenv.Env) (cure func()) {
 	t.Helper()
-	ctx := context.Background()
-	if err := env.CH.Exec(ctx, alterEvents(env, "ADD COLUMN poison UInt8 DEFAULT throwIf(event = 'poison.pill')")); err != nil {
-		t.Fatal(err)
-	}
+	alterEvents(t, env, "ADD COLUMN poison UInt8 DEFAULT throwIf(event = 'poison.pill')")
 	return func() {
-		if err := env.CH.Exec(ctx, alterEvents(env, "DROP COLUMN poison")); err != nil {
-			t.Fatal(err)
-		}
+		alterEvents(t, env, "DROP COLUMN poison")
 	}
 }
 
@@ -244,9 +245,7 @@ func TestRefusedRowsGoToQuarantineAndOthersShip(t *testing.T) {
 func TestRefusingEverythingQuarantinesNothing(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, opts{writer: func(c *WriterConfig) { c.QuarantineAfter = 1 }})
-	if err := h.env.CH.Exec(context.Background(), alterEvents(h.env, "ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')")); err != nil {
-		t.Fatal(err)
-	}
+	alterEvents(t, h.env, "ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')")
 	body, ids := events(30, nil)
 	h.post(t, h.keyA, "/api/analytics/events", body, nil)
 	testenv.Eventually(t, 10*time.Second, func() error {
@@ -261,9 +260,7 @@ func TestRefusingEverythingQuarantinesNothing(t *testing.T) {
 	if st := h.w.Stats(); st.QuarantinedRows != 0 || st.LastError == "" {
 		t.Fatalf("with every insert refused: %+v; want nothing quarantined, the error shown", st)
 	}
-	if err := h.env.CH.Exec(context.Background(), alterEvents(h.env, "DROP COLUMN poison")); err != nil {
-		t.Fatal(err)
-	}
+	alterEvents(t, h.env, "DROP COLUMN poison")
 	h.waitStored(t, h.a.ID, ids, 30)
 }
 

@@ -199,9 +199,7 @@ func TestDuplicateFoundAfterTheFeedClosedIsUncounted(t *testing.T) {
 func TestEventsRefusedWhileIncrementsLandQuarantinesNoEvent(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, opts{})
-	if err := h.env.CH.Exec(context.Background(), alterEvents(h.env, "ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')")); err != nil {
-		t.Fatal(err)
-	}
+	alterEvents(t, h.env, "ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')")
 	body, _ := events(30, nil)
 	h.post(t, h.keyA, "/api/analytics/events", body, nil)
 	deadline := time.Now().Add(3 * time.Second)
@@ -243,9 +241,7 @@ func (c *countingConn) Query(ctx context.Context, q string, args ...any) (driver
 func TestIsolatingRefusedRowsIsBounded(t *testing.T) {
 	t.Parallel()
 	env := testenv.Migrated(t)
-	if err := env.CH.Exec(context.Background(), alterEvents(env, "ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')")); err != nil {
-		t.Fatal(err)
-	}
+	alterEvents(t, env, "ADD COLUMN poison UInt8 DEFAULT throwIf(event != '')")
 	fc := &countingConn{Conn: env.CH}
 	sh := newShipper(fc, env.DB, nil, WriterConfig{InsertTimeout: time.Minute, QuarantineAfter: 3}, NewMetrics(nil, 0), slog.New(slog.DiscardHandler))
 	tenantID := uuid.New()
