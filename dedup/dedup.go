@@ -132,8 +132,8 @@ func (s *Store) bucketKey(tenant uuid.UUID, kind byte, bucket int64) string {
 // seconds) and began (KEYS[4], unix nanoseconds, or empty), both started now when epoch is missing;
 // after the states come (counter, added, value) triples.
 //
-//	ARGV: window, now ("<unix seconds> <unix nanoseconds>"), n, counter ttl, min received, bucket ttl, the ids (16 bytes each), the batch
-//	      ids (8 bytes each, or 8 bytes for all), the rows that count (6 bytes each: position from 0,
+//	ARGV: window, now ("<unix seconds> <unix nanoseconds>"), n, counter ttl, min received,
+//	      bucket ttl, the ids (16 bytes each), the batch ids (8 bytes each, or 8 bytes for all), the rows that count (6 bytes each: position from 0,
 //	      uint32, and group from 1, uint16, little-endian), then per group: its counter's KEYS
 //	      index, amount, received (unix second), its live and base hashes' KEYS indexes
 //
