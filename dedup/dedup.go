@@ -133,9 +133,10 @@ func (s *Store) bucketKey(tenant uuid.UUID, kind byte, bucket int64) string {
 // after the states come (counter, added, value) triples.
 //
 //	ARGV: window, now ("<unix seconds> <unix nanoseconds>"), n, counter ttl, min received,
-//	      bucket ttl, the ids (16 bytes each), the batch ids (8 bytes each, or 8 bytes for all), the rows that count (6 bytes each: position from 0,
-//	      uint32, and group from 1, uint16, little-endian), then per group: its counter's KEYS
-//	      index, amount, received (unix second), its live and base hashes' KEYS indexes
+//	      bucket ttl, the ids (16 bytes each), the batch ids (8 bytes each, or 8 bytes for all),
+//	      the rows that count (6 bytes each: position from 0, uint32, and group from 1, uint16,
+//	      little-endian), then per group: its counter's KEYS index, amount, received (unix
+//	      second), its live and base hashes' KEYS indexes
 //
 // Ids and counted rows travel packed — a request's rows fall into a few groups (a metric and day
 // each) — so a claim is a dozen arguments, not six per id: that halved what building and sending a
