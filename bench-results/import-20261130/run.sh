@@ -2,7 +2,7 @@
 # The import benchmark of BENCHMARKS.md ("Import from Postgres"): 1M events of the guide's tables,
 # `analyticsd import` against clickhouse-client loading the same rows from a TSV dump, in one run.
 # Prerequisites: the local stack (deploy/local/stack.sh up), and the source seeded once with
-#   psql "postgres://analytics:analytics@127.0.0.1:55432/import_bench_src?sslmode=disable" -v n=1000000 -f seed.sql
+#   psql "postgres://analytics:analytics@127.0.0.1:15432/import_bench_src?sslmode=disable" -v n=1000000 -f seed.sql
 # into the database import_bench_src (CREATE DATABASE, empty). Targets import_bench_{raw,a,b} are made here.
 # Usage: bench-results/import-20261130/run.sh [clean|resume|baseline|all]  (default all)
 set -euo pipefail
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 eval "$(deploy/local/stack.sh env)"
 export PATH=$PATH:/usr/local/go/bin
 OUT=bench-results/import-20261130
-PG=postgres://analytics:analytics@127.0.0.1:${POSTGRES_PORT:-55432}
+PG=postgres://analytics:analytics@127.0.0.1:${POSTGRES_PORT:-15432}
 CHP=${CLICKHOUSE_PORT:-19000}
 SRC="$PG/import_bench_src?sslmode=disable&search_path=import_src"
 PSQL_SRC="$PG/import_bench_src?sslmode=disable&options=-csearch_path%3Dimport_src" # psql does not take search_path in a URI
