@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(../../deploy/local/stack.sh env)"
-PG=postgres://analytics:analytics@127.0.0.1:${POSTGRES_PORT:-55432}
+PG=postgres://analytics:analytics@127.0.0.1:${POSTGRES_PORT:-15432}
 CHP=${CLICKHOUSE_PORT:-19000}
 SRC="$PG/import_bench_src?sslmode=disable&search_path=import_src"
 PSQL_SRC="$PG/import_bench_src?sslmode=disable&options=-csearch_path%3Dimport_src"
