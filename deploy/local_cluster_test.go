@@ -60,7 +60,8 @@ func TestClusterScriptWaitsForAServingZooKeeper(t *testing.T) {
 // range, and stack.sh warns about one that does not. The kernel hands ports from that range to
 // outgoing connections as their local ports; while a service is stopped (the fault suite stops and
 // restarts Postgres, ClickHouse and Redis under load) a connection can take its port, and the restart
-// fails: a clean-clone run failed so on Postgres, then on 55432 by default. Fails with that default.
+// fails: a clean-clone run failed so on Postgres at 45432; the default, 55432, lay in the range too.
+// Fails with that default.
 func TestLocalPortsLieBelowTheEphemeralRange(t *testing.T) {
 	out, err := exec.Command("bash", "-c", `unset CLICKHOUSE_PORT CLICKHOUSE_HTTP_PORT POSTGRES_PORT REDIS_PORT CLUSTER_ZK_PORT CLUSTER_CH_PORT CLUSTER_CH_HTTP_PORT CLUSTER_CH_REPL_PORT CLUSTER_REDIS_PORT
 		source local/cluster.sh && stack_ports && cluster_ports && read -r lo hi </proc/sys/net/ipv4/ip_local_port_range && echo "ephemeral=$lo"`).CombinedOutput()
