@@ -732,3 +732,25 @@ func TestACopyStampedByAFastClockIsNotTakenForTheBatchsOwn(t *testing.T) {
 		t.Errorf("live counter %d (%v), want 2 for the 2 rows stored", n, err)
 	}
 }
+
+// The tenant's first row X was stored by an instance whose clock runs 2 s ahead; Redis then lost
+// the claims, and the client's retry of X went to an instance with a correct clock, which began the
+// new history 2 s before X's stamp. Asked whether ClickHouse holds rows from before that history,
+// the shipper looked up to the epoch's second only, missed X, and stored the retry too (2 copies).
+// It looks maxClockSkew further now.
+func TestAFirstRowStampedByAFastClockIsFoundAfterARedisLoss(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, opts{})
+	fast := time.Now().UTC().Add(2 * time.Second).Truncate(time.Second)
+	x := Row{ID: uuid.New(), TenantID: h.a.ID, Ts: fast, ReceivedAt: fast, Event: "apikey.request", Source: "api", Props: "{}"}
+	insertRows(t, h.env.CH, h.env.DB, []Row{x})
+	h.dropClaims(t, h.a.ID, false)
+	retry := fmt.Sprintf(`[{"id":%q,"event":"apikey.request","ts":%q}]`, x.ID, fast.Format(time.RFC3339))
+	if r := h.post(t, h.keyA, "/api/analytics/events", []byte(retry), nil); r.Status != 202 {
+		t.Fatalf("retry: %d %s", r.Status, r.Raw)
+	}
+	h.waitShipped(t)
+	if n := h.countIDs(t, h.a.ID, []string{x.ID.String()}); n != 1 {
+		t.Errorf("X stored %d times, want once", n)
+	}
+}
