@@ -21,12 +21,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/analyticsd/analyticsd/internal/loopback"
-
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/internal/loopback"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 	"github.com/analyticsd/analyticsd/tenant"
 )

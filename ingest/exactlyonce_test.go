@@ -673,6 +673,24 @@ func TestReplayOfItsOwnCommittedInsertTakesNothingBack(t *testing.T) {
 	}
 }
 
+// storedRow stores an apikey.request row of tenant a received at `at` straight into ClickHouse, as
+// another instance's insert would have, and returns it.
+func (h *harness) storedRow(t *testing.T, at time.Time) Row {
+	t.Helper()
+	r := Row{ID: uuid.New(), TenantID: h.a.ID, Ts: at, ReceivedAt: at, Event: "apikey.request", Source: "api", Props: "{}"}
+	insertRows(t, h.env.CH, h.env.DB, []Row{r})
+	return r
+}
+
+// retry posts the client's retry of r (its id and ts) to instance in.
+func (h *harness) retry(t *testing.T, in *instance, r Row) {
+	t.Helper()
+	body := fmt.Sprintf(`[{"id":%q,"event":%q,"ts":%q}]`, r.ID, r.Event, r.Ts.Format(time.RFC3339))
+	if resp := in.post(t, h.keyA, "/api/analytics/events", []byte(body), nil); resp.Status != 202 {
+		t.Fatalf("retry: %d %s", resp.Status, resp.Raw)
+	}
+}
+
 // An insert of a history Redis lost can commit after the new history was judged complete (it was
 // under way at the loss). A retry of such a row, claimed anew on an instance that judges the history
 // after that commit, is checked and found. (A first answer shared by every instance through Redis,
@@ -683,14 +701,10 @@ func TestARowFromBeforeTheHistoryStoredLateIsStillFound(t *testing.T) {
 	before := time.Now().UTC().Add(-10 * time.Second).Truncate(time.Second)
 	h.postStored(t, h.instance, 20)
 	// The late commit: a row received before the history began, whose claim Redis lost.
-	late := Row{ID: uuid.New(), TenantID: h.a.ID, Ts: before, ReceivedAt: before, Event: "apikey.request", Source: "api", Props: "{}"}
-	insertRows(t, h.env.CH, h.env.DB, []Row{late})
+	late := h.storedRow(t, before)
 	// The client's retry of it, to another instance.
 	other := h.newInstance(t, opts{})
-	retry := fmt.Sprintf(`[{"id":%q,"event":"apikey.request","ts":%q}]`, late.ID, before.Format(time.RFC3339))
-	if r := other.post(t, h.keyA, "/api/analytics/events", []byte(retry), nil); r.Status != 202 {
-		t.Fatalf("retry: %d %s", r.Status, r.Raw)
-	}
+	h.retry(t, other, late)
 	other.waitShipped(t)
 	if n := h.countIDs(t, h.a.ID, []string{late.ID.String()}); n != 1 {
 		t.Errorf("the late row's id is stored %d times, want once", n)
@@ -719,10 +733,7 @@ func TestACopyStampedByAFastClockIsNotTakenForTheBatchsOwn(t *testing.T) {
 	insertRows(t, h.env.CH, h.env.DB, []Row{x})
 	// Redis loses the claims; the client's retry of X begins a new history and is counted again.
 	h.dropClaims(t, h.a.ID, false)
-	retry := fmt.Sprintf(`[{"id":%q,"event":"apikey.request","ts":%q}]`, x.ID, fast.Format(time.RFC3339))
-	if r := h.post(t, h.keyA, "/api/analytics/events", []byte(retry), nil); r.Status != 202 {
-		t.Fatalf("retry: %d %s", r.Status, r.Raw)
-	}
+	h.retry(t, h.instance, x)
 	h.waitShipped(t)
 	time.Sleep(300 * time.Millisecond) // the feed sends take-backs every 10 ms
 	if n := h.countIDs(t, h.a.ID, []string{x.ID.String()}); n != 1 {
@@ -742,13 +753,9 @@ func TestAFirstRowStampedByAFastClockIsFoundAfterARedisLoss(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, opts{})
 	fast := time.Now().UTC().Add(2 * time.Second).Truncate(time.Second)
-	x := Row{ID: uuid.New(), TenantID: h.a.ID, Ts: fast, ReceivedAt: fast, Event: "apikey.request", Source: "api", Props: "{}"}
-	insertRows(t, h.env.CH, h.env.DB, []Row{x})
+	x := h.storedRow(t, fast)
 	h.dropClaims(t, h.a.ID, false)
-	retry := fmt.Sprintf(`[{"id":%q,"event":"apikey.request","ts":%q}]`, x.ID, fast.Format(time.RFC3339))
-	if r := h.post(t, h.keyA, "/api/analytics/events", []byte(retry), nil); r.Status != 202 {
-		t.Fatalf("retry: %d %s", r.Status, r.Raw)
-	}
+	h.retry(t, h.instance, x)
 	h.waitShipped(t)
 	if n := h.countIDs(t, h.a.ID, []string{x.ID.String()}); n != 1 {
 		t.Errorf("X stored %d times, want once", n)

@@ -10,11 +10,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/analyticsd/analyticsd/internal/loopback"
-
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/internal/loopback"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 )
