@@ -412,24 +412,36 @@ func (s *Store) withFloor(ctx context.Context, epoch time.Time, maxAge time.Dura
 }
 
 // restartScript records the run ids of the Redis servers (KEYS[1], a hash: server -> run id) and
-// returns the floor (KEYS[2]): the latest time a server known before was seen with another run id.
-// A server that restarted or failed over may be back with fewer keys than it had (an RDB snapshot, a
-// replica behind its master) while old epochs survived, so claims made before then prove nothing.
-// A hash seen for the first time — first use, or Redis lost everything, which epochs show anyway —
-// raises nothing. A master never seen before in a cluster that had masters raises it too (a
-// failover moves a shard to another address).
+// returns the floor: the latest time a server known before was seen with another run id, as unix
+// seconds (KEYS[2], which older releases read and write) and unix nanoseconds (KEYS[3]; the floor's
+// instant when the two agree). A server that restarted or failed over may be back with fewer keys
+// than it had (an RDB snapshot, a replica behind its master) while old epochs survived, so claims
+// made before then prove nothing. A hash seen for the first time — first use, or Redis lost
+// everything, which epochs show anyway — raises nothing. A master never seen before in a cluster
+// that had masters raises it too (a failover moves a shard to another address).
+//
+//	ARGV: now (unix seconds), now (unix nanoseconds), then (server, run id) pairs
 var restartScript = redis.NewScript(`
 local floor = tonumber(redis.call('GET', KEYS[2]) or '0')
+local at = redis.call('GET', KEYS[3]) or ''
 local known = redis.call('EXISTS', KEYS[1]) == 1
-for i = 2, #ARGV, 2 do
+local raised = false
+for i = 3, #ARGV, 2 do
   local prev = redis.call('HGET', KEYS[1], ARGV[i])
   if prev ~= ARGV[i + 1] then
-    if known then floor = math.max(floor, tonumber(ARGV[1])) end
+    raised = raised or known
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end
-if floor > 0 then redis.call('SET', KEYS[2], floor) end
-return floor
+if raised then
+  local sec = tonumber(ARGV[1])
+  if sec > floor or (sec == floor and (at == '' or tonumber(ARGV[2]) > tonumber(at))) then
+    floor, at = sec, ARGV[2]
+    redis.call('SET', KEYS[2], floor)
+    redis.call('SET', KEYS[3], at)
+  end
+end
+return {tostring(floor), at}
 `)
 
 func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Time, error) {
@@ -444,11 +456,13 @@ func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Ti
 	if err != nil {
 		return time.Time{}, fmt.Errorf("read redis run ids: %w", err)
 	}
-	args := []any{s.now().Unix()}
+	now := s.now()
+	args := []any{now.Unix(), now.UnixNano()}
 	for server, id := range ids {
 		args = append(args, server, id)
 	}
-	n, err := restartScript.Run(ctx, s.rdb, []string{s.prefix + "dedup:{restarts}", s.prefix + "dedup:{restarts}:floor"}, args...).Int64()
+	keys := []string{s.prefix + "dedup:{restarts}", s.prefix + "dedup:{restarts}:floor", s.prefix + "dedup:{restarts}:at"}
+	res, err := restartScript.Run(ctx, s.rdb, keys, args...).StringSlice()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err != nil {
@@ -459,18 +473,27 @@ func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Ti
 		// still noticed, from the run ids this process read before; floorAt stays, so the record is
 		// tried again at the next look.
 		for server, id := range ids {
-			if prev, ok := s.seen[server]; ok && prev != id && s.now().After(s.floor) {
-				s.floor = s.now().UTC().Truncate(time.Second)
+			if prev, ok := s.seen[server]; ok && prev != id && now.After(s.floor) {
+				s.floor = now.UTC()
 			}
 		}
 		s.seen = ids
 		return s.floor, nil
 	}
 	s.seen = ids
-	if n > 0 {
-		s.floor = time.Unix(n, 0).UTC()
+	if len(res) != 2 {
+		return time.Time{}, fmt.Errorf("record redis run ids: %d values in the reply, want 2", len(res))
 	}
-	s.floorAt = s.now()
+	// To the nanosecond: a restart noticed within the second a tenant's history began must still
+	// rise above its epoch (TestARestartNoticedInTheHistorysFirstSecondVouchesForNothing).
+	floor, err := epochOf(res[0], res[1])
+	if err != nil {
+		return time.Time{}, fmt.Errorf("restart floor: %w", err)
+	}
+	if floor.Unix() > 0 && floor.After(s.floor) {
+		s.floor = floor
+	}
+	s.floorAt = now
 	return s.floor, nil
 }
 

@@ -469,3 +469,41 @@ func TestAHistoryLostInTheSecondItBeganIsToldApart(t *testing.T) {
 		t.Fatalf("a claim without began: epoch %v (%v), want %v", e, err, base)
 	}
 }
+
+// A Redis restart noticed within the second a tenant's history began raises the history's epoch to
+// the instant it was noticed (it stayed at the epoch when the floor was whole seconds); a floor an
+// older release raised to a later second, without the instant, counts as that second.
+func TestARestartNoticedInTheSecondAHistoryBeganRaisesItsEpoch(t *testing.T) {
+	s, env := newStore(t)
+	ctx := context.Background()
+	tn := uuid.New()
+	runID := "before"
+	s.SetRunIDs(func(context.Context) (map[string]string, error) { return map[string]string{"server": runID}, nil })
+	base := time.Now().Truncate(time.Second)
+	at := base.Add(100 * time.Millisecond)
+	s.now = func() time.Time { return at }
+	_, epoch, err := s.Claim(ctx, tn, 'e', 10, []uuid.UUID{uuid.New()}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runID, at = "after", base.Add(600*time.Millisecond)
+	epochs, err := s.Epochs(ctx, []uuid.UUID{tn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !epochs[tn].Equal(at) {
+		t.Fatalf("epoch %v after a restart noticed at %v, want the restart's instant (history began %v)", epochs[tn], at, epoch)
+	}
+	// Another instance reads the same floor from Redis.
+	other := NewStore(env.Redis, env.Prefix, time.Hour, nil)
+	other.SetRunIDs(func(context.Context) (map[string]string, error) { return map[string]string{"server": runID}, nil })
+	if e, err := other.Epochs(ctx, []uuid.UUID{tn}); err != nil || !e[tn].Equal(at) {
+		t.Fatalf("another instance: epoch %v (%v), want %v", e[tn], err, at)
+	}
+	// An older release noticed a later restart and wrote only its second.
+	later := base.Add(3 * time.Second)
+	env.Redis.Set(ctx, env.Prefix+"dedup:{restarts}:floor", later.Unix(), 0)
+	if e, err := other.Epochs(ctx, []uuid.UUID{tn}); err != nil || !e[tn].Equal(later) {
+		t.Fatalf("after an older release's floor: epoch %v (%v), want %v", e[tn], err, later)
+	}
+}
