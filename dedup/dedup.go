@@ -56,6 +56,7 @@ type Store struct {
 	mu       sync.Mutex
 	floor    time.Time         // the latest Redis restart noticed (see restartFloor)
 	floorAt  time.Time         // when it was last looked at
+	floorNew time.Time         // when this process first saw the floor it holds (its own clock)
 	seen     map[string]string // run ids read last, for noticing a restart while Redis cannot record it
 	runIDsFn func(ctx context.Context) (map[string]string, error)
 
@@ -379,6 +380,12 @@ func (s *Store) Epochs(ctx context.Context, tenants []uuid.UUID) (map[uuid.UUID]
 	if err != nil {
 		return nil, fmt.Errorf("read claim epochs: %w", err)
 	}
+	// One look at the run ids for all of them, and one even for none: a loss of everything leaves
+	// no epoch, and Loss must know of it.
+	floor, err := s.restartFloor(ctx, 0)
+	if err != nil {
+		return nil, err
+	}
 	out := make(map[uuid.UUID]time.Time, len(tenants))
 	for i, t := range tenants {
 		vals := cmds[i].Val()
@@ -391,8 +398,9 @@ func (s *Store) Epochs(ctx context.Context, tenants []uuid.UUID) (map[uuid.UUID]
 		if err != nil {
 			return nil, err
 		}
-		if out[t], err = s.withFloor(ctx, epoch, 0); err != nil {
-			return nil, err
+		out[t] = epoch
+		if floor.After(epoch) {
+			out[t] = floor
 		}
 	}
 	return out, nil
@@ -416,17 +424,20 @@ func (s *Store) withFloor(ctx context.Context, epoch time.Time, maxAge time.Dura
 // seconds (KEYS[2], which older releases read and write) and unix nanoseconds (KEYS[3]; the floor's
 // instant when the two agree). A server that restarted or failed over may be back with fewer keys
 // than it had (an RDB snapshot, a replica behind its master) while old epochs survived, so claims
-// made before then prove nothing. A hash seen for the first time — first use, or Redis lost
-// everything, which epochs show anyway — raises nothing. A master never seen before in a cluster
-// that had masters raises it too (a failover moves a shard to another address).
+// made before then prove nothing. A hash missing raises it when the caller recorded run ids before
+// (ARGV[3] is 1): Redis lost everything — a restart without persistence, FLUSHALL — and an insert of
+// a lost history may still be under way (Store.Loss). Missing at first use it raises nothing. A
+// master never seen before in a cluster that had masters raises it too (a failover moves a shard to
+// another address).
 //
-//	ARGV: now (unix seconds), now (unix nanoseconds), then (server, run id) pairs
+//	ARGV: now (unix seconds), now (unix nanoseconds), 1 if the caller recorded run ids before (else
+//	      0), then (server, run id) pairs
 var restartScript = redis.NewScript(`
 local floor = tonumber(redis.call('GET', KEYS[2]) or '0')
 local at = redis.call('GET', KEYS[3]) or ''
 local known = redis.call('EXISTS', KEYS[1]) == 1
-local raised = false
-for i = 3, #ARGV, 2 do
+local raised = not known and ARGV[3] == '1'
+for i = 4, #ARGV, 2 do
   local prev = redis.call('HGET', KEYS[1], ARGV[i])
   if prev ~= ARGV[i + 1] then
     raised = raised or known
@@ -457,7 +468,13 @@ func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Ti
 		return time.Time{}, fmt.Errorf("read redis run ids: %w", err)
 	}
 	now := s.now()
-	args := []any{now.Unix(), now.UnixNano()}
+	s.mu.Lock()
+	recorded := len(s.seen) > 0
+	s.mu.Unlock()
+	args := []any{now.Unix(), now.UnixNano(), 0}
+	if recorded {
+		args[2] = 1
+	}
 	for server, id := range ids {
 		args = append(args, server, id)
 	}
@@ -474,7 +491,7 @@ func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Ti
 		// tried again at the next look.
 		for server, id := range ids {
 			if prev, ok := s.seen[server]; ok && prev != id && now.After(s.floor) {
-				s.floor = now.UTC()
+				s.floor, s.floorNew = now.UTC(), now
 			}
 		}
 		s.seen = ids
@@ -491,10 +508,19 @@ func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Ti
 		return time.Time{}, fmt.Errorf("restart floor: %w", err)
 	}
 	if floor.Unix() > 0 && floor.After(s.floor) {
-		s.floor = floor
+		s.floor, s.floorNew = floor, now
 	}
 	s.floorAt = now
 	return s.floor, nil
+}
+
+// Loss returns the latest Redis data loss this process knows of (a restart, a failover, everything
+// lost while instances ran): the floor raised then, and when this process first saw that floor, by
+// its own clock. Both are zero if none is known. Epochs looks before it answers.
+func (s *Store) Loss() (floor, seen time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.floor, s.floorNew
 }
 
 // SetRunIDs replaces how the Redis servers' run ids are read (tests: a restart on demand).

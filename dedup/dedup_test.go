@@ -460,8 +460,11 @@ func TestAHistoryLostInTheSecondItBeganIsToldApart(t *testing.T) {
 	if epochs, err := s.Epochs(ctx, []uuid.UUID{tn}); err != nil || !epochs[tn].Equal(e2) {
 		t.Fatalf("Epochs %v (%v), want %v", epochs[tn], err, e2)
 	}
-	// The same history as an older binary leaves it: the seconds only.
-	env.Redis.Del(ctx, s.beganKey(tn))
+	// The same history as an older binary leaves it: the seconds only. (Read by a process that did
+	// not see the loss, which raised the floor of the process that did to 400 ms.)
+	env.Redis.Del(ctx, s.beganKey(tn), env.Prefix+"dedup:{restarts}:floor", env.Prefix+"dedup:{restarts}:at")
+	s = NewStore(env.Redis, env.Prefix, time.Hour, nil)
+	s.now = func() time.Time { return at }
 	if epochs, err := s.Epochs(ctx, []uuid.UUID{tn}); err != nil || !epochs[tn].Equal(base) {
 		t.Fatalf("Epochs without began: %v (%v), want %v", epochs[tn], err, base)
 	}
@@ -505,5 +508,47 @@ func TestARestartNoticedInTheSecondAHistoryBeganRaisesItsEpoch(t *testing.T) {
 	env.Redis.Set(ctx, env.Prefix+"dedup:{restarts}:floor", later.Unix(), 0)
 	if e, err := other.Epochs(ctx, []uuid.UUID{tn}); err != nil || !e[tn].Equal(later) {
 		t.Fatalf("after an older release's floor: epoch %v (%v), want %v", e[tn], err, later)
+	}
+}
+
+// Redis losing everything (FLUSHALL, a restart without persistence) takes the recorded run ids with
+// it: a process that recorded them before notices the loss (it raised nothing, and Loss said
+// nothing, so shipping could not wait for the inserts of the lost histories); a first look does not.
+func TestALossOfEverythingIsNoticedByAProcessThatLookedBefore(t *testing.T) {
+	s, env := newStore(t)
+	ctx := context.Background()
+	tn := uuid.New()
+	at := time.Now().Truncate(time.Second).Add(200 * time.Millisecond)
+	s.now = func() time.Time { return at }
+	if _, _, err := s.Claim(ctx, tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if floor, seen := s.Loss(); !floor.IsZero() || !seen.IsZero() {
+		t.Fatalf("first use: loss %v seen %v, want none", floor, seen)
+	}
+	testenv.DelKeys(ctx, env.Redis, env.Prefix+"*")
+	at = at.Add(300 * time.Millisecond)
+	epochs, err := s.Epochs(ctx, []uuid.UUID{tn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if floor, seen := s.Loss(); !floor.Equal(at) || !seen.Equal(at) {
+		t.Fatalf("after the wipe: loss %v seen %v, want both %v", floor, seen, at)
+	}
+	if len(epochs) != 0 {
+		t.Errorf("epochs %v after the wipe, want none (no history yet)", epochs)
+	}
+	// A process that never looked before sees the floor, first at its own time.
+	other := NewStore(env.Redis, env.Prefix, time.Hour, nil)
+	later := at.Add(time.Second)
+	other.now = func() time.Time { return later }
+	if _, err := other.Epochs(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := other.Claim(ctx, tn, 'e', 2, []uuid.UUID{uuid.New()}, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if floor, seen := other.Loss(); !floor.Equal(at) || !seen.Equal(later) {
+		t.Errorf("another process: loss %v seen %v, want %v seen %v", floor, seen, at, later)
 	}
 }

@@ -153,6 +153,30 @@ func (sh *shipper) stored(ctx context.Context, kind Kind, tenant uuid.UUID, lo, 
 	return have, nil
 }
 
+// servers returns the servers an insert may be running on, to look for `what` (its first, the
+// shipper's own connection, is not to be closed): on a cluster every server, over a connection of its
+// own (cfg.Shards). A server that refuses connections is skipped (nothing runs there any more); one
+// that cannot be reached otherwise — a timeout, say — might still commit what runs there, so it is an
+// error: the rows wait rather than risk storing twice.
+func (sh *shipper) servers(ctx context.Context, what string) ([]schema.Live, error) {
+	servers := []schema.Live{{Addr: "the shipper's server", Conn: sh.ch}}
+	if sh.cfg.Shards == nil {
+		return servers, nil
+	}
+	live, down, err := sh.cfg.Shards.Servers(ctx, sh.ch)
+	if err != nil {
+		return nil, fmt.Errorf("look for %s still running: %w", what, err)
+	}
+	for _, u := range down {
+		if !u.Gone() {
+			schema.CloseAll(live)
+			return nil, fmt.Errorf("look for %s still running on %s (cannot be reached: %w); the rows wait", what, u.Addr, u.Err)
+		}
+		sh.log.Warn("a server of the cluster refuses connections: nothing of ours runs there", "looking_for", what, "server", u.Addr)
+	}
+	return append(servers, live...), nil
+}
+
 // awaitAttempts returns once no insert of segment id is running on the server, stopping any that
 // goes on: an insert whose client gave up (a timeout) runs on and may commit later, and a check made
 // before it finishes would miss its rows. A just-refused insert can stay listed for a moment after
@@ -161,27 +185,14 @@ func (sh *shipper) stored(ctx context.Context, kind Kind, tenant uuid.UUID, lo, 
 // On a cluster the insert may be running elsewhere: on the server the earlier attempt was sent to
 // (the pool fails over to the DSN's next address), and on the servers of each shard it writes to
 // (insert_distributed_sync), whose queries carry the attempt's id as initial_query_id. So every
-// server is asked, and told to stop it, over a connection of its own (cfg.Shards), besides the one the
-// shipper's connection is on. A server that refuses connections is skipped (nothing runs there any
-// more); one that cannot be reached otherwise — a timeout, say — might still commit the attempt, so
-// the check fails and the segment is tried again later: it waits rather than risk storing twice.
+// server is asked, and told to stop it (servers).
 func (sh *shipper) awaitAttempts(ctx context.Context, id string) error {
 	pattern := "ingest-" + strings.NewReplacer("%", "", "_", "").Replace(id) + "-%"
-	servers := []schema.Live{{Addr: "the shipper's server", Conn: sh.ch}}
-	if sh.cfg.Shards != nil {
-		live, down, err := sh.cfg.Shards.Servers(ctx, sh.ch)
-		if err != nil {
-			return fmt.Errorf("look for an earlier insert of spool segment %s still running: %w", id, err)
-		}
-		defer schema.CloseAll(live)
-		for _, u := range down {
-			if !u.Gone() {
-				return fmt.Errorf("look for an earlier insert of spool segment %s still running on %s (cannot be reached: %w); the segment waits", id, u.Addr, u.Err)
-			}
-			sh.log.Warn("a server of the cluster refuses connections: no earlier insert of this spool segment runs there", "segment", id, "server", u.Addr)
-		}
-		servers = append(servers, live...)
+	servers, err := sh.servers(ctx, "an earlier insert of spool segment "+id)
+	if err != nil {
+		return err
 	}
+	defer schema.CloseAll(servers[1:])
 	start := time.Now()
 	for {
 		running := 0

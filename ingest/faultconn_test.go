@@ -20,7 +20,16 @@ type faultConn struct {
 	late    int           // the next `late` inserts time out on the client and commit after delay
 	delay   time.Duration //
 	running int           // late inserts not committed yet: system.processes reports them
-	sizes   []int         // rows of each committed insert, in order
+	// The next `slow` inserts send their data only after slowFor: the server lists them as running
+	// from PrepareBatch on, and they commit (and return) when the data is sent.
+	slow    int
+	slowFor time.Duration
+	// The next query (QueryRow) containing stallQuery is answered stallFor after the server answered
+	// it; stalled is closed when it begins to wait.
+	stallQuery string
+	stallFor   time.Duration
+	stalled    chan struct{}
+	sizes      []int // rows of each committed insert, in order
 	// maxPartitions, when set, refuses an insert whose rows span more UTC days, as ClickHouse 19+
 	// does past max_partitions_per_insert_block (code 252); 18.16 has no such limit.
 	maxPartitions int
@@ -34,18 +43,24 @@ func (f *faultConn) PrepareBatch(ctx context.Context, query string, opts ...driv
 		// The server does not stop when the client gives up: the insert outlives its context.
 		ctx = context.WithoutCancel(ctx)
 	}
+	var slow time.Duration
+	if f.slow > 0 && strings.HasPrefix(query, "INSERT") {
+		f.slow--
+		slow = f.slowFor
+	}
 	f.mu.Unlock()
 	b, err := f.Conn.PrepareBatch(ctx, query, opts...)
 	if err != nil {
 		return nil, err
 	}
-	return &faultBatch{Batch: b, f: f, late: late, days: map[time.Time]bool{}}, nil
+	return &faultBatch{Batch: b, f: f, late: late, slow: slow, days: map[time.Time]bool{}}, nil
 }
 
 type faultBatch struct {
 	driver.Batch
 	f    *faultConn
 	late bool
+	slow time.Duration
 	rows int
 	days map[time.Time]bool // UTC days of the rows appended (the ts column, second of every insert)
 }
@@ -97,6 +112,7 @@ func (b *faultBatch) Send() error {
 		return err
 	}
 	rows := b.rows + b.Batch.Rows()
+	time.Sleep(b.slow)
 	if !b.late {
 		err := b.Batch.Send()
 		if err == nil {
@@ -126,7 +142,17 @@ func (b *faultBatch) Send() error {
 func (f *faultConn) QueryRow(ctx context.Context, query string, args ...any) driver.Row {
 	f.mu.Lock()
 	running := f.running
+	var stall time.Duration
+	if f.stallQuery != "" && strings.Contains(query, f.stallQuery) {
+		f.stallQuery, stall = "", f.stallFor
+	}
 	f.mu.Unlock()
+	if stall > 0 {
+		row := f.Conn.QueryRow(ctx, query, args...)
+		close(f.stalled)
+		time.Sleep(stall)
+		return row
+	}
 	if running > 0 && strings.Contains(query, "system.processes") {
 		return countRow(running)
 	}

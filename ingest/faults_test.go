@@ -450,3 +450,91 @@ func TestARestartNoticedInTheHistorysFirstSecondVouchesForNothing(t *testing.T) 
 	}
 	t.Fatal("in ten attempts the restart was never noticed in the history's first second")
 }
+
+// Redis loses everything (FLUSHALL, or a restart without persistence) while instance A's insert of
+// X, claimed in the lost history, is under way. The client's retry of X goes to instance B, which
+// claims it anew and ships it at once: asked then, ClickHouse holds nothing of the tenant, so B
+// judged the young history complete and stored X unchecked — and A's insert committed a second copy.
+// An instance that notices the loss now lets the inserts begun before it settle first.
+func TestAnInsertUnderWayAtARedisLossIsSettledBeforeTheRetryShips(t *testing.T) {
+	t.Parallel()
+	fc := &faultConn{slow: 1, slowFor: 2 * time.Second}
+	h := newHarness(t, opts{ch: func(c driver.Conn) driver.Conn { fc.Conn = c; return fc }})
+	b := h.newInstance(t, opts{})
+	ctx := context.Background()
+	// Both instances have looked at Redis before the loss (as running instances have).
+	h.env.Redis.Set(ctx, h.env.Prefix+"dedup:{"+h.b.ID.String()+"}:epoch", time.Now().Add(-48*time.Hour).Unix(), 0)
+	for _, in := range []*instance{h.instance, b} {
+		if _, err := in.dedup.Epochs(ctx, []uuid.UUID{h.b.ID}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	x, xIDs := events(1, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
+	if r := h.post(t, h.keyA, "/api/analytics/events", x, nil); r.Status != 202 {
+		t.Fatalf("X: %d %s", r.Status, r.Raw)
+	}
+	testenv.Eventually(t, 10*time.Second, func() error { // A's insert of X has begun
+		fc.mu.Lock()
+		defer fc.mu.Unlock()
+		if fc.slow > 0 {
+			return fmt.Errorf("A has not begun inserting X")
+		}
+		return nil
+	})
+	// Redis loses everything of this test's prefix: the claims and the run ids recorded.
+	keys, _ := testenv.Keys(ctx, h.env.Redis, h.env.Prefix+"*")
+	for _, k := range keys {
+		h.env.Redis.Del(ctx, k)
+	}
+	if r := b.post(t, h.keyA, "/api/analytics/events", x, nil); r.Status != 202 || r.accepted() != 1 {
+		t.Fatalf("X's retry to B: %d %s, want it accepted", r.Status, r.Raw)
+	}
+	b.waitShipped(t)
+	h.waitShipped(t)
+	if n := h.countIDs(t, h.a.ID, xIDs); n != 1 {
+		t.Errorf("X is stored %d times, want once", n)
+	}
+}
+
+// The other end of the same race: instance A read X's claim history and judged it complete, then
+// took 4 s (the answer slow to come back) before inserting — long after Redis lost everything and
+// instance B, having waited out the inserts begun before the loss, stored X's retry.
+// An insert now begins at most historyAge after the histories were read, or they are read again:
+// A finds the history changed, judges X again and drops it (B's batch holds it).
+func TestAnInsertBegunLongAfterItsHistoryWasReadIsJudgedAgain(t *testing.T) {
+	t.Parallel()
+	fc := &faultConn{stallQuery: "received_at >= ?", stallFor: 4 * time.Second, stalled: make(chan struct{})}
+	h := newHarness(t, opts{ch: func(c driver.Conn) driver.Conn { fc.Conn = c; return fc }})
+	b := h.newInstance(t, opts{})
+	ctx := context.Background()
+	h.env.Redis.Set(ctx, h.env.Prefix+"dedup:{"+h.b.ID.String()+"}:epoch", time.Now().Add(-48*time.Hour).Unix(), 0)
+	for _, in := range []*instance{h.instance, b} {
+		if _, err := in.dedup.Epochs(ctx, []uuid.UUID{h.b.ID}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	x, xIDs := events(1, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
+	if r := h.post(t, h.keyA, "/api/analytics/events", x, nil); r.Status != 202 {
+		t.Fatalf("X: %d %s", r.Status, r.Raw)
+	}
+	select { // A has judged X's history complete and waits for the answer
+	case <-fc.stalled:
+	case <-time.After(10 * time.Second):
+		t.Fatal("A never asked whether X's history is complete")
+	}
+	keys, _ := testenv.Keys(ctx, h.env.Redis, h.env.Prefix+"*")
+	for _, k := range keys {
+		h.env.Redis.Del(ctx, k)
+	}
+	if r := b.post(t, h.keyA, "/api/analytics/events", x, nil); r.Status != 202 || r.accepted() != 1 {
+		t.Fatalf("X's retry to B: %d %s, want it accepted", r.Status, r.Raw)
+	}
+	b.waitShipped(t)
+	if n := h.countIDs(t, h.a.ID, xIDs); n != 1 {
+		t.Fatalf("B stored X %d times before A shipped, want once", n)
+	}
+	h.waitShipped(t)
+	if n := h.countIDs(t, h.a.ID, xIDs); n != 1 {
+		t.Errorf("X is stored %d times, want once", n)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"sort"
 	"sync"
@@ -59,6 +60,11 @@ type shipper struct {
 	// before the tenant's claim epoch (see complete).
 	historyMu sync.Mutex
 	history   map[historyKey]bool
+
+	// lossSettled is the instance up to which inserts were found done after the latest loss of
+	// claims (awaitLoss), held across the wait.
+	lossMu      sync.Mutex
+	lossSettled time.Time
 }
 
 type historyKey struct {
@@ -142,7 +148,8 @@ func (sh *shipper) shipChunk(s *segment, bs []*batch, attempted bool) (int, erro
 	ctx, cancel := context.WithTimeout(context.Background(), 2*sh.cfg.InsertTimeout)
 	defer cancel()
 	kinds := [2]Kind{KindEvent, KindIncrement}
-	items, err := sh.resolve(ctx, bs, attempted)
+	sp := &shipment{budget: isolationBudget}
+	items, err := sh.resolve(ctx, bs, attempted, sp)
 	if err != nil {
 		return 0, err
 	}
@@ -155,7 +162,6 @@ func (sh *shipper) shipChunk(s *segment, bs []*batch, attempted bool) (int, erro
 	inserted := 0
 	waited := !attempted
 	refused := false
-	budget := isolationBudget
 	for k, kind := range kinds {
 		// Rows go in in the order they came, which is the order their strings sit in memory: sorted
 		// by day, copying them into the insert's columns missed the cache and cost three times as
@@ -180,7 +186,7 @@ func (sh *shipper) shipChunk(s *segment, bs []*batch, attempted bool) (int, erro
 			if distinctDays(ready) > maxDaysPerInsert {
 				n = daysPrefix(ready, maxDaysPerInsert)
 			}
-			ins, bad, err := sh.insertIsolating(ctx, s, kind, ready[:n], &budget)
+			ins, bad, err := sh.insertIsolating(ctx, s, kind, ready[:n], sp)
 			ready = ready[n:]
 			inserted += ins
 			if err != nil {
@@ -204,7 +210,7 @@ func (sh *shipper) shipChunk(s *segment, bs []*batch, attempted bool) (int, erro
 
 // resolve drops the duplicates among bs and says, for each remaining row, whether ClickHouse must be
 // asked for it first. Rows are returned per kind: events, then increments.
-func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2][]item, error) {
+func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool, sp *shipment) ([2][]item, error) {
 	var out [2][]item
 	kinds := [2]Kind{KindEvent, KindIncrement}
 	rows := func(b *batch, k int) int {
@@ -259,11 +265,13 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 		}
 	}
 	epochs := map[uuid.UUID]time.Time{}
+	sp.readAt, sp.epochs = time.Now(), map[uuid.UUID]time.Time{}
 	if len(tenants) > 0 {
 		var err error
 		if epochs, err = sh.claims.Epochs(ctx, tenants); err != nil {
 			return out, fmt.Errorf("check claims before shipping: %w", err)
 		}
+		maps.Copy(sp.epochs, epochs)
 	}
 	type group struct {
 		tenant uuid.UUID
@@ -323,6 +331,11 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 			if err != nil {
 				return out, fmt.Errorf("verify claims before shipping: %w", err)
 			}
+			if e, ok := sp.epochs[g.tenant]; ok && !e.Equal(epoch) {
+				// Redis lost claims since the epochs were read: verdicts judged against them are void.
+				return out, historyChanged(g.tenant)
+			}
+			sp.epochs[g.tenant] = epoch
 			k := 0
 			if g.kind == KindIncrement {
 				k = 1
@@ -358,6 +371,16 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool) ([2
 	}
 	if dups > 0 {
 		sh.metrics.Duplicates.WithLabelValues("ship").Add(float64(dups))
+	}
+	// Rows whose claims prove nothing are about to be judged by what ClickHouse holds: after a loss of
+	// claims, not before the inserts of the lost histories that may still be under way are done.
+	for k := range kinds {
+		if slices.ContainsFunc(out[k], func(it item) bool { return it.unsure }) {
+			if err := sh.awaitLoss(ctx); err != nil {
+				return out, err
+			}
+			break
+		}
 	}
 	// A claim history younger than the window proves nothing only if ClickHouse holds rows of the
 	// tenant that were received before it began (within the window): rows whose claims Redis may
@@ -680,7 +703,7 @@ func (sh *shipper) searchRange(kind Kind, it item) (lo, hi time.Time) {
 // splits it — by tenant, then in halves — and inserts the parts, returning the rows it still refuses
 // (isolated one by one, or whole parts once the budget is spent). A failure that is not a refusal
 // (the network, a timeout, the server's state) aborts with that error: the chunk is retried whole.
-func (sh *shipper) insertIsolating(ctx context.Context, s *segment, kind Kind, its []item, budget *int) (int, []refusal, error) {
+func (sh *shipper) insertIsolating(ctx context.Context, s *segment, kind Kind, its []item, sp *shipment) (int, []refusal, error) {
 	if len(its) == 0 {
 		return 0, nil, nil
 	}
@@ -693,10 +716,13 @@ func (sh *shipper) insertIsolating(ctx context.Context, s *segment, kind Kind, i
 		}
 		return out
 	}
-	if *budget <= 0 {
+	if sp.budget <= 0 {
 		return 0, unresolved(errNotTried), nil
 	}
-	*budget--
+	if err := sh.fresh(ctx, sp); err != nil {
+		return 0, nil, err
+	}
+	sp.budget--
 	err := sh.insert(ctx, s, kind, its)
 	if err == nil {
 		ok.Store(time.Now().UnixNano())
@@ -750,7 +776,7 @@ func (sh *shipper) insertIsolating(ctx context.Context, s *segment, kind Kind, i
 	total := 0
 	var bad []refusal
 	for _, p := range parts {
-		n, b, err := sh.insertIsolating(ctx, s, kind, p, budget)
+		n, b, err := sh.insertIsolating(ctx, s, kind, p, sp)
 		total += n
 		bad = append(bad, b...)
 		if err != nil {

@@ -616,6 +616,11 @@ func (w *Writer) drainExpired() bool {
 }
 
 func (w *Writer) noteError(err error) {
+	if errors.Is(err, errHistoryChanged) {
+		// Not a failure: the rows are judged again at once (histories.go).
+		w.log.Info("shipping a segment again", "err", err)
+		return
+	}
 	if !errors.Is(err, errRefused) {
 		w.metrics.InsertErrors.Inc()
 	}

@@ -1,0 +1,145 @@
+package ingest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/schema"
+)
+
+// What shipping does when Redis loses claims (a restart without persistence, FLUSHALL, a failover to
+// a replica behind its master) while rows are on their way.
+//
+// An instance that judged its rows new in a history the loss took may be inserting them at that
+// moment; a client's retry of one of them, sent to another instance, is claimed anew in the next
+// history. Nothing in Redis can tell the second instance of the first one's insert, and before that
+// insert commits ClickHouse cannot either: a check (or the "history complete" question) made in
+// between finds nothing and the retry is stored a second time. So the two ends are bounded:
+//
+//   - an insert begins at most historyAge after the claim histories its rows were judged in were
+//     read; past that they are read again, and a history that changed sends the chunk back to be
+//     judged afresh (fresh);
+//   - an instance that notices a loss judges no row whose claim proves nothing until every insert
+//     that can have begun before then — historyAge after it saw the loss, plus a margin — has
+//     finished on every server (awaitLoss). Only the first rows shipped after a loss wait: a few
+//     seconds, once per loss and process.
+
+// historyAge is how long after the claim histories were read an insert of the rows judged in them may
+// begin.
+const historyAge = time.Second
+
+// settleMargin: historyAge, and a second for a request to reach the server and the server's own
+// clock reading (system.processes' elapsed) to differ from ours.
+const settleMargin = historyAge + time.Second
+
+// errHistoryChanged: a tenant's claim history changed (Redis lost claims) while its rows were being
+// shipped; the chunk is judged again.
+var errHistoryChanged = errors.New("the claim history changed while its rows were being shipped (Redis lost claims); they are judged again")
+
+func historyChanged(tenant uuid.UUID) error {
+	return fmt.Errorf("tenant %s: %w", tenant, errHistoryChanged)
+}
+
+// shipment is one attempt at shipping a chunk.
+type shipment struct {
+	budget int // inserts left for isolating rows ClickHouse refuses (isolationBudget)
+	// epochs are the claim histories the chunk's rows were judged in, read at readAt (or before).
+	epochs map[uuid.UUID]time.Time
+	readAt time.Time
+}
+
+// fresh makes sure the claim histories sp's rows were judged in were current at most historyAge ago,
+// reading them again if needed: an insert may begin only then.
+func (sh *shipper) fresh(ctx context.Context, sp *shipment) error {
+	if sh.claims == nil || len(sp.epochs) == 0 || time.Since(sp.readAt) < historyAge {
+		return nil
+	}
+	at := time.Now()
+	tenants := make([]uuid.UUID, 0, len(sp.epochs))
+	for t := range sp.epochs {
+		tenants = append(tenants, t)
+	}
+	now, err := sh.claims.Epochs(ctx, tenants)
+	if err != nil {
+		return fmt.Errorf("check claims again before inserting: %w", err)
+	}
+	for t, e := range sp.epochs {
+		if !now[t].Equal(e) {
+			return historyChanged(t)
+		}
+	}
+	sp.readAt = at
+	return nil
+}
+
+// awaitLoss returns once no insert that can rest on claims the latest loss took is still running on
+// any server (see the top of this file). Asked by every shipment with rows whose claims prove
+// nothing; after the first answer for a loss it costs a mutex.
+func (sh *shipper) awaitLoss(ctx context.Context) error {
+	if sh.claims == nil {
+		return nil
+	}
+	floor, seen := sh.claims.Loss()
+	if floor.IsZero() {
+		return nil
+	}
+	// By this process's clock, the loss happened before it saw it, and before the floor plus the
+	// clocks' difference (the floor is the clock of whichever process noticed it first).
+	since := seen
+	if f := floor.Add(maxClockSkew); f.Before(since) {
+		since = f
+	}
+	since = since.Add(settleMargin)
+	sh.lossMu.Lock()
+	defer sh.lossMu.Unlock()
+	if sh.lossSettled.Equal(since) {
+		return nil
+	}
+	if d := time.Until(since); d > 0 {
+		sh.log.Info("redis lost claims: rows whose claims prove nothing wait until the inserts begun before are done",
+			"loss_noticed", floor, "wait", d.Round(time.Millisecond))
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(d):
+		}
+	}
+	servers, err := sh.servers(ctx, "an insert begun before Redis lost claims")
+	if err != nil {
+		return err
+	}
+	defer schema.CloseAll(servers[1:])
+	deadline := time.Now().Add(sh.cfg.InsertTimeout)
+	for {
+		running := 0
+		for _, sv := range servers {
+			var n uint64
+			qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			err := sv.QueryRow(qctx, "SELECT count() FROM system.processes WHERE (query_id LIKE 'ingest-%' OR initial_query_id LIKE 'ingest-%') AND elapsed >= ?",
+				time.Since(since).Seconds()).Scan(&n)
+			cancel()
+			if err != nil {
+				return fmt.Errorf("look for an insert begun before Redis lost claims on %s: %w", sv.Addr, err)
+			}
+			if n > 0 {
+				running++
+			}
+		}
+		if running == 0 {
+			sh.lossSettled = since
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("inserts begun before Redis lost claims still run on %d servers after %s; rows whose claims prove nothing wait", running, sh.cfg.InsertTimeout)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
