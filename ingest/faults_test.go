@@ -328,21 +328,19 @@ func shipSpool(t *testing.T, env testenv.Env, dir string, tenantID uuid.UUID) (u
 	return n, st
 }
 
-// Redis loses its data within the second the tenant's claim history began, and the next history
-// begins in that second too. Instance A shipped a first batch (judging the history complete) and
-// holds X, claimed in the lost history, in its open segment; the client's retry of X goes to instance
-// B, is claimed in the new history and stored. When A ships X, its verdict and its "complete" answer
-// belong to the lost history. With epochs in whole seconds A took them for the new one's and stored X
-// a second time; epochs now tell the histories apart.
-func TestAHistoryLostInItsFirstSecondVouchesForNothing(t *testing.T) {
-	t.Parallel()
-	// A seals a segment at two rows and otherwise holds it for a minute.
-	h := newHarness(t, opts{writer: func(c *WriterConfig) { c.BatchRows, c.FlushInterval = 2, time.Minute }})
-	a, b := h.instance, h.newInstance(t, opts{})
-	ctx := context.Background()
+// firstSecondRace is the sequence two tests below share, run for new tenants until its timing is met
+// (at most ten). Instance A seals a segment at two rows and otherwise holds it for a minute. Just
+// after a second begins, A ships a first batch of a new tenant (judging its young history complete)
+// and holds X in its open segment; loss makes Redis lose X's claim; the client's retry of X goes to
+// instance B, which claims it anew and stores it; a third row makes A ship X. X must be stored once
+// every time. After B shipped, loss's met says whether the loss fell as the test needs (and what
+// it saw).
+func firstSecondRace(t *testing.T, h *harness, b *instance, setup func(), loss func(tenant uuid.UUID) (met func() (bool, string))) {
+	t.Helper()
+	a := h.instance
 	apikey := func(int) map[string]any { return map[string]any{"event": "apikey.request"} }
 	for attempt := 1; attempt <= 10; attempt++ {
-		tn := fixture.Tenant(t, h.env.PG, fmt.Sprintf("first-second-%d", attempt))
+		tn := fixture.Tenant(t, h.env.PG, fmt.Sprintf("first-second-%d-%s", attempt, uuid.NewString()[:8]))
 		key, _ := fixture.Key(t, h.env.PG, tn.ID, "w", auth.ScopeEventsWrite)
 		post := func(in *instance, body []byte) resp {
 			t.Helper()
@@ -352,7 +350,7 @@ func TestAHistoryLostInItsFirstSecondVouchesForNothing(t *testing.T) {
 			}
 			return r
 		}
-		epoch := func() string { return h.env.Redis.Get(ctx, h.env.Prefix+"dedup:{"+tn.ID.String()+"}:epoch").Val() }
+		setup()
 		// Begin just after a second does, so that what follows fits in it.
 		time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(time.Second + 5*time.Millisecond)))
 		w, wIDs := events(2, apikey)
@@ -360,95 +358,85 @@ func TestAHistoryLostInItsFirstSecondVouchesForNothing(t *testing.T) {
 		h.waitStored(t, tn.ID, wIDs, 2)
 		x, xIDs := events(1, apikey)
 		post(a, x) // held in A's open segment
-		lost := epoch()
-		h.dropClaims(t, tn.ID, false)
+		met := loss(tn.ID)
 		if r := post(b, x); r.accepted() != 1 {
 			t.Fatalf("X's retry to B: %s, want it accepted", r.Raw)
 		}
 		b.waitShipped(t)
-		next := epoch()
+		ok, saw := met()
 		z, _ := events(1, apikey)
 		post(a, z) // fills A's segment: it ships, X with it
 		a.waitShipped(t)
 		if n := h.countIDs(t, tn.ID, xIDs); n != 1 {
-			t.Fatalf("attempt %d (epochs %s, %s): X is stored %d times, want once", attempt, lost, next, n)
+			t.Fatalf("attempt %d (%s): X is stored %d times, want once", attempt, saw, n)
 		}
-		if next == lost {
+		if ok {
 			return
 		}
-		t.Logf("attempt %d: the next history began in a later second (%s, %s); again", attempt, lost, next)
+		t.Logf("attempt %d: the loss fell too late (%s); again", attempt, saw)
 	}
-	t.Fatal("in ten attempts the next history never began in the lost one's second")
+	t.Fatal("in ten attempts the loss never fell in the history's first second")
+}
+
+func (h *harness) epoch(tenant uuid.UUID) string {
+	return h.env.Redis.Get(context.Background(), h.env.Prefix+"dedup:{"+tenant.String()+"}:epoch").Val()
+}
+
+// Redis loses its data within the second the tenant's claim history began, and the next history
+// begins in that second too. When A ships X, its verdict and its "complete" answer belong to the lost
+// history. With epochs in whole seconds A took them for the new one's and stored X a second time;
+// epochs now tell the histories apart.
+func TestAHistoryLostInItsFirstSecondVouchesForNothing(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, opts{writer: func(c *WriterConfig) { c.BatchRows, c.FlushInterval = 2, time.Minute }})
+	firstSecondRace(t, h, h.newInstance(t, opts{}), func() {}, func(tn uuid.UUID) func() (bool, string) {
+		lost := h.epoch(tn)
+		h.dropClaims(t, tn, false)
+		return func() (bool, string) {
+			next := h.epoch(tn)
+			return next == lost, "epochs " + lost + ", " + next
+		}
+	})
 }
 
 // Redis restarts from a snapshot within the second the tenant's claim history began: the epoch
-// survives, X's claim (made after the snapshot) does not. Instance A shipped a first batch (judging
-// the history complete) and holds X in its open segment; the client's retry of X goes to instance B,
-// which notices the new run id, claims X anew and stores it. With the restart floor in whole seconds
-// the floor (that second) did not rise above the epoch, so A kept X's verdict and its "complete"
-// answer and stored X a second time; the floor is now the instant the restart was noticed.
+// survives, X's claim (made after the snapshot) does not, and B notices the new run id. With the
+// restart floor in whole seconds the floor (that second) did not rise above the epoch, so A kept X's
+// verdict and its "complete" answer and stored X a second time; the floor is now the instant the
+// restart was noticed.
 func TestARestartNoticedInTheHistorysFirstSecondVouchesForNothing(t *testing.T) {
 	t.Parallel()
-	// A seals a segment at two rows and otherwise holds it for a minute.
 	h := newHarness(t, opts{writer: func(c *WriterConfig) { c.BatchRows, c.FlushInterval = 2, time.Minute }})
-	a, b := h.instance, h.newInstance(t, opts{})
+	b := h.newInstance(t, opts{})
 	ctx := context.Background()
 	var runID atomic.Value
+	var run atomic.Int32
 	runIDs := func(context.Context) (map[string]string, error) {
 		return map[string]string{"server": runID.Load().(string)}, nil
 	}
-	a.dedup.SetRunIDs(runIDs)
+	h.dedup.SetRunIDs(runIDs)
 	b.dedup.SetRunIDs(runIDs)
 	// Another tenant's long history, read to make an instance look at the run ids.
 	h.env.Redis.Set(ctx, h.env.Prefix+"dedup:{"+h.a.ID.String()+"}:epoch", time.Now().Add(-48*time.Hour).Unix(), 0)
-	apikey := func(int) map[string]any { return map[string]any{"event": "apikey.request"} }
-	for attempt := 1; attempt <= 10; attempt++ {
-		runID.Store(fmt.Sprintf("before-%d", attempt))
-		tn := fixture.Tenant(t, h.env.PG, fmt.Sprintf("restart-first-second-%d", attempt))
-		key, _ := fixture.Key(t, h.env.PG, tn.ID, "w", auth.ScopeEventsWrite)
-		post := func(in *instance, body []byte) resp {
-			t.Helper()
-			r := in.post(t, key, "/api/analytics/events", body, nil)
-			if r.Status != 202 {
-				t.Fatalf("post: %d %s", r.Status, r.Raw)
-			}
-			return r
-		}
-		// Both instances record this attempt's run id before the history begins (a look is at most
-		// a second old on the request path, and shipping always looks).
+	setup := func() {
+		runID.Store(fmt.Sprintf("before-%d", run.Add(1)))
+		// Both instances record the run id before the history begins (a look is at most a second
+		// old on the request path, and shipping always looks).
 		time.Sleep(1100 * time.Millisecond)
-		for _, in := range []*instance{a, b} {
+		for _, in := range []*instance{h.instance, b} {
 			if _, err := in.dedup.Epochs(ctx, []uuid.UUID{h.a.ID}); err != nil {
 				t.Fatal(err)
 			}
 		}
-		// Begin just after a second does, so that what follows fits in it.
-		time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(time.Second + 5*time.Millisecond)))
-		w, wIDs := events(2, apikey)
-		post(a, w)
-		h.waitStored(t, tn.ID, wIDs, 2)
-		x, xIDs := events(1, apikey)
-		post(a, x) // held in A's open segment
-		h.dropClaims(t, tn.ID, true)
-		runID.Store(fmt.Sprintf("after-%d", attempt)) // the server restarted from its snapshot
-		if r := post(b, x); r.accepted() != 1 {
-			t.Fatalf("X's retry to B: %s, want it accepted", r.Raw)
-		}
-		b.waitShipped(t)
-		epoch := h.env.Redis.Get(ctx, h.env.Prefix+"dedup:{"+tn.ID.String()+"}:epoch").Val()
-		floor := h.env.Redis.Get(ctx, h.env.Prefix+"dedup:{restarts}:floor").Val()
-		z, _ := events(1, apikey)
-		post(a, z) // fills A's segment: it ships, X with it
-		a.waitShipped(t)
-		if n := h.countIDs(t, tn.ID, xIDs); n != 1 {
-			t.Fatalf("attempt %d (epoch %s, restart noticed at %s): X is stored %d times, want once", attempt, epoch, floor, n)
-		}
-		if floor == epoch {
-			return
-		}
-		t.Logf("attempt %d: the restart was noticed in a later second (epoch %s, floor %s); again", attempt, epoch, floor)
 	}
-	t.Fatal("in ten attempts the restart was never noticed in the history's first second")
+	firstSecondRace(t, h, b, setup, func(tn uuid.UUID) func() (bool, string) {
+		h.dropClaims(t, tn, true)
+		runID.Store(fmt.Sprintf("after-%d", run.Load())) // the server restarted from its snapshot
+		return func() (bool, string) {
+			epoch, floor := h.epoch(tn), h.env.Redis.Get(ctx, h.env.Prefix+"dedup:{restarts}:floor").Val()
+			return floor == epoch, "epoch " + epoch + ", restart noticed at " + floor
+		}
+	})
 }
 
 // Redis loses everything (FLUSHALL, or a restart without persistence) while instance A's insert of
