@@ -58,6 +58,7 @@ type Store struct {
 	floorAt  time.Time         // when it was last looked at
 	floorNew time.Time         // when this process first saw the floor it holds (its own clock)
 	seen     map[string]string // run ids read last, for noticing a restart while Redis cannot record it
+	gen      string            // the generation of the recorded run ids last seen (restartScript)
 	runIDsFn func(ctx context.Context) (map[string]string, error)
 
 	holder atomic.Value // string: this process's liveness mark, once KeepAlive runs
@@ -420,24 +421,42 @@ func (s *Store) withFloor(ctx context.Context, epoch time.Time, maxAge time.Dura
 }
 
 // restartScript records the run ids of the Redis servers (KEYS[1], a hash: server -> run id) and
-// returns the floor: the latest time a server known before was seen with another run id, as unix
-// seconds (KEYS[2], which older releases read and write) and unix nanoseconds (KEYS[3]; the floor's
-// instant when the two agree). A server that restarted or failed over may be back with fewer keys
-// than it had (an RDB snapshot, a replica behind its master) while old epochs survived, so claims
-// made before then prove nothing. A hash missing raises it when the caller recorded run ids before
-// (ARGV[3] is 1): Redis lost everything — a restart without persistence, FLUSHALL — and an insert of
-// a lost history may still be under way (Store.Loss). Missing at first use it raises nothing. A
-// master never seen before in a cluster that had masters raises it too (a failover moves a shard to
-// another address).
+// returns the floor: the latest time a loss of claims was noticed, as unix seconds (KEYS[2], which
+// older releases read and write) and unix nanoseconds (KEYS[3]; the floor's instant when the two
+// agree), and the hash's generation. Two things raise it:
 //
-//	ARGV: now (unix seconds), now (unix nanoseconds), 1 if the caller recorded run ids before (else
-//	      0), then (server, run id) pairs
+//   - a server known before seen with another run id: it restarted or failed over, and may be back
+//     with fewer keys than it had (an RDB snapshot, a replica behind its master) while old epochs
+//     survived, so claims made before then prove nothing. A master never seen before in a cluster
+//     that had masters raises it too (a failover moves a shard to another address);
+//   - a generation other than the one the caller saw: the hash was created anew, so Redis lost
+//     everything (a restart without persistence, FLUSHALL) — whichever process looked first after.
+//     Once per generation ('~raised'): the other processes that saw the old one take that floor.
+//
+// A raised floor is later than the one it replaces and than the caller's (which a wipe may have
+// taken from Redis), by a microsecond if the clock says otherwise: two losses never share a floor,
+// so histories on either side of the second stay apart.
+//
+//	ARGV: now (unix seconds), now (unix nanoseconds), the caller's floor (unix seconds, unix
+//	      nanoseconds), the generation the caller saw ('' if none), a generation for a hash created
+//	      now, then (server, run id) pairs
 var restartScript = redis.NewScript(`
-local floor = tonumber(redis.call('GET', KEYS[2]) or '0')
-local at = redis.call('GET', KEYS[3]) or ''
+local function instant(sec, ns)
+  if string.sub(ns, 1, -10) ~= tostring(sec) then ns = string.format('%d000000000', sec) end
+  return sec, ns
+end
+local function later(s1, n1, s2, n2)
+  return s1 > s2 or (s1 == s2 and tonumber(n1) > tonumber(n2))
+end
+local floor, at = instant(tonumber(redis.call('GET', KEYS[2]) or '0'), redis.call('GET', KEYS[3]) or '')
 local known = redis.call('EXISTS', KEYS[1]) == 1
-local raised = not known and ARGV[3] == '1'
-for i = 4, #ARGV, 2 do
+local gen = redis.call('HGET', KEYS[1], '~generation')
+if not gen then
+  gen = ARGV[6]
+  redis.call('HSET', KEYS[1], '~generation', gen)
+end
+local raised = ARGV[5] ~= '' and ARGV[5] ~= gen and redis.call('HGET', KEYS[1], '~raised') ~= gen
+for i = 7, #ARGV, 2 do
   local prev = redis.call('HGET', KEYS[1], ARGV[i])
   if prev ~= ARGV[i + 1] then
     raised = raised or known
@@ -445,14 +464,20 @@ for i = 4, #ARGV, 2 do
   end
 end
 if raised then
-  local sec = tonumber(ARGV[1])
-  if sec > floor or (sec == floor and (at == '' or tonumber(ARGV[2]) > tonumber(at))) then
-    floor, at = sec, ARGV[2]
-    redis.call('SET', KEYS[2], floor)
-    redis.call('SET', KEYS[3], at)
+  local cs, cn = instant(tonumber(ARGV[3]), ARGV[4])
+  if later(cs, cn, floor, at) then floor, at = cs, cn end
+  local sec, ns = instant(tonumber(ARGV[1]), ARGV[2])
+  if not later(sec, ns, floor, at) then
+    local s, f = tonumber(string.sub(at, 1, -10)), tonumber(string.sub(at, -9)) + 1000
+    if f >= 1000000000 then s, f = s + 1, f - 1000000000 end
+    sec, ns = s, string.format('%d%09d', s, f)
   end
+  floor, at = sec, ns
+  redis.call('SET', KEYS[2], floor)
+  redis.call('SET', KEYS[3], at)
+  redis.call('HSET', KEYS[1], '~raised', gen)
 end
-return {tostring(floor), at}
+return {tostring(floor), at, gen}
 `)
 
 func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Time, error) {
@@ -461,25 +486,25 @@ func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Ti
 		defer s.mu.Unlock()
 		return s.floor, nil
 	}
-	read := s.runIDsFn
+	read, gen, mine := s.runIDsFn, s.gen, s.floor
 	s.mu.Unlock()
 	ids, err := read(ctx)
 	if err != nil {
 		return time.Time{}, fmt.Errorf("read redis run ids: %w", err)
 	}
 	now := s.now()
-	s.mu.Lock()
-	recorded := len(s.seen) > 0
-	s.mu.Unlock()
-	args := []any{now.Unix(), now.UnixNano(), 0}
-	if recorded {
-		args[2] = 1
+	args := []any{now.Unix(), now.UnixNano(), mine.Unix(), mine.UnixNano(), gen, uuid.NewString()}
+	if mine.IsZero() {
+		args[2], args[3] = 0, ""
 	}
 	for server, id := range ids {
 		args = append(args, server, id)
 	}
 	keys := []string{s.prefix + "dedup:{restarts}", s.prefix + "dedup:{restarts}:floor", s.prefix + "dedup:{restarts}:at"}
 	res, err := restartScript.Run(ctx, s.rdb, keys, args...).StringSlice()
+	// Seen once the answer is here: a loss the script found may have happened after now was read
+	// (a retried or delayed call), and inserts resting on the lost claims begin before this.
+	seen := s.now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err != nil {
@@ -490,16 +515,16 @@ func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Ti
 		// still noticed, from the run ids this process read before; floorAt stays, so the record is
 		// tried again at the next look.
 		for server, id := range ids {
-			if prev, ok := s.seen[server]; ok && prev != id && now.After(s.floor) {
-				s.floor, s.floorNew = now.UTC(), now
+			if prev, ok := s.seen[server]; ok && prev != id {
+				s.floor, s.floorNew = laterFloor(s.floor, now.UTC()), seen
 			}
 		}
 		s.seen = ids
 		return s.floor, nil
 	}
 	s.seen = ids
-	if len(res) != 2 {
-		return time.Time{}, fmt.Errorf("record redis run ids: %d values in the reply, want 2", len(res))
+	if len(res) != 3 {
+		return time.Time{}, fmt.Errorf("record redis run ids: %d values in the reply, want 3", len(res))
 	}
 	// To the nanosecond: a restart noticed within the second a tenant's history began must still
 	// rise above its epoch (TestARestartNoticedInTheHistorysFirstSecondVouchesForNothing).
@@ -507,11 +532,20 @@ func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Ti
 	if err != nil {
 		return time.Time{}, fmt.Errorf("restart floor: %w", err)
 	}
+	s.gen = res[2]
 	if floor.Unix() > 0 && floor.After(s.floor) {
-		s.floor, s.floorNew = floor, now
+		s.floor, s.floorNew = floor, seen
 	}
 	s.floorAt = now
 	return s.floor, nil
+}
+
+// laterFloor is a floor raised at now: later than the one it replaces (restartScript).
+func laterFloor(floor, now time.Time) time.Time {
+	if now.After(floor) {
+		return now
+	}
+	return floor.Add(time.Microsecond)
 }
 
 // Loss returns the latest Redis data loss this process knows of (a restart, a failover, everything

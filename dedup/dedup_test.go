@@ -512,8 +512,10 @@ func TestARestartNoticedInTheSecondAHistoryBeganRaisesItsEpoch(t *testing.T) {
 }
 
 // Redis losing everything (FLUSHALL, a restart without persistence) takes the recorded run ids with
-// it: a process that recorded them before notices the loss (it raised nothing, and Loss said
-// nothing, so shipping could not wait for the inserts of the lost histories); a first look does not.
+// it. A process that recorded them before notices the loss — even when another process, which never
+// looked before (just started), looks first and records them anew — and a first look raises nothing.
+// (Before, nothing noticed a wipe, so shipping could not wait for the inserts of the lost histories;
+// then a process looking first hid it from the others.)
 func TestALossOfEverythingIsNoticedByAProcessThatLookedBefore(t *testing.T) {
 	s, env := newStore(t)
 	ctx := context.Background()
@@ -527,6 +529,15 @@ func TestALossOfEverythingIsNoticedByAProcessThatLookedBefore(t *testing.T) {
 		t.Fatalf("first use: loss %v seen %v, want none", floor, seen)
 	}
 	testenv.DelKeys(ctx, env.Redis, env.Prefix+"*")
+	// A process started after the wipe looks first: nothing to compare with, it raises nothing.
+	fresh := NewStore(env.Redis, env.Prefix, time.Hour, nil)
+	fresh.now = func() time.Time { return at }
+	if _, err := fresh.Epochs(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	if floor, _ := fresh.Loss(); !floor.IsZero() {
+		t.Fatalf("a process that never looked before: loss %v, want none", floor)
+	}
 	at = at.Add(300 * time.Millisecond)
 	epochs, err := s.Epochs(ctx, []uuid.UUID{tn})
 	if err != nil {
@@ -538,17 +549,70 @@ func TestALossOfEverythingIsNoticedByAProcessThatLookedBefore(t *testing.T) {
 	if len(epochs) != 0 {
 		t.Errorf("epochs %v after the wipe, want none (no history yet)", epochs)
 	}
-	// A process that never looked before sees the floor, first at its own time.
+	// Another process sees the floor, first at its own time.
 	other := NewStore(env.Redis, env.Prefix, time.Hour, nil)
 	later := at.Add(time.Second)
 	other.now = func() time.Time { return later }
-	if _, err := other.Epochs(ctx, nil); err != nil {
-		t.Fatal(err)
-	}
 	if _, _, err := other.Claim(ctx, tn, 'e', 2, []uuid.UUID{uuid.New()}, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	if floor, seen := other.Loss(); !floor.Equal(at) || !seen.Equal(later) {
 		t.Errorf("another process: loss %v seen %v, want %v seen %v", floor, seen, at, later)
+	}
+}
+
+// Two wipes within the clocks' difference: the first noticed by a process whose clock runs 4 s fast,
+// the second, 2 s later, by one with the true clock — whose now is below the floor, and which the
+// wipe left without a floor in Redis. The second loss must still be a new floor, later than the
+// first, or Loss reports nothing new (shipping does not wait for the inserts it cut short) and
+// histories begun on both sides of it share the floor as their epoch.
+func TestASecondLossWithinTheClocksDifferenceIsANewFloor(t *testing.T) {
+	s, env := newStore(t)
+	ctx := context.Background()
+	fast := NewStore(env.Redis, env.Prefix, time.Hour, nil)
+	base := time.Now()
+	at := base
+	s.now = func() time.Time { return at }
+	fast.now = func() time.Time { return at.Add(4 * time.Second) }
+	tn := uuid.New()
+	for _, st := range []*Store{s, fast} {
+		if _, err := st.Epochs(ctx, []uuid.UUID{tn}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testenv.DelKeys(ctx, env.Redis, env.Prefix+"*")
+	at = base.Add(100 * time.Millisecond)
+	for _, st := range []*Store{fast, s} { // the fast one notices first
+		if _, err := st.Epochs(ctx, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f1, _ := s.Loss()
+	at = base.Add(500 * time.Millisecond)
+	_, e2, err := s.Claim(ctx, tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testenv.DelKeys(ctx, env.Redis, env.Prefix+"*")
+	at = base.Add(2 * time.Second)
+	for _, st := range []*Store{s, fast} { // the true clock notices first
+		if _, err := st.Epochs(ctx, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	at = base.Add(2500 * time.Millisecond)
+	_, e3, err := s.Claim(ctx, tn, 'e', 2, []uuid.UUID{uuid.New()}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f2, seen2 := s.Loss()
+	if !f2.After(f1) || !seen2.Equal(at.Add(-500*time.Millisecond)) {
+		t.Errorf("after the second wipe: floor %v (first %v) seen %v: want a later floor, seen at %v", f2, f1, seen2, at.Add(-500*time.Millisecond))
+	}
+	if ff, _ := fast.Loss(); !ff.Equal(f2) {
+		t.Errorf("the fast process's floor %v, want the same %v", ff, f2)
+	}
+	if e2.Equal(e3) {
+		t.Errorf("histories on both sides of the second wipe have one epoch %v", e2)
 	}
 }

@@ -8,6 +8,7 @@ import (
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/ext"
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/schema"
@@ -24,22 +25,45 @@ const insertBlockRows = 8192
 
 // insert inserts its (one kind, one day) as one INSERT. Its query id starts with the segment's id, so
 // a retry can find an attempt still running on the server (awaitAttempts).
-func (sh *shipper) insert(ctx context.Context, s *segment, kind Kind, its []item) error {
+func (sh *shipper) insert(ctx context.Context, s *segment, kind Kind, its []item, sp *shipment) error {
 	ctx, cancel := context.WithTimeout(ctx, sh.cfg.InsertTimeout)
 	defer cancel()
-	ctx = clickhouse.Context(ctx, clickhouse.WithQueryID(fmt.Sprintf("ingest-%s-%d", s.id, sh.queries.Add(1))))
+	table, columns := sh.db+".events", "(tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)"
 	if kind == KindIncrement {
-		return sh.insertIncrements(ctx, its)
+		table, columns = sh.db+".usage_increments", "(tenant_id, ts, id, metric, n)"
 	}
-	return sh.insertEvents(ctx, its)
-}
-
-func (sh *shipper) insertEvents(ctx context.Context, its []item) error {
-	table := sh.db + ".events"
-	batch, err := sh.ch.PrepareBatch(ctx, "INSERT INTO "+table+" (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
+	batch, err := sh.prepare(ctx, s, sp, "INSERT INTO "+table+" "+columns)
 	if err != nil {
 		return fmt.Errorf("insert into %s: prepare: %w", table, err)
 	}
+	if kind == KindIncrement {
+		return insertIncrements(batch, table, its)
+	}
+	return insertEvents(batch, table, its)
+}
+
+// prepare begins an INSERT — from here on the server lists it in system.processes — at most
+// historyAge after the claim histories its rows were judged in were read (histories.go). Taking a
+// connection can take longer (a full pool, a dial to a server that is down): an INSERT begun late is
+// aborted before any of its data leaves, so it cannot commit, and begun again after a fresh read.
+func (sh *shipper) prepare(ctx context.Context, s *segment, sp *shipment, query string) (driver.Batch, error) {
+	for try := 1; ; try++ {
+		if err := sh.fresh(ctx, sp); err != nil {
+			return nil, err
+		}
+		qctx := clickhouse.Context(ctx, clickhouse.WithQueryID(fmt.Sprintf("ingest-%s-%d", s.id, sh.queries.Add(1))))
+		batch, err := sh.ch.PrepareBatch(qctx, query)
+		if err != nil || sp.current() {
+			return batch, err
+		}
+		_ = batch.Abort()
+		if try == 3 {
+			return nil, fmt.Errorf("the server took more than %s to begin the insert, three times", historyAge)
+		}
+	}
+}
+
+func insertEvents(batch driver.Batch, table string, its []item) error {
 	n := min(len(its), insertBlockRows)
 	tenant, id := make([]uuid.UUID, 0, n), make([]uuid.UUID, 0, n)
 	ts, recv := make([]time.Time, 0, n), make([]time.Time, 0, n)
@@ -86,12 +110,7 @@ func (sh *shipper) insertEvents(ctx context.Context, its []item) error {
 	return nil
 }
 
-func (sh *shipper) insertIncrements(ctx context.Context, its []item) error {
-	table := sh.db + ".usage_increments"
-	batch, err := sh.ch.PrepareBatch(ctx, "INSERT INTO "+table+" (tenant_id, ts, id, metric, n)")
-	if err != nil {
-		return fmt.Errorf("insert into %s: prepare: %w", table, err)
-	}
+func insertIncrements(batch driver.Batch, table string, its []item) error {
 	n := len(its)
 	tenant, ts, id, metric, amount := make([]uuid.UUID, n), make([]time.Time, n), make([]uuid.UUID, n), make([]string, n), make([]int64, n)
 	for i, it := range its {

@@ -24,6 +24,11 @@ type faultConn struct {
 	// from PrepareBatch on, and they commit (and return) when the data is sent.
 	slow    int
 	slowFor time.Duration
+	// The next `reachLate` inserts reach the server only after reachLateBy (a full pool, a dial to a
+	// server that is down); reaching is closed when the first begins to wait.
+	reachLate   int
+	reachLateBy time.Duration
+	reaching    chan struct{}
 	// The next query (QueryRow) containing stallQuery is answered stallFor after the server answered
 	// it; stalled is closed when it begins to wait.
 	stallQuery string
@@ -48,7 +53,14 @@ func (f *faultConn) PrepareBatch(ctx context.Context, query string, opts ...driv
 		f.slow--
 		slow = f.slowFor
 	}
+	var reachLate time.Duration
+	if f.reachLate > 0 && strings.HasPrefix(query, "INSERT") {
+		f.reachLate--
+		reachLate = f.reachLateBy
+		close(f.reaching)
+	}
 	f.mu.Unlock()
+	time.Sleep(reachLate)
 	b, err := f.Conn.PrepareBatch(ctx, query, opts...)
 	if err != nil {
 		return nil, err

@@ -17,6 +17,7 @@ import (
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/dedup"
 	"github.com/analyticsd/analyticsd/ingest/spool"
+	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 )
@@ -446,11 +447,23 @@ func TestARestartNoticedInTheHistorysFirstSecondVouchesForNothing(t *testing.T) 
 // An instance that notices the loss now lets the inserts begun before it settle first.
 func TestAnInsertUnderWayAtARedisLossIsSettledBeforeTheRetryShips(t *testing.T) {
 	t.Parallel()
-	fc := &faultConn{slow: 1, slowFor: 2 * time.Second}
+	// 5 s: longer than the wait before the gate looks, so only finding the insert running holds B.
+	fc := &faultConn{slow: 1, slowFor: 5 * time.Second}
 	h := newHarness(t, opts{ch: func(c driver.Conn) driver.Conn { fc.Conn = c; return fc }})
 	b := h.newInstance(t, opts{})
+	x := h.lossRace(t, b, func() { fc.await(t, func() bool { return fc.slow == 0 }) }, nil)
+	if n := h.countIDs(t, h.a.ID, x); n != 1 {
+		t.Errorf("X is stored %d times, want once", n)
+	}
+}
+
+// lossRace is the sequence the tests of a loss of everything share: both instances look at Redis
+// (as running instances have), instance A accepts X and ships it; once begun() returns, Redis loses
+// everything of the test's prefix (the claims and the run ids recorded), after (if set) runs, and
+// the client's retry of X goes to instance B. It returns X's id once both instances shipped.
+func (h *harness) lossRace(t *testing.T, b *instance, begun, after func()) []string {
+	t.Helper()
 	ctx := context.Background()
-	// Both instances have looked at Redis before the loss (as running instances have).
 	h.env.Redis.Set(ctx, h.env.Prefix+"dedup:{"+h.b.ID.String()+"}:epoch", time.Now().Add(-48*time.Hour).Unix(), 0)
 	for _, in := range []*instance{h.instance, b} {
 		if _, err := in.dedup.Epochs(ctx, []uuid.UUID{h.b.ID}); err != nil {
@@ -461,68 +474,125 @@ func TestAnInsertUnderWayAtARedisLossIsSettledBeforeTheRetryShips(t *testing.T) 
 	if r := h.post(t, h.keyA, "/api/analytics/events", x, nil); r.Status != 202 {
 		t.Fatalf("X: %d %s", r.Status, r.Raw)
 	}
-	testenv.Eventually(t, 10*time.Second, func() error { // A's insert of X has begun
-		fc.mu.Lock()
-		defer fc.mu.Unlock()
-		if fc.slow > 0 {
-			return fmt.Errorf("A has not begun inserting X")
-		}
-		return nil
-	})
-	// Redis loses everything of this test's prefix: the claims and the run ids recorded.
+	begun()
 	keys, _ := testenv.Keys(ctx, h.env.Redis, h.env.Prefix+"*")
 	for _, k := range keys {
 		h.env.Redis.Del(ctx, k)
+	}
+	if after != nil {
+		after()
 	}
 	if r := b.post(t, h.keyA, "/api/analytics/events", x, nil); r.Status != 202 || r.accepted() != 1 {
 		t.Fatalf("X's retry to B: %d %s, want it accepted", r.Status, r.Raw)
 	}
 	b.waitShipped(t)
 	h.waitShipped(t)
-	if n := h.countIDs(t, h.a.ID, xIDs); n != 1 {
+	return xIDs
+}
+
+// await waits until done (asked under the connection's lock) holds.
+func (f *faultConn) await(t *testing.T, done func() bool) {
+	t.Helper()
+	testenv.Eventually(t, 10*time.Second, func() error {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		if !done() {
+			return fmt.Errorf("the scripted insert has not begun")
+		}
+		return nil
+	})
+}
+
+// The same race, with a process that never looked at Redis before (an instance just restarted, `spool
+// drain`) looking first after the loss: it records the run ids anew, with nothing to compare them
+// to. Before, that hid the loss from every process that had recorded them: B never waited, and X was
+// stored twice. The record's generation tells them it is new.
+func TestAProcessLookingFirstAfterALossDoesNotHideIt(t *testing.T) {
+	t.Parallel()
+	fc := &faultConn{slow: 1, slowFor: 5 * time.Second}
+	h := newHarness(t, opts{ch: func(c driver.Conn) driver.Conn { fc.Conn = c; return fc }})
+	b := h.newInstance(t, opts{})
+	x := h.lossRace(t, b, func() { fc.await(t, func() bool { return fc.slow == 0 }) }, func() {
+		if _, err := h.newInstance(t, opts{}).dedup.Epochs(context.Background(), nil); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if n := h.countIDs(t, h.a.ID, x); n != 1 {
 		t.Errorf("X is stored %d times, want once", n)
+	}
+}
+
+// The same race, with A's insert reaching the server 8 s after A read X's claim history (A waited
+// for a connection): B, having waited for the inserts begun before the loss, found none and stored X;
+// then A's insert arrived and stored it again. An insert the server lists too late is now aborted
+// before its data leaves, and begun again after the histories are read afresh.
+func TestAnInsertTheServerSeesLateIsBegunAgain(t *testing.T) {
+	t.Parallel()
+	// 8 s: past B's wait however long the inserts of tests running beside it prolong it.
+	fc := &faultConn{reachLate: 1, reachLateBy: 8 * time.Second, reaching: make(chan struct{})}
+	h := newHarness(t, opts{ch: func(c driver.Conn) driver.Conn { fc.Conn = c; return fc }})
+	b := h.newInstance(t, opts{})
+	x := h.lossRace(t, b, func() {
+		select {
+		case <-fc.reaching:
+		case <-time.After(10 * time.Second):
+			t.Fatal("A never began inserting X")
+		}
+	}, nil)
+	if n := h.countIDs(t, h.a.ID, x); n != 1 {
+		t.Errorf("X is stored %d times, want once", n)
+	}
+}
+
+// With clocks shifted (the fault suite's testclock moves an instance's clock by hours to cross
+// midnight), the wait for inserts begun before a loss mixed the shifted clock the loss was seen by
+// with the real one: 3 h ahead, every shipment of rows whose claims prove nothing waited until its
+// deadline, and the spool never drained.
+func TestAShiftedClockDoesNotStallTheWaitAfterALoss(t *testing.T) {
+	old := clock.Now
+	clock.Now = func() time.Time { return time.Now().Add(3 * time.Hour) }
+	t.Cleanup(func() { clock.Now = old })
+	h := newHarness(t, opts{})
+	ctx := context.Background()
+	if _, err := h.dedup.Epochs(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	keys, _ := testenv.Keys(ctx, h.env.Redis, h.env.Prefix+"*")
+	for _, k := range keys {
+		h.env.Redis.Del(ctx, k)
+	}
+	if _, err := h.dedup.Epochs(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	if floor, _ := h.dedup.Loss(); floor.IsZero() {
+		t.Fatal("the loss was not noticed")
+	}
+	cctx, cancel := context.WithTimeout(ctx, 8*time.Second)
+	defer cancel()
+	start := time.Now()
+	if err := h.w.sh.awaitLoss(cctx); err != nil {
+		t.Errorf("the wait after the loss: %v after %v, want done in about 2 s", err, time.Since(start))
 	}
 }
 
 // The other end of the same race: instance A read X's claim history and judged it complete, then
 // took 4 s (the answer slow to come back) before inserting — long after Redis lost everything and
-// instance B, having waited out the inserts begun before the loss, stored X's retry.
-// An insert now begins at most historyAge after the histories were read, or they are read again:
-// A finds the history changed, judges X again and drops it (B's batch holds it).
+// instance B, having waited out the inserts begun before the loss, stored X's retry. An insert now
+// begins at most historyAge after the histories were read, or they are read again: A finds the
+// history changed, judges X again and drops it (B's batch holds it).
 func TestAnInsertBegunLongAfterItsHistoryWasReadIsJudgedAgain(t *testing.T) {
 	t.Parallel()
 	fc := &faultConn{stallQuery: "received_at >= ?", stallFor: 4 * time.Second, stalled: make(chan struct{})}
 	h := newHarness(t, opts{ch: func(c driver.Conn) driver.Conn { fc.Conn = c; return fc }})
 	b := h.newInstance(t, opts{})
-	ctx := context.Background()
-	h.env.Redis.Set(ctx, h.env.Prefix+"dedup:{"+h.b.ID.String()+"}:epoch", time.Now().Add(-48*time.Hour).Unix(), 0)
-	for _, in := range []*instance{h.instance, b} {
-		if _, err := in.dedup.Epochs(ctx, []uuid.UUID{h.b.ID}); err != nil {
-			t.Fatal(err)
+	x := h.lossRace(t, b, func() {
+		select { // A has judged X's history complete and waits for the answer
+		case <-fc.stalled:
+		case <-time.After(10 * time.Second):
+			t.Fatal("A never asked whether X's history is complete")
 		}
-	}
-	x, xIDs := events(1, func(int) map[string]any { return map[string]any{"event": "apikey.request"} })
-	if r := h.post(t, h.keyA, "/api/analytics/events", x, nil); r.Status != 202 {
-		t.Fatalf("X: %d %s", r.Status, r.Raw)
-	}
-	select { // A has judged X's history complete and waits for the answer
-	case <-fc.stalled:
-	case <-time.After(10 * time.Second):
-		t.Fatal("A never asked whether X's history is complete")
-	}
-	keys, _ := testenv.Keys(ctx, h.env.Redis, h.env.Prefix+"*")
-	for _, k := range keys {
-		h.env.Redis.Del(ctx, k)
-	}
-	if r := b.post(t, h.keyA, "/api/analytics/events", x, nil); r.Status != 202 || r.accepted() != 1 {
-		t.Fatalf("X's retry to B: %d %s, want it accepted", r.Status, r.Raw)
-	}
-	b.waitShipped(t)
-	if n := h.countIDs(t, h.a.ID, xIDs); n != 1 {
-		t.Fatalf("B stored X %d times before A shipped, want once", n)
-	}
-	h.waitShipped(t)
-	if n := h.countIDs(t, h.a.ID, xIDs); n != 1 {
+	}, nil)
+	if n := h.countIDs(t, h.a.ID, x); n != 1 {
 		t.Errorf("X is stored %d times, want once", n)
 	}
 }

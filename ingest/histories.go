@@ -8,6 +8,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/schema"
 )
 
@@ -20,20 +21,23 @@ import (
 // insert commits ClickHouse cannot either: a check (or the "history complete" question) made in
 // between finds nothing and the retry is stored a second time. So the two ends are bounded:
 //
-//   - an insert begins at most historyAge after the claim histories its rows were judged in were
-//     read; past that they are read again, and a history that changed sends the chunk back to be
-//     judged afresh (fresh);
+//   - an insert begins — is listed by the server — at most historyAge after the claim histories its
+//     rows were judged in were read; past that they are read again, and a history that changed
+//     sends the chunk back to be judged afresh (fresh; prepare aborts an insert the server listed
+//     too late, before any of its data left);
 //   - an instance that notices a loss judges no row whose claim proves nothing until every insert
 //     that can have begun before then — historyAge after it saw the loss, plus a margin — has
 //     finished on every server (awaitLoss). Only the first rows shipped after a loss wait: a few
-//     seconds, once per loss and process.
+//     seconds, once per loss and process. A loss is a raised restart floor (dedup): a restart or
+//     failover, or a wipe that the run ids' record, created anew, shows.
 
 // historyAge is how long after the claim histories were read an insert of the rows judged in them may
 // begin.
 const historyAge = time.Second
 
-// settleMargin: historyAge, and a second for a request to reach the server and the server's own
-// clock reading (system.processes' elapsed) to differ from ours.
+// settleMargin: historyAge, and a second for the request to reach the server (whose elapsed, in
+// system.processes, counts from when it lists the query) and for the loss to have been noticed
+// before it was seen here.
 const settleMargin = historyAge + time.Second
 
 // errHistoryChanged: a tenant's claim history changed (Redis lost claims) while its rows were being
@@ -52,10 +56,16 @@ type shipment struct {
 	readAt time.Time
 }
 
+// current reports whether an insert of sp's rows may begin now: historyAge has not passed since their
+// claim histories were read (or none were).
+func (sp *shipment) current() bool {
+	return len(sp.epochs) == 0 || time.Since(sp.readAt) < historyAge
+}
+
 // fresh makes sure the claim histories sp's rows were judged in were current at most historyAge ago,
 // reading them again if needed: an insert may begin only then.
 func (sh *shipper) fresh(ctx context.Context, sp *shipment) error {
-	if sh.claims == nil || len(sp.epochs) == 0 || time.Since(sp.readAt) < historyAge {
+	if sh.claims == nil || sp.current() {
 		return nil
 	}
 	at := time.Now()
@@ -76,9 +86,15 @@ func (sh *shipper) fresh(ctx context.Context, sp *shipment) error {
 	return nil
 }
 
+// errLossSettling: rows whose claims prove nothing wait for inserts begun before a loss of claims
+// to finish (awaitLoss). Not an insert failure.
+var errLossSettling = errors.New("rows whose claims prove nothing wait for inserts begun before Redis lost claims")
+
 // awaitLoss returns once no insert that can rest on claims the latest loss took is still running on
 // any server (see the top of this file). Asked by every shipment with rows whose claims prove
-// nothing; after the first answer for a loss it costs a mutex.
+// nothing; after the first answer for a loss it costs a mutex. Inserts still running a whole
+// InsertTimeout later were given up by their clients: they are stopped, and their segments' own
+// retries find what they stored (awaitAttempts).
 func (sh *shipper) awaitLoss(ctx context.Context) error {
 	if sh.claims == nil {
 		return nil
@@ -87,21 +103,28 @@ func (sh *shipper) awaitLoss(ctx context.Context) error {
 	if floor.IsZero() {
 		return nil
 	}
-	// By this process's clock, the loss happened before it saw it, and before the floor plus the
-	// clocks' difference (the floor is the clock of whichever process noticed it first).
+	// By this process's clock (clock.Now, as the loss was seen by), the loss happened before it saw
+	// it, and before the floor plus the clocks' difference (the floor is the clock of whichever
+	// process noticed it first).
 	since := seen
 	if f := floor.Add(maxClockSkew); f.Before(since) {
 		since = f
 	}
-	since = since.Add(settleMargin)
+	since = since.Add(settleMargin).Round(0)
 	sh.lossMu.Lock()
 	defer sh.lossMu.Unlock()
 	if sh.lossSettled.Equal(since) {
 		return nil
 	}
-	if d := time.Until(since); d > 0 {
+	if clock.Now().Sub(since) > 2*sh.cfg.InsertTimeout {
+		// An old loss (a process starting long after it): whatever began before is long done or
+		// was stopped. Not asked, so a server that cannot be reached does not hold rows back.
+		sh.lossSettled = since
+		return nil
+	}
+	if d := since.Sub(clock.Now()); d > 0 {
 		sh.log.Info("redis lost claims: rows whose claims prove nothing wait until the inserts begun before are done",
-			"loss_noticed", floor, "wait", d.Round(time.Millisecond))
+			"floor", floor, "wait", d.Round(time.Millisecond))
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -110,35 +133,41 @@ func (sh *shipper) awaitLoss(ctx context.Context) error {
 	}
 	servers, err := sh.servers(ctx, "an insert begun before Redis lost claims")
 	if err != nil {
-		return err
+		return fmt.Errorf("%w: %w", errLossSettling, err)
 	}
 	defer schema.CloseAll(servers[1:])
-	deadline := time.Now().Add(sh.cfg.InsertTimeout)
+	const before = "(query_id LIKE 'ingest-%' OR initial_query_id LIKE 'ingest-%') AND elapsed >= ?"
+	start := time.Now()
 	for {
 		running := 0
 		for _, sv := range servers {
 			var n uint64
 			qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			err := sv.QueryRow(qctx, "SELECT count() FROM system.processes WHERE (query_id LIKE 'ingest-%' OR initial_query_id LIKE 'ingest-%') AND elapsed >= ?",
-				time.Since(since).Seconds()).Scan(&n)
+			age := clock.Now().Sub(since).Seconds()
+			err := sv.QueryRow(qctx, "SELECT count() FROM system.processes WHERE "+before, age).Scan(&n)
 			cancel()
 			if err != nil {
-				return fmt.Errorf("look for an insert begun before Redis lost claims on %s: %w", sv.Addr, err)
+				return fmt.Errorf("%w: look on %s: %w", errLossSettling, sv.Addr, err)
 			}
-			if n > 0 {
-				running++
+			if n == 0 {
+				continue
+			}
+			running++
+			if time.Since(start) > sh.cfg.InsertTimeout {
+				sh.log.Warn("inserts begun before redis lost claims still run; stopping them", "server", sv.Addr, "inserts", n)
+				// Exec: 18.16 answers KILL QUERY in a form the driver's Query reads as EOF.
+				if err := sv.Exec(ctx, "KILL QUERY WHERE "+before+" SYNC", age); err != nil {
+					return fmt.Errorf("%w: stop them on %s: %w", errLossSettling, sv.Addr, err)
+				}
 			}
 		}
 		if running == 0 {
 			sh.lossSettled = since
 			return nil
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("inserts begun before Redis lost claims still run on %d servers after %s; rows whose claims prove nothing wait", running, sh.cfg.InsertTimeout)
-		}
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			return fmt.Errorf("%w: %d servers still run them: %w", errLossSettling, running, ctx.Err())
 		case <-time.After(50 * time.Millisecond):
 		}
 	}

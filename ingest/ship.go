@@ -719,11 +719,8 @@ func (sh *shipper) insertIsolating(ctx context.Context, s *segment, kind Kind, i
 	if sp.budget <= 0 {
 		return 0, unresolved(errNotTried), nil
 	}
-	if err := sh.fresh(ctx, sp); err != nil {
-		return 0, nil, err
-	}
 	sp.budget--
-	err := sh.insert(ctx, s, kind, its)
+	err := sh.insert(ctx, s, kind, its, sp)
 	if err == nil {
 		ok.Store(time.Now().UnixNano())
 		return len(its), nil, nil

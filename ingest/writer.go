@@ -588,7 +588,9 @@ func (w *Writer) flushLoop() {
 			case <-time.After(backoff):
 			case <-w.drainDeadline():
 			}
-			backoff = min(backoff*2, w.cfg.RetryMax)
+			if !errors.Is(err, errHistoryChanged) { // judged again at the first pause
+				backoff = min(backoff*2, w.cfg.RetryMax)
+			}
 		}
 	}
 }
@@ -616,8 +618,9 @@ func (w *Writer) drainExpired() bool {
 }
 
 func (w *Writer) noteError(err error) {
-	if errors.Is(err, errHistoryChanged) {
-		// Not a failure: the rows are judged again at once (histories.go).
+	if errors.Is(err, errHistoryChanged) || errors.Is(err, errLossSettling) {
+		// Not insert failures: the rows wait for, or are judged again after, a loss of claims
+		// (histories.go).
 		w.log.Info("shipping a segment again", "err", err)
 		return
 	}
