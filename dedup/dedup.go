@@ -56,7 +56,8 @@ type Store struct {
 	mu       sync.Mutex
 	floor    time.Time         // the latest Redis restart noticed (see restartFloor)
 	floorAt  time.Time         // when it was last looked at
-	floorNew time.Time         // when this process first saw the floor it holds (its own clock)
+	loss     time.Time         // the latest loss of claims this process knows of (see Loss)
+	lossSeen time.Time         // when it first learnt of it, by its own clock
 	seen     map[string]string // run ids read last, for noticing a restart while Redis cannot record it
 	gen      string            // the generation of the recorded run ids last seen (restartScript)
 	runIDsFn func(ctx context.Context) (map[string]string, error)
@@ -399,10 +400,7 @@ func (s *Store) Epochs(ctx context.Context, tenants []uuid.UUID) (map[uuid.UUID]
 		if err != nil {
 			return nil, err
 		}
-		out[t] = epoch
-		if floor.After(epoch) {
-			out[t] = floor
-		}
+		out[t] = raised(epoch, floor)
 	}
 	return out, nil
 }
@@ -414,10 +412,25 @@ func (s *Store) withFloor(ctx context.Context, epoch time.Time, maxAge time.Dura
 	if err != nil {
 		return time.Time{}, err
 	}
-	if floor.After(epoch) {
-		return floor, nil
+	return raised(epoch, floor), nil
+}
+
+// clockSkew is how far apart the clocks of the processes sharing Redis are assumed to be at most
+// (ingest's maxClockSkew).
+const clockSkew = 5 * time.Second
+
+// raised is an epoch under a restart floor: the floor and clockSkew more, if the epoch is earlier. The
+// epoch is the clock of the process that began the history, the floor this one's: a history a
+// process 3 s fast began just before a loss noticed here is earlier than its stamp says, and its
+// verdicts must not stand (TestAnEpochStampedByAFastClockIsRaisedByALaterLoss).
+func raised(epoch, floor time.Time) time.Time {
+	if floor.IsZero() {
+		return epoch
 	}
-	return epoch, nil
+	if f := floor.Add(clockSkew); f.After(epoch) {
+		return f
+	}
+	return epoch
 }
 
 // restartScript records the run ids of the Redis servers (KEYS[1], a hash: server -> run id) and
@@ -435,7 +448,8 @@ func (s *Store) withFloor(ctx context.Context, epoch time.Time, maxAge time.Dura
 //
 // A raised floor is later than the one it replaces and than the caller's (which a wipe may have
 // taken from Redis), by a microsecond if the clock says otherwise: two losses never share a floor,
-// so histories on either side of the second stay apart.
+// so histories on either side of the second stay apart. The reply also says when the generation was
+// created ('~created', unix nanoseconds).
 //
 //	ARGV: now (unix seconds), now (unix nanoseconds), the caller's floor (unix seconds, unix
 //	      nanoseconds), the generation the caller saw ('' if none), a generation for a hash created
@@ -453,7 +467,7 @@ local known = redis.call('EXISTS', KEYS[1]) == 1
 local gen = redis.call('HGET', KEYS[1], '~generation')
 if not gen then
   gen = ARGV[6]
-  redis.call('HSET', KEYS[1], '~generation', gen)
+  redis.call('HSET', KEYS[1], '~generation', gen, '~created', ARGV[2])
 end
 local raised = ARGV[5] ~= '' and ARGV[5] ~= gen and redis.call('HGET', KEYS[1], '~raised') ~= gen
 for i = 7, #ARGV, 2 do
@@ -477,7 +491,7 @@ if raised then
   redis.call('SET', KEYS[3], at)
   redis.call('HSET', KEYS[1], '~raised', gen)
 end
-return {tostring(floor), at, gen}
+return {tostring(floor), at, gen, redis.call('HGET', KEYS[1], '~created') or ''}
 `)
 
 func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Time, error) {
@@ -514,17 +528,14 @@ func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Ti
 		// The master holding {restarts} is down: every other master's tenants go on. A restart is
 		// still noticed, from the run ids this process read before; floorAt stays, so the record is
 		// tried again at the next look.
-		for server, id := range ids {
-			if prev, ok := s.seen[server]; ok && prev != id {
-				s.floor, s.floorNew = laterFloor(s.floor, now.UTC()), seen
-			}
+		if s.changed(ids) {
+			s.raise(laterFloor(s.floor, now.UTC()), seen)
 		}
 		s.seen = ids
 		return s.floor, nil
 	}
-	s.seen = ids
-	if len(res) != 3 {
-		return time.Time{}, fmt.Errorf("record redis run ids: %d values in the reply, want 3", len(res))
+	if len(res) != 4 {
+		return time.Time{}, fmt.Errorf("record redis run ids: %d values in the reply, want 4", len(res))
 	}
 	// To the nanosecond: a restart noticed within the second a tenant's history began must still
 	// rise above its epoch (TestARestartNoticedInTheHistorysFirstSecondVouchesForNothing).
@@ -532,12 +543,60 @@ func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Ti
 	if err != nil {
 		return time.Time{}, fmt.Errorf("restart floor: %w", err)
 	}
-	s.gen = res[2]
+	// A loss this process sees for itself — the record it saw was created anew, or a server's run id
+	// changed — is one for this process even when the floor in Redis says otherwise: another process
+	// may have raised it first to a time below this one's floor (a clock behind, the old floor wiped
+	// with the rest).
+	// (Against what this process holds now, not what it sent: a look running beside this one may
+	// have taken the news in already.)
+	prevGen := s.gen
+	if (prevGen != "" && res[2] != prevGen) || s.changed(ids) {
+		floor = laterFloor(s.floor, maxTime(floor, now.UTC()))
+	}
+	s.seen, s.gen = ids, res[2]
 	if floor.Unix() > 0 && floor.After(s.floor) {
-		s.floor, s.floorNew = floor, seen
+		s.raise(floor, seen)
+	}
+	// A process that saw no record before cannot tell a wipe from first use: a record created
+	// recently may be a wipe's, with inserts of the lost histories still under way. It waits for
+	// them (Loss) without raising epochs.
+	if created, err := strconv.ParseInt(res[3], 10, 64); prevGen == "" && err == nil {
+		if at := time.Unix(0, created).UTC(); seen.Sub(at) < youngRecord && at.After(s.loss) {
+			s.loss, s.lossSeen = at, seen
+		}
 	}
 	s.floorAt = now
 	return s.floor, nil
+}
+
+// youngRecord: a record of run ids created less than this before a process first saw it may be a
+// wipe's (restartFloor).
+const youngRecord = 10 * time.Minute
+
+// changed reports whether ids show a loss against the run ids this process read last: a server's run
+// id changed, or a master it did not see before (a failover moves a shard to another address).
+func (s *Store) changed(ids map[string]string) bool {
+	if len(s.seen) == 0 {
+		return false
+	}
+	for server, id := range ids {
+		if prev, ok := s.seen[server]; !ok || prev != id {
+			return true
+		}
+	}
+	return false
+}
+
+// raise sets the floor, a loss first learnt of at seen.
+func (s *Store) raise(floor, seen time.Time) {
+	s.floor, s.loss, s.lossSeen = floor, floor, seen
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 // laterFloor is a floor raised at now: later than the one it replaces (restartScript).
@@ -548,13 +607,15 @@ func laterFloor(floor, now time.Time) time.Time {
 	return floor.Add(time.Microsecond)
 }
 
-// Loss returns the latest Redis data loss this process knows of (a restart, a failover, everything
-// lost while instances ran): the floor raised then, and when this process first saw that floor, by
-// its own clock. Both are zero if none is known. Epochs looks before it answers.
-func (s *Store) Loss() (floor, seen time.Time) {
+// Loss returns the latest loss of claims this process knows of (a restart, a failover, everything
+// lost while instances ran, or a record of run ids created recently when it first looked): when it
+// happened at the latest — the floor raised then, or the record's creation — and when this process
+// first learnt of it, by its own clock. Both are zero if none is known. Epochs looks before it
+// answers.
+func (s *Store) Loss() (at, seen time.Time) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.floor, s.floorNew
+	return s.loss, s.lossSeen
 }
 
 // SetRunIDs replaces how the Redis servers' run ids are read (tests: a restart on demand).

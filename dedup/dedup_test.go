@@ -448,7 +448,9 @@ func TestAHistoryLostInTheSecondItBeganIsToldApart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	testenv.DelKeys(ctx, env.Redis, env.Prefix+"*")
+	// The tenant's history is lost (the record of run ids is kept: no floor rises, so the epochs
+	// alone must tell the histories apart).
+	testenv.DelKeys(ctx, env.Redis, env.Prefix+"dedup:{"+tn.String()+"}*")
 	at = base.Add(400 * time.Millisecond)
 	_, e2, err := s.Claim(ctx, tn, 'e', 20, []uuid.UUID{uuid.New()}, nil, nil)
 	if err != nil {
@@ -460,11 +462,8 @@ func TestAHistoryLostInTheSecondItBeganIsToldApart(t *testing.T) {
 	if epochs, err := s.Epochs(ctx, []uuid.UUID{tn}); err != nil || !epochs[tn].Equal(e2) {
 		t.Fatalf("Epochs %v (%v), want %v", epochs[tn], err, e2)
 	}
-	// The same history as an older binary leaves it: the seconds only. (Read by a process that did
-	// not see the loss, which raised the floor of the process that did to 400 ms.)
-	env.Redis.Del(ctx, s.beganKey(tn), env.Prefix+"dedup:{restarts}:floor", env.Prefix+"dedup:{restarts}:at")
-	s = NewStore(env.Redis, env.Prefix, time.Hour, nil)
-	s.now = func() time.Time { return at }
+	// The same history as an older binary leaves it: the seconds only.
+	env.Redis.Del(ctx, s.beganKey(tn))
 	if epochs, err := s.Epochs(ctx, []uuid.UUID{tn}); err != nil || !epochs[tn].Equal(base) {
 		t.Fatalf("Epochs without began: %v (%v), want %v", epochs[tn], err, base)
 	}
@@ -473,9 +472,9 @@ func TestAHistoryLostInTheSecondItBeganIsToldApart(t *testing.T) {
 	}
 }
 
-// A Redis restart noticed within the second a tenant's history began raises the history's epoch to
-// the instant it was noticed (it stayed at the epoch when the floor was whole seconds); a floor an
-// older release raised to a later second, without the instant, counts as that second.
+// A Redis restart noticed within the second a tenant's history began raises the history's epoch above
+// the instant it was noticed, by clockSkew (it stayed at the epoch when the floor was whole seconds);
+// a floor an older release raised to a later second, without the instant, counts as that second.
 func TestARestartNoticedInTheSecondAHistoryBeganRaisesItsEpoch(t *testing.T) {
 	s, env := newStore(t)
 	ctx := context.Background()
@@ -494,70 +493,81 @@ func TestARestartNoticedInTheSecondAHistoryBeganRaisesItsEpoch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !epochs[tn].Equal(at) {
-		t.Fatalf("epoch %v after a restart noticed at %v, want the restart's instant (history began %v)", epochs[tn], at, epoch)
+	if want := at.Add(clockSkew); !epochs[tn].Equal(want) {
+		t.Fatalf("epoch %v after a restart noticed at %v, want %v (history began %v)", epochs[tn], at, want, epoch)
 	}
 	// Another instance reads the same floor from Redis.
 	other := NewStore(env.Redis, env.Prefix, time.Hour, nil)
 	other.SetRunIDs(func(context.Context) (map[string]string, error) { return map[string]string{"server": runID}, nil })
-	if e, err := other.Epochs(ctx, []uuid.UUID{tn}); err != nil || !e[tn].Equal(at) {
-		t.Fatalf("another instance: epoch %v (%v), want %v", e[tn], err, at)
+	if e, err := other.Epochs(ctx, []uuid.UUID{tn}); err != nil || !e[tn].Equal(at.Add(clockSkew)) {
+		t.Fatalf("another instance: epoch %v (%v), want %v", e[tn], err, at.Add(clockSkew))
 	}
 	// An older release noticed a later restart and wrote only its second.
 	later := base.Add(3 * time.Second)
 	env.Redis.Set(ctx, env.Prefix+"dedup:{restarts}:floor", later.Unix(), 0)
-	if e, err := other.Epochs(ctx, []uuid.UUID{tn}); err != nil || !e[tn].Equal(later) {
-		t.Fatalf("after an older release's floor: epoch %v (%v), want %v", e[tn], err, later)
+	if e, err := other.Epochs(ctx, []uuid.UUID{tn}); err != nil || !e[tn].Equal(later.Add(clockSkew)) {
+		t.Fatalf("after an older release's floor: epoch %v (%v), want %v", e[tn], err, later.Add(clockSkew))
 	}
 }
 
 // Redis losing everything (FLUSHALL, a restart without persistence) takes the recorded run ids with
 // it. A process that recorded them before notices the loss — even when another process, which never
-// looked before (just started), looks first and records them anew — and a first look raises nothing.
-// (Before, nothing noticed a wipe, so shipping could not wait for the inserts of the lost histories;
-// then a process looking first hid it from the others.)
+// looked before (just started), looks first and records them anew — and raises the floor; a process
+// whose first look finds a record created recently cannot tell a wipe from first use, and reports a
+// possible loss (for shipping to wait out the inserts under way) without raising epochs. (Before,
+// nothing noticed a wipe; then a process looking first hid it from the others; then a process
+// started after the wipe did not know of it.)
 func TestALossOfEverythingIsNoticedByAProcessThatLookedBefore(t *testing.T) {
 	s, env := newStore(t)
 	ctx := context.Background()
 	tn := uuid.New()
 	at := time.Now().Truncate(time.Second).Add(200 * time.Millisecond)
 	s.now = func() time.Time { return at }
-	if _, _, err := s.Claim(ctx, tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil); err != nil {
+	_, e1, err := s.Claim(ctx, tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if floor, seen := s.Loss(); !floor.IsZero() || !seen.IsZero() {
-		t.Fatalf("first use: loss %v seen %v, want none", floor, seen)
+	if loss, seen := s.Loss(); !loss.Equal(at) || !seen.Equal(at) {
+		t.Fatalf("first use: loss %v seen %v, want the record's creation, %v", loss, seen, at)
+	}
+	if epochs, _ := s.Epochs(ctx, []uuid.UUID{tn}); !epochs[tn].Equal(e1) {
+		t.Fatalf("first use: epoch %v, want it as it began (%v): a young record raises no epoch", epochs[tn], e1)
 	}
 	testenv.DelKeys(ctx, env.Redis, env.Prefix+"*")
-	// A process started after the wipe looks first: nothing to compare with, it raises nothing.
+	// A process started after the wipe looks first: it records the run ids anew.
 	fresh := NewStore(env.Redis, env.Prefix, time.Hour, nil)
-	fresh.now = func() time.Time { return at }
+	wiped := at.Add(100 * time.Millisecond)
+	fresh.now = func() time.Time { return wiped }
 	if _, err := fresh.Epochs(ctx, nil); err != nil {
 		t.Fatal(err)
 	}
-	if floor, _ := fresh.Loss(); !floor.IsZero() {
-		t.Fatalf("a process that never looked before: loss %v, want none", floor)
+	if loss, seen := fresh.Loss(); !loss.Equal(wiped) || !seen.Equal(wiped) {
+		t.Fatalf("a process that never looked before: loss %v seen %v, want the new record's creation, %v", loss, seen, wiped)
 	}
 	at = at.Add(300 * time.Millisecond)
 	epochs, err := s.Epochs(ctx, []uuid.UUID{tn})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if floor, seen := s.Loss(); !floor.Equal(at) || !seen.Equal(at) {
-		t.Fatalf("after the wipe: loss %v seen %v, want both %v", floor, seen, at)
+	if loss, seen := s.Loss(); !loss.Equal(at) || !seen.Equal(at) {
+		t.Fatalf("after the wipe: loss %v seen %v, want both %v", loss, seen, at)
 	}
 	if len(epochs) != 0 {
 		t.Errorf("epochs %v after the wipe, want none (no history yet)", epochs)
 	}
-	// Another process sees the floor, first at its own time.
+	// Another process, started later, takes the floor s raised, first learnt of at its own time.
 	other := NewStore(env.Redis, env.Prefix, time.Hour, nil)
 	later := at.Add(time.Second)
 	other.now = func() time.Time { return later }
-	if _, _, err := other.Claim(ctx, tn, 'e', 2, []uuid.UUID{uuid.New()}, nil, nil); err != nil {
+	_, e2, err := other.Claim(ctx, tn, 'e', 2, []uuid.UUID{uuid.New()}, nil, nil)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if floor, seen := other.Loss(); !floor.Equal(at) || !seen.Equal(later) {
-		t.Errorf("another process: loss %v seen %v, want %v seen %v", floor, seen, at, later)
+	if loss, seen := other.Loss(); !loss.Equal(at) || !seen.Equal(later) {
+		t.Errorf("another process: loss %v seen %v, want %v seen %v", loss, seen, at, later)
+	}
+	if !e2.Equal(at.Add(clockSkew)) {
+		t.Errorf("the next history's epoch %v, want it raised to the floor and clockSkew, %v", e2, at.Add(clockSkew))
 	}
 }
 
@@ -609,10 +619,100 @@ func TestASecondLossWithinTheClocksDifferenceIsANewFloor(t *testing.T) {
 	if !f2.After(f1) || !seen2.Equal(at.Add(-500*time.Millisecond)) {
 		t.Errorf("after the second wipe: floor %v (first %v) seen %v: want a later floor, seen at %v", f2, f1, seen2, at.Add(-500*time.Millisecond))
 	}
-	if ff, _ := fast.Loss(); !ff.Equal(f2) {
-		t.Errorf("the fast process's floor %v, want the same %v", ff, f2)
+	// The fast process saw the new record itself, at its own (fast) time.
+	if ff, fseen := fast.Loss(); !ff.After(f1) || !fseen.Equal(at.Add(3500*time.Millisecond)) {
+		t.Errorf("the fast process: loss %v seen %v, want one after %v, seen at %v", ff, fseen, f1, at.Add(3500*time.Millisecond))
 	}
 	if e2.Equal(e3) {
 		t.Errorf("histories on both sides of the second wipe have one epoch %v", e2)
+	}
+}
+
+// A second loss raised by a process that never learnt the first one's floor (a faster clock's, which
+// the second wipe took from Redis) comes out below it: the process holding that floor took nothing
+// from it, noticed nothing, and saw one epoch for the histories on both sides. A process now counts a
+// record created anew, or a run id changed, against what it saw itself.
+func TestASecondLossRaisedBelowAFasterProcesssFloorIsStillNoticed(t *testing.T) {
+	s, env := newStore(t)
+	ctx := context.Background()
+	fast := NewStore(env.Redis, env.Prefix, time.Hour, nil)
+	base := time.Now()
+	at := base
+	s.now = func() time.Time { return at }
+	fast.now = func() time.Time { return at.Add(4 * time.Second) }
+	tn := uuid.New()
+	for _, st := range []*Store{s, fast} {
+		if _, err := st.Epochs(ctx, []uuid.UUID{tn}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testenv.DelKeys(ctx, env.Redis, env.Prefix+"*") // the first loss: only the fast process looks
+	at = base.Add(100 * time.Millisecond)
+	if _, err := fast.Epochs(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	f1, _ := fast.Loss()
+	at = base.Add(300 * time.Millisecond)
+	if _, _, err := s.Claim(ctx, tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil); err != nil { // history 2
+		t.Fatal(err)
+	}
+	e2, err := fast.Epochs(ctx, []uuid.UUID{tn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testenv.DelKeys(ctx, env.Redis, env.Prefix+"*") // the second, noticed by s first
+	at = base.Add(1500 * time.Millisecond)
+	if _, err := s.Epochs(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := s.Claim(ctx, tn, 'e', 2, []uuid.UUID{uuid.New()}, nil, nil); err != nil { // history 3
+		t.Fatal(err)
+	}
+	at = base.Add(1700 * time.Millisecond)
+	e3, err := fast.Epochs(ctx, []uuid.UUID{tn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f2, _ := fast.Loss(); !f2.After(f1) {
+		t.Errorf("the fast process's loss %v after the second wipe, want one after %v", f2, f1)
+	}
+	if e2[tn].Equal(e3[tn]) {
+		t.Errorf("the fast process sees one epoch %v for the histories on both sides of the second wipe", e2[tn])
+	}
+}
+
+// A restart from a snapshot noticed by a process whose clock is 3 s behind the one that began the
+// tenant's history: the floor (its clock) stayed below the surviving epoch, so the verdict of a claim
+// the snapshot lost still stood. An epoch within clockSkew of a floor is raised above it.
+func TestAnEpochStampedByAFastClockIsRaisedByALaterLoss(t *testing.T) {
+	s, env := newStore(t)
+	ctx := context.Background()
+	fast := NewStore(env.Redis, env.Prefix, time.Hour, nil)
+	base := time.Now()
+	at := base
+	s.now = func() time.Time { return at }
+	fast.now = func() time.Time { return at.Add(3 * time.Second) }
+	run := "one"
+	ids := func(context.Context) (map[string]string, error) { return map[string]string{"server": run}, nil }
+	s.SetRunIDs(ids)
+	fast.SetRunIDs(ids)
+	tn := uuid.New()
+	for _, st := range []*Store{s, fast} {
+		if _, err := st.Epochs(ctx, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, e1, err := fast.Claim(ctx, tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	run = "two" // restarted from a snapshot that holds the epoch
+	at = base.Add(500 * time.Millisecond)
+	ep, err := s.Epochs(ctx, []uuid.UUID{tn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if loss, _ := s.Loss(); !ep[tn].After(e1) {
+		t.Errorf("the epoch %v after a restart noticed at %v, want it raised above the history's start %v", ep[tn], loss, e1)
 	}
 }

@@ -42,25 +42,22 @@ func (sh *shipper) insert(ctx context.Context, s *segment, kind Kind, its []item
 	return insertEvents(batch, table, its)
 }
 
-// prepare begins an INSERT — from here on the server lists it in system.processes — at most
-// historyAge after the claim histories its rows were judged in were read (histories.go). Taking a
-// connection can take longer (a full pool, a dial to a server that is down): an INSERT begun late is
-// aborted before any of its data leaves, so it cannot commit, and begun again after a fresh read.
+// prepare begins an INSERT — from here on the server lists it in system.processes — and then makes
+// sure the claim histories its rows were judged in have not changed: a loss of claims that happened
+// before the server listed it shows in this read, which comes after (the insert is aborted before any
+// of its data left, so nothing commits, and the rows are judged again); one that happens later is
+// noticed after the listing, and whoever notices it waits for this insert (histories.go).
 func (sh *shipper) prepare(ctx context.Context, s *segment, sp *shipment, query string) (driver.Batch, error) {
-	for try := 1; ; try++ {
-		if err := sh.fresh(ctx, sp); err != nil {
-			return nil, err
-		}
-		qctx := clickhouse.Context(ctx, clickhouse.WithQueryID(fmt.Sprintf("ingest-%s-%d", s.id, sh.queries.Add(1))))
-		batch, err := sh.ch.PrepareBatch(qctx, query)
-		if err != nil || sp.current() {
-			return batch, err
-		}
-		_ = batch.Abort()
-		if try == 3 {
-			return nil, fmt.Errorf("the server took more than %s to begin the insert, three times", historyAge)
-		}
+	qctx := clickhouse.Context(ctx, clickhouse.WithQueryID(fmt.Sprintf("ingest-%s-%d", s.id, sh.queries.Add(1))))
+	batch, err := sh.ch.PrepareBatch(qctx, query)
+	if err != nil {
+		return nil, err
 	}
+	if err := sh.unchanged(ctx, sp); err != nil {
+		_ = batch.Abort()
+		return nil, err
+	}
+	return batch, nil
 }
 
 func insertEvents(batch driver.Batch, table string, its []item) error {

@@ -19,26 +19,22 @@ import (
 // moment; a client's retry of one of them, sent to another instance, is claimed anew in the next
 // history. Nothing in Redis can tell the second instance of the first one's insert, and before that
 // insert commits ClickHouse cannot either: a check (or the "history complete" question) made in
-// between finds nothing and the retry is stored a second time. So the two ends are bounded:
+// between finds nothing and the retry is stored a second time. So the two ends meet at the moment the
+// server lists an insert (system.processes):
 //
-//   - an insert begins — is listed by the server — at most historyAge after the claim histories its
-//     rows were judged in were read; past that they are read again, and a history that changed
-//     sends the chunk back to be judged afresh (fresh; prepare aborts an insert the server listed
-//     too late, before any of its data left);
-//   - an instance that notices a loss judges no row whose claim proves nothing until every insert
-//     that can have begun before then — historyAge after it saw the loss, plus a margin — has
-//     finished on every server (awaitLoss). Only the first rows shipped after a loss wait: a few
-//     seconds, once per loss and process. A loss is a raised restart floor (dedup): a restart or
-//     failover, or a wipe that the run ids' record, created anew, shows.
+//   - after the server lists an insert, the claim histories its rows were judged in are read again
+//     (prepare, unchanged): if they changed, a loss came first, and the insert is aborted before any
+//     of its data left and the rows are judged again. So an insert that goes on was listed before
+//     any loss its process has yet to notice;
+//   - an instance that notices a loss judges no row whose claim proves nothing until every insert the
+//     servers listed before it saw the loss (and settleMargin more) has finished, on every server
+//     (awaitLoss). Only the first rows shipped after a loss wait, once per loss and process, for as
+//     long as the inserts running then take. A loss is a raised restart floor (dedup): a restart or
+//     failover, or a wipe, which the run ids' record, created anew, shows.
 
-// historyAge is how long after the claim histories were read an insert of the rows judged in them may
-// begin.
-const historyAge = time.Second
-
-// settleMargin: historyAge, and a second for the request to reach the server (whose elapsed, in
-// system.processes, counts from when it lists the query) and for the loss to have been noticed
-// before it was seen here.
-const settleMargin = historyAge + time.Second
+// settleMargin covers the time an answer takes to come back from the server: an insert's listing is
+// placed at our clock's now minus its elapsed, which is later than it was by that time.
+const settleMargin = time.Second
 
 // errHistoryChanged: a tenant's claim history changed (Redis lost claims) while its rows were being
 // shipped; the chunk is judged again.
@@ -51,24 +47,15 @@ func historyChanged(tenant uuid.UUID) error {
 // shipment is one attempt at shipping a chunk.
 type shipment struct {
 	budget int // inserts left for isolating rows ClickHouse refuses (isolationBudget)
-	// epochs are the claim histories the chunk's rows were judged in, read at readAt (or before).
+	// epochs are the claim histories the chunk's rows were judged in.
 	epochs map[uuid.UUID]time.Time
-	readAt time.Time
 }
 
-// current reports whether an insert of sp's rows may begin now: historyAge has not passed since their
-// claim histories were read (or none were).
-func (sp *shipment) current() bool {
-	return len(sp.epochs) == 0 || time.Since(sp.readAt) < historyAge
-}
-
-// fresh makes sure the claim histories sp's rows were judged in were current at most historyAge ago,
-// reading them again if needed: an insert may begin only then.
-func (sh *shipper) fresh(ctx context.Context, sp *shipment) error {
-	if sh.claims == nil || sp.current() {
+// unchanged reads sp's claim histories again and reports errHistoryChanged if any changed.
+func (sh *shipper) unchanged(ctx context.Context, sp *shipment) error {
+	if sh.claims == nil || len(sp.epochs) == 0 {
 		return nil
 	}
-	at := time.Now()
 	tenants := make([]uuid.UUID, 0, len(sp.epochs))
 	for t := range sp.epochs {
 		tenants = append(tenants, t)
@@ -82,12 +69,12 @@ func (sh *shipper) fresh(ctx context.Context, sp *shipment) error {
 			return historyChanged(t)
 		}
 	}
-	sp.readAt = at
 	return nil
 }
 
 // errLossSettling: rows whose claims prove nothing wait for inserts begun before a loss of claims
-// to finish (awaitLoss). Not an insert failure.
+// to finish (awaitLoss), and this attempt's time ran out. Not an insert failure (ClickHouse not
+// answering is one).
 var errLossSettling = errors.New("rows whose claims prove nothing wait for inserts begun before Redis lost claims")
 
 // awaitLoss returns once no insert that can rest on claims the latest loss took is still running on
@@ -122,32 +109,29 @@ func (sh *shipper) awaitLoss(ctx context.Context) error {
 		sh.lossSettled = since
 		return nil
 	}
-	if d := since.Sub(clock.Now()); d > 0 {
-		sh.log.Info("redis lost claims: rows whose claims prove nothing wait until the inserts begun before are done",
-			"floor", floor, "wait", d.Round(time.Millisecond))
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(d):
-		}
-	}
+	// Nothing to wait for in time: an insert the servers list from now on is confirmed by its
+	// process after the loss, so only those running now can matter.
 	servers, err := sh.servers(ctx, "an insert begun before Redis lost claims")
 	if err != nil {
-		return fmt.Errorf("%w: %w", errLossSettling, err)
+		return err
 	}
 	defer schema.CloseAll(servers[1:])
-	const before = "(query_id LIKE 'ingest-%' OR initial_query_id LIKE 'ingest-%') AND elapsed >= ?"
+	// This database's inserts only (another deployment's, or another test's, are not ours to wait
+	// for or stop): its name is in the query, on a shard server too.
+	const before = "(query_id LIKE 'ingest-%' OR initial_query_id LIKE 'ingest-%') AND position(query, ?) > 0 AND elapsed >= ?"
+	db := sh.db + "."
 	start := time.Now()
+	logged := false
 	for {
 		running := 0
 		for _, sv := range servers {
 			var n uint64
 			qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 			age := clock.Now().Sub(since).Seconds()
-			err := sv.QueryRow(qctx, "SELECT count() FROM system.processes WHERE "+before, age).Scan(&n)
+			err := sv.QueryRow(qctx, "SELECT count() FROM system.processes WHERE "+before, db, age).Scan(&n)
 			cancel()
 			if err != nil {
-				return fmt.Errorf("%w: look on %s: %w", errLossSettling, sv.Addr, err)
+				return fmt.Errorf("look for inserts begun before Redis lost claims on %s: %w", sv.Addr, err)
 			}
 			if n == 0 {
 				continue
@@ -156,14 +140,18 @@ func (sh *shipper) awaitLoss(ctx context.Context) error {
 			if time.Since(start) > sh.cfg.InsertTimeout {
 				sh.log.Warn("inserts begun before redis lost claims still run; stopping them", "server", sv.Addr, "inserts", n)
 				// Exec: 18.16 answers KILL QUERY in a form the driver's Query reads as EOF.
-				if err := sv.Exec(ctx, "KILL QUERY WHERE "+before+" SYNC", age); err != nil {
-					return fmt.Errorf("%w: stop them on %s: %w", errLossSettling, sv.Addr, err)
+				if err := sv.Exec(ctx, "KILL QUERY WHERE "+before+" SYNC", db, age); err != nil {
+					return fmt.Errorf("stop inserts begun before Redis lost claims on %s: %w", sv.Addr, err)
 				}
 			}
 		}
 		if running == 0 {
 			sh.lossSettled = since
 			return nil
+		}
+		if !logged {
+			sh.log.Info("redis lost claims: rows whose claims prove nothing wait until the inserts begun before are done", "floor", floor, "servers", running)
+			logged = true
 		}
 		select {
 		case <-ctx.Done():

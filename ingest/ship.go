@@ -265,7 +265,7 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool, sp 
 		}
 	}
 	epochs := map[uuid.UUID]time.Time{}
-	sp.readAt, sp.epochs = time.Now(), map[uuid.UUID]time.Time{}
+	sp.epochs = map[uuid.UUID]time.Time{}
 	if len(tenants) > 0 {
 		var err error
 		if epochs, err = sh.claims.Epochs(ctx, tenants); err != nil {
