@@ -32,6 +32,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"strconv"
 	"strings"
 	"sync"
@@ -60,6 +61,8 @@ type Store struct {
 	lossSeen time.Time         // when it first learnt of it, by its own clock
 	seen     map[string]string // run ids read last, for noticing a restart while Redis cannot record it
 	gen      string            // the generation of the recorded run ids last seen (restartScript)
+	looks    uint64            // looks at the run ids begun, and the newest whose answer was taken in
+	applied  uint64
 	runIDsFn func(ctx context.Context) (map[string]string, error)
 
 	holder atomic.Value // string: this process's liveness mark, once KeepAlive runs
@@ -501,6 +504,8 @@ func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Ti
 		return s.floor, nil
 	}
 	read, gen, mine := s.runIDsFn, s.gen, s.floor
+	s.looks++
+	look := s.looks
 	s.mu.Unlock()
 	ids, err := read(ctx)
 	if err != nil {
@@ -528,10 +533,13 @@ func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Ti
 		// The master holding {restarts} is down: every other master's tenants go on. A restart is
 		// still noticed, from the run ids this process read before; floorAt stays, so the record is
 		// tried again at the next look.
-		if s.changed(ids) {
-			s.raise(laterFloor(s.floor, now.UTC()), seen)
+		if look > s.applied {
+			s.applied = look
+			if s.changed(ids) {
+				s.raise(laterFloor(s.floor, now.UTC()), seen)
+			}
+			s.remember(ids)
 		}
-		s.seen = ids
 		return s.floor, nil
 	}
 	if len(res) != 4 {
@@ -547,26 +555,42 @@ func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Ti
 	// changed — is one for this process even when the floor in Redis says otherwise: another process
 	// may have raised it first to a time below this one's floor (a clock behind, the old floor wiped
 	// with the rest).
-	// (Against what this process holds now, not what it sent: a look running beside this one may
-	// have taken the news in already.)
+	// Only the newest look compares and records (a look that read before another but answers after
+	// it would bring back what that one replaced, and the next would take the difference for a loss);
+	// an older one only takes a later floor.
 	prevGen := s.gen
-	if (prevGen != "" && res[2] != prevGen) || s.changed(ids) {
-		floor = laterFloor(s.floor, maxTime(floor, now.UTC()))
+	newest := look > s.applied
+	if newest {
+		s.applied = look
+		if (prevGen != "" && res[2] != prevGen) || s.changed(ids) {
+			floor = laterFloor(s.floor, maxTime(floor, now.UTC()))
+		}
+		s.gen = res[2]
+		s.remember(ids)
 	}
-	s.seen, s.gen = ids, res[2]
 	if floor.Unix() > 0 && floor.After(s.floor) {
 		s.raise(floor, seen)
 	}
 	// A process that saw no record before cannot tell a wipe from first use: a record created
 	// recently may be a wipe's, with inserts of the lost histories still under way. It waits for
 	// them (Loss) without raising epochs.
-	if created, err := strconv.ParseInt(res[3], 10, 64); prevGen == "" && err == nil {
+	if created, err := strconv.ParseInt(res[3], 10, 64); newest && prevGen == "" && err == nil {
 		if at := time.Unix(0, created).UTC(); seen.Sub(at) < youngRecord && at.After(s.loss) {
 			s.loss, s.lossSeen = at, seen
 		}
 	}
 	s.floorAt = now
 	return s.floor, nil
+}
+
+// remember adds ids to the run ids this process has seen. A master missing from ids did not answer
+// this time (runIDs skips it): it stays with the id it had, or its answer next time would look like
+// a master never seen before — a loss, for nothing.
+func (s *Store) remember(ids map[string]string) {
+	if s.seen == nil {
+		s.seen = map[string]string{}
+	}
+	maps.Copy(s.seen, ids)
 }
 
 // youngRecord: a record of run ids created less than this before a process first saw it may be a

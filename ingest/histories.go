@@ -117,9 +117,9 @@ func (sh *shipper) awaitLoss(ctx context.Context) error {
 	}
 	defer schema.CloseAll(servers[1:])
 	// This database's inserts only (another deployment's, or another test's, are not ours to wait
-	// for or stop): its name is in the query, on a shard server too.
+	// for or stop): " <db>." is in the query, on a shard server too (not "web_<db>.").
 	const before = "(query_id LIKE 'ingest-%' OR initial_query_id LIKE 'ingest-%') AND position(query, ?) > 0 AND elapsed >= ?"
-	db := sh.db + "."
+	db := " " + sh.db + "."
 	start := time.Now()
 	logged := false
 	for {
