@@ -563,7 +563,10 @@ func (s *Store) restartFloor(ctx context.Context, maxAge time.Duration) (time.Ti
 	if newest {
 		s.applied = look
 		if (prevGen != "" && res[2] != prevGen) || s.changed(ids) {
-			floor = laterFloor(s.floor, maxTime(floor, now.UTC()))
+			if now.After(floor) {
+				floor = now.UTC()
+			}
+			floor = laterFloor(s.floor, floor)
 		}
 		s.gen = res[2]
 		s.remember(ids)
@@ -614,13 +617,6 @@ func (s *Store) changed(ids map[string]string) bool {
 // raise sets the floor, a loss first learnt of at seen.
 func (s *Store) raise(floor, seen time.Time) {
 	s.floor, s.loss, s.lossSeen = floor, floor, seen
-}
-
-func maxTime(a, b time.Time) time.Time {
-	if a.After(b) {
-		return a
-	}
-	return b
 }
 
 // laterFloor is a floor raised at now: later than the one it replaces (restartScript).

@@ -572,57 +572,66 @@ func TestALossOfEverythingIsNoticedByAProcessThatLookedBefore(t *testing.T) {
 	}
 }
 
+// twoClocks returns two stores on one Redis, the second's clock ahead of the first's by ahead, both
+// having looked at the run ids (as running processes have), and a way to set both clocks: set(d)
+// moves them to d after the start (by the first's clock), which it returns.
+func twoClocks(t *testing.T, ahead time.Duration) (s, fast *Store, env redisEnv, set func(time.Duration) time.Time) {
+	t.Helper()
+	s, env = newStore(t)
+	fast = NewStore(env.Redis, env.Prefix, time.Hour, nil)
+	start := time.Now()
+	at := start
+	s.now = func() time.Time { return at }
+	fast.now = func() time.Time { return at.Add(ahead) }
+	for _, st := range []*Store{s, fast} {
+		if _, err := st.Epochs(context.Background(), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return s, fast, env, func(d time.Duration) time.Time { at = start.Add(d); return at }
+}
+
 // Two wipes within the clocks' difference: the first noticed by a process whose clock runs 4 s fast,
 // the second, 2 s later, by one with the true clock — whose now is below the floor, and which the
 // wipe left without a floor in Redis. The second loss must still be a new floor, later than the
 // first, or Loss reports nothing new (shipping does not wait for the inserts it cut short) and
 // histories begun on both sides of it share the floor as their epoch.
 func TestASecondLossWithinTheClocksDifferenceIsANewFloor(t *testing.T) {
-	s, env := newStore(t)
+	s, fast, env, set := twoClocks(t, 4*time.Second)
 	ctx := context.Background()
-	fast := NewStore(env.Redis, env.Prefix, time.Hour, nil)
-	base := time.Now()
-	at := base
-	s.now = func() time.Time { return at }
-	fast.now = func() time.Time { return at.Add(4 * time.Second) }
 	tn := uuid.New()
-	for _, st := range []*Store{s, fast} {
-		if _, err := st.Epochs(ctx, []uuid.UUID{tn}); err != nil {
-			t.Fatal(err)
-		}
-	}
 	testenv.DelKeys(ctx, env.Redis, env.Prefix+"*")
-	at = base.Add(100 * time.Millisecond)
+	set(100 * time.Millisecond)
 	for _, st := range []*Store{fast, s} { // the fast one notices first
 		if _, err := st.Epochs(ctx, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
 	f1, _ := s.Loss()
-	at = base.Add(500 * time.Millisecond)
+	set(500 * time.Millisecond)
 	_, e2, err := s.Claim(ctx, tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	testenv.DelKeys(ctx, env.Redis, env.Prefix+"*")
-	at = base.Add(2 * time.Second)
+	second := set(2 * time.Second)
 	for _, st := range []*Store{s, fast} { // the true clock notices first
 		if _, err := st.Epochs(ctx, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
-	at = base.Add(2500 * time.Millisecond)
+	set(2500 * time.Millisecond)
 	_, e3, err := s.Claim(ctx, tn, 'e', 2, []uuid.UUID{uuid.New()}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	f2, seen2 := s.Loss()
-	if !f2.After(f1) || !seen2.Equal(at.Add(-500*time.Millisecond)) {
-		t.Errorf("after the second wipe: floor %v (first %v) seen %v: want a later floor, seen at %v", f2, f1, seen2, at.Add(-500*time.Millisecond))
+	if !f2.After(f1) || !seen2.Equal(second) {
+		t.Errorf("after the second wipe: floor %v (first %v) seen %v: want a later floor, seen at %v", f2, f1, seen2, second)
 	}
 	// The fast process saw the new record itself, at its own (fast) time.
-	if ff, fseen := fast.Loss(); !ff.After(f1) || !fseen.Equal(at.Add(3500*time.Millisecond)) {
-		t.Errorf("the fast process: loss %v seen %v, want one after %v, seen at %v", ff, fseen, f1, at.Add(3500*time.Millisecond))
+	if ff, fseen := fast.Loss(); !ff.After(f1) || !fseen.Equal(second.Add(4*time.Second)) {
+		t.Errorf("the fast process: loss %v seen %v, want one after %v, seen at %v", ff, fseen, f1, second.Add(4*time.Second))
 	}
 	if e2.Equal(e3) {
 		t.Errorf("histories on both sides of the second wipe have one epoch %v", e2)
@@ -634,26 +643,16 @@ func TestASecondLossWithinTheClocksDifferenceIsANewFloor(t *testing.T) {
 // from it, noticed nothing, and saw one epoch for the histories on both sides. A process now counts a
 // record created anew, or a run id changed, against what it saw itself.
 func TestASecondLossRaisedBelowAFasterProcesssFloorIsStillNoticed(t *testing.T) {
-	s, env := newStore(t)
+	s, fast, env, set := twoClocks(t, 4*time.Second)
 	ctx := context.Background()
-	fast := NewStore(env.Redis, env.Prefix, time.Hour, nil)
-	base := time.Now()
-	at := base
-	s.now = func() time.Time { return at }
-	fast.now = func() time.Time { return at.Add(4 * time.Second) }
 	tn := uuid.New()
-	for _, st := range []*Store{s, fast} {
-		if _, err := st.Epochs(ctx, []uuid.UUID{tn}); err != nil {
-			t.Fatal(err)
-		}
-	}
 	testenv.DelKeys(ctx, env.Redis, env.Prefix+"*") // the first loss: only the fast process looks
-	at = base.Add(100 * time.Millisecond)
+	set(100 * time.Millisecond)
 	if _, err := fast.Epochs(ctx, nil); err != nil {
 		t.Fatal(err)
 	}
 	f1, _ := fast.Loss()
-	at = base.Add(300 * time.Millisecond)
+	set(300 * time.Millisecond)
 	if _, _, err := s.Claim(ctx, tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil); err != nil { // history 2
 		t.Fatal(err)
 	}
@@ -662,14 +661,14 @@ func TestASecondLossRaisedBelowAFasterProcesssFloorIsStillNoticed(t *testing.T) 
 		t.Fatal(err)
 	}
 	testenv.DelKeys(ctx, env.Redis, env.Prefix+"*") // the second, noticed by s first
-	at = base.Add(1500 * time.Millisecond)
+	set(1500 * time.Millisecond)
 	if _, err := s.Epochs(ctx, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, _, err := s.Claim(ctx, tn, 'e', 2, []uuid.UUID{uuid.New()}, nil, nil); err != nil { // history 3
 		t.Fatal(err)
 	}
-	at = base.Add(1700 * time.Millisecond)
+	set(1700 * time.Millisecond)
 	e3, err := fast.Epochs(ctx, []uuid.UUID{tn})
 	if err != nil {
 		t.Fatal(err)
