@@ -40,10 +40,11 @@ type Claims interface {
 	Verify(ctx context.Context, tenant uuid.UUID, kind Kind, ids []uuid.UUID, wids []uint64, unit Unit, counted Counted) (held, reclaimed []bool, epoch time.Time, err error)
 	// Epochs returns the tenants' current epochs (absent: none yet).
 	Epochs(ctx context.Context, tenants []uuid.UUID) (map[uuid.UUID]time.Time, error)
-	// Loss returns the latest loss of claims noticed (a Redis restart, failover or wipe): the floor
-	// it raised under every epoch, and when this process first saw it, by its own clock (both zero:
-	// none). Epochs refreshes it.
-	Loss() (floor, seen time.Time)
+	// Loss returns the latest loss of claims this process knows of (a Redis restart, failover or
+	// wipe, or a record of Redis' run ids its first look found just created): when it happened at
+	// the latest, and when this process first learnt of it, by its own clock (both zero: none).
+	// Epochs refreshes it.
+	Loss() (at, seen time.Time)
 }
 
 // Unit says what row i of a claim adds to the live counters when its id turns out new: a metric

@@ -30,7 +30,8 @@ import (
 //     servers listed before it saw the loss (and settleMargin more) has finished, on every server
 //     (awaitLoss). Only the first rows shipped after a loss wait, once per loss and process, for as
 //     long as the inserts running then take. A loss is a raised restart floor (dedup): a restart or
-//     failover, or a wipe, which the run ids' record, created anew, shows.
+//     failover, or a wipe, which the run ids' record, created anew, shows — or, to a process whose
+//     first look finds that record just created, possibly one (it cannot tell a wipe from first use).
 
 // settleMargin covers the time an answer takes to come back from the server: an insert's listing is
 // placed at our clock's now minus its elapsed, which is later than it was by that time.
@@ -86,15 +87,15 @@ func (sh *shipper) awaitLoss(ctx context.Context) error {
 	if sh.claims == nil {
 		return nil
 	}
-	floor, seen := sh.claims.Loss()
-	if floor.IsZero() {
+	at, seen := sh.claims.Loss()
+	if at.IsZero() {
 		return nil
 	}
 	// By this process's clock (clock.Now, as the loss was seen by), the loss happened before it saw
-	// it, and before the floor plus the clocks' difference (the floor is the clock of whichever
-	// process noticed it first).
+	// it, and before `at` plus the clocks' difference (`at` is the clock of whichever process
+	// noticed it first).
 	since := seen
-	if f := floor.Add(maxClockSkew); f.Before(since) {
+	if f := at.Add(maxClockSkew); f.Before(since) {
 		since = f
 	}
 	since = since.Add(settleMargin).Round(0)
@@ -150,7 +151,7 @@ func (sh *shipper) awaitLoss(ctx context.Context) error {
 			return nil
 		}
 		if !logged {
-			sh.log.Info("redis lost claims: rows whose claims prove nothing wait until the inserts begun before are done", "floor", floor, "servers", running)
+			sh.log.Info("redis lost claims: rows whose claims prove nothing wait until the inserts begun before are done", "loss", at, "servers", running)
 			logged = true
 		}
 		select {
