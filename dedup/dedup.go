@@ -418,19 +418,15 @@ func (s *Store) withFloor(ctx context.Context, epoch time.Time, maxAge time.Dura
 	return raised(epoch, floor), nil
 }
 
-// clockSkew is how far apart the clocks of the processes sharing Redis are assumed to be at most
-// (ingest's maxClockSkew).
-const clockSkew = 5 * time.Second
-
-// raised is an epoch under a restart floor: the floor and clockSkew more, if the epoch is earlier. The
-// epoch is the clock of the process that began the history, the floor this one's: a history a
-// process 3 s fast began just before a loss noticed here is earlier than its stamp says, and its
-// verdicts must not stand (TestAnEpochStampedByAFastClockIsRaisedByALaterLoss).
+// raised is an epoch under a restart floor: the floor and clock.MaxSkew more, if the epoch is
+// earlier. The epoch is the clock of the process that began the history, the floor this one's: a
+// history a process 3 s fast began just before a loss noticed here is earlier than its stamp says,
+// and its verdicts must not stand (TestAnEpochStampedByAFastClockIsRaisedByALaterLoss).
 func raised(epoch, floor time.Time) time.Time {
 	if floor.IsZero() {
 		return epoch
 	}
-	if f := floor.Add(clockSkew); f.After(epoch) {
+	if f := floor.Add(clock.MaxSkew); f.After(epoch) {
 		return f
 	}
 	return epoch

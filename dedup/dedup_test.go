@@ -19,6 +19,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/analyticsd/analyticsd/api"
+	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 	"github.com/analyticsd/analyticsd/quota"
 )
@@ -474,7 +475,7 @@ func TestAHistoryLostInTheSecondItBeganIsToldApart(t *testing.T) {
 }
 
 // A Redis restart noticed within the second a tenant's history began raises the history's epoch above
-// the instant it was noticed, by clockSkew (it stayed at the epoch when the floor was whole seconds);
+// the instant it was noticed, by clock.MaxSkew (it stayed at the epoch when the floor was whole seconds);
 // a floor an older release raised to a later second, without the instant, counts as that second.
 func TestARestartNoticedInTheSecondAHistoryBeganRaisesItsEpoch(t *testing.T) {
 	s, env := newStore(t)
@@ -494,20 +495,20 @@ func TestARestartNoticedInTheSecondAHistoryBeganRaisesItsEpoch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := at.Add(clockSkew); !epochs[tn].Equal(want) {
+	if want := at.Add(clock.MaxSkew); !epochs[tn].Equal(want) {
 		t.Fatalf("epoch %v after a restart noticed at %v, want %v (history began %v)", epochs[tn], at, want, epoch)
 	}
 	// Another instance reads the same floor from Redis.
 	other := NewStore(env.Redis, env.Prefix, time.Hour, nil)
 	other.SetRunIDs(func(context.Context) (map[string]string, error) { return map[string]string{"server": runID}, nil })
-	if e, err := other.Epochs(ctx, []uuid.UUID{tn}); err != nil || !e[tn].Equal(at.Add(clockSkew)) {
-		t.Fatalf("another instance: epoch %v (%v), want %v", e[tn], err, at.Add(clockSkew))
+	if e, err := other.Epochs(ctx, []uuid.UUID{tn}); err != nil || !e[tn].Equal(at.Add(clock.MaxSkew)) {
+		t.Fatalf("another instance: epoch %v (%v), want %v", e[tn], err, at.Add(clock.MaxSkew))
 	}
 	// An older release noticed a later restart and wrote only its second.
 	later := base.Add(3 * time.Second)
 	env.Redis.Set(ctx, env.Prefix+"dedup:{restarts}:floor", later.Unix(), 0)
-	if e, err := other.Epochs(ctx, []uuid.UUID{tn}); err != nil || !e[tn].Equal(later.Add(clockSkew)) {
-		t.Fatalf("after an older release's floor: epoch %v (%v), want %v", e[tn], err, later.Add(clockSkew))
+	if e, err := other.Epochs(ctx, []uuid.UUID{tn}); err != nil || !e[tn].Equal(later.Add(clock.MaxSkew)) {
+		t.Fatalf("after an older release's floor: epoch %v (%v), want %v", e[tn], err, later.Add(clock.MaxSkew))
 	}
 }
 
@@ -567,8 +568,8 @@ func TestALossOfEverythingIsNoticedByAProcessThatLookedBefore(t *testing.T) {
 	if loss, seen := other.Loss(); !loss.Equal(at) || !seen.Equal(later) {
 		t.Errorf("another process: loss %v seen %v, want %v seen %v", loss, seen, at, later)
 	}
-	if !e2.Equal(at.Add(clockSkew)) {
-		t.Errorf("the next history's epoch %v, want it raised to the floor and clockSkew, %v", e2, at.Add(clockSkew))
+	if !e2.Equal(at.Add(clock.MaxSkew)) {
+		t.Errorf("the next history's epoch %v, want it raised to the floor and clock.MaxSkew, %v", e2, at.Add(clock.MaxSkew))
 	}
 }
 
@@ -683,7 +684,7 @@ func TestASecondLossRaisedBelowAFasterProcesssFloorIsStillNoticed(t *testing.T) 
 
 // A restart from a snapshot noticed by a process whose clock is 3 s behind the one that began the
 // tenant's history: the floor (its clock) stayed below the surviving epoch, so the verdict of a claim
-// the snapshot lost still stood. An epoch within clockSkew of a floor is raised above it.
+// the snapshot lost still stood. An epoch within clock.MaxSkew of a floor is raised above it.
 func TestAnEpochStampedByAFastClockIsRaisedByALaterLoss(t *testing.T) {
 	s, env := newStore(t)
 	ctx := context.Background()

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"slices"
 	"sort"
 	"sync"
@@ -105,11 +104,9 @@ func (it item) ownCopy(at time.Time) bool {
 		at.Truncate(time.Second).After(it.epoch.Truncate(time.Second).Add(maxClockSkew))
 }
 
-// maxClockSkew is how far apart the clocks of analyticsd instances are assumed to be at most (they
-// run NTP; the fault suite runs two instances 1.7 s apart). Decisions that compare a time stamped by
-// one instance with one stamped by another keep this margin, on the side that errs toward a count
+// maxClockSkew is clock.MaxSkew. Shipping keeps it on the side that errs toward a count
 // reconciliation can correct.
-const maxClockSkew = 5 * time.Second
+const maxClockSkew = clock.MaxSkew
 
 func (it item) event() *Row           { return &it.b.events[it.i] }
 func (it item) increment() *Increment { return &it.b.incs[it.i] }
@@ -264,15 +261,15 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool, sp 
 			}
 		}
 	}
+	// The shipment keeps the histories its rows are judged in (those verified below join them).
 	epochs := map[uuid.UUID]time.Time{}
-	sp.epochs = map[uuid.UUID]time.Time{}
 	if len(tenants) > 0 {
 		var err error
 		if epochs, err = sh.claims.Epochs(ctx, tenants); err != nil {
 			return out, fmt.Errorf("check claims before shipping: %w", err)
 		}
-		maps.Copy(sp.epochs, epochs)
 	}
+	sp.epochs = epochs
 	type group struct {
 		tenant uuid.UUID
 		kind   Kind

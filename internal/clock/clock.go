@@ -9,3 +9,9 @@ import "time"
 
 // Now returns the current time.
 var Now = time.Now
+
+// MaxSkew is how far apart the clocks of analyticsd instances are assumed to be at most (they run NTP;
+// the fault suite runs two instances 1.7 s apart). Decisions that compare a time stamped by one
+// instance with one stamped by another keep this margin: ingest's shipping, and dedup's epochs under
+// a restart floor.
+const MaxSkew = 5 * time.Second
