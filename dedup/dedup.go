@@ -66,6 +66,15 @@ type Store struct {
 	runIDsFn func(ctx context.Context) (map[string]string, error)
 
 	holder atomic.Value // string: this process's liveness mark, once KeepAlive runs
+
+	markMu  sync.Mutex
+	markers map[string]markerKeyOf // cluster master address -> its marker key (markerKey)
+}
+
+// markerKeyOf is a master's marker key, or when none was found (a master holding no slot).
+type markerKeyOf struct {
+	key    string
+	missed time.Time
 }
 
 // Counting is the live usage counters a claim adds to, in the same atomic step (quota's): a row is
@@ -443,7 +452,10 @@ func raised(epoch, floor time.Time) time.Time {
 //     that had masters raises it too (a failover moves a shard to another address);
 //   - a generation other than the one the caller saw: the hash was created anew, so Redis lost
 //     everything (a restart without persistence, FLUSHALL) — whichever process looked first after.
-//     Once per generation ('~raised'): the other processes that saw the old one take that floor.
+//     Once per generation ('~raised'): the other processes that saw the old one take that floor;
+//   - a cluster master's marker ('~mark <key>', see markerKey) other than the one recorded: that
+//     master alone lost its keys. A marker recorded for the first time is no loss (nothing to
+//     compare it to: a release before markers, a marker that could not be read until now).
 //
 // A raised floor is later than the one it replaces and than the caller's (which a wipe may have
 // taken from Redis), by a microsecond if the clock says otherwise: two losses never share a floor,
@@ -472,7 +484,7 @@ local raised = ARGV[5] ~= '' and ARGV[5] ~= gen and redis.call('HGET', KEYS[1], 
 for i = 7, #ARGV, 2 do
   local prev = redis.call('HGET', KEYS[1], ARGV[i])
   if prev ~= ARGV[i + 1] then
-    raised = raised or known
+    if prev or string.sub(ARGV[i], 1, 6) ~= '~mark ' then raised = raised or known end
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end
@@ -597,13 +609,15 @@ func (s *Store) remember(ids map[string]string) {
 const youngRecord = 10 * time.Minute
 
 // changed reports whether ids show a loss against the run ids this process read last: a server's run
-// id changed, or a master it did not see before (a failover moves a shard to another address).
+// id or a master's marker changed, or a master it did not see before (a failover moves a shard to
+// another address).
 func (s *Store) changed(ids map[string]string) bool {
 	if len(s.seen) == 0 {
 		return false
 	}
 	for server, id := range ids {
-		if prev, ok := s.seen[server]; !ok || prev != id {
+		prev, ok := s.seen[server]
+		if ok && prev != id || !ok && !strings.HasPrefix(server, markField) {
 			return true
 		}
 	}
@@ -641,7 +655,8 @@ func (s *Store) SetRunIDs(f func(ctx context.Context) (map[string]string, error)
 	s.runIDsFn = f
 }
 
-// runIDs reads the run id of every Redis server holding claims (each master of a cluster).
+// runIDs reads the run id of every Redis server holding claims, and of each master of a cluster its
+// marker.
 func (s *Store) runIDs(ctx context.Context) (map[string]string, error) {
 	ids := map[string]string{}
 	if c, ok := s.rdb.(*redis.ClusterClient); ok {
@@ -654,14 +669,22 @@ func (s *Store) runIDs(ctx context.Context) (map[string]string, error) {
 			// Bounded: every shipment looks, and a dead master's dial backoff must not hold them all.
 			ctx, cancel := context.WithTimeout(ctx, 250*time.Millisecond)
 			defer cancel()
+			addr := m.Options().Addr
 			id, err := runID(ctx, m)
-			mu.Lock()
-			defer mu.Unlock()
 			if err != nil {
+				mu.Lock()
+				defer mu.Unlock()
 				down = append(down, err)
 				return nil
 			}
-			ids["master "+m.Options().Addr] = id
+			// Without its marker (not read this time) the master's run id still counts.
+			key, mark, merr := s.marker(ctx, c, addr)
+			mu.Lock()
+			defer mu.Unlock()
+			ids["master "+addr] = id
+			if merr == nil {
+				ids[markField+strings.TrimPrefix(key, s.prefix)] = mark
+			}
 			return nil
 		})
 		if len(ids) == 0 && len(down) > 0 {
@@ -672,6 +695,69 @@ func (s *Store) runIDs(ctx context.Context) (map[string]string, error) {
 	id, err := runID(ctx, s.rdb)
 	ids["server"] = id
 	return ids, err
+}
+
+// markField begins the field of a master's marker in the record of run ids.
+const markField = "~mark "
+
+// A cluster master's marker is a random value kept in a key of a slot it holds. FLUSHALL on one
+// master keeps its run id and the record of run ids (on the master holding {restarts}), so only the
+// marker, gone and made anew by the next look, shows that master's claims lost
+// (TestAFlushOfOneClusterMasterIsALoss). A key rather than the master's flush count in INFO
+// commandstats: it is this deployment's key prefix that matters, and deleting the keys is a loss too.
+var markScript = redis.NewScript(`
+local v = redis.call('GET', KEYS[1])
+if not v then
+  v = ARGV[1]
+  redis.call('SET', KEYS[1], v)
+end
+return v
+`)
+
+// marker reads the marker of the master at addr, making it if missing, and returns its key.
+func (s *Store) marker(ctx context.Context, c *redis.ClusterClient, addr string) (key, mark string, err error) {
+	if key, err = s.markerKey(ctx, c, addr); err != nil {
+		return "", "", err
+	}
+	mark, err = markScript.Run(ctx, c, []string{key}, uuid.NewString()).Text()
+	return key, mark, err
+}
+
+// markerKey is the first of dedup:{restarts:0}, dedup:{restarts:1}, ... whose slot the master at
+// addr holds (by the client's slot map; remembered while that holds). Every process picks the same
+// one; after a resharding it may be another, whose marker, new to the record, is no loss.
+func (s *Store) markerKey(ctx context.Context, c *redis.ClusterClient, addr string) (string, error) {
+	holds := func(key string) (bool, error) {
+		m, err := c.MasterForKey(ctx, key)
+		return err == nil && m.Options().Addr == addr, err
+	}
+	s.markMu.Lock()
+	defer s.markMu.Unlock()
+	if s.markers == nil {
+		s.markers = map[string]markerKeyOf{}
+	}
+	// A search that finds nothing costs 15–19 ms here (65,536 slot lookups): once a minute at most.
+	missed := fmt.Errorf("no key found in a slot of master %s (a master holding no slot keeps no claims)", addr)
+	if m, ok := s.markers[addr]; ok && m.key == "" && time.Since(m.missed) < time.Minute {
+		return "", missed
+	} else if ok && m.key != "" {
+		if yes, err := holds(m.key); err != nil || yes {
+			return m.key, err
+		}
+	}
+	for i := range 1 << 16 {
+		key := s.prefix + "dedup:{restarts:" + strconv.Itoa(i) + "}"
+		yes, err := holds(key)
+		if err != nil {
+			return "", err
+		}
+		if yes {
+			s.markers[addr] = markerKeyOf{key: key}
+			return key, nil
+		}
+	}
+	s.markers[addr] = markerKeyOf{missed: time.Now()}
+	return "", missed
 }
 
 func runID(ctx context.Context, c redis.Cmdable) (string, error) {

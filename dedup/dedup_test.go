@@ -746,3 +746,109 @@ func TestAMasterMissingFromOneReadIsNoLoss(t *testing.T) {
 		t.Errorf("loss %v after a master missed one read, want it unchanged (%v)", loss, before)
 	}
 }
+
+// A cluster master's marker that changed is a loss — that master alone lost its keys (FLUSHALL on
+// it keeps its run id and the record on another master) — but one recorded for the first time is
+// none: a release before markers recorded the run ids alone, and its first look after an upgrade
+// must not raise every epoch.
+func TestAChangedMarkerIsALossAndANewOneIsNot(t *testing.T) {
+	s, _ := newStore(t)
+	ctx := context.Background()
+	read := map[string]string{"master a": "run-a"}
+	s.SetRunIDs(func(context.Context) (map[string]string, error) { return maps.Clone(read), nil })
+	tn := uuid.New()
+	_, e1, err := s.Claim(ctx, tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, _ := s.Loss() // the record's creation: first use
+	read[markField+"dedup:{restarts:0}"] = "mark-1"
+	for range 2 {
+		epochs, err := s.Epochs(ctx, []uuid.UUID{tn})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !epochs[tn].Equal(e1) {
+			t.Fatalf("a marker recorded for the first time: epoch %v, want it unchanged (%v)", epochs[tn], e1)
+		}
+	}
+	if loss, _ := s.Loss(); !loss.Equal(before) {
+		t.Fatalf("loss %v after a marker recorded for the first time, want it unchanged (%v)", loss, before)
+	}
+	read[markField+"dedup:{restarts:0}"] = "mark-2" // the master was flushed; a look made it anew
+	looked := time.Now()
+	epochs, err := s.Epochs(ctx, []uuid.UUID{tn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if loss, _ := s.Loss(); loss.Before(looked) || !epochs[tn].After(e1) {
+		t.Errorf("after the marker changed: loss %v, epoch %v; want a loss after %v and the epoch raised above %v", loss, epochs[tn], looked, e1)
+	}
+	// A process that looks for the first time after the change finds it in the record.
+	late := NewStore(s.rdb, s.prefix, time.Hour, nil)
+	late.SetRunIDs(func(context.Context) (map[string]string, error) { return maps.Clone(read), nil })
+	if e, err := late.Epochs(ctx, []uuid.UUID{tn}); err != nil || !e[tn].Equal(epochs[tn]) {
+		t.Errorf("a process looking first after the change: epoch %v (%v), want %v", e[tn], err, epochs[tn])
+	}
+}
+
+// On a Redis Cluster every master holding slots carries a marker, in a key of its own slots, and
+// every process picks the same key. A master flushed alone (here: its marker deleted, as FLUSHALL
+// on it would) raises the floor at the next look. (Before, the run ids alone did not show it.)
+func TestAFlushOfOneClusterMasterIsALoss(t *testing.T) {
+	if !testenv.RedisCluster() {
+		t.Skip("needs Redis Cluster: `make test-cluster` runs it")
+	}
+	s, env := newStore(t)
+	cc := env.Redis.(*redis.ClusterClient)
+	ctx := context.Background()
+	ids, err := s.runIDs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := NewStore(env.Redis, env.Prefix, time.Hour, nil).runIDs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !maps.Equal(ids, again) {
+		t.Fatalf("two processes read %v and %v, want the same run ids and markers", ids, again)
+	}
+	masters, marked := map[string]bool{}, map[string]string{} // master address -> its marker key
+	for field := range ids {
+		if addr, ok := strings.CutPrefix(field, "master "); ok {
+			masters[addr] = true
+		}
+		if key, ok := strings.CutPrefix(field, markField); ok {
+			m, err := cc.MasterForKey(ctx, env.Prefix+key)
+			if err != nil {
+				t.Fatal(err)
+			}
+			marked[m.Options().Addr] = env.Prefix + key
+		}
+	}
+	if len(masters) < 2 || len(marked) != len(masters) {
+		t.Fatalf("run ids %v: want a marker on each of the masters %v", ids, masters)
+	}
+	if _, err := s.Epochs(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	record, err := cc.MasterForKey(ctx, env.Prefix+"dedup:{restarts}")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for addr, key := range marked {
+		if addr == record.Options().Addr {
+			continue
+		}
+		looked := time.Now()
+		cc.Del(ctx, key)
+		if _, err := s.Epochs(ctx, nil); err != nil {
+			t.Fatal(err)
+		}
+		if loss, _ := s.Loss(); loss.Before(looked) {
+			t.Errorf("master %s flushed alone: latest loss %v, want one noticed after %v", addr, loss, looked)
+		}
+		return
+	}
+	t.Fatal("every marker is on the master holding the record of run ids")
+}

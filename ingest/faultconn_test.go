@@ -24,6 +24,7 @@ type faultConn struct {
 	// from PrepareBatch on, and they commit (and return) when the data is sent.
 	slow    int
 	slowFor time.Duration
+	holding int // slow inserts holding their data now: their process has confirmed them (prepare)
 	// The next `reachLate` inserts reach the server only after reachLateBy (a full pool, a dial to a
 	// server that is down); reaching is closed when the first begins to wait.
 	reachLate   int
@@ -124,7 +125,15 @@ func (b *faultBatch) Send() error {
 		return err
 	}
 	rows := b.rows + b.Batch.Rows()
-	time.Sleep(b.slow)
+	if b.slow > 0 {
+		b.f.mu.Lock()
+		b.f.holding++
+		b.f.mu.Unlock()
+		time.Sleep(b.slow)
+		b.f.mu.Lock()
+		b.f.holding--
+		b.f.mu.Unlock()
+	}
 	if !b.late {
 		err := b.Batch.Send()
 		if err == nil {

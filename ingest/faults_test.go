@@ -13,6 +13,7 @@ import (
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/google/uuid"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/dedup"
@@ -457,11 +458,72 @@ func TestAnInsertUnderWayAtARedisLossIsSettledBeforeTheRetryShips(t *testing.T) 
 	}
 }
 
+// The same race on a Redis Cluster, with FLUSHALL on only the master holding tenant A's keys: that
+// master keeps its run id, and the record of run ids lives on another master, so nothing noticed a
+// loss — B did not wait, and X was stored twice. A marker key on every master now shows it. (The
+// flush is of this test's keys on that master: a real FLUSHALL would wipe the other tests' too.)
+func TestAFlushOfOneClusterMasterIsSettledBeforeTheRetryShips(t *testing.T) {
+	if !testenv.RedisCluster() {
+		t.Skip("needs Redis Cluster: `make test-cluster` runs it")
+	}
+	t.Parallel()
+	fc := &faultConn{slow: 1, slowFor: 5 * time.Second}
+	h := newHarness(t, opts{ch: func(c driver.Conn) driver.Conn { fc.Conn = c; return fc }})
+	cc := h.env.Redis.(*redis.ClusterClient)
+	ctx := context.Background()
+	masterOf := func(key string) *redis.Client {
+		m, err := cc.MasterForKey(ctx, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	record := masterOf(h.env.Prefix + "dedup:{restarts}").Options().Addr
+	for i := 0; masterOf("{"+h.a.ID.String()+"}").Options().Addr == record; i++ {
+		if i == 20 {
+			t.Fatal("no tenant found whose keys are on another master than the record of run ids")
+		}
+		h.a = fixture.Tenant(t, h.env.PG, fmt.Sprintf("acme%d", i))
+		h.keyA, _ = fixture.Key(t, h.env.PG, h.a.ID, "w", auth.ScopeEventsWrite)
+	}
+	flush := func() {
+		// The retry is received in a later second than X: the cluster's replicated tables drop an
+		// insert whose block equals one stored before, which a copy received in the same second is,
+		// and that would hide a second copy here.
+		time.Sleep(time.Second)
+		m := masterOf("{" + h.a.ID.String() + "}")
+		keys, err := m.Keys(ctx, h.env.Prefix+"*").Result()
+		if err != nil || len(keys) == 0 {
+			t.Fatalf("keys on tenant A's master: %v %v", keys, err)
+		}
+		for _, k := range keys {
+			m.Del(ctx, k)
+		}
+	}
+	// A deployment running for an hour: a record of run ids created just now would make B wait for
+	// the inserts under way anyway (it cannot tell a wipe from first use).
+	if _, err := h.dedup.Epochs(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	cc.HSet(ctx, h.env.Prefix+"dedup:{restarts}", "~created", time.Now().Add(-time.Hour).UnixNano())
+	b := h.newInstance(t, opts{})
+	x := h.lossRaceBy(t, b, flush, func() { fc.await(t, func() bool { return fc.holding > 0 }) }, nil)
+	if n := h.countIDs(t, h.a.ID, x); n != 1 {
+		t.Errorf("X is stored %d times, want once", n)
+	}
+}
+
 // lossRace is the sequence the tests of a loss of everything share: both instances look at Redis
 // (as running instances have), instance A accepts X and ships it; once begun() returns, Redis loses
 // everything of the test's prefix (the claims and the run ids recorded), after (if set) runs, and
 // the client's retry of X goes to instance B. It returns X's id once both instances shipped.
 func (h *harness) lossRace(t *testing.T, b *instance, begun, after func()) []string {
+	t.Helper()
+	return h.lossRaceBy(t, b, func() { testenv.DelKeys(context.Background(), h.env.Redis, h.env.Prefix+"*") }, begun, after)
+}
+
+// lossRaceBy is lossRace with the loss made by lose.
+func (h *harness) lossRaceBy(t *testing.T, b *instance, lose, begun, after func()) []string {
 	t.Helper()
 	ctx := context.Background()
 	h.env.Redis.Set(ctx, h.env.Prefix+"dedup:{"+h.b.ID.String()+"}:epoch", time.Now().Add(-48*time.Hour).Unix(), 0)
@@ -475,10 +537,7 @@ func (h *harness) lossRace(t *testing.T, b *instance, begun, after func()) []str
 		t.Fatalf("X: %d %s", r.Status, r.Raw)
 	}
 	begun()
-	keys, _ := testenv.Keys(ctx, h.env.Redis, h.env.Prefix+"*")
-	for _, k := range keys {
-		h.env.Redis.Del(ctx, k)
-	}
+	lose()
 	if after != nil {
 		after()
 	}
