@@ -454,8 +454,10 @@ func raised(epoch, floor time.Time) time.Time {
 //     everything (a restart without persistence, FLUSHALL) — whichever process looked first after.
 //     Once per generation ('~raised'): the other processes that saw the old one take that floor;
 //   - a cluster master's marker ('~mark <key>', see markerKey) other than the one recorded: that
-//     master alone lost its keys. A marker recorded for the first time is no loss (nothing to
-//     compare it to: a release before markers, a marker that could not be read until now).
+//     master alone lost its keys; or a server's count of evicted keys ('~evicted <server>') other
+//     than the one recorded: it evicted keys, claims among them perhaps (maxmemory-policy other
+//     than noeviction). Such a field recorded for the first time is no loss (nothing to compare it
+//     to: a release before it, a marker that could not be read until now).
 //
 // A raised floor is later than the one it replaces and than the caller's (which a wipe may have
 // taken from Redis), by a microsecond if the clock says otherwise: two losses never share a floor,
@@ -484,7 +486,7 @@ local raised = ARGV[5] ~= '' and ARGV[5] ~= gen and redis.call('HGET', KEYS[1], 
 for i = 7, #ARGV, 2 do
   local prev = redis.call('HGET', KEYS[1], ARGV[i])
   if prev ~= ARGV[i + 1] then
-    if prev or string.sub(ARGV[i], 1, 6) ~= '~mark ' then raised = raised or known end
+    if prev or string.sub(ARGV[i], 1, 1) ~= '~' then raised = raised or known end
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end
@@ -609,15 +611,15 @@ func (s *Store) remember(ids map[string]string) {
 const youngRecord = 10 * time.Minute
 
 // changed reports whether ids show a loss against the run ids this process read last: a server's run
-// id or a master's marker changed, or a master it did not see before (a failover moves a shard to
-// another address).
+// id, a master's marker or a count of evicted keys changed, or a master it did not see before (a
+// failover moves a shard to another address).
 func (s *Store) changed(ids map[string]string) bool {
 	if len(s.seen) == 0 {
 		return false
 	}
 	for server, id := range ids {
 		prev, ok := s.seen[server]
-		if ok && prev != id || !ok && !strings.HasPrefix(server, markField) {
+		if ok && prev != id || !ok && !strings.HasPrefix(server, "~") {
 			return true
 		}
 	}
@@ -670,7 +672,7 @@ func (s *Store) runIDs(ctx context.Context) (map[string]string, error) {
 			ctx, cancel := context.WithTimeout(ctx, 250*time.Millisecond)
 			defer cancel()
 			addr := m.Options().Addr
-			id, err := runID(ctx, m)
+			id, evicted, err := serverState(ctx, m)
 			if err != nil {
 				mu.Lock()
 				defer mu.Unlock()
@@ -682,6 +684,9 @@ func (s *Store) runIDs(ctx context.Context) (map[string]string, error) {
 			mu.Lock()
 			defer mu.Unlock()
 			ids["master "+addr] = id
+			if evicted != "" {
+				ids[evictedField+"master "+addr] = evicted
+			}
 			if merr == nil {
 				ids[markField+strings.TrimPrefix(key, s.prefix)] = mark
 			}
@@ -692,13 +697,20 @@ func (s *Store) runIDs(ctx context.Context) (map[string]string, error) {
 		}
 		return ids, nil
 	}
-	id, err := runID(ctx, s.rdb)
+	id, evicted, err := serverState(ctx, s.rdb)
 	ids["server"] = id
+	if evicted != "" {
+		ids[evictedField+"server"] = evicted
+	}
 	return ids, err
 }
 
-// markField begins the field of a master's marker in the record of run ids.
-const markField = "~mark "
+// Fields of the record of run ids beside the servers' run ids. A change of one is a loss; its first
+// record is none (restartScript).
+const (
+	markField    = "~mark "    // a cluster master's marker (markerKey)
+	evictedField = "~evicted " // a server's count of evicted keys: an evicted claim is a lost one
+)
 
 // A cluster master's marker is a random value kept in a key of a slot it holds. FLUSHALL on one
 // master keeps its run id and the record of run ids (on the master holding {restarts}), so only the
@@ -760,31 +772,42 @@ func (s *Store) markerKey(ctx context.Context, c *redis.ClusterClient, addr stri
 	return "", missed
 }
 
-func runID(ctx context.Context, c redis.Cmdable) (string, error) {
-	info, err := c.Info(ctx, "server").Result()
-	if err != nil {
-		return "", err
+// serverState reads a Redis server's run id and its count of evicted keys ("" when INFO does not
+// say: managed services may leave it out). Two INFO calls in one round trip: servers before 7.0
+// take one section per call.
+func serverState(ctx context.Context, c redis.Cmdable) (runID, evicted string, err error) {
+	p := c.Pipeline()
+	server, stats := p.Info(ctx, "server"), p.Info(ctx, "stats")
+	if _, err := p.Exec(ctx); err != nil && server.Err() != nil {
+		return "", "", err
 	}
-	for _, line := range strings.Split(info, "\n") {
-		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "run_id:"); ok {
-			return v, nil
+	field := func(info, name string) string {
+		for _, line := range strings.Split(info, "\n") {
+			if v, ok := strings.CutPrefix(strings.TrimSpace(line), name+":"); ok {
+				return v
+			}
 		}
+		return ""
 	}
-	return "", fmt.Errorf("no run_id in INFO server")
+	if runID = field(server.Val(), "run_id"); runID == "" {
+		return "", "", fmt.Errorf("no run_id in INFO server")
+	}
+	return runID, field(stats.Val(), "evicted_keys"), nil
 }
 
 func (s *Store) windowSeconds() int64 { return max(int64(s.window/time.Second), 1) }
 
-// EvictionRisk reports a Redis configured to evict keys under memory pressure: an evicted claim lets a
-// duplicate through unnoticed (the epoch does not change). It returns "" when the policy is safe or
-// cannot be read (managed Redis services often refuse CONFIG).
+// EvictionRisk reports a Redis configured to evict keys under memory pressure. An eviction is taken
+// for a loss of claims (its rows are then checked in ClickHouse for a window, and shipping waits out
+// the inserts under way), and evicted Idempotency-Key responses and live counters are gone. It returns
+// "" when the policy is safe or cannot be read (managed Redis services often refuse CONFIG).
 func (s *Store) EvictionRisk(ctx context.Context) string {
 	res, err := s.rdb.ConfigGet(ctx, "maxmemory-policy").Result()
 	if err != nil {
 		return ""
 	}
 	if p := res["maxmemory-policy"]; p != "" && p != "noeviction" {
-		return "redis maxmemory-policy is " + p + ": under memory pressure it may evict dedup claims and let duplicates through; set it to noeviction"
+		return "redis maxmemory-policy is " + p + ": under memory pressure it may evict dedup claims, Idempotency-Key responses and live counters; analyticsd then checks every row in ClickHouse for a window; set it to noeviction"
 	}
 	return ""
 }

@@ -8,6 +8,9 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -851,4 +854,64 @@ func TestAFlushOfOneClusterMasterIsALoss(t *testing.T) {
 		return
 	}
 	t.Fatal("every marker is on the master holding the record of run ids")
+}
+
+// A Redis that evicts keys (a maxmemory-policy other than noeviction) may evict claims: an id
+// retried after its claim was evicted was judged new, in a history nothing marked as lost. A change
+// of the server's count of evicted keys is now a loss, like a restart. (A server of its own, on a
+// unix socket: the shared one must not evict other tests' keys.)
+func TestAnEvictionIsALoss(t *testing.T) {
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		bin = "/usr/bin/redis-server"
+	}
+	if _, err := os.Stat(bin); err != nil {
+		if testenv.Required() {
+			t.Fatalf("redis-server not found: %v", err)
+		}
+		t.Skip("redis-server not installed")
+	}
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "redis.sock")
+	// volatile-lru: only keys with a TTL go (the claims' buckets, the filler), so the epoch and the
+	// record of run ids stay and only the count shows the loss.
+	srv := exec.Command(bin, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no",
+		"--maxmemory", "4mb", "--maxmemory-policy", "volatile-lru", "--dir", dir)
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv.Process.Kill(); _ = srv.Wait() })
+	rdb := redis.NewClient(&redis.Options{Network: "unix", Addr: sock})
+	t.Cleanup(func() { rdb.Close() })
+	ctx := context.Background()
+	testenv.Eventually(t, 10*time.Second, func() error { return rdb.Ping(ctx).Err() })
+	s := NewStore(rdb, "", time.Hour, nil)
+	tn := uuid.New()
+	_, e1, err := s.Claim(ctx, tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Epochs(ctx, []uuid.UUID{tn}); err != nil {
+		t.Fatal(err)
+	}
+	filled := time.Now()
+	value := strings.Repeat("x", 8<<10)
+	for i := 0; ; i++ {
+		if i == 5000 {
+			t.Fatal("no key evicted after 40 MB into a 4 MB Redis")
+		}
+		if err := rdb.Set(ctx, "filler:"+strconv.Itoa(i), value, time.Hour).Err(); err != nil {
+			t.Fatal(err)
+		}
+		if info := rdb.Info(ctx, "stats").Val(); !strings.Contains(info, "evicted_keys:0\r") {
+			break
+		}
+	}
+	epochs, err := s.Epochs(ctx, []uuid.UUID{tn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if loss, _ := s.Loss(); loss.Before(filled) || !epochs[tn].After(e1) {
+		t.Errorf("after Redis evicted keys: loss %v, epoch %v; want a loss after %v and the epoch raised above %v", loss, epochs[tn], filled, e1)
+	}
 }
