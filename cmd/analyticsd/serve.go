@@ -184,13 +184,23 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		return err
 	}
 	sweeper := rollup.NewSweeper(ch, cfg.Layout(), pg, auditLog, reg, log.With("component", "retention"), cfg.RetentionDays, nil)
+	clocks := newClockWatch(reg, func(ctx context.Context) (time.Time, error) { return rdb.Time(ctx).Result() }, log.With("component", "clock"))
+	clocks.check(ctx)
 	ops.Details = func(context.Context) map[string]any {
 		st := writer.Stats()
 		d := map[string]any{"ingest": st, "rollup": scheduler.Status(), "retention": sweeper.Status()}
+		// Warnings, not failures: the instance ingests and ships.
+		var warnings []string
 		if st.QuarantinedRows > 0 {
-			// A warning, not a failure: the instance ingests and ships; these rows wait for an operator.
-			d["warnings"] = []string{fmt.Sprintf("%d rows (%d files) in the spool's quarantine: ClickHouse kept refusing them; see `analyticsd spool status`, then `analyticsd spool requeue --all` once fixed",
-				st.QuarantinedRows, st.QuarantinedFiles)}
+			// These rows wait for an operator.
+			warnings = append(warnings, fmt.Sprintf("%d rows (%d files) in the spool's quarantine: ClickHouse kept refusing them; see `analyticsd spool status`, then `analyticsd spool requeue --all` once fixed",
+				st.QuarantinedRows, st.QuarantinedFiles))
+		}
+		if w := clocks.Warning(); w != "" {
+			warnings = append(warnings, w)
+		}
+		if len(warnings) > 0 {
+			d["warnings"] = warnings
 		}
 		return d
 	}
@@ -233,6 +243,10 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	usageDone := make(chan struct{})
 	go func() { defer close(usageDone); authn.RecordUsage(uctx, time.Minute, log.With("component", "auth")) }()
 	open.push("api keys' last use", func(context.Context) error { stopUsage(); <-usageDone; return nil })
+	cctx, stopClocks := context.WithCancel(ctx)
+	clocksDone := make(chan struct{})
+	go func() { defer close(clocksDone); clocks.run(cctx, 30*time.Second) }()
+	open.push("clock watch", func(context.Context) error { stopClocks(); <-clocksDone; return nil })
 	// The operator listener: /metrics names every tenant and its event names, so it is not on the
 	// API's port; loopback unless ANALYTICS_METRICS_ADDR says otherwise.
 	if oln != nil {
