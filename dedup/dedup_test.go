@@ -721,20 +721,28 @@ func TestAnEpochStampedByAFastClockIsRaisedByALaterLoss(t *testing.T) {
 	}
 }
 
+// claimedReading returns a store that reads the run ids *read holds at each look, a tenant with one
+// claim, the claim's epoch, and the loss the store knew of then (the record's creation: first use).
+func claimedReading(t *testing.T, read *map[string]string) (s *Store, tn uuid.UUID, epoch, loss time.Time) {
+	t.Helper()
+	s, _ = newStore(t)
+	s.SetRunIDs(func(context.Context) (map[string]string, error) { return maps.Clone(*read), nil })
+	tn = uuid.New()
+	_, epoch, err := s.Claim(context.Background(), tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	loss, _ = s.Loss()
+	return s, tn, epoch, loss
+}
+
 // A cluster master that misses one read of the run ids (slow to answer INFO, for a BGSAVE's fork)
 // and answers the next with the same id is no loss: a process that forgot it took it back for a
 // master never seen, raised its own floor, and checked every tenant's rows for a window.
 func TestAMasterMissingFromOneReadIsNoLoss(t *testing.T) {
-	s, _ := newStore(t)
-	ctx := context.Background()
 	read := map[string]string{"a": "run-a", "b": "run-b"}
-	s.SetRunIDs(func(context.Context) (map[string]string, error) { return maps.Clone(read), nil })
-	tn := uuid.New()
-	_, e1, err := s.Claim(ctx, tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	before, _ := s.Loss() // the record's creation: first use
+	s, tn, e1, before := claimedReading(t, &read)
+	ctx := context.Background()
 	for _, ids := range []map[string]string{{"a": "run-a"}, {"a": "run-a", "b": "run-b"}} {
 		read = ids
 		epochs, err := s.Epochs(ctx, []uuid.UUID{tn})
@@ -755,16 +763,9 @@ func TestAMasterMissingFromOneReadIsNoLoss(t *testing.T) {
 // none: a release before markers recorded the run ids alone, and its first look after an upgrade
 // must not raise every epoch.
 func TestAChangedMarkerIsALossAndANewOneIsNot(t *testing.T) {
-	s, _ := newStore(t)
-	ctx := context.Background()
 	read := map[string]string{"master a": "run-a"}
-	s.SetRunIDs(func(context.Context) (map[string]string, error) { return maps.Clone(read), nil })
-	tn := uuid.New()
-	_, e1, err := s.Claim(ctx, tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	before, _ := s.Loss() // the record's creation: first use
+	s, tn, e1, before := claimedReading(t, &read)
+	ctx := context.Background()
 	read[markField+"dedup:{restarts:0}"] = "mark-1"
 	for range 2 {
 		epochs, err := s.Epochs(ctx, []uuid.UUID{tn})
