@@ -454,10 +454,12 @@ func raised(epoch, floor time.Time) time.Time {
 //     everything (a restart without persistence, FLUSHALL) — whichever process looked first after.
 //     Once per generation ('~raised'): the other processes that saw the old one take that floor;
 //   - a cluster master's marker ('~mark <key>', see markerKey) other than the one recorded: that
-//     master alone lost its keys; or a server's count of evicted keys ('~evicted <server>') other
+//     master alone lost its keys; a server's count of evicted keys ('~evicted <server>') other
 //     than the one recorded: it evicted keys, claims among them perhaps (maxmemory-policy other
-//     than noeviction). Such a field recorded for the first time is no loss (nothing to compare it
-//     to: a release before it, a marker that could not be read until now).
+//     than noeviction); or a server's replication id ('~replid <server>') other than the one
+//     recorded: it was made a master again (a failover back to it). Such a field recorded for the
+//     first time is no loss (nothing to compare it to: a release before it, a marker that could not
+//     be read until now).
 //
 // A raised floor is later than the one it replaces and than the caller's (which a wipe may have
 // taken from Redis), by a microsecond if the clock says otherwise: two losses never share a floor,
@@ -611,8 +613,8 @@ func (s *Store) remember(ids map[string]string) {
 const youngRecord = 10 * time.Minute
 
 // changed reports whether ids show a loss against the run ids this process read last: a server's run
-// id, a master's marker or a count of evicted keys changed, or a master it did not see before (a
-// failover moves a shard to another address).
+// id, a master's marker, a count of evicted keys or a replication id changed, or a master it did not
+// see before (a failover moves a shard to another address).
 func (s *Store) changed(ids map[string]string) bool {
 	if len(s.seen) == 0 {
 		return false
@@ -669,10 +671,12 @@ func (s *Store) runIDs(ctx context.Context) (map[string]string, error) {
 		var down []error
 		_ = c.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error {
 			// Bounded: every shipment looks, and a dead master's dial backoff must not hold them all.
-			ctx, cancel := context.WithTimeout(ctx, 250*time.Millisecond)
+			// The marker has a budget of its own: a master slow to answer (125 ms a reply) used up
+			// both in the first, and its marker was never read.
+			ictx, cancel := context.WithTimeout(ctx, 250*time.Millisecond)
 			defer cancel()
-			addr := m.Options().Addr
-			id, evicted, err := serverState(ctx, m)
+			addr, mine := m.Options().Addr, map[string]string{}
+			id, err := serverState(ictx, m, "master "+addr, mine)
 			if err != nil {
 				mu.Lock()
 				defer mu.Unlock()
@@ -680,16 +684,15 @@ func (s *Store) runIDs(ctx context.Context) (map[string]string, error) {
 				return nil
 			}
 			// Without its marker (not read this time) the master's run id still counts.
-			key, mark, merr := s.marker(ctx, c, addr)
+			mctx, cancel := context.WithTimeout(ctx, 250*time.Millisecond)
+			defer cancel()
+			if key, mark, err := s.marker(mctx, c, addr); err == nil {
+				mine[markField+strings.TrimPrefix(key, s.prefix)] = mark
+			}
+			mine["master "+addr] = id
 			mu.Lock()
 			defer mu.Unlock()
-			ids["master "+addr] = id
-			if evicted != "" {
-				ids[evictedField+"master "+addr] = evicted
-			}
-			if merr == nil {
-				ids[markField+strings.TrimPrefix(key, s.prefix)] = mark
-			}
+			maps.Copy(ids, mine)
 			return nil
 		})
 		if len(ids) == 0 && len(down) > 0 {
@@ -697,11 +700,8 @@ func (s *Store) runIDs(ctx context.Context) (map[string]string, error) {
 		}
 		return ids, nil
 	}
-	id, evicted, err := serverState(ctx, s.rdb)
+	id, err := serverState(ctx, s.rdb, "server", ids)
 	ids["server"] = id
-	if evicted != "" {
-		ids[evictedField+"server"] = evicted
-	}
 	return ids, err
 }
 
@@ -710,6 +710,7 @@ func (s *Store) runIDs(ctx context.Context) (map[string]string, error) {
 const (
 	markField    = "~mark "    // a cluster master's marker (markerKey)
 	evictedField = "~evicted " // a server's count of evicted keys: an evicted claim is a lost one
+	replidField  = "~replid "  // a server's replication id (serverState)
 )
 
 // A cluster master's marker is a random value kept in a key of a slot it holds. FLUSHALL on one
@@ -772,14 +773,17 @@ func (s *Store) markerKey(ctx context.Context, c *redis.ClusterClient, addr stri
 	return "", missed
 }
 
-// serverState reads a Redis server's run id and its count of evicted keys ("" when INFO does not
-// say: managed services may leave it out). Two INFO calls in one round trip: servers before 7.0
-// take one section per call.
-func serverState(ctx context.Context, c redis.Cmdable) (runID, evicted string, err error) {
+// serverState reads what shows a Redis server's loss of keys: its run id (a restart), and into
+// watched (fields named for the server) its count of evicted keys and its replication id, which a
+// server gets anew each time it is made a master: a failover back to a former master keeps that
+// master's address and run id, while it may have missed what its replica took meanwhile. A value
+// INFO leaves out (managed services may) is not watched. Three INFO calls in one round trip:
+// servers before 7.0 take one section per call.
+func serverState(ctx context.Context, c redis.Cmdable, server string, watched map[string]string) (runID string, err error) {
 	p := c.Pipeline()
-	server, stats := p.Info(ctx, "server"), p.Info(ctx, "stats")
-	if _, err := p.Exec(ctx); err != nil && server.Err() != nil {
-		return "", "", err
+	srv, stats, repl := p.Info(ctx, "server"), p.Info(ctx, "stats"), p.Info(ctx, "replication")
+	if _, err := p.Exec(ctx); err != nil && srv.Err() != nil {
+		return "", err
 	}
 	field := func(info, name string) string {
 		for _, line := range strings.Split(info, "\n") {
@@ -789,10 +793,16 @@ func serverState(ctx context.Context, c redis.Cmdable) (runID, evicted string, e
 		}
 		return ""
 	}
-	if runID = field(server.Val(), "run_id"); runID == "" {
-		return "", "", fmt.Errorf("no run_id in INFO server")
+	if runID = field(srv.Val(), "run_id"); runID == "" {
+		return "", fmt.Errorf("no run_id in INFO server")
 	}
-	return runID, field(stats.Val(), "evicted_keys"), nil
+	if v := field(stats.Val(), "evicted_keys"); v != "" {
+		watched[evictedField+server] = v
+	}
+	if v := field(repl.Val(), "master_replid"); v != "" {
+		watched[replidField+server] = v
+	}
+	return runID, nil
 }
 
 func (s *Store) windowSeconds() int64 { return max(int64(s.window/time.Second), 1) }

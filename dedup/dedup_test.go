@@ -6,11 +6,11 @@ import (
 	"io"
 	"maps"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -23,6 +23,7 @@ import (
 
 	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/internal/clock"
+	"github.com/analyticsd/analyticsd/internal/loopback"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 	"github.com/analyticsd/analyticsd/quota"
 )
@@ -859,33 +860,13 @@ func TestAFlushOfOneClusterMasterIsALoss(t *testing.T) {
 
 // A Redis that evicts keys (a maxmemory-policy other than noeviction) may evict claims: an id
 // retried after its claim was evicted was judged new, in a history nothing marked as lost. A change
-// of the server's count of evicted keys is now a loss, like a restart. (A server of its own, on a
-// unix socket: the shared one must not evict other tests' keys.)
+// of the server's count of evicted keys is now a loss, like a restart. (A server of its own: the
+// shared one must not evict other tests' keys.)
 func TestAnEvictionIsALoss(t *testing.T) {
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		bin = "/usr/bin/redis-server"
-	}
-	if _, err := os.Stat(bin); err != nil {
-		if testenv.Required() {
-			t.Fatalf("redis-server not found: %v", err)
-		}
-		t.Skip("redis-server not installed")
-	}
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "redis.sock")
 	// volatile-lru: only keys with a TTL go (the claims' buckets, the filler), so the epoch and the
 	// record of run ids stay and only the count shows the loss.
-	srv := exec.Command(bin, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no",
-		"--maxmemory", "4mb", "--maxmemory-policy", "volatile-lru", "--dir", dir)
-	if err := srv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = srv.Process.Kill(); _ = srv.Wait() })
-	rdb := redis.NewClient(&redis.Options{Network: "unix", Addr: sock})
-	t.Cleanup(func() { rdb.Close() })
+	rdb, _ := privateRedis(t, "--maxmemory", "4mb", "--maxmemory-policy", "volatile-lru")
 	ctx := context.Background()
-	testenv.Eventually(t, 10*time.Second, func() error { return rdb.Ping(ctx).Err() })
 	s := NewStore(rdb, "", time.Hour, nil)
 	tn := uuid.New()
 	_, e1, err := s.Claim(ctx, tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil)
@@ -914,5 +895,89 @@ func TestAnEvictionIsALoss(t *testing.T) {
 	}
 	if loss, _ := s.Loss(); loss.Before(filled) || !epochs[tn].After(e1) {
 		t.Errorf("after Redis evicted keys: loss %v, epoch %v; want a loss after %v and the epoch raised above %v", loss, epochs[tn], filled, e1)
+	}
+}
+
+// privateRedis starts a Redis of the test's own, for what the shared one must not do (evict keys,
+// change roles), with extra server arguments; it returns a client and the server's address.
+func privateRedis(t *testing.T, args ...string) (*redis.Client, string) {
+	t.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		bin = "/usr/bin/redis-server"
+	}
+	if _, err := os.Stat(bin); err != nil {
+		if testenv.Required() {
+			t.Fatalf("redis-server not found: %v", err)
+		}
+		t.Skip("redis-server not installed")
+	}
+	addr, err := loopback.Addr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, port, _ := net.SplitHostPort(addr)
+	srv := exec.Command(bin, append([]string{"--bind", host, "--port", port, "--save", "", "--appendonly", "no", "--dir", t.TempDir()}, args...)...)
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv.Process.Kill(); _ = srv.Wait() })
+	rdb := redis.NewClient(&redis.Options{Addr: addr})
+	t.Cleanup(func() { rdb.Close() })
+	testenv.Eventually(t, 10*time.Second, func() error { return rdb.Ping(context.Background()).Err() })
+	return rdb, addr
+}
+
+// replicate makes replica follow the server at addr and waits until its link is up.
+func replicate(t *testing.T, replica *redis.Client, addr string) {
+	t.Helper()
+	ctx := context.Background()
+	host, port, _ := net.SplitHostPort(addr)
+	if err := replica.SlaveOf(ctx, host, port).Err(); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 20*time.Second, func() error {
+		if info := replica.Info(ctx, "replication").Val(); !strings.Contains(info, "master_link_status:up") {
+			return fmt.Errorf("replica of %s: link not up:\n%s", addr, info)
+		}
+		return nil
+	})
+}
+
+// A failover back to a former master (demoted, not restarted: a partition, a maintenance failover)
+// keeps its address and run id, and it may have missed what its replica took meanwhile: nothing
+// noticed it (a review's private cluster: a claim made on the replica was lost, and the same id
+// claimed again was judged new in the same history). A server made a master gets a new replication
+// id, and a changed one is now a loss. (Servers of the test's own: roles change.)
+func TestAFailbackToAFormerMasterIsALoss(t *testing.T) {
+	a, aAddr := privateRedis(t)
+	b, bAddr := privateRedis(t)
+	ctx := context.Background()
+	s := NewStore(a, "", time.Hour, nil)
+	tn := uuid.New()
+	_, e1, err := s.Claim(ctx, tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Epochs(ctx, []uuid.UUID{tn}); err != nil {
+		t.Fatal(err)
+	}
+	// b follows a, takes over (a follows b), and a takes over again: a's data, address and run id
+	// are what they were.
+	replicate(t, b, aAddr)
+	if err := b.SlaveOf(ctx, "NO", "ONE").Err(); err != nil {
+		t.Fatal(err)
+	}
+	replicate(t, a, bAddr)
+	looked := time.Now()
+	if err := a.SlaveOf(ctx, "NO", "ONE").Err(); err != nil {
+		t.Fatal(err)
+	}
+	epochs, err := s.Epochs(ctx, []uuid.UUID{tn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if loss, _ := s.Loss(); loss.Before(looked) || !epochs[tn].After(e1) {
+		t.Errorf("after a failover back to the first master: loss %v, epoch %v; want a loss after %v and the epoch raised above %v", loss, epochs[tn], looked, e1)
 	}
 }
