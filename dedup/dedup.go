@@ -454,12 +454,10 @@ func raised(epoch, floor time.Time) time.Time {
 //     everything (a restart without persistence, FLUSHALL) — whichever process looked first after.
 //     Once per generation ('~raised'): the other processes that saw the old one take that floor;
 //   - a cluster master's marker ('~mark <key>', see markerKey) other than the one recorded: that
-//     master alone lost its keys; a server's count of evicted keys ('~evicted <server>') other
-//     than the one recorded: it evicted keys, claims among them perhaps (maxmemory-policy other
-//     than noeviction); or a server's replication id ('~replid <server>') other than the one
-//     recorded: it was made a master again (a failover back to it). Such a field recorded for the
-//     first time is no loss (nothing to compare it to: a release before it, a marker that could not
-//     be read until now).
+//     master alone lost its keys; or a server's previous replication id ('~promoted <server>',
+//     see serverState) other than the one recorded: it was made a master again (a failover back
+//     to it) — but not a change to '-' (none). Such a field recorded for the first time is no loss
+//     (nothing to compare it to: a release before it, a marker that could not be read until now).
 //
 // A raised floor is later than the one it replaces and than the caller's (which a wipe may have
 // taken from Redis), by a microsecond if the clock says otherwise: two losses never share a floor,
@@ -488,7 +486,8 @@ local raised = ARGV[5] ~= '' and ARGV[5] ~= gen and redis.call('HGET', KEYS[1], 
 for i = 7, #ARGV, 2 do
   local prev = redis.call('HGET', KEYS[1], ARGV[i])
   if prev ~= ARGV[i + 1] then
-    if prev or string.sub(ARGV[i], 1, 1) ~= '~' then raised = raised or known end
+    local watched = string.sub(ARGV[i], 1, 1) == '~'
+    if not watched or (prev and string.sub(ARGV[i + 1], 1, 1) ~= '-') then raised = raised or known end
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end
@@ -613,15 +612,15 @@ func (s *Store) remember(ids map[string]string) {
 const youngRecord = 10 * time.Minute
 
 // changed reports whether ids show a loss against the run ids this process read last: a server's run
-// id, a master's marker, a count of evicted keys or a replication id changed, or a master it did not
-// see before (a failover moves a shard to another address).
+// id, a master's marker or a server's previous replication id changed (see restartScript), or a
+// master it did not see before (a failover moves a shard to another address).
 func (s *Store) changed(ids map[string]string) bool {
 	if len(s.seen) == 0 {
 		return false
 	}
 	for server, id := range ids {
 		prev, ok := s.seen[server]
-		if ok && prev != id || !ok && !strings.HasPrefix(server, "~") {
+		if watched := strings.HasPrefix(server, "~"); !ok && !watched || ok && prev != id && !(watched && strings.HasPrefix(id, "-")) {
 			return true
 		}
 	}
@@ -705,12 +704,11 @@ func (s *Store) runIDs(ctx context.Context) (map[string]string, error) {
 	return ids, err
 }
 
-// Fields of the record of run ids beside the servers' run ids. A change of one is a loss; its first
-// record is none (restartScript).
+// Fields of the record of run ids beside the servers' run ids. A change of one is a loss, unless to a
+// value beginning with "-"; its first record is none (restartScript).
 const (
-	markField    = "~mark "    // a cluster master's marker (markerKey)
-	evictedField = "~evicted " // a server's count of evicted keys: an evicted claim is a lost one
-	replidField  = "~replid "  // a server's replication id (serverState)
+	markField     = "~mark "     // a cluster master's marker (markerKey)
+	promotedField = "~promoted " // the replication id a server had before it was made a master (serverState)
 )
 
 // A cluster master's marker is a random value kept in a key of a slot it holds. FLUSHALL on one
@@ -774,14 +772,17 @@ func (s *Store) markerKey(ctx context.Context, c *redis.ClusterClient, addr stri
 }
 
 // serverState reads what shows a Redis server's loss of keys: its run id (a restart), and into
-// watched (fields named for the server) its count of evicted keys and its replication id, which a
-// server gets anew each time it is made a master: a failover back to a former master keeps that
-// master's address and run id, while it may have missed what its replica took meanwhile. A value
-// INFO leaves out (managed services may) is not watched. Three INFO calls in one round trip:
-// servers before 7.0 take one section per call.
+// watched (a field named for the server) whether it was made a master since: a failover back to a
+// former master keeps that master's address and run id, while it may have missed what its replica
+// took meanwhile. A server made a master keeps its previous replication id as master_replid2, which
+// is zeros until then and again whenever it makes its replication backlog anew (a first replica, a
+// backlog freed): so a new master_replid2 is a promotion, zeros are none (recorded as "-", a change
+// to which is no loss). master_replid itself changes with the backlog alone (a replica attached for
+// the first time in an hour, a `redis-cli --rdb` backup). Two INFO calls in one round trip: servers
+// before 7.0 take one section per call.
 func serverState(ctx context.Context, c redis.Cmdable, server string, watched map[string]string) (runID string, err error) {
 	p := c.Pipeline()
-	srv, stats, repl := p.Info(ctx, "server"), p.Info(ctx, "stats"), p.Info(ctx, "replication")
+	srv, repl := p.Info(ctx, "server"), p.Info(ctx, "replication")
 	if _, err := p.Exec(ctx); err != nil && srv.Err() != nil {
 		return "", err
 	}
@@ -796,28 +797,27 @@ func serverState(ctx context.Context, c redis.Cmdable, server string, watched ma
 	if runID = field(srv.Val(), "run_id"); runID == "" {
 		return "", fmt.Errorf("no run_id in INFO server")
 	}
-	if v := field(stats.Val(), "evicted_keys"); v != "" {
-		watched[evictedField+server] = v
-	}
-	if v := field(repl.Val(), "master_replid"); v != "" {
-		watched[replidField+server] = v
+	if v := field(repl.Val(), "master_replid2"); v != "" {
+		if strings.Trim(v, "0") == "" {
+			v = "-"
+		}
+		watched[promotedField+server] = v
 	}
 	return runID, nil
 }
 
 func (s *Store) windowSeconds() int64 { return max(int64(s.window/time.Second), 1) }
 
-// EvictionRisk reports a Redis configured to evict keys under memory pressure. An eviction is taken
-// for a loss of claims (its rows are then checked in ClickHouse for a window, and shipping waits out
-// the inserts under way), and evicted Idempotency-Key responses and live counters are gone. It returns
-// "" when the policy is safe or cannot be read (managed Redis services often refuse CONFIG).
+// EvictionRisk reports a Redis configured to evict keys under memory pressure: an evicted claim lets a
+// duplicate through unnoticed (the epoch does not change). It returns "" when the policy is safe or
+// cannot be read (managed Redis services often refuse CONFIG).
 func (s *Store) EvictionRisk(ctx context.Context) string {
 	res, err := s.rdb.ConfigGet(ctx, "maxmemory-policy").Result()
 	if err != nil {
 		return ""
 	}
 	if p := res["maxmemory-policy"]; p != "" && p != "noeviction" {
-		return "redis maxmemory-policy is " + p + ": under memory pressure it may evict dedup claims, Idempotency-Key responses and live counters; analyticsd then checks every row in ClickHouse for a window; set it to noeviction"
+		return "redis maxmemory-policy is " + p + ": under memory pressure it may evict dedup claims and let duplicates through; set it to noeviction"
 	}
 	return ""
 }

@@ -858,46 +858,6 @@ func TestAFlushOfOneClusterMasterIsALoss(t *testing.T) {
 	t.Fatal("every marker is on the master holding the record of run ids")
 }
 
-// A Redis that evicts keys (a maxmemory-policy other than noeviction) may evict claims: an id
-// retried after its claim was evicted was judged new, in a history nothing marked as lost. A change
-// of the server's count of evicted keys is now a loss, like a restart. (A server of its own: the
-// shared one must not evict other tests' keys.)
-func TestAnEvictionIsALoss(t *testing.T) {
-	// volatile-lru: only keys with a TTL go (the claims' buckets, the filler), so the epoch and the
-	// record of run ids stay and only the count shows the loss.
-	rdb, _ := privateRedis(t, "--maxmemory", "4mb", "--maxmemory-policy", "volatile-lru")
-	ctx := context.Background()
-	s := NewStore(rdb, "", time.Hour, nil)
-	tn := uuid.New()
-	_, e1, err := s.Claim(ctx, tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.Epochs(ctx, []uuid.UUID{tn}); err != nil {
-		t.Fatal(err)
-	}
-	filled := time.Now()
-	value := strings.Repeat("x", 8<<10)
-	for i := 0; ; i++ {
-		if i == 5000 {
-			t.Fatal("no key evicted after 40 MB into a 4 MB Redis")
-		}
-		if err := rdb.Set(ctx, "filler:"+strconv.Itoa(i), value, time.Hour).Err(); err != nil {
-			t.Fatal(err)
-		}
-		if info := rdb.Info(ctx, "stats").Val(); !strings.Contains(info, "evicted_keys:0\r") {
-			break
-		}
-	}
-	epochs, err := s.Epochs(ctx, []uuid.UUID{tn})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if loss, _ := s.Loss(); loss.Before(filled) || !epochs[tn].After(e1) {
-		t.Errorf("after Redis evicted keys: loss %v, epoch %v; want a loss after %v and the epoch raised above %v", loss, epochs[tn], filled, e1)
-	}
-}
-
 // privateRedis starts a Redis of the test's own, for what the shared one must not do (evict keys,
 // change roles), with extra server arguments; it returns a client and the server's address.
 func privateRedis(t *testing.T, args ...string) (*redis.Client, string) {
@@ -947,37 +907,62 @@ func replicate(t *testing.T, replica *redis.Client, addr string) {
 // A failover back to a former master (demoted, not restarted: a partition, a maintenance failover)
 // keeps its address and run id, and it may have missed what its replica took meanwhile: nothing
 // noticed it (a review's private cluster: a claim made on the replica was lost, and the same id
-// claimed again was judged new in the same history). A server made a master gets a new replication
-// id, and a changed one is now a loss. (Servers of the test's own: roles change.)
-func TestAFailbackToAFormerMasterIsALoss(t *testing.T) {
-	a, aAddr := privateRedis(t)
+// claimed again was judged new in the same history). A server made a master keeps its previous
+// replication id (master_replid2), and a new one is now a loss. Replication alone is none: a first
+// replica attaching and a replication backlog freed change master_replid (a first version watched
+// that, and took both for losses), not master_replid2. (Servers of the test's own: roles change.)
+func TestAFailbackIsALossAndReplicationAloneIsNot(t *testing.T) {
+	// A backlog without replicas is freed after a second (3,600 by default).
+	a, aAddr := privateRedis(t, "--repl-backlog-ttl", "1")
 	b, bAddr := privateRedis(t)
 	ctx := context.Background()
 	s := NewStore(a, "", time.Hour, nil)
 	tn := uuid.New()
-	_, e1, err := s.Claim(ctx, tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil)
-	if err != nil {
+	if _, _, err := s.Claim(ctx, tn, 'e', 1, []uuid.UUID{uuid.New()}, nil, nil); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Epochs(ctx, []uuid.UUID{tn}); err != nil {
-		t.Fatal(err)
+	replid := func() string {
+		for _, l := range strings.Split(a.Info(ctx, "replication").Val(), "\n") {
+			if v, ok := strings.CutPrefix(strings.TrimSpace(l), "master_replid:"); ok {
+				return v
+			}
+		}
+		return ""
 	}
-	// b follows a, takes over (a follows b), and a takes over again: a's data, address and run id
-	// are what they were.
-	replicate(t, b, aAddr)
-	if err := b.SlaveOf(ctx, "NO", "ONE").Err(); err != nil {
+	look := func(step string, wantLoss bool) {
+		t.Helper()
+		before, _ := s.Loss()
+		looked := time.Now()
+		if _, err := s.Epochs(ctx, []uuid.UUID{tn}); err != nil {
+			t.Fatal(err)
+		}
+		if loss, _ := s.Loss(); wantLoss && loss.Before(looked) {
+			t.Errorf("%s: latest loss %v, want one noticed after %v", step, loss, looked)
+		} else if !wantLoss && !loss.Equal(before) {
+			t.Errorf("%s: a loss at %v, want none (the latest stays %v)", step, loss, before)
+		}
+	}
+	look("first look", false) // a process's first look at a record just created: "first use"
+	first := replid()
+	replicate(t, b, aAddr) // b follows a: a makes its backlog
+	if replid() == first {
+		t.Fatal("a's master_replid did not change when its first replica attached: the test shows nothing")
+	}
+	look("a first replica attached", false)
+	if err := b.SlaveOf(ctx, "NO", "ONE").Err(); err != nil { // b takes over, a follows it
 		t.Fatal(err)
 	}
 	replicate(t, a, bAddr)
-	looked := time.Now()
-	if err := a.SlaveOf(ctx, "NO", "ONE").Err(); err != nil {
+	if err := a.SlaveOf(ctx, "NO", "ONE").Err(); err != nil { // and a takes over again
 		t.Fatal(err)
 	}
-	epochs, err := s.Epochs(ctx, []uuid.UUID{tn})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if loss, _ := s.Loss(); loss.Before(looked) || !epochs[tn].After(e1) {
-		t.Errorf("after a failover back to the first master: loss %v, epoch %v; want a loss after %v and the epoch raised above %v", loss, epochs[tn], looked, e1)
-	}
+	look("a failover back to a", true)
+	freed := replid()
+	testenv.Eventually(t, 10*time.Second, func() error { // a's backlog, without replicas, is freed
+		if replid() == freed {
+			return fmt.Errorf("a's backlog not freed yet")
+		}
+		return nil
+	})
+	look("a's backlog freed", false)
 }
