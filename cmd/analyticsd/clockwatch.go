@@ -3,10 +3,12 @@ package main
 import (
 	"context"
 	"log/slog"
+	"math"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/analyticsd/analyticsd/internal/clock"
 )
@@ -21,11 +23,29 @@ type clockWatch struct {
 	warning atomic.Pointer[string]
 }
 
+// redisTime reads Redis' clock: on a Redis Cluster always the same master's (the one holding dedup's
+// record of run ids), where a keyless TIME would go to any master, each with a clock of its own, and
+// every instance would measure against another one each time.
+func redisTime(rdb redis.UniversalClient) func(context.Context) (time.Time, error) {
+	return func(ctx context.Context) (time.Time, error) {
+		var c redis.Cmdable = rdb
+		if cc, ok := rdb.(*redis.ClusterClient); ok {
+			m, err := cc.MasterForKey(ctx, "dedup:{restarts}")
+			if err != nil {
+				return time.Time{}, err
+			}
+			c = m
+		}
+		return c.Time(ctx).Result()
+	}
+}
+
 func newClockWatch(reg prometheus.Registerer, ref func(context.Context) (time.Time, error), log *slog.Logger) *clockWatch {
 	w := &clockWatch{ref: ref, log: log, gauge: prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: "sbh_analytics_clock_offset_seconds",
 		Help: "How far this instance's clock runs ahead of Redis' (TIME), measured every 30 s. Instances must be within 5 s of each other.",
 	})}
+	w.gauge.Set(math.NaN()) // not measured yet (Redis has not answered): not "in sync"
 	reg.MustRegister(w.gauge)
 	return w
 }

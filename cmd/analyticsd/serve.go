@@ -184,7 +184,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		return err
 	}
 	sweeper := rollup.NewSweeper(ch, cfg.Layout(), pg, auditLog, reg, log.With("component", "retention"), cfg.RetentionDays, nil)
-	clocks := newClockWatch(reg, func(ctx context.Context) (time.Time, error) { return rdb.Time(ctx).Result() }, log.With("component", "clock"))
+	clocks := newClockWatch(reg, redisTime(rdb), log.With("component", "clock"))
 	clocks.check(ctx)
 	ops.Details = func(context.Context) map[string]any {
 		st := writer.Stats()

@@ -25,8 +25,9 @@ func Measure(ctx context.Context, ref func(context.Context) (time.Time, error)) 
 // from another (each may be off by half of it, in opposite directions), or returns "".
 func Trouble(offset, uncertainty time.Duration) string {
 	if d := offset.Abs() - uncertainty; d > MaxSkew/2 {
-		return fmt.Sprintf("this instance's clock is %v off Redis' (TIME): instances must be within %v of each other (run NTP); "+
-			"until then a retry or replay may be judged against a claim history by a wrong clock", offset.Round(time.Millisecond), MaxSkew)
+		return fmt.Sprintf("this instance's clock is %v off Redis' (TIME): instances must be within %v of each other (run NTP; "+
+			"if every instance says so, it is Redis' clock); until then a retry or replay may be judged against a claim history by a wrong clock",
+			offset.Round(time.Millisecond), MaxSkew)
 	}
 	return ""
 }
