@@ -714,8 +714,9 @@ const (
 // A cluster master's marker is a random value kept in a key of a slot it holds. FLUSHALL on one
 // master keeps its run id and the record of run ids (on the master holding {restarts}), so only the
 // marker, gone and made anew by the next look, shows that master's claims lost
-// (TestAFlushOfOneClusterMasterIsALoss). A key rather than the master's flush count in INFO
-// commandstats: it is this deployment's key prefix that matters, and deleting the keys is a loss too.
+// (TestAFlushOfOneClusterMasterIsALoss). A key rather than the flush count INFO commandstats keeps:
+// CONFIG RESETSTAT resets that count, and a test can wipe its own marker without flushing a shared
+// cluster. Keys deleted one by one are not a whole loss, and a marker does not stand for them.
 var markScript = redis.NewScript(`
 local v = redis.call('GET', KEYS[1])
 if not v then
