@@ -459,10 +459,12 @@ func raised(epoch, floor time.Time) time.Time {
 //     to it) — but not a change to '-' (none). Such a field recorded for the first time is no loss
 //     (nothing to compare it to: a release before it, a marker that could not be read until now).
 //
-// A value a field held before its current one ('~was <field>') is a look that read before the
-// change and records after a newer look: it changes nothing. Written back, it was a second loss and
-// the next look's current value a third (TestALookThatReadBeforeALossDoesNotRaiseItAgain). Run ids,
-// markers and replication ids never come back; '-' does, and changes nothing anyway.
+// For a marker or a previous replication id, the value the field held before its current one
+// ('~was <field>') is a look that read before the change and records after a newer look: it changes
+// nothing. Written back, it was a second loss and the next look's current value a third
+// (TestALookThatReadBeforeALossDoesNotRaiseItAgain). Those values never come back ('-' does, and
+// changes nothing anyway). A run id does: a failover and a failback to a master that was not
+// restarted (TestAFailbackToTheSameRunIDIsALoss), so a run id written back is still a loss.
 //
 // A raised floor is later than the one it replaces and than the caller's (which a wipe may have
 // taken from Redis), by a microsecond if the clock says otherwise: two losses never share a floor,
@@ -490,10 +492,10 @@ end
 local raised = ARGV[5] ~= '' and ARGV[5] ~= gen and redis.call('HGET', KEYS[1], '~raised') ~= gen
 for i = 7, #ARGV, 2 do
   local prev = redis.call('HGET', KEYS[1], ARGV[i])
-  if prev ~= ARGV[i + 1] and not (prev and redis.call('HGET', KEYS[1], '~was ' .. ARGV[i]) == ARGV[i + 1]) then
-    local watched = string.sub(ARGV[i], 1, 1) == '~'
+  local watched = string.sub(ARGV[i], 1, 1) == '~'
+  if prev ~= ARGV[i + 1] and not (watched and prev and redis.call('HGET', KEYS[1], '~was ' .. ARGV[i]) == ARGV[i + 1]) then
     if not watched or (prev and string.sub(ARGV[i + 1], 1, 1) ~= '-') then raised = raised or known end
-    if prev then redis.call('HSET', KEYS[1], '~was ' .. ARGV[i], prev) end
+    if watched and prev then redis.call('HSET', KEYS[1], '~was ' .. ARGV[i], prev) end
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end

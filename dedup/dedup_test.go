@@ -967,13 +967,13 @@ func TestAFailbackIsALossAndReplicationAloneIsNot(t *testing.T) {
 	look("a's backlog freed", false)
 }
 
-// A look that read the run ids before a restart but records them after a newer look did (looks
-// overlap: every shipment looks) wrote the old run id back, which the record took for a second
-// loss, and the next look's new id for a third: one restart raised the floor three times, and each
-// raise had every process judge every tenant's rows again. A value the record replaced is now a
-// stale look's, and changes nothing. (From a review; markers and promotions went the same way.)
+// A look that read a master's marker before a flush but records it after a newer look did (looks
+// overlap: every shipment looks) wrote the old marker back, which the record took for a second loss,
+// and the next look's new marker for a third: one flush raised the floor three times, and each raise
+// had every process judge every tenant's rows again. A marker the record replaced is now a stale
+// look's, and changes nothing. (From a review; run ids went the same way, but they can come back.)
 func TestALookThatReadBeforeALossDoesNotRaiseItAgain(t *testing.T) {
-	read := map[string]string{"server": "run-1"}
+	read := map[string]string{"master a": "run-a", markField + "k": "mark-1"}
 	s, tn, _, _ := claimedReading(t, &read)
 	ctx := context.Background()
 	stale := NewStore(s.rdb, s.prefix, time.Hour, nil)
@@ -985,20 +985,51 @@ func TestALookThatReadBeforeALossDoesNotRaiseItAgain(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	read["server"] = "run-2" // Redis restarted
+	read[markField+"k"] = "mark-2" // the master was flushed
 	if _, err := s.Epochs(ctx, []uuid.UUID{tn}); err != nil {
 		t.Fatal(err)
 	}
 	raised := floor()
 	if raised == "" {
-		t.Fatal("the restart raised no floor")
+		t.Fatal("the flush raised no floor")
 	}
 	for _, st := range []*Store{stale, s} { // the stale look lands, then a current one
 		if _, err := st.Epochs(ctx, []uuid.UUID{tn}); err != nil {
 			t.Fatal(err)
 		}
 		if f := floor(); f != raised {
-			t.Fatalf("one restart: the floor in Redis went from %s to %s, want it raised once", raised, f)
+			t.Fatalf("one flush: the floor in Redis went from %s to %s, want it raised once", raised, f)
 		}
+	}
+}
+
+// A failover A→B and a failback to A, which was not restarted (a standalone Redis behind an address
+// that follows the master, where INFO shows no master_replid2): A's run id comes back. A first
+// version of the rule above took it for a stale look, and a process that did not look while B was
+// master never learnt that claims B took were lost. (From a review.)
+func TestAFailbackToTheSameRunIDIsALoss(t *testing.T) {
+	read := map[string]string{"server": "run-A"}
+	s, tn, _, _ := claimedReading(t, &read)
+	ctx := context.Background()
+	other := NewStore(s.rdb, s.prefix, time.Hour, nil)
+	other.SetRunIDs(func(context.Context) (map[string]string, error) { return maps.Clone(read), nil })
+	for _, st := range []*Store{s, other} {
+		if _, err := st.Epochs(ctx, []uuid.UUID{tn}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	read["server"] = "run-B" // failover; only s looks while B is the master
+	if _, err := s.Epochs(ctx, []uuid.UUID{tn}); err != nil {
+		t.Fatal(err)
+	}
+	read["server"] = "run-A" // failback
+	back := time.Now()
+	for _, st := range []*Store{s, other} {
+		if _, err := st.Epochs(ctx, []uuid.UUID{tn}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if loss, _ := other.Loss(); loss.Before(back) {
+		t.Errorf("a process that did not look while B was the master: latest loss %v, want one after the failback at %v", loss, back)
 	}
 }
