@@ -68,13 +68,7 @@ type Store struct {
 	holder atomic.Value // string: this process's liveness mark, once KeepAlive runs
 
 	markMu  sync.Mutex
-	markers map[string]markerKeyOf // cluster master address -> its marker key (markerKey)
-}
-
-// markerKeyOf is a master's marker key, or when none was found (a master holding no slot).
-type markerKeyOf struct {
-	key    string
-	missed time.Time
+	markers map[string]string // cluster master address -> its marker key (markerKey)
 }
 
 // Counting is the live usage counters a claim adds to, in the same atomic step (quota's): a row is
@@ -444,7 +438,7 @@ func raised(epoch, floor time.Time) time.Time {
 // restartScript records the run ids of the Redis servers (KEYS[1], a hash: server -> run id) and
 // returns the floor: the latest time a loss of claims was noticed, as unix seconds (KEYS[2], which
 // older releases read and write) and unix nanoseconds (KEYS[3]; the floor's instant when the two
-// agree), and the hash's generation. Two things raise it:
+// agree), and the hash's generation. What raises it:
 //
 //   - a server known before seen with another run id: it restarted or failed over, and may be back
 //     with fewer keys than it had (an RDB snapshot, a replica behind its master) while old epochs
@@ -626,9 +620,13 @@ func (s *Store) changed(ids map[string]string) bool {
 	if len(s.seen) == 0 {
 		return false
 	}
-	for server, id := range ids {
-		prev, ok := s.seen[server]
-		if watched := strings.HasPrefix(server, "~"); !ok && !watched || ok && prev != id && !(watched && strings.HasPrefix(id, "-")) {
+	for field, v := range ids {
+		prev, ok := s.seen[field]
+		if !strings.HasPrefix(field, "~") {
+			if !ok || prev != v { // a run id: a new one, or a master not seen before
+				return true
+			}
+		} else if ok && prev != v && !strings.HasPrefix(v, "-") { // a watched field (restartScript)
 			return true
 		}
 	}
@@ -753,18 +751,13 @@ func (s *Store) markerKey(ctx context.Context, c *redis.ClusterClient, addr stri
 	}
 	s.markMu.Lock()
 	defer s.markMu.Unlock()
-	if s.markers == nil {
-		s.markers = map[string]markerKeyOf{}
-	}
-	// A search that finds nothing costs 15–19 ms here (65,536 slot lookups): once a minute at most.
-	missed := fmt.Errorf("no key found in a slot of master %s (a master holding no slot keeps no claims)", addr)
-	if m, ok := s.markers[addr]; ok && m.key == "" && time.Since(m.missed) < time.Minute {
-		return "", missed
-	} else if ok && m.key != "" {
-		if yes, err := holds(m.key); err != nil || yes {
-			return m.key, err
+	if key, ok := s.markers[addr]; ok {
+		if yes, err := holds(key); err != nil || yes {
+			return key, err
 		}
 	}
+	// ForEachMaster lists the masters that hold slots, so the search ends within a few keys; only a
+	// slot map changing under it can make it find none (15–19 ms for the 65,536 keys here).
 	for i := range 1 << 16 {
 		key := s.prefix + "dedup:{restarts:" + strconv.Itoa(i) + "}"
 		yes, err := holds(key)
@@ -772,12 +765,14 @@ func (s *Store) markerKey(ctx context.Context, c *redis.ClusterClient, addr stri
 			return "", err
 		}
 		if yes {
-			s.markers[addr] = markerKeyOf{key: key}
+			if s.markers == nil {
+				s.markers = map[string]string{}
+			}
+			s.markers[addr] = key
 			return key, nil
 		}
 	}
-	s.markers[addr] = markerKeyOf{missed: time.Now()}
-	return "", missed
+	return "", fmt.Errorf("no key found in a slot of master %s (its slots moved while looking)", addr)
 }
 
 // serverState reads what shows a Redis server's loss of keys: its run id (a restart), and into

@@ -15,6 +15,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/ingest/spool"
+	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 )
 
@@ -633,7 +634,7 @@ func TestReplayOfItsOwnCommittedInsertTakesNothingBack(t *testing.T) {
 	h.dropClaims(t, h.a.ID, false)
 	h.postStored(t, h.instance, 1)
 	// The next rows are received after the history's first seconds, which allow for clock skew.
-	time.Sleep(time.Second + maxClockSkew + 100*time.Millisecond)
+	time.Sleep(time.Second + clock.MaxSkew + 100*time.Millisecond)
 
 	// A batch of another process: claimed (and so counted) and inserted, and the process died
 	// before it removed the segment.
@@ -711,7 +712,7 @@ func TestARowFromBeforeTheHistoryStoredLateIsStillFound(t *testing.T) {
 	}
 }
 
-// A copy received up to maxClockSkew after the history's first second may have been stamped by a
+// A copy received up to clock.MaxSkew after the history's first second may have been stamped by a
 // fast clock before Redis lost its claim; a new claim of the id counted it again, and finding the copy
 // takes that count back (here: counter 3 for 2 stored rows when any copy received after the epoch's
 // second was taken for the batch's own insert).
@@ -748,7 +749,7 @@ func TestACopyStampedByAFastClockIsNotTakenForTheBatchsOwn(t *testing.T) {
 // the claims, and the client's retry of X went to an instance with a correct clock, which began the
 // new history 2 s before X's stamp. Asked whether ClickHouse holds rows from before that history,
 // the shipper looked up to the epoch's second only, missed X, and stored the retry too (2 copies).
-// It looks maxClockSkew further now.
+// It looks clock.MaxSkew further now.
 func TestAFirstRowStampedByAFastClockIsFoundAfterARedisLoss(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t, opts{})

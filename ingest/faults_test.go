@@ -549,6 +549,16 @@ func (h *harness) lossRaceBy(t *testing.T, b *instance, lose, begun, after func(
 	return xIDs
 }
 
+// closedWithin waits up to 10 s for ch to be closed, failing the test with missing otherwise.
+func closedWithin(t *testing.T, ch <-chan struct{}, missing string) {
+	t.Helper()
+	select {
+	case <-ch:
+	case <-time.After(10 * time.Second):
+		t.Fatal(missing)
+	}
+}
+
 // await waits until done (asked under the connection's lock) holds.
 func (f *faultConn) await(t *testing.T, done func() bool) {
 	t.Helper()
@@ -598,10 +608,7 @@ func TestAnInstanceStartedAfterALossWaitsForTheInsertsUnderWay(t *testing.T) {
 		t.Fatalf("X: %d %s", r.Status, r.Raw)
 	}
 	fc.await(t, func() bool { return fc.slow == 0 })
-	keys, _ := testenv.Keys(ctx, h.env.Redis, h.env.Prefix+"*")
-	for _, k := range keys {
-		h.env.Redis.Del(ctx, k)
-	}
+	testenv.DelKeys(ctx, h.env.Redis, h.env.Prefix+"*")
 	b := h.newInstance(t, opts{})
 	if r := b.post(t, h.keyA, "/api/analytics/events", x, nil); r.Status != 202 || r.accepted() != 1 {
 		t.Fatalf("X's retry to B: %d %s, want it accepted", r.Status, r.Raw)
@@ -642,13 +649,7 @@ func TestAnInsertTheServerSeesLateIsBegunAgain(t *testing.T) {
 	fc := &faultConn{reachLate: 1, reachLateBy: 8 * time.Second, reaching: make(chan struct{})}
 	h := newHarness(t, opts{ch: func(c driver.Conn) driver.Conn { fc.Conn = c; return fc }})
 	b := h.newInstance(t, opts{})
-	x := h.lossRace(t, b, func() {
-		select {
-		case <-fc.reaching:
-		case <-time.After(10 * time.Second):
-			t.Fatal("A never began inserting X")
-		}
-	}, nil)
+	x := h.lossRace(t, b, func() { closedWithin(t, fc.reaching, "A never began inserting X") }, nil)
 	if n := h.countIDs(t, h.a.ID, x); n != 1 {
 		t.Errorf("X is stored %d times, want once", n)
 	}
@@ -667,10 +668,7 @@ func TestAShiftedClockDoesNotStallTheWaitAfterALoss(t *testing.T) {
 	if _, err := h.dedup.Epochs(ctx, nil); err != nil {
 		t.Fatal(err)
 	}
-	keys, _ := testenv.Keys(ctx, h.env.Redis, h.env.Prefix+"*")
-	for _, k := range keys {
-		h.env.Redis.Del(ctx, k)
-	}
+	testenv.DelKeys(ctx, h.env.Redis, h.env.Prefix+"*")
 	if _, err := h.dedup.Epochs(ctx, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -695,13 +693,8 @@ func TestAnInsertBegunLongAfterItsHistoryWasReadIsJudgedAgain(t *testing.T) {
 	fc := &faultConn{stallQuery: "received_at >= ?", stallFor: 4 * time.Second, stalled: make(chan struct{})}
 	h := newHarness(t, opts{ch: func(c driver.Conn) driver.Conn { fc.Conn = c; return fc }})
 	b := h.newInstance(t, opts{})
-	x := h.lossRace(t, b, func() {
-		select { // A has judged X's history complete and waits for the answer
-		case <-fc.stalled:
-		case <-time.After(10 * time.Second):
-			t.Fatal("A never asked whether X's history is complete")
-		}
-	}, nil)
+	// Once stalled, A has judged X's history complete and waits for the answer.
+	x := h.lossRace(t, b, func() { closedWithin(t, fc.stalled, "A never asked whether X's history is complete") }, nil)
 	if n := h.countIDs(t, h.a.ID, x); n != 1 {
 		t.Errorf("X is stored %d times, want once", n)
 	}

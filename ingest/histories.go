@@ -95,7 +95,7 @@ func (sh *shipper) awaitLoss(ctx context.Context) error {
 	// it, and before `at` plus the clocks' difference (`at` is the clock of whichever process
 	// noticed it first).
 	since := seen
-	if f := at.Add(maxClockSkew); f.Before(since) {
+	if f := at.Add(clock.MaxSkew); f.Before(since) {
 		since = f
 	}
 	since = since.Add(settleMargin).Round(0)

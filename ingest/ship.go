@@ -93,7 +93,7 @@ type item struct {
 // earlier insert (replayed after a crash, retried after an ambiguous failure), which the batch's claim
 // counted: nothing to take back. The batch holds the id in the tenant's current claim history, which
 // began at it.epoch, and a copy received after the history's first seconds was claimed in that
-// history — which only the holder can have done. Those seconds are the epoch's own and maxClockSkew
+// history — which only the holder can have done. Those seconds are the epoch's own and clock.MaxSkew
 // more: the copy's received time is the receiving instance's clock, the epoch another process's. A
 // copy received earlier may be another batch's, claimed in a history Redis lost and counted by it:
 // this row's count is then the second one. (Before, every stored copy of an unsure row was taken
@@ -101,12 +101,8 @@ type item struct {
 // during an insert left the counter short until reconciliation.)
 func (it item) ownCopy(at time.Time) bool {
 	return !it.reclaimedNow && !it.epoch.IsZero() &&
-		at.Truncate(time.Second).After(it.epoch.Truncate(time.Second).Add(maxClockSkew))
+		at.Truncate(time.Second).After(it.epoch.Truncate(time.Second).Add(clock.MaxSkew))
 }
-
-// maxClockSkew is clock.MaxSkew. Shipping keeps it on the side that errs toward a count
-// reconciliation can correct.
-const maxClockSkew = clock.MaxSkew
 
 func (it item) event() *Row           { return &it.b.events[it.i] }
 func (it item) increment() *Increment { return &it.b.incs[it.i] }
@@ -403,7 +399,7 @@ func (sh *shipper) resolve(ctx context.Context, bs []*batch, attempted bool, sp 
 
 // complete reports whether a tenant's claim history that began at epoch covers everything
 // ClickHouse holds of it: no row of the kind was received in the window up to epoch (and
-// maxClockSkew beyond). Asked once per tenant, kind and epoch.
+// clock.MaxSkew beyond). Asked once per tenant, kind and epoch.
 func (sh *shipper) complete(ctx context.Context, kind Kind, tenant uuid.UUID, epoch time.Time) (bool, error) {
 	k := historyKey{tenant, kind, epoch}
 	// Held across the query: the first flusher to ship a tenant's rows under an epoch asks before
@@ -418,7 +414,7 @@ func (sh *shipper) complete(ctx context.Context, kind Kind, tenant uuid.UUID, ep
 	if v, ok := sh.history[k]; ok {
 		return v, nil
 	}
-	// Up to maxClockSkew past the epoch's second: a row is stamped by the clock of the instance that
+	// Up to clock.MaxSkew past the epoch's second: a row is stamped by the clock of the instance that
 	// received it, the epoch by another's, so a row received (and claimed) before Redis lost its
 	// claims may carry a later stamp — the tenant's first row, stored by an instance 2 s fast, was
 	// missed and its retry stored again (TestAFirstRowStampedByAFastClockIsFoundAfterARedisLoss).
@@ -431,7 +427,7 @@ func (sh *shipper) complete(ctx context.Context, kind Kind, tenant uuid.UUID, ep
 	}
 	var n uint64
 	second := epoch.Truncate(time.Second)
-	if err := sh.ch.QueryRow(ctx, q, tenant, second.Add(-sh.claims.Window()), second.Add(maxClockSkew)).Scan(&n); err != nil {
+	if err := sh.ch.QueryRow(ctx, q, tenant, second.Add(-sh.claims.Window()), second.Add(clock.MaxSkew)).Scan(&n); err != nil {
 		return false, fmt.Errorf("check what clickhouse holds from before tenant %s's claims: %w", tenant, err)
 	}
 	if sh.history == nil || len(sh.history) > 100_000 {
