@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"sort"
 	"strconv"
@@ -67,9 +68,13 @@ func TestUsageAgrees(t *testing.T) {
 	now := time.Now().UTC()
 	midnight := now.Truncate(24 * time.Hour).Add(24 * time.Hour)
 	offset := midnight.Add(-run / 3).Sub(now)
+	// emails_daily has a limit the run passes (only events count toward it, and ingest is never
+	// refused): its alerts go to a webhook receiver that refuses 30 % of deliveries.
+	hooks := newHookReceiver(t, 0.3)
 	a := newSystem(t, bin, map[string]string{
 		"ANALYTICS_TEST_CLOCK_OFFSET": offset.String(), "QUOTA_RECONCILE_INTERVAL": "2s",
-		"QUOTA_DEFAULTS": `{"api_requests_daily":1e12,"builds_daily":1e12,"emails_daily":1e12,"exports_daily":1e12}`,
+		"QUOTA_DEFAULTS":          `{"api_requests_daily":1e12,"builds_daily":1e12,"emails_daily":40,"exports_daily":1e12}`,
+		"QUOTA_ALERT_WEBHOOK_URL": hooks.srv.URL,
 	})
 	b := a.sibling(t, map[string]string{"ANALYTICS_TEST_CLOCK_OFFSET": (offset + 1700*time.Millisecond).String()})
 	ctx := context.Background()
@@ -201,6 +206,8 @@ func TestUsageAgrees(t *testing.T) {
 	for _, m := range mismatches {
 		t.Error(m)
 	}
+	alerts, repeats := hooks.agree(t, a, clients)
+	t.Logf("alerts: %d recorded, each delivered; %d repeated deliveries", alerts, repeats)
 	if checked == 0 {
 		t.Fatal("nothing was checked")
 	}
@@ -373,4 +380,108 @@ func quotaCurrent(s *system, c usageClient, metric string) int64 {
 	body, _ := s.getAs(c.key, "/api/analytics/quotas/"+metric)
 	json.Unmarshal([]byte(body), &r)
 	return int64(r.Data.Current)
+}
+
+// hookReceiver is an alert webhook receiver that refuses a share of deliveries (503) and records
+// the alerts it accepted.
+type hookReceiver struct {
+	srv *httptest.Server
+	mu  sync.Mutex
+	ids map[string]string // alert (tenant, day, metric, threshold) -> the id it came with
+	n   map[string]int    // alert -> deliveries accepted
+}
+
+func newHookReceiver(t *testing.T, refuse float64) *hookReceiver {
+	h := &hookReceiver{ids: map[string]string{}, n: map[string]int{}}
+	h.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if rand.Float64() < refuse {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		var p struct {
+			ID       string `json:"id"`
+			TenantID string `json:"tenant_id"`
+			Day      string `json:"day"`
+			Metric   string `json:"metric"`
+			Pct      int    `json:"threshold_percent"`
+		}
+		if err := json.NewDecoder(r.Body).Decode(&p); err != nil || p.ID == "" {
+			t.Errorf("webhook payload: %+v, %v", p, err)
+		}
+		k := fmt.Sprintf("%s %s %s %d", p.TenantID, p.Day, p.Metric, p.Pct)
+		h.mu.Lock()
+		if id, ok := h.ids[k]; ok && id != p.ID {
+			t.Errorf("alert %s came with ids %s and %s", k, id, p.ID)
+		}
+		h.ids[k] = p.ID
+		h.n[k]++
+		h.mu.Unlock()
+	}))
+	t.Cleanup(h.srv.Close)
+	return h
+}
+
+// agree waits until no webhook is due (a lease a killed instance held ends after 40 s), then
+// checks that the alerts accepted are exactly those quota_alerts recorded for the clients'
+// tenants, and that the run recorded some (each tenant passes 80 % and 100 % of emails_daily on
+// at least one day). It returns the alerts recorded and the repeated deliveries.
+func (h *hookReceiver) agree(t *testing.T, s *system, clients []usageClient) (int, int) {
+	t.Helper()
+	var tenants []uuid.UUID
+	for _, c := range clients {
+		tenants = append(tenants, c.tenant)
+	}
+	ctx := context.Background()
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		var due int
+		if err := s.env.PG.QueryRow(ctx, "SELECT count(*) FROM quota_alerts WHERE webhook_due_at IS NOT NULL").Scan(&due); err != nil {
+			t.Fatal(err)
+		}
+		if due == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("%d alert webhooks still due 90 s after the run", due)
+			break
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	rows, err := s.env.PG.Query(ctx, `SELECT tenant_id, day, metric, threshold FROM quota_alerts
+		WHERE recorded_at IS NOT NULL AND tenant_id = ANY($1)`, tenants)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recorded := map[string]bool{}
+	for rows.Next() {
+		var tn uuid.UUID
+		var day time.Time
+		var metric string
+		var pct int
+		if err := rows.Scan(&tn, &day, &metric, &pct); err != nil {
+			t.Fatal(err)
+		}
+		recorded[fmt.Sprintf("%s %s %s %d", tn, day.Format(time.DateOnly), metric, pct)] = true
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	repeats := 0
+	for k, n := range h.n {
+		if !recorded[k] {
+			t.Errorf("webhook for an alert quota_alerts has not recorded: %s", k)
+		}
+		repeats += n - 1
+	}
+	for k := range recorded {
+		if h.n[k] == 0 {
+			t.Errorf("alert %s recorded, its webhook never accepted", k)
+		}
+	}
+	if len(recorded) < 2*len(clients) {
+		t.Errorf("%d alerts recorded, want at least 80 %% and 100 %% of emails_daily for each of %d tenants", len(recorded), len(clients))
+	}
+	return len(recorded), repeats
 }

@@ -2,6 +2,7 @@ package quota
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"slices"
 	"strconv"
@@ -21,8 +22,8 @@ import (
 //     queues the alert if it set it: a fast first answer across instances, on the request path.
 //   - Recording, off the request path (alertQueue): the alert is claimed in Postgres'
 //     quota_alerts; its event is stored with an id derived from the alert (so a second one within
-//     the dedup window is a duplicate); its audit row and the claim's "recorded" commit together;
-//     then the webhook is queued (best effort across a shutdown or crash). A claim never marked
+//     the dedup window is a duplicate); its audit row, the claim's "recorded" and the webhook's
+//     payload (an outbox: webhook.go) commit together. A claim never marked
 //     recorded (a crash, a refused event, a failed commit) goes stale after alertClaimStale and
 //     may be claimed again; without Postgres nothing is recorded until it answers.
 //   - Catching up. Each reconciliation looks, for the counters it recomputed (today and yesterday),
@@ -236,9 +237,9 @@ func (s *Service) WaitAlerts(ctx context.Context) { s.alerts.wait(ctx) }
 
 // fire records an alert (see the top of this file): it claims the alert's row, stores its event
 // (with an id derived from the alert, so that storing it again after a crash is a duplicate),
-// writes the audit row and marks the claim recorded in one transaction, then counts, logs and
-// queues the webhook. Without Postgres nothing is recorded: the catch-up after it answers again
-// fires the alert. (Level metrics, set rather than counted, have no catch-up: their alert is
+// writes the audit row, marks the claim recorded and makes the webhook due in one transaction, then
+// counts, logs and wakes the webhook's delivery loop. Without Postgres nothing is recorded: the
+// catch-up after it answers again fires the alert. (Level metrics, set rather than counted, have no catch-up: their alert is
 // decided and recorded once, or not.)
 func (s *Service) fire(a alert) {
 	step := func() (context.Context, context.CancelFunc) {
@@ -278,9 +279,17 @@ func (s *Service) fire(a alert) {
 		}
 	}
 	entry := audit.Entry{TenantID: a.tenant, Actor: "quota", Action: kind, Target: a.metric, Meta: props}
+	var hook []byte // the webhook's payload, due once the alert is recorded
+	if s.webhook.enabled() {
+		var err error
+		if hook, err = json.Marshal(alertPayload{ID: a.id().String(), Type: kind, TenantID: a.tenant.String(), Tenant: slug, Metric: a.metric,
+			Current: a.cur, Limit: a.limit, ThresholdPercent: a.pct, Day: day, At: a.at.Format(time.RFC3339)}); err != nil {
+			s.log.Error("quota alert webhook payload not built", "metric", a.metric, "err", err)
+		}
+	}
 	if s.pg != nil {
 		ctx, cancel := step()
-		recorded, err := s.recordAlert(ctx, a, token, entry)
+		recorded, err := s.recordAlert(ctx, a, token, entry, hook)
 		cancel()
 		if err != nil {
 			s.log.Error("quota alert not recorded: it fires again once its claim is stale (its event only once)", "tenant", slug, "metric", a.metric, "err", err)
@@ -301,8 +310,9 @@ func (s *Service) fire(a alert) {
 	}
 	s.metrics.alerts.WithLabelValues(strconv.Itoa(a.pct)).Inc()
 	s.log.Info("quota alert", "type", kind, "tenant", slug, "metric", a.metric, "current", a.cur, "limit", a.limit)
-	s.webhook.send(alertPayload{Type: kind, TenantID: a.tenant.String(), Tenant: slug, Metric: a.metric, Current: a.cur, Limit: a.limit,
-		ThresholdPercent: a.pct, Day: day, At: a.at.Format(time.RFC3339)})
+	if hook != nil {
+		s.webhook.notify()
+	}
 }
 
 // claimAlert claims an alert in quota_alerts: a new row, or one whose claim went stale unrecorded.
@@ -341,14 +351,21 @@ func (s *Service) claimAlert(ctx context.Context, a alert) (bool, time.Time, err
 	return true, token, nil
 }
 
-// recordAlert marks the claim (token) recorded and writes the audit row, in one transaction; false
-// when the claim is no longer this one (it went stale and another instance took it over).
-func (s *Service) recordAlert(ctx context.Context, a alert, token time.Time, e audit.Entry) (bool, error) {
+// recordAlert marks the claim (token) recorded, writes the audit row and, with hook, stores the
+// webhook's payload due now, in one transaction; false when the claim is no longer this one (it went
+// stale and another instance took it over).
+func (s *Service) recordAlert(ctx context.Context, a alert, token time.Time, e audit.Entry, hook []byte) (bool, error) {
 	recorded := false
+	var body *string
+	if hook != nil {
+		b := string(hook)
+		body = &b
+	}
 	err := pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
-		tag, err := tx.Exec(ctx, `UPDATE quota_alerts SET recorded_at = now()
+		tag, err := tx.Exec(ctx, `UPDATE quota_alerts SET recorded_at = now(),
+				webhook_body = $6, webhook_due_at = CASE WHEN $6::text IS NULL THEN NULL ELSE now() END
 			WHERE day = $1 AND tenant_id = $2 AND metric = $3 AND threshold = $4 AND claimed_at = $5 AND recorded_at IS NULL`,
-			a.day, a.tenant, a.metric, a.pct, token)
+			a.day, a.tenant, a.metric, a.pct, token, body)
 		if err != nil || tag.RowsAffected() == 0 {
 			return err
 		}

@@ -3,12 +3,14 @@ package quota
 import "github.com/prometheus/client_golang/prometheus"
 
 // metrics are quota's collectors: the contract's sbh_quota_exceeded_total (docs/contract.md has why
-// the names start with sbh_), alerts by threshold, and the periodic reconciliation (RunReconciler).
+// the names start with sbh_), alerts by threshold, the alert webhook's outcomes (RunWebhooks), and
+// the periodic reconciliation (RunReconciler).
 type metrics struct {
 	exceeded         *prometheus.CounterVec // sbh_quota_exceeded_total{tenant,metric}
 	alerts           *prometheus.CounterVec // sbh_quota_alerts_total{threshold}
 	reconcileSeconds prometheus.Histogram   // sbh_quota_reconcile_seconds
 	reconcileChanged prometheus.Counter     // sbh_quota_reconcile_changed_total
+	webhooks         *prometheus.CounterVec // sbh_quota_alert_webhooks_total{outcome}
 }
 
 // newMetrics builds the collectors and registers them with reg unless it is nil; counters' consume
@@ -29,9 +31,12 @@ func newMetrics(reg prometheus.Registerer, counters *Counters) *metrics {
 		reconcileChanged: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sbh_quota_reconcile_changed_total", Help: "Live counters a reconciliation round changed (rows that reached ClickHouse without being counted live, or live counts taken back).",
 		}),
+		webhooks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sbh_quota_alert_webhooks_total", Help: "Alert webhook attempts, by outcome: delivered, retried (failed, due again later), abandoned (the last attempt failed).",
+		}, []string{"outcome"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.exceeded, m.alerts, m.reconcileSeconds, m.reconcileChanged)
+		reg.MustRegister(m.exceeded, m.alerts, m.reconcileSeconds, m.reconcileChanged, m.webhooks)
 		if b := counters.batcher(); b != nil {
 			reg.MustRegister(
 				prometheus.NewCounterFunc(prometheus.CounterOpts{

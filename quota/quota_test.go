@@ -79,6 +79,14 @@ func (h *harness) service(t testing.TB, cfg Config, env map[string]float64, rdb 
 	return s
 }
 
+// runWebhooks runs s's webhook delivery loop until the test ends.
+func (h *harness) runWebhooks(t testing.TB, s *Service) {
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); s.RunWebhooks(ctx) }()
+	t.Cleanup(func() { stop(); <-done })
+}
+
 // app serves s's and in's routes as serve mounts them, on a real listener, with writeMW (serve's
 // Idempotency-Key middleware) on the write routes.
 func (h *harness) app(t *testing.T, s *Service, in *ingest.Service, writeMW ...fiber.Handler) *fixture.Server {
@@ -237,7 +245,7 @@ func TestAlertsFireOnceAcrossInstances(t *testing.T) {
 		mu.Unlock()
 	}))
 	defer srv.Close()
-	cfg := Config{Enabled: true, Webhook: WebhookConfig{URL: srv.URL, Secret: "s3cret", Backoff: 10 * time.Millisecond}}
+	cfg := Config{Enabled: true, Webhook: WebhookConfig{URL: srv.URL, Secret: "s3cret", Backoff: 10 * time.Millisecond, Poll: 20 * time.Millisecond}}
 	a := h.service(t, cfg, map[string]float64{"builds_daily": 10}, nil)
 	b := h.service(t, cfg, map[string]float64{"builds_daily": 10}, nil)
 	var wg sync.WaitGroup
@@ -252,6 +260,17 @@ func TestAlertsFireOnceAcrossInstances(t *testing.T) {
 	wg.Wait()
 	a.Close(context.Background())
 	b.Close(context.Background())
+	h.runWebhooks(t, a)
+	h.runWebhooks(t, b)
+	testenv.Eventually(t, 10*time.Second, func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(hooks) < 2 {
+			return fmt.Errorf("%d webhooks delivered, want 2", len(hooks))
+		}
+		return nil
+	})
+	time.Sleep(200 * time.Millisecond) // a repeat would come within a few polls
 	mu.Lock()
 	defer mu.Unlock()
 	types := map[string]int{}

@@ -115,18 +115,22 @@ func NewService(cfg Config, counters *Counters, limits *Limits, ch driver.Conn, 
 	for ev, m := range cfg.EventMetrics {
 		s.sources[m] = append(s.sources[m], ev)
 	}
-	s.webhook = newWebhook(cfg.Webhook, log)
+	s.webhook = newWebhook(cfg.Webhook, pg, log, s.metrics.webhooks)
 	return s
 }
+
+// RunWebhooks delivers the alert webhooks due in Postgres' outbox (webhook.go), this instance's and
+// those other instances left, until ctx ends; deliveries in flight then finish (each within the
+// webhook's timeout) before it returns. Without a webhook URL it returns at once.
+func (s *Service) RunWebhooks(ctx context.Context) { s.webhook.run(ctx) }
 
 // SetRecorder attaches the durable writer (ingest).
 func (s *Service) SetRecorder(r Recorder) { s.rec = r }
 
-// Close records the alerts still queued, then waits for webhook deliveries in flight (up to ctx);
-// alerts found after it are recorded on the caller's goroutine. Stop RunReconciler with its context.
+// Close records the alerts still queued (up to ctx); alerts found after it are recorded on the
+// caller's goroutine. Stop RunReconciler and RunWebhooks with their contexts.
 func (s *Service) Close(ctx context.Context) {
 	s.alerts.close(ctx)
-	s.webhook.close(ctx)
 }
 
 func (s *Service) today() time.Time { return s.now().UTC().Truncate(24 * time.Hour) }

@@ -6,25 +6,49 @@ import (
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net/http"
 	"strconv"
 	"sync"
 	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
 )
+
+// How an alert reaches QUOTA_ALERT_WEBHOOK_URL: through an outbox in Postgres. The transaction
+// that records an alert in quota_alerts (alerts.go) also stores the payload and makes it due, so a
+// delivery outlives a shutdown, a crash and a receiver that is down, whichever instance runs next.
+// Each instance's delivery loop (Service.RunWebhooks) takes due rows with FOR UPDATE SKIP LOCKED,
+// marks them taken for a lease (their due time moves to the lease's end and the attempt is
+// counted), posts them, and records the outcome: delivered, due again after a backoff, or abandoned
+// after the last attempt. Every time compared is Postgres' now(), so instances' clocks do not
+// matter. Delivery is at least once (a receiver that answered after the lease ended, or an instance
+// that died between the answer and its record, sees a repeat); the payload's id is the same in
+// every attempt, for receivers to drop repeats.
 
 // WebhookConfig is the optional alert webhook.
 type WebhookConfig struct {
-	URL      string        // QUOTA_ALERT_WEBHOOK_URL; empty disables it
-	Secret   string        // QUOTA_ALERT_WEBHOOK_SECRET: HMAC-SHA256 key of the signature header
-	Attempts int           // deliveries tried before giving up (default 6)
-	Backoff  time.Duration // first retry delay, doubling (default 1 s)
-	Timeout  time.Duration // one delivery (default 5 s)
+	URL    string // QUOTA_ALERT_WEBHOOK_URL; empty disables it
+	Secret string // QUOTA_ALERT_WEBHOOK_SECRET: HMAC-SHA256 key of the signature header
+	// Attempts before an alert's delivery is abandoned (default 16: with the default backoff, the
+	// last one comes ~4.5 h after the first, well before the row leaves with its alert).
+	Attempts int
+	Backoff  time.Duration // delay after the first failed attempt, doubling (default 1 s)
+	// MaxBackoff caps the delay between two attempts (default 1 h).
+	MaxBackoff time.Duration
+	Timeout    time.Duration // one delivery (default 5 s)
+	// Poll is how often an idle delivery loop looks for due rows another instance left (default 5 s);
+	// a loop also wakes when its own instance records an alert, and when a retry it knows of is due.
+	Poll time.Duration
 }
 
+// alertPayload is the JSON posted for an alert.
 type alertPayload struct {
+	// ID is the same for every delivery of one alert (tenant, metric, threshold and day).
+	ID               string  `json:"id"`
 	Type             string  `json:"type"` // quota.warning or quota.exceeded
 	TenantID         string  `json:"tenant_id"`
 	Tenant           string  `json:"tenant"`
@@ -36,9 +60,19 @@ type alertPayload struct {
 	At               string  `json:"at"`
 }
 
+// alertNamespace derives alert ids: a name-based UUID of the tenant, metric, threshold and day.
+var alertNamespace = uuid.MustParse("5b6c1f3e-6a59-4a57-9c56-1e0c84e2a4b1")
+
+func (a alert) id() uuid.UUID {
+	return uuid.NewSHA1(alertNamespace, []byte(a.tenant.String()+"\x00"+a.day.Format(time.DateOnly)+"\x00"+a.metric+"\x00"+strconv.Itoa(a.pct)))
+}
+
 // SignatureHeader carries "t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">": receivers recompute
 // it with the shared secret and reject old timestamps, which stops replays.
 const SignatureHeader = "X-Analytics-Signature"
+
+// AttemptHeader carries the delivery's attempt number, from 1.
+const AttemptHeader = "X-Analytics-Delivery-Attempt"
 
 // Sign returns the signature header value for body at time ts.
 func Sign(secret string, ts int64, body []byte) string {
@@ -48,75 +82,202 @@ func Sign(secret string, ts int64, body []byte) string {
 	return "t=" + strconv.FormatInt(ts, 10) + ",v1=" + hex.EncodeToString(mac.Sum(nil))
 }
 
+// webhookBatch is how many due rows one look takes.
+const webhookBatch = 32
+
 type webhook struct {
-	cfg    WebhookConfig
-	client *http.Client
-	log    *slog.Logger
-	wg     sync.WaitGroup
-	quit   chan struct{}
-	once   sync.Once
-	mu     sync.Mutex
-	closed bool // after close: nothing more is sent (its wg.Add would race close's wg.Wait)
+	cfg      WebhookConfig
+	client   *http.Client
+	pg       *pgxpool.Pool
+	log      *slog.Logger
+	wake     chan struct{} // an alert was recorded here: look now
+	failing  bool          // the last look failed (run's goroutine only)
+	outcomes *prometheus.CounterVec
 }
 
-func newWebhook(cfg WebhookConfig, log *slog.Logger) *webhook {
+func newWebhook(cfg WebhookConfig, pg *pgxpool.Pool, log *slog.Logger, outcomes *prometheus.CounterVec) *webhook {
 	if cfg.Attempts <= 0 {
-		cfg.Attempts = 6
+		cfg.Attempts = 16
 	}
 	if cfg.Backoff <= 0 {
 		cfg.Backoff = time.Second
 	}
+	if cfg.MaxBackoff <= 0 {
+		cfg.MaxBackoff = time.Hour
+	}
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = 5 * time.Second
 	}
-	return &webhook{cfg: cfg, client: &http.Client{Timeout: cfg.Timeout}, log: log, quit: make(chan struct{})}
+	if cfg.Poll <= 0 {
+		cfg.Poll = 5 * time.Second
+	}
+	return &webhook{cfg: cfg, client: &http.Client{Timeout: cfg.Timeout}, pg: pg, log: log,
+		wake: make(chan struct{}, 1), outcomes: outcomes}
 }
 
-// send delivers p in the background, retrying with exponential backoff on errors and non-2xx answers.
-func (w *webhook) send(p alertPayload) {
-	if w.cfg.URL == "" {
+// enabled says whether alerts get a webhook: a URL, and Postgres for the outbox.
+func (w *webhook) enabled() bool { return w.cfg.URL != "" && w.pg != nil }
+
+// notify wakes the delivery loop after an alert was recorded with a payload.
+func (w *webhook) notify() {
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+}
+
+// lease is how long a taken row is this instance's: its delivery, then the record of the outcome
+// (a Postgres step of its own timeout), with a margin. A row whose lease ended is taken again.
+func (w *webhook) lease() time.Duration { return 2*w.cfg.Timeout + 30*time.Second }
+
+// backoff is the delay after the attempt-th failed attempt.
+func (w *webhook) backoff(attempt int) time.Duration {
+	d := w.cfg.Backoff
+	for i := 1; i < attempt && d < w.cfg.MaxBackoff; i++ {
+		d *= 2
+	}
+	return min(d, w.cfg.MaxBackoff)
+}
+
+// run delivers due rows until ctx ends; deliveries in flight then finish (each within Timeout) and
+// their outcomes are recorded before it returns.
+func (w *webhook) run(ctx context.Context) {
+	if !w.enabled() {
 		return
 	}
-	body, err := json.Marshal(p)
-	if err != nil {
-		return
-	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.closed {
-		w.log.Warn("quota alert webhook not sent: shutting down", "type", p.Type, "tenant", p.Tenant, "metric", p.Metric)
-		return
-	}
-	w.wg.Add(1)
-	go func() {
-		defer w.wg.Done()
-		delay := w.cfg.Backoff
-		for attempt := 1; attempt <= w.cfg.Attempts; attempt++ {
-			err := w.deliver(body)
-			if err == nil {
-				return
-			}
-			if attempt == w.cfg.Attempts {
-				w.log.Error("quota alert webhook failed; giving up", "attempts", attempt, "type", p.Type, "tenant", p.Tenant, "err", err)
-				return
-			}
-			select {
-			case <-time.After(delay):
-			case <-w.quit:
-				return
-			}
-			delay *= 2
+	for {
+		wait := w.deliverDue(ctx)
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-w.wake:
+		case <-t.C:
 		}
-	}()
+		t.Stop()
+	}
 }
 
-func (w *webhook) deliver(body []byte) error {
+// taken is a row this instance leased: its key, payload and attempt number.
+type taken struct {
+	day     time.Time
+	tenant  uuid.UUID
+	metric  string
+	pct     int
+	body    string
+	attempt int
+}
+
+// deliverDue takes up to webhookBatch due rows, delivers them concurrently, records each outcome,
+// and returns how long to wait before looking again.
+func (w *webhook) deliverDue(ctx context.Context) time.Duration {
+	if ctx.Err() != nil {
+		return w.cfg.Poll
+	}
+	rows, err := w.take(ctx)
+	if err != nil {
+		if !w.failing && ctx.Err() == nil { // once per outage, not every poll
+			w.log.Warn("quota alert webhooks not taken: postgres unavailable; they wait in quota_alerts", "err", err)
+		}
+		w.failing = true
+		return w.cfg.Poll
+	}
+	w.failing = false
+	var wg sync.WaitGroup
+	for _, r := range rows {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			w.settle(r, w.deliver([]byte(r.body), r.attempt))
+		}()
+	}
+	wg.Wait()
+	if len(rows) == webhookBatch {
+		return 0
+	}
+	return w.untilDue(ctx)
+}
+
+// take leases due rows: their due time moves to the lease's end and the attempt is counted, so an
+// instance that dies while delivering leaves them to be taken again when the lease ends.
+func (w *webhook) take(ctx context.Context) ([]taken, error) {
+	qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	rows, err := w.pg.Query(qctx, `UPDATE quota_alerts q
+		SET webhook_due_at = now() + make_interval(secs => $1), webhook_attempts = q.webhook_attempts + 1
+		FROM (SELECT day, tenant_id, metric, threshold FROM quota_alerts
+			WHERE webhook_due_at <= now() AND webhook_body IS NOT NULL ORDER BY webhook_due_at LIMIT $2 FOR UPDATE SKIP LOCKED) due
+		WHERE q.day = due.day AND q.tenant_id = due.tenant_id AND q.metric = due.metric AND q.threshold = due.threshold
+		RETURNING q.day, q.tenant_id, q.metric, q.threshold, q.webhook_body, q.webhook_attempts`,
+		w.lease().Seconds(), webhookBatch)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []taken
+	for rows.Next() {
+		var r taken
+		if err := rows.Scan(&r.day, &r.tenant, &r.metric, &r.pct, &r.body, &r.attempt); err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// settle records the outcome of attempt r.attempt, if the row is still this lease's (the attempt
+// number is the lease's token): delivered, due again after a backoff, or abandoned.
+func (w *webhook) settle(r taken, err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	const where = ` WHERE day = $1 AND tenant_id = $2 AND metric = $3 AND threshold = $4 AND webhook_attempts = $5`
+	args := []any{r.day, r.tenant, r.metric, r.pct, r.attempt}
+	outcome := "delivered"
+	var q string
+	switch {
+	case err == nil:
+		q = `UPDATE quota_alerts SET webhook_due_at = NULL, webhook_outcome = 'delivered', webhook_done_at = now()` + where
+	case r.attempt >= w.cfg.Attempts:
+		outcome = "abandoned"
+		q = `UPDATE quota_alerts SET webhook_due_at = NULL, webhook_outcome = 'abandoned', webhook_done_at = now()` + where
+		w.log.Error("quota alert webhook failed; giving up", "attempts", r.attempt, "metric", r.metric, "threshold", r.pct, "err", err)
+	default:
+		outcome = "retried"
+		q = `UPDATE quota_alerts SET webhook_due_at = now() + make_interval(secs => $6)` + where
+		args = append(args, w.backoff(r.attempt).Seconds())
+		w.log.Debug("quota alert webhook failed; retrying", "attempt", r.attempt, "metric", r.metric, "err", err)
+	}
+	if w.outcomes != nil {
+		w.outcomes.WithLabelValues(outcome).Inc()
+	}
+	if _, perr := w.pg.Exec(ctx, q, args...); perr != nil {
+		// The lease ends and the row is taken again: a delivered one is then posted once more.
+		w.log.Warn("quota alert webhook outcome not recorded: it is attempted again when its lease ends", "outcome", outcome, "err", perr)
+	}
+}
+
+// untilDue is the time until the earliest due row, at most Poll.
+func (w *webhook) untilDue(ctx context.Context) time.Duration {
+	qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	var secs *float64
+	if err := w.pg.QueryRow(qctx, `SELECT extract(epoch FROM min(webhook_due_at) - now())::float8
+		FROM quota_alerts WHERE webhook_due_at IS NOT NULL`).Scan(&secs); err != nil || secs == nil {
+		return w.cfg.Poll
+	}
+	return min(max(time.Duration(*secs*float64(time.Second)), 0), w.cfg.Poll)
+}
+
+// deliver posts body once; an error or an answer other than 2xx is a failed attempt.
+func (w *webhook) deliver(body []byte, attempt int) error {
 	req, err := http.NewRequest(http.MethodPost, w.cfg.URL, bytes.NewReader(body))
 	if err != nil {
 		return err
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("User-Agent", "analyticsd-quota-alerts")
+	req.Header.Set(AttemptHeader, strconv.Itoa(attempt))
 	if w.cfg.Secret != "" {
 		req.Header.Set(SignatureHeader, Sign(w.cfg.Secret, time.Now().Unix(), body))
 	}
@@ -129,19 +290,4 @@ func (w *webhook) deliver(body []byte) error {
 		return fmt.Errorf("webhook answered %s", resp.Status)
 	}
 	return nil
-}
-
-// close waits for deliveries in flight until ctx ends, then abandons their retries.
-func (w *webhook) close(ctx context.Context) {
-	w.mu.Lock()
-	w.closed = true
-	w.mu.Unlock()
-	done := make(chan struct{})
-	go func() { w.wg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-ctx.Done():
-		w.once.Do(func() { close(w.quit) })
-		<-done
-	}
 }

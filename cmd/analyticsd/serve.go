@@ -122,7 +122,13 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	cfg.Quota.AnalyticsDisabled = !cfg.Ingest.Enabled
 	quotaSvc := quota.NewService(cfg.Quota, counters, quota.NewLimits(cfg.QuotaDefaults, tenants, 10*time.Second),
 		ch, cfg.ClickHouseDB, pg, auditLog, reg, log.With("component", "quota"))
-	open.push("quota alerts and webhooks", func(ctx context.Context) error { quotaSvc.Close(ctx); return nil })
+	// Alert webhooks are delivered from Postgres' outbox until the alerts are recorded (the closer
+	// below runs first); what is not delivered by then waits there for any instance.
+	hctx, stopHooks := context.WithCancel(context.WithoutCancel(ctx))
+	hooked := make(chan struct{})
+	go func() { defer close(hooked); quotaSvc.RunWebhooks(hctx) }()
+	open.push("alert webhooks", func(context.Context) error { stopHooks(); <-hooked; return nil })
+	open.push("quota alerts recorded", func(ctx context.Context) error { quotaSvc.Close(ctx); return nil })
 	var _ ingest.Counter = quotaSvc
 	ingestSvc := ingest.NewService(cfg.Ingest, writer, quotaSvc, ingestMetrics, log.With("component", "ingest"))
 	open.push("live counters", func(context.Context) error { ingestSvc.Close(); return nil })

@@ -1,0 +1,243 @@
+package quota
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/analyticsd/analyticsd/internal/testenv"
+)
+
+// receiver is an alert webhook receiver that records every delivery and answers with status().
+type receiver struct {
+	srv    *httptest.Server
+	status atomic.Int64 // the answer; 0 is 200
+	mu     sync.Mutex
+	got    []delivery
+}
+
+type delivery struct {
+	id, typ, metric string
+	attempt         int
+	status          int
+}
+
+func newReceiver(t *testing.T) *receiver {
+	r := &receiver{}
+	r.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		body, _ := io.ReadAll(req.Body)
+		var p alertPayload
+		if err := json.Unmarshal(body, &p); err != nil {
+			t.Errorf("webhook body %q: %v", body, err)
+		}
+		st := int(r.status.Load())
+		if st == 0 {
+			st = http.StatusOK
+		}
+		attempt, _ := strconv.Atoi(req.Header.Get(AttemptHeader))
+		r.mu.Lock()
+		r.got = append(r.got, delivery{id: p.ID, typ: p.Type, metric: p.Metric, attempt: attempt, status: st})
+		r.mu.Unlock()
+		w.WriteHeader(st)
+	}))
+	t.Cleanup(r.srv.Close)
+	return r
+}
+
+// deliveries returns what the receiver got so far.
+func (r *receiver) deliveries() []delivery {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.got)
+}
+
+// accepted counts the deliveries answered 2xx, by alert id.
+func (r *receiver) accepted() map[string]int {
+	n := map[string]int{}
+	for _, d := range r.deliveries() {
+		if d.status < 300 {
+			n[d.id]++
+		}
+	}
+	return n
+}
+
+// An alert's webhook outlives the instance that recorded it and a receiver that is down: instance A
+// records two alerts while the receiver answers 503, fails to deliver them, and stops; the receiver
+// comes back; instance B, which recorded nothing, delivers each once, with the id and the attempt
+// count A's attempts began. Before the outbox, deliveries lived in A's memory: B sent nothing, and
+// a crash or shutdown of A during the retries (or before the first attempt) lost the alert.
+func TestAWebhookOutlivesItsInstanceAndADownReceiver(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	rcv := newReceiver(t)
+	rcv.status.Store(http.StatusServiceUnavailable)
+	cfg := Config{Enabled: true, Webhook: WebhookConfig{URL: rcv.srv.URL, Backoff: 10 * time.Millisecond, Poll: 20 * time.Millisecond}}
+	a := h.service(t, cfg, map[string]float64{"builds_daily": 2}, nil)
+	ctx, stopA := context.WithCancel(context.Background())
+	doneA := make(chan struct{})
+	go func() { defer close(doneA); a.RunWebhooks(ctx) }()
+	if res, err := a.Consume(context.Background(), h.tenant.ID, "builds_daily", 2); err != nil || !res.Allowed {
+		t.Fatalf("consume: %+v, %v", res, err)
+	}
+	a.WaitAlerts(context.Background())
+	testenv.Eventually(t, 10*time.Second, func() error {
+		if n := len(rcv.deliveries()); n < 4 {
+			return fmt.Errorf("%d failed deliveries, want two attempts of each alert", n)
+		}
+		return nil
+	})
+	// A shuts down, its budget spent: its loop stops, and so would anything it still held in memory.
+	stopA()
+	<-doneA
+	spent, cancel := context.WithCancel(context.Background())
+	cancel()
+	a.Close(spent)
+	tried := rcv.deliveries()
+	ids := map[string]int{} // the highest attempt A made of each alert
+	for _, d := range tried {
+		ids[d.id] = max(ids[d.id], d.attempt)
+	}
+	if len(ids) != 2 {
+		t.Fatalf("A's attempts carried ids %v, want the two alerts' (one id each, the same in every attempt)", ids)
+	}
+
+	rcv.status.Store(0)
+	b := h.service(t, cfg, map[string]float64{"builds_daily": 2}, nil)
+	h.runWebhooks(t, b)
+	testenv.Eventually(t, 10*time.Second, func() error {
+		if got := rcv.accepted(); len(got) != 2 {
+			return fmt.Errorf("accepted %v, want both alerts", got)
+		}
+		return nil
+	})
+	time.Sleep(200 * time.Millisecond) // ten polls: a repeat would come
+	for id, n := range rcv.accepted() {
+		if _, ok := ids[id]; !ok || n != 1 {
+			t.Errorf("alert %s accepted %d times (known to A: %v), want once", id, n, ok)
+		}
+	}
+	for _, d := range rcv.deliveries()[len(tried):] {
+		if d.attempt <= ids[d.id] {
+			t.Errorf("B's delivery of %s is attempt %d, after A's %d: the count began again", d.id, d.attempt, ids[d.id])
+		}
+	}
+	var due, delivered int
+	if err := h.env.PG.QueryRow(context.Background(), `SELECT count(*) FILTER (WHERE webhook_due_at IS NOT NULL),
+		count(*) FILTER (WHERE webhook_outcome = 'delivered') FROM quota_alerts WHERE tenant_id = $1`, h.tenant.ID).Scan(&due, &delivered); err != nil {
+		t.Fatal(err)
+	}
+	if due != 0 || delivered != 2 {
+		t.Errorf("quota_alerts: %d due, %d delivered; want 0 and 2", due, delivered)
+	}
+}
+
+// Two instances delivering from one outbox post each alert once: eight alerts (two thresholds of
+// four metrics), recorded by either instance, both loops taking due rows at once.
+func TestTwoInstancesDeliverEachAlertOnce(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	rcv := newReceiver(t)
+	cfg := Config{Enabled: true, Webhook: WebhookConfig{URL: rcv.srv.URL, Backoff: 10 * time.Millisecond, Poll: 5 * time.Millisecond}}
+	limits := map[string]float64{"builds_daily": 1, "emails_daily": 1, "webhooks_daily": 1, "api_requests_daily": 1}
+	a := h.service(t, cfg, limits, nil)
+	b := h.service(t, cfg, limits, nil)
+	h.runWebhooks(t, a)
+	h.runWebhooks(t, b)
+	var wg sync.WaitGroup
+	i := 0
+	for m := range limits {
+		s := []*Service{a, b}[i%2]
+		i++
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if res, err := s.Consume(context.Background(), h.tenant.ID, m, 1); err != nil || !res.Allowed {
+				t.Errorf("consume %s: %+v, %v", m, res, err)
+			}
+		}()
+	}
+	wg.Wait()
+	testenv.Eventually(t, 10*time.Second, func() error {
+		if got := rcv.accepted(); len(got) != 8 {
+			return fmt.Errorf("accepted %d alerts, want 8", len(got))
+		}
+		return nil
+	})
+	time.Sleep(200 * time.Millisecond)
+	if n := len(rcv.deliveries()); n != 8 {
+		t.Errorf("%d deliveries of 8 alerts, want one each: %v", n, rcv.deliveries())
+	}
+}
+
+// A receiver that never accepts gets Attempts deliveries, spaced by the doubling backoff; then the
+// alert is abandoned, said so in quota_alerts, the log and sbh_quota_alert_webhooks_total.
+func TestAWebhookIsAbandonedAfterItsAttempts(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	rcv := newReceiver(t)
+	rcv.status.Store(http.StatusInternalServerError)
+	cfg := Config{Enabled: true, Thresholds: []int{100}, Webhook: WebhookConfig{URL: rcv.srv.URL, Attempts: 3, Backoff: 100 * time.Millisecond, Poll: 10 * time.Millisecond}}
+	s := h.service(t, cfg, map[string]float64{"builds_daily": 1}, nil)
+	h.runWebhooks(t, s)
+	if res, err := s.Consume(context.Background(), h.tenant.ID, "builds_daily", 1); err != nil || !res.Allowed {
+		t.Fatalf("consume: %+v, %v", res, err)
+	}
+	start := time.Now()
+	var outcome *string
+	testenv.Eventually(t, 10*time.Second, func() error {
+		err := h.env.PG.QueryRow(context.Background(), "SELECT webhook_outcome FROM quota_alerts WHERE tenant_id = $1", h.tenant.ID).Scan(&outcome)
+		if err != nil || outcome == nil {
+			return fmt.Errorf("outcome %v, %v", outcome, err)
+		}
+		return nil
+	})
+	took := time.Since(start)
+	time.Sleep(300 * time.Millisecond)
+	var attempts []int
+	for _, d := range rcv.deliveries() {
+		attempts = append(attempts, d.attempt)
+	}
+	if *outcome != "abandoned" || !slices.Equal(attempts, []int{1, 2, 3}) {
+		t.Errorf("outcome %q after attempts %v, want abandoned after 1, 2, 3", *outcome, attempts)
+	}
+	if took < 300*time.Millisecond { // 100 ms, then 200 ms
+		t.Errorf("three attempts took %v: the backoff (100 ms, doubling) was not kept", took)
+	}
+	for outcome, want := range map[string]float64{"retried": 2, "abandoned": 1, "delivered": 0} {
+		var m dto.Metric
+		if err := s.metrics.webhooks.WithLabelValues(outcome).Write(&m); err != nil {
+			t.Fatal(err)
+		}
+		if got := m.GetCounter().GetValue(); got != want {
+			t.Errorf("sbh_quota_alert_webhooks_total{outcome=%q} = %v, want %v", outcome, got, want)
+		}
+	}
+}
+
+// The backoff doubles from Backoff and stops at MaxBackoff; the defaults retry for hours, and the
+// last attempt comes well before the row leaves with its alert (two days after its day).
+func TestWebhookBackoff(t *testing.T) {
+	w := newWebhook(WebhookConfig{URL: "http://x"}, nil, nil, nil)
+	var total time.Duration
+	for a := 1; a < w.cfg.Attempts; a++ {
+		total += w.backoff(a)
+	}
+	if w.backoff(1) != time.Second || w.backoff(2) != 2*time.Second || w.backoff(40) != time.Hour {
+		t.Errorf("backoff 1, 2, 40 = %v, %v, %v; want 1s, 2s, 1h", w.backoff(1), w.backoff(2), w.backoff(40))
+	}
+	if total < 4*time.Hour || total > 24*time.Hour {
+		t.Errorf("the default attempts span %v, want hours and less than a day", total)
+	}
+}
