@@ -239,8 +239,8 @@ func (s *Service) WaitAlerts(ctx context.Context) { s.alerts.wait(ctx) }
 // (with an id derived from the alert, so that storing it again after a crash is a duplicate),
 // writes the audit row, marks the claim recorded and makes the webhook due in one transaction, then
 // counts, logs and wakes the webhook's delivery loop. Without Postgres nothing is recorded: the
-// catch-up after it answers again fires the alert. (Level metrics, set rather than counted, have no catch-up: their alert is
-// decided and recorded once, or not.)
+// catch-up after it answers again fires the alert. (Level metrics, set rather than counted, have no
+// catch-up: their alert is decided and recorded once, or not.)
 func (s *Service) fire(a alert) {
 	step := func() (context.Context, context.CancelFunc) {
 		return context.WithTimeout(context.Background(), 5*time.Second)
@@ -279,8 +279,10 @@ func (s *Service) fire(a alert) {
 		}
 	}
 	entry := audit.Entry{TenantID: a.tenant, Actor: "quota", Action: kind, Target: a.metric, Meta: props}
-	var hook []byte // the webhook's payload, due once the alert is recorded
-	if s.webhook.enabled() {
+	// The webhook's payload, due once the alert is recorded: stored whether or not this instance
+	// has the URL, for the instances that do (a fleet part-way through setting it).
+	var hook []byte
+	if s.pg != nil {
 		var err error
 		if hook, err = json.Marshal(alertPayload{ID: a.id().String(), Type: kind, TenantID: a.tenant.String(), Tenant: slug, Metric: a.metric,
 			Current: a.cur, Limit: a.limit, ThresholdPercent: a.pct, Day: day, At: a.at.Format(time.RFC3339)}); err != nil {

@@ -18,6 +18,7 @@ func DefaultConfig() Config {
 		Thresholds:     []int{80, 100},
 		LabelCap:       labels.DefaultCap,
 		ReconcileEvery: 30 * time.Second,
+		Webhook:        WebhookConfig{Timeout: 5 * time.Second},
 	}
 }
 

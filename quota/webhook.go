@@ -21,13 +21,14 @@ import (
 // How an alert reaches QUOTA_ALERT_WEBHOOK_URL: through an outbox in Postgres. The transaction
 // that records an alert in quota_alerts (alerts.go) also stores the payload and makes it due, so a
 // delivery outlives a shutdown, a crash and a receiver that is down, whichever instance runs next.
-// Each instance's delivery loop (Service.RunWebhooks) takes due rows with FOR UPDATE SKIP LOCKED,
-// marks them taken for a lease (their due time moves to the lease's end and the attempt is
-// counted), posts them, and records the outcome: delivered, due again after a backoff, or abandoned
-// after the last attempt. Every time compared is Postgres' now(), so instances' clocks do not
-// matter. Delivery is at least once (a receiver that answered after the lease ended, or an instance
-// that died between the answer and its record, sees a repeat); the payload's id is the same in
-// every attempt, for receivers to drop repeats.
+// Each instance's delivery loop (Service.RunWebhooks) takes due rows with FOR UPDATE SKIP LOCKED
+// under a lease id (their due time moves to the lease's end), posts them, and records the outcome
+// under that id: delivered, due again after a backoff, or abandoned after the last attempt. An
+// attempt counts when its outcome is recorded, so takes that die unposted do not spend the
+// attempts (they are bounded apart). Every time compared is Postgres' now(), so instances' clocks
+// do not matter. Delivery is at least once: a receiver that processed a post but answered after
+// the timeout, or whose answer could not be recorded (Postgres away, the instance dead), sees a
+// repeat; the payload's id is the same in every attempt, for receivers to drop repeats.
 
 // WebhookConfig is the optional alert webhook.
 type WebhookConfig struct {
@@ -39,7 +40,7 @@ type WebhookConfig struct {
 	Backoff  time.Duration // delay after the first failed attempt, doubling (default 1 s)
 	// MaxBackoff caps the delay between two attempts (default 1 h).
 	MaxBackoff time.Duration
-	Timeout    time.Duration // one delivery (default 5 s)
+	Timeout    time.Duration // QUOTA_ALERT_WEBHOOK_TIMEOUT: one delivery (default 5 s)
 	// Poll is how often an idle delivery loop looks for due rows another instance left (default 5 s);
 	// a loop also wakes when its own instance records an alert, and when a retry it knows of is due.
 	Poll time.Duration
@@ -159,14 +160,16 @@ func (w *webhook) run(ctx context.Context) {
 	}
 }
 
-// taken is a row this instance leased: its key, payload and attempt number.
+// taken is a row this instance leased: its key, payload, lease and counts so far.
 type taken struct {
-	day     time.Time
-	tenant  uuid.UUID
-	metric  string
-	pct     int
-	body    string
-	attempt int
+	day      time.Time
+	tenant   uuid.UUID
+	metric   string
+	pct      int
+	body     string
+	lease    uuid.UUID
+	attempts int // posts with a recorded outcome before this one
+	leases   int // takes, this one included
 }
 
 // deliverDue takes up to webhookBatch due rows, delivers them concurrently, records each outcome,
@@ -175,9 +178,9 @@ func (w *webhook) deliverDue(ctx context.Context) time.Duration {
 	if ctx.Err() != nil {
 		return w.cfg.Poll
 	}
-	rows, err := w.take(ctx)
+	rows, err := w.take()
 	if err != nil {
-		if !w.failing && ctx.Err() == nil { // once per outage, not every poll
+		if !w.failing { // once per outage, not every poll
 			w.log.Warn("quota alert webhooks not taken: postgres unavailable; they wait in quota_alerts", "err", err)
 		}
 		w.failing = true
@@ -189,7 +192,13 @@ func (w *webhook) deliverDue(ctx context.Context) time.Duration {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			w.settle(r, w.deliver([]byte(r.body), r.attempt))
+			// Takes that never recorded an outcome (instances that died holding the row, or takes
+			// whose answer was lost) are bounded too: a row taken that often is given up unposted.
+			if lost := r.leases - 1 - r.attempts; lost >= w.cfg.Attempts {
+				w.settle(r, false, fmt.Errorf("taken %d times without an outcome", lost))
+				return
+			}
+			w.settle(r, true, w.deliver([]byte(r.body), r.attempts+1))
 		}()
 	}
 	wg.Wait()
@@ -199,26 +208,30 @@ func (w *webhook) deliverDue(ctx context.Context) time.Duration {
 	return w.untilDue(ctx)
 }
 
-// take leases due rows: their due time moves to the lease's end and the attempt is counted, so an
-// instance that dies while delivering leaves them to be taken again when the lease ends.
-func (w *webhook) take(ctx context.Context) ([]taken, error) {
-	qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+// take leases due rows under a new lease id: their due time moves to the lease's end, so an
+// instance that dies while delivering leaves them to be taken again when the lease ends. An attempt
+// is counted only with its outcome (settle). Not under run's context: a stop cancelling the
+// statement after Postgres committed it would leave rows leased and undelivered for a lease (seen
+// as a flaky test: one alert of two undelivered for 40 s).
+func (w *webhook) take() ([]taken, error) {
+	qctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
+	lease := uuid.New()
 	rows, err := w.pg.Query(qctx, `UPDATE quota_alerts q
-		SET webhook_due_at = now() + make_interval(secs => $1), webhook_attempts = q.webhook_attempts + 1
+		SET webhook_due_at = now() + make_interval(secs => $1), webhook_lease = $3, webhook_leases = q.webhook_leases + 1
 		FROM (SELECT day, tenant_id, metric, threshold FROM quota_alerts
 			WHERE webhook_due_at <= now() AND webhook_body IS NOT NULL ORDER BY webhook_due_at LIMIT $2 FOR UPDATE SKIP LOCKED) due
 		WHERE q.day = due.day AND q.tenant_id = due.tenant_id AND q.metric = due.metric AND q.threshold = due.threshold
-		RETURNING q.day, q.tenant_id, q.metric, q.threshold, q.webhook_body, q.webhook_attempts`,
-		w.lease().Seconds(), webhookBatch)
+		RETURNING q.day, q.tenant_id, q.metric, q.threshold, q.webhook_body, q.webhook_attempts, q.webhook_leases`,
+		w.lease().Seconds(), webhookBatch, lease)
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
 	var out []taken
 	for rows.Next() {
-		var r taken
-		if err := rows.Scan(&r.day, &r.tenant, &r.metric, &r.pct, &r.body, &r.attempt); err != nil {
+		r := taken{lease: lease}
+		if err := rows.Scan(&r.day, &r.tenant, &r.metric, &r.pct, &r.body, &r.attempts, &r.leases); err != nil {
 			return nil, err
 		}
 		out = append(out, r)
@@ -226,34 +239,50 @@ func (w *webhook) take(ctx context.Context) ([]taken, error) {
 	return out, rows.Err()
 }
 
-// settle records the outcome of attempt r.attempt, if the row is still this lease's (the attempt
-// number is the lease's token): delivered, due again after a backoff, or abandoned.
-func (w *webhook) settle(r taken, err error) {
+// settle records the outcome of this take of r, if the row is still under its lease: delivered
+// (err nil), due again after a backoff, or abandoned after the last attempt. posted says a request
+// was made (it counts as an attempt). The outcome is counted and logged only once recorded: an
+// instance whose lease ended has no say.
+func (w *webhook) settle(r taken, posted bool, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	const where = ` WHERE day = $1 AND tenant_id = $2 AND metric = $3 AND threshold = $4 AND webhook_attempts = $5`
-	args := []any{r.day, r.tenant, r.metric, r.pct, r.attempt}
+	attempts := r.attempts
+	if posted {
+		attempts++
+	}
+	const where = ` WHERE day = $1 AND tenant_id = $2 AND metric = $3 AND threshold = $4 AND webhook_lease = $5`
+	args := []any{r.day, r.tenant, r.metric, r.pct, r.lease, attempts}
 	outcome := "delivered"
-	var q string
+	q := `UPDATE quota_alerts SET webhook_attempts = $6, webhook_lease = NULL, `
 	switch {
 	case err == nil:
-		q = `UPDATE quota_alerts SET webhook_due_at = NULL, webhook_outcome = 'delivered', webhook_done_at = now()` + where
-	case r.attempt >= w.cfg.Attempts:
+		q += `webhook_due_at = NULL, webhook_outcome = 'delivered', webhook_done_at = now()` + where
+	case attempts >= w.cfg.Attempts || !posted:
 		outcome = "abandoned"
-		q = `UPDATE quota_alerts SET webhook_due_at = NULL, webhook_outcome = 'abandoned', webhook_done_at = now()` + where
-		w.log.Error("quota alert webhook failed; giving up", "attempts", r.attempt, "metric", r.metric, "threshold", r.pct, "err", err)
+		q += `webhook_due_at = NULL, webhook_outcome = 'abandoned', webhook_done_at = now()` + where
 	default:
 		outcome = "retried"
-		q = `UPDATE quota_alerts SET webhook_due_at = now() + make_interval(secs => $6)` + where
-		args = append(args, w.backoff(r.attempt).Seconds())
-		w.log.Debug("quota alert webhook failed; retrying", "attempt", r.attempt, "metric", r.metric, "err", err)
+		q += `webhook_due_at = now() + make_interval(secs => $7)` + where
+		args = append(args, w.backoff(attempts).Seconds())
+	}
+	tag, perr := w.pg.Exec(ctx, q, args...)
+	switch {
+	case perr != nil:
+		// The lease ends and the row is taken again: a delivered one is then posted once more.
+		w.log.Warn("quota alert webhook outcome not recorded: it is attempted again when its lease ends", "outcome", outcome, "err", perr)
+		return
+	case tag.RowsAffected() == 0:
+		w.log.Debug("quota alert webhook outcome not recorded: the lease ended, another instance has the row", "outcome", outcome)
+		return
 	}
 	if w.outcomes != nil {
 		w.outcomes.WithLabelValues(outcome).Inc()
 	}
-	if _, perr := w.pg.Exec(ctx, q, args...); perr != nil {
-		// The lease ends and the row is taken again: a delivered one is then posted once more.
-		w.log.Warn("quota alert webhook outcome not recorded: it is attempted again when its lease ends", "outcome", outcome, "err", perr)
+	switch outcome {
+	case "abandoned":
+		w.log.Error("quota alert webhook failed; giving up", "attempts", attempts, "metric", r.metric, "threshold", r.pct, "err", err)
+	case "retried":
+		w.log.Debug("quota alert webhook failed; retrying", "attempt", attempts, "metric", r.metric, "err", err)
 	}
 }
 

@@ -1,19 +1,24 @@
 package quota
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/analyticsd/analyticsd/internal/testenv"
@@ -239,5 +244,154 @@ func TestWebhookBackoff(t *testing.T) {
 	}
 	if total < 4*time.Hour || total > 24*time.Hour {
 		t.Errorf("the default attempts span %v, want hours and less than a day", total)
+	}
+}
+
+// expireLeases ends every lease of the harness tenant's rows now, as 40 s passing would.
+func expireLeases(t *testing.T, h *harness) {
+	t.Helper()
+	if _, err := h.env.PG.Exec(context.Background(), `UPDATE quota_alerts SET webhook_due_at = now()
+		WHERE tenant_id = $1 AND webhook_due_at IS NOT NULL`, h.tenant.ID); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// webhookRow is the harness tenant's one alert row's attempts and outcome.
+func webhookRow(t *testing.T, h *harness) (attempts int, outcome *string) {
+	t.Helper()
+	if err := h.env.PG.QueryRow(context.Background(), `SELECT webhook_attempts, webhook_outcome FROM quota_alerts
+		WHERE tenant_id = $1`, h.tenant.ID).Scan(&attempts, &outcome); err != nil {
+		t.Fatal(err)
+	}
+	return attempts, outcome
+}
+
+// oneAlert records builds_daily's 100 % alert of the harness tenant through s.
+func oneAlert(t *testing.T, h *harness, s *Service) {
+	t.Helper()
+	if res, err := s.Consume(context.Background(), h.tenant.ID, "builds_daily", 1); err != nil || !res.Allowed {
+		t.Fatalf("consume: %+v, %v", res, err)
+	}
+	s.WaitAlerts(context.Background())
+}
+
+// Takes that die before posting (an instance killed holding the row, or a take whose answer was
+// lost) do not spend the attempts: after two such takes a failing receiver still gets all three
+// posts, numbered 1 to 3. (Attempts were counted at the take: found by review, abandoned after a
+// single post following 15 dead takes.) Takes without an outcome are bounded apart: as many as
+// Attempts, and the row is abandoned unposted.
+func TestTakesThatDieDoNotSpendTheAttempts(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	rcv := newReceiver(t)
+	rcv.status.Store(http.StatusServiceUnavailable)
+	cfg := Config{Enabled: true, Thresholds: []int{100}, Webhook: WebhookConfig{URL: rcv.srv.URL, Attempts: 3, Backoff: 10 * time.Millisecond, Poll: 10 * time.Millisecond}}
+	s := h.service(t, cfg, map[string]float64{"builds_daily": 1}, nil)
+	oneAlert(t, h, s)
+	for range 2 {
+		dead := newWebhook(cfg.Webhook, h.env.PG, slog.New(slog.DiscardHandler), nil)
+		if rows, err := dead.take(); err != nil || len(rows) != 1 {
+			t.Fatalf("take: %v, %v", rows, err)
+		}
+		expireLeases(t, h)
+	}
+	h.runWebhooks(t, s)
+	testenv.Eventually(t, 10*time.Second, func() error {
+		if _, o := webhookRow(t, h); o == nil {
+			return errors.New("no outcome yet")
+		}
+		return nil
+	})
+	var got []int
+	for _, d := range rcv.deliveries() {
+		got = append(got, d.attempt)
+	}
+	if attempts, o := webhookRow(t, h); *o != "abandoned" || attempts != 3 || !slices.Equal(got, []int{1, 2, 3}) {
+		t.Errorf("%s after %d attempts, posts numbered %v; want abandoned after 3 posts numbered 1, 2, 3", *o, attempts, got)
+	}
+
+	h2 := newHarness(t)
+	rcv2 := newReceiver(t)
+	cfg.Webhook.URL = rcv2.srv.URL
+	s2 := h2.service(t, cfg, map[string]float64{"builds_daily": 1}, nil)
+	oneAlert(t, h2, s2)
+	for range 3 {
+		dead := newWebhook(cfg.Webhook, h2.env.PG, slog.New(slog.DiscardHandler), nil)
+		if rows, err := dead.take(); err != nil || len(rows) != 1 {
+			t.Fatalf("take: %v, %v", rows, err)
+		}
+		expireLeases(t, h2)
+	}
+	h2.runWebhooks(t, s2)
+	testenv.Eventually(t, 10*time.Second, func() error {
+		if _, o := webhookRow(t, h2); o == nil || *o != "abandoned" {
+			return fmt.Errorf("outcome %v after three takes without one, want abandoned", o)
+		}
+		return nil
+	})
+	if n := len(rcv2.deliveries()); n != 0 {
+		t.Errorf("%d posts of a row taken three times without an outcome, want none", n)
+	}
+}
+
+// An alert recorded by an instance without the URL is delivered by one with it (a fleet part-way
+// through setting QUOTA_ALERT_WEBHOOK_URL). Found by review: its payload was not stored, and no
+// instance ever sent it.
+func TestAnAlertRecordedWithoutTheURLIsDelivered(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	rcv := newReceiver(t)
+	limits := map[string]float64{"builds_daily": 2}
+	noURL := h.service(t, Config{Enabled: true}, limits, nil)
+	withURL := h.service(t, Config{Enabled: true, Webhook: WebhookConfig{URL: rcv.srv.URL, Poll: 20 * time.Millisecond}}, limits, nil)
+	h.runWebhooks(t, noURL) // returns at once: no URL
+	h.runWebhooks(t, withURL)
+	if res, err := noURL.Consume(context.Background(), h.tenant.ID, "builds_daily", 2); err != nil || !res.Allowed {
+		t.Fatalf("consume: %+v, %v", res, err)
+	}
+	noURL.WaitAlerts(context.Background())
+	testenv.Eventually(t, 10*time.Second, func() error {
+		if got := rcv.accepted(); len(got) != 2 {
+			return fmt.Errorf("accepted %v, want the two alerts the instance without the URL recorded", got)
+		}
+		return nil
+	})
+}
+
+// An instance whose lease ended has no say: its late outcome is neither recorded, nor counted, nor
+// logged as giving up, while the instance that took the row over delivers it. Found by review: the
+// stale instance counted "abandoned" and logged an error for an alert that was delivered.
+func TestAnOutcomeAfterTheLeaseEndedIsIgnored(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	rcv := newReceiver(t)
+	cfg := Config{Enabled: true, Thresholds: []int{100}, Webhook: WebhookConfig{URL: rcv.srv.URL, Attempts: 1}}
+	s := h.service(t, cfg, map[string]float64{"builds_daily": 1}, nil)
+	oneAlert(t, h, s)
+	var logs bytes.Buffer
+	outA := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "a"}, []string{"outcome"})
+	a := newWebhook(cfg.Webhook, h.env.PG, slog.New(slog.NewTextHandler(&logs, nil)), outA)
+	b := newWebhook(cfg.Webhook, h.env.PG, slog.New(slog.DiscardHandler), nil)
+	ra, err := a.take()
+	if err != nil || len(ra) != 1 {
+		t.Fatalf("A's take: %v, %v", ra, err)
+	}
+	expireLeases(t, h) // A stalled past its lease
+	rb, err := b.take()
+	if err != nil || len(rb) != 1 {
+		t.Fatalf("B's take: %v, %v", rb, err)
+	}
+	a.settle(ra[0], true, errors.New("timeout"))
+	b.settle(rb[0], true, nil)
+	var m dto.Metric
+	if err := outA.WithLabelValues("abandoned").Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	attempts, o := webhookRow(t, h)
+	if o == nil || *o != "delivered" || attempts != 1 {
+		t.Errorf("outcome %v after %d attempts, want delivered after 1 (B's)", o, attempts)
+	}
+	if m.GetCounter().GetValue() != 0 || strings.Contains(logs.String(), "giving up") {
+		t.Errorf("A, whose lease had ended, counted abandoned=%v and logged: %s", m.GetCounter().GetValue(), logs.String())
 	}
 }

@@ -246,6 +246,10 @@ func (e *env) quota(eventMetrics map[string]string, labelCap int, dedupWindow ti
 		e.fail("QUOTA_ALERT_WEBHOOK_URL=%q: want an http(s) URL", c.Webhook.URL)
 	}
 	c.Webhook.Secret = e.getenv("QUOTA_ALERT_WEBHOOK_SECRET")
+	c.Webhook.Timeout = e.duration("QUOTA_ALERT_WEBHOOK_TIMEOUT", c.Webhook.Timeout)
+	if d := c.Webhook.Timeout; d < time.Second || d > 30*time.Second {
+		e.fail("QUOTA_ALERT_WEBHOOK_TIMEOUT=%s: want 1s to 30s (a delivery's lease is twice it and 30 s)", d)
+	}
 
 	limits := map[string]float64{}
 	if v := e.str("QUOTA_DEFAULTS", ""); v != "" {

@@ -170,22 +170,23 @@ func TestConfigOnAClusterReachesEveryServer(t *testing.T) {
 // A bad deploy must learn every problem at once, not one per restart.
 func TestConfigListsEveryProblem(t *testing.T) {
 	_, err := loadConfig(envOf(map[string]string{
-		"ANALYTICS_ADDR":             "8080",
-		"RETENTION_DAYS":             "0",
-		"ANALYTICS_ENABLED":          "maybe",
-		"ANALYTICS_MAX_EXPORT_ROWS":  "-5",
-		"QUOTA_DEFAULTS":             `{"api_requests_daily":`,
-		"POSTGRES_URL":               "mysql://x",
-		"REDIS_URL":                  "http://x",
-		"CLICKHOUSE_DSN":             "clickhouse://h:9000/bad-name",
-		"LOG_LEVEL":                  "loud",
-		"ANALYTICS_SHUTDOWN_TIMEOUT": "soon",
+		"ANALYTICS_ADDR":              "8080",
+		"RETENTION_DAYS":              "0",
+		"ANALYTICS_ENABLED":           "maybe",
+		"ANALYTICS_MAX_EXPORT_ROWS":   "-5",
+		"QUOTA_DEFAULTS":              `{"api_requests_daily":`,
+		"POSTGRES_URL":                "mysql://x",
+		"REDIS_URL":                   "http://x",
+		"CLICKHOUSE_DSN":              "clickhouse://h:9000/bad-name",
+		"LOG_LEVEL":                   "loud",
+		"ANALYTICS_SHUTDOWN_TIMEOUT":  "soon",
+		"QUOTA_ALERT_WEBHOOK_TIMEOUT": "2m",
 	}))
 	if err == nil {
 		t.Fatal("bad config accepted")
 	}
 	for _, name := range []string{"ANALYTICS_ADDR", "RETENTION_DAYS", "ANALYTICS_ENABLED", "ANALYTICS_MAX_EXPORT_ROWS",
-		"QUOTA_DEFAULTS", "POSTGRES_URL", "REDIS_URL", "CLICKHOUSE_DSN", "LOG_LEVEL", "ANALYTICS_SHUTDOWN_TIMEOUT"} {
+		"QUOTA_DEFAULTS", "POSTGRES_URL", "REDIS_URL", "CLICKHOUSE_DSN", "LOG_LEVEL", "ANALYTICS_SHUTDOWN_TIMEOUT", "QUOTA_ALERT_WEBHOOK_TIMEOUT"} {
 		if !strings.Contains(err.Error(), name) {
 			t.Errorf("error does not mention %s:\n%v", name, err)
 		}
