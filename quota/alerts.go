@@ -32,6 +32,10 @@ import (
 //     live crossing, a crossing Redis could not decide, a limit lowered below the count, an alert a
 //     crash or a refused event left unrecorded. Postgres, not Redis, is what says an alert fired,
 //     so Redis losing its marks fires nothing twice.
+//   - Levels (storage_gb: set, not counted) decide in Postgres instead: the transaction that sets a
+//     value across a threshold also writes the alert's row, unclaimed (owedAlert), and the
+//     reconciliation fires owed rows left unrecorded (catchUpLevelAlerts). So a level's alert
+//     fires on a crossing, once per day, and a crash, Redis or a failed recording cannot lose it.
 
 // alertClaimStale is how long a claim in quota_alerts holds an alert that was not recorded: well
 // beyond the longest recording (each step has its own timeout of a few seconds).
@@ -124,6 +128,61 @@ func (s *Service) catchUpAlerts(ctx context.Context, d time.Time, counters map[u
 		if !held[a.key()] {
 			s.alerts.push(a, s.fire)
 		}
+	}
+}
+
+// owedAlert writes a level's alert row unclaimed (a claim long stale), so that claimAlert takes it
+// and the catch-up finds it until it is recorded; nothing if the day's alert has a row already.
+const owedAlert = `INSERT INTO quota_alerts (day, tenant_id, metric, threshold, claimed_at)
+	VALUES ($1, $2, $3, $4, '-infinity') ON CONFLICT DO NOTHING`
+
+// catchUpLevelAlerts queues the level alerts of today and yesterday that are owed and unrecorded
+// (their row unclaimed, or its claim stale), with the level's value and limit now. A level whose
+// row was erased with its tenant has no value, and fires nothing.
+func (s *Service) catchUpLevelAlerts(ctx context.Context) {
+	if !s.cfg.Enabled || s.pg == nil {
+		return
+	}
+	var levels []string
+	for m := range s.limits.defaults {
+		if s.IsLevel(m) {
+			levels = append(levels, m)
+		}
+	}
+	if len(levels) == 0 {
+		return
+	}
+	rows, err := s.pg.Query(ctx, `SELECT a.day, a.tenant_id, a.metric, a.threshold, l.value
+		FROM quota_alerts a JOIN usage_levels l ON l.tenant_id = a.tenant_id AND l.metric = a.metric
+		WHERE a.day >= $1 AND a.metric = ANY($2) AND a.recorded_at IS NULL
+			AND a.claimed_at <= now() - make_interval(secs => $3)`,
+		s.today().Add(-24*time.Hour), levels, alertClaimStale.Seconds())
+	if err != nil {
+		s.log.Warn("level alerts not caught up: postgres unavailable", "err", err)
+		return
+	}
+	var due []alert
+	now := s.now().UTC()
+	for rows.Next() {
+		a := alert{at: now}
+		if err := rows.Scan(&a.day, &a.tenant, &a.metric, &a.pct, &a.cur); err != nil {
+			rows.Close()
+			s.log.Warn("level alerts not caught up", "err", err)
+			return
+		}
+		due = append(due, a)
+	}
+	if err := rows.Err(); err != nil {
+		s.log.Warn("level alerts not caught up", "err", err)
+		return
+	}
+	for _, a := range due {
+		limit, ok := s.limits.Of(ctx, a.tenant, a.metric)
+		if !ok || limit <= 0 || !s.alertDay(a.day) {
+			continue
+		}
+		a.limit = limit
+		s.alerts.push(a, s.fire)
 	}
 }
 
@@ -239,8 +298,7 @@ func (s *Service) WaitAlerts(ctx context.Context) { s.alerts.wait(ctx) }
 // (with an id derived from the alert, so that storing it again after a crash is a duplicate),
 // writes the audit row, marks the claim recorded and makes the webhook due in one transaction, then
 // counts, logs and wakes the webhook's delivery loop. Without Postgres nothing is recorded: the
-// catch-up after it answers again fires the alert. (Level metrics, set rather than counted, have no
-// catch-up: their alert is decided and recorded once, or not.)
+// catch-up after it answers again fires the alert.
 func (s *Service) fire(a alert) {
 	step := func() (context.Context, context.CancelFunc) {
 		return context.WithTimeout(context.Background(), 5*time.Second)
@@ -378,14 +436,14 @@ func (s *Service) recordAlert(ctx context.Context, a alert, token time.Time, e a
 }
 
 // releaseAlert gives up this instance's claim (token), unrecorded, so that a catch-up claims it
-// again at once.
+// again at once: the row stays, unclaimed (a level's owed alert lives in it).
 func (s *Service) releaseAlert(a alert, token time.Time) {
 	if s.pg == nil {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if _, err := s.pg.Exec(ctx, `DELETE FROM quota_alerts
+	if _, err := s.pg.Exec(ctx, `UPDATE quota_alerts SET claimed_at = '-infinity'
 		WHERE day = $1 AND tenant_id = $2 AND metric = $3 AND threshold = $4 AND claimed_at = $5 AND recorded_at IS NULL`,
 		a.day, a.tenant, a.metric, a.pct, token); err != nil {
 		s.log.Warn("quota alert claim not released: it fires again once stale", "metric", a.metric, "err", err)

@@ -453,3 +453,56 @@ func TestAlertQueueKeepsEachDayApart(t *testing.T) {
 		t.Errorf("recorded %v; want each day's alert once", got)
 	}
 }
+
+// refusingRecorder refuses every alert event, as a closing writer does.
+type refusingRecorder struct{ Recorder }
+
+func (refusingRecorder) EmitOnce(context.Context, uuid.UUID, string, string, string, map[string]any) error {
+	return fmt.Errorf("refused: the writer is closing")
+}
+
+// A level's alert (storage_gb, set rather than counted) is not lost: crossing 80 % with Redis
+// unreachable fires it (before: "not decided", and no catch-up for levels ever fired it), and one
+// whose recording failed (its event refused) is fired by another instance's reconciliation
+// (before: its claim was deleted and nothing owed it). A level going down and up again the same day
+// fires nothing twice.
+func TestALevelAlertIsNotLost(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	ctx := context.Background()
+	rdb, proxy := testenv.CuttableRedis(t)
+	limits := map[string]float64{"storage_gb": 100}
+	s := h.service(t, Config{Enabled: true}, limits, rdb)
+	other := h.service(t, Config{Enabled: true}, limits, nil)
+
+	proxy.SetDown(true)
+	if err := s.SetLevel(ctx, h.tenant.ID, "storage_gb", 90); err != nil {
+		t.Fatal(err)
+	}
+	s.WaitAlerts(ctx)
+	proxy.SetDown(false)
+	reconcileAlerts(t, other)
+	if got, err := auditedAlerts(h); err != nil || got != "[storage_gb quota.warning]" {
+		t.Fatalf("alerts after crossing 80 %% with Redis down: %v, %v; want the warning", got, err)
+	}
+
+	s.SetRecorder(refusingRecorder{})
+	for _, v := range []float64{50, 95, 120} { // down, up again (80 % fired today already), past 100 %
+		if err := s.SetLevel(ctx, h.tenant.ID, "storage_gb", v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.WaitAlerts(ctx)
+	if got, err := auditedAlerts(h); err != nil || got != "[storage_gb quota.warning]" {
+		t.Fatalf("alerts with the event refused: %v, %v; want the 100 %% one not recorded yet", got, err)
+	}
+	reconcileAlerts(t, other)
+	reconcileAlerts(t, other)
+	if got, err := auditedAlerts(h); err != nil || got != "[storage_gb quota.exceeded storage_gb quota.warning]" {
+		t.Errorf("alerts after another instance's reconciliation: %v, %v; want each once", got, err)
+	}
+	h.writer.Close(ctx)
+	if n, err := alertEvents(h); err != nil || n != 2 {
+		t.Errorf("alert events: %d (%v), want 2", n, err)
+	}
+}

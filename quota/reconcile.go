@@ -237,6 +237,7 @@ func (r *reconciler) run(ctx context.Context) (ReconcileStats, error) {
 	if err != nil {
 		return st, err
 	}
+	r.s.catchUpLevelAlerts(ctx) // Postgres only: before the ClickHouse reads a round may fail on
 	var first error
 	failed, tried := 0, 0
 	for _, d := range []time.Time{today.Add(-24 * time.Hour), today} {

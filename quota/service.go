@@ -283,22 +283,48 @@ func (s *Service) IsLevel(metric string) bool {
 	return ok && !IsDaily(metric)
 }
 
-// SetLevel records a level metric's current value (POST usage with "value").
+// SetLevel records a level metric's current value (POST usage with "value"). The thresholds the
+// value crosses upward (from the previous one) are owed alerts, written to quota_alerts in the same
+// transaction as the value, so that a crash, Redis or a failed recording cannot lose them (the
+// reconciliation's catch-up fires an owed alert left unrecorded: catchUpLevelAlerts).
 func (s *Service) SetLevel(ctx context.Context, tenant uuid.UUID, metric string, value float64) error {
-	var prev float64
+	limit, limited := s.limits.For(ctx, tenant)[metric]
+	limited = limited && limit > 0 && s.cfg.Enabled
+	day := s.today()
+	var owed []int
 	err := pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
+		owed = owed[:0]
+		var prev float64
 		if err := tx.QueryRow(ctx, "SELECT value FROM usage_levels WHERE tenant_id = $1 AND metric = $2 FOR UPDATE", tenant, metric).Scan(&prev); err != nil && !errors.Is(err, pgx.ErrNoRows) {
 			return err
 		}
-		_, err := tx.Exec(ctx, `INSERT INTO usage_levels (tenant_id, metric, value) VALUES ($1, $2, $3)
-			ON CONFLICT (tenant_id, metric) DO UPDATE SET value = EXCLUDED.value, updated_at = now()`, tenant, metric, value)
-		return err
+		if _, err := tx.Exec(ctx, `INSERT INTO usage_levels (tenant_id, metric, value) VALUES ($1, $2, $3)
+			ON CONFLICT (tenant_id, metric) DO UPDATE SET value = EXCLUDED.value, updated_at = now()`, tenant, metric, value); err != nil {
+			return err
+		}
+		if !limited {
+			return nil
+		}
+		for _, pct := range s.cfg.Thresholds {
+			if bound := limit * float64(pct) / 100; !(prev < bound && value >= bound) {
+				continue
+			}
+			tag, err := tx.Exec(ctx, owedAlert, day, tenant, metric, pct)
+			if err != nil {
+				return err
+			}
+			if tag.RowsAffected() == 1 {
+				owed = append(owed, pct)
+			}
+		}
+		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("set level %s for tenant %s: %w", metric, tenant, err)
 	}
-	if lim, ok := s.limits.For(ctx, tenant)[metric]; ok && s.cfg.Enabled {
-		s.checkAlerts(ctx, tenant, metric, s.today(), prev, value, lim)
+	now := s.now().UTC()
+	for _, pct := range owed {
+		s.alerts.push(alert{tenant: tenant, metric: metric, pct: pct, cur: value, limit: limit, day: day, at: now}, s.fire)
 	}
 	return nil
 }
