@@ -33,6 +33,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -790,18 +791,10 @@ func serverState(ctx context.Context, c redis.Cmdable, server string, watched ma
 	if _, err := p.Exec(ctx); err != nil && srv.Err() != nil {
 		return "", err
 	}
-	field := func(info, name string) string {
-		for _, line := range strings.Split(info, "\n") {
-			if v, ok := strings.CutPrefix(strings.TrimSpace(line), name+":"); ok {
-				return v
-			}
-		}
-		return ""
-	}
-	if runID = field(srv.Val(), "run_id"); runID == "" {
+	if runID = infoField(srv.Val(), "run_id"); runID == "" {
 		return "", fmt.Errorf("no run_id in INFO server")
 	}
-	if v := field(repl.Val(), "master_replid2"); v != "" {
+	if v := infoField(repl.Val(), "master_replid2"); v != "" {
 		if strings.Trim(v, "0") == "" {
 			v = "-"
 		}
@@ -812,18 +805,53 @@ func serverState(ctx context.Context, c redis.Cmdable, server string, watched ma
 
 func (s *Store) windowSeconds() int64 { return max(int64(s.window/time.Second), 1) }
 
-// EvictionRisk reports a Redis configured to evict keys under memory pressure: an evicted claim lets a
-// duplicate through unnoticed (the epoch does not change). It returns "" when the policy is safe or
-// cannot be read (managed Redis services often refuse CONFIG).
+// infoField is the value of name in an INFO answer, or "".
+func infoField(info, name string) string {
+	for _, line := range strings.Split(info, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), name+":"); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+// EvictionRisk reports a Redis configured to evict keys under memory pressure, and the keys it has
+// evicted since it started: an evicted claim lets a duplicate through unnoticed (nothing else shows
+// the loss). On a Redis Cluster every master is asked. It returns "" when the policy is safe or
+// cannot be read (managed Redis services often refuse CONFIG). serve asks at start-up and every
+// 30 s (a policy can be changed at run time), and reports it in /readiness.
 func (s *Store) EvictionRisk(ctx context.Context) string {
-	res, err := s.rdb.ConfigGet(ctx, "maxmemory-policy").Result()
+	if c, ok := s.rdb.(*redis.ClusterClient); ok {
+		var mu sync.Mutex
+		var risks []string
+		_ = c.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error {
+			if r := evictionRisk(ctx, m); r != "" {
+				mu.Lock()
+				risks = append(risks, m.Options().Addr+": "+r)
+				mu.Unlock()
+			}
+			return nil
+		})
+		slices.Sort(risks)
+		return strings.Join(risks, "; ")
+	}
+	return evictionRisk(ctx, s.rdb)
+}
+
+func evictionRisk(ctx context.Context, c redis.Cmdable) string {
+	res, err := c.ConfigGet(ctx, "maxmemory-policy").Result()
 	if err != nil {
 		return ""
 	}
-	if p := res["maxmemory-policy"]; p != "" && p != "noeviction" {
-		return "redis maxmemory-policy is " + p + ": under memory pressure it may evict dedup claims and let duplicates through; set it to noeviction"
+	p := res["maxmemory-policy"]
+	if p == "" || p == "noeviction" {
+		return ""
 	}
-	return ""
+	msg := "redis maxmemory-policy is " + p + ": under memory pressure it may evict dedup claims and let duplicates through; set it to noeviction"
+	if n := infoField(c.Info(ctx, "stats").Val(), "evicted_keys"); n != "" && n != "0" {
+		msg += " (it has evicted " + n + " keys since it started)"
+	}
+	return msg
 }
 
 // toInt64 is an integer the claim script answered.

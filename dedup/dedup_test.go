@@ -9,8 +9,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -23,7 +21,6 @@ import (
 
 	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/internal/clock"
-	"github.com/analyticsd/analyticsd/internal/loopback"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 	"github.com/analyticsd/analyticsd/quota"
 )
@@ -858,36 +855,6 @@ func TestAFlushOfOneClusterMasterIsALoss(t *testing.T) {
 	t.Fatal("every marker is on the master holding the record of run ids")
 }
 
-// privateRedis starts a Redis of the test's own, for what the shared one must not do (evict keys,
-// change roles), with extra server arguments; it returns a client and the server's address.
-func privateRedis(t *testing.T, args ...string) (*redis.Client, string) {
-	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		bin = "/usr/bin/redis-server"
-	}
-	if _, err := os.Stat(bin); err != nil {
-		if testenv.Required() {
-			t.Fatalf("redis-server not found: %v", err)
-		}
-		t.Skip("redis-server not installed")
-	}
-	addr, err := loopback.Addr()
-	if err != nil {
-		t.Fatal(err)
-	}
-	host, port, _ := net.SplitHostPort(addr)
-	srv := exec.Command(bin, append([]string{"--bind", host, "--port", port, "--save", "", "--appendonly", "no", "--dir", t.TempDir()}, args...)...)
-	if err := srv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = srv.Process.Kill(); _ = srv.Wait() })
-	rdb := redis.NewClient(&redis.Options{Addr: addr})
-	t.Cleanup(func() { rdb.Close() })
-	testenv.Eventually(t, 10*time.Second, func() error { return rdb.Ping(context.Background()).Err() })
-	return rdb, addr
-}
-
 // replicate makes replica follow the server at addr and waits until its link is up.
 func replicate(t *testing.T, replica *redis.Client, addr string) {
 	t.Helper()
@@ -913,8 +880,8 @@ func replicate(t *testing.T, replica *redis.Client, addr string) {
 // that, and took both for losses), not master_replid2. (Servers of the test's own: roles change.)
 func TestAFailbackIsALossAndReplicationAloneIsNot(t *testing.T) {
 	// A backlog without replicas is freed after a second (3,600 by default).
-	a, aAddr := privateRedis(t, "--repl-backlog-ttl", "1")
-	b, bAddr := privateRedis(t)
+	a, aAddr := testenv.PrivateRedis(t, "--repl-backlog-ttl", "1")
+	b, bAddr := testenv.PrivateRedis(t)
 	ctx := context.Background()
 	s := NewStore(a, "", time.Hour, nil)
 	tn := uuid.New()
@@ -1031,5 +998,30 @@ func TestAFailbackToTheSameRunIDIsALoss(t *testing.T) {
 	}
 	if loss, _ := other.Loss(); loss.Before(back) {
 		t.Errorf("a process that did not look while B was the master: latest loss %v, want one after the failback at %v", loss, back)
+	}
+}
+
+// EvictionRisk names a policy that evicts and, once it has, how many keys it evicted; a Redis
+// reconfigured to noeviction at run time has none. (Before, the count was not reported, and serve
+// asked once, at start-up.)
+func TestEvictionRiskNamesThePolicyAndTheEvictions(t *testing.T) {
+	rdb, _ := testenv.PrivateRedis(t, "--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru")
+	s := NewStore(rdb, "", time.Hour, nil)
+	ctx := context.Background()
+	if r := s.EvictionRisk(ctx); !strings.Contains(r, "maxmemory-policy is allkeys-lru") || strings.Contains(r, "evicted") {
+		t.Errorf("before any eviction: %q", r)
+	}
+	big := strings.Repeat("x", 64<<10)
+	for i := range 200 { // 12.5 MiB into 2 MiB
+		rdb.Set(ctx, fmt.Sprintf("filler:%d", i), big, 0)
+	}
+	if r := s.EvictionRisk(ctx); !strings.Contains(r, "it has evicted") {
+		t.Errorf("after evictions: %q, want their count", r)
+	}
+	if err := rdb.ConfigSet(ctx, "maxmemory-policy", "noeviction").Err(); err != nil {
+		t.Fatal(err)
+	}
+	if r := s.EvictionRisk(ctx); r != "" {
+		t.Errorf("with noeviction: %q, want none", r)
 	}
 }

@@ -96,6 +96,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	counters := quota.NewCounters(rdb, "")
 	var claims ingest.Claims
 	var idempotency []fiber.Handler
+	var evictions *watch // with deduplication on
 	if cfg.DedupWindow > 0 {
 		store := dedup.NewStore(rdb, "", cfg.DedupWindow, counting(counters))
 		var _ ingest.Claims = store
@@ -108,9 +109,9 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		alive := make(chan struct{})
 		go func() { store.KeepAlive(aliveCtx); close(alive) }()
 		open.push("idempotency liveness", func(context.Context) error { stopAlive(); <-alive; return nil })
-		if risk := store.EvictionRisk(ctx); risk != "" {
-			log.Warn(risk)
-		}
+		// Exactly-once needs a Redis that never evicts claims; it may be reconfigured at run time.
+		evictions = &watch{name: "redis eviction policy", log: log.With("component", "dedup"),
+			check: func(ctx context.Context) (string, bool) { return store.EvictionRisk(ctx), true }}
 	}
 	cfg.Writer.Owner = "analyticsd serve on " + cfg.Addr
 	writer, err := ingest.NewWriter(cfg.Writer, ch, cfg.ClickHouseDB, claims, ingestMetrics, log.With("component", "ingest"))
@@ -190,8 +191,13 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		return err
 	}
 	sweeper := rollup.NewSweeper(ch, cfg.Layout(), pg, auditLog, reg, log.With("component", "retention"), cfg.RetentionDays, nil)
-	clocks := newClockWatch(reg, redisTime(rdb), log.With("component", "clock"))
-	clocks.check(ctx)
+	watches := []*watch{{name: "this instance's clock", check: clockCheck(reg, redisTime(rdb)), log: log.With("component", "clock")}}
+	if evictions != nil {
+		watches = append(watches, evictions)
+	}
+	for _, w := range watches {
+		w.once(ctx)
+	}
 	ops.Details = func(context.Context) map[string]any {
 		st := writer.Stats()
 		d := map[string]any{"ingest": st, "rollup": scheduler.Status(), "retention": sweeper.Status()}
@@ -202,8 +208,10 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 			warnings = append(warnings, fmt.Sprintf("%d rows (%d files) in the spool's quarantine: ClickHouse kept refusing them; see `analyticsd spool status`, then `analyticsd spool requeue --all` once fixed",
 				st.QuarantinedRows, st.QuarantinedFiles))
 		}
-		if w := clocks.Warning(); w != "" {
-			warnings = append(warnings, w)
+		for _, w := range watches {
+			if msg := w.Warning(); msg != "" {
+				warnings = append(warnings, msg)
+			}
 		}
 		if len(warnings) > 0 {
 			d["warnings"] = warnings
@@ -249,10 +257,10 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	usageDone := make(chan struct{})
 	go func() { defer close(usageDone); authn.RecordUsage(uctx, time.Minute, log.With("component", "auth")) }()
 	open.push("api keys' last use", func(context.Context) error { stopUsage(); <-usageDone; return nil })
-	cctx, stopClocks := context.WithCancel(ctx)
-	clocksDone := make(chan struct{})
-	go func() { defer close(clocksDone); clocks.run(cctx, 30*time.Second) }()
-	open.push("clock watch", func(context.Context) error { stopClocks(); <-clocksDone; return nil })
+	wctx, stopWatching := context.WithCancel(ctx)
+	watched := make(chan struct{})
+	go func() { defer close(watched); runWatches(wctx, 30*time.Second, watches...) }()
+	open.push("clock and redis watch", func(context.Context) error { stopWatching(); <-watched; return nil })
 	// The operator listener: /metrics names every tenant and its event names, so it is not on the
 	// API's port; loopback unless ANALYTICS_METRICS_ADDR says otherwise.
 	if oln != nil {

@@ -54,7 +54,7 @@ func TestServeShutsDownInOrder(t *testing.T) {
 		}
 	}
 	var want []string
-	for _, step := range []string{"http", "operator listener", "clock watch", "api keys' last use", "rollup and retention jobs",
+	for _, step := range []string{"http", "operator listener", "clock and redis watch", "api keys' last use", "rollup and retention jobs",
 		"erasure jobs", "quota reconciliation", "quota alerts", "ingest flush", "erasure presence", "live counters", "quota alerts recorded", "alert webhooks", "idempotency liveness", "exports", "clickhouse", "postgres", "redis"} {
 		want = append(want, "shutdown step done: "+step)
 	}
