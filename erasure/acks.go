@@ -63,7 +63,7 @@ func (s *Service) Acknowledge(ctx context.Context) error {
 	if err := s.forget(ctx); err != nil {
 		return err
 	}
-	rows, err := s.pg.Query(ctx, `SELECT id, tenant_id, kind, user_id FROM erasure_jobs j
+	rows, err := s.pg.Query(ctx, `SELECT id, tenant_id, kind, user_id, user_bytes FROM erasure_jobs j
 		WHERE status IN ('queued', 'running') AND step IN ('', 'counted')
 		AND NOT EXISTS (SELECT 1 FROM erasure_acks a WHERE a.job_id = j.id AND a.instance = $1)
 		ORDER BY created_at`, s.cfg.Instance)
@@ -72,7 +72,9 @@ func (s *Service) Acknowledge(ctx context.Context) error {
 	}
 	jobs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Job, error) {
 		var j Job
-		err := r.Scan(&j.ID, &j.TenantID, &j.Kind, &j.UserID)
+		var exact []byte
+		err := r.Scan(&j.ID, &j.TenantID, &j.Kind, &j.UserID, &exact)
+		j.UserID = exactUserID(j.UserID, exact)
 		return j, err
 	})
 	if err != nil {

@@ -29,8 +29,10 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
@@ -61,8 +63,8 @@ const (
 var (
 	// ErrNotFound: no job with that id for the tenant.
 	ErrNotFound = errors.New("erasure job not found")
-	// ErrBadUserID: the user id is empty or longer than 255 bytes (what events can hold).
-	ErrBadUserID = errors.New("user id must be 1 to 255 bytes")
+	// ErrBadUserID: the user id is empty, longer than 255 bytes or not UTF-8: no event can hold it.
+	ErrBadUserID = errors.New("user id must be 1 to 255 bytes of UTF-8 text (what an event's user_id can hold)")
 )
 
 // Job is one erasure request and how far it got.
@@ -188,7 +190,7 @@ func UserDigest(user string) string {
 
 // EraseUser queues the erasure of every event of user in tenant.
 func (s *Service) EraseUser(ctx context.Context, tenant uuid.UUID, user, actor string) (Job, error) {
-	if user == "" || len(user) > 255 {
+	if user == "" || len(user) > 255 || !utf8.ValidString(user) {
 		return Job{}, ErrBadUserID
 	}
 	return s.submit(ctx, Job{TenantID: tenant, Kind: KindUser, UserID: user, userHash: UserHash(tenant, user)}, actor)
@@ -202,9 +204,13 @@ func (s *Service) EraseTenant(ctx context.Context, tenant uuid.UUID, actor strin
 
 func (s *Service) submit(ctx context.Context, j Job, actor string) (Job, error) {
 	j.ID, j.Status = uuid.New(), StatusQueued
-	err := s.pg.QueryRow(ctx, `INSERT INTO erasure_jobs (id, tenant_id, kind, user_id, user_hash, status, actor)
-		VALUES ($1, $2, $3, $4, $5, 'queued', $6) RETURNING created_at`,
-		j.ID, j.TenantID, j.Kind, j.UserID, j.userHash, actor).Scan(&j.CreatedAt)
+	var exact []byte // the user id as it is; user_id cannot hold NUL (0012_erasure_user_bytes.sql)
+	if j.Kind == KindUser {
+		exact = []byte(j.UserID)
+	}
+	err := s.pg.QueryRow(ctx, `INSERT INTO erasure_jobs (id, tenant_id, kind, user_id, user_bytes, user_hash, status, actor)
+		VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7) RETURNING created_at`,
+		j.ID, j.TenantID, j.Kind, strings.ReplaceAll(j.UserID, "\x00", "\uFFFD"), exact, j.userHash, actor).Scan(&j.CreatedAt)
 	if err != nil {
 		return Job{}, fmt.Errorf("queue erasure: %w", err)
 	}
@@ -229,13 +235,23 @@ func (s *Service) record(ctx context.Context, j Job, actor, action string, meta 
 	return s.audit.Record(ctx, audit.Entry{TenantID: j.TenantID, Actor: actor, Action: action, Target: j.ID.String(), Meta: meta})
 }
 
-const jobColumns = "id, tenant_id, kind, user_id, user_hash, status, step, rows_erased, attempts, error, created_at, started_at, finished_at"
+const jobColumns = "id, tenant_id, kind, user_id, user_bytes, user_hash, status, step, rows_erased, attempts, error, created_at, started_at, finished_at"
 
 func scanJob(row pgx.Row) (Job, error) {
 	var j Job
-	err := row.Scan(&j.ID, &j.TenantID, &j.Kind, &j.UserID, &j.userHash, &j.Status, &j.Step, &j.RowsErased, &j.Attempts, &j.Error,
+	var exact []byte
+	err := row.Scan(&j.ID, &j.TenantID, &j.Kind, &j.UserID, &exact, &j.userHash, &j.Status, &j.Step, &j.RowsErased, &j.Attempts, &j.Error,
 		&j.CreatedAt, &j.StartedAt, &j.FinishedAt)
+	j.UserID = exactUserID(j.UserID, exact)
 	return j, err
+}
+
+// exactUserID is a job's user id: user_bytes when set, else user_id (a job an older release queued).
+func exactUserID(text string, exact []byte) string {
+	if exact != nil {
+		return string(exact)
+	}
+	return text
 }
 
 // Get returns tenant's job id.
@@ -376,7 +392,7 @@ func (s *Service) run(ctx context.Context, j Job) error {
 	msg := excerpt.Of(err.Error(), 500)
 	if j.Attempts >= s.cfg.MaxAttempts {
 		if _, uerr := s.pg.Exec(wctx, `UPDATE erasure_jobs SET status = 'failed', error = $2, attempts = $3, user_id = '',
-			finished_at = now() WHERE id = $1`, j.ID, msg, j.Attempts); uerr != nil {
+			user_bytes = NULL, finished_at = now() WHERE id = $1`, j.ID, msg, j.Attempts); uerr != nil {
 			s.log.Warn("erasure job state not saved", "job", j.ID, "err", uerr)
 			return err
 		}
@@ -449,7 +465,7 @@ func (s *Service) steps(ctx context.Context, j *Job) error {
 			return err
 		}
 	}
-	if _, err := s.pg.Exec(ctx, `UPDATE erasure_jobs SET status = 'done', user_id = '', error = '', finished_at = now()
+	if _, err := s.pg.Exec(ctx, `UPDATE erasure_jobs SET status = 'done', user_id = '', user_bytes = NULL, error = '', finished_at = now()
 		WHERE id = $1`, j.ID); err != nil {
 		return fmt.Errorf("finish: %w", err)
 	}

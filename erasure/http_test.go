@@ -75,3 +75,39 @@ func TestHTTP(t *testing.T) {
 		t.Errorf("the other tenant after an offboarding: got %d events, want 2", n)
 	}
 }
+
+// A user id holding NUL bytes (events take it, sent as \u0000) is erased like any other, and one
+// that is not UTF-8 (no event can hold it) is a 400 naming the user id. Found by review: both were
+// a 503 with Retry-After — Postgres' text refused the bytes — so such a user could never be erased
+// and a client honouring Retry-After retried forever.
+func TestEraseAUserIDWithNULBytes(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	a := fixture.Tenant(t, f.env.PG, "acme")
+	admin, _ := fixture.Key(t, f.env.PG, a.ID, "a-admin", auth.ScopeAnalyticsAdmin)
+	f.env.Insert(t, "events", eventCols, rows(a.ID, "user\x00nul", 4)...)
+	f.env.Insert(t, "events", eventCols, rows(a.ID, "user", 2)...)
+	s := f.service(Config{})
+	app := api.NewApp(api.Config{}, nil)
+	authn := auth.NewAuthenticator(auth.NewKeys(f.env.PG), tenant.NewStore(f.env.PG), auth.JWTConfig{})
+	s.Register(app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsAdmin))
+	srv := fixture.Serve(t, app)
+
+	r := srv.Do(t, fixture.Request{Method: "DELETE", Path: "/api/analytics/users/user%00nul", Key: admin})
+	if r.Status != 202 || r.Data()["user_id"] != "user\x00nul" {
+		t.Fatalf("DELETE /users/user%%00nul: %d %s, want 202 queued for the id as sent", r.Status, r.Raw)
+	}
+	if ran, err := s.RunOne(context.Background()); !ran || err != nil {
+		t.Fatalf("RunOne: %v %v", ran, err)
+	}
+	if n := f.count(t, a.ID, "user\x00nul"); n != 0 {
+		t.Errorf("rows of the user with a NUL byte after the erasure: %d, want 0", n)
+	}
+	if n := f.count(t, a.ID, "user"); n != 2 {
+		t.Errorf("rows of \"user\": %d, want the 2 kept", n)
+	}
+	r = srv.Do(t, fixture.Request{Method: "DELETE", Path: "/api/analytics/users/bad%FFutf8", Key: admin})
+	if r.Status != 400 || !strings.Contains(r.Raw, "UTF-8") {
+		t.Errorf("DELETE /users/bad%%FFutf8: %d %s, want 400 saying the id must be UTF-8", r.Status, r.Raw)
+	}
+}
