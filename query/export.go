@@ -153,12 +153,13 @@ func appendCSVLine(b []byte, id uuid.UUID, ts time.Time, event, source, user str
 	b = append(b, ',')
 	b = ts.UTC().AppendFormat(b, time.RFC3339)
 	b = append(b, ',')
-	// event and source are names ingest checked ([a-z0-9_.-], starting with a letter): nothing in
-	// them needs quoting or neutralising. ip goes through appendCell like any text: an IPv6 zone
-	// ("fe80::1%eth0") is free text after the '%'.
-	b = append(b, event...)
+	// Every text cell goes through appendCell, event and source too: ingest's name rule holds for
+	// what ingest stored, but the importer keeps the guide's rows as they were (its event is TEXT),
+	// and a name like =HYPERLINK(...) or one holding a comma was written raw (found by review). ip
+	// likewise: an IPv6 zone ("fe80::1%eth0") is free text after the '%'.
+	b = appendCell(b, event)
 	b = append(b, ',')
-	b = append(b, source...)
+	b = appendCell(b, source)
 	b = append(b, ',')
 	b = appendCell(b, user)
 	b = append(b, ',')

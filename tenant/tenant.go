@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -31,10 +32,14 @@ var (
 	ErrBadTimeZone = errors.New("time zone must be an IANA zone name such as Europe/Berlin, Asia/Kolkata or UTC")
 )
 
-// LoadTimeZone validates an IANA zone name and returns its location. "Local" and "" are refused: they
-// name whatever zone the server happens to run in, not one the tenant chose.
+// LoadTimeZone validates an IANA zone name and returns its location. Only canonical-looking names
+// are taken (zoneName): "Local", "" and "localtime" name whatever zone the server happens to run in
+// (on Debian localtime is a link to /etc/localtime), not one the tenant chose; "right/..." zones
+// count leap seconds; paths ("./UTC", "Etc//UTC") and the tz database's internal files
+// ("posixrules") are no zone names (found by review: all of them loaded).
 func LoadTimeZone(name string) (*time.Location, error) {
-	if name == "" || name == "Local" || len(name) > 64 {
+	if len(name) > 64 || !zoneName.MatchString(name) || name == "Local" || name == "localtime" || name == "posixrules" ||
+		strings.HasPrefix(name, "right/") || strings.HasPrefix(name, "posix/") {
 		return nil, fmt.Errorf("%w: %q", ErrBadTimeZone, name)
 	}
 	loc, err := time.LoadLocation(name)
@@ -45,6 +50,11 @@ func LoadTimeZone(name string) (*time.Location, error) {
 }
 
 var slugRe = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+
+// zoneName is the shape of an IANA zone name: components of letters, digits, '_', '+' and '-', each
+// starting with a letter or digit, joined by single slashes (Europe/Berlin, Etc/GMT+12,
+// America/Argentina/Buenos_Aires, EST5EDT).
+var zoneName = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9][A-Za-z0-9_+-]*)*$`)
 
 // ValidSlug reports whether s is an acceptable tenant slug.
 func ValidSlug(s string) bool { return slugRe.MatchString(s) }
