@@ -53,17 +53,19 @@ func NewService(cfg Config, w *Writer, counter Counter, m *Metrics, log *slog.Lo
 		if w != nil {
 			// Rows counted live when accepted but found at ship time to be duplicates, or quarantined:
 			// their live counts are taken back.
-			w.sh.uncounted = func(tenant uuid.UUID, d, received time.Time, metric string, n int64) {
-				s.counts.add(map[countKey]map[string]int64{{tenant, d, received}: {metric: -n}})
-			}
 			// With claims, a row is counted by the claim that proves it new (at request time, or when
 			// shipped if that claim could not be made).
-			w.sh.eventMetrics = cfg.EventMetrics
-			w.sh.counted = func(tenant uuid.UUID, d time.Time, metric string, by, value int64) {
-				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-				defer cancel()
-				counter.Counted(ctx, tenant, d, metric, by, value)
-			}
+			w.sh.live.Store(&liveHooks{
+				uncounted: func(tenant uuid.UUID, d, received time.Time, metric string, n int64) {
+					s.counts.add(map[countKey]map[string]int64{{tenant, d, received}: {metric: -n}})
+				},
+				eventMetrics: cfg.EventMetrics,
+				counted: func(tenant uuid.UUID, d time.Time, metric string, by, value int64) {
+					ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+					defer cancel()
+					counter.Counted(ctx, tenant, d, metric, by, value)
+				},
+			})
 		}
 	}
 	return s

@@ -42,13 +42,10 @@ type shipper struct {
 	log     *slog.Logger
 	// quarantine is the spool's (nil in memory mode: refused rows are then retried forever).
 	quarantine func(spool.QuarantineInfo, [][]byte) (spool.QuarantineInfo, error)
-	// uncounted is told of rows the live counters counted that were not stored after all (a
-	// duplicate found at ship time, or quarantined): their counts are taken back.
-	uncounted func(tenant uuid.UUID, day, received time.Time, metric string, n int64)
-	// eventMetrics maps events to the daily metrics the live counters count them toward, and counted
-	// is told what a claim added (alerts); both set by the Service (nil: claims count nothing).
-	eventMetrics map[string]string
-	counted      func(tenant uuid.UUID, day time.Time, metric string, by, value int64)
+	// live is how shipping reaches the live counters, wired by NewService (nil: claims count
+	// nothing). Swapped whole: a Service wired while the writer runs (tests build several on one
+	// Writer) raced the claims reading the fields one by one.
+	live atomic.Pointer[liveHooks]
 
 	// lastSuccess is, per table (kind), when an insert last succeeded (unix nanoseconds): the
 	// evidence that ClickHouse takes that table's rows and refuses only particular ones.
@@ -437,10 +434,22 @@ func (sh *shipper) complete(ctx context.Context, kind Kind, tenant uuid.UUID, ep
 	return n == 0, nil
 }
 
+// liveHooks are the live counters' side of shipping.
+type liveHooks struct {
+	// uncounted is told of rows the live counters counted that were not stored after all (a
+	// duplicate found at ship time, or quarantined): their counts are taken back.
+	uncounted func(tenant uuid.UUID, day, received time.Time, metric string, n int64)
+	// eventMetrics maps events to the daily metrics the live counters count them toward, and counted
+	// is told what a claim added (alerts).
+	eventMetrics map[string]string
+	counted      func(tenant uuid.UUID, day time.Time, metric string, by, value int64)
+}
+
 // unit is what row i of b (of a kind) adds to the live counters when claimed at now: its metric, the
 // amount, its UTC day, when it was received. Only today and yesterday have live counters.
 func (sh *shipper) unit(kind Kind, b *batch, i int, now time.Time) (string, int64, time.Time, time.Time) {
-	if sh.eventMetrics == nil || b.uncounted {
+	live := sh.live.Load()
+	if live == nil || live.eventMetrics == nil || b.uncounted {
 		return "", 0, time.Time{}, time.Time{}
 	}
 	var metric string
@@ -448,7 +457,7 @@ func (sh *shipper) unit(kind Kind, b *batch, i int, now time.Time) (string, int6
 	var ts, received time.Time
 	if kind == KindEvent {
 		r := &b.events[i]
-		metric, n, ts, received = sh.eventMetrics[r.Event], 1, r.Ts, r.ReceivedAt
+		metric, n, ts, received = live.eventMetrics[r.Event], 1, r.Ts, r.ReceivedAt
 	} else {
 		in := &b.incs[i]
 		metric, n, ts, received = in.Metric, in.N, in.Ts, in.Ts
@@ -462,27 +471,29 @@ func (sh *shipper) unit(kind Kind, b *batch, i int, now time.Time) (string, int6
 
 // countedFor passes what a claim of tenant's rows added to the live counters on to the Service.
 func (sh *shipper) countedFor(tenant uuid.UUID) Counted {
-	if sh.counted == nil {
+	live := sh.live.Load()
+	if live == nil || live.counted == nil {
 		return nil
 	}
-	return func(d time.Time, metric string, by, value int64) { sh.counted(tenant, d, metric, by, value) }
+	return func(d time.Time, metric string, by, value int64) { live.counted(tenant, d, metric, by, value) }
 }
 
 // uncount takes a row's live count back: the counters counted it, but it is not stored.
 func (sh *shipper) uncount(kind Kind, it item) {
-	if sh.uncounted == nil {
+	live := sh.live.Load()
+	if live == nil || live.uncounted == nil {
 		return
 	}
 	metric, n := "", int64(1)
 	if kind == KindEvent {
-		metric = sh.eventMetrics[it.event().Event]
+		metric = live.eventMetrics[it.event().Event]
 	} else {
 		metric, n = it.increment().Metric, it.increment().N
 	}
 	if metric == "" {
 		return
 	}
-	sh.uncounted(it.tenant(kind), day(it.ts(kind)), it.received(kind), metric, n)
+	live.uncounted(it.tenant(kind), day(it.ts(kind)), it.received(kind), metric, n)
 }
 
 // withoutStored drops the rows of its (one kind, one day) that need a check and ClickHouse already has.
