@@ -688,17 +688,27 @@ func (s *Service) countTenant(ctx context.Context, tenant uuid.UUID) (int64, err
 
 // otherStores erases a tenant's rows outside ClickHouse: billed usage, levels, rollup runs, the
 // erasure ledger's counts and the alerts fired in Postgres, and (DeleteKeys) its Redis keys.
+// The Postgres rows go in one transaction: a level set while they go (its value and its owed alert
+// written together, quota.SetLevel) is then either erased whole or kept whole. One by one, a level
+// set between the deletes of usage_levels and quota_alerts kept its value and lost its alert (found
+// by review).
 func (s *Service) otherStores(ctx context.Context, j Job) error {
-	for _, q := range []string{
-		"DELETE FROM analytics_daily_usage WHERE tenant_id = $1",
-		"DELETE FROM usage_levels WHERE tenant_id = $1",
-		"DELETE FROM rollup_runs WHERE tenant_id = $1",
-		"DELETE FROM erased_usage WHERE tenant_id = $1",
-		"DELETE FROM quota_alerts WHERE tenant_id = $1",
-	} {
-		if _, err := s.pg.Exec(ctx, q, j.TenantID); err != nil {
-			return fmt.Errorf("erase postgres rows: %w", err)
+	err := pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
+		for _, q := range []string{
+			"DELETE FROM analytics_daily_usage WHERE tenant_id = $1",
+			"DELETE FROM quota_alerts WHERE tenant_id = $1",
+			"DELETE FROM usage_levels WHERE tenant_id = $1",
+			"DELETE FROM rollup_runs WHERE tenant_id = $1",
+			"DELETE FROM erased_usage WHERE tenant_id = $1",
+		} {
+			if _, err := tx.Exec(ctx, q, j.TenantID); err != nil {
+				return err
+			}
 		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("erase postgres rows: %w", err)
 	}
 	if s.cfg.DeleteKeys != nil {
 		if _, err := s.cfg.DeleteKeys(ctx, j.TenantID); err != nil {

@@ -11,10 +11,12 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 
 	"github.com/analyticsd/analyticsd/audit"
 	"github.com/analyticsd/analyticsd/ingest/spool"
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 	"github.com/analyticsd/analyticsd/schema"
 )
 
@@ -510,5 +512,80 @@ func TestQuarantineIsScrubbed(t *testing.T) {
 	}
 	if got := f.job(t, s, f.b, jt.ID); got.Status != StatusDone {
 		t.Errorf("tenant job: %+v", got)
+	}
+}
+
+// A level set while a tenant erasure deletes the Postgres rows is erased whole or kept whole: its
+// value and its owed alert (written together, as quota.SetLevel does) never part. The erasure is
+// held on a rollup_runs row the test locks, after its first deletes; the level is set meanwhile.
+// Before, the deletes ran one by one, and a level set between the delete of usage_levels and that
+// of quota_alerts kept its value and lost its alert (found by review).
+func TestALevelSetDuringATenantErasureKeepsItsAlert(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := context.Background()
+	tn := fixture.Tenant(t, f.env.PG, "acme")
+	setLevel := func(v float64) error { // quota.SetLevel's transaction, crossing 80 % of 100
+		return pgx.BeginFunc(ctx, f.env.PG, func(tx pgx.Tx) error {
+			var prev float64
+			if err := tx.QueryRow(ctx, "SELECT value FROM usage_levels WHERE tenant_id = $1 AND metric = 'storage_gb' FOR UPDATE", tn.ID).Scan(&prev); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+				return err
+			}
+			if _, err := tx.Exec(ctx, `INSERT INTO usage_levels (tenant_id, metric, value) VALUES ($1, 'storage_gb', $2)
+				ON CONFLICT (tenant_id, metric) DO UPDATE SET value = EXCLUDED.value`, tn.ID, v); err != nil {
+				return err
+			}
+			if prev < 80 && v >= 80 {
+				_, err := tx.Exec(ctx, `INSERT INTO quota_alerts (day, tenant_id, metric, threshold, claimed_at)
+					VALUES (current_date, $1, 'storage_gb', 80, '-infinity') ON CONFLICT DO NOTHING`, tn.ID)
+				return err
+			}
+			return nil
+		})
+	}
+	if err := setLevel(10); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.env.PG.Exec(ctx, "INSERT INTO rollup_runs (date, status, tenant_id) VALUES (current_date, 'ok', $1)", tn.ID); err != nil {
+		t.Fatal(err)
+	}
+	hold, err := f.env.PG.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hold.Rollback(ctx)
+	if _, err := hold.Exec(ctx, "SELECT 1 FROM rollup_runs WHERE tenant_id = $1 FOR UPDATE", tn.ID); err != nil {
+		t.Fatal(err)
+	}
+	s := f.service(Config{})
+	erased := make(chan error, 1)
+	go func() { erased <- s.otherStores(ctx, Job{TenantID: tn.ID, Kind: KindTenant}) }()
+	testenv.Eventually(t, 10*time.Second, func() error { // the erasure waits for the lock
+		var waiting int
+		f.env.PG.QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM rollup_runs%'").Scan(&waiting)
+		if waiting == 0 {
+			return errors.New("the erasure is not waiting on rollup_runs yet")
+		}
+		return nil
+	})
+	set := make(chan error, 1)
+	go func() { set <- setLevel(90) }()
+	time.Sleep(200 * time.Millisecond) // the level's transaction commits, or waits for the erasure's
+	if err := hold.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-erased; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-set; err != nil {
+		t.Fatal(err)
+	}
+	var values, owed int
+	if err := f.env.PG.QueryRow(ctx, `SELECT (SELECT count(*) FROM usage_levels WHERE tenant_id = $1),
+		(SELECT count(*) FROM quota_alerts WHERE tenant_id = $1)`, tn.ID).Scan(&values, &owed); err != nil {
+		t.Fatal(err)
+	}
+	if values != owed {
+		t.Errorf("after the erasure: %d level values and %d owed alerts; want both or neither", values, owed)
 	}
 }

@@ -131,14 +131,16 @@ func (s *Service) catchUpAlerts(ctx context.Context, d time.Time, counters map[u
 	}
 }
 
-// owedAlert writes a level's alert row unclaimed (a claim long stale), so that claimAlert takes it
-// and the catch-up finds it until it is recorded; nothing if the day's alert has a row already.
-const owedAlert = `INSERT INTO quota_alerts (day, tenant_id, metric, threshold, claimed_at)
-	VALUES ($1, $2, $3, $4, '-infinity') ON CONFLICT DO NOTHING`
+// owedAlert writes a level's alert row unclaimed (a claim long stale), with the crossing's value and
+// limit, so that claimAlert takes it and the catch-up finds it until it is recorded; nothing if the
+// day's alert has a row already.
+const owedAlert = `INSERT INTO quota_alerts (day, tenant_id, metric, threshold, claimed_at, level_value, level_limit)
+	VALUES ($1, $2, $3, $4, '-infinity', $5, $6) ON CONFLICT DO NOTHING`
 
 // catchUpLevelAlerts queues the level alerts of today and yesterday that are owed and unrecorded
-// (their row unclaimed, or its claim stale), with the level's value and limit now. A level whose
-// row was erased with its tenant has no value, and fires nothing.
+// (their row unclaimed, or its claim stale), with the value and limit they crossed (a later value,
+// back below the limit, would make a "quota.exceeded" read wrong: found by review). A level whose
+// row was erased with its tenant fires nothing.
 func (s *Service) catchUpLevelAlerts(ctx context.Context) {
 	if !s.cfg.Enabled || s.pg == nil {
 		return
@@ -152,7 +154,7 @@ func (s *Service) catchUpLevelAlerts(ctx context.Context) {
 	if len(levels) == 0 {
 		return
 	}
-	rows, err := s.pg.Query(ctx, `SELECT a.day, a.tenant_id, a.metric, a.threshold, l.value
+	rows, err := s.pg.Query(ctx, `SELECT a.day, a.tenant_id, a.metric, a.threshold, coalesce(a.level_value, l.value), a.level_limit
 		FROM quota_alerts a JOIN usage_levels l ON l.tenant_id = a.tenant_id AND l.metric = a.metric
 		WHERE a.day >= $1 AND a.metric = ANY($2) AND a.recorded_at IS NULL
 			AND a.claimed_at <= now() - make_interval(secs => $3)`,
@@ -165,10 +167,14 @@ func (s *Service) catchUpLevelAlerts(ctx context.Context) {
 	now := s.now().UTC()
 	for rows.Next() {
 		a := alert{at: now}
-		if err := rows.Scan(&a.day, &a.tenant, &a.metric, &a.pct, &a.cur); err != nil {
+		var limit *float64
+		if err := rows.Scan(&a.day, &a.tenant, &a.metric, &a.pct, &a.cur, &limit); err != nil {
 			rows.Close()
 			s.log.Warn("level alerts not caught up", "err", err)
 			return
+		}
+		if limit != nil {
+			a.limit = *limit
 		}
 		due = append(due, a)
 	}
@@ -177,11 +183,16 @@ func (s *Service) catchUpLevelAlerts(ctx context.Context) {
 		return
 	}
 	for _, a := range due {
-		limit, ok := s.limits.Of(ctx, a.tenant, a.metric)
-		if !ok || limit <= 0 || !s.alertDay(a.day) {
+		if !s.alertDay(a.day) {
 			continue
 		}
-		a.limit = limit
+		if a.limit <= 0 { // a row written before the crossing's limit was kept
+			limit, ok := s.limits.Of(ctx, a.tenant, a.metric)
+			if !ok || limit <= 0 {
+				continue
+			}
+			a.limit = limit
+		}
 		s.alerts.push(a, s.fire)
 	}
 }

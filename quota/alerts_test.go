@@ -487,7 +487,10 @@ func TestALevelAlertIsNotLost(t *testing.T) {
 	}
 
 	s.SetRecorder(refusingRecorder{})
-	for _, v := range []float64{50, 95, 120} { // down, up again (80 % fired today already), past 100 %
+	// Down, up again (80 % fired today already), past 100 % (its event refused), and down again
+	// before the catch-up: the alert must say what it crossed (120), not the level now (found by
+	// review: it said 50 of 100 for "quota.exceeded").
+	for _, v := range []float64{50, 95, 120, 60} {
 		if err := s.SetLevel(ctx, h.tenant.ID, "storage_gb", v); err != nil {
 			t.Fatal(err)
 		}
@@ -500,6 +503,11 @@ func TestALevelAlertIsNotLost(t *testing.T) {
 	reconcileAlerts(t, other)
 	if got, err := auditedAlerts(h); err != nil || got != "[storage_gb quota.exceeded storage_gb quota.warning]" {
 		t.Errorf("alerts after another instance's reconciliation: %v, %v; want each once", got, err)
+	}
+	var current, limit float64
+	if err := h.env.PG.QueryRow(ctx, `SELECT (meta->>'current')::float8, (meta->>'limit')::float8 FROM audit_log
+		WHERE tenant_id = $1 AND action = 'quota.exceeded'`, h.tenant.ID).Scan(&current, &limit); err != nil || current != 120 || limit != 100 {
+		t.Errorf("the caught-up alert says %v of %v (%v); want the crossing's 120 of 100", current, limit, err)
 	}
 	h.writer.Close(ctx)
 	if n, err := alertEvents(h); err != nil || n != 2 {

@@ -309,7 +309,7 @@ func (s *Service) SetLevel(ctx context.Context, tenant uuid.UUID, metric string,
 			if bound := limit * float64(pct) / 100; !(prev < bound && value >= bound) {
 				continue
 			}
-			tag, err := tx.Exec(ctx, owedAlert, day, tenant, metric, pct)
+			tag, err := tx.Exec(ctx, owedAlert, day, tenant, metric, pct, value, limit)
 			if err != nil {
 				return err
 			}

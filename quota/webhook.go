@@ -140,6 +140,15 @@ func (w *webhook) backoff(attempt int) time.Duration {
 	return min(d, w.cfg.MaxBackoff)
 }
 
+// span is the time the attempts take when each fails at once: the backoffs between them.
+func (w *webhook) span() time.Duration {
+	var d time.Duration
+	for a := 1; a < w.cfg.Attempts; a++ {
+		d += w.backoff(a)
+	}
+	return d
+}
+
 // run delivers due rows until ctx ends; deliveries in flight then finish (each within Timeout) and
 // their outcomes are recorded before it returns.
 func (w *webhook) run(ctx context.Context) {
@@ -168,8 +177,9 @@ type taken struct {
 	pct      int
 	body     string
 	lease    uuid.UUID
-	attempts int // posts with a recorded outcome before this one
-	leases   int // takes, this one included
+	attempts int           // posts with a recorded outcome before this one
+	leases   int           // takes, this one included
+	age      time.Duration // since the alert was recorded (Postgres' clock)
 }
 
 // deliverDue takes up to webhookBatch due rows, delivers them concurrently, records each outcome,
@@ -193,8 +203,11 @@ func (w *webhook) deliverDue(ctx context.Context) time.Duration {
 		go func() {
 			defer wg.Done()
 			// Takes that never recorded an outcome (instances that died holding the row, or takes
-			// whose answer was lost) are bounded too: a row taken that often is given up unposted.
-			if lost := r.leases - 1 - r.attempts; lost >= w.cfg.Attempts {
+			// whose answer was lost) are bounded too, like attempts in number and in time: a row taken
+			// that often, and recorded longer ago than the attempts' span, is given up unposted. (By
+			// number alone, a Postgres whose answers came late for 11 minutes — a lease each —
+			// abandoned healthy alerts: found by review.)
+			if lost := r.leases - 1 - r.attempts; lost >= w.cfg.Attempts && r.age >= w.span() {
 				w.settle(r, false, fmt.Errorf("taken %d times without an outcome", lost))
 				return
 			}
@@ -222,7 +235,8 @@ func (w *webhook) take() ([]taken, error) {
 		FROM (SELECT day, tenant_id, metric, threshold FROM quota_alerts
 			WHERE webhook_due_at <= now() AND webhook_body IS NOT NULL ORDER BY webhook_due_at LIMIT $2 FOR UPDATE SKIP LOCKED) due
 		WHERE q.day = due.day AND q.tenant_id = due.tenant_id AND q.metric = due.metric AND q.threshold = due.threshold
-		RETURNING q.day, q.tenant_id, q.metric, q.threshold, q.webhook_body, q.webhook_attempts, q.webhook_leases`,
+		RETURNING q.day, q.tenant_id, q.metric, q.threshold, q.webhook_body, q.webhook_attempts, q.webhook_leases,
+			extract(epoch FROM now() - q.recorded_at)::float8`,
 		w.lease().Seconds(), webhookBatch, lease)
 	if err != nil {
 		return nil, err
@@ -231,9 +245,11 @@ func (w *webhook) take() ([]taken, error) {
 	var out []taken
 	for rows.Next() {
 		r := taken{lease: lease}
-		if err := rows.Scan(&r.day, &r.tenant, &r.metric, &r.pct, &r.body, &r.attempts, &r.leases); err != nil {
+		var age float64
+		if err := rows.Scan(&r.day, &r.tenant, &r.metric, &r.pct, &r.body, &r.attempts, &r.leases, &age); err != nil {
 			return nil, err
 		}
+		r.age = time.Duration(age * float64(time.Second))
 		out = append(out, r)
 	}
 	return out, rows.Err()

@@ -2,15 +2,12 @@
 -- quota_alerts also stores the webhook's payload and makes it due, so that a delivery outlives a
 -- crash, a shutdown and a receiver that is down: any instance with QUOTA_ALERT_WEBHOOK_URL set takes
 -- due rows (FOR UPDATE SKIP LOCKED), marks them taken for a lease, posts them and records the outcome.
--- Every alert recorded gets its payload, whether or not the recording instance has the URL.
 -- Delivery is at least once; the payload's id is stable, for receivers to drop a repeat. Rows leave
 -- with their alert's (two days after its day), after the last retry.
 ALTER TABLE quota_alerts
     ADD COLUMN webhook_body      text,                      -- the JSON posted, fixed when the alert is recorded
     ADD COLUMN webhook_due_at    timestamptz,               -- next attempt, or the lease's end while one runs; NULL: nothing to send
-    ADD COLUMN webhook_attempts  int NOT NULL DEFAULT 0,    -- posts whose outcome was recorded
-    ADD COLUMN webhook_lease     uuid,                      -- the take holding the row; its outcome must name it
-    ADD COLUMN webhook_leases    int NOT NULL DEFAULT 0,    -- takes so far, with or without an outcome
+    ADD COLUMN webhook_attempts  int NOT NULL DEFAULT 0,    -- attempts taken so far (a taken lease counts)
     ADD COLUMN webhook_outcome   text,                      -- 'delivered' or 'abandoned' (every attempt failed)
     ADD COLUMN webhook_done_at   timestamptz;
 
