@@ -3,7 +3,6 @@
 package chaos
 
 import (
-	"encoding/json"
 	"io"
 	"net/http"
 	"regexp"
@@ -12,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 )
 
 // An instance whose clock is further from Redis' than exactly-once allows (instances within 5 s of
@@ -25,20 +25,6 @@ func TestAClockOffRedisIsAWarning(t *testing.T) {
 	bin := build(t, "testclock")
 	right := newSystem(t, bin, nil)
 	off := right.sibling(t, map[string]string{"ANALYTICS_TEST_CLOCK_OFFSET": "-8s"})
-	readiness := func(s *system) (int, []string) {
-		resp, err := http.Get(s.ops + "/readiness")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		var r struct {
-			Warnings []string `json:"warnings"`
-		}
-		if err := json.NewDecoder(resp.Body).Decode(&r); err != nil {
-			t.Fatal(err)
-		}
-		return resp.StatusCode, r.Warnings
-	}
 	gauge := regexp.MustCompile(`(?m)^sbh_analytics_clock_offset_seconds (\S+)$`)
 	offset := func(s *system) float64 {
 		resp, err := http.Get(s.ops + "/metrics")
@@ -54,13 +40,13 @@ func TestAClockOffRedisIsAWarning(t *testing.T) {
 		v, _ := strconv.ParseFloat(string(m[1]), 64)
 		return v
 	}
-	if code, w := readiness(off); code != 200 || len(w) != 1 || !strings.Contains(w[0], "clock is -") || !strings.Contains(w[0], "NTP") {
+	if code, w := fixture.Readiness(t, off.ops); code != 200 || len(w) != 1 || !strings.Contains(w[0], "clock is -") || !strings.Contains(w[0], "NTP") {
 		t.Errorf("an instance 8 s behind: /readiness %d, warnings %q; want 200 and a warning naming the offset (the gauge checks its size)", code, w)
 	}
 	if v := offset(off); v > -7.5 || v < -8.5 {
 		t.Errorf("an instance 8 s behind: offset %v s in /metrics, want about -8", v)
 	}
-	if code, w := readiness(right); code != 200 || len(w) != 0 {
+	if code, w := fixture.Readiness(t, right.ops); code != 200 || len(w) != 0 {
 		t.Errorf("an instance on time: /readiness %d, warnings %q; want 200 and none", code, w)
 	}
 	if v := offset(right); v > 0.5 || v < -0.5 {

@@ -23,10 +23,7 @@ func TestHTTP(t *testing.T) {
 	otherAdmin, _ := fixture.Key(t, f.env.PG, b.ID, "b-admin", auth.ScopeAnalyticsAdmin)
 	f.env.Insert(t, "events", eventCols, rows(a.ID, "user/1 é", 3)...)
 	s := f.service(Config{})
-	app := api.NewApp(api.Config{}, nil)
-	authn := auth.NewAuthenticator(auth.NewKeys(f.env.PG), tenant.NewStore(f.env.PG), auth.JWTConfig{})
-	s.Register(app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsAdmin))
-	srv := fixture.Serve(t, app)
+	srv := serveErasures(t, f, s)
 	del := func(key, path string) fixture.Response {
 		return srv.Do(t, fixture.Request{Method: "DELETE", Path: path, Key: key})
 	}
@@ -88,10 +85,7 @@ func TestEraseAUserIDWithNULBytes(t *testing.T) {
 	f.env.Insert(t, "events", eventCols, rows(a.ID, "user\x00nul", 4)...)
 	f.env.Insert(t, "events", eventCols, rows(a.ID, "user", 2)...)
 	s := f.service(Config{})
-	app := api.NewApp(api.Config{}, nil)
-	authn := auth.NewAuthenticator(auth.NewKeys(f.env.PG), tenant.NewStore(f.env.PG), auth.JWTConfig{})
-	s.Register(app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsAdmin))
-	srv := fixture.Serve(t, app)
+	srv := serveErasures(t, f, s)
 
 	r := srv.Do(t, fixture.Request{Method: "DELETE", Path: "/api/analytics/users/user%00nul", Key: admin})
 	if r.Status != 202 || r.Data()["user_id"] != "user\x00nul" {
@@ -110,4 +104,12 @@ func TestEraseAUserIDWithNULBytes(t *testing.T) {
 	if r.Status != 400 || !strings.Contains(r.Raw, "UTF-8") {
 		t.Errorf("DELETE /users/bad%%FFutf8: %d %s, want 400 saying the id must be UTF-8", r.Status, r.Raw)
 	}
+}
+
+// serveErasures serves s's routes as serve mounts them, behind API keys with analytics:admin.
+func serveErasures(t *testing.T, f *stores, s *Service) *fixture.Server {
+	app := api.NewApp(api.Config{}, nil)
+	authn := auth.NewAuthenticator(auth.NewKeys(f.env.PG), tenant.NewStore(f.env.PG), auth.JWTConfig{})
+	s.Register(app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsAdmin))
+	return fixture.Serve(t, app)
 }

@@ -247,6 +247,19 @@ func TestWebhookBackoff(t *testing.T) {
 	}
 }
 
+// deadTakes takes the harness tenant's one due row n times, as instances that die before posting
+// would, each lease ending at once.
+func deadTakes(t *testing.T, h *harness, cfg WebhookConfig, n int) {
+	t.Helper()
+	for range n {
+		dead := newWebhook(cfg, h.env.PG, slog.New(slog.DiscardHandler), nil)
+		if rows, err := dead.take(); err != nil || len(rows) != 1 {
+			t.Fatalf("take: %v, %v", rows, err)
+		}
+		expireLeases(t, h)
+	}
+}
+
 // expireLeases ends every lease of the harness tenant's rows now, as 40 s passing would.
 func expireLeases(t *testing.T, h *harness) {
 	t.Helper()
@@ -296,13 +309,7 @@ func TestTakesThatDieDoNotSpendTheAttempts(t *testing.T) {
 	cfg := Config{Enabled: true, Thresholds: []int{100}, Webhook: WebhookConfig{URL: rcv.srv.URL, Attempts: 3, Backoff: 10 * time.Millisecond, Poll: 10 * time.Millisecond}}
 	s := h.service(t, cfg, map[string]float64{"builds_daily": 1}, nil)
 	oneAlert(t, h, s)
-	for range 2 {
-		dead := newWebhook(cfg.Webhook, h.env.PG, slog.New(slog.DiscardHandler), nil)
-		if rows, err := dead.take(); err != nil || len(rows) != 1 {
-			t.Fatalf("take: %v, %v", rows, err)
-		}
-		expireLeases(t, h)
-	}
+	deadTakes(t, h, cfg.Webhook, 2)
 	h.runWebhooks(t, s)
 	testenv.Eventually(t, 10*time.Second, func() error {
 		if _, o := webhookRow(t, h); o == nil {
@@ -323,13 +330,7 @@ func TestTakesThatDieDoNotSpendTheAttempts(t *testing.T) {
 	cfg.Webhook.URL = rcv2.srv.URL
 	s2 := h2.service(t, cfg, map[string]float64{"builds_daily": 1}, nil)
 	oneAlert(t, h2, s2)
-	for range 3 {
-		dead := newWebhook(cfg.Webhook, h2.env.PG, slog.New(slog.DiscardHandler), nil)
-		if rows, err := dead.take(); err != nil || len(rows) != 1 {
-			t.Fatalf("take: %v, %v", rows, err)
-		}
-		expireLeases(t, h2)
-	}
+	deadTakes(t, h2, cfg.Webhook, 3)
 	// Recorded longer ago than the attempts' span (30 ms here), as a row that kept killing its
 	// takers would be by then.
 	if _, err := h2.env.PG.Exec(context.Background(), "UPDATE quota_alerts SET recorded_at = recorded_at - interval '1 hour' WHERE tenant_id = $1", h2.tenant.ID); err != nil {
@@ -355,13 +356,7 @@ func TestTakesThatDieDoNotSpendTheAttempts(t *testing.T) {
 	cfg.Webhook.URL, cfg.Webhook.Backoff = rcv3.srv.URL, time.Hour
 	s3 := h3.service(t, cfg, map[string]float64{"builds_daily": 1}, nil)
 	oneAlert(t, h3, s3)
-	for range 3 {
-		dead := newWebhook(cfg.Webhook, h3.env.PG, slog.New(slog.DiscardHandler), nil)
-		if rows, err := dead.take(); err != nil || len(rows) != 1 {
-			t.Fatalf("take: %v, %v", rows, err)
-		}
-		expireLeases(t, h3)
-	}
+	deadTakes(t, h3, cfg.Webhook, 3)
 	h3.runWebhooks(t, s3)
 	testenv.Eventually(t, 10*time.Second, func() error {
 		if _, o := webhookRow(t, h3); o == nil || *o != "delivered" {

@@ -149,22 +149,14 @@ func TestQuarantineSeenAndRequeued(t *testing.T) {
 	}
 	var warnings []string
 	testenv.Eventually(t, 30*time.Second, func() error {
-		resp, err := http.Get(p.ops + "/readiness")
-		if err != nil {
-			t.Fatal(err)
-		}
-		var r struct {
-			Warnings []string `json:"warnings"`
-		}
-		json.NewDecoder(resp.Body).Decode(&r)
-		resp.Body.Close()
-		if len(r.Warnings) == 0 {
+		code, w := fixture.Readiness(t, p.ops)
+		if len(w) == 0 {
 			return fmt.Errorf("no quarantine warning in /readiness; stderr:\n%s", p.stderr)
 		}
-		if resp.StatusCode != 200 {
-			t.Errorf("readiness with rows in quarantine: %d, want 200 (a warning, not a failure)", resp.StatusCode)
+		if code != 200 {
+			t.Errorf("readiness with rows in quarantine: %d, want 200 (a warning, not a failure)", code)
 		}
-		warnings = r.Warnings
+		warnings = w
 		return nil
 	})
 	if !strings.Contains(warnings[0], "1 rows") || countEvents(t, e, tn) != 2 {

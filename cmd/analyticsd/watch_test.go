@@ -3,13 +3,12 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"log/slog"
-	"net/http"
 	"strings"
 	"testing"
 
 	"github.com/analyticsd/analyticsd/internal/testenv"
+	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 )
 
 // A watch keeps the latest answer's warning, logs it once when it appears (not at every check,
@@ -47,18 +46,8 @@ func TestServeOnAnEvictingRedisWarnsInReadiness(t *testing.T) {
 	getenv := stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_METRICS_ADDR": freeAddr(t),
 		"ANALYTICS_SPOOL_DIR": t.TempDir(), "REDIS_URL": "redis://" + addr, "REDIS_CLUSTER": ""})
 	p := startServer(t, getenv, serveVars)
-	resp, err := http.Get(p.ops + "/readiness")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var r struct {
-		Warnings []string `json:"warnings"`
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&r); err != nil {
-		t.Fatal(err)
-	}
-	if resp.StatusCode != 200 || len(r.Warnings) != 1 || !strings.Contains(r.Warnings[0], "maxmemory-policy is volatile-lru") {
-		t.Errorf("readiness %d, warnings %q; want 200 and the eviction policy's warning", resp.StatusCode, r.Warnings)
+	code, warnings := fixture.Readiness(t, p.ops)
+	if code != 200 || len(warnings) != 1 || !strings.Contains(warnings[0], "maxmemory-policy is volatile-lru") {
+		t.Errorf("readiness %d, warnings %q; want 200 and the eviction policy's warning", code, warnings)
 	}
 }
