@@ -40,13 +40,20 @@ type Authenticator struct {
 	Tenants  TenantFinder
 	FreshFor time.Duration
 	StaleFor time.Duration
-	now      func() time.Time
-	jwt      *jwtVerifier
+	// MaxCached bounds each cache (verified keys, refused tokens, tenants by slug; default 100,000):
+	// one that reaches it is emptied.
+	MaxCached int
+	now       func() time.Time
+	jwt       *jwtVerifier
 
-	mu     sync.Mutex
-	cache  map[[32]byte]cached
-	bySlug map[string]cachedTenant
-	uses   map[uuid.UUID]*keyUse // keys verified here, for RecordUsage
+	mu    sync.Mutex
+	cache map[[32]byte]cached // keys verified
+	// refused holds definitive refusals apart from cache: anyone can send tokens that are refused,
+	// and when both shared one bound, a flood of made-up keys emptied it, verified keys with it —
+	// and with them the stale answers that carry a Postgres outage (found by review).
+	refused map[[32]byte]cached
+	bySlug  map[string]cachedTenant
+	uses    map[uuid.UUID]*keyUse // keys verified here, for RecordUsage
 }
 
 // keyUse is when a key was last used, kept in memory: a request only moves an atomic (at most once a
@@ -82,8 +89,8 @@ type cached struct {
 // NewAuthenticator returns an Authenticator over keys and tenants, accepting host-app JWTs too
 // when jwtCfg enables them.
 func NewAuthenticator(keys *Keys, tenants TenantFinder, jwtCfg JWTConfig) *Authenticator {
-	a := &Authenticator{Keys: keys, Tenants: tenants, FreshFor: 5 * time.Second, StaleFor: time.Hour, now: time.Now,
-		cache: map[[32]byte]cached{}, bySlug: map[string]cachedTenant{}, uses: map[uuid.UUID]*keyUse{}}
+	a := &Authenticator{Keys: keys, Tenants: tenants, FreshFor: 5 * time.Second, StaleFor: time.Hour, MaxCached: 100_000, now: time.Now,
+		cache: map[[32]byte]cached{}, refused: map[[32]byte]cached{}, bySlug: map[string]cachedTenant{}, uses: map[uuid.UUID]*keyUse{}}
 	if jwtCfg.Enabled() {
 		a.jwt = newJWTVerifier(jwtCfg)
 	}
@@ -108,7 +115,7 @@ func (a *Authenticator) tenantBySlug(ctx context.Context, slug string) (tenant.T
 		return t, err
 	}
 	a.mu.Lock()
-	if len(a.bySlug) >= maxCached {
+	if len(a.bySlug) >= a.MaxCached {
 		clear(a.bySlug)
 	}
 	a.bySlug[slug] = cachedTenant{t: t, at: now, err: err}
@@ -116,14 +123,15 @@ func (a *Authenticator) tenantBySlug(ctx context.Context, slug string) (tenant.T
 	return t, err
 }
 
-const maxCached = 100_000
-
 // verify returns the key record and its tenant's slug, from the cache when fresh.
 func (a *Authenticator) verify(ctx context.Context, token string) (Key, string, error) {
 	h := sha256.Sum256([]byte(token))
 	now := a.now()
 	a.mu.Lock()
 	c, hit := a.cache[h]
+	if !hit {
+		c, hit = a.refused[h]
+	}
 	a.mu.Unlock()
 	if hit && now.Sub(c.verified) < a.FreshFor {
 		return c.answer(now)
@@ -147,21 +155,30 @@ func (a *Authenticator) verify(ctx context.Context, token string) (Key, string, 
 	}
 	c = cached{key: key, slug: slug, verified: now, err: err}
 	a.mu.Lock()
-	if len(a.cache) >= maxCached {
-		clear(a.cache)
-	}
 	if err == nil {
 		if c.use = a.uses[key.ID]; c.use == nil {
-			if len(a.uses) >= maxCached {
+			if len(a.uses) >= a.MaxCached {
 				clear(a.uses)
 			}
 			c.use = &keyUse{}
 			a.uses[key.ID] = c.use
 		}
+		remember(a.cache, h, c, a.MaxCached)
+		delete(a.refused, h)
+	} else {
+		remember(a.refused, h, c, a.MaxCached)
+		delete(a.cache, h) // revoked, expired, its tenant gone or disabled
 	}
-	a.cache[h] = c
 	a.mu.Unlock()
 	return c.answer(now)
+}
+
+// remember caches c under h, emptying m first when it holds max entries.
+func remember(m map[[32]byte]cached, h [32]byte, c cached, max int) {
+	if len(m) >= max {
+		clear(m)
+	}
+	m[h] = c
 }
 
 // answer is the cached verification as of now: a key that expired since is refused at its expiry,

@@ -236,3 +236,26 @@ func TestRotatedKeyExpiresAfterOverlap(t *testing.T) {
 }
 
 func discardLog() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+// Made-up keys cannot push verified ones out of the cache: after a flood of well-formed keys that
+// are refused, a key verified before still works from the cache through a registry outage. Before,
+// refusals and verifications shared one bound, the flood emptied it, and the key got 503 (found by
+// review: 100,000 random keys, which anyone can send, did that).
+func TestAFloodOfRefusedKeysKeepsVerifiedOnesCached(t *testing.T) {
+	f := newAuthFixture(t)
+	f.authn.MaxCached = 10
+	if code, msg := f.status(t, f.key); code != 200 {
+		t.Fatalf("before: got %d %s, want 200", code, msg)
+	}
+	for i := range 30 {
+		made := fmt.Sprintf("ak_%012x_%s", i, strings.Repeat("A", 43))
+		if code, _ := f.status(t, made); code != 401 {
+			t.Fatalf("made-up key %d: got %d, want 401", i, code)
+		}
+	}
+	f.reg.down.Store(true)
+	time.Sleep(60 * time.Millisecond) // past FreshFor: the stale cache is what answers
+	if code, msg := f.status(t, f.key); code != 200 {
+		t.Errorf("verified key during an outage after a flood of refused keys: got %d %q, want 200 from the cache", code, msg)
+	}
+}
