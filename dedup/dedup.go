@@ -817,41 +817,53 @@ func infoField(info, name string) string {
 
 // EvictionRisk reports a Redis configured to evict keys under memory pressure, and the keys it has
 // evicted since it started: an evicted claim lets a duplicate through unnoticed (nothing else shows
-// the loss). On a Redis Cluster every master is asked. It returns "" when the policy is safe or
-// cannot be read (managed Redis services often refuse CONFIG). serve asks at start-up and every
+// the loss). On a Redis Cluster every master is asked. The risk is "" when the policy is safe or
+// CONFIG is refused (managed Redis services often refuse it: an answer); ok is false when Redis (or
+// one master) did not answer at all, and nothing can be said. serve asks at start-up and every
 // 30 s (a policy can be changed at run time), and reports it in /readiness.
-func (s *Store) EvictionRisk(ctx context.Context) string {
-	if c, ok := s.rdb.(*redis.ClusterClient); ok {
+func (s *Store) EvictionRisk(ctx context.Context) (risk string, ok bool) {
+	if c, isCluster := s.rdb.(*redis.ClusterClient); isCluster {
 		var mu sync.Mutex
 		var risks []string
-		_ = c.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error {
-			if r := evictionRisk(ctx, m); r != "" {
+		err := c.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error {
+			r, ok := evictionRisk(ctx, m)
+			if !ok {
+				return fmt.Errorf("%s did not answer", m.Options().Addr)
+			}
+			if r != "" {
 				mu.Lock()
 				risks = append(risks, m.Options().Addr+": "+r)
 				mu.Unlock()
 			}
 			return nil
 		})
+		if err != nil {
+			return "", false
+		}
 		slices.Sort(risks)
-		return strings.Join(risks, "; ")
+		return strings.Join(risks, "; "), true
 	}
 	return evictionRisk(ctx, s.rdb)
 }
 
-func evictionRisk(ctx context.Context, c redis.Cmdable) string {
+func evictionRisk(ctx context.Context, c redis.Cmdable) (string, bool) {
 	res, err := c.ConfigGet(ctx, "maxmemory-policy").Result()
-	if err != nil {
-		return ""
+	var refused redis.Error
+	switch {
+	case errors.As(err, &refused):
+		return "", true // an error reply (CONFIG renamed or not permitted): the policy cannot be read
+	case err != nil:
+		return "", false // no answer: the last one stands
 	}
 	p := res["maxmemory-policy"]
 	if p == "" || p == "noeviction" {
-		return ""
+		return "", true
 	}
 	msg := "redis maxmemory-policy is " + p + ": under memory pressure it may evict dedup claims and let duplicates through; set it to noeviction"
 	if n := infoField(c.Info(ctx, "stats").Val(), "evicted_keys"); n != "" && n != "0" {
 		msg += " (it has evicted " + n + " keys since it started)"
 	}
-	return msg
+	return msg, true
 }
 
 // toInt64 is an integer the claim script answered.

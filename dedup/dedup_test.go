@@ -1008,20 +1008,33 @@ func TestEvictionRiskNamesThePolicyAndTheEvictions(t *testing.T) {
 	rdb, _ := testenv.PrivateRedis(t, "--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru")
 	s := NewStore(rdb, "", time.Hour, nil)
 	ctx := context.Background()
-	if r := s.EvictionRisk(ctx); !strings.Contains(r, "maxmemory-policy is allkeys-lru") || strings.Contains(r, "evicted") {
-		t.Errorf("before any eviction: %q", r)
+	if r, ok := s.EvictionRisk(ctx); !ok || !strings.Contains(r, "maxmemory-policy is allkeys-lru") || strings.Contains(r, "evicted") {
+		t.Errorf("before any eviction: %q, %v", r, ok)
 	}
 	big := strings.Repeat("x", 64<<10)
 	for i := range 200 { // 12.5 MiB into 2 MiB
 		rdb.Set(ctx, fmt.Sprintf("filler:%d", i), big, 0)
 	}
-	if r := s.EvictionRisk(ctx); !strings.Contains(r, "it has evicted") {
+	if r, _ := s.EvictionRisk(ctx); !strings.Contains(r, "it has evicted") {
 		t.Errorf("after evictions: %q, want their count", r)
 	}
 	if err := rdb.ConfigSet(ctx, "maxmemory-policy", "noeviction").Err(); err != nil {
 		t.Fatal(err)
 	}
-	if r := s.EvictionRisk(ctx); r != "" {
-		t.Errorf("with noeviction: %q, want none", r)
+	if r, ok := s.EvictionRisk(ctx); r != "" || !ok {
+		t.Errorf("with noeviction: %q, %v; want none", r, ok)
+	}
+	// A Redis that does not answer says nothing (the last answer stands); before, it was "no risk",
+	// and serve logged the warning cleared at every outage (found by review).
+	if err := rdb.ConfigSet(ctx, "maxmemory-policy", "allkeys-lru").Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.Do(ctx, "CLIENT", "PAUSE", "8000", "ALL").Err(); err != nil {
+		t.Fatal(err)
+	}
+	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel()
+	if r, ok := s.EvictionRisk(short); ok {
+		t.Errorf("with Redis paused: %q, ok; want no answer", r)
 	}
 }

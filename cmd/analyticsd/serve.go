@@ -111,7 +111,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		open.push("idempotency liveness", func(context.Context) error { stopAlive(); <-alive; return nil })
 		// Exactly-once needs a Redis that never evicts claims; it may be reconfigured at run time.
 		evictions = &watch{name: "redis eviction policy", log: log.With("component", "dedup"),
-			check: func(ctx context.Context) (string, bool) { return store.EvictionRisk(ctx), true }}
+			check: store.EvictionRisk}
 	}
 	cfg.Writer.Owner = "analyticsd serve on " + cfg.Addr
 	writer, err := ingest.NewWriter(cfg.Writer, ch, cfg.ClickHouseDB, claims, ingestMetrics, log.With("component", "ingest"))
