@@ -4,6 +4,8 @@ package audit
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"strings"
@@ -12,6 +14,16 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
+
+// UserHash is how the audit log names a user, the log outliving a user's erasure: hex SHA-256 of
+// tenant, NUL, user id. Entries carry it, never the user id (an erasure's, an export's filter).
+func UserHash(tenant uuid.UUID, user string) string {
+	h := sha256.New()
+	h.Write(tenant[:])
+	h.Write([]byte{0})
+	h.Write([]byte(user))
+	return hex.EncodeToString(h.Sum(nil))
+}
 
 // Entry is one audited action. TenantID is uuid.Nil for actions not tied to one tenant.
 type Entry struct {

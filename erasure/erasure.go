@@ -29,6 +29,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -172,15 +173,6 @@ func New(cfg Config, ch driver.Conn, pg *pgxpool.Pool, auditLog *audit.Log, log 
 	return &Service{cfg: cfg, ch: ch, pg: pg, audit: auditLog, log: logger.Or(log)}
 }
 
-// UserHash is what stays of a user id once its erasure is done: hex SHA-256 of tenant, NUL, user.
-func UserHash(tenant uuid.UUID, user string) string {
-	h := sha256.New()
-	h.Write(tenant[:])
-	h.Write([]byte{0})
-	h.Write([]byte(user))
-	return hex.EncodeToString(h.Sum(nil))
-}
-
 // UserDigest is hex SHA-256 of the user id alone: what ClickHouse compares SHA256(user_id) with, so
 // that no statement sent to ClickHouse carries the id itself.
 func UserDigest(user string) string {
@@ -193,7 +185,7 @@ func (s *Service) EraseUser(ctx context.Context, tenant uuid.UUID, user, actor s
 	if user == "" || len(user) > 255 || !utf8.ValidString(user) {
 		return Job{}, ErrBadUserID
 	}
-	return s.submit(ctx, Job{TenantID: tenant, Kind: KindUser, UserID: user, userHash: UserHash(tenant, user)}, actor)
+	return s.submit(ctx, Job{TenantID: tenant, Kind: KindUser, UserID: user, userHash: audit.UserHash(tenant, user)}, actor)
 }
 
 // EraseTenant queues the erasure of all of tenant's events, increments and aggregates. The caller
@@ -210,7 +202,7 @@ func (s *Service) submit(ctx context.Context, j Job, actor string) (Job, error) 
 	}
 	err := s.pg.QueryRow(ctx, `INSERT INTO erasure_jobs (id, tenant_id, kind, user_id, user_bytes, user_hash, status, actor)
 		VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7) RETURNING created_at`,
-		j.ID, j.TenantID, j.Kind, strings.ReplaceAll(j.UserID, "\x00", "\uFFFD"), exact, j.userHash, actor).Scan(&j.CreatedAt)
+		j.ID, j.TenantID, j.Kind, shownUserID(j.UserID), exact, j.userHash, actor).Scan(&j.CreatedAt)
 	if err != nil {
 		return Job{}, fmt.Errorf("queue erasure: %w", err)
 	}
@@ -244,6 +236,18 @@ func scanJob(row pgx.Row) (Job, error) {
 		&j.CreatedAt, &j.StartedAt, &j.FinishedAt)
 	j.UserID = exactUserID(j.UserID, exact)
 	return j, err
+}
+
+// shownUserID is what user_id (text, which cannot hold NUL) keeps of user: the id itself, or for
+// an id with NUL bytes its quoted form padded past 255 bytes. A release before 0012 reads only
+// user_id, and no event's user_id is that long, so such a release running the job erases nothing
+// (never the events of another id, as "user\uFFFDnul" for "user\x00nul" would be) and cannot
+// finish it (0014): this release does.
+func shownUserID(user string) string {
+	if !strings.Contains(user, "\x00") {
+		return user
+	}
+	return fmt.Sprintf("%-256s", strconv.Quote(user))
 }
 
 // exactUserID is a job's user id: user_bytes when set, else user_id (a job an older release queued).

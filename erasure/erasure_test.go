@@ -125,7 +125,7 @@ func TestEraseUserLeavesOthersAndCanRunAgain(t *testing.T) {
 	// The audit log names the job and the user's hash, never the user id.
 	var actions []string
 	rs, err := f.env.PG.Query(ctx, "SELECT action FROM audit_log WHERE target = $1 AND meta->>'user_hash' = $2 AND meta::text NOT LIKE '%alice%' ORDER BY id",
-		j.ID.String(), UserHash(f.a, "alice"))
+		j.ID.String(), audit.UserHash(f.a, "alice"))
 	if err != nil {
 		t.Fatal(err)
 	}

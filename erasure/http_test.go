@@ -113,3 +113,46 @@ func serveErasures(t *testing.T, f *stores, s *Service) *fixture.Server {
 	s.Register(app.Group("/api/analytics"), authn.Require(auth.ScopeAnalyticsAdmin))
 	return fixture.Serve(t, app)
 }
+
+// A release before 0012, still running during a rolling upgrade, reads only user_id. For an id with
+// NUL bytes that must neither erase another user's events nor end the job with the id kept:
+// user_id shows the id past 255 bytes (no event's user_id is that long), the previous release's
+// finishing statement is refused, and this release then erases the user. Found by review: the
+// previous release read "user\uFFFDnul" — another user id, whose events it would erase — and its
+// "done" left the id in user_bytes for good.
+func TestANULUserIDJobIsSafeFromThePreviousRelease(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := context.Background()
+	f.env.Insert(t, "events", eventCols, rows(f.a, "user\x00nul", 4)...)
+	f.env.Insert(t, "events", eventCols, rows(f.a, "user\ufffdnul", 3)...)
+	s := f.service(Config{})
+	j, err := s.EraseUser(ctx, f.a, "user\x00nul", "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var shown string
+	if err := f.env.PG.QueryRow(ctx, "SELECT user_id FROM erasure_jobs WHERE id = $1", j.ID).Scan(&shown); err != nil {
+		t.Fatal(err)
+	}
+	if len(shown) <= 255 {
+		t.Errorf("user_id %q (%d bytes): the previous release would erase the events of that id; want it past 255 bytes", shown, len(shown))
+	}
+	// The previous release's finishing statement, verbatim (6372ea6^).
+	if _, err := f.env.PG.Exec(ctx, `UPDATE erasure_jobs SET status = 'done', user_id = '', error = '', finished_at = now()
+		WHERE id = $1`, j.ID); err == nil {
+		t.Error("the previous release marked the job done with the id's bytes kept")
+	}
+	if ran, err := s.RunOne(ctx); !ran || err != nil {
+		t.Fatalf("RunOne: %v %v", ran, err)
+	}
+	if got := f.job(t, s, f.a, j.ID); got.Status != StatusDone || got.UserID != "" || got.RowsErased != 4 {
+		t.Errorf("job: %+v, want done with 4 rows and the id blanked", got)
+	}
+	if n := f.count(t, f.a, "user\x00nul"); n != 0 {
+		t.Errorf("rows of the user with a NUL byte: %d, want 0", n)
+	}
+	if n := f.count(t, f.a, "user\ufffdnul"); n != 3 {
+		t.Errorf("rows of user\\ufffdnul, another user: %d, want the 3 kept", n)
+	}
+}

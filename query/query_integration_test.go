@@ -941,3 +941,21 @@ func TestExportCSVNeutralisesImportedNames(t *testing.T) {
 		t.Errorf("event %q, source %q: want each neutralised with a leading '", ev, src)
 	}
 }
+
+// An export filtered by user_id is audited with the user's hash, never the id: the audit log
+// outlives the user's erasure. Found by review: the filter was kept in plain text.
+func TestExportAuditNamesTheUserByHash(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, 100)
+	r := h.get(t, h.keys["a-read"], "", "/api/analytics/export.csv?user_id=alice%40example.com")
+	if r.Status != 200 {
+		t.Fatalf("export: %d %s", r.Status, r.Raw)
+	}
+	var meta string
+	if err := h.env.PG.QueryRow(context.Background(), "SELECT meta::text FROM audit_log WHERE tenant_id = $1 AND action = 'export.csv'", h.a.ID).Scan(&meta); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(meta, "alice") || !strings.Contains(meta, audit.UserHash(h.a.ID, "alice@example.com")) {
+		t.Errorf("the export's audit entry %s: want the user's hash and not the id", meta)
+	}
+}
