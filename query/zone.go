@@ -166,6 +166,18 @@ func (z Zone) onSlots(windows [][2]time.Time) bool {
 	return true
 }
 
+// storedZoneName reads a zone name a tenant was given before tenant.LoadTimeZone took only
+// canonical names: "posix/Europe/Berlin" is Europe/Berlin, and "right/Europe/Berlin" is too, its
+// leap seconds aside (civil time, which reads are in, counts none).
+func storedZoneName(name string) string {
+	for _, p := range []string{"posix/", "right/"} {
+		if rest, ok := strings.CutPrefix(name, p); ok {
+			return rest
+		}
+	}
+	return name
+}
+
 // ZoneLookup finds a tenant's configured time zone (*tenant.Store).
 type ZoneLookup interface {
 	TimeZone(ctx context.Context, id uuid.UUID) (string, error)
@@ -182,6 +194,7 @@ type zoneCache struct {
 type cachedZone struct {
 	zone Zone
 	at   time.Time
+	ok   bool // false: the stored name is no zone this build reads (UTC stands in)
 }
 
 const zoneTTL = 10 * time.Second
@@ -196,21 +209,22 @@ func (c *zoneCache) get(ctx context.Context, id uuid.UUID) (Zone, bool) {
 	z, hit := c.m[id]
 	c.mu.Unlock()
 	if hit && time.Since(z.at) < zoneTTL {
-		return z.zone, true
+		return z.zone, z.ok
 	}
 	name, err := c.lookup.TimeZone(ctx, id)
 	if err != nil {
 		return z.zone, false
 	}
-	zone, err := ParseZone(name)
-	if err != nil {
-		return UTC, false // a zone this build's tzdata lacks: UTC until fixed
+	zone, err := ParseZone(storedZoneName(name))
+	ok := err == nil
+	if !ok {
+		zone = UTC // a zone this build's tzdata lacks: UTC until fixed, cached like any answer
 	}
 	c.mu.Lock()
 	if c.m == nil {
 		c.m = map[uuid.UUID]cachedZone{}
 	}
-	c.m[id] = cachedZone{zone, time.Now()}
+	c.m[id] = cachedZone{zone, time.Now(), ok}
 	c.mu.Unlock()
-	return zone, true
+	return zone, ok
 }

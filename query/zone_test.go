@@ -1,9 +1,12 @@
 package query
 
 import (
+	"context"
 	"reflect"
 	"testing"
 	"time"
+
+	"github.com/google/uuid"
 )
 
 func mustZone(t *testing.T, name string) Zone {
@@ -176,5 +179,39 @@ func TestOnSlots(t *testing.T) {
 		if got := z.onSlots(z.windows(date(c.first), date(c.last))); got != c.want {
 			t.Errorf("%s %s..%s: got %v, want %v", c.zone, c.first, c.last, got, c.want)
 		}
+	}
+}
+
+// countingLookup answers a tenant's stored zone name and counts the lookups.
+type countingLookup struct {
+	name  string
+	calls int
+}
+
+func (l *countingLookup) TimeZone(context.Context, uuid.UUID) (string, error) {
+	l.calls++
+	return l.name, nil
+}
+
+// Zones stored before names had to be canonical still read: posix/ and right/ as the zone they
+// name; a name that reads as no zone (localtime) falls back to UTC, says so, and is cached like any
+// answer. Found by review: such tenants read in UTC, and every read asked Postgres again.
+func TestZoneCacheReadsNamesStoredBefore(t *testing.T) {
+	for stored, want := range map[string]string{"posix/Europe/Berlin": "Europe/Berlin", "right/Asia/Tokyo": "Asia/Tokyo", "Europe/Berlin": "Europe/Berlin"} {
+		c := &zoneCache{lookup: &countingLookup{name: stored}}
+		if z, ok := c.get(context.Background(), uuid.New()); !ok || z.Name() != want {
+			t.Errorf("stored %q: read in %s (ok %v), want %s", stored, z.Name(), ok, want)
+		}
+	}
+	l := &countingLookup{name: "localtime"}
+	c := &zoneCache{lookup: l}
+	id := uuid.New()
+	for range 3 {
+		if z, ok := c.get(context.Background(), id); ok || z.Name() != "UTC" {
+			t.Errorf("stored localtime: read in %s (ok %v), want UTC and not ok", z.Name(), ok)
+		}
+	}
+	if l.calls != 1 {
+		t.Errorf("%d lookups for three reads within the cache's TTL, want 1", l.calls)
 	}
 }
