@@ -348,17 +348,15 @@ func (s *Service) fire(a alert) {
 		}
 	}
 	entry := audit.Entry{TenantID: a.tenant, Actor: "quota", Action: kind, Target: a.metric, Meta: props}
-	// The webhook's payload, due once the alert is recorded: stored whether or not this instance
-	// has the URL, for the instances that do (a fleet part-way through setting it).
 	var hook []byte
 	if s.pg != nil {
+		// The webhook's payload, due once the alert is recorded: stored whether or not this
+		// instance has the URL, for the instances that do (a fleet part-way through setting it).
 		var err error
 		if hook, err = json.Marshal(alertPayload{ID: a.id().String(), Type: kind, TenantID: a.tenant.String(), Tenant: slug, Metric: a.metric,
 			Current: a.cur, Limit: a.limit, ThresholdPercent: a.pct, Day: day, At: a.at.Format(time.RFC3339)}); err != nil {
 			s.log.Error("quota alert webhook payload not built", "metric", a.metric, "err", err)
 		}
-	}
-	if s.pg != nil {
 		ctx, cancel := step()
 		recorded, err := s.recordAlert(ctx, a, token, entry, hook)
 		cancel()

@@ -123,8 +123,8 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	cfg.Quota.AnalyticsDisabled = !cfg.Ingest.Enabled
 	quotaSvc := quota.NewService(cfg.Quota, counters, quota.NewLimits(cfg.QuotaDefaults, tenants, 10*time.Second),
 		ch, cfg.ClickHouseDB, pg, auditLog, reg, log.With("component", "quota"))
-	// Alert webhooks are delivered from Postgres' outbox until the alerts are recorded (the closer
-	// below runs first); what is not delivered by then waits there for any instance.
+	// Alert webhooks go out from Postgres' outbox; at shutdown the loop stops after the closer below
+	// has recorded the queued alerts, and what is not delivered by then waits for any instance.
 	hctx, stopHooks := context.WithCancel(context.WithoutCancel(ctx))
 	hooked := make(chan struct{})
 	go func() { defer close(hooked); quotaSvc.RunWebhooks(hctx) }()
