@@ -196,8 +196,11 @@ func (s *Service) EraseTenant(ctx context.Context, tenant uuid.UUID, actor strin
 
 func (s *Service) submit(ctx context.Context, j Job, actor string) (Job, error) {
 	j.ID, j.Status = uuid.New(), StatusQueued
-	var exact []byte // the user id as it is; user_id cannot hold NUL (0012_erasure_user_bytes.sql)
-	if j.Kind == KindUser {
+	// An id with NUL bytes is kept as it is in user_bytes (user_id cannot hold NUL: 0012). Only such
+	// ids: for every other one the row is what releases before 0012 read and can finish (0014
+	// refuses to end a job that holds bytes), so a rolling upgrade changes nothing for them.
+	var exact []byte
+	if j.Kind == KindUser && strings.Contains(j.UserID, "\x00") {
 		exact = []byte(j.UserID)
 	}
 	err := s.pg.QueryRow(ctx, `INSERT INTO erasure_jobs (id, tenant_id, kind, user_id, user_bytes, user_hash, status, actor)

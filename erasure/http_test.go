@@ -156,3 +156,22 @@ func TestANULUserIDJobIsSafeFromThePreviousRelease(t *testing.T) {
 		t.Errorf("rows of user\\ufffdnul, another user: %d, want the 3 kept", n)
 	}
 }
+
+// Only an id with NUL bytes keeps them apart: any other job's row is what a release before 0012
+// reads and can finish, so a rolling upgrade changes nothing for it (the check on ended jobs would
+// have refused its "done" and left the job to this release).
+func TestAnOrdinaryUserIDJobIsFinishedByThePreviousRelease(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := context.Background()
+	s := f.service(Config{})
+	j, err := s.EraseUser(ctx, f.a, "alice", "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The previous release's finishing statement, verbatim (6372ea6^).
+	if _, err := f.env.PG.Exec(ctx, `UPDATE erasure_jobs SET status = 'done', user_id = '', error = '', finished_at = now()
+		WHERE id = $1`, j.ID); err != nil {
+		t.Errorf("the previous release could not finish an ordinary job: %v", err)
+	}
+}
