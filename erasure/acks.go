@@ -24,8 +24,8 @@ import (
 
 // beat registers this instance, or renews its heartbeat.
 func (s *Service) beat(ctx context.Context) error {
-	if _, err := s.pg.Exec(ctx, `INSERT INTO erasure_instances (id) VALUES ($1)
-		ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()`, s.cfg.Instance); err != nil {
+	if _, err := s.pg.Exec(ctx, `INSERT INTO erasure_instances (id, exact_user_ids) VALUES ($1, true)
+		ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), exact_user_ids = true`, s.cfg.Instance); err != nil {
 		return fmt.Errorf("register erasure instance %s: %w", s.cfg.Instance, err)
 	}
 	return nil

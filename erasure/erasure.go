@@ -66,6 +66,9 @@ var (
 	ErrNotFound = errors.New("erasure job not found")
 	// ErrBadUserID: the user id is empty, longer than 255 bytes or not UTF-8: no event can hold it.
 	ErrBadUserID = errors.New("user id must be 1 to 255 bytes of UTF-8 text (what an event's user_id can hold)")
+	// ErrOlderInstances: the user id holds NUL bytes, and an instance of a release that cannot erase
+	// such an id is live (0015_erasure_instances_exact_ids.sql).
+	ErrOlderInstances = errors.New("an instance of an older release is running, which cannot erase a user id with NUL bytes; erase it once every instance runs this release")
 )
 
 // Job is one erasure request and how far it got.
@@ -74,6 +77,7 @@ type Job struct {
 	TenantID   uuid.UUID  `json:"tenant_id"`
 	Kind       string     `json:"kind"`
 	UserID     string     `json:"user_id,omitempty"` // blanked once done or failed
+	exact      bool       // UserID came from user_bytes: it holds NUL bytes
 	Status     string     `json:"status"`
 	Step       string     `json:"step,omitempty"`
 	RowsErased int64      `json:"rows_erased"`
@@ -185,6 +189,20 @@ func (s *Service) EraseUser(ctx context.Context, tenant uuid.UUID, user, actor s
 	if user == "" || len(user) > 255 || !utf8.ValidString(user) {
 		return Job{}, ErrBadUserID
 	}
+	if strings.Contains(user, "\x00") {
+		var older []string
+		rows, err := s.pg.Query(ctx, `SELECT id FROM erasure_instances
+			WHERE NOT exact_user_ids AND heartbeat_at > now() - make_interval(secs => $1) ORDER BY id`, s.cfg.Stale.Seconds())
+		if err != nil {
+			return Job{}, fmt.Errorf("read the instance register: %w", err)
+		}
+		if older, err = pgx.CollectRows(rows, pgx.RowTo[string]); err != nil {
+			return Job{}, fmt.Errorf("read the instance register: %w", err)
+		}
+		if len(older) > 0 {
+			return Job{}, fmt.Errorf("%w (%s)", ErrOlderInstances, strings.Join(older, ", "))
+		}
+	}
 	return s.submit(ctx, Job{TenantID: tenant, Kind: KindUser, UserID: user, userHash: audit.UserHash(tenant, user)}, actor)
 }
 
@@ -237,7 +255,7 @@ func scanJob(row pgx.Row) (Job, error) {
 	var exact []byte
 	err := row.Scan(&j.ID, &j.TenantID, &j.Kind, &j.UserID, &exact, &j.userHash, &j.Status, &j.Step, &j.RowsErased, &j.Attempts, &j.Error,
 		&j.CreatedAt, &j.StartedAt, &j.FinishedAt)
-	j.UserID = exactUserID(j.UserID, exact)
+	j.UserID, j.exact = exactUserID(j.UserID, exact), exact != nil
 	return j, err
 }
 
@@ -452,7 +470,11 @@ func (s *Service) steps(ctx context.Context, j *Job) error {
 			return err
 		}
 	}
-	if stepOrder[j.Step] < stepOrder[stepDeleted] {
+	// A job for an id with NUL bytes runs its delete whatever step it shows: an instance of an
+	// older release (started after the job was queued: a rollback) may have saved "clickhouse"
+	// after deleting nothing, the id it reads being user_id's padded form (found by review). The
+	// delete is idempotent.
+	if stepOrder[j.Step] < stepOrder[stepDeleted] || j.exact {
 		if j.Kind == KindUser {
 			if err := s.eraseUserRows(ctx, j); err != nil {
 				return err

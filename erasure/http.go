@@ -78,6 +78,8 @@ func httpError(err error) error {
 		return api.NotFound("erasure_not_found", "no erasure job has that id")
 	case errors.Is(err, ErrBadUserID):
 		return api.BadRequest("invalid_user_id", err.Error())
+	case errors.Is(err, ErrOlderInstances):
+		return api.Conflict("instances_not_upgraded", err.Error(), 60)
 	}
 	return api.Unavailable("storage_unavailable", "the erasure could not be stored; retry shortly", 5, err)
 }
