@@ -848,12 +848,11 @@ func (s *Store) EvictionRisk(ctx context.Context) (risk string, ok bool) {
 
 func evictionRisk(ctx context.Context, c redis.Cmdable) (string, bool) {
 	res, err := c.ConfigGet(ctx, "maxmemory-policy").Result()
-	var refused redis.Error
 	switch {
-	case errors.As(err, &refused):
-		return "", true // an error reply (CONFIG renamed or not permitted): the policy cannot be read
+	case configRefused(err):
+		return "", true // CONFIG renamed away or not permitted: the policy cannot be read
 	case err != nil:
-		return "", false // no answer: the last one stands
+		return "", false // no answer (BUSY, a refused password, a timeout...): the last one stands
 	}
 	p := res["maxmemory-policy"]
 	if p == "" || p == "noeviction" {
@@ -864,6 +863,18 @@ func evictionRisk(ctx context.Context, c redis.Cmdable) (string, bool) {
 		msg += " (it has evicted " + n + " keys since it started)"
 	}
 	return msg, true
+}
+
+// configRefused says err is Redis refusing CONFIG itself for good (renamed, or denied by ACL), an
+// answer about what can be known; any other error reply — BUSY, LOADING, WRONGPASS, CLUSTERDOWN — is
+// none (a review saw BUSY and WRONGPASS read as "no risk").
+func configRefused(err error) bool {
+	var reply redis.Error
+	if !errors.As(err, &reply) {
+		return false
+	}
+	msg := err.Error()
+	return strings.HasPrefix(msg, "NOPERM") || strings.Contains(msg, "unknown command") || strings.Contains(msg, "unknown subcommand")
 }
 
 // toInt64 is an integer the claim script answered.

@@ -1038,3 +1038,35 @@ func TestEvictionRiskNamesThePolicyAndTheEvictions(t *testing.T) {
 		t.Errorf("with Redis paused: %q, ok; want no answer", r)
 	}
 }
+
+// Only CONFIG refused for good is an answer ("" and ok): renamed away, or denied by ACL. A Redis busy
+// with a script (BUSY) or refusing the client's password (WRONGPASS) says nothing about the policy.
+// Found by review: any error reply read as "no risk", and the warning cleared.
+func TestEvictionRiskTellsRefusalsFromNoAnswer(t *testing.T) {
+	ctx := context.Background()
+	renamed, _ := testenv.PrivateRedis(t, "--rename-command", "CONFIG", "")
+	if r, ok := NewStore(renamed, "", time.Hour, nil).EvictionRisk(ctx); r != "" || !ok {
+		t.Errorf("CONFIG renamed away: %q %v, want no risk, an answer", r, ok)
+	}
+	admin, addr := testenv.PrivateRedis(t, "--maxmemory-policy", "allkeys-lru", "--busy-reply-threshold", "100")
+	if err := admin.Do(ctx, "ACL", "SETUSER", "app", "on", ">pw", "~*", "+@all", "-config").Err(); err != nil {
+		t.Fatal(err)
+	}
+	denied := redis.NewClient(&redis.Options{Addr: addr, Username: "app", Password: "pw"})
+	defer denied.Close()
+	if r, ok := NewStore(denied, "", time.Hour, nil).EvictionRisk(ctx); r != "" || !ok {
+		t.Errorf("CONFIG denied by ACL: %q %v, want no risk, an answer", r, ok)
+	}
+	wrong := redis.NewClient(&redis.Options{Addr: addr, Username: "app", Password: "rotated"})
+	defer wrong.Close()
+	if r, ok := NewStore(wrong, "", time.Hour, nil).EvictionRisk(ctx); ok {
+		t.Errorf("a refused password: %q, ok; want no answer", r)
+	}
+	busy := redis.NewClient(&redis.Options{Addr: addr, ReadTimeout: -1})
+	defer busy.Close()
+	go busy.Eval(ctx, "local t = redis.call('TIME') while true do local n = redis.call('TIME') if tonumber(n[1]) - tonumber(t[1]) > 2 then break end end return 1", nil)
+	time.Sleep(400 * time.Millisecond)
+	if r, ok := NewStore(admin, "", time.Hour, nil).EvictionRisk(ctx); ok {
+		t.Errorf("a Redis busy with a script: %q, ok; want no answer", r)
+	}
+}
