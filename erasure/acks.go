@@ -129,7 +129,11 @@ func (s *Service) ack(ctx context.Context, j Job) error {
 }
 
 // waitAcks acknowledges j for this instance, then waits (at most AckWait) until every live instance
-// has, and returns the rows their scrubs removed.
+// has, and returns the rows their scrubs removed. For an id with NUL bytes (j.exact), a live
+// instance of a release that reads ids as text counts as not acknowledged, whatever it recorded: it
+// scrubbed its quarantine by the padded user_id, which matches nothing (found by review: an older
+// pod restarted mid-rollout, after the request passed EraseUser's check, let the job end with the
+// user's quarantined rows on its disk). The attempt then fails after AckWait and is retried.
 func (s *Service) waitAcks(ctx context.Context, j Job) (int64, error) {
 	if err := s.ack(ctx, j); err != nil {
 		return 0, err
@@ -139,8 +143,9 @@ func (s *Service) waitAcks(ctx context.Context, j Job) (int64, error) {
 		var missing []string
 		rows, err := s.pg.Query(ctx, `SELECT i.id FROM erasure_instances i
 			WHERE i.heartbeat_at > now() - make_interval(secs => $2)
-			AND NOT EXISTS (SELECT 1 FROM erasure_acks a WHERE a.job_id = $1 AND a.instance = i.id) ORDER BY i.id`,
-			j.ID, s.cfg.Stale.Seconds())
+			AND (($3 AND NOT i.exact_user_ids)
+				OR NOT EXISTS (SELECT 1 FROM erasure_acks a WHERE a.job_id = $1 AND a.instance = i.id)) ORDER BY i.id`,
+			j.ID, s.cfg.Stale.Seconds(), j.exact)
 		if err == nil {
 			missing, err = pgx.CollectRows(rows, pgx.RowTo[string])
 		}

@@ -238,3 +238,30 @@ func TestANULUserIDJobTakenOverAfterAnOlderAttemptIsErased(t *testing.T) {
 		t.Errorf("job %s with %d of the user's rows left, want done with none", got.Status, n)
 	}
 }
+
+// An older instance that starts after a NUL-id erasure was accepted (a pod restarted mid-rollout)
+// and acknowledges it has scrubbed nothing (it reads the padded user_id): the job does not pass its
+// acknowledgements while that instance is live. Found by review: it ended done, the user's rows left
+// in that instance's quarantine, to be stored again by a requeue.
+func TestAnOlderInstanceAcknowledgingANULUserIDJobHoldsItBack(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := context.Background()
+	s := f.service(Config{Stale: 5 * time.Second, AckWait: 300 * time.Millisecond})
+	j, err := s.EraseUser(ctx, f.a, "u\x00y", "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.env.PG.Exec(ctx, "INSERT INTO erasure_instances (id) VALUES ('old-restarted')"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.env.PG.Exec(ctx, "INSERT INTO erasure_acks (job_id, instance, scrubbed) VALUES ($1, 'old-restarted', 0)", j.ID); err != nil {
+		t.Fatal(err)
+	}
+	if ran, err := s.RunOne(ctx); !ran || err == nil || !strings.Contains(err.Error(), "old-restarted") {
+		t.Errorf("RunOne with the older instance live: %v, %v; want the attempt failed waiting for it", ran, err)
+	}
+	if got := f.job(t, s, f.a, j.ID); got.Status == StatusDone {
+		t.Errorf("job done while an older instance, which scrubbed nothing, is live")
+	}
+}
