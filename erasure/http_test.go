@@ -138,9 +138,7 @@ func TestANULUserIDJobIsSafeFromThePreviousRelease(t *testing.T) {
 	if len(shown) <= 255 {
 		t.Errorf("user_id %q (%d bytes): the previous release would erase the events of that id; want it past 255 bytes", shown, len(shown))
 	}
-	// The previous release's finishing statement, verbatim (6372ea6^).
-	if _, err := f.env.PG.Exec(ctx, `UPDATE erasure_jobs SET status = 'done', user_id = '', error = '', finished_at = now()
-		WHERE id = $1`, j.ID); err == nil {
+	if _, err := f.env.PG.Exec(ctx, previousReleaseDone, j.ID); err == nil {
 		t.Error("the previous release marked the job done with the id's bytes kept")
 	}
 	if ran, err := s.RunOne(ctx); !ran || err != nil {
@@ -169,9 +167,7 @@ func TestAnOrdinaryUserIDJobIsFinishedByThePreviousRelease(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The previous release's finishing statement, verbatim (6372ea6^).
-	if _, err := f.env.PG.Exec(ctx, `UPDATE erasure_jobs SET status = 'done', user_id = '', error = '', finished_at = now()
-		WHERE id = $1`, j.ID); err != nil {
+	if _, err := f.env.PG.Exec(ctx, previousReleaseDone, j.ID); err != nil {
 		t.Errorf("the previous release could not finish an ordinary job: %v", err)
 	}
 }
@@ -265,3 +261,7 @@ func TestAnOlderInstanceAcknowledgingANULUserIDJobHoldsItBack(t *testing.T) {
 		t.Errorf("job done while an older instance, which scrubbed nothing, is live")
 	}
 }
+
+// previousReleaseDone is the statement by which the release before 0012 finished a job, verbatim
+// (6372ea6^): it blanks user_id and knows nothing of user_bytes.
+const previousReleaseDone = `UPDATE erasure_jobs SET status = 'done', user_id = '', error = '', finished_at = now() WHERE id = $1`

@@ -293,7 +293,6 @@ func (s *Service) SetLevel(ctx context.Context, tenant uuid.UUID, metric string,
 	day := s.today()
 	var owed []int
 	err := pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
-		owed = owed[:0]
 		var prev float64
 		if err := tx.QueryRow(ctx, "SELECT value FROM usage_levels WHERE tenant_id = $1 AND metric = $2 FOR UPDATE", tenant, metric).Scan(&prev); err != nil && !errors.Is(err, pgx.ErrNoRows) {
 			return err

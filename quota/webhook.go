@@ -107,7 +107,7 @@ func newWebhook(cfg WebhookConfig, pg *pgxpool.Pool, log *slog.Logger, outcomes 
 		cfg.MaxBackoff = time.Hour
 	}
 	if cfg.Timeout <= 0 {
-		cfg.Timeout = 5 * time.Second
+		cfg.Timeout = DefaultConfig().Webhook.Timeout
 	}
 	if cfg.Poll <= 0 {
 		cfg.Poll = 5 * time.Second

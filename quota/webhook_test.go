@@ -196,9 +196,7 @@ func TestAWebhookIsAbandonedAfterItsAttempts(t *testing.T) {
 	cfg := Config{Enabled: true, Thresholds: []int{100}, Webhook: WebhookConfig{URL: rcv.srv.URL, Attempts: 3, Backoff: 100 * time.Millisecond, Poll: 10 * time.Millisecond}}
 	s := h.service(t, cfg, map[string]float64{"builds_daily": 1}, nil)
 	h.runWebhooks(t, s)
-	if res, err := s.Consume(context.Background(), h.tenant.ID, "builds_daily", 1); err != nil || !res.Allowed {
-		t.Fatalf("consume: %+v, %v", res, err)
-	}
+	oneAlert(t, h, s)
 	start := time.Now()
 	var outcome *string
 	testenv.Eventually(t, 10*time.Second, func() error {
