@@ -21,8 +21,10 @@ var rawRequest = regexp.MustCompile(`\.Request\(\)\.|\.Context\(\)\.(QueryArgs|P
 // export's Link header is built from a copy of the query arguments (fasthttp.Args.CopyTo); Stream
 // reads only whether the request is HTTP/1.1 (a bool); segment reads its body (twice: the writeKey,
 // then the messages) into fresh values — json.Unmarshal copies, a single call's body is cloned —
-// and writes the rest: the translated body, Authorization, Content-Type, Content-Encoding.
+// and writes the rest: the translated body, Authorization, Content-Type, Content-Encoding;
+// ClientAddr converts each X-Forwarded-For header with string(...) and keeps only a netip.Addr.
 var rawAllowed = map[string]int{
+	"api/clientaddr.go":    1,
 	"api/params.go":        1,
 	"api/stream.go":        1,
 	"ingest/http.go":       8,

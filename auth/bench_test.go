@@ -2,11 +2,13 @@ package auth
 
 import (
 	"context"
+	"fmt"
 	"testing"
 
 	"github.com/gofiber/fiber/v2"
 	"github.com/valyala/fasthttp"
 
+	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 	"github.com/analyticsd/analyticsd/tenant"
 )
@@ -60,4 +62,36 @@ func BenchmarkRequireAPIKey(b *testing.B) {
 			}
 		})
 	})
+}
+
+// BenchmarkMadeUpKeys measures what a client sending a new made-up key with every request costs: a
+// Postgres lookup each without the per-address bound ("unbounded"), a 429 from memory once the
+// address's bucket is empty ("bounded").
+func BenchmarkMadeUpKeys(b *testing.B) {
+	env := testenv.Migrated(b)
+	for _, bc := range []struct {
+		name string
+		lim  RefusalLimit
+	}{{"unbounded", RefusalLimit{}}, {"bounded", RefusalLimit{PerMinute: 1, Burst: 1}}} {
+		b.Run(bc.name, func(b *testing.B) {
+			a := NewAuthenticator(NewKeys(env.PG), tenant.NewStore(env.PG), JWTConfig{})
+			a.Refusals = bc.lim
+			app := api.NewApp(api.Config{}, nil)
+			app.Get("/e", a.Require(ScopeAnalyticsRead), func(c *fiber.Ctx) error { return c.SendStatus(fiber.StatusOK) })
+			h := app.Handler()
+			var fc fasthttp.RequestCtx
+			fc.Request.Header.SetMethod("GET")
+			fc.Request.SetRequestURI("/e")
+			var n uint64
+			b.ReportAllocs()
+			for b.Loop() {
+				n++
+				fc.Request.Header.Set("Authorization", fmt.Sprintf("Bearer ak_%012x_%043d", n, n))
+				h(&fc)
+			}
+			if code := fc.Response.StatusCode(); code != fiber.StatusUnauthorized && code != fiber.StatusTooManyRequests {
+				b.Fatalf("status %d", code)
+			}
+		})
+	}
 }

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -43,8 +45,13 @@ type Authenticator struct {
 	// MaxCached bounds each cache (verified keys, refused tokens, tenants by slug; default 100,000):
 	// one that reaches it is emptied.
 	MaxCached int
-	now       func() time.Time
-	jwt       *jwtVerifier
+	// Refusals bounds the refused credentials each client address may have looked up (see
+	// RefusalLimit); the zero value does not limit. Proxies say whose X-Forwarded-For names the
+	// client (api.ClientAddr).
+	Refusals RefusalLimit
+	Proxies  api.Proxies
+	now      func() time.Time
+	jwt      *jwtVerifier
 
 	mu    sync.Mutex
 	cache map[[32]byte]cached // keys verified
@@ -54,6 +61,7 @@ type Authenticator struct {
 	refused map[[32]byte]cached
 	bySlug  map[string]cachedTenant
 	uses    map[uuid.UUID]*keyUse // keys verified here, for RecordUsage
+	lookups map[netip.Prefix]*refusalBucket
 }
 
 // keyUse is when a key was last used, kept in memory: a request only moves an atomic (at most once a
@@ -90,7 +98,8 @@ type cached struct {
 // when jwtCfg enables them.
 func NewAuthenticator(keys *Keys, tenants TenantFinder, jwtCfg JWTConfig) *Authenticator {
 	a := &Authenticator{Keys: keys, Tenants: tenants, FreshFor: 5 * time.Second, StaleFor: time.Hour, MaxCached: 100_000, now: time.Now,
-		cache: map[[32]byte]cached{}, refused: map[[32]byte]cached{}, bySlug: map[string]cachedTenant{}, uses: map[uuid.UUID]*keyUse{}}
+		cache: map[[32]byte]cached{}, refused: map[[32]byte]cached{}, bySlug: map[string]cachedTenant{}, uses: map[uuid.UUID]*keyUse{},
+		lookups: map[netip.Prefix]*refusalBucket{}}
 	if jwtCfg.Enabled() {
 		a.jwt = newJWTVerifier(jwtCfg)
 	}
@@ -123,19 +132,31 @@ func (a *Authenticator) tenantBySlug(ctx context.Context, slug string) (tenant.T
 	return t, err
 }
 
-// verify returns the key record and its tenant's slug, from the cache when fresh.
-func (a *Authenticator) verify(ctx context.Context, token string) (Key, string, error) {
+// verify returns the key record and its tenant's slug, from the cache when fresh. from is the
+// client's address, whose lookups of credentials not verified before the Refusals limit bounds.
+func (a *Authenticator) verify(ctx context.Context, token string, from netip.Addr) (Key, string, error) {
 	h := sha256.Sum256([]byte(token))
 	now := a.now()
 	a.mu.Lock()
 	c, hit := a.cache[h]
+	known := hit
 	if !hit {
 		c, hit = a.refused[h]
 	}
-	a.mu.Unlock()
 	if hit && now.Sub(c.verified) < a.FreshFor {
+		a.mu.Unlock()
 		return c.answer(now)
 	}
+	charged := !known && a.Refusals.PerMinute > 0
+	var bucket netip.Prefix
+	if charged {
+		bucket = addrKey(from)
+		if ok, wait := a.takeLookup(bucket, now); !ok {
+			a.mu.Unlock()
+			return Key{}, "", errRefusalsLimited{wait: wait}
+		}
+	}
+	a.mu.Unlock()
 	key, err := a.Keys.Verify(ctx, token)
 	var slug string
 	if err == nil {
@@ -147,6 +168,11 @@ func (a *Authenticator) verify(ctx context.Context, token string) (Key, string, 
 		}
 	}
 	if err != nil && !definitive(err) {
+		if charged {
+			a.mu.Lock()
+			a.giveBack(bucket)
+			a.mu.Unlock()
+		}
 		// The registry is unreachable: fall back to a recent verification.
 		if hit && c.err == nil && now.Sub(c.verified) < a.StaleFor {
 			return c.answer(now)
@@ -155,6 +181,9 @@ func (a *Authenticator) verify(ctx context.Context, token string) (Key, string, 
 	}
 	c = cached{key: key, slug: slug, verified: now, err: err}
 	a.mu.Lock()
+	if charged && err == nil {
+		a.giveBack(bucket)
+	}
 	if err == nil {
 		if c.use = a.uses[key.ID]; c.use == nil {
 			if len(a.uses) >= a.MaxCached {
@@ -286,7 +315,7 @@ func (a *Authenticator) Require(scope Scope, then ...fiber.Handler) fiber.Handle
 		var scopes []Scope
 		var err error
 		if LooksLikeKey(token) || a.jwt == nil {
-			p, scopes, err = a.fromKey(c.UserContext(), token)
+			p, scopes, err = a.fromKey(c.UserContext(), token, api.ClientAddr(c, a.Proxies))
 		} else {
 			p, scopes, err = a.fromJWT(c.UserContext(), token)
 		}
@@ -317,12 +346,20 @@ func tenantDisabled(slug string) error {
 	return api.Forbidden("tenant_disabled", "tenant "+strconv.Quote(slug)+" is disabled; its credentials are refused until an operator enables it")
 }
 
-func (a *Authenticator) fromKey(ctx context.Context, token string) (api.Principal, []Scope, error) {
+func (a *Authenticator) fromKey(ctx context.Context, token string, from netip.Addr) (api.Principal, []Scope, error) {
 	if !LooksLikeKey(token) {
 		return api.Principal{}, nil, api.Unauthorized("invalid credential: the bearer token is not an analyticsd API key")
 	}
-	key, slug, err := a.verify(ctx, token)
+	key, slug, err := a.verify(ctx, token, from)
+	var limited errRefusalsLimited
 	switch {
+	case errors.As(err, &limited):
+		if a.Refusals.Limited != nil {
+			a.Refusals.Limited.Inc()
+		}
+		return api.Principal{}, nil, api.TooMany("too_many_refused_credentials",
+			"too many unknown or refused credentials from your address; retry later with a valid API key",
+			int(math.Ceil(limited.wait.Seconds())))
 	case errors.Is(err, ErrInvalidKey):
 		return api.Principal{}, nil, api.Unauthorized("invalid API key")
 	case errors.Is(err, ErrRevokedKey):

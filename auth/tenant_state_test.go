@@ -259,3 +259,85 @@ func TestAFloodOfRefusedKeysKeepsVerifiedOnesCached(t *testing.T) {
 		t.Errorf("verified key during an outage after a flood of refused keys: got %d %q, want 200 from the cache", code, msg)
 	}
 }
+
+// Anyone can send made-up API keys, and each new one cost a Postgres lookup: a client looping over
+// random keys turned every request into a query. Per address, lookups that end refused are bounded;
+// past the bound an unknown credential is answered 429 without a lookup, while keys this process has
+// verified keep working from that address, and other addresses are unaffected. Before, the sixth
+// made-up key was looked up and refused 401 like the first.
+func TestMadeUpKeysAreBoundedPerAddress(t *testing.T) {
+	f := newAuthFixture(t)
+	f.authn.Refusals = auth.RefusalLimit{PerMinute: 1, Burst: 5}
+	proxies, err := api.ParseProxies("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.authn.Proxies = proxies
+	from := func(addr, token string) fixture.Response {
+		return f.srv.Do(t, fixture.Request{Path: "/x", Key: token, Header: map[string]string{"X-Forwarded-For": addr}})
+	}
+	made := func(i int) string { return fmt.Sprintf("ak_%012x_%s", 0xbad000+i, strings.Repeat("B", 43)) }
+	const attacker, neighbour = "203.0.113.7", "198.51.100.9"
+	if r := from(attacker, f.key); r.Status != 200 {
+		t.Fatalf("the tenant's key before: %d %s", r.Status, r.Raw)
+	}
+	for i := range 5 {
+		if r := from(attacker, made(i)); r.Status != 401 {
+			t.Fatalf("made-up key %d within the burst: %d %s, want 401", i, r.Status, r.Raw)
+		}
+	}
+	// The same refused key again is answered from the cache of refusals and costs nothing.
+	if r := from(attacker, made(4)); r.Status != 401 {
+		t.Errorf("a refused key sent again: %d %s, want 401 from the cache", r.Status, r.Raw)
+	}
+	r := from(attacker, made(5))
+	if r.Status != 429 || !strings.Contains(r.Raw, "too_many_refused_credentials") {
+		t.Fatalf("made-up key past the burst: %d %s, want 429 too_many_refused_credentials", r.Status, r.Raw)
+	}
+	if ra, err := strconv.Atoi(r.Header.Get("Retry-After")); err != nil || ra < 1 || ra > 60 {
+		t.Errorf("Retry-After %q, want 1–60 s (one lookup a minute)", r.Header.Get("Retry-After"))
+	}
+	// A spoofed left-most X-Forwarded-For is the client's own writing: it does not buy a new bucket.
+	if r := from("192.0.2.1, "+attacker, made(6)); r.Status != 429 {
+		t.Errorf("made-up key with a spoofed left-most hop: %d %s, want 429", r.Status, r.Raw)
+	}
+	time.Sleep(60 * time.Millisecond) // past FreshFor: the tenant's key is checked again
+	if r := from(attacker, f.key); r.Status != 200 {
+		t.Errorf("the tenant's verified key from the limited address: %d %s, want 200 (re-checked, not limited)", r.Status, r.Raw)
+	}
+	if r := from(neighbour, made(7)); r.Status != 401 {
+		t.Errorf("a made-up key from another address: %d %s, want 401 (its own bucket)", r.Status, r.Raw)
+	}
+}
+
+// Keys that verify, and lookups that an outage lost, take nothing from their address's bound: a busy
+// client behind one address with many valid keys is never limited.
+func TestValidKeysCostNoRefusals(t *testing.T) {
+	f := newAuthFixture(t)
+	f.authn.Refusals = auth.RefusalLimit{PerMinute: 1, Burst: 2}
+	keys := make([]string, 10)
+	for i := range keys {
+		keys[i], _ = fixture.Key(t, f.env.PG, f.tenant.ID, fmt.Sprintf("k%d", i), auth.ScopeAnalyticsRead)
+	}
+	for i, k := range keys[:5] {
+		if code, msg := f.status(t, k); code != 200 {
+			t.Fatalf("valid key %d: %d %s, want 200", i, code, msg)
+		}
+	}
+	f.reg.down.Store(true) // the keys are found, their tenant cannot be read: an outage, not a refusal
+	for i, k := range keys[5:] {
+		if code, msg := f.status(t, k); code != 503 {
+			t.Fatalf("new valid key %d while the registry is down: %d %s, want 503", i, code, msg)
+		}
+	}
+	f.reg.down.Store(false)
+	for i := range 2 {
+		made := fmt.Sprintf("ak_%012x_%s", 0xd0f000+i, strings.Repeat("C", 43))
+		if code, msg := f.status(t, made); code != 401 {
+			t.Errorf("made-up key %d after valid keys and an outage: %d %s, want 401 (the bound untouched)", i, code, msg)
+		}
+	}
+	if code, msg := f.status(t, fmt.Sprintf("ak_%012x_%s", 0xd0f002, strings.Repeat("C", 43))); code != 429 {
+		t.Errorf("the third made-up key: %d %s, want 429 (the bound is 2)", code, msg)
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/internal/labels"
@@ -34,6 +35,7 @@ type Config struct {
 	ReadTimeout     time.Duration // ANALYTICS_READ_TIMEOUT: whole request (headers and body) must arrive within it
 	ShutdownTimeout time.Duration // ANALYTICS_SHUTDOWN_TIMEOUT
 	CORSOrigins     []string      // CORS_ALLOWED_ORIGINS; empty: no cross-origin access
+	TrustedProxies  api.Proxies   // ANALYTICS_TRUSTED_PROXIES: whose X-Forwarded-For names the client
 	LogLevel        slog.Level    // LOG_LEVEL: debug, info, warn, error
 	LogFormat       string        // LOG_FORMAT: json or text
 	LabelCap        int           // METRICS_LABEL_CAP: distinct tenant/event label values per metric
@@ -56,6 +58,7 @@ type Config struct {
 	RateLimit     ratelimit.Config      // RATE_LIMIT_RPS, RATE_LIMIT_BURST
 	Rollup        rollup.ScheduleConfig // ROLLUP_AT, ROLLUP_LOOKBACK_DAYS, ROLLUP_DRIFT_INTERVAL
 	JWT           auth.JWTConfig        // AUTH_JWT_*, AUTH_JWKS_URL
+	Refusals      auth.RefusalLimit     // AUTH_REFUSALS_PER_MINUTE, AUTH_REFUSALS_BURST
 	Query         query.Config          // ANALYTICS_MAX_EXPORT_ROWS
 	QueryTimeout  time.Duration         // ANALYTICS_QUERY_TIMEOUT: ClickHouse max_execution_time of reads
 }
@@ -86,6 +89,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	c.RateLimit = e.rateLimit()
 	c.Rollup = e.rollup()
 	c.JWT = e.jwt()
+	c.Refusals = e.refusals()
 	c.Query, c.QueryTimeout = e.query(c.LabelCap)
 	if len(e.errs) > 0 {
 		return c, fmt.Errorf("invalid configuration:\n%w", errors.Join(e.errs...))
@@ -119,6 +123,11 @@ func (e *env) server(c *Config) {
 		}
 		c.CORSOrigins = append(c.CORSOrigins, o)
 	}
+	proxies, err := api.ParseProxies(e.str("ANALYTICS_TRUSTED_PROXIES", ""))
+	if err != nil {
+		e.fail("ANALYTICS_TRUSTED_PROXIES: %v; want addresses and CIDR prefixes, comma-separated (10.0.0.0/8,fd00::/8)", err)
+	}
+	c.TrustedProxies = proxies
 	if err := c.LogLevel.UnmarshalText([]byte(e.str("LOG_LEVEL", "info"))); err != nil {
 		e.fail("LOG_LEVEL=%q: want debug, info, warn or error", e.getenv("LOG_LEVEL"))
 	}
@@ -273,6 +282,14 @@ func (e *env) rateLimit() ratelimit.Config {
 	c := ratelimit.DefaultConfig()
 	c.Rate = float64(e.integer("RATE_LIMIT_RPS", int(c.Rate), 0, 1_000_000))
 	c.Burst = e.integer("RATE_LIMIT_BURST", c.Burst, 1, 10_000_000)
+	return c
+}
+
+// refusals reads the per-address bound on refused credentials.
+func (e *env) refusals() auth.RefusalLimit {
+	c := auth.DefaultRefusalLimit()
+	c.PerMinute = e.integer("AUTH_REFUSALS_PER_MINUTE", c.PerMinute, 0, 1_000_000)
+	c.Burst = e.integer("AUTH_REFUSALS_BURST", c.Burst, 1, 1_000_000)
 	return c
 }
 

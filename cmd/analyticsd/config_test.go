@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/internal/labels"
@@ -62,6 +63,8 @@ func TestConfigDefaults(t *testing.T) {
 	check("RateLimit", c.RateLimit, ratelimit.DefaultConfig())
 	check("Rollup", c.Rollup, rollup.DefaultScheduleConfig())
 	check("JWT", c.JWT, auth.DefaultJWTConfig())
+	check("Refusals", c.Refusals, auth.DefaultRefusalLimit())
+	check("TrustedProxies", c.TrustedProxies, api.Proxies(nil))
 	qc := query.DefaultConfig()
 	qc.LabelCap = c.LabelCap
 	check("Query", c.Query, qc)
@@ -120,12 +123,16 @@ func TestConfigReadsEnv(t *testing.T) {
 		"ANALYTICS_ENABLED":         "false",
 		"ANALYTICS_MAX_EXPORT_ROWS": "1000",
 		"QUOTA_DEFAULTS":            `{"api_requests_daily":50000,"builds_daily":100}`,
+		"AUTH_REFUSALS_PER_MINUTE":  "6",
+		"AUTH_REFUSALS_BURST":       "4",
+		"ANALYTICS_TRUSTED_PROXIES": "10.0.0.0/8, 192.168.0.1",
 	}))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if c.ClickHouseDB != "stats" || c.RetentionDays != 30 || c.Ingest.Enabled || c.Query.MaxExportRows != 1000 ||
-		c.QuotaDefaults["api_requests_daily"] != 50000 || c.QuotaDefaults["builds_daily"] != 100 {
+		c.QuotaDefaults["api_requests_daily"] != 50000 || c.QuotaDefaults["builds_daily"] != 100 ||
+		c.Refusals.PerMinute != 6 || c.Refusals.Burst != 4 || len(c.TrustedProxies) != 2 {
 		t.Errorf("got %+v", c)
 	}
 }
@@ -181,12 +188,14 @@ func TestConfigListsEveryProblem(t *testing.T) {
 		"LOG_LEVEL":                   "loud",
 		"ANALYTICS_SHUTDOWN_TIMEOUT":  "soon",
 		"QUOTA_ALERT_WEBHOOK_TIMEOUT": "2m",
+		"ANALYTICS_TRUSTED_PROXIES":   "lb.internal",
 	}))
 	if err == nil {
 		t.Fatal("bad config accepted")
 	}
 	for _, name := range []string{"ANALYTICS_ADDR", "RETENTION_DAYS", "ANALYTICS_ENABLED", "ANALYTICS_MAX_EXPORT_ROWS",
-		"QUOTA_DEFAULTS", "POSTGRES_URL", "REDIS_URL", "CLICKHOUSE_DSN", "LOG_LEVEL", "ANALYTICS_SHUTDOWN_TIMEOUT", "QUOTA_ALERT_WEBHOOK_TIMEOUT"} {
+		"QUOTA_DEFAULTS", "POSTGRES_URL", "REDIS_URL", "CLICKHOUSE_DSN", "LOG_LEVEL", "ANALYTICS_SHUTDOWN_TIMEOUT", "QUOTA_ALERT_WEBHOOK_TIMEOUT",
+		"ANALYTICS_TRUSTED_PROXIES"} {
 		if !strings.Contains(err.Error(), name) {
 			t.Errorf("error does not mention %s:\n%v", name, err)
 		}

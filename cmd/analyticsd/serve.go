@@ -166,6 +166,11 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		return nil
 	})
 	authn := auth.NewAuthenticator(auth.NewKeys(pg), tenants, cfg.JWT)
+	authn.Proxies = cfg.TrustedProxies
+	authn.Refusals = cfg.Refusals
+	authn.Refusals.Limited = prometheus.NewCounter(prometheus.CounterOpts{Name: "sbh_auth_refusals_limited_total",
+		Help: "Requests answered 429 because their address had too many unknown or refused credentials looked up (AUTH_REFUSALS_*)."})
+	reg.MustRegister(authn.Refusals.Limited)
 	limiter := ratelimit.New(cfg.RateLimit, rdb, "")
 	limiter.OnLimited = func(p api.Principal) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
