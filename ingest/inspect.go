@@ -1,6 +1,8 @@
 package ingest
 
 import (
+	"errors"
+	"os"
 	"time"
 
 	"github.com/analyticsd/analyticsd/ingest/spool"
@@ -57,6 +59,14 @@ func InspectSpool(dir string, only map[uint64]bool, visit RowVisitor) (SpoolRepo
 		}
 		tenants := map[[16]byte]bool{}
 		r, err := g.Open()
+		if errors.Is(err, os.ErrNotExist) && !g.Inflight {
+			// Renamed to in-flight by its server since the listing.
+			sum.State = "in_flight"
+			r, err = g.OpenInflight()
+		}
+		if errors.Is(err, os.ErrNotExist) {
+			continue // shipped and removed by its server since the listing
+		}
 		if err != nil {
 			sum.Error = err.Error()
 			rep.Segments = append(rep.Segments, sum)

@@ -53,8 +53,10 @@ func Requeue(ctx context.Context, spoolDir, name string, ch driver.Conn, db stri
 		return res, err
 	}
 	cr := chunkReader{format: info.Format, claims: s.claims, spool: spoolID}
+	read := 0
 	err = cr.read(r, func(_ int, bs []*batch) error {
 		for _, b := range bs {
+			read += len(b.events) + len(b.incs)
 			b.checkAll = true // the rows' history is unknown: an earlier attempt may have stored some
 			// Taken out of the live counters when quarantined; counted again by the counters'
 			// reconciliation with ClickHouse once stored.
@@ -72,6 +74,13 @@ func Requeue(ctx context.Context, spoolDir, name string, ch driver.Conn, db stri
 	}
 	if err := ctx.Err(); err != nil {
 		return res, err
+	}
+	// A file cut short or damaged after it was written (a copy, a disk) reads as fewer rows than it
+	// says it holds: the rows after the damage were never read, and deleting the file would lose
+	// them. Before, the file was removed with them.
+	if r.Torn() || read != info.Rows() {
+		return res, fmt.Errorf("requeue %s: read %d of the %d rows the file says it holds (damaged after byte %d); the file is kept "+
+			"(the rows read are stored): copy it aside and inspect it with `analyticsd spool inspect`", name, read, info.Rows(), r.Intact())
 	}
 	if err := spool.RemoveQuarantine(spoolDir, name); err != nil {
 		return res, err

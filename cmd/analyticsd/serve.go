@@ -208,10 +208,8 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		d := map[string]any{"ingest": st, "rollup": scheduler.Status(), "retention": sweeper.Status()}
 		// Warnings, not failures: the instance ingests and ships.
 		var warnings []string
-		if st.QuarantinedRows > 0 {
-			// These rows wait for an operator.
-			warnings = append(warnings, fmt.Sprintf("%d rows (%d files) in the spool's quarantine: ClickHouse kept refusing them; see `analyticsd spool status`, then `analyticsd spool requeue --all` once fixed",
-				st.QuarantinedRows, st.QuarantinedFiles))
+		if msg := quarantineWarning(st); msg != "" {
+			warnings = append(warnings, msg)
 		}
 		for _, w := range watches {
 			if msg := w.Warning(); msg != "" {
@@ -381,4 +379,16 @@ func mount(app *fiber.App, ops api.Ops, authn *auth.Authenticator, rl *ratelimit
 	er.Register(analytics, authn.Require(auth.ScopeAnalyticsAdmin, rl.Limit))
 	segment.New(in).Register(app, authn.Require(auth.ScopeEventsWrite, rl.Limit))
 	dashboards.Register(app)
+}
+
+// quarantineWarning is /readiness' warning for a spool quarantine that is not empty: its rows wait for
+// an operator. It counts files, not rows: a record this release cannot decode is quarantined as it is,
+// with no rows it could count, and a warning on rows alone never showed it.
+func quarantineWarning(st ingest.Stats) string {
+	if st.QuarantinedFiles == 0 {
+		return ""
+	}
+	return fmt.Sprintf("%d files (%d rows, not counting records this release cannot read) in the spool's quarantine: "+
+		"ClickHouse kept refusing them, or they could not be read; see `analyticsd spool status`, then `analyticsd spool requeue --all` once fixed",
+		st.QuarantinedFiles, st.QuarantinedRows)
 }

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -38,6 +40,9 @@ func spoolCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 		if err := flags("spool status", args[1:], dirFlag); err != nil {
 			return err
 		}
+		if err := spoolDirExists(dir); err != nil {
+			return err
+		}
 		rep, err := ingest.InspectSpool(dir, nil, nil)
 		if err != nil {
 			return err
@@ -61,6 +66,9 @@ func spoolCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 		}); err != nil {
 			return err
 		}
+		if err := spoolDirExists(dir); err != nil {
+			return err
+		}
 		var visit ingest.RowVisitor
 		enc := json.NewEncoder(stdout)
 		if rows {
@@ -80,6 +88,9 @@ func spoolCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 			return err
 		}
 		if asJSON {
+			if len(only) > 0 {
+				rep.Segments = slices.DeleteFunc(rep.Segments, func(g ingest.SegmentSummary) bool { return !only[g.Seq] })
+			}
 			return enc.Encode(rep)
 		}
 		printSegments(stdout, rep, only)
@@ -92,6 +103,10 @@ func spoolCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 		}); err != nil {
 			return err
 		}
+		// Drain would otherwise create a mistyped directory and report it drained.
+		if err := spoolDirExists(dir); err != nil {
+			return err
+		}
 		return withShipping(ctx, cfg, func(ship shipping) error {
 			wc := cfg.Writer
 			wc.Dir, wc.Owner = dir, "analyticsd spool drain"
@@ -102,14 +117,20 @@ func spoolCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 				return err
 			}
 			if asJSON {
-				return json.NewEncoder(stdout).Encode(res)
+				if err := json.NewEncoder(stdout).Encode(res); err != nil {
+					return err
+				}
 			}
+			// Not drained is a failure whatever the format: a script's `drain && rm -rf` must not
+			// delete what is left.
 			if !res.Drained {
 				return fmt.Errorf("spool %s not drained within %s: %d segments (%d bytes) left; last error: %s",
 					dir, timeout, res.PendingSegments, res.SpoolBytes, res.LastError)
 			}
-			fmt.Fprintf(stdout, "spool %s drained: every segment is in clickhouse; quarantine: %d files, %d rows\n",
-				dir, res.QuarantinedFiles, res.QuarantinedRows)
+			if !asJSON {
+				fmt.Fprintf(stdout, "spool %s drained: every segment is in clickhouse; quarantine: %d files, %d rows\n",
+					dir, res.QuarantinedFiles, res.QuarantinedRows)
+			}
 			return nil
 		})
 	case "requeue":
@@ -130,6 +151,9 @@ func spoolCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 		if all == (len(files) > 0) {
 			return fmt.Errorf("spool requeue: give --all or --file NAME: %w", errUsage)
 		}
+		if err := spoolDirExists(dir); err != nil {
+			return err
+		}
 		if all {
 			list, err := spool.ListQuarantine(dir)
 			if err != nil {
@@ -145,21 +169,48 @@ func spoolCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 				o.RetentionDays = 0
 			}
 			var errs []error
+			type outcome struct {
+				ingest.RequeueResult
+				Removed bool   `json:"removed"`
+				Error   string `json:"error,omitempty"`
+			}
+			outcomes := []outcome{}
 			for _, name := range files {
 				res, err := ingest.Requeue(ctx, dir, name, ship.ch, cfg.ClickHouseDB, ship.claims, o)
 				if err != nil {
 					errs = append(errs, err)
+					outcomes = append(outcomes, outcome{RequeueResult: res, Error: err.Error()})
 					continue
 				}
-				fmt.Fprintf(stdout, "%s: %d rows, %d inserted, the rest were already stored; file removed\n", res.File, res.Rows, res.Inserted)
+				outcomes = append(outcomes, outcome{RequeueResult: res, Removed: true})
+				if !asJSON {
+					fmt.Fprintf(stdout, "%s: %d rows, %d inserted, the rest were already stored; file removed\n", res.File, res.Rows, res.Inserted)
+				}
 			}
-			if len(files) == 0 {
+			if asJSON {
+				if err := json.NewEncoder(stdout).Encode(outcomes); err != nil {
+					errs = append(errs, err)
+				}
+			} else if len(files) == 0 {
 				fmt.Fprintln(stdout, "the quarantine is empty")
 			}
 			return errors.Join(errs...)
 		})
 	}
 	return fmt.Errorf("spool: unknown subcommand %q: %w", args[0], errUsage)
+}
+
+// spoolDirExists refuses a spool directory that is not there: a mistyped --dir must not read as an
+// empty spool (status, requeue) or be created and reported drained (drain).
+func spoolDirExists(dir string) error {
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("spool directory %s: %w (check --dir or ANALYTICS_SPOOL_DIR)", dir, err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("spool directory %s is not a directory (check --dir or ANALYTICS_SPOOL_DIR)", dir)
+	}
+	return nil
 }
 
 type shipping struct {

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -15,6 +16,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/auth"
+	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 )
@@ -180,5 +182,77 @@ func TestQuarantineSeenAndRequeued(t *testing.T) {
 	}
 	if st := runCmd(t, getenv, "spool", "status", "--dir", dir); !strings.Contains(st.stdout, "quarantine: 0 files, 0 rows") {
 		t.Errorf("status after requeue:\n%s", st.stdout)
+	}
+}
+
+// A mistyped --dir is refused by every spool command. Before, drain created the directory and
+// reported it drained (exit 0), and requeue --all called the quarantine empty.
+func TestSpoolCommandsRefuseAMissingDirectory(t *testing.T) {
+	e := testenv.Migrated(t)
+	getenv := stackEnv(t, e, nil)
+	dir := filepath.Join(t.TempDir(), "no-such-spool")
+	for _, args := range [][]string{{"status"}, {"inspect"}, {"drain", "--timeout", "5s"}, {"requeue", "--all"}} {
+		r := runCmd(t, getenv, append([]string{"spool"}, append(args, "--dir", dir)...)...)
+		if r.code == 0 || !strings.Contains(r.stderr, dir) {
+			t.Errorf("spool %s on a directory that does not exist: exit %d, stdout %q, stderr %q; want a refusal naming it",
+				args[0], r.code, r.stdout, r.stderr)
+		}
+	}
+	if _, err := os.Stat(dir); err == nil {
+		t.Error("a spool command created the missing directory")
+	}
+}
+
+// `spool drain --json` printed "drained":false and exited 0 when segments were left, so a script's
+// `drain --json && rm -rf $dir` deleted acknowledged rows; `requeue --json` printed text. Both now
+// print JSON and fail when something is left.
+func TestSpoolJSONFailsWhatIsLeft(t *testing.T) {
+	e := testenv.Migrated(t)
+	tn, key := writeKey(t, e, "json-left")
+	ctx := context.Background()
+	dir := t.TempDir()
+	getenv := stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": dir, "INGEST_FLUSH_INTERVAL": "1h"})
+	p := startServer(t, getenv, serveVars)
+	if st, body := postEvents(t, p.base, key, `[{"event":"a.b"},{"event":"c.d"}]`); st != 202 {
+		t.Fatalf("post: %d %s", st, body)
+	}
+	// kill -9: the rows are in its spool only.
+	if err := p.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = p.cmd.Wait()
+	if err := e.CH.Exec(ctx, "RENAME TABLE "+e.DB+".events TO "+e.DB+".events_away"); err != nil {
+		t.Fatal(err)
+	}
+	r := runCmd(t, getenv, "spool", "drain", "--dir", dir, "--timeout", "3s", "--json")
+	var res struct{ Drained bool }
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || res.Drained || r.code == 0 {
+		t.Errorf("drain --json with ClickHouse refusing: exit %d, stdout %q (%v); want JSON saying not drained and a failing exit", r.code, r.stdout, err)
+	}
+	if err := e.CH.Exec(ctx, "RENAME TABLE "+e.DB+".events_away TO "+e.DB+".events"); err != nil {
+		t.Fatal(err)
+	}
+	r = runCmd(t, getenv, "spool", "drain", "--dir", dir, "--json")
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || !res.Drained || r.code != 0 {
+		t.Errorf("drain --json: exit %d, stdout %q, stderr %q; want drained", r.code, r.stdout, r.stderr)
+	}
+	if n := countEvents(t, e, tn); n != 2 {
+		t.Errorf("%d rows stored after the drain, want 2", n)
+	}
+	r = runCmd(t, getenv, "spool", "requeue", "--dir", dir, "--all", "--json")
+	var outcomes []map[string]any
+	if err := json.Unmarshal([]byte(r.stdout), &outcomes); err != nil || outcomes == nil || len(outcomes) != 0 || r.code != 0 {
+		t.Errorf("requeue --all --json of an empty quarantine: exit %d, stdout %q (%v); want []", r.code, r.stdout, err)
+	}
+}
+
+// /readiness warned only when the quarantine held rows it could count: a record this release cannot
+// decode is quarantined as it is and counts none, so its file sat there unseen.
+func TestQuarantineWarningCountsFiles(t *testing.T) {
+	if msg := quarantineWarning(ingest.Stats{QuarantinedFiles: 1}); !strings.Contains(msg, "1 files") {
+		t.Errorf("a quarantine file with no countable rows: warning %q, want one naming 1 file", msg)
+	}
+	if msg := quarantineWarning(ingest.Stats{}); msg != "" {
+		t.Errorf("an empty quarantine: warning %q, want none", msg)
 	}
 }

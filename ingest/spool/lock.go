@@ -51,22 +51,47 @@ func (h Holder) String() string {
 
 const lockName = "LOCK"
 
-// lockDir takes an exclusive, non-blocking flock on dir/LOCK and records who holds it. The kernel
-// drops the lock when the process dies, however it dies, so a crash never leaves a stale lock.
-func lockDir(dir, owner string) (*os.File, error) {
+// dirLock is a held spool lock: flocks on dir/LOCK and on the directory itself.
+type dirLock struct{ file, dir *os.File }
+
+func (l *dirLock) Close() error { return errors.Join(l.dir.Close(), l.file.Close()) }
+
+// lockDir takes exclusive, non-blocking flocks on dir/LOCK and on dir itself, and records in LOCK who
+// holds them. The kernel drops them when the process dies, however it dies, so a crash never leaves a
+// stale lock. LOCK is what earlier releases lock, so a rolling upgrade on one directory still
+// excludes; the directory's own lock is what an `rm LOCK` (an operator "clearing a stale lock")
+// cannot take away: with LOCK alone, the next process created a new LOCK, locked it and worked beside
+// the holder (found by review).
+func lockDir(dir, owner string) (*dirLock, error) {
 	f, err := os.OpenFile(filepath.Join(dir, lockName), os.O_RDWR|os.O_CREATE, 0o640)
 	if err != nil {
 		return nil, fmt.Errorf("open spool lock in %s: %w", dir, err)
 	}
+	d, err := os.Open(dir)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open spool directory %s: %w", dir, err)
+	}
+	l := &dirLock{file: f, dir: d}
 	// A few tries: `analyticsd spool status` holds a shared lock for a moment to see whether a
 	// server runs, and a server starting in that moment must not take it for another server.
-	err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+	lock := func() error {
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+			return err
+		}
+		if err := syscall.Flock(int(d.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+			_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+			return err
+		}
+		return nil
+	}
+	err = lock()
 	for try := 0; try < 5 && errors.Is(err, syscall.EWOULDBLOCK); try++ {
 		time.Sleep(20 * time.Millisecond)
-		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		err = lock()
 	}
 	if err != nil {
-		defer f.Close()
+		defer l.Close()
 		if errors.Is(err, syscall.EWOULDBLOCK) {
 			b, _ := io.ReadAll(io.LimitReader(f, 4096))
 			return nil, &LockedError{Dir: dir, Holder: describeHolder(b)}
@@ -78,7 +103,7 @@ func lockDir(dir, owner string) (*os.File, error) {
 	if err := f.Truncate(0); err == nil {
 		_, _ = f.WriteAt(append(b, '\n'), 0)
 	}
-	return f, nil
+	return l, nil
 }
 
 func describeHolder(b []byte) string {
@@ -93,7 +118,8 @@ func describeHolder(b []byte) string {
 func ReadHolder(dir string) (Holder, bool, error) {
 	f, err := os.OpenFile(filepath.Join(dir, lockName), os.O_RDWR, 0)
 	if errors.Is(err, os.ErrNotExist) {
-		return Holder{}, false, nil
+		// LOCK removed under a holder: the directory's own lock still says it is held.
+		return Holder{}, dirHeld(dir), nil
 	}
 	if err != nil {
 		return Holder{}, false, err
@@ -101,10 +127,24 @@ func ReadHolder(dir string) (Holder, bool, error) {
 	defer f.Close()
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); err == nil {
 		_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
-		return Holder{}, false, nil
+		return Holder{}, dirHeld(dir), nil
 	}
 	var h Holder
 	b, _ := io.ReadAll(io.LimitReader(f, 4096))
 	_ = json.Unmarshal(b, &h)
 	return h, true, nil
+}
+
+// dirHeld says whether a process holds dir's own lock.
+func dirHeld(dir string) bool {
+	d, err := os.Open(dir)
+	if err != nil {
+		return false
+	}
+	defer d.Close()
+	if err := syscall.Flock(int(d.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); err != nil {
+		return errors.Is(err, syscall.EWOULDBLOCK)
+	}
+	_ = syscall.Flock(int(d.Fd()), syscall.LOCK_UN)
+	return false
 }

@@ -140,15 +140,21 @@ func (g *Segment) MarkInflight() error {
 }
 
 // Open returns a reader over the segment's records, streamed from disk.
-func (g *Segment) Open() (*Reader, error) {
-	f, err := os.Open(g.path)
+func (g *Segment) Open() (*Reader, error) { return g.open(g.path) }
+
+// OpenInflight opens a waiting segment listed without the lock under the name its server gave it
+// since, when it started inserting it: for a reader racing a running server.
+func (g *Segment) OpenInflight() (*Reader, error) { return g.open(g.sp.segPath(g.Seq, inflightExt)) }
+
+func (g *Segment) open(path string) (*Reader, error) {
+	f, err := os.Open(path)
 	if err != nil {
-		return nil, fmt.Errorf("read spool segment %s: %w", g.path, err)
+		return nil, fmt.Errorf("read spool segment %s: %w", path, err)
 	}
 	r, err := newReader(f, g.dataStart())
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("read spool segment %s: %w", g.path, err)
+		return nil, fmt.Errorf("read spool segment %s: %w", path, err)
 	}
 	return r, nil
 }

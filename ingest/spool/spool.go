@@ -68,7 +68,7 @@ type Options struct {
 // Spool is one process's spool directory.
 type Spool struct {
 	opts      Options
-	lock      *os.File
+	lock      *dirLock
 	recovered []*Segment
 
 	mu      sync.Mutex
@@ -152,13 +152,18 @@ func (s *Spool) scan() error {
 		if !ok {
 			continue
 		}
-		info, err := e.Info()
-		if err != nil {
-			return fmt.Errorf("stat spool segment %s: %w", e.Name(), err)
+		g, err := s.found(seq, ext)
+		if errors.Is(err, os.ErrNotExist) && s.lock == nil {
+			// Listed without the lock (`analyticsd spool status` on a running server's spool): the
+			// server renamed the segment to in-flight, or shipped and removed it, since ReadDir.
+			if ext == segExt {
+				g, err = s.found(seq, inflightExt)
+			}
+			if errors.Is(err, os.ErrNotExist) {
+				continue
+			}
 		}
-		g := &Segment{Seq: seq, sp: s, path: filepath.Join(s.opts.Dir, e.Name()), size: info.Size(),
-			Inflight: ext == inflightExt, Recovered: true}
-		if err := g.readHeader(); err != nil {
+		if err != nil {
 			return err
 		}
 		s.recovered = append(s.recovered, g)
@@ -167,6 +172,17 @@ func (s *Spool) scan() error {
 	}
 	sort.Slice(s.recovered, func(i, j int) bool { return s.recovered[i].Seq < s.recovered[j].Seq })
 	return nil
+}
+
+// found describes the segment file seq with extension ext.
+func (s *Spool) found(seq uint64, ext string) (*Segment, error) {
+	path := s.segPath(seq, ext)
+	info, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("stat spool segment %s: %w", path, err)
+	}
+	g := &Segment{Seq: seq, sp: s, path: path, size: info.Size(), Inflight: ext == inflightExt, Recovered: true}
+	return g, g.readHeader()
 }
 
 func parseName(name string) (seq uint64, ext string, ok bool) {
