@@ -186,9 +186,17 @@ func openQuarantine(dir, name string, exclusive bool) (*Reader, QuarantineInfo, 
 		return nil, info, fmt.Errorf("open quarantine file %s: %w", path, err)
 	}
 	if exclusive {
+		quarantineOpened(path)
 		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 			f.Close()
 			return nil, info, fmt.Errorf("quarantine file %s is being requeued by another process: %w", path, ErrLocked)
+		}
+		// The lock's holder may have finished between our open and our lock: a requeue that shipped
+		// and removed the file, or an erasure's scrub that replaced it with a copy without the
+		// erased rows. Its rows are no longer ours to ship (a scrubbed user's would come back).
+		if same, err := sameFile(f, path); err != nil || !same {
+			f.Close()
+			return nil, info, fmt.Errorf("quarantine file %s was requeued or replaced meanwhile: %w", path, os.ErrNotExist)
 		}
 	}
 	r, err := newReader(f, int64(headerSize))
@@ -206,6 +214,26 @@ func openQuarantine(dir, name string, exclusive bool) (*Reader, QuarantineInfo, 
 	}
 	info.Name = name
 	return r, info, nil
+}
+
+// quarantineOpened is called between a quarantine file's opening and its locking: a test's way into
+// that window.
+var quarantineOpened = func(path string) {}
+
+// sameFile says whether path still names the file f has open.
+func sameFile(f *os.File, path string) (bool, error) {
+	open, err := f.Stat()
+	if err != nil {
+		return false, err
+	}
+	now, err := os.Stat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return os.SameFile(open, now), nil
 }
 
 // RemoveQuarantine deletes a quarantine file once its rows are shipped.

@@ -449,3 +449,30 @@ func TestMarkInflightRetriesAFailedDirectorySync(t *testing.T) {
 		t.Errorf("retry: err %v, in flight %v, path %s", err, g.Inflight, g.Path())
 	}
 }
+
+// A requeue (or an erasure's scrub) that opened a quarantine file just before another finished with
+// it — shipped and removed it, or replaced it with a copy without an erased user's rows — must not go
+// on with the file it holds. Before, it locked the removed file and shipped it: rows twice, or the
+// erased user's rows back in ClickHouse (found by review).
+func TestAQuarantineFileFinishedBeforeItsLockIsNotShipped(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, dir, nil)
+	info, err := s.Quarantine(QuarantineInfo{Segment: "abc", Reason: "test", Events: 1}, [][]byte{[]byte("row-a")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func(f func(string)) { quarantineOpened = f }(quarantineOpened)
+	quarantineOpened = func(path string) { // the other holder removes it, and unlocks, now
+		if err := os.Remove(path); err != nil {
+			t.Error(err)
+		}
+	}
+	r, _, err := OpenQuarantine(dir, info.Name)
+	if err == nil {
+		r.Close()
+		t.Fatal("a quarantine file removed between its opening and its locking was opened for requeue")
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("error %v, want one matching os.ErrNotExist", err)
+	}
+}
