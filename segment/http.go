@@ -50,14 +50,22 @@ func eventsHandler(in Ingest) fiber.Handler {
 	return func(*fiber.Ctx) error { return errors.New("segment: ingest registered no POST /events") }
 }
 
-// Register mounts POST /v1/batch and POST /v1/<type> for each of Types on r. authn authenticates
+// Register mounts POST /v1/batch and POST /v1/<type> for each of Types on r, and the short paths
+// the browser and mobile libraries post to: /v1/b for a batch — analytics.js batching, and
+// analytics-swift, analytics-kotlin and the Flutter library, all of which append /b to their
+// apiHost — and /v1/<first letter of the type> (/v1/t, /v1/i, /v1/p, /v1/s, /v1/g, /v1/a) for one
+// call of analytics.js (@segment/analytics-next) — where they got 404. authn authenticates
 // (and rate-limits) the request from "Authorization: Bearer <API key>", which the Segment
 // credential — the write key as the Basic-auth user, or the body's writeKey — is turned into first;
 // the body is translated only once the credential is good.
 func (s *Service) Register(r fiber.Router, authn fiber.Handler) {
-	r.Post("/v1/batch", s.credential, authn, s.handle(""))
+	batch := s.handle("")
+	r.Post("/v1/batch", s.credential, authn, batch)
+	r.Post("/v1/b", s.credential, authn, batch)
 	for _, t := range Types {
-		r.Post("/v1/"+t, s.credential, authn, s.handle(t))
+		call := s.handle(t)
+		r.Post("/v1/"+t, s.credential, authn, call)
+		r.Post("/v1/"+t[:1], s.credential, authn, call)
 	}
 }
 
@@ -86,7 +94,9 @@ func (s *Service) credential(c *fiber.Ctx) error {
 		return err
 	}
 	if h == "" {
-		key = bodyKey(c.Request().Body(), c.Get(fiber.HeaderContentEncoding))
+		if key, err = bodyKey(c.Request().Body(), c.Get(fiber.HeaderContentEncoding)); err != nil {
+			return requestError(err)
+		}
 		if key == "" {
 			return api.Unauthorized("missing write key: send it as the Basic-auth user with an empty password (Authorization: Basic base64(<API key>:)), or as writeKey in the body")
 		}
@@ -97,17 +107,20 @@ func (s *Service) credential(c *fiber.Ctx) error {
 	return c.Next()
 }
 
-// bodyKey is the writeKey of a request body, "" when it has none or cannot be read.
-func bodyKey(raw []byte, encoding string) string {
+// bodyKey is the writeKey of a request body, "" when it has none or is not JSON. A body that
+// cannot be decompressed — over MaxBatchBytes once gunzipped, an encoding other than gzip, broken
+// gzip — is that error, answered 413, 415 or 400 as handle answers it: taken for a body without a
+// key, it was a 401 "missing write key" to a client that had sent one.
+func bodyKey(raw []byte, encoding string) (string, error) {
 	body, err := ingest.Decompress(raw, encoding, MaxBatchBytes)
 	if err != nil {
-		return ""
+		return "", err
 	}
 	var m struct {
 		WriteKey string `json:"writeKey"`
 	}
 	_ = json.Unmarshal(body, &m)
-	return m.WriteKey
+	return m.WriteKey, nil
 }
 
 // handle serves an authenticated Segment request for endpoint type typ ("" for /v1/batch): it
@@ -146,7 +159,7 @@ func (s *Service) handle(typ string) fiber.Handler {
 		}
 		var res ingest.EventsResult
 		if len(events) > 0 {
-			if res, err = s.store(c, events); err != nil {
+			if res, err = s.storeAll(c, events); err != nil {
 				return err
 			}
 		}
@@ -166,12 +179,73 @@ func (s *Service) handle(typ string) fiber.Handler {
 	}
 }
 
+// storeAll stores events through ingest's handler and returns its report, indexes counting events.
+// That is one request to the handler whenever it takes them all, as it nearly always does: its
+// limits (INGEST_MAX_EVENTS, INGEST_MAX_BODY_BYTES) default to 10,000 events and 10 MiB, and a
+// Segment batch of at most 500 KB holds up to ~16,000 messages. One it refuses as too large
+// (which it does before storing any of them) is halved, and each half stored in turn, halved again
+// while too large — only when every event has an id, though. The parts are separate requests: a
+// later one can fail (503, spool full) after an earlier one was stored, and the client then sends
+// the whole batch again; events with ids (from messageIds) are then recognised as duplicates, but an
+// event without one gets a new id and would be stored twice. Such a batch is refused whole.
+func (s *Service) storeAll(c *fiber.Ctx, events []ingest.Event) (ingest.EventsResult, error) {
+	var all ingest.EventsResult
+	for done, n := 0, len(events); done < len(events); {
+		end := min(done+n, len(events))
+		res, err := s.store(c, events[done:end])
+		var ae *api.Error
+		if errors.As(err, &ae) && ae.Status == http.StatusRequestEntityTooLarge {
+			if end-done == 1 {
+				// One event alone is over ingest's body limit (INGEST_MAX_BODY_BYTES set below
+				// Segment's own limits): refused as itself, so the others are still stored.
+				all.Rejected = append(all.Rejected, ingest.ItemError{Index: done, Error: ae.Message})
+				done = end
+				continue
+			}
+			if without := withoutID(events); without > 0 {
+				return all, api.TooLarge(fmt.Sprintf("the batch is more than analyticsd takes in one request (%s), and %d of its messages have no messageId: split across requests, they would be stored twice if the batch were sent again after a part of it failed. Send smaller batches, or give every message a messageId (Segment's libraries do); nothing was stored",
+					ae.Message, without))
+			}
+			n = (end - done + 1) / 2
+			continue
+		}
+		if err != nil {
+			return all, err
+		}
+		if res.Disabled {
+			return res, nil
+		}
+		all.Accepted += res.Accepted
+		for _, r := range res.Rejected {
+			r.Index += done
+			all.Rejected = append(all.Rejected, r)
+		}
+		for _, d := range res.Duplicates {
+			d.Index += done
+			all.Duplicates = append(all.Duplicates, d)
+		}
+		done = end
+	}
+	return all, nil
+}
+
+// withoutID counts the events that have no id.
+func withoutID(events []ingest.Event) int {
+	n := 0
+	for i := range events {
+		if events[i].ID == "" {
+			n++
+		}
+	}
+	return n
+}
+
 // store hands events to ingest's handler as the request's body and returns its report. A request
 // ingest refuses as a whole (413, 503 + Retry-After, ...) comes back as ingest's error, to be
 // answered as it is; one whose every event was refused comes back as a report too.
 func (s *Service) store(c *fiber.Ctx, events []ingest.Event) (ingest.EventsResult, error) {
 	var res ingest.EventsResult
-	native, err := json.Marshal(events)
+	native, err := marshal(events)
 	if err != nil {
 		return res, err
 	}
@@ -216,7 +290,9 @@ func basicKey(h string) (key string, err error) {
 	return user, nil
 }
 
-// contentType accepts what Segment's API takes: JSON (its libraries send application/json).
+// contentType accepts what Segment's API takes: JSON, under the types ingest reads as JSON —
+// application/json (the server libraries), text/plain (analytics.js, which so avoids a CORS
+// preflight), text/json, application/x-www-form-urlencoded (curl -d), or none.
 func contentType(ct string) error {
 	f, err := ingest.FormatOf(ct)
 	if err != nil {
@@ -295,7 +371,7 @@ func messageID(raw json.RawMessage) string {
 		MessageID string `json:"messageId"`
 	}
 	_ = json.Unmarshal(raw, &m)
-	if len(m.MessageID) > 255 {
+	if len(m.MessageID) > MaxIDBytes {
 		return ""
 	}
 	return m.MessageID

@@ -48,6 +48,12 @@ type server struct {
 
 func newServer(t *testing.T) *server {
 	t.Helper()
+	return newServerWithLimits(t, ingest.DefaultLimits())
+}
+
+// newServerWithLimits is newServer with ingest's limits as given (INGEST_MAX_EVENTS, ...).
+func newServerWithLimits(t *testing.T, limits ingest.Limits) *server {
+	t.Helper()
 	s := &server{env: testenv.Migrated(t)}
 	s.a, s.b = fixture.Tenant(t, s.env.PG, "acme"), fixture.Tenant(t, s.env.PG, "globex")
 	s.keyA, _ = fixture.Key(t, s.env.PG, s.a.ID, "segment", auth.ScopeEventsWrite)
@@ -60,7 +66,7 @@ func newServer(t *testing.T) *server {
 		t.Fatal(err)
 	}
 	s.w.Start()
-	in := ingest.NewService(ingest.Config{Enabled: true, Limits: ingest.DefaultLimits()}, s.w, nil, ingest.NewMetrics(nil, 0), nil)
+	in := ingest.NewService(ingest.Config{Enabled: true, Limits: limits}, s.w, nil, ingest.NewMetrics(nil, 0), nil)
 	t.Cleanup(func() {
 		in.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

@@ -8,20 +8,20 @@
 //
 // The rules, each deterministic (the same message always makes the same event):
 //
-//   - id: a messageId that is a UUID (36 characters) is the event id; any other messageId is
-//     hashed into a name-based UUID (version 5, SHA-1, namespace messageIDSpace), the same in every
-//     tenant — ids are deduplicated per tenant, so two tenants' equal messageIds are two events.
-//     An SDK's retry carries the same messageId, so it is stored once. Without a messageId the
-//     event gets a fresh id (a retry may then be stored twice).
+//   - id: a messageId that is a UUID (36 characters) other than the nil UUID is the event id; any
+//     other messageId is hashed into a name-based UUID (version 5, SHA-1, namespace messageIDSpace),
+//     the same in every tenant — ids are deduplicated per tenant, so two tenants' equal messageIds
+//     are two events. An SDK's retry carries the same messageId, so it is stored once. Without a
+//     messageId the event gets a fresh id (a retry may then be stored twice).
 //   - event: track's event when it already passes analyticsd's rule (ingest.ValidEventName, e.g.
 //     "auth.user.login"); otherwise EventName's "segment.<slug>" ("Order Completed" →
 //     "segment.order_completed"). The other types are the events segment.identify, segment.page,
 //     segment.screen, segment.group and segment.alias.
 //   - user_id: userId, else anonymousId (one of them is required, as Segment requires).
-//   - props: properties (track, page, screen) or traits (identify, group), plus the key "$segment"
-//     holding what has no column: the type, the original event name, page/screen name and category,
-//     groupId, previousId, anonymousId, messageId and the client's own timestamp. A message whose
-//     properties already have "$segment" is refused.
+//   - props: properties (track, page, screen) or traits (identify, group) as the client sent them,
+//     with the member "$segment" put first, holding what has no column: the type, the original event
+//     name, page/screen name and category, groupId, previousId, anonymousId, messageId and the
+//     client's own timestamp. A message whose properties already have "$segment" is refused.
 //   - ip: context.ip (the message's, else the batch's).
 //   - ts: Segment's clock-skew correction (Timestamp).
 //   - source: app.
@@ -53,6 +53,19 @@ const (
 	MaxMessageBytes = 32 << 10
 )
 
+// Limits on the message fields copied into props.$segment (and userId, which is user_id), each
+// refused naming its field. Without them a long one counted toward props' limit
+// (INGEST_MAX_PROPS_BYTES) and was refused as "props is N bytes… send fewer or shorter keys",
+// blaming properties the client may not have sent at all.
+const (
+	// MaxIDBytes bounds userId, anonymousId, groupId, previousId and messageId: the user_id column's
+	// 255 bytes (docs/contract.md), which anonymousId fills when there is no userId.
+	MaxIDBytes = 255
+	// MaxNameBytes bounds a track's event and a page's or screen's name and category: far above any
+	// real name (the stored event name is at most 128 bytes), far below the props limit.
+	MaxNameBytes = 1024
+)
+
 // Types are the Segment call types, each with its own endpoint /v1/<type>.
 var Types = []string{"track", "identify", "page", "screen", "group", "alias"}
 
@@ -61,9 +74,9 @@ var Types = []string{"track", "identify", "page", "screen", "group", "alias"}
 var messageIDSpace = uuid.MustParse("0d4be5c2-7c1e-4f7a-9a63-5b2e8f3d9c41")
 
 // EventID maps a Segment messageId to an analyticsd event id: a UUID messageId is itself (so ids
-// stay what the SDK logged), any other is its name-based UUID in messageIDSpace. It does not depend
-// on the tenant: ingest deduplicates per tenant, so equal messageIds of two tenants never meet.
-// ok is false for an empty messageId.
+// stay what the SDK logged), any other — the nil UUID among them, which ingest refuses as an id — is
+// its name-based UUID in messageIDSpace. It does not depend on the tenant: ingest deduplicates per
+// tenant, so equal messageIds of two tenants never meet. ok is false for an empty messageId.
 func EventID(messageID string) (id uuid.UUID, ok bool) {
 	if messageID == "" {
 		return uuid.Nil, false
@@ -77,11 +90,11 @@ func EventID(messageID string) (id uuid.UUID, ok bool) {
 }
 
 // EventName maps a free-text Segment event name to one that passes ingest.ValidEventName. A name
-// that passes already is kept. Otherwise the name is lowercased, each run of characters other than
-// ASCII letters and digits becomes one '_' (trimmed at both ends), a slug that is empty or starts
+// that passes already is kept. Otherwise ASCII letters are lowercased, each run of characters other
+// than ASCII letters and digits becomes one '_' (trimmed at both ends), a slug that is empty or starts
 // with a digit gets "e_" in front, and the result is "segment.<slug>": "Order Completed",
 // "order completed" and "ORDER_COMPLETED" are all "segment.order_completed". When that would lose
-// information a reader cannot restore — the name has non-ASCII letters or digits ("Café Visited"),
+// information a reader cannot restore — the name has non-ASCII letters, digits or combining marks ("Café Visited"),
 // or none that are ASCII ("!!!"), or the slug is longer than 111 bytes — the slug is cut to 111 bytes and "_" plus the first 8 hex
 // digits of the name's SHA-256 is appended, so two such names never share an event; the whole name
 // is then at most 128 bytes, the rule's limit. The original name is kept in props.$segment.event.
@@ -91,7 +104,13 @@ func EventName(name string) string {
 	}
 	var b strings.Builder
 	gap, foreign := false, false
-	for _, r := range strings.ToLower(name) {
+	// The name's own runes decide, and only ASCII is lowercased: strings.ToLower turns the Kelvin
+	// sign K (U+212A) into k and İ (U+0130) into i, ASCII letters that took the name without its hash
+	// into another name's event ("Key Event").
+	for _, r := range name {
+		if r >= 'A' && r <= 'Z' {
+			r += 'a' - 'A'
+		}
 		switch {
 		case r >= 'a' && r <= 'z', r >= '0' && r <= '9':
 			if gap && b.Len() > 0 {
@@ -100,7 +119,9 @@ func EventName(name string) string {
 			gap = false
 			b.WriteRune(r)
 		default:
-			if r >= utf8.RuneSelf && (unicode.IsLetter(r) || unicode.IsDigit(r)) {
+			// A combining mark is part of a letter: "Cafe\u0301" (é decomposed, as NFD text has it) is
+			// not "Cafe".
+			if r >= utf8.RuneSelf && (unicode.IsLetter(r) || unicode.IsDigit(r) || unicode.IsMark(r)) {
 				foreign = true
 			}
 			gap = true
@@ -254,8 +275,18 @@ func translate(raw json.RawMessage, typ string, d defaults, received time.Time) 
 	if ev.UserID == "" {
 		return ev, errors.New("userId or anonymousId is required")
 	}
-	if len(m.MessageID) > 255 {
-		return ev, fmt.Errorf("messageId is %d bytes; the limit is 255", len(m.MessageID))
+	// What this message's type copies into props.$segment, and userId.
+	for _, f := range []struct {
+		name, value string
+		max         int
+	}{
+		{"userId", user, MaxIDBytes}, {"anonymousId", mt.AnonymousID, MaxIDBytes}, {"messageId", mt.MessageID, MaxIDBytes},
+		{"groupId", mt.GroupID, MaxIDBytes}, {"previousId", mt.PreviousID, MaxIDBytes},
+		{"event", mt.Event, MaxNameBytes}, {"name", mt.Name, MaxNameBytes}, {"category", mt.Category, MaxNameBytes},
+	} {
+		if len(f.value) > f.max {
+			return ev, fmt.Errorf("%s is %d bytes; the limit is %d", f.name, len(f.value), f.max)
+		}
 	}
 	if id, ok := EventID(m.MessageID); ok {
 		ev.ID = id.String()
@@ -333,21 +364,44 @@ func timeField(field string, raw json.RawMessage) (*time.Time, error) {
 	return &t, nil
 }
 
-// withMeta returns props (an object, or absent) with mt under metaKey, keys in sorted order.
+// withMeta returns props (an object, or absent) with mt as its first member, under metaKey. The
+// client's props follow as they were sent — their bytes, key order, duplicate keys and escapes — so
+// they are stored as POST /api/analytics/events stores the same props (compacted, nothing else).
+// Decoding them into a map and encoding it again sorted the keys, kept one of duplicate keys, and
+// escaped '<', '>', '&' as \u003c…: six bytes each, so 3 KB of HTML in a property grew past the
+// 8 KiB limit and was refused.
 func withMeta(props json.RawMessage, mt meta) (json.RawMessage, error) {
-	obj := map[string]json.RawMessage{}
-	if !isNull(props) {
-		if err := json.Unmarshal(props, &obj); err != nil {
-			return nil, errors.New("properties and traits must be JSON objects")
-		}
+	m, err := marshal(mt)
+	if err != nil {
+		return nil, err
+	}
+	out := append([]byte(`{"`+metaKey+`":`), m...)
+	if isNull(props) {
+		return append(out, '}'), nil
+	}
+	// Decoded only to check it: an object, without metaKey (however its key is escaped).
+	var obj map[string]json.RawMessage
+	if err := json.Unmarshal(props, &obj); err != nil {
+		return nil, errors.New("properties and traits must be JSON objects")
 	}
 	if _, ok := obj[metaKey]; ok {
 		return nil, fmt.Errorf("properties and traits must not have the key %q: analyticsd keeps the Segment fields that have no column of their own there", metaKey)
 	}
-	b, err := json.Marshal(mt)
-	if err != nil {
+	rest := bytes.TrimSpace(props)[1:] // after the object's '{'
+	if len(obj) > 0 {
+		out = append(out, ',')
+	}
+	return append(out, rest...), nil
+}
+
+// marshal is json.Marshal without its HTML escaping ('<' as \u003c, ...), which would alter and
+// grow what is stored: the text stays as sent, as ingest's own decoding keeps it.
+func marshal(v any) ([]byte, error) {
+	var b bytes.Buffer
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
 		return nil, err
 	}
-	obj[metaKey] = b
-	return json.Marshal(obj)
+	return bytes.TrimSuffix(b.Bytes(), []byte("\n")), nil
 }

@@ -1,6 +1,9 @@
 package segment
 
 import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"strings"
 	"testing"
@@ -174,4 +177,89 @@ func TestTranslate(t *testing.T) {
 	refused(`{"type":"track","event":"x","userId":"u","properties":{"$segment":1}}`, "", `"$segment"`)
 	refused(`{"type":"track","event":"x","userId":{"id":1}}`, "", "userId must be a string")
 	refused(`{"type":"track","event":"x","userId":"u","messageId":"`+strings.Repeat("m", 256)+`"}`, "", "messageId is 256 bytes")
+}
+
+// Props are stored as the client sent them, with "$segment" put first. They were decoded into a map
+// and encoded again with json.Marshal: keys sorted, one of duplicate keys kept, and '<', '>', '&'
+// (and U+2028/9) escaped as \u003c…, six bytes each — stored unlike the same props sent to POST
+// /api/analytics/events, and 3 KB of HTML in a property grew past the 8 KiB limit.
+func TestPropsKeptAsSentWithSegmentFirst(t *testing.T) {
+	now := time.Date(2026, 1, 15, 12, 0, 0, 0, time.UTC)
+	props := func(msg string) string {
+		t.Helper()
+		ev, err := translate(json.RawMessage(msg), "track", defaults{}, now)
+		if err != nil {
+			t.Fatalf("translate(%s): %v", msg, err)
+		}
+		var b bytes.Buffer
+		if err := json.Compact(&b, ev.Props); err != nil { // as ingest stores them
+			t.Fatalf("props %s: %v", ev.Props, err)
+		}
+		return b.String()
+	}
+	const meta = `{"$segment":{"type":"track","event":"A <b> & c","message_id":"m-1"}`
+	sent := "{\"z\":\"<a>&\u2028</script>\",\"a\":1,\"z\":2,\"e\":\"\\u003c\",\"n\":{\"y\":1,\"x\":[\"&amp;\"]}}"
+	msg := `{"event":"A <b> & c","userId":"u","messageId":"m-1","properties":` + sent + `}`
+	if got, want := props(msg), meta+","+sent[1:]; got != want {
+		t.Errorf("props stored as\n%s\nwant\n%s", got, want)
+	}
+	spaced := `{"event":"A <b> & c","userId":"u","messageId":"m-1","properties":{ "b" : [1, 2] ,"a":{} }}`
+	if got, want := props(spaced), meta+`,"b":[1,2],"a":{}}`; got != want {
+		t.Errorf("spaced props stored as %s, want %s", got, want)
+	}
+	for _, empty := range []string{`,"properties":{}`, `,"properties":{ }`, `,"properties":null`, ``} {
+		if got := props(`{"event":"A <b> & c","userId":"u","messageId":"m-1"` + empty + `}`); got != meta+"}" {
+			t.Errorf("props %q stored as %s, want %s}", empty, got, meta)
+		}
+	}
+	for _, bad := range []string{`{"\u0024segment":1}`, `{"a":1,"$segment":{}}`, `"text"`, `[]`} {
+		if _, err := translate(json.RawMessage(`{"event":"x","userId":"u","properties":`+bad+`}`), "track", defaults{}, now); err == nil {
+			t.Errorf("properties %s accepted", bad)
+		}
+	}
+}
+
+// A name with a non-ASCII letter gets its hash, as documented. The name was lowercased first, and
+// the Kelvin sign K (U+212A) and İ (U+0130) lowercase to the ASCII k and i: "Key Event" and
+// "\u212Aey Event" were both segment.key_event.
+func TestEventNameHashesLettersThatLowercaseToASCII(t *testing.T) {
+	for _, p := range [][2]string{{"\u212Aey Event", "Key Event"}, {"\u0130tem Viewed", "I tem Viewed"}, {"\u0130tem Viewed", "Item Viewed"},
+		{"Cafe\u0301 Visited", "Cafe Visited"}} {
+		a, b := EventName(p[0]), EventName(p[1])
+		sum := sha256.Sum256([]byte(p[0]))
+		if a == b || !strings.HasSuffix(a, "_"+hex.EncodeToString(sum[:4])) {
+			t.Errorf("EventName(%q) = %q, EventName(%q) = %q; want the first with its hash", p[0], a, p[1], b)
+		}
+		if !ingest.ValidEventName(a) {
+			t.Errorf("EventName(%q) = %q, which ingest refuses", p[0], a)
+		}
+	}
+}
+
+// A message field copied into props.$segment (or userId) that is too long is refused naming the
+// field. A 9,000-byte event name with no properties was refused as "props is N bytes … send fewer or
+// shorter keys": the name is kept in props.$segment.event, and the refusal blamed props.
+func TestLongFieldsAreRefusedNamingTheField(t *testing.T) {
+	now := time.Date(2026, 1, 15, 12, 0, 0, 0, time.UTC)
+	long, id := strings.Repeat("Long Name ", 900), strings.Repeat("a", 256)
+	for _, c := range []struct{ msg, want string }{
+		{`{"type":"track","userId":"u","event":"` + long + `"}`, "event is 9000 bytes; the limit is 1024"},
+		{`{"type":"page","userId":"u","name":"` + long + `"}`, "name is 9000 bytes; the limit is 1024"},
+		{`{"type":"screen","userId":"u","name":"x","category":"` + long + `"}`, "category is 9000 bytes; the limit is 1024"},
+		{`{"type":"track","userId":"u","event":"x","anonymousId":"` + id + `"}`, "anonymousId is 256 bytes; the limit is 255"},
+		{`{"type":"track","event":"x","anonymousId":"` + id + `"}`, "anonymousId is 256 bytes; the limit is 255"},
+		{`{"type":"track","event":"x","userId":"` + id + `"}`, "userId is 256 bytes; the limit is 255"},
+		{`{"type":"group","userId":"u","groupId":"` + id + `"}`, "groupId is 256 bytes; the limit is 255"},
+		{`{"type":"alias","userId":"u","previousId":"` + id + `"}`, "previousId is 256 bytes; the limit is 255"},
+	} {
+		_, err := translate(json.RawMessage(c.msg), "", defaults{}, now)
+		if err == nil || err.Error() != c.want {
+			t.Errorf("translate(%.60s…) error %v, want %q", c.msg, err, c.want)
+		}
+	}
+	// At the limits, and a field the type does not copy (a track's name) is not held to them.
+	ok := `{"type":"track","userId":"` + id[1:] + `","event":"` + long[:1024] + `","anonymousId":"` + id[1:] + `","name":"` + long + `"}`
+	if _, err := translate(json.RawMessage(ok), "", defaults{}, now); err != nil {
+		t.Errorf("fields at their limits refused: %v", err)
+	}
 }

@@ -140,6 +140,14 @@ func TestLiveResponsesMatchOpenAPI(t *testing.T) {
 		{"POST", "/v1/group", "", `{"anonymousId":"a3","groupId":"g1","traits":{"seats":3}}`, segment, 200},
 		{"POST", "/v1/alias", "", `{"userId":"u9","previousId":"a3"}`, segment, 200},
 		{"POST", "/v1/alias", "", `{"anonymousId":"a3","previousId":"a3"}`, segment, 400},
+		// The short paths of analytics.js (text/plain, the writeKey in the body) and the mobile libraries.
+		{"POST", "/v1/b", "", `{"batch":[{"type":"track","event":"Opened","anonymousId":"a1"}],"writeKey":"` + writeKey + `"}`, nil, 200},
+		{"POST", "/v1/t", "", `{"event":"Clicked","anonymousId":"a4","writeKey":"` + writeKey + `"}`, map[string]string{"Content-Type": "text/plain"}, 200},
+		{"POST", "/v1/i", "", `{"anonymousId":"a4","traits":{"plan":"pro"}}`, segment, 200},
+		{"POST", "/v1/p", "", `{"anonymousId":"a4","name":"Home"}`, segment, 200},
+		{"POST", "/v1/s", "", `{"anonymousId":"a4","name":"Settings"}`, segment, 200},
+		{"POST", "/v1/g", "", `{"anonymousId":"a4","groupId":"g1"}`, segment, 200},
+		{"POST", "/v1/a", "", `{"userId":"u9","previousId":"a4"}`, segment, 200},
 		// Erasure last: the tenant's data goes.
 		{"DELETE", "/api/analytics/users/u1", adminKey, "", nil, 202},
 		{"DELETE", "/api/analytics/users/u1", readKey, "", nil, 403},

@@ -226,7 +226,8 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	querySvc = query.NewService(cfg.Query, store, auditLog, reg, log.With("component", "query"))
 	querySvc.SetZones(tenants)
 	if len(cfg.CORSOrigins) > 0 {
-		app.Use("/api", cors.New(cors.Config{
+		// /v1: analytics.js posts the Segment endpoints from web pages (docs/segment.md).
+		app.Use([]string{"/api", "/v1"}, cors.New(cors.Config{
 			AllowOrigins:  strings.Join(cfg.CORSOrigins, ","),
 			AllowMethods:  "GET,POST,OPTIONS",
 			AllowHeaders:  "Authorization,X-Tenant-Slug,Content-Type,Content-Encoding",
