@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/ClickHouse/clickhouse-go/v2/ext"
 	"github.com/google/uuid"
 )
 
@@ -24,8 +25,14 @@ func incrementID(tenant uuid.UUID, day time.Time, metric string) uuid.UUID {
 // isEventName: event names have a dot, usage metrics never do (README, "Two namespaces").
 func isEventName(metric string) bool { return strings.Contains(metric, ".") }
 
-func queryCtx(ctx context.Context) context.Context {
-	return clickhouse.Context(ctx, clickhouse.WithQueryID("analyticsd-import-"+uuid.NewString()))
+// queryIDPrefix starts the query id of every insert of an import into the ClickHouse database db, so
+// a resumed import waits for (and stops) its own database's inserts only, never those of another
+// deployment on the same server. A database name is a plain identifier (letters, digits, '_'), so
+// the '-' after it ends it: no database's prefix starts another's.
+func queryIDPrefix(db string) string { return "analyticsd-import-" + db + "-" }
+
+func (im *Importer) queryCtx(ctx context.Context) context.Context {
+	return clickhouse.Context(ctx, clickhouse.WithQueryID(queryIDPrefix(im.cfg.DB)+uuid.NewString()))
 }
 
 // eventCols is a chunk of events in ClickHouse's column order.
@@ -74,50 +81,10 @@ type aggRow struct {
 
 // importOld counts the days older than the retention window into daily_usage: per event name, plus
 // the usage metrics, plus the event-name rows of analytics_daily_usage for days whose events the
-// source no longer has. daily_usage has no ids, so each day's total before the insert and what the
-// insert adds are recorded first; a day left 'inserting' by an interrupted run is settled by reading
-// its total again.
-func (im *Importer) importOld(ctx context.Context, p *plan, src, dst uuid.UUID, days []time.Time, states map[time.Time]dayState, tr *tenantRun, progress func(int64)) error {
-	var unsettled []time.Time
-	for _, d := range days {
-		if states[d].state == stateInserting {
-			unsettled = append(unsettled, d)
-		}
-	}
-	todo := days
-	if len(unsettled) > 0 {
-		totals, err := im.totals(ctx, dst, unsettled[0], unsettled[len(unsettled)-1])
-		if err != nil {
-			return err
-		}
-		landed := map[time.Time]bool{}
-		var done []time.Time
-		for _, d := range unsettled {
-			st, now := states[d], totals[d]
-			switch now {
-			case st.before + st.delta:
-				landed[d] = true
-				done = append(done, d)
-			case st.before:
-				// the insert did not land: do the day again
-			default:
-				return fmt.Errorf("daily_usage of tenant %s on %s is %d: neither its total before the interrupted import (%d) nor that plus what the import adds (%d); something else changed it meanwhile, reconcile that day by hand",
-					dst, d.Format(time.DateOnly), now, st.before, st.before+st.delta)
-			}
-		}
-		if err := im.cp.set(ctx, dst, done, stateStored); err != nil {
-			return err
-		}
-		tr.stored += len(done)
-		todo = nil
-		for _, d := range days {
-			if landed[d] {
-				progress(p.eventsOn(src, d))
-			} else {
-				todo = append(todo, d)
-			}
-		}
-	}
+// source no longer has. daily_usage has no ids, so each day's daily_usage before the insert and what
+// the insert adds are recorded first (a day left 'inserting' by an interrupted run is settled before,
+// by settle). days are sorted.
+func (im *Importer) importOld(ctx context.Context, p *plan, src, dst uuid.UUID, days []time.Time, tr *tenantRun, progress func(int64)) error {
 	// Chunks of at most ChunkRows rows and maxInsertDays days, a day never split (its total is checked
 	// whole).
 	var rows []aggRow
@@ -136,20 +103,11 @@ func (im *Importer) importOld(ctx context.Context, p *plan, src, dst uuid.UUID, 
 		rows, chunkDays, events = rows[:0], chunkDays[:0], 0
 		return nil
 	}
-	for _, d := range todo {
-		byMetric := map[string]int64{}
-		for ev, n := range p.counts[src][d] {
-			byMetric[ev] += n
-			events += n
-		}
-		for _, u := range p.usage[src][d] {
-			if !isEventName(u.Metric) || len(p.counts[src][d]) == 0 {
-				byMetric[u.Metric] += u.Count
-			}
-		}
-		for m, n := range byMetric {
+	for _, d := range days {
+		for m, n := range p.adds(src, d, true) {
 			rows = append(rows, aggRow{day: d, metric: m, count: n})
 		}
+		events += p.eventsOn(src, d)
 		chunkDays = append(chunkDays, d)
 		if len(rows) >= im.cfg.ChunkRows || len(chunkDays) == maxInsertDays {
 			if err := flush(); err != nil {
@@ -160,47 +118,99 @@ func (im *Importer) importOld(ctx context.Context, p *plan, src, dst uuid.UUID, 
 	return flush()
 }
 
-// totals returns tenant's daily_usage total per day in [first, last].
-func (im *Importer) totals(ctx context.Context, tenant uuid.UUID, first, last time.Time) (map[time.Time]int64, error) {
-	rows, err := im.cfg.CH.Query(ctx, "SELECT date, sum(count) FROM "+im.cfg.DB+".daily_usage WHERE tenant_id = ? AND date >= toDate(?) AND date <= toDate(?) GROUP BY date",
-		tenant, first.Format(time.DateOnly), last.Format(time.DateOnly))
+// settle decides, for days an interrupted run left 'inserting' whose insert no id check can find
+// (aggregates, and events of days that have left the window since), whether that insert landed, by
+// reading the days' daily_usage again. Landed days are recorded as stored; the others are forgotten
+// and returned, to be imported again as their date now says. days are sorted.
+func (im *Importer) settle(ctx context.Context, p *plan, src, dst uuid.UUID, days []time.Time, states map[time.Time]dayState, tr *tenantRun, progress func(int64)) ([]time.Time, error) {
+	now, err := im.usage(ctx, []uuid.UUID{dst}, days[0], days[len(days)-1])
 	if err != nil {
-		return nil, fmt.Errorf("read daily_usage totals: %w", err)
+		return nil, err
+	}
+	var done, redo []time.Time
+	for _, d := range days {
+		landed, err := states[d].landed(now[tenantDay{dst, d}])
+		if err != nil {
+			return nil, fmt.Errorf("resume tenant %s, day %s: %w", dst, d.Format(time.DateOnly), err)
+		}
+		if landed {
+			done = append(done, d)
+			progress(p.eventsOn(src, d))
+		} else {
+			redo = append(redo, d)
+		}
+	}
+	if err := im.cp.set(ctx, dst, done, stateStored); err != nil {
+		return nil, err
+	}
+	tr.stored += len(done)
+	return redo, im.cp.forget(ctx, dst, redo)
+}
+
+// usage returns the tenants' daily_usage per day in [first, last] and metric, zeros left out. The
+// tenants go as an external table, which keeps the sort key's tenant ranges usable.
+func (im *Importer) usage(ctx context.Context, tenants []uuid.UUID, first, last time.Time) (map[tenantDay]map[string]int64, error) {
+	tt, err := ext.NewTable("import_tenants", ext.Column("tenant_id", "UUID"))
+	if err != nil {
+		return nil, err
+	}
+	for _, t := range tenants {
+		if err := tt.Append(t); err != nil {
+			return nil, err
+		}
+	}
+	qctx := clickhouse.Context(ctx, clickhouse.WithExternalTable(tt))
+	rows, err := im.cfg.CH.Query(qctx, "SELECT tenant_id, date, metric, sum(count) FROM "+im.cfg.DB+
+		".daily_usage WHERE tenant_id IN (SELECT tenant_id FROM import_tenants) AND date >= toDate(?) AND date <= toDate(?) GROUP BY tenant_id, date, metric",
+		first.Format(time.DateOnly), last.Format(time.DateOnly))
+	if err != nil {
+		return nil, fmt.Errorf("read daily_usage: %w", err)
 	}
 	defer rows.Close()
-	out := map[time.Time]int64{}
+	out := map[tenantDay]map[string]int64{}
 	for rows.Next() {
-		var d time.Time
+		var td tenantDay
+		var metric string
 		var n int64
-		if err := rows.Scan(&d, &n); err != nil {
-			return nil, fmt.Errorf("read daily_usage totals: %w", err)
+		if err := rows.Scan(&td.tenant, &td.day, &metric, &n); err != nil {
+			return nil, fmt.Errorf("read daily_usage: %w", err)
 		}
-		out[time.Date(d.Year(), d.Month(), d.Day(), 0, 0, 0, 0, time.UTC)] = n
+		if n == 0 {
+			continue
+		}
+		td.day = time.Date(td.day.Year(), td.day.Month(), td.day.Day(), 0, 0, 0, 0, time.UTC)
+		if out[td] == nil {
+			out[td] = map[string]int64{}
+		}
+		out[td][metric] = n
 	}
 	return out, rows.Err()
 }
 
-// addAggregates records the days as 'inserting' with their totals before and what rows add, inserts
-// rows into daily_usage, and records the days as stored.
+// addAggregates records the days as 'inserting' with their daily_usage before and what rows add,
+// inserts rows into daily_usage, and records the days as stored.
 func (im *Importer) addAggregates(ctx context.Context, tenant uuid.UUID, days []time.Time, rows []aggRow) error {
-	totals, err := im.totals(ctx, tenant, days[0], days[len(days)-1])
+	now, err := im.usage(ctx, []uuid.UUID{tenant}, days[0], days[len(days)-1])
 	if err != nil {
 		return err
 	}
-	delta := map[time.Time]int64{}
+	delta := map[time.Time]map[string]int64{}
 	for _, r := range rows {
-		delta[r.day] += r.count
+		if delta[r.day] == nil {
+			delta[r.day] = map[string]int64{}
+		}
+		delta[r.day][r.metric] += r.count
 	}
-	before, add := make([]int64, len(days)), make([]int64, len(days))
+	before, add := make([]map[string]int64, len(days)), make([]map[string]int64, len(days))
 	for i, d := range days {
-		before[i], add[i] = totals[d], delta[d]
+		before[i], add[i] = now[tenantDay{tenant, d}], delta[d]
 	}
 	if err := im.cp.inserting(ctx, tenant, days, before, add); err != nil {
 		return err
 	}
 	if len(rows) > 0 {
 		table := im.cfg.DB + ".daily_usage"
-		batch, err := im.cfg.CH.PrepareBatch(queryCtx(ctx), "INSERT INTO "+table+" (tenant_id, date, metric, count)")
+		batch, err := im.cfg.CH.PrepareBatch(im.queryCtx(ctx), "INSERT INTO "+table+" (tenant_id, date, metric, count)")
 		if err != nil {
 			return fmt.Errorf("insert into %s: prepare: %w", table, err)
 		}

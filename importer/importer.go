@@ -18,9 +18,14 @@
 // Exactly once: every row that has an id (events, and increments, whose id is a name-based UUID of
 // the source tenant, day and metric) is inserted only when ClickHouse does not already hold its id for
 // that tenant and time range, so an insert whose acknowledgement was lost is not repeated. Aggregates
-// have no id; their (tenant, day) is recorded in Postgres as 'inserting' with the daily_usage total
-// before and the total added, and a resumed import reads the total again to tell whether that insert
-// landed. Progress is kept per source tenant and day in Postgres (import_days, import_tenants).
+// have no id; their (tenant, day) is recorded in Postgres as 'inserting' with the day's daily_usage
+// before and what the insert adds, per metric, and a resumed import reads daily_usage again to tell
+// whether that insert landed — first, whichever side of the window the day is on by then. A day's
+// events are recorded the same way before their first insert: should the day leave the window before
+// a resumed run, retention may have dropped them, and daily_usage settles it instead of the id check.
+// Progress is kept per source tenant and day in Postgres (import_days, import_tenants). Source rows
+// whose ts or date ClickHouse cannot hold (outside UTC days 1970-01-01 to 2105-12-31, or infinite)
+// are skipped and counted, like rows without one.
 //
 // It does not own any table (package schema does), does not decide what is billed (package rollup
 // does, through Bill), does not validate events as ingest does (it imports history as it is), and
@@ -90,9 +95,12 @@ type Config struct {
 // Result is what Run did.
 type Result struct {
 	Tenants []TenantResult `json:"tenants"`
-	// SourceEvents counts analytics_events rows with a tenant and a ts; Skipped those without.
+	// SourceEvents counts analytics_events rows with a tenant and a ts ClickHouse can hold (UTC days
+	// 1970-01-01 to 2105-12-31); Skipped those without. SkippedUsage counts analytics_daily_usage rows
+	// with a count but without a tenant, a metric or such a date.
 	SourceEvents int64 `json:"source_events"`
 	Skipped      int64 `json:"skipped_events"`
+	SkippedUsage int64 `json:"skipped_usage_rows"`
 	// Inserted: event rows this run wrote to ClickHouse events; Present: rows it found already there;
 	// Aggregated: old events this run counted into daily_usage; Increments: usage rows it wrote.
 	Inserted   int64 `json:"inserted"`
@@ -179,14 +187,14 @@ func (im *Importer) Run(ctx context.Context) (Result, error) {
 		return res, err
 	}
 	defer unlock()
-	if err := awaitEarlierInserts(ctx, im.cfg.CH, im.log); err != nil {
+	if err := awaitEarlierInserts(ctx, im.cfg.CH, im.cfg.DB, im.log); err != nil {
 		return res, err
 	}
 	p, err := readPlan(ctx, im.cfg.Source)
 	if err != nil {
 		return res, err
 	}
-	res.SourceEvents, res.Skipped = p.events, p.skipped
+	res.SourceEvents, res.Skipped, res.SkippedUsage = p.events, p.skipped, p.skippedUsage
 	tenants, err := im.mapTenants(ctx, p)
 	if err != nil {
 		return res, err
@@ -324,9 +332,8 @@ func (im *Importer) importTenant(ctx context.Context, p *plan, src, dst uuid.UUI
 	if err != nil {
 		return tr, err
 	}
-	days := p.days[src]
-	var old, recent []time.Time
-	for _, d := range days {
+	var old, recent, unsettled []time.Time
+	for _, d := range p.days[src] {
 		switch st := states[d]; {
 		case st.state == stateBilled || (st.state == stateStored && !d.Before(im.cfg.Today)):
 			tr.skipped++
@@ -335,14 +342,34 @@ func (im *Importer) importTenant(ctx context.Context, p *plan, src, dst uuid.UUI
 			// stored by an earlier run; billed after the ClickHouse work
 			tr.skipped++
 			progress(p.eventsOn(src, d))
-		case d.Before(im.cfg.OldBefore) && !(st.state == stateInserting && st.events):
+		case st.state == stateInserting && (!st.events || d.Before(im.cfg.OldBefore)):
+			// An interrupted insert no id check can settle: aggregates have no ids (whichever side of
+			// the window the day is on now: RETENTION_DAYS may have grown), and the events of a day
+			// that has left the window since may have been dropped by retention. daily_usage keeps
+			// the counts of both.
+			unsettled = append(unsettled, d)
+		case d.Before(im.cfg.OldBefore):
 			old = append(old, d)
 		default:
 			recent = append(recent, d)
 		}
 	}
+	if len(unsettled) > 0 {
+		redo, err := im.settle(ctx, p, src, dst, unsettled, states, &tr, progress)
+		if err != nil {
+			return tr, err
+		}
+		for _, d := range redo {
+			if d.Before(im.cfg.OldBefore) {
+				old = append(old, d)
+			} else {
+				recent = append(recent, d)
+			}
+		}
+		sort.Slice(old, func(i, j int) bool { return old[i].Before(old[j]) })
+	}
 	if len(old) > 0 {
-		if err := im.importOld(ctx, p, src, dst, old, states, &tr, progress); err != nil {
+		if err := im.importOld(ctx, p, src, dst, old, &tr, progress); err != nil {
 			return tr, err
 		}
 	}

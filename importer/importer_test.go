@@ -277,14 +277,14 @@ func TestImportAggregateLandedBeforeCheckpoint(t *testing.T) {
 	if after := count(t, e, "SELECT toUInt64(sum(count)) FROM "+e.DB+".daily_usage"); after != before {
 		t.Errorf("daily_usage total: got %d, want %d", after, before)
 	}
-	// And one that did not land is done again: put the total back by taking the day's rows away.
+	// And one that did not land is done again: put the day back as it was (nothing) by taking its
+	// rows away, metric by metric.
 	var tid uuid.UUID
 	var day time.Time
-	var delta int64
-	if err := e.PG.QueryRow(ctx, "SELECT tenant_id, day, delta_total FROM import_days WHERE day < $1 ORDER BY day LIMIT 1", cfg.OldBefore).Scan(&tid, &day, &delta); err != nil {
+	if err := e.PG.QueryRow(ctx, "SELECT tenant_id, day FROM import_days WHERE day < $1 ORDER BY day LIMIT 1", cfg.OldBefore).Scan(&tid, &day); err != nil {
 		t.Fatal(err)
 	}
-	e.Insert(t, "daily_usage", "tenant_id, date, metric, count", []any{tid, day, "auth.user.login", -delta})
+	takeAway(t, e, tid, day)
 	if _, err := e.PG.Exec(ctx, "UPDATE import_days SET state = 'inserting' WHERE tenant_id = $1 AND day = $2", tid, day); err != nil {
 		t.Fatal(err)
 	}
@@ -298,6 +298,31 @@ func TestImportAggregateLandedBeforeCheckpoint(t *testing.T) {
 	if after := count(t, e, "SELECT toUInt64(sum(count)) FROM "+e.DB+".daily_usage"); after != before {
 		t.Errorf("daily_usage total after redoing the day: got %d, want %d", after, before)
 	}
+}
+
+// takeAway adds to daily_usage the opposite of tenant's day, metric by metric: the day reads as if
+// its rows had never been inserted.
+func takeAway(t *testing.T, e testenv.Env, tenant uuid.UUID, day time.Time) {
+	t.Helper()
+	rows, err := e.CH.Query(context.Background(), "SELECT metric, sum(count) FROM "+e.DB+".daily_usage WHERE tenant_id = ? AND date = toDate(?) GROUP BY metric",
+		tenant, day.Format(time.DateOnly))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var opposite [][]any
+	for rows.Next() {
+		var metric string
+		var n int64
+		if err := rows.Scan(&metric, &n); err != nil {
+			t.Fatal(err)
+		}
+		opposite = append(opposite, []any{tenant, day, metric, -n})
+	}
+	if err := rows.Err(); err != nil || len(opposite) == 0 {
+		t.Fatalf("daily_usage of %s on %s: %v, %d metrics", tenant, day.Format(time.DateOnly), err, len(opposite))
+	}
+	e.Insert(t, "daily_usage", "tenant_id, date, metric, count", opposite...)
 }
 
 // The verification names what differs: an event the source got after the import, and a billed row

@@ -101,7 +101,7 @@ func (im *Importer) insertEvents(ctx context.Context, c *eventCols) (inserted, p
 		return 0, present, nil
 	}
 	table := im.cfg.DB + ".events"
-	batch, err := im.cfg.CH.PrepareBatch(queryCtx(ctx), "INSERT INTO "+table+" (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
+	batch, err := im.cfg.CH.PrepareBatch(im.queryCtx(ctx), "INSERT INTO "+table+" (tenant_id, ts, id, received_at, event, source, user_id, props, ip, request_id)")
 	if err != nil {
 		return 0, present, fmt.Errorf("insert into %s: prepare: %w", table, err)
 	}
@@ -155,7 +155,7 @@ func (im *Importer) insertIncrements(ctx context.Context, incs []increment) (int
 		return 0, nil
 	}
 	table := im.cfg.DB + ".usage_increments"
-	batch, err := im.cfg.CH.PrepareBatch(queryCtx(ctx), "INSERT INTO "+table+" (tenant_id, ts, id, metric, n)")
+	batch, err := im.cfg.CH.PrepareBatch(im.queryCtx(ctx), "INSERT INTO "+table+" (tenant_id, ts, id, metric, n)")
 	if err != nil {
 		return 0, fmt.Errorf("insert into %s: prepare: %w", table, err)
 	}
@@ -170,6 +170,34 @@ func (im *Importer) insertIncrements(ctx context.Context, incs []increment) (int
 	return int64(len(idCol)), nil
 }
 
+// startEvents records tds as 'inserting' as events, with their daily_usage before (per metric) and
+// what importing them adds (see checkpoint.startEvents). srcOf maps analyticsd tenants to the source's.
+func (im *Importer) startEvents(ctx context.Context, p *plan, srcOf map[uuid.UUID]uuid.UUID, tds []tenantDay) error {
+	if len(tds) == 0 {
+		return nil
+	}
+	var tenants []uuid.UUID
+	first, last := tds[0].day, tds[0].day
+	for _, td := range tds {
+		tenants = append(tenants, td.tenant)
+		if td.day.Before(first) {
+			first = td.day
+		}
+		if td.day.After(last) {
+			last = td.day
+		}
+	}
+	now, err := im.usage(ctx, distinct(tenants), first, last)
+	if err != nil {
+		return err
+	}
+	before, delta := make([]map[string]int64, len(tds)), make([]map[string]int64, len(tds))
+	for i, td := range tds {
+		before[i], delta[i] = now[td], p.adds(srcOf[td.tenant], td.day, false)
+	}
+	return im.cp.startEvents(ctx, tds, before, delta)
+}
+
 // importRecent imports the days inside the retention window of every tenant in one pass over the
 // source, oldest first: the events with their ids, the usage metrics as increments. One insert
 // carries every tenant's rows of its days, so ClickHouse makes one part per day and insert rather
@@ -179,6 +207,10 @@ func (im *Importer) insertIncrements(ctx context.Context, incs []increment) (int
 func (im *Importer) importRecent(ctx context.Context, p *plan, tenants map[uuid.UUID]TenantResult, pending map[uuid.UUID][]time.Time, tr *tenantRun, progress func(int64)) error {
 	want := map[uuid.UUID]map[time.Time]bool{}
 	byDay := map[time.Time][]uuid.UUID{}
+	srcOf := map[uuid.UUID]uuid.UUID{}
+	for src, t := range tenants {
+		srcOf[t.ID] = src
+	}
 	for src, days := range pending {
 		want[src] = map[time.Time]bool{}
 		for _, d := range days {
@@ -216,7 +248,7 @@ func (im *Importer) importRecent(ctx context.Context, p *plan, tenants map[uuid.
 				starting = append(starting, k)
 			}
 		}
-		if err := im.cp.startEvents(ctx, starting); err != nil {
+		if err := im.startEvents(ctx, p, srcOf, starting); err != nil {
 			return err
 		}
 		ins, pres, err := im.insertEvents(ctx, &cols)

@@ -16,13 +16,25 @@ import (
 // plan is the source at a glance: per tenant, its days and per day the count of each event name, and
 // its analytics_daily_usage rows. It is also the source side of the verification.
 type plan struct {
-	counts  map[uuid.UUID]map[time.Time]map[string]int64
-	usage   map[uuid.UUID]map[time.Time][]UsageRow
-	days    map[uuid.UUID][]time.Time
-	slugs   map[uuid.UUID]string // the source's tenants.slug, where it has one
-	events  int64
-	skipped int64
+	counts map[uuid.UUID]map[time.Time]map[string]int64
+	usage  map[uuid.UUID]map[time.Time][]UsageRow
+	days   map[uuid.UUID][]time.Time
+	slugs  map[uuid.UUID]string // the source's tenants.slug, where it has one
+	events int64
+	// skipped: events without a tenant, or without a ts ClickHouse can hold; skippedUsage: rows of
+	// analytics_daily_usage without a tenant, metric or date ClickHouse can hold.
+	skipped, skippedUsage int64
 }
+
+// ClickHouse's DateTime holds 1970-01-01 to 2106-02-07 06:28:15, its Date 1970-01-01 to 2149-06-06;
+// a value outside wraps silently onto another day (2^32 s after an event of today is today again). The
+// import keeps the UTC days whose every second both hold, [firstDay, endDay), and skips rows of other
+// days as it skips rows without ts. Postgres' 'infinity' and '-infinity' fall outside too, which also
+// keeps them from the scans into time.Time (which cannot hold them).
+var (
+	firstDay = time.Date(1970, 1, 1, 0, 0, 0, 0, time.UTC)
+	endDay   = time.Date(2106, 1, 1, 0, 0, 0, 0, time.UTC)
+)
 
 func (p *plan) tenantIDs() []uuid.UUID {
 	ids := make([]uuid.UUID, 0, len(p.days))
@@ -41,6 +53,23 @@ func (p *plan) eventsOn(tenant uuid.UUID, day time.Time) int64 {
 	return n
 }
 
+// adds is what importing tenant's day adds to daily_usage, per metric: its events per name and its
+// usage metrics, and for a day older than the window (old: counted as aggregates) also the event-name
+// rows of analytics_daily_usage when the source has no events that day (inside the window those are
+// not imported: the rollup counts events).
+func (p *plan) adds(tenant uuid.UUID, day time.Time, old bool) map[string]int64 {
+	out := map[string]int64{}
+	for ev, n := range p.counts[tenant][day] {
+		out[ev] += n
+	}
+	for _, u := range p.usage[tenant][day] {
+		if !isEventName(u.Metric) || (old && len(p.counts[tenant][day]) == 0) {
+			out[u.Metric] += u.Count
+		}
+	}
+	return out
+}
+
 func (p *plan) tenantEvents(tenant uuid.UUID) int64 {
 	var n int64
 	for d := range p.counts[tenant] {
@@ -53,8 +82,8 @@ func (p *plan) tenantEvents(tenant uuid.UUID) int64 {
 func readPlan(ctx context.Context, src *pgxpool.Pool) (*plan, error) {
 	p := &plan{counts: map[uuid.UUID]map[time.Time]map[string]int64{}, usage: map[uuid.UUID]map[time.Time][]UsageRow{},
 		days: map[uuid.UUID][]time.Time{}, slugs: map[uuid.UUID]string{}}
-	rows, err := src.Query(ctx, `SELECT tenant_id, (ts AT TIME ZONE 'UTC')::date, event, count(*)
-FROM analytics_events GROUP BY 1, 2, 3`)
+	rows, err := src.Query(ctx, `SELECT tenant_id, CASE WHEN ts >= $1 AND ts < $2 THEN (ts AT TIME ZONE 'UTC')::date END, event, count(*)
+FROM analytics_events GROUP BY 1, 2, 3`, firstDay, endDay)
 	if err != nil {
 		return nil, fmt.Errorf("read the source's analytics_events: %w", err)
 	}
@@ -97,25 +126,32 @@ FROM analytics_events GROUP BY 1, 2, 3`)
 		return nil, fmt.Errorf("read the source's analytics_events: %w", err)
 	}
 
-	rows, err = src.Query(ctx, `SELECT tenant_id, date, metric, COALESCE(count, 0) FROM analytics_daily_usage
-WHERE tenant_id IS NOT NULL AND date IS NOT NULL AND metric IS NOT NULL AND COALESCE(count, 0) <> 0`)
+	rows, err = src.Query(ctx, `SELECT tenant_id, CASE WHEN date >= $1 AND date < $2 THEN date END, metric, COALESCE(count, 0)
+FROM analytics_daily_usage WHERE COALESCE(count, 0) <> 0`, firstDay, endDay)
 	if err != nil {
 		return nil, fmt.Errorf("read the source's analytics_daily_usage: %w", err)
 	}
 	for rows.Next() {
 		var r UsageRow
-		var d time.Time
-		if err := rows.Scan(&r.Tenant, &d, &r.Metric, &r.Count); err != nil {
+		var t *uuid.UUID
+		var d *time.Time
+		var metric *string
+		if err := rows.Scan(&t, &d, &metric, &r.Count); err != nil {
 			rows.Close()
 			return nil, fmt.Errorf("read the source's analytics_daily_usage: %w", err)
 		}
-		d = d.UTC()
-		r.Day = d.Format(time.DateOnly)
+		if t == nil || d == nil || metric == nil {
+			p.skippedUsage++
+			continue
+		}
+		r.Tenant, r.Metric = *t, *metric
+		day := d.UTC()
+		r.Day = day.Format(time.DateOnly)
 		if p.usage[r.Tenant] == nil {
 			p.usage[r.Tenant] = map[time.Time][]UsageRow{}
 		}
-		p.usage[r.Tenant][d] = append(p.usage[r.Tenant][d], r)
-		addDay(r.Tenant, d)
+		p.usage[r.Tenant][day] = append(p.usage[r.Tenant][day], r)
+		addDay(r.Tenant, day)
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
@@ -162,7 +198,8 @@ type event struct {
 }
 
 // streamEvents reads the source's events of the UTC days first to last (inclusive), every tenant,
-// oldest first, and calls fn with each one and its source tenant. The guide's tables have no index on
+// oldest first, and calls fn with each one and its source tenant. The days are the plan's, inside
+// [firstDay, endDay), so no ts ClickHouse cannot hold (nor an infinite one) is read. The guide's tables have no index on
 // ts alone, so Postgres scans the table once and sorts what it keeps; streamed, memory stays flat here.
 func streamEvents(ctx context.Context, src *pgxpool.Pool, first, last time.Time, fn func(tenant uuid.UUID, e *event) error) error {
 	rows, err := src.Query(ctx, `SELECT tenant_id, id, ts, event, COALESCE(source, ''), COALESCE(user_id, ''),

@@ -181,7 +181,10 @@ func printImport(w io.Writer, r importer.Result) {
 	fmt.Fprintf(w, "tenant-days: %d stored, %d billed (rollup, %s), %d done by an earlier run\n", r.DaysStored, r.DaysBilled,
 		r.BillDuration.Round(time.Millisecond), r.DaysSkipped)
 	if r.Skipped > 0 {
-		fmt.Fprintf(w, "skipped %d source events without tenant_id or ts\n", r.Skipped)
+		fmt.Fprintf(w, "skipped %d source events without tenant_id or a ts ClickHouse can hold (UTC days 1970-01-01 to 2105-12-31)\n", r.Skipped)
+	}
+	if r.SkippedUsage > 0 {
+		fmt.Fprintf(w, "skipped %d analytics_daily_usage rows without tenant_id, metric or a date ClickHouse can hold\n", r.SkippedUsage)
 	}
 }
 
