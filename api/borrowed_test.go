@@ -22,9 +22,11 @@ var rawRequest = regexp.MustCompile(`\.Request\(\)\.|\.Context\(\)\.(QueryArgs|P
 // reads only whether the request is HTTP/1.1 (a bool); segment reads its body (twice: the writeKey,
 // then the messages) into fresh values — json.Unmarshal copies, a single call's body is cloned —
 // and writes the rest: the translated body, Authorization, Content-Type, Content-Encoding;
-// ClientAddr converts each X-Forwarded-For header with string(...) and keeps only a netip.Addr.
+// ClientAddr converts each X-Forwarded-For hop with string(...) and keeps only a netip.Addr, and
+// auth's client address only asks whether the request has the header.
 var rawAllowed = map[string]int{
 	"api/clientaddr.go":    1,
+	"auth/http.go":         1,
 	"api/params.go":        1,
 	"api/stream.go":        1,
 	"ingest/http.go":       8,

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bytes"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -57,10 +58,18 @@ func ClientAddr(c *fiber.Ctx, ps Proxies) netip.Addr {
 	}
 	client := peer
 	headers := c.Request().Header.PeekAll(fiber.HeaderXForwardedFor)
+	// From the right, one hop at a time, stopping at the first untrusted one: a client can send a
+	// header of thousands of hops, and splitting it all cost more than the lookup being bounded.
 	for i := len(headers) - 1; i >= 0; i-- {
-		hops := strings.Split(string(headers[i]), ",")
-		for j := len(hops) - 1; j >= 0; j-- {
-			a, ok := hopAddr(strings.TrimSpace(hops[j]))
+		list := headers[i]
+		for len(list) > 0 {
+			hop := list
+			if j := bytes.LastIndexByte(list, ','); j >= 0 {
+				hop, list = list[j+1:], list[:j]
+			} else {
+				list = nil
+			}
+			a, ok := hopAddr(string(bytes.TrimSpace(hop)))
 			if !ok {
 				return client
 			}

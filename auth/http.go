@@ -62,6 +62,12 @@ type Authenticator struct {
 	bySlug  map[string]cachedTenant
 	uses    map[uuid.UUID]*keyUse // keys verified here, for RecordUsage
 	lookups map[netip.Prefix]*refusalBucket
+	global  refusalBucket // the instance's bound on refused lookups (RefusalLimit)
+	swept   time.Time     // when lookups was last swept for full buckets
+	// Log, when set, hears of a request that names its client in X-Forwarded-For while no proxy is
+	// trusted (once per process): behind a load balancer, every client then shares its address.
+	Log       *slog.Logger
+	warnedXFF atomic.Bool
 }
 
 // keyUse is when a key was last used, kept in memory: a request only moves an atomic (at most once a
@@ -132,9 +138,10 @@ func (a *Authenticator) tenantBySlug(ctx context.Context, slug string) (tenant.T
 	return t, err
 }
 
-// verify returns the key record and its tenant's slug, from the cache when fresh. from is the
-// client's address, whose lookups of credentials not verified before the Refusals limit bounds.
-func (a *Authenticator) verify(ctx context.Context, token string, from netip.Addr) (Key, string, error) {
+// verify returns the key record and its tenant's slug, from the cache when fresh. from gives the
+// client's address, whose lookups of credentials not verified before the Refusals limit bounds; it is
+// asked only for such a lookup.
+func (a *Authenticator) verify(ctx context.Context, token string, from client) (Key, string, error) {
 	h := sha256.Sum256([]byte(token))
 	now := a.now()
 	a.mu.Lock()
@@ -150,9 +157,16 @@ func (a *Authenticator) verify(ctx context.Context, token string, from netip.Add
 	charged := !known && a.Refusals.PerMinute > 0
 	var bucket netip.Prefix
 	if charged {
-		bucket = addrKey(from)
+		a.mu.Unlock()
+		bucket = addrKey(from.addr())
+		a.mu.Lock()
 		if ok, wait := a.takeLookup(bucket, now); !ok {
 			a.mu.Unlock()
+			if hit && c.err != nil {
+				// Refused before: that answer still holds far more likely than not (revoked and
+				// expired keys stay so), and "retry later" would have the client retry forever.
+				return c.answer(now)
+			}
 			return Key{}, "", errRefusalsLimited{wait: wait}
 		}
 	}
@@ -315,7 +329,7 @@ func (a *Authenticator) Require(scope Scope, then ...fiber.Handler) fiber.Handle
 		var scopes []Scope
 		var err error
 		if LooksLikeKey(token) || a.jwt == nil {
-			p, scopes, err = a.fromKey(c.UserContext(), token, api.ClientAddr(c, a.Proxies))
+			p, scopes, err = a.fromKey(c.UserContext(), token, client{a, c})
 		} else {
 			p, scopes, err = a.fromJWT(c.UserContext(), token)
 		}
@@ -336,6 +350,25 @@ func (a *Authenticator) Require(scope Scope, then ...fiber.Handler) fiber.Handle
 	}
 }
 
+// client is the request a credential came with, for its address.
+type client struct {
+	a *Authenticator
+	c *fiber.Ctx
+}
+
+// addr is the request's client address (api.ClientAddr). With no proxy trusted, a request that names
+// its client in X-Forwarded-For comes through a proxy whose clients all count as one address: that is
+// logged, once.
+func (cl client) addr() netip.Addr {
+	a := cl.a
+	if len(a.Proxies) == 0 && a.Log != nil && len(cl.c.Request().Header.Peek(fiber.HeaderXForwardedFor)) > 0 && a.warnedXFF.CompareAndSwap(false, true) {
+		a.Log.Warn("requests carry X-Forwarded-For but ANALYTICS_TRUSTED_PROXIES is empty: every client behind that proxy counts as its address for AUTH_REFUSALS_*, "+
+			"so one client sending made-up keys holds up the others' new keys; list your load balancers in ANALYTICS_TRUSTED_PROXIES",
+			"peer", cl.c.Context().RemoteIP().String())
+	}
+	return api.ClientAddr(cl.c, a.Proxies)
+}
+
 // registryDown is the 503 for a credential that cannot be checked: the keys or tenants did not answer.
 func registryDown() error {
 	return api.Unavailable("auth_unavailable", "cannot verify credentials right now; retry shortly", 5, nil)
@@ -346,7 +379,7 @@ func tenantDisabled(slug string) error {
 	return api.Forbidden("tenant_disabled", "tenant "+strconv.Quote(slug)+" is disabled; its credentials are refused until an operator enables it")
 }
 
-func (a *Authenticator) fromKey(ctx context.Context, token string, from netip.Addr) (api.Principal, []Scope, error) {
+func (a *Authenticator) fromKey(ctx context.Context, token string, from client) (api.Principal, []Scope, error) {
 	if !LooksLikeKey(token) {
 		return api.Principal{}, nil, api.Unauthorized("invalid credential: the bearer token is not an analyticsd API key")
 	}
@@ -358,7 +391,7 @@ func (a *Authenticator) fromKey(ctx context.Context, token string, from netip.Ad
 			a.Refusals.Limited.Inc()
 		}
 		return api.Principal{}, nil, api.TooMany("too_many_refused_credentials",
-			"too many unknown or refused credentials from your address; retry later with a valid API key",
+			"too many unknown or refused credentials from your address (or from everywhere at once); retry later with a valid API key",
 			int(math.Ceil(limited.wait.Seconds())))
 	case errors.Is(err, ErrInvalidKey):
 		return api.Principal{}, nil, api.Unauthorized("invalid API key")

@@ -341,3 +341,101 @@ func TestValidKeysCostNoRefusals(t *testing.T) {
 		t.Errorf("the third made-up key: %d %s, want 429 (the bound is 2)", code, msg)
 	}
 }
+
+// An attacker with as many addresses as the map of buckets holds (an IPv6 /47 of /64s) must not
+// reset the bound by filling it. Before, a full map was emptied and every bucket, the attacker's
+// exhausted one included, was full again (found by review).
+func TestFillingTheMapOfAddressesKeepsTheirBounds(t *testing.T) {
+	f := newAuthFixture(t)
+	f.authn.MaxCached = 20
+	f.authn.Refusals = auth.RefusalLimit{PerMinute: 1, Burst: 3}
+	f.authn.Proxies, _ = api.ParseProxies("127.0.0.1")
+	from := func(addr, token string) int {
+		return f.srv.Do(t, fixture.Request{Path: "/x", Key: token, Header: map[string]string{"X-Forwarded-For": addr}}).Status
+	}
+	made := func(i int) string { return fmt.Sprintf("ak_%012x_%s", 0xcafe000+i, strings.Repeat("R", 43)) }
+	const attacker = "2001:db8:aaaa:1::1"
+	for i := range 3 {
+		from(attacker, made(i))
+	}
+	if c := from(attacker, made(3)); c != 429 {
+		t.Fatalf("the attacker's bucket is not empty after its burst: %d", c)
+	}
+	for i := range 40 { // the attacker's other /64s, one made-up key each
+		from(fmt.Sprintf("2001:db8:aaaa:%x::1", 0x100+i), made(1000+i))
+	}
+	if c := from(attacker, made(4)); c != 429 {
+		t.Errorf("the exhausted address after the map was filled: %d, want 429 (its bucket kept)", c)
+	}
+	if c := from("2001:db8:bbbb::1", made(2000)); c != 429 {
+		t.Errorf("a new address while the map is full of partly spent buckets: %d, want 429 (the shared overflow bucket is spent)", c)
+	}
+}
+
+// Many addresses at once (a botnet, an IPv6 /48 of /64s) are bounded by the instance's own bucket:
+// past it, unknown credentials wait, while verified keys go on working.
+func TestTheInstanceBoundsRefusalsFromEverywhere(t *testing.T) {
+	f := newAuthFixture(t)
+	f.authn.Refusals = auth.RefusalLimit{PerMinute: 1, Burst: 1}
+	f.authn.Proxies, _ = api.ParseProxies("127.0.0.1")
+	if code, msg := f.status(t, f.key); code != 200 {
+		t.Fatalf("the tenant's key before: %d %s", code, msg)
+	}
+	limited := 0
+	for i := range auth.GlobalFactor + 5 {
+		made := fmt.Sprintf("ak_%012x_%s", 0xdd0000+i, strings.Repeat("G", 43))
+		r := f.srv.Do(t, fixture.Request{Path: "/x", Key: made, Header: map[string]string{"X-Forwarded-For": fmt.Sprintf("2001:db8:cc:%x::1", i)}})
+		if r.Status == 429 {
+			limited++
+		}
+	}
+	if limited != 5 {
+		t.Errorf("%d made-up keys from as many addresses, one each: %d answered 429, want the 5 past the instance's bound of %d", auth.GlobalFactor+5, limited, auth.GlobalFactor)
+	}
+	time.Sleep(60 * time.Millisecond) // past FreshFor: the key is checked again
+	if code, msg := f.status(t, f.key); code != 200 {
+		t.Errorf("a verified key while the instance's bound is spent: %d %s, want 200", code, msg)
+	}
+}
+
+// A revoked key sent from an address whose bucket is empty gets its refusal, not "retry later":
+// before, it was answered 429 with Retry-After, and a client retries that forever (found by review).
+func TestARevokedKeyFromALimitedAddressIsToldItIsRevoked(t *testing.T) {
+	f := newAuthFixture(t)
+	f.authn.Refusals = auth.RefusalLimit{PerMinute: 1, Burst: 3}
+	k, rec := fixture.Key(t, f.env.PG, f.tenant.ID, "to-revoke", auth.ScopeAnalyticsRead)
+	if code, msg := f.status(t, k); code != 200 {
+		t.Fatalf("the key before: %d %s", code, msg)
+	}
+	if _, err := f.env.PG.Exec(t.Context(), "UPDATE api_keys SET revoked_at = now() WHERE id = $1", rec.ID); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(60 * time.Millisecond)
+	if code, msg := f.status(t, k); code != 401 {
+		t.Fatalf("revoked: %d %s, want 401", code, msg)
+	}
+	for i := range 4 {
+		f.status(t, fmt.Sprintf("ak_%012x_%s", 0xee0000+i, strings.Repeat("V", 43)))
+	}
+	time.Sleep(60 * time.Millisecond)
+	if code, msg := f.status(t, k); code != 401 || !strings.Contains(msg, "revoked") {
+		t.Errorf("the revoked key from a limited address: %d %q, want 401 revoked", code, msg)
+	}
+}
+
+// Behind a load balancer not listed in ANALYTICS_TRUSTED_PROXIES every client is the balancer's
+// address, and one client's made-up keys hold up every other client's new keys (the review's finding
+// against the shipped manifests, which list none). That is said in the log, once.
+func TestXForwardedForWithoutTrustedProxiesIsLogged(t *testing.T) {
+	f := newAuthFixture(t)
+	f.authn.Refusals = auth.RefusalLimit{PerMinute: 1, Burst: 3}
+	var logged strings.Builder
+	f.authn.Log = slog.New(slog.NewTextHandler(&logged, nil))
+	for i := range 3 {
+		made := fmt.Sprintf("ak_%012x_%s", 0xff0000+i, strings.Repeat("X", 43))
+		f.srv.Do(t, fixture.Request{Path: "/x", Key: made, Header: map[string]string{"X-Forwarded-For": "198.51.100.1"}})
+	}
+	if n := strings.Count(logged.String(), "ANALYTICS_TRUSTED_PROXIES is empty"); n != 1 {
+		t.Errorf("the warning was logged %d times, want once:\n%s", n, logged.String())
+	}
+}

@@ -123,3 +123,33 @@ func TestInspectToleratesSegmentsShippedMeanwhile(t *testing.T) {
 		t.Errorf("%d of %d reports of a spool in use were wrong, first: %s", failures, reports, first)
 	}
 }
+
+// A record a release could not decode is quarantined as it is, saying it holds no rows (it could not
+// count them). Requeued by a release that can read it, the check that a file read whole ships all the
+// rows it says it holds took it for damaged: the row was stored and the file kept for ever (found by
+// review of that check).
+func TestRequeueOfARecordNowReadableRemovesItsFile(t *testing.T) {
+	env := testenv.Migrated(t)
+	dir := t.TempDir()
+	sp, err := spool.Open(spool.Options{Dir: dir, Format: recordFormat})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tenantID := uuid.New()
+	now := time.Now().UTC().Truncate(time.Second)
+	row := Row{ID: uuid.New(), TenantID: tenantID, Ts: now, ReceivedAt: now, Event: "a.b", Source: "app", Props: "{}"}
+	rec := appendRecord(nil, 10<<3, []Row{row}, nil)[spool.FrameOverhead:]
+	// As the writer quarantines a record it cannot read: no rows counted.
+	info, err := sp.Quarantine(spool.QuarantineInfo{Segment: "seg", Reason: "a spool record this release cannot read",
+		Error: "unknown record version", Format: recordFormat}, [][]byte{rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sp.Close()
+	if res, err := Requeue(context.Background(), dir, info.Name, env.CH, env.DB, nil, RequeueOptions{}); err != nil || res.Inserted != 1 {
+		t.Errorf("requeue of a once-unreadable record now readable: %+v, %v; want its row stored and the file removed", res, err)
+	}
+	if _, err := os.Stat(filepath.Join(spool.QuarantineDir(dir), info.Name)); err == nil {
+		t.Error("the file is kept")
+	}
+}

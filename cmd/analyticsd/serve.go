@@ -167,6 +167,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	})
 	authn := auth.NewAuthenticator(auth.NewKeys(pg), tenants, cfg.JWT)
 	authn.Proxies = cfg.TrustedProxies
+	authn.Log = log.With("component", "auth")
 	authn.Refusals = cfg.Refusals
 	authn.Refusals.Limited = prometheus.NewCounter(prometheus.CounterOpts{Name: "sbh_auth_refusals_limited_total",
 		Help: "Requests answered 429 because their address had too many unknown or refused credentials looked up (AUTH_REFUSALS_*)."})

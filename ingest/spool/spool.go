@@ -147,6 +147,7 @@ func (s *Spool) scan() error {
 	if err != nil {
 		return fmt.Errorf("read spool dir %s: %w", s.opts.Dir, err)
 	}
+	seen := map[uint64]bool{}
 	for _, e := range entries {
 		seq, ext, ok := parseName(e.Name())
 		if !ok {
@@ -166,6 +167,12 @@ func (s *Spool) scan() error {
 		if err != nil {
 			return err
 		}
+		if seen[seq] {
+			// Listed without the lock and renamed during a listing of several reads: both of its
+			// names were seen (found by review: a spool's segments and bytes counted twice).
+			continue
+		}
+		seen[seq] = true
 		s.recovered = append(s.recovered, g)
 		s.bytes.Add(g.size)
 		s.nextSeq = max(s.nextSeq, seq+1)

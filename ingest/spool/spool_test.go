@@ -476,3 +476,50 @@ func TestAQuarantineFileFinishedBeforeItsLockIsNotShipped(t *testing.T) {
 		t.Errorf("error %v, want one matching os.ErrNotExist", err)
 	}
 }
+
+// A listing of a running server's spool (no lock) reads a large directory in several calls, and a
+// segment renamed from .seg to .inflight between them shows under both names. Before, List reported
+// it twice, doubling the segments and bytes `spool status` shows (found by review).
+func TestListNeverReportsASegmentTwice(t *testing.T) {
+	dir := t.TempDir()
+	sp, err := Open(Options{Dir: dir, Format: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sp.Close()
+	const n = 3000
+	for i := 0; i < n; i++ {
+		os.WriteFile(filepath.Join(dir, fmt.Sprintf("%016d.seg", 100+i)), []byte("ADSP"), 0o640)
+	}
+	var stop atomic.Bool
+	stopped := make(chan struct{})
+	go func() { // only what a server does: .seg -> .inflight, later removed; new segments created
+		for i := 0; !stop.Load(); i++ {
+			p := func(k int) string { return filepath.Join(dir, fmt.Sprintf("%016d", 100+k)) }
+			os.Rename(p(i)+".seg", p(i)+".inflight")
+			if i >= 500 {
+				os.Remove(p(i-500) + ".inflight")
+			}
+			os.WriteFile(p(n+i)+".seg", []byte("ADSP"), 0o640)
+		}
+		close(stopped)
+	}()
+	defer func() { stop.Store(true); <-stopped }() // before TempDir's removal
+	dups := 0
+	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); {
+		segs, err := List(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen := map[uint64]bool{}
+		for _, g := range segs {
+			if seen[g.Seq] {
+				dups++
+			}
+			seen[g.Seq] = true
+		}
+	}
+	if dups > 0 {
+		t.Errorf("%d segments listed twice", dups)
+	}
+}
