@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
-	"github.com/ClickHouse/clickhouse-go/v2/ext"
 	"github.com/google/uuid"
 )
 
@@ -147,17 +146,11 @@ func (im *Importer) settle(ctx context.Context, p *plan, src, dst uuid.UUID, day
 	return redo, im.cp.forget(ctx, dst, redo)
 }
 
-// usage returns the tenants' daily_usage per day in [first, last] and metric, zeros left out. The
-// tenants go as an external table, which keeps the sort key's tenant ranges usable.
+// usage returns the tenants' daily_usage per day in [first, last] and metric, zeros left out.
 func (im *Importer) usage(ctx context.Context, tenants []uuid.UUID, first, last time.Time) (map[tenantDay]map[string]int64, error) {
-	tt, err := ext.NewTable("import_tenants", ext.Column("tenant_id", "UUID"))
+	tt, err := tenantsTable(tenants)
 	if err != nil {
 		return nil, err
-	}
-	for _, t := range tenants {
-		if err := tt.Append(t); err != nil {
-			return nil, err
-		}
 	}
 	qctx := clickhouse.Context(ctx, clickhouse.WithExternalTable(tt))
 	rows, err := im.cfg.CH.Query(qctx, "SELECT tenant_id, date, metric, sum(count) FROM "+im.cfg.DB+

@@ -23,6 +23,22 @@ type rowKey struct {
 	tenant, id uuid.UUID
 }
 
+// tenantsTable is the external table import_tenants(tenant_id) holding tenants, which a query filters
+// on with IN (SELECT ...): the sort key's tenant ranges stay usable, and no list grows past
+// max_query_size.
+func tenantsTable(tenants []uuid.UUID) (*ext.Table, error) {
+	tt, err := ext.NewTable("import_tenants", ext.Column("tenant_id", "UUID"))
+	if err != nil {
+		return nil, err
+	}
+	for _, t := range tenants {
+		if err := tt.Append(t); err != nil {
+			return nil, err
+		}
+	}
+	return tt, nil
+}
+
 // present returns which (tenant, id) of the given rows ClickHouse's table holds with ts in [lo, hi].
 // Ids and tenants go as external tables (an IN list of 100,000 ids would exceed max_query_size); the
 // tenants and the time range narrow the scan to the sort key's (tenant_id, ts) ranges where the rows
@@ -37,14 +53,9 @@ func (im *Importer) present(ctx context.Context, table string, tenants []uuid.UU
 			return nil, err
 		}
 	}
-	tt, err := ext.NewTable("import_tenants", ext.Column("tenant_id", "UUID"))
+	tt, err := tenantsTable(tenants)
 	if err != nil {
 		return nil, err
-	}
-	for _, t := range tenants {
-		if err := tt.Append(t); err != nil {
-			return nil, err
-		}
 	}
 	qctx := clickhouse.Context(ctx, clickhouse.WithExternalTable(idt, tt))
 	rows, err := im.cfg.CH.Query(qctx, "SELECT tenant_id, id FROM "+im.cfg.DB+"."+table+
