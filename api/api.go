@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -211,6 +212,17 @@ func NewApp(cfg Config, log *slog.Logger) *fiber.App {
 		// small allocations per request; ingest reads its large body through fasthttp's
 		// Request().Body() and copies only what it keeps (TestRequestStringsOutliveTheRequest).
 		Immutable: true,
+	})
+	// Every answer is what its Content-Type says (no sniffing), and the API's, which carry a tenant's
+	// data and strings its clients wrote, are neither cached nor rendered as a page nor framed. The
+	// dashboard's own pages set their own policy over these (package dashboards).
+	app.Use(func(c *fiber.Ctx) error {
+		c.Set(fiber.HeaderXContentTypeOptions, "nosniff")
+		if p := c.Path(); strings.HasPrefix(p, "/api/") || strings.HasPrefix(p, "/v1/") {
+			c.Set(fiber.HeaderCacheControl, "no-store")
+			c.Set(fiber.HeaderContentSecurityPolicy, "default-src 'none'; frame-ancestors 'none'")
+		}
+		return c.Next()
 	})
 	// A handler that panics answers 500 (logged with its stack) instead of ending the process and
 	// every other request in it. Nothing should panic; a replayed consume once did.

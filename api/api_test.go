@@ -120,3 +120,37 @@ func TestErrorKinds(t *testing.T) {
 		t.Errorf("WithDetails: got %v", d.Details)
 	}
 }
+
+// The API's answers carry a tenant's data and strings its clients wrote: none is sniffed into another
+// type, cached, rendered as a page or framed — an error or a 404 no more than a success. Before, only
+// the dashboard's pages set these headers (found by review).
+func TestAPIAnswersAreNotSniffedCachedOrFramed(t *testing.T) {
+	app := NewApp(Config{}, nil)
+	app.Get("/api/analytics/events", func(c *fiber.Ctx) error { return OK(c, map[string]string{"user_id": "<b>x</b>"}) })
+	app.Post("/v1/t", func(c *fiber.Ctx) error { return BadRequest("invalid", "no") })
+	app.Get("/dashboard", func(c *fiber.Ctx) error {
+		c.Set(fiber.HeaderCacheControl, "no-cache")
+		return c.SendString("page")
+	})
+	for _, tc := range []struct {
+		method, path string
+		api          bool
+	}{{"GET", "/api/analytics/events", true}, {"POST", "/v1/t", true}, {"GET", "/api/nope", true}, {"GET", "/dashboard", false}} {
+		res, err := app.Test(httptest.NewRequest(tc.method, tc.path, nil), -1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		h := res.Header
+		if h.Get(fiber.HeaderXContentTypeOptions) != "nosniff" {
+			t.Errorf("%s %s: X-Content-Type-Options %q, want nosniff", tc.method, tc.path, h.Get(fiber.HeaderXContentTypeOptions))
+		}
+		if tc.api && (h.Get(fiber.HeaderCacheControl) != "no-store" || h.Get(fiber.HeaderContentSecurityPolicy) != "default-src 'none'; frame-ancestors 'none'") {
+			t.Errorf("%s %s (%d): Cache-Control %q, CSP %q; want no-store and default-src 'none'", tc.method, tc.path, res.StatusCode,
+				h.Get(fiber.HeaderCacheControl), h.Get(fiber.HeaderContentSecurityPolicy))
+		}
+		if !tc.api && (h.Get(fiber.HeaderCacheControl) != "no-cache" || h.Get(fiber.HeaderContentSecurityPolicy) != "") {
+			t.Errorf("%s %s: Cache-Control %q, CSP %q; want the page's own", tc.method, tc.path, h.Get(fiber.HeaderCacheControl), h.Get(fiber.HeaderContentSecurityPolicy))
+		}
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 	"time"
 	"unicode/utf8"
@@ -254,14 +255,16 @@ func control(c byte) bool { return (c < 0x20 && c != '\t' && c != '\n' && c != '
 
 // appendCell appends s as one CSV cell: neutralised as OWASP recommends for CSV injection (a cell a
 // spreadsheet would run gets a leading '), with control characters and invalid UTF-8 as U+FFFD, and
-// quoted when it holds a delimiter (',' or ';', which Excel splits on in many locales), a quote, a
-// line break or a leading space.
+// quoted when it holds a delimiter (',' or ';', which Excel splits on in many locales, or a tab,
+// which some importers split on), a quote, a line break or a leading space.
 func appendCell(b []byte, s string) []byte {
 	quote, clean := false, true
 	for i := 0; i < len(s); i++ {
 		c := s[i]
 		switch {
-		case c == ',' || c == ';' || c == '"' || c == '\n' || c == '\r':
+		case c == ',' || c == ';' || c == '"' || c == '\n' || c == '\r' || c == '\t':
+			// A tab too: importers that split on it as well saw "x<TAB>=1+1" as a cell "=1+1",
+			// past the check of the cell's start (found by review).
 			quote = true
 		case control(c) || c >= 0x80:
 			clean = false
@@ -270,7 +273,8 @@ func appendCell(b []byte, s string) []byte {
 	if s != "" && s[0] == ' ' {
 		quote = true
 	}
-	neutralise := formulaStart(s)
+	// After leading spaces too: some spreadsheets trim them, and " =1+1" becomes a formula there.
+	neutralise := formulaStart(strings.TrimLeft(s, " "))
 	if !quote && clean && !neutralise {
 		return append(b, s...)
 	}

@@ -84,13 +84,19 @@ func TestCSVCell(t *testing.T) {
 		"\uFF0D1": "'\uFF0D1", "\uFF20x": "'\uFF20x", "\uFF21": "\uFF21", "用户": "用户",
 		"a\x00b": "a\uFFFDb", "\x01=x": "\uFFFD=x", "a\x7fb": "a\uFFFDb", "a\xffb": "a\uFFFDb",
 		"a,b": "a,b", `say "hi"`: `say "hi"`, "two\nlines": "two\nlines", " lead": " lead",
-		"user-1": "user-1", "": "", `{"a":1}`: `{"a":1}`,
+		"user-1": "user-1", "": "", `{"a":1}`: `{"a":1}`, " =1+1": "' =1+1", "  @x": "'  @x",
+		"x\t=1+1": "x\t=1+1",
 	} {
 		line := string(appendCell(nil, in)) + ",end\n"
 		rec, err := csv.NewReader(strings.NewReader(line)).Read()
 		if err != nil || len(rec) != 2 || rec[0] != want || rec[1] != "end" {
 			t.Errorf("cell %q written as %q, read back as %q (%v); want %q", in, line, rec, err, want)
 		}
+	}
+	// A tab inside a cell is quoted: an importer splitting on tabs as well as commas read
+	// "x<TAB>=1+1" unquoted as the cells "x" and "=1+1", a formula past the check of the start.
+	if got := string(appendCell(nil, "x\t=1+1")); got != "\"x\t=1+1\"" {
+		t.Errorf("a cell with a tab written as %q, want it quoted", got)
 	}
 }
 
