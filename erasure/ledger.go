@@ -80,7 +80,13 @@ func bumpLedger(ctx context.Context, tx pgx.Tx) error {
 
 // TenantsErasing lists the tenants whose tenant erasure is queued or running.
 func TenantsErasing(ctx context.Context, q Querier) ([]uuid.UUID, error) {
-	return tenantJobs(ctx, q, `status IN ($2, $3)`, StatusQueued, StatusRunning)
+	return tenantJobs(ctx, q, []string{KindTenant}, `status IN ($2, $3)`, StatusQueued, StatusRunning)
+}
+
+// TenantsWithOpenErasures lists the tenants with an erasure of any kind, of the tenant or of one of its
+// users, queued or running: rows written into them meanwhile (an import) may escape its delete.
+func TenantsWithOpenErasures(ctx context.Context, q Querier) ([]uuid.UUID, error) {
+	return tenantJobs(ctx, q, []string{KindTenant, KindUser}, `status IN ($2, $3)`, StatusQueued, StatusRunning)
 }
 
 // TenantsDeleting lists the tenants whose tenant erasure may have deleted rows since `since`
@@ -95,14 +101,14 @@ func TenantsDeleting(ctx context.Context, q Querier, since time.Time) ([]uuid.UU
 			deleting = append(deleting, step)
 		}
 	}
-	return tenantJobs(ctx, q, `(status = $2 AND step = ANY($3)) OR (status IN ($4, $5) AND finished_at >= $6)`,
+	return tenantJobs(ctx, q, []string{KindTenant}, `(status = $2 AND step = ANY($3)) OR (status IN ($4, $5) AND finished_at >= $6)`,
 		StatusRunning, deleting, StatusDone, StatusFailed, since)
 }
 
-// tenantJobs lists the tenants of tenant erasures matching where (its arguments from $2).
-func tenantJobs(ctx context.Context, q Querier, where string, args ...any) ([]uuid.UUID, error) {
-	rows, err := q.Query(ctx, "SELECT DISTINCT tenant_id FROM erasure_jobs WHERE kind = $1 AND ("+where+") ORDER BY tenant_id",
-		append([]any{KindTenant}, args...)...)
+// tenantJobs lists the tenants of erasures of kinds matching where (its arguments from $2).
+func tenantJobs(ctx context.Context, q Querier, kinds []string, where string, args ...any) ([]uuid.UUID, error) {
+	rows, err := q.Query(ctx, "SELECT DISTINCT tenant_id FROM erasure_jobs WHERE kind = ANY($1) AND ("+where+") ORDER BY tenant_id",
+		append([]any{kinds}, args...)...)
 	if err != nil {
 		return nil, fmt.Errorf("read tenant erasures: %w", err)
 	}

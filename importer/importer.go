@@ -37,7 +37,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -45,6 +47,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/analyticsd/analyticsd/erasure"
 	"github.com/analyticsd/analyticsd/internal/logger"
 	"github.com/analyticsd/analyticsd/tenant"
 )
@@ -90,6 +93,27 @@ type Config struct {
 	// Progress, when set, is told the events done so far and the total, after every insert.
 	Progress func(done, total int64)
 	Log      *slog.Logger
+}
+
+// refuseErasing refuses an import into tenants with an erasure queued or running: its rows would race
+// the erasure's delete, and those inserted after it would escape it — an erased user's events put
+// back, or a tenant erasure's "all of the tenant's data" left holding the import.
+func (im *Importer) refuseErasing(ctx context.Context, tenants []TenantResult) error {
+	open, err := erasure.TenantsWithOpenErasures(ctx, im.cfg.PG)
+	if err != nil {
+		return err
+	}
+	var slugs []string
+	for _, t := range tenants {
+		if slices.Contains(open, t.ID) {
+			slugs = append(slugs, t.Slug)
+		}
+	}
+	if len(slugs) > 0 {
+		return fmt.Errorf("tenants %s have an erasure queued or running; an import now would race its delete and could put back what it erases. "+
+			"Run the import again once `analyticsd erase status` says the job is done (this run imported nothing)", strings.Join(slugs, ", "))
+	}
+	return nil
 }
 
 // Result is what Run did.
@@ -203,6 +227,9 @@ func (im *Importer) Run(ctx context.Context) (Result, error) {
 		res.Tenants = append(res.Tenants, t)
 	}
 	sort.Slice(res.Tenants, func(i, j int) bool { return res.Tenants[i].Slug < res.Tenants[j].Slug })
+	if err := im.refuseErasing(ctx, res.Tenants); err != nil {
+		return res, err
+	}
 
 	var (
 		mu       sync.Mutex
