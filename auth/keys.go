@@ -12,6 +12,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -139,9 +140,34 @@ func IsWholeKey(s string) bool { _, ok := splitKey(s); return ok }
 // LooksLikeKey reports whether token has the shape of an API key (as opposed to a JWT).
 func LooksLikeKey(token string) bool { return strings.HasPrefix(token, keyPrefix) }
 
+// Then runs inside the transaction of a change to a key, with the key after it, and only when
+// something changed: the change commits only with what Then writes (the audit row of who made it).
+// Written after the commit, as it first was, a failed audit write left a key revoked with no record,
+// or a rotation's new key live while the command failed without printing it (found by review).
+type Then func(ctx context.Context, tx pgx.Tx, k Key) error
+
 // Create issues a new key for tenantID and returns it with its record; the plaintext is shown only here.
-func (k *Keys) Create(ctx context.Context, tenantID uuid.UUID, name string, scopes []Scope) (string, Key, error) {
-	return insertKey(ctx, k.pg, tenantID, name, scopes)
+func (k *Keys) Create(ctx context.Context, tenantID uuid.UUID, name string, scopes []Scope, fns ...Then) (plain string, rec Key, err error) {
+	err = pgx.BeginFunc(ctx, k.pg, func(tx pgx.Tx) error {
+		if plain, rec, err = insertKey(ctx, tx, tenantID, name, scopes); err != nil {
+			return err
+		}
+		return then(ctx, tx, rec, fns)
+	})
+	if err != nil {
+		return "", Key{}, err
+	}
+	return plain, rec, nil
+}
+
+// then runs fns in tx.
+func then(ctx context.Context, tx pgx.Tx, k Key, fns []Then) error {
+	for _, f := range fns {
+		if err := f(ctx, tx, k); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // insertKey makes a key and stores its hash through db (the pool, or a transaction).
@@ -249,8 +275,11 @@ func (k *Keys) Find(ctx context.Context, tenantID uuid.UUID, ref string) (Key, e
 	case tenantID == uuid.Nil:
 		return Key{}, fmt.Errorf("find api key %s: a key id or prefix needs its tenant (--tenant)", redact(ref))
 	default:
-		if _, err := uuid.Parse(ref); err == nil {
-			q = "SELECT " + keyColumns + ", hash FROM api_keys WHERE id::text = $1"
+		if id, err := uuid.Parse(ref); err == nil {
+			// The parsed id: upper case, braces and urn:uuid: name the same key (as text they
+			// matched none, found by review).
+			q = "SELECT " + keyColumns + ", hash FROM api_keys WHERE id = $1"
+			arg = id.String()
 		}
 	}
 	var stored []byte
@@ -266,12 +295,23 @@ func (k *Keys) Find(ctx context.Context, tenantID uuid.UUID, ref string) (Key, e
 }
 
 // redact names a whole key by its public prefix only, so the secret reaches no log or error message.
+// Anything else that holds a key's shape — a key pasted with a space or a newline after it, or after
+// "Bearer " — is cut after the prefix too: such input is a leaked key far more often than not, and it
+// was echoed whole (found by review).
 func redact(ref string) string {
 	if prefix, ok := splitKey(ref); ok {
 		return "with prefix " + prefix
 	}
-	return strconv.Quote(ref)
+	return strconv.Quote(RedactKeys(ref))
 }
+
+// keyShape finds something shaped like an API key: "ak_", 12 hex digits, "_" and what follows up to
+// a space or a quote.
+var keyShape = regexp.MustCompile(`(ak_[0-9a-fA-F]{12}_)[^\s"']*`)
+
+// RedactKeys returns s with each key-shaped run cut after its prefix ("ak_<12 hex>_…"), for a message
+// that echoes what an operator typed.
+func RedactKeys(s string) string { return keyShape.ReplaceAllString(s, "${1}…") }
 
 // Revoke marks the tenant's key named by ref (id, prefix or the whole key, see Find) revoked.
 // Revoking twice is not an error; RevokeID says whether anything changed.
@@ -286,7 +326,7 @@ func (k *Keys) Revoke(ctx context.Context, tenantID uuid.UUID, ref string) (Key,
 
 // RevokeID marks the key with id revoked. Revoking twice is not an error: already reports that the
 // key was revoked before (its first revocation time is kept), so a caller audits only a real change.
-func (k *Keys) RevokeID(ctx context.Context, id uuid.UUID) (rec Key, already bool, err error) {
+func (k *Keys) RevokeID(ctx context.Context, id uuid.UUID, fns ...Then) (rec Key, already bool, err error) {
 	err = pgx.BeginFunc(ctx, k.pg, func(tx pgx.Tx) error {
 		before, err := scanKey(tx.QueryRow(ctx, "SELECT "+keyColumns+" FROM api_keys WHERE id = $1 FOR UPDATE", id))
 		if err != nil {
@@ -296,8 +336,10 @@ func (k *Keys) RevokeID(ctx context.Context, id uuid.UUID) (rec Key, already boo
 			rec, already = before, true
 			return nil
 		}
-		rec, err = scanKey(tx.QueryRow(ctx, "UPDATE api_keys SET revoked_at = now() WHERE id = $1 RETURNING "+keyColumns, id))
-		return err
+		if rec, err = scanKey(tx.QueryRow(ctx, "UPDATE api_keys SET revoked_at = now() WHERE id = $1 RETURNING "+keyColumns, id)); err != nil {
+			return err
+		}
+		return then(ctx, tx, rec, fns)
 	})
 	if errors.Is(err, pgx.ErrNoRows) {
 		return Key{}, false, fmt.Errorf("%w: %s", ErrKeyNotFound, id)
@@ -308,13 +350,19 @@ func (k *Keys) RevokeID(ctx context.Context, id uuid.UUID) (rec Key, already boo
 	return rec, already, nil
 }
 
-// ErrNotRotatable: the key is revoked or expired; create a new one instead.
+// RotateThen is Then for a rotation: it sees the new key and the old one after it.
+type RotateThen func(ctx context.Context, tx pgx.Tx, newKey, oldKey Key) error
+
+// ErrNotRotatable: the key is revoked, expired or rotated already; create a new one instead.
 var ErrNotRotatable = errors.New("API key cannot be rotated")
 
 // Rotate issues a new key with the old key's tenant, scopes and name (unless name is set) and makes
-// the old key expire after overlap, so clients can move to the new one without an outage. An old key
-// that already expires sooner keeps its expiry. A revoked or expired key is not rotated.
-func (k *Keys) Rotate(ctx context.Context, id uuid.UUID, name string, overlap time.Duration) (plain string, newKey, oldKey Key, err error) {
+// the old key expire after overlap, so clients can move to the new one without an outage. A revoked
+// or expired key is not rotated, nor one that expires already (rotated before, or created to expire):
+// a second rotation, two operators at once or a retry after lost output, left a second replacement
+// key live, never expiring, which nobody may have seen (found by review). Its fns run in the
+// rotation's transaction, as a Then does.
+func (k *Keys) Rotate(ctx context.Context, id uuid.UUID, name string, overlap time.Duration, fns ...RotateThen) (plain string, newKey, oldKey Key, err error) {
 	if overlap < 0 {
 		return "", Key{}, Key{}, fmt.Errorf("rotate api key %s: negative overlap %s", id, overlap)
 	}
@@ -326,16 +374,27 @@ func (k *Keys) Rotate(ctx context.Context, id uuid.UUID, name string, overlap ti
 		if st := old.Status(time.Now()); st == "revoked" || st == "expired" {
 			return fmt.Errorf("%w: key %s (prefix %s) is %s", ErrNotRotatable, old.ID, old.Prefix, st)
 		}
+		if old.ExpiresAt != nil {
+			return fmt.Errorf("%w: key %s (prefix %s) expires already, at %s (rotated before?): its replacement is the key to rotate, "+
+				"or revoke it and create a new one", ErrNotRotatable, old.ID, old.Prefix, old.ExpiresAt.UTC().Format(time.RFC3339))
+		}
 		if name == "" {
 			name = old.Name
 		}
 		if plain, newKey, err = insertKey(ctx, tx, old.TenantID, name, old.Scopes); err != nil {
 			return err
 		}
-		oldKey, err = scanKey(tx.QueryRow(ctx,
-			"UPDATE api_keys SET expires_at = least(expires_at, now() + make_interval(secs => $2)) WHERE id = $1 RETURNING "+keyColumns,
-			id, overlap.Seconds()))
-		return err
+		if oldKey, err = scanKey(tx.QueryRow(ctx,
+			"UPDATE api_keys SET expires_at = now() + make_interval(secs => $2) WHERE id = $1 RETURNING "+keyColumns,
+			id, overlap.Seconds())); err != nil {
+			return err
+		}
+		for _, f := range fns {
+			if err := f(ctx, tx, newKey, oldKey); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):

@@ -56,7 +56,7 @@ import (
 type Tenants interface {
 	BySlug(ctx context.Context, slug string) (tenant.Tenant, error)
 	ByID(ctx context.Context, id uuid.UUID) (tenant.Tenant, error)
-	Create(ctx context.Context, slug, name string) (tenant.Tenant, error)
+	Create(ctx context.Context, slug, name string, fns ...tenant.Then) (tenant.Tenant, error)
 }
 
 // Bill reconciles one UTC day into billed usage for every tenant (the rollup).

@@ -177,7 +177,7 @@ func TestLimitPrecedence(t *testing.T) {
 	t.Parallel()
 	h := newHarness(t)
 	s := h.service(t, Config{Enabled: true}, map[string]float64{"builds_daily": 100, "emails_daily": 7}, nil)
-	if _, err := h.tenants.SetQuota(context.Background(), "acme", "builds_daily", ptr(5)); err != nil {
+	if _, _, _, err := h.tenants.SetQuota(context.Background(), "acme", "builds_daily", ptr(5)); err != nil {
 		t.Fatal(err)
 	}
 	got := s.limits.For(context.Background(), h.tenant.ID)
@@ -185,7 +185,7 @@ func TestLimitPrecedence(t *testing.T) {
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("limits: got %v, want %v (tenant > env > built-in)", got, want)
 	}
-	if _, err := h.tenants.SetQuota(context.Background(), "acme", "builds_daily", nil); err != nil {
+	if _, _, _, err := h.tenants.SetQuota(context.Background(), "acme", "builds_daily", nil); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(5 * time.Millisecond) // not a poll: waits out the limits cache (1 ms here)
@@ -505,7 +505,7 @@ func TestQuotasShapeAndLevels(t *testing.T) {
 		t.Errorf("consume with a read-only key: %d, want 403", st)
 	}
 	// 429 with Retry-After once the limit would be passed.
-	if _, err := h.tenants.SetQuota(context.Background(), "acme", "builds_daily", ptr(1)); err != nil {
+	if _, _, _, err := h.tenants.SetQuota(context.Background(), "acme", "builds_daily", ptr(1)); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(5 * time.Millisecond) // not a poll: waits out the limits cache (1 ms here)

@@ -80,11 +80,27 @@ type Store struct {
 	pg *pgxpool.Pool
 }
 
+// Then runs inside the transaction of a change to a tenant, with the tenant after it, and only when
+// something changed: the change commits only with what Then writes (the audit row of who made it).
+// Written after the commit, as it first was, a failed audit write left the change made, the command
+// failed, and its rerun found nothing to change and so nothing to audit (found by review).
+type Then func(ctx context.Context, tx pgx.Tx, t Tenant) error
+
+// then runs fns in tx.
+func then(ctx context.Context, tx pgx.Tx, t Tenant, fns []Then) error {
+	for _, f := range fns {
+		if err := f(ctx, tx, t); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // NewStore returns a Store on pg.
 func NewStore(pg *pgxpool.Pool) *Store { return &Store{pg: pg} }
 
 // Create registers a tenant. The name defaults to the slug.
-func (s *Store) Create(ctx context.Context, slug, name string) (Tenant, error) {
+func (s *Store) Create(ctx context.Context, slug, name string, fns ...Then) (Tenant, error) {
 	if !ValidSlug(slug) {
 		return Tenant{}, fmt.Errorf("%w: %q", ErrBadSlug, slug)
 	}
@@ -92,9 +108,13 @@ func (s *Store) Create(ctx context.Context, slug, name string) (Tenant, error) {
 		name = slug
 	}
 	t := Tenant{ID: uuid.New(), Slug: slug, Name: name, QuotaOverrides: map[string]float64{}, TimeZone: "UTC"}
-	err := s.pg.QueryRow(ctx,
-		"INSERT INTO tenants (id, slug, name) VALUES ($1, $2, $3) RETURNING created_at",
-		t.ID, t.Slug, t.Name).Scan(&t.CreatedAt)
+	err := pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
+		if err := tx.QueryRow(ctx, "INSERT INTO tenants (id, slug, name) VALUES ($1, $2, $3) RETURNING created_at",
+			t.ID, t.Slug, t.Name).Scan(&t.CreatedAt); err != nil {
+			return err
+		}
+		return then(ctx, tx, t, fns)
+	})
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) && pgErr.Code == "23505" {
 		return Tenant{}, fmt.Errorf("%w: %q", ErrExists, slug)
@@ -121,6 +141,10 @@ func scan(row pgx.Row) (Tenant, error) {
 
 // BySlug finds a tenant by slug.
 func (s *Store) BySlug(ctx context.Context, slug string) (Tenant, error) {
+	if !ValidSlug(slug) {
+		// Not echoed: what is typed where a slug belongs is, often enough, an API key (found by review).
+		return Tenant{}, fmt.Errorf("%w: that is not a tenant slug (lowercase letters, digits and dashes, at most 63)", ErrNotFound)
+	}
 	t, err := scan(s.pg.QueryRow(ctx, "SELECT "+columns+" FROM tenants WHERE slug = $1", slug))
 	if errors.Is(err, pgx.ErrNoRows) {
 		return Tenant{}, fmt.Errorf("%w: %q", ErrNotFound, slug)
@@ -162,43 +186,70 @@ func (s *Store) List(ctx context.Context) ([]Tenant, error) {
 }
 
 // SetQuota sets (limit non-nil) or removes (nil) the tenant's override of one metric's limit.
-func (s *Store) SetQuota(ctx context.Context, slug, metric string, limit *float64) (Tenant, error) {
-	var q string
-	var args []any
-	if limit == nil {
-		q, args = "UPDATE tenants SET quota_overrides = quota_overrides - $2 WHERE slug = $1 RETURNING "+columns, []any{slug, metric}
-	} else {
-		q, args = "UPDATE tenants SET quota_overrides = quota_overrides || jsonb_build_object($2::text, $3::float8) WHERE slug = $1 RETURNING "+columns,
-			[]any{slug, metric, *limit}
-	}
-	t, err := scan(s.pg.QueryRow(ctx, q, args...))
+// previous is the override before (nil when there was none); changed is false when it already was as
+// asked. The tenant's row is locked while it is compared, so two concurrent changes each see the
+// other's result.
+func (s *Store) SetQuota(ctx context.Context, slug, metric string, limit *float64, fns ...Then) (t Tenant, previous *float64, changed bool, err error) {
+	err = pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
+		before, err := scan(tx.QueryRow(ctx, "SELECT "+columns+" FROM tenants WHERE slug = $1 FOR UPDATE", slug))
+		if err != nil {
+			return err
+		}
+		prev, had := before.QuotaOverrides[metric]
+		if had {
+			previous = &prev
+		}
+		if changed = (limit == nil && had) || (limit != nil && (!had || prev != *limit)); !changed {
+			t = before
+			return nil
+		}
+		if limit == nil {
+			t, err = scan(tx.QueryRow(ctx, "UPDATE tenants SET quota_overrides = quota_overrides - $2 WHERE id = $1 RETURNING "+columns, before.ID, metric))
+		} else {
+			t, err = scan(tx.QueryRow(ctx, "UPDATE tenants SET quota_overrides = quota_overrides || jsonb_build_object($2::text, $3::float8) WHERE id = $1 RETURNING "+columns,
+				before.ID, metric, *limit))
+		}
+		if err != nil {
+			return err
+		}
+		return then(ctx, tx, t, fns)
+	})
 	if errors.Is(err, pgx.ErrNoRows) {
-		return Tenant{}, fmt.Errorf("%w: %q", ErrNotFound, slug)
+		return Tenant{}, nil, false, fmt.Errorf("%w: %q", ErrNotFound, slug)
 	}
 	if err != nil {
-		return Tenant{}, fmt.Errorf("set quota %s for tenant %q: %w", metric, slug, err)
+		return Tenant{}, nil, false, fmt.Errorf("set quota %s for tenant %q: %w", metric, slug, err)
 	}
-	return t, nil
+	return t, previous, changed, nil
 }
 
 // SetTimeZone sets the tenant's time zone after validating it (LoadTimeZone). changed is false when
 // the tenant already had that zone.
-func (s *Store) SetTimeZone(ctx context.Context, slug, zone string) (t Tenant, changed bool, err error) {
+func (s *Store) SetTimeZone(ctx context.Context, slug, zone string, fns ...Then) (t Tenant, changed bool, err error) {
 	if _, err := LoadTimeZone(zone); err != nil {
 		return Tenant{}, false, err
 	}
-	var before string
-	err = s.pg.QueryRow(ctx, "SELECT time_zone FROM tenants WHERE slug = $1", slug).Scan(&before)
-	if err == nil {
-		t, err = scan(s.pg.QueryRow(ctx, "UPDATE tenants SET time_zone = $2 WHERE slug = $1 RETURNING "+columns, slug, zone))
-	}
+	err = pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
+		before, err := scan(tx.QueryRow(ctx, "SELECT "+columns+" FROM tenants WHERE slug = $1 FOR UPDATE", slug))
+		if err != nil {
+			return err
+		}
+		if changed = before.TimeZone != zone; !changed {
+			t = before
+			return nil
+		}
+		if t, err = scan(tx.QueryRow(ctx, "UPDATE tenants SET time_zone = $2 WHERE id = $1 RETURNING "+columns, before.ID, zone)); err != nil {
+			return err
+		}
+		return then(ctx, tx, t, fns)
+	})
 	if errors.Is(err, pgx.ErrNoRows) {
 		return Tenant{}, false, fmt.Errorf("%w: %q", ErrNotFound, slug)
 	}
 	if err != nil {
 		return Tenant{}, false, fmt.Errorf("set time zone of tenant %q: %w", slug, err)
 	}
-	return t, before != zone, nil
+	return t, changed, nil
 }
 
 // TimeZone returns the zone of the tenant with id ("UTC" unless one was set). Reads call it through a
@@ -217,7 +268,7 @@ func (s *Store) TimeZone(ctx context.Context, id uuid.UUID) (string, error) {
 
 // SetDisabled disables (true) or enables (false) the tenant. changed is false when it already was in
 // that state: doing it twice is not an error, and the first disabling's time is kept.
-func (s *Store) SetDisabled(ctx context.Context, slug string, disabled bool) (t Tenant, changed bool, err error) {
+func (s *Store) SetDisabled(ctx context.Context, slug string, disabled bool, fns ...Then) (t Tenant, changed bool, err error) {
 	err = pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
 		before, err := scan(tx.QueryRow(ctx, "SELECT "+columns+" FROM tenants WHERE slug = $1 FOR UPDATE", slug))
 		if err != nil {
@@ -228,9 +279,11 @@ func (s *Store) SetDisabled(ctx context.Context, slug string, disabled bool) (t 
 			return nil
 		}
 		changed = true
-		t, err = scan(tx.QueryRow(ctx,
-			"UPDATE tenants SET disabled_at = CASE WHEN $2 THEN now() END WHERE id = $1 RETURNING "+columns, before.ID, disabled))
-		return err
+		if t, err = scan(tx.QueryRow(ctx,
+			"UPDATE tenants SET disabled_at = CASE WHEN $2 THEN now() END WHERE id = $1 RETURNING "+columns, before.ID, disabled)); err != nil {
+			return err
+		}
+		return then(ctx, tx, t, fns)
 	})
 	if errors.Is(err, pgx.ErrNoRows) {
 		return Tenant{}, false, fmt.Errorf("%w: %q", ErrNotFound, slug)
@@ -241,16 +294,23 @@ func (s *Store) SetDisabled(ctx context.Context, slug string, disabled bool) (t 
 	return t, changed, nil
 }
 
-// Delete removes the tenant and, through their foreign keys, every Postgres row that belongs to it:
-// API keys, daily usage, usage levels and its own rollup runs. The audit log (no foreign key) keeps
-// its entries. Raw events and increments in ClickHouse and counters in Redis are not touched here.
-func (s *Store) Delete(ctx context.Context, slug string) (Tenant, error) {
-	t, err := scan(s.pg.QueryRow(ctx, "DELETE FROM tenants WHERE slug = $1 RETURNING "+columns, slug))
+// Delete removes the tenant with id and, through their foreign keys, every Postgres row that belongs
+// to it: API keys, daily usage, usage levels and its own rollup runs. The audit log (no foreign key)
+// keeps its entries. Raw events and increments in ClickHouse and counters in Redis are not touched
+// here. By id, not slug: a caller that showed a tenant and asked to confirm must delete that one, not
+// another created under its slug meanwhile (found by review).
+func (s *Store) Delete(ctx context.Context, id uuid.UUID, fns ...Then) (t Tenant, err error) {
+	err = pgx.BeginFunc(ctx, s.pg, func(tx pgx.Tx) error {
+		if t, err = scan(tx.QueryRow(ctx, "DELETE FROM tenants WHERE id = $1 RETURNING "+columns, id)); err != nil {
+			return err
+		}
+		return then(ctx, tx, t, fns)
+	})
 	if errors.Is(err, pgx.ErrNoRows) {
-		return Tenant{}, fmt.Errorf("%w: %q", ErrNotFound, slug)
+		return Tenant{}, fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
 	if err != nil {
-		return Tenant{}, fmt.Errorf("delete tenant %q: %w", slug, err)
+		return Tenant{}, fmt.Errorf("delete tenant %s: %w", id, err)
 	}
 	return t, nil
 }

@@ -16,8 +16,11 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/analyticsd/analyticsd/audit"
@@ -226,6 +229,9 @@ func tenantCmd(ctx context.Context, cfg Config, args []string, stdout, stderr io
 	if action != "list" && slug == "" {
 		return fmt.Errorf("%s: %s is required: %w", name, flagName, errUsage)
 	}
+	if err := checkLabel(name, "--name", display); err != nil {
+		return err
+	}
 	var lim *float64
 	if action == "set-quota" {
 		if metric == "" || (limit == "") == !clear {
@@ -258,17 +264,14 @@ func tenantCmd(ctx context.Context, cfg Config, args []string, stdout, stderr io
 		return err
 	}
 	defer pg.Close()
-	store, audits := tenant.NewStore(pg), audit.New(pg)
+	store := tenant.NewStore(pg)
 	switch action {
 	case "set-timezone":
-		t, changed, err := store.SetTimeZone(ctx, slug, zone)
+		t, changed, err := store.SetTimeZone(ctx, slug, zone, tenantAudit(func(t tenant.Tenant) audit.Entry {
+			return audit.Entry{TenantID: t.ID, Actor: "cli", Action: "tenant.set_timezone", Target: zone}
+		}))
 		if err != nil {
 			return err
-		}
-		if changed {
-			if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "tenant.set_timezone", Target: zone}); err != nil {
-				return err
-			}
 		}
 		if asJSON {
 			return printJSON(stdout, struct {
@@ -285,18 +288,14 @@ func tenantCmd(ctx context.Context, cfg Config, args []string, stdout, stderr io
 		return nil
 
 	case "create":
-		t, err := store.Create(ctx, slug, display)
-		created := err == nil
+		t, err := store.Create(ctx, slug, display, tenantAudit(func(t tenant.Tenant) audit.Entry {
+			return audit.Entry{TenantID: t.ID, Actor: "cli", Action: "tenant.create", Target: t.Slug}
+		}))
 		if errors.Is(err, tenant.ErrExists) && ifNotExists {
 			t, err = store.BySlug(ctx, slug)
 		}
 		if err != nil {
 			return err
-		}
-		if created {
-			if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "tenant.create", Target: t.Slug}); err != nil {
-				return err
-			}
 		}
 		if asJSON {
 			return printJSON(stdout, tenantView(t))
@@ -351,19 +350,16 @@ func tenantCmd(ctx context.Context, cfg Config, args []string, stdout, stderr io
 			return fmt.Errorf("%s: %q is not a known quota metric (known: %s); pass --new-metric to give a tenant a quota on a metric no default has: %w",
 				name, metric, strings.Join(known, ", "), errUsage)
 		}
-		prev, had := t.QuotaOverrides[metric]
-		changed := (clear && had) || (!clear && (!had || prev != *lim))
-		if changed {
-			if t, err = store.SetQuota(ctx, slug, metric, lim); err != nil {
-				return err
-			}
+		var previous *float64
+		t, previous, changed, err := store.SetQuota(ctx, slug, metric, lim, tenantAudit(func(t tenant.Tenant) audit.Entry {
 			meta := map[string]any{"limit": lim}
-			if had {
-				meta["previous"] = prev
+			if previous != nil {
+				meta["previous"] = *previous
 			}
-			if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "quota.set", Target: metric, Meta: meta}); err != nil {
-				return err
-			}
+			return audit.Entry{TenantID: t.ID, Actor: "cli", Action: "quota.set", Target: metric, Meta: meta}
+		}))
+		if err != nil {
+			return err
 		}
 		limits := quotaLimits(cfg, t)
 		if asJSON {
@@ -389,14 +385,11 @@ func tenantCmd(ctx context.Context, cfg Config, args []string, stdout, stderr io
 		return printQuotas(stdout, limits)
 
 	case "disable", "enable":
-		t, changed, err := store.SetDisabled(ctx, slug, action == "disable")
+		t, changed, err := store.SetDisabled(ctx, slug, action == "disable", tenantAudit(func(t tenant.Tenant) audit.Entry {
+			return audit.Entry{TenantID: t.ID, Actor: "cli", Action: "tenant." + action, Target: t.Slug}
+		}))
 		if err != nil {
 			return err
-		}
-		if changed {
-			if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "tenant." + action, Target: t.Slug}); err != nil {
-				return err
-			}
 		}
 		if asJSON {
 			return printJSON(stdout, struct {
@@ -418,14 +411,14 @@ func tenantCmd(ctx context.Context, cfg Config, args []string, stdout, stderr io
 		return nil
 
 	case "delete":
-		return deleteTenant(ctx, pg, store, audits, slug, yes, asJSON, stdout, stderr)
+		return deleteTenant(ctx, pg, store, slug, yes, asJSON, stdout, stderr)
 	}
 	return fmt.Errorf("tenant: unknown action %q: %w", action, errUsage)
 }
 
 // deleteTenant says what deleting the tenant removes and keeps, asks for its slug unless yes, and
 // deletes it.
-func deleteTenant(ctx context.Context, pg *pgxpool.Pool, store *tenant.Store, audits *audit.Log, slug string, yes, asJSON bool, stdout, stderr io.Writer) error {
+func deleteTenant(ctx context.Context, pg *pgxpool.Pool, store *tenant.Store, slug string, yes, asJSON bool, stdout, stderr io.Writer) error {
 	t, err := store.BySlug(ctx, slug)
 	if err != nil {
 		return err
@@ -458,11 +451,9 @@ func deleteTenant(ctx context.Context, pg *pgxpool.Pool, store *tenant.Store, au
 			return fmt.Errorf("tenant delete: confirmation %q is not the slug %q; nothing was deleted (type the slug, or pass --yes): %w", got, t.Slug, errUsage)
 		}
 	}
-	if _, err := store.Delete(ctx, t.Slug); err != nil {
-		return err
-	}
-	if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "tenant.delete", Target: t.Slug,
-		Meta: map[string]any{"api_keys": len(keys), "name": t.Name}}); err != nil {
+	if _, err := store.Delete(ctx, t.ID, tenantAudit(func(t tenant.Tenant) audit.Entry {
+		return audit.Entry{TenantID: t.ID, Actor: "cli", Action: "tenant.delete", Target: t.Slug, Meta: map[string]any{"api_keys": len(keys), "name": t.Name}}
+	})); err != nil {
 		return err
 	}
 	if asJSON {
@@ -534,6 +525,11 @@ func apikeyCmd(ctx context.Context, cfg Config, _ *slog.Logger, args []string, s
 	}); err != nil {
 		return err
 	}
+	if err := checkLabel(name, "--name", label); err != nil {
+		return err
+	}
+	// A key pasted with the line end or the "Bearer " before it still names the key.
+	ref = strings.TrimPrefix(strings.TrimSpace(ref), "Bearer ")
 	var scopes []auth.Scope
 	switch action {
 	case "create", "list":
@@ -565,7 +561,7 @@ func apikeyCmd(ctx context.Context, cfg Config, _ *slog.Logger, args []string, s
 		return err
 	}
 	defer pg.Close()
-	tenants, keys, audits := tenant.NewStore(pg), auth.NewKeys(pg), audit.New(pg)
+	tenants, keys := tenant.NewStore(pg), auth.NewKeys(pg)
 	var t tenant.Tenant
 	if slug != "" {
 		if t, err = tenants.BySlug(ctx, slug); err != nil {
@@ -586,12 +582,10 @@ func apikeyCmd(ctx context.Context, cfg Config, _ *slog.Logger, args []string, s
 	now := time.Now()
 	switch action {
 	case "create":
-		plain, rec, err := keys.Create(ctx, t.ID, label, scopes)
+		plain, rec, err := keys.Create(ctx, t.ID, label, scopes, keyAudit(func(k auth.Key) audit.Entry {
+			return audit.Entry{TenantID: t.ID, Actor: "cli", Action: "apikey.create", Target: k.Prefix, Meta: map[string]any{"scopes": scopes, "name": label}}
+		}))
 		if err != nil {
-			return err
-		}
-		if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "apikey.create", Target: rec.Prefix,
-			Meta: map[string]any{"scopes": scopes, "name": label}}); err != nil {
 			return err
 		}
 		if asJSON {
@@ -621,14 +615,11 @@ func apikeyCmd(ctx context.Context, cfg Config, _ *slog.Logger, args []string, s
 		return table(stdout, "ID\tPREFIX\tNAME\tSCOPES\tSTATUS\tCREATED\tLAST USED\tEXPIRES\tREVOKED", rows)
 
 	case "revoke":
-		rec, already, err := keys.RevokeID(ctx, target.ID)
+		rec, already, err := keys.RevokeID(ctx, target.ID, keyAudit(func(k auth.Key) audit.Entry {
+			return audit.Entry{TenantID: t.ID, Actor: "cli", Action: "apikey.revoke", Target: k.Prefix}
+		}))
 		if err != nil {
 			return err
-		}
-		if !already {
-			if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "apikey.revoke", Target: rec.Prefix}); err != nil {
-				return err
-			}
 		}
 		if asJSON {
 			return printJSON(stdout, struct {
@@ -644,12 +635,11 @@ func apikeyCmd(ctx context.Context, cfg Config, _ *slog.Logger, args []string, s
 		return nil
 
 	case "rotate":
-		plain, nk, old, err := keys.Rotate(ctx, target.ID, label, overlap)
+		plain, nk, old, err := keys.Rotate(ctx, target.ID, label, overlap, func(ctx context.Context, tx pgx.Tx, nk, old auth.Key) error {
+			return audit.RecordIn(ctx, tx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "apikey.rotate", Target: old.Prefix,
+				Meta: map[string]any{"new_prefix": nk.Prefix, "overlap": overlap.String(), "old_expires_at": when(old.ExpiresAt)}})
+		})
 		if err != nil {
-			return err
-		}
-		if err := audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "cli", Action: "apikey.rotate", Target: old.Prefix,
-			Meta: map[string]any{"new_prefix": nk.Prefix, "overlap": overlap.String(), "old_expires_at": when(old.ExpiresAt)}}); err != nil {
 			return err
 		}
 		if asJSON {
@@ -839,6 +829,37 @@ func eraseCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 	fmt.Fprintln(stdout)
 	if j.Status == erasure.StatusFailed && action != "status" {
 		return fmt.Errorf("%s: job %s failed: %s", name, j.ID, j.Error)
+	}
+	return nil
+}
+
+// tenantAudit writes the audit row entry makes in the transaction of a tenant's change (tenant.Then),
+// so that the change commits only with it.
+func tenantAudit(entry func(tenant.Tenant) audit.Entry) tenant.Then {
+	return func(ctx context.Context, tx pgx.Tx, t tenant.Tenant) error { return audit.RecordIn(ctx, tx, entry(t)) }
+}
+
+// keyAudit is tenantAudit for a key's change (auth.Then).
+func keyAudit(entry func(auth.Key) audit.Entry) auth.Then {
+	return func(ctx context.Context, tx pgx.Tx, k auth.Key) error { return audit.RecordIn(ctx, tx, entry(k)) }
+}
+
+// maxLabel bounds a tenant's display name and a key's label, in characters: they are shown in lists
+// and the dashboard, not documents.
+const maxLabel = 200
+
+// checkLabel refuses a --name that is not text a list can show: invalid UTF-8 (Postgres refuses it
+// with an error that named no flag), a control character (a NUL, a newline or an escape sequence that
+// rewrites the operator's terminal when listed), or one over maxLabel characters (found by review).
+func checkLabel(cmd, flagName, v string) error {
+	if !utf8.ValidString(v) {
+		return fmt.Errorf("%s: %s is not valid UTF-8: %w", cmd, flagName, errUsage)
+	}
+	if n := utf8.RuneCountInString(v); n > maxLabel {
+		return fmt.Errorf("%s: %s has %d characters, at most %d are kept: %w", cmd, flagName, n, maxLabel, errUsage)
+	}
+	if i := strings.IndexFunc(v, unicode.IsControl); i >= 0 {
+		return fmt.Errorf("%s: %s has a control character (%U) at byte %d; use printable text: %w", cmd, flagName, []rune(v[i:])[0], i, errUsage)
 	}
 	return nil
 }

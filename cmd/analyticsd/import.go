@@ -312,16 +312,10 @@ type auditedTenants struct {
 	source string
 }
 
-func (a auditedTenants) Create(ctx context.Context, slug, name string) (tenant.Tenant, error) {
-	t, err := a.Store.Create(ctx, slug, name)
-	if err != nil {
-		return t, err
-	}
-	if err := a.audits.Record(ctx, audit.Entry{TenantID: t.ID, Actor: "import", Action: "tenant.create", Target: t.Slug,
-		Meta: map[string]any{"source": a.source}}); err != nil {
-		return t, fmt.Errorf("tenant %s created; auditing it failed: %w", t.Slug, err)
-	}
-	return t, nil
+func (a auditedTenants) Create(ctx context.Context, slug, name string, fns ...tenant.Then) (tenant.Tenant, error) {
+	return a.Store.Create(ctx, slug, name, append(fns, tenantAudit(func(t tenant.Tenant) audit.Entry {
+		return audit.Entry{TenantID: t.ID, Actor: "import", Action: "tenant.create", Target: t.Slug, Meta: map[string]any{"source": a.source}}
+	}))...)
 }
 
 // atLeast passes on records of level or above only.

@@ -255,10 +255,11 @@ func flags(name string, args []string, define func(fs *flag.FlagSet)) error {
 		if errors.Is(err, flag.ErrHelp) {
 			return helpRequest{fs}
 		}
-		return fmt.Errorf("%s: %v: %w", name, err, errUsage)
+		return fmt.Errorf("%s: %v: %w", name, auth.RedactKeys(err.Error()), errUsage)
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("%s: unexpected argument %q: %w", name, fs.Arg(0), errUsage)
+		// Redacted: a key passed without its flag would otherwise be echoed whole.
+		return fmt.Errorf("%s: unexpected argument %q: %w", name, auth.RedactKeys(fs.Arg(0)), errUsage)
 	}
 	return nil
 }
