@@ -35,12 +35,16 @@
 // Retries: network errors, timeouts, 408, 429 (except a consume's quota_exceeded), 5xx, and 409
 // idempotency_key_in_use (an earlier attempt of the same request is still running on the server) are
 // retried with exponential backoff and jitter — [Config.MinBackoff] doubling up to
-// [Config.MaxBackoff] — and never sooner than the Retry-After the server sent, up to
-// [Config.MaxAttempts] attempts. Every other 4xx is final: it is not retried and is surfaced as an
-// [*APIError] (through OnFailure for Track) — except a 413 for a batch of several events, which is
-// sent again in halves (the server takes fewer events or bytes per request than BatchSize or
-// MaxBatchBytes allow). A batch the server was handling when it crashed gets 409
-// until the server's pending record of its key expires (one minute), then its stored answer.
+// [Config.MaxBackoff] — and never sooner than the Retry-After the server sent (up to a minute), up
+// to [Config.MaxAttempts] attempts. Every other answer is final: it is not retried and is surfaced as
+// an [*APIError] (through OnFailure for Track) — a 3xx too, since a redirected POST is not delivered.
+// Two answers to a batch of several events send it again in halves: a 413 (the server takes fewer
+// events or bytes per request than BatchSize or MaxBatchBytes allow) and a 400 invalid_body (one
+// event the server cannot read, e.g. props with half a UTF-16 surrogate pair, fails its whole
+// request), so only the event at fault is given up on. A batch is acknowledged only by a 2xx whose
+// answer accounts for each of its events (stored, duplicate or rejected). A batch the server was
+// handling when it crashed gets 409 until the server's pending record of its key expires (one
+// minute), then its stored answer.
 //
 // [Client.Flush] returns once every event taken before it was called has been acknowledged or given
 // up on, and says if any was given up on. [Client.Close] stops taking events (Track then returns
@@ -98,7 +102,8 @@ type Config struct {
 	// tenant (403 otherwise).
 	TenantSlug string
 	// HTTPClient sends the requests; default a new http.Client. Timeout bounds each attempt instead
-	// of the client's own Timeout.
+	// of the client's own Timeout. Redirects are never followed (a copy of it is used, with its own
+	// CheckRedirect): a 3xx is a final error naming the Location to set as Endpoint.
 	HTTPClient *http.Client
 	// Timeout bounds one attempt of one request (default 10 s).
 	Timeout time.Duration
@@ -122,7 +127,9 @@ type Config struct {
 	MaxAttempts int
 	// MinBackoff is the first retry's delay (default 100 ms); each retry doubles it, up to
 	// MaxBackoff (default 30 s). Each delay is jittered between half and all of its value, and is
-	// never shorter than the server's Retry-After.
+	// never shorter than the server's Retry-After, up to one minute (or MaxBackoff if longer): a
+	// longer Retry-After (a maintenance page's hour) waits that long, so MaxAttempts still bounds
+	// how long a batch is retried before it is handed to OnFailure.
 	MinBackoff, MaxBackoff time.Duration
 
 	// Logger receives one record per retry, failed batch and burst of drops (default slog.Default()).
@@ -163,7 +170,8 @@ type Stats struct {
 // Failure is a set of events the client took and then gave up on.
 type Failure struct {
 	// Events are the events as tracked, ID and Ts filled in: re-sending them with these ids stores
-	// none twice.
+	// none twice. They are decoded from what Track encoded, so they are the caller's values at Track
+	// time and share nothing with the caller's maps (numbers in Props are json.Number).
 	Events []Event
 	// Err says why: an *APIError (the server refused the batch), a *RejectedError (the server
 	// rejected this event and stored the rest of its batch), or the last transport error or status
@@ -184,11 +192,13 @@ var ErrUndelivered = errors.New("events not delivered")
 // Client sends to one analyticsd server with one API key. It is safe for concurrent use. Create it
 // with New and end it with Close.
 type Client struct {
-	cfg     Config
-	base    string
-	hc      *http.Client
-	log     *slog.Logger
-	metrics Metrics
+	cfg  Config
+	base string
+	hc   *http.Client
+	log  *slog.Logger
+	// maxRetryAfter caps the wait a Retry-After asks for: max(MaxBackoff, 1 minute).
+	maxRetryAfter time.Duration
+	metrics       Metrics
 
 	mu     sync.Mutex // orders Track's sequence numbers with the queue, and guards closed
 	closed bool
@@ -208,11 +218,12 @@ type Client struct {
 	dropsSinceLog                                                atomic.Int64
 }
 
-// item is one event in the queue: the event as tracked (for OnFailure) and its JSON.
+// item is one event in the queue: its JSON, and its name and id for the log. OnFailure's Event is
+// decoded from raw (see event), so the queue holds no reference to the caller's Props.
 type item struct {
-	seq uint64
-	ev  Event
-	raw []byte
+	seq      uint64
+	name, id string
+	raw      []byte
 }
 
 // New checks cfg, fills its defaults and starts the sending goroutine.
@@ -259,26 +270,32 @@ func New(cfg Config) (*Client, error) {
 	defDur(&cfg.MinBackoff, DefaultMinBackoff)
 	defDur(&cfg.MaxBackoff, DefaultMaxBackoff)
 	cfg.MaxBackoff = max(cfg.MaxBackoff, cfg.MinBackoff)
-	if cfg.HTTPClient == nil {
-		cfg.HTTPClient = &http.Client{}
+	// A copy of the caller's http.Client that follows no redirect: Go turns a redirected POST into a
+	// GET, whose 200 would read as an acknowledgement of events that were never stored. A 3xx is a
+	// final error naming where the server points (set Endpoint to it).
+	hc := &http.Client{}
+	if cfg.HTTPClient != nil {
+		*hc = *cfg.HTTPClient
 	}
+	hc.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
 	ctx, abort := context.WithCancel(context.Background())
 	c := &Client{
-		cfg:     cfg,
-		base:    strings.TrimRight(cfg.Endpoint, "/"),
-		hc:      cfg.HTTPClient,
-		log:     cfg.Logger.With("component", "analyticsd-client"),
-		metrics: cfg.Metrics,
-		queue:   make(chan item, cfg.QueueSize),
-		kick:    make(chan struct{}, 1),
-		closing: make(chan struct{}),
-		ctx:     ctx,
-		abort:   abort,
-		done:    make(chan struct{}),
-		prog:    progress{changed: make(chan struct{})},
+		cfg:           cfg,
+		base:          strings.TrimRight(cfg.Endpoint, "/"),
+		hc:            hc,
+		maxRetryAfter: max(cfg.MaxBackoff, time.Minute),
+		log:           cfg.Logger.With("component", "analyticsd-client"),
+		metrics:       cfg.Metrics,
+		queue:         make(chan item, cfg.QueueSize),
+		kick:          make(chan struct{}, 1),
+		closing:       make(chan struct{}),
+		ctx:           ctx,
+		abort:         abort,
+		done:          make(chan struct{}),
+		prog:          progress{changed: make(chan struct{})},
 	}
 	go c.run()
 	return c, nil
@@ -301,7 +318,7 @@ func (c *Client) Track(e Event) error {
 		return ErrClosed
 	}
 	select {
-	case c.queue <- item{seq: c.seq + 1, ev: e, raw: raw}:
+	case c.queue <- item{seq: c.seq + 1, name: e.Event, id: e.ID, raw: raw}:
 		c.seq++
 		c.mu.Unlock()
 		c.tracked.Add(1)

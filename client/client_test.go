@@ -493,10 +493,16 @@ func TestRefusalsAreSurfacedNotRetried(t *testing.T) {
 		if err := c.Flush(ctx); !errors.Is(err, client.ErrUndelivered) {
 			t.Fatalf("Flush: got %v, want ErrUndelivered", err)
 		}
+		// The 400 invalid_events's details give each event's reason: one Failure per event.
 		fs := rec.Failures()
-		var apiErr *client.APIError
-		if len(fs) != 1 || len(fs[0].Events) != 2 || !errors.As(fs[0].Err, &apiErr) || apiErr.StatusCode != http.StatusBadRequest || apiErr.Code != "invalid_events" {
-			t.Fatalf("failures %+v: want one 400 invalid_events with both events", fs)
+		if len(fs) != 2 {
+			t.Fatalf("failures %+v: want one per rejected event", fs)
+		}
+		for _, f := range fs {
+			var rej *client.RejectedError
+			if len(f.Events) != 1 || f.Events[0].Event != "no-dot" || !errors.As(f.Err, &rej) || !strings.Contains(rej.Reason, "domain.action") {
+				t.Fatalf("failure %+v: want one event with a *RejectedError naming the rule", f)
+			}
 		}
 		if n := len(px.requests()) - before; n != 1 {
 			t.Errorf("%d requests, want 1: a 400 is not retried", n)

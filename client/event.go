@@ -1,6 +1,7 @@
 package client
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -59,12 +60,31 @@ func (e *Event) prepare(now func() time.Time) ([]byte, error) {
 	if e.Ts.IsZero() {
 		e.Ts = now()
 	}
-	raw, err := json.Marshal(wireEvent{ID: e.ID, Event: e.Event, UserID: e.UserID, Source: e.Source,
+	// No HTML escaping: json.Marshal writes <, > and & as 6-byte escapes, and the server measures
+	// props as sent against its 8 KiB limit, so escaped props well under it were refused.
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	err := enc.Encode(wireEvent{ID: e.ID, Event: e.Event, UserID: e.UserID, Source: e.Source,
 		Ts: e.Ts.UTC().Format(time.RFC3339Nano), Props: e.Props, IP: e.IP, RequestID: e.RequestID})
 	if err != nil {
 		return nil, fmt.Errorf("analyticsd client: event %s: props cannot be encoded as JSON: %w", e.Event, err)
 	}
-	return raw, nil
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
+}
+
+// event is the item's event as Track encoded it, decoded afresh: what OnFailure gets. It shares no
+// map with the caller, who may change Props after Track.
+func (it item) event() Event {
+	var w wireEvent
+	dec := json.NewDecoder(bytes.NewReader(it.raw))
+	dec.UseNumber()
+	if err := dec.Decode(&w); err != nil {
+		// Unreachable: raw is what encoding/json wrote.
+		return Event{ID: it.id, Event: it.name}
+	}
+	ts, _ := time.Parse(time.RFC3339Nano, w.Ts)
+	return Event{ID: w.ID, Event: w.Event, UserID: w.UserID, Source: w.Source, Ts: ts, Props: w.Props, IP: w.IP, RequestID: w.RequestID}
 }
 
 // NewID returns a random (version 4) UUID, the id Track gives an event that has none.

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"regexp"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -167,5 +169,40 @@ func TestCloseDeadlineHandsOverWhatWasNotDelivered(t *testing.T) {
 	case <-c.done:
 	default:
 		t.Error("the sending goroutine still runs after Close returned")
+	}
+}
+
+// A Retry-After far beyond what the client waits for (a maintenance page's 503 Retry-After: 3600)
+// waits maxRetryAfter, so MaxAttempts still ends the batch. Before, each retry waited the hour: a
+// Flush with MaxAttempts 2 never saw the event delivered or given up on.
+func TestRetryAfterIsBoundedByMaxRetryAfter(t *testing.T) {
+	var calls atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		w.Header().Set("Retry-After", "3600")
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}))
+	defer srv.Close()
+	c, err := New(Config{Endpoint: srv.URL, APIKey: "k", FlushInterval: time.Millisecond, MaxAttempts: 2, MaxBackoff: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(context.Background())
+	if c.maxRetryAfter != time.Minute {
+		t.Fatalf("maxRetryAfter %s with MaxBackoff 1s, want one minute", c.maxRetryAfter)
+	}
+	c.maxRetryAfter = 500 * time.Millisecond // the test's minute
+	if err := c.Track(Event{Event: "a.b"}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	start := time.Now()
+	err = c.Flush(ctx)
+	if !errors.Is(err, ErrUndelivered) {
+		t.Fatalf("Flush: %v — want the event given up on after 2 attempts", err)
+	}
+	if d := time.Since(start); d < 500*time.Millisecond || calls.Load() != 2 {
+		t.Errorf("given up after %s and %d attempts, want 2 attempts at least maxRetryAfter apart", d, calls.Load())
 	}
 }

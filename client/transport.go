@@ -5,6 +5,7 @@ import (
 	"compress/gzip"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -115,7 +116,10 @@ func (c *Client) call(ctx context.Context, r request, out any) error {
 		if c.cfg.MaxAttempts > 0 && attempt >= c.cfg.MaxAttempts {
 			return fmt.Errorf("analyticsd client: %s %s: gave up after %d attempts: %w", r.method, r.path, attempt, last)
 		}
-		d := max(backoff(attempt, c.cfg.MinBackoff, c.cfg.MaxBackoff), wait)
+		// A Retry-After is honoured up to maxRetryAfter: otherwise one maintenance page's
+		// "Retry-After: 3600" would hold every batch for an hour per attempt, far past MaxAttempts'
+		// few minutes, before OnFailure hears of it.
+		d := max(backoff(attempt, c.cfg.MinBackoff, c.cfg.MaxBackoff), min(wait, c.maxRetryAfter))
 		c.retried.Add(1)
 		if c.metrics != nil {
 			c.metrics.BatchRetried(r.events)
@@ -180,11 +184,16 @@ func (c *Client) attempt(ctx context.Context, r request) (int, http.Header, []by
 }
 
 // parseError reads an error answer; a body that is not analyticsd's (a proxy's page) leaves Code empty.
+// A redirect is explained: the request was not delivered, and Endpoint should name where it points.
 func parseError(status int, h http.Header, body []byte) *APIError {
 	e := &APIError{StatusCode: status, RetryAfter: retryAfter(h.Get("Retry-After"), time.Now())}
 	var env envelope
 	if json.Unmarshal(body, &env) == nil && env.Error != nil {
 		e.Code, e.Message, e.Details = env.Error.Code, env.Error.Message, env.Error.Details
+	}
+	if status >= 300 && status < 400 && e.Code == "" {
+		e.Code = "redirected"
+		e.Message = fmt.Sprintf("the server redirects to %q; redirects are not followed (a POST would arrive as a GET): set Endpoint to the final URL", h.Get("Location"))
 	}
 	return e
 }
@@ -230,15 +239,29 @@ func gzipBody(b []byte) []byte {
 	return buf.Bytes()
 }
 
-// eventsResult is the data of POST /events' 202.
+// eventsResult is the data of POST /events' 202, and the details of its 400 invalid_events.
 type eventsResult struct {
-	Accepted int `json:"accepted"`
-	Rejected []struct {
-		Index int    `json:"index"`
-		Error string `json:"error"`
-	} `json:"rejected"`
-	Disabled bool   `json:"disabled"`
-	Message  string `json:"message"`
+	Accepted   *int        `json:"accepted"`
+	Rejected   []rejection `json:"rejected"`
+	Duplicates []struct{}  `json:"duplicates"`
+	Disabled   bool        `json:"disabled"`
+	Message    string      `json:"message"`
+}
+
+// rejection is one event the server rejected, by its index in the batch.
+type rejection struct {
+	Index int    `json:"index"`
+	Error string `json:"error"`
+}
+
+// accounts says whether res is an answer to a batch of n events: each one stored, a duplicate or
+// rejected (a server with ANALYTICS_ENABLED=false stores none and says so). Anything else — a
+// proxy's 200 page, another endpoint's data — acknowledges nothing.
+func (res *eventsResult) accounts(n int) bool {
+	if res.Disabled {
+		return true
+	}
+	return res.Accepted != nil && *res.Accepted >= 0 && *res.Accepted+len(res.Duplicates)+len(res.Rejected) == n
 }
 
 // sendBatch sends one batch until it is acknowledged or given up on, and records what became of it.
@@ -258,14 +281,28 @@ func (c *Client) sendBatch(items []item) {
 	}
 	var res eventsResult
 	err := c.call(c.ctx, r, &res)
-	if e, ok := err.(*APIError); ok && e.StatusCode == http.StatusRequestEntityTooLarge && len(items) > 1 {
-		// The server takes fewer events or bytes per request than this batch (its INGEST_MAX_EVENTS,
-		// INGEST_MAX_BODY_BYTES): send it in halves. Each half is a new request with its own key; the
-		// event ids still keep every event from being stored twice.
-		c.log.Warn("batch too large for the server; splitting it (lower BatchSize or MaxBatchBytes)", "events", len(items), "err", e)
+	var apiErr *APIError
+	if errors.As(err, &apiErr) && len(items) > 1 && (apiErr.StatusCode == http.StatusRequestEntityTooLarge ||
+		apiErr.StatusCode == http.StatusBadRequest && apiErr.Code == "invalid_body") {
+		// 413: the server takes fewer events or bytes per request than this batch (its
+		// INGEST_MAX_EVENTS, INGEST_MAX_BODY_BYTES). 400 invalid_body: one event it cannot read fails
+		// the whole request. Either way, send the batch in halves, down to the event at fault (at
+		// most 2n-1 requests). Each half is a new request with its own key; the event ids still keep
+		// every event from being stored twice.
+		c.log.Warn("batch refused as a whole; sending it in halves", "events", len(items), "err", apiErr)
 		c.sendBatch(items[:len(items)/2])
 		c.sendBatch(items[len(items)/2:])
 		return
+	}
+	if errors.As(err, &apiErr) && apiErr.StatusCode == http.StatusBadRequest && apiErr.Code == "invalid_events" {
+		// No event was accepted; details say why each was rejected.
+		var det eventsResult
+		if json.Unmarshal(apiErr.Details, &det) == nil && det.accounts(len(items)) {
+			res, err = det, nil
+		}
+	}
+	if err == nil && !res.accounts(len(items)) {
+		err = fmt.Errorf("analyticsd client: POST /api/analytics/events: the 2xx answer accounts for none or some of the %d events sent (is Endpoint analyticsd's base URL?)", len(items))
 	}
 	last := items[len(items)-1].seq
 	if err != nil {
@@ -282,8 +319,10 @@ func (c *Client) sendBatch(items []item) {
 	}
 	var rejected []item
 	var reasons []error
+	seen := make(map[int]bool, len(res.Rejected))
 	for _, rj := range res.Rejected {
-		if rj.Index >= 0 && rj.Index < len(items) {
+		if rj.Index >= 0 && rj.Index < len(items) && !seen[rj.Index] {
+			seen[rj.Index] = true
 			rejected = append(rejected, items[rj.Index])
 			reasons = append(reasons, &RejectedError{Reason: rj.Error})
 		}
@@ -311,19 +350,19 @@ func (c *Client) fail(items []item, errs ...error) {
 	if c.metrics != nil {
 		c.metrics.BatchFailed(len(items))
 	}
-	c.log.Error("events given up on", "events", len(items), "first_id", items[0].ev.ID, "err", errs[0])
+	c.log.Error("events given up on", "events", len(items), "first_id", items[0].id, "first_event", items[0].name, "err", errs[0])
 	if c.cfg.OnFailure == nil {
 		return
 	}
 	if len(errs) == 1 {
 		evs := make([]Event, len(items))
 		for i, it := range items {
-			evs[i] = it.ev
+			evs[i] = it.event()
 		}
 		c.cfg.OnFailure(Failure{Events: evs, Err: errs[0]})
 		return
 	}
 	for i, it := range items {
-		c.cfg.OnFailure(Failure{Events: []Event{it.ev}, Err: errs[i]})
+		c.cfg.OnFailure(Failure{Events: []Event{it.event()}, Err: errs[i]})
 	}
 }
