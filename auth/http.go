@@ -36,12 +36,17 @@ type TenantFinder interface {
 // rotated key's expiry takes effect at its instant). While Postgres is unreachable, a key verified
 // within StaleFor (default 1 h) keeps working — analytics must not fail because the registry
 // blinked — and unknown keys are refused with 503. The registry's answers (no such key or tenant,
-// revoked, disabled) are never mistaken for an outage.
+// revoked, disabled) are never mistaken for an outage. A registry that accepts connections but does
+// not answer is an outage too, after LookupTimeout.
 type Authenticator struct {
 	Keys     *Keys
 	Tenants  TenantFinder
 	FreshFor time.Duration
 	StaleFor time.Duration
+	// LookupTimeout bounds one credential's lookup in the registry (default 3 s). Without it, a
+	// Postgres that hung (a lock, a full disk, a dropped route) held every request whose cache entry
+	// was not fresh until the client gave up, stale entries and all (found by review).
+	LookupTimeout time.Duration
 	// MaxCached bounds each cache (verified keys, refused tokens, tenants by slug; default 100,000):
 	// one that reaches it is emptied.
 	MaxCached int
@@ -103,7 +108,8 @@ type cached struct {
 // NewAuthenticator returns an Authenticator over keys and tenants, accepting host-app JWTs too
 // when jwtCfg enables them.
 func NewAuthenticator(keys *Keys, tenants TenantFinder, jwtCfg JWTConfig) *Authenticator {
-	a := &Authenticator{Keys: keys, Tenants: tenants, FreshFor: 5 * time.Second, StaleFor: time.Hour, MaxCached: 100_000, now: time.Now,
+	a := &Authenticator{Keys: keys, Tenants: tenants, FreshFor: 5 * time.Second, StaleFor: time.Hour, LookupTimeout: 3 * time.Second,
+		MaxCached: 100_000, now: time.Now,
 		cache: map[[32]byte]cached{}, refused: map[[32]byte]cached{}, bySlug: map[string]cachedTenant{}, uses: map[uuid.UUID]*keyUse{},
 		lookups: map[netip.Prefix]*refusalBucket{}}
 	if jwtCfg.Enabled() {
@@ -122,7 +128,9 @@ func (a *Authenticator) tenantBySlug(ctx context.Context, slug string) (tenant.T
 	if hit && now.Sub(c.at) < a.FreshFor {
 		return c.t, c.err
 	}
-	t, err := a.Tenants.BySlug(ctx, slug)
+	lctx, cancel := a.lookup(ctx)
+	t, err := a.Tenants.BySlug(lctx, slug)
+	cancel()
 	if err != nil && !definitive(err) {
 		if hit && c.err == nil && now.Sub(c.at) < a.StaleFor {
 			return c.t, nil
@@ -149,6 +157,10 @@ func (a *Authenticator) verify(ctx context.Context, token string, from client) (
 	known := hit
 	if !hit {
 		c, hit = a.refused[h]
+		// A key refused because its tenant was disabled is a real key: enabling the tenant must
+		// bring it back at once, not after the address's bound refills (made-up keys from the same
+		// address held a re-enabled tenant's key refused as disabled; found by review).
+		known = hit && errors.Is(c.err, tenant.ErrDisabled)
 	}
 	if hit && now.Sub(c.verified) < a.FreshFor {
 		a.mu.Unlock()
@@ -171,16 +183,18 @@ func (a *Authenticator) verify(ctx context.Context, token string, from client) (
 		}
 	}
 	a.mu.Unlock()
-	key, err := a.Keys.Verify(ctx, token)
+	lctx, cancel := a.lookup(ctx)
+	key, err := a.Keys.Verify(lctx, token)
 	var slug string
 	if err == nil {
 		var t tenant.Tenant
-		t, err = a.Tenants.ByID(ctx, key.TenantID)
+		t, err = a.Tenants.ByID(lctx, key.TenantID)
 		slug = t.Slug
 		if err == nil && t.Disabled() {
 			err = fmt.Errorf("%w: %q", tenant.ErrDisabled, t.Slug)
 		}
 	}
+	cancel()
 	if err != nil && !definitive(err) {
 		if charged {
 			a.mu.Lock()
@@ -214,6 +228,14 @@ func (a *Authenticator) verify(ctx context.Context, token string, from client) (
 	}
 	a.mu.Unlock()
 	return c.answer(now)
+}
+
+// lookup is ctx bounded by LookupTimeout, for one credential's lookup in the registry.
+func (a *Authenticator) lookup(ctx context.Context) (context.Context, context.CancelFunc) {
+	if a.LookupTimeout <= 0 {
+		return context.WithCancel(ctx)
+	}
+	return context.WithTimeout(ctx, a.LookupTimeout)
 }
 
 // remember caches c under h, emptying m first when it holds max entries.
@@ -411,6 +433,12 @@ func (a *Authenticator) fromKey(ctx context.Context, token string, from client) 
 
 func (a *Authenticator) fromJWT(ctx context.Context, token string) (api.Principal, []Scope, error) {
 	claims, err := a.jwt.verify(ctx, token)
+	if errors.Is(err, errJWKSUnavailable) {
+		if a.Log != nil {
+			a.Log.Warn("a JWT was answered 503: its kid is not in the JWKS held and the JWKS could not be fetched", "err", err)
+		}
+		return api.Principal{}, nil, registryDown()
+	}
 	if err != nil {
 		return api.Principal{}, nil, api.Unauthorized(err.Error())
 	}

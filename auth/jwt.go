@@ -82,6 +82,12 @@ func newJWTVerifier(cfg JWTConfig) *jwtVerifier {
 // ErrInvalidToken: the JWT is malformed, expired, wrongly signed or lacks required claims.
 var ErrInvalidToken = errors.New("invalid token")
 
+// errJWKSUnavailable: the token names a key the set this process holds lacks, and the set could not
+// be fetched. That is an outage (503), not the client's fault: answered as 401 with the fetch's error,
+// it told every client the host app's internal AUTH_JWKS_URL, and made it discard a valid token
+// (found by review). The detail goes to the log.
+var errJWKSUnavailable = errors.New("the JWKS could not be fetched")
+
 func (v *jwtVerifier) verify(ctx context.Context, token string) (*Claims, error) {
 	var claims Claims
 	_, err := v.parser.ParseWithClaims(token, &claims, func(t *jwt.Token) (any, error) {
@@ -95,6 +101,9 @@ func (v *jwtVerifier) verify(ctx context.Context, token string) (*Claims, error)
 		return nil, fmt.Errorf("algorithm %s is not accepted", t.Method.Alg())
 	})
 	if err != nil {
+		if errors.Is(err, errJWKSUnavailable) {
+			return nil, err
+		}
 		if errors.Is(err, jwt.ErrTokenExpired) {
 			return nil, fmt.Errorf("%w: expired", ErrInvalidToken)
 		}
@@ -129,7 +138,7 @@ func (v *jwtVerifier) rsaKey(ctx context.Context, kid string) (*rsa.PublicKey, e
 		select {
 		case <-wait:
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return nil, fmt.Errorf("%w: waiting for it: %w", errJWKSUnavailable, ctx.Err())
 		}
 		v.mu.Lock()
 		key, ok = v.keys[kid]
@@ -139,7 +148,7 @@ func (v *jwtVerifier) rsaKey(ctx context.Context, kid string) (*rsa.PublicKey, e
 			return key, nil
 		}
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("%w: %w", errJWKSUnavailable, err)
 		}
 	}
 	return nil, fmt.Errorf("no JWKS key with kid %q", kid)

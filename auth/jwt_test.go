@@ -5,9 +5,11 @@ import (
 	"crypto/rsa"
 	"encoding/base64"
 	"encoding/json"
+	"io"
 	"math/big"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 
@@ -95,6 +97,46 @@ func TestJWTWithJWKSAndHS256(t *testing.T) {
 		res.Body.Close()
 		if res.StatusCode != tc.status {
 			t.Errorf("%s: got %d, want %d", tc.name, res.StatusCode, tc.status)
+		}
+	}
+}
+
+// A host app whose JWKS cannot be fetched is an outage: a token signed with a key not yet held is
+// answered 503 (retry), and the answer names nothing internal. Before, it was 401 carrying the fetch's
+// error — AUTH_JWKS_URL, an internal address, in every client's hands — and the client dropped a
+// valid token (found by review).
+func TestJWKSOutageIs503AndNamesNoInternalURL(t *testing.T) {
+	priv, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	down := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		http.Error(w, "down", http.StatusBadGateway)
+	}))
+	defer down.Close()
+	authn := auth.NewAuthenticator(nil, nil, auth.JWTConfig{JWKSURL: down.URL + "/internal/jwks.json"})
+	app := api.NewApp(api.Config{}, nil)
+	app.Get("/x", authn.Require(auth.ScopeAnalyticsRead), func(c *fiber.Ctx) error { return c.SendString("ok") })
+	tok := jwt.NewWithClaims(jwt.SigningMethodRS256, jwt.MapClaims{"sub": "u1", "tenant": "acme", "role": "owner", "exp": time.Now().Add(time.Hour).Unix()})
+	tok.Header["kid"] = "k1"
+	signed, err := tok.SignedString(priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := httptest.NewRequest(http.MethodGet, "/x", nil)
+	req.Header.Set("Authorization", "Bearer "+signed)
+	res, err := app.Test(req, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.StatusCode != 503 || res.Header.Get("Retry-After") == "" {
+		t.Errorf("RS256 token while the JWKS cannot be fetched: %d (Retry-After %q) %s, want 503 with Retry-After", res.StatusCode, res.Header.Get("Retry-After"), body)
+	}
+	for _, internal := range []string{down.URL, "internal/jwks", "127.0.0.1", "502"} {
+		if strings.Contains(string(body), internal) {
+			t.Errorf("the answer names %q: %s", internal, body)
 		}
 	}
 }

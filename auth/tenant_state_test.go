@@ -23,10 +23,10 @@ import (
 )
 
 // registry is the tenant store with switches: gone makes it answer "no such tenant", down makes it
-// fail as an unreachable Postgres does.
+// fail as an unreachable Postgres does, hang makes it wait as a hung one does (until ctx ends).
 type registry struct {
 	*tenant.Store
-	gone, down atomic.Bool
+	gone, down, hang atomic.Bool
 }
 
 // refusal is what the switches make the registry answer about the tenant named by which, or nil.
@@ -41,6 +41,10 @@ func (r *registry) refusal(which string) error {
 }
 
 func (r *registry) ByID(ctx context.Context, id uuid.UUID) (tenant.Tenant, error) {
+	if r.hang.Load() {
+		<-ctx.Done()
+		return tenant.Tenant{}, ctx.Err()
+	}
 	if err := r.refusal(id.String()); err != nil {
 		return tenant.Tenant{}, err
 	}
@@ -48,6 +52,10 @@ func (r *registry) ByID(ctx context.Context, id uuid.UUID) (tenant.Tenant, error
 }
 
 func (r *registry) BySlug(ctx context.Context, slug string) (tenant.Tenant, error) {
+	if r.hang.Load() {
+		<-ctx.Done()
+		return tenant.Tenant{}, ctx.Err()
+	}
 	if err := r.refusal(strconv.Quote(slug)); err != nil {
 		return tenant.Tenant{}, err
 	}
@@ -437,5 +445,68 @@ func TestXForwardedForWithoutTrustedProxiesIsLogged(t *testing.T) {
 	}
 	if n := strings.Count(logged.String(), "ANALYTICS_TRUSTED_PROXIES is empty"); n != 1 {
 		t.Errorf("the warning was logged %d times, want once:\n%s", n, logged.String())
+	}
+}
+
+// A registry that accepts the connection but never answers (a lock, a full disk, a dropped route) is
+// an outage, answered within LookupTimeout: a key verified before works from the stale cache, an
+// unseen one gets 503. Before, both waited as long as the client did, holding a request each (found
+// by review).
+func TestHungRegistryIsAnOutageNotAHang(t *testing.T) {
+	f := newAuthFixture(t)
+	f.authn.LookupTimeout = 300 * time.Millisecond
+	if code, msg := f.status(t, f.key); code != 200 {
+		t.Fatalf("before: got %d %s, want 200", code, msg)
+	}
+	unseen, _ := fixture.Key(t, f.env.PG, f.tenant.ID, "unseen", auth.ScopeAnalyticsRead)
+	f.reg.hang.Store(true)
+	defer f.reg.hang.Store(false)
+	time.Sleep(60 * time.Millisecond) // past FreshFor: the registry is asked
+	for _, tc := range []struct {
+		name, token string
+		want        int
+	}{{"verified key", f.key, 200}, {"unseen key", unseen, 503}, {"jwt of an unseen tenant", f.jwt(t, "other"), 503}} {
+		got := make(chan int, 1)
+		go func() { code, _ := f.status(t, tc.token); got <- code }()
+		select {
+		case code := <-got:
+			if code != tc.want {
+				t.Errorf("%s while the registry hangs: %d, want %d", tc.name, code, tc.want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s while the registry hangs: no answer in 5 s (LookupTimeout is 300 ms)", tc.name)
+		}
+	}
+}
+
+// A tenant enabled again gets its keys back at once, even from an address whose bound on refused
+// lookups is spent: its key is a real one, refused only for its tenant's state. Before, the cached
+// "disabled" was served without a lookup until the bound refilled (found by review).
+func TestReenabledTenantIsNotRefusedAsDisabledWhileLookupsAreLimited(t *testing.T) {
+	f := newAuthFixture(t)
+	f.authn.Refusals = auth.RefusalLimit{PerMinute: 1, Burst: 3}
+	ctx := context.Background()
+	if code, msg := f.status(t, f.key); code != 200 {
+		t.Fatalf("before: got %d %s, want 200", code, msg)
+	}
+	if _, _, err := f.reg.SetDisabled(ctx, "acme", true); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(60 * time.Millisecond)
+	if code, msg := f.status(t, f.key); code != 403 {
+		t.Fatalf("disabled: got %d %s, want 403", code, msg)
+	}
+	for i := range 4 {
+		f.status(t, fmt.Sprintf("ak_%012x_%s", 0xab0000+i, strings.Repeat("E", 43)))
+	}
+	if code, _ := f.status(t, fmt.Sprintf("ak_%012x_%s", 0xab0010, strings.Repeat("E", 43))); code != 429 {
+		t.Fatalf("a made-up key after the burst: %d, want 429 (the bound is spent)", code)
+	}
+	if _, _, err := f.reg.SetDisabled(ctx, "acme", false); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(60 * time.Millisecond)
+	if code, msg := f.status(t, f.key); code != 200 {
+		t.Errorf("the re-enabled tenant's key from the limited address: %d %q, want 200", code, msg)
 	}
 }
