@@ -218,7 +218,9 @@ func NewApp(cfg Config, log *slog.Logger) *fiber.App {
 	// dashboard's own pages set their own policy over these (package dashboards).
 	app.Use(func(c *fiber.Ctx) error {
 		c.Set(fiber.HeaderXContentTypeOptions, "nosniff")
-		if p := c.Path(); strings.HasPrefix(p, "/api/") || strings.HasPrefix(p, "/v1/") {
+		// Routing ignores case, so /API/analytics/events is the API too (it went without these
+		// headers; found by review).
+		if p := c.Path(); len(p) >= 4 && (strings.EqualFold(p[:4], "/v1/") || len(p) >= 5 && strings.EqualFold(p[:5], "/api/")) {
 			c.Set(fiber.HeaderCacheControl, "no-store")
 			c.Set(fiber.HeaderContentSecurityPolicy, "default-src 'none'; frame-ancestors 'none'")
 		}

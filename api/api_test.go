@@ -2,6 +2,7 @@ package api
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -9,7 +10,10 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"reflect"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/gofiber/fiber/v2"
 )
@@ -135,7 +139,9 @@ func TestAPIAnswersAreNotSniffedCachedOrFramed(t *testing.T) {
 	for _, tc := range []struct {
 		method, path string
 		api          bool
-	}{{"GET", "/api/analytics/events", true}, {"POST", "/v1/t", true}, {"GET", "/api/nope", true}, {"GET", "/dashboard", false}} {
+	}{{"GET", "/api/analytics/events", true}, {"POST", "/v1/t", true}, {"GET", "/api/nope", true}, {"GET", "/dashboard", false},
+		// Routing ignores case: these reach the same handlers and must carry the same headers.
+		{"GET", "/API/analytics/events", true}, {"GET", "/Api/Analytics/Events", true}, {"POST", "/V1/t", true}} {
 		res, err := app.Test(httptest.NewRequest(tc.method, tc.path, nil), -1)
 		if err != nil {
 			t.Fatal(err)
@@ -152,5 +158,48 @@ func TestAPIAnswersAreNotSniffedCachedOrFramed(t *testing.T) {
 		if !tc.api && (h.Get(fiber.HeaderCacheControl) != "no-cache" || h.Get(fiber.HeaderContentSecurityPolicy) != "") {
 			t.Errorf("%s %s: Cache-Control %q, CSP %q; want the page's own", tc.method, tc.path, h.Get(fiber.HeaderCacheControl), h.Get(fiber.HeaderContentSecurityPolicy))
 		}
+	}
+}
+
+// The public /readiness is open to anyone: a client looping on it must not turn each request into a
+// ping of every dependency. Callers at once share one check, and an answer serves for a second.
+// Before, 50 requests were 50 rounds of pings (found by review).
+func TestPublicReadinessDoesNotPingPerRequest(t *testing.T) {
+	var pings atomic.Int32
+	ops := Ops{Checks: []Check{{Name: "db", Ping: func(context.Context) error {
+		pings.Add(1)
+		time.Sleep(20 * time.Millisecond)
+		return nil
+	}}}}
+	app := NewApp(Config{}, nil)
+	ops.Register(app)
+	var wg sync.WaitGroup
+	for range 50 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res, err := app.Test(httptest.NewRequest("GET", "/readiness", nil), -1)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			res.Body.Close()
+			if res.StatusCode != 200 {
+				t.Errorf("readiness: %d, want 200", res.StatusCode)
+			}
+		}()
+	}
+	wg.Wait()
+	if n := pings.Load(); n > 2 {
+		t.Errorf("50 public readiness requests within a second pinged %d times, want at most 2", n)
+	}
+	// The detailed readiness on the operator listener is always fresh.
+	before := pings.Load()
+	for range 3 {
+		rec := httptest.NewRecorder()
+		ops.Private().ServeHTTP(rec, httptest.NewRequest("GET", "/readiness", nil))
+	}
+	if n := pings.Load() - before; n != 3 {
+		t.Errorf("3 operator readiness requests pinged %d times, want 3", n)
 	}
 }

@@ -74,16 +74,62 @@ func (o Ops) Readiness(ctx context.Context) (bool, map[string]CheckResult) {
 
 // Register mounts the public operational routes: /healthz (the process is alive) and /readiness
 // (each dependency up or down, 503 when one is down — and nothing more: no error text, latencies or
-// job details, which belong to operators). /metrics and the detailed readiness are on the operator
+// job details, which belong to operators; as of at most a second ago). /metrics and the detailed readiness are on the operator
 // listener (Private).
 func (o Ops) Register(app fiber.Router) {
 	app.Get("/healthz", func(c *fiber.Ctx) error {
 		return c.JSON(fiber.Map{"status": "ok", "version": o.Version})
 	})
+	shared := &sharedReadiness{ops: o, every: time.Second}
 	app.Get("/readiness", func(c *fiber.Ctx) error {
-		status, body := o.readiness(c.UserContext(), false)
+		status, body := shared.get(c.UserContext())
 		return c.Status(status).JSON(body)
 	})
+}
+
+// sharedReadiness is the public /readiness answer, computed at most once per `every` and once at a
+// time for all callers: anyone can call it, and each call pinged ClickHouse, Postgres and Redis (a
+// client looping on it sent them a query per request; found by review). A load balancer probing it
+// every few seconds sees a state at most `every` old.
+type sharedReadiness struct {
+	ops   Ops
+	every time.Duration
+
+	mu       sync.Mutex
+	at       time.Time
+	status   int
+	body     map[string]any
+	inflight chan struct{} // closed when the check under way ends; nil when none is
+}
+
+func (s *sharedReadiness) get(ctx context.Context) (int, map[string]any) {
+	for {
+		s.mu.Lock()
+		if s.body != nil && time.Since(s.at) < s.every {
+			status, body := s.status, s.body
+			s.mu.Unlock()
+			return status, body
+		}
+		wait := s.inflight
+		if wait == nil {
+			s.inflight = make(chan struct{})
+			s.mu.Unlock()
+			// Not the caller's context: a caller that leaves must not cancel the others' answer.
+			status, body := s.ops.readiness(context.WithoutCancel(ctx), false)
+			s.mu.Lock()
+			s.status, s.body, s.at = status, body, time.Now()
+			close(s.inflight)
+			s.inflight = nil
+			s.mu.Unlock()
+			return status, body
+		}
+		s.mu.Unlock()
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return http.StatusServiceUnavailable, map[string]any{"status": "not_ready"}
+		}
+	}
 }
 
 // readiness is the /readiness answer: public (up/down per dependency) or detailed (latency, error
