@@ -2,6 +2,7 @@ package api
 
 import (
 	"slices"
+	"strings"
 
 	"github.com/gofiber/fiber/v2"
 
@@ -27,6 +28,20 @@ func RepeatedParam(c *fiber.Ctx, multi ...string) *Error {
 			err = BadRequest("invalid_parameter", msg)
 		}
 		seen[key] = true
+	})
+	return err
+}
+
+// UnknownParam refuses a query parameter not in allowed, naming the ones the route takes: a
+// misspelt filter (evnt=, start=, from_date=) silently ignored answers a wider request than the one
+// meant — every event instead of one kind, the default 30 days instead of the range asked (found by
+// review).
+func UnknownParam(c *fiber.Ctx, allowed []string) *Error {
+	var err *Error
+	c.Context().QueryArgs().VisitAll(func(k, _ []byte) {
+		if err == nil && !slices.Contains(allowed, string(k)) {
+			err = BadRequest("invalid_parameter", excerpt.Short(string(k))+"= is not a parameter of "+c.Path()+"; it takes "+strings.Join(allowed, ", "))
+		}
 	})
 	return err
 }

@@ -4,20 +4,24 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"regexp"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 
 	"github.com/analyticsd/analyticsd/internal/chlimit"
 )
 
-var nameRe = regexp.MustCompile(`^[a-z][a-z0-9_.-]{0,127}$`)
+// MaxFilterBytes caps an event, metric or source a filter names.
+const MaxFilterBytes = 1000
 
-// ValidName reports whether s can be an event or metric name; anything else cannot match a stored
-// row, so filters reject it with a 400 instead of running a pointless query.
-func ValidName(s string) bool { return nameRe.MatchString(s) }
+// ValidName reports whether s can be a stored event, metric or source name a filter may name: not
+// empty, valid UTF-8, at most MaxFilterBytes. Ingest stores only lowercase dotted names and the
+// catalog's sources, but an import keeps the names and sources of the system it came from
+// ("Order Completed.v2", "mobile"), and a filter of the ingest rules refused those with a 400 while
+// the event list showed them (found by review). Values are bound as query parameters.
+func ValidName(s string) bool { return s != "" && len(s) <= MaxFilterBytes && utf8.ValidString(s) }
 
 // EventFilter selects a tenant's events, newest first.
 type EventFilter struct {

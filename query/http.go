@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/gofiber/fiber/v2"
@@ -17,7 +18,6 @@ import (
 
 	"github.com/analyticsd/analyticsd/api"
 	"github.com/analyticsd/analyticsd/audit"
-	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/internal/excerpt"
 	"github.com/analyticsd/analyticsd/internal/labels"
 	"github.com/analyticsd/analyticsd/internal/logger"
@@ -85,26 +85,39 @@ func (s *Service) rangeOf(c *fiber.Ctx) (Range, error) {
 	return ParseRangeIn(c.Query("from"), c.Query("to"), s.store.now(), z)
 }
 
-// Register mounts the read endpoints on r; read is the auth middleware they require.
+// Register mounts the read endpoints on r; read is the auth middleware they require. Each route
+// takes the parameters listed with it and refuses any other.
 func (s *Service) Register(r fiber.Router, read fiber.Handler) {
-	r.Get("/events", read, s.timed("events", s.getEvents))
-	r.Get("/usage", read, s.timed("usage", s.getUsage))
-	r.Get("/metrics", read, s.timed("metrics", s.getKPIs))
-	r.Get("/event-names", read, s.timed("event-names", s.getEventNames))
-	r.Get("/active-users", read, s.timed("active-users", s.getActiveUsers))
-	r.Get("/export.csv", read, s.timed("export", s.getExport("csv")))
-	r.Get("/export.ndjson", read, s.timed("export", s.getExport("ndjson")))
+	filter := []string{"from", "to", "tz", "event", "source", "user_id", "limit", "cursor"}
+	r.Get("/events", read, s.timed("events", s.getEvents, filter...))
+	r.Get("/usage", read, s.timed("usage", s.getUsage, "from", "to", "tz", "metric", "metric[]", "fill"))
+	r.Get("/metrics", read, s.timed("metrics", s.getKPIs, "tz", "metric", "metric[]"))
+	r.Get("/event-names", read, s.timed("event-names", s.getEventNames, "from", "to", "tz", "limit"))
+	r.Get("/active-users", read, s.timed("active-users", s.getActiveUsers, "from", "to", "tz", "event"))
+	r.Get("/export.csv", read, s.timed("export", s.getExport("csv"), append(filter, "bom")...))
+	r.Get("/export.ndjson", read, s.timed("export", s.getExport("ndjson"), append(filter, "bom")...))
 }
 
-// timed wraps every read route: it refuses repeated parameters, times the handler and maps what
-// it returns to a response (httpError), so the handlers return the package's errors as they are.
-func (s *Service) timed(endpoint string, h fiber.Handler) fiber.Handler {
+// nameErr is the 400 for an event, metric or source filter no stored row can have.
+func nameErr(param, v string) error {
+	if !utf8.ValidString(v) {
+		return paramErr("%s is not valid UTF-8", param)
+	}
+	return paramErr("%s=%q is empty or longer than %d bytes; no stored name is", param, excerpt.Short(v), MaxFilterBytes)
+}
+
+// timed wraps every read route: it refuses parameters the route does not take and repeated ones,
+// times the handler and maps what it returns to a response (httpError), so the handlers return the
+// package's errors as they are.
+func (s *Service) timed(endpoint string, h fiber.Handler, params ...string) fiber.Handler {
 	obs := s.metrics.duration.WithLabelValues(endpoint)
 	return func(c *fiber.Ctx) error {
 		start := time.Now()
 		// Every read parameter but metric takes one value.
 		var err error
-		if rerr := api.RepeatedParam(c, "metric", "metric[]"); rerr != nil {
+		if uerr := api.UnknownParam(c, params); uerr != nil {
+			err = uerr
+		} else if rerr := api.RepeatedParam(c, "metric", "metric[]"); rerr != nil {
 			err = rerr
 		} else {
 			err = h(c)
@@ -127,10 +140,10 @@ func (s *Service) filter(c *fiber.Ctx) (EventFilter, error) {
 		return f, err
 	}
 	if f.Event = c.Query("event"); f.Event != "" && !ValidName(f.Event) {
-		return f, paramErr("event=%q is not an event name (lowercase domain.action, e.g. auth.user.login)", excerpt.Short(f.Event))
+		return f, nameErr("event", f.Event)
 	}
-	if f.Source = c.Query("source"); f.Source != "" && !ingest.ValidSource(f.Source) {
-		return f, paramErr("source=%q is not one of %s", excerpt.Short(f.Source), strings.Join(ingest.Sources, ", "))
+	if f.Source = c.Query("source"); f.Source != "" && !ValidName(f.Source) {
+		return f, nameErr("source", f.Source)
 	}
 	if f.UserID = c.Query("user_id"); len(f.UserID) > 255 {
 		return f, paramErr("user_id is longer than 255 bytes")
@@ -170,7 +183,7 @@ func metricsParam(c *fiber.Ctx, def []string) ([]string, error) {
 					continue
 				}
 				if !ValidName(m) {
-					return nil, paramErr("metric %q is not a metric or event name (lowercase letters, digits, '_', '.', '-')", excerpt.Short(m))
+					return nil, nameErr("metric", m)
 				}
 				seen[m] = true
 				out = append(out, m)
@@ -268,7 +281,7 @@ func (s *Service) getActiveUsers(c *fiber.Ctx) error {
 	}
 	event := c.Query("event", "auth.user.login")
 	if !ValidName(event) {
-		return paramErr("event=%q is not an event name (lowercase domain.action, e.g. auth.user.login)", excerpt.Short(event))
+		return nameErr("event", event)
 	}
 	au, err := s.store.ActiveUsers(c.UserContext(), principal(c).TenantID, r, event)
 	if err != nil {
@@ -330,7 +343,10 @@ func (s *Service) getExport(ext string) fiber.Handler {
 		if err != nil {
 			return err
 		}
-		name := fmt.Sprintf("analytics-%s-%s-%s.%s", p.Slug, f.Range.From.Format("20060102"), f.Range.To.Add(-time.Second).Format("20060102"), ext)
+		// Named by the local days it covers, in the request's zone, as the range was read (UTC
+		// dates named the day before for a range of Tokyo days; found by review).
+		first, last := f.Range.Days()
+		name := fmt.Sprintf("analytics-%s-%s-%s.%s", p.Slug, first.Format("20060102"), last.Format("20060102"), ext)
 		c.Set(fiber.HeaderContentType, kind.contentType)
 		c.Set(fiber.HeaderContentDisposition, `attachment; filename="`+name+`"`)
 		c.Set("X-Export-Row-Limit", strconv.Itoa(limit))

@@ -107,6 +107,12 @@ func parseBound(name, v string, end bool) (time.Time, error) {
 	if len(v) == len(time.DateOnly) && end {
 		t = t.Add(24 * time.Hour) // whole day, inclusive
 	}
+	if t.Nanosecond() != 0 {
+		// Stored times are whole seconds, and both bounds round up: from=10:30:00.5 does not
+		// include an event at 10:30:00, to=10:30:00.5 (exclusive) does. Truncated, both were off by
+		// that second's events (found by review).
+		t = t.Truncate(time.Second).Add(time.Second)
+	}
 	return t.UTC(), nil
 }
 

@@ -959,3 +959,67 @@ func TestExportAuditNamesTheUserByHash(t *testing.T) {
 		t.Errorf("the export's audit entry %s: want the user's hash and not the id", meta)
 	}
 }
+
+// Stored times are whole seconds, so a fractional bound rounds up on both ends: from=S.5 excludes an
+// event at S (it is before from), to=S.5 includes it (it is before to). Both bounds were truncated,
+// so from included it and to left it out (found by review).
+func TestFractionalBoundsAreNotTruncated(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, 100)
+	at := h.now.Add(-time.Hour).Truncate(time.Second)
+	h.insert(t, []ev{{id: uuid.New(), tenant: h.a.ID, ts: at, event: "auth.user.login"}})
+	half := url.QueryEscape(at.Add(500 * time.Millisecond).Format(time.RFC3339Nano))
+	count := func(path string) int {
+		t.Helper()
+		r := h.get(t, h.keys["a-read"], "", path)
+		if r.Status != 200 {
+			t.Fatalf("%s: %d %s", path, r.Status, r.Raw)
+		}
+		return len(r.Data()["events"].([]any))
+	}
+	if n := count("/api/analytics/events?from=" + half); n != 0 {
+		t.Errorf("from half a second after the only event: %d events, want 0", n)
+	}
+	if n := count("/api/analytics/events?to=" + half); n != 1 {
+		t.Errorf("to half a second after the only event: %d events, want 1", n)
+	}
+}
+
+// Names and sources an import kept as they were in the source system are filters like any other:
+// the event list shows them, and filtering on them finds them. Before, the filters held them to
+// ingest's rules and answered 400 (found by review).
+func TestImportedNamesCanBeFilteredOn(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, 100)
+	at := h.now.Add(-time.Hour).Truncate(time.Second)
+	h.insert(t, []ev{
+		{id: uuid.New(), tenant: h.a.ID, ts: at, event: "Checkout.Order Completed", source: "mobile", user: "u1"},
+		{id: uuid.New(), tenant: h.a.ID, ts: at, event: "auth.user.login", source: "app", user: "u2"},
+	})
+	for _, tc := range []struct {
+		path string
+		want string
+	}{
+		{"/api/analytics/events?event=" + url.QueryEscape("Checkout.Order Completed"), `"user_id":"u1"`},
+		{"/api/analytics/events?source=mobile", `"user_id":"u1"`},
+		{"/api/analytics/export.ndjson?source=mobile", `"user_id":"u1"`},
+		{"/api/analytics/active-users?event=" + url.QueryEscape("Checkout.Order Completed"), `"users":1`},
+		{"/api/analytics/metrics?metric=" + url.QueryEscape("Checkout.Order Completed"), `"week":1`},
+	} {
+		r := h.get(t, h.keys["a-read"], "", tc.path)
+		if r.Status != 200 || !strings.Contains(r.Raw, tc.want) || strings.Contains(r.Raw, `"u2"`) {
+			t.Errorf("%s: %d %s, want 200 with %s and not the other event", tc.path, r.Status, r.Raw, tc.want)
+		}
+	}
+}
+
+// An export's file is named by the local days it covers. For a range of Tokyo days it named the UTC
+// date before each (found by review).
+func TestExportFileNameNamesTheLocalDays(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, 100)
+	r := h.get(t, h.keys["a-read"], "", "/api/analytics/export.csv?from=2026-03-01&to=2026-03-07&tz=Asia/Tokyo")
+	if want := `attachment; filename="analytics-acme-20260301-20260307.csv"`; r.Status != 200 || r.Header.Get("Content-Disposition") != want {
+		t.Errorf("export of Tokyo's 1–7 March: %d Content-Disposition %q, want %q", r.Status, r.Header.Get("Content-Disposition"), want)
+	}
+}
