@@ -162,6 +162,10 @@ type UsageRow struct {
 	Count  int64     `json:"count"`
 }
 
+// ErrUndottedNames: the source has events whose name has no dot, which analyticsd would read as
+// usage metrics; the import refuses it whole.
+var ErrUndottedNames = errors.New("event names without a dot")
+
 // ErrMapping: the tenant mapping cannot be applied (no such tenant with NoCreate, two source tenants
 // onto one, or a mapping that differs from the one a previous run recorded).
 var ErrMapping = errors.New("tenant mapping")
@@ -219,6 +223,9 @@ func (im *Importer) Run(ctx context.Context) (Result, error) {
 		return res, err
 	}
 	res.SourceEvents, res.Skipped, res.SkippedUsage = p.events, p.skipped, p.skippedUsage
+	if err := p.undottedErr(); err != nil {
+		return res, err
+	}
 	tenants, err := im.mapTenants(ctx, p)
 	if err != nil {
 		return res, err

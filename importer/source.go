@@ -6,11 +6,14 @@ import (
 	"encoding/json"
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/analyticsd/analyticsd/internal/excerpt"
 )
 
 // plan is the source at a glance: per tenant, its days and per day the count of each event name, and
@@ -24,6 +27,37 @@ type plan struct {
 	// skipped: events without a tenant, or without a ts ClickHouse can hold; skippedUsage: rows of
 	// analytics_daily_usage without a tenant, metric or date ClickHouse can hold.
 	skipped, skippedUsage int64
+	// undotted counts the events of each name without a dot, which the import refuses (undottedErr).
+	undotted map[string]int64
+}
+
+// undottedErr refuses a source with event names without a dot. analyticsd tells a usage metric
+// (api_requests_daily) from an event name by the dot — the daily usage the rollup bills holds both —
+// so an event named builds_daily would be billed as that usage metric, and one named like an
+// increment's metric would add to it (found by review). The source must rename them first; nothing
+// is imported until it has.
+func (p *plan) undottedErr() error {
+	if len(p.undotted) == 0 {
+		return nil
+	}
+	names := make([]string, 0, len(p.undotted))
+	var n int64
+	for name, c := range p.undotted {
+		names = append(names, name)
+		n += c
+	}
+	sort.Strings(names)
+	shown := names[:min(len(names), 5)]
+	for i, name := range shown {
+		shown[i] = strconv.Quote(excerpt.Short(name))
+	}
+	more := ""
+	if len(names) > len(shown) {
+		more = fmt.Sprintf(" and %d more", len(names)-len(shown))
+	}
+	return fmt.Errorf("%w: the source has %d events named without a dot (%s%s); analyticsd reads a name without a dot as a usage metric "+
+		"and would bill them as one. Rename them in the source first, e.g. UPDATE analytics_events SET event = 'legacy.' || event "+
+		"WHERE strpos(event, '.') = 0 (this run imported nothing)", ErrUndottedNames, n, strings.Join(shown, ", "), more)
 }
 
 // ClickHouse's DateTime holds 1970-01-01 to 2106-02-07 06:28:15, its Date 1970-01-01 to 2149-06-06;
@@ -81,7 +115,7 @@ func (p *plan) tenantEvents(tenant uuid.UUID) int64 {
 // readPlan reads the plan: two grouped scans, one per table.
 func readPlan(ctx context.Context, src *pgxpool.Pool) (*plan, error) {
 	p := &plan{counts: map[uuid.UUID]map[time.Time]map[string]int64{}, usage: map[uuid.UUID]map[time.Time][]UsageRow{},
-		days: map[uuid.UUID][]time.Time{}, slugs: map[uuid.UUID]string{}}
+		days: map[uuid.UUID][]time.Time{}, slugs: map[uuid.UUID]string{}, undotted: map[string]int64{}}
 	rows, err := src.Query(ctx, `SELECT tenant_id, CASE WHEN ts >= $1 AND ts < $2 THEN (ts AT TIME ZONE 'UTC')::date END, event, count(*)
 FROM analytics_events GROUP BY 1, 2, 3`, firstDay, endDay)
 	if err != nil {
@@ -119,6 +153,9 @@ FROM analytics_events GROUP BY 1, 2, 3`, firstDay, endDay)
 		}
 		p.counts[*t][day][event] += n
 		p.events += n
+		if !isEventName(event) {
+			p.undotted[event] += n
+		}
 		addDay(*t, day)
 	}
 	rows.Close()
