@@ -407,6 +407,16 @@ func (s *Service) run(ctx context.Context, j Job) error {
 		return nil
 	}
 	err = fmt.Errorf("erasure job %s at step %q: %w", j.ID, j.Step, err)
+	if errors.Is(err, errImportRunning) && ctx.Err() == nil {
+		// Not a failure: the job is taken again after Backoff, its attempts untouched, however long
+		// the import runs.
+		if _, uerr := s.pg.Exec(context.WithoutCancel(ctx), `UPDATE erasure_jobs SET error = $2,
+			heartbeat_at = now() - make_interval(secs => $3) + make_interval(secs => $4) WHERE id = $1`,
+			j.ID, excerpt.Of(err.Error(), 500), s.cfg.Stale.Seconds(), s.cfg.Backoff.Seconds()); uerr != nil {
+			s.log.Warn("erasure job state not saved", "job", j.ID, "err", uerr)
+		}
+		return fmt.Errorf("%w; taken again in %s", err, s.cfg.Backoff)
+	}
 	if ctx.Err() != nil {
 		// This process is stopping, not the job failing: another runner takes it once the heartbeat
 		// is stale, and the attempt is not counted.
@@ -470,6 +480,9 @@ func (s *Service) steps(ctx context.Context, j *Job) error {
 			return err
 		}
 	}
+	if err := s.noImportRunning(ctx); err != nil {
+		return err
+	}
 	// A job for an id with NUL bytes runs its delete whatever step it shows: an instance of an
 	// older release (started after the job was queued: a rollback) may have saved "clickhouse"
 	// after deleting nothing, the id it reads being user_id's padded form (found by review). The
@@ -500,6 +513,31 @@ func (s *Service) steps(ctx context.Context, j *Job) error {
 	}
 	j.Status, j.UserID = StatusDone, ""
 	return s.record(ctx, *j, "erasure", "erasure.done", map[string]any{"rows_erased": j.RowsErased})
+}
+
+// ImportLock is the Postgres advisory lock (hashtext of it) an import into ClickHouse database db
+// holds for its whole run (package importer). An erasure does not delete while it is held.
+func ImportLock(db string) string { return "analyticsd.import." + db }
+
+// errImportRunning: an import into the job's database is running, so the delete waits.
+var errImportRunning = errors.New("an import into this ClickHouse database is running; the delete waits for it to end")
+
+// noImportRunning returns errImportRunning while an import into the job's database holds its lock.
+// An import checks for open erasures of its tenants only when it starts (after taking the lock), and
+// rows it inserted after this job's delete would escape it: an erased user's events came back (found
+// by review). Together the two checks leave no gap: the job is open before it looks at the lock, and
+// an import that takes the lock later sees the job and refuses its tenant.
+func (s *Service) noImportRunning(ctx context.Context) error {
+	var free bool
+	// A transaction-level shared lock in a statement of its own: taken and released at once, held by
+	// nobody, and refused only while an import holds it exclusively.
+	if err := s.pg.QueryRow(ctx, "SELECT pg_try_advisory_xact_lock_shared(hashtext($1))", ImportLock(s.cfg.Layout.DB)).Scan(&free); err != nil {
+		return fmt.Errorf("look for a running import: %w", err)
+	}
+	if !free {
+		return errImportRunning
+	}
+	return nil
 }
 
 // eraseTenantRows deletes all of the tenant's rows of every table. The aggregates go too, so nothing

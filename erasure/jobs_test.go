@@ -423,3 +423,52 @@ func TestAcknowledgeForgetsInstancesSilentForADay(t *testing.T) {
 		}
 	}
 }
+
+// An import checks for open erasures of its tenants when it starts, and a job queued later used to
+// delete while the import went on inserting: the user's rows it inserted after the delete escaped
+// it (found by review). A job now holds its delete while an import into its database holds the
+// import lock — not as a failed attempt — and erases what the import brought once it has ended.
+func TestAnErasureWaitsForARunningImport(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := context.Background()
+	acme := fixture.Tenant(t, f.env.PG, "acme")
+	f.env.Insert(t, "events", eventCols, rows(acme.ID, "gina", 5)...)
+	s := f.service(Config{Backoff: time.Second, MaxAttempts: 1})
+	defer s.Leave(ctx)
+	importing, err := f.env.PG.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer importing.Release()
+	if _, err := importing.Exec(ctx, "SELECT pg_advisory_lock(hashtext($1))", ImportLock(s.cfg.Layout.DB)); err != nil {
+		t.Fatal(err)
+	}
+	j, err := s.EraseUser(ctx, acme.ID, "gina", "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.RunOne(ctx); err == nil || !strings.Contains(err.Error(), "import") {
+		t.Fatalf("a job while an import runs: %v, want it held naming the import", err)
+	}
+	if got := f.job(t, s, acme.ID, j.ID); got.Status != StatusRunning || got.Attempts != 0 {
+		t.Errorf("the held job: %+v, want running with no attempt spent (MaxAttempts is 1)", got)
+	}
+	if n := f.count(t, acme.ID, "gina"); n != 5 {
+		t.Errorf("gina's rows while the import runs: %d, want 5 (nothing deleted yet)", n)
+	}
+	f.env.Insert(t, "events", eventCols, rows(acme.ID, "gina", 2)...) // what the import still inserts
+	if _, err := importing.Exec(ctx, "SELECT pg_advisory_unlock(hashtext($1))", ImportLock(s.cfg.Layout.DB)); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(1100 * time.Millisecond) // not a poll: the Backoff the held job waits
+	if ran, err := s.RunOne(ctx); !ran || err != nil {
+		t.Fatalf("the job after the import: ran %v, %v", ran, err)
+	}
+	if got := f.job(t, s, acme.ID, j.ID); got.Status != StatusDone {
+		t.Errorf("the job after the import: %+v, want done", got)
+	}
+	if n := f.count(t, acme.ID, "gina"); n != 0 {
+		t.Errorf("gina's rows after the erasure: %d, want 0 (the import's too)", n)
+	}
+}

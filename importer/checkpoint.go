@@ -13,6 +13,8 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/analyticsd/analyticsd/erasure"
 )
 
 // The states of a (tenant, day) in import_days (schema/postgres/0007_import.sql).
@@ -128,7 +130,7 @@ func (c *checkpoint) lock(ctx context.Context) (unlock func(), err error) {
 		return nil, fmt.Errorf("import: connect to postgres: %w", err)
 	}
 	var ok bool
-	key := "analyticsd.import." + c.db
+	key := erasure.ImportLock(c.db) // erasures wait while it is held
 	if err := conn.QueryRow(ctx, "SELECT pg_try_advisory_lock(hashtext($1))", key).Scan(&ok); err != nil {
 		conn.Release()
 		return nil, fmt.Errorf("import: take the import lock: %w", err)
