@@ -129,10 +129,16 @@ func (v *jwtVerifier) rsaKey(ctx context.Context, kid string) (*rsa.PublicKey, e
 		v.inflight = make(chan struct{})
 		go v.refresh(v.inflight)
 	}
-	wait := v.inflight
+	wait, lastErr := v.inflight, v.lastErr
 	v.mu.Unlock()
 	if ok {
 		return key, nil
+	}
+	if wait == nil && lastErr != nil {
+		// The last fetch failed and the next may not start yet: the set held may lack this key
+		// only because it could not be read. Answered 401 "no such kid", a client dropped a valid
+		// token for the 30 s after each failed fetch (found by review).
+		return nil, fmt.Errorf("%w: %w", errJWKSUnavailable, lastErr)
 	}
 	if wait != nil {
 		select {

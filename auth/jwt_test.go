@@ -140,3 +140,39 @@ func TestJWKSOutageIs503AndNamesNoInternalURL(t *testing.T) {
 		}
 	}
 }
+
+// Every request while the JWKS cannot be fetched is 503, not only the one that waited on the fetch:
+// in the 30 s before the next fetch may start, the others got 401 "no JWKS key with kid", and their
+// clients dropped a valid token (found by review).
+func TestJWKSOutageIs503ForEveryRequestNotOnlyTheFirst(t *testing.T) {
+	priv, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	down := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		http.Error(w, "down", http.StatusBadGateway)
+	}))
+	defer down.Close()
+	authn := auth.NewAuthenticator(nil, nil, auth.JWTConfig{JWKSURL: down.URL + "/jwks.json"})
+	app := api.NewApp(api.Config{}, nil)
+	app.Get("/x", authn.Require(auth.ScopeAnalyticsRead), func(c *fiber.Ctx) error { return c.SendString("ok") })
+	tok := jwt.NewWithClaims(jwt.SigningMethodRS256, jwt.MapClaims{"sub": "u1", "tenant": "acme", "role": "owner", "exp": time.Now().Add(time.Hour).Unix()})
+	tok.Header["kid"] = "k1"
+	signed, err := tok.SignedString(priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		req := httptest.NewRequest(http.MethodGet, "/x", nil)
+		req.Header.Set("Authorization", "Bearer "+signed)
+		res, err := app.Test(req, -1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if res.StatusCode != 503 {
+			t.Errorf("request %d while the JWKS cannot be fetched: %d %s, want 503", i+1, res.StatusCode, body)
+		}
+	}
+}

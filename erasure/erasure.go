@@ -519,10 +519,16 @@ func (s *Service) steps(ctx context.Context, j *Job) error {
 // holds for its whole run (package importer). An erasure does not delete while it is held.
 func ImportLock(db string) string { return "analyticsd.import." + db }
 
-// errImportRunning: an import into the job's database is running, so the delete waits.
-var errImportRunning = errors.New("an import into this ClickHouse database is running; the delete waits for it to end")
+// ImportQueryIDPrefix begins the ClickHouse query id of every insert of an import into db (package
+// importer). An erasure does not delete while one runs: an import killed mid-insert releases its lock
+// at once, and its insert may still commit.
+func ImportQueryIDPrefix(db string) string { return "analyticsd-import-" + db + "-" }
 
-// noImportRunning returns errImportRunning while an import into the job's database holds its lock.
+// errImportRunning: an import into the job's database is running, so the delete waits.
+var errImportRunning = errors.New("an import into this ClickHouse database is running (or its last insert is); the delete waits for it to end")
+
+// noImportRunning returns errImportRunning while an import into the job's database holds its lock,
+// or an insert of one is still running on ClickHouse.
 // An import checks for open erasures of its tenants only when it starts (after taking the lock), and
 // rows it inserted after this job's delete would escape it: an erased user's events came back (found
 // by review). Together the two checks leave no gap: the job is open before it looks at the lock, and
@@ -536,6 +542,31 @@ func (s *Service) noImportRunning(ctx context.Context) error {
 	}
 	if !free {
 		return errImportRunning
+	}
+	// A killed import's lock is gone, but its last insert may still be running and commit after the
+	// delete (found by review). On a cluster, an insert runs on the server it was sent to and, as the
+	// shards' parts of it, on others: each server is asked, for initial queries and their parts.
+	conns := []driver.Conn{s.ch}
+	if s.cfg.Layout.Shards != nil {
+		live, err := s.everyServer(ctx, "events")
+		if err != nil {
+			return err
+		}
+		defer schema.CloseAll(live)
+		for _, l := range live {
+			conns = append(conns, l.Conn)
+		}
+	}
+	prefix := ImportQueryIDPrefix(s.cfg.Layout.DB)
+	for _, c := range conns {
+		var n uint64
+		if err := c.QueryRow(ctx, "SELECT count() FROM system.processes WHERE startsWith(query_id, ?) OR startsWith(initial_query_id, ?)",
+			prefix, prefix).Scan(&n); err != nil {
+			return fmt.Errorf("look for an import's insert still running: %w", err)
+		}
+		if n > 0 {
+			return errImportRunning
+		}
 	}
 	return nil
 }

@@ -472,3 +472,65 @@ func TestAnErasureWaitsForARunningImport(t *testing.T) {
 		t.Errorf("gina's rows after the erasure: %d, want 0 (the import's too)", n)
 	}
 }
+
+// A killed import releases its lock at once, but its last ClickHouse insert may still be running and
+// commit. A job that went by the lock alone deleted, and the insert landed after it: the erased
+// user's rows were back with the job "done" (found by review). It now waits for the insert too.
+func TestAnErasureWaitsForAKilledImportsInsert(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := context.Background()
+	acme := fixture.Tenant(t, f.env.PG, "acme")
+	f.env.Insert(t, "events", eventCols, rows(acme.ID, "gina", 3)...)
+	s := f.service(Config{Backoff: time.Second, MaxAttempts: 3})
+	defer s.Leave(ctx)
+	// What a killed import left running on ClickHouse: its last insert, of gina's rows, under the
+	// importer's query id. No import holds the Postgres lock any more.
+	qid := ImportQueryIDPrefix(s.cfg.Layout.DB) + uuid.NewString()
+	inserted := make(chan error, 1)
+	go func() {
+		inserted <- f.env.CH.Exec(clickhouse.Context(ctx, clickhouse.WithQueryID(qid)),
+			"INSERT INTO "+f.env.DB+".events ("+eventCols+") SELECT toUUID(?), now(), generateUUIDv4(), now(), 'auth.user.login', 'app', 'gina', '{}', '', '' "+
+				"FROM numbers(2) WHERE sleepEachRow(1) = 0 SETTINGS max_block_size = 2", acme.ID.String())
+	}()
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		var n uint64
+		if err := f.env.CH.QueryRow(ctx, "SELECT count() FROM system.processes WHERE query_id = ?", qid).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the insert never showed in system.processes")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	j, err := s.EraseUser(ctx, acme.ID, "gina", "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
+		if got := f.job(t, s, acme.ID, j.ID); got.Status == StatusDone {
+			break
+		}
+		_, _ = s.RunOne(ctx)
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err := <-inserted; err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); { // the job ends once the insert has
+		if got := f.job(t, s, acme.ID, j.ID); got.Status == StatusDone {
+			break
+		}
+		_, _ = s.RunOne(ctx)
+		time.Sleep(100 * time.Millisecond)
+	}
+	if got := f.job(t, s, acme.ID, j.ID); got.Status != StatusDone || got.Attempts != 0 {
+		t.Fatalf("the job after the insert ended: %+v, want done, no attempt spent waiting", got)
+	}
+	if n := f.count(t, acme.ID, "gina"); n != 0 {
+		t.Errorf("the job is done, and gina has %d rows: the killed import's insert landed after its delete", n)
+	}
+}

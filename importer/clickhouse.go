@@ -9,6 +9,8 @@ import (
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/google/uuid"
+
+	"github.com/analyticsd/analyticsd/erasure"
 )
 
 // incrementNS is the namespace of the name-based (v5) ids of imported usage increments.
@@ -28,7 +30,7 @@ func isEventName(metric string) bool { return strings.Contains(metric, ".") }
 // a resumed import waits for (and stops) its own database's inserts only, never those of another
 // deployment on the same server. A database name is a plain identifier (letters, digits, '_'), so
 // the '-' after it ends it: no database's prefix starts another's.
-func queryIDPrefix(db string) string { return "analyticsd-import-" + db + "-" }
+func queryIDPrefix(db string) string { return erasure.ImportQueryIDPrefix(db) }
 
 func (im *Importer) queryCtx(ctx context.Context) context.Context {
 	return clickhouse.Context(ctx, clickhouse.WithQueryID(queryIDPrefix(im.cfg.DB)+uuid.NewString()))

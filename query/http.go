@@ -170,15 +170,24 @@ func (s *Service) getEvents(c *fiber.Ctx) error {
 	return api.OK(c, page)
 }
 
-// metricsParam reads metric[]=a&metric[]=b and metric=a,b (both may be combined).
+// metricsParam reads metric[]=a&metric[]=b and metric=a,b (both may be combined). Each metric[]
+// value is one name as it is: an imported event's name may hold a comma or spaces at its ends
+// ("Checkout.Order Completed, v2"), and split up it was answered as two other names, silently
+// (found by review). metric= is the short form for names without a comma.
 func metricsParam(c *fiber.Ctx, def []string) ([]string, error) {
 	var out []string
 	seen := map[string]bool{}
 	args := c.Context().QueryArgs()
 	for _, key := range []string{"metric[]", "metric"} {
 		for _, v := range args.PeekMulti(key) {
-			for _, m := range strings.Split(string(v), ",") {
-				m = strings.TrimSpace(m)
+			names := []string{string(v)}
+			if key == "metric" {
+				names = strings.Split(names[0], ",")
+			}
+			for _, m := range names {
+				if key == "metric" {
+					m = strings.TrimSpace(m)
+				}
 				if m == "" || seen[m] {
 					continue
 				}
