@@ -73,9 +73,9 @@ func (o Ops) Readiness(ctx context.Context) (bool, map[string]CheckResult) {
 }
 
 // Register mounts the public operational routes: /healthz (the process is alive) and /readiness
-// (each dependency up or down, 503 when one is down — and nothing more: no error text, latencies or
-// job details, which belong to operators; as of at most a second ago). /metrics and the detailed readiness are on the operator
-// listener (Private).
+// (each dependency up or down as of at most a second ago, 503 when one is down — and nothing more:
+// no error text, latencies or job details, which belong to operators). /metrics and the detailed
+// readiness are on the operator listener (Private).
 func (o Ops) Register(app fiber.Router) {
 	app.Get("/healthz", func(c *fiber.Ctx) error {
 		return c.JSON(fiber.Map{"status": "ok", "version": o.Version})

@@ -71,8 +71,9 @@ type Authenticator struct {
 	swept   time.Time     // when lookups was last swept for full buckets
 	// Log, when set, hears of a request that names its client in X-Forwarded-For while no proxy is
 	// trusted (once per process): behind a load balancer, every client then shares its address.
-	Log       *slog.Logger
-	warnedXFF atomic.Bool
+	Log        *slog.Logger
+	warnedXFF  atomic.Bool
+	warnedJWKS atomic.Int64 // unix seconds of the last warning that the JWKS could not be fetched
 }
 
 // keyUse is when a key was last used, kept in memory: a request only moves an atomic (at most once a
@@ -434,8 +435,10 @@ func (a *Authenticator) fromKey(ctx context.Context, token string, from client) 
 func (a *Authenticator) fromJWT(ctx context.Context, token string) (api.Principal, []Scope, error) {
 	claims, err := a.jwt.verify(ctx, token)
 	if errors.Is(err, errJWKSUnavailable) {
-		if a.Log != nil {
-			a.Log.Warn("a JWT was answered 503: its kid is not in the JWKS held and the JWKS could not be fetched", "err", err)
+		// Logged at most every 30 s (a fetch is tried no more often): every RS256 request with an
+		// unknown kid meets the outage, and anyone can send such tokens.
+		if now := time.Now().Unix(); a.Log != nil && now-a.warnedJWKS.Load() >= 30 && a.warnedJWKS.Swap(now) < now-29 {
+			a.Log.Warn("JWTs answered 503: their kid is not in the JWKS held and the JWKS could not be fetched", "err", err)
 		}
 		return api.Principal{}, nil, registryDown()
 	}
