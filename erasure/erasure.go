@@ -528,11 +528,11 @@ func ImportQueryIDPrefix(db string) string { return "analyticsd-import-" + db + 
 var errImportRunning = errors.New("an import into this ClickHouse database is running (or its last insert is); the delete waits for it to end")
 
 // noImportRunning returns errImportRunning while an import into the job's database holds its lock,
-// or an insert of one is still running on ClickHouse.
-// An import checks for open erasures of its tenants only when it starts (after taking the lock), and
-// rows it inserted after this job's delete would escape it: an erased user's events came back (found
-// by review). Together the two checks leave no gap: the job is open before it looks at the lock, and
-// an import that takes the lock later sees the job and refuses its tenant.
+// or an insert of one is still running on ClickHouse. An import checks for open erasures of its
+// tenants only when it starts (after taking the lock), and rows it inserted after this job's delete
+// would escape it: an erased user's events came back (found by review). Together the two checks
+// leave no gap: the job is open before it looks, and an import that takes the lock later sees the
+// job and refuses its tenant.
 func (s *Service) noImportRunning(ctx context.Context) error {
 	var free bool
 	// A transaction-level shared lock in a statement of its own: taken and released at once, held by

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -94,8 +95,9 @@ func (s *Service) Register(r fiber.Router, read fiber.Handler) {
 	r.Get("/metrics", read, s.timed("metrics", s.getKPIs, "tz", "metric", "metric[]"))
 	r.Get("/event-names", read, s.timed("event-names", s.getEventNames, "from", "to", "tz", "limit"))
 	r.Get("/active-users", read, s.timed("active-users", s.getActiveUsers, "from", "to", "tz", "event"))
-	r.Get("/export.csv", read, s.timed("export", s.getExport("csv"), append(filter, "bom")...))
-	r.Get("/export.ndjson", read, s.timed("export", s.getExport("ndjson"), append(filter, "bom")...))
+	export := append(slices.Clip(filter), "bom")
+	r.Get("/export.csv", read, s.timed("export", s.getExport("csv"), export...))
+	r.Get("/export.ndjson", read, s.timed("export", s.getExport("ndjson"), export...))
 }
 
 // nameErr is the 400 for an event, metric or source filter no stored row can have.
