@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -532,5 +533,55 @@ func TestAnErasureWaitsForAKilledImportsInsert(t *testing.T) {
 	}
 	if n := f.count(t, acme.ID, "gina"); n != 0 {
 		t.Errorf("the job is done, and gina has %d rows: the killed import's insert landed after its delete", n)
+	}
+}
+
+// A tenant job whose ClickHouse delete is done (step "clickhouse") has only Postgres and Redis left,
+// and finishes while ClickHouse is down. b8808d1 asked ClickHouse for an import's insert on every
+// attempt, so such a job spent its attempts and was failed for good, the tenant's Postgres rows and
+// Redis keys never erased (found by review).
+func TestATenantJobPastItsDeleteDoesNotNeedClickHouse(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := context.Background()
+	if _, err := f.env.PG.Exec(ctx, "INSERT INTO tenants (id, slug) VALUES ($1, $2)", f.a, "t-"+f.a.String()[:8]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.env.PG.Exec(ctx, "INSERT INTO analytics_daily_usage (tenant_id, date, metric, count) VALUES ($1, current_date, 'auth.user.login', 9)", f.a); err != nil {
+		t.Fatal(err)
+	}
+	f.env.Insert(t, "events", eventCols, rows(f.a, "erin", 2)...)
+	var redisUp atomic.Bool
+	keys := func(context.Context, uuid.UUID) (int, error) {
+		if !redisUp.Load() {
+			return 0, errors.New("injected: redis blip")
+		}
+		return 1, nil
+	}
+	cfg := Config{DeleteKeys: keys, MaxAttempts: 2, Backoff: 200 * time.Millisecond}
+	s := f.service(cfg)
+	j, err := s.EraseTenant(ctx, f.a, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = s.RunOne(ctx) // the delete is done; Redis fails: attempt 1 of 2
+	if got := f.job(t, s, f.a, j.ID); got.Step != stepDeleted || got.Attempts != 1 {
+		t.Fatalf("after attempt 1: %+v, want step %q with 1 attempt", got, stepDeleted)
+	}
+	// Redis is back; ClickHouse is now unreachable (its work for this job is over).
+	redisUp.Store(true)
+	down, err := clickhouse.Open(&clickhouse.Options{Addr: []string{"127.0.0.1:1"}, DialTimeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Layout = f.env.Layout()
+	cfg.Poll = 20 * time.Millisecond
+	s2 := New(cfg, down, f.env.PG, s.audit, nil)
+	time.Sleep(time.Second) // the backoff
+	if _, err := s2.RunOne(ctx); err != nil {
+		t.Logf("attempt 2: %v", err)
+	}
+	if got := f.job(t, s, f.a, j.ID); got.Status != StatusDone {
+		t.Errorf("a job past its ClickHouse delete, Postgres and Redis up, ClickHouse down: %s after %d attempts (%s), want done", got.Status, got.Attempts, got.Error)
 	}
 }
