@@ -407,24 +407,20 @@ func (s *Service) run(ctx context.Context, j Job) error {
 		return nil
 	}
 	err = fmt.Errorf("erasure job %s at step %q: %w", j.ID, j.Step, err)
-	if errors.Is(err, errImportRunning) && ctx.Err() == nil {
-		// Not a failure: the job is taken again after Backoff, its attempts untouched, however long
-		// the import runs.
-		if _, uerr := s.pg.Exec(context.WithoutCancel(ctx), `UPDATE erasure_jobs SET error = $2,
-			heartbeat_at = now() - make_interval(secs => $3) + make_interval(secs => $4) WHERE id = $1`,
-			j.ID, excerpt.Of(err.Error(), 500), s.cfg.Stale.Seconds(), s.cfg.Backoff.Seconds()); uerr != nil {
-			s.log.Warn("erasure job state not saved", "job", j.ID, "err", uerr)
-		}
-		return fmt.Errorf("%w; taken again in %s", err, s.cfg.Backoff)
-	}
 	if ctx.Err() != nil {
 		// This process is stopping, not the job failing: another runner takes it once the heartbeat
 		// is stale, and the attempt is not counted.
 		return err
 	}
 	wctx := context.WithoutCancel(ctx)
-	j.Attempts++
 	msg := excerpt.Of(err.Error(), 500)
+	if errors.Is(err, errImportRunning) {
+		// Not a failure: the job is taken again after Backoff, its attempts untouched, however long
+		// the import runs.
+		s.retryLater(wctx, j, msg, s.cfg.Backoff)
+		return fmt.Errorf("%w; taken again in %s", err, s.cfg.Backoff)
+	}
+	j.Attempts++
 	if j.Attempts >= s.cfg.MaxAttempts {
 		if _, uerr := s.pg.Exec(wctx, `UPDATE erasure_jobs SET status = 'failed', error = $2, attempts = $3, user_id = '',
 			user_bytes = NULL, finished_at = now() WHERE id = $1`, j.ID, msg, j.Attempts); uerr != nil {
@@ -439,12 +435,18 @@ func (s *Service) run(ctx context.Context, j Job) error {
 	}
 	wait := s.cfg.Backoff << min(j.Attempts-1, 16)
 	wait = min(wait, max(10*time.Minute, s.cfg.Backoff))
-	if _, uerr := s.pg.Exec(wctx, `UPDATE erasure_jobs SET error = $2, attempts = $3,
-		heartbeat_at = now() - make_interval(secs => $4) + make_interval(secs => $5) WHERE id = $1`,
-		j.ID, msg, j.Attempts, s.cfg.Stale.Seconds(), wait.Seconds()); uerr != nil {
-		s.log.Warn("erasure job state not saved", "job", j.ID, "err", uerr)
-	}
+	s.retryLater(wctx, j, msg, wait)
 	return fmt.Errorf("%w (attempt %d of %d; retried in %s)", err, j.Attempts, s.cfg.MaxAttempts, wait)
+}
+
+// retryLater saves j's error and attempts and leaves it to be taken again after wait: its heartbeat
+// is set to go stale then.
+func (s *Service) retryLater(ctx context.Context, j Job, msg string, wait time.Duration) {
+	if _, err := s.pg.Exec(ctx, `UPDATE erasure_jobs SET error = $2, attempts = $3,
+		heartbeat_at = now() - make_interval(secs => $4) + make_interval(secs => $5) WHERE id = $1`,
+		j.ID, msg, j.Attempts, s.cfg.Stale.Seconds(), wait.Seconds()); err != nil {
+		s.log.Warn("erasure job state not saved", "job", j.ID, "err", err)
+	}
 }
 
 func (s *Service) heartbeat(ctx context.Context, id uuid.UUID) {
@@ -522,8 +524,10 @@ func (s *Service) steps(ctx context.Context, j *Job) error {
 func ImportLock(db string) string { return "analyticsd.import." + db }
 
 // ImportQueryIDPrefix begins the ClickHouse query id of every insert of an import into db (package
-// importer). An erasure does not delete while one runs: an import killed mid-insert releases its lock
-// at once, and its insert may still commit.
+// importer), so a resumed import waits for (and stops) its own database's inserts only, and an
+// erasure does not delete while one runs (an import killed mid-insert releases its lock at once, and
+// its insert may still commit). A database name is a plain identifier (letters, digits, '_'), so the
+// '-' after it ends it: no database's prefix starts another's.
 func ImportQueryIDPrefix(db string) string { return "analyticsd-import-" + db + "-" }
 
 // errImportRunning: an import into the job's database is running, so the delete waits.

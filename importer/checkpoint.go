@@ -341,7 +341,7 @@ ON CONFLICT (source, source_tenant_id) DO NOTHING`, c.source, src, dst, created)
 // deployments' databases, whose imports are theirs to wait for.
 func awaitEarlierInserts(ctx context.Context, ch driver.Conn, db string, log *slog.Logger) error {
 	start := time.Now()
-	prefix := queryIDPrefix(db)
+	prefix := erasure.ImportQueryIDPrefix(db)
 	for {
 		var n uint64
 		if err := ch.QueryRow(ctx, "SELECT count() FROM system.processes WHERE startsWith(query_id, ?)", prefix).Scan(&n); err != nil {

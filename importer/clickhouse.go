@@ -26,14 +26,8 @@ func incrementID(tenant uuid.UUID, day time.Time, metric string) uuid.UUID {
 // isEventName: event names have a dot, usage metrics never do (README, "Two namespaces").
 func isEventName(metric string) bool { return strings.Contains(metric, ".") }
 
-// queryIDPrefix starts the query id of every insert of an import into the ClickHouse database db, so
-// a resumed import waits for (and stops) its own database's inserts only, never those of another
-// deployment on the same server. A database name is a plain identifier (letters, digits, '_'), so
-// the '-' after it ends it: no database's prefix starts another's.
-func queryIDPrefix(db string) string { return erasure.ImportQueryIDPrefix(db) }
-
 func (im *Importer) queryCtx(ctx context.Context) context.Context {
-	return clickhouse.Context(ctx, clickhouse.WithQueryID(queryIDPrefix(im.cfg.DB)+uuid.NewString()))
+	return clickhouse.Context(ctx, clickhouse.WithQueryID(erasure.ImportQueryIDPrefix(im.cfg.DB)+uuid.NewString()))
 }
 
 // eventCols is a chunk of events in ClickHouse's column order.

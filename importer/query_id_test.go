@@ -9,6 +9,7 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/google/uuid"
 
+	"github.com/analyticsd/analyticsd/erasure"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 )
 
@@ -26,12 +27,12 @@ func TestAnImportLeavesAnotherDatabasesInsertsAlone(t *testing.T) {
 	// id its import gives its inserts.
 	done := make(chan error, 1)
 	go func() {
-		qctx := clickhouse.Context(ctx, clickhouse.WithQueryID(queryIDPrefix(other.DB)+uuid.NewString()),
+		qctx := clickhouse.Context(ctx, clickhouse.WithQueryID(erasure.ImportQueryIDPrefix(other.DB)+uuid.NewString()),
 			clickhouse.WithSettings(clickhouse.Settings{"max_block_size": 1}))
 		done <- other.CH.Exec(qctx, "INSERT INTO "+other.DB+".daily_usage (tenant_id, date, metric, count) SELECT generateUUIDv4(), today(), 'x.y', toInt64(sleepEachRow(1)) FROM numbers(12)")
 	}()
 	testenv.Eventually(t, 5*time.Second, func() error {
-		if n := count(t, other, "SELECT count() FROM system.processes WHERE startsWith(query_id, ?)", queryIDPrefix(other.DB)); n != 1 {
+		if n := count(t, other, "SELECT count() FROM system.processes WHERE startsWith(query_id, ?)", erasure.ImportQueryIDPrefix(other.DB)); n != 1 {
 			return fmt.Errorf("%d inserts of the other database running, want 1", n)
 		}
 		return nil

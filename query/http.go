@@ -185,11 +185,11 @@ func metricsParam(c *fiber.Ctx, def []string) ([]string, error) {
 			names := []string{string(v)}
 			if key == "metric" {
 				names = strings.Split(names[0], ",")
+				for i := range names {
+					names[i] = strings.TrimSpace(names[i])
+				}
 			}
 			for _, m := range names {
-				if key == "metric" {
-					m = strings.TrimSpace(m)
-				}
 				if m == "" || seen[m] {
 					continue
 				}
