@@ -306,6 +306,39 @@ func TestUnreadableRecordIsQuarantinedAndTheRestShips(t *testing.T) {
 	}
 }
 
+// A record damaged inside a segment (its checksum fails, acknowledged records follow) is no torn
+// write: the records after it ship, and the damaged bytes go to the quarantine rather than out with
+// the segment. Before, the reader stopped there as at a torn tail, the rows after the damage were
+// never read, and the writer removed the segment: 2 of 3 acknowledged rows lost, no quarantine, no
+// error. (Fails on the code before this change.)
+func TestDamagedRecordInsideASegmentIsKeptAndTheRestShips(t *testing.T) {
+	t.Parallel()
+	env := testenv.Migrated(t)
+	dir := t.TempDir()
+	tenantID := uuid.New()
+	now := time.Now().UTC().Truncate(time.Second)
+	row := func() Row {
+		return Row{ID: uuid.New(), TenantID: tenantID, Ts: now, ReceivedAt: now, Event: "a.b", Source: "app", Props: "{}"}
+	}
+	name := "0000000000000006.seg"
+	writeSegment(t, dir, name, 3, []Row{row()}, nil)
+	damaged := appendRecord(nil, 4, []Row{row()}, nil)
+	damaged[len(damaged)-1] ^= 0x55 // bit rot in the payload
+	f, _ := os.OpenFile(filepath.Join(dir, name), os.O_APPEND|os.O_WRONLY, 0)
+	f.Write(damaged)
+	f.Write(appendRecord(nil, 5, []Row{row(), row()}, nil))
+	f.Close()
+	n, st := shipSpool(t, env, dir, tenantID)
+	if n != 3 || st.QuarantinedFiles != 1 || st.DamagedStretches != 1 {
+		t.Fatalf("stored %d rows, %d quarantine files, %d damaged stretches; want the 3 intact rows stored and the damaged record in 1 file",
+			n, st.QuarantinedFiles, st.DamagedStretches)
+	}
+	list, err := spool.ListQuarantine(dir)
+	if err != nil || len(list) != 1 || !strings.Contains(list[0].Reason, "damaged") {
+		t.Fatalf("quarantine %+v %v, want one file of damaged bytes", list, err)
+	}
+}
+
 // shipSpool starts a writer on dir, waits until it has shipped every segment there, and returns how
 // many of tenantID's events ClickHouse holds and the writer's last stats.
 func shipSpool(t *testing.T, env testenv.Env, dir string, tenantID uuid.UUID) (uint64, Stats) {

@@ -23,7 +23,10 @@ type SegmentSummary struct {
 	LastTs     time.Time `json:"last_ts,omitzero"`
 	Received   time.Time `json:"first_received,omitzero"` // when its first row was accepted
 	TornTail   bool      `json:"torn_tail,omitempty"`
-	Error      string    `json:"error,omitempty"`
+	// DamagedAt lists the byte offsets of damaged stretches (not a torn write): the server moves
+	// them to the quarantine when it ships the segment.
+	DamagedAt []int64 `json:"damaged_at,omitempty"`
+	Error     string  `json:"error,omitempty"`
 }
 
 // SpoolReport is what waits in a spool directory.
@@ -111,6 +114,9 @@ func InspectSpool(dir string, only map[uint64]bool, visit RowVisitor) (SpoolRepo
 			sum.Error = r.Err().Error()
 		}
 		sum.TornTail = r.Torn()
+		for _, d := range r.Damage() {
+			sum.DamagedAt = append(sum.DamagedAt, d.Offset)
+		}
 		r.Close()
 		sum.Tenants = len(tenants)
 		rep.Segments = append(rep.Segments, sum)

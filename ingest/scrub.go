@@ -86,7 +86,7 @@ func scrubQuarantineFile(sp *spool.Spool, name string, tenant uuid.UUID, user st
 		kept.Increments += len(keepIncs)
 		recs = append(recs, appendRecord(nil, wid, keepEvents, keepIncs)[spool.FrameOverhead:])
 	}
-	if r.Err() != nil || r.Torn() {
+	if r.Err() != nil || r.Torn() || len(r.Damage()) > 0 {
 		return 0, fmt.Errorf("scrub quarantine file %s: it cannot be read whole (%v); left as it is", name, r.Err())
 	}
 	if removed == 0 {

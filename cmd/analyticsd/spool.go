@@ -131,6 +131,11 @@ func spoolCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 				fmt.Fprintf(stdout, "spool %s drained: every segment is in clickhouse; quarantine: %d files, %d rows\n",
 					dir, res.QuarantinedFiles, res.QuarantinedRows)
 			}
+			// Damaged bytes are acknowledged rows the disk (or a copy) lost: drained, but not whole.
+			if res.DamagedStretches > 0 {
+				return fmt.Errorf("spool %s: %d damaged stretches (not torn writes) were moved to the quarantine; "+
+					"the rows in them are not in clickhouse: see `analyticsd spool status --dir %s`", dir, res.DamagedStretches, dir)
+			}
 			return nil
 		})
 	case "requeue":
@@ -262,6 +267,11 @@ func printStatus(w io.Writer, rep ingest.SpoolReport) {
 		fmt.Fprintf(w, "; oldest accepted %s (%s ago)", oldest.Format(time.RFC3339), time.Since(oldest).Round(time.Second))
 	}
 	fmt.Fprintln(w)
+	for _, s := range rep.Segments {
+		for _, at := range s.DamagedAt {
+			fmt.Fprintf(w, "segment %d: DAMAGED at byte %d (not a torn write; kept in the quarantine when shipped)\n", s.Seq, at)
+		}
+	}
 	rows := 0
 	for _, q := range rep.Quarantine {
 		rows += q.Rows()
@@ -286,6 +296,9 @@ func printSegments(w io.Writer, rep ingest.SpoolReport, only map[uint64]bool) {
 		note := s.Error
 		if s.TornTail {
 			note = strings.TrimSpace(note + " torn tail (an unacknowledged write, ignored)")
+		}
+		for _, at := range s.DamagedAt {
+			note = strings.TrimSpace(fmt.Sprintf("%s DAMAGED at byte %d (kept in the quarantine when shipped)", note, at))
 		}
 		fmt.Fprintf(tw, "%d\t%s\t%d\t%d\t%d\t%d\t%d\t%s\t%s\t%s\n", s.Seq, s.State, s.Bytes, s.Records, s.Events, s.Increments, s.Tenants,
 			fmtTime(s.FirstTs), fmtTime(s.LastTs), note)

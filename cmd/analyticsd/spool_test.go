@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	bin "encoding/binary"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/analyticsd/analyticsd/auth"
 	"github.com/analyticsd/analyticsd/ingest"
+	"github.com/analyticsd/analyticsd/ingest/spool"
 	"github.com/analyticsd/analyticsd/internal/testenv"
 	"github.com/analyticsd/analyticsd/internal/testenv/fixture"
 )
@@ -86,15 +88,7 @@ func TestSpoolStatusAndDrain(t *testing.T) {
 	e := testenv.Migrated(t)
 	tn, key := writeKey(t, e, "retired")
 	dir := t.TempDir()
-	// ClickHouse at an address nobody listens on: nothing the server accepts can ship.
-	dead := stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": dir,
-		"CLICKHOUSE_DSN": "clickhouse://default:@" + freeAddr(t) + "/" + e.DB})
-	p := startServer(t, dead, serveVars)
-	for i := 0; i < 3; i++ {
-		if st, body := postEvents(t, p.base, key, `[{"event":"a.b"},{"event":"c.d"}]`); st != 202 {
-			t.Fatalf("post: %d %s", st, body)
-		}
-	}
+	dead, p := unshippedSpool(t, e, key, dir)
 	testenv.Eventually(t, 10*time.Second, func() error {
 		live := runCmd(t, dead, "spool", "status", "--dir", dir)
 		if live.code != 0 || !strings.Contains(live.stdout, "held by pid") || !strings.Contains(live.stdout, "6 events") {
@@ -130,6 +124,75 @@ func TestSpoolStatusAndDrain(t *testing.T) {
 	}
 	if left, _ := os.ReadDir(dir); len(left) > 2 { // LOCK, and the quarantine dir if any
 		t.Errorf("spool after drain: %v", left)
+	}
+}
+
+// unshippedSpool starts a server on dir whose ClickHouse nobody listens on and has it accept three
+// requests of two events each: one segment of three records waiting (its flush interval is an
+// hour). The caller kills it.
+func unshippedSpool(t *testing.T, e testenv.Env, key, dir string) (func(string) string, *proc) {
+	t.Helper()
+	dead := stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": dir,
+		"CLICKHOUSE_DSN": "clickhouse://default:@" + freeAddr(t) + "/" + e.DB, "INGEST_FLUSH_INTERVAL": "1h"})
+	p := startServer(t, dead, serveVars)
+	for i := 0; i < 3; i++ {
+		if st, body := postEvents(t, p.base, key, `[{"event":"a.b"},{"event":"c.d"}]`); st != 202 {
+			t.Fatalf("post: %d %s", st, body)
+		}
+	}
+	return dead, p
+}
+
+// A spool whose disk damaged an acknowledged record in the middle of a segment: `spool status`
+// names the damage, and `spool drain` ships the records around it, keeps the damaged bytes in the
+// quarantine and exits non-zero, so that `drain && rm -rf` keeps them. Before, the damage read as a
+// torn tail: drain shipped the first record only, removed the segment with the other two, and
+// exited 0. (Fails on the code before this change.)
+func TestDrainOfADamagedSpoolKeepsTheDamageAndFails(t *testing.T) {
+	e := testenv.Migrated(t)
+	tn, key := writeKey(t, e, "damaged")
+	dir := t.TempDir()
+	_, p := unshippedSpool(t, e, key, dir)
+	p.cmd.Process.Kill()
+	p.cmd.Wait()
+	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	if len(segs) != 1 {
+		t.Fatalf("want one segment in %s, found %v", dir, segs)
+	}
+	b, err := os.ReadFile(segs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Walk the frames (a 24-byte file header, then [length][crc32c][payload]) and flip a byte of the second.
+	off, frames := 24, 0
+	for off+8 <= len(b) {
+		n := int(bin.LittleEndian.Uint32(b[off:]))
+		if frames == 1 {
+			b[off+8+n/2] ^= 0x40
+		}
+		off += 8 + n
+		frames++
+	}
+	if frames != 3 {
+		t.Fatalf("the segment holds %d records, want 3", frames)
+	}
+	if err := os.WriteFile(segs[0], b, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	getenv := stackEnv(t, e, nil)
+	if st := runCmd(t, getenv, "spool", "status", "--dir", dir); !strings.Contains(st.stdout, "DAMAGED at byte") {
+		t.Errorf("status does not name the damage: %d\n%s%s", st.code, st.stdout, st.stderr)
+	}
+	r := runCmd(t, getenv, "spool", "drain", "--dir", dir)
+	if r.code == 0 || !strings.Contains(r.stderr, "damaged") {
+		t.Errorf("drain of a damaged spool: exit %d %s %s, want a failure naming the damage", r.code, r.stdout, r.stderr)
+	}
+	if n := countEvents(t, e, tn); n != 4 {
+		t.Errorf("after drain: %d events stored, want the 4 of the intact records", n)
+	}
+	q, err := spool.ListQuarantine(dir)
+	if err != nil || len(q) != 1 || !strings.Contains(q[0].Reason, "damaged") {
+		t.Errorf("quarantine %+v %v, want the damaged record kept", q, err)
 	}
 }
 

@@ -2,6 +2,7 @@ package spool
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
@@ -180,18 +181,33 @@ func FrameEnd(dst []byte, start int) []byte {
 // FrameOverhead is the bytes a frame adds to its payload.
 const FrameOverhead = frameHeader
 
-// Reader streams a segment's intact records. Read them with Next and Record; Torn reports whether
-// the file ended in a record cut short (or corrupt), which is ignored with everything after it.
+// Reader streams a segment's intact records. Read them with Next and Record. Torn reports whether
+// the file ended in a record cut short — the unacknowledged write a crash interrupted, ignored.
+// Damage reports the stretches that are not that: a frame failing its checksum with records after
+// it, or bytes after a broken frame that are not the zeros a crash leaves. Their bytes are kept for
+// the quarantine; the records after a damaged frame are read on.
 type Reader struct {
 	f       *os.File
 	br      *bufio.Reader
+	pos     int64 // file offset of the next frame
 	left    int64 // bytes after the current position
 	intact  int64 // bytes of whole records read, from the data start
 	rec     []byte
 	torn    bool
+	damage  []Damage
 	err     error
 	hdr     [frameHeader]byte
 	onClose func()
+}
+
+// Damage is a stretch of a spool file that is neither an intact record nor a torn tail: bit rot,
+// a bad copy, a disk's error. Bytes is the stretch as it was on disk (one frame's payload when a
+// frame failed only its checksum, so a record whose header took the hit can still be decoded).
+type Damage struct {
+	Offset int64
+	Bytes  []byte
+	// Rest: the stretch runs to the end of the file (the frames in it could not be told apart).
+	Rest bool
 }
 
 func newReader(f *os.File, start int64) (*Reader, error) {
@@ -202,52 +218,113 @@ func newReader(f *os.File, start int64) (*Reader, error) {
 	if _, err := f.Seek(start, io.SeekStart); err != nil {
 		return nil, err
 	}
-	return &Reader{f: f, br: bufio.NewReaderSize(f, 256<<10), left: max(info.Size()-start, 0)}, nil
+	return &Reader{f: f, br: bufio.NewReaderSize(f, 256<<10), pos: start, left: max(info.Size()-start, 0)}, nil
 }
 
-// Next reads the next intact record, reporting false at the end, at a torn record or on an error.
+// Next reads the next intact record, reporting false at the end, at a torn tail, at damage it
+// cannot read past, or on an error.
 func (r *Reader) Next() bool {
-	if r.err != nil || r.torn || r.left == 0 {
-		return false
+	for {
+		if r.err != nil || r.torn || r.left == 0 {
+			return false
+		}
+		if r.left < frameHeader {
+			r.torn = true
+			return false
+		}
+		if _, err := io.ReadFull(r.br, r.hdr[:]); err != nil {
+			r.err = err
+			return false
+		}
+		n := int64(binary.LittleEndian.Uint32(r.hdr[:]))
+		sum := binary.LittleEndian.Uint32(r.hdr[4:])
+		if n > r.left-frameHeader {
+			// The frame runs past the end of the file: the last write, cut short by a crash before
+			// it was acknowledged.
+			r.torn = true
+			return false
+		}
+		if n == 0 {
+			// No record is empty: eight zero bytes are a tail the file system extended but never
+			// wrote, after a crash — unless something other than zeros follows.
+			r.brokenAt()
+			return false
+		}
+		if int64(cap(r.rec)) < n {
+			r.rec = make([]byte, n)
+		}
+		r.rec = r.rec[:n]
+		if _, err := io.ReadFull(r.br, r.rec); err != nil {
+			r.err = err
+			return false
+		}
+		at := r.pos
+		r.pos += frameHeader + n
+		r.left -= frameHeader + n
+		if crc32.Checksum(r.rec, castagnoli) == sum {
+			r.intact += frameHeader + n
+			return true
+		}
+		if r.left == 0 {
+			r.torn = true // the last frame: a write that did not reach the disk whole
+			return false
+		}
+		ok, err := r.frameAt(r.pos)
+		if err != nil {
+			r.err = err
+			return false
+		}
+		if !ok {
+			r.pos, r.left = at, r.left+frameHeader+n
+			r.brokenAt()
+			return false
+		}
+		// Intact frames follow, so this was no torn write: keep the frame's bytes, read on.
+		r.damage = append(r.damage, Damage{Offset: at, Bytes: append([]byte(nil), r.rec...)})
 	}
-	if r.left < frameHeader {
-		r.torn = true
-		return false
+}
+
+// frameAt reports whether an intact frame starts at off, without moving the stream.
+func (r *Reader) frameAt(off int64) (bool, error) {
+	var hdr [frameHeader]byte
+	if _, err := r.f.ReadAt(hdr[:], off); err != nil {
+		return false, nil
 	}
-	if _, err := io.ReadFull(r.br, r.hdr[:]); err != nil {
-		r.err = err
-		return false
-	}
-	n := int64(binary.LittleEndian.Uint32(r.hdr[:]))
-	sum := binary.LittleEndian.Uint32(r.hdr[4:])
+	n := int64(binary.LittleEndian.Uint32(hdr[:]))
 	if n == 0 || n > r.left-frameHeader {
-		// No record is empty: eight zero bytes — a tail the file system extended but never wrote,
-		// after a crash — would otherwise pass as a frame (the CRC-32C of nothing is 0).
-		r.torn = true
-		return false
+		return false, nil
 	}
-	if int64(cap(r.rec)) < n {
-		r.rec = make([]byte, n)
+	buf := make([]byte, n)
+	if _, err := r.f.ReadAt(buf, off+frameHeader); err != nil {
+		return false, err
 	}
-	r.rec = r.rec[:n]
-	if _, err := io.ReadFull(r.br, r.rec); err != nil {
+	return crc32.Checksum(buf, castagnoli) == binary.LittleEndian.Uint32(hdr[4:]), nil
+}
+
+// brokenAt ends reading at a frame that cannot be read at r.pos: a torn tail if only zeros follow
+// (a crash that extended the file), otherwise damage running to the end of the file.
+func (r *Reader) brokenAt() {
+	rest := make([]byte, r.left)
+	if _, err := r.f.ReadAt(rest, r.pos); err != nil {
 		r.err = err
-		return false
+		return
 	}
-	if crc32.Checksum(r.rec, castagnoli) != sum {
+	if bytes.Count(rest, []byte{0}) == len(rest) {
 		r.torn = true
-		return false
+		return
 	}
-	r.left -= frameHeader + n
-	r.intact += frameHeader + n
-	return true
+	r.damage = append(r.damage, Damage{Offset: r.pos, Bytes: rest, Rest: true})
+	r.left = 0
 }
 
 // Record is the payload Next read; it is only valid until the next call to Next.
 func (r *Reader) Record() []byte { return r.rec }
 
-// Torn reports whether reading stopped at a record cut short or corrupt.
+// Torn reports whether reading stopped at a record cut short: a write never acknowledged.
 func (r *Reader) Torn() bool { return r.torn }
+
+// Damage lists the stretches found so far that are neither records nor a torn tail.
+func (r *Reader) Damage() []Damage { return r.damage }
 
 // Intact is how many bytes of whole records were read.
 func (r *Reader) Intact() int64 { return r.intact }

@@ -220,8 +220,9 @@ func TestAppendThenReplayAfterReopen(t *testing.T) {
 	}
 }
 
-// A record cut short, or with a bad checksum, ends the segment: it was never acknowledged.
-func TestTornAndCorruptTailsAreIgnored(t *testing.T) {
+// A record cut short at the end of the file — the write a crash interrupted, never acknowledged —
+// ends the segment and is ignored.
+func TestTornTailsAreIgnored(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		tail func(full []byte) []byte
@@ -243,11 +244,72 @@ func TestTornAndCorruptTailsAreIgnored(t *testing.T) {
 			g.Append(frame("kept"))
 			f, _ := os.OpenFile(g.Path(), os.O_APPEND|os.O_WRONLY, 0)
 			f.Write(tc.tail(frame("lost-record")))
-			f.Write(frame("after"))
 			f.Close()
-			recs, torn := records(t, g)
-			if !torn || len(recs) != 1 || recs[0] != "kept" {
-				t.Errorf("got %v torn=%v, want [kept] torn", recs, torn)
+			r, err := g.Open()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer r.Close()
+			var recs []string
+			for r.Next() {
+				recs = append(recs, string(r.Record()))
+			}
+			if !r.Torn() || len(r.Damage()) != 0 || len(recs) != 1 || recs[0] != "kept" {
+				t.Errorf("got %v torn=%v damage=%d, want [kept] torn, no damage", recs, r.Torn(), len(r.Damage()))
+			}
+		})
+	}
+}
+
+// A broken frame with records after it is no torn write (a crash leaves nothing after the write it
+// interrupted: a failed append is cut back): it is damage — bit rot, a bad copy — and its bytes are
+// reported for the quarantine. A frame that fails only its checksum is stepped over and the records
+// after it read on. Before, either read as a torn tail: the records after it were dropped, and the
+// writer removed the segment with them. (Fails on the code before this change.)
+func TestDamageInsideASegmentIsReportedNotDropped(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		broken func(full []byte) []byte
+		want   string // records read
+		rest   bool   // the damage runs to the end of the file
+	}{
+		{"bad checksum", func(f []byte) []byte { c := bytes.Clone(f); c[len(c)-1] ^= 0xff; return c }, "kept,after,last", false},
+		{"cut in the payload", func(f []byte) []byte { return f[:len(f)-2] }, "kept", true},
+		{"zeros, then more", func([]byte) []byte { return make([]byte, 64) }, "kept", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			s := open(t, dir, nil)
+			g, _ := s.Create()
+			g.Append(frame("kept"))
+			f, _ := os.OpenFile(g.Path(), os.O_APPEND|os.O_WRONLY, 0)
+			f.Write(tc.broken(frame("lost-record")))
+			f.Write(frame("after", "last"))
+			f.Close()
+			r, err := g.Open()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer r.Close()
+			var recs []string
+			for r.Next() {
+				recs = append(recs, string(r.Record()))
+			}
+			if r.Err() != nil {
+				t.Fatal(r.Err())
+			}
+			dmg := r.Damage()
+			if strings.Join(recs, ",") != tc.want || r.Torn() || len(dmg) != 1 || dmg[0].Rest != tc.rest {
+				t.Fatalf("got %v torn=%v damage=%+v, want %s and one damaged stretch (rest=%v)", recs, r.Torn(), dmg, tc.want, tc.rest)
+			}
+			if want := int64(headerSize + len(frame("kept"))); dmg[0].Offset != want {
+				t.Errorf("damage at byte %d, want %d", dmg[0].Offset, want)
+			}
+			if tc.rest && !bytes.HasSuffix(dmg[0].Bytes, frame("after", "last")) {
+				t.Errorf("the damaged stretch does not keep the records after it: %q", dmg[0].Bytes)
+			}
+			if !tc.rest && (len(dmg[0].Bytes) != len("lost-record") || !bytes.HasPrefix(dmg[0].Bytes, []byte("lost-recor"))) {
+				t.Errorf("damaged frame's payload %q, want lost-recor + one flipped byte", dmg[0].Bytes)
 			}
 		})
 	}
