@@ -762,3 +762,25 @@ func TestAFirstRowStampedByAFastClockIsFoundAfterARedisLoss(t *testing.T) {
 		t.Errorf("X stored %d times, want once", n)
 	}
 }
+
+// A client that sends an event's age rather than its time (Segment: ts = arrival − (sentAt −
+// timestamp)) gets a later ts on every retry, by the time between the tries. For an event older
+// than the dedup window, the check after a Redis loss looked from the retry's ts on, above the first
+// copy's, and stored the retry too: 2 copies of an event sent 48 h late. It looks a window below the
+// retry's ts now. (Fails on the code before this change.)
+func TestRetryWithAShiftedTsOfAnOldEventIsFoundAfterARedisLoss(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, opts{})
+	now := time.Now().UTC().Truncate(time.Second)
+	first := Row{ID: uuid.New(), TenantID: h.a.ID, Ts: now.Add(-48 * time.Hour), ReceivedAt: now.Add(-3 * time.Second),
+		Event: "apikey.request", Source: "api", Props: "{}"}
+	insertRows(t, h.env.CH, h.env.DB, []Row{first})
+	h.dropClaims(t, h.a.ID, false)
+	retried := first
+	retried.Ts = first.Ts.Add(3 * time.Second) // the retry arrived 3 s later
+	h.retry(t, h.instance, retried)
+	h.waitShipped(t)
+	if n := h.countIDs(t, h.a.ID, []string{first.ID.String()}); n != 1 {
+		t.Errorf("the event is stored %d times, want once", n)
+	}
+}

@@ -692,15 +692,17 @@ func kindIndex(kind Kind) int {
 
 // searchRange is where in time ClickHouse may hold an earlier copy of it. A copy from an earlier
 // attempt at this very row has its ts. A copy sent earlier by the client has the same ts when the
-// client set it, or else its own arrival time — within the window before this one arrived — which is
-// where a row that cannot be proven new is looked for too. (Increments are always stamped on arrival.)
+// client set it; or its own arrival time, within the window before this one arrived, when the server
+// set it; or — when the client sent an age, as Segment's sentAt does — this ts moved back by the
+// time between the tries, again within the window. A row that cannot be proven new is looked for in
+// all of them. (Increments are always stamped on arrival.)
 func (sh *shipper) searchRange(kind Kind, it item) (lo, hi time.Time) {
 	ts := it.ts(kind)
 	if !it.unsure || sh.claims == nil {
 		return ts, ts
 	}
 	received := it.received(kind)
-	return minTime(ts, received.Add(-sh.claims.Window())), maxTime(ts, received)
+	return minTime(ts, received).Add(-sh.claims.Window()), maxTime(ts, received)
 }
 
 // insertIsolating inserts its (one kind, one day). When ClickHouse refuses the insert outright it
