@@ -340,41 +340,60 @@ func writeSegment(t *testing.T, dir, name string, wid uint64, rows []Row, incs [
 // some of its rows left the retention window. ClickHouse may have stored those rows and dropped the
 // day since, so they cannot be checked: they go to the quarantine instead of being counted twice in
 // daily_usage. Rows of days still inside retention are checked and stored once.
+//
+// A day inside the window but before the retention floor (the window was raised since the sweeper
+// dropped it) is expired as well: before the writer read the floor, those 7 rows were checked, not
+// found, and stored again (fails on the code before that change).
 func TestReplayNeverReinsertsIntoAnExpiredDay(t *testing.T) {
 	t.Parallel()
 	env := testenv.Migrated(t)
-	dir := t.TempDir()
-	tenantID := uuid.New()
 	now := time.Now().UTC().Truncate(time.Second)
-	old := now.AddDate(0, 0, -5)
-	mk := func(ts time.Time, n int) []Row {
-		rows := make([]Row, n)
-		for i := range rows {
-			rows[i] = Row{ID: uuid.New(), TenantID: tenantID, Ts: ts, ReceivedAt: now, Event: "a.b", Source: "app", Props: "{}"}
-		}
-		return rows
+	floorAt := func(d time.Time) func(context.Context) (time.Time, error) {
+		return func(context.Context) (time.Time, error) { return d.Truncate(24 * time.Hour), nil }
 	}
-	expired, recent := mk(old, 7), mk(now, 5)
-	writeSegment(t, dir, "0000000000000003.inflight", 99, append(slices.Clone(expired), recent...), nil)
-	w, err := NewWriter(WriterConfig{Dir: dir, FlushInterval: 50 * time.Millisecond, RetentionDays: 3}, env.CH, env.DB, nil, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.Start()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	testenv.Eventually(t, 20*time.Second, func() error {
-		if st := w.Stats(); st.PendingSegments != 0 {
-			return fmt.Errorf("writer %+v, waiting for the replay", st)
-		}
-		return nil
-	})
-	st := w.Stats()
-	w.Close(ctx)
-	var stored uint64
-	env.CH.QueryRow(ctx, "SELECT count() FROM "+env.DB+".events WHERE tenant_id = ?", tenantID).Scan(&stored)
-	if stored != 5 || st.QuarantinedRows != 7 {
-		t.Errorf("stored %d, quarantined %d; want the 5 recent rows stored and the 7 of the expired day quarantined", stored, st.QuarantinedRows)
+	for _, tc := range []struct {
+		name  string
+		days  int
+		floor func(context.Context) (time.Time, error)
+	}{
+		{"left the window", 3, nil},
+		{"before the floor", 90, floorAt(now.AddDate(0, 0, -3))},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			tenantID := uuid.New()
+			old := now.AddDate(0, 0, -5)
+			mk := func(ts time.Time, n int) []Row {
+				rows := make([]Row, n)
+				for i := range rows {
+					rows[i] = Row{ID: uuid.New(), TenantID: tenantID, Ts: ts, ReceivedAt: now, Event: "a.b", Source: "app", Props: "{}"}
+				}
+				return rows
+			}
+			expired, recent := mk(old, 7), mk(now, 5)
+			writeSegment(t, dir, "0000000000000003.inflight", 99, append(slices.Clone(expired), recent...), nil)
+			w, err := NewWriter(WriterConfig{Dir: dir, FlushInterval: 50 * time.Millisecond, RetentionDays: tc.days, Floor: tc.floor}, env.CH, env.DB, nil, nil, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			w.Start()
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			testenv.Eventually(t, 20*time.Second, func() error {
+				if st := w.Stats(); st.PendingSegments != 0 {
+					return fmt.Errorf("writer %+v, waiting for the replay", st)
+				}
+				return nil
+			})
+			st := w.Stats()
+			w.Close(ctx)
+			var stored uint64
+			env.CH.QueryRow(ctx, "SELECT count() FROM "+env.DB+".events WHERE tenant_id = ?", tenantID).Scan(&stored)
+			if stored != 5 || st.QuarantinedRows != 7 {
+				t.Errorf("stored %d, quarantined %d; want the 5 recent rows stored and the 7 of the expired day quarantined", stored, st.QuarantinedRows)
+			}
+		})
 	}
 }
 

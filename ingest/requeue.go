@@ -27,6 +27,8 @@ type RequeueOptions struct {
 	// inserted (they may have been stored before). 0 inserts them anyway: an operator's decision,
 	// for rows known never to have reached ClickHouse.
 	RetentionDays int
+	// Floor: as WriterConfig.Floor (nil with RetentionDays 0).
+	Floor func(context.Context) (time.Time, error)
 	// Shards, on a cluster: as WriterConfig.Shards, every server is asked for an earlier insert still
 	// running. Nil on one server.
 	Shards *schema.Shards
@@ -46,7 +48,7 @@ func Requeue(ctx context.Context, spoolDir, name string, ch driver.Conn, db stri
 	defer r.Close()
 	res.Rows = info.Rows()
 	o.Log = logger.Or(o.Log)
-	sh := newShipper(ch, db, claims, WriterConfig{InsertTimeout: time.Minute, QuarantineAfter: 1, RetentionDays: o.RetentionDays, Shards: o.Shards}, NewMetrics(nil, 0), o.Log)
+	sh := newShipper(ch, db, claims, WriterConfig{InsertTimeout: time.Minute, QuarantineAfter: 1, RetentionDays: o.RetentionDays, Floor: o.Floor, Shards: o.Shards}, NewMetrics(nil, 0), o.Log)
 	s := &segment{id: "requeue" + info.Segment, claims: map[uint64]*claimState{}}
 	spoolID, err := spool.ReadID(spoolDir)
 	if err != nil {

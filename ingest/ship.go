@@ -57,6 +57,11 @@ type shipper struct {
 	historyMu sync.Mutex
 	history   map[historyKey]bool
 
+	// floor caches cfg.Floor's answer, read at floorAt.
+	floorMu sync.Mutex
+	floor   time.Time
+	floorAt time.Time
+
 	// lossSettled is the instance up to which inserts were found done after the latest loss of
 	// claims (awaitLoss), held across the wait.
 	lossMu      sync.Mutex
@@ -575,12 +580,16 @@ func (sh *shipper) settleChecks(ctx context.Context, s *segment, kind Kind, its 
 		n := daysPrefix(checks, 1)
 		day := checks[:n:n]
 		checks = checks[n:]
-		if sh.expired(time.Unix(day[0].day*86400, 0).UTC()) {
+		gone, err := sh.expired(ctx, time.Unix(day[0].day*86400, 0).UTC())
+		if err != nil {
+			return nil, left, err
+		}
+		if gone != "" {
 			// Rows that may already be stored, on a day retention may have dropped since: a check
 			// could not see them, and inserting them again would count them twice in daily_usage
 			// (kept forever). They are kept aside for an operator instead.
-			err := sh.quarantineRows(s, kind, day, "may already have been stored before its day left the "+
-				fmt.Sprint(sh.cfg.RetentionDays)+"-day retention window, where ClickHouse can no longer be asked", nil)
+			err := sh.quarantineRows(s, kind, day, "may already have been stored before "+gone+
+				", where ClickHouse can no longer be asked", nil)
 			switch {
 			case errors.Is(err, errRefused):
 				left = true // no quarantine here (memory mode): kept for a retry; the other days go on
@@ -850,10 +859,34 @@ func (sh *shipper) handleRefused(s *segment, kind Kind, bad []refusal) (bool, er
 	return left, nil
 }
 
-// expired reports whether day d is older than the retention window (today - RetentionDays), where
-// the sweeper or the table's TTL may have dropped its partition.
-func (sh *shipper) expired(d time.Time) bool {
-	return sh.cfg.RetentionDays > 0 && (retention.Window{Days: sh.cfg.RetentionDays}).Expired(d, clock.Now())
+// expired says why day d's partition may have been dropped by the sweeper or the table's TTL — it is
+// older than the retention window (today - RetentionDays), or than the retention floor — or "" when
+// it is kept. (Before,
+// the floor was not read: with the window raised from 30 to 90 days, a replayed row of day -40,
+// stored once before its partition was dropped, was checked, not found, and counted a second time in
+// daily_usage.) Only rows that must be checked ask, so the floor is read from Postgres at most once
+// a minute; an unreadable floor fails the attempt, retried later.
+func (sh *shipper) expired(ctx context.Context, d time.Time) (string, error) {
+	now := clock.Now()
+	if sh.cfg.RetentionDays > 0 && (retention.Window{Days: sh.cfg.RetentionDays}).Expired(d, now) {
+		return fmt.Sprintf("its day left the %d-day retention window", sh.cfg.RetentionDays), nil
+	}
+	if sh.cfg.Floor == nil {
+		return "", nil
+	}
+	sh.floorMu.Lock()
+	defer sh.floorMu.Unlock()
+	if sh.floorAt.IsZero() || now.Sub(sh.floorAt) > time.Minute {
+		f, err := sh.cfg.Floor(ctx)
+		if err != nil {
+			return "", fmt.Errorf("read the retention floor before checking rows of %s: %w", d.Format(time.DateOnly), err)
+		}
+		sh.floor, sh.floorAt = f, now
+	}
+	if d.Before(sh.floor) {
+		return "retention dropped its day (raw rows are complete from " + sh.floor.Format(time.DateOnly) + " on)", nil
+	}
+	return "", nil
 }
 
 // quarantineRows writes its (one kind) to the quarantine, durably, before they leave the segment.

@@ -71,6 +71,10 @@ type WriterConfig struct {
 	// day has left the window cannot be (its partition may be gone), so it is quarantined rather than
 	// inserted a second time. 0: no such guard (tests of other things).
 	RetentionDays int
+	// Floor, when set, reads the retention floor (retention.Floor.Get): the first day whose raw rows
+	// are known complete. A day before it may have lost its partition while the window was shorter,
+	// so such a row is guarded as an expired one. Nil: the window alone.
+	Floor func(context.Context) (time.Time, error)
 	// Shards, on a cluster, reaches each server directly: an insert that a retry must wait for may be
 	// running on any of them (the server it was sent to, or the shards' servers it writes to). Nil on
 	// one server.

@@ -114,6 +114,7 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 			check: store.EvictionRisk}
 	}
 	cfg.Writer.Owner = "analyticsd serve on " + cfg.Addr
+	cfg.Writer.Floor = retention.NewFloor(pg, cfg.ClickHouseDB).Get
 	writer, err := ingest.NewWriter(cfg.Writer, ch, cfg.ClickHouseDB, claims, ingestMetrics, log.With("component", "ingest"))
 	if err != nil {
 		return err

@@ -20,7 +20,9 @@ import (
 	"github.com/analyticsd/analyticsd/dedup"
 	"github.com/analyticsd/analyticsd/ingest"
 	"github.com/analyticsd/analyticsd/ingest/spool"
+	"github.com/analyticsd/analyticsd/internal/clock"
 	"github.com/analyticsd/analyticsd/quota"
+	"github.com/analyticsd/analyticsd/retention"
 )
 
 // spoolCmd lets an operator see what waits in a spool and ship what a server cannot: a retired
@@ -109,7 +111,7 @@ func spoolCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 		}
 		return withShipping(ctx, cfg, func(ship shipping) error {
 			wc := cfg.Writer
-			wc.Dir, wc.Owner = dir, "analyticsd spool drain"
+			wc.Dir, wc.Owner, wc.Floor = dir, "analyticsd spool drain", ship.floor
 			dctx, cancel := context.WithTimeout(ctx, timeout)
 			defer cancel()
 			res, err := ingest.Drain(dctx, wc, ship.ch, cfg.ClickHouseDB, ship.claims, log)
@@ -169,9 +171,9 @@ func spoolCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 			}
 		}
 		return withShipping(ctx, cfg, func(ship shipping) error {
-			o := ingest.RequeueOptions{RetentionDays: cfg.RetentionDays, Shards: cfg.Writer.Shards, Log: log}
+			o := ingest.RequeueOptions{RetentionDays: cfg.RetentionDays, Floor: ship.floor, Shards: cfg.Writer.Shards, Log: log}
 			if includeExpired {
-				o.RetentionDays = 0
+				o.RetentionDays, o.Floor = 0, nil
 			}
 			var errs []error
 			type outcome struct {
@@ -221,16 +223,44 @@ func spoolDirExists(dir string) error {
 type shipping struct {
 	ch     driver.Conn
 	claims ingest.Claims
+	// floor is the first day retention has not dropped: the later of the floor in Postgres and the
+	// cutoff of the window in force.
+	floor func(context.Context) (time.Time, error)
 }
 
-// withShipping opens what shipping rows needs — ClickHouse, and Redis for the claims, as serve has
-// them — and closes it afterwards.
+// withShipping opens what shipping rows needs — ClickHouse, Postgres for the retention floor, and
+// Redis for the claims, as serve has them — and closes it afterwards.
 func withShipping(ctx context.Context, cfg Config, fn func(shipping) error) error {
 	ch, err := openClickHouse(cfg)
 	if err != nil {
 		return err
 	}
 	defer ch.Close()
+	// The retention that guards rows which may be stored already is the one in force — the table's
+	// own TTL, as serve reads it — and the floor in Postgres, never this command's RETENTION_DAYS
+	// alone. (Before, drain and requeue took the variable as set in their shell: unset, 90 days
+	// against a table keeping 30, and rows of days the table had dropped were inserted a second time
+	// and counted again in daily_usage.) Read when a row needs it, as ClickHouse may be down now.
+	pg, err := openPostgres(ctx, cfg)
+	if err != nil {
+		return fmt.Errorf("postgres (needed to read the retention floor before shipping): %w", err)
+	}
+	defer pg.Close()
+	pgFloor := retention.NewFloor(pg, cfg.ClickHouseDB)
+	floor := func(ctx context.Context) (time.Time, error) {
+		w, err := retention.Effective(ctx, ch, cfg.ClickHouseDB, cfg.Layout().LocalName("events"), cfg.RetentionDays)
+		if err != nil {
+			return time.Time{}, err
+		}
+		f, err := pgFloor.Get(ctx)
+		if err != nil {
+			return time.Time{}, err
+		}
+		if cut := w.Cutoff(clock.Now()); cut.After(f) {
+			f = cut
+		}
+		return f, nil
+	}
 	var claims ingest.Claims
 	if cfg.DedupWindow > 0 {
 		rdb, err := openRedis(cfg)
@@ -243,7 +273,7 @@ func withShipping(ctx context.Context, cfg Config, fn func(shipping) error) erro
 		}
 		claims = dedup.NewStore(rdb, "", cfg.DedupWindow, counting(quota.NewCounters(rdb, "")))
 	}
-	return fn(shipping{ch: ch, claims: claims})
+	return fn(shipping{ch: ch, claims: claims, floor: floor})
 }
 
 func printStatus(w io.Writer, rep ingest.SpoolReport) {

@@ -132,12 +132,17 @@ func TestSpoolStatusAndDrain(t *testing.T) {
 // hour). The caller kills it.
 func unshippedSpool(t *testing.T, e testenv.Env, key, dir string) (func(string) string, *proc) {
 	t.Helper()
+	return unshippedSpoolOf(t, e, key, dir, `[{"event":"a.b"},{"event":"c.d"}]`)
+}
+
+func unshippedSpoolOf(t *testing.T, e testenv.Env, key, dir, body string) (func(string) string, *proc) {
+	t.Helper()
 	dead := stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": dir,
 		"CLICKHOUSE_DSN": "clickhouse://default:@" + freeAddr(t) + "/" + e.DB, "INGEST_FLUSH_INTERVAL": "1h"})
 	p := startServer(t, dead, serveVars)
 	for i := 0; i < 3; i++ {
-		if st, body := postEvents(t, p.base, key, `[{"event":"a.b"},{"event":"c.d"}]`); st != 202 {
-			t.Fatalf("post: %d %s", st, body)
+		if st, resp := postEvents(t, p.base, key, body); st != 202 {
+			t.Fatalf("post: %d %s", st, resp)
 		}
 	}
 	return dead, p
@@ -193,6 +198,44 @@ func TestDrainOfADamagedSpoolKeepsTheDamageAndFails(t *testing.T) {
 	q, err := spool.ListQuarantine(dir)
 	if err != nil || len(q) != 1 || !strings.Contains(q[0].Reason, "damaged") {
 		t.Errorf("quarantine %+v %v, want the damaged record kept", q, err)
+	}
+}
+
+// drain guards rows that may be stored already with the retention in force and the floor in
+// Postgres, as serve does: rows of a day before the floor (dropped while the window was shorter) in
+// a segment whose insert had begun are quarantined, not inserted — a check cannot see a copy in a
+// dropped partition, and daily_usage would count them twice. Before, drain used only its shell's
+// RETENTION_DAYS and inserted them. (Fails on the code before this change.)
+func TestDrainGuardsDaysBeforeTheRetentionFloor(t *testing.T) {
+	e := testenv.Migrated(t)
+	tn, key := writeKey(t, e, "floor")
+	dir := t.TempDir()
+	old := time.Now().UTC().AddDate(0, 0, -5).Format(time.RFC3339)
+	_, p := unshippedSpoolOf(t, e, key, dir, fmt.Sprintf(`[{"id":%q,"event":"a.b","ts":%q}]`, uuid.NewString(), old))
+	p.cmd.Process.Kill()
+	p.cmd.Wait()
+	// The dead server's insert had begun: the segment is in flight, its rows may be stored.
+	segs, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	for _, s := range segs {
+		if err := os.Rename(s, strings.TrimSuffix(s, ".seg")+".inflight"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	floor := time.Now().UTC().AddDate(0, 0, -3).Format(time.DateOnly)
+	if _, err := e.PG.Exec(context.Background(), `INSERT INTO retention_floor (db, complete_from) VALUES ($1, $2)
+		ON CONFLICT (db) DO UPDATE SET complete_from = EXCLUDED.complete_from`, e.DB, floor); err != nil {
+		t.Fatal(err)
+	}
+	r := runCmd(t, stackEnv(t, e, nil), "spool", "drain", "--dir", dir)
+	if r.code != 0 {
+		t.Fatalf("drain: %d %s %s", r.code, r.stdout, r.stderr)
+	}
+	if n := countEvents(t, e, tn); n != 0 {
+		t.Errorf("drain inserted %d events of a day before the retention floor, want them quarantined", n)
+	}
+	// The three requests sent one id: one row.
+	if q, err := spool.ListQuarantine(dir); err != nil || len(q) != 1 || q[0].Rows() != 1 || !strings.Contains(q[0].Reason, "complete from "+floor) {
+		t.Errorf("quarantine %+v %v, want the row, naming the floor", q, err)
 	}
 }
 
