@@ -612,6 +612,23 @@ func TestIngestFullSpoolRefuses(t *testing.T) {
 	h.waitStored(t, h.a.ID, acked, len(acked))
 }
 
+// A request larger on disk than the whole spool could never be stored, however long its client
+// waits: 413 naming the setting, not a 503 it retries forever (as before this change; the test fails
+// on that code). Smaller requests go on being taken.
+func TestRequestLargerThanTheSpoolIs413(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, opts{writer: func(c *WriterConfig) { c.MaxSpoolBytes = 16 << 10 }})
+	big, _ := events(400, nil)
+	if r := h.post(t, h.keyA, "/api/analytics/events", big, nil); r.Status != 413 || !strings.Contains(string(r.Raw), "INGEST_MAX_SPOOL_MB") {
+		t.Errorf("a request over the whole spool: %d %s, want 413 naming INGEST_MAX_SPOOL_MB", r.Status, r.Raw)
+	}
+	small, ids := events(5, nil)
+	if r := h.post(t, h.keyA, "/api/analytics/events", small, nil); r.Status != 202 {
+		t.Fatalf("a small request after it: %d %s", r.Status, r.Raw)
+	}
+	h.waitStored(t, h.a.ID, ids, len(ids))
+}
+
 // Memory mode has no spool: its full buffer is also a 503, never a silent drop.
 func TestIngestMemoryModeFullBufferRefuses(t *testing.T) {
 	t.Parallel()

@@ -273,6 +273,11 @@ func (w *Writer) Append(ctx context.Context, b *batch) error {
 	req := appendReq{b: b, done: make(chan error, 1)}
 	if w.sp != nil {
 		req.rec = appendRecord(nil, b.wid, b.events, b.incs)
+		if n := int64(len(req.rec)); n > w.cfg.MaxSpoolBytes {
+			// It could never fit, however empty the spool: a 503 would be retried forever.
+			return tooLarge("this request takes %d bytes in the spool, more than the whole spool holds (%d bytes, "+
+				"INGEST_MAX_SPOOL_MB): send its events in smaller batches", n, w.cfg.MaxSpoolBytes)
+		}
 	}
 	w.gate.RLock()
 	if w.closed {

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"log/slog"
 	"net"
 	"net/url"
@@ -114,6 +115,10 @@ func (e *env) server(c *Config) {
 		e.fail("ANALYTICS_READ_TIMEOUT=%s: want at least 100ms", c.ReadTimeout)
 	}
 	c.ShutdownTimeout = e.duration("ANALYTICS_SHUTDOWN_TIMEOUT", 30*time.Second)
+	if d := c.ShutdownTimeout; d < time.Second || d > time.Hour {
+		// 0 would cut the final flush and the in-flight requests off at once.
+		e.fail("ANALYTICS_SHUTDOWN_TIMEOUT=%s: want 1s to 1h (the time a stop gives requests in flight and the last flush)", d)
+	}
 	for _, o := range strings.Split(e.str("CORS_ALLOWED_ORIGINS", ""), ",") {
 		if o = strings.TrimSpace(o); o == "" {
 			continue
@@ -215,6 +220,11 @@ func (e *env) ingest(retentionDays int) (ingest.Config, ingest.WriterConfig) {
 	}
 	w.MaxBufferedRows = e.integer("INGEST_MAX_BUFFERED_ROWS", w.MaxBufferedRows, 1, 1_000_000_000)
 	w.MaxSpoolBytes = int64(e.integer("INGEST_MAX_SPOOL_MB", int(w.MaxSpoolBytes>>20), 1, 1<<30)) << 20
+	if w.MaxSpoolBytes < lim.MaxBodyBytes {
+		// A request of the largest body allowed would never fit: 503 to every retry, forever.
+		e.fail("INGEST_MAX_SPOOL_MB=%d is below INGEST_MAX_BODY_BYTES (%d bytes): the largest request allowed could never be "+
+			"stored; set it to at least %d", w.MaxSpoolBytes>>20, lim.MaxBodyBytes, (lim.MaxBodyBytes+1<<20-1)>>20)
+	}
 	w.RetentionDays = retentionDays
 	return c, w
 }
@@ -266,8 +276,9 @@ func (e *env) quota(eventMetrics map[string]string, labelCap int, dedupWindow ti
 			e.fail(`QUOTA_DEFAULTS: want a JSON object of metric to limit, e.g. {"api_requests_daily":50000}: %v`, err)
 		}
 		for m, lim := range limits {
-			if lim < 0 {
-				e.fail("QUOTA_DEFAULTS: limit for %q is negative", m)
+			if lim < 0 || lim > maxLimit || lim != math.Trunc(lim) {
+				// 1e19 overflowed the consume's int64 (every consume refused); 0.5 was floored to 0.
+				e.fail("QUOTA_DEFAULTS: limit %v for %q: want a whole number from 0 to %d", lim, m, uint64(maxLimit))
 			}
 			if !ingest.ValidMetric(m) {
 				e.fail("QUOTA_DEFAULTS: %q: %s", m, ingest.MetricRule)
@@ -302,7 +313,8 @@ func (e *env) rollup() rollup.ScheduleConfig {
 	}
 	c.LookbackDays = e.integer("ROLLUP_LOOKBACK_DAYS", c.LookbackDays, 1, 90)
 	c.DriftEvery = e.durationOrOff("ROLLUP_DRIFT_INTERVAL", c.DriftEvery)
-	if d := c.DriftEvery; d > 0 && (d < 10*time.Second || d > 24*time.Hour) {
+	if d := c.DriftEvery; d == 0 || d > 0 && (d < 10*time.Second || d > 24*time.Hour) {
+		// 0 read as the default (5m) before: a setting that silently did something else.
 		e.fail("ROLLUP_DRIFT_INTERVAL=%s: want 10s to 24h, or a negative value to leave late events to the nightly run", d)
 	}
 	return c
@@ -324,6 +336,10 @@ func (e *env) jwt() auth.JWTConfig {
 	c.Issuer = e.str("AUTH_JWT_ISSUER", c.Issuer)
 	c.Audience = e.str("AUTH_JWT_AUDIENCE", c.Audience)
 	c.Leeway = e.duration("AUTH_JWT_LEEWAY", c.Leeway)
+	if c.Leeway > 5*time.Minute {
+		// Leeway extends every token's life: an hour of it keeps a revoked session working an hour.
+		e.fail("AUTH_JWT_LEEWAY=%s: want 0 to 5m (clock skew between the host app and analyticsd, not a token lifetime)", c.Leeway)
+	}
 	return c
 }
 

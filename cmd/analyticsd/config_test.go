@@ -215,3 +215,35 @@ func TestQuotaMetricsMustNotBeEventNames(t *testing.T) {
 		}
 	}
 }
+
+// Values that parsed but did something else, or broke the server, are refused naming the variable.
+// Before (each accepted): QUOTA_DEFAULTS 1e19 overflowed the consume's limit (every consume 429) and
+// 0.5 was floored to 0; a spool smaller than one request of the largest body allowed answered 503 to
+// it forever; a shutdown timeout of 0 cut the final flush off; a drift interval of 0 silently meant
+// 5m; any JWT leeway was taken, an hour of it keeping revoked sessions alive. (Fails on the code
+// before this change.)
+func TestConfigRefusesValuesThatMisbehave(t *testing.T) {
+	for _, tc := range []struct{ name, value, extra, extraValue string }{
+		{"QUOTA_DEFAULTS", `{"api_requests_daily":1e19}`, "", ""},
+		{"QUOTA_DEFAULTS", `{"api_requests_daily":0.5}`, "", ""},
+		{"INGEST_MAX_SPOOL_MB", "1", "INGEST_MAX_BODY_BYTES", "4194304"},
+		{"ANALYTICS_SHUTDOWN_TIMEOUT", "0s", "", ""},
+		{"ROLLUP_DRIFT_INTERVAL", "0", "", ""},
+		{"AUTH_JWT_LEEWAY", "1h", "", ""},
+	} {
+		env := map[string]string{tc.name: tc.value}
+		if tc.extra != "" {
+			env[tc.extra] = tc.extraValue
+		}
+		_, err := loadConfig(envOf(env))
+		if err == nil || !strings.Contains(err.Error(), tc.name) {
+			t.Errorf("%s=%s: got %v, want a refusal naming it", tc.name, tc.value, err)
+		}
+	}
+	// The edges that are fine stay fine.
+	if _, err := loadConfig(envOf(map[string]string{"QUOTA_DEFAULTS": `{"api_requests_daily":1000000000000000}`,
+		"ANALYTICS_SHUTDOWN_TIMEOUT": "1s", "AUTH_JWT_LEEWAY": "5m", "ROLLUP_DRIFT_INTERVAL": "-1s",
+		"INGEST_MAX_SPOOL_MB": "4", "INGEST_MAX_BODY_BYTES": "4194304"})); err != nil {
+		t.Errorf("edge values refused: %v", err)
+	}
+}
