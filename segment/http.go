@@ -1,6 +1,7 @@
 package segment
 
 import (
+	"bytes"
 	"cmp"
 	"encoding/base64"
 	"encoding/json"
@@ -81,8 +82,13 @@ type Refusal struct {
 type Result struct {
 	Stored     int       `json:"stored"`
 	Duplicates int       `json:"duplicates"`
-	Refused    []Refusal `json:"refused"`
+	Refused    []Refusal `json:"refused"` // the first maxRefusals, by index
+	// RefusedCount is how many messages were refused in all.
+	RefusedCount int `json:"refused_count"`
 }
+
+// maxRefusals bounds Result.Refused.
+const maxRefusals = 100
 
 // credential turns Segment's credential into the bearer token authn reads: the write key from
 // "Authorization: Basic base64(<key>:)", or — only when the request has no Authorization at all —
@@ -148,8 +154,18 @@ func (s *Service) handle(typ string) fiber.Handler {
 		var refused []Refusal
 		var position []int // each event's message
 		events := make([]ingest.Event, 0, len(msgs))
+		first := map[string]int{} // messageId → the first message carrying it
 		for i, raw := range msgs {
 			ev, err := translate(raw, typ, d, now)
+			if err == nil && ev.ID != "" {
+				// The same message twice is a duplicate (stored once); two different messages under one
+				// messageId would lose the second one silently.
+				if j, ok := first[ev.ID]; !ok {
+					first[ev.ID] = i
+				} else if !bytes.Equal(raw, msgs[j]) {
+					err = fmt.Errorf("messageId is message %d's too, with a different body: a messageId names one message; give each its own", j)
+				}
+			}
 			if err != nil {
 				refused = append(refused, Refusal{Index: i, MessageID: messageID(raw), Error: err.Error()})
 				continue
@@ -167,13 +183,18 @@ func (s *Service) handle(typ string) fiber.Handler {
 			return c.Status(http.StatusOK).JSON(fiber.Map{"success": true, "disabled": true, "message": res.Message})
 		}
 		for _, r := range res.Rejected {
-			refused = append(refused, Refusal{Index: position[r.Index], MessageID: messageID(msgs[position[r.Index]]), Error: r.Error})
+			refused = append(refused, Refusal{Index: position[r.Index], MessageID: messageID(msgs[position[r.Index]]), Error: inSegmentTerms(r.Error)})
 		}
 		if len(refused) == 0 {
 			return c.Status(http.StatusOK).JSON(fiber.Map{"success": true})
 		}
 		slices.SortFunc(refused, func(a, b Refusal) int { return cmp.Compare(a.Index, b.Index) })
-		out := Result{Stored: res.Accepted, Duplicates: len(res.Duplicates), Refused: refused}
+		out := Result{Stored: res.Accepted, Duplicates: len(res.Duplicates), Refused: refused, RefusedCount: len(refused)}
+		if len(refused) > maxRefusals {
+			// 500 KB of "{}" is 170,000 refusals: an 18 MB answer before. The first ones show what
+			// is wrong.
+			out.Refused = refused[:maxRefusals]
+		}
 		return api.BadRequest("invalid_messages", fmt.Sprintf("%d of %d messages were refused and not stored (%d stored, %d duplicates); see details.refused. Fix them and send the batch again: messages with a messageId are stored once however often they are sent",
 			len(refused), total, out.Stored, out.Duplicates)).WithDetails(out)
 	}
@@ -320,6 +341,9 @@ func split(body []byte, typ string) ([]json.RawMessage, defaults, error) {
 		return []json.RawMessage{slices.Clone(body)}, d, nil
 	}
 	var b batch
+	if err := strictKeys(body, batchFields); err != nil {
+		return nil, d, badBody(err.Error())
+	}
 	if err := json.Unmarshal(body, &b); err != nil {
 		return nil, d, badBody(`body must be a JSON object {"batch":[...]}: ` + err.Error())
 	}
@@ -375,4 +399,24 @@ func messageID(raw json.RawMessage) string {
 		return ""
 	}
 	return m.MessageID
+}
+
+// nativeTerms are the analyticsd event fields ingest's refusals begin with, and the Segment
+// message fields they were made from (see the package doc).
+var nativeTerms = []struct{ native, segment string }{
+	{"ts ", "timestamp (as corrected by sentAt) "},
+	{"ip ", "context.ip "},
+	{"props ", "properties (or traits, with $segment) "},
+	{"user_id ", "userId (or anonymousId) "},
+}
+
+// inSegmentTerms names, in a refusal of ingest's, the message field the client sent rather than
+// the event field it became: a Segment user never sent "ts" or "props".
+func inSegmentTerms(msg string) string {
+	for _, t := range nativeTerms {
+		if rest, ok := strings.CutPrefix(msg, t.native); ok {
+			return t.segment + rest
+		}
+	}
+	return msg
 }

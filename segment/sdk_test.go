@@ -473,7 +473,57 @@ func TestBadInput(t *testing.T) {
 	if d.Stored != 2 || fmt.Sprint(idx) != "[1 2 3]" || d.Refused[0].MessageID != "no-event" || !strings.Contains(d.Refused[1].Error, "retention") {
 		t.Errorf("details %+v; want 2 stored and messages 1, 2 and 3 refused, each with its reason", d)
 	}
+	// A refusal names the field the client sent, not the event field it became.
+	if !strings.HasPrefix(d.Refused[1].Error, "timestamp") {
+		t.Errorf("refusal of an old timestamp says %q, want it to name timestamp", d.Refused[1].Error)
+	}
 	s.storedOnce(t, s.a.ID, []string{"kept-1", "kept-2"})
+}
+
+// Keys encoding/json would have read loosely are refused, and so is a second message under a
+// messageId with a different body. Before (each fails on that code): {"batch":[A],"batch":[B]}
+// stored B and dropped A with 200; "UserID" overrode "userId" and the event was stored under the
+// wrong user; two different messages under one messageId stored the first and answered 200 for the
+// second; and 500 KB of "{}" made an 18 MB answer listing 170,000 refusals.
+func TestLooseJSONAndConflictingMessageIDsAreRefused(t *testing.T) {
+	s := newServer(t)
+	auth := basic(s.keyA)
+	for _, tc := range []struct{ name, path, body, want string }{
+		{"batch key twice", "/v1/batch", `{"batch":[{"type":"track","event":"A","userId":"u"}],"batch":[{"type":"track","event":"B","userId":"u"}]}`,
+			`key \"batch\" appears twice`},
+		{"field in another case", "/v1/track", `{"event":"A","userId":"right","UserID":"wrong"}`, `Segment's field is \"userId\"`},
+		{"message key twice", "/v1/track", `{"event":"A","userId":"u","event":"B"}`, `key \"event\" appears twice`},
+		{"batch key in another case", "/v1/batch", `{"Batch":[{"type":"track","event":"A","userId":"u"}]}`, `Segment's field is \"batch\"`},
+	} {
+		if r := s.post(t, tc.path, auth, tc.body); r.Status != 400 || !strings.Contains(r.Raw, tc.want) {
+			t.Errorf("%s: %d %s, want 400 with %s", tc.name, r.Status, r.Raw, tc.want)
+		}
+	}
+	id := uuid.NewString()
+	r := s.post(t, "/v1/batch", auth, `{"batch":[
+		{"type":"track","event":"First","userId":"u","messageId":"`+id+`"},
+		{"type":"track","event":"First","userId":"u","messageId":"`+id+`"},
+		{"type":"track","event":"Second","userId":"u","messageId":"`+id+`"}]}`)
+	if r.Status != 400 || !strings.Contains(r.Raw, "message 0's too") || !strings.Contains(r.Raw, `"index":2`) {
+		t.Errorf("a messageId on two different messages: %d %s, want message 2 refused", r.Status, r.Raw)
+	}
+	if got := s.storedOnce(t, s.a.ID, []string{id}); got[id].Event != "segment.first" {
+		t.Errorf("stored %+v, want the first message's event", got[id])
+	}
+	many := `{"batch":[` + strings.TrimSuffix(strings.Repeat(`{},`, 5000), ",") + `]}`
+	r = s.post(t, "/v1/batch", auth, many)
+	var body struct {
+		Error struct {
+			Details segment.Result `json:"details"`
+		} `json:"error"`
+	}
+	if err := json.Unmarshal([]byte(r.Raw), &body); err != nil || r.Status != 400 {
+		t.Fatalf("5,000 empty messages: %d %v %.300s", r.Status, err, r.Raw)
+	}
+	if d := body.Error.Details; len(d.Refused) != 100 || d.RefusedCount != 5000 || len(r.Raw) > 64<<10 {
+		t.Errorf("5,000 refusals: %d listed, count %d, %d bytes; want the first 100 listed, the count 5000, a short answer",
+			len(d.Refused), d.RefusedCount, len(r.Raw))
+	}
 }
 
 // @segment/analytics-node, driven by a Node script as an app would use it: every message it reports

@@ -216,6 +216,9 @@ type defaults struct {
 func translate(raw json.RawMessage, typ string, d defaults, received time.Time) (ingest.Event, error) {
 	var ev ingest.Event
 	var m message
+	if err := strictKeys(raw, messageFields); err != nil {
+		return ev, err
+	}
 	if err := json.Unmarshal(raw, &m); err != nil {
 		return ev, fmt.Errorf("message is not a JSON object of Segment's shape: %v", err)
 	}
