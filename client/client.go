@@ -276,6 +276,7 @@ func New(cfg Config) (*Client, error) {
 	hc := &http.Client{}
 	if cfg.HTTPClient != nil {
 		*hc = *cfg.HTTPClient
+		hc.Timeout = 0 // cfg.Timeout bounds each attempt (a context per attempt), as documented
 	}
 	hc.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 	if cfg.Logger == nil {

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -161,5 +163,38 @@ func TestAWholeBatchRejectionNamesEachReason(t *testing.T) {
 	var rej *client.RejectedError
 	if !errors.As(fs[0].Err, &rej) || !strings.Contains(fs[0].Err.Error(), "source") {
 		t.Fatalf("OnFailure error %q (%T): want a *RejectedError naming the bad field (source)", fs[0].Err, fs[0].Err)
+	}
+}
+
+// Config.Timeout bounds each attempt, as documented, whatever Timeout the caller's HTTPClient has.
+// Before, the copy kept that Timeout: a 100 ms one, in front of a server answering in 300 ms, timed
+// out every attempt and the events never arrived. (Fails on the code before this change.)
+func TestHTTPClientTimeoutDoesNotOverrideConfigTimeout(t *testing.T) {
+	ten := newTenant(t)
+	sv := startServer(t)
+	target, err := url.Parse(sv.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := httputil.NewSingleHostReverseProxy(target)
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(300 * time.Millisecond)
+		proxy.ServeHTTP(w, r)
+	}))
+	defer slow.Close()
+	rec := &recorder{}
+	c := newClient(t, slow.URL, ten.key, rec, client.Config{HTTPClient: &http.Client{Timeout: 100 * time.Millisecond}, Timeout: 5 * time.Second})
+	ids := trackIDs(t, c, "goclient.slow", 3)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := c.Flush(ctx); err != nil {
+		t.Fatalf("Flush: %v (stats %+v)", err, c.Stats())
+	}
+	sv.stop() // ships what it acknowledged
+	got := storedCounts(t, ten, "goclient.slow")
+	for _, id := range ids {
+		if got[id] != 1 {
+			t.Errorf("event %s stored %d times, want once", id, got[id])
+		}
 	}
 }
