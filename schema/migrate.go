@@ -24,7 +24,11 @@ type Migrator struct {
 	DB            string // ClickHouse database
 	Cluster       string // CLICKHOUSE_CLUSTER: the cluster layout (see Layout); empty on one server
 	RetentionDays int
-	Log           *slog.Logger
+	// ShrinkRetention lets Run shorten the tables' TTL to RETENTION_DAYS (`migrate
+	// --shrink-retention`): the days in between are deleted for good, so a window that shrinks
+	// because RETENTION_DAYS was left unset in one shell is refused instead.
+	ShrinkRetention bool
+	Log             *slog.Logger
 	// FillSettle is how long a migration's fill waits between the two reads of a difference it is about
 	// to write (default 1 s; see FillQuarterHours).
 	FillSettle time.Duration
@@ -120,13 +124,25 @@ type RetainedTable struct{ Name, TimeColumn string }
 // day the old one kept as the retention floor: days before it are already gone, and the rollup must
 // not take what is left of them for their raw data.
 func (m *Migrator) applyRetention(ctx context.Context) (string, error) {
-	changed := ""
-	for _, t := range Retained {
+	ttl := make([]int, len(Retained))
+	for i, t := range Retained {
 		days, ok, err := retention.TableTTL(ctx, m.CH, m.DB, m.layout().LocalName(t.Name))
 		if err != nil {
-			return changed, fmt.Errorf("migrate clickhouse: %w", err)
+			return "", fmt.Errorf("migrate clickhouse: %w", err)
 		}
-		if !ok || days == m.RetentionDays {
+		if !ok {
+			days = m.RetentionDays
+		}
+		if days > m.RetentionDays && !m.ShrinkRetention {
+			return "", fmt.Errorf("migrate: RETENTION_DAYS=%d would shorten the retention of %s.%s from %d days, deleting the days in between for good; "+
+				"set RETENTION_DAYS=%d to keep it, or run `analyticsd migrate --shrink-retention` if that is meant", m.RetentionDays, m.DB, t.Name, days, days)
+		}
+		ttl[i] = days
+	}
+	changed := ""
+	for i, t := range Retained {
+		days := ttl[i]
+		if days == m.RetentionDays {
 			continue
 		}
 		if m.RetentionDays > days {

@@ -110,6 +110,30 @@ func TestMigrateAppliesAChangedRetention(t *testing.T) {
 	}
 }
 
+// A RETENTION_DAYS below the tables' TTL — often one left unset in the shell that runs migrate,
+// reading as 90 — would delete the days in between for good: refused before any statement, naming
+// the flag that allows it, which then applies it. Before, migrate shortened the TTL at once. (Fails
+// on the code before this change.)
+func TestMigrateRefusesToShrinkRetentionUnlessTold(t *testing.T) {
+	env := testenv.Migrated(t)
+	ctx := context.Background()
+	ch := &modernConn{ttlDays: "365"}
+	_, err := (&schema.Migrator{CH: ch, PG: env.PG, DB: env.DB, Cluster: testenv.Cluster(), RetentionDays: 90}).Run(ctx)
+	if err == nil || !strings.Contains(err.Error(), "--shrink-retention") {
+		t.Errorf("shrinking 365 → 90 days: %v, want a refusal naming --shrink-retention", err)
+	}
+	for _, q := range ch.execs {
+		if strings.Contains(q, "MODIFY TTL") {
+			t.Errorf("refused, yet ran %s", q)
+		}
+	}
+	told := &modernConn{ttlDays: "365"}
+	res, err := (&schema.Migrator{CH: told, PG: env.PG, DB: env.DB, Cluster: testenv.Cluster(), RetentionDays: 90, ShrinkRetention: true}).Run(ctx)
+	if err != nil || res.Retention != "365 -> 90 days" {
+		t.Errorf("with ShrinkRetention: %+v %v, want 365 -> 90 days applied", res, err)
+	}
+}
+
 // Finding 9 at migrate: a server outside UTC is refused before anything is created.
 func TestMigrateRefusesAServerOutsideUTC(t *testing.T) {
 	env := testenv.Migrated(t)

@@ -33,7 +33,10 @@ import (
 )
 
 func migrate(ctx context.Context, cfg Config, log *slog.Logger, args []string, stdout io.Writer) error {
-	if err := flags("migrate", args, func(*flag.FlagSet) {}); err != nil {
+	shrink := false
+	if err := flags("migrate", args, func(fs *flag.FlagSet) {
+		fs.BoolVar(&shrink, "shrink-retention", false, "apply a RETENTION_DAYS below the tables' TTL (deletes the days in between for good)")
+	}); err != nil {
 		return err
 	}
 	ch, pg, closeStores, err := openStores(ctx, cfg)
@@ -41,7 +44,7 @@ func migrate(ctx context.Context, cfg Config, log *slog.Logger, args []string, s
 		return err
 	}
 	defer closeStores()
-	m := schema.Migrator{CH: ch, PG: pg, DB: cfg.ClickHouseDB, Cluster: cfg.ClickHouseCluster, RetentionDays: cfg.RetentionDays, Log: log}
+	m := schema.Migrator{CH: ch, PG: pg, DB: cfg.ClickHouseDB, Cluster: cfg.ClickHouseCluster, RetentionDays: cfg.RetentionDays, ShrinkRetention: shrink, Log: log}
 	res, err := m.Run(ctx)
 	if err != nil {
 		return err

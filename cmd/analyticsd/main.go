@@ -46,7 +46,7 @@ type command struct {
 // spool are listed by `analyticsd <group> --help`, and each has its own --help with its flags.
 var commands = []command{
 	{"serve", "", "run the HTTP API (ANALYTICS_ADDR, default :8080)"},
-	{"migrate", "", "create or update the ClickHouse and Postgres schema"},
+	{"migrate", "[--shrink-retention]", "create or update the ClickHouse and Postgres schema"},
 	{"move-to-cluster", "--from DSN [--json]", "copy a single server's database onto CLICKHOUSE_CLUSTER (after migrate), then verify it"},
 	{"tenant create", "--slug S [--name N] [--if-not-exists] [--json]", "register a tenant; prints its id last"},
 	{"tenant list", "[--json]", "every tenant and its status"},
