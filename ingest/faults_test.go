@@ -2,6 +2,7 @@ package ingest
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -337,6 +338,31 @@ func TestDamagedRecordInsideASegmentIsKeptAndTheRestShips(t *testing.T) {
 	if err != nil || len(list) != 1 || !strings.Contains(list[0].Reason, "damaged") {
 		t.Fatalf("quarantine %+v %v, want one file of damaged bytes", list, err)
 	}
+}
+
+// A writer whose Gate fails ships nothing — rows stay in the spool — and ships them once it passes:
+// serve's checks of a ClickHouse unreachable at start-up come before any write to it.
+func TestWriterShipsNothingUntilItsGatePasses(t *testing.T) {
+	t.Parallel()
+	var open atomic.Bool
+	h := newHarness(t, opts{writer: func(c *WriterConfig) {
+		c.Gate = func(context.Context) error {
+			if !open.Load() {
+				return errors.New("not checked yet")
+			}
+			return nil
+		}
+	}})
+	body, ids := events(20, nil)
+	if r := h.post(t, h.keyA, "/api/analytics/events", body, nil); r.Status != 202 {
+		t.Fatalf("post: %d %s", r.Status, r.Raw)
+	}
+	time.Sleep(500 * time.Millisecond) // ten flush intervals
+	if n, _ := h.count(t, "events", h.a.ID); n != 0 {
+		t.Fatalf("%d rows shipped through a closed gate", n)
+	}
+	open.Store(true)
+	h.waitStored(t, h.a.ID, ids, len(ids))
 }
 
 // shipSpool starts a writer on dir, waits until it has shipped every segment there, and returns how

@@ -71,6 +71,9 @@ type WriterConfig struct {
 	// day has left the window cannot be (its partition may be gone), so it is quarantined rather than
 	// inserted a second time. 0: no such guard (tests of other things).
 	RetentionDays int
+	// Gate, when set, must pass before the writer ships anything: serve's checks of a ClickHouse
+	// that was unreachable at start-up (its time zone, its TTL). Until then rows stay in the spool.
+	Gate func(context.Context) error
 	// Floor, when set, reads the retention floor (retention.Floor.Get): the first day whose raw rows
 	// are known complete. A day before it may have lost its partition while the window was shorter,
 	// so such a row is guarded as an expired one. Nil: the window alone.
@@ -667,6 +670,11 @@ func (w *Writer) retryAfter() time.Duration {
 
 // ship inserts one segment's rows and, once every row is in ClickHouse or in quarantine, deletes it.
 func (w *Writer) ship(s *segment) error {
+	if w.cfg.Gate != nil {
+		if err := w.cfg.Gate(context.Background()); err != nil {
+			return err
+		}
+	}
 	if s.file != nil && !s.file.Inflight {
 		// Mark the segment in flight on disk: if we die mid-insert, the next start checks ClickHouse
 		// for its rows before inserting them again.

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
@@ -83,7 +84,14 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	})
 
 	chVersion, err := checkClickHouse(ctx, &cfg, ch, pg, log)
-	if err != nil {
+	var late *lateCheck
+	if errors.Is(err, errUnchecked) {
+		log.Warn("clickhouse unreachable at start-up; serving, and spooling until it can be checked", "err", err)
+		checkCfg := cfg
+		late = &lateCheck{log: log.With("component", "clickhouse-check"), every: 5 * time.Second,
+			run: func(ctx context.Context) error { _, err := checkClickHouse(ctx, &checkCfg, ch, pg, log); return err }}
+		cfg.Writer.Gate = late.Check
+	} else if err != nil {
 		return err
 	}
 
@@ -251,13 +259,12 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	defer stopReconciling()
 	go func() { defer close(reconciled); quotaSvc.RunReconciler(rctx, cfg.Quota.ReconcileEvery) }()
 	open.push("quota reconciliation", func(context.Context) error { stopReconciling(); <-reconciled; return nil })
-	scheduler.Start(ctx)
-	sweeper.Start(ctx)
+	stopWaiting := whenChecked(ctx, late, func() { scheduler.Start(ctx); sweeper.Start(ctx) })
 	ectx, stopErasing := context.WithCancel(ctx)
 	erased := make(chan struct{})
 	go func() { defer close(erased); eraser.RunJobs(ectx) }()
 	open.push("erasure jobs", func(context.Context) error { stopErasing(); <-erased; return nil })
-	open.push("rollup and retention jobs", func(context.Context) error { scheduler.Stop(); sweeper.Stop(); return nil })
+	open.push("rollup and retention jobs", func(context.Context) error { stopWaiting(); scheduler.Stop(); sweeper.Stop(); return nil })
 	// API keys' last use: kept in memory per request, written once a minute and at shutdown.
 	uctx, stopUsage := context.WithCancel(context.Background())
 	usageDone := make(chan struct{})
@@ -331,14 +338,13 @@ func counting(c *quota.Counters) *dedup.Counting {
 // checkClickHouse refuses a ClickHouse server analyticsd would corrupt data on — one not in UTC, or
 // whose tables expire rows after another window than RETENTION_DAYS (migrate applies it) — and sets
 // the retention every package uses to the window in force. A server unreachable at start-up is not
-// a reason to stay down (ingest keeps spooling): the checks are skipped with a warning. It returns the
-// server's version (zero when unreachable).
+// a reason to stay down (ingest keeps spooling): it returns errUnchecked, and serve runs the checks
+// later (lateCheck) before anything writes to ClickHouse. It returns the server's version.
 func checkClickHouse(ctx context.Context, cfg *Config, ch driver.Conn, pg *pgxpool.Pool, log *slog.Logger) (schema.Version, error) {
 	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if err := ch.Ping(pctx); err != nil {
-		log.Warn("clickhouse unreachable at start-up: its time zone, retention and version are not checked; RETENTION_DAYS is used as is", "err", err)
-		return schema.Version{}, nil
+		return schema.Version{}, fmt.Errorf("%w: %v", errUnchecked, err)
 	}
 	v, err := schema.ServerVersion(ch)
 	if err != nil {
@@ -394,4 +400,75 @@ func quarantineWarning(st ingest.Stats) string {
 	return fmt.Sprintf("%d files (%d rows, not counting records this release cannot read) in the spool's quarantine: "+
 		"ClickHouse kept refusing them, or they could not be read; see `analyticsd spool status`, then `analyticsd spool requeue --all` once fixed",
 		st.QuarantinedFiles, st.QuarantinedRows)
+}
+
+// errUnchecked: ClickHouse could not be reached to be checked.
+var errUnchecked = errors.New("clickhouse unreachable: its time zone and retention are not checked yet")
+
+// lateCheck runs the start-up checks of a ClickHouse that was unreachable at start-up once it can
+// be reached, before anything writes to it: until they pass, the writer keeps rows in the spool and
+// the rollup and retention jobs wait. (Before, they were skipped for the life of the process, and a
+// server outside UTC, or with another TTL, was written to and swept as if it had passed.) A check
+// that fails for good — the server's zone, its TTL — keeps failing, logged, and fails /readiness
+// through the writer's last error; serve never writes to such a server.
+type lateCheck struct {
+	run   func(context.Context) error
+	log   *slog.Logger
+	every time.Duration
+
+	mu     sync.Mutex
+	passed bool
+	err    error
+	at     time.Time
+}
+
+// Check runs the checks at most once per every, and reports their result; once they passed, nil.
+func (l *lateCheck) Check(ctx context.Context) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.passed {
+		return nil
+	}
+	if !l.at.IsZero() && time.Since(l.at) < l.every {
+		return l.err
+	}
+	l.at = time.Now()
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	l.err = l.run(cctx)
+	switch {
+	case l.err == nil:
+		l.passed = true
+		l.log.Info("clickhouse reachable: time zone and retention checked; writing to it")
+	case errors.Is(l.err, errUnchecked):
+		l.log.Warn("clickhouse still unreachable: rows stay in the spool until it is checked", "err", l.err)
+	default:
+		l.log.Error("clickhouse refused: nothing is written to it until this is fixed", "err", l.err)
+	}
+	return l.err
+}
+
+// whenChecked calls start once l's checks pass (at once when l is nil), trying every l.every until
+// ctx ends; the returned function stops the waiting, and waits for it.
+func whenChecked(ctx context.Context, l *lateCheck, start func()) (stop func()) {
+	if l == nil {
+		start()
+		return func() {}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(l.every)
+		defer t.Stop()
+		for l.Check(ctx) != nil {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+		start()
+	}()
+	return func() { cancel(); <-done }
 }
