@@ -31,13 +31,15 @@ type SegmentSummary struct {
 
 // SpoolReport is what waits in a spool directory.
 type SpoolReport struct {
-	Dir        string                 `json:"dir"`
-	Holder     *spool.Holder          `json:"held_by,omitempty"`
-	Segments   []SegmentSummary       `json:"segments"`
-	Quarantine []spool.QuarantineInfo `json:"quarantine"`
-	Bytes      int64                  `json:"bytes"`
-	Events     int                    `json:"events"`
-	Increments int                    `json:"increments"`
+	Dir    string        `json:"dir"`
+	Holder *spool.Holder `json:"held_by,omitempty"`
+	// HolderError: whether a process holds the spool could not be read.
+	HolderError string                 `json:"held_by_error,omitempty"`
+	Segments    []SegmentSummary       `json:"segments"`
+	Quarantine  []spool.QuarantineInfo `json:"quarantine"`
+	Bytes       int64                  `json:"bytes"`
+	Events      int                    `json:"events"`
+	Increments  int                    `json:"increments"`
 }
 
 // RowVisitor receives every row InspectSpool reads (one of them is nil).
@@ -48,7 +50,12 @@ type RowVisitor func(seq uint64, ev *Row, inc *Increment)
 // segments whose seq is in only (all when only is empty).
 func InspectSpool(dir string, only map[uint64]bool, visit RowVisitor) (SpoolReport, error) {
 	rep := SpoolReport{Dir: dir, Segments: []SegmentSummary{}}
-	if h, held, err := spool.ReadHolder(dir); err == nil && held {
+	h, held, err := spool.ReadHolder(dir)
+	switch {
+	case err != nil:
+		// Not "no process holds it": an operator reading that could take a live spool for a retired one.
+		rep.HolderError = err.Error()
+	case held:
 		rep.Holder = &h
 	}
 	segs, err := spool.List(dir)

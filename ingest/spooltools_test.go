@@ -153,3 +153,20 @@ func TestRequeueOfARecordNowReadableRemovesItsFile(t *testing.T) {
 		t.Error("the file is kept")
 	}
 }
+
+// When who holds a spool cannot be read, inspect says so instead of reporting it free: an operator
+// reading "no process holds it" may take a live spool for a retired one. Before, the error was
+// dropped and the report said nobody held it. (Fails on the code before this change.)
+func TestInspectReportsAnUnreadableHolder(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.Mkdir(filepath.Join(dir, "LOCK"), 0o750); err != nil { // a LOCK that cannot be opened
+		t.Fatal(err)
+	}
+	rep, err := InspectSpool(dir, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Holder != nil || rep.HolderError == "" {
+		t.Errorf("holder %+v, error %q; want the error reported", rep.Holder, rep.HolderError)
+	}
+}

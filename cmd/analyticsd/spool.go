@@ -278,7 +278,10 @@ func withShipping(ctx context.Context, cfg Config, fn func(shipping) error) erro
 
 func printStatus(w io.Writer, rep ingest.SpoolReport) {
 	holder := "no process holds it"
-	if rep.Holder != nil {
+	switch {
+	case rep.HolderError != "":
+		holder = "whether a process holds it is unknown (" + rep.HolderError + ")"
+	case rep.Holder != nil:
 		holder = "held by " + rep.Holder.String()
 	}
 	fmt.Fprintf(w, "spool %s: %s\n", rep.Dir, holder)
