@@ -288,19 +288,8 @@ func TestZeroFilledTailDoesNotStallASegment(t *testing.T) {
 func TestUnreadableRecordIsQuarantinedAndTheRestShips(t *testing.T) {
 	t.Parallel()
 	env := testenv.Migrated(t)
-	dir := t.TempDir()
-	tenantID := uuid.New()
-	now := time.Now().UTC().Truncate(time.Second)
-	row := func() Row {
-		return Row{ID: uuid.New(), TenantID: tenantID, Ts: now, ReceivedAt: now, Event: "a.b", Source: "app", Props: "{}"}
-	}
-	name := "0000000000000005.seg"
-	writeSegment(t, dir, name, 3, []Row{row()}, nil)
-	f, _ := os.OpenFile(filepath.Join(dir, name), os.O_APPEND|os.O_WRONLY, 0)
 	bad, start := spool.FrameStart(nil)
-	f.Write(spool.FrameEnd(append(bad, "not a record"...), start))
-	f.Write(appendRecord(nil, 4, []Row{row(), row()}, nil))
-	f.Close()
+	dir, tenantID := segmentAround(t, func(Row) []byte { return spool.FrameEnd(append(bad, "not a record"...), start) })
 	n, st := shipSpool(t, env, dir, tenantID)
 	if n != 3 || st.QuarantinedFiles != 1 {
 		t.Errorf("stored %d of 3 rows, %d quarantine files; want 3 and the unreadable record in 1", n, st.QuarantinedFiles)
@@ -315,20 +304,11 @@ func TestUnreadableRecordIsQuarantinedAndTheRestShips(t *testing.T) {
 func TestDamagedRecordInsideASegmentIsKeptAndTheRestShips(t *testing.T) {
 	t.Parallel()
 	env := testenv.Migrated(t)
-	dir := t.TempDir()
-	tenantID := uuid.New()
-	now := time.Now().UTC().Truncate(time.Second)
-	row := func() Row {
-		return Row{ID: uuid.New(), TenantID: tenantID, Ts: now, ReceivedAt: now, Event: "a.b", Source: "app", Props: "{}"}
-	}
-	name := "0000000000000006.seg"
-	writeSegment(t, dir, name, 3, []Row{row()}, nil)
-	damaged := appendRecord(nil, 4, []Row{row()}, nil)
-	damaged[len(damaged)-1] ^= 0x55 // bit rot in the payload
-	f, _ := os.OpenFile(filepath.Join(dir, name), os.O_APPEND|os.O_WRONLY, 0)
-	f.Write(damaged)
-	f.Write(appendRecord(nil, 5, []Row{row(), row()}, nil))
-	f.Close()
+	dir, tenantID := segmentAround(t, func(r Row) []byte {
+		damaged := appendRecord(nil, 4, []Row{r}, nil)
+		damaged[len(damaged)-1] ^= 0x55 // bit rot in the payload
+		return damaged
+	})
 	n, st := shipSpool(t, env, dir, tenantID)
 	if n != 3 || st.QuarantinedFiles != 1 || st.DamagedStretches != 1 {
 		t.Fatalf("stored %d rows, %d quarantine files, %d damaged stretches; want the 3 intact rows stored and the damaged record in 1 file",
@@ -363,6 +343,28 @@ func TestWriterShipsNothingUntilItsGatePasses(t *testing.T) {
 	}
 	open.Store(true)
 	h.waitStored(t, h.a.ID, ids, len(ids))
+}
+
+// segmentAround writes a spool segment of a new tenant's rows: one record of a row, the bytes middle
+// makes (given a further row of the tenant's), then a record of two rows. It returns the spool's
+// directory and the tenant.
+func segmentAround(t *testing.T, middle func(Row) []byte) (string, uuid.UUID) {
+	t.Helper()
+	dir, tenantID := t.TempDir(), uuid.New()
+	now := time.Now().UTC().Truncate(time.Second)
+	row := func() Row {
+		return Row{ID: uuid.New(), TenantID: tenantID, Ts: now, ReceivedAt: now, Event: "a.b", Source: "app", Props: "{}"}
+	}
+	name := "0000000000000005.seg"
+	writeSegment(t, dir, name, 3, []Row{row()}, nil)
+	f, err := os.OpenFile(filepath.Join(dir, name), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Write(middle(row()))
+	f.Write(appendRecord(nil, 5, []Row{row(), row()}, nil))
+	f.Close()
+	return dir, tenantID
 }
 
 // shipSpool starts a writer on dir, waits until it has shipped every segment there, and returns how

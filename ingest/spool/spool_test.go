@@ -39,6 +39,13 @@ func frame(payloads ...string) []byte {
 
 func records(t *testing.T, g *Segment) ([]string, bool) {
 	t.Helper()
+	out, torn, _ := read(t, g)
+	return out, torn
+}
+
+// read reads g whole: its records, whether it ended torn, and the damage found.
+func read(t *testing.T, g *Segment) ([]string, bool, []Damage) {
+	t.Helper()
 	r, err := g.Open()
 	if err != nil {
 		t.Fatal(err)
@@ -51,7 +58,23 @@ func records(t *testing.T, g *Segment) ([]string, bool) {
 	if r.Err() != nil {
 		t.Fatal(r.Err())
 	}
-	return out, r.Torn()
+	return out, r.Torn(), r.Damage()
+}
+
+// segmentWith is a segment of the record "kept", then the bytes of broken, then the frames of after.
+func segmentWith(t *testing.T, broken []byte, after ...string) *Segment {
+	t.Helper()
+	s := open(t, t.TempDir(), nil)
+	g, _ := s.Create()
+	g.Append(frame("kept"))
+	f, err := os.OpenFile(g.Path(), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Write(broken)
+	f.Write(frame(after...))
+	f.Close()
+	return g
 }
 
 func TestSecondOpenOfADirectoryIsRefused(t *testing.T) {
@@ -238,24 +261,9 @@ func TestTornTailsAreIgnored(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			dir := t.TempDir()
-			s := open(t, dir, nil)
-			g, _ := s.Create()
-			g.Append(frame("kept"))
-			f, _ := os.OpenFile(g.Path(), os.O_APPEND|os.O_WRONLY, 0)
-			f.Write(tc.tail(frame("lost-record")))
-			f.Close()
-			r, err := g.Open()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer r.Close()
-			var recs []string
-			for r.Next() {
-				recs = append(recs, string(r.Record()))
-			}
-			if !r.Torn() || len(r.Damage()) != 0 || len(recs) != 1 || recs[0] != "kept" {
-				t.Errorf("got %v torn=%v damage=%d, want [kept] torn, no damage", recs, r.Torn(), len(r.Damage()))
+			recs, torn, dmg := read(t, segmentWith(t, tc.tail(frame("lost-record"))))
+			if !torn || len(dmg) != 0 || len(recs) != 1 || recs[0] != "kept" {
+				t.Errorf("got %v torn=%v damage=%d, want [kept] torn, no damage", recs, torn, len(dmg))
 			}
 		})
 	}
@@ -278,29 +286,9 @@ func TestDamageInsideASegmentIsReportedNotDropped(t *testing.T) {
 		{"zeros, then more", func([]byte) []byte { return make([]byte, 64) }, "kept", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			dir := t.TempDir()
-			s := open(t, dir, nil)
-			g, _ := s.Create()
-			g.Append(frame("kept"))
-			f, _ := os.OpenFile(g.Path(), os.O_APPEND|os.O_WRONLY, 0)
-			f.Write(tc.broken(frame("lost-record")))
-			f.Write(frame("after", "last"))
-			f.Close()
-			r, err := g.Open()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer r.Close()
-			var recs []string
-			for r.Next() {
-				recs = append(recs, string(r.Record()))
-			}
-			if r.Err() != nil {
-				t.Fatal(r.Err())
-			}
-			dmg := r.Damage()
-			if strings.Join(recs, ",") != tc.want || r.Torn() || len(dmg) != 1 || dmg[0].Rest != tc.rest {
-				t.Fatalf("got %v torn=%v damage=%+v, want %s and one damaged stretch (rest=%v)", recs, r.Torn(), dmg, tc.want, tc.rest)
+			recs, torn, dmg := read(t, segmentWith(t, tc.broken(frame("lost-record")), "after", "last"))
+			if strings.Join(recs, ",") != tc.want || torn || len(dmg) != 1 || dmg[0].Rest != tc.rest {
+				t.Fatalf("got %v torn=%v damage=%+v, want %s and one damaged stretch (rest=%v)", recs, torn, dmg, tc.want, tc.rest)
 			}
 			if want := int64(headerSize + len(frame("kept"))); dmg[0].Offset != want {
 				t.Errorf("damage at byte %d, want %d", dmg[0].Offset, want)
