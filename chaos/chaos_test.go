@@ -464,7 +464,8 @@ func TestFaults(t *testing.T) {
 	})
 
 	t.Run("spool full", func(t *testing.T) {
-		s := newSystem(t, bin, map[string]string{"INGEST_MAX_SPOOL_MB": "1"})
+		// A body limit within the spool: a spool smaller than one request is refused at start.
+		s := newSystem(t, bin, map[string]string{"INGEST_MAX_SPOOL_MB": "1", "INGEST_MAX_BODY_BYTES": "1048576"})
 		l := s.startLoad(4)
 		stack(t, "stop-service", "clickhouse")
 		deadline := time.Now().Add(30 * time.Second)
@@ -496,7 +497,7 @@ func TestFaults(t *testing.T) {
 			t.Fatal(err)
 		}
 		proxy := testenv.NewProxy(t, opts.Addr[0])
-		s := newSystem(t, bin, map[string]string{"INGEST_MAX_SPOOL_MB": "4", "INGEST_MAX_BUFFERED_ROWS": "20000"})
+		s := newSystem(t, bin, map[string]string{"INGEST_MAX_SPOOL_MB": "4", "INGEST_MAX_BODY_BYTES": "4194304", "INGEST_MAX_BUFFERED_ROWS": "20000"})
 		// Re-point analyticsd at ClickHouse through the proxy.
 		s.kill9()
 		u, _ := url.Parse(s.vars["CLICKHOUSE_DSN"])
