@@ -297,8 +297,8 @@ func TestUnreadableRecordIsQuarantinedAndTheRestShips(t *testing.T) {
 }
 
 // A record damaged inside a segment (its checksum fails, acknowledged records follow) is no torn
-// write: the records after it ship, and the damaged bytes go to the quarantine rather than out with
-// the segment. Before, the reader stopped there as at a torn tail, the rows after the damage were
+// write: the records after it ship, and the damaged bytes are kept apart (not in the quarantine,
+// which requeue ships and erasure scrubs) rather than going out with the segment. Before, the reader stopped there as at a torn tail, the rows after the damage were
 // never read, and the writer removed the segment: 2 of 3 acknowledged rows lost, no quarantine, no
 // error. (Fails on the code before this change.)
 func TestDamagedRecordInsideASegmentIsKeptAndTheRestShips(t *testing.T) {
@@ -310,13 +310,12 @@ func TestDamagedRecordInsideASegmentIsKeptAndTheRestShips(t *testing.T) {
 		return damaged
 	})
 	n, st := shipSpool(t, env, dir, tenantID)
-	if n != 3 || st.QuarantinedFiles != 1 || st.DamagedStretches != 1 {
-		t.Fatalf("stored %d rows, %d quarantine files, %d damaged stretches; want the 3 intact rows stored and the damaged record in 1 file",
-			n, st.QuarantinedFiles, st.DamagedStretches)
+	if n != 3 || st.QuarantinedFiles != 0 || st.DamagedStretches != 1 || st.DamagedFiles != 1 {
+		t.Fatalf("stored %d rows, %d quarantine files, %d damaged stretches in %d files; want the 3 intact rows stored and the damaged record kept apart",
+			n, st.QuarantinedFiles, st.DamagedStretches, st.DamagedFiles)
 	}
-	list, err := spool.ListQuarantine(dir)
-	if err != nil || len(list) != 1 || !strings.Contains(list[0].Reason, "damaged") {
-		t.Fatalf("quarantine %+v %v, want one file of damaged bytes", list, err)
+	if kept, err := spool.ListDamaged(dir); err != nil || len(kept) != 1 || kept[0].Bytes == 0 {
+		t.Fatalf("damaged %+v %v, want the record's bytes kept", kept, err)
 	}
 }
 

@@ -23,8 +23,8 @@ type SegmentSummary struct {
 	LastTs     time.Time `json:"last_ts,omitzero"`
 	Received   time.Time `json:"first_received,omitzero"` // when its first row was accepted
 	TornTail   bool      `json:"torn_tail,omitempty"`
-	// DamagedAt lists the byte offsets of damaged stretches (not a torn write): the server moves
-	// them to the quarantine when it ships the segment.
+	// DamagedAt lists the byte offsets of damaged stretches (not a torn write): the server keeps
+	// them apart (spool.DamagedDir) when it ships the segment.
 	DamagedAt []int64 `json:"damaged_at,omitempty"`
 	Error     string  `json:"error,omitempty"`
 }
@@ -37,9 +37,11 @@ type SpoolReport struct {
 	HolderError string                 `json:"held_by_error,omitempty"`
 	Segments    []SegmentSummary       `json:"segments"`
 	Quarantine  []spool.QuarantineInfo `json:"quarantine"`
-	Bytes       int64                  `json:"bytes"`
-	Events      int                    `json:"events"`
-	Increments  int                    `json:"increments"`
+	// Damaged are the damaged stretches of segments kept apart (spool.DamagedDir).
+	Damaged    []spool.DamagedInfo `json:"damaged,omitempty"`
+	Bytes      int64               `json:"bytes"`
+	Events     int                 `json:"events"`
+	Increments int                 `json:"increments"`
 }
 
 // RowVisitor receives every row InspectSpool reads (one of them is nil).
@@ -136,6 +138,9 @@ func InspectSpool(dir string, only map[uint64]bool, visit RowVisitor) (SpoolRepo
 	}
 	if rep.Quarantine == nil {
 		rep.Quarantine = []spool.QuarantineInfo{}
+	}
+	if rep.Damaged, err = spool.ListDamaged(dir); err != nil {
+		return rep, err
 	}
 	return rep, nil
 }

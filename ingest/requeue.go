@@ -82,8 +82,12 @@ func Requeue(ctx context.Context, spoolDir, name string, ch driver.Conn, db stri
 	// them. Before, the file was removed with them. A file of records a release could not decode
 	// says it holds none (it could not count them): only a torn end tells its damage.
 	if r.Torn() || len(r.Damage()) > 0 || (info.Rows() > 0 && read != info.Rows()) {
-		return res, fmt.Errorf("requeue %s: read %d of the %d rows the file says it holds (damaged after byte %d); the file is kept "+
-			"(the rows read are stored): copy it aside and inspect it with `analyticsd spool inspect`", name, read, info.Rows(), r.Intact())
+		where := fmt.Sprintf("after byte %d", r.Intact())
+		if d := r.Damage(); len(d) > 0 {
+			where = fmt.Sprintf("at byte %d", d[0].Offset)
+		}
+		return res, fmt.Errorf("requeue %s: read %d of the %d rows the file says it holds (damaged %s); the file is kept "+
+			"(the rows read are stored): copy it aside and inspect it with `analyticsd spool inspect`", name, read, info.Rows(), where)
 	}
 	if err := spool.RemoveQuarantine(spoolDir, name); err != nil {
 		return res, err

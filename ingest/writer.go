@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"log/slog"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"sync"
@@ -180,7 +181,7 @@ type segment struct {
 	chunksDone  int                // leading chunks fully shipped by this process
 	bad         map[rowKey]*badRow // rows ClickHouse refused, with their history
 	unreadable  map[int]bool       // records (by ordinal) already moved to the quarantine
-	damaged     map[int64]bool     // damaged stretches (by offset) already moved to the quarantine
+	damaged     map[int64]bool     // damaged stretches (by offset) already kept apart
 	quarantined map[rowKey]bool    // rows already moved to the quarantine
 	notBefore   time.Time          // parked after a refusal: shipped again no earlier than this
 	refusals    int                // consecutive refused attempts (for the parking backoff)
@@ -200,7 +201,7 @@ type Writer struct {
 	metrics *Metrics
 	sp      *spool.Spool // nil in memory mode
 	sh      *shipper
-	damaged atomic.Int64 // damaged stretches of spool segments moved to the quarantine
+	damaged atomic.Int64 // damaged stretches of spool segments found and kept apart
 
 	appends chan appendReq
 	quit    chan struct{}
@@ -756,26 +757,23 @@ func (w *Writer) chunks(s *segment, fn func(i int, bs []*batch) error) error {
 		return fmt.Errorf("spool segment %d: %w", s.seq, err)
 	}
 	for _, d := range r.Damage() {
-		// Not a torn write (a crash leaves nothing after the write it cut short): the disk or a
-		// copy damaged acknowledged records. Keep the bytes as they are, before the segment goes.
+		// Not a torn write (intact records follow, and a crash tears only the last write): the disk
+		// or a copy damaged what may be acknowledged records. Keep the bytes as they are, apart,
+		// before the segment goes.
 		if s.damaged[d.Offset] {
 			continue
 		}
-		reason := fmt.Sprintf("damaged spool bytes (a frame failing its checksum at byte %d of the segment)", d.Offset)
-		if d.Rest {
-			reason = fmt.Sprintf("damaged spool bytes (from byte %d to the end of the segment; the records in them could not be told apart)", d.Offset)
-		}
-		info, qerr := w.sp.Quarantine(spool.QuarantineInfo{Segment: s.id, Reason: reason, Error: "checksum mismatch", Format: s.file.Format}, [][]byte{d.Bytes})
-		if qerr != nil {
-			return fmt.Errorf("quarantine damaged bytes of spool segment %d: %w", s.seq, qerr)
+		name, kerr := w.sp.KeepDamaged(s.id, d.Offset, d.Bytes)
+		if kerr != nil {
+			return fmt.Errorf("spool segment %d: %w", s.seq, kerr)
 		}
 		if s.damaged == nil {
 			s.damaged = map[int64]bool{}
 		}
 		s.damaged[d.Offset] = true
 		w.damaged.Add(1)
-		w.log.Error("damaged spool bytes moved to the quarantine; the records around them ship",
-			"segment", s.file.Path(), "offset", d.Offset, "bytes", len(d.Bytes), "file", info.Name)
+		w.log.Error("damaged spool bytes kept apart, the records around them ship: rows in them may be lost",
+			"segment", s.file.Path(), "offset", d.Offset, "bytes", len(d.Bytes), "kept_as", filepath.Join(spool.DamagedDir(w.sp.Dir()), name))
 	}
 	if r.Torn() {
 		w.log.Warn("spool segment has a torn tail (an unacknowledged write cut short); ignoring it",
@@ -859,9 +857,11 @@ type Stats struct {
 	// quarantine for an operator (`analyticsd spool status`, `analyticsd spool requeue`).
 	QuarantinedFiles int `json:"quarantined_files"`
 	QuarantinedRows  int `json:"quarantined_rows"`
-	// DamagedStretches counts the damaged bytes in spool segments (not torn writes) this writer
-	// found and moved to the quarantine.
+	// DamagedStretches counts the damaged stretches of spool segments (not torn writes) this
+	// writer found; DamagedFiles is how many the spool keeps (spool.DamagedDir), found by any
+	// process, until an operator deletes them.
 	DamagedStretches int `json:"damaged_stretches,omitempty"`
+	DamagedFiles     int `json:"damaged_files,omitempty"`
 }
 
 // Stats reports the writer's backlog.
@@ -879,6 +879,10 @@ func (w *Writer) Stats() Stats {
 		st.QuarantinedFiles, st.QuarantinedRows = w.sp.QuarantineStats()
 	}
 	st.DamagedStretches = int(w.damaged.Load())
+	if w.sp != nil {
+		kept, _ := spool.ListDamaged(w.sp.Dir())
+		st.DamagedFiles = len(kept)
+	}
 	return st
 }
 

@@ -67,7 +67,10 @@ func TestClickHouseUnreachableAtStartIsCheckedOnceReachable(t *testing.T) {
 				t.Fatalf("unreachable at start: %v, want errUnchecked", err)
 			}
 			late := &lateCheck{log: slog.Default(), every: 10 * time.Millisecond,
-				run: func(ctx context.Context) error { _, err := checkClickHouse(ctx, &cfg, ch, e.PG, slog.Default()); return err }}
+				run: func(ctx context.Context) error {
+					_, err := checkClickHouse(ctx, &cfg, ch, e.PG, slog.Default())
+					return err
+				}}
 			var started atomic.Bool
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()

@@ -221,6 +221,9 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		if msg := quarantineWarning(st); msg != "" {
 			warnings = append(warnings, msg)
 		}
+		if msg := damagedWarning(st); msg != "" {
+			warnings = append(warnings, msg)
+		}
 		for _, w := range watches {
 			if msg := w.Warning(); msg != "" {
 				warnings = append(warnings, msg)
@@ -400,6 +403,16 @@ func quarantineWarning(st ingest.Stats) string {
 	return fmt.Sprintf("%d files (%d rows, not counting records this release cannot read) in the spool's quarantine: "+
 		"ClickHouse kept refusing them, or they could not be read; see `analyticsd spool status`, then `analyticsd spool requeue --all` once fixed",
 		st.QuarantinedFiles, st.QuarantinedRows)
+}
+
+// damagedWarning is /readiness' warning for damaged stretches kept from spool segments: rows in them
+// may be lost, and nothing but an operator can look at them.
+func damagedWarning(st ingest.Stats) string {
+	if st.DamagedFiles == 0 {
+		return ""
+	}
+	return fmt.Sprintf("%d damaged stretches of spool segments kept apart (the disk or a copy damaged them; rows in them may be lost): "+
+		"see `analyticsd spool status`, inspect them, then delete them", st.DamagedFiles)
 }
 
 // errUnchecked: ClickHouse could not be reached to be checked.

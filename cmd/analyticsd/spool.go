@@ -135,8 +135,8 @@ func spoolCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 			}
 			// Damaged bytes are acknowledged rows the disk (or a copy) lost: drained, but not whole.
 			if res.DamagedStretches > 0 {
-				return fmt.Errorf("spool %s: %d damaged stretches (not torn writes) were moved to the quarantine; "+
-					"the rows in them are not in clickhouse: see `analyticsd spool status --dir %s`", dir, res.DamagedStretches, dir)
+				return fmt.Errorf("spool %s: %d damaged stretches (not torn writes) were kept apart in %s; "+
+					"rows in them may be lost: see `analyticsd spool status --dir %s`", dir, res.DamagedStretches, spool.DamagedDir(dir), dir)
 			}
 			return nil
 		})
@@ -302,7 +302,14 @@ func printStatus(w io.Writer, rep ingest.SpoolReport) {
 	fmt.Fprintln(w)
 	for _, s := range rep.Segments {
 		for _, at := range s.DamagedAt {
-			fmt.Fprintf(w, "segment %d: DAMAGED at byte %d (not a torn write; kept in the quarantine when shipped)\n", s.Seq, at)
+			fmt.Fprintf(w, "segment %d: DAMAGED at byte %d (not a torn write; kept apart when shipped)\n", s.Seq, at)
+		}
+	}
+	if len(rep.Damaged) > 0 {
+		fmt.Fprintf(w, "damaged: %d stretches of segments kept apart in %s (rows in them may be lost; inspect, then delete them):\n",
+			len(rep.Damaged), spool.DamagedDir(rep.Dir))
+		for _, d := range rep.Damaged {
+			fmt.Fprintf(w, "  %s  %d bytes, %s\n", d.Name, d.Bytes, d.At.Format(time.RFC3339))
 		}
 	}
 	rows := 0
@@ -331,7 +338,7 @@ func printSegments(w io.Writer, rep ingest.SpoolReport, only map[uint64]bool) {
 			note = strings.TrimSpace(note + " torn tail (an unacknowledged write, ignored)")
 		}
 		for _, at := range s.DamagedAt {
-			note = strings.TrimSpace(fmt.Sprintf("%s DAMAGED at byte %d (kept in the quarantine when shipped)", note, at))
+			note = strings.TrimSpace(fmt.Sprintf("%s DAMAGED at byte %d (kept apart when shipped)", note, at))
 		}
 		fmt.Fprintf(tw, "%d\t%s\t%d\t%d\t%d\t%d\t%d\t%s\t%s\t%s\n", s.Seq, s.State, s.Bytes, s.Records, s.Events, s.Increments, s.Tenants,
 			fmtTime(s.FirstTs), fmtTime(s.LastTs), note)

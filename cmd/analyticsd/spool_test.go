@@ -149,8 +149,8 @@ func unshippedSpoolOf(t *testing.T, e testenv.Env, key, dir, body string) (func(
 }
 
 // A spool whose disk damaged an acknowledged record in the middle of a segment: `spool status`
-// names the damage, and `spool drain` ships the records around it, keeps the damaged bytes in the
-// quarantine and exits non-zero, so that `drain && rm -rf` keeps them. Before, the damage read as a
+// names the damage, and `spool drain` ships the records around it, keeps the damaged bytes apart
+// (listed by status) and exits non-zero, so that `drain && rm -rf` keeps them. Before, the damage read as a
 // torn tail: drain shipped the first record only, removed the segment with the other two, and
 // exited 0. (Fails on the code before this change.)
 func TestDrainOfADamagedSpoolKeepsTheDamageAndFails(t *testing.T) {
@@ -195,9 +195,14 @@ func TestDrainOfADamagedSpoolKeepsTheDamageAndFails(t *testing.T) {
 	if n := countEvents(t, e, tn); n != 4 {
 		t.Errorf("after drain: %d events stored, want the 4 of the intact records", n)
 	}
-	q, err := spool.ListQuarantine(dir)
-	if err != nil || len(q) != 1 || !strings.Contains(q[0].Reason, "damaged") {
-		t.Errorf("quarantine %+v %v, want the damaged record kept", q, err)
+	if kept, err := spool.ListDamaged(dir); err != nil || len(kept) != 1 {
+		t.Errorf("damaged %+v %v, want the damaged record kept apart", kept, err)
+	}
+	if q, _ := spool.ListQuarantine(dir); len(q) != 0 {
+		t.Errorf("quarantine %+v, want it empty: requeue would ship damaged bytes, erasure could not scrub them", q)
+	}
+	if st := runCmd(t, getenv, "spool", "status", "--dir", dir); !strings.Contains(st.stdout, "damaged: 1 stretches") {
+		t.Errorf("status after drain does not list the damaged stretch:\n%s", st.stdout)
 	}
 }
 

@@ -50,25 +50,36 @@ func (g *Segment) readHeader() error {
 		return fmt.Errorf("open spool segment %s: %w", g.path, err)
 	}
 	defer f.Close()
+	return g.headerFrom(f)
+}
+
+// headerFrom sets the segment's format (and UID) from the start of its file.
+func (g *Segment) headerFrom(f *os.File) error {
 	var hdr [headerSize]byte
-	n, err := io.ReadFull(f, hdr[:])
-	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("read spool segment %s: %w", g.path, err)
+	n, err := f.ReadAt(hdr[:], 0)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("read spool segment %s: %w", f.Name(), err)
 	}
-	if n >= len(magic) && string(hdr[:len(magic)]) == magic {
+	switch {
+	case n < len(magic) && string(hdr[:n]) == magic[:n]:
+		// Empty, or its header being written (a running server's, read by `spool inspect`): a new
+		// segment with nothing in it yet. Read as a first-release one, its header's bytes were
+		// taken for a broken record, and the search for the next frame found the first record.
+		g.Format = 0
+	case n >= len(magic) && string(hdr[:len(magic)]) == magic:
 		if n < headerSize {
 			// Created, then the process died before the header reached the disk: nothing was
-			// acknowledged into it.
+			// acknowledged into it (or, for a running server's, its header is being written).
 			g.Format = 0
 			return nil
 		}
 		g.Format = hdr[len(magic)]
 		copy(g.UID[:], hdr[len(magic)+1:])
-		return nil
+	default:
+		// A first-release segment: records from byte 0. (Its first four bytes are a record length
+		// below 1 GiB, which can never read as "ADSP".)
+		g.Format = FormatLegacy
 	}
-	// A first-release segment: records from byte 0. (Its first four bytes are a record length below
-	// 1 GiB, which can never read as "ADSP".)
-	g.Format = FormatLegacy
 	return nil
 }
 
@@ -152,10 +163,21 @@ func (g *Segment) open(path string) (*Reader, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read spool segment %s: %w", path, err)
 	}
+	if g.Format == 0 {
+		// Its header was incomplete when it was listed: a running server's new segment, whose
+		// records may have followed since.
+		if err := g.headerFrom(f); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
 	r, err := newReader(f, g.dataStart())
 	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("read spool segment %s: %w", path, err)
+	}
+	if g.Format == 0 {
+		r.left = 0 // no header, no records: any that follow were written after we looked
 	}
 	return r, nil
 }
@@ -181,16 +203,17 @@ func FrameEnd(dst []byte, start int) []byte {
 // FrameOverhead is the bytes a frame adds to its payload.
 const FrameOverhead = frameHeader
 
-// Reader streams a segment's intact records. Read them with Next and Record. Torn reports whether
-// the file ended in a record cut short — the unacknowledged write a crash interrupted, ignored.
-// Damage reports the stretches that are not that: a frame failing its checksum with records after
-// it, or bytes after a broken frame that are not the zeros a crash leaves. Their bytes are kept for
-// the quarantine; the records after a damaged frame are read on.
+// Reader streams a segment's intact records. Read them with Next and Record. A frame that cannot
+// be read — cut short, a bad checksum, a length that does not fit — is one of two things. If an
+// intact frame follows it somewhere, the bytes up to that frame are damage (bit rot, a bad copy:
+// a crash tears only the last write, since a failed append is cut back): Damage reports them and
+// reading goes on from that frame. If none follows, it is the torn tail of the write a crash cut
+// short, never acknowledged: Torn reports it and reading ends.
 type Reader struct {
 	f       *os.File
 	br      *bufio.Reader
 	pos     int64 // file offset of the next frame
-	left    int64 // bytes after the current position
+	left    int64 // bytes from pos to the end of the file
 	intact  int64 // bytes of whole records read, from the data start
 	rec     []byte
 	torn    bool
@@ -200,14 +223,10 @@ type Reader struct {
 	onClose func()
 }
 
-// Damage is a stretch of a spool file that is neither an intact record nor a torn tail: bit rot,
-// a bad copy, a disk's error. Bytes is the stretch as it was on disk (one frame's payload when a
-// frame failed only its checksum, so a record whose header took the hit can still be decoded).
+// Damage is a stretch of a spool file that is neither records nor a torn tail, as it was on disk.
 type Damage struct {
 	Offset int64
 	Bytes  []byte
-	// Rest: the stretch runs to the end of the file (the frames in it could not be told apart).
-	Rest bool
 }
 
 func newReader(f *os.File, start int64) (*Reader, error) {
@@ -221,13 +240,9 @@ func newReader(f *os.File, start int64) (*Reader, error) {
 	return &Reader{f: f, br: bufio.NewReaderSize(f, 256<<10), pos: start, left: max(info.Size()-start, 0)}, nil
 }
 
-// Next reads the next intact record, reporting false at the end, at a torn tail, at damage it
-// cannot read past, or on an error.
+// Next reads the next intact record, reporting false at the end, at a torn tail or on an error.
 func (r *Reader) Next() bool {
-	for {
-		if r.err != nil || r.torn || r.left == 0 {
-			return false
-		}
+	for r.err == nil && !r.torn && r.left > 0 {
 		if r.left < frameHeader {
 			r.torn = true
 			return false
@@ -236,91 +251,107 @@ func (r *Reader) Next() bool {
 			r.err = err
 			return false
 		}
-		n := int64(binary.LittleEndian.Uint32(r.hdr[:]))
-		sum := binary.LittleEndian.Uint32(r.hdr[4:])
-		if n > r.left-frameHeader {
-			// The frame runs past the end of the file: the last write, cut short by a crash before
-			// it was acknowledged.
-			r.torn = true
-			return false
+		// No record is empty: eight zero bytes are a tail the file system extended but never wrote.
+		if n := int64(binary.LittleEndian.Uint32(r.hdr[:])); n > 0 && n <= r.left-frameHeader {
+			if int64(cap(r.rec)) < n {
+				r.rec = make([]byte, n)
+			}
+			r.rec = r.rec[:n]
+			if _, err := io.ReadFull(r.br, r.rec); err != nil {
+				r.err = err
+				return false
+			}
+			if crc32.Checksum(r.rec, castagnoli) == binary.LittleEndian.Uint32(r.hdr[4:]) {
+				r.pos += frameHeader + n
+				r.left -= frameHeader + n
+				r.intact += frameHeader + n
+				return true
+			}
 		}
-		if n == 0 {
-			// No record is empty: eight zero bytes are a tail the file system extended but never
-			// wrote, after a crash — unless something other than zeros follows.
-			r.brokenAt()
-			return false
-		}
-		if int64(cap(r.rec)) < n {
-			r.rec = make([]byte, n)
-		}
-		r.rec = r.rec[:n]
-		if _, err := io.ReadFull(r.br, r.rec); err != nil {
-			r.err = err
-			return false
-		}
-		at := r.pos
-		r.pos += frameHeader + n
-		r.left -= frameHeader + n
-		if crc32.Checksum(r.rec, castagnoli) == sum {
-			r.intact += frameHeader + n
-			return true
-		}
-		if r.left == 0 {
-			r.torn = true // the last frame: a write that did not reach the disk whole
-			return false
-		}
-		ok, err := r.frameAt(r.pos)
-		if err != nil {
-			r.err = err
-			return false
-		}
-		if !ok {
-			r.pos, r.left = at, r.left+frameHeader+n
-			r.brokenAt()
-			return false
-		}
-		// Intact frames follow, so this was no torn write: keep the frame's bytes, read on.
-		r.damage = append(r.damage, Damage{Offset: at, Bytes: append([]byte(nil), r.rec...)})
+		r.resync()
 	}
+	return false
 }
 
-// frameAt reports whether an intact frame starts at off, without moving the stream.
-func (r *Reader) frameAt(off int64) (bool, error) {
-	var hdr [frameHeader]byte
-	if _, err := r.f.ReadAt(hdr[:], off); err != nil {
-		return false, nil
-	}
-	n := int64(binary.LittleEndian.Uint32(hdr[:]))
-	if n == 0 || n > r.left-frameHeader {
-		return false, nil
-	}
-	buf := make([]byte, n)
-	if _, err := r.f.ReadAt(buf, off+frameHeader); err != nil {
-		return false, err
-	}
-	return crc32.Checksum(buf, castagnoli) == binary.LittleEndian.Uint32(hdr[4:]), nil
-}
-
-// brokenAt ends reading at a frame that cannot be read at r.pos: a torn tail if only zeros follow
-// (a crash that extended the file), otherwise damage running to the end of the file.
-func (r *Reader) brokenAt() {
+// resync deals with the frame at r.pos that cannot be read: it finds the first intact frame after
+// it and goes on from there, reporting the bytes in between as damage, or else marks the tail torn.
+func (r *Reader) resync() {
 	rest := make([]byte, r.left)
 	if _, err := r.f.ReadAt(rest, r.pos); err != nil {
 		r.err = err
 		return
 	}
-	if bytes.Count(rest, []byte{0}) == len(rest) {
+	at, err := nextFrame(rest)
+	switch {
+	case errors.Is(err, errNoResync):
+		// Not known to be a torn write: keep everything from here on as damage.
+		at = len(rest)
+	case at < 0:
 		r.torn = true
 		return
 	}
-	r.damage = append(r.damage, Damage{Offset: r.pos, Bytes: rest, Rest: true})
-	r.left = 0
+	r.damage = append(r.damage, Damage{Offset: r.pos, Bytes: rest[:at:at]})
+	r.pos += int64(at)
+	r.left -= int64(at)
+	if _, err := r.f.Seek(r.pos, io.SeekStart); err != nil {
+		r.err = err
+		return
+	}
+	r.br.Reset(r.f)
 }
+
+// nextFrame returns the offset in b, after its first byte, of the first intact frame that ends b or
+// is followed by the header of a frame that fits in b, or by zeros only; -1 when there is none, and
+// errNoResync when the search would cost more than a few passes over b. The check of what follows
+// comes before the checksum, so that in random bytes almost no length that happens to fit costs a
+// checksum of that length; in regular bytes (a repeating pattern) many can, hence the budget.
+func nextFrame(b []byte) (int, error) {
+	budget := 4*len(b) + 1<<20 // bytes checksummed
+	for p := 1; p+frameHeader < len(b); p++ {
+		n := int(binary.LittleEndian.Uint32(b[p:]))
+		if n == 0 || n > len(b)-p-frameHeader {
+			continue
+		}
+		q := p + frameHeader + n
+		if q < len(b) && !headerFits(b[q:]) {
+			if b[q] != 0 || b[len(b)-1] != 0 {
+				continue
+			}
+			if budget -= len(b) - q; budget < 0 {
+				return -1, errNoResync
+			}
+			if !zeros(b[q:]) {
+				continue
+			}
+		}
+		if budget -= n; budget < 0 {
+			return -1, errNoResync
+		}
+		if crc32.Checksum(b[p+frameHeader:q], castagnoli) == binary.LittleEndian.Uint32(b[p+4:]) {
+			return p, nil
+		}
+	}
+	return -1, nil
+}
+
+// errNoResync: the search for an intact frame after a broken one gave up.
+var errNoResync = errors.New("no intact frame found within the search's budget")
+
+// headerFits reports whether b starts with a frame header whose frame fits in b.
+func headerFits(b []byte) bool {
+	if len(b) < frameHeader {
+		return false
+	}
+	n := int(binary.LittleEndian.Uint32(b))
+	return n > 0 && n <= len(b)-frameHeader
+}
+
+func zeros(b []byte) bool { return bytes.Count(b, []byte{0}) == len(b) }
 
 // Record is the payload Next read; it is only valid until the next call to Next.
 func (r *Reader) Record() []byte { return r.rec }
 
-// Torn reports whether reading stopped at a record cut short: a write never acknowledged.
+// Torn reports whether reading stopped at a torn tail: a write never acknowledged.
 func (r *Reader) Torn() bool { return r.torn }
 
 // Damage lists the stretches found so far that are neither records nor a torn tail.

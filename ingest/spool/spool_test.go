@@ -5,8 +5,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/rand"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -269,35 +271,84 @@ func TestTornTailsAreIgnored(t *testing.T) {
 	}
 }
 
-// A broken frame with records after it is no torn write (a crash leaves nothing after the write it
-// interrupted: a failed append is cut back): it is damage — bit rot, a bad copy — and its bytes are
-// reported for the quarantine. A frame that fails only its checksum is stepped over and the records
-// after it read on. Before, either read as a torn tail: the records after it were dropped, and the
-// writer removed the segment with them. (Fails on the code before this change.)
+// A broken frame with an intact frame somewhere after it is no torn write (a crash tears only the
+// last write: a failed append is cut back): it is damage — bit rot, a bad copy — reported as the
+// bytes up to the next intact frame, and reading goes on from there. Before, each of these read as
+// a torn tail: the records after it were dropped, and the writer removed the segment with them.
+// (Fails on the code before this change.)
 func TestDamageInsideASegmentIsReportedNotDropped(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		broken func(full []byte) []byte
-		want   string // records read
-		rest   bool   // the damage runs to the end of the file
 	}{
-		{"bad checksum", func(f []byte) []byte { c := bytes.Clone(f); c[len(c)-1] ^= 0xff; return c }, "kept,after,last", false},
-		{"cut in the payload", func(f []byte) []byte { return f[:len(f)-2] }, "kept", true},
-		{"zeros, then more", func([]byte) []byte { return make([]byte, 64) }, "kept", true},
+		{"bad checksum", func(f []byte) []byte { c := bytes.Clone(f); c[len(c)-1] ^= 0xff; return c }},
+		{"cut in the payload", func(f []byte) []byte { return f[:len(f)-2] }},
+		{"zeros, then more", func([]byte) []byte { return make([]byte, 64) }},
+		{"a length past the end", func(f []byte) []byte {
+			c := bytes.Clone(f)
+			binary.LittleEndian.PutUint32(c, 1<<31)
+			return c
+		}},
+		{"a shorter length", func(f []byte) []byte {
+			c := bytes.Clone(f)
+			binary.LittleEndian.PutUint32(c, 3)
+			return c
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			recs, torn, dmg := read(t, segmentWith(t, tc.broken(frame("lost-record")), "after", "last"))
-			if strings.Join(recs, ",") != tc.want || torn || len(dmg) != 1 || dmg[0].Rest != tc.rest {
-				t.Fatalf("got %v torn=%v damage=%+v, want %s and one damaged stretch (rest=%v)", recs, torn, dmg, tc.want, tc.rest)
+			broken := tc.broken(frame("lost-record"))
+			recs, torn, dmg := read(t, segmentWith(t, broken, "after", "last"))
+			if strings.Join(recs, ",") != "kept,after,last" || torn || len(dmg) != 1 {
+				t.Fatalf("got %v torn=%v damage=%+v, want kept,after,last and one damaged stretch", recs, torn, dmg)
 			}
-			if want := int64(headerSize + len(frame("kept"))); dmg[0].Offset != want {
-				t.Errorf("damage at byte %d, want %d", dmg[0].Offset, want)
+			if want := int64(headerSize + len(frame("kept"))); dmg[0].Offset != want || !bytes.Equal(dmg[0].Bytes, broken) {
+				t.Errorf("damage at byte %d: %q; want the broken bytes at %d: %q", dmg[0].Offset, dmg[0].Bytes, want, broken)
 			}
-			if tc.rest && !bytes.HasSuffix(dmg[0].Bytes, frame("after", "last")) {
-				t.Errorf("the damaged stretch does not keep the records after it: %q", dmg[0].Bytes)
+		})
+	}
+}
+
+// Megabytes of garbage before the next intact frame: the search for it is bounded (a pass over
+// random bytes checksums every length that happens to fit), and a search that gives up keeps
+// everything from the break on as damage: never a torn tail, never records dropped unseen.
+func TestGarbageBeforeTheNextFrameIsDamageWhateverTheSearchFinds(t *testing.T) {
+	for name, fill := range map[string]func(b []byte){
+		"random": func(b []byte) { rand.New(rand.NewSource(1)).Read(b) },
+		"pattern": func(b []byte) {
+			for i := range b {
+				b[i] = byte(i % 7)
 			}
-			if !tc.rest && (len(dmg[0].Bytes) != len("lost-record") || !bytes.HasPrefix(dmg[0].Bytes, []byte("lost-recor"))) {
-				t.Errorf("damaged frame's payload %q, want lost-recor + one flipped byte", dmg[0].Bytes)
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			garbage := make([]byte, 8<<20)
+			fill(garbage)
+			recs, torn, dmg := read(t, segmentWith(t, garbage, "after"))
+			if torn || len(dmg) == 0 {
+				t.Fatalf("torn=%v, %d damaged stretches; want damage", torn, len(dmg))
+			}
+			last := dmg[len(dmg)-1].Bytes
+			if !slices.Contains(recs, "after") && !bytes.HasSuffix(last, frame("after")) {
+				t.Errorf("the record after the garbage was neither read nor kept with the damage: %v", recs)
+			}
+		})
+	}
+}
+
+// The usual power loss in a group commit: the write's first frame partly on disk and the rest of
+// the grown file zeros, or frames cut anywhere with nothing intact after them. A torn tail, not
+// damage: nothing after it was acknowledged.
+func TestATornGroupWriteIsNotDamage(t *testing.T) {
+	group := frame("first-of-group", "second-of-group")
+	for name, tail := range map[string][]byte{
+		"first frame partly written, then zeros": append(bytes.Clone(group[:12]), make([]byte, len(group)-12)...),
+		"second frame cut":                       group[:len(group)-3],
+		"second frame's page zeros":              append(bytes.Clone(group[:len(frame("first-of-group"))+4]), make([]byte, 4096)...),
+	} {
+		t.Run(name, func(t *testing.T) {
+			recs, torn, dmg := read(t, segmentWith(t, tail))
+			if !torn || len(dmg) != 0 || recs[0] != "kept" {
+				t.Errorf("got %v torn=%v damage=%d, want a torn tail and no damage", recs, torn, len(dmg))
 			}
 		})
 	}
