@@ -57,10 +57,11 @@ type shipper struct {
 	historyMu sync.Mutex
 	history   map[historyKey]bool
 
-	// floor caches cfg.Floor's answer, read at floorAt.
-	floorMu sync.Mutex
-	floor   time.Time
-	floorAt time.Time
+	// floor caches cfg.Floor's answer, read at floorAt; floorAsked is when it was last asked.
+	floorMu    sync.Mutex
+	floor      time.Time
+	floorAt    time.Time
+	floorAsked time.Time
 
 	// lossSettled is the instance up to which inserts were found done after the latest loss of
 	// claims (awaitLoss), held across the wait.
@@ -865,7 +866,8 @@ func (sh *shipper) handleRefused(s *segment, kind Kind, bad []refusal) (bool, er
 // the floor was not read: with the window raised from 30 to 90 days, a replayed row of day -40,
 // stored once before its partition was dropped, was checked, not found, and counted a second time in
 // daily_usage.) Only rows that must be checked ask, so the floor is read from Postgres at most once
-// a minute; an unreadable floor fails the attempt, retried later.
+// a minute; while it cannot be read the last one read stands, and before any was read the attempt
+// fails, retried later.
 func (sh *shipper) expired(ctx context.Context, d time.Time) (string, error) {
 	now := clock.Now()
 	if sh.cfg.RetentionDays > 0 && (retention.Window{Days: sh.cfg.RetentionDays}).Expired(d, now) {
@@ -876,12 +878,20 @@ func (sh *shipper) expired(ctx context.Context, d time.Time) (string, error) {
 	}
 	sh.floorMu.Lock()
 	defer sh.floorMu.Unlock()
-	if sh.floorAt.IsZero() || now.Sub(sh.floorAt) > time.Minute {
+	if sh.floorAt.IsZero() || now.Sub(sh.floorAsked) > time.Minute {
+		sh.floorAsked = now
 		f, err := sh.cfg.Floor(ctx)
-		if err != nil {
+		switch {
+		case err == nil:
+			sh.floor, sh.floorAt = f, now
+		case sh.floorAt.IsZero():
 			return "", fmt.Errorf("read the retention floor before checking rows of %s: %w", d.Format(time.DateOnly), err)
+		default:
+			// The floor only moves when retention drops a day, at most daily: the last one read
+			// stands while Postgres is away (asked again a minute later).
+			sh.log.Warn("retention floor not read; using the last one read", "floor", sh.floor.Format(time.DateOnly),
+				"read_at", sh.floorAt, "err", err)
 		}
-		sh.floor, sh.floorAt = f, now
 	}
 	if d.Before(sh.floor) {
 		return "retention dropped its day (raw rows are complete from " + sh.floor.Format(time.DateOnly) + " on)", nil

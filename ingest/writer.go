@@ -672,7 +672,11 @@ func (w *Writer) retryAfter() time.Duration {
 // ship inserts one segment's rows and, once every row is in ClickHouse or in quarantine, deletes it.
 func (w *Writer) ship(s *segment) error {
 	if w.cfg.Gate != nil {
-		if err := w.cfg.Gate(context.Background()); err != nil {
+		// Bounded: a flusher waiting on it holds up Close.
+		gctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		err := w.cfg.Gate(gctx)
+		cancel()
+		if err != nil {
 			return err
 		}
 	}

@@ -103,6 +103,9 @@ type Reconciler struct {
 	SettleDelay time.Duration
 	// QueryTimeout bounds each ClickHouse query (max_execution_time). Default 60 s.
 	QueryTimeout time.Duration
+	// Gate, when set, must pass before a run reads or writes anything: serve's checks of a
+	// ClickHouse that was unreachable at start-up (a server outside UTC counts days wrongly).
+	Gate func(context.Context) error
 }
 
 // NewReconciler returns a Reconciler over ClickHouse database db and Postgres pg. retentionDays is
@@ -130,6 +133,11 @@ func (r *Reconciler) RunDate(ctx context.Context, date time.Time, scope Scope, t
 func (r *Reconciler) run(ctx context.Context, day time.Time, scope Scope, trigger string, slot *time.Time) (Result, error) {
 	start := time.Now()
 	res := Result{Date: day.Format(time.DateOnly)}
+	if r.Gate != nil {
+		if err := r.Gate(ctx); err != nil {
+			return res, fmt.Errorf("rollup of %s: %w", res.Date, err)
+		}
+	}
 	log := r.log.With("date", res.Date, "trigger", trigger)
 	if !scope.All() {
 		log = log.With("tenant", scope.Tenant)

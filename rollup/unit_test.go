@@ -270,3 +270,21 @@ func TestEqualRepairsBothApply(t *testing.T) {
 		t.Errorf("two repairs of +1: daily_usage holds %d, want 2", n)
 	}
 }
+
+// A run, whoever asks (the schedule, POST /rollup, the CLI), waits for its Gate: serve's checks of a
+// ClickHouse that was unreachable at start-up. A server outside UTC counts days wrongly, and a run
+// would bill them. Nothing is read, written or recorded until the gate passes.
+func TestARunWaitsForItsGate(t *testing.T) {
+	env := testenv.Migrated(t)
+	r := NewReconciler(env.CH, env.DB, env.PG, nil, nil, nil, 90, nil)
+	refused := errors.New("the clickhouse server's time zone is \"America/Chicago\", not UTC")
+	r.Gate = func(context.Context) error { return refused }
+	ctx := context.Background()
+	if _, err := r.RunDate(ctx, Day(time.Now()).AddDate(0, 0, -1), AllTenants(), "test"); !errors.Is(err, refused) {
+		t.Fatalf("run with a closed gate: %v, want the gate's error", err)
+	}
+	var runs int
+	if err := env.PG.QueryRow(ctx, "SELECT count(*) FROM rollup_runs").Scan(&runs); err != nil || runs != 0 {
+		t.Errorf("%d rollup_runs rows (%v), want none: the run must not start", runs, err)
+	}
+}

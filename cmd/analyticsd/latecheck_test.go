@@ -95,3 +95,32 @@ func TestClickHouseUnreachableAtStartIsCheckedOnceReachable(t *testing.T) {
 		})
 	}
 }
+
+// ttlConn is a ClickHouse whose events table expires rows after days.
+type ttlConn struct {
+	driver.Conn
+	days string
+}
+
+func (c *ttlConn) QueryRow(_ context.Context, _ string, args ...any) driver.Row {
+	return stringRow("CREATE TABLE a." + args[1].(string) + " (`ts` DateTime) ENGINE = MergeTree ORDER BY ts TTL ts + toIntervalDay(" + c.days + ")")
+}
+
+// The spool commands guard rows which may be stored already with the table's own TTL, whatever
+// RETENTION_DAYS their shell has. Before, they asked retention.Effective, which fails when the two
+// differ: with the variable unset (90) against a table keeping 30, every checked row failed and
+// drain retried until its timeout, its error telling the operator to run a migrate that would then
+// lengthen the TTL. (Fails on the code before this change.)
+func TestSpoolCommandsGuardWithTheTablesTTL(t *testing.T) {
+	e := testenv.Migrated(t)
+	cfg, err := loadConfig(stackEnv(t, e, nil)) // RETENTION_DAYS unset: 90
+	if err != nil {
+		t.Fatal(err)
+	}
+	floor, closeFloor := retentionGuard(cfg, &ttlConn{days: "30"})
+	defer closeFloor()
+	f, err := floor(context.Background())
+	if want := time.Now().UTC().Truncate(24*time.Hour).AddDate(0, 0, -30); err != nil || f.Before(want) {
+		t.Errorf("guard %v %v, want at least the 30-day TTL's cutoff %v", f, err, want)
+	}
+}

@@ -201,6 +201,9 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 	}
 	rollupLog := log.With("component", "rollup")
 	reconciler := rollup.NewReconciler(ch, cfg.ClickHouseDB, pg, auditLog, reg, rollupLog, cfg.RetentionDays, nil)
+	if late != nil {
+		reconciler.Gate = late.Check // POST /rollup too, not only the schedule started below
+	}
 	scheduler, err := rollup.NewScheduler(reconciler, cfg.Rollup, rollupLog)
 	if err != nil {
 		return err

@@ -12,10 +12,12 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"text/tabwriter"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/analyticsd/analyticsd/dedup"
 	"github.com/analyticsd/analyticsd/ingest"
@@ -236,31 +238,8 @@ func withShipping(ctx context.Context, cfg Config, fn func(shipping) error) erro
 		return err
 	}
 	defer ch.Close()
-	// The retention that guards rows which may be stored already is the one in force — the table's
-	// own TTL, as serve reads it — and the floor in Postgres, never this command's RETENTION_DAYS
-	// alone. (Before, drain and requeue took the variable as set in their shell: unset, 90 days
-	// against a table keeping 30, and rows of days the table had dropped were inserted a second time
-	// and counted again in daily_usage.) Read when a row needs it, as ClickHouse may be down now.
-	pg, err := openPostgres(ctx, cfg)
-	if err != nil {
-		return fmt.Errorf("postgres (needed to read the retention floor before shipping): %w", err)
-	}
-	defer pg.Close()
-	pgFloor := retention.NewFloor(pg, cfg.ClickHouseDB)
-	floor := func(ctx context.Context) (time.Time, error) {
-		w, err := retention.Effective(ctx, ch, cfg.ClickHouseDB, cfg.Layout().LocalName("events"), cfg.RetentionDays)
-		if err != nil {
-			return time.Time{}, err
-		}
-		f, err := pgFloor.Get(ctx)
-		if err != nil {
-			return time.Time{}, err
-		}
-		if cut := w.Cutoff(clock.Now()); cut.After(f) {
-			f = cut
-		}
-		return f, nil
-	}
+	floor, closeFloor := retentionGuard(cfg, ch)
+	defer closeFloor()
 	var claims ingest.Claims
 	if cfg.DedupWindow > 0 {
 		rdb, err := openRedis(cfg)
@@ -274,6 +253,49 @@ func withShipping(ctx context.Context, cfg Config, fn func(shipping) error) erro
 		claims = dedup.NewStore(rdb, "", cfg.DedupWindow, counting(quota.NewCounters(rdb, "")))
 	}
 	return fn(shipping{ch: ch, claims: claims, floor: floor})
+}
+
+// retentionGuard returns the first day retention has not dropped, for rows which may be stored
+// already: the later of the floor in Postgres (the sweeper raises it) and, where the events table
+// has a TTL, its cutoff — never this command's RETENTION_DAYS alone. (Before, drain and requeue took
+// the variable as set in their shell: unset, 90 days against a table keeping 30, and rows of days
+// the table had dropped were inserted a second time and counted again in daily_usage.) It is read
+// when a row needs it: ClickHouse may be down when the command starts, and Postgres is opened only
+// then. close closes what it opened.
+func retentionGuard(cfg Config, ch driver.Conn) (floor func(context.Context) (time.Time, error), close func()) {
+	var (
+		mu sync.Mutex
+		pg *pgxpool.Pool
+	)
+	floor = func(ctx context.Context) (time.Time, error) {
+		days, ttl, err := retention.TableTTL(ctx, ch, cfg.ClickHouseDB, cfg.Layout().LocalName("events"))
+		if err != nil {
+			return time.Time{}, err
+		}
+		mu.Lock()
+		if pg == nil {
+			if pg, err = openPostgres(ctx, cfg); err != nil {
+				mu.Unlock()
+				return time.Time{}, fmt.Errorf("postgres (needed to read the retention floor): %w", err)
+			}
+		}
+		mu.Unlock()
+		f, err := retention.NewFloor(pg, cfg.ClickHouseDB).Get(ctx)
+		if err != nil {
+			return time.Time{}, err
+		}
+		if cut := (retention.Window{Days: days}).Cutoff(clock.Now()); ttl && cut.After(f) {
+			f = cut
+		}
+		return f, nil
+	}
+	return floor, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if pg != nil {
+			pg.Close()
+		}
+	}
 }
 
 func printStatus(w io.Writer, rep ingest.SpoolReport) {
