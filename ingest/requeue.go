@@ -23,12 +23,11 @@ type RequeueResult struct {
 
 // RequeueOptions shape a requeue.
 type RequeueOptions struct {
-	// RetentionDays guards expired days as shipping does: rows of a day that left the window are not
-	// inserted (they may have been stored before). 0 inserts them anyway: an operator's decision,
-	// for rows known never to have reached ClickHouse.
+	// RetentionDays and Floor guard expired days as shipping does (WriterConfig): rows of a day
+	// retention may have dropped are not inserted (they may have been stored before). Both zero
+	// inserts them anyway: an operator's decision, for rows known never to have reached ClickHouse.
 	RetentionDays int
-	// Floor: as WriterConfig.Floor (nil with RetentionDays 0).
-	Floor func(context.Context) (time.Time, error)
+	Floor         func(context.Context) (time.Time, error)
 	// Shards, on a cluster: as WriterConfig.Shards, every server is asked for an earlier insert still
 	// running. Nil on one server.
 	Shards *schema.Shards

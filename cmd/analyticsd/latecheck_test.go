@@ -124,3 +124,26 @@ func TestSpoolCommandsGuardWithTheTablesTTL(t *testing.T) {
 		t.Errorf("guard %v %v, want at least the 30-day TTL's cutoff %v", f, err, want)
 	}
 }
+
+// Check never waits for a run of the checks: a shipping flusher asks it, and shutdown waits for the
+// flushers. (A second review found Check holding its lock through a run of up to 10 s, so a flusher's
+// 3 s bound did not hold.)
+func TestLateCheckNeverWaitsForARun(t *testing.T) {
+	release := make(chan struct{})
+	late := &lateCheck{log: slog.New(slog.DiscardHandler), every: time.Millisecond,
+		run: func(context.Context) error { <-release; return nil }}
+	done := make(chan error, 2)
+	go func() { done <- late.Check(context.Background()); done <- late.Check(context.Background()) }()
+	for i := 0; i < 2; i++ {
+		select {
+		case err := <-done:
+			if !errors.Is(err, errUnchecked) {
+				t.Errorf("check while a run is under way: %v, want errUnchecked", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("Check waited for the run")
+		}
+	}
+	close(release)
+	testenv.Eventually(t, 5*time.Second, func() error { return late.Check(context.Background()) })
+}

@@ -432,36 +432,47 @@ type lateCheck struct {
 	log   *slog.Logger
 	every time.Duration
 
-	mu     sync.Mutex
-	passed bool
-	err    error
-	at     time.Time
+	mu      sync.Mutex
+	passed  bool
+	err     error
+	at      time.Time
+	running bool
 }
 
-// Check runs the checks at most once per every, and reports their result; once they passed, nil.
-func (l *lateCheck) Check(ctx context.Context) error {
+// Check reports the checks' last result at once (errUnchecked before the first), starting a run in
+// the background when none is running and the last began at least every ago; once they passed,
+// nil. It never waits for a run: a flusher asking it holds up shutdown otherwise.
+func (l *lateCheck) Check(context.Context) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.passed {
 		return nil
 	}
-	if !l.at.IsZero() && time.Since(l.at) < l.every {
-		return l.err
+	if !l.running && (l.at.IsZero() || time.Since(l.at) >= l.every) {
+		l.running, l.at = true, time.Now()
+		go l.runOnce()
 	}
-	l.at = time.Now()
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	l.err = l.run(cctx)
-	switch {
-	case l.err == nil:
-		l.passed = true
-		l.log.Info("clickhouse reachable: time zone and retention checked; writing to it")
-	case errors.Is(l.err, errUnchecked):
-		l.log.Warn("clickhouse still unreachable: rows stay in the spool until it is checked", "err", l.err)
-	default:
-		l.log.Error("clickhouse refused: nothing is written to it until this is fixed", "err", l.err)
+	if l.err == nil {
+		return errUnchecked
 	}
 	return l.err
+}
+
+func (l *lateCheck) runOnce() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err := l.run(ctx)
+	switch {
+	case err == nil:
+		l.log.Info("clickhouse reachable: time zone and retention checked; writing to it")
+	case errors.Is(err, errUnchecked):
+		l.log.Warn("clickhouse still unreachable: rows stay in the spool until it is checked", "err", err)
+	default:
+		l.log.Error("clickhouse refused: nothing is written to it until this is fixed", "err", err)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.running, l.passed, l.err = false, err == nil, err
 }
 
 // whenChecked calls start once l's checks pass (at once when l is nil), trying every l.every until

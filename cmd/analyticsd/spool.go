@@ -113,7 +113,9 @@ func spoolCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 		}
 		return withShipping(ctx, cfg, func(ship shipping) error {
 			wc := cfg.Writer
-			wc.Dir, wc.Owner, wc.Floor = dir, "analyticsd spool drain", ship.floor
+			// The guard is the floor and the table's TTL (ship.floor), not this shell's RETENTION_DAYS:
+			// one below the TTL quarantined rows of days still kept.
+			wc.Dir, wc.Owner, wc.Floor, wc.RetentionDays = dir, "analyticsd spool drain", ship.floor, 0
 			dctx, cancel := context.WithTimeout(ctx, timeout)
 			defer cancel()
 			res, err := ingest.Drain(dctx, wc, ship.ch, cfg.ClickHouseDB, ship.claims, log)
@@ -173,9 +175,9 @@ func spoolCmd(ctx context.Context, cfg Config, log *slog.Logger, args []string, 
 			}
 		}
 		return withShipping(ctx, cfg, func(ship shipping) error {
-			o := ingest.RequeueOptions{RetentionDays: cfg.RetentionDays, Floor: ship.floor, Shards: cfg.Writer.Shards, Log: log}
+			o := ingest.RequeueOptions{Floor: ship.floor, Shards: cfg.Writer.Shards, Log: log}
 			if includeExpired {
-				o.RetentionDays, o.Floor = 0, nil
+				o.Floor = nil
 			}
 			var errs []error
 			type outcome struct {

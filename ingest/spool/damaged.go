@@ -28,8 +28,13 @@ type DamagedInfo struct {
 // inspect and delete. Kept again after a crash, a stretch lands under the same name.
 func (s *Spool) KeepDamaged(segment string, offset int64, b []byte) (string, error) {
 	dir := DamagedDir(s.opts.Dir)
-	if err := os.MkdirAll(dir, 0o750); err != nil {
-		return "", fmt.Errorf("create damaged dir: %w", err)
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		if err := os.Mkdir(dir, 0o750); err != nil && !errors.Is(err, os.ErrExist) {
+			return "", fmt.Errorf("create damaged dir: %w", err)
+		}
+		if err := syncDir(s.opts.Dir); err != nil { // the new directory's entry
+			return "", fmt.Errorf("create damaged dir: sync: %w", err)
+		}
 	}
 	name := fmt.Sprintf("%s-at-%d.bin", segment, offset)
 	tmp := filepath.Join(dir, "."+name+".tmp")

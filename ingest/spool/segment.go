@@ -10,6 +10,7 @@ import (
 	"hash/crc32"
 	"io"
 	"os"
+	"slices"
 )
 
 // Segment is one spool file: appended to while active, then sealed, shipped and removed.
@@ -204,11 +205,17 @@ func FrameEnd(dst []byte, start int) []byte {
 const FrameOverhead = frameHeader
 
 // Reader streams a segment's intact records. Read them with Next and Record. A frame that cannot
-// be read — cut short, a bad checksum, a length that does not fit — is one of two things. If an
-// intact frame follows it somewhere, the bytes up to that frame are damage (bit rot, a bad copy:
-// a crash tears only the last write, since a failed append is cut back): Damage reports them and
-// reading goes on from that frame. If none follows, it is the torn tail of the write a crash cut
-// short, never acknowledged: Torn reports it and reading ends.
+// be read — cut short, a bad checksum, a length that does not fit — is either the torn tail of the
+// write a crash cut short, never acknowledged (Torn; ignored), or damage: bit rot, a bad copy (a
+// crash tears only the last write, since a failed append is cut back). Damage reports it:
+//
+//   - a frame whose length fits but whose checksum fails, with an intact frame where it ends: that
+//     frame's bytes are damage, and reading goes on at its end (where its own header says);
+//   - otherwise, when an intact frame can be found anywhere after it: everything from it to the end
+//     of the file is damage, kept as it was, and reading ends. Frames found by searching are never
+//     read as records: a record's payload holds client bytes (user ids, props), so a client can
+//     plant a well-formed frame inside its own, for a torn write to expose;
+//   - otherwise it is a torn tail.
 type Reader struct {
 	f       *os.File
 	br      *bufio.Reader
@@ -252,61 +259,113 @@ func (r *Reader) Next() bool {
 			return false
 		}
 		// No record is empty: eight zero bytes are a tail the file system extended but never wrote.
-		if n := int64(binary.LittleEndian.Uint32(r.hdr[:])); n > 0 && n <= r.left-frameHeader {
-			if int64(cap(r.rec)) < n {
-				r.rec = make([]byte, n)
-			}
-			r.rec = r.rec[:n]
-			if _, err := io.ReadFull(r.br, r.rec); err != nil {
-				r.err = err
-				return false
-			}
-			if crc32.Checksum(r.rec, castagnoli) == binary.LittleEndian.Uint32(r.hdr[4:]) {
-				r.pos += frameHeader + n
-				r.left -= frameHeader + n
-				r.intact += frameHeader + n
-				return true
-			}
+		n := int64(binary.LittleEndian.Uint32(r.hdr[:]))
+		if n == 0 || n > r.left-frameHeader {
+			r.broken()
+			return false
 		}
-		r.resync()
+		if int64(cap(r.rec)) < n {
+			r.rec = make([]byte, n)
+		}
+		r.rec = r.rec[:n]
+		if _, err := io.ReadFull(r.br, r.rec); err != nil {
+			r.err = err
+			return false
+		}
+		if crc32.Checksum(r.rec, castagnoli) == binary.LittleEndian.Uint32(r.hdr[4:]) {
+			r.pos += frameHeader + n
+			r.left -= frameHeader + n
+			r.intact += frameHeader + n
+			return true
+		}
+		// Its length fits: if an intact frame starts where it ends, only this frame is damaged.
+		end := r.pos + frameHeader + n
+		ok, err := r.intactAt(end, r.left-frameHeader-n)
+		if err != nil {
+			r.err = err
+			return false
+		}
+		if !ok {
+			r.broken()
+			return false
+		}
+		if len(r.damage) >= maxDamage {
+			r.restIsDamage()
+			return false
+		}
+		r.damage = append(r.damage, Damage{Offset: r.pos, Bytes: append(slices.Clone(r.hdr[:]), r.rec...)})
+		r.pos, r.left = end, r.left-frameHeader-n
 	}
 	return false
 }
 
-// resync deals with the frame at r.pos that cannot be read: it finds the first intact frame after
-// it and goes on from there, reporting the bytes in between as damage, or else marks the tail torn.
-func (r *Reader) resync() {
-	rest := make([]byte, r.left)
-	if _, err := r.f.ReadAt(rest, r.pos); err != nil {
-		r.err = err
-		return
+// maxDamage bounds the damaged frames a reader steps over one by one; past it, the rest of the file
+// is one damaged stretch.
+const maxDamage = 256
+
+// intactAt reports whether an intact frame starts at file offset off, with left bytes from there to
+// the end of the file, without moving the stream.
+func (r *Reader) intactAt(off, left int64) (bool, error) {
+	if left < frameHeader {
+		return false, nil
 	}
-	at, err := nextFrame(rest)
-	switch {
-	case errors.Is(err, errNoResync):
-		// Not known to be a torn write: keep everything from here on as damage.
-		at = len(rest)
-	case at < 0:
-		r.torn = true
-		return
+	var hdr [frameHeader]byte
+	if _, err := r.f.ReadAt(hdr[:], off); err != nil {
+		return false, err
 	}
-	r.damage = append(r.damage, Damage{Offset: r.pos, Bytes: rest[:at:at]})
-	r.pos += int64(at)
-	r.left -= int64(at)
-	if _, err := r.f.Seek(r.pos, io.SeekStart); err != nil {
-		r.err = err
-		return
+	n := int64(binary.LittleEndian.Uint32(hdr[:]))
+	if n == 0 || n > left-frameHeader {
+		return false, nil
 	}
-	r.br.Reset(r.f)
+	buf := make([]byte, n)
+	if _, err := r.f.ReadAt(buf, off+frameHeader); err != nil {
+		return false, err
+	}
+	return crc32.Checksum(buf, castagnoli) == binary.LittleEndian.Uint32(hdr[4:]), nil
 }
 
-// nextFrame returns the offset in b, after its first byte, of the first intact frame that ends b or
-// is followed by the header of a frame that fits in b, or by zeros only; -1 when there is none, and
-// errNoResync when the search would cost more than a few passes over b. The check of what follows
-// comes before the checksum, so that in random bytes almost no length that happens to fit costs a
-// checksum of that length; in regular bytes (a repeating pattern) many can, hence the budget.
-func nextFrame(b []byte) (int, error) {
-	budget := 4*len(b) + 1<<20 // bytes checksummed
+// broken ends reading at the frame at r.pos, which cannot be read and is not followed by an intact
+// frame where it says it ends: damage from here to the end of the file if an intact frame can be
+// found anywhere after it (or the search gives up), else a torn tail.
+func (r *Reader) broken() {
+	rest, err := r.rest()
+	if err != nil {
+		r.err = err
+		return
+	}
+	if found, err := anyFrame(rest); found || err != nil {
+		r.damage = append(r.damage, Damage{Offset: r.pos, Bytes: rest})
+		r.pos, r.left = r.pos+r.left, 0
+		return
+	}
+	r.torn = true
+}
+
+// restIsDamage ends reading with everything from r.pos on as one damaged stretch.
+func (r *Reader) restIsDamage() {
+	rest, err := r.rest()
+	if err != nil {
+		r.err = err
+		return
+	}
+	r.damage = append(r.damage, Damage{Offset: r.pos, Bytes: rest})
+	r.pos, r.left = r.pos+r.left, 0
+}
+
+// rest reads the file from r.pos to the end.
+func (r *Reader) rest() ([]byte, error) {
+	rest := make([]byte, r.left)
+	_, err := r.f.ReadAt(rest, r.pos)
+	return rest, err
+}
+
+// anyFrame reports whether b holds, after its first byte, an intact frame that ends b or is followed
+// by the header of a frame that fits in b, or by zeros only; errNoResync when the search would cost
+// more than a few passes over b. The check of what follows comes before the checksum, so that in
+// random bytes almost no length that happens to fit costs a checksum of that length; in regular
+// bytes (a repeating pattern) many can, hence the budget.
+func anyFrame(b []byte) (bool, error) {
+	budget := 8*len(b) + 16<<20 // bytes checksummed
 	for p := 1; p+frameHeader < len(b); p++ {
 		n := int(binary.LittleEndian.Uint32(b[p:]))
 		if n == 0 || n > len(b)-p-frameHeader {
@@ -318,20 +377,20 @@ func nextFrame(b []byte) (int, error) {
 				continue
 			}
 			if budget -= len(b) - q; budget < 0 {
-				return -1, errNoResync
+				return false, errNoResync
 			}
 			if !zeros(b[q:]) {
 				continue
 			}
 		}
 		if budget -= n; budget < 0 {
-			return -1, errNoResync
+			return false, errNoResync
 		}
 		if crc32.Checksum(b[p+frameHeader:q], castagnoli) == binary.LittleEndian.Uint32(b[p+4:]) {
-			return p, nil
+			return true, nil
 		}
 	}
-	return -1, nil
+	return false, nil
 }
 
 // errNoResync: the search for an intact frame after a broken one gave up.
