@@ -761,8 +761,8 @@ func (w *Writer) chunks(s *segment, fn func(i int, bs []*batch) error) error {
 		return fmt.Errorf("spool segment %d: %w", s.seq, err)
 	}
 	for _, d := range r.Damage() {
-		// Not a torn write (intact records follow, and a crash tears only the last write): the disk
-		// or a copy damaged what may be acknowledged records. Keep the bytes as they are, apart,
+		// Not a torn write (an intact record follows, and a crash tears only the last write): the
+		// disk or a copy damaged what may be acknowledged records. Keep the bytes as they are, apart,
 		// before the segment goes.
 		if s.damaged[d.Offset] {
 			continue
@@ -776,7 +776,7 @@ func (w *Writer) chunks(s *segment, fn func(i int, bs []*batch) error) error {
 		}
 		s.damaged[d.Offset] = true
 		w.damaged.Add(1)
-		w.log.Error("damaged spool bytes kept apart, the records around them ship: rows in them may be lost",
+		w.log.Error("damaged spool bytes kept apart: rows in them may be lost",
 			"segment", s.file.Path(), "offset", d.Offset, "bytes", len(d.Bytes), "kept_as", filepath.Join(spool.DamagedDir(w.sp.Dir()), name))
 	}
 	if r.Torn() {
@@ -879,11 +879,9 @@ func (w *Writer) Stats() Stats {
 		st.LastError = w.lastErr.Error()
 	}
 	w.mu.Unlock()
-	if w.sp != nil {
-		st.QuarantinedFiles, st.QuarantinedRows = w.sp.QuarantineStats()
-	}
 	st.DamagedStretches = int(w.damaged.Load())
 	if w.sp != nil {
+		st.QuarantinedFiles, st.QuarantinedRows = w.sp.QuarantineStats()
 		kept, _ := spool.ListDamaged(w.sp.Dir())
 		st.DamagedFiles = len(kept)
 	}
