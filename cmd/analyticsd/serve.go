@@ -227,6 +227,11 @@ func serve(ctx context.Context, cfg Config, log *slog.Logger, args []string, _ i
 		if msg := damagedWarning(st); msg != "" {
 			warnings = append(warnings, msg)
 		}
+		if late != nil {
+			if err := late.Check(context.Background()); err != nil {
+				warnings = append(warnings, "nothing is written to clickhouse until its start-up checks pass: "+err.Error())
+			}
+		}
 		for _, w := range watches {
 			if msg := w.Warning(); msg != "" {
 				warnings = append(warnings, msg)
@@ -425,8 +430,8 @@ var errUnchecked = errors.New("clickhouse unreachable: its time zone and retenti
 // be reached, before anything writes to it: until they pass, the writer keeps rows in the spool and
 // the rollup and retention jobs wait. (Before, they were skipped for the life of the process, and a
 // server outside UTC, or with another TTL, was written to and swept as if it had passed.) A check
-// that fails for good — the server's zone, its TTL — keeps failing, logged, and fails /readiness
-// through the writer's last error; serve never writes to such a server.
+// that fails for good — the server's zone, its TTL — keeps failing, logged and shown in /readiness
+// (warnings, and the writer's last error); serve never writes to such a server.
 type lateCheck struct {
 	run   func(context.Context) error
 	log   *slog.Logger
