@@ -89,6 +89,10 @@ func TestSpoolStatusAndDrain(t *testing.T) {
 	tn, key := writeKey(t, e, "retired")
 	dir := t.TempDir()
 	dead, p := unshippedSpool(t, e, key, dir)
+	// ClickHouse was unreachable at start-up: /readiness says nothing is written until it is checked.
+	if code, w := fixture.Readiness(t, p.ops); code != 200 && code != 503 || !strings.Contains(strings.Join(w, "; "), "start-up checks") {
+		t.Errorf("readiness with clickhouse unchecked: %d %v, want a warning that nothing is written until its checks pass", code, w)
+	}
 	testenv.Eventually(t, 10*time.Second, func() error {
 		live := runCmd(t, dead, "spool", "status", "--dir", dir)
 		if live.code != 0 || !strings.Contains(live.stdout, "held by pid") || !strings.Contains(live.stdout, "6 events") {
@@ -138,7 +142,7 @@ func unshippedSpool(t *testing.T, e testenv.Env, key, dir string) (func(string) 
 func unshippedSpoolOf(t *testing.T, e testenv.Env, key, dir, body string) (func(string) string, *proc) {
 	t.Helper()
 	dead := stackEnv(t, e, map[string]string{"ANALYTICS_ADDR": freeAddr(t), "ANALYTICS_SPOOL_DIR": dir,
-		"CLICKHOUSE_DSN": "clickhouse://default:@" + freeAddr(t) + "/" + e.DB, "INGEST_FLUSH_INTERVAL": "1h"})
+		"CLICKHOUSE_DSN": "clickhouse://default:@" + freeAddr(t) + "/" + e.DB, "INGEST_FLUSH_INTERVAL": "1h", "ANALYTICS_METRICS_ADDR": freeAddr(t)})
 	p := startServer(t, dead, serveVars)
 	for i := 0; i < 3; i++ {
 		if st, resp := postEvents(t, p.base, key, body); st != 202 {
