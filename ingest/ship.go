@@ -862,12 +862,11 @@ func (sh *shipper) handleRefused(s *segment, kind Kind, bad []refusal) (bool, er
 
 // expired says why day d's partition may have been dropped by the sweeper or the table's TTL — it is
 // older than the retention window (today - RetentionDays), or than the retention floor — or "" when
-// it is kept. (Before,
-// the floor was not read: with the window raised from 30 to 90 days, a replayed row of day -40,
-// stored once before its partition was dropped, was checked, not found, and counted a second time in
-// daily_usage.) Only rows that must be checked ask, so the floor is read from Postgres at most once
-// a minute; while it cannot be read the last one read stands, and before any was read the attempt
-// fails, retried later.
+// it is kept. (Before, the floor was not read: with the window raised from 30 to 90 days, a replayed
+// row of day -40, stored once before its partition was dropped, was checked, not found, and counted
+// a second time in daily_usage.) Only rows that must be checked ask, so the floor is read from
+// Postgres at most once a minute; while it cannot be read the last one read stands, and before any
+// was read the attempt fails, retried later.
 func (sh *shipper) expired(ctx context.Context, d time.Time) (string, error) {
 	now := clock.Now()
 	if sh.cfg.RetentionDays > 0 && (retention.Window{Days: sh.cfg.RetentionDays}).Expired(d, now) {

@@ -290,7 +290,7 @@ func (r *Reader) Next() bool {
 			return false
 		}
 		if len(r.damage) >= maxDamage {
-			r.restIsDamage()
+			r.restIsDamage(nil)
 			return false
 		}
 		r.damage = append(r.damage, Damage{Offset: r.pos, Bytes: append(slices.Clone(r.hdr[:]), r.rec...)})
@@ -328,35 +328,26 @@ func (r *Reader) intactAt(off, left int64) (bool, error) {
 // frame where it says it ends: damage from here to the end of the file if an intact frame can be
 // found anywhere after it (or the search gives up), else a torn tail.
 func (r *Reader) broken() {
-	rest, err := r.rest()
-	if err != nil {
-		r.err = err
-		return
-	}
-	if found, err := anyFrame(rest); found || err != nil {
-		r.damage = append(r.damage, Damage{Offset: r.pos, Bytes: rest})
-		r.pos, r.left = r.pos+r.left, 0
-		return
-	}
-	r.torn = true
+	r.restIsDamage(func(rest []byte) bool {
+		found, err := anyFrame(rest)
+		return found || err != nil
+	})
 }
 
-// restIsDamage ends reading with everything from r.pos on as one damaged stretch.
-func (r *Reader) restIsDamage() {
-	rest, err := r.rest()
-	if err != nil {
+// restIsDamage ends reading at r.pos: everything from there on is one damaged stretch if damaged
+// (nil: always) says so of those bytes, else a torn tail.
+func (r *Reader) restIsDamage(damaged func(rest []byte) bool) {
+	rest := make([]byte, r.left)
+	if _, err := r.f.ReadAt(rest, r.pos); err != nil {
 		r.err = err
+		return
+	}
+	if damaged != nil && !damaged(rest) {
+		r.torn = true
 		return
 	}
 	r.damage = append(r.damage, Damage{Offset: r.pos, Bytes: rest})
 	r.pos, r.left = r.pos+r.left, 0
-}
-
-// rest reads the file from r.pos to the end.
-func (r *Reader) rest() ([]byte, error) {
-	rest := make([]byte, r.left)
-	_, err := r.f.ReadAt(rest, r.pos)
-	return rest, err
 }
 
 // anyFrame reports whether b holds, after its first byte, an intact frame that ends b or is followed
